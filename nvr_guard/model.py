@@ -1,0 +1,211 @@
+"""Domain types shared by the pure cores (policy, access) and the adapters (catalog, scan, purge).
+
+Times are epoch seconds (float, UTC) in the hot paths: a sweep may look at a million segments, and
+``datetime`` objects there cost more than the work itself. Calendar arithmetic (months, years) is
+done by :class:`nvr_guard.durations.Duration` in the site's timezone.
+Paths are ``bytes`` (absolute, as the kernel has them): recording trees may hold names that are not
+valid UTF-8, and such a name must still be catalogued, shown and, when due, deleted.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from datetime import tzinfo
+
+from nvr_guard.durations import Duration
+
+
+def show_path(path: bytes | str) -> str:
+    """A path for humans and JSON: undecodable bytes and control characters escaped."""
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One recording file as the catalog knows it."""
+
+    site: str
+    camera: str
+    path: bytes  # absolute
+    start: float  # recorded start (from the layout pattern, else mtime)
+    mtime: float  # last modification; a recent one means "still recording"
+    size: int
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRules:
+    """Retention rules of one site, resolved from profile + overrides."""
+
+    site: str
+    keep: Duration | None  # ceiling: delete once older; None = keep forever
+    min_keep: Duration | None  # floor: never delete younger, whatever happens
+    tz: tzinfo
+    settle: float  # seconds; a file modified more recently is still being recorded
+    min_free: float = 0.0  # fraction of the volume that must stay free (0 = no disk rule)
+    disk_action: str = "alert"  # or "overwrite-oldest"
+    profile: str | None = None
+
+    def describe(self) -> str:
+        """Short human form, used in reasons and in the config-change guard message."""
+        keep = str(self.keep) if self.keep else "forever"
+        floor = str(self.min_keep) if self.min_keep else "none"
+        return f"keep={keep} min_keep={floor}"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(
+            f"{self.describe()} tz={self.tz} disk={self.min_free}/{self.disk_action}".encode()
+        ).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRules:
+    max_delete_fraction: float = 0.2
+    max_clock_jump: float = 86400.0  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Footage that must not be deleted: cameras' recordings in [start, end) until ``until``."""
+
+    id: int
+    reason: str
+    owner: str
+    start: float  # footage range held
+    end: float
+    camera: str | None = None  # None: every camera of the site(s)
+    site: str | None = None  # None: every site
+    until: float | None = None  # None: until released
+    created: float = 0.0
+    released: float | None = None
+    kind: str = "manual"  # manual | request | export
+
+    def covers(self, seg: Segment, now: float) -> bool:
+        if self.released is not None and self.released <= now:
+            return False
+        if self.until is not None and self.until <= now:
+            return False
+        if self.site is not None and self.site != seg.site:
+            return False
+        if self.camera is not None and self.camera != seg.camera:
+            return False
+        # a segment is held when the footage it holds overlaps the held range; its end is not
+        # known for sure, so the segment start is compared with a generous end margin
+        return seg.start < self.end and max(seg.mtime, seg.start) >= self.start
+
+    def label(self) -> str:
+        return f"hold {self.id} ({self.kind}: {self.reason}, by {self.owner})"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskState:
+    """Free space of the volume(s) holding a site's roots."""
+
+    total: int
+    free: int
+
+    def bytes_to_free(self, min_free_fraction: float) -> int:
+        need = int(self.total * min_free_fraction) - self.free
+        return max(0, need)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepHistory:
+    """What the last sweeps left behind; feeds the mass-deletion and clock guards."""
+
+    last_wall: float | None = None  # wall clock of the last completed sweep
+    last_boottime: float | None = None  # CLOCK_BOOTTIME then
+    boot_id: str | None = None
+    site_rules: dict[str, str] = field(default_factory=dict)  # site -> SiteRules.describe() last used
+
+
+@dataclass(frozen=True, slots=True)
+class ClockReading:
+    wall: float
+    boottime: float
+    boot_id: str
+
+
+class Action(str, enum.Enum):
+    DELETE = "delete"  # deleted by this sweep
+    KEEP = "keep"  # due by age but held back (hold, floor, settling)
+    BLOCKED = "blocked"  # due, but a guard stopped the sweep
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    segment: Segment
+    action: Action
+    reason: str
+
+    def as_json(self) -> dict[str, object]:
+        s = self.segment
+        return {
+            "path": show_path(s.path),
+            "site": s.site,
+            "camera": s.camera,
+            "recorded": s.start,
+            "size": s.size,
+            "action": self.action.value,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GuardTrip:
+    kind: str  # "mass-deletion" | "clock-jump"
+    site: str | None
+    camera: str | None
+    message: str
+    count: int = 0
+    total: int = 0
+
+
+@dataclass
+class Plan:
+    now: float
+    items: list[Item] = field(default_factory=list)
+    trips: list[GuardTrip] = field(default_factory=list)
+    alerts: list[str] = field(default_factory=list)
+
+    @property
+    def deletions(self) -> list[Item]:
+        return [i for i in self.items if i.action is Action.DELETE]
+
+    @property
+    def blocked(self) -> list[Item]:
+        return [i for i in self.items if i.action is Action.BLOCKED]
+
+
+def boot_clock() -> ClockReading:
+    """The real clocks; everything else takes a ClockReading so tests can move time."""
+    import time
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot_id = fh.read().strip()
+    except OSError:
+        boot_id = "unknown"
+    return ClockReading(time.time(), time.clock_gettime(time.CLOCK_BOOTTIME), boot_id)
+
+
+__all__ = [
+    "Action",
+    "ClockReading",
+    "DiskState",
+    "GuardRules",
+    "GuardTrip",
+    "Hold",
+    "Item",
+    "Plan",
+    "Segment",
+    "SiteRules",
+    "SweepHistory",
+    "boot_clock",
+    "show_path",
+]
