@@ -1,0 +1,429 @@
+"""`nvr-guard` command line: a thin client. Acting commands go through the daemon's control socket so
+the daemon knows who calls; `retention plan/run` and `config` work without a daemon."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from nvr_guard import __version__
+from nvr_guard.errors import ConfigError, DaemonUnavailable, InvalidInput, NvrGuardError, VerifyFailed
+
+DEFAULT_CONFIG = "/etc/nvr-guard/config.yaml"
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Ctx:
+    def __init__(self, config: str, as_json: bool, verbose: int) -> None:
+        self.config_path = config
+        self.as_json = as_json
+        self.verbose = verbose
+        self._config: Any = None
+
+    @property
+    def config(self) -> Any:
+        if self._config is None:
+            from nvr_guard.config import load_config
+
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def emit(self, data: Any, human: Callable[[], None]) -> None:
+        if self.as_json:
+            sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+        else:
+            human()
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def fail(e: NvrGuardError, verbose: int) -> NoReturn:
+    if isinstance(e, ConfigError):
+        for line in e.lines():
+            err.print(line, markup=False)
+    else:
+        err.print(f"nvr-guard: {e}", markup=False)
+    if verbose:
+        traceback.print_exc()
+    sys.exit(e.exit_code)
+
+
+class Group(click.Group):
+    """Maps our error types to exit codes and one-line messages; no tracebacks without -v."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NvrGuardError as e:
+            fail(e, ctx.params.get("verbose", 0) if ctx.params else 0)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except (KeyboardInterrupt, BrokenPipeError):
+            sys.exit(130)
+        except Exception as e:  # a bug: say so, keep the traceback for -v
+            err.print(f"nvr-guard: internal error: {type(e).__name__}: {e}", markup=False)
+            if ctx.params.get("verbose"):
+                traceback.print_exc()
+            sys.exit(1)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config", "config", envvar="NVR_GUARD_CONFIG", default=DEFAULT_CONFIG, show_default=True,
+    help="config file (env NVR_GUARD_CONFIG)",
+)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output: one JSON document")
+@click.option("-v", "--verbose", count=True, help="more detail; tracebacks for errors")
+@click.version_option(__version__, prog_name="nvr-guard")
+@click.pass_context
+def cli(ctx: click.Context, config: str, as_json: bool, verbose: int) -> None:
+    """nvr-guard: retention and export enforcement for video-recorder hosts."""
+    ctx.obj = Ctx(config, as_json, verbose)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def daemon_call(c: Ctx, cmd: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
+    from nvr_guard.control import call
+
+    return call(Path(c.config.socket), cmd, args, timeout=timeout)
+
+
+def act(c: Ctx, cmd: str, args: dict[str, Any], local: Callable[[Any], Any]) -> Any:
+    """Run an acting command through the daemon (it learns who calls from the socket); without a
+    daemon only root may act, directly on the state (it could edit the state anyway)."""
+    try:
+        return daemon_call(c, cmd, args)
+    except DaemonUnavailable as e:
+        if os.getuid() != 0:
+            raise DaemonUnavailable(f"{e}; start the daemon (systemctl start nvr-guard)") from None
+        from nvr_guard.service import Engine
+
+        engine = Engine(c.config)
+        return local(engine)
+
+
+def caller() -> Any:
+    from nvr_guard.service import Caller
+
+    return Caller.local()
+
+
+def table(title: str | None, columns: list[str]) -> Table:
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for col in columns:
+        t.add_column(col, overflow="fold")
+    return t
+
+
+# ---- daemon / status ----------------------------------------------------------------------------
+@cli.command()
+@pass_ctx
+def daemon(c: Ctx) -> None:
+    """Run the daemon in the foreground (systemd Type=notify)."""
+    from nvr_guard.daemon import run_daemon
+
+    sys.exit(run_daemon(c.config_path, verbose=c.verbose))
+
+
+@cli.command()
+@pass_ctx
+def status(c: Ctx) -> None:
+    """Health, disks, per-site retention, holds, blocked sweeps (asks the running daemon)."""
+    try:
+        st = daemon_call(c, "status", {}, timeout=10)
+    except DaemonUnavailable as e:
+        if c.as_json:
+            c.emit({"ok": False, "error": str(e)}, lambda: None)
+            sys.exit(1)
+        raise
+    def human() -> None:
+        out.print(f"[bold]nvr-guard[/] {'[green]OK' if st['ok'] else '[red]ATTENTION'}[/]  {st['time']}  config {st['config']}")
+        t = table("sites", ["site", "rule", "segments", "size", "oldest", "newest", "disk free"])
+        from nvr_guard.times import human_bytes
+
+        for name, s in st["sites"].items():
+            free = s["disk_free_fraction"]
+            t.add_row(name, s["rule"], str(s["segments"]), human_bytes(s["bytes"]), s["oldest"] or "-",
+                      s["newest"] or "-", f"{free:.1%}" if free is not None else "-")
+        out.print(t)
+        for b in st["blocked_sweeps"]:
+            out.print(f"[yellow]blocked sweep {b['id']}[/]: {b['message']}", markup=True)
+        if st["holds"]:
+            print_holds(st["holds"])
+        a = st["audit"]
+        out.print(f"audit: {a['entries']} entries, chain {'intact' if a['ok'] else 'BROKEN: ' + str(a['problem'])}")
+        if st.get("last_sweep"):
+            ls = st["last_sweep"]
+            out.print(f"last sweep: {ls.get('id')} {ls.get('state')} at {ls.get('time')}, deleted {ls.get('deleted')}")
+    c.emit(st, human)
+
+
+# ---- config ---------------------------------------------------------------------------------
+@cli.group(cls=Group)
+def config() -> None:
+    """Check and show the configuration."""
+
+
+@config.command("check")
+@click.argument("path", required=False)
+@pass_ctx
+def config_check(c: Ctx, path: str | None) -> None:
+    """Validate; print errors as PATH:LINE: message (exit 2)."""
+    from nvr_guard.config import check_config
+
+    target = path or c.config_path
+    cfg, errors, warnings = check_config(target)
+    if c.as_json:
+        c.emit(
+            {"ok": not errors, "path": target,
+             "errors": [{"file": f, "line": ln, "message": m} for f, ln, m in errors],
+             "warnings": [{"file": f, "line": ln, "message": m} for f, ln, m in warnings]},
+            lambda: None,
+        )
+    else:
+        for f, ln, m in errors:
+            err.print(f"{f}:{ln}: {m}", markup=False)
+        for f, ln, m in warnings:
+            err.print(f"{f}:{ln}: warning: {m}", markup=False)
+        if not errors:
+            out.print(f"{target}: OK ({len(cfg.sites)} sites)" if cfg else f"{target}: OK", markup=False)
+    if errors:
+        sys.exit(2)
+
+
+@config.command("show")
+@pass_ctx
+def config_show(c: Ctx) -> None:
+    """Effective config, defaults filled in."""
+    eff = c.config.effective()
+    if c.as_json:
+        c.emit(eff, lambda: None)
+    else:
+        import yaml
+
+        out.print(yaml.safe_dump(eff, allow_unicode=True, sort_keys=False), markup=False)
+
+
+# ---- retention ----------------------------------------------------------------------------------
+@cli.group(cls=Group)
+def retention() -> None:
+    """Preview and run retention sweeps."""
+
+
+def _now(c: Ctx, now: str | None) -> Any:
+    from nvr_guard.model import boot_clock
+    from nvr_guard.times import parse_time
+
+    real = boot_clock()
+    if now is None:
+        return real
+    from dataclasses import replace
+
+    return replace(real, wall=parse_time(now, c.config.tz, "--now"))
+
+
+def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:
+    def human() -> None:
+        items = res["items"]
+        t = table(title, ["action", "site", "camera", "path", "reason"])
+        shown = 0
+        for it in items:
+            if shown >= 200 and not c.verbose:
+                break
+            style = {"delete": "red", "keep": "green", "blocked": "yellow"}.get(it["action"], "")
+            t.add_row(f"[{style}]{it['action']}[/]", it["site"], it["camera"], it["path"], it["reason"])
+            shown += 1
+        if items:
+            out.print(t)
+        if len(items) > shown:
+            out.print(f"... {len(items) - shown} more (use -v or --json for all)")
+        from collections import Counter
+
+        counts = Counter(it["action"] for it in items)
+        out.print(
+            f"sweep {res['sweep'] if res['sweep'] is not None else '-'}: deleted {res['deleted']}, "
+            f"to delete {counts.get('delete', 0)}, held back {counts.get('keep', 0)}, "
+            f"blocked by a guard {counts.get('blocked', 0)}"
+        )
+        for tr in res.get("trips", []):
+            err.print(f"guard: {tr['message']}", markup=False)
+        for a in res.get("alerts", []):
+            err.print(f"alert: {a}", markup=False)
+    c.emit(res, human)
+
+
+@retention.command("plan")
+@click.option("--now", help="pretend it is this time (ISO 8601)")
+@click.option("--site", help="only this site")
+@pass_ctx
+def retention_plan(c: Ctx, now: str | None, site: str | None) -> None:
+    """What a sweep would delete and why; deletes nothing."""
+    from nvr_guard.service import preview
+
+    with tempfile.TemporaryDirectory(prefix="nvr-guard-plan-") as tmp:
+        outcome = preview(c.config, Path(tmp), _now(c, now), site)
+        res = outcome.as_json()
+        res["deleted"] = 0
+        print_outcome(c, res, "retention plan (nothing is deleted)")
+
+
+@retention.command("run")
+@click.option("--now", help="pretend it is this time (ISO 8601)")
+@click.option("--dry-run", is_flag=True, help="plan only, delete nothing")
+@pass_ctx
+def retention_run(c: Ctx, now: str | None, dry_run: bool) -> None:
+    """One sweep now."""
+    args = {"now": now, "dry_run": dry_run}
+
+    def local(engine: Any) -> Any:
+        engine.reconcile(full=True)
+        return engine.sweep(actor=caller().user, now=_now(c, now), dry_run=dry_run).as_json()
+
+    res = act(c, "retention.run", args, local)
+    print_outcome(c, res, "retention run" + (" (dry run)" if dry_run else ""))
+    if res.get("trips"):
+        sys.exit(3)
+
+
+@retention.command("confirm")
+@click.argument("sweep", type=int)
+@pass_ctx
+def retention_confirm(c: Ctx, sweep: int) -> None:
+    """Release a sweep stopped by the mass-deletion or clock guard (admin)."""
+    res = act(c, "retention.confirm", {"sweep": sweep},
+              lambda e: e.confirm(sweep, caller()).as_json())
+    print_outcome(c, res, f"confirmed sweep {sweep}")
+
+
+# ---- holds ----------------------------------------------------------------------------------
+@cli.group(cls=Group)
+def hold() -> None:
+    """Manual legal holds: held footage is never deleted."""
+
+
+def print_holds(holds: list[dict[str, Any]]) -> None:
+    t = table("holds", ["id", "kind", "camera", "from", "to", "until", "reason", "owner", "released"])
+    for h in holds:
+        t.add_row(str(h["id"]), h["kind"], h["camera"] or "*", h["from"], h["to"], h["until"] or "-",
+                  h["reason"], h["owner"], h["released"] or "-")
+    out.print(t)
+
+
+@hold.command("add")
+@click.option("--camera", required=True)
+@click.option("--from", "start", required=True, help="ISO 8601; no offset = site-local")
+@click.option("--to", "end", required=True)
+@click.option("--reason", required=True)
+@click.option("--until", help="the hold ends by itself then (ISO 8601)")
+@pass_ctx
+def hold_add(c: Ctx, camera: str, start: str, end: str, reason: str, until: str | None) -> None:
+    """Hold a camera's footage in a time range."""
+    args = {"camera": camera, "from": start, "to": end, "reason": reason, "until": until}
+    res = act(c, "hold.add", args, lambda e: hold_json(e, e.hold_add(caller(), camera, start, end, reason, until)))
+    c.emit(res, lambda: out.print(f"hold {res['id']} placed on {camera}: {res['from']} .. {res['to']}", markup=False))
+
+
+def hold_json(engine: Any, h: Any) -> dict[str, Any]:
+    return next(x for x in engine.holds_json(include_released=True) if x["id"] == h.id)
+
+
+@hold.command("list")
+@click.option("--all", "include_released", is_flag=True, help="also released holds")
+@pass_ctx
+def hold_list(c: Ctx, include_released: bool) -> None:
+    """Holds in force."""
+    res = act(c, "hold.list", {"all": include_released}, lambda e: e.holds_json(include_released))
+    c.emit({"holds": res}, lambda: print_holds(res))
+
+
+@hold.command("release")
+@click.argument("hold_id", type=int)
+@click.option("--reason", required=True)
+@pass_ctx
+def hold_release(c: Ctx, hold_id: int, reason: str) -> None:
+    """End a manual hold."""
+    res = act(c, "hold.release", {"id": hold_id, "reason": reason},
+              lambda e: hold_json(e, e.hold_release(caller(), hold_id, reason)))
+    c.emit(res, lambda: out.print(f"hold {hold_id} released", markup=False))
+
+
+# ---- audit ----------------------------------------------------------------------------------------
+@cli.group(cls=Group)
+def audit() -> None:
+    """Show and verify the tamper-evident audit log."""
+
+
+def _audit_log(c: Ctx) -> Any:
+    from nvr_guard.audit import AuditLog
+    from nvr_guard.catalog import Catalog
+
+    db = Path(c.config.state_dir) / "catalog.db"
+    if not db.exists():
+        raise InvalidInput(f"no state in {c.config.state_dir}: the daemon has not run yet")
+    return AuditLog(Catalog(db).conn)
+
+
+@audit.command("show")
+@click.option("--since", help="ISO 8601")
+@click.option("--request", "request_id", help="only entries about this request")
+@pass_ctx
+def audit_show(c: Ctx, since: str | None, request_id: str | None) -> None:
+    """Audit entries, oldest first."""
+    from nvr_guard.times import iso, parse_time
+
+    log_ = _audit_log(c)
+    t0 = parse_time(since, c.config.tz, "--since") if since else None
+    entries = list(log_.entries(since=t0, obj_prefix=f"request:{request_id}" if request_id else None))
+    rows = [
+        {"seq": e.seq, "time": iso(e.time, c.config.tz), "actor": e.actor, "action": e.action,
+         "object": e.object, "details": e.details, "hash": e.hash}
+        for e in entries
+    ]
+    def human() -> None:
+        t = table("audit", ["seq", "time", "actor", "action", "object", "details"])
+        for r in rows:
+            t.add_row(str(r["seq"]), r["time"], r["actor"], r["action"], r["object"],
+                      json.dumps(r["details"], ensure_ascii=False)[:200])
+        out.print(t)
+    c.emit({"entries": rows}, human)
+
+
+@audit.command("verify")
+@pass_ctx
+def audit_verify(c: Ctx) -> None:
+    """Check the hash chain (exit 4 on an edited, deleted or reordered entry)."""
+    rep = _audit_log(c).verify()
+    data = {"ok": rep.ok, "entries": rep.count, "first_bad": rep.first_bad, "problem": rep.problem or None}
+    c.emit(data, lambda: out.print(
+        f"audit chain intact: {rep.count} entries" if rep.ok else
+        f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}", markup=False))
+    if not rep.ok:
+        sys.exit(VerifyFailed.exit_code)
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="nvr-guard", standalone_mode=True)
+    except NvrGuardError as e:
+        fail(e, 0)

@@ -1,0 +1,519 @@
+"""The engine: wires config, catalog, scanner, policy, purge and audit into the operations the
+daemon schedules and the CLI calls (retention plan/run/confirm, holds, status).
+
+Decisions are made by the pure ``policy``; this module gathers their inputs (candidates from the
+catalog index, holds, disk figures, sweep history, the clock) and carries out the plan through the
+guarded ``purge``. Every operation that changes state is recorded in the audit chain.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import pwd
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from nvr_guard import policy
+from nvr_guard.audit import AuditLog
+from nvr_guard.catalog import Catalog
+from nvr_guard.config import Config
+from nvr_guard.errors import InvalidInput, PolicyRefused
+from nvr_guard.model import (
+    Action,
+    ClockReading,
+    DiskState,
+    Hold,
+    Item,
+    Plan,
+    Segment,
+    SiteRules,
+    boot_clock,
+    show_path,
+)
+from nvr_guard.purge import PurgeTarget, purge
+from nvr_guard.scan import Scanner, SiteScan
+from nvr_guard.times import human_bytes, iso, parse_time
+
+log = logging.getLogger("nvr_guard.service")
+
+# roles that may place and release manual legal holds and confirm guarded sweeps
+HOLD_ROLES = frozenset({"admin", "security_lead"})
+CONFIRM_ROLES = frozenset({"admin"})
+# how many of the oldest segments per site are offered to the policy when the disk is short
+DISK_PRESSURE_BATCH = 20_000
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who acts: from SO_PEERCRED through the control socket, or the local user."""
+
+    uid: int
+    user: str
+    groups: tuple[str, ...] = ()
+
+    @classmethod
+    def local(cls) -> "Caller":
+        uid = os.getuid()
+        return cls.from_uid(uid)
+
+    @classmethod
+    def from_uid(cls, uid: int, gid: int | None = None) -> "Caller":
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            return cls(uid, f"uid:{uid}", ())
+        gids = os.getgrouplist(pw.pw_name, pw.pw_gid if gid is None else gid)
+        names = []
+        for g in gids:
+            try:
+                names.append(grp.getgrgid(g).gr_name)
+            except KeyError:
+                names.append(f"gid:{g}")
+        return cls(uid, pw.pw_name, tuple(sorted(set(names))))
+
+
+@dataclass
+class SweepOutcome:
+    sweep: int | None
+    plan: Plan
+    deleted: int = 0
+    bytes: int = 0
+    skipped: list[tuple[Segment, str]] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        items = [i.as_json() for i in self.plan.items]
+        return {
+            "sweep": self.sweep,
+            "deleted": self.deleted,
+            "bytes": self.bytes,
+            "items": items,
+            "trips": [
+                {"kind": t.kind, "site": t.site, "camera": t.camera, "message": m}
+                for t, m in zip(self.plan.trips, self.messages, strict=False)
+            ],
+            "alerts": list(self.plan.alerts),
+            "skipped": [{"path": show_path(s.path), "reason": r} for s, r in self.skipped],
+        }
+
+
+class Engine:
+    """State and operations of one nvr-guard instance. Thread-safe through one lock: the daemon's
+    scheduler, watcher and control threads all come through here."""
+
+    def __init__(
+        self,
+        config: Config,
+        clock: Callable[[], ClockReading] = boot_clock,
+        db_path: Path | None = None,
+    ) -> None:
+        self.lock = threading.RLock()
+        self.clock = clock
+        self.config = config
+        if db_path is None:
+            state_dir = Path(config.state_dir)
+            state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            db_path = state_dir / "catalog.db"
+        self.catalog = Catalog(db_path)
+        self.audit = AuditLog(self.catalog.conn, clock=lambda: self.clock().wall)
+        self.rules: dict[str, SiteRules] = config.site_rules()
+        self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
+
+    # ---- configuration -------------------------------------------------------------------
+    def site_scans(self) -> list[SiteScan]:
+        out = []
+        for name, site in self.config.sites.items():
+            out.append(
+                SiteScan(
+                    site=name,
+                    roots=[os.fsencode(str(r)) for r in site.roots],
+                    layout=self.config.layout_for(name),
+                    extensions=self.config.extensions_for(name),
+                    rules=self.rules[name],
+                )
+            )
+        return out
+
+    def apply_config(self, new: Config, actor: str) -> dict[str, Any]:
+        """Switch to an already validated config (SIGHUP); audit the change with both digests."""
+        with self.lock:
+            old = self.config
+            old_rules = self.rules
+            self.config = new
+            self.rules = new.site_rules()
+            self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
+            changed = [
+                s
+                for s in self.rules
+                if s not in old_rules or old_rules[s].describe() != self.rules[s].describe()
+            ]
+            for s in changed:
+                self.catalog.recompute_expiry(s, self.rules[s])
+            details = {
+                "old_digest": old.digest,
+                "new_digest": new.digest,
+                "path": str(new.source_path),
+                "changed_sites": {
+                    s: {
+                        "old": old_rules[s].describe() if s in old_rules else None,
+                        "new": self.rules[s].describe(),
+                    }
+                    for s in changed
+                },
+            }
+            self.audit.append(actor, "config.reload", str(new.source_path), details)
+            return details
+
+    # ---- identity ------------------------------------------------------------------------
+    def roles_for(self, caller: Caller) -> set[str]:
+        """Roles from ``people``: the user's own roles plus those of their Unix groups. root is
+        an administrator of this host in any case (it could edit the state directly)."""
+        roles: set[str] = set()
+        people = self.config.people
+        user = people.users.get(caller.user)
+        if user is not None:
+            roles.update(user.roles)
+        for g in caller.groups:
+            group = people.groups.get(g)
+            if group is not None:
+                roles.update(group.roles)
+        if caller.uid == 0:
+            roles.add("admin")
+        return roles
+
+    def require(self, caller: Caller, allowed: frozenset[str], what: str) -> None:
+        if self.roles_for(caller) & allowed:
+            return
+        self.audit.append(
+            caller.user, "access.denied", what, {"uid": caller.uid, "needs": sorted(allowed)}
+        )
+        raise PolicyRefused(
+            f"{caller.user} may not {what}: needs role {' or '.join(sorted(allowed))} "
+            f"(people: in {self.config.source_path})"
+        )
+
+    # ---- scanning ------------------------------------------------------------------------
+    def reconcile(self, full: bool = True) -> Any:
+        with self.lock:
+            if full:
+                return self.scanner.reconcile()
+            return self.scanner.incremental()
+
+    def hint(self, path: bytes) -> None:
+        with self.lock:
+            self.scanner.hint(path)
+
+    # ---- retention -----------------------------------------------------------------------
+    def disk_states(self) -> dict[str, DiskState]:
+        states: dict[str, DiskState] = {}
+        for name, site in self.config.sites.items():
+            worst: DiskState | None = None
+            for root in site.roots:
+                try:
+                    u = psutil.disk_usage(str(root))
+                except OSError as e:
+                    log.warning("site %s: cannot read free space of %s: %s", name, root, e)
+                    continue
+                st = DiskState(total=u.total, free=u.free)
+                if worst is None or st.free / max(st.total, 1) < worst.free / max(worst.total, 1):
+                    worst = st
+            if worst is not None:
+                states[name] = worst
+        return states
+
+    def _candidates(self, now: ClockReading, site: str | None) -> tuple[list[Segment], dict[str, DiskState]]:
+        sites = [site] if site else list(self.rules)
+        seen: set[bytes] = set()
+        cands: list[Segment] = []
+        for s in sites:
+            for seg in self.catalog.due_segments(now.wall, s, self.rules):
+                if seg.path not in seen:
+                    seen.add(seg.path)
+                    cands.append(seg)
+        disk = self.disk_states()
+        for s in sites:
+            d = disk.get(s)
+            if d is not None and d.bytes_to_free(self.rules[s].min_free) > 0:
+                for seg in self.catalog.oldest_segments(s, DISK_PRESSURE_BATCH):
+                    if seg.path not in seen:
+                        seen.add(seg.path)
+                        cands.append(seg)
+        return cands, disk
+
+    def plan(
+        self,
+        now: ClockReading | None = None,
+        site: str | None = None,
+        confirmed: policy.Confirmation | None = None,
+    ) -> Plan:
+        if site is not None and site not in self.rules:
+            raise InvalidInput(f"unknown site {site!r}; sites: {', '.join(sorted(self.rules))}")
+        now = now or self.clock()
+        with self.lock:
+            cands, disk = self._candidates(now, site)
+            keys = {(s.site, s.camera) for s in cands}
+            totals = self.catalog.camera_totals(keys) if keys else {}
+            return policy.decide(
+                cands,
+                now,
+                self.rules if site is None else {site: self.rules[site]},
+                self.config.guard_rules(),
+                self.catalog.active_holds(now.wall),
+                totals,
+                disk=disk,
+                history=self.catalog.last_history(),
+                confirmed=confirmed,
+            )
+
+    def _targets(self, items: Iterable[Item]) -> list[PurgeTarget]:
+        targets = []
+        for it in items:
+            seg = it.segment
+            site = self.config.sites[seg.site]
+            root = None
+            for r in site.roots:
+                rb = os.fsencode(str(r)).rstrip(b"/") + b"/"
+                if seg.path.startswith(rb):
+                    root = rb.rstrip(b"/")
+                    break
+            if root is None:  # catalog row from an older config: never delete outside the roots
+                log.warning("not deleting %s: outside the roots of site %s", show_path(seg.path), seg.site)
+                continue
+            targets.append(
+                PurgeTarget(
+                    segment=seg,
+                    root=root,
+                    extensions=self.config.extensions_for(seg.site),
+                    settle=self.rules[seg.site].settle,
+                )
+            )
+        return targets
+
+    def sweep(
+        self,
+        actor: str = "nvr-guard",
+        now: ClockReading | None = None,
+        dry_run: bool = False,
+        site: str | None = None,
+        confirmed: policy.Confirmation | None = None,
+        confirm_of: int | None = None,
+    ) -> SweepOutcome:
+        now = now or self.clock()
+        with self.lock:
+            plan = self.plan(now, site=site, confirmed=confirmed)
+            if dry_run:
+                return SweepOutcome(None, plan, messages=[policy.trip_message(t, None) for t in plan.trips])
+            deletions = plan.deletions
+            if not plan.items and not plan.trips and not plan.alerts:
+                # nothing due: remember the sweep for the clock guard, cheaply
+                self.catalog.note_quiet_sweep(now, {s: r.describe() for s, r in self.rules.items()})
+                return SweepOutcome(None, plan)
+            state = "blocked" if plan.trips else "applying"
+            sweep_id = self.catalog.begin_sweep(
+                actor=actor,
+                now=now,
+                state=state,
+                site_rules={s: r.describe() for s, r in self.rules.items()},
+                dry_run=False,
+            )
+            self.catalog.record_items(sweep_id, plan.items)
+            messages = [policy.trip_message(t, sweep_id) for t in plan.trips]
+            for t, m in zip(plan.trips, messages, strict=True):
+                log.warning("%s", m)
+                self.audit.append(
+                    actor,
+                    "sweep.blocked",
+                    f"sweep:{sweep_id}",
+                    {"kind": t.kind, "site": t.site, "camera": t.camera, "count": t.count,
+                     "total": t.total, "message": m},
+                )
+            for a in plan.alerts:
+                log.warning("%s", a)
+                self.audit.append(actor, "disk.alert", f"sweep:{sweep_id}", {"message": a})
+            result = purge(
+                self._targets(deletions),
+                audit=self.audit,
+                actor=actor,
+                sweep_id=sweep_id,
+                now=lambda: self.clock().wall,
+                on_deleted=lambda segs: self.catalog.remove_paths(s.path for s in segs),
+            )
+            final = "blocked" if plan.trips else "done"
+            self.catalog.set_sweep_state(
+                sweep_id, final, deleted=len(result.deleted), bytes=result.bytes,
+                message="; ".join(messages) or None,
+            )
+            if confirm_of is not None:
+                self.catalog.set_sweep_state(confirm_of, "confirmed")
+            if result.deleted:
+                log.info(
+                    "sweep %d: deleted %d segments (%s)%s",
+                    sweep_id, len(result.deleted), human_bytes(result.bytes),
+                    f", {len(plan.blocked)} held back by a guard" if plan.blocked else "",
+                )
+            return SweepOutcome(
+                sweep_id, plan, deleted=len(result.deleted), bytes=result.bytes,
+                skipped=list(result.skipped), messages=messages,
+            )
+
+    def confirm(self, sweep_id: int, caller: Caller, now: ClockReading | None = None) -> SweepOutcome:
+        """Release a sweep stopped by a guard: delete what it held back (re-checked now)."""
+        self.require(caller, CONFIRM_ROLES, f"confirm sweep {sweep_id}")
+        with self.lock:
+            sw = self.catalog.get_sweep(sweep_id)
+            if sw is None:
+                raise InvalidInput(f"no sweep {sweep_id}; see `nvr-guard status` for blocked sweeps")
+            if sw["state"] != "blocked":
+                raise InvalidInput(f"sweep {sweep_id} is {sw['state']}, not blocked: nothing to confirm")
+            blocked = [p for p, action in self.catalog.sweep_item_actions(sweep_id) if action == Action.BLOCKED.value]
+            conf = policy.Confirmation(paths=frozenset(blocked), accept_clock=True)
+            self.audit.append(
+                caller.user, "sweep.confirm", f"sweep:{sweep_id}",
+                {"blocked": len(blocked), "uid": caller.uid},
+            )
+            return self.sweep(actor=caller.user, now=now, confirmed=conf, confirm_of=sweep_id)
+
+    # ---- holds ---------------------------------------------------------------------------
+    def site_of_camera(self, camera: str) -> str | None:
+        return self.catalog.site_of_camera(camera)
+
+    def hold_add(
+        self,
+        caller: Caller,
+        camera: str,
+        start: str,
+        end: str,
+        reason: str,
+        until: str | None = None,
+    ) -> Hold:
+        self.require(caller, HOLD_ROLES, "place a hold")
+        reason = reason.strip()
+        if not reason or any(not c.isprintable() for c in reason):
+            raise InvalidInput("--reason is required and must be printable text")
+        site = self.site_of_camera(camera)
+        if site is None:
+            if camera not in self.config.cameras:
+                raise InvalidInput(
+                    f"unknown camera {camera!r}: it has no footage in the catalog and is not in `cameras:`"
+                )
+        tz = self.config.site_tz(site) if site else self.config.tz
+        t0 = parse_time(start, tz, "--from")
+        t1 = parse_time(end, tz, "--to")
+        if t0 >= t1:
+            raise InvalidInput(f"--from {start} is not before --to {end}")
+        t_until = parse_time(until, tz, "--until") if until else None
+        with self.lock:
+            now = self.clock().wall
+            if t_until is not None and t_until <= now:
+                raise InvalidInput(f"--until {until} is already past")
+            hold = self.catalog.add_hold(
+                kind="manual", site=site, camera=camera, start=t0, end=t1, until=t_until,
+                reason=reason, owner=caller.user, created=now,
+            )
+            self.audit.append(
+                caller.user, "hold.add", f"hold:{hold.id}",
+                {"camera": camera, "site": site, "from": iso(t0, tz), "to": iso(t1, tz),
+                 "until": iso(t_until, tz), "reason": reason},
+            )
+            return hold
+
+    def hold_release(self, caller: Caller, hold_id: int, reason: str) -> Hold:
+        self.require(caller, HOLD_ROLES, f"release hold {hold_id}")
+        if not reason.strip():
+            raise InvalidInput("--reason is required to release a hold")
+        with self.lock:
+            holds = {h.id: h for h in self.catalog.list_holds(include_released=True)}
+            h = holds.get(hold_id)
+            if h is None:
+                raise InvalidInput(f"no hold {hold_id}; see `nvr-guard hold list`")
+            if h.released is not None:
+                raise InvalidInput(f"hold {hold_id} was already released")
+            if h.kind != "manual":
+                raise PolicyRefused(f"hold {hold_id} belongs to a {h.kind}; it ends with it")
+            self.catalog.release_hold(hold_id, caller.user, reason.strip())
+            self.audit.append(caller.user, "hold.release", f"hold:{hold_id}", {"reason": reason.strip()})
+            return self.catalog.list_holds_by_id(hold_id)
+
+    def holds_json(self, include_released: bool = False) -> list[dict[str, Any]]:
+        tz = self.config.tz
+        out = []
+        for h in self.catalog.list_holds(include_released=include_released):
+            out.append(
+                {"id": h.id, "kind": h.kind, "site": h.site, "camera": h.camera,
+                 "from": iso(h.start, tz), "to": iso(h.end, tz), "until": iso(h.until, tz),
+                 "reason": h.reason, "owner": h.owner, "created": iso(h.created, tz),
+                 "released": iso(h.released, tz)}
+            )
+        return out
+
+    # ---- status --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            now = self.clock()
+            disk = self.disk_states()
+            sites = {}
+            for name, rules in self.rules.items():
+                stats = self.catalog.site_stats(name)
+                d = disk.get(name)
+                sites[name] = {
+                    "rule": rules.describe(),
+                    "profile": rules.profile,
+                    "segments": stats["count"],
+                    "bytes": stats["bytes"],
+                    "oldest": iso(stats["oldest"], rules.tz),
+                    "newest": iso(stats["newest"], rules.tz),
+                    "disk_free_fraction": round(d.free / d.total, 4) if d and d.total else None,
+                    "min_free": rules.min_free,
+                }
+            blocked = self.catalog.blocked_sweeps()
+            verify = self.audit.verify()
+            return {
+                "ok": verify.ok and not blocked,
+                "time": iso(now.wall, self.config.tz),
+                "config": str(self.config.source_path),
+                "config_digest": self.config.digest,
+                "sites": sites,
+                "holds": self.holds_json(),
+                "blocked_sweeps": blocked,
+                "last_sweep": self.catalog.last_sweep_summary(),
+                "audit": {"ok": verify.ok, "entries": verify.count, "problem": verify.problem or None},
+                "violations": [],
+            }
+
+
+def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) -> SweepOutcome:
+    """`retention plan`: what a sweep under ``config`` would do, changing nothing.
+
+    It works on a scratch copy of the state (holds, sweep history, catalog) so that previewing a new
+    config (`nvr-guard --config new.yaml retention plan`) neither needs nor disturbs the running
+    daemon, then reconciles the copy with the disk and re-derives every expiry from the new rules.
+    """
+    real = Path(config.state_dir) / "catalog.db"
+    db = scratch / "preview.db"
+    if real.exists() and os.access(real, os.R_OK):
+        import sqlite3
+
+        src = sqlite3.connect(f"file:{real}?mode=ro", uri=True)
+        dst = sqlite3.connect(db)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+    engine = Engine(config, clock=lambda: now, db_path=db)
+    for name, rules in engine.rules.items():
+        engine.catalog.recompute_expiry(name, rules)
+    engine.reconcile(full=True)
+    return engine.sweep(actor="preview", now=now, dry_run=True, site=site)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False, default=str)
