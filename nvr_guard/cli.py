@@ -231,16 +231,22 @@ def retention() -> None:
     """Preview and run retention sweeps."""
 
 
-def _now(c: Ctx, now: str | None) -> Any:
+def _parse_now(config: Any, now: str | None) -> Any:
+    """The real clocks, or the wall clock moved to ``--now`` (boot time stays real, so the clock
+    guard sees a jump exactly as it would see a real one)."""
+    from dataclasses import replace
+
     from nvr_guard.model import boot_clock
     from nvr_guard.times import parse_time
 
     real = boot_clock()
     if now is None:
         return real
-    from dataclasses import replace
+    return replace(real, wall=parse_time(now, config.tz, "--now"))
 
-    return replace(real, wall=parse_time(now, c.config.tz, "--now"))
+
+def _now(c: Ctx, now: str | None) -> Any:
+    return _parse_now(c.config, now)
 
 
 def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:

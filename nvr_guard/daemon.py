@@ -1,0 +1,293 @@
+"""`nvr-guard daemon`: scheduler, watcher, control socket, systemd notification, signals.
+
+Life cycle: load the config (refuse to start on any error) -> open the state -> control socket ->
+cold reconcile -> watcher -> scheduler -> READY=1. SIGHUP reloads (validate first, keep the old
+config on error), SIGTERM/SIGINT stop within a few seconds. Work happens in scheduler and socket
+threads; the main thread only waits for signals and feeds the systemd watchdog while the scheduler
+is alive, so a wedged daemon is restarted by systemd rather than silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from nvr_guard import sdnotify
+from nvr_guard.config import Config, load_config
+from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError
+from nvr_guard.model import boot_clock
+from nvr_guard.service import Caller, Engine
+from nvr_guard.times import human_bytes
+
+log = logging.getLogger("nvr_guard.daemon")
+
+# syslog priorities, so journald keeps the level of each line (sd-daemon(3) prefixes)
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _PriorityFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        return f"<{prio}>{super().format(record)}"
+
+
+def setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if sys.stderr.isatty() and "JOURNAL_STREAM" not in os.environ:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    else:
+        handler.setFormatter(_PriorityFormatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+def _seconds(d: Any) -> float:
+    return float(d.seconds + d.months * 30 * 86400)
+
+
+class Daemon:
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.wake = threading.Event()
+        self.engine: Engine | None = None
+        self.server: Any = None
+        self.watcher: Any = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.started = time.time()
+        self.last_error: str | None = None
+        self.rescan_wanted = threading.Event()
+
+    # ---- start / stop --------------------------------------------------------------------------
+    def start(self) -> None:
+        config = load_config(self.config_path)  # ConfigError -> refuse to start
+        self.engine = engine = Engine(config)
+        engine.audit.append("nvr-guard", "config.load", str(config.source_path), {"digest": config.digest})
+        engine.audit.append("nvr-guard", "daemon.start", "daemon", {"pid": os.getpid()})
+        self._start_server(config)
+        sdnotify.status("reconciling recording roots")
+        t0 = time.monotonic()
+        stats = engine.reconcile(full=True)
+        log.info("reconciled in %.1f s: %s", time.monotonic() - t0, stats)
+        self._start_watcher()
+        self._start_scheduler(config)
+        sdnotify.ready()
+        self._status_line()
+        log.info("nvr-guard ready: %d sites, control socket %s", len(config.sites), config.socket)
+
+    def _start_server(self, config: Config) -> None:
+        from nvr_guard.control import ControlServer
+
+        sock = Path(config.socket)
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        self.server = ControlServer(sock, config.socket_group, self.handle)
+        self.server.start()
+
+    def _start_watcher(self) -> None:
+        from nvr_guard.scan import Watcher
+
+        assert self.engine is not None
+        try:
+            self.watcher = Watcher(self.engine, self.engine.site_scans(), self._overflow)
+            self.watcher.start()
+        except OSError as e:  # no inotify (watch limit, unsupported fs): rescans do the work
+            log.warning("file watcher unavailable (%s); relying on periodic rescans", e)
+            self.watcher = None
+
+    def _overflow(self) -> None:
+        log.warning("file events were lost (inotify overflow or watch limit); rescanning")
+        self.rescan_wanted.set()
+
+    def _start_scheduler(self, config: Config) -> None:
+        sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60})
+        now = datetime.now()
+        sched.add_job(self._job_sweep, "interval", seconds=_seconds(config.sweep_every), id="sweep",
+                      next_run_time=now)
+        sched.add_job(self._job_rescan, "interval", seconds=_seconds(config.rescan_every), id="rescan",
+                      next_run_time=now + timedelta(seconds=_seconds(config.rescan_every)))
+        sched.add_job(self._job_disk, "interval", seconds=60, id="disk")
+        sched.add_job(self._job_incremental, "interval", seconds=10, id="incremental")
+        sched.start()
+        self.scheduler = sched
+
+    def stop(self) -> None:
+        sdnotify.stopping()
+        if self.watcher is not None:
+            try:
+                self.watcher.stop()
+            except Exception:  # stopping must go on whatever a part does
+                log.exception("stopping the watcher")
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if self.server is not None:
+            self.server.stop()
+        if self.engine is not None and self.engine.lock.acquire(timeout=8):
+            try:
+                self.engine.audit.append("nvr-guard", "daemon.stop", "daemon", {"pid": os.getpid()})
+            finally:
+                self.engine.lock.release()
+        log.info("nvr-guard stopped")
+
+    # ---- jobs ----------------------------------------------------------------------------------
+    def _guarded(self, name: str, fn: Any) -> None:
+        try:
+            fn()
+            self.last_error = None
+        except Exception as e:  # a failed job is logged and retried next time; deletion fails closed
+            self.last_error = f"{name}: {e}"
+            log.error("%s failed: %s", name, e, exc_info=not isinstance(e, NvrGuardError))
+        finally:
+            self._status_line()
+
+    def _job_sweep(self) -> None:
+        assert self.engine is not None
+
+        def run() -> None:
+            assert self.engine is not None
+            out = self.engine.sweep()
+            self.last_sweep = out
+        self._guarded("sweep", run)
+
+    def _job_rescan(self) -> None:
+        assert self.engine is not None
+        self._guarded("rescan", lambda: self.engine.reconcile(full=True) if self.engine else None)
+
+    def _job_incremental(self) -> None:
+        assert self.engine is not None
+        full = self.rescan_wanted.is_set()
+        self.rescan_wanted.clear()
+        self._guarded("rescan", lambda: self.engine.reconcile(full=full) if self.engine else None)
+
+    def _job_disk(self) -> None:
+        assert self.engine is not None
+        engine = self.engine
+        states = engine.disk_states()
+        short = [s for s, d in states.items() if d.bytes_to_free(engine.rules[s].min_free) > 0]
+        if short:
+            log.warning("disk below min_free for %s: sweeping now", ", ".join(short))
+            self._job_sweep()
+
+    def _status_line(self) -> None:
+        if self.engine is None:
+            return
+        try:
+            n = self.engine.catalog.count()
+            sdnotify.status(f"{n} segments catalogued" + (f"; last error: {self.last_error}" if self.last_error else ""))
+        except Exception:  # status is informative only
+            pass
+
+    # ---- reload --------------------------------------------------------------------------------
+    def reload(self) -> None:
+        assert self.engine is not None
+        sdnotify.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            for line in e.lines():
+                log.error("reload refused: %s", line)
+            self.engine.audit.append("nvr-guard", "config.reload_failed", self.config_path,
+                                     {"errors": e.lines(), "kept_digest": self.engine.config.digest})
+            sdnotify.ready()
+            return
+        old = self.engine.config
+        if Path(new.state_dir) != Path(old.state_dir) or Path(new.socket) != Path(old.socket):
+            log.warning("state_dir and socket changes take effect at the next restart")
+        details = self.engine.apply_config(new, "nvr-guard")
+        log.info("config reloaded (%s -> %s); changed sites: %s", details["old_digest"][:12],
+                 details["new_digest"][:12], ", ".join(details["changed_sites"]) or "none")
+        if self.watcher is not None:
+            self.watcher.stop()
+        self._start_watcher()
+        if self.scheduler is not None:
+            self.scheduler.reschedule_job("sweep", trigger="interval", seconds=_seconds(new.sweep_every))
+        sdnotify.ready()
+
+    # ---- control socket ------------------------------------------------------------------------
+    def handle(self, peer: Any, cmd: str, args: dict[str, Any]) -> Any:
+        assert self.engine is not None
+        engine = self.engine
+        who = Caller.from_uid(peer.uid, getattr(peer, "gid", None))
+        if cmd == "ping":
+            return {"pong": True, "user": who.user}
+        if cmd == "status":
+            st = engine.status()
+            st["daemon"] = {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
+                            "last_error": self.last_error}
+            if self.last_error:
+                st["ok"] = False
+            return st
+        if cmd == "retention.run":
+            from nvr_guard.cli import _parse_now
+
+            now = _parse_now(engine.config, args.get("now"))
+            engine.reconcile(full=False)
+            return engine.sweep(actor=who.user, now=now, dry_run=bool(args.get("dry_run"))).as_json()
+        if cmd == "retention.confirm":
+            return engine.confirm(int(args["sweep"]), who).as_json()
+        if cmd == "hold.add":
+            h = engine.hold_add(who, str(args["camera"]), str(args["from"]), str(args["to"]),
+                                str(args["reason"]), args.get("until"))
+            return next(x for x in engine.holds_json(True) if x["id"] == h.id)
+        if cmd == "hold.list":
+            return engine.holds_json(bool(args.get("all")))
+        if cmd == "hold.release":
+            h = engine.hold_release(who, int(args["id"]), str(args["reason"]))
+            return next(x for x in engine.holds_json(True) if x["id"] == h.id)
+        raise InvalidInput(f"unknown command {cmd!r}")
+
+
+def run_daemon(config_path: str, verbose: int = 0) -> int:
+    setup_logging(verbose)
+    d = Daemon(config_path)
+
+    def on_term(signum: int, frame: Any) -> None:
+        d.stop_event.set()
+        d.wake.set()
+
+    def on_hup(signum: int, frame: Any) -> None:
+        d.reload_event.set()
+        d.wake.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    try:
+        d.start()
+    except ConfigError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
+        print("nvr-guard: refusing to start with an invalid config", file=sys.stderr)
+        return 2
+    except NvrGuardError as e:
+        log.error("cannot start: %s", e)
+        d.stop()
+        return e.exit_code
+    wd = sdnotify.watchdog_interval()
+    tick = min(wd / 2, 5.0) if wd else 5.0
+    try:
+        while not d.stop_event.is_set():
+            d.wake.wait(tick)
+            d.wake.clear()
+            if d.stop_event.is_set():
+                break  # a HUP that arrived together with TERM is moot
+            if d.reload_event.is_set():
+                d.reload_event.clear()
+                d.reload()
+            if d.scheduler is not None and d.scheduler.running:
+                sdnotify.watchdog()
+    finally:
+        d.stop()
+    return 0
