@@ -1,0 +1,601 @@
+"""Hash-chained, append-only audit log (the approval record's "no detail may ever be deleted").
+
+The log lives in the catalog's SQLite file, table ``audit``. Every entry carries the hash of the
+entry before it, so editing, deleting or reordering any entry breaks the chain and ``verify``
+names the first broken sequence number. Triggers refuse UPDATE and DELETE outright, so tampering
+takes deliberate work (dropping the triggers), and that work is then visible through the chain.
+
+A truncated tail (the newest entries removed together, which leaves a valid but shorter chain) is
+caught on a best-effort basis by a side file ``audit.head`` next to the database: after each append
+it holds the newest ``seq`` and ``hash``; ``verify`` reports a database whose head is behind it.
+
+Durability: an acknowledged entry must survive kill -9 and power loss (SPEC §4), so :meth:`append`
+commits with ``PRAGMA synchronous=FULL`` (the catalog runs WAL with NORMAL for speed, which may
+lose the last commits on power loss) and returns only after the commit. ``BEGIN IMMEDIATE`` takes
+the write lock before the head is read, so concurrent processes serialise and ``seq``/``prev``
+always follow the newest committed entry.
+
+Object names follow ``<kind>:<id>`` so ``entries(obj_prefix=...)`` can select a family:
+``camera:<site>/<camera>``, ``hold:<id>``, ``sweep:<id>``, ``request:<id>``, ``config:<path>``.
+
+The hash of an entry is SHA-256 over the UTF-8 bytes of the compact JSON array
+``[seq, time, actor, action, object, details, prev]`` where ``details`` is the stored canonical
+JSON text (keys sorted, no spaces, non-ASCII kept) — see :func:`entry_hash`. An auditor can
+recompute it with any JSON library; ``VERIFY.txt`` of export packages refers to this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import enum
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+from nvr_guard.model import show_path
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64  # ``prev`` of the first entry
+HEAD_FILE = "audit.head"
+
+# Action names used across the project; stored in entries and matched by auditors' queries, so
+# they never change once released. New features add names, none is renamed.
+CONFIG_LOAD = "config.load"
+CONFIG_RELOAD = "config.reload"
+CONFIG_RELOAD_FAILED = "config.reload_failed"
+DAEMON_START = "daemon.start"
+DAEMON_STOP = "daemon.stop"
+HOLD_ADD = "hold.add"
+HOLD_RELEASE = "hold.release"
+SWEEP_BLOCKED = "sweep.blocked"
+SWEEP_CONFIRM = "sweep.confirm"
+PURGE_BEGIN = "purge.begin"
+PURGE_RECEIPT = "purge.receipt"
+PURGE_SKIP = "purge.skip"
+DISK_ALERT = "disk.alert"
+ACCESS_DENIED = "access.denied"
+
+ACTIONS = frozenset(
+    {
+        CONFIG_LOAD,
+        CONFIG_RELOAD,
+        CONFIG_RELOAD_FAILED,
+        DAEMON_START,
+        DAEMON_STOP,
+        HOLD_ADD,
+        HOLD_RELEASE,
+        SWEEP_BLOCKED,
+        SWEEP_CONFIRM,
+        PURGE_BEGIN,
+        PURGE_RECEIPT,
+        PURGE_SKIP,
+        DISK_ALERT,
+        ACCESS_DENIED,
+    }
+)
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        object TEXT NOT NULL,
+        details TEXT NOT NULL,
+        prev TEXT NOT NULL,
+        hash TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS audit_time ON audit(time)",
+    "CREATE INDEX IF NOT EXISTS audit_object ON audit(object)",
+    # RAISE(ABORT) undoes the statement and leaves the caller's transaction open: the offending
+    # statement fails loudly, nothing else the caller did is lost.
+    """
+    CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: UPDATE refused'); END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: DELETE refused'); END
+    """,
+)
+_TRIGGERS = ("audit_no_update", "audit_no_delete")
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the audit table, its indexes and the append-only triggers (idempotent).
+
+    Runs inside the caller's transaction when one is open (the catalog's migrations), else in
+    its own.
+    """
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        for stmt in _SCHEMA:
+            conn.execute(stmt)
+    except BaseException:
+        if own:
+            conn.rollback()
+        raise
+    if own:
+        conn.commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# canonical encoding
+
+
+def _clean_str(s: str) -> str:
+    # names decoded with surrogateescape cannot be stored as SQLite TEXT nor hashed as UTF-8;
+    # show them the way the rest of the project shows undecodable paths
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return show_path(s.encode("utf-8", "surrogateescape"))
+    return s
+
+
+def to_json_value(value: Any) -> Any:
+    """Convert ``value`` into plain JSON data (str/int/float/bool/None/list/dict with str keys).
+
+    Paths as bytes (recording names need not be UTF-8) go through :func:`show_path`; sets are
+    sorted so the same details always hash the same; anything unknown becomes its ``str``.
+    """
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        # NaN/inf are not JSON; keep them readable rather than failing an audit write
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return _clean_str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return show_path(bytes(value))
+    if isinstance(value, PurePath | os.PathLike):
+        return show_path(os.fsencode(value))
+    if isinstance(value, enum.Enum):
+        return to_json_value(value.value)
+    if isinstance(value, _dt.datetime | _dt.date | _dt.time):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {_key(k): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        items = [to_json_value(v) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False))
+    if isinstance(value, list | tuple):
+        return [to_json_value(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_json_value({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    return _clean_str(str(value))
+
+
+def _key(k: Any) -> str:
+    if isinstance(k, str):
+        return _clean_str(k)
+    if isinstance(k, bytes):
+        return show_path(k)
+    return _clean_str(str(k))
+
+
+def canonical_json(details: Mapping[str, Any]) -> str:
+    """The stored (and hashed) form of an entry's details: sorted keys, compact, UTF-8 kept."""
+    return json.dumps(
+        to_json_value(details),
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+        allow_nan=False,
+    )
+
+
+def entry_hash(
+    seq: int, time: float, actor: str, action: str, obj: str, details_json: str, prev: str
+) -> str:
+    """SHA-256 (hex) of one entry; ``details_json`` is the stored canonical text."""
+    payload = json.dumps(
+        [seq, time, actor, action, obj, details_json, prev],
+        ensure_ascii=False,
+        separators=(",", ":"),
+        allow_nan=False,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# entries and reports
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    seq: int
+    time: float
+    actor: str
+    action: str
+    object: str
+    details: dict[str, Any]
+    prev: str
+    hash: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "at": _dt.datetime.fromtimestamp(self.time, _dt.UTC).isoformat(timespec="milliseconds"),
+            "actor": self.actor,
+            "action": self.action,
+            "object": self.object,
+            "details": self.details,
+            "prev": self.prev,
+            "hash": self.hash,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    ok: bool
+    count: int  # entries in the log
+    first_bad: int | None  # sequence number where the chain first breaks
+    problem: str  # one line for humans; "" when ok
+    head: tuple[int, str] = (0, GENESIS)  # the database's newest (seq, hash)
+    warnings: tuple[str, ...] = ()  # not tampering, but worth telling the auditor
+
+    def message(self) -> str:
+        if self.ok:
+            return f"audit log ok: {self.count} entries, head {self.head[0]} {self.head[1][:16]}"
+        return f"audit log TAMPERED at entry {self.first_bad}: {self.problem}"
+
+
+_COLUMNS = "seq, time, actor, action, object, details, prev, hash"
+_Row = tuple[int, float, str, str, str, str, str, str]
+
+
+def _entry(row: _Row) -> AuditEntry:
+    seq, t, actor, action, obj, details, prev, h = row
+    try:
+        parsed = json.loads(details)
+    except ValueError:
+        parsed = {"_unparsable": details}
+    if not isinstance(parsed, dict):
+        parsed = {"_value": parsed}
+    return AuditEntry(seq, t, actor, action, obj, parsed, prev, h)
+
+
+def _db_path(conn: sqlite3.Connection) -> str | None:
+    for _, name, path in conn.execute("PRAGMA database_list").fetchall():
+        if name == "main":
+            return str(path) or None  # "" for :memory: and temporary databases
+    return None
+
+
+def read_head_file(path: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """(seq, hash) from a head file; None when absent. ValueError when unreadable garbage."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        return None
+    parts = text.split()
+    if len(parts) != 2 or not parts[0].isdigit() or len(parts[1]) != 64:
+        raise ValueError(f"{os.fspath(path)}: not an audit head file")
+    return int(parts[0]), parts[1]
+
+
+class AuditLog:
+    """The audit log on one SQLite connection (normally the catalog's).
+
+    ``head_path`` defaults to ``audit.head`` next to the database file (none for in-memory
+    databases); pass ``None`` explicitly to disable the side file.
+    """
+
+    _AUTO: Any = object()
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        clock: Callable[[], float] = time.time,
+        head_path: str | os.PathLike[str] | None = _AUTO,
+    ) -> None:
+        self.conn = conn
+        self.clock = clock
+        if head_path is AuditLog._AUTO:
+            db = _db_path(conn)
+            self.head_path: str | None = (
+                os.path.join(os.path.dirname(db), HEAD_FILE) if db else None
+            )
+        else:
+            self.head_path = os.fspath(head_path) if head_path is not None else None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append(
+        self, actor: str, action: str, obj: str, details: Mapping[str, Any] | None = None
+    ) -> AuditEntry:
+        """Append one entry in its own durable transaction; returns after the commit."""
+        if self.conn.in_transaction:
+            # committing here would commit the caller's half-done work with it
+            raise RuntimeError(
+                "AuditLog.append inside an open transaction; use append_in() or commit first"
+            )
+        with self.transaction():
+            entry = self.append_in(actor, action, obj, details)
+        return entry
+
+    def append_in(
+        self, actor: str, action: str, obj: str, details: Mapping[str, Any] | None = None
+    ) -> AuditEntry:
+        """Append inside the caller's open transaction on this log's connection.
+
+        The entry becomes durable with the caller's commit (use :meth:`transaction` to get the
+        FULL-sync commit and the head file update); if the caller rolls back, it never existed.
+        """
+        conn = self.conn
+        if not conn.in_transaction:
+            raise RuntimeError("AuditLog.append_in needs an open transaction (see transaction())")
+        details_json = canonical_json(details or {})
+        t = float(self.clock())
+        if not math.isfinite(t):
+            raise ValueError(f"audit clock returned {t!r}")
+        actor, action, obj = _clean_str(actor), _clean_str(action), _clean_str(obj)
+        row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+        h = entry_hash(seq, t, actor, action, obj, details_json, prev)
+        conn.execute(
+            f"INSERT INTO audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, t, actor, action, obj, details_json, prev, h),
+        )
+        return AuditEntry(seq, t, actor, action, obj, json.loads(details_json), prev, h)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` with synchronous=FULL, then the head file update.
+
+        Rolls back on any exception. If the body commits by itself (a helper using ``with conn:``),
+        what remains is committed the same way.
+        """
+        conn = self.conn
+        if conn.in_transaction:
+            raise RuntimeError("AuditLog.transaction inside an open transaction")
+        with _full_sync(conn):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+            if conn.in_transaction:
+                conn.commit()
+        self.sync_head()
+
+    def sync_head(self) -> None:
+        """Write the database's newest (seq, hash) to the head file (atomic rename, fsynced).
+
+        Done under the database write lock so concurrent appenders cannot leave an older head
+        behind a newer one; a failure to write is logged, never fatal — the entry is committed.
+        """
+        if self.head_path is None:
+            return
+        conn = self.conn
+        if conn.in_transaction:
+            return  # the caller's commit is still pending; the next append writes the head
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                seq, h = self.head()
+                if seq:
+                    _write_atomic(self.head_path, f"{seq} {h}\n".encode("ascii"))
+            finally:
+                conn.rollback()
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("audit head file %s not updated: %s", self.head_path, exc)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def head(self) -> tuple[int, str]:
+        row = self.conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return (int(row[0]), str(row[1])) if row else (0, GENESIS)
+
+    def get(self, seq: int) -> AuditEntry | None:
+        row = self.conn.execute(f"SELECT {_COLUMNS} FROM audit WHERE seq = ?", (seq,)).fetchone()
+        return _entry(row) if row else None
+
+    def entries(
+        self,
+        since: float | None = None,
+        obj_prefix: str | None = None,
+        action: str | None = None,
+        *,
+        until: float | None = None,
+        obj: str | None = None,
+        after_seq: int | None = None,
+    ) -> Iterator[AuditEntry]:
+        """Entries in chain order, filtered; ``action`` ending in ``.`` matches a family."""
+        where: list[str] = []
+        args: list[Any] = []
+        if since is not None:
+            where.append("time >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("time < ?")
+            args.append(until)
+        if obj_prefix is not None:
+            where.append("substr(object, 1, ?) = ?")
+            args += [len(obj_prefix), obj_prefix]
+        if obj is not None:
+            where.append("object = ?")
+            args.append(obj)
+        if action is not None:
+            if action.endswith("."):
+                where.append("substr(action, 1, ?) = ?")
+                args += [len(action), action]
+            else:
+                where.append("action = ?")
+                args.append(action)
+        if after_seq is not None:
+            where.append("seq > ?")
+            args.append(after_seq)
+        sql = f"SELECT {_COLUMNS} FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq"
+        # a dedicated cursor, so appends made while iterating do not reset it
+        cur = self.conn.cursor()
+        try:
+            for row in cur.execute(sql, args):
+                yield _entry(row)
+        finally:
+            cur.close()
+
+    def verify(self) -> VerifyReport:
+        """Walk the whole chain; report the first entry that was edited, removed or moved."""
+        expected_seq = 1
+        prev = GENESIS
+        count = 0
+        first_bad: int | None = None
+        problem = ""
+        cur = self.conn.cursor()
+        try:
+            for seq, t, actor, action, obj, details, prev_col, h in cur.execute(
+                f"SELECT {_COLUMNS} FROM audit ORDER BY seq"
+            ):
+                count += 1
+                if first_bad is not None:
+                    continue
+                if seq != expected_seq:
+                    first_bad = expected_seq
+                    missing = (
+                        f"entry {expected_seq}"
+                        if seq == expected_seq + 1
+                        else f"entries {expected_seq}..{seq - 1}"
+                    )
+                    problem = f"{missing} missing (deleted): the chain jumps to {seq}"
+                elif prev_col != prev:
+                    first_bad = seq
+                    problem = (
+                        f"entry {seq} does not follow entry {seq - 1} (prev hash mismatch): "
+                        "an entry was removed, replaced or moved"
+                    )
+                else:
+                    try:
+                        good = entry_hash(seq, t, actor, action, obj, details, prev_col) == h
+                    except (TypeError, ValueError):
+                        good = False
+                    if not good:
+                        first_bad = seq
+                        problem = f"entry {seq} was altered (content does not match its hash)"
+                prev = h
+                expected_seq = seq + 1
+        finally:
+            cur.close()
+        head = self.head()
+        warnings: list[str] = []
+        if first_bad is None:
+            first_bad, problem = self._check_head_file(head, warnings)
+        missing_triggers = self._missing_triggers()
+        if missing_triggers:
+            warnings.append(
+                "append-only triggers missing: "
+                + ", ".join(missing_triggers)
+                + " (someone dropped them; the chain shows whether entries were changed)"
+            )
+        return VerifyReport(
+            ok=first_bad is None,
+            count=count,
+            first_bad=first_bad,
+            problem=problem,
+            head=head,
+            warnings=tuple(warnings),
+        )
+
+    def _check_head_file(
+        self, head: tuple[int, str], warnings: list[str]
+    ) -> tuple[int | None, str]:
+        if self.head_path is None:
+            return None, ""
+        try:
+            recorded = read_head_file(self.head_path)
+        except (OSError, ValueError) as exc:
+            warnings.append(f"head file unreadable: {exc}")
+            return None, ""
+        if recorded is None:
+            if head[0]:
+                warnings.append(f"head file {self.head_path} missing: tail truncation undetectable")
+            return None, ""
+        rseq, rhash = recorded
+        if head[0] < rseq:
+            return head[0] + 1, (
+                f"log truncated: the head file {self.head_path} records entry {rseq}, "
+                f"the database ends at {head[0]}"
+            )
+        row = self.conn.execute("SELECT hash FROM audit WHERE seq = ?", (rseq,)).fetchone()
+        if row is not None and row[0] != rhash:
+            return rseq, (
+                f"entry {rseq} differs from the one recorded in the head file {self.head_path}: "
+                "the log was rewritten"
+            )
+        return None, ""
+
+    def _missing_triggers(self) -> list[str]:
+        present = {
+            r[0]
+            for r in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'"
+            )
+        }
+        return [t for t in _TRIGGERS if t not in present]
+
+
+@contextlib.contextmanager
+def _full_sync(conn: sqlite3.Connection) -> Iterator[None]:
+    """Run the body with ``PRAGMA synchronous=FULL`` and restore the previous level after."""
+    row = conn.execute("PRAGMA synchronous").fetchone()
+    before = int(row[0]) if row else 2
+    if before < 2:
+        conn.execute("PRAGMA synchronous=FULL")
+    try:
+        yield
+    finally:
+        if before < 2:
+            conn.execute(f"PRAGMA synchronous={before}")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+__all__ = [
+    "ACTIONS",
+    "GENESIS",
+    "AuditEntry",
+    "AuditLog",
+    "VerifyReport",
+    "canonical_json",
+    "ensure_schema",
+    "entry_hash",
+    "read_head_file",
+    "to_json_value",
+]
