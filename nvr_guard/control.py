@@ -1,0 +1,811 @@
+"""The control socket between the ``nvr-guard`` CLI and the daemon.
+
+Wire format (version 1), on an AF_UNIX stream socket:
+
+* every message is a *frame*: a 4-byte big-endian unsigned length, then that many bytes of UTF-8
+  JSON holding one object;
+* the client sends a request ``{"v": 1, "cmd": "status", "args": {...}}`` and reads exactly one
+  reply frame; it may send further requests on the same connection (replies come in order), or
+  close it — the CLI makes one call per connection;
+* a reply is ``{"ok": true, "result": ...}`` or
+  ``{"ok": false, "error": {"code": 3, "type": "PolicyRefused", "message": "..."}}`` where
+  ``code`` is the exit code the CLI should end with (SPEC §3) and ``type`` the error class name.
+
+Limits, so one misbehaving client cannot hurt the daemon or the other callers:
+
+* a request frame may be at most 64 KiB; a larger announced length gets an error reply and the
+  connection is closed without reading the body (a reply may be larger: ``audit show`` can be);
+* a request must arrive completely within ``read_timeout`` seconds (default 5) of the server
+  starting to wait for it, else the connection is dropped (with an error reply when part of a
+  request had arrived) — a stalled client holds a thread for at most that long;
+* at most ``max_connections`` connections (default 64) are served at once; the next one gets a
+  "busy" reply at once and is closed.
+
+Who is calling comes from the kernel (SO_PEERCRED: pid, uid, gid at connect time), never from
+the request: a user cannot claim to be someone else. The socket's mode (0660, group
+``socket_group``) is only the first fence; each command names the roles it needs and the daemon
+maps the caller's user and Unix groups to roles (SPEC §3 ``people``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import enum
+import errno
+import grp
+import json
+import logging
+import os
+import pwd
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path, PurePath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nvr_guard import errors
+from nvr_guard.errors import (
+    DaemonUnavailable,
+    InvalidInput,
+    NvrGuardError,
+    PolicyRefused,
+    RuntimeFailure,
+    VerifyFailed,
+)
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_REQUEST = 64 * 1024
+#: Replies carry listings (audit entries, plans with every item); the client still caps them so a
+#: confused peer cannot make the CLI allocate without bound.
+MAX_REPLY = 64 * 1024 * 1024
+DEFAULT_READ_TIMEOUT = 5.0
+DEFAULT_MAX_CONNECTIONS = 64
+
+_HEADER = struct.Struct(">I")
+_PEERCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+# ----------------------------------------------------------------------------------------------
+# Messages
+
+
+class Request(BaseModel):
+    """One request frame. ``extra="forbid"``: a typo in a field name is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1]
+    cmd: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.-]*$")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    code: int
+    message: str
+    type: str | None = None
+
+
+class Reply(BaseModel):
+    # Ignore unknown reply fields: a newer daemon may add some, an older CLI must still work.
+    model_config = ConfigDict(extra="ignore")
+
+    ok: bool
+    result: Any = None
+    error: ErrorBody | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Caller:
+    """The process on the other end of a connection, as the kernel reported it at connect()."""
+
+    pid: int
+    uid: int
+    gid: int
+    user: str | None  # None when the uid has no passwd entry (e.g. a container's user)
+    groups: frozenset[str]  # names of the user's groups, primary included
+
+    @property
+    def name(self) -> str:
+        return self.user if self.user is not None else f"uid:{self.uid}"
+
+    def describe(self) -> str:
+        return f"{self.name} (uid {self.uid}, pid {self.pid})"
+
+    @classmethod
+    def from_ids(cls, pid: int, uid: int, gid: int) -> Caller:
+        try:
+            user: str | None = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = None
+        gids: set[int] = {gid}
+        if user is not None:
+            with contextlib.suppress(OSError):
+                gids.update(os.getgrouplist(user, gid))
+        names: set[str] = set()
+        for g in gids:
+            try:
+                names.add(grp.getgrgid(g).gr_name)
+            except KeyError:
+                # A gid without a name can still be granted nothing by name: skip it.
+                continue
+        return cls(pid=pid, uid=uid, gid=gid, user=user, groups=frozenset(names))
+
+    @classmethod
+    def of_socket(cls, sock: socket.socket) -> Caller:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        pid, uid, gid = _PEERCRED.unpack(raw)
+        return cls.from_ids(pid, uid, gid)
+
+
+class UnknownCommand(InvalidInput):
+    """The daemon has no such command (exit 2)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Framing helpers (both sides)
+
+
+class _Oversized(Exception):
+    def __init__(self, length: int):
+        super().__init__(length)
+        self.length = length
+
+
+class _Timeout(Exception):
+    def __init__(self, partial: bool):
+        super().__init__(partial)
+        self.partial = partial
+
+
+class _Closed(Exception):
+    def __init__(self, partial: bool):
+        super().__init__(partial)
+        self.partial = partial
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float, got_before: bool) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Timeout(got_before or bool(buf))
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(min(n - len(buf), 1 << 20))
+        except TimeoutError:
+            raise _Timeout(got_before or bool(buf)) from None
+        if not chunk:
+            raise _Closed(got_before or bool(buf))
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_frame(sock: socket.socket, deadline: float, limit: int) -> bytes:
+    header = _recv_exact(sock, _HEADER.size, deadline, got_before=False)
+    (length,) = _HEADER.unpack(header)
+    if length > limit:
+        raise _Oversized(length)
+    return _recv_exact(sock, length, deadline, got_before=True)
+
+
+def _json_default(value: Any) -> Any:
+    """Encode the types handlers naturally return, so they need not convert by hand."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, bytes):
+        # Segment paths are bytes and may not be UTF-8; surrogateescape keeps them lossless
+        # through json (encoded as \\udcXX escapes), os.fsencode() on the client restores them.
+        return os.fsdecode(value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, _dt.datetime | _dt.date):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _encode(obj: Mapping[str, Any]) -> bytes:
+    body = json.dumps(obj, default=_json_default, separators=(",", ":")).encode()
+    return _HEADER.pack(len(body)) + body
+
+
+def _error_reply(code: int, message: str, type_name: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "type": type_name, "message": message}}
+
+
+def _describe_validation(exc: ValidationError, prefix: str) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "(request)"
+        parts.append(f"{prefix}{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Server
+
+Handler = Callable[[Caller, str, dict[str, Any]], Any]
+CommandFunc = Callable[[Caller, Any], Any]
+RoleResolver = Callable[[Caller], Iterable[str]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    func: CommandFunc
+    args_model: type[BaseModel] | None
+    roles: frozenset[str] | None  # None: anyone who can reach the socket
+
+
+class ControlServer:
+    """Serves the control socket in threads. ``start()`` binds and returns; ``stop()`` undoes it.
+
+    Commands come from the table filled by :meth:`register`; a request for a name that is not in
+    the table goes to ``handler`` when one was given, else is refused with exit code 2.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        group: str | None,
+        handler: Handler | None = None,
+        *,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        write_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_request: int = MAX_REQUEST,
+        roles_of: RoleResolver | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.group = group
+        self.handler = handler
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.max_connections = max_connections
+        self.max_request = max_request
+        self.roles_of = roles_of
+        self._commands: dict[str, Command] = {}
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.register("ping", self._ping, None, None)
+
+    # -- command table ---------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        func: CommandFunc,
+        args_model: type[BaseModel] | None = None,
+        roles: set[str] | frozenset[str] | None = None,
+    ) -> None:
+        """Add a command. ``func(caller, args)`` gets an ``args_model`` instance (or the raw dict
+        when no model is given) and returns a JSON-serialisable result. ``roles``: the caller
+        needs at least one of them (None: no role needed)."""
+        if name in self._commands and name != "ping":
+            raise ValueError(f"control command {name!r} registered twice")
+        self._commands[name] = Command(
+            name, func, args_model, None if roles is None else frozenset(roles)
+        )
+
+    @property
+    def commands(self) -> list[str]:
+        return sorted(self._commands)
+
+    @staticmethod
+    def _ping(caller: Caller, args: Any) -> dict[str, Any]:
+        from nvr_guard import __version__
+
+        return {"pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._listener is not None:
+            raise RuntimeError("control server already started")
+        self._stopping.clear()
+        self._listener = self._bind()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="control-accept", daemon=True
+        )
+        self._thread.start()
+        log.info("control socket listening on %s", self.path)
+
+    def stop(self, timeout: float = 0.9) -> None:
+        """Close the listener, drop open connections, unlink the socket. Returns within
+        ``timeout`` seconds even if a handler is still busy (its reply is then lost)."""
+        if self._listener is None:
+            return
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            # shutdown() wakes a thread blocked in recv(); close() alone would not.
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._listener = None
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        self._unlink_if_ours()
+        log.info("control socket %s closed", self.path)
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- binding ---------------------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        self._clear_stale()
+        # Bind under a temporary name, set mode and group, then rename into place: the socket
+        # is never reachable with the default (umask-derived) permissions, and no process-wide
+        # umask juggling is needed in a threaded daemon.
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(tmp).st_mode):
+                os.unlink(tmp)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(os.fsencode(tmp))
+            os.chmod(tmp, 0o660)
+            self._apply_group(tmp)
+            os.rename(tmp, self.path)
+            sock.listen(min(socket.SOMAXCONN, 128))
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise RuntimeFailure(f"cannot listen on control socket {self.path}: {exc}") from exc
+        st = os.lstat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+        return sock
+
+    def _apply_group(self, where: Path) -> None:
+        if not self.group:
+            return
+        try:
+            gid = grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            log.warning(
+                "socket_group %r does not exist; control socket %s stays group %s — create "
+                "the group (systemd-sysusers) so its members can use the CLI",
+                self.group,
+                self.path,
+                os.getgid(),
+            )
+            return
+        try:
+            os.chown(where, -1, gid)
+        except OSError as exc:
+            log.warning("cannot give control socket to group %s: %s", self.group, exc)
+
+    def _clear_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise RuntimeFailure(
+                f"{self.path} exists and is not a socket; refusing to replace it — "
+                f"check the 'socket' setting"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(os.fsencode(self.path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # nobody listens: a leftover of a crashed daemon
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise RuntimeFailure(
+                    f"control socket {self.path} exists and cannot be probed: {exc}"
+                ) from exc
+        else:
+            raise RuntimeFailure(
+                f"another process is already listening on {self.path} "
+                f"(is nvr-guard already running? `systemctl status nvr-guard`)"
+            )
+        finally:
+            probe.close()
+        log.info("removing stale control socket %s", self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _unlink_if_ours(self) -> None:
+        # Only remove the socket we created: a second daemon started meanwhile (by mistake) may
+        # have replaced it, and deleting its socket would make it unreachable.
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if self._identity == (st.st_dev, st.st_ino):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        listener = self._listener
+        with selectors.DefaultSelector() as sel:
+            sel.register(listener, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in sel.select():
+                    if key.fileobj is not listener or self._stopping.is_set():
+                        continue
+                    try:
+                        conn, _addr = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as exc:
+                        if self._stopping.is_set():
+                            return
+                        # EMFILE and friends: log, back off briefly, keep serving.
+                        log.error("control socket accept failed: %s", exc)
+                        self._stopping.wait(0.1)
+                        continue
+                    self._dispatch(conn)
+
+    def _dispatch(self, conn: socket.socket) -> None:
+        if not self._slots.acquire(blocking=False):
+            # Refuse at once rather than queue: the CLI tells the user to retry, the daemon's
+            # memory and thread count stay bounded.
+            conn.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                conn.sendall(
+                    _encode(
+                        _error_reply(
+                            1,
+                            f"daemon busy: {self.max_connections} control connections open; "
+                            f"try again",
+                            "DaemonUnavailable",
+                        )
+                    )
+                )
+            conn.close()
+            return
+        with self._lock:
+            self._conns.add(conn)
+        thread = threading.Thread(
+            target=self._serve_connection, args=(conn,), name="control-conn", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:
+            self._release(conn)
+            raise
+
+    def _release(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+        conn.close()
+        self._slots.release()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            caller = Caller.of_socket(conn)
+        except OSError as exc:
+            log.warning("control connection without peer credentials dropped: %s", exc)
+            self._release(conn)
+            return
+        try:
+            while not self._stopping.is_set():
+                deadline = time.monotonic() + self.read_timeout
+                try:
+                    frame = _read_frame(conn, deadline, self.max_request)
+                except _Closed:
+                    return
+                except _Timeout as exc:
+                    if exc.partial:
+                        log.warning(
+                            "control: %s did not send a complete request within %.1f s; dropped",
+                            caller.describe(),
+                            self.read_timeout,
+                        )
+                        self._send(
+                            conn,
+                            _error_reply(
+                                2,
+                                f"request not received within {self.read_timeout:g} s",
+                                "InvalidInput",
+                            ),
+                        )
+                    return
+                except _Oversized as exc:
+                    log.warning(
+                        "control: %s announced a %d-byte request (limit %d); dropped",
+                        caller.describe(),
+                        exc.length,
+                        self.max_request,
+                    )
+                    self._send(
+                        conn,
+                        _error_reply(
+                            2,
+                            f"request of {exc.length} bytes exceeds the limit of "
+                            f"{self.max_request} bytes",
+                            "InvalidInput",
+                        ),
+                    )
+                    return
+                except OSError:
+                    return
+                reply = self._handle_frame(caller, frame)
+                if not self._send(conn, reply):
+                    return
+        finally:
+            self._release(conn)
+
+    def _send(self, conn: socket.socket, reply: Mapping[str, Any]) -> bool:
+        try:
+            data = _encode(reply)
+        except (TypeError, ValueError) as exc:
+            log.error("control: reply not serialisable: %s", exc)
+            data = _encode(_error_reply(1, "internal error: reply not serialisable", "Internal"))
+        conn.settimeout(self.write_timeout)
+        try:
+            conn.sendall(data)
+        except OSError:
+            return False
+        return True
+
+    def _handle_frame(self, caller: Caller, frame: bytes) -> dict[str, Any]:
+        try:
+            raw = json.loads(frame)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error_reply(2, f"malformed request: not JSON ({exc})", "InvalidInput")
+        if isinstance(raw, dict) and raw.get("v") not in (None, PROTOCOL_VERSION):
+            return _error_reply(
+                2,
+                f"protocol version {raw.get('v')!r} not supported (daemon speaks "
+                f"{PROTOCOL_VERSION}); use the nvr-guard CLI of the same version",
+                "InvalidInput",
+            )
+        try:
+            request = Request.model_validate(raw)
+        except ValidationError as exc:
+            return _error_reply(
+                2, "malformed request: " + _describe_validation(exc, ""), "InvalidInput"
+            )
+        started = time.monotonic()
+        try:
+            result = self._run(caller, request)
+        except NvrGuardError as exc:
+            log.info(
+                "control: %s %s -> refused (%d): %s",
+                caller.describe(),
+                request.cmd,
+                exc.exit_code,
+                exc,
+            )
+            return _error_reply(exc.exit_code, str(exc), type(exc).__name__)
+        except Exception:
+            # A bug in one command must not take the daemon (or other callers) down.
+            log.exception("control: command %s from %s failed", request.cmd, caller.describe())
+            return _error_reply(
+                1,
+                f"internal error in command {request.cmd!r}; see the daemon log "
+                f"(journalctl -u nvr-guard)",
+                "RuntimeFailure",
+            )
+        log.debug(
+            "control: %s %s -> ok (%.1f ms)",
+            caller.describe(),
+            request.cmd,
+            (time.monotonic() - started) * 1000,
+        )
+        reply = {"ok": True, "result": result}
+        try:
+            # Serialise here, inside the error handling: a handler returning something JSON
+            # cannot carry is a bug of that handler, reported like any other.
+            json.dumps(reply, default=_json_default)
+        except (TypeError, ValueError):
+            log.exception("control: result of %s is not JSON serialisable", request.cmd)
+            return _error_reply(
+                1, f"internal error in command {request.cmd!r}: bad result", "RuntimeFailure"
+            )
+        return reply
+
+    def _run(self, caller: Caller, request: Request) -> Any:
+        command = self._commands.get(request.cmd)
+        if command is None:
+            if self.handler is not None:
+                return self.handler(caller, request.cmd, request.args)
+            raise UnknownCommand(
+                f"unknown command {request.cmd!r}; the daemon knows: {', '.join(self.commands)}"
+            )
+        if command.roles is not None:
+            have = set(self.roles_of(caller)) if self.roles_of is not None else set()
+            if not have & command.roles:
+                raise PolicyRefused(
+                    f"{caller.name} may not run {request.cmd!r}: it needs one of the roles "
+                    f"{', '.join(sorted(command.roles))} (config: people)"
+                )
+        args: Any = request.args
+        if command.args_model is not None:
+            try:
+                args = command.args_model.model_validate(request.args)
+            except ValidationError as exc:
+                raise InvalidInput(
+                    f"{request.cmd}: " + _describe_validation(exc, "args.")
+                ) from None
+        return command.func(caller, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Client
+
+_BY_CODE: dict[int, type[NvrGuardError]] = {
+    1: RuntimeFailure,
+    2: InvalidInput,
+    3: PolicyRefused,
+    4: VerifyFailed,
+}
+
+
+def error_from_reply(body: ErrorBody) -> NvrGuardError:
+    """The exception the daemon raised, rebuilt on the client side.
+
+    The class is taken from ``type`` when it names an error class of this package with the same
+    exit code (so GuardTripped stays GuardTripped); else from the exit code alone.
+    """
+    cls: type[NvrGuardError] = _BY_CODE.get(body.code, RuntimeFailure)
+    named = getattr(errors, body.type or "", None)
+    if (
+        isinstance(named, type)
+        and issubclass(named, NvrGuardError)
+        and named is not errors.ConfigError  # different constructor; InvalidInput carries it
+        and named.exit_code == body.code
+    ):
+        cls = named
+    err = cls(body.message)
+    if err.exit_code != body.code:
+        # An exit code outside the contract table: keep it, the CLI exits with what the daemon
+        # decided.
+        err.exit_code = body.code
+    return err
+
+
+class ControlClient:
+    """One connection to the daemon; several calls may share it. Use as a context manager."""
+
+    def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(os.fsencode(self.path))
+        except FileNotFoundError:
+            sock.close()
+            raise DaemonUnavailable(
+                f"the daemon is not running (no control socket at {self.path}); "
+                f"start it with `systemctl start nvr-guard`"
+            ) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise DaemonUnavailable(
+                f"the daemon is not answering on {self.path} (stale socket); "
+                f"check `systemctl status nvr-guard`"
+            ) from None
+        except PermissionError:
+            sock.close()
+            raise PolicyRefused(
+                f"permission denied on {self.path}: ask an administrator to add you to the "
+                f"socket group (config: socket_group)"
+            ) from None
+        except TimeoutError:
+            sock.close()
+            raise DaemonUnavailable(
+                f"the daemon did not accept a connection on {self.path} within {self.timeout:g} s"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(f"cannot reach the daemon on {self.path}: {exc}") from None
+        self._sock = sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> ControlClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        request = {"v": PROTOCOL_VERSION, "cmd": cmd, "args": dict(args or {})}
+        data = _encode(request)
+        if len(data) - _HEADER.size > MAX_REQUEST:
+            raise InvalidInput(
+                f"request {cmd!r} is {len(data) - _HEADER.size} bytes; the daemon accepts at "
+                f"most {MAX_REQUEST}"
+            )
+        deadline = time.monotonic() + self.timeout
+        try:
+            self._sock.settimeout(self.timeout)
+            self._sock.sendall(data)
+            frame = _read_frame(self._sock, deadline, MAX_REPLY)
+        except _Timeout:
+            self.close()
+            raise DaemonUnavailable(
+                f"the daemon did not answer {cmd!r} within {self.timeout:g} s"
+            ) from None
+        except (_Closed, ConnectionResetError, BrokenPipeError):
+            self.close()
+            raise DaemonUnavailable(
+                f"the daemon closed the connection during {cmd!r} (restarting or stopping?)"
+            ) from None
+        except _Oversized as exc:
+            self.close()
+            raise RuntimeFailure(f"reply of {exc.length} bytes to {cmd!r} is too large") from None
+        except TimeoutError:
+            self.close()
+            raise DaemonUnavailable(
+                f"the daemon did not answer {cmd!r} within {self.timeout:g} s"
+            ) from None
+        except OSError as exc:
+            self.close()
+            raise DaemonUnavailable(f"control connection failed during {cmd!r}: {exc}") from None
+        try:
+            # json.loads, not pydantic's parser: it keeps lone surrogates (\udcXX escapes of
+            # non-UTF-8 path bytes) that pydantic's JSON parser rejects.
+            reply = Reply.model_validate(json.loads(frame))
+        except (ValueError, ValidationError) as exc:
+            self.close()
+            raise RuntimeFailure(f"unreadable reply from the daemon to {cmd!r}: {exc}") from None
+        if reply.ok:
+            return reply.result
+        if reply.error is None:
+            raise RuntimeFailure(f"the daemon refused {cmd!r} without saying why")
+        raise error_from_reply(reply.error)
+
+
+def call(
+    path: Path | str, cmd: str, args: Mapping[str, Any] | None = None, timeout: float = 10.0
+) -> Any:
+    """One request on a fresh connection; returns the result or raises the daemon's error."""
+    with ControlClient(path, timeout) as client:
+        return client.call(cmd, args)
