@@ -164,6 +164,9 @@ class GuardTrip:
     message: str
     count: int = 0
     total: int = 0
+    bytes: int = 0  # size of the deletions the guard stopped
+    limit: float = 0.0  # the guard's threshold (fraction, or seconds for the clock guard)
+    cause: str = ""  # likely cause, in words (policy.trip_message puts it in the message)
 
 
 @dataclass

@@ -1,0 +1,665 @@
+"""Retention policy: which segments a sweep deletes, which it holds back, and why.
+
+Pure: everything comes in as arguments (segments, a clock reading, rules, holds, disk figures, the
+history of earlier sweeps) and a :class:`~nvr_guard.model.Plan` goes out. Nothing here touches the
+disk, the clock or the network, so ``retention plan`` shows exactly what ``retention run`` would do,
+and the tests can put "now" anywhere.
+
+Every segment the plan deletes or holds back carries a reason that names the rule and its values
+(borg's ``prune --list`` habit): an operator reading a receipt must be able to tell *which* rule
+removed a recording without reading code.
+
+Precedence, strongest first (SPEC §1, §4):
+
+1. a hold (request, export, manual legal hold) — never deleted while it stands;
+2. settling — a file modified within ``settle`` is still being recorded;
+3. the floor (``min_keep``) — never deleted younger, not even under disk pressure, unless the admin
+   explicitly chose ``disk.action: overwrite-oldest``;
+4. the ceiling (``keep``) and disk pressure — delete.
+
+Then two guards may stop deletions that the rules allow: the mass-deletion guard (per camera) and
+the clock guard (all of them). Both stop the sweep until an admin confirms (``retention confirm``).
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone, tzinfo
+
+from nvr_guard.durations import Duration
+from nvr_guard.model import (
+    Action,
+    ClockReading,
+    DiskState,
+    GuardRules,
+    GuardTrip,
+    Hold,
+    Item,
+    Plan,
+    Segment,
+    SiteRules,
+    SweepHistory,
+)
+from nvr_guard.times import human_bytes
+
+__all__ = [
+    "Confirmation",
+    "candidate_cutoff",
+    "decide",
+    "expiry",
+    "floor_until",
+    "trip_message",
+]
+
+DAY = 86400.0
+# Starts this close to a computed boundary are decided by the exact calendar arithmetic: the
+# boundary is computed in float seconds while Duration.after_ts works in whole microseconds.
+_EPS = 0.01
+# A backward step of the wall clock smaller than this is ordinary NTP discipline, not news.
+_BACKWARD_ALERT = 60.0
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """What an admin released with ``retention confirm``: these deletions pass the mass-deletion
+    guard, and with ``accept_clock`` the clock guard too (the admin checked the clock)."""
+
+    paths: frozenset[bytes] = frozenset()
+    accept_clock: bool = False
+
+
+# ---- single-segment answers ----------------------------------------------------------------
+
+
+def expiry(start: float, rules: SiteRules) -> float | None:
+    """When a segment recorded at ``start`` reaches the ceiling (None: kept forever)."""
+    if rules.keep is None:
+        return None
+    return rules.keep.after_ts(start, rules.tz)
+
+
+def floor_until(start: float, rules: SiteRules) -> float | None:
+    """Before this instant the segment is under its floor and is never deleted (None: no floor)."""
+    if rules.min_keep is None:
+        return None
+    return rules.min_keep.after_ts(start, rules.tz)
+
+
+def candidate_cutoff(now: float, rules: SiteRules) -> float | None:
+    """An epoch such that every segment that is due by age at ``now`` has ``start <= cutoff``.
+
+    Generous: a few segments at or just before the cutoff may still turn out not to be due (the
+    month-end clamping of calendar durations makes "due" not a plain prefix of the start times);
+    :func:`decide` makes the exact decision. None: nothing is ever due by age at this site.
+    """
+    if rules.keep is None:
+        return None
+    return _DueTest(rules.keep, rules.tz, now).hi
+
+
+# ---- "has this duration elapsed since start?" for many starts --------------------------------
+
+
+class _DueTest:
+    """Answers ``dur.after_ts(start, tz) <= now`` for many starts at a few microseconds each.
+
+    Fixed-length durations are one addition. Calendar durations (months, years) would need a
+    timezone conversion per segment; instead the boundary is found once: every start ``<= lo`` is
+    due, every start ``> hi`` is not, and only the starts in between get the exact arithmetic.
+
+    Why not one exact boundary: month-end clamping makes "due" non-monotone in the start. With
+    ``keep: 6mo`` and now = 28 Feb 12:00, 30 Aug 23:00 expires 28 Feb 23:00 (not due) while
+    31 Aug 01:00 expires 28 Feb 01:00 (due). So on the last day of a month the band (lo, hi] spans
+    the clamped days; on every other day it is a few milliseconds wide.
+    """
+
+    __slots__ = ("dur", "tz", "now", "fixed", "secs", "lo", "hi")
+
+    def __init__(self, dur: Duration, tz: tzinfo, now: float) -> None:
+        self.dur, self.tz, self.now = dur, tz, now
+        self.fixed = dur.months == 0
+        self.secs = float(dur.seconds)
+        if self.fixed:
+            # after_ts is exactly ``start + seconds``; __call__ uses that very expression
+            self.lo = self.hi = now - self.secs + _EPS
+        else:
+            self.lo, self.hi = _calendar_bounds(dur, tz, now)
+
+    def __call__(self, start: float) -> bool:
+        if self.fixed:
+            return start + self.secs <= self.now
+        if start <= self.lo:
+            return True
+        if start > self.hi:
+            return False
+        return self.dur.after_ts(start, self.tz) <= self.now
+
+
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+
+
+def _wall(seconds: float) -> datetime:
+    """Naive wall-clock seconds (epoch + offset) -> naive datetime."""
+    return _NAIVE_EPOCH + timedelta(seconds=seconds)
+
+
+def _wall_seconds(dt: datetime) -> float:
+    return (dt - _NAIVE_EPOCH).total_seconds()
+
+
+def _offset(ts: float, tz: tzinfo) -> float:
+    off = datetime.fromtimestamp(ts, timezone.utc).astimezone(tz).utcoffset()
+    return off.total_seconds() if off is not None else 0.0
+
+
+def _constant_offset(tz: tzinfo, lo: float, hi: float) -> float | None:
+    """The zone's UTC offset if it is the same all over [lo, hi] (sampled every 30 min: real zones
+    never change offset twice within half an hour), else None."""
+    first = _offset(lo, tz)
+    t = lo + 1800.0
+    while t < hi:
+        if _offset(t, tz) != first:
+            return None
+        t += 1800.0
+    return first if _offset(hi, tz) == first else None
+
+
+def _months_back(year: int, month: int, n: int) -> tuple[int, int]:
+    y, m0 = divmod(month - 1 - n, 12)
+    return year + y, m0 + 1
+
+
+def _calendar_bounds(dur: Duration, tz: tzinfo, now: float) -> tuple[float, float]:
+    """(lo, hi) for a calendar duration; see :class:`_DueTest`.
+
+    Duration.after adds the months on the site's wall calendar (clamping the day), converts back
+    to UTC, then adds the fixed seconds. So a start s is due iff A(W(s)) <= Tw, where W is the wall
+    time of s, A the month addition and Tw the wall time of ``now - seconds``. Where the zone's
+    offset is constant around both the start side and the expiry side (every DST-free zone, and a
+    DST zone away from its transitions) that inequality is solved on the wall calendar exactly.
+    Near a transition the band is simply widened and the exact arithmetic decides.
+    """
+    n = dur.months
+    target = now - dur.seconds  # g(s) <= target, g = the month part of after_ts
+    o_t = _offset(target, tz)
+    tw = _wall(target + o_t)
+    y0, m0 = _months_back(tw.year, tw.month, n)
+    last0 = calendar.monthrange(y0, m0)[1]
+    last_t = calendar.monthrange(tw.year, tw.month)[1]
+    tod = timedelta(hours=tw.hour, minutes=tw.minute, seconds=tw.second, microseconds=tw.microsecond)
+    d = tw.day
+    if d > last0:
+        # e.g. 31 Mar - 1mo: every day of February maps to a day before 31 Mar -> the whole month
+        # is due and nothing after it
+        ny, nm = (y0 + 1, 1) if m0 == 12 else (y0, m0 + 1)
+        lo_w = hi_w = _wall_seconds(datetime(ny, nm, 1)) - 1e-6
+    elif d < last_t or d == last0:
+        # a plain prefix: due iff wall <= (y0, m0, d, tod)
+        lo_w = hi_w = _wall_seconds(datetime(y0, m0, d) + tod)
+    else:
+        # the target is on its month's last day and the source month is longer: days d..last0
+        # of the source month all clamp onto day d, each due up to time-of-day ``tod``
+        lo_w = _wall_seconds(datetime(y0, m0, d) + tod)
+        hi_w = _wall_seconds(datetime(y0, m0, last0) + tod)
+
+    approx = lo_w - o_t
+    # Far from the boundary, the month addition's own spread (clamping: at most 3 days) plus any
+    # offset change of a real zone (at most a day, e.g. Samoa 2011) cannot flip the answer, so it
+    # suffices that the offset is constant near the boundary on both sides.
+    o_src = _constant_offset(tz, approx - 10 * DAY, hi_w - o_t + 10 * DAY)
+    o_dst = _constant_offset(tz, target - 3 * DAY, target + 3 * DAY)
+    if o_src is None or o_dst is None:
+        # a DST change or zone redefinition nearby: let the exact arithmetic decide a week around
+        return approx - 7 * DAY, hi_w - o_t + 7 * DAY
+    # Tw used the expiry side's offset (o_t == o_dst here); the start side converts with its own
+    return lo_w - o_src - _EPS, hi_w - o_src + _EPS
+
+
+# ---- formatting ------------------------------------------------------------------------------
+
+
+def _local(ts: float, tz: tzinfo) -> str:
+    return datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")
+
+
+def _dur(d: Duration | None) -> str:
+    """15d / 6mo / 1y / 1d12h — days rather than weeks, as admins write retention periods
+    (``Duration.__str__`` would show 15d as 2w1d)."""
+    if d is None:
+        return "forever"
+    parts: list[str] = []
+    y, mo = divmod(d.months, 12)
+    if y:
+        parts.append(f"{y}y")
+    if mo:
+        parts.append(f"{mo}mo")
+    rest = d.seconds
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        n, rest = divmod(rest, size)
+        if n:
+            parts.append(f"{n}{unit}")
+    return "".join(parts) or "0s"
+
+
+def _pct(fraction: float) -> str:
+    """31% / 20.5% / 0.1%: enough digits to tell a value from the threshold it is compared with."""
+    p = fraction * 100
+    text = f"{p:.1f}"
+    return (text[:-2] if text.endswith(".0") else text) + "%"
+
+
+def _span(seconds: float) -> str:
+    """3 d 2 h / 5 min / 40 s."""
+    s = abs(seconds)
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    d, rest = divmod(int(s), 86400)
+    h = rest // 3600
+    if d == 0:
+        return f"{h} h"
+    return f"{d} d {h} h" if h else f"{d} d"
+
+
+def _rules_tokens(text: str) -> dict[str, str] | None:
+    """``keep=30d min_keep=none`` -> {"keep": "30d", "min_keep": "none"}, durations normalised so
+    that a history written as 2w1d and rules written as 15d compare equal. None: not that form."""
+    out: dict[str, str] = {}
+    for tok in text.split():
+        key, sep, value = tok.partition("=")
+        if not sep:
+            return None
+        try:
+            value = _dur(Duration.parse(value))
+        except ValueError:
+            pass
+        out[key] = value
+    return out
+
+
+def _rules_change(old: str, new: str) -> str | None:
+    """What changed between two ``SiteRules.describe()`` texts, as ``keep 30d -> 15d``; None when
+    they say the same."""
+    o, n = _rules_tokens(old), _rules_tokens(new)
+    if o is None or n is None:
+        return None if old == new else f"{old} -> {new}"
+    parts = [
+        f"{k} {o.get(k, 'unset')} -> {n.get(k, 'unset')}"
+        for k in list(o) + [k for k in n if k not in o]
+        if o.get(k) != n.get(k)
+    ]
+    return ", ".join(parts) or None
+
+
+# ---- the sweep decision ----------------------------------------------------------------------
+
+
+@dataclass
+class _Site:
+    """Everything about one site that is the same for all its segments in this sweep."""
+
+    rules: SiteRules
+    ceiling: _DueTest | None
+    floor: _DueTest | None
+    holds: list[Hold]
+    settle_after: float  # mtime above this: still being recorded
+    need: int  # bytes disk pressure asks to free (0: none)
+    free_note: str  # "free 8.0% < min_free 10%"
+
+
+def _site_context(
+    rules: SiteRules, now: ClockReading, holds: Sequence[Hold], disk: DiskState | None
+) -> _Site:
+    wall = now.wall
+    keep = rules.keep
+    floor = rules.min_keep
+    need = disk.bytes_to_free(rules.min_free) if disk is not None and rules.min_free > 0 else 0
+    free_note = ""
+    if need and disk is not None:
+        free_note = (
+            f"free {disk.free / max(disk.total, 1) * 100:.1f}% < min_free {_pct(rules.min_free)}"
+        )
+    return _Site(
+        rules=rules,
+        ceiling=_DueTest(keep, rules.tz, wall) if keep is not None else None,
+        floor=_DueTest(floor, rules.tz, wall) if floor is not None and not floor.is_zero else None,
+        holds=[
+            h
+            for h in holds
+            if (h.site is None or h.site == rules.site)
+            and (h.released is None or h.released > wall)
+            and (h.until is None or h.until > wall)
+        ],
+        settle_after=wall - rules.settle,
+        need=need,
+        free_note=free_note,
+    )
+
+
+def _held_back(seg: Segment, ctx: _Site, wall: float) -> str | None:
+    """The reason a segment may not be deleted at all right now (hold, settling), else None."""
+    for h in ctx.holds:
+        if h.covers(seg, wall):
+            return f"held: {h.label()}"
+    if seg.mtime > ctx.settle_after:
+        age = wall - seg.mtime
+        when = f"modified {age:.0f} s ago" if age >= 0 else "modified in the future (check the clock)"
+        return f"settling: {when} (settle={ctx.rules.settle:g} s)"
+    return None
+
+
+def _floor_note(seg: Segment, rules: SiteRules) -> str:
+    until = floor_until(seg.start, rules)
+    assert until is not None
+    return f"min_keep={_dur(rules.min_keep)} until {_local(until, rules.tz)}"
+
+
+def decide(
+    segments: Iterable[Segment],
+    now: ClockReading,
+    rules: Mapping[str, SiteRules],
+    guards: GuardRules,
+    holds: Sequence[Hold],
+    totals: Mapping[tuple[str, str], int],
+    disk: Mapping[str, DiskState] | None = None,
+    history: SweepHistory | None = None,
+    confirmed: Confirmation | None = None,
+) -> Plan:
+    """Decide one sweep over ``segments`` (the catalog's candidates: everything that may be due,
+    plus the oldest segments of sites under disk pressure). See the module docstring."""
+    wall = now.wall
+    disk = disk or {}
+    plan = Plan(now=wall)
+    items: list[Item] = []
+    contexts: dict[str, _Site] = {}
+    unknown: dict[str, int] = {}
+    # not due by age, kept aside for the disk-pressure pass (only for sites that need it)
+    spare: dict[str, list[Segment]] = {}
+    freed: dict[str, int] = {}
+
+    ctx: _Site | None = None
+    ctx_site = None
+    for seg in segments:
+        if seg.site != ctx_site:
+            ctx_site = seg.site
+            ctx = contexts.get(seg.site)
+            if ctx is None:
+                r = rules.get(seg.site)
+                if r is None:
+                    # a site no longer (or not) in the config: its rules are unknown, so nothing
+                    # of it may be deleted; the operator hears about it once per site
+                    ctx = None
+                else:
+                    ctx = contexts[seg.site] = _site_context(r, now, holds, disk.get(seg.site))
+                    if ctx.need:
+                        spare[seg.site] = []
+                        freed[seg.site] = 0
+        if ctx is None:
+            unknown[seg.site] = unknown.get(seg.site, 0) + 1
+            continue
+        ceiling = ctx.ceiling
+        if ceiling is None or not ceiling(seg.start):
+            if ctx.need:
+                spare[seg.site].append(seg)
+            continue
+        # due by age: only a hold, settling or the floor can keep it
+        r = ctx.rules
+        why_not = _held_back(seg, ctx, wall) if (ctx.holds or seg.mtime > ctx.settle_after) else None
+        if why_not is not None:
+            items.append(Item(seg, Action.KEEP, f"{why_not}; otherwise expired (keep={_dur(r.keep)})"))
+        elif ctx.floor is not None and not ctx.floor(seg.start):
+            # keep < min_keep is refused by the config check; kept here in case rules come from
+            # elsewhere: the floor wins over the ceiling
+            items.append(Item(seg, Action.KEEP, f"floor: {_floor_note(seg, r)}; keep={_dur(r.keep)}"))
+        else:
+            items.append(
+                Item(
+                    seg,
+                    Action.DELETE,
+                    f"expired: keep={_dur(r.keep)}, recorded {_local(seg.start, r.tz)} (site-local)",
+                )
+            )
+            if ctx.need:
+                freed[seg.site] += seg.size
+
+    for site in sorted(unknown):
+        plan.alerts.append(
+            f"site {site}: {unknown[site]:,} catalogued segments have no retention rules (the site "
+            f"is not in the config); none of them is deleted"
+        )
+
+    for site in sorted(spare):
+        _disk_pressure(site, contexts[site], spare[site], freed[site], disk[site], wall, items, plan)
+
+    items.sort(key=lambda i: (i.segment.site, i.segment.camera, i.segment.start, i.segment.path))
+    plan.items = items
+    _guards(plan, now, rules, guards, totals, history, confirmed or Confirmation())
+    return plan
+
+
+def _disk_pressure(
+    site: str,
+    ctx: _Site,
+    spare: list[Segment],
+    freed: int,
+    state: DiskState,
+    wall: float,
+    items: list[Item],
+    plan: Plan,
+) -> None:
+    """Free ``ctx.need`` bytes beyond the ordinary expiries, oldest recordings first."""
+    r = ctx.rules
+    overwrite = r.disk_action == "overwrite-oldest"
+    under_floor_bytes = 0
+    overwritten = overwritten_bytes = 0
+    spare.sort(key=lambda s: (s.start, s.path))
+    for seg in spare:
+        if freed + under_floor_bytes >= ctx.need:
+            break
+        why_not = _held_back(seg, ctx, wall)
+        if why_not is not None:
+            items.append(Item(seg, Action.KEEP, f"{why_not}; wanted by disk pressure ({ctx.free_note})"))
+            continue
+        if ctx.floor is not None and not ctx.floor(seg.start):
+            if overwrite:
+                items.append(
+                    Item(
+                        seg,
+                        Action.DELETE,
+                        f"overwrite-oldest: {ctx.free_note}, under floor {_floor_note(seg, r)}, "
+                        f"recorded {_local(seg.start, r.tz)} (site-local)",
+                    )
+                )
+                freed += seg.size
+                overwritten += 1
+                overwritten_bytes += seg.size
+            else:
+                # shown so the operator sees exactly what the floor protects from the shortage
+                items.append(
+                    Item(
+                        seg,
+                        Action.KEEP,
+                        f"floor: {_floor_note(seg, r)}; wanted by disk pressure ({ctx.free_note})",
+                    )
+                )
+                under_floor_bytes += seg.size
+            continue
+        floor_txt = f" (min_keep={_dur(r.min_keep)})" if r.min_keep is not None else ""
+        items.append(
+            Item(
+                seg,
+                Action.DELETE,
+                f"disk pressure: {ctx.free_note}, oldest past its floor{floor_txt}, "
+                f"recorded {_local(seg.start, r.tz)} (site-local)",
+            )
+        )
+        freed += seg.size
+    missing = ctx.need - freed
+    if overwritten:
+        plan.alerts.append(
+            f"site {site}: disk {ctx.free_note}: overwrite-oldest deletes {overwritten:,} segments "
+            f"({human_bytes(overwritten_bytes)}) younger than the floor min_keep={_dur(r.min_keep)}"
+        )
+    if missing > 0:
+        if under_floor_bytes:
+            plan.alerts.append(
+                f"site {site}: disk {ctx.free_note}: {human_bytes(missing)} still to free, but the "
+                f"remaining footage is under its floor min_keep={_dur(r.min_keep)}, which protects it; "
+                f"add space or lower the load (disk.action: overwrite-oldest would overwrite it)"
+            )
+        else:
+            plan.alerts.append(
+                f"site {site}: disk {ctx.free_note}: {human_bytes(missing)} still to free after "
+                f"deleting everything eligible (the rest is held, still recording, or not yet "
+                f"catalogued); add space"
+            )
+
+
+def _clock_jump(now: ClockReading, history: SweepHistory | None) -> tuple[float, str] | None:
+    """(forward jump in seconds, how it was measured), or None without a previous sweep."""
+    if history is None or history.last_wall is None:
+        return None
+    elapsed_wall = now.wall - history.last_wall
+    last = datetime.fromtimestamp(history.last_wall, timezone.utc).isoformat(timespec="seconds")
+    if history.boot_id == now.boot_id and history.last_boottime is not None:
+        elapsed_boot = now.boottime - history.last_boottime
+        return (
+            elapsed_wall - elapsed_boot,
+            f"last sweep {last}; the wall clock advanced {_span(elapsed_wall)} while the boot "
+            f"clock advanced {_span(elapsed_boot)}",
+        )
+    # after a reboot the boot clock restarted: the time the host was down cannot be told from a
+    # clock jump, so all of the elapsed wall time counts as a possible jump (safe side)
+    return (
+        elapsed_wall,
+        f"last sweep {last}, before a reboot; the wall clock advanced {_span(elapsed_wall)} and "
+        f"the downtime cannot be told from a clock jump",
+    )
+
+
+def _guards(
+    plan: Plan,
+    now: ClockReading,
+    rules: Mapping[str, SiteRules],
+    guards: GuardRules,
+    totals: Mapping[tuple[str, str], int],
+    history: SweepHistory | None,
+    confirmed: Confirmation,
+) -> None:
+    items = plan.items
+    blocked_why: dict[int, list[str]] = {}
+
+    jump = _clock_jump(now, history)
+    clock_tripped = False
+    if jump is not None:
+        seconds, how = jump
+        if seconds < -_BACKWARD_ALERT:
+            # keeping footage longer is never a privacy breach worth stopping for, but the
+            # operator must know: settle times and expiries are off by that much
+            plan.alerts.append(
+                f"clock: the wall clock went back {_span(seconds)} since the last sweep ({how}); "
+                f"nothing is deleted early because of it, but check the clock (timedatectl, "
+                f"chronyc tracking)"
+            )
+        elif seconds > guards.max_clock_jump and not confirmed.accept_clock:
+            clock_tripped = True
+            idx = [i for i, it in enumerate(items) if it.action is Action.DELETE]
+            for i in idx:
+                blocked_why.setdefault(i, []).append(
+                    f"clock guard (forward jump {_span(seconds)} > {_span(guards.max_clock_jump)})"
+                )
+            trip = GuardTrip(
+                kind="clock-jump",
+                site=None,
+                camera=None,
+                message="",
+                count=len(idx),
+                total=len(idx),
+                bytes=sum(items[i].segment.size for i in idx),
+                limit=guards.max_clock_jump,
+                cause=f"forward jump of {_span(seconds)} ({how})",
+            )
+            plan.trips.append(_with_message(trip))
+
+    # mass-deletion guard, per camera: items are sorted by (site, camera, ...)
+    per_cam: dict[tuple[str, str], list[int]] = {}
+    for i, it in enumerate(items):
+        if it.action is Action.DELETE and it.segment.path not in confirmed.paths:
+            per_cam.setdefault((it.segment.site, it.segment.camera), []).append(i)
+    for (site, camera), idx in per_cam.items():
+        count = len(idx)
+        total = max(totals.get((site, camera), 0), count)
+        fraction = count / total
+        if fraction <= guards.max_delete_fraction:
+            continue
+        for i in idx:
+            blocked_why.setdefault(i, []).append(
+                f"mass-deletion guard (camera {camera}: {_pct(fraction)} > "
+                f"{_pct(guards.max_delete_fraction)})"
+            )
+        trip = GuardTrip(
+            kind="mass-deletion",
+            site=site,
+            camera=camera,
+            message="",
+            count=count,
+            total=total,
+            bytes=sum(items[i].segment.size for i in idx),
+            limit=guards.max_delete_fraction,
+            cause=_likely_cause(site, rules.get(site), history, clock_tripped),
+        )
+        plan.trips.append(_with_message(trip))
+
+    for i, why in blocked_why.items():
+        it = items[i]
+        items[i] = Item(it.segment, Action.BLOCKED, f"blocked by the {' and '.join(why)}: {it.reason}")
+
+
+def _likely_cause(
+    site: str, rules: SiteRules | None, history: SweepHistory | None, clock_tripped: bool
+) -> str:
+    if history is None or site not in history.site_rules:
+        return "first sweep of an existing archive"
+    change = _rules_change(history.site_rules[site], rules.describe()) if rules else None
+    if change is not None:
+        return f"config change: {change}"
+    if clock_tripped:
+        return "clock jump: the wall clock moved forward since the last sweep (see the clock guard)"
+    return "unexpected: check the clock, recently restored or moved recordings"
+
+
+def _with_message(trip: GuardTrip) -> GuardTrip:
+    return replace(trip, message=trip_message(trip, None))
+
+
+def trip_message(trip: GuardTrip, sweep_id: int | None) -> str:
+    """The operator's message for a guard trip: what stopped, how much, the likely cause and the
+    exact commands to review and release it."""
+    confirm = (
+        f"`nvr-guard retention confirm {sweep_id}`"
+        if sweep_id is not None
+        else "`nvr-guard retention confirm SWEEP_ID` (`nvr-guard retention run` gives the sweep id)"
+    )
+    if trip.kind == "clock-jump":
+        what = (
+            f"{trip.count:,} segments ({human_bytes(trip.bytes)}) held back"
+            if trip.count
+            else "nothing is due right now, but deletions stay stopped"
+        )
+        return (
+            f"clock guard: {trip.cause}, more than the {_span(trip.limit)} guard. All deletions "
+            f"are stopped ({what}). Check the clock (timedatectl, chronyc tracking); if it is "
+            f"right, review with `nvr-guard retention plan`, then {confirm}."
+        )
+    site = trip.site or "?"
+    fraction = trip.count / trip.total if trip.total else 1.0
+    return (
+        f"camera {trip.camera} (site {site}): {trip.count:,} segments "
+        f"({human_bytes(trip.bytes)}) would be deleted, {_pct(fraction)} of its footage "
+        f"({trip.count:,} of {trip.total:,}) — over the {_pct(trip.limit)} mass-deletion guard; "
+        f"nothing of this camera is deleted. Likely cause: {trip.cause}. Review with "
+        f"`nvr-guard retention plan --site {site}`, then {confirm}."
+    )
