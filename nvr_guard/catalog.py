@@ -1,0 +1,842 @@
+"""The SQLite catalog: segments on disk, holds, sweeps (and, through audit.py, the audit log).
+
+One database file, ``state_dir/catalog.db``, in WAL mode so the CLI can read while the daemon
+writes. Every change that touches more than one row runs in one transaction, so a kill -9 at any
+moment leaves either the state before or the state after it (SPEC §4) — never half a reconcile.
+
+Why ``expires_at`` is stored: a sweep must not walk the tree nor read a million rows to find the
+few that are due (issue 3: a sweep with nothing due costs ≤ 1/100 of a ``find``). The column holds
+``policy.expiry(start, rules)`` and is indexed; a sweep reads the rows with ``expires_at`` up to
+``now`` (plus a small slack) and the policy makes the exact decision. When a site's rules change,
+the column is recomputed (:meth:`Catalog.recompute_expiry`; also done automatically when
+:meth:`Catalog.due_segments` sees rules it did not compute the column with).
+
+Threads: one connection, guarded by :attr:`Catalog.lock` (an ``RLock``). Code that uses
+:attr:`Catalog.conn` directly (the audit log, purge's ``on_deleted`` callback) must hold that lock
+for the whole of its transaction, so another thread's statements never land inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nvr_guard.errors import InvalidInput
+from nvr_guard.model import ClockReading, Hold, Item, Segment, SiteRules, SweepHistory
+
+__all__ = [
+    "EXPIRY_SLACK",
+    "Catalog",
+    "ExpiryCalc",
+    "SWEEP_STATES",
+    "SegmentRow",
+    "SweepItemRecord",
+    "SweepRecord",
+]
+
+# Rows whose stored expiry is at most this far in the future are handed to the policy as
+# candidates. It covers the float rounding of the memoised calendar expiry (ExpiryCalc); the
+# policy decides exactly, so a candidate that is not due yet is simply not deleted.
+EXPIRY_SLACK = 1.0
+
+SWEEP_STATES = ("planned", "blocked", "applying", "done", "confirmed", "failed")
+
+# (site, camera, path, start, mtime, size, expires_at) — the shape the scanner hands over in bulk
+SegmentRow = tuple[str, str, bytes, float, float, int, float | None]
+
+_SEG_COLS = "id, site, camera, path, start, mtime, size"
+
+
+def _migration_1(conn: sqlite3.Connection) -> None:
+    # (site, camera, start) rather than (site, camera): it answers the per-camera counts of the
+    # mass-deletion guard just as well (index prefix) and also the time-range lookups of holds
+    # and exports, for one index maintained instead of two.
+    for stmt in (
+        """CREATE TABLE segments (
+            id INTEGER PRIMARY KEY,
+            site TEXT NOT NULL,
+            camera TEXT NOT NULL,
+            path BLOB NOT NULL UNIQUE,
+            start REAL NOT NULL,
+            mtime REAL NOT NULL,
+            size INTEGER NOT NULL,
+            expires_at REAL
+        )""",
+        "CREATE INDEX segments_expires ON segments(expires_at)",
+        "CREATE INDEX segments_site_start ON segments(site, start)",
+        "CREATE INDEX segments_site_camera ON segments(site, camera, start)",
+        # which rules the expires_at column of a site was computed with (SiteRules.digest)
+        "CREATE TABLE expiry_rules (site TEXT PRIMARY KEY, digest TEXT NOT NULL)",
+        """CREATE TABLE dirs (
+            path BLOB PRIMARY KEY,
+            site TEXT NOT NULL,
+            mtime_ns INTEGER NOT NULL
+        )""",
+        "CREATE INDEX dirs_site ON dirs(site)",
+        """CREATE TABLE holds (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL DEFAULT 'manual',
+            site TEXT,
+            camera TEXT,
+            start REAL NOT NULL,
+            "end" REAL NOT NULL,
+            until REAL,
+            reason TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            created REAL NOT NULL,
+            released REAL,
+            released_by TEXT,
+            release_reason TEXT,
+            request_id INTEGER
+        )""",
+        "CREATE INDEX holds_open ON holds(released)",
+        """CREATE TABLE sweeps (
+            id INTEGER PRIMARY KEY,
+            started REAL NOT NULL,
+            finished REAL,
+            state TEXT NOT NULL CHECK (state IN
+                ('planned', 'blocked', 'applying', 'done', 'confirmed', 'failed')),
+            actor TEXT NOT NULL,
+            dry_run INTEGER NOT NULL DEFAULT 0,
+            wall REAL NOT NULL,
+            boottime REAL NOT NULL,
+            boot_id TEXT NOT NULL,
+            site_rules_json TEXT NOT NULL DEFAULT '{}',
+            deleted INTEGER NOT NULL DEFAULT 0,
+            bytes INTEGER NOT NULL DEFAULT 0,
+            message TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX sweeps_state ON sweeps(state, id)",
+        """CREATE TABLE sweep_items (
+            sweep_id INTEGER NOT NULL REFERENCES sweeps(id) ON DELETE CASCADE,
+            path BLOB NOT NULL,
+            site TEXT NOT NULL,
+            camera TEXT NOT NULL,
+            action TEXT NOT NULL,
+            reason TEXT NOT NULL
+        )""",
+        "CREATE INDEX sweep_items_sweep ON sweep_items(sweep_id)",
+    ):
+        conn.execute(stmt)
+
+
+# Ordered: migration i brings the schema from user_version i-1 to i. Append, never edit.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# secondary indexes of segments, dropped and rebuilt around a bulk load into an empty table
+# (building an index from sorted data is several times cheaper than a million B-tree inserts)
+_SEGMENT_INDEXES = {
+    "segments_expires": "CREATE INDEX segments_expires ON segments(expires_at)",
+    "segments_site_start": "CREATE INDEX segments_site_start ON segments(site, start)",
+    "segments_site_camera": "CREATE INDEX segments_site_camera ON segments(site, camera, start)",
+}
+
+_UPSERT = (
+    "INSERT INTO segments (site, camera, path, start, mtime, size, expires_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(path) DO UPDATE SET site = excluded.site, camera = excluded.camera, "
+    "start = excluded.start, mtime = excluded.mtime, size = excluded.size, "
+    "expires_at = excluded.expires_at"
+)
+
+
+class ExpiryCalc:
+    """``policy.expiry(start, rules)`` for many starts, fast.
+
+    Fixed-length durations are a single addition in the policy already. Calendar durations (6mo,
+    1y) need a timezone conversion per call (microseconds each: seconds for a million segments),
+    so the expiry of each UTC hour is computed once and the starts within it are shifted from it.
+    That is only done where it is exact: when the hour's start and end expire exactly one hour
+    apart (no DST change or month-end clamp inside the hour); otherwise every start is computed.
+    """
+
+    __slots__ = ("rules", "_expiry", "_fixed", "_hours")
+
+    def __init__(self, rules: SiteRules) -> None:
+        from nvr_guard import policy  # local: policy is pure, but catalog must import without it
+
+        self.rules = rules
+        self._expiry = policy.expiry
+        keep = rules.keep
+        self._fixed: float | None = None
+        if keep is not None and keep.months == 0:
+            self._fixed = float(keep.seconds)
+        self._hours: dict[int, float | None] = {}
+
+    def __call__(self, start: float) -> float | None:
+        if self.rules.keep is None:
+            return None
+        if self._fixed is not None:
+            return start + self._fixed
+        hour = int(start // 3600)
+        base = self._hours.get(hour, -1.0)
+        if base == -1.0:
+            b0 = hour * 3600.0
+            e0 = self._expiry(b0, self.rules)
+            e1 = self._expiry(b0 + 3600.0, self.rules)
+            base = e0 if (e0 is not None and e1 is not None and e1 - e0 == 3600.0) else None
+            if len(self._hours) > 200_000:
+                self._hours.clear()
+            self._hours[hour] = base
+        if base is None:
+            return self._expiry(start, self.rules)
+        return base + (start - hour * 3600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRecord:
+    id: int
+    started: float
+    finished: float | None
+    state: str
+    actor: str
+    dry_run: bool
+    clock: ClockReading
+    site_rules: dict[str, str]
+    deleted: int
+    bytes: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class SweepItemRecord:
+    sweep_id: int
+    path: bytes
+    site: str
+    camera: str
+    action: str
+    reason: str
+
+
+def _segment(row: Sequence[object]) -> Segment:
+    rid, site, camera, path, start, mtime, size = row
+    return Segment(
+        site=str(site),
+        camera=str(camera),
+        path=bytes(path),  # type: ignore[arg-type]
+        start=float(start),  # type: ignore[arg-type]
+        mtime=float(mtime),  # type: ignore[arg-type]
+        size=int(size),  # type: ignore[call-overload]
+        id=int(rid),  # type: ignore[call-overload]
+    )
+
+
+_HOLD_COLS = 'id, kind, site, camera, start, "end", until, reason, owner, created, released'
+
+
+def _hold(row: Sequence[object]) -> Hold:
+    hid, kind, site, camera, start, end, until, reason, owner, created, released = row
+    return Hold(
+        id=int(hid),  # type: ignore[call-overload]
+        reason=str(reason),
+        owner=str(owner),
+        start=float(start),  # type: ignore[arg-type]
+        end=float(end),  # type: ignore[arg-type]
+        camera=None if camera is None else str(camera),
+        site=None if site is None else str(site),
+        until=None if until is None else float(until),  # type: ignore[arg-type]
+        created=float(created),  # type: ignore[arg-type]
+        released=None if released is None else float(released),  # type: ignore[arg-type]
+        kind=str(kind),
+    )
+
+
+def prefix_range(prefix: bytes) -> tuple[bytes, bytes]:
+    """[lo, hi) of the byte strings that start with ``prefix`` (which ends in ``/``)."""
+    if not prefix:
+        raise ValueError("empty prefix")
+    last = prefix[-1]
+    if last == 0xFF:
+        raise ValueError("prefix ends in 0xff")
+    return prefix, prefix[:-1] + bytes([last + 1])
+
+
+def _dir_prefix(path: bytes) -> bytes:
+    return path if path.endswith(b"/") else path + b"/"
+
+
+class Catalog:
+    """The catalog database. ``Catalog(state_dir / "catalog.db")``."""
+
+    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.lock = threading.RLock()
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so a
+        # multi-row change is never split by the module's implicit transaction handling
+        self.conn = sqlite3.connect(
+            str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        c = self.conn
+        c.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"{self.path}: cannot switch the catalog to WAL (got {mode})")
+        # NORMAL in WAL: a power loss may lose the last commits but never corrupts; the audit log
+        # raises this to FULL around its own appends (acknowledged entries must survive)
+        c.execute("PRAGMA synchronous = NORMAL")
+        c.execute("PRAGMA foreign_keys = ON")
+        c.execute("PRAGMA temp_store = MEMORY")
+        self._migrate()
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self.lock:
+            current = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path}: catalog schema version {current} is newer than this "
+                    f"nvr-guard understands ({SCHEMA_VERSION}); upgrade nvr-guard"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                with self.transaction():
+                    # re-read inside the write lock: another process may have migrated meanwhile
+                    now_at = self.conn.execute("PRAGMA user_version").fetchone()[0]
+                    if now_at >= version:
+                        continue
+                    MIGRATIONS[version - 1](self.conn)
+                    self.conn.execute(f"PRAGMA user_version = {version}")
+            if importlib.util.find_spec("nvr_guard.audit") is not None:
+                audit = importlib.import_module("nvr_guard.audit")
+                with self.transaction():
+                    audit.ensure_schema(self.conn)
+
+    @property
+    def schema_version(self) -> int:
+        with self.lock:
+            return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``), or join the one already open."""
+        with self.lock:
+            conn = self.conn
+            if conn.in_transaction:
+                yield conn
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+            if conn.in_transaction:
+                conn.commit()
+
+    # -- segments --------------------------------------------------------------------------
+
+    def upsert_segments(
+        self, segments: Iterable[Segment], rules_by_site: Mapping[str, SiteRules]
+    ) -> int:
+        """Insert or refresh segments (by path); ``expires_at`` from the site's rules."""
+        calcs: dict[str, ExpiryCalc] = {}
+        rows: list[SegmentRow] = []
+        for s in segments:
+            calc = calcs.get(s.site)
+            if calc is None:
+                rules = rules_by_site.get(s.site)
+                if rules is None:
+                    raise KeyError(f"no retention rules for site {s.site!r}")
+                calc = calcs[s.site] = ExpiryCalc(rules)
+            rows.append((s.site, s.camera, s.path, s.start, s.mtime, s.size, calc(s.start)))
+        with self.transaction():
+            self.apply_rows(rows, ())
+            for site, calc in calcs.items():
+                self._note_rules(site, calc.rules)
+        return len(rows)
+
+    def apply_rows(self, rows: Iterable[SegmentRow], removed: Iterable[bytes]) -> None:
+        """Bulk form for the scanner: upsert ready-made rows, delete paths (one transaction)."""
+        with self.transaction() as c:
+            c.executemany(_UPSERT, rows)
+            c.executemany("DELETE FROM segments WHERE path = ?", ((p,) for p in removed))
+
+    @contextlib.contextmanager
+    def bulk_load(self) -> Iterator[bool]:
+        """A transaction for a large load; yields True when the segments table was empty.
+
+        Into an empty table the secondary indexes are dropped first and built once at the end
+        (sorted build instead of a million random inserts: about 1 s saved per million rows).
+        Readers never see the table without its indexes: all of it is one transaction.
+        """
+        with self.transaction() as c:
+            empty = c.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is None
+            old_cache = c.execute("PRAGMA cache_size").fetchone()[0]
+            c.execute("PRAGMA cache_size = -65536")  # 64 MiB while loading, given back after
+            c.execute("PRAGMA threads = 2")  # helper threads for the index sorter
+            try:
+                if empty:
+                    for name in _SEGMENT_INDEXES:
+                        c.execute(f"DROP INDEX IF EXISTS {name}")
+                yield empty
+                if empty:
+                    for sql in _SEGMENT_INDEXES.values():
+                        c.execute(sql)
+            finally:
+                c.execute(f"PRAGMA cache_size = {int(old_cache)}")
+        with self.lock:
+            self.conn.execute("PRAGMA shrink_memory")
+
+    def note_rules(self, site: str, rules: SiteRules) -> None:
+        """Record that ``site``'s expires_at values were computed with ``rules``."""
+        with self.transaction():
+            self._note_rules(site, rules)
+
+    def _note_rules(self, site: str, rules: SiteRules) -> None:
+        self.conn.execute(
+            "INSERT INTO expiry_rules (site, digest) VALUES (?, ?) "
+            "ON CONFLICT(site) DO UPDATE SET digest = excluded.digest",
+            (site, rules.digest),
+        )
+
+    def remove_paths(self, paths: Iterable[bytes]) -> int:
+        with self.transaction() as c:
+            before = c.total_changes
+            c.executemany("DELETE FROM segments WHERE path = ?", ((p,) for p in paths))
+            return c.total_changes - before
+
+    def remove_under(self, directory: bytes) -> int:
+        """Forget every segment below ``directory`` (a directory that vanished), and its dirs."""
+        lo, hi = prefix_range(_dir_prefix(directory))
+        with self.transaction() as c:
+            n = c.execute("DELETE FROM segments WHERE path >= ? AND path < ?", (lo, hi)).rowcount
+            c.execute("DELETE FROM dirs WHERE path = ? OR (path >= ? AND path < ?)",
+                      (directory.rstrip(b"/") or b"/", lo, hi))
+            return int(n)
+
+    def remove_sites_except(self, sites: Iterable[str]) -> int:
+        """Forget segments and dirs of sites no longer configured."""
+        keep = sorted(set(sites))
+        marks = ",".join("?" * len(keep))
+        with self.transaction() as c:
+            n = c.execute(f"DELETE FROM segments WHERE site NOT IN ({marks})", keep).rowcount
+            c.execute(f"DELETE FROM dirs WHERE site NOT IN ({marks})", keep)
+            c.execute(f"DELETE FROM expiry_rules WHERE site NOT IN ({marks})", keep)
+            return int(n)
+
+    def remove_outside(self, site: str, roots: Sequence[bytes]) -> int:
+        """Forget a site's segments and dirs that lie under none of its roots (a root removed)."""
+        ranges = [prefix_range(_dir_prefix(r)) for r in roots]
+        cond = " OR ".join("(path >= ? AND path < ?)" for _ in ranges) or "0"
+        args: list[object] = [site]
+        for lo, hi in ranges:
+            args += [lo, hi]
+        root_rows = [r.rstrip(b"/") or b"/" for r in roots]
+        with self.transaction() as c:
+            n = c.execute(
+                f"DELETE FROM segments WHERE site = ? AND NOT ({cond})", args
+            ).rowcount
+            marks = ",".join("?" * len(root_rows)) or "NULL"
+            c.execute(
+                f"DELETE FROM dirs WHERE site = ? AND NOT ({cond}) AND path NOT IN ({marks})",
+                args + root_rows,
+            )
+            return int(n)
+
+    def get(self, path: bytes) -> Segment | None:
+        with self.lock:
+            row = self.conn.execute(
+                f"SELECT {_SEG_COLS} FROM segments WHERE path = ?", (path,)
+            ).fetchone()
+        return _segment(row) if row else None
+
+    def stats_under(self, directory: bytes) -> dict[bytes, tuple[float, int]]:
+        """path -> (mtime, size) of the catalogued segments below ``directory``."""
+        lo, hi = prefix_range(_dir_prefix(directory))
+        with self.lock:
+            cur = self.conn.execute(
+                "SELECT path, mtime, size FROM segments WHERE path >= ? AND path < ?", (lo, hi)
+            )
+            return {p: (m, s) for p, m, s in cur}
+
+    def due_segments(
+        self,
+        now_wall: float,
+        site: str | None,
+        rules: SiteRules | Mapping[str, SiteRules],
+    ) -> list[Segment]:
+        """Candidates for a sweep: segments whose stored expiry is at most ``now`` (+ slack).
+
+        Reads only the due rows, through the ``expires_at`` index. The exact decision (and the
+        reasons) are the policy's. A site whose column was computed with other rules (config
+        changed) is recomputed first, so a rule change is never missed.
+        """
+        if isinstance(rules, SiteRules):
+            by_site: dict[str, SiteRules] = {rules.site if site is None else site: rules}
+        else:
+            by_site = dict(rules)
+        sites = [site] if site is not None else sorted(by_site)
+        out: list[Segment] = []
+        for s in sites:
+            r = by_site.get(s)
+            if r is None:
+                continue
+            self._ensure_expiry(s, r)
+            if r.keep is None:
+                continue
+            with self.lock:
+                cur = self.conn.execute(
+                    f"SELECT {_SEG_COLS} FROM segments INDEXED BY segments_expires "
+                    "WHERE expires_at <= ? AND site = ? ORDER BY camera, start, path",
+                    (now_wall + EXPIRY_SLACK, s),
+                )
+                out.extend(_segment(row) for row in cur)
+        return out
+
+    def next_expiry(self, site: str | None = None) -> float | None:
+        """The earliest stored expiry (of a site): when the next sweep will have work."""
+        with self.lock:
+            if site is None:
+                row = self.conn.execute("SELECT min(expires_at) FROM segments").fetchone()
+            else:
+                row = self.conn.execute(
+                    "SELECT min(expires_at) FROM segments WHERE site = ?", (site,)
+                ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def _ensure_expiry(self, site: str, rules: SiteRules) -> None:
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT digest FROM expiry_rules WHERE site = ?", (site,)
+            ).fetchone()
+        if row is None or row[0] != rules.digest:
+            has_rows = self.count(site) > 0
+            if has_rows or row is not None:
+                self.recompute_expiry(site, rules)
+            else:
+                self.note_rules(site, rules)
+
+    def recompute_expiry(self, site: str, rules: SiteRules) -> int:
+        """Refill ``expires_at`` of a site after its rules changed (config reload)."""
+        calc = ExpiryCalc(rules)
+        with self.transaction() as c:
+            rows = c.execute("SELECT id, start FROM segments WHERE site = ?", (site,)).fetchall()
+            c.executemany(
+                "UPDATE segments SET expires_at = ? WHERE id = ?",
+                ((calc(start), rid) for rid, start in rows),
+            )
+            self._note_rules(site, rules)
+        return len(rows)
+
+    def oldest_segments(self, site: str, limit: int) -> list[Segment]:
+        with self.lock:
+            cur = self.conn.execute(
+                f"SELECT {_SEG_COLS} FROM segments INDEXED BY segments_site_start "
+                "WHERE site = ? ORDER BY start, path LIMIT ?",
+                (site, int(limit)),
+            )
+            return [_segment(r) for r in cur]
+
+    def camera_totals(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Segment counts of the given (site, camera) pairs (the mass-deletion guard's base)."""
+        out: dict[tuple[str, str], int] = {}
+        with self.lock:
+            for site, camera in set(keys):
+                row = self.conn.execute(
+                    "SELECT count(*) FROM segments WHERE site = ? AND camera = ?", (site, camera)
+                ).fetchone()
+                out[(site, camera)] = int(row[0])
+        return out
+
+    def count(self, site: str | None = None) -> int:
+        with self.lock:
+            if site is None:
+                row = self.conn.execute("SELECT count(*) FROM segments").fetchone()
+            else:
+                row = self.conn.execute(
+                    "SELECT count(*) FROM segments WHERE site = ?", (site,)
+                ).fetchone()
+        return int(row[0])
+
+    def bytes_by_site(self) -> dict[str, int]:
+        with self.lock:
+            cur = self.conn.execute("SELECT site, sum(size) FROM segments GROUP BY site")
+            return {str(s): int(b or 0) for s, b in cur}
+
+    def cameras(self, site: str | None = None) -> list[tuple[str, str]]:
+        """(site, camera) pairs present in the catalog."""
+        with self.lock:
+            if site is None:
+                cur = self.conn.execute("SELECT DISTINCT site, camera FROM segments ORDER BY 1, 2")
+            else:
+                cur = self.conn.execute(
+                    "SELECT DISTINCT site, camera FROM segments WHERE site = ? ORDER BY 2", (site,)
+                )
+            return [(str(s), str(c)) for s, c in cur]
+
+    def segments_of(
+        self, site: str | None, camera: str | None, start: float, end: float
+    ) -> list[Segment]:
+        """Segments whose footage overlaps [start, end) — the same test as ``Hold.covers``."""
+        conds = ["start < ?", "max(mtime, start) >= ?"]
+        args: list[object] = [end, start]
+        if site is not None:
+            conds.insert(0, "site = ?")
+            args.insert(0, site)
+            if camera is not None:
+                conds.insert(1, "camera = ?")
+                args.insert(1, camera)
+        elif camera is not None:
+            conds.append("camera = ?")
+            args.append(camera)
+        with self.lock:
+            cur = self.conn.execute(
+                f"SELECT {_SEG_COLS} FROM segments WHERE {' AND '.join(conds)} "
+                "ORDER BY site, camera, start, path",
+                args,
+            )
+            return [_segment(r) for r in cur]
+
+    # -- directories (incremental reconcile) -----------------------------------------------
+
+    def dirs_of(self, site: str) -> dict[bytes, int]:
+        with self.lock:
+            cur = self.conn.execute("SELECT path, mtime_ns FROM dirs WHERE site = ?", (site,))
+            return {bytes(p): int(m) for p, m in cur}
+
+    def set_dirs(self, site: str, items: Iterable[tuple[bytes, int]]) -> None:
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT INTO dirs (path, site, mtime_ns) VALUES (?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET site = excluded.site, mtime_ns = excluded.mtime_ns",
+                ((p, site, m) for p, m in items),
+            )
+
+    def remove_dirs(self, paths: Iterable[bytes]) -> None:
+        with self.transaction() as c:
+            c.executemany("DELETE FROM dirs WHERE path = ?", ((p,) for p in paths))
+
+    # -- holds -----------------------------------------------------------------------------
+
+    def add_hold(
+        self,
+        *,
+        start: float,
+        end: float,
+        reason: str,
+        owner: str,
+        created: float,
+        kind: str = "manual",
+        site: str | None = None,
+        camera: str | None = None,
+        until: float | None = None,
+        request_id: int | None = None,
+    ) -> Hold:
+        if not end > start:
+            raise InvalidInput("a hold needs an end after its start")
+        if not reason.strip():
+            raise InvalidInput("a hold needs a reason")
+        with self.transaction() as c:
+            cur = c.execute(
+                'INSERT INTO holds (kind, site, camera, start, "end", until, reason, owner, '
+                "created, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, site, camera, start, end, until, reason, owner, created, request_id),
+            )
+            hid = int(cur.lastrowid or 0)
+        hold = self.get_hold(hid)
+        assert hold is not None
+        return hold
+
+    def get_hold(self, hold_id: int) -> Hold | None:
+        with self.lock:
+            row = self.conn.execute(
+                f"SELECT {_HOLD_COLS} FROM holds WHERE id = ?", (hold_id,)
+            ).fetchone()
+        return _hold(row) if row else None
+
+    def release_hold(self, hold_id: int, by: str, reason: str, now: float | None = None) -> Hold:
+        when = time.time() if now is None else now
+        with self.transaction() as c:
+            row = c.execute("SELECT released FROM holds WHERE id = ?", (hold_id,)).fetchone()
+            if row is None:
+                raise InvalidInput(f"hold {hold_id} does not exist; see `nvr-guard hold list`")
+            if row[0] is not None:
+                raise InvalidInput(f"hold {hold_id} is already released")
+            c.execute(
+                "UPDATE holds SET released = ?, released_by = ?, release_reason = ? WHERE id = ?",
+                (when, by, reason, hold_id),
+            )
+        hold = self.get_hold(hold_id)
+        assert hold is not None
+        return hold
+
+    def active_holds(self, now: float) -> list[Hold]:
+        with self.lock:
+            cur = self.conn.execute(
+                f"SELECT {_HOLD_COLS} FROM holds WHERE released IS NULL "
+                "AND (until IS NULL OR until > ?) ORDER BY id",
+                (now,),
+            )
+            return [_hold(r) for r in cur]
+
+    def list_holds(self, include_released: bool = False) -> list[Hold]:
+        where = "" if include_released else "WHERE released IS NULL"
+        with self.lock:
+            cur = self.conn.execute(f"SELECT {_HOLD_COLS} FROM holds {where} ORDER BY id")
+            return [_hold(r) for r in cur]
+
+    def hold_release_info(self, hold_id: int) -> tuple[str | None, str | None]:
+        """(released_by, release_reason) of a hold."""
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT released_by, release_reason FROM holds WHERE id = ?", (hold_id,)
+            ).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
+
+    # -- sweeps ----------------------------------------------------------------------------
+
+    def begin_sweep(
+        self,
+        *,
+        started: float,
+        actor: str,
+        clock: ClockReading,
+        site_rules: Mapping[str, str],
+        dry_run: bool = False,
+        state: str = "planned",
+        message: str = "",
+    ) -> int:
+        _check_state(state)
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO sweeps (started, state, actor, dry_run, wall, boottime, boot_id, "
+                "site_rules_json, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    started,
+                    state,
+                    actor,
+                    int(dry_run),
+                    clock.wall,
+                    clock.boottime,
+                    clock.boot_id,
+                    json.dumps(dict(site_rules), sort_keys=True),
+                    message,
+                ),
+            )
+            return int(cur.lastrowid or 0)
+
+    def record_items(self, sweep_id: int, items: Iterable[Item]) -> int:
+        rows = [
+            (sweep_id, i.segment.path, i.segment.site, i.segment.camera, i.action.value, i.reason)
+            for i in items
+        ]
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT INTO sweep_items (sweep_id, path, site, camera, action, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        return len(rows)
+
+    def set_sweep_state(
+        self,
+        sweep_id: int,
+        state: str,
+        *,
+        finished: float | None = None,
+        deleted: int | None = None,
+        bytes_: int | None = None,
+        message: str | None = None,
+    ) -> None:
+        _check_state(state)
+        sets, args = ["state = ?"], [state]
+        for col, val in (
+            ("finished", finished),
+            ("deleted", deleted),
+            ("bytes", bytes_),
+            ("message", message),
+        ):
+            if val is not None:
+                sets.append(f"{col} = ?")
+                args.append(val)  # type: ignore[arg-type]
+        with self.transaction() as c:
+            n = c.execute(
+                f"UPDATE sweeps SET {', '.join(sets)} WHERE id = ?", [*args, sweep_id]
+            ).rowcount
+            if n == 0:
+                raise InvalidInput(f"sweep {sweep_id} does not exist")
+
+    def get_sweep(self, sweep_id: int) -> SweepRecord | None:
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT id, started, finished, state, actor, dry_run, wall, boottime, boot_id, "
+                "site_rules_json, deleted, bytes, message FROM sweeps WHERE id = ?",
+                (sweep_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        (sid, started, finished, state, actor, dry, wall, boot, boot_id, rules, deleted, nbytes,
+         message) = row
+        return SweepRecord(
+            id=int(sid),
+            started=float(started),
+            finished=None if finished is None else float(finished),
+            state=str(state),
+            actor=str(actor),
+            dry_run=bool(dry),
+            clock=ClockReading(float(wall), float(boot), str(boot_id)),
+            site_rules=dict(json.loads(rules or "{}")),
+            deleted=int(deleted),
+            bytes=int(nbytes),
+            message=str(message),
+        )
+
+    def latest_sweep(self, states: Sequence[str] | None = None) -> SweepRecord | None:
+        with self.lock:
+            if states:
+                marks = ",".join("?" * len(states))
+                row = self.conn.execute(
+                    f"SELECT max(id) FROM sweeps WHERE state IN ({marks})", list(states)
+                ).fetchone()
+            else:
+                row = self.conn.execute("SELECT max(id) FROM sweeps").fetchone()
+        return None if row is None or row[0] is None else self.get_sweep(int(row[0]))
+
+    def sweep_items(self, sweep_id: int) -> list[SweepItemRecord]:
+        with self.lock:
+            cur = self.conn.execute(
+                "SELECT sweep_id, path, site, camera, action, reason FROM sweep_items "
+                "WHERE sweep_id = ? ORDER BY rowid",
+                (sweep_id,),
+            )
+            return [
+                SweepItemRecord(int(a), bytes(p), str(s), str(c), str(act), str(r))
+                for a, p, s, c, act, r in cur
+            ]
+
+    def last_history(self) -> SweepHistory:
+        """What the last applied sweep (done or confirmed) left: feeds the policy's guards."""
+        rec = self.latest_sweep(("done", "confirmed"))
+        if rec is None:
+            return SweepHistory()
+        return SweepHistory(
+            last_wall=rec.clock.wall,
+            last_boottime=rec.clock.boottime,
+            boot_id=rec.clock.boot_id,
+            site_rules=rec.site_rules,
+        )
+
+
+def _check_state(state: str) -> None:
+    if state not in SWEEP_STATES:
+        raise ValueError(f"unknown sweep state {state!r}; one of {', '.join(SWEEP_STATES)}")
