@@ -26,7 +26,7 @@ from __future__ import annotations
 import calendar
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 
 from nvr_guard.durations import Duration
 from nvr_guard.model import (
@@ -150,7 +150,7 @@ def _wall_seconds(dt: datetime) -> float:
 
 
 def _offset(ts: float, tz: tzinfo) -> float:
-    off = datetime.fromtimestamp(ts, timezone.utc).astimezone(tz).utcoffset()
+    off = datetime.fromtimestamp(ts, UTC).astimezone(tz).utcoffset()
     return off.total_seconds() if off is not None else 0.0
 
 
@@ -188,7 +188,9 @@ def _calendar_bounds(dur: Duration, tz: tzinfo, now: float) -> tuple[float, floa
     y0, m0 = _months_back(tw.year, tw.month, n)
     last0 = calendar.monthrange(y0, m0)[1]
     last_t = calendar.monthrange(tw.year, tw.month)[1]
-    tod = timedelta(hours=tw.hour, minutes=tw.minute, seconds=tw.second, microseconds=tw.microsecond)
+    tod = timedelta(
+        hours=tw.hour, minutes=tw.minute, seconds=tw.second, microseconds=tw.microsecond
+    )
     d = tw.day
     if d > last0:
         # e.g. 31 Mar - 1mo: every day of February maps to a day before 31 Mar -> the whole month
@@ -308,6 +310,7 @@ class _Site:
     settle_after: float  # mtime above this: still being recorded
     need: int  # bytes disk pressure asks to free (0: none)
     free_note: str  # "free 8.0% < min_free 10%"
+    keep_txt: str  # "15d", formatted once: it is in every expiry reason
 
 
 def _site_context(
@@ -336,6 +339,7 @@ def _site_context(
         settle_after=wall - rules.settle,
         need=need,
         free_note=free_note,
+        keep_txt=_dur(keep),
     )
 
 
@@ -346,7 +350,9 @@ def _held_back(seg: Segment, ctx: _Site, wall: float) -> str | None:
             return f"held: {h.label()}"
     if seg.mtime > ctx.settle_after:
         age = wall - seg.mtime
-        when = f"modified {age:.0f} s ago" if age >= 0 else "modified in the future (check the clock)"
+        when = (
+            f"modified {age:.0f} s ago" if age >= 0 else "modified in the future (check the clock)"
+        )
         return f"settling: {when} (settle={ctx.rules.settle:g} s)"
     return None
 
@@ -407,19 +413,26 @@ def decide(
             continue
         # due by age: only a hold, settling or the floor can keep it
         r = ctx.rules
-        why_not = _held_back(seg, ctx, wall) if (ctx.holds or seg.mtime > ctx.settle_after) else None
+        why_not = (
+            _held_back(seg, ctx, wall) if (ctx.holds or seg.mtime > ctx.settle_after) else None
+        )
         if why_not is not None:
-            items.append(Item(seg, Action.KEEP, f"{why_not}; otherwise expired (keep={_dur(r.keep)})"))
+            items.append(
+                Item(seg, Action.KEEP, f"{why_not}; otherwise expired (keep={_dur(r.keep)})")
+            )
         elif ctx.floor is not None and not ctx.floor(seg.start):
             # keep < min_keep is refused by the config check; kept here in case rules come from
             # elsewhere: the floor wins over the ceiling
-            items.append(Item(seg, Action.KEEP, f"floor: {_floor_note(seg, r)}; keep={_dur(r.keep)}"))
+            items.append(
+                Item(seg, Action.KEEP, f"floor: {_floor_note(seg, r)}; keep={_dur(r.keep)}")
+            )
         else:
             items.append(
                 Item(
                     seg,
                     Action.DELETE,
-                    f"expired: keep={_dur(r.keep)}, recorded {_local(seg.start, r.tz)} (site-local)",
+                    f"expired: keep={ctx.keep_txt}, "
+                    f"recorded {_local(seg.start, r.tz)} (site-local)",
                 )
             )
             if ctx.need:
@@ -432,7 +445,9 @@ def decide(
         )
 
     for site in sorted(spare):
-        _disk_pressure(site, contexts[site], spare[site], freed[site], disk[site], wall, items, plan)
+        _disk_pressure(
+            site, contexts[site], spare[site], freed[site], disk[site], wall, items, plan
+        )
 
     items.sort(key=lambda i: (i.segment.site, i.segment.camera, i.segment.start, i.segment.path))
     plan.items = items
@@ -461,7 +476,9 @@ def _disk_pressure(
             break
         why_not = _held_back(seg, ctx, wall)
         if why_not is not None:
-            items.append(Item(seg, Action.KEEP, f"{why_not}; wanted by disk pressure ({ctx.free_note})"))
+            items.append(
+                Item(seg, Action.KEEP, f"{why_not}; wanted by disk pressure ({ctx.free_note})")
+            )
             continue
         if ctx.floor is not None and not ctx.floor(seg.start):
             if overwrite:
@@ -507,8 +524,9 @@ def _disk_pressure(
         if under_floor_bytes:
             plan.alerts.append(
                 f"site {site}: disk {ctx.free_note}: {human_bytes(missing)} still to free, but the "
-                f"remaining footage is under its floor min_keep={_dur(r.min_keep)}, which protects it; "
-                f"add space or lower the load (disk.action: overwrite-oldest would overwrite it)"
+                f"remaining footage is under its floor min_keep={_dur(r.min_keep)}, which "
+                f"protects it; add space or lower the load "
+                f"(disk.action: overwrite-oldest would overwrite it)"
             )
         else:
             plan.alerts.append(
@@ -523,7 +541,7 @@ def _clock_jump(now: ClockReading, history: SweepHistory | None) -> tuple[float,
     if history is None or history.last_wall is None:
         return None
     elapsed_wall = now.wall - history.last_wall
-    last = datetime.fromtimestamp(history.last_wall, timezone.utc).isoformat(timespec="seconds")
+    last = datetime.fromtimestamp(history.last_wall, UTC).isoformat(timespec="seconds")
     if history.boot_id == now.boot_id and history.last_boottime is not None:
         elapsed_boot = now.boottime - history.last_boottime
         return (
@@ -615,7 +633,9 @@ def _guards(
 
     for i, why in blocked_why.items():
         it = items[i]
-        items[i] = Item(it.segment, Action.BLOCKED, f"blocked by the {' and '.join(why)}: {it.reason}")
+        items[i] = Item(
+            it.segment, Action.BLOCKED, f"blocked by the {' and '.join(why)}: {it.reason}"
+        )
 
 
 def _likely_cause(

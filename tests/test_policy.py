@@ -88,7 +88,7 @@ def plan_for(
     site_rules: list[SiteRules] | SiteRules,
     holds: list[Hold] | None = None,
     totals: dict[tuple[str, str], int] | None = None,
-    guards: GuardRules = GuardRules(),
+    guards: GuardRules | None = None,
     **kw: object,
 ) -> Plan:
     """decide() with harmless defaults: every camera has a large archive, so the mass-deletion guard
@@ -101,7 +101,7 @@ def plan_for(
         segments,
         now if isinstance(now, ClockReading) else clock(now),
         {r.site: r for r in rl},
-        guards,
+        guards or GuardRules(),
         holds or [],
         totals,
         **kw,  # type: ignore[arg-type]
@@ -273,8 +273,16 @@ def _hold(**kw: object) -> Hold:
         (_hold(camera="cam-1", released=NOW - 60), set()),  # released
         (_hold(camera="cam-1", start=START + 7200, end=START + 9000), set()),  # other footage
     ],
-    ids=["camera", "site-wide", "all-sites", "other-site", "until-passed", "until-ahead",
-         "released", "other-range"],
+    ids=[
+        "camera",
+        "site-wide",
+        "all-sites",
+        "other-site",
+        "until-passed",
+        "until-ahead",
+        "released",
+        "other-range",
+    ],
 )
 def test_holds(hold: Hold, held_cameras: set[str]) -> None:
     r = rules(keep="15d", tz=SHANGHAI)
@@ -319,9 +327,7 @@ PNOW = ts("2026-11-20T12:00:00+08:00")
 
 def _pressure_tree() -> list[Segment]:
     """Ten daily segments of 10,000 bytes, 34.5 .. 25.5 days old; the floor is 30 days."""
-    return [
-        seg(PNOW - (34.5 - i) * DAY, size=10_000, name=f"day{i:02}") for i in range(10)
-    ]
+    return [seg(PNOW - (34.5 - i) * DAY, size=10_000, name=f"day{i:02}") for i in range(10)]
 
 
 def _pressure_rules(action: str) -> SiteRules:
@@ -364,7 +370,9 @@ def test_overwrite_oldest_crosses_the_floor_but_never_a_hold() -> None:
     assert deleted == [segs[i] for i in (0, 1, 2, 3, 4, 5, 7)]
     assert act[segs[6].path] is Action.KEEP
     by_path = {i.segment.path: i.reason for i in plan.items}
-    assert by_path[segs[5].path].startswith("overwrite-oldest: free 3.0% < min_free 10%, under floor")
+    assert by_path[segs[5].path].startswith(
+        "overwrite-oldest: free 3.0% < min_free 10%, under floor"
+    )
     assert "min_keep=30d" in by_path[segs[5].path]
     assert by_path[segs[4].path].startswith("disk pressure:")
     assert any("overwrite-oldest deletes 2 segments" in a for a in plan.alerts)
@@ -403,12 +411,18 @@ def _mass_case() -> tuple[list[Segment], dict[tuple[str, str], int]]:
     ("history", "cause"),
     [
         (None, "first sweep of an existing archive"),
-        (SweepHistory(site_rules={"other": "keep=1y min_keep=none"}),
-         "first sweep of an existing archive"),
-        (SweepHistory(site_rules={"gate": "keep=30d min_keep=none"}),
-         "config change: keep 30d -> 15d"),
-        (SweepHistory(site_rules={"gate": "keep=15d min_keep=none"}),
-         "unexpected: check the clock, recently restored or moved recordings"),
+        (
+            SweepHistory(site_rules={"other": "keep=1y min_keep=none"}),
+            "first sweep of an existing archive",
+        ),
+        (
+            SweepHistory(site_rules={"gate": "keep=30d min_keep=none"}),
+            "config change: keep 30d -> 15d",
+        ),
+        (
+            SweepHistory(site_rules={"gate": "keep=15d min_keep=none"}),
+            "unexpected: check the clock, recently restored or moved recordings",
+        ),
     ],
     ids=["no-history", "site-new", "config-change", "unexpected"],
 )
@@ -423,7 +437,11 @@ def test_mass_deletion_guard_per_camera(history: SweepHistory | None, cause: str
     assert all("expired: keep=15d" in i.reason for i in blocked)
     (trip,) = plan.trips
     assert (trip.kind, trip.site, trip.camera, trip.count, trip.total) == (
-        "mass-deletion", "gate", "gate-03", 5, 10
+        "mass-deletion",
+        "gate",
+        "gate-03",
+        5,
+        10,
     )
     msg = trip_message(trip, 17)
     for part in (
@@ -444,7 +462,9 @@ def test_mass_deletion_cause_clock_jump() -> None:
     segs, totals = _mass_case()
     r = rules(keep="15d")
     hist = SweepHistory(
-        last_wall=MNOW - 3 * DAY, last_boottime=9_000.0, boot_id="boot-a",
+        last_wall=MNOW - 3 * DAY,
+        last_boottime=9_000.0,
+        boot_id="boot-a",
         site_rules={"gate": r.describe()},
     )
     plan = plan_for(segs, clock(MNOW, 10_000.0), r, totals=totals, history=hist)
@@ -536,7 +556,9 @@ def test_clock_guard_trips_with_nothing_due() -> None:
 def test_backward_jump_alerts_only() -> None:
     r = rules(keep="15d")
     hist = SweepHistory(
-        last_wall=CNOW + 3 * 3600, last_boottime=49_000.0, boot_id="boot-a",
+        last_wall=CNOW + 3 * 3600,
+        last_boottime=49_000.0,
+        boot_id="boot-a",
         site_rules={"gate": r.describe()},
     )
     plan = plan_for([seg(START)], clock(CNOW, 50_000.0), r, history=hist)
@@ -546,7 +568,12 @@ def test_backward_jump_alerts_only() -> None:
 
 
 def test_first_sweep_has_no_clock_guard() -> None:
-    plan = plan_for([seg(START)], CNOW, rules(), history=SweepHistory(site_rules={"gate": "keep=15d min_keep=none"}))
+    plan = plan_for(
+        [seg(START)],
+        CNOW,
+        rules(),
+        history=SweepHistory(site_rules={"gate": "keep=15d min_keep=none"}),
+    )
     assert [i.action for i in plan.items] == [Action.DELETE] and plan.trips == []
 
 
@@ -556,8 +583,13 @@ def test_first_sweep_has_no_clock_guard() -> None:
 def test_every_item_explained_and_ordered() -> None:
     r = rules(keep="15d", min_keep="10d", tz=SHANGHAI, min_free=0.5)
     segs = [
-        seg(START + i * 3600, camera=cam, size=100, name=f"{cam}-{i}",
-            mtime=CNOW - 5 if i == 3 else None)
+        seg(
+            START + i * 3600,
+            camera=cam,
+            size=100,
+            name=f"{cam}-{i}",
+            mtime=CNOW - 5 if i == 3 else None,
+        )
         for cam in ("cam-2", "cam-1", "cam-3")
         for i in range(12 * 24)  # 12 days of hourly segments, the last 7 past the floor only
     ]
