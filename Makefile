@@ -1,0 +1,135 @@
+# nvr-guard — set-up, tests, demo.
+#
+#   make demo     system packages (if missing) + virtualenv + the demo daemon on generated footage
+#   make test     system packages (if missing) + virtualenv + the whole test suite
+#
+# Every target is idempotent: apt-get runs only when a package is missing, pip only when
+# pyproject.toml or constraints.txt changed since the last install.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PYTHON      ?= python3
+VENV        ?= .venv
+STAMP       := $(VENV)/.nvr-guard-installed
+PYTEST_ARGS ?=
+DEMO_ARGS   ?=
+BENCH_ARGS  ?=
+
+# Debian packages the project uses at run or test time (SPEC §6). systemd is checked by its
+# tool, not its package: a container may have systemd-analyze from another package set.
+APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei e2fsprogs util-linux procps
+
+# Service installation (make install-service): a venv outside /root and /home, because the
+# unit's ProtectHome=yes hides those from the daemon.
+PREFIX          ?= /opt/nvr-guard
+SYSTEM_PYTHON   ?= /usr/bin/python3
+UNITDIR         ?= /etc/systemd/system
+SYSUSERSDIR     ?= /usr/lib/sysusers.d
+TMPFILESDIR     ?= /usr/lib/tmpfiles.d
+CONFDIR         ?= /etc/nvr-guard
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help deps venv test demo lint bench clean distclean install-service
+
+help:
+	@echo "make demo             run the demo daemon on generated recordings"
+	@echo "make test             run the test suite (PYTEST_ARGS='-k control' to narrow it)"
+	@echo "make lint             ruff + mypy --strict on nvr_guard/"
+	@echo "make bench            retention benchmarks (bench/retention.py; BENCH_ARGS=...)"
+	@echo "make install-service  install into $(PREFIX) and the systemd unit (root)"
+	@echo "make clean            remove caches and generated demo data; distclean also .venv"
+
+# ---------------------------------------------------------------------------------------------
+# System packages: installed only when missing; `apt-get update` only then too.
+deps:
+	@missing=""; \
+	for pkg in $(APT_PACKAGES); do \
+	  status=$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true); \
+	  [ "$$status" = "install ok installed" ] || missing="$$missing $$pkg"; \
+	done; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if ! command -v $(PYTHON) >/dev/null 2>&1; then \
+	  missing="$$missing python3 python3-venv"; \
+	elif ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+	  missing="$$missing python3-venv"; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing missing system packages:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# ---------------------------------------------------------------------------------------------
+# Virtualenv: created once; the project (editable) and its pinned dependencies are reinstalled
+# only when pyproject.toml or constraints.txt is newer than the stamp.
+venv: $(STAMP)
+
+$(VENV)/bin/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { \
+	  echo "nvr-guard needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) -V 2>&1)." \
+	       "Use PYTHON=/path/to/python3.11" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test,dev]'
+	@touch $@
+
+# ---------------------------------------------------------------------------------------------
+# pytest's own exit code decides; 5 ("no tests collected") is a failure too, with a message,
+# so a broken collection can never pass as green.
+test: deps venv
+	@rc=0; $(VENV)/bin/pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing" >&2; fi; \
+	if [ $$rc -ne 0 ]; then echo "make test: pytest exited with $$rc" >&2; exit $$rc; fi
+
+demo: deps venv
+	$(VENV)/bin/python -m nvr_guard.demo $(DEMO_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check nvr_guard tests
+	$(VENV)/bin/ruff format --check nvr_guard tests
+	$(VENV)/bin/mypy nvr_guard
+
+bench: deps venv
+	$(VENV)/bin/python bench/retention.py $(BENCH_ARGS)
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build demo nvr_guard.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
+
+# ---------------------------------------------------------------------------------------------
+# Service installation: a venv in $(PREFIX) with the pinned dependencies, the unit, its
+# sysusers/tmpfiles snippets and — when $(PREFIX) is not /usr — a drop-in pointing ExecStart
+# at the venv. Does not enable or start anything: review the config first.
+install-service: deps
+	@case "$(PREFIX)" in /root*|/home*|/run/user*) \
+	  echo "PREFIX=$(PREFIX) is hidden from the service by ProtectHome=yes; use /opt/..." >&2; \
+	  exit 1;; esac
+	[ -x $(PREFIX)/bin/python ] || $(SYSTEM_PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/python -m pip install -q -c constraints.txt .
+	install -d -m 0755 $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR)
+	install -m 0644 systemd/nvr-guard.service $(UNITDIR)/nvr-guard.service
+	install -m 0644 systemd/nvr-guard.sysusers $(SYSUSERSDIR)/nvr-guard.conf
+	install -m 0644 systemd/nvr-guard.tmpfiles $(TMPFILESDIR)/nvr-guard.conf
+	@if [ "$(PREFIX)" != /usr ]; then \
+	  install -d -m 0755 $(UNITDIR)/nvr-guard.service.d; \
+	  printf '%s\n' '# Written by make install-service: the daemon lives in a venv.' \
+	    '[Service]' 'ExecStart=' 'ExecStart=$(PREFIX)/bin/nvr-guard daemon' \
+	    > $(UNITDIR)/nvr-guard.service.d/10-venv.conf; \
+	  echo "wrote $(UNITDIR)/nvr-guard.service.d/10-venv.conf"; \
+	fi
+	@if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then \
+	  systemd-sysusers $(SYSUSERSDIR)/nvr-guard.conf; \
+	  systemd-tmpfiles --create $(TMPFILESDIR)/nvr-guard.conf; \
+	  systemctl daemon-reload; \
+	fi
+	@[ -e $(CONFDIR)/config.yaml ] || echo "next: write $(CONFDIR)/config.yaml (see config/)," \
+	  "check it with '$(PREFIX)/bin/nvr-guard config check', add your recording roots to" \
+	  "ReadWritePaths= ('systemctl edit nvr-guard'), then 'systemctl enable --now nvr-guard'"
