@@ -226,6 +226,58 @@ def _local(ts: float, tz: tzinfo) -> str:
     return datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")
 
 
+_UNSEEN: tuple[int, str] = (0, "")
+
+
+class _LocalTime:
+    """:func:`_local` for many instants of one zone, several times faster.
+
+    A sweep may explain 150,000 deletions, each with its site-local recording time; a datetime
+    per segment would cost as much as the rest of the decision. The zone's offset is looked up
+    once per UTC hour (and used only when it is the same at both ends of that hour), the date
+    text once per local day; the rest is integer arithmetic.
+    """
+
+    __slots__ = ("tz", "hours", "dates")
+
+    def __init__(self, tz: tzinfo) -> None:
+        self.tz = tz
+        self.hours: dict[int, tuple[int, str] | None] = {}  # UTC hour -> (offset s, "+08:00")
+        self.dates: dict[int, str] = {}  # local day number -> "2026-11-01"
+
+    def _hour(self, hour: int) -> tuple[int, str] | None:
+        first = datetime.fromtimestamp(hour * 3600, self.tz)
+        last = datetime.fromtimestamp(hour * 3600 + 3599, self.tz)
+        off = first.utcoffset()
+        if off is None or off != last.utcoffset() or off.total_seconds() % 60:
+            found = None  # a change of offset inside this hour: take the slow, exact path
+        else:
+            secs = int(off.total_seconds())
+            found = (secs, first.isoformat()[19:])  # "+08:00" / "+00:00" as isoformat writes it
+        self.hours[hour] = found
+        return found
+
+    def __call__(self, ts: float) -> str:
+        whole = int(ts // 1)
+        hour = whole // 3600
+        known = self.hours.get(hour, _UNSEEN)
+        if known is _UNSEEN:
+            known = self._hour(hour)
+        if known is None or whole != ts and abs(ts - round(ts)) < 1e-6:
+            # (microsecond rounding near a whole second: let datetime decide the digit)
+            return _local(ts, self.tz)
+        off, suffix = known
+        day, sec = divmod(whole + off, 86400)
+        date = self.dates.get(day)
+        if date is None:
+            date = self.dates[day] = (_NAIVE_EPOCH + timedelta(days=day)).date().isoformat()
+        return date + _HHMM[sec // 60] + _SS[sec % 60] + suffix
+
+
+_HHMM = [f"T{h:02}:{m:02}:" for h in range(24) for m in range(60)]
+_SS = [f"{s:02}" for s in range(60)]
+
+
 def _dur(d: Duration | None) -> str:
     """15d / 6mo / 1y / 1d12h — days rather than weeks, as admins write retention periods
     (``Duration.__str__`` would show 15d as 2w1d)."""
@@ -311,6 +363,7 @@ class _Site:
     need: int  # bytes disk pressure asks to free (0: none)
     free_note: str  # "free 8.0% < min_free 10%"
     keep_txt: str  # "15d", formatted once: it is in every expiry reason
+    local: _LocalTime  # site-local ISO time of an instant
 
 
 def _site_context(
@@ -340,6 +393,7 @@ def _site_context(
         need=need,
         free_note=free_note,
         keep_txt=_dur(keep),
+        local=_LocalTime(rules.tz),
     )
 
 
@@ -386,57 +440,68 @@ def decide(
     spare: dict[str, list[Segment]] = {}
     freed: dict[str, int] = {}
 
+    # The loop runs once per candidate (up to ~150,000 in a purge of several days): per-site
+    # values live in locals, refreshed only when the site changes (the catalog hands segments
+    # over grouped by site), and fixed-length ceilings are tested inline.
+    DELETE, KEEP = Action.DELETE, Action.KEEP
     ctx: _Site | None = None
-    ctx_site = None
+    ctx_site: str | None = None
+    due: _DueTest | None = None
+    fixed = False
+    secs = 0.0
+    expired_txt = ""
+    local = _LocalTime(UTC)
+    careful_after = 0.0  # mtime above this needs a look (settling); -inf with holds: always
+    spare_list: list[Segment] | None = None
     for seg in segments:
-        if seg.site != ctx_site:
-            ctx_site = seg.site
-            ctx = contexts.get(seg.site)
+        site = seg.site
+        if site != ctx_site:
+            ctx_site = site
+            ctx = contexts.get(site)
             if ctx is None:
-                r = rules.get(seg.site)
-                if r is None:
-                    # a site no longer (or not) in the config: its rules are unknown, so nothing
-                    # of it may be deleted; the operator hears about it once per site
-                    ctx = None
-                else:
-                    ctx = contexts[seg.site] = _site_context(r, now, holds, disk.get(seg.site))
+                r = rules.get(site)
+                if r is not None:
+                    ctx = contexts[site] = _site_context(r, now, holds, disk.get(site))
                     if ctx.need:
-                        spare[seg.site] = []
-                        freed[seg.site] = 0
-        if ctx is None:
-            unknown[seg.site] = unknown.get(seg.site, 0) + 1
-            continue
-        ceiling = ctx.ceiling
-        if ceiling is None or not ceiling(seg.start):
-            if ctx.need:
-                spare[seg.site].append(seg)
+                        spare[site] = []
+                        freed[site] = 0
+            if ctx is None:
+                # a site no longer (or not) in the config: its rules are unknown, so nothing of
+                # it may be deleted; the operator hears about it once per site
+                unknown[site] = unknown.get(site, 0) + 1
+                ctx_site = None  # count every one of them
+                continue
+            due = ctx.ceiling
+            fixed = due is not None and due.fixed
+            secs = due.secs if due is not None else 0.0
+            expired_txt = f"expired: keep={ctx.keep_txt}, recorded "
+            local = ctx.local
+            careful_after = float("-inf") if ctx.holds else ctx.settle_after
+            spare_list = spare.get(site)
+        assert ctx is not None
+        start = seg.start
+        if fixed:
+            is_due = start + secs <= wall
+        else:
+            is_due = due is not None and due(start)
+        if not is_due:
+            if spare_list is not None:
+                spare_list.append(seg)
             continue
         # due by age: only a hold, settling or the floor can keep it
-        r = ctx.rules
-        why_not = (
-            _held_back(seg, ctx, wall) if (ctx.holds or seg.mtime > ctx.settle_after) else None
-        )
+        why_not = _held_back(seg, ctx, wall) if seg.mtime > careful_after else None
         if why_not is not None:
-            items.append(
-                Item(seg, Action.KEEP, f"{why_not}; otherwise expired (keep={_dur(r.keep)})")
-            )
-        elif ctx.floor is not None and not ctx.floor(seg.start):
+            items.append(Item(seg, KEEP, f"{why_not}; otherwise expired (keep={ctx.keep_txt})"))
+        elif ctx.floor is not None and not ctx.floor(start):
             # keep < min_keep is refused by the config check; kept here in case rules come from
             # elsewhere: the floor wins over the ceiling
             items.append(
-                Item(seg, Action.KEEP, f"floor: {_floor_note(seg, r)}; keep={_dur(r.keep)}")
+                Item(seg, KEEP, f"floor: {_floor_note(seg, ctx.rules)}; keep={ctx.keep_txt}")
             )
         else:
-            items.append(
-                Item(
-                    seg,
-                    Action.DELETE,
-                    f"expired: keep={ctx.keep_txt}, "
-                    f"recorded {_local(seg.start, r.tz)} (site-local)",
-                )
-            )
-            if ctx.need:
-                freed[seg.site] += seg.size
+            items.append(Item(seg, DELETE, expired_txt + local(start) + " (site-local)"))
+            if spare_list is not None:
+                freed[site] += seg.size
 
     for site in sorted(unknown):
         plan.alerts.append(
@@ -487,7 +552,7 @@ def _disk_pressure(
                         seg,
                         Action.DELETE,
                         f"overwrite-oldest: {ctx.free_note}, under floor {_floor_note(seg, r)}, "
-                        f"recorded {_local(seg.start, r.tz)} (site-local)",
+                        f"recorded {ctx.local(seg.start)} (site-local)",
                     )
                 )
                 freed += seg.size
@@ -510,7 +575,7 @@ def _disk_pressure(
                 seg,
                 Action.DELETE,
                 f"disk pressure: {ctx.free_note}, oldest past its floor{floor_txt}, "
-                f"recorded {_local(seg.start, r.tz)} (site-local)",
+                f"recorded {ctx.local(seg.start)} (site-local)",
             )
         )
         freed += seg.size
