@@ -622,3 +622,24 @@ def test_segments_of_unknown_site_are_never_deleted() -> None:
 def test_not_due_candidates_are_omitted() -> None:
     plan = plan_for([seg(CNOW - DAY)], CNOW, rules(keep="15d"), holds=[_hold(start=0, end=1e12)])
     assert plan.items == [] and plan.trips == [] and plan.alerts == []
+
+
+@given(
+    zone=st.sampled_from(
+        [
+            "UTC",
+            "Asia/Shanghai",
+            "Asia/Kathmandu",
+            "Australia/Lord_Howe",
+            "Europe/Berlin",
+            "America/St_Johns",
+        ]
+    ),
+    start=st.floats(min_value=-1e9, max_value=2.5e9),
+)
+@settings(max_examples=300, deadline=None)
+def test_recorded_time_is_site_local_iso(zone: str, start: float) -> None:
+    tz = ZoneInfo(zone)
+    plan = plan_for([seg(start)], start + 16 * DAY, rules(keep="15d", tz=tz))
+    local = datetime.fromtimestamp(start, tz).isoformat(timespec="seconds")
+    assert plan.items[0].reason == f"expired: keep=15d, recorded {local} (site-local)"
