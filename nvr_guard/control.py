@@ -71,6 +71,7 @@ MAX_REPLY = 64 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
 
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _HEADER = struct.Struct(">I")
 _PEERCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
@@ -317,7 +318,13 @@ class ControlServer:
     def _ping(caller: Caller, args: Any) -> dict[str, Any]:
         from nvr_guard import __version__
 
-        return {"pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION}
+        return {
+            "pong": True,
+            "user": caller.user,
+            "pid": os.getpid(),
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+        }
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -372,7 +379,15 @@ class ControlServer:
         # Bind under a temporary name, set mode and group, then rename into place: the socket
         # is never reachable with the default (umask-derived) permissions, and no process-wide
         # umask juggling is needed in a threaded daemon.
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        if len(os.fsencode(self.path)) > _SUN_PATH_MAX:
+            raise RuntimeFailure(
+                f"control socket path {self.path} is longer than the {_SUN_PATH_MAX} bytes a "
+                f"Unix socket address can hold; choose a shorter 'socket' path"
+            )
+        # A short temporary name, so that it fits wherever the final path fits.
+        tmp = self.path.with_name(f".{os.getpid()}~")
+        if len(os.fsencode(tmp)) > _SUN_PATH_MAX:
+            tmp = self.path
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(tmp).st_mode):
                 os.unlink(tmp)
@@ -381,12 +396,14 @@ class ControlServer:
             sock.bind(os.fsencode(tmp))
             os.chmod(tmp, 0o660)
             self._apply_group(tmp)
-            os.rename(tmp, self.path)
+            if tmp != self.path:
+                os.rename(tmp, self.path)
             sock.listen(min(socket.SOMAXCONN, 128))
         except OSError as exc:
             sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if tmp != self.path:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             raise RuntimeFailure(f"cannot listen on control socket {self.path}: {exc}") from exc
         st = os.lstat(self.path)
         self._identity = (st.st_dev, st.st_ino)

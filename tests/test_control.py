@@ -120,7 +120,25 @@ def test_round_trip(make_server: ServerFactory) -> None:
     server = make_server()
     args = {"camera": ["toll-03", "gate-01"], "note": "证据 export", "n": 3}
     assert call(server.path, "echo", args) == {"args": args}
-    assert call(server.path, "ping")["pid"] == os.getpid()
+    pong = call(server.path, "ping")
+    assert pong["pong"] is True
+    assert pong["pid"] == os.getpid()
+    assert pong["user"] == pwd.getpwuid(os.getuid()).pw_name
+
+
+def test_socket_path_close_to_the_limit(make_server: ServerFactory, sock_dir: Path) -> None:
+    # The temporary bind name must fit wherever the final name fits.
+    name = "s" * (control._SUN_PATH_MAX - len(os.fsencode(sock_dir)) - 1)
+    server = make_server(path=sock_dir / name)
+    assert len(os.fsencode(server.path)) == control._SUN_PATH_MAX
+    assert call(server.path, "echo", {"a": 1}) == {"args": {"a": 1}}
+    assert sorted(os.listdir(sock_dir)) == [name]
+
+
+def test_socket_path_over_the_limit_is_a_clear_error(sock_dir: Path) -> None:
+    path = sock_dir / ("s" * 120)
+    with pytest.raises(RuntimeFailure, match="shorter 'socket' path"):
+        ControlServer(path, None).start()
 
 
 def test_several_requests_on_one_connection(make_server: ServerFactory) -> None:
