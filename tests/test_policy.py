@@ -643,3 +643,29 @@ def test_recorded_time_is_site_local_iso(zone: str, start: float) -> None:
     plan = plan_for([seg(start)], start + 16 * DAY, rules(keep="15d", tz=tz))
     local = datetime.fromtimestamp(start, tz).isoformat(timespec="seconds")
     assert plan.items[0].reason == f"expired: keep=15d, recorded {local} (site-local)"
+
+
+@pytest.mark.parametrize(
+    ("zone", "now_text", "keep"),
+    [
+        ("Europe/Berlin", "2027-03-28T02:30:00+00:00", "6mo"),  # spring forward at the expiry
+        ("Europe/Berlin", "2027-04-25T01:30:00+00:00", "6mo"),  # fall back (Oct) at the start
+        ("Europe/Berlin", "2026-10-25T00:30:00+00:00", "1y"),
+        ("America/Sao_Paulo", "2019-02-17T02:30:00+00:00", "1mo"),  # midnight transition
+        ("Asia/Shanghai", "2027-02-28T04:00:00+00:00", "6mo"),  # month end, no DST
+        ("UTC", "2028-02-29T23:59:59+00:00", "1y"),
+    ],
+)
+def test_calendar_decision_near_transitions_is_exact(zone: str, now_text: str, keep: str) -> None:
+    r = rules(keep=keep, tz=ZoneInfo(zone))
+    now = ts(now_text)
+    cutoff = candidate_cutoff(now, r)
+    assert cutoff is not None
+    # every 7 minutes 13 seconds across the days before the cutoff (near a DST change it is a
+    # week generous) and a little after it
+    segs = [seg(cutoff - 16 * DAY + i * 433.0, name=f"{i}") for i in range(int(18 * DAY / 433))]
+    plan = plan_for(segs, now, r)
+    got = {i.segment.path for i in plan.items if i.action is Action.DELETE}
+    want = {s.path for s in segs if expiry(s.start, r) <= now}  # type: ignore[operator]
+    assert got == want and want
+    assert max(s.start for s in segs if s.path in want) <= cutoff
