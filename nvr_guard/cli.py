@@ -120,6 +120,7 @@ def act(c: Ctx, cmd: str, args: dict[str, Any], local: Callable[[Any], Any]) -> 
         from nvr_guard.service import Engine
 
         engine = Engine(c.config)
+        engine.reconcile(full=False)  # bring the catalog up to date with the disk first
         return local(engine)
 
 
@@ -303,7 +304,6 @@ def retention_run(c: Ctx, now: str | None, dry_run: bool) -> None:
     args = {"now": now, "dry_run": dry_run}
 
     def local(engine: Any) -> Any:
-        engine.reconcile(full=True)
         return engine.sweep(actor=caller().user, now=_now(c, now), dry_run=dry_run).as_json()
 
     res = act(c, "retention.run", args, local)

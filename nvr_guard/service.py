@@ -312,21 +312,29 @@ class Engine:
             if dry_run:
                 return SweepOutcome(None, plan, messages=[policy.trip_message(t, None) for t in plan.trips])
             deletions = plan.deletions
+            rules_now = {s: r.describe() for s, r in self.rules.items()}
             if not plan.items and not plan.trips and not plan.alerts:
-                # nothing due: remember the sweep for the clock guard, cheaply
-                self.catalog.note_quiet_sweep(now, {s: r.describe() for s, r in self.rules.items()})
-                return SweepOutcome(None, plan)
-            state = "blocked" if plan.trips else "applying"
+                # nothing due: remember the sweep (the clock guard measures from it), cheaply
+                sid = self.catalog.begin_sweep(
+                    started=now.wall, actor=actor, clock=now, site_rules=rules_now, state="done"
+                )
+                return SweepOutcome(sid, plan)
+            previous = self.catalog.latest_sweep()
             sweep_id = self.catalog.begin_sweep(
-                actor=actor,
-                now=now,
-                state=state,
-                site_rules={s: r.describe() for s, r in self.rules.items()},
-                dry_run=False,
+                started=now.wall, actor=actor, clock=now, site_rules=rules_now,
+                state="blocked" if plan.trips else "applying",
             )
             self.catalog.record_items(sweep_id, plan.items)
             messages = [policy.trip_message(t, sweep_id) for t in plan.trips]
+            # the same trip repeats every sweep until an admin confirms: audit it once
+            summary = "\n".join(policy.trip_message(t, None) for t in plan.trips)
+            repeated = (
+                previous is not None and previous.state == "blocked" and previous.message == summary
+            )
             for t, m in zip(plan.trips, messages, strict=True):
+                if repeated:
+                    log.debug("%s", m)
+                    continue
                 log.warning("%s", m)
                 self.audit.append(
                     actor,
@@ -337,7 +345,8 @@ class Engine:
                 )
             for a in plan.alerts:
                 log.warning("%s", a)
-                self.audit.append(actor, "disk.alert", f"sweep:{sweep_id}", {"message": a})
+                if not repeated:
+                    self.audit.append(actor, "disk.alert", f"sweep:{sweep_id}", {"message": a})
             result = purge(
                 self._targets(deletions),
                 audit=self.audit,
@@ -346,10 +355,9 @@ class Engine:
                 now=lambda: self.clock().wall,
                 on_deleted=lambda segs: self.catalog.remove_paths(s.path for s in segs),
             )
-            final = "blocked" if plan.trips else "done"
             self.catalog.set_sweep_state(
-                sweep_id, final, deleted=len(result.deleted), bytes=result.bytes,
-                message="; ".join(messages) or None,
+                sweep_id, "blocked" if plan.trips else "done", finished=self.clock().wall,
+                deleted=len(result.deleted), bytes_=result.bytes, message=summary,
             )
             if confirm_of is not None:
                 self.catalog.set_sweep_state(confirm_of, "confirmed")
@@ -371,9 +379,11 @@ class Engine:
             sw = self.catalog.get_sweep(sweep_id)
             if sw is None:
                 raise InvalidInput(f"no sweep {sweep_id}; see `nvr-guard status` for blocked sweeps")
-            if sw["state"] != "blocked":
-                raise InvalidInput(f"sweep {sweep_id} is {sw['state']}, not blocked: nothing to confirm")
-            blocked = [p for p, action in self.catalog.sweep_item_actions(sweep_id) if action == Action.BLOCKED.value]
+            if sw.state != "blocked":
+                raise InvalidInput(f"sweep {sweep_id} is {sw.state}, not blocked: nothing to confirm")
+            blocked = [
+                i.path for i in self.catalog.sweep_items(sweep_id) if i.action == Action.BLOCKED.value
+            ]
             conf = policy.Confirmation(paths=frozenset(blocked), accept_clock=True)
             self.audit.append(
                 caller.user, "sweep.confirm", f"sweep:{sweep_id}",
@@ -383,7 +393,10 @@ class Engine:
 
     # ---- holds ---------------------------------------------------------------------------
     def site_of_camera(self, camera: str) -> str | None:
-        return self.catalog.site_of_camera(camera)
+        for site, cam in self.catalog.cameras():
+            if cam == camera:
+                return site
+        return None
 
     def hold_add(
         self,
@@ -438,9 +451,9 @@ class Engine:
                 raise InvalidInput(f"hold {hold_id} was already released")
             if h.kind != "manual":
                 raise PolicyRefused(f"hold {hold_id} belongs to a {h.kind}; it ends with it")
-            self.catalog.release_hold(hold_id, caller.user, reason.strip())
+            released = self.catalog.release_hold(hold_id, caller.user, reason.strip(), now=self.clock().wall)
             self.audit.append(caller.user, "hold.release", f"hold:{hold_id}", {"reason": reason.strip()})
-            return self.catalog.list_holds_by_id(hold_id)
+            return released
 
     def holds_json(self, include_released: bool = False) -> list[dict[str, Any]]:
         tz = self.config.tz
@@ -455,13 +468,26 @@ class Engine:
         return out
 
     # ---- status --------------------------------------------------------------------------
+    def _site_stats(self, site: str) -> dict[str, Any]:
+        with self.catalog.lock:
+            count, size = self.catalog.conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM segments WHERE site = ?", (site,)
+            ).fetchone()
+            oldest = self.catalog.conn.execute(
+                "SELECT min(start) FROM segments WHERE site = ?", (site,)
+            ).fetchone()[0]
+            newest = self.catalog.conn.execute(
+                "SELECT max(start) FROM segments WHERE site = ?", (site,)
+            ).fetchone()[0]
+        return {"count": int(count), "bytes": int(size), "oldest": oldest, "newest": newest}
+
     def status(self) -> dict[str, Any]:
         with self.lock:
             now = self.clock()
             disk = self.disk_states()
             sites = {}
             for name, rules in self.rules.items():
-                stats = self.catalog.site_stats(name)
+                stats = self._site_stats(name)
                 d = disk.get(name)
                 sites[name] = {
                     "rule": rules.describe(),
@@ -473,7 +499,12 @@ class Engine:
                     "disk_free_fraction": round(d.free / d.total, 4) if d and d.total else None,
                     "min_free": rules.min_free,
                 }
-            blocked = self.catalog.blocked_sweeps()
+            latest = self.catalog.latest_sweep()
+            blocked = (
+                [{"id": latest.id, "message": latest.message}]
+                if latest is not None and latest.state == "blocked" else []
+            )
+            done = self.catalog.latest_sweep(("done", "confirmed", "blocked"))
             verify = self.audit.verify()
             return {
                 "ok": verify.ok and not blocked,
@@ -483,7 +514,9 @@ class Engine:
                 "sites": sites,
                 "holds": self.holds_json(),
                 "blocked_sweeps": blocked,
-                "last_sweep": self.catalog.last_sweep_summary(),
+                "last_sweep": None if done is None else {
+                    "id": done.id, "state": done.state, "time": iso(done.started, self.config.tz),
+                    "deleted": done.deleted, "bytes": done.bytes},
                 "audit": {"ok": verify.ok, "entries": verify.count, "problem": verify.problem or None},
                 "violations": [],
             }
