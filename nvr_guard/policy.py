@@ -297,6 +297,10 @@ def _dur(d: Duration | None) -> str:
     return "".join(parts) or "0s"
 
 
+def _n(count: int, noun: str = "segment") -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
 def _pct(fraction: float) -> str:
     """31% / 20.5% / 0.1%: enough digits to tell a value from the threshold it is compared with."""
     p = fraction * 100
@@ -505,8 +509,8 @@ def decide(
 
     for site in sorted(unknown):
         plan.alerts.append(
-            f"site {site}: {unknown[site]:,} catalogued segments have no retention rules (the site "
-            f"is not in the config); none of them is deleted"
+            f"site {site}: no retention rules (the site is not in the config) for "
+            f"{_n(unknown[site])} in the catalog; none of them is deleted"
         )
 
     for site in sorted(spare):
@@ -582,7 +586,7 @@ def _disk_pressure(
     missing = ctx.need - freed
     if overwritten:
         plan.alerts.append(
-            f"site {site}: disk {ctx.free_note}: overwrite-oldest deletes {overwritten:,} segments "
+            f"site {site}: disk {ctx.free_note}: overwrite-oldest deletes {_n(overwritten)} "
             f"({human_bytes(overwritten_bytes)}) younger than the floor min_keep={_dur(r.min_keep)}"
         )
     if missing > 0:
@@ -730,7 +734,7 @@ def trip_message(trip: GuardTrip, sweep_id: int | None) -> str:
     )
     if trip.kind == "clock-jump":
         what = (
-            f"{trip.count:,} segments ({human_bytes(trip.bytes)}) held back"
+            f"{_n(trip.count)} ({human_bytes(trip.bytes)}) held back"
             if trip.count
             else "nothing is due right now, but deletions stay stopped"
         )
@@ -742,7 +746,7 @@ def trip_message(trip: GuardTrip, sweep_id: int | None) -> str:
     site = trip.site or "?"
     fraction = trip.count / trip.total if trip.total else 1.0
     return (
-        f"camera {trip.camera} (site {site}): {trip.count:,} segments "
+        f"camera {trip.camera} (site {site}): {_n(trip.count)} "
         f"({human_bytes(trip.bytes)}) would be deleted, {_pct(fraction)} of its footage "
         f"({trip.count:,} of {trip.total:,}) — over the {_pct(trip.limit)} mass-deletion guard; "
         f"nothing of this camera is deleted. Likely cause: {trip.cause}. Review with "

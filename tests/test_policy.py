@@ -614,8 +614,8 @@ def test_segments_of_unknown_site_are_never_deleted() -> None:
     plan = plan_for([s], CNOW, rules())
     assert plan.items == []
     assert plan.alerts == [
-        "site removed: 1 catalogued segments have no retention rules (the site is not in the "
-        "config); none of them is deleted"
+        "site removed: no retention rules (the site is not in the config) for 1 segment in the "
+        "catalog; none of them is deleted"
     ]
 
 
