@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -147,3 +148,278 @@ def test_sysusers_and_tmpfiles_apply_to_an_empty_root(tmp_path: Path) -> None:
     assert state.is_dir()
     assert state.stat().st_mode & 0o777 == 0o700
     assert state.stat().st_uid == int(entry[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# The unit's system-call filter and MemoryDenyWriteExecute, applied for real.
+#
+# There is no systemd (PID 1) to start the unit here, but its riskiest settings are a seccomp
+# filter, and that can be built from the unit file itself with libseccomp (always installed with
+# systemd) and applied to a process running what the daemon does: SQLite in WAL mode, psutil,
+# Ed25519, inotify, APScheduler threads, the control socket, ffmpeg with a CJK watermark and
+# clamscan. A call the filter refuses shows up as a failed step with EPERM, long before a
+# production host finds it.
+
+LAUNCHER = r"""
+import ctypes, ctypes.util, json, os, sys
+
+allowed = json.loads(sys.argv[1])
+argv = sys.argv[2:]
+lib = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2", use_errno=True)
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_init.argtypes = [ctypes.c_uint32]
+lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+
+
+class Cmp(ctypes.Structure):  # struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                       ctypes.c_uint, ctypes.POINTER(Cmp)]
+ALLOW, EPERM = 0x7FFF0000, 0x00050000 | 1
+MASKED_EQ = 7
+PROT_WRITE, PROT_EXEC, SHM_EXEC = 0x2, 0x4, 0o100000
+
+
+def rule(nr, *cmps):
+    arr = (Cmp * len(cmps))(*cmps) if cmps else None
+    rc = lib.seccomp_rule_add_array(ctx, ALLOW, nr, len(cmps), arr)
+    if rc < 0:
+        raise SystemExit(f"seccomp_rule_add_array({nr}) failed: {rc}")
+
+
+ctx = lib.seccomp_init(EPERM)  # like SystemCallErrorNumber=EPERM for everything not allowed
+for name in allowed:
+    nr = lib.seccomp_syscall_resolve_name(name.encode())
+    if nr < 0:
+        continue  # not a syscall of this architecture
+    if name == "mmap":  # MemoryDenyWriteExecute: never writable and executable at once
+        wx = PROT_WRITE | PROT_EXEC
+        for ok in (0, PROT_WRITE, PROT_EXEC):
+            rule(nr, Cmp(2, MASKED_EQ, wx, ok))
+    elif name in ("mprotect", "pkey_mprotect"):  # ... nor made executable later
+        rule(nr, Cmp(2, MASKED_EQ, PROT_EXEC, 0))
+    elif name == "shmat":
+        rule(nr, Cmp(2, MASKED_EQ, SHM_EXEC, 0))
+    else:
+        rule(nr)
+if lib.seccomp_load(ctx) != 0:  # also sets no_new_privs, as NoNewPrivileges=yes does
+    raise SystemExit("seccomp_load failed")
+os.execv(argv[0], argv)
+"""
+
+WORKLOAD = r"""
+import json, mmap, os, sqlite3, subprocess, sys, threading
+from pathlib import Path
+
+work = Path(sys.argv[1])
+font = sys.argv[2]
+steps = {}
+
+
+def step(name, func):
+    try:
+        steps[name] = func()
+    except Exception as exc:  # reported per step, asserted by the test
+        steps[name] = f"FAILED: {type(exc).__name__}: {exc}"
+
+
+def sqlite_wal():
+    db = sqlite3.connect(work / "catalog.db")
+    assert db.execute("pragma journal_mode=wal").fetchone()[0] == "wal"
+    db.execute("create table seg(path blob, start real)")
+    db.executemany("insert into seg values (?, ?)", [(b"/r/%d.mp4" % i, i) for i in range(2000)])
+    db.commit()
+    return db.execute("select count(*) from seg").fetchone()[0] == 2000
+
+
+def figures():
+    import psutil
+    return (psutil.disk_usage(str(work)).total > 0
+            and psutil.Process().memory_info().rss > 0
+            and len(psutil.disk_partitions()) > 0)
+
+
+def ed25519():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    key = Ed25519PrivateKey.generate()
+    key.public_key().verify(key.sign(b"manifest"), b"manifest")
+    return True
+
+
+def control_socket():
+    from nvr_guard.control import ControlServer, call
+    server = ControlServer(work / "c.sock", None)
+    server.start()
+    try:
+        return call(work / "c.sock", "ping")["pong"]
+    finally:
+        server.stop()
+
+
+def inotify():
+    from watchdog.events import FileSystemEventHandler
+    from watchdog.observers import Observer
+    closed = threading.Event()
+
+    class Hint(FileSystemEventHandler):
+        def on_closed(self, event):
+            closed.set()
+
+    observer = Observer()
+    observer.schedule(Hint(), str(work), recursive=True)
+    observer.start()
+    try:
+        (work / "segment.mp4").write_bytes(b"\0" * 1024)
+        return closed.wait(10)
+    finally:
+        observer.stop()
+        observer.join(5)
+
+
+def scheduler():
+    import datetime
+    from apscheduler.schedulers.background import BackgroundScheduler
+    ran = threading.Event()
+    sched = BackgroundScheduler()
+    sched.add_job(ran.set, "interval", hours=1, next_run_time=datetime.datetime.now())
+    sched.start()
+    try:
+        return ran.wait(10)
+    finally:
+        sched.shutdown()
+
+
+def ffmpeg():
+    out = work / "clip.mp4"
+    run = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi",
+         "-i", "testsrc=duration=1:size=320x240:rate=10",
+         "-vf", f"drawtext=fontfile={font}:text='调取 NVRG-1':fontcolor=white:x=10:y=10",
+         "-c:v", "libx264", "-preset", "veryfast", "-y", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-500:]
+    return out.stat().st_size > 0
+
+
+def clamscan():
+    import hashlib
+    sample = work / "sample.bin"
+    sample.write_bytes(b"nvr-guard scanner test pattern\n" * 10)
+    digest = hashlib.md5(sample.read_bytes()).hexdigest()
+    sigs = work / "local.hdb"
+    sigs.write_text(f"{digest}:{sample.stat().st_size}:NvrGuard.Test.Sample\n")
+    run = subprocess.run(["clamscan", "--no-summary", "-d", str(sigs), str(sample)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "NvrGuard.Test.Sample" in run.stdout, run.stdout + run.stderr
+    return True
+
+
+def refused_wx_mapping():
+    try:
+        mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except PermissionError:
+        return "refused"
+    return "allowed"
+
+
+def refused_setuid():
+    try:
+        os.setuid(os.getuid())
+    except PermissionError:
+        return "refused"
+    return "allowed"
+
+
+for name, func in [("sqlite_wal", sqlite_wal), ("figures", figures), ("ed25519", ed25519),
+                   ("control_socket", control_socket), ("inotify", inotify),
+                   ("scheduler", scheduler), ("ffmpeg", ffmpeg), ("clamscan", clamscan),
+                   ("refused_wx_mapping", refused_wx_mapping),
+                   ("refused_setuid", refused_setuid)]:
+    step(name, func)
+print(json.dumps(steps))
+"""
+
+
+def expand_syscall_set(name: str, seen: set[str] | None = None) -> set[str]:
+    """Syscall names of a systemd set such as @system-service, nested sets resolved."""
+    seen = set() if seen is None else seen
+    if not name.startswith("@"):
+        return {name}
+    if name in seen:
+        return set()
+    seen.add(name)
+    out = run("systemd-analyze", "syscall-filter", name)
+    assert out.returncode == 0, out.stderr
+    names: set[str] = set()
+    for line in out.stdout.splitlines()[1:]:
+        item = line.strip()
+        if item and not item.startswith("#"):
+            names |= expand_syscall_set(item, seen)
+    return names
+
+
+def unit_syscall_allow_list() -> list[str]:
+    """What SystemCallFilter= in the unit allows: the first (allow) line, minus "~" lines."""
+    lines = unit_directives(UNIT.read_text())["SystemCallFilter"]
+    allowed: set[str] = set()
+    for index, value in enumerate(lines):
+        deny = value.startswith("~")
+        names: set[str] = set()
+        for item in value.lstrip("~").split():
+            names |= expand_syscall_set(item)
+        if deny:
+            allowed -= names
+        else:
+            assert index == 0, "an allow list after a deny list would widen the filter"
+            allowed |= names
+    return sorted(allowed)
+
+
+def test_allow_list_excludes_privileged_calls() -> None:
+    allowed = set(unit_syscall_allow_list())
+    assert {"openat", "unlinkat", "inotify_add_watch", "fsync", "rename"} <= allowed
+    assert not {"setuid", "chown", "mount", "clock_settime", "setpriority", "reboot"} & allowed
+
+
+@pytest.mark.slow
+def test_daemon_workload_runs_under_the_units_syscall_filter(tmp_path: Path) -> None:
+    directives = unit_directives(UNIT.read_text())
+    assert directives["MemoryDenyWriteExecute"] == ["yes"]
+    work = tmp_path / "w"
+    work.mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LAUNCHER,
+            json.dumps(unit_syscall_allow_list()),
+            sys.executable,
+            "-c",
+            WORKLOAD,
+            str(work),
+            "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = json.loads(result.stdout.strip().splitlines()[-1])
+    assert steps == {
+        "sqlite_wal": True,
+        "figures": True,
+        "ed25519": True,
+        "control_socket": True,
+        "inotify": True,
+        "scheduler": True,
+        "ffmpeg": True,
+        "clamscan": True,
+        # The filter is really in force: these two are what it exists to stop.
+        "refused_wx_mapping": "refused",
+        "refused_setuid": "refused",
+    }
