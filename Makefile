@@ -11,7 +11,12 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 MAKEFLAGS += --no-print-directory
 
-PYTHON      ?= python3
+# The system interpreter when it is new enough (Debian 12: 3.11): the venv must be usable by
+# other users too — the service user, and the tests that run the CLI as `nobody` — and an
+# interpreter under /root (pyenv) is not. Else the first python3 on PATH.
+PYTHON      ?= $(shell for p in /usr/bin/python3 python3; do \
+                 $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 \
+                 && { command -v $$p; exit; }; done; echo python3)
 VENV        ?= .venv
 STAMP       := $(VENV)/.nvr-guard-installed
 PYTEST_ARGS ?=
