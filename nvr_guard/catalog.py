@@ -618,7 +618,8 @@ class Catalog:
         with self.transaction() as c:
             c.executemany(
                 "INSERT INTO dirs (path, site, mtime_ns) VALUES (?, ?, ?) "
-                "ON CONFLICT(path) DO UPDATE SET site = excluded.site, mtime_ns = excluded.mtime_ns",
+                "ON CONFLICT(path) DO UPDATE SET site = excluded.site, "
+                "mtime_ns = excluded.mtime_ns",
                 ((p, site, m) for p, m in items),
             )
 

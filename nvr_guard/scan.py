@@ -1,0 +1,908 @@
+"""Keeping the catalog in step with the recording roots.
+
+Three ways in, from thorough to cheap:
+
+- :meth:`Scanner.reconcile` — a cold walk of every root (``os.scandir`` on bytes paths, never
+  following a symlink). Run at start and hourly; it is the ground truth. A million segments take
+  a few seconds: the top-level directories are walked in worker processes (the walk is Python
+  work between syscalls, one core does not keep up with ``find``), each worker diffs its part
+  against the catalog through its own read-only connection and sends back only the changes, and
+  this process writes them.
+- :meth:`Scanner.incremental` — re-lists only directories whose mtime changed since the last walk
+  (creating, deleting or renaming an entry changes the mtime of its directory). Cheap when
+  nothing changed: one ``lstat`` per known directory.
+- :meth:`Scanner.hint` — one path, after an inotify event (:class:`Watcher`). Hints are only
+  hints: a lost event (queue overflow, watch limit) costs latency, never correctness, because the
+  rescans still run.
+
+Symlinks are never catalogued, whether they point at a file or a directory, inside or outside the
+root (SPEC §4: nothing reached through a symlink is ever deleted, so it must not even be a
+candidate). Which files count: the site's extensions (compared lower-case); camera and recorded
+start from the site's layout pattern, else camera = first directory level below the root and
+start = mtime. Everything else is counted as ``ignored``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import logging
+import multiprocessing
+import os
+import queue
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyFullEmitter, InotifyWatchGroup
+from watchdog.observers.inotify_c import InotifyFD
+
+from nvr_guard.catalog import Catalog, ExpiryCalc, SegmentRow, prefix_range
+from nvr_guard.layout import Layout
+from nvr_guard.model import SiteRules
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReconcileStats", "Scanner", "SiteScan", "Watcher", "max_user_watches"]
+
+# A directory whose mtime is this recent may still change within the same timestamp tick after
+# we listed it (coarse kernel clock); it is stored as "unknown" (-1) so the next incremental
+# pass lists it again (git's "racy index" rule).
+_RACY_NS = 2_000_000_000
+# Below this many catalogued segments a warm reconcile stays in-process (worker start-up costs
+# more than it saves).
+_POOL_MIN_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class SiteScan:
+    """What the scanner needs to know about one site (a plain description, built from config)."""
+
+    site: str
+    roots: list[bytes]
+    layout: Layout | None
+    extensions: frozenset[str]  # lower-case, with the dot: {".mp4", ".mkv"}
+    rules: SiteRules
+
+
+@dataclass
+class ReconcileStats:
+    added: int = 0
+    removed: int = 0
+    updated: int = 0
+    files: int = 0  # segment files seen on disk
+    ignored: int = 0  # entries that are not segments (wrong place, no match, symlinks, ...)
+    dirs: int = 0  # directories listed
+    seconds: float = 0.0
+
+    def add(self, other: ReconcileStats) -> None:
+        self.added += other.added
+        self.removed += other.removed
+        self.updated += other.updated
+        self.files += other.files
+        self.ignored += other.ignored
+        self.dirs += other.dirs
+
+    def as_json(self) -> dict[str, float | int]:
+        return {
+            "added": self.added,
+            "removed": self.removed,
+            "updated": self.updated,
+            "files": self.files,
+            "ignored": self.ignored,
+            "dirs": self.dirs,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# ---- the walk (runs in worker processes too: module level, picklable inputs) -----------------
+
+# catalogued state of one path, compared with the disk: (site, camera, start, mtime, size)
+_Known = tuple[str, str, float, float, int]
+
+
+@dataclass
+class _Classifier:
+    site: str
+    root: bytes  # without trailing slash
+    layout: Layout | None
+    exts: frozenset[bytes]
+    rules: SiteRules
+    calc: ExpiryCalc | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.calc = ExpiryCalc(self.rules)
+        self._cut = len(self.root) + 1
+
+    def is_segment_name(self, name: bytes) -> bool:
+        dot = name.rfind(b".")
+        return dot > 0 and name[dot:].lower() in self.exts
+
+    def classify(self, path: bytes, mtime: float) -> tuple[str, float] | None:
+        """(camera, start) of a segment file, or None when it does not belong in the catalog."""
+        rel = path[self._cut :].decode("utf-8", "surrogateescape")
+        if self.layout is not None:
+            return self.layout.parse(rel)
+        slash = rel.find("/")
+        if slash <= 0:
+            return None  # directly in the root: no camera directory
+        return rel[:slash], mtime
+
+
+@dataclass
+class _Delta:
+    rows: list[SegmentRow] = field(default_factory=list)
+    removed: list[bytes] = field(default_factory=list)
+    dirs: list[tuple[bytes, int]] = field(default_factory=list)
+    stats: ReconcileStats = field(default_factory=ReconcileStats)
+
+
+def _dir_mark(mtime_ns: int, racy_after_ns: int) -> int:
+    return -1 if mtime_ns > racy_after_ns else mtime_ns
+
+
+def _note_file(
+    cls: _Classifier,
+    path: bytes,
+    st: os.stat_result,
+    known: dict[bytes, _Known],
+    delta: _Delta,
+) -> None:
+    mtime = st.st_mtime
+    got = cls.classify(path, mtime)
+    if got is None:
+        delta.stats.ignored += 1
+        return
+    camera, start = got
+    size = st.st_size
+    delta.stats.files += 1
+    old = known.pop(path, None)
+    if old is None:
+        delta.stats.added += 1
+    elif old == (cls.site, camera, start, mtime, size):
+        return
+    else:
+        delta.stats.updated += 1
+    assert cls.calc is not None
+    delta.rows.append((cls.site, camera, path, start, mtime, size, cls.calc(start)))
+
+
+def _walk(
+    cls: _Classifier,
+    top: bytes,
+    top_mtime_ns: int,
+    known: dict[bytes, _Known],
+    delta: _Delta,
+    racy_after_ns: int,
+) -> None:
+    """Walk ``top`` (a real directory below the root) and everything below it.
+
+    This loop is the cold reconcile's cost (a million files): the per-file work is inlined and
+    the directory part of the relative path is decoded once per directory, not once per file.
+    """
+    stack = [(top, top_mtime_ns)]
+    exts = cls.exts
+    site = cls.site
+    parse = cls.layout.parse if cls.layout is not None else None
+    calc = cls.calc
+    assert calc is not None
+    fixed = cls.rules.keep is not None and cls.rules.keep.months == 0
+    keep_s = float(cls.rules.keep.seconds) if cls.rules.keep is not None else 0.0
+    forever = cls.rules.keep is None
+    cut = len(cls.root) + 1
+    rows = delta.rows
+    pop = known.pop
+    files = ignored = added = updated = ndirs = 0
+    while stack:
+        d, d_ns = stack.pop()
+        try:
+            it = os.scandir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # vanished meanwhile: its rows stay in ``known`` and are removed
+        except PermissionError as exc:
+            log.warning("cannot list %r: %s; its segments are left as catalogued", d, exc)
+            # unknown content: keep what the catalog has rather than forgetting it
+            lo, hi = prefix_range(d + b"/")
+            for p in [p for p in known if lo <= p < hi]:
+                del known[p]
+            continue
+        ndirs += 1
+        delta.dirs.append((d, _dir_mark(d_ns, racy_after_ns)))
+        rel_dir = (d[cut:] + b"/").decode("utf-8", "surrogateescape") if len(d) > cut else ""
+        camera_dir = rel_dir[: rel_dir.find("/")] if rel_dir else ""
+        with it:
+            for e in it:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append((e.path, e.stat(follow_symlinks=False).st_mtime_ns))
+                        continue
+                    if not e.is_file(follow_symlinks=False):
+                        ignored += 1  # symlink, fifo, socket, device
+                        continue
+                    name = e.name
+                    dot = name.rfind(b".")
+                    if dot <= 0 or name[dot:].lower() not in exts:
+                        ignored += 1
+                        continue
+                    path = e.path
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # gone between listing and stat
+                mtime = st.st_mtime
+                if parse is not None:
+                    got = parse(rel_dir + name.decode("utf-8", "surrogateescape"))
+                    if got is None:
+                        ignored += 1
+                        continue
+                    camera, start = got
+                elif camera_dir:
+                    camera, start = camera_dir, mtime
+                else:
+                    ignored += 1  # directly in the root: no camera directory
+                    continue
+                size = st.st_size
+                files += 1
+                old = pop(path, None)
+                if old is None:
+                    added += 1
+                elif old == (site, camera, start, mtime, size):
+                    continue
+                else:
+                    updated += 1
+                expires = None if forever else (start + keep_s if fixed else calc(start))
+                rows.append((site, camera, path, start, mtime, size, expires))
+    st_ = delta.stats
+    st_.files += files
+    st_.ignored += ignored
+    st_.added += added
+    st_.updated += updated
+    st_.dirs += ndirs
+
+
+@dataclass(frozen=True)
+class _Job:
+    db: str | None  # catalog file to diff against (own read-only connection); None: no rows yet
+    site: str
+    root: bytes
+    top: bytes
+    top_mtime_ns: int
+    layout: Layout | None
+    exts: frozenset[bytes]
+    rules: SiteRules
+    racy_after_ns: int
+
+
+def _read_known(conn: sqlite3.Connection, lo: bytes, hi: bytes) -> dict[bytes, _Known]:
+    cur = conn.execute(
+        "SELECT path, site, camera, start, mtime, size FROM segments WHERE path >= ? AND path < ?",
+        (lo, hi),
+    )
+    return {p: (s, c, st, m, z) for p, s, c, st, m, z in cur}
+
+
+def _run_job(job: _Job) -> _Delta:
+    cls = _Classifier(job.site, job.root, job.layout, job.exts, job.rules)
+    known: dict[bytes, _Known] = {}
+    if job.db is not None:
+        conn = sqlite3.connect(f"file:{job.db}?mode=ro", uri=True, timeout=30)
+        try:
+            known = _read_known(conn, *prefix_range(job.top + b"/"))
+        finally:
+            conn.close()
+    delta = _Delta()
+    _walk(cls, job.top, job.top_mtime_ns, known, delta, job.racy_after_ns)
+    delta.removed = list(known)
+    delta.stats.removed = len(known)
+    return delta
+
+
+def _gaps(prefix: bytes, children: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    """Ranges below ``prefix`` (ends in /) not inside any ``prefix + child + /`` subtree."""
+    lo, end = prefix_range(prefix)
+    out = []
+    for c in sorted(prefix + c + b"/" for c in children):
+        c_lo, c_hi = prefix_range(c)
+        if lo < c_lo:
+            out.append((lo, c_lo))
+        lo = max(lo, c_hi)
+    if lo < end:
+        out.append((lo, end))
+    return out
+
+
+# ---- the scanner ----------------------------------------------------------------------------
+
+
+class Scanner:
+    """Reconciles the catalog with the roots of the given sites."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        sites: Sequence[SiteScan],
+        clock: Callable[[], float] = time.time,
+        *,
+        workers: int | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.sites = list(sites)
+        self.clock = clock
+        # the walk is CPU-bound Python between syscalls: more processes only help up to the cores
+        self.workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
+        self._by_site = {s.site: s for s in self.sites}
+        roots: list[tuple[bytes, SiteScan]] = []
+        for s in self.sites:
+            for r in s.roots:
+                roots.append((_norm(r), s))
+        # longest first: the most specific root wins (config refuses overlaps anyway)
+        self._roots = sorted(roots, key=lambda rs: len(rs[0]), reverse=True)
+        self._classifiers: dict[tuple[str, bytes], _Classifier] = {}
+        self._lock = threading.Lock()  # one reconcile / incremental / hint at a time
+
+    def _classifier(self, s: SiteScan, root: bytes) -> _Classifier:
+        key = (s.site, root)
+        c = self._classifiers.get(key)
+        if c is None:
+            c = self._classifiers[key] = _Classifier(s.site, root, s.layout, _exts(s), s.rules)
+        return c
+
+    def _selected(self, site: str | None) -> list[SiteScan]:
+        if site is None:
+            return self.sites
+        if site not in self._by_site:
+            raise KeyError(f"unknown site {site!r}")
+        return [self._by_site[site]]
+
+    def _racy_after(self) -> int:
+        return time.time_ns() - _RACY_NS
+
+    # -- cold reconcile --------------------------------------------------------------------
+
+    def reconcile(self, site: str | None = None) -> ReconcileStats:
+        """Walk the roots (of one site or all) and make the catalog match them."""
+        t0 = time.perf_counter()
+        total = ReconcileStats()
+        with self._lock:
+            if site is None:
+                total.removed += self.catalog.remove_sites_except(s.site for s in self.sites)
+            for s in self._selected(site):
+                total.removed += self.catalog.remove_outside(s.site, [_norm(r) for r in s.roots])
+                self.catalog.note_rules(s.site, s.rules)
+                for root in s.roots:
+                    total.add(self._reconcile_root(s, _norm(root)))
+        total.seconds = time.perf_counter() - t0
+        log.info(
+            "reconcile: %d segment files, %d added, %d updated, %d removed, %d ignored in %.1f s",
+            total.files, total.added, total.updated, total.removed, total.ignored, total.seconds,
+        )
+        return total
+
+    def _reconcile_root(self, s: SiteScan, root: bytes) -> ReconcileStats:
+        stats = ReconcileStats()
+        cls = self._classifier(s, root)
+        racy = self._racy_after()
+        try:
+            root_st = os.stat(root)
+            entries = list(os.scandir(root))
+        except OSError as exc:
+            # a root that is missing or unreadable (unmounted disk): its catalog rows are kept,
+            # since forgetting them would hide footage that is still somewhere; say so loudly
+            log.warning("site %s: cannot list root %r: %s; catalog left as is", s.site, root, exc)
+            return stats
+        stats.dirs += 1
+        tops: list[tuple[bytes, int]] = []
+        root_files: list[tuple[bytes, os.stat_result]] = []
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    tops.append((e.path, e.stat(follow_symlinks=False).st_mtime_ns))
+                elif e.is_file(follow_symlinks=False) and cls.is_segment_name(e.name):
+                    root_files.append((e.path, e.stat(follow_symlinks=False)))
+                else:
+                    stats.ignored += 1
+            except FileNotFoundError:
+                continue
+        prefix = root + b"/"
+        names = [t[len(prefix) :] for t, _ in tops]
+        existing = self.catalog.count(s.site) > 0 or self._any_under(root)
+        # rows outside every top-level directory: files directly in the root, and subtrees of
+        # top-level directories that are gone (or became symlinks) — compared or removed here
+        known: dict[bytes, _Known] = {}
+        if existing:
+            with self.catalog.lock:
+                for lo, hi in _gaps(prefix, names):
+                    known.update(_read_known(self.catalog.conn, lo, hi))
+        head = _Delta()
+        head.dirs.append((root, _dir_mark(root_st.st_mtime_ns, racy)))
+        for path, st in root_files:
+            _note_file(cls, path, st, known, head)
+        head.removed = list(known)
+        head.stats.removed = len(known)
+
+        jobs = [
+            _Job(
+                str(self.catalog.path) if existing else None,
+                s.site, root, top, ns, s.layout, cls.exts, s.rules, racy,
+            )
+            for top, ns in tops
+        ]
+        use_pool = self.workers > 1 and len(jobs) > 1 and (
+            not existing or self.catalog.count(s.site) >= _POOL_MIN_ROWS
+        )
+        all_dirs: list[tuple[bytes, int]] = []
+
+        t_apply = 0.0
+        t_start = time.perf_counter()
+
+        def apply(delta: _Delta) -> None:
+            nonlocal t_apply
+            t = time.perf_counter()
+            self.catalog.apply_rows(delta.rows, delta.removed)
+            t_apply += time.perf_counter() - t
+            all_dirs.extend(delta.dirs)
+            stats.add(delta.stats)
+
+        with self.catalog.bulk_load() if not existing else _nullctx():
+            apply(head)
+            if use_pool:
+                ctx = multiprocessing.get_context("forkserver")
+                with concurrent.futures.ProcessPoolExecutor(
+                    max_workers=min(self.workers, len(jobs)), mp_context=ctx
+                ) as pool:
+                    # biggest first would be better balanced; sizes are unknown, names are not
+                    for fut in concurrent.futures.as_completed(
+                        [pool.submit(_run_job, j) for j in jobs]
+                    ):
+                        apply(fut.result())
+            else:
+                for j in jobs:
+                    apply(_run_job(j))
+            # directories last: if we die before this, the next incremental pass re-lists
+            lo, hi = prefix_range(prefix)
+            with self.catalog.transaction() as c:
+                c.execute(
+                    "DELETE FROM dirs WHERE path = ? OR (path >= ? AND path < ?)", (root, lo, hi)
+                )
+            self.catalog.set_dirs(s.site, all_dirs)
+            t_walked = time.perf_counter()
+        log.debug(
+            "site %s root %r: walk %.2f s (writing %.2f s of it), commit/index %.2f s, pool %s",
+            s.site, root, t_walked - t_start, t_apply, time.perf_counter() - t_walked, use_pool,
+        )
+        return stats
+
+    def _any_under(self, root: bytes) -> bool:
+        lo, hi = prefix_range(root + b"/")
+        with self.catalog.lock:
+            row = self.catalog.conn.execute(
+                "SELECT 1 FROM segments WHERE path >= ? AND path < ? LIMIT 1", (lo, hi)
+            ).fetchone()
+        return row is not None
+
+    # -- incremental -----------------------------------------------------------------------
+
+    def incremental(self, site: str | None = None) -> ReconcileStats:
+        """Re-list only directories whose mtime changed since they were last listed."""
+        t0 = time.perf_counter()
+        total = ReconcileStats()
+        with self._lock:
+            for s in self._selected(site):
+                known_dirs = self.catalog.dirs_of(s.site)
+                for root in (_norm(r) for r in s.roots):
+                    if root not in known_dirs:
+                        # never walked (new root, or first start): only a full walk will do
+                        total.add(self._reconcile_root(s, root))
+                        continue
+                    total.add(self._incremental_root(s, root, known_dirs))
+        total.seconds = time.perf_counter() - t0
+        if total.added or total.removed or total.updated:
+            log.info(
+                "incremental reconcile: %d added, %d updated, %d removed in %.2f s",
+                total.added, total.updated, total.removed, total.seconds,
+            )
+        return total
+
+    def _incremental_root(
+        self, s: SiteScan, root: bytes, known_dirs: dict[bytes, int]
+    ) -> ReconcileStats:
+        stats = ReconcileStats()
+        cls = self._classifier(s, root)
+        racy = self._racy_after()
+        lo, hi = prefix_range(root + b"/")
+        mine = sorted(p for p in known_dirs if p == root or lo <= p < hi)
+        changed: list[tuple[bytes, int]] = []
+        vanished: list[bytes] = []
+        for d in mine:
+            if vanished and d.startswith(vanished[-1] + b"/"):
+                continue  # below a directory that is gone: handled with it
+            try:
+                st = os.lstat(d)
+            except FileNotFoundError:
+                vanished.append(d)
+                continue
+            except OSError as exc:
+                log.warning("cannot stat %r: %s", d, exc)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                vanished.append(d)  # became a symlink or a file: nothing below it counts now
+            elif st.st_mtime_ns != known_dirs[d]:
+                changed.append((d, st.st_mtime_ns))
+        if root in vanished:
+            log.warning("site %s: root %r is gone; catalog left as is", s.site, root)
+            return stats
+        for d in vanished:
+            stats.removed += self.catalog.remove_under(d)
+        for d, ns in changed:
+            self._relist(cls, d, ns, known_dirs, stats, racy)
+        return stats
+
+    def _relist(
+        self,
+        cls: _Classifier,
+        d: bytes,
+        d_ns: int,
+        known_dirs: dict[bytes, int],
+        stats: ReconcileStats,
+        racy: int,
+    ) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            stats.removed += self.catalog.remove_under(d)
+            return
+        except OSError as exc:
+            log.warning("cannot list %r: %s", d, exc)
+            return
+        delta = _Delta()
+        delta.stats.dirs += 1
+        delta.dirs.append((d, _dir_mark(d_ns, racy)))
+        subdirs: list[tuple[bytes, int]] = []
+        files: list[tuple[bytes, os.stat_result]] = []
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    subdirs.append((e.path, e.stat(follow_symlinks=False).st_mtime_ns))
+                elif e.is_file(follow_symlinks=False) and cls.is_segment_name(e.name):
+                    files.append((e.path, e.stat(follow_symlinks=False)))
+                else:
+                    delta.stats.ignored += 1
+            except FileNotFoundError:
+                continue
+        prefix = d + b"/"
+        known: dict[bytes, _Known] = {}
+        with self.catalog.lock:
+            for lo, hi in _gaps(prefix, [p[len(prefix) :] for p, _ in subdirs]):
+                known.update(_read_known(self.catalog.conn, lo, hi))
+        for path, st in files:
+            _note_file(cls, path, st, known, delta)
+        for sub, ns in subdirs:
+            if sub not in known_dirs:
+                # new directory: walk all of it, against whatever the catalog has below it
+                with self.catalog.lock:
+                    sub_known = _read_known(self.catalog.conn, *prefix_range(sub + b"/"))
+                _walk(cls, sub, ns, sub_known, delta, racy)
+                known.update(sub_known)  # left over: catalogued but not on disk
+        delta.removed = list(known)
+        delta.stats.removed += len(known)
+        self.catalog.apply_rows(delta.rows, delta.removed)
+        self.catalog.set_dirs(cls.site, delta.dirs)
+        stats.add(delta.stats)
+
+    # -- hints -----------------------------------------------------------------------------
+
+    def site_of(self, path: bytes) -> tuple[SiteScan, bytes] | None:
+        for root, s in self._roots:
+            if path.startswith(root + b"/"):
+                return s, root
+        return None
+
+    def hint(self, path: bytes) -> str:
+        """Refresh what the catalog knows about one path; returns what was done.
+
+        ``added``/``updated``/``unchanged`` (a segment), ``removed`` (gone, or now a symlink),
+        ``walked`` (a directory), ``ignored`` (not a segment, outside the roots).
+        """
+        path = _norm(path)
+        found = self.site_of(path)
+        if found is None:
+            return "ignored"
+        s, root = found
+        cls = self._classifier(s, root)
+        with self._lock:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                n = self.catalog.remove_paths([path]) + self.catalog.remove_under(path)
+                return "removed" if n else "ignored"
+            # a symlinked directory anywhere between the root and the path: not ours to catalog
+            if not _plain_below(root, path):
+                n = self.catalog.remove_paths([path]) + self.catalog.remove_under(path)
+                return "removed" if n else "ignored"
+            if stat.S_ISDIR(st.st_mode):
+                delta = _Delta()
+                with self.catalog.lock:
+                    known = _read_known(self.catalog.conn, *prefix_range(path + b"/"))
+                _walk(cls, path, st.st_mtime_ns, known, delta, self._racy_after())
+                # a hint does not prove the directory complete (events may still come), so
+                # rows it did not see are left to the rescans; directory marks are not stored
+                self.catalog.apply_rows(delta.rows, ())
+                return "walked"
+            if not stat.S_ISREG(st.st_mode) or not cls.is_segment_name(os.path.basename(path)):
+                n = self.catalog.remove_paths([path])
+                return "removed" if n else "ignored"
+            known = {}
+            old = self.catalog.get(path)
+            if old is not None:
+                known[path] = (old.site, old.camera, old.start, old.mtime, old.size)
+            delta = _Delta()
+            _note_file(cls, path, st, known, delta)
+            if delta.stats.ignored:
+                n = self.catalog.remove_paths([path])
+                return "removed" if n else "ignored"
+            if not delta.rows:
+                return "unchanged"
+            self.catalog.apply_rows(delta.rows, ())
+            return "added" if delta.stats.added else "updated"
+
+
+class _nullctx:
+    def __enter__(self) -> bool:
+        return False
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _norm(path: bytes | str) -> bytes:
+    p = os.fsencode(path)
+    while len(p) > 1 and p.endswith(b"/"):
+        p = p[:-1]
+    return p
+
+
+def _exts(s: SiteScan) -> frozenset[bytes]:
+    return frozenset(os.fsencode(e.lower()) for e in s.extensions)
+
+
+def _plain_below(root: bytes, path: bytes) -> bool:
+    """True when every directory between ``root`` and ``path`` is a real directory."""
+    rel = path[len(root) + 1 :].split(b"/")[:-1]
+    cur = root
+    for part in rel:
+        cur = cur + b"/" + part
+        try:
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+# ---- inotify hints --------------------------------------------------------------------------
+
+
+def max_user_watches() -> int | None:
+    """The kernel's per-user inotify watch limit (``fs.inotify.max_user_watches``)."""
+    try:
+        with open("/proc/sys/fs/inotify/max_user_watches") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class Watcher:
+    """inotify events as hints: a closed file, a rename, a new directory -> ``scanner.hint``.
+
+    Only IN_CLOSE_WRITE, moves and directory creation are subscribed: a recorder closes a
+    segment when it is complete, or writes it elsewhere and renames it in. Deletions are not
+    subscribed, so nvr-guard's own purges cause no events; the rescans catch deletions by others.
+
+    When events are lost — the kernel's event queue overflowed, or the per-user watch limit is
+    exhausted so some directories go unwatched — a warning is logged and ``on_overflow()`` is
+    called: the daemon then relies on (more frequent) rescans.
+    """
+
+    def __init__(
+        self,
+        scanner: Scanner,
+        sites: Sequence[SiteScan],
+        on_overflow: Callable[[], None],
+    ) -> None:
+        self.scanner = scanner
+        self.sites = list(sites)
+        self.on_overflow = on_overflow
+        self.overflows = 0  # times events were lost (queue overflow or watch limit)
+        self._q: queue.Queue[bytes | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._observer: _HintObserver | None = None
+        self.processed = 0  # hints handled (for tests and status)
+
+    # called from watchdog's threads
+    def lost_events(self, why: str) -> None:
+        self.overflows += 1
+        limit = max_user_watches()
+        if why == "watch-limit":
+            log.warning(
+                "inotify watch limit reached (fs.inotify.max_user_watches = %s): some "
+                "directories are not watched; new segments there are found by the rescans. "
+                "Raise the limit with sysctl fs.inotify.max_user_watches=...",
+                limit,
+            )
+        else:
+            log.warning(
+                "inotify event queue overflowed: events were lost; falling back to a rescan"
+            )
+        try:
+            self.on_overflow()
+        except Exception:
+            log.exception("overflow callback failed")
+
+    def put(self, path: bytes) -> None:
+        self._q.put(path)
+
+    def start(self) -> bool:
+        """Start watching; False when inotify is unavailable (rescans only, after a warning)."""
+        self._worker = threading.Thread(target=self._work, name="nvr-guard-hints", daemon=True)
+        self._worker.start()
+        limit = max_user_watches()
+        ndirs = sum(len(self.scanner.catalog.dirs_of(s.site)) for s in self.sites)
+        if limit is not None and ndirs >= limit:
+            self.lost_events("watch-limit")
+        try:
+            obs = _HintObserver(self)
+            handler = _HintHandler(self)
+            for s in self.sites:
+                for r in s.roots:
+                    obs.schedule(
+                        handler, os.fsdecode(_norm(r)), recursive=True, event_filter=_EVENTS
+                    )
+            obs.start()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EMFILE):
+                self.lost_events("watch-limit")
+            else:
+                log.warning("cannot watch the recording roots (%s); relying on rescans", exc)
+                try:
+                    self.on_overflow()
+                except Exception:
+                    log.exception("overflow callback failed")
+            return False
+        self._observer = obs
+        return True
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+            self._observer = None
+        if self._worker is not None:
+            self._q.put(None)
+            self._worker.join(timeout=10)
+            self._worker = None
+
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            batch = [item]
+            # a burst (a directory moved in) arrives as many events: drain, dedupe, keep order
+            while True:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            seen: set[bytes] = set()
+            for p in batch:
+                if p is None:
+                    return
+                if p in seen:
+                    continue
+                seen.add(p)
+                try:
+                    self.scanner.hint(p)
+                except Exception:
+                    log.exception("hint for %r failed; the next rescan will catch up", p)
+                self.processed += 1
+
+
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileClosedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    DirCreatedEvent,
+]
+
+
+class _HintHandler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        # the event filter already limits what arrives; checked again in case a watchdog
+        # version ignores it
+        if isinstance(event, FileClosedEvent) or (
+            isinstance(event, DirCreatedEvent) and event.is_directory
+        ):
+            self.watcher.put(os.fsencode(event.src_path))
+        elif isinstance(event, (FileMovedEvent, DirMovedEvent)):
+            # the full emitter reports moves in from / out of the tree with an empty side
+            if event.src_path:
+                self.watcher.put(os.fsencode(event.src_path))
+            if event.dest_path:
+                self.watcher.put(os.fsencode(event.dest_path))
+
+
+class _FdGuard:
+    """Wraps watchdog's inotify fd: reports ENOSPC (watch limit) when adding a watch.
+
+    watchdog logs and skips a subdirectory it cannot watch; we need to know, because footage
+    in that directory would then only be found by the rescans.
+    """
+
+    def __init__(self, fd: InotifyFD, watcher: Watcher) -> None:
+        self._fd = fd
+        self._watcher = watcher
+        self._reported = False
+
+    def add_callback(self, *args: object, **kwargs: object) -> object:
+        try:
+            return self._fd.add_callback(*args, **kwargs)  # type: ignore[arg-type]
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and not self._reported:
+                self._reported = True  # once per emitter: the log would drown otherwise
+                self._watcher.lost_events("watch-limit")
+            raise
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._fd, name)
+
+
+class _Emitter(InotifyFullEmitter):
+    """The full emitter (moves in from outside the tree arrive as moves with an empty source)
+    whose watch group tells the watcher about queue overflows."""
+
+    watcher: Watcher  # set on the subclass built per observer
+
+    def on_thread_start(self) -> None:
+        path = os.fsencode(self.watch.path)
+        watcher = self.watcher
+        fd = _FdGuard(self._inotify_fd, watcher)
+
+        class Group(InotifyWatchGroup):
+            def on_queue_overflow(self) -> None:
+                super().on_queue_overflow()
+                watcher.lost_events("queue-overflow")
+
+        self._inotify = Group(
+            fd,  # type: ignore[arg-type]
+            path,
+            is_recursive=self.watch.is_recursive,
+            event_mask=self.get_event_mask_from_filter(),
+            follow_symlink=False,
+        )
+
+
+class _HintObserver(BaseObserver):
+    """An inotify observer with :class:`_Emitter` (watchdog's own, plus overflow reporting)."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.inotify_fd = InotifyFD()
+        self.inotify_fd.start()
+        emitter = type("_BoundEmitter", (_Emitter,), {"watcher": watcher})
+        super().__init__(emitter, inotify_fd=self.inotify_fd)
+
+    def on_thread_stop(self) -> None:
+        super().on_thread_stop()
+        self.inotify_fd.stop()
+        self.inotify_fd.join()

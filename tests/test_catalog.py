@@ -1,0 +1,284 @@
+"""The SQLite catalog: schema, segments, expiry index, holds, sweeps, crash consistency."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from nvr_guard import policy
+from nvr_guard.catalog import SCHEMA_VERSION, Catalog, ExpiryCalc
+from nvr_guard.durations import Duration
+from nvr_guard.errors import InvalidInput
+from nvr_guard.model import Action, ClockReading, Item, Segment, SiteRules
+
+SH = ZoneInfo("Asia/Shanghai")
+DAY = 86400.0
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=SH).timestamp()
+
+
+def rules(site: str = "gate", keep: str | None = "10d", min_keep: str | None = None) -> SiteRules:
+    return SiteRules(
+        site=site,
+        keep=Duration.parse(keep) if keep else None,
+        min_keep=Duration.parse(min_keep) if min_keep else None,
+        tz=SH,
+        settle=120.0,
+    )
+
+
+def seg(name: str, start: float, site: str = "gate", camera: str = "cam1", size: int = 10) -> Segment:
+    return Segment(site, camera, f"/rec/{site}/{camera}/{name}.mp4".encode(), start, start + 60, size)
+
+
+@pytest.fixture
+def cat(tmp_path: Path) -> Catalog:
+    c = Catalog(tmp_path / "catalog.db")
+    yield c
+    c.close()
+
+
+def tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_fresh_database_gets_every_table_and_the_current_version(tmp_path: Path) -> None:
+    c = Catalog(tmp_path / "catalog.db")
+    assert c.schema_version == SCHEMA_VERSION
+    assert {"segments", "dirs", "holds", "sweeps", "sweep_items", "audit"} <= tables(c.conn)
+    assert c.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert c.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    indexes = {r[0] for r in c.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"segments_expires", "segments_site_start", "segments_site_camera"} <= indexes
+    c.close()
+
+
+def test_reopen_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
+    c = Catalog(tmp_path / "catalog.db")
+    c.upsert_segments([seg("a", NOW)], {"gate": rules()})
+    c.close()
+    c2 = Catalog(tmp_path / "catalog.db")
+    assert c2.schema_version == SCHEMA_VERSION
+    assert c2.count() == 1
+    c2.close()
+
+
+def test_a_newer_schema_is_refused_not_downgraded(tmp_path: Path) -> None:
+    db = tmp_path / "catalog.db"
+    Catalog(db).close()
+    raw = sqlite3.connect(db)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    raw.commit()
+    raw.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        Catalog(db)
+
+
+def test_upsert_get_update_remove(cat: Catalog) -> None:
+    a, b = seg("a", NOW - 5 * DAY), seg("b", NOW - 4 * DAY, camera="cam2")
+    assert cat.upsert_segments([a, b], {"gate": rules()}) == 2
+    got = cat.get(a.path)
+    assert got is not None and (got.site, got.camera, got.start, got.size) == (
+        "gate", "cam1", a.start, 10)
+    # same path again: refreshed in place, not duplicated
+    cat.upsert_segments([Segment("gate", "cam1", a.path, a.start, a.mtime + 5, 99)],
+                        {"gate": rules()})
+    assert cat.count() == 2
+    got = cat.get(a.path)
+    assert got is not None and got.size == 99
+    assert cat.count("gate") == 2 and cat.count("other") == 0
+    assert cat.bytes_by_site() == {"gate": 109}
+    assert cat.camera_totals([("gate", "cam1"), ("gate", "cam2"), ("gate", "none")]) == {
+        ("gate", "cam1"): 1, ("gate", "cam2"): 1, ("gate", "none"): 0}
+    assert cat.remove_paths([a.path, b"/not/there.mp4"]) == 1
+    assert cat.get(a.path) is None and cat.count() == 1
+
+
+def test_non_utf8_and_newline_paths_round_trip(cat: Catalog) -> None:
+    odd = Segment("gate", "cam1", b"/rec/gate/cam1/\xff\xfe\nx.mp4", NOW, NOW, 1)
+    cat.upsert_segments([odd], {"gate": rules()})
+    got = cat.get(odd.path)
+    assert got is not None and got.path == odd.path
+
+
+@pytest.mark.parametrize(
+    ("offset", "due"),
+    [(-1.0, True), (0.0, True), (2.0, False), (3600.0, False)],
+)
+def test_due_segments_returns_exactly_the_expired(cat: Catalog, offset: float, due: bool) -> None:
+    # expiry = start + 10d; a segment whose expiry is `offset` seconds after now
+    s = seg("x", NOW - 10 * DAY + offset)
+    young = seg("young", NOW - 1 * DAY)
+    cat.upsert_segments([s, young], {"gate": rules()})
+    got = [g.path for g in cat.due_segments(NOW, "gate", rules())]
+    assert got == ([s.path] if due else [])
+
+
+def test_due_segments_reads_through_the_expiry_index(cat: Catalog) -> None:
+    plan = cat.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM segments INDEXED BY segments_expires "
+        "WHERE expires_at <= ? AND site = ?",
+        (NOW, "gate"),
+    ).fetchall()
+    assert any("segments_expires" in str(row) for row in plan)
+
+
+def test_due_segments_of_all_sites_and_keep_forever(cat: Catalog) -> None:
+    by_site = {"gate": rules("gate", "10d"), "vault": rules("vault", None)}
+    old = NOW - 400 * DAY
+    cat.upsert_segments([seg("g", old, site="gate"), seg("v", old, site="vault")], by_site)
+    got = cat.due_segments(NOW, None, by_site)
+    assert [g.site for g in got] == ["gate"]
+
+
+def test_rule_change_recomputes_expiry_before_answering(cat: Catalog) -> None:
+    s = seg("x", NOW - 7 * DAY)
+    cat.upsert_segments([s], {"gate": rules(keep="10d")})
+    assert cat.due_segments(NOW, "gate", rules(keep="10d")) == []
+    # the config now says 5d: the stored expiry was computed with 10d and must not be trusted
+    got = cat.due_segments(NOW, "gate", rules(keep="5d"))
+    assert [g.path for g in got] == [s.path]
+    row = cat.conn.execute("SELECT expires_at FROM segments").fetchone()
+    assert row[0] == pytest.approx(s.start + 5 * DAY)
+
+
+@pytest.mark.parametrize(
+    "local",
+    [
+        datetime(2026, 8, 31, 10, 0, 7),  # + 6mo clamps to 28 Feb
+        datetime(2026, 8, 30, 23, 59, 59),
+        datetime(2024, 2, 29, 0, 30),
+        datetime(2026, 5, 17, 3, 15, 1),
+    ],
+)
+def test_memoised_calendar_expiry_matches_the_policy(local: datetime) -> None:
+    r = rules(keep="6mo")
+    calc = ExpiryCalc(r)
+    start = local.replace(tzinfo=SH).timestamp()
+    for delta in (0.0, 1.5, 59.0, 1799.0):
+        want = policy.expiry(start + delta, r)
+        assert want is not None
+        assert calc(start + delta) == pytest.approx(want, abs=1e-3)
+
+
+def test_oldest_segments_and_segments_of(cat: Catalog) -> None:
+    segs = [seg(f"s{i}", NOW - i * 3600, camera="cam1" if i % 2 else "cam2") for i in range(6)]
+    cat.upsert_segments(segs, {"gate": rules()})
+    oldest = cat.oldest_segments("gate", 2)
+    assert [s.start for s in oldest] == [NOW - 5 * 3600, NOW - 4 * 3600]
+    inside = cat.segments_of("gate", "cam1", NOW - 3.5 * 3600, NOW)
+    # cam1 has i = 1, 3, 5; start 3 h ago is inside, 5 h ago ended (mtime +60 s) before the range
+    assert sorted(s.start for s in inside) == [NOW - 3 * 3600, NOW - 3600]
+
+
+def test_holds_add_release_and_active(cat: Catalog) -> None:
+    h1 = cat.add_hold(start=NOW - DAY, end=NOW, reason="incident 42", owner="alice",
+                      created=NOW, site="gate", camera="cam1")
+    h2 = cat.add_hold(start=NOW - DAY, end=NOW, reason="audit", owner="bob", created=NOW,
+                      until=NOW + 3600)
+    assert [h.id for h in cat.active_holds(NOW)] == [h1.id, h2.id]
+    # h2 ends by itself
+    assert [h.id for h in cat.active_holds(NOW + 7200)] == [h1.id]
+    released = cat.release_hold(h1.id, "carol", "case closed", now=NOW + 10)
+    assert released.released == NOW + 10
+    assert cat.hold_release_info(h1.id) == ("carol", "case closed")
+    assert [h.id for h in cat.active_holds(NOW + 20)] == [h2.id]
+    assert [h.id for h in cat.list_holds()] == [h2.id]
+    assert [h.id for h in cat.list_holds(include_released=True)] == [h1.id, h2.id]
+    with pytest.raises(InvalidInput, match="already released"):
+        cat.release_hold(h1.id, "carol", "again")
+    with pytest.raises(InvalidInput, match="does not exist"):
+        cat.release_hold(999, "carol", "?")
+    with pytest.raises(InvalidInput):
+        cat.add_hold(start=NOW, end=NOW - 1, reason="x", owner="a", created=NOW)
+
+
+def test_sweeps_and_history(cat: Catalog) -> None:
+    assert cat.last_history().last_wall is None
+    clock = ClockReading(NOW, 5000.0, "boot-a")
+    s1 = cat.begin_sweep(started=NOW, actor="daemon", clock=clock,
+                         site_rules={"gate": "keep=10d min_keep=none"})
+    s = seg("x", NOW - 20 * DAY)
+    cat.record_items(s1, [Item(s, Action.DELETE, "expired: keep=10d")])
+    cat.set_sweep_state(s1, "done", finished=NOW + 1, deleted=1, bytes_=10)
+    later = ClockReading(NOW + 300, 5300.0, "boot-a")
+    s2 = cat.begin_sweep(started=NOW + 300, actor="daemon", clock=later, site_rules={})
+    cat.set_sweep_state(s2, "blocked", message="mass-deletion guard")
+    hist = cat.last_history()
+    # the blocked sweep applied nothing: history is the last applied one
+    assert (hist.last_wall, hist.last_boottime, hist.boot_id) == (NOW, 5000.0, "boot-a")
+    assert hist.site_rules == {"gate": "keep=10d min_keep=none"}
+    rec = cat.get_sweep(s1)
+    assert rec is not None and (rec.state, rec.deleted, rec.bytes) == ("done", 1, 10)
+    items = cat.sweep_items(s1)
+    assert [(i.path, i.action, i.reason) for i in items] == [(s.path, "delete",
+                                                               "expired: keep=10d")]
+    cat.set_sweep_state(s2, "confirmed")
+    assert cat.last_history().last_wall == NOW + 300
+    with pytest.raises(ValueError):
+        cat.set_sweep_state(s2, "bogus")
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from zoneinfo import ZoneInfo
+    from nvr_guard.catalog import Catalog
+    from nvr_guard.durations import Duration
+    from nvr_guard.model import SiteRules
+
+    cat = Catalog(sys.argv[1])
+    rules = SiteRules("gate", Duration.parse("10d"), None, ZoneInfo("UTC"), 60.0)
+    committed = [("gate", "c", b"/r/c/%d.mp4" % i, 1e9 + i, 1e9 + i, 1, 1e9 + i) for i in range(10)]
+    cat.apply_rows(committed, ())
+    cat.note_rules("gate", rules)
+
+    def rows():
+        for i in range(10, 50_000_000):
+            if i == 200_000:
+                print("ready", flush=True)  # deep inside the open transaction
+            yield ("gate", "c", b"/r/c/%d.mp4" % i, 1e9 + i, 1e9 + i, 1, 1e9 + i)
+
+    cat.apply_rows(rows(), ())
+    print("finished", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_a_big_insert_leaves_a_consistent_catalog(tmp_path: Path) -> None:
+    db = tmp_path / "catalog.db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(db)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(child.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + 60
+    line = ""
+    while time.monotonic() < deadline and not line:
+        if sel.select(timeout=deadline - time.monotonic()):
+            line = child.stdout.readline()
+    assert line.strip() == "ready", f"child did not get going: {line!r}"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+
+    cat = Catalog(db)
+    assert cat.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # all of the committed batch, none of the killed transaction
+    assert cat.count() == 10
+    assert cat.get(b"/r/c/9.mp4") is not None and cat.get(b"/r/c/10.mp4") is None
+    cat.upsert_segments([seg("after", NOW)], {"gate": rules()})
+    assert cat.count() == 11
+    cat.close()
