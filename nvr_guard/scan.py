@@ -149,6 +149,16 @@ class _Delta:
     stats: ReconcileStats = field(default_factory=ReconcileStats)
 
 
+def _camera_id(raw: str) -> str:
+    """A camera id that SQLite TEXT (UTF-8) can hold: undecodable bytes of a directory name
+    (kept as surrogates by the path decoding) are written as ``\\xNN``."""
+    try:
+        raw.encode("utf-8")
+        return raw
+    except UnicodeEncodeError:
+        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _dir_mark(mtime_ns: int, racy_after_ns: int) -> int:
     return -1 if mtime_ns > racy_after_ns else mtime_ns
 
@@ -165,7 +175,7 @@ def _note_file(
     if got is None:
         delta.stats.ignored += 1
         return
-    camera, start = got
+    camera, start = _camera_id(got[0]), got[1]
     size = st.st_size
     delta.stats.files += 1
     old = known.pop(path, None)
@@ -204,6 +214,7 @@ def _walk(
     cut = len(cls.root) + 1
     rows = delta.rows
     pop = known.pop
+    cameras: dict[str, str] = {}  # raw -> storable camera id (checked once per camera)
     files = ignored = added = updated = ndirs = 0
     while stack:
         d, d_ns = stack.pop()
@@ -252,6 +263,10 @@ def _walk(
                 else:
                     ignored += 1  # directly in the root: no camera directory
                     continue
+                cam = cameras.get(camera)
+                if cam is None:
+                    cam = cameras[camera] = _camera_id(camera)
+                camera = cam
                 size = st.st_size
                 files += 1
                 old = pop(path, None)
