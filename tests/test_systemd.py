@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -153,18 +154,20 @@ def test_sysusers_and_tmpfiles_apply_to_an_empty_root(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The unit's system-call filter and MemoryDenyWriteExecute, applied for real.
 #
-# There is no systemd (PID 1) to start the unit here, but its riskiest settings are a seccomp
-# filter, and that can be built from the unit file itself with libseccomp (always installed with
+# There is no systemd (PID 1) to start the unit here, but its riskiest settings
+# (SystemCallFilter=, MemoryDenyWriteExecute=, RestrictAddressFamilies=) are a seccomp filter,
+# and that can be built from the unit file itself with libseccomp (always installed with
 # systemd) and applied to a process running what the daemon does: SQLite in WAL mode, psutil,
 # Ed25519, inotify, APScheduler threads, the control socket, ffmpeg with a CJK watermark and
-# clamscan. A call the filter refuses shows up as a failed step with EPERM, long before a
+# clamscan. A call the filter refuses shows up as a failed step with EPERM here, long before a
 # production host finds it.
 
 LAUNCHER = r"""
 import ctypes, ctypes.util, json, os, sys
 
 allowed = json.loads(sys.argv[1])
-argv = sys.argv[2:]
+families = json.loads(sys.argv[2])
+argv = sys.argv[3:]
 lib = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2", use_errno=True)
 lib.seccomp_init.restype = ctypes.c_void_p
 lib.seccomp_init.argtypes = [ctypes.c_uint32]
@@ -180,7 +183,7 @@ class Cmp(ctypes.Structure):  # struct scmp_arg_cmp
 lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                        ctypes.c_uint, ctypes.POINTER(Cmp)]
 ALLOW, EPERM = 0x7FFF0000, 0x00050000 | 1
-MASKED_EQ = 7
+EQ, MASKED_EQ = 4, 7
 PROT_WRITE, PROT_EXEC, SHM_EXEC = 0x2, 0x4, 0o100000
 
 
@@ -202,6 +205,9 @@ for name in allowed:
             rule(nr, Cmp(2, MASKED_EQ, wx, ok))
     elif name in ("mprotect", "pkey_mprotect"):  # ... nor made executable later
         rule(nr, Cmp(2, MASKED_EQ, PROT_EXEC, 0))
+    elif name == "socket":  # RestrictAddressFamilies=
+        for family in families:
+            rule(nr, Cmp(0, EQ, family, 0))
     elif name == "shmat":
         rule(nr, Cmp(2, MASKED_EQ, SHM_EXEC, 0))
     else:
@@ -326,6 +332,15 @@ def refused_wx_mapping():
     return "allowed"
 
 
+def refused_inet_socket():
+    import socket
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except OSError:
+        return "refused"
+    return "allowed"
+
+
 def refused_setuid():
     try:
         os.setuid(os.getuid())
@@ -338,6 +353,7 @@ for name, func in [("sqlite_wal", sqlite_wal), ("figures", figures), ("ed25519",
                    ("control_socket", control_socket), ("inotify", inotify),
                    ("scheduler", scheduler), ("ffmpeg", ffmpeg), ("clamscan", clamscan),
                    ("refused_wx_mapping", refused_wx_mapping),
+                   ("refused_inet_socket", refused_inet_socket),
                    ("refused_setuid", refused_setuid)]:
     step(name, func)
 print(json.dumps(steps))
@@ -379,6 +395,13 @@ def unit_syscall_allow_list() -> list[str]:
     return sorted(allowed)
 
 
+def unit_address_families() -> list[int]:
+    """RestrictAddressFamilies= of the unit as numbers (an allow list)."""
+    values = " ".join(unit_directives(UNIT.read_text())["RestrictAddressFamilies"]).split()
+    assert values and not any(v.startswith("~") for v in values)
+    return [int(getattr(socket, v)) for v in values]
+
+
 def test_allow_list_excludes_privileged_calls() -> None:
     allowed = set(unit_syscall_allow_list())
     assert {"openat", "unlinkat", "inotify_add_watch", "fsync", "rename"} <= allowed
@@ -397,6 +420,7 @@ def test_daemon_workload_runs_under_the_units_syscall_filter(tmp_path: Path) -> 
             "-c",
             LAUNCHER,
             json.dumps(unit_syscall_allow_list()),
+            json.dumps(unit_address_families()),
             sys.executable,
             "-c",
             WORKLOAD,
@@ -421,5 +445,6 @@ def test_daemon_workload_runs_under_the_units_syscall_filter(tmp_path: Path) -> 
         "clamscan": True,
         # The filter is really in force: these two are what it exists to stop.
         "refused_wx_mapping": "refused",
+        "refused_inet_socket": "refused",
         "refused_setuid": "refused",
     }
