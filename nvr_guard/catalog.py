@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import ClockReading, Hold, Item, Segment, SiteRules, SweepHistory
@@ -217,35 +218,35 @@ class SweepItemRecord:
     reason: str
 
 
-def _segment(row: Sequence[object]) -> Segment:
+def _segment(row: Sequence[Any]) -> Segment:
     rid, site, camera, path, start, mtime, size = row
     return Segment(
         site=str(site),
         camera=str(camera),
-        path=bytes(path),  # type: ignore[arg-type]
-        start=float(start),  # type: ignore[arg-type]
-        mtime=float(mtime),  # type: ignore[arg-type]
-        size=int(size),  # type: ignore[call-overload]
-        id=int(rid),  # type: ignore[call-overload]
+        path=bytes(path),
+        start=float(start),
+        mtime=float(mtime),
+        size=int(size),
+        id=int(rid),
     )
 
 
 _HOLD_COLS = 'id, kind, site, camera, start, "end", until, reason, owner, created, released'
 
 
-def _hold(row: Sequence[object]) -> Hold:
+def _hold(row: Sequence[Any]) -> Hold:
     hid, kind, site, camera, start, end, until, reason, owner, created, released = row
     return Hold(
-        id=int(hid),  # type: ignore[call-overload]
+        id=int(hid),
         reason=str(reason),
         owner=str(owner),
-        start=float(start),  # type: ignore[arg-type]
-        end=float(end),  # type: ignore[arg-type]
+        start=float(start),
+        end=float(end),
         camera=None if camera is None else str(camera),
         site=None if site is None else str(site),
-        until=None if until is None else float(until),  # type: ignore[arg-type]
-        created=float(created),  # type: ignore[arg-type]
-        released=None if released is None else float(released),  # type: ignore[arg-type]
+        until=None if until is None else float(until),
+        created=float(created),
+        released=None if released is None else float(released),
         kind=str(kind),
     )
 

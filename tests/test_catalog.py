@@ -37,8 +37,11 @@ def rules(site: str = "gate", keep: str | None = "10d", min_keep: str | None = N
     )
 
 
-def seg(name: str, start: float, site: str = "gate", camera: str = "cam1", size: int = 10) -> Segment:
-    return Segment(site, camera, f"/rec/{site}/{camera}/{name}.mp4".encode(), start, start + 60, size)
+def seg(
+    name: str, start: float, site: str = "gate", camera: str = "cam1", size: int = 10
+) -> Segment:
+    path = f"/rec/{site}/{camera}/{name}.mp4".encode()
+    return Segment(site, camera, path, start, start + 60, size)
 
 
 @pytest.fixture
