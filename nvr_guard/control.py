@@ -430,7 +430,13 @@ class ControlServer:
         try:
             os.chown(where, -1, gid)
         except OSError as exc:
-            log.warning("cannot give control socket to group %s: %s", self.group, exc)
+            log.warning(
+                "cannot give control socket %s to group %s: %s (the daemon's user must be a "
+                "member of it)",
+                self.path,
+                self.group,
+                exc.strerror,
+            )
 
     def _clear_stale(self) -> None:
         try:
