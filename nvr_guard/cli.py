@@ -103,10 +103,28 @@ def cli(ctx: click.Context, config: str, as_json: bool, verbose: int) -> None:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+def socket_path(c: Ctx) -> Path:
+    """The control socket, even when the config file is broken right now: an admin who just broke
+    it must still be able to ask the daemon (which kept the old config) how it is doing."""
+    try:
+        return Path(c.config.socket)
+    except ConfigError:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(c.config_path).read_text())
+            sock = raw.get("socket") if isinstance(raw, dict) else None
+        except (OSError, yaml.YAMLError):
+            sock = None
+        return Path(sock) if isinstance(sock, str) and sock.startswith("/") else Path(
+            "/run/nvr-guard/control.sock"
+        )
+
+
 def daemon_call(c: Ctx, cmd: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
     from nvr_guard.control import call
 
-    return call(Path(c.config.socket), cmd, args, timeout=timeout)
+    return call(socket_path(c), cmd, args, timeout=timeout)
 
 
 def act(c: Ctx, cmd: str, args: dict[str, Any], local: Callable[[Any], Any]) -> Any:

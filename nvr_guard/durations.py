@@ -58,7 +58,7 @@ class Duration:
         if mo:
             parts.append(f"{mo}mo")
         rest = self.seconds
-        for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
             n, rest = divmod(rest, size)
             if n:
                 parts.append(f"{n}{unit}")
