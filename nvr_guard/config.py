@@ -996,20 +996,18 @@ def _people_warnings(cfg: Config, warn: Any) -> None:
         return  # no people at all: exports are not set up on this host, nothing half-configured
     held = {r for u in cfg.people.users.values() for r in u.roles}
     held |= {r for g in cfg.people.groups.values() for r in g.roles}
-    needed: list[tuple[tuple[Any, ...], str]] = [
-        (("approval", "steps"), r) for r in cfg.approval.steps
-    ]
+    needed: list[tuple[tuple[Any, ...], list[str]]] = [(("approval", "steps"), cfg.approval.steps)]
     for name, s in cfg.sites.items():
         if s.approval and s.approval.steps:
-            needed += [(("sites", name, "approval", "steps"), r) for r in s.approval.steps]
-    for path, role in needed:
-        if role not in held:
+            needed.append((("sites", name, "approval", "steps"), s.approval.steps))
+    for path, steps in needed:
+        missing = [r for r in dict.fromkeys(steps) if r not in held]
+        if missing:
             warn(
                 path,
-                f"{_dotted(path)}: no user or group has role {role!r}; "
-                "such requests cannot be approved",
+                f"{_dotted(path)}: no user or group has role "
+                f"{', '.join(repr(r) for r in missing)}; such requests cannot be approved",
             )
-            held.add(role)  # once per role is enough
 
 
 def _check_data(
