@@ -521,7 +521,7 @@ class Catalog:
                 "SELECT digest FROM expiry_rules WHERE site = ?", (site,)
             ).fetchone()
         if row is None or row[0] != rules.digest:
-            has_rows = self.count(site) > 0
+            has_rows = self.count_upto(site, 1) > 0
             if has_rows or row is not None:
                 self.recompute_expiry(site, rules)
             else:
@@ -567,6 +567,15 @@ class Catalog:
                 row = self.conn.execute(
                     "SELECT count(*) FROM segments WHERE site = ?", (site,)
                 ).fetchone()
+        return int(row[0])
+
+    def count_upto(self, site: str, limit: int) -> int:
+        """``min(count(site), limit)`` without counting a million rows to learn "many"."""
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM segments WHERE site = ? LIMIT ?)",
+                (site, int(limit)),
+            ).fetchone()
         return int(row[0])
 
     def bytes_by_site(self) -> dict[str, int]:

@@ -34,6 +34,7 @@ import sqlite3
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +57,13 @@ from nvr_guard.model import SiteRules
 log = logging.getLogger(__name__)
 
 __all__ = ["ReconcileStats", "Scanner", "SiteScan", "Watcher", "max_user_watches"]
+
+# watchdog re-adds the watch of a directory it already watches when a tree is created with
+# ``mkdir -p`` (once for the parent's recursive walk, once for the child's own event) and warns;
+# the watch is the same, nothing is lost, and the daemon's log must not fill with it
+warnings.filterwarnings(
+    "ignore", message=r"Callback with id .* already exists for watch", category=RuntimeWarning
+)
 
 # A directory whose mtime is this recent may still change within the same timestamp tick after
 # we listed it (coarse kernel clock); it is stored as "unknown" (-1) so the next incremental
@@ -431,7 +439,7 @@ class Scanner:
                 continue
         prefix = root + b"/"
         names = [t[len(prefix) :] for t, _ in tops]
-        existing = self.catalog.count(s.site) > 0 or self._any_under(root)
+        existing = self.catalog.count_upto(s.site, 1) > 0 or self._any_under(root)
         # rows outside every top-level directory: files directly in the root, and subtrees of
         # top-level directories that are gone (or became symlinks) — compared or removed here
         known: dict[bytes, _Known] = {}
@@ -454,7 +462,7 @@ class Scanner:
             for top, ns in tops
         ]
         use_pool = self.workers > 1 and len(jobs) > 1 and (
-            not existing or self.catalog.count(s.site) >= _POOL_MIN_ROWS
+            not existing or self.catalog.count_upto(s.site, _POOL_MIN_ROWS) >= _POOL_MIN_ROWS
         )
         all_dirs: list[tuple[bytes, int]] = []
 
