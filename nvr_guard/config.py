@@ -853,6 +853,12 @@ class _Lines:
         return 1
 
 
+_MISSING_HINTS = {
+    "roots": "; list the site's recording directories, e.g. roots: [/srv/recordings/gate]",
+    "sites": "; add a sites: section with at least one site (see config/example.yaml)",
+}
+
+
 def _message(err: Any) -> tuple[tuple[Any, ...], bool, str]:
     """(path, about_the_key, one-line message) of one pydantic error."""
     loc = tuple(err["loc"])
@@ -870,7 +876,8 @@ def _message(err: Any) -> tuple[tuple[Any, ...], bool, str]:
         hint = f"did you mean {close[0]!r}? " if close else ""
         return path, True, f"{where}: unknown key; {hint}known keys here: {', '.join(known)}"
     if kind == "missing":
-        return path, True, f"{where}: required key missing"
+        hint = _MISSING_HINTS.get(str(loc[-1]), "")
+        return path, True, f"{where}: required key missing{hint}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return (
             path,
