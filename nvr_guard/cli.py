@@ -1,5 +1,7 @@
-"""`nvr-guard` command line: a thin client. Acting commands go through the daemon's control socket so
-the daemon knows who calls; `retention plan/run` and `config` work without a daemon."""
+"""`nvr-guard` command line: a thin client.
+
+Acting commands go through the daemon's control socket so the daemon knows who calls;
+`retention plan/run` and `config` work without a daemon."""
 
 from __future__ import annotations
 
@@ -18,7 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from nvr_guard import __version__
-from nvr_guard.errors import ConfigError, DaemonUnavailable, InvalidInput, NvrGuardError, VerifyFailed
+from nvr_guard.errors import (
+    ConfigError,
+    DaemonUnavailable,
+    InvalidInput,
+    NvrGuardError,
+    VerifyFailed,
+)
 
 DEFAULT_CONFIG = "/etc/nvr-guard/config.yaml"
 
@@ -85,7 +93,11 @@ class Group(click.Group):
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--config", "config", envvar="NVR_GUARD_CONFIG", default=DEFAULT_CONFIG, show_default=True,
+    "--config",
+    "config",
+    envvar="NVR_GUARD_CONFIG",
+    default=DEFAULT_CONFIG,
+    show_default=True,
     help="config file (env NVR_GUARD_CONFIG)",
 )
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output: one JSON document")
@@ -116,8 +128,10 @@ def socket_path(c: Ctx) -> Path:
             sock = raw.get("socket") if isinstance(raw, dict) else None
         except (OSError, yaml.YAMLError):
             sock = None
-        return Path(sock) if isinstance(sock, str) and sock.startswith("/") else Path(
-            "/run/nvr-guard/control.sock"
+        return (
+            Path(sock)
+            if isinstance(sock, str) and sock.startswith("/")
+            else Path("/run/nvr-guard/control.sock")
         )
 
 
@@ -176,25 +190,43 @@ def status(c: Ctx) -> None:
             c.emit({"ok": False, "error": str(e)}, lambda: None)
             sys.exit(1)
         raise
+
     def human() -> None:
-        out.print(f"[bold]nvr-guard[/] {'[green]OK' if st['ok'] else '[red]ATTENTION'}[/]  {st['time']}  config {st['config']}")
+        out.print(
+            f"[bold]nvr-guard[/] {'[green]OK' if st['ok'] else '[red]ATTENTION'}[/]"
+            f"  {st['time']}  config {st['config']}"
+        )
         t = table("sites", ["site", "rule", "segments", "size", "oldest", "newest", "disk free"])
         from nvr_guard.times import human_bytes
 
         for name, s in st["sites"].items():
             free = s["disk_free_fraction"]
-            t.add_row(name, s["rule"], str(s["segments"]), human_bytes(s["bytes"]), s["oldest"] or "-",
-                      s["newest"] or "-", f"{free:.1%}" if free is not None else "-")
+            t.add_row(
+                name,
+                s["rule"],
+                str(s["segments"]),
+                human_bytes(s["bytes"]),
+                s["oldest"] or "-",
+                s["newest"] or "-",
+                f"{free:.1%}" if free is not None else "-",
+            )
         out.print(t)
         for b in st["blocked_sweeps"]:
             out.print(f"[yellow]blocked sweep {b['id']}[/]: {b['message']}", markup=True)
         if st["holds"]:
             print_holds(st["holds"])
         a = st["audit"]
-        out.print(f"audit: {a['entries']} entries, chain {'intact' if a['ok'] else 'BROKEN: ' + str(a['problem'])}")
+        out.print(
+            f"audit: {a['entries']} entries, chain "
+            f"{'intact' if a['ok'] else 'BROKEN: ' + str(a['problem'])}"
+        )
         if st.get("last_sweep"):
             ls = st["last_sweep"]
-            out.print(f"last sweep: {ls.get('id')} {ls.get('state')} at {ls.get('time')}, deleted {ls.get('deleted')}")
+            out.print(
+                f"last sweep: {ls.get('id')} {ls.get('state')} at {ls.get('time')},"
+                f" deleted {ls.get('deleted')}"
+            )
+
     c.emit(st, human)
 
 
@@ -215,9 +247,12 @@ def config_check(c: Ctx, path: str | None) -> None:
     cfg, errors, warnings = check_config(target)
     if c.as_json:
         c.emit(
-            {"ok": not errors, "path": target,
-             "errors": [{"file": f, "line": ln, "message": m} for f, ln, m in errors],
-             "warnings": [{"file": f, "line": ln, "message": m} for f, ln, m in warnings]},
+            {
+                "ok": not errors,
+                "path": target,
+                "errors": [{"file": f, "line": ln, "message": m} for f, ln, m in errors],
+                "warnings": [{"file": f, "line": ln, "message": m} for f, ln, m in warnings],
+            },
             lambda: None,
         )
     else:
@@ -226,7 +261,9 @@ def config_check(c: Ctx, path: str | None) -> None:
         for f, ln, m in warnings:
             err.print(f"{f}:{ln}: warning: {m}", markup=False)
         if not errors:
-            out.print(f"{target}: OK ({len(cfg.sites)} sites)" if cfg else f"{target}: OK", markup=False)
+            out.print(
+                f"{target}: OK ({len(cfg.sites)} sites)" if cfg else f"{target}: OK", markup=False
+            )
     if errors:
         sys.exit(2)
 
@@ -277,7 +314,9 @@ def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:
             if shown >= 200 and not c.verbose:
                 break
             style = {"delete": "red", "keep": "green", "blocked": "yellow"}.get(it["action"], "")
-            t.add_row(f"[{style}]{it['action']}[/]", it["site"], it["camera"], it["path"], it["reason"])
+            t.add_row(
+                f"[{style}]{it['action']}[/]", it["site"], it["camera"], it["path"], it["reason"]
+            )
             shown += 1
         if items:
             out.print(t)
@@ -295,6 +334,7 @@ def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:
             err.print(f"guard: {tr['message']}", markup=False)
         for a in res.get("alerts", []):
             err.print(f"alert: {a}", markup=False)
+
     c.emit(res, human)
 
 
@@ -335,8 +375,9 @@ def retention_run(c: Ctx, now: str | None, dry_run: bool) -> None:
 @pass_ctx
 def retention_confirm(c: Ctx, sweep: int) -> None:
     """Release a sweep stopped by the mass-deletion or clock guard (admin)."""
-    res = act(c, "retention.confirm", {"sweep": sweep},
-              lambda e: e.confirm(sweep, caller()).as_json())
+    res = act(
+        c, "retention.confirm", {"sweep": sweep}, lambda e: e.confirm(sweep, caller()).as_json()
+    )
     print_outcome(c, res, f"confirmed sweep {sweep}")
 
 
@@ -347,10 +388,21 @@ def hold() -> None:
 
 
 def print_holds(holds: list[dict[str, Any]]) -> None:
-    t = table("holds", ["id", "kind", "camera", "from", "to", "until", "reason", "owner", "released"])
+    t = table(
+        "holds", ["id", "kind", "camera", "from", "to", "until", "reason", "owner", "released"]
+    )
     for h in holds:
-        t.add_row(str(h["id"]), h["kind"], h["camera"] or "*", h["from"], h["to"], h["until"] or "-",
-                  h["reason"], h["owner"], h["released"] or "-")
+        t.add_row(
+            str(h["id"]),
+            h["kind"],
+            h["camera"] or "*",
+            h["from"],
+            h["to"],
+            h["until"] or "-",
+            h["reason"],
+            h["owner"],
+            h["released"] or "-",
+        )
     out.print(t)
 
 
@@ -364,8 +416,18 @@ def print_holds(holds: list[dict[str, Any]]) -> None:
 def hold_add(c: Ctx, camera: str, start: str, end: str, reason: str, until: str | None) -> None:
     """Hold a camera's footage in a time range."""
     args = {"camera": camera, "from": start, "to": end, "reason": reason, "until": until}
-    res = act(c, "hold.add", args, lambda e: hold_json(e, e.hold_add(caller(), camera, start, end, reason, until)))
-    c.emit(res, lambda: out.print(f"hold {res['id']} placed on {camera}: {res['from']} .. {res['to']}", markup=False))
+    res = act(
+        c,
+        "hold.add",
+        args,
+        lambda e: hold_json(e, e.hold_add(caller(), camera, start, end, reason, until)),
+    )
+    c.emit(
+        res,
+        lambda: out.print(
+            f"hold {res['id']} placed on {camera}: {res['from']} .. {res['to']}", markup=False
+        ),
+    )
 
 
 def hold_json(engine: Any, h: Any) -> dict[str, Any]:
@@ -387,12 +449,16 @@ def hold_list(c: Ctx, include_released: bool) -> None:
 @pass_ctx
 def hold_release(c: Ctx, hold_id: int, reason: str) -> None:
     """End a manual hold."""
-    res = act(c, "hold.release", {"id": hold_id, "reason": reason},
-              lambda e: hold_json(e, e.hold_release(caller(), hold_id, reason)))
+    res = act(
+        c,
+        "hold.release",
+        {"id": hold_id, "reason": reason},
+        lambda e: hold_json(e, e.hold_release(caller(), hold_id, reason)),
+    )
     c.emit(res, lambda: out.print(f"hold {hold_id} released", markup=False))
 
 
-# ---- audit ----------------------------------------------------------------------------------------
+# ---- audit ---------------------------------------------------------------------------------
 @cli.group(cls=Group)
 def audit() -> None:
     """Show and verify the tamper-evident audit log."""
@@ -418,18 +484,35 @@ def audit_show(c: Ctx, since: str | None, request_id: str | None) -> None:
 
     log_ = _audit_log(c)
     t0 = parse_time(since, c.config.tz, "--since") if since else None
-    entries = list(log_.entries(since=t0, obj_prefix=f"request:{request_id}" if request_id else None))
+    entries = list(
+        log_.entries(since=t0, obj_prefix=f"request:{request_id}" if request_id else None)
+    )
     rows = [
-        {"seq": e.seq, "time": iso(e.time, c.config.tz), "actor": e.actor, "action": e.action,
-         "object": e.object, "details": e.details, "hash": e.hash}
+        {
+            "seq": e.seq,
+            "time": iso(e.time, c.config.tz),
+            "actor": e.actor,
+            "action": e.action,
+            "object": e.object,
+            "details": e.details,
+            "hash": e.hash,
+        }
         for e in entries
     ]
+
     def human() -> None:
         t = table("audit", ["seq", "time", "actor", "action", "object", "details"])
         for r in rows:
-            t.add_row(str(r["seq"]), r["time"], r["actor"], r["action"], r["object"],
-                      json.dumps(r["details"], ensure_ascii=False)[:200])
+            t.add_row(
+                str(r["seq"]),
+                r["time"],
+                r["actor"],
+                r["action"],
+                r["object"],
+                json.dumps(r["details"], ensure_ascii=False)[:200],
+            )
         out.print(t)
+
     c.emit({"entries": rows}, human)
 
 
@@ -438,10 +521,21 @@ def audit_show(c: Ctx, since: str | None, request_id: str | None) -> None:
 def audit_verify(c: Ctx) -> None:
     """Check the hash chain (exit 4 on an edited, deleted or reordered entry)."""
     rep = _audit_log(c).verify()
-    data = {"ok": rep.ok, "entries": rep.count, "first_bad": rep.first_bad, "problem": rep.problem or None}
-    c.emit(data, lambda: out.print(
-        f"audit chain intact: {rep.count} entries" if rep.ok else
-        f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}", markup=False))
+    data = {
+        "ok": rep.ok,
+        "entries": rep.count,
+        "first_bad": rep.first_bad,
+        "problem": rep.problem or None,
+    }
+    c.emit(
+        data,
+        lambda: out.print(
+            f"audit chain intact: {rep.count} entries"
+            if rep.ok
+            else f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}",
+            markup=False,
+        ),
+    )
     if not rep.ok:
         sys.exit(VerifyFailed.exit_code)
 

@@ -24,14 +24,18 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from nvr_guard import sdnotify
 from nvr_guard.config import Config, load_config
 from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError
-from nvr_guard.model import boot_clock
 from nvr_guard.service import Caller, Engine
-from nvr_guard.times import human_bytes
 
 log = logging.getLogger("nvr_guard.daemon")
 
 # syslog priorities, so journald keeps the level of each line (sd-daemon(3) prefixes)
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
 
 
 class _PriorityFormatter(logging.Formatter):
@@ -43,7 +47,9 @@ class _PriorityFormatter(logging.Formatter):
 def setup_logging(verbose: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if sys.stderr.isatty() and "JOURNAL_STREAM" not in os.environ:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+        )
     else:
         handler.setFormatter(_PriorityFormatter("%(message)s"))
     root = logging.getLogger()
@@ -75,7 +81,9 @@ class Daemon:
     def start(self) -> None:
         config = load_config(self.config_path)  # ConfigError -> refuse to start
         self.engine = engine = Engine(config)
-        engine.audit.append("nvr-guard", "config.load", str(config.source_path), {"digest": config.digest})
+        engine.audit.append(
+            "nvr-guard", "config.load", str(config.source_path), {"digest": config.digest}
+        )
         engine.audit.append("nvr-guard", "daemon.start", "daemon", {"pid": os.getpid()})
         self._start_server(config)
         sdnotify.status("reconciling recording roots")
@@ -101,7 +109,7 @@ class Daemon:
 
         assert self.engine is not None
         try:
-            self.watcher = Watcher(self.engine, self.engine.site_scans(), self._overflow)
+            self.watcher = Watcher(self.engine.scanner, self.engine.site_scans(), self._overflow)
             self.watcher.start()
         except OSError as e:  # no inotify (watch limit, unsupported fs): rescans do the work
             log.warning("file watcher unavailable (%s); relying on periodic rescans", e)
@@ -112,12 +120,24 @@ class Daemon:
         self.rescan_wanted.set()
 
     def _start_scheduler(self, config: Config) -> None:
-        sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60})
+        sched = BackgroundScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60}
+        )
         now = datetime.now()
-        sched.add_job(self._job_sweep, "interval", seconds=_seconds(config.sweep_every), id="sweep",
-                      next_run_time=now)
-        sched.add_job(self._job_rescan, "interval", seconds=_seconds(config.rescan_every), id="rescan",
-                      next_run_time=now + timedelta(seconds=_seconds(config.rescan_every)))
+        sched.add_job(
+            self._job_sweep,
+            "interval",
+            seconds=_seconds(config.sweep_every),
+            id="sweep",
+            next_run_time=now,
+        )
+        sched.add_job(
+            self._job_rescan,
+            "interval",
+            seconds=_seconds(config.rescan_every),
+            id="rescan",
+            next_run_time=now + timedelta(seconds=_seconds(config.rescan_every)),
+        )
         sched.add_job(self._job_disk, "interval", seconds=60, id="disk")
         sched.add_job(self._job_incremental, "interval", seconds=10, id="incremental")
         sched.start()
@@ -146,7 +166,9 @@ class Daemon:
         try:
             fn()
             self.last_error = None
-        except Exception as e:  # a failed job is logged and retried next time; deletion fails closed
+        except (
+            Exception
+        ) as e:  # a failed job is logged and retried next time; deletion fails closed
             self.last_error = f"{name}: {e}"
             log.error("%s failed: %s", name, e, exc_info=not isinstance(e, NvrGuardError))
         finally:
@@ -159,6 +181,7 @@ class Daemon:
             assert self.engine is not None
             out = self.engine.sweep()
             self.last_sweep = out
+
         self._guarded("sweep", run)
 
     def _job_rescan(self) -> None:
@@ -185,7 +208,10 @@ class Daemon:
             return
         try:
             n = self.engine.catalog.count()
-            sdnotify.status(f"{n} segments catalogued" + (f"; last error: {self.last_error}" if self.last_error else ""))
+            sdnotify.status(
+                f"{n} segments catalogued"
+                + (f"; last error: {self.last_error}" if self.last_error else "")
+            )
         except Exception:  # status is informative only
             pass
 
@@ -198,21 +224,31 @@ class Daemon:
         except ConfigError as e:
             for line in e.lines():
                 log.error("reload refused: %s", line)
-            self.engine.audit.append("nvr-guard", "config.reload_failed", self.config_path,
-                                     {"errors": e.lines(), "kept_digest": self.engine.config.digest})
+            self.engine.audit.append(
+                "nvr-guard",
+                "config.reload_failed",
+                self.config_path,
+                {"errors": e.lines(), "kept_digest": self.engine.config.digest},
+            )
             sdnotify.ready()
             return
         old = self.engine.config
         if Path(new.state_dir) != Path(old.state_dir) or Path(new.socket) != Path(old.socket):
             log.warning("state_dir and socket changes take effect at the next restart")
         details = self.engine.apply_config(new, "nvr-guard")
-        log.info("config reloaded (%s -> %s); changed sites: %s", details["old_digest"][:12],
-                 details["new_digest"][:12], ", ".join(details["changed_sites"]) or "none")
+        log.info(
+            "config reloaded (%s -> %s); changed sites: %s",
+            details["old_digest"][:12],
+            details["new_digest"][:12],
+            ", ".join(details["changed_sites"]) or "none",
+        )
         if self.watcher is not None:
             self.watcher.stop()
         self._start_watcher()
         if self.scheduler is not None:
-            self.scheduler.reschedule_job("sweep", trigger="interval", seconds=_seconds(new.sweep_every))
+            self.scheduler.reschedule_job(
+                "sweep", trigger="interval", seconds=_seconds(new.sweep_every)
+            )
         sdnotify.ready()
 
     # ---- control socket ------------------------------------------------------------------------
@@ -224,8 +260,11 @@ class Daemon:
             return {"pong": True, "user": who.user}
         if cmd == "status":
             st = engine.status()
-            st["daemon"] = {"pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
-                            "last_error": self.last_error}
+            st["daemon"] = {
+                "pid": os.getpid(),
+                "uptime": round(time.time() - self.started, 1),
+                "last_error": self.last_error,
+            }
             if self.last_error:
                 st["ok"] = False
             return st
@@ -234,12 +273,20 @@ class Daemon:
 
             now = _parse_now(engine.config, args.get("now"))
             engine.reconcile(full=False)
-            return engine.sweep(actor=who.user, now=now, dry_run=bool(args.get("dry_run"))).as_json()
+            return engine.sweep(
+                actor=who.user, now=now, dry_run=bool(args.get("dry_run"))
+            ).as_json()
         if cmd == "retention.confirm":
             return engine.confirm(int(args["sweep"]), who).as_json()
         if cmd == "hold.add":
-            h = engine.hold_add(who, str(args["camera"]), str(args["from"]), str(args["to"]),
-                                str(args["reason"]), args.get("until"))
+            h = engine.hold_add(
+                who,
+                str(args["camera"]),
+                str(args["from"]),
+                str(args["to"]),
+                str(args["reason"]),
+                args.get("until"),
+            )
             return next(x for x in engine.holds_json(True) if x["id"] == h.id)
         if cmd == "hold.list":
             return engine.holds_json(bool(args.get("all")))

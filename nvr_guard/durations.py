@@ -10,7 +10,7 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _PART = re.compile(r"(\d+)(mo|y|w|d|h|m|s)")
@@ -24,7 +24,7 @@ class Duration:
     seconds: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "Duration":
+    def parse(cls, text: str) -> Duration:
         """Parse ``15d``, ``6mo``, ``1y``, ``1d12h``; raise ValueError with a readable message."""
         if not isinstance(text, str):
             raise ValueError(f"expected a duration such as 15d, 6mo or 1y, got {text!r}")
@@ -85,11 +85,11 @@ class Duration:
             year, month = local.year + y, m0 + 1
             day = min(local.day, calendar.monthrange(year, month)[1])
             local = local.replace(year=year, month=month, day=day)
-            t = local.astimezone(timezone.utc)
+            t = local.astimezone(UTC)
         return t + timedelta(seconds=self.seconds)
 
     def after_ts(self, ts: float, tz: tzinfo) -> float:
         """Epoch-seconds version of :meth:`after`; the fast path for fixed-length durations."""
         if not self.months:
             return ts + self.seconds
-        return self.after(datetime.fromtimestamp(ts, timezone.utc), tz).timestamp()
+        return self.after(datetime.fromtimestamp(ts, UTC), tz).timestamp()

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 
-# directive -> (group name, regex); two-digit fields accept exactly two digits, as recorders write them
+# directive -> regex; two-digit fields take exactly two digits, as recorders write them
 _DIRECTIVES = {
     "Y": r"\d{4}",
     "m": r"\d{2}",
@@ -34,7 +34,7 @@ class Layout:
     _hour_cache: dict[tuple[int, int, int, int], float] = field(repr=False, default_factory=dict)
 
     @classmethod
-    def compile(cls, pattern: str, tz: tzinfo) -> "Layout":
+    def compile(cls, pattern: str, tz: tzinfo) -> Layout:
         if not isinstance(pattern, str) or not pattern.strip():
             raise ValueError("layout is empty; write e.g. '{camera}/%Y-%m-%d/%H/%M.%S.mp4'")
         if pattern.startswith("/"):
@@ -70,8 +70,7 @@ class Layout:
                     seen.add(d)
                 else:
                     raise ValueError(
-                        f"layout {pattern!r}: unsupported directive {tok!r}; "
-                        "use %Y %m %d %H %M %S"
+                        f"layout {pattern!r}: unsupported directive {tok!r}; use %Y %m %d %H %M %S"
                     )
             else:
                 regex.append(re.escape(tok))

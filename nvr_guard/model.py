@@ -121,7 +121,9 @@ class SweepHistory:
     last_wall: float | None = None  # wall clock of the last completed sweep
     last_boottime: float | None = None  # CLOCK_BOOTTIME then
     boot_id: str | None = None
-    site_rules: dict[str, str] = field(default_factory=dict)  # site -> SiteRules.describe() last used
+    site_rules: dict[str, str] = field(
+        default_factory=dict
+    )  # site -> SiteRules.describe() last used
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +133,7 @@ class ClockReading:
     boot_id: str
 
 
-class Action(str, enum.Enum):
+class Action(enum.StrEnum):
     DELETE = "delete"  # deleted by this sweep
     KEEP = "keep"  # due by age but held back (hold, floor, settling)
     BLOCKED = "blocked"  # due, but a guard stopped the sweep

@@ -60,12 +60,12 @@ class Caller:
     groups: tuple[str, ...] = ()
 
     @classmethod
-    def local(cls) -> "Caller":
+    def local(cls) -> Caller:
         uid = os.getuid()
         return cls.from_uid(uid)
 
     @classmethod
-    def from_uid(cls, uid: int, gid: int | None = None) -> "Caller":
+    def from_uid(cls, uid: int, gid: int | None = None) -> Caller:
         try:
             pw = pwd.getpwuid(uid)
         except KeyError:
@@ -229,7 +229,9 @@ class Engine:
                 states[name] = worst
         return states
 
-    def _candidates(self, now: ClockReading, site: str | None) -> tuple[list[Segment], dict[str, DiskState]]:
+    def _candidates(
+        self, now: ClockReading, site: str | None
+    ) -> tuple[list[Segment], dict[str, DiskState]]:
         sites = [site] if site else list(self.rules)
         seen: set[bytes] = set()
         cands: list[Segment] = []
@@ -285,7 +287,9 @@ class Engine:
                     root = rb.rstrip(b"/")
                     break
             if root is None:  # catalog row from an older config: never delete outside the roots
-                log.warning("not deleting %s: outside the roots of site %s", show_path(seg.path), seg.site)
+                log.warning(
+                    "not deleting %s: outside the roots of site %s", show_path(seg.path), seg.site
+                )
                 continue
             targets.append(
                 PurgeTarget(
@@ -296,6 +300,9 @@ class Engine:
                 )
             )
         return targets
+
+    def _forget(self, segs: list[Segment]) -> None:
+        self.catalog.remove_paths(s.path for s in segs)
 
     def sweep(
         self,
@@ -310,7 +317,9 @@ class Engine:
         with self.lock:
             plan = self.plan(now, site=site, confirmed=confirmed)
             if dry_run:
-                return SweepOutcome(None, plan, messages=[policy.trip_message(t, None) for t in plan.trips])
+                return SweepOutcome(
+                    None, plan, messages=[policy.trip_message(t, None) for t in plan.trips]
+                )
             deletions = plan.deletions
             rules_now = {s: r.describe() for s, r in self.rules.items()}
             if not plan.items and not plan.trips and not plan.alerts:
@@ -321,7 +330,10 @@ class Engine:
                 return SweepOutcome(sid, plan)
             previous = self.catalog.latest_sweep()
             sweep_id = self.catalog.begin_sweep(
-                started=now.wall, actor=actor, clock=now, site_rules=rules_now,
+                started=now.wall,
+                actor=actor,
+                clock=now,
+                site_rules=rules_now,
                 state="blocked" if plan.trips else "applying",
             )
             self.catalog.record_items(sweep_id, plan.items)
@@ -340,8 +352,14 @@ class Engine:
                     actor,
                     "sweep.blocked",
                     f"sweep:{sweep_id}",
-                    {"kind": t.kind, "site": t.site, "camera": t.camera, "count": t.count,
-                     "total": t.total, "message": m},
+                    {
+                        "kind": t.kind,
+                        "site": t.site,
+                        "camera": t.camera,
+                        "count": t.count,
+                        "total": t.total,
+                        "message": m,
+                    },
                 )
             for a in plan.alerts:
                 log.warning("%s", a)
@@ -353,40 +371,60 @@ class Engine:
                 actor=actor,
                 sweep_id=sweep_id,
                 now=lambda: self.clock().wall,
-                on_deleted=lambda segs: self.catalog.remove_paths(s.path for s in segs),
+                on_deleted=self._forget,
             )
             self.catalog.set_sweep_state(
-                sweep_id, "blocked" if plan.trips else "done", finished=self.clock().wall,
-                deleted=len(result.deleted), bytes_=result.bytes, message=summary,
+                sweep_id,
+                "blocked" if plan.trips else "done",
+                finished=self.clock().wall,
+                deleted=len(result.deleted),
+                bytes_=result.bytes,
+                message=summary,
             )
             if confirm_of is not None:
                 self.catalog.set_sweep_state(confirm_of, "confirmed")
             if result.deleted:
                 log.info(
                     "sweep %d: deleted %d segments (%s)%s",
-                    sweep_id, len(result.deleted), human_bytes(result.bytes),
+                    sweep_id,
+                    len(result.deleted),
+                    human_bytes(result.bytes),
                     f", {len(plan.blocked)} held back by a guard" if plan.blocked else "",
                 )
             return SweepOutcome(
-                sweep_id, plan, deleted=len(result.deleted), bytes=result.bytes,
-                skipped=list(result.skipped), messages=messages,
+                sweep_id,
+                plan,
+                deleted=len(result.deleted),
+                bytes=result.bytes,
+                skipped=list(result.skipped),
+                messages=messages,
             )
 
-    def confirm(self, sweep_id: int, caller: Caller, now: ClockReading | None = None) -> SweepOutcome:
+    def confirm(
+        self, sweep_id: int, caller: Caller, now: ClockReading | None = None
+    ) -> SweepOutcome:
         """Release a sweep stopped by a guard: delete what it held back (re-checked now)."""
         self.require(caller, CONFIRM_ROLES, f"confirm sweep {sweep_id}")
         with self.lock:
             sw = self.catalog.get_sweep(sweep_id)
             if sw is None:
-                raise InvalidInput(f"no sweep {sweep_id}; see `nvr-guard status` for blocked sweeps")
+                raise InvalidInput(
+                    f"no sweep {sweep_id}; see `nvr-guard status` for blocked sweeps"
+                )
             if sw.state != "blocked":
-                raise InvalidInput(f"sweep {sweep_id} is {sw.state}, not blocked: nothing to confirm")
+                raise InvalidInput(
+                    f"sweep {sweep_id} is {sw.state}, not blocked: nothing to confirm"
+                )
             blocked = [
-                i.path for i in self.catalog.sweep_items(sweep_id) if i.action == Action.BLOCKED.value
+                i.path
+                for i in self.catalog.sweep_items(sweep_id)
+                if i.action == Action.BLOCKED.value
             ]
             conf = policy.Confirmation(paths=frozenset(blocked), accept_clock=True)
             self.audit.append(
-                caller.user, "sweep.confirm", f"sweep:{sweep_id}",
+                caller.user,
+                "sweep.confirm",
+                f"sweep:{sweep_id}",
                 {"blocked": len(blocked), "uid": caller.uid},
             )
             return self.sweep(actor=caller.user, now=now, confirmed=conf, confirm_of=sweep_id)
@@ -415,7 +453,8 @@ class Engine:
         if site is None:
             if camera not in self.config.cameras:
                 raise InvalidInput(
-                    f"unknown camera {camera!r}: it has no footage in the catalog and is not in `cameras:`"
+                    f"unknown camera {camera!r}: it has no footage in the catalog"
+                    " and is not in `cameras:`"
                 )
         tz = self.config.site_tz(site) if site else self.config.tz
         t0 = parse_time(start, tz, "--from")
@@ -428,13 +467,28 @@ class Engine:
             if t_until is not None and t_until <= now:
                 raise InvalidInput(f"--until {until} is already past")
             hold = self.catalog.add_hold(
-                kind="manual", site=site, camera=camera, start=t0, end=t1, until=t_until,
-                reason=reason, owner=caller.user, created=now,
+                kind="manual",
+                site=site,
+                camera=camera,
+                start=t0,
+                end=t1,
+                until=t_until,
+                reason=reason,
+                owner=caller.user,
+                created=now,
             )
             self.audit.append(
-                caller.user, "hold.add", f"hold:{hold.id}",
-                {"camera": camera, "site": site, "from": iso(t0, tz), "to": iso(t1, tz),
-                 "until": iso(t_until, tz), "reason": reason},
+                caller.user,
+                "hold.add",
+                f"hold:{hold.id}",
+                {
+                    "camera": camera,
+                    "site": site,
+                    "from": iso(t0, tz),
+                    "to": iso(t1, tz),
+                    "until": iso(t_until, tz),
+                    "reason": reason,
+                },
             )
             return hold
 
@@ -451,8 +505,12 @@ class Engine:
                 raise InvalidInput(f"hold {hold_id} was already released")
             if h.kind != "manual":
                 raise PolicyRefused(f"hold {hold_id} belongs to a {h.kind}; it ends with it")
-            released = self.catalog.release_hold(hold_id, caller.user, reason.strip(), now=self.clock().wall)
-            self.audit.append(caller.user, "hold.release", f"hold:{hold_id}", {"reason": reason.strip()})
+            released = self.catalog.release_hold(
+                hold_id, caller.user, reason.strip(), now=self.clock().wall
+            )
+            self.audit.append(
+                caller.user, "hold.release", f"hold:{hold_id}", {"reason": reason.strip()}
+            )
             return released
 
     def holds_json(self, include_released: bool = False) -> list[dict[str, Any]]:
@@ -460,10 +518,19 @@ class Engine:
         out = []
         for h in self.catalog.list_holds(include_released=include_released):
             out.append(
-                {"id": h.id, "kind": h.kind, "site": h.site, "camera": h.camera,
-                 "from": iso(h.start, tz), "to": iso(h.end, tz), "until": iso(h.until, tz),
-                 "reason": h.reason, "owner": h.owner, "created": iso(h.created, tz),
-                 "released": iso(h.released, tz)}
+                {
+                    "id": h.id,
+                    "kind": h.kind,
+                    "site": h.site,
+                    "camera": h.camera,
+                    "from": iso(h.start, tz),
+                    "to": iso(h.end, tz),
+                    "until": iso(h.until, tz),
+                    "reason": h.reason,
+                    "owner": h.owner,
+                    "created": iso(h.created, tz),
+                    "released": iso(h.released, tz),
+                }
             )
         return out
 
@@ -502,7 +569,8 @@ class Engine:
             latest = self.catalog.latest_sweep()
             blocked = (
                 [{"id": latest.id, "message": latest.message}]
-                if latest is not None and latest.state == "blocked" else []
+                if latest is not None and latest.state == "blocked"
+                else []
             )
             done = self.catalog.latest_sweep(("done", "confirmed", "blocked"))
             verify = self.audit.verify()
@@ -514,10 +582,20 @@ class Engine:
                 "sites": sites,
                 "holds": self.holds_json(),
                 "blocked_sweeps": blocked,
-                "last_sweep": None if done is None else {
-                    "id": done.id, "state": done.state, "time": iso(done.started, self.config.tz),
-                    "deleted": done.deleted, "bytes": done.bytes},
-                "audit": {"ok": verify.ok, "entries": verify.count, "problem": verify.problem or None},
+                "last_sweep": None
+                if done is None
+                else {
+                    "id": done.id,
+                    "state": done.state,
+                    "time": iso(done.started, self.config.tz),
+                    "deleted": done.deleted,
+                    "bytes": done.bytes,
+                },
+                "audit": {
+                    "ok": verify.ok,
+                    "entries": verify.count,
+                    "problem": verify.problem or None,
+                },
                 "violations": [],
             }
 

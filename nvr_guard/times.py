@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone, tzinfo
+from datetime import UTC, datetime, tzinfo
 
 from nvr_guard.errors import InvalidInput
 
@@ -23,7 +23,7 @@ def parse_time(text: str, tz: tzinfo, what: str = "time") -> float:
     return dt.timestamp()
 
 
-def iso(ts: float | None, tz: tzinfo = timezone.utc) -> str | None:
+def iso(ts: float | None, tz: tzinfo = UTC) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")

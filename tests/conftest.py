@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -29,7 +29,9 @@ def write_segment(root: Path, camera: str, t: datetime, size: int = 1000, tz: An
     return p
 
 
-def build_tree(root: Path, cameras: list[str], days: int, per_day: int, now: datetime) -> list[Path]:
+def build_tree(
+    root: Path, cameras: list[str], days: int, per_day: int, now: datetime
+) -> list[Path]:
     """Segments from ``days`` ago up to ten minutes ago, ``per_day`` per camera and day."""
     paths = []
     step = timedelta(days=1) / per_day
@@ -63,11 +65,18 @@ class Site:
     state: Path
     socket: Path
 
-    def run(self, *args: str, input: str | None = None, timeout: float = 120,
-            env: dict[str, str] | None = None, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *args: str,
+        input: str | None = None,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+        user: int | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "nvr_guard", "--config", str(self.config), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=timeout,
-                              env=env, user=user)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, input=input, timeout=timeout, env=env, user=user
+        )
 
     def json(self, *args: str) -> Any:
         r = self.run("--json", *args)
@@ -78,9 +87,18 @@ class Site:
         self.config.write_text(make_config(self, **over))
 
 
-def make_config(s: Site, keep: str = "15d", min_keep: str | None = None, fraction: float = 0.2,
-                min_free: str = "1%", action: str = "alert", sweep_every: str = "5m",
-                extra_site: str = "", settle: str = "2m", layout: str | None = LAYOUT) -> str:
+def make_config(
+    s: Site,
+    keep: str = "15d",
+    min_keep: str | None = None,
+    fraction: float = 0.2,
+    min_free: str = "1%",
+    action: str = "alert",
+    sweep_every: str = "5m",
+    extra_site: str = "",
+    settle: str = "2m",
+    layout: str | None = LAYOUT,
+) -> str:
     site = f"""  toll:
     keep: {keep}
     roots: [{s.root}]
@@ -107,11 +125,13 @@ sites:
 def site(tmp_path: Path) -> Iterator[Site]:
     root = tmp_path / "rec"
     root.mkdir()
-    s = Site(tmp_path, root, tmp_path / "config.yaml", tmp_path / "state", tmp_path / "run" / "c.sock")
+    s = Site(
+        tmp_path, root, tmp_path / "config.yaml", tmp_path / "state", tmp_path / "run" / "c.sock"
+    )
     s.write_config()
     yield s
 
 
 @pytest.fixture
 def now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)

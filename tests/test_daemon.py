@@ -1,19 +1,16 @@
-"""The daemon as a real process: start, catch a new segment, sweep, reload, identity, stop, kill -9."""
+"""The daemon as a real process: start, catch a segment, sweep, reload, identity, stop, kill -9."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from conftest import Site, build_tree, poll, write_segment
 
 
@@ -23,7 +20,8 @@ class Daemon:
         self.log = open(site.base / "daemon.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "daemon"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         poll(self.ready, 60, "the daemon to answer on its socket")
 
@@ -77,7 +75,7 @@ def test_daemon_lifecycle(site, daemon, now):
     # the first sweep deletes the expired segment (1 of ~337: below the guard)
     poll(lambda: not old.exists(), 30, "the expired segment to be purged")
     # a new segment closed while the daemon runs is catalogued (inotify hint)
-    new = write_segment(site.root, "cam2", datetime.now(timezone.utc))
+    new = write_segment(site.root, "cam2", datetime.now(UTC))
     poll(lambda: os.fsencode(str(new)) in segment_rows(site), 10, "the new segment in the catalog")
     st = d.status()
     assert st["ok"] is True and st["sites"]["toll"]["segments"] >= 337
@@ -94,15 +92,26 @@ def test_daemon_lifecycle(site, daemon, now):
     poll(lambda: d.status()["sites"]["toll"]["rule"].startswith("keep=20d"), 10, "the new rule")
     assert d.stop() == 0
     actions = [e["action"] for e in site.json("audit", "show")["entries"]]
-    for a in ("config.load", "daemon.start", "config.reload_failed", "config.reload", "purge.receipt", "daemon.stop"):
+    for a in (
+        "config.load",
+        "daemon.start",
+        "config.reload_failed",
+        "config.reload",
+        "purge.receipt",
+        "daemon.stop",
+    ):
         assert a in actions
     assert site.run("audit", "verify").returncode == 0
 
 
 def test_daemon_refuses_bad_config(site):
     site.config.write_text(site.config.read_text() + "bogus: 1\n")
-    r = subprocess.run([sys.executable, "-m", "nvr_guard", "--config", str(site.config), "daemon"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "daemon"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
     assert f"{site.config}:" in r.stderr and "bogus" in r.stderr
     assert not site.socket.exists()
@@ -117,8 +126,19 @@ def test_identity_from_the_socket(site, daemon, now):
     os.chmod(site.config, 0o644)
     d = daemon()
     os.chmod(site.socket, 0o666)  # let an unprivileged user reach the socket for this test
-    r = site.run("hold", "add", "--camera", "cam1", "--from", "2026-01-01T00:00", "--to",
-                 "2026-01-02T00:00", "--reason", "x", user=65534)
+    r = site.run(
+        "hold",
+        "add",
+        "--camera",
+        "cam1",
+        "--from",
+        "2026-01-01T00:00",
+        "--to",
+        "2026-01-02T00:00",
+        "--reason",
+        "x",
+        user=65534,
+    )
     assert r.returncode == 3, r.stderr
     assert "nobody" in r.stderr and "admin" in r.stderr
     denied = [e for e in site.json("audit", "show")["entries"] if e["action"] == "access.denied"]
@@ -131,18 +151,28 @@ def test_kill_9_during_purge_then_restart_is_consistent(site, now):
     build_tree(site.root, [f"cam{i}" for i in range(4)], days=40, per_day=200, now=now)
     site.write_config(fraction=1.0, sweep_every="1h")
     env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "nvr_guard", "--config", str(site.config), "retention", "run"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "retention", "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+
     # kill it as soon as the purge has started (its begin entry is in the audit log)
     def purging() -> bool:
         try:
             con = sqlite3.connect(site.state / "catalog.db", timeout=5)
             try:
-                return bool(con.execute("SELECT 1 FROM audit WHERE action='purge.receipt' OR action='purge.begin'").fetchone())
+                return bool(
+                    con.execute(
+                        "SELECT 1 FROM audit WHERE action='purge.receipt' OR action='purge.begin'"
+                    ).fetchone()
+                )
             finally:
                 con.close()
         except sqlite3.Error:
             return False
+
     poll(lambda: purging() or proc.poll() is not None, 120, "the purge to start")
     proc.kill()
     proc.wait()

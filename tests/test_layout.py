@@ -12,16 +12,36 @@ UTC = ZoneInfo("UTC")
 @pytest.mark.parametrize(
     ("pattern", "tz", "rel", "camera", "local"),
     [
-        ("{camera}/%Y-%m-%d/%H/%M.%S.mp4", SH, "gate-03/2026-11-20/14/05.07.mp4", "gate-03",
-         datetime(2026, 11, 20, 14, 5, 7, tzinfo=SH)),
+        (
+            "{camera}/%Y-%m-%d/%H/%M.%S.mp4",
+            SH,
+            "gate-03/2026-11-20/14/05.07.mp4",
+            "gate-03",
+            datetime(2026, 11, 20, 14, 5, 7, tzinfo=SH),
+        ),
         # Frigate: camera below the hour, path time in UTC
-        ("%Y-%m-%d/%H/{camera}/%M.%S.mp4", UTC, "2026-11-20/06/front/05.00.mp4", "front",
-         datetime(2026, 11, 20, 14, 5, 0, tzinfo=SH)),
+        (
+            "%Y-%m-%d/%H/{camera}/%M.%S.mp4",
+            UTC,
+            "2026-11-20/06/front/05.00.mp4",
+            "front",
+            datetime(2026, 11, 20, 14, 5, 0, tzinfo=SH),
+        ),
         # the pattern's extension is not binding: the site's extension list decides
-        ("{camera}/%Y-%m-%d/%H/%M.%S.mp4", SH, "c/2026-01-01/00/00.00.mkv", "c",
-         datetime(2026, 1, 1, tzinfo=SH)),
-        ("{camera}/%Y/%m/%d/%H%M%S.ts", UTC, "lobby/2024/02/29/235959.ts", "lobby",
-         datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC)),
+        (
+            "{camera}/%Y-%m-%d/%H/%M.%S.mp4",
+            SH,
+            "c/2026-01-01/00/00.00.mkv",
+            "c",
+            datetime(2026, 1, 1, tzinfo=SH),
+        ),
+        (
+            "{camera}/%Y/%m/%d/%H%M%S.ts",
+            UTC,
+            "lobby/2024/02/29/235959.ts",
+            "lobby",
+            datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC),
+        ),
     ],
 )
 def test_parse_reads_camera_and_time(pattern, tz, rel, camera, local):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from pathlib import Path
 
 from conftest import build_tree, write_segment
 
@@ -38,7 +37,7 @@ def test_symlink_and_foreign_files_are_never_deleted(site, now, tmp_path):
     outside.write_bytes(b"evidence")
     old_ts = (now - timedelta(days=100)).timestamp()
     os.utime(outside, (old_ts, old_ts))
-    day_dir = (site.root / "cam1" / (now - timedelta(days=100)).strftime("%Y-%m-%d") / "10")
+    day_dir = site.root / "cam1" / (now - timedelta(days=100)).strftime("%Y-%m-%d") / "10"
     day_dir.mkdir(parents=True)
     link = day_dir / "00.00.mp4"
     link.symlink_to(outside)
@@ -70,8 +69,9 @@ def test_held_footage_survives_until_released(site, now):
     build_tree(site.root, ["cam1"], days=10, per_day=24, now=now)
     t0 = (now - timedelta(days=21)).isoformat()
     t1 = (now - timedelta(days=19)).isoformat()
-    r = site.run("--json", "hold", "add", "--camera", "cam1", "--from", t0, "--to", t1,
-                 "--reason", "case 17")
+    r = site.run(
+        "--json", "hold", "add", "--camera", "cam1", "--from", t0, "--to", t1, "--reason", "case 17"
+    )
     assert r.returncode == 0, r.stderr
     hold_id = __import__("json").loads(r.stdout)["id"]
     res = site.json("retention", "run")
@@ -98,7 +98,9 @@ def test_floor_protects_under_disk_pressure(site, now):
 
 def test_overwrite_oldest_crosses_the_floor_when_configured(site, now):
     under_floor = build_tree(site.root, ["cam1"], days=5, per_day=4, now=now)
-    site.write_config(keep="1y", min_keep="30d", min_free="99%", action="overwrite-oldest", fraction=1.0)
+    site.write_config(
+        keep="1y", min_keep="30d", min_free="99%", action="overwrite-oldest", fraction=1.0
+    )
     res = site.json("retention", "run")
     assert res["deleted"] > 0
     oldest = min(under_floor)  # paths sort by date
@@ -149,8 +151,18 @@ def test_bad_input_exits_2_and_changes_nothing(site, now):
     r = site.run("retention", "run", "--now", "yesterday")
     assert r.returncode == 2 and "ISO 8601" in r.stderr and "Traceback" not in r.stderr
     assert p.exists()
-    r = site.run("hold", "add", "--camera", "nope", "--from", "2026-01-01", "--to", "2026-01-02",
-                 "--reason", "x")
+    r = site.run(
+        "hold",
+        "add",
+        "--camera",
+        "nope",
+        "--from",
+        "2026-01-01",
+        "--to",
+        "2026-01-02",
+        "--reason",
+        "x",
+    )
     assert r.returncode == 2 and "unknown camera" in r.stderr
 
 
