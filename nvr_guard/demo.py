@@ -239,7 +239,8 @@ def main() -> None:
         console.print(
             Panel(
                 "The first sweep wanted to delete most of this existing archive, so the "
-                f"mass-deletion guard stopped it (sweep {sweep_id}). An admin reviews and confirms:",
+                f"mass-deletion guard stopped it (sweep {sweep_id})."
+                " An admin reviews and confirms:",
                 style="yellow",
             )
         )
