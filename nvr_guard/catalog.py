@@ -129,8 +129,14 @@ def _migration_1(conn: sqlite3.Connection) -> None:
         conn.execute(stmt)
 
 
+def _migration_2(conn: sqlite3.Connection) -> None:
+    # how each site's camera/start were read (layout pattern and zone, or mtime mode): a
+    # reconcile trusts catalogued rows of unchanged files only while this is unchanged
+    conn.execute("CREATE TABLE site_layouts (site TEXT PRIMARY KEY, layout TEXT NOT NULL)")
+
+
 # Ordered: migration i brings the schema from user_version i-1 to i. Append, never edit.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # secondary indexes of segments, dropped and rebuilt around a bulk load into an empty table
@@ -141,6 +147,10 @@ _SEGMENT_INDEXES = {
     "segments_site_camera": "CREATE INDEX segments_site_camera ON segments(site, camera, start)",
 }
 
+_INSERT = (
+    "INSERT INTO segments (site, camera, path, start, mtime, size, expires_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 _UPSERT = (
     "INSERT INTO segments (site, camera, path, start, mtime, size, expires_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -366,10 +376,16 @@ class Catalog:
                 self._note_rules(site, calc.rules)
         return len(rows)
 
-    def apply_rows(self, rows: Iterable[SegmentRow], removed: Iterable[bytes]) -> None:
-        """Bulk form for the scanner: upsert ready-made rows, delete paths (one transaction)."""
+    def apply_rows(
+        self, rows: Iterable[SegmentRow], removed: Iterable[bytes], *, fresh: bool = False
+    ) -> None:
+        """Bulk form for the scanner: upsert ready-made rows, delete paths (one transaction).
+
+        ``fresh``: the paths are known to be new (a load into an empty table inside
+        :meth:`bulk_load`); a plain INSERT is a good deal cheaper than the upsert.
+        """
         with self.transaction() as c:
-            c.executemany(_UPSERT, rows)
+            c.executemany(_INSERT if fresh else _UPSERT, rows)
             c.executemany("DELETE FROM segments WHERE path = ?", ((p,) for p in removed))
 
     @contextlib.contextmanager
@@ -433,6 +449,7 @@ class Catalog:
             n = c.execute(f"DELETE FROM segments WHERE site NOT IN ({marks})", keep).rowcount
             c.execute(f"DELETE FROM dirs WHERE site NOT IN ({marks})", keep)
             c.execute(f"DELETE FROM expiry_rules WHERE site NOT IN ({marks})", keep)
+            c.execute(f"DELETE FROM site_layouts WHERE site NOT IN ({marks})", keep)
             return int(n)
 
     def remove_outside(self, site: str, roots: Sequence[bytes]) -> int:
@@ -514,6 +531,25 @@ class Catalog:
                     "SELECT min(expires_at) FROM segments WHERE site = ?", (site,)
                 ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    def layout_key(self, site: str) -> str | None:
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT layout FROM site_layouts WHERE site = ?", (site,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_layout_key(self, site: str, key: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO site_layouts (site, layout) VALUES (?, ?) "
+                "ON CONFLICT(site) DO UPDATE SET layout = excluded.layout",
+                (site, key),
+            )
+
+    def ensure_expiry(self, site: str, rules: SiteRules) -> None:
+        """Make the site's stored expiries follow ``rules`` (recomputed if they changed)."""
+        self._ensure_expiry(site, rules)
 
     def _ensure_expiry(self, site: str, rules: SiteRules) -> None:
         with self.lock:

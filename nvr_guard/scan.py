@@ -204,6 +204,7 @@ def _walk(
     known: dict[bytes, _Known],
     delta: _Delta,
     racy_after_ns: int,
+    trust_known: bool = True,
 ) -> None:
     """Walk ``top`` (a real directory below the root) and everything below it.
 
@@ -244,11 +245,12 @@ def _walk(
         with it:
             for e in it:
                 try:
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append((e.path, e.stat(follow_symlinks=False).st_mtime_ns))
-                        continue
+                    # files first: a million of them against a few thousand directories
                     if not e.is_file(follow_symlinks=False):
-                        ignored += 1  # symlink, fifo, socket, device
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append((e.path, e.stat(follow_symlinks=False).st_mtime_ns))
+                        else:
+                            ignored += 1  # symlink, fifo, socket, device
                         continue
                     name = e.name
                     dot = name.rfind(b".")
@@ -260,6 +262,18 @@ def _walk(
                 except FileNotFoundError:
                     continue  # gone between listing and stat
                 mtime = st.st_mtime
+                old = pop(path, None)
+                if (
+                    old is not None
+                    and trust_known
+                    and old[3] == mtime
+                    and old[4] == st.st_size
+                    and old[0] == site
+                ):
+                    # unchanged file: camera and start are read from the path, which is the
+                    # same, with the same layout (trust_known is off after a layout change)
+                    files += 1
+                    continue
                 if parse is not None:
                     got = parse(rel_dir + name.decode("utf-8", "surrogateescape"))
                     if got is None:
@@ -277,7 +291,6 @@ def _walk(
                 camera = cam
                 size = st.st_size
                 files += 1
-                old = pop(path, None)
                 if old is None:
                     added += 1
                 elif old == (site, camera, start, mtime, size):
@@ -305,6 +318,7 @@ class _Job:
     exts: frozenset[bytes]
     rules: SiteRules
     racy_after_ns: int
+    trust_known: bool
 
 
 def _read_known(conn: sqlite3.Connection, lo: bytes, hi: bytes) -> dict[bytes, _Known]:
@@ -325,7 +339,7 @@ def _run_job(job: _Job) -> _Delta:
         finally:
             conn.close()
     delta = _Delta()
-    _walk(cls, job.top, job.top_mtime_ns, known, delta, job.racy_after_ns)
+    _walk(cls, job.top, job.top_mtime_ns, known, delta, job.racy_after_ns, job.trust_known)
     delta.removed = list(known)
     delta.stats.removed = len(known)
     return delta
@@ -401,10 +415,7 @@ class Scanner:
             if site is None:
                 total.removed += self.catalog.remove_sites_except(s.site for s in self.sites)
             for s in self._selected(site):
-                total.removed += self.catalog.remove_outside(s.site, [_norm(r) for r in s.roots])
-                self.catalog.note_rules(s.site, s.rules)
-                for root in s.roots:
-                    total.add(self._reconcile_root(s, _norm(root)))
+                total.add(self._reconcile_site(s))
         total.seconds = time.perf_counter() - t0
         log.info(
             "reconcile: %d segment files, %d added, %d updated, %d removed, %d ignored in %.1f s",
@@ -412,7 +423,19 @@ class Scanner:
         )
         return total
 
-    def _reconcile_root(self, s: SiteScan, root: bytes) -> ReconcileStats:
+    def _reconcile_site(self, s: SiteScan) -> ReconcileStats:
+        total = ReconcileStats()
+        total.removed += self.catalog.remove_outside(s.site, [_norm(r) for r in s.roots])
+        # stored expiries first (recomputed if the rules changed), then the walk adds to them
+        self.catalog.ensure_expiry(s.site, s.rules)
+        key = _layout_key(s)
+        trust = self.catalog.layout_key(s.site) == key
+        for root in s.roots:
+            total.add(self._reconcile_root(s, _norm(root), trust))
+        self.catalog.set_layout_key(s.site, key)
+        return total
+
+    def _reconcile_root(self, s: SiteScan, root: bytes, trust: bool = True) -> ReconcileStats:
         stats = ReconcileStats()
         cls = self._classifier(s, root)
         racy = self._racy_after()
@@ -457,7 +480,7 @@ class Scanner:
         jobs = [
             _Job(
                 str(self.catalog.path) if existing else None,
-                s.site, root, top, ns, s.layout, cls.exts, s.rules, racy,
+                s.site, root, top, ns, s.layout, cls.exts, s.rules, racy, trust,
             )
             for top, ns in tops
         ]
@@ -472,7 +495,8 @@ class Scanner:
         def apply(delta: _Delta) -> None:
             nonlocal t_apply
             t = time.perf_counter()
-            self.catalog.apply_rows(delta.rows, delta.removed)
+            # into an empty table (cold start) under our write lock every path is new
+            self.catalog.apply_rows(delta.rows, delta.removed, fresh=not existing)
             t_apply += time.perf_counter() - t
             all_dirs.extend(delta.dirs)
             stats.add(delta.stats)
@@ -522,10 +546,15 @@ class Scanner:
         total = ReconcileStats()
         with self._lock:
             for s in self._selected(site):
+                if self.catalog.layout_key(s.site) != _layout_key(s):
+                    # never walked, or the layout changed: every row must be read again
+                    total.add(self._reconcile_site(s))
+                    continue
+                self.catalog.ensure_expiry(s.site, s.rules)
                 known_dirs = self.catalog.dirs_of(s.site)
                 for root in (_norm(r) for r in s.roots):
                     if root not in known_dirs:
-                        # never walked (new root, or first start): only a full walk will do
+                        # never walked (a root added to the config): only a full walk will do
                         total.add(self._reconcile_root(s, root))
                         continue
                     total.add(self._incremental_root(s, root, known_dirs))
@@ -693,6 +722,13 @@ def _norm(path: bytes | str) -> bytes:
     while len(p) > 1 and p.endswith(b"/"):
         p = p[:-1]
     return p
+
+
+def _layout_key(s: SiteScan) -> str:
+    """How a site's camera and start are read; a change means every row is read again."""
+    if s.layout is None:
+        return "mtime"
+    return f"{s.layout.pattern}|{s.layout.tz}"
 
 
 def _exts(s: SiteScan) -> frozenset[bytes]:

@@ -285,3 +285,23 @@ def test_kill_9_in_the_middle_of_a_big_insert_leaves_a_consistent_catalog(tmp_pa
     cat.upsert_segments([seg("after", NOW)], {"gate": rules()})
     assert cat.count() == 11
     cat.close()
+
+
+def test_a_version_1_catalog_is_migrated_in_place(tmp_path: Path) -> None:
+    from nvr_guard.catalog import MIGRATIONS
+
+    db = tmp_path / "catalog.db"
+    raw = sqlite3.connect(db)
+    MIGRATIONS[0](raw)
+    raw.execute("PRAGMA user_version = 1")
+    raw.execute(
+        "INSERT INTO segments (site, camera, path, start, mtime, size, expires_at) "
+        "VALUES ('gate', 'c', x'2f612e6d7034', 1.0, 1.0, 1, 2.0)"
+    )
+    raw.commit()
+    raw.close()
+    c = Catalog(db)
+    assert c.schema_version == SCHEMA_VERSION >= 2
+    assert "site_layouts" in tables(c.conn)
+    assert c.get(b"/a.mp4") is not None
+    c.close()

@@ -328,3 +328,25 @@ def test_watch_limit_exhaustion_calls_back(
     monkeypatch.setattr(obs.inotify_fd, "add_callback", no_more_watches)
     (root / "gate" / "2026-11-22").mkdir(parents=True)
     assert wait_for(lambda: len(overflows) >= 1)
+
+
+def test_a_layout_change_rereads_unchanged_files(cat: Catalog, root: Path) -> None:
+    p = touch(root, "gate/2026-11-20/14/05.07.mp4")
+    lay = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
+    Scanner(cat, [site(root, lay, SH)], workers=1).reconcile()
+    assert catalogued(cat)[p][2] == datetime(2026, 11, 20, 14, 5, 7, tzinfo=SH).timestamp()
+    # the admin corrects layout_timezone: the same, unchanged file now reads 8 hours later
+    stats = Scanner(cat, [site(root, lay, UTC)], workers=1).incremental()
+    assert stats.updated == 1
+    assert catalogued(cat)[p][2] == datetime(2026, 11, 20, 14, 5, 7, tzinfo=UTC).timestamp()
+
+
+def test_a_rules_change_refreshes_stored_expiry_on_reconcile(cat: Catalog, root: Path) -> None:
+    p = touch(root, "cam1/a.mp4", mtime=1_700_000_000)
+    s30 = site(root)
+    Scanner(cat, [s30], workers=1).reconcile()
+    s7 = SiteScan(s30.site, s30.roots, None, EXTS,
+                  SiteRules("gate", Duration.parse("7d"), None, SH, 120.0))
+    Scanner(cat, [s7], workers=1).reconcile()
+    row = cat.conn.execute("SELECT expires_at FROM segments WHERE path = ?", (p,)).fetchone()
+    assert row[0] == 1_700_000_000 + 7 * 86400
