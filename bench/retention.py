@@ -26,6 +26,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -141,6 +142,11 @@ def timed(fn: Callable[[], object]) -> float:
 
 def run_find(args: list[str]) -> None:
     subprocess.run(["find", *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def fresh_catalog(state: Path) -> Catalog:
@@ -261,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # -- find baseline (warm) --
     find_args = [str(root), "-type", "f", "-printf", r"%s %T@ %p\n"]
     run_find(find_args)  # warm-up, untimed
-    find_s = min(timed(lambda: run_find(find_args)) for _ in range(max(3, args.repeat)))
+    cpu0 = children_cpu()
+    find_runs = [timed(lambda: run_find(find_args)) for _ in range(max(3, args.repeat))]
+    find_cpu = (children_cpu() - cpu0) / len(find_runs)
+    find_s = min(find_runs)
 
     # -- cold reconcile --
     s = site_scan(root, "40d")  # 40 days: nothing of the 35 is due
@@ -282,6 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines.append(Line(f"cold reconcile ({stats.files:,} files)", f"{cold_s:.2f} s",
                       f"find {find_s:.2f} s", f"{ratio:.2f}x", "<= 3x", ratio <= 3.0))
     print(f"  reconcile runs: {', '.join(f'{c:.2f}' for c in cold)} s; {stats.as_json()}")
+    cpu_note = (
+        f"cold reconcile used {stats.cpu_seconds:.1f} CPU-s over {os.cpu_count()} cores "
+        f"(find: {find_cpu:.1f} CPU-s on one); with the cores to itself it needs about "
+        f"{stats.cpu_seconds / (os.cpu_count() or 1):.1f} s = "
+        f"{stats.cpu_seconds / (os.cpu_count() or 1) / find_s:.1f}x find"
+    )
     rss_after_reconcile = psutil.Process().memory_info().rss
 
     # -- steady sweep, nothing due --
@@ -320,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(fmt.format(*head, "result"))
     for ln in lines:
         print(fmt.format(ln.what, ln.ours, ln.baseline, ln.ratio, ln.goal, ln.verdict()))
-    print(f"\n(bench process RSS after the cold reconcile: "
+    print(f"\n{cpu_note}")
+    print(f"(bench process RSS after the cold reconcile: "
           f"{rss_after_reconcile / 2**20:.0f} MB; load average now {os.getloadavg()[0]:.2f})")
     if args.json:
         print(json.dumps([ln.__dict__ for ln in lines], indent=1))

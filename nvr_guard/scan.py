@@ -94,6 +94,7 @@ class ReconcileStats:
     ignored: int = 0  # entries that are not segments (wrong place, no match, symlinks, ...)
     dirs: int = 0  # directories listed
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process and the walker processes together
 
     def add(self, other: ReconcileStats) -> None:
         self.added += other.added
@@ -102,6 +103,7 @@ class ReconcileStats:
         self.files += other.files
         self.ignored += other.ignored
         self.dirs += other.dirs
+        self.cpu_seconds += other.cpu_seconds
 
     def as_json(self) -> dict[str, float | int]:
         return {
@@ -112,6 +114,7 @@ class ReconcileStats:
             "ignored": self.ignored,
             "dirs": self.dirs,
             "seconds": round(self.seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
         }
 
 
@@ -330,6 +333,7 @@ def _read_known(conn: sqlite3.Connection, lo: bytes, hi: bytes) -> dict[bytes, _
 
 
 def _run_job(job: _Job) -> _Delta:
+    cpu0 = time.process_time()
     cls = _Classifier(job.site, job.root, job.layout, job.exts, job.rules)
     known: dict[bytes, _Known] = {}
     if job.db is not None:
@@ -342,6 +346,7 @@ def _run_job(job: _Job) -> _Delta:
     _walk(cls, job.top, job.top_mtime_ns, known, delta, job.racy_after_ns, job.trust_known)
     delta.removed = list(known)
     delta.stats.removed = len(known)
+    delta.stats.cpu_seconds = time.process_time() - cpu0
     return delta
 
 
@@ -409,7 +414,7 @@ class Scanner:
 
     def reconcile(self, site: str | None = None) -> ReconcileStats:
         """Walk the roots (of one site or all) and make the catalog match them."""
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         total = ReconcileStats()
         with self._lock:
             if site is None:
@@ -417,6 +422,7 @@ class Scanner:
             for s in self._selected(site):
                 total.add(self._reconcile_site(s))
         total.seconds = time.perf_counter() - t0
+        total.cpu_seconds += time.process_time() - cpu0
         log.info(
             "reconcile: %d segment files, %d added, %d updated, %d removed, %d ignored in %.1f s",
             total.files, total.added, total.updated, total.removed, total.ignored, total.seconds,
@@ -515,7 +521,9 @@ class Scanner:
                         apply(fut.result())
             else:
                 for j in jobs:
-                    apply(_run_job(j))
+                    d = _run_job(j)
+                    d.stats.cpu_seconds = 0.0  # already in this process's own figure
+                    apply(d)
             # directories last: if we die before this, the next incremental pass re-lists
             lo, hi = prefix_range(prefix)
             with self.catalog.transaction() as c:
