@@ -25,6 +25,7 @@ start = mtime. Everything else is counted as ``ignored``.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import errno
 import logging
 import multiprocessing
@@ -509,21 +510,21 @@ class Scanner:
 
         with self.catalog.bulk_load() if not existing else _nullctx():
             apply(head)
+            pending = list(jobs)
             if use_pool:
-                ctx = multiprocessing.get_context("forkserver")
-                with concurrent.futures.ProcessPoolExecutor(
-                    max_workers=min(self.workers, len(jobs)), mp_context=ctx
-                ) as pool:
-                    # biggest first would be better balanced; sizes are unknown, names are not
-                    for fut in concurrent.futures.as_completed(
-                        [pool.submit(_run_job, j) for j in jobs]
-                    ):
-                        apply(fut.result())
-            else:
-                for j in jobs:
-                    d = _run_job(j)
-                    d.stats.cpu_seconds = 0.0  # already in this process's own figure
-                    apply(d)
+                try:
+                    self._run_pool(pending, apply)
+                except (OSError, concurrent.futures.process.BrokenProcessPool) as exc:
+                    # no worker processes (sandbox limits, a main module that cannot be
+                    # re-imported): slower, but the walk must still happen
+                    log.warning(
+                        "reconcile: worker processes failed (%s); walking %d directories here",
+                        exc, len(pending),
+                    )
+            for j in pending:
+                d = _run_job(j)
+                d.stats.cpu_seconds = 0.0  # already in this process's own figure
+                apply(d)
             # directories last: if we die before this, the next incremental pass re-lists
             lo, hi = prefix_range(prefix)
             with self.catalog.transaction() as c:
@@ -537,6 +538,19 @@ class Scanner:
             s.site, root, t_walked - t_start, t_apply, time.perf_counter() - t_walked, use_pool,
         )
         return stats
+
+    def _run_pool(self, pending: list[_Job], apply: Callable[[_Delta], None]) -> None:
+        """Run ``pending`` in worker processes; each job applied is removed from the list."""
+        # forkserver, not fork: the daemon has threads (scheduler, watcher) by now, and a
+        # forked copy of a process with threads may inherit a held lock
+        ctx = multiprocessing.get_context("forkserver")
+        with concurrent.futures.ProcessPoolExecutor(
+            max_workers=min(self.workers, len(pending)), mp_context=ctx
+        ) as pool:
+            futures = {pool.submit(_run_job, j): j for j in pending}
+            for fut in concurrent.futures.as_completed(futures):
+                apply(fut.result())
+                pending.remove(futures[fut])
 
     def _any_under(self, root: bytes) -> bool:
         lo, hi = prefix_range(root + b"/")

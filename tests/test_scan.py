@@ -350,3 +350,20 @@ def test_a_rules_change_refreshes_stored_expiry_on_reconcile(cat: Catalog, root:
     Scanner(cat, [s7], workers=1).reconcile()
     row = cat.conn.execute("SELECT expires_at FROM segments WHERE path = ?", (p,)).fetchone()
     assert row[0] == 1_700_000_000 + 7 * 86400
+
+
+def test_reconcile_walks_in_process_when_worker_processes_fail(
+    cat: Catalog, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import concurrent.futures.process as cfp
+
+    import nvr_guard.scan as scan_mod
+
+    class NoWorkers:
+        def __init__(self, *a: object, **k: object) -> None:
+            raise cfp.BrokenProcessPool("no processes here")
+
+    monkeypatch.setattr(scan_mod.concurrent.futures, "ProcessPoolExecutor", NoWorkers)
+    paths = {touch(root, f"cam{c}/x.mp4") for c in range(3)}
+    stats = Scanner(cat, [site(root)], workers=2).reconcile()
+    assert stats.added == 3 and set(catalogued(cat)) == paths
