@@ -225,13 +225,16 @@ def _at(ts: float, tz: tzinfo) -> str:
 
 
 def _span(seconds: float) -> str:
-    if seconds % 86400 == 0:
-        return f"{int(seconds // 86400)} d"
-    if seconds % 3600 == 0:
-        return f"{int(seconds // 3600)} h"
-    if seconds % 60 == 0:
-        return f"{int(seconds // 60)} min"
-    return f"{seconds:g} s"
+    """``24 h``, ``24 h 1 s``, ``3 d``: hours up to two days, as people say "within 24 h"."""
+    rest = round(seconds)
+    parts: list[str] = []
+    if rest >= 2 * 86400 and rest % 86400 == 0:
+        return f"{rest // 86400} d"
+    for unit, size in (("h", 3600), ("min", 60), ("s", 1)):
+        n, rest = divmod(rest, size)
+        if n:
+            parts.append(f"{n} {unit}")
+    return " ".join(parts) or "0 s"
 
 
 def _hhmm(minutes: int) -> str:
