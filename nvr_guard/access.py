@@ -221,7 +221,9 @@ def _text_problem(what: str, value: object, hint: str) -> Decision | None:
 
 
 def _at(ts: float, tz: tzinfo) -> str:
-    return datetime.fromtimestamp(ts, tz).isoformat(timespec="minutes")
+    """Site-local ISO 8601, to the minute unless the seconds matter (as typed with --from/--to)."""
+    t = datetime.fromtimestamp(ts, tz)
+    return t.isoformat(timespec="minutes" if t.second == 0 and t.microsecond == 0 else "seconds")
 
 
 def _span(seconds: float) -> str:
@@ -534,7 +536,7 @@ def check_new(
         return _refuse(
             f"no footage of {', '.join(_show(c) for c in draft.cameras)} between "
             f"{_at(start, rules.tz)} and {_at(end, rules.tz)}; check the cameras and times "
-            "(`nvr-guard retention plan` lists what is recorded)"
+            "(a time without an offset is site-local)"
         )
     what = "emergency request" if draft.emergency else "request"
     return _ok(f"{what} by {_show(actor.user)} for {', '.join(draft.cameras)} may be filed")
