@@ -1,0 +1,319 @@
+"""ffmpeg and ffprobe: probing sources, building the export command, running it.
+
+The command is built as data with ffmpeg-python (never a shell string). User text never enters
+the filter graph: the watermark goes through ``textfile=`` with ``expansion=none``; the only
+expanding drawtext is the recorded-time clock, whose text file holds nothing but our own constant
+``%{pts:gmtime:...}`` expression. Paths inside the graph are our private temp files and the
+configured font; ffmpeg-python escapes them for the filter syntax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, tzinfo
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import ffmpeg  # ffmpeg-python
+
+from nvr_guard.errors import InvalidInput, RuntimeFailure
+from nvr_guard.export.plan import ClipPlan, Run
+
+FFMPEG = "ffmpeg"
+FFPROBE = "ffprobe"
+
+
+@dataclass(frozen=True)
+class Probe:
+    duration: float
+    size: int
+    fps: Fraction | None
+    width: int
+    height: int
+    video_codec: str | None
+    has_audio: bool
+    frames: int | None = None  # only when counted (probe(count=True))
+
+
+def probe(path: Path | bytes, *, count: bool = False, timeout: float = 120) -> Probe:
+    argv = [FFPROBE, "-v", "error", "-of", "json", "-show_format", "-show_streams"]
+    if count:
+        argv += ["-count_packets"]
+    argv += ["--", os.fsdecode(path)]
+    try:
+        cp = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeFailure(f"ffprobe timed out on {os.fsdecode(path)}") from None
+    if cp.returncode != 0:
+        msg = cp.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise InvalidInput(
+            f"cannot read {os.fsdecode(path)}: {msg[-1] if msg else 'ffprobe failed'}"
+        )
+    info = json.loads(cp.stdout)
+    streams = info.get("streams", [])
+    video = next((s for s in streams if s.get("codec_type") == "video"), None)
+    audio = any(s.get("codec_type") == "audio" for s in streams)
+    fmt = info.get("format", {})
+    duration = float(fmt.get("duration") or (video or {}).get("duration") or 0.0)
+    fps: Fraction | None = None
+    if video:
+        for key in ("avg_frame_rate", "r_frame_rate"):
+            rate = video.get(key, "0/0")
+            num, _, den = rate.partition("/")
+            if den and int(den) and int(num):
+                fps = Fraction(int(num), int(den))
+                break
+    frames = None
+    if count and video and video.get("nb_read_packets"):
+        frames = int(video["nb_read_packets"])
+    return Probe(
+        duration=duration,
+        size=int(fmt.get("size") or 0),
+        fps=fps,
+        width=int((video or {}).get("width") or 0),
+        height=int((video or {}).get("height") or 0),
+        video_codec=(video or {}).get("codec_name"),
+        has_audio=audio,
+        frames=frames,
+    )
+
+
+def ffmpeg_version() -> str:
+    cp = subprocess.run([FFMPEG, "-hide_banner", "-version"], capture_output=True, check=False)
+    first = cp.stdout.decode("utf-8", "replace").splitlines()
+    return first[0] if first else "unknown"
+
+
+# ---- command building ---------------------------------------------------------------------------
+def _concat_list(run: Run, *, trim_points: bool) -> bytes:
+    """A concat-demuxer list. Paths are written as bytes inside single quotes, the list format's
+    only quoting; a quote in a name becomes '\\'' as the format requires."""
+    lines: list[bytes] = [b"ffconcat version 1.0"]
+    for i, p in enumerate(run.pieces):
+        lines.append(b"file '" + p.path.replace(b"'", b"'\\''") + b"'")
+        if trim_points:
+            # stream copy cannot cut between keyframes: the demuxer starts at the keyframe
+            # before inpoint, which is why a native copy is only keyframe-accurate
+            if i == 0 and run.offset > 0:
+                lines.append(f"inpoint {run.offset:.6f}".encode())
+            if i == len(run.pieces) - 1:
+                out = run.offset + run.duration - sum(q.duration for q in run.pieces[:-1])
+                if out < p.duration:
+                    lines.append(f"outpoint {out:.6f}".encode())
+    return b"\n".join(lines) + b"\n"
+
+
+def clock_text(recorded: float, tz: tzinfo) -> str:
+    """drawtext text (expansion on) for the recorded date-time of each frame of one run.
+
+    gmtime of (output pts + recorded start + UTC offset) is the site-local wall time; the offset
+    is taken at the run's start and printed beside the time, so a reader knows which zone it is.
+    """
+    off = tz.utcoffset(datetime.fromtimestamp(recorded, tz)) or timedelta(0)
+    secs = int(off.total_seconds())
+    sign = "+" if secs >= 0 else "-"
+    zone = f"{sign}{abs(secs) // 3600:02d}\\:{abs(secs) % 3600 // 60:02d}"
+    shift = recorded + secs
+    return f"录制 REC %{{pts:gmtime:{shift:.6f}:%Y-%m-%d %H\\:%M\\:%S}} {zone}"
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: list[str]
+    output: Path
+    files: dict[str, bytes]  # the private inputs the argv refers to (list files, text files)
+
+
+def font_size_for(height: int) -> int:
+    return max(12, round(height / 30))
+
+
+def build_encode(
+    plan: ClipPlan,
+    workdir: Path,
+    output: Path,
+    *,
+    watermark: str,
+    tz: tzinfo,
+    font: Path,
+    crf: int,
+    preset: str,
+    audio: bool,
+    height: int,
+) -> Command:
+    """Watermarked H.264 clip: each run trimmed frame-exactly with its own clock, runs joined,
+    the watermark drawn once over the whole clip. Writes the list and text files into
+    ``workdir`` (private, 0700) and returns the argv that reads them."""
+    files: dict[str, bytes] = {}
+    size = font_size_for(height)
+    videos: list[Any] = []
+    audios: list[Any] = []
+    for i, run in enumerate(plan.runs):
+        lst = workdir / f"run{i}.ffconcat"
+        clk = workdir / f"clock{i}.txt"
+        files[str(lst)] = _concat_list(run, trim_points=False)
+        files[str(clk)] = clock_text(run.recorded, tz).encode()
+        src = ffmpeg.input(str(lst), f="concat", safe=0)
+        v = src["v:0"].trim(start=round(run.offset, 6), duration=round(run.duration, 6))
+        v = v.setpts("PTS-STARTPTS").drawtext(
+            fontfile=str(font),
+            textfile=str(clk),
+            fontsize=size,
+            fontcolor="white",
+            borderw=2,
+            bordercolor="black",
+            x=8,
+            y=f"h-th-{size // 2}",
+        )
+        videos.append(v)
+        if audio:
+            a = src["a:0"].filter(
+                "atrim", start=round(run.offset, 6), duration=round(run.duration, 6)
+            )
+            audios.append(a.filter("asetpts", "PTS-STARTPTS"))
+    if len(plan.runs) > 1:
+        parts: list[Any] = []
+        for j, v in enumerate(videos):
+            parts.append(v)
+            if audio:
+                parts.append(audios[j])
+        joined = ffmpeg.filter_multi_output(
+            parts, "concat", n=len(plan.runs), v=1, a=1 if audio else 0
+        )
+        video = joined[0]
+        audio_out = joined[1] if audio else None
+    else:
+        video = videos[0]
+        audio_out = audios[0] if audio else None
+    text = workdir / "watermark.txt"
+    files[str(text)] = watermark.encode()
+    video = video.drawtext(
+        fontfile=str(font),
+        textfile=str(text),
+        expansion="none",
+        fontsize=size,
+        fontcolor="white@0.85",
+        box=1,
+        boxcolor="black@0.45",
+        boxborderw=4,
+        line_spacing=2,
+        x=8,
+        y=8,
+    )
+    streams = [video] + ([audio_out] if audio_out is not None else [])
+    opts: dict[str, Any] = {
+        "vcodec": "libx264",
+        "crf": crf,
+        "preset": preset,
+        "pix_fmt": "yuv420p",
+    }
+    if audio_out is not None:
+        opts.update({"acodec": "aac", "b:a": "128k"})
+    out = ffmpeg.output(*streams, str(output), **opts)
+    argv = _finish(out.compile(cmd=FFMPEG))
+    return Command(argv, output, files)
+
+
+def build_copy(plan: ClipPlan, workdir: Path, output: Path, *, audio: bool) -> Command:
+    """Native (evidence) copy: stream copy, no re-encode, no watermark; cut at keyframes."""
+    files: dict[str, bytes] = {}
+    lst = workdir / "native.ffconcat"
+    body = [b"ffconcat version 1.0"]
+    for run in plan.runs:
+        body += _concat_list(run, trim_points=True).splitlines()[1:]
+    files[str(lst)] = b"\n".join(body) + b"\n"
+    src = ffmpeg.input(str(lst), f="concat", safe=0)
+    streams = [src["v:0"]] + ([src["a:0"]] if audio else [])
+    out = ffmpeg.output(*streams, str(output), c="copy")
+    argv = _finish(out.compile(cmd=FFMPEG))
+    return Command(argv, output, files)
+
+
+def _finish(argv: list[str]) -> list[str]:
+    """Global options: no prompts (-nostdin), never overwrite (-n), machine progress on stdout."""
+    return (
+        argv[:1]
+        + ["-hide_banner", "-nostdin", "-n", "-loglevel", "error", "-nostats"]
+        + ["-progress", "pipe:1"]
+        + argv[1:]
+    )
+
+
+# ---- running ------------------------------------------------------------------------------------
+class Cancelled(Exception):
+    """Raised by a progress callback to stop the export (the caller's own reason is the cause)."""
+
+
+def run_ffmpeg(
+    argv: Sequence[str],
+    *,
+    total: float,
+    timeout: float,
+    stderr_path: Path,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """Run ffmpeg, report progress (fraction of ``total`` seconds of output) and enforce a
+    timeout. Any failure kills the process and raises; the caller removes the partial output."""
+    deadline = time.monotonic() + timeout
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
+        )
+    try:
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        buf = b""
+        eof = False
+        while not eof:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeFailure(
+                    f"ffmpeg did not finish within {timeout:g} s; the export was stopped"
+                )
+            if not sel.select(timeout=min(left, 1.0)):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                eof = True
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                key, _, value = line.decode("ascii", "replace").strip().partition("=")
+                # out_time_us (and the misnamed out_time_ms) are microseconds
+                if key == "out_time_us" and progress and total > 0 and value.isdigit():
+                    progress(min(1.0, int(value) / 1e6 / total))
+        sel.close()
+        try:
+            rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise RuntimeFailure(
+                f"ffmpeg did not finish within {timeout:g} s; the export was stopped"
+            ) from None
+        if rc != 0:
+            tail = stderr_path.read_bytes().decode("utf-8", "replace").strip().splitlines()
+            if rc < 0:
+                try:
+                    why = f"was killed by signal {signal.Signals(-rc).name}"
+                except ValueError:
+                    why = f"was killed by signal {-rc}"
+            else:
+                why = f"failed (exit {rc})"
+            detail = f": {tail[-1]}" if tail else ""
+            raise RuntimeFailure(f"ffmpeg {why}{detail}")
+        if progress:
+            progress(1.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()

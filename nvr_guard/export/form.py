@@ -1,0 +1,211 @@
+"""The printable approval record (调阅监控录像审批表) and VERIFY.txt.
+
+Every value that came from a user (reason, names, recipient, notes …) goes through
+``html.escape``: the record is opened in a browser on whatever machine receives the package, and a
+request reason must not be able to run script there or rewrite the form.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_CSS = """
+body { font-family: "WenQuanYi Zen Hei", "Noto Sans CJK SC", "Microsoft YaHei", sans-serif;
+       margin: 2em; color: #000; }
+h1 { font-size: 1.4em; text-align: center; margin-bottom: 0.2em; }
+p.sub { text-align: center; margin-top: 0; }
+table { border-collapse: collapse; width: 100%; margin: 0.8em 0; page-break-inside: avoid; }
+th, td { border: 1px solid #000; padding: 0.35em 0.5em; text-align: left; vertical-align: top; }
+th { background: #eee; width: 22%; font-weight: normal; }
+td.hash, code { font-family: monospace; word-break: break-all; font-size: 0.9em; }
+.sign { height: 3em; }
+.note { font-size: 0.85em; }
+@media print { body { margin: 1cm; } }
+"""
+
+
+def _e(value: Any) -> str:
+    if value is None or value == "":
+        return "&nbsp;"
+    if isinstance(value, list | tuple):
+        return html.escape(", ".join(str(v) for v in value))
+    return html.escape(str(value)).replace("\n", "<br>")
+
+
+def _row(zh: str, en: str, value: Any, cls: str = "") -> str:
+    attr = f' class="{cls}"' if cls else ""
+    return f"<tr><th>{zh}<br>{en}</th><td{attr}>{_e(value)}</td></tr>"
+
+
+def approval_record_html(
+    request: Mapping[str, Any],
+    approvals: Sequence[Mapping[str, Any]],
+    export_info: Mapping[str, Any] | None,
+) -> str:
+    """Bilingual record of a request, its approvals and (when done) its export and hashes.
+
+    ``export_info`` is None for a form printed before the export (`export form`): the export
+    section is then left blank for hand-writing, as on the paper form.
+    """
+    rec = request.get("recipient") or {}
+    out: list[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="zh-CN"><head><meta charset="utf-8">',
+        f"<title>调阅监控录像审批表 Approval record — request {_e(request.get('id'))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>调阅监控录像审批表<br>CCTV Footage Retrieval Approval Record</h1>",
+        f'<p class="sub">申请编号 Request No. {_e(request.get("id"))}'
+        + (" · 紧急调取 EMERGENCY" if request.get("emergency") else "")
+        + "</p>",
+        "<table><caption>申请 Request</caption>",
+        _row("申请人", "Requester", request.get("requester")),
+        _row("场所", "Site", request.get("site")),
+        _row("摄像机", "Cameras", request.get("cameras")),
+        _row("调取时段（起）", "From", request.get("from")),
+        _row("调取时段（止）", "To", request.get("to")),
+        _row("调取原因", "Reason / purpose", request.get("reason")),
+        _row("法律依据", "Legal basis", request.get("basis")),
+        _row("输出格式", "Output format", _format_text(request.get("format"))),
+        _row("申请时间", "Requested at", request.get("created")),
+        "</table>",
+        "<table><caption>接收方 Recipient</caption>",
+        _row("接收单位", "Unit", rec.get("unit")),
+        _row("接收人", "Person", rec.get("person")),
+        _row("联系方式", "Contact", rec.get("contact")),
+        "</table>",
+        "<table><caption>审批 Approvals</caption>",
+        "<tr><th>审批人 Approver</th><th>角色 Role</th><th>意见 Decision</th>"
+        "<th>说明 Note</th><th>时间 Time</th></tr>",
+    ]
+    for a in approvals:
+        out.append(
+            "<tr>"
+            + "".join(
+                f"<td>{_e(a.get(k))}</td>"
+                for k in ("approver", "role", "decision", "note", "time")
+            )
+            + "</tr>"
+        )
+    if not approvals:
+        out.append('<tr><td class="sign"></td><td></td><td></td><td></td><td></td></tr>')
+    out.append("</table>")
+    out.append("<table><caption>导出 Export</caption>")
+    if export_info is None:
+        for zh, en in (
+            ("导出技术人员", "Technician"),
+            ("导出时间", "Exported at"),
+            ("存储介质", "Storage medium"),
+            ("杀毒检查", "Malware scan"),
+            ("文件及校验值", "Files and SHA-256"),
+        ):
+            out.append(f'<tr><th>{zh}<br>{en}</th><td class="sign"></td></tr>')
+        out.append("</table>")
+    else:
+        dest = export_info.get("destination") or {}
+        head = export_info.get("audit_head") or {}
+        out += [
+            _row("导出包", "Package", export_info.get("package")),
+            _row("导出技术人员", "Technician", export_info.get("technician")),
+            _row("导出时间", "Exported at", export_info.get("exported")),
+            _row("存储介质", "Storage medium", dest.get("path") or dest.get("device")),
+            _row("杀毒检查", "Malware scan", _scan_text(dest.get("scan"))),
+            _row("签名公钥指纹", "Signer fingerprint", export_info.get("signer"), "hash"),
+            _row("审计日志位置", "Audit head", f"#{head.get('seq')} {head.get('hash')}", "hash"),
+            "</table>",
+            "<table><caption>文件及校验值 Files and SHA-256</caption>",
+            "<tr><th>文件 File</th><th>摄像机 Camera</th><th>时长 Duration</th>"
+            "<th>SHA-256</th></tr>",
+        ]
+        for c in export_info.get("clips") or []:
+            gaps = c.get("gaps") or []
+            gap_text = "".join(
+                f"<br>缺失 gap {_e(g.get('from'))} – {_e(g.get('to'))}" for g in gaps
+            )
+            out.append(
+                f"<tr><td>{_e(c.get('file'))}{gap_text}</td><td>{_e(c.get('camera'))}</td>"
+                f"<td>{_e(_seconds(c.get('duration')))}</td>"
+                f'<td class="hash">{_e(c.get("sha256"))}</td></tr>'
+            )
+        out.append("</table>")
+    out += [
+        "<table><caption>签字 Signatures</caption>",
+        '<tr><th>申请人 Requester</th><td class="sign"></td></tr>',
+        '<tr><th>审批人 Approver(s)</th><td class="sign"></td></tr>',
+        '<tr><th>导出人 Technician</th><td class="sign"></td></tr>',
+        '<tr><th>接收人 Recipient</th><td class="sign"></td></tr>',
+        "</table>",
+        '<p class="note">说明：此表为查阅、调取监控录像依据，各级人员应完整填写，交保安部备案；'
+        "不得删除任何细节。<br>This record is the basis for viewing and retrieving CCTV footage; "
+        "it must be filled in completely and filed with security. No detail may be deleted. "
+        "Check the package with <code>nvr-guard verify</code> or the commands in VERIFY.txt.</p>",
+        "</body></html>",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _format_text(fmt: Any) -> str:
+    if fmt == "native":
+        return "原始格式（无水印证据副本）native evidence copy, no watermark"
+    if fmt == "mp4":
+        return "MP4（含水印）watermarked MP4"
+    return "" if fmt is None else str(fmt)
+
+
+def _scan_text(scan: Any) -> str:
+    if not scan:
+        return "无（已配置的目录，非移动介质）none (configured directory, not removable media)"
+    if isinstance(scan, Mapping):
+        return ", ".join(f"{k}: {v}" for k, v in scan.items())
+    return str(scan)
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    s = int(round(value))
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d} ({value:.2f} s)"
+
+
+def verify_text(package: str, fingerprint: str, sums: Mapping[str, str]) -> str:
+    """VERIFY.txt; ``sums`` (file name -> sha256) become ``sha256sum -c`` lines."""
+    lines = "\n".join(f"{digest}  {name}" for name, digest in sorted(sums.items()))
+    return f"""\
+How to check this package / 如何校验本导出包
+=========================================
+
+Package: {package}
+Signer fingerprint (also in the nvr-guard audit log of the exporting host):
+    {fingerprint}
+
+1. With nvr-guard (any host with nvr-guard installed):
+
+    nvr-guard verify {package}
+
+   Exit 0: every file is as exported and the manifest is signed by the key above.
+   Exit 4: the output names what is wrong (clip changed, manifest changed, key mismatch,
+   missing or extra files).
+
+2. With plain OpenSSL 3 and coreutils, inside this directory:
+
+   a) the signature over manifest.json (prints "Signature Verified Successfully"):
+
+    openssl pkeyutl -verify -pubin -inkey signer.pub -rawin -in manifest.json -sigfile manifest.sig
+
+   b) the signer key is the exporting host's key — compare with the fingerprint above and with
+      the audit log:
+
+    echo "SHA256:$(openssl pkey -pubin -in signer.pub -outform DER | openssl dgst -sha256 -binary | base64 | tr -d '=')"
+
+   c) the files are unchanged (every line must end in ": OK"):
+
+    grep -E '^[0-9a-f]{{64}}  ' VERIFY.txt | sha256sum -c
+
+   The same values are under "files" in manifest.json, which the signature covers:
+
+{lines}
+
+A signature that verifies only proves manifest.json is unchanged; the hashes in it then prove the
+clips are unchanged. Both checks are needed.
+"""

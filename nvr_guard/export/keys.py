@@ -1,0 +1,92 @@
+"""The host's export-signing key (Ed25519): created once, kept 0600 in the state directory.
+
+The fingerprint is ``SHA256:`` + unpadded base64 of the SHA-256 of the public key's DER
+(SubjectPublicKeyInfo) — the same bytes ``openssl pkey -pubin -outform DER`` prints, so an auditor
+can recompute it with plain tools (VERIFY.txt shows how) and compare it with the audit log.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from nvr_guard.errors import RuntimeFailure
+
+KEY_FILE = "export-key.pem"  # the config's default (Config.signing_key_path)
+
+
+def fingerprint(public: Ed25519PublicKey) -> str:
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+
+
+def public_pem(public: Ed25519PublicKey) -> bytes:
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_or_create_key(
+    state_dir: Path, key_path: Path | None = None
+) -> tuple[Ed25519PrivateKey, str]:
+    """The signing key and its fingerprint; generated on first call.
+
+    Created with O_EXCL and mode 0600 from the start (never chmod'ed afterwards, so there is no
+    moment in which another user could open it). An existing key that is readable by group or
+    others is refused rather than used: a leaked signing key makes every package forgeable.
+    """
+    path = key_path or state_dir / KEY_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".new")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            # a crash between create and rename last time: the half-written file is worthless
+            tmp.unlink()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        # link (not rename) so two daemons starting at once cannot overwrite each other's key
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            tmp.unlink()
+            return load_or_create_key(state_dir, key_path)
+        tmp.unlink()
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return key, fingerprint(key.public_key())
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise RuntimeFailure(
+            f"export signing key {path} has mode {mode:04o}; it must be 0600 "
+            f"(chmod 600 {path}), or every package it signed could be forged"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except ValueError as e:
+        raise RuntimeFailure(f"export signing key {path} is unreadable: {e}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise RuntimeFailure(f"export signing key {path} is not an Ed25519 key")
+    return key, fingerprint(key.public_key())

@@ -1,0 +1,461 @@
+"""From an approved request's segments to a verified package directory on the destination.
+
+Order of work (SPEC §4, §5): check the destination will take it; hash the sources; encode each
+camera's clip into a hidden temporary directory on the destination; write manifest, signature,
+public key, approval record and VERIFY.txt; fsync every file and the directory; drop the cached
+pages and read everything back to hash it again; only then rename to ``NVRG-<request>-<stamp>``.
+Any failure on the way (ffmpeg error, timeout, killed ffmpeg, a full medium, an exception in a
+progress callback, Ctrl-C) removes the temporary directory, so a destination never holds a
+half-written package that someone could mistake for evidence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from nvr_guard import __version__
+from nvr_guard.errors import InvalidInput, PolicyRefused, RuntimeFailure
+from nvr_guard.export import ffmpeg as ff
+from nvr_guard.export.form import approval_record_html, verify_text
+from nvr_guard.export.keys import fingerprint, public_pem
+from nvr_guard.export.plan import (
+    ClipPlan,
+    Piece,
+    local_stamp,
+    local_text,
+    plan_clip,
+    render_watermark,
+    safe_name,
+    utc_stamp,
+    watermark_values,
+    wrap_for_frame,
+)
+from nvr_guard.model import show_path
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+SIGNER = "signer.pub"
+RECORD = "approval-record.html"
+VERIFY = "VERIFY.txt"
+PACKAGE_FORMAT = "nvr-guard export package 1"
+
+
+@dataclass(frozen=True)
+class SourceSegment:
+    path: Path
+    start: float  # recorded start, epoch seconds; the duration is found by ffprobe
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    request: Mapping[str, Any]
+    approvals: Sequence[Mapping[str, Any]]
+    technician: str
+    start: float
+    end: float
+    tz: tzinfo
+    watermark_template: str
+    font: Path
+    crf: int = 23
+    preset: str = "veryfast"
+    timeout: float = 3600  # per clip
+
+    @property
+    def native(self) -> bool:
+        return str(self.request.get("format", "mp4")) == "native"
+
+
+@runtime_checkable
+class Destination(Protocol):
+    """Where a package may be written: a configured directory today, scanned USB media later."""
+
+    path: Path
+
+    def check_before_write(self, bytes_needed: int) -> None:
+        """Raise PolicyRefused when writing is not allowed or there is no room."""
+
+    def describe(self) -> Mapping[str, Any]:
+        """JSON-able description for the manifest (the media scan record, for USB media)."""
+
+
+@dataclass
+class DirectoryDestination:
+    """A directory listed in ``export.targets``: only existence, writability and space checked."""
+
+    path: Path
+    reserve: int = 64 * 1024 * 1024  # leave the filesystem some room beyond the estimate
+
+    def check_before_write(self, bytes_needed: int) -> None:
+        if not self.path.is_dir():
+            raise PolicyRefused(f"export target {self.path} is not a directory")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise PolicyRefused(f"export target {self.path} is not writable by this process")
+        free = shutil.disk_usage(self.path).free
+        if free < bytes_needed + self.reserve:
+            raise PolicyRefused(
+                f"export target {self.path} has {free // 2**20} MiB free; this export needs "
+                f"about {(bytes_needed + self.reserve) // 2**20} MiB. Free space or use other media."
+            )
+
+    def describe(self) -> Mapping[str, Any]:
+        usage = shutil.disk_usage(self.path)
+        return {
+            "kind": "directory",
+            "path": str(self.path),
+            "free_bytes": usage.free,
+            # configured directories are not scanned media: say so instead of leaving it out
+            "scan": None,
+        }
+
+
+@dataclass(frozen=True)
+class ExportPackage:
+    path: Path
+    manifest: dict[str, Any]
+    files: tuple[str, ...]
+    sha256s: dict[str, str] = field(default_factory=dict)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _settle(path: Path) -> None:
+    """fsync, then drop the file's cached pages so the read-back below comes from the medium,
+    not from memory (best effort: the kernel may keep pages it is still writing)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The exact bytes that are signed: stable key order, UTF-8 (names stay readable)."""
+    return (json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _select(segments: Sequence[SourceSegment], start: float, end: float) -> list[SourceSegment]:
+    """Segments that may hold footage of [start, end) before knowing their durations: everything
+    starting inside the range plus the last one starting at or before its beginning."""
+    ordered = sorted(segments, key=lambda s: s.start)
+    before = [s for s in ordered if s.start <= start]
+    inside = [s for s in ordered if start < s.start < end]
+    return before[-1:] + inside
+
+
+@dataclass
+class _Clip:
+    camera: str
+    plan: ClipPlan
+    sources: list[dict[str, Any]]
+    audio: bool
+    fps: float
+    width: int
+    height: int
+    name: str
+    paths: list[bytes]
+    watermark: str | None
+
+
+# ---- the export ---------------------------------------------------------------------------------
+def run_export(
+    clips: Sequence[tuple[str, Sequence[SourceSegment]]],
+    job: ExportJob,
+    dest: Destination,
+    key: Ed25519PrivateKey,
+    *,
+    audit_head: tuple[int, str],
+    progress: Callable[[float], None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ExportPackage:
+    """Export one clip per (camera, segments) into a signed package on ``dest``.
+
+    ``progress`` gets the overall fraction done (0..1); raising from it stops the export (and
+    cleans up). Raises InvalidInput (nothing to export), PolicyRefused (destination refused),
+    RuntimeFailure (ffmpeg failed, timed out or was killed; I/O error).
+    """
+    if not clips:
+        raise InvalidInput("nothing to export: no cameras given")
+    if job.end <= job.start:
+        raise InvalidInput("export range is empty: 'to' must be after 'from'")
+    exported = clock()
+    rid = safe_name(str(job.request.get("id", "")))
+    name = f"NVRG-{rid}-{utc_stamp(exported)}"
+    final = dest.path / name
+    if final.exists():
+        raise RuntimeFailure(f"{final} already exists; run the export again in a second")
+
+    # Probe and plan first: a request with no footage, or a destination that is full, is refused
+    # before anything is written.
+    planned: list[_Clip] = []
+    needed = 0
+    for camera, segments in clips:
+        chosen = _select(segments, job.start, job.end)
+        probes = [(s, ff.probe(s.path)) for s in chosen]
+        fps = next((float(p.fps) for _, p in probes if p.fps), 25.0)
+        pieces = [Piece(os.fsencode(s.path), s.start, p.duration) for s, p in probes]
+        plan = plan_clip(pieces, job.start, job.end, 1 / fps)
+        if not plan.runs:
+            raise InvalidInput(
+                f"camera {camera}: no footage between {local_text(job.start, job.tz)} and "
+                f"{local_text(job.end, job.tz)}"
+            )
+        used = {p.path for r in plan.runs for p in r.pieces}
+        used_probes = [(s, p) for s, p in probes if os.fsencode(s.path) in used]
+        for s, p in used_probes:
+            lo, hi = max(job.start, s.start), min(job.end, s.start + p.duration)
+            needed += int(p.size * max(0.0, hi - lo) / p.duration) if p.duration else p.size
+        audio = all(p.has_audio for _, p in used_probes)
+        ext = "mkv" if job.native else "mp4"
+        clip_name = (
+            f"{safe_name(camera)}_{local_stamp(job.start, job.tz)}_"
+            f"{local_stamp(job.end, job.tz)}.{ext}"
+        )
+        planned.append(
+            _Clip(
+                camera=camera,
+                plan=plan,
+                sources=[
+                    {
+                        "path": show_path(os.fsencode(s.path)),
+                        "recorded_start": local_text(s.start, job.tz),
+                        "recorded_end": local_text(s.start + p.duration, job.tz),
+                        "duration": round(p.duration, 6),
+                        "size": p.size,
+                    }
+                    for s, p in used_probes
+                ],
+                audio=audio,
+                fps=fps,
+                width=max((p.width for _, p in used_probes), default=0),
+                height=max((p.height for _, p in used_probes), default=0),
+                name=clip_name,
+                paths=[os.fsencode(s.path) for s, _ in used_probes],
+                watermark=None,
+            )
+        )
+    if len({c.name for c in planned}) != len(planned):
+        raise InvalidInput("the same camera is listed twice in one export")
+    dest.check_before_write(int(needed * 1.1) + 1024 * 1024)
+    destination = dict(dest.describe())
+
+    tmp = dest.path / f".{name}.tmp"
+    work = Path(tempfile.mkdtemp(prefix="nvrg-export-"))
+    try:
+        tmp.mkdir(mode=0o755)
+    except FileExistsError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise RuntimeFailure(f"{tmp} exists: another export of request {rid} is running") from None
+    try:
+        return _build(planned, job, dest, key, audit_head, progress, exported, name, tmp, work,
+                      destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _fsync_dir(dest.path)
+        except OSError:
+            pass
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build(
+    planned: list[_Clip],
+    job: ExportJob,
+    dest: Destination,
+    key: Ed25519PrivateKey,
+    audit_head: tuple[int, str],
+    progress: Callable[[float], None] | None,
+    exported: float,
+    name: str,
+    tmp: Path,
+    work: Path,
+    destination: dict[str, Any],
+) -> ExportPackage:
+    # SPEC §5: sources are hashed before encoding, so the manifest names exactly what was read
+    for clip in planned:
+        for src, raw in zip(clip.sources, clip.paths, strict=True):
+            try:
+                with open(raw, "rb") as f:
+                    src["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError as e:
+                raise RuntimeFailure(f"cannot read source {src['path']}: {e.strerror}") from None
+
+    version = ff.ffmpeg_version()
+    total = sum(c.plan.duration for c in planned) or 1.0
+    done = 0.0
+    clip_entries: list[dict[str, Any]] = []
+    for i, clip in enumerate(planned):
+        out = tmp / clip.name
+        cwork = work / f"clip{i}"
+        cwork.mkdir()
+        if job.native:
+            cmd = ff.build_copy(clip.plan, cwork, out, audio=clip.audio)
+        else:
+            values = watermark_values(
+                job.request, job.approvals, job.technician, clip.camera, exported,
+                job.start, job.end, job.tz,
+            )
+            clip.watermark = render_watermark(job.watermark_template, values)
+            size = ff.font_size_for(clip.height)
+            cmd = ff.build_encode(
+                clip.plan, cwork, out,
+                watermark=wrap_for_frame(clip.watermark, clip.width or 640, size),
+                tz=job.tz, font=job.font, crf=job.crf, preset=job.preset,
+                audio=clip.audio, height=clip.height,
+            )
+        for path, data in cmd.files.items():
+            Path(path).write_bytes(data)
+        share = clip.plan.duration / total
+
+        def report(frac: float, base: float = done, share: float = share) -> None:
+            if progress:
+                progress(min(1.0, base + frac * share))
+
+        ff.run_ffmpeg(
+            cmd.argv, total=clip.plan.duration, timeout=job.timeout,
+            stderr_path=cwork / "stderr.txt", progress=report,
+        )
+        done += share
+        result = ff.probe(out, count=True)
+        clip_entries.append(
+            {
+                "camera": clip.camera,
+                "file": clip.name,
+                "format": "native" if job.native else "mp4",
+                "trim": (
+                    "keyframe-accurate (stream copy: starts at the keyframe before 'from')"
+                    if job.native
+                    else "frame-accurate"
+                ),
+                "requested_seconds": round(job.end - job.start, 6),
+                "footage_seconds": round(clip.plan.duration, 6),
+                "duration": round(result.duration, 6),
+                "frames": result.frames,
+                "fps": round(clip.fps, 6),
+                "audio": clip.audio and result.has_audio,
+                "gaps": [
+                    {
+                        "from": local_text(a, job.tz),
+                        "to": local_text(b, job.tz),
+                        "seconds": round(b - a, 3),
+                    }
+                    for a, b in clip.plan.gaps
+                ],
+                "sources": clip.sources,
+                "watermark": clip.watermark,
+                "ffmpeg": {
+                    "argv": cmd.argv,
+                    "inputs": {
+                        Path(p).name: d.decode("utf-8", "backslashreplace")
+                        for p, d in cmd.files.items()
+                    },
+                },
+            }
+        )
+
+    pub = key.public_key()
+    fp = fingerprint(pub)
+    request = dict(job.request)
+    export_info = {
+        "package": name,
+        "technician": job.technician,
+        "exported": local_text(exported, job.tz),
+        "clips": clip_entries,
+        "signer": fp,
+        "audit_head": {"seq": audit_head[0], "hash": audit_head[1]},
+        "destination": destination,
+    }
+    files: dict[str, dict[str, Any]] = {}
+    for c in clip_entries:
+        _settle(tmp / c["file"])
+        digest = sha256_file(tmp / c["file"])
+        c["sha256"], c["size"] = digest, (tmp / c["file"]).stat().st_size
+        files[c["file"]] = {"sha256": digest, "size": c["size"]}
+    record = approval_record_html(request, job.approvals, export_info).encode()
+    sums = {fname: meta["sha256"] for fname, meta in files.items()}
+    sums[RECORD] = hashlib.sha256(record).hexdigest()
+    small: dict[str, bytes] = {RECORD: record, VERIFY: verify_text(name, fp, sums).encode()}
+    for fname, data in small.items():
+        _write(tmp / fname, data)
+    for fname, data in small.items():
+        files[fname] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest: dict[str, Any] = {
+        "package_format": PACKAGE_FORMAT,
+        "package": name,
+        "nvr_guard": __version__,
+        "created": datetime.fromtimestamp(exported, UTC).isoformat(timespec="seconds"),
+        "request": request,
+        "approvals": [dict(a) for a in job.approvals],
+        "technician": job.technician,
+        "format": "native" if job.native else "mp4",
+        "time_range": {
+            "from": local_text(job.start, job.tz),
+            "to": local_text(job.end, job.tz),
+            "timezone": str(job.tz),
+        },
+        "cameras": [c["camera"] for c in clip_entries],
+        "gaps": [dict(g, camera=c["camera"]) for c in clip_entries for g in c["gaps"]],
+        "clips": clip_entries,
+        "ffmpeg_version": version,
+        "destination": destination,
+        "audit_head": {"seq": audit_head[0], "hash": audit_head[1]},
+        "signer": {"algorithm": "Ed25519", "fingerprint": fp, "public_key": SIGNER},
+        "files": files,
+    }
+    body = manifest_bytes(manifest)
+    _write(tmp / MANIFEST, body)
+    _write(tmp / SIGNATURE, key.sign(body))
+    _write(tmp / SIGNER, public_pem(pub))
+
+    # read back: what is on the medium must be what was meant, before the name says "done"
+    expect = {fname: meta["sha256"] for fname, meta in files.items()}
+    expect[MANIFEST] = hashlib.sha256(body).hexdigest()
+    for fname in list(small) + [MANIFEST, SIGNATURE, SIGNER]:
+        _settle(tmp / fname)
+    _fsync_dir(tmp)
+    for fname, digest in expect.items():
+        got = sha256_file(tmp / fname)
+        if got != digest:
+            raise RuntimeFailure(
+                f"read-back of {fname} on {dest.path} does not match what was written "
+                f"(sha256 {got[:12]}… ≠ {digest[:12]}…): the medium is unreliable, use another"
+            )
+    final = dest.path / name
+    os.rename(tmp, final)
+    _fsync_dir(dest.path)
+    names = tuple(sorted(os.listdir(final)))
+    return ExportPackage(final.resolve(), manifest, names, {**expect})
+
