@@ -19,6 +19,8 @@ for the whole of its transaction, so another thread's statements never land insi
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import importlib
 import importlib.util
 import json
@@ -263,6 +265,27 @@ def _hold(row: Sequence[Any]) -> Hold:
     )
 
 
+def release_memory() -> None:
+    """Hand freed heap back to the kernel after a bulk load.
+
+    The index sorter's helper threads and the loaded rows leave ~100 MB of free-but-mapped
+    heap behind after a million-row load (glibc keeps it); a daemon that did a cold start would
+    otherwise sit above its 120 MB budget until restarted. No-op where there is no malloc_trim.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _malloc_trim = libc.malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 def prefix_range(prefix: bytes) -> tuple[bytes, bytes]:
     """[lo, hi) of the byte strings that start with ``prefix`` (which ends in ``/``)."""
     if not prefix:
@@ -420,6 +443,7 @@ class Catalog:
                 c.execute(f"PRAGMA cache_size = {int(old_cache)}")
         with self.lock:
             self.conn.execute("PRAGMA shrink_memory")
+        release_memory()
 
     def note_rules(self, site: str, rules: SiteRules) -> None:
         """Record that ``site``'s expires_at values were computed with ``rules``."""

@@ -51,7 +51,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyFullEmitter, InotifyWatchGroup
 from watchdog.observers.inotify_c import InotifyFD
 
-from nvr_guard.catalog import Catalog, ExpiryCalc, SegmentRow, prefix_range
+from nvr_guard.catalog import Catalog, ExpiryCalc, SegmentRow, prefix_range, release_memory
 from nvr_guard.layout import Layout
 from nvr_guard.model import SiteRules
 
@@ -422,6 +422,7 @@ class Scanner:
                 total.removed += self.catalog.remove_sites_except(s.site for s in self.sites)
             for s in self._selected(site):
                 total.add(self._reconcile_site(s))
+        release_memory()  # a long-running daemon keeps no heap from the walk
         total.seconds = time.perf_counter() - t0
         total.cpu_seconds += time.process_time() - cpu0
         log.info(
