@@ -228,6 +228,8 @@ def _walk(
     rows = delta.rows
     pop = known.pop
     cameras: dict[str, str] = {}  # raw -> storable camera id (checked once per camera)
+    last_raw = last_cam = ""
+    exts_exact = tuple(exts)
     files = ignored = added = updated = ndirs = 0
     while stack:
         d, d_ns = stack.pop()
@@ -257,9 +259,13 @@ def _walk(
                             ignored += 1  # symlink, fifo, socket, device
                         continue
                     name = e.name
-                    dot = name.rfind(b".")
-                    if dot <= 0 or name[dot:].lower() not in exts:
-                        ignored += 1
+                    if not name.endswith(exts_exact):  # fast path: as written in the config
+                        dot = name.rfind(b".")
+                        if dot <= 0 or name[dot:].lower() not in exts:
+                            ignored += 1
+                            continue
+                    elif name[0] == 0x2E and name.count(b".") == 1:
+                        ignored += 1  # ".mp4": a hidden file, not a segment
                         continue
                     path = e.path
                     st = e.stat(follow_symlinks=False)
@@ -282,6 +288,8 @@ def _walk(
                     got = parse(rel_dir + name.decode("utf-8", "surrogateescape"))
                     if got is None:
                         ignored += 1
+                        if old is not None:
+                            known[path] = old  # catalogued, no longer a segment: remove it
                         continue
                     camera, start = got
                 elif camera_dir:
@@ -289,10 +297,14 @@ def _walk(
                 else:
                     ignored += 1  # directly in the root: no camera directory
                     continue
-                cam = cameras.get(camera)
-                if cam is None:
-                    cam = cameras[camera] = _camera_id(camera)
-                camera = cam
+                if camera == last_raw:
+                    camera = last_cam
+                else:
+                    last_raw = camera
+                    cam = cameras.get(camera)
+                    if cam is None:
+                        cam = cameras[camera] = _camera_id(camera)
+                    camera = last_cam = cam
                 size = st.st_size
                 files += 1
                 if old is None:

@@ -367,3 +367,12 @@ def test_reconcile_walks_in_process_when_worker_processes_fail(
     paths = {touch(root, f"cam{c}/x.mp4") for c in range(3)}
     stats = Scanner(cat, [site(root)], workers=2).reconcile()
     assert stats.added == 3 and set(catalogued(cat)) == paths
+
+
+def test_a_file_that_no_longer_matches_the_layout_is_forgotten(cat: Catalog, root: Path) -> None:
+    p = touch(root, "gate/2026-11-20/14/05.07.mp4")
+    Scanner(cat, [site(root, "{camera}/%Y-%m-%d/%H/%M.%S.mp4")], workers=1).reconcile()
+    assert set(catalogued(cat)) == {p}
+    stats = Scanner(cat, [site(root, "%Y-%m-%d/%H/{camera}/%M.%S.mp4")], workers=1).reconcile()
+    assert (stats.removed, stats.ignored) == (1, 1)
+    assert catalogued(cat) == {}
