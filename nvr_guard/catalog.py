@@ -346,8 +346,15 @@ class Catalog:
                     self.conn.execute(f"PRAGMA user_version = {version}")
             if importlib.util.find_spec("nvr_guard.audit") is not None:
                 audit = importlib.import_module("nvr_guard.audit")
-                with self.transaction():
+                # deferred: when the audit schema is already there this writes nothing, so a
+                # CLI opening the catalog does not wait for the daemon's write lock
+                self.conn.execute("BEGIN")
+                try:
                     audit.ensure_schema(self.conn)
+                except BaseException:
+                    self.conn.rollback()
+                    raise
+                self.conn.commit()
 
     @property
     def schema_version(self) -> int:

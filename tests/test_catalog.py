@@ -305,3 +305,18 @@ def test_a_version_1_catalog_is_migrated_in_place(tmp_path: Path) -> None:
     assert "site_layouts" in tables(c.conn)
     assert c.get(b"/a.mp4") is not None
     c.close()
+
+
+def test_opening_does_not_wait_for_another_writer(tmp_path: Path) -> None:
+    db = tmp_path / "catalog.db"
+    daemon = Catalog(db)
+    daemon.conn.execute("BEGIN IMMEDIATE")  # e.g. a long cold reconcile holding the write lock
+    try:
+        t = time.monotonic()
+        cli = Catalog(db, timeout=5.0)
+        assert time.monotonic() - t < 2.0
+        assert cli.count() == 0
+        cli.close()
+    finally:
+        daemon.conn.rollback()
+        daemon.close()
