@@ -540,6 +540,290 @@ def audit_verify(c: Ctx) -> None:
         sys.exit(VerifyFailed.exit_code)
 
 
+# ---- requests ---------------------------------------------------------------------------------
+@cli.group(cls=Group)
+def request() -> None:
+    """Retrieval requests (调取申请) and their approvals."""
+
+
+def parse_recipient(text: str, person: str | None, contact: str | None) -> dict[str, str]:
+    """``--recipient "UNIT; PERSON; CONTACT"`` (or ``unit=..; person=..; contact=..``)."""
+    parts = [p.strip() for p in text.split(";")]
+    if len(parts) == 1 and "," in text:
+        parts = [p.strip() for p in text.split(",")]
+    out = {"unit": "", "person": "", "contact": ""}
+    positional = []
+    for p in parts:
+        key, sep, value = p.partition("=")
+        if sep and key.strip() in out:
+            out[key.strip()] = value.strip()
+        elif p:
+            positional.append(p)
+    for k, v in zip(("unit", "person", "contact"), positional, strict=False):
+        out[k] = out[k] or v
+    if person:
+        out["person"] = person
+    if contact:
+        out["contact"] = contact
+    return out
+
+
+def print_request(r: dict[str, Any]) -> None:
+    t = table(f"request {r['id']}: {r['state']}", ["field", "value"])
+    rec = r["recipient"]
+    for k, v in (
+        ("requester", r["requester"]),
+        ("site", r["site"]),
+        ("cameras", ", ".join(r["cameras"])),
+        ("range", f"{r['from']} .. {r['to']}"),
+        ("reason", r["reason"]),
+        ("legal basis", r["basis"]),
+        ("recipient", f"{rec['unit']} / {rec['person']} / {rec['contact']}"),
+        ("format", r["format"] + (" (emergency)" if r["emergency"] else "")),
+        ("steps", ", ".join(r.get("steps", []))),
+        ("still open", ", ".join(r.get("open_steps", [])) or "-"),
+        ("decide by", r.get("decide_by") or "-"),
+        ("valid until", r.get("valid_until") or "-"),
+        ("package", r.get("package") or "-"),
+    ):
+        t.add_row(k, str(v))
+    out.print(t)
+    if r["approvals"]:
+        a = table("approvals", ["time", "approver", "role", "decision", "note"])
+        for x in r["approvals"]:
+            a.add_row(x["time"], x["approver"], x["role"], x["decision"], x["note"])
+        out.print(a)
+    if r.get("violation"):
+        out.print(f"[red]violation:[/] {r['violation']}")
+
+
+@request.command("new")
+@click.option("--camera", "cameras", required=True, help="camera id(s), comma-separated")
+@click.option("--from", "start", required=True, help="ISO 8601; no offset = site-local")
+@click.option("--to", "end", required=True)
+@click.option("--reason", required=True, help="purpose of the retrieval")
+@click.option("--basis", required=True, help="legal basis")
+@click.option("--recipient", required=True, help='"UNIT; PERSON; CONTACT"')
+@click.option("--recipient-person", help="recipient person (instead of inside --recipient)")
+@click.option("--recipient-contact", help="recipient contact (instead of inside --recipient)")
+@click.option(
+    "--format", "fmt", type=click.Choice(["mp4", "native"]), default="mp4", show_default=True
+)
+@click.option("--emergency", is_flag=True, help="emergency export now, approvals within 24 h")
+@pass_ctx
+def request_new(
+    c: Ctx,
+    cameras: str,
+    start: str,
+    end: str,
+    reason: str,
+    basis: str,
+    recipient: str,
+    recipient_person: str | None,
+    recipient_contact: str | None,
+    fmt: str,
+    emergency: bool,
+) -> None:
+    """File a retrieval request; its footage is held at once."""
+    args = {
+        "cameras": cameras,
+        "from": start,
+        "to": end,
+        "reason": reason,
+        "basis": basis,
+        "recipient": parse_recipient(recipient, recipient_person, recipient_contact),
+        "format": fmt,
+        "emergency": emergency,
+    }
+    res = daemon_call(c, "request.new", args)
+
+    def human() -> None:
+        out.print(f"request {res['id']} filed; footage held", markup=False)
+        print_request(res)
+
+    c.emit(res, human)
+
+
+@request.command("list")
+@click.option("--state", help="pending, approved, exported, closed, denied, cancelled, expired")
+@pass_ctx
+def request_list(c: Ctx, state: str | None) -> None:
+    """Requests, with open violations."""
+    res = daemon_call(c, "request.list", {"state": state})
+
+    def human() -> None:
+        t = table(
+            "requests",
+            ["id", "state", "requester", "cameras", "from", "to", "open steps", "violation"],
+        )
+        for r in res:
+            t.add_row(
+                str(r["id"]),
+                r["state"],
+                r["requester"],
+                ",".join(r["cameras"]),
+                r["from"],
+                r["to"],
+                ", ".join(r.get("open_steps", [])) or "-",
+                r.get("violation") or "-",
+            )
+        out.print(t)
+
+    c.emit({"requests": res}, human)
+
+
+@request.command("show")
+@click.argument("rid", type=int)
+@pass_ctx
+def request_show(c: Ctx, rid: int) -> None:
+    """One request with its approvals."""
+    res = daemon_call(c, "request.show", {"id": rid})
+    c.emit(res, lambda: print_request(res))
+
+
+@request.command("approve")
+@click.argument("rid", type=int)
+@click.option("--note", default="")
+@click.option("--as", "as_step", help="the step to approve as, when you hold several roles")
+@pass_ctx
+def request_approve(c: Ctx, rid: int, note: str, as_step: str | None) -> None:
+    """Approve the next step you hold a role for."""
+    res = daemon_call(c, "request.approve", {"id": rid, "note": note, "as_step": as_step})
+    c.emit(res, lambda: print_request(res))
+
+
+@request.command("deny")
+@click.argument("rid", type=int)
+@click.option("--reason", required=True)
+@pass_ctx
+def request_deny(c: Ctx, rid: int, reason: str) -> None:
+    """Deny a request (the reason is recorded)."""
+    res = daemon_call(c, "request.deny", {"id": rid, "reason": reason})
+    c.emit(res, lambda: print_request(res))
+
+
+@request.command("cancel")
+@click.argument("rid", type=int)
+@pass_ctx
+def request_cancel(c: Ctx, rid: int) -> None:
+    """Withdraw a request (requester or admin)."""
+    res = daemon_call(c, "request.cancel", {"id": rid})
+    c.emit(res, lambda: print_request(res))
+
+
+@request.command("resolve")
+@click.argument("rid", type=int)
+@click.option("--reason", required=True)
+@pass_ctx
+def request_resolve(c: Ctx, rid: int, reason: str) -> None:
+    """Admin: resolve an emergency export's violation with a reason."""
+    res = daemon_call(c, "request.resolve", {"id": rid, "reason": reason})
+    c.emit(res, lambda: print_request(res))
+
+
+# ---- export ---------------------------------------------------------------------------------
+@cli.group(cls=Group)
+def export() -> None:
+    """Carry out approved exports (technicians)."""
+
+
+@export.command("run")
+@click.argument("rid", type=int)
+@click.option(
+    "--media", required=True, help="an export target directory (USB media: the media gate)"
+)
+@pass_ctx
+def export_run(c: Ctx, rid: int, media: str) -> None:
+    """Write the watermarked, signed export package of an approved request."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["ok"] = daemon_call(
+                c, "export.run", {"id": rid, "media": media}, timeout=6 * 3600
+            )
+        except BaseException as e:  # handed to the main thread
+            result["error"] = e
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    if sys.stderr.isatty() and not c.as_json:
+        from rich.progress import BarColumn, Progress, TimeElapsedColumn
+
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            "[progress.percentage]{task.percentage:>3.0f}%",
+            TimeElapsedColumn(),
+            console=err,
+        ) as bar:
+            task = bar.add_task(f"export request {rid}", total=1.0)
+            while th.is_alive():
+                th.join(0.5)
+                try:
+                    p = daemon_call(c, "export.progress", {"id": rid}, timeout=5).get("progress")
+                except NvrGuardError:
+                    p = None
+                if p is not None:
+                    bar.update(task, completed=p)
+    th.join()
+    if "error" in result:
+        raise result["error"]
+    res = result["ok"]
+    c.emit(res, lambda: out.print(f"package written: {res['package']}", markup=False))
+
+
+@export.command("form")
+@click.argument("rid", type=int)
+@click.option("-o", "output", type=click.Path(dir_okay=False), help="write the HTML here")
+@pass_ctx
+def export_form(c: Ctx, rid: int, output: str | None) -> None:
+    """Printable approval record (审批表) of a request, as HTML."""
+    html = daemon_call(c, "export.form", {"id": rid})["html"]
+    if output:
+        Path(output).write_text(html, encoding="utf-8")
+        c.emit(
+            {"id": rid, "form": str(Path(output).resolve())},
+            lambda: out.print(f"approval record written to {output}", markup=False),
+        )
+    else:
+        sys.stdout.write(html)
+
+
+@cli.command("verify")
+@click.argument("package_dir", type=click.Path(file_okay=False))
+@pass_ctx
+def verify(c: Ctx, package_dir: str) -> None:
+    """Offline check of an export package: hashes and signature (exit 4 when tampered)."""
+    from nvr_guard.export import verify_package
+
+    if not Path(package_dir).is_dir():
+        raise InvalidInput(f"{package_dir} is not a directory")
+    rep = verify_package(Path(package_dir))
+    data = {
+        "ok": rep.ok,
+        "package": str(Path(package_dir).resolve()),
+        "fingerprint": rep.fingerprint,
+        "problems": [{"kind": p.kind, "message": p.message} for p in rep.problems],
+        "checked": list(rep.checked),
+    }
+
+    def human() -> None:
+        if rep.ok:
+            out.print(
+                f"package OK: {len(rep.checked)} files match, signed by {rep.fingerprint}",
+                markup=False,
+            )
+        for p in rep.problems:
+            err.print(f"{p.kind}: {p.message}", markup=False)
+
+    c.emit(data, human)
+    if not rep.ok:
+        sys.exit(VerifyFailed.exit_code)
+
+
 def main() -> None:
     try:
         cli.main(prog_name="nvr-guard", standalone_mode=True)

@@ -23,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from nvr_guard import sdnotify
 from nvr_guard.config import Config, load_config
-from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError
+from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError, PolicyRefused
 from nvr_guard.service import Caller, Engine
 
 log = logging.getLogger("nvr_guard.daemon")
@@ -139,6 +139,7 @@ class Daemon:
             next_run_time=now + timedelta(seconds=_seconds(config.rescan_every)),
         )
         sched.add_job(self._job_disk, "interval", seconds=60, id="disk")
+        sched.add_job(self._job_requests, "interval", seconds=60, id="requests", next_run_time=now)
         sched.add_job(self._job_incremental, "interval", seconds=10, id="incremental")
         sched.start()
         self.scheduler = sched
@@ -193,6 +194,11 @@ class Daemon:
         full = self.rescan_wanted.is_set()
         self.rescan_wanted.clear()
         self._guarded("rescan", lambda: self.engine.reconcile(full=full) if self.engine else None)
+
+    def _job_requests(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        self._guarded("requests", lambda: engine.workflow.refresh())
 
     def _job_disk(self) -> None:
         assert self.engine is not None
@@ -258,6 +264,36 @@ class Daemon:
         who = Caller.from_uid(peer.uid, getattr(peer, "gid", None))
         if cmd == "ping":
             return {"pong": True, "user": who.user}
+        if cmd != "status" and not engine.roles_for(who):
+            # someone the config does not know: refused, and the attempt is on record
+            engine.audit.append(who.user, "access.denied", cmd, {"uid": who.uid})
+            raise PolicyRefused(
+                f"{who.user} (uid {who.uid}) has no role in {engine.config.source_path}; "
+                "an admin adds people under `people:`"
+            )
+        wf = engine.workflow
+        if cmd == "request.new":
+            return wf.new(who, args)
+        if cmd == "request.list":
+            return wf.list(args.get("state"))
+        if cmd == "request.show":
+            return wf.show(int(args["id"]))
+        if cmd == "request.approve":
+            return wf.approve(
+                who, int(args["id"]), str(args.get("note") or ""), args.get("as_step")
+            )
+        if cmd == "request.deny":
+            return wf.deny(who, int(args["id"]), str(args.get("reason") or ""))
+        if cmd == "request.cancel":
+            return wf.cancel(who, int(args["id"]))
+        if cmd == "request.resolve":
+            return wf.resolve(who, int(args["id"]), str(args.get("reason") or ""))
+        if cmd == "export.run":
+            return wf.export(who, int(args["id"]), str(args["media"]))
+        if cmd == "export.progress":
+            return {"progress": wf.progress.get(int(args["id"]))}
+        if cmd == "export.form":
+            return {"html": wf.form(int(args["id"]))}
         if cmd == "status":
             st = engine.status()
             st["daemon"] = {

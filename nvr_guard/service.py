@@ -126,6 +126,16 @@ class Engine:
         self.audit = AuditLog(self.catalog.conn, clock=lambda: self.clock().wall)
         self.rules: dict[str, SiteRules] = config.site_rules()
         self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
+        self._workflow: Any = None
+
+    @property
+    def workflow(self) -> Any:
+        """Requests, approvals and exports (``nvr_guard.workflow.Workflow``), made on first use."""
+        if self._workflow is None:
+            from nvr_guard.workflow import Workflow
+
+            self._workflow = Workflow(self)
+        return self._workflow
 
     # ---- configuration -------------------------------------------------------------------
     def site_scans(self) -> list[SiteScan]:
@@ -574,8 +584,13 @@ class Engine:
             )
             done = self.catalog.latest_sweep(("done", "confirmed", "blocked"))
             verify = self.audit.verify()
+            violations = self.workflow.refresh()
+            requests = self.workflow.store.all()
+            by_state: dict[str, int] = {}
+            for r in requests:
+                by_state[r.state] = by_state.get(r.state, 0) + 1
             return {
-                "ok": verify.ok and not blocked,
+                "ok": verify.ok and not blocked and not violations,
                 "time": iso(now.wall, self.config.tz),
                 "config": str(self.config.source_path),
                 "config_digest": self.config.digest,
@@ -596,7 +611,8 @@ class Engine:
                     "entries": verify.count,
                     "problem": verify.problem or None,
                 },
-                "violations": [],
+                "violations": violations,
+                "requests": by_state,
             }
 
 

@@ -1,0 +1,221 @@
+"""Storage of retrieval requests (调取申请) and their approvals, in the catalog's SQLite database.
+
+The decisions about them are made by the pure ``access`` module; this is only where they live.
+Approvals are append-only like the audit log: a decision, once given, is never edited or removed
+(triggers refuse UPDATE and DELETE), so the approval record (审批表) can always be reprinted whole.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from nvr_guard.access import Approval, Recipient, Request
+from nvr_guard.errors import InvalidInput
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    requester TEXT NOT NULL,
+    site TEXT NOT NULL,
+    cameras TEXT NOT NULL,          -- JSON list
+    start REAL NOT NULL,
+    "end" REAL NOT NULL,
+    reason TEXT NOT NULL,
+    basis TEXT NOT NULL,
+    recipient TEXT NOT NULL,        -- JSON {unit, person, contact}
+    format TEXT NOT NULL,
+    emergency INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    approved_at REAL,
+    exported_at REAL,
+    closed_at REAL,
+    resolved TEXT,
+    package TEXT,
+    hold_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
+CREATE TABLE IF NOT EXISTS approvals (
+    id INTEGER PRIMARY KEY,
+    request_id INTEGER NOT NULL REFERENCES requests(id),
+    approver TEXT NOT NULL,
+    role TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS approvals_request ON approvals(request_id);
+CREATE TRIGGER IF NOT EXISTS approvals_no_update BEFORE UPDATE ON approvals
+    BEGIN SELECT RAISE(ABORT, 'approvals are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS approvals_no_delete BEFORE DELETE ON approvals
+    BEGIN SELECT RAISE(ABORT, 'approvals are append-only'); END;
+"""
+
+_COLS = (
+    'id, requester, site, cameras, start, "end", reason, basis, recipient, format, emergency, '
+    "state, created, approved_at, exported_at, closed_at, resolved"
+)
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+
+
+def _request(row: tuple[Any, ...]) -> Request:
+    (
+        rid,
+        requester,
+        site,
+        cameras,
+        start,
+        end,
+        reason,
+        basis,
+        recipient,
+        fmt,
+        emergency,
+        state,
+        created,
+        approved_at,
+        exported_at,
+        closed_at,
+        resolved,
+    ) = row
+    r = json.loads(recipient)
+    return Request(
+        id=int(rid),
+        requester=requester,
+        site=site,
+        cameras=tuple(json.loads(cameras)),
+        start=float(start),
+        end=float(end),
+        reason=reason,
+        basis=basis,
+        recipient=Recipient(unit=r["unit"], person=r["person"], contact=r["contact"]),
+        format=fmt,
+        emergency=bool(emergency),
+        state=state,
+        created=float(created),
+        approved_at=approved_at,
+        exported_at=exported_at,
+        closed_at=closed_at,
+        resolved=resolved,
+    )
+
+
+class RequestStore:
+    def __init__(
+        self, conn: sqlite3.Connection, lock: threading.RLock | threading.Lock | None = None
+    ) -> None:
+        self.conn = conn
+        self.lock = lock or threading.RLock()
+        with self.lock:
+            ensure_schema(conn)
+
+    @contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def create(self, r: Request) -> Request:
+        with self._txn() as c:
+            cur = c.execute(
+                'INSERT INTO requests (requester, site, cameras, start, "end", reason, basis, '
+                "recipient, format, emergency, state, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    r.requester,
+                    r.site,
+                    json.dumps(list(r.cameras)),
+                    r.start,
+                    r.end,
+                    r.reason,
+                    r.basis,
+                    json.dumps(
+                        {
+                            "unit": r.recipient.unit,
+                            "person": r.recipient.person,
+                            "contact": r.recipient.contact,
+                        },
+                        ensure_ascii=False,
+                    ),
+                    r.format,
+                    int(r.emergency),
+                    r.state,
+                    r.created,
+                ),
+            )
+            rid = int(cur.lastrowid or 0)
+        return self.get(rid)
+
+    def get(self, rid: int) -> Request:
+        with self.lock:
+            row = self.conn.execute(f"SELECT {_COLS} FROM requests WHERE id = ?", (rid,)).fetchone()
+        if row is None:
+            raise InvalidInput(f"no request {rid}; see `nvr-guard request list`")
+        return _request(row)
+
+    def all(self, state: str | None = None) -> list[Request]:
+        with self.lock:
+            if state:
+                cur = self.conn.execute(
+                    f"SELECT {_COLS} FROM requests WHERE state = ? ORDER BY id", (state,)
+                )
+            else:
+                cur = self.conn.execute(f"SELECT {_COLS} FROM requests ORDER BY id")
+            return [_request(r) for r in cur]
+
+    def approvals(self, rid: int) -> list[Approval]:
+        with self.lock:
+            cur = self.conn.execute(
+                "SELECT approver, role, decision, note, time FROM approvals WHERE request_id = ? "
+                "ORDER BY id",
+                (rid,),
+            )
+            return [
+                Approval(approver=a, role=r, decision=d, note=n, time=float(t))
+                for a, r, d, n, t in cur
+            ]
+
+    def add_approval(self, rid: int, a: Approval) -> None:
+        with self._txn() as c:
+            c.execute(
+                "INSERT INTO approvals (request_id, approver, role, decision, note, time) "
+                "VALUES (?,?,?,?,?,?)",
+                (rid, a.approver, a.role, a.decision, a.note, a.time),
+            )
+
+    def update(self, rid: int, **fields: Any) -> Request:
+        allowed = {
+            "state",
+            "approved_at",
+            "exported_at",
+            "closed_at",
+            "resolved",
+            "package",
+            "hold_id",
+        }
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"cannot update {sorted(bad)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._txn() as c:
+            c.execute(f"UPDATE requests SET {sets} WHERE id = ?", [*fields.values(), rid])
+        return self.get(rid)
+
+    def extra(self, rid: int) -> dict[str, Any]:
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT package, hold_id FROM requests WHERE id = ?", (rid,)
+            ).fetchone()
+        return {"package": row[0], "hold_id": row[1]} if row else {}
