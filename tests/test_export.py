@@ -38,14 +38,30 @@ W, H = 320, 240
 def make_footage(where: Path, *, audio: bool, count: int = 3, seconds: int = 10) -> list[Path]:
     """``count`` segments of ``seconds`` each, cut from one continuous test recording."""
     where.mkdir(parents=True, exist_ok=True)
-    argv = ["ffmpeg", "-v", "error", "-nostdin", "-y",
-            "-f", "lavfi", "-i", f"testsrc2=size={W}x{H}:rate={FPS}"]
+    argv = [
+        "ffmpeg",
+        "-v",
+        "error",
+        "-nostdin",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc2=size={W}x{H}:rate={FPS}",
+    ]
     if audio:
         argv += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"]
     argv += ["-t", str(count * seconds), "-c:v", "libx264", "-preset", "ultrafast", "-g", str(FPS)]
     argv += ["-c:a", "aac"] if audio else []
-    argv += ["-f", "segment", "-segment_time", str(seconds), "-reset_timestamps", "1",
-             str(where / "seg%02d.mp4")]
+    argv += [
+        "-f",
+        "segment",
+        "-segment_time",
+        str(seconds),
+        "-reset_timestamps",
+        "1",
+        str(where / "seg%02d.mp4"),
+    ]
     subprocess.run(argv, check=True)
     return sorted(where.glob("seg*.mp4"))
 
@@ -125,9 +141,19 @@ def dest_dir(tmp_path: Path) -> DirectoryDestination:
 
 def ffprobe(path: Path) -> dict[str, Any]:
     out = subprocess.run(
-        ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-show_format",
-         "-of", "json", str(path)],
-        check=True, capture_output=True,
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-show_streams",
+            "-show_format",
+            "-of",
+            "json",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
     ).stdout
     return json.loads(out)
 
@@ -135,10 +161,24 @@ def ffprobe(path: Path) -> dict[str, Any]:
 def gray_frame(argv_input: list[str], vf: str, n: int) -> bytes:
     """Frame ``n`` after ``vf`` as raw 8-bit gray pixels."""
     return subprocess.run(
-        ["ffmpeg", "-v", "error", "-nostdin", *argv_input,
-         "-vf", f"{vf}select=eq(n\\,{n})", "-frames:v", "1", "-f", "rawvideo",
-         "-pix_fmt", "gray", "-"],
-        check=True, capture_output=True,
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-nostdin",
+            *argv_input,
+            "-vf",
+            f"{vf}select=eq(n\\,{n})",
+            "-frames:v",
+            "1",
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "gray",
+            "-",
+        ],
+        check=True,
+        capture_output=True,
     ).stdout
 
 
@@ -173,8 +213,11 @@ def P(start: float, dur: float = 10.0, name: bytes = b"x") -> Piece:
     ],
 )
 def test_plan_clip_runs_and_gaps(
-    pieces: list[Piece], start: float, end: float,
-    runs: list[tuple[float, float, float]], gaps: list[tuple[float, float]],
+    pieces: list[Piece],
+    start: float,
+    end: float,
+    runs: list[tuple[float, float, float]],
+    gaps: list[tuple[float, float]],
 ) -> None:
     plan = plan_clip(pieces, start, end, FRAME)
     got = [(round(r.offset, 6), round(r.duration, 6), r.recorded) for r in plan.runs]
@@ -197,8 +240,14 @@ def test_plan_refuses_empty_range() -> None:
     ],
 )
 def test_watermark_template_fields(template: str, expect: str) -> None:
-    values = {"request": "42", "camera": "lobby-1", "approvers": "bob, carol",
-              "technician": "tom", "operator": "tom", "reason": "r"}
+    values = {
+        "request": "42",
+        "camera": "lobby-1",
+        "approvers": "bob, carol",
+        "technician": "tom",
+        "operator": "tom",
+        "reason": "r",
+    }
     assert render_watermark(template, values) == expect
 
 
@@ -228,7 +277,10 @@ def test_duration_and_frame_count_match_the_request(
     footage: dict[str, list[Path]], tmp_path: Path, key: Any, start: float, end: float
 ) -> None:
     pkg = run_export(
-        [("lobby-1", segs(footage["audio"]))], job(start, end), dest_dir(tmp_path), key,
+        [("lobby-1", segs(footage["audio"]))],
+        job(start, end),
+        dest_dir(tmp_path),
+        key,
         audit_head=(1, "h"),
     )
     clip = pkg.path / pkg.manifest["clips"][0]["file"]
@@ -247,7 +299,10 @@ def test_watermark_region_differs_from_unwatermarked_render(
 ) -> None:
     start = T0 + 3.52
     pkg = run_export(
-        [("lobby-1", segs(footage["audio"]))], job(start, start + 4), dest_dir(tmp_path), key,
+        [("lobby-1", segs(footage["audio"]))],
+        job(start, start + 4),
+        dest_dir(tmp_path),
+        key,
         audit_head=(1, "h"),
     )
     clip = pkg.path / pkg.manifest["clips"][0]["file"]
@@ -267,7 +322,10 @@ def test_audio_kept_when_present_absent_otherwise(
     footage: dict[str, list[Path]], tmp_path: Path, key: Any, kind: str, has_audio: bool
 ) -> None:
     pkg = run_export(
-        [("lobby-1", segs(footage[kind]))], job(T0 + 2.0, T0 + 14.0), dest_dir(tmp_path), key,
+        [("lobby-1", segs(footage[kind]))],
+        job(T0 + 2.0, T0 + 14.0),
+        dest_dir(tmp_path),
+        key,
         audit_head=(1, "h"),
     )
     info = ffprobe(pkg.path / pkg.manifest["clips"][0]["file"])
@@ -288,12 +346,17 @@ def test_hostile_user_text_ends_up_literally(
     footage: dict[str, list[Path]], tmp_path: Path, key: Any
 ) -> None:
     j = job(
-        T0 + 1.0, T0 + 3.0,
+        T0 + 1.0,
+        T0 + 3.0,
         request={"reason": HOSTILE, "requester": "eve'[x]"},
         template="{requester} {reason}",
     )
     pkg = run_export(
-        [("lobby-1", segs(footage["audio"]))], j, dest_dir(tmp_path), key, audit_head=(1, "h"),
+        [("lobby-1", segs(footage["audio"]))],
+        j,
+        dest_dir(tmp_path),
+        key,
+        audit_head=(1, "h"),
     )
     clip = pkg.manifest["clips"][0]
     assert clip["watermark"] == "eve'[x] " + HOSTILE
@@ -310,14 +373,15 @@ def test_hostile_user_text_ends_up_literally(
 
 
 @pytest.mark.integration
-def test_gap_in_footage_is_listed(
-    footage: dict[str, list[Path]], tmp_path: Path, key: Any
-) -> None:
+def test_gap_in_footage_is_listed(footage: dict[str, list[Path]], tmp_path: Path, key: Any) -> None:
     # third segment recorded 5 s late (recorder restart), and the request runs past the end
     starts = [T0, T0 + 10, T0 + 25]
     pkg = run_export(
-        [("lobby-1", segs(footage["audio"], starts))], job(T0 + 5, T0 + 40), dest_dir(tmp_path),
-        key, audit_head=(1, "h"),
+        [("lobby-1", segs(footage["audio"], starts))],
+        job(T0 + 5, T0 + 40),
+        dest_dir(tmp_path),
+        key,
+        audit_head=(1, "h"),
     )
     gaps = [(g["from"], g["to"]) for g in pkg.manifest["gaps"]]
     assert gaps == [
@@ -337,7 +401,9 @@ def test_native_copy_is_stream_copied_and_says_keyframe_accurate(
 ) -> None:
     pkg = run_export(
         [("lobby-1", segs(footage["audio"]))],
-        job(T0 + 3.52, T0 + 23.0, request={"format": "native"}), dest_dir(tmp_path), key,
+        job(T0 + 3.52, T0 + 23.0, request={"format": "native"}),
+        dest_dir(tmp_path),
+        key,
         audit_head=(1, "h"),
     )
     clip = pkg.manifest["clips"][0]
@@ -373,7 +439,10 @@ def test_killed_ffmpeg_leaves_nothing(
     with pytest.raises(RuntimeFailure, match="killed by signal SIGKILL"):
         run_export(
             [("lobby-1", segs(footage["audio"]))],
-            job(T0 + 1, T0 + 29, preset="veryslow"), dest, key, audit_head=(1, "h"),
+            job(T0 + 1, T0 + 29, preset="veryslow"),
+            dest,
+            key,
+            audit_head=(1, "h"),
             progress=kill_ffmpeg,
         )
     assert seen, "progress was never reported"
@@ -389,7 +458,10 @@ def test_timeout_leaves_nothing(
     with pytest.raises(RuntimeFailure, match="did not finish within 0.3 s"):
         run_export(
             [("lobby-1", segs(footage["audio"]))],
-            job(T0 + 1, T0 + 29, preset="veryslow", timeout=0.3), dest, key, audit_head=(1, "h"),
+            job(T0 + 1, T0 + 29, preset="veryslow", timeout=0.3),
+            dest,
+            key,
+            audit_head=(1, "h"),
         )
     assert _left_behind(dest.path, private_tmp) == []
     assert not [p for p in psutil.Process().children(recursive=True) if p.name() == "ffmpeg"]
@@ -406,8 +478,12 @@ def test_exception_in_progress_callback_leaves_nothing(
 
     with pytest.raises(KeyboardInterrupt):
         run_export(
-            [("lobby-1", segs(footage["audio"]))], job(T0 + 1, T0 + 9), dest, key,
-            audit_head=(1, "h"), progress=cancel,
+            [("lobby-1", segs(footage["audio"]))],
+            job(T0 + 1, T0 + 9),
+            dest,
+            key,
+            audit_head=(1, "h"),
+            progress=cancel,
         )
     assert _left_behind(dest.path, private_tmp) == []
 
@@ -432,14 +508,21 @@ class RefusingMedium:
     ],
 )
 def test_refused_destination_gets_nothing(
-    footage: dict[str, list[Path]], tmp_path: Path, key: Any,
-    make_dest: Callable[[Path], Any], error: type[Exception], match: str,
+    footage: dict[str, list[Path]],
+    tmp_path: Path,
+    key: Any,
+    make_dest: Callable[[Path], Any],
+    error: type[Exception],
+    match: str,
 ) -> None:
     d = tmp_path / "usb"
     d.mkdir()
     with pytest.raises(error, match=match):
         run_export(
-            [("lobby-1", segs(footage["audio"]))], job(T0 + 1, T0 + 9), make_dest(d), key,
+            [("lobby-1", segs(footage["audio"]))],
+            job(T0 + 1, T0 + 9),
+            make_dest(d),
+            key,
             audit_head=(1, "h"),
         )
     assert os.listdir(d) == []
@@ -452,7 +535,10 @@ def test_no_footage_in_range_is_invalid_input(
     dest = dest_dir(tmp_path)
     with pytest.raises(InvalidInput, match="camera lobby-1: no footage between"):
         run_export(
-            [("lobby-1", segs(footage["audio"]))], job(T0 + 100, T0 + 200), dest, key,
+            [("lobby-1", segs(footage["audio"]))],
+            job(T0 + 100, T0 + 200),
+            dest,
+            key,
             audit_head=(1, "h"),
         )
     assert os.listdir(dest.path) == []
@@ -465,7 +551,10 @@ def test_two_cameras_one_package_and_progress_reaches_one(
     fractions: list[float] = []
     pkg = run_export(
         [("lobby-1", segs(footage["audio"])), ("gate-2", segs(footage["silent"]))],
-        job(T0 + 2, T0 + 8), dest_dir(tmp_path), key, audit_head=(9, "abc"),
+        job(T0 + 2, T0 + 8),
+        dest_dir(tmp_path),
+        key,
+        audit_head=(9, "abc"),
         progress=fractions.append,
     )
     assert pkg.manifest["cameras"] == ["lobby-1", "gate-2"]

@@ -40,27 +40,80 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real package (two 4-second segments, a 5-second export), made once."""
     base = tmp_path_factory.mktemp("pkg")
     subprocess.run(
-        ["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25",
-         "-f", "lavfi", "-i", "sine", "-t", "8", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25",
-         "-c:a", "aac", "-f", "segment", "-segment_time", "4", "-reset_timestamps", "1",
-         str(base / "seg%02d.mp4")],
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-nostdin",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=160x120:rate=25",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine",
+            "-t",
+            "8",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "25",
+            "-c:a",
+            "aac",
+            "-f",
+            "segment",
+            "-segment_time",
+            "4",
+            "-reset_timestamps",
+            "1",
+            str(base / "seg%02d.mp4"),
+        ],
         check=True,
     )
     segments = [SourceSegment(base / f"seg0{i}.mp4", T0 + 4 * i) for i in range(2)]
     key, _ = load_or_create_key(base / "state")
     (base / "usb").mkdir()
     job = ExportJob(
-        request={"id": 5, "requester": "alice", "site": "bank", "cameras": ["lobby-1"],
-                 "from": "a", "to": "b", "reason": "<script>alert(1)</script> & 抢劫",
-                 "basis": "law", "recipient": {"unit": "PSB", "person": "Wang", "contact": "1"},
-                 "format": "mp4", "emergency": False},
-        approvals=[{"approver": "bob", "role": "manager", "decision": "approve",
-                    "note": "<b>ok</b>", "time": "2025-11-20T09:00:00+08:00"}],
-        technician="tom", start=T0 + 1.5, end=T0 + 6.5, tz=ZoneInfo("Asia/Shanghai"),
-        watermark_template="NVRG {request} {camera} {requester}", font=FONT, preset="ultrafast",
+        request={
+            "id": 5,
+            "requester": "alice",
+            "site": "bank",
+            "cameras": ["lobby-1"],
+            "from": "a",
+            "to": "b",
+            "reason": "<script>alert(1)</script> & 抢劫",
+            "basis": "law",
+            "recipient": {"unit": "PSB", "person": "Wang", "contact": "1"},
+            "format": "mp4",
+            "emergency": False,
+        },
+        approvals=[
+            {
+                "approver": "bob",
+                "role": "manager",
+                "decision": "approve",
+                "note": "<b>ok</b>",
+                "time": "2025-11-20T09:00:00+08:00",
+            }
+        ],
+        technician="tom",
+        start=T0 + 1.5,
+        end=T0 + 6.5,
+        tz=ZoneInfo("Asia/Shanghai"),
+        watermark_template="NVRG {request} {camera} {requester}",
+        font=FONT,
+        preset="ultrafast",
     )
-    pkg = run_export([("lobby-1", segments)], job, DirectoryDestination(base / "usb"), key,
-                     audit_head=(12, "f" * 64))
+    pkg = run_export(
+        [("lobby-1", segments)],
+        job,
+        DirectoryDestination(base / "usb"),
+        key,
+        audit_head=(12, "f" * 64),
+    )
     return pkg.path
 
 
@@ -77,13 +130,31 @@ def clip_of(pkg: Path) -> Path:
 
 def test_package_layout(package: Path) -> None:
     names = sorted(os.listdir(package))
-    assert names == sorted([
-        "VERIFY.txt", "approval-record.html", "manifest.json", "manifest.sig", "signer.pub",
-        "lobby-1_20251120T085321+0800_20251120T085326+0800.mp4",
-    ])
+    assert names == sorted(
+        [
+            "VERIFY.txt",
+            "approval-record.html",
+            "manifest.json",
+            "manifest.sig",
+            "signer.pub",
+            "lobby-1_20251120T085321+0800_20251120T085326+0800.mp4",
+        ]
+    )
     m = json.loads((package / "manifest.json").read_bytes())
-    for field in ("request", "approvals", "cameras", "time_range", "gaps", "clips", "files",
-                  "ffmpeg_version", "destination", "audit_head", "signer", "nvr_guard"):
+    for field in (
+        "request",
+        "approvals",
+        "cameras",
+        "time_range",
+        "gaps",
+        "clips",
+        "files",
+        "ffmpeg_version",
+        "destination",
+        "audit_head",
+        "signer",
+        "nvr_guard",
+    ):
         assert field in m, field
     clip = m["clips"][0]
     assert [len(s["sha256"]) for s in clip["sources"]] == [64, 64]
@@ -94,17 +165,22 @@ def test_package_layout(package: Path) -> None:
 
 
 def _verify_commands(pkg: Path) -> list[str]:
-    text = (pkg / "VERIFY.txt").read_text()
-    return [ln.strip() for ln in text.splitlines()
-            if ln.strip().startswith(("openssl pkeyutl", "echo \"SHA256", "grep -E"))]
+    text = (pkg / "VERIFY.txt").read_text().replace("\\\n", "")  # join continued lines
+    return [
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip().startswith(("openssl pkeyutl", 'echo "SHA256', "grep -E"))
+    ]
 
 
 @pytest.mark.integration
 def test_openssl_commands_from_verify_txt(package: Path) -> None:
     cmds = _verify_commands(package)
     assert len(cmds) == 3
-    assert cmds[0] == ("openssl pkeyutl -verify -pubin -inkey signer.pub -rawin "
-                       "-in manifest.json -sigfile manifest.sig")
+    assert cmds[0] == (
+        "openssl pkeyutl -verify -pubin -inkey signer.pub -rawin "
+        "-in manifest.json -sigfile manifest.sig"
+    )
     ok = subprocess.run(shlex.split(cmds[0]), cwd=package, capture_output=True, text=True)
     assert ok.returncode == 0 and "Signature Verified Successfully" in ok.stdout
     fp = subprocess.run(cmds[1], shell=True, cwd=package, capture_output=True, text=True)
@@ -257,8 +333,9 @@ def test_approval_record_escapes_user_text(package: Path) -> None:
 
 def test_blank_form_before_export() -> None:
     page = approval_record_html(
-        {"id": 3, "requester": "a\"lice", "recipient": {"unit": "<u>"}, "format": "native"},
-        [], None,
+        {"id": 3, "requester": 'a"lice', "recipient": {"unit": "<u>"}, "format": "native"},
+        [],
+        None,
     )
     assert "&lt;u&gt;" in page and "a&quot;lice" in page
     assert "导出技术人员<br>Technician" in page and "native evidence copy" in page

@@ -83,8 +83,7 @@ def approval_record_html(
         out.append(
             "<tr>"
             + "".join(
-                f"<td>{_e(a.get(k))}</td>"
-                for k in ("approver", "role", "decision", "note", "time")
+                f"<td>{_e(a.get(k))}</td>" for k in ("approver", "role", "decision", "note", "time")
             )
             + "</tr>"
         )
@@ -196,7 +195,8 @@ Signer fingerprint (also in the nvr-guard audit log of the exporting host):
    b) the signer key is the exporting host's key — compare with the fingerprint above and with
       the audit log:
 
-    echo "SHA256:$(openssl pkey -pubin -in signer.pub -outform DER | openssl dgst -sha256 -binary | base64 | tr -d '=')"
+    echo "SHA256:$(openssl pkey -pubin -in signer.pub -outform DER \\
+        | openssl dgst -sha256 -binary | base64 | tr -d '=')"
 
    c) the files are unchanged (every line must end in ": OK"):
 

@@ -84,9 +84,9 @@ def load_or_create_key(
             f"(chmod 600 {path}), or every package it signed could be forged"
         )
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        loaded = serialization.load_pem_private_key(data, password=None)
     except ValueError as e:
         raise RuntimeFailure(f"export signing key {path} is unreadable: {e}") from None
-    if not isinstance(key, Ed25519PrivateKey):
+    if not isinstance(loaded, Ed25519PrivateKey):
         raise RuntimeFailure(f"export signing key {path} is not an Ed25519 key")
-    return key, fingerprint(key.public_key())
+    return loaded, fingerprint(loaded.public_key())

@@ -106,7 +106,8 @@ class DirectoryDestination:
         if free < bytes_needed + self.reserve:
             raise PolicyRefused(
                 f"export target {self.path} has {free // 2**20} MiB free; this export needs "
-                f"about {(bytes_needed + self.reserve) // 2**20} MiB. Free space or use other media."
+                f"about {(bytes_needed + self.reserve) // 2**20} MiB. "
+                "Free some space or use other media."
             )
 
     def describe(self) -> Mapping[str, Any]:
@@ -278,8 +279,9 @@ def run_export(
         shutil.rmtree(work, ignore_errors=True)
         raise RuntimeFailure(f"{tmp} exists: another export of request {rid} is running") from None
     try:
-        return _build(planned, job, dest, key, audit_head, progress, exported, name, tmp, work,
-                      destination)
+        return _build(
+            planned, job, dest, key, audit_head, progress, exported, name, tmp, work, destination
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -325,16 +327,28 @@ def _build(
             cmd = ff.build_copy(clip.plan, cwork, out, audio=clip.audio)
         else:
             values = watermark_values(
-                job.request, job.approvals, job.technician, clip.camera, exported,
-                job.start, job.end, job.tz,
+                job.request,
+                job.approvals,
+                job.technician,
+                clip.camera,
+                exported,
+                job.start,
+                job.end,
+                job.tz,
             )
             clip.watermark = render_watermark(job.watermark_template, values)
             size = ff.font_size_for(clip.height)
             cmd = ff.build_encode(
-                clip.plan, cwork, out,
+                clip.plan,
+                cwork,
+                out,
                 watermark=wrap_for_frame(clip.watermark, clip.width or 640, size),
-                tz=job.tz, font=job.font, crf=job.crf, preset=job.preset,
-                audio=clip.audio, height=clip.height,
+                tz=job.tz,
+                font=job.font,
+                crf=job.crf,
+                preset=job.preset,
+                audio=clip.audio,
+                height=clip.height,
             )
         for path, data in cmd.files.items():
             Path(path).write_bytes(data)
@@ -345,8 +359,11 @@ def _build(
                 progress(min(1.0, base + frac * share))
 
         ff.run_ffmpeg(
-            cmd.argv, total=clip.plan.duration, timeout=job.timeout,
-            stderr_path=cwork / "stderr.txt", progress=report,
+            cmd.argv,
+            total=clip.plan.duration,
+            timeout=job.timeout,
+            stderr_path=cwork / "stderr.txt",
+            progress=report,
         )
         done += share
         result = ff.probe(out, count=True)
@@ -458,4 +475,3 @@ def _build(
     _fsync_dir(dest.path)
     names = tuple(sorted(os.listdir(final)))
     return ExportPackage(final.resolve(), manifest, names, {**expect})
-

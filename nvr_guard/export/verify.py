@@ -147,7 +147,9 @@ def verify_package(path: Path, expected_fingerprint: str | None = None) -> Verif
     for name, meta in sorted(listed.items()):
         # a manifest edited to point outside the package must not make us read other files
         if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
-            problems.append(Problem("manifest-changed", f"manifest changed: bad file name {name!r}"))
+            problems.append(
+                Problem("manifest-changed", f"manifest changed: bad file name {name!r}")
+            )
             continue
         want = meta.get("sha256") if isinstance(meta, dict) else None
         try:
