@@ -84,7 +84,8 @@ X264_PRESETS = (
     "medium", "slow", "slower", "veryslow", "placebo",
 )  # fmt: skip
 DEFAULT_WATERMARK = (
-    "{request} · {operator} · {approvers} · exported {exported} · recorded {recorded}"
+    "调取 request {request} · {camera} · 申请 {requester} · 审批 {approvers}"
+    " · 导出 {technician} {exported}"
 )
 # SPEC §1: an approved request is valid for at most 30 days, then must be re-applied for.
 MAX_VALID_FOR = Duration.parse("30d")
