@@ -12,12 +12,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-
 from conftest import LAYOUT, Site, poll
 
 SH = ZoneInfo("Asia/Shanghai")
@@ -179,7 +178,7 @@ def env(site: Site, unix_users, tmp_path):
             os.chmod(p, 0o755)
     target = tmp_path / "export-target"
     target.mkdir()
-    start = (datetime.now(timezone.utc) - timedelta(hours=2)).replace(second=0, microsecond=0)
+    start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
     make_footage(site.root, "lobby-1", start, 3)
     make_footage(site.root, "street-1", start, 1)
     e = Env(site, target, unix_users)
