@@ -665,6 +665,11 @@ class Export(_Strict):
     crf: Crf = 23
     preset: typing.Annotated[str, BeforeValidator(_one_of(*X264_PRESETS))] = "medium"
     signing_key: AbsPath | None = None  # None = <state_dir>/export-key.pem
+    # a request's footage stays held this long after its export (complaints, second copies)
+    preserve: FixedDur = Duration.parse("30d")
+    # the held range extends this far on both sides of the requested one (camera clock skew)
+    hold_margin: FixedDur = Duration.parse("10m")
+    timeout: FixedDur = Duration.parse("1h")  # per clip; a longer ffmpeg run is stopped
 
 
 class Media(_Strict):

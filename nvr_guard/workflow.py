@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvr_guard.workflow")
 
-# the footage a request names is held with this margin on both sides (clock skew between cameras)
-HOLD_MARGIN = 600.0
-# after an export the source footage stays held this long (complaints, second copies, court dates)
-PRESERVE_AFTER_EXPORT = 30 * 86400.0
 FONT_CANDIDATES = (
     "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
     "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
@@ -215,7 +211,7 @@ class Workflow:
                     created=now,
                 )
             )
-            h0, h1 = access.hold_range(r, HOLD_MARGIN)
+            h0, h1 = access.hold_range(r, float(self.config.export.hold_margin.seconds))
             for cam in r.cameras:
                 self.engine.catalog.add_hold(
                     kind="request",
@@ -443,6 +439,7 @@ class Workflow:
             font=find_font(self.config.export.font),
             crf=self.config.export.crf,
             preset=self.config.export.preset,
+            timeout=float(self.config.export.timeout.seconds),
         )
 
         def on_progress(f: float) -> None:
@@ -469,7 +466,7 @@ class Workflow:
             with self.engine.catalog.transaction() as c:
                 c.execute(
                     "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL",
-                    (now + PRESERVE_AFTER_EXPORT, rid),
+                    (now + float(self.config.export.preserve.seconds), rid),
                 )
             self.engine.audit.append(
                 caller.user,
