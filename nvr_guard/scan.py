@@ -806,6 +806,9 @@ class Watcher:
     When events are lost — the kernel's event queue overflowed, or the per-user watch limit is
     exhausted so some directories go unwatched — a warning is logged and ``on_overflow()`` is
     called: the daemon then relies on (more frequent) rescans.
+
+    On a config reload that changes roots, stop this watcher and start a new one with the new
+    scanner; when only rules change, assigning ``watcher.scanner = new_scanner`` is enough.
     """
 
     def __init__(
