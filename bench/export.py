@@ -87,7 +87,9 @@ def probe_output(path: Path) -> tuple[float, int]:
     return float(info["format"]["duration"]), int(info["streams"][0]["nb_read_packets"])
 
 
-def run_ours(segments: list[SourceSegment], job: ExportJob, out: Path, key: Any) -> tuple[float, Any]:
+def run_ours(
+    segments: list[SourceSegment], job: ExportJob, out: Path, key: Any
+) -> tuple[float, Any]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t = time.perf_counter()
@@ -178,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"package: {pkg.path} (verify: {'ok' if ok_verify else 'FAILED'}), signer {fp}")
     print(f"export wall time, nvr-guard run_export (best of {len(ours)}): {best_ours:.2f} s")
-    print(f"export wall time, same ffmpeg argv run directly (best of {len(base)}): {best_base:.2f} s")
+    print(
+        f"export wall time, same ffmpeg argv run directly (best of {len(base)}): {best_base:.2f} s"
+    )
     print(f"ratio nvr-guard / ffmpeg direct: {ratio:.3f} (goal <= 1.10) {verdict}")
     print(f"realtime factor: {rt:.2f}x ({export_s:.0f} s of 720p footage in {best_ours:.1f} s)")
     print(
