@@ -22,6 +22,7 @@ from nvr_guard.export import (
     ExportJob,
     SourceSegment,
     load_or_create_key,
+    resolve_font,
     run_export,
     verify_package,
 )
@@ -577,3 +578,44 @@ def test_replace_keeps_job_frozen() -> None:
 def _no_stray_ffmpeg() -> Iterator[None]:
     yield
     assert not [p for p in psutil.Process().children(recursive=True) if p.name() == "ffmpeg"]
+
+
+@pytest.mark.parametrize(
+    "spec, expect",
+    [
+        (None, FONT),  # the installed CJK font is found without configuration
+        ("WenQuanYi Zen Hei", FONT),  # a fontconfig family
+        (str(FONT), FONT),  # a file
+    ],
+)
+def test_resolve_font(spec: str | None, expect: Path) -> None:
+    assert resolve_font(spec) == expect
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("DejaVu Sans", "covers Chinese"),  # installed, but draws Chinese as boxes
+        ("/no/such/font.ttf", "does not exist"),
+    ],
+)
+def test_resolve_font_refuses(spec: str, match: str) -> None:
+    with pytest.raises(RuntimeFailure, match=match):
+        resolve_font(spec)
+
+
+@pytest.mark.parametrize("name", ["seg\nfile '/etc/passwd'.mp4", "relative.mp4"])
+def test_source_names_that_could_rewrite_the_concat_list_are_refused(
+    tmp_path: Path, key: Any, name: str
+) -> None:
+    path = Path(name) if name == "relative.mp4" else tmp_path / name
+    dest = dest_dir(tmp_path)
+    with pytest.raises(InvalidInput, match="absolute and free of line breaks"):
+        run_export(
+            [("lobby-1", [SourceSegment(path, T0)])],
+            job(T0, T0 + 1),
+            dest,
+            key,
+            audit_head=(1, "h"),
+        )
+    assert os.listdir(dest.path) == []

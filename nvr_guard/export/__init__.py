@@ -7,6 +7,7 @@ checks the request is approved and valid, picks the destination and records the 
 from __future__ import annotations
 
 from nvr_guard.export.ffmpeg import Cancelled
+from nvr_guard.export.fonts import resolve_font
 from nvr_guard.export.form import approval_record_html, verify_text
 from nvr_guard.export.keys import fingerprint, load_or_create_key, public_pem
 from nvr_guard.export.package import (
@@ -34,6 +35,7 @@ __all__ = [
     "load_or_create_key",
     "manifest_bytes",
     "public_pem",
+    "resolve_font",
     "run_export",
     "verify_package",
     "verify_text",

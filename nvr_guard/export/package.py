@@ -223,6 +223,14 @@ def run_export(
     needed = 0
     for camera, segments in clips:
         chosen = _select(segments, job.start, job.end)
+        for s in chosen:
+            raw = os.fsencode(s.path)
+            # the concat list is line-based: a line break in a name could add directives to it
+            if b"\n" in raw or b"\r" in raw or not raw.startswith(b"/"):
+                raise InvalidInput(
+                    f"camera {camera}: cannot export {show_path(raw)}: "
+                    "source paths must be absolute and free of line breaks"
+                )
         probes = [(s, ff.probe(s.path)) for s in chosen]
         fps = next((float(p.fps) for _, p in probes if p.fps), 25.0)
         pieces = [Piece(os.fsencode(s.path), s.start, p.duration) for s, p in probes]
