@@ -226,6 +226,14 @@ def test_plan_clip_runs_and_gaps(
     assert [(round(a, 6), round(b, 6)) for a, b in plan.gaps] == gaps
 
 
+def test_gap_tolerance_for_whole_second_file_names() -> None:
+    # names with whole seconds: the next file "starts" 0.5 s after the previous one ends
+    pieces = [P(0, 9.5), P(10, 9.5), P(20, 9.5)]
+    assert len(plan_clip(pieces, 0, 29.5, FRAME).gaps) == 2
+    relaxed = plan_clip(pieces, 0, 29.5, 1.0)
+    assert relaxed.gaps == () and len(relaxed.runs) == 1
+
+
 def test_plan_refuses_empty_range() -> None:
     with pytest.raises(InvalidInput, match="'to' must be after 'from'"):
         plan_clip([P(0)], 5.0, 5.0, FRAME)

@@ -70,7 +70,10 @@ class ExportJob:
     font: Path
     crf: int = 23
     preset: str = "veryfast"
-    timeout: float = 3600  # per clip
+    timeout: float = 3600  # seconds, per clip (one ffmpeg run)
+    # a hole between two segments up to this long is jitter, not missing footage; None = one frame.
+    # Raise it for recorders whose file names have whole-second resolution.
+    gap_tolerance: float | None = None
 
     @property
     def native(self) -> bool:
@@ -234,7 +237,8 @@ def run_export(
         probes = [(s, ff.probe(s.path)) for s in chosen]
         fps = next((float(p.fps) for _, p in probes if p.fps), 25.0)
         pieces = [Piece(os.fsencode(s.path), s.start, p.duration) for s, p in probes]
-        plan = plan_clip(pieces, job.start, job.end, 1 / fps)
+        tolerance = job.gap_tolerance if job.gap_tolerance is not None else 1 / fps
+        plan = plan_clip(pieces, job.start, job.end, tolerance)
         if not plan.runs:
             raise InvalidInput(
                 f"camera {camera}: no footage between {local_text(job.start, job.tz)} and "

@@ -54,10 +54,11 @@ class ClipPlan:
 def plan_clip(pieces: Sequence[Piece], start: float, end: float, frame: float) -> ClipPlan:
     """Cut [start, end) out of ``pieces``.
 
-    ``frame`` is one frame's duration: a hole shorter than that is recorder jitter between two
-    files, not missing footage, and must neither split the clip nor appear as a gap. Overlapping
-    segments (a recorder restarting) are kept whole in the run: cutting them frame-exactly would
-    need a re-probe of every file, and the overlap is at most a few frames in practice.
+    ``frame`` is the gap tolerance, by default one frame's duration: a hole up to that long is
+    recorder jitter between two files, not missing footage, and must neither split the clip nor
+    appear as a gap. Overlapping segments (a recorder restarting) are kept whole in the run:
+    cutting them frame-exactly would need a re-probe of every file, and the overlap is at most a
+    few frames in practice.
     """
     if end <= start:
         raise InvalidInput("export range is empty: 'to' must be after 'from'")
