@@ -393,6 +393,8 @@ class Scanner:
     ) -> None:
         self.catalog = catalog
         self.sites = list(sites)
+        # the daemon's clock (injectable); the "racy directory" test below deliberately uses the
+        # kernel's real clock instead, because it compares with timestamps the kernel wrote
         self.clock = clock
         # the walk is CPU-bound Python between syscalls: more processes only help up to the cores
         self.workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
@@ -557,6 +559,8 @@ class Scanner:
         # forkserver, not fork: the daemon has threads (scheduler, watcher) by now, and a
         # forked copy of a process with threads may inherit a held lock
         ctx = multiprocessing.get_context("forkserver")
+        # the server imports the walker once; each worker is then a cheap fork of it
+        ctx.set_forkserver_preload(["nvr_guard.scan", "nvr_guard.policy"])
         with concurrent.futures.ProcessPoolExecutor(
             max_workers=min(self.workers, len(pending)), mp_context=ctx
         ) as pool:
