@@ -80,13 +80,9 @@ def approval_record_html(
         "<th>说明 Note</th><th>时间 Time</th></tr>",
     ]
     for a in approvals:
-        out.append(
-            "<tr>"
-            + "".join(
-                f"<td>{_e(a.get(k))}</td>" for k in ("approver", "role", "decision", "note", "time")
-            )
-            + "</tr>"
-        )
+        row = {k: a.get(k) for k in ("approver", "role", "decision", "note", "time")}
+        row["decision"] = _decision_text(row["decision"])
+        out.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row.values()) + "</tr>")
     if not approvals:
         out.append('<tr><td class="sign"></td><td></td><td></td><td></td><td></td></tr>')
     out.append("</table>")
@@ -108,6 +104,7 @@ def approval_record_html(
             _row("导出包", "Package", export_info.get("package")),
             _row("导出技术人员", "Technician", export_info.get("technician")),
             _row("导出时间", "Exported at", export_info.get("exported")),
+            _row("录像时段", "Footage range", export_info.get("range")),
             _row("存储介质", "Storage medium", dest.get("path") or dest.get("device")),
             _row("杀毒检查", "Malware scan", _scan_text(dest.get("scan"))),
             _row("签名公钥指纹", "Signer fingerprint", export_info.get("signer"), "hash"),
@@ -142,6 +139,14 @@ def approval_record_html(
         "</body></html>",
     ]
     return "\n".join(out) + "\n"
+
+
+_DECISIONS = {"approve": "同意 approved", "approved": "同意 approved", "deny": "不同意 denied",
+              "denied": "不同意 denied"}  # fmt: skip
+
+
+def _decision_text(decision: Any) -> str:
+    return _DECISIONS.get(str(decision), "" if decision is None else str(decision))
 
 
 def _format_text(fmt: Any) -> str:

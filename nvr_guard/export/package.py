@@ -422,6 +422,7 @@ def _build(
         "package": name,
         "technician": job.technician,
         "exported": local_text(exported, job.tz),
+        "range": f"{local_text(job.start, job.tz)} – {local_text(job.end, job.tz)}",
         "clips": clip_entries,
         "signer": fp,
         "audit_head": {"seq": audit_head[0], "hash": audit_head[1]},
