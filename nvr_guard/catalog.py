@@ -406,9 +406,10 @@ class Catalog:
                 calc = calcs[s.site] = ExpiryCalc(rules)
             rows.append((s.site, s.camera, s.path, s.start, s.mtime, s.size, calc(s.start)))
         with self.transaction():
-            self.apply_rows(rows, ())
+            # the site's other rows must follow the same rules as these (a rule change)
             for site, calc in calcs.items():
-                self._note_rules(site, calc.rules)
+                self._ensure_expiry(site, calc.rules)
+            self.apply_rows(rows, ())
         return len(rows)
 
     def apply_rows(

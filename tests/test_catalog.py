@@ -320,3 +320,11 @@ def test_opening_does_not_wait_for_another_writer(tmp_path: Path) -> None:
     finally:
         daemon.conn.rollback()
         daemon.close()
+
+
+def test_upsert_with_new_rules_brings_the_site_rows_along(cat: Catalog) -> None:
+    a = seg("a", NOW - 7 * DAY)
+    cat.upsert_segments([a], {"gate": rules(keep="10d")})
+    cat.upsert_segments([seg("b", NOW)], {"gate": rules(keep="5d")})
+    row = cat.conn.execute("SELECT expires_at FROM segments WHERE path = ?", (a.path,)).fetchone()
+    assert row[0] == a.start + 5 * DAY
