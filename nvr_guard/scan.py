@@ -462,7 +462,11 @@ class Scanner:
         cls = self._classifier(s, root)
         racy = self._racy_after()
         try:
-            root_st = os.stat(root)
+            root_st = os.lstat(root)
+            if stat.S_ISLNK(root_st.st_mode):
+                # purge opens roots with O_NOFOLLOW and would refuse every file: cataloguing
+                # them would only produce a plan that cannot be carried out
+                raise OSError(errno.ELOOP, "the root is a symlink; configure the real directory")
             entries = list(os.scandir(root))
         except OSError as exc:
             # a root that is missing or unreadable (unmounted disk): its catalog rows are kept,

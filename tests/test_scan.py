@@ -376,3 +376,12 @@ def test_a_file_that_no_longer_matches_the_layout_is_forgotten(cat: Catalog, roo
     stats = Scanner(cat, [site(root, "%Y-%m-%d/%H/{camera}/%M.%S.mp4")], workers=1).reconcile()
     assert (stats.removed, stats.ignored) == (1, 1)
     assert catalogued(cat) == {}
+
+
+def test_a_root_that_is_a_symlink_is_not_walked(cat: Catalog, tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    touch(real, "cam1/a.mp4")
+    link = tmp_path / "link"
+    os.symlink(real, link)
+    stats = Scanner(cat, [site(link)], workers=1).reconcile()
+    assert stats.files == 0 and catalogued(cat) == {}
