@@ -447,11 +447,15 @@ class Scanner:
 
     def _reconcile_site(self, s: SiteScan) -> ReconcileStats:
         total = ReconcileStats()
-        total.removed += self.catalog.remove_outside(s.site, [_norm(r) for r in s.roots])
+        key = _layout_key(s)
+        stored = self.catalog.layout_key(s.site)
+        if stored is None or _roots_part(stored) != _roots_part(key):
+            # roots changed (or first walk): forget what lies under none of them. Skipped
+            # otherwise: it reads every row of the site (a second per million)
+            total.removed += self.catalog.remove_outside(s.site, [_norm(r) for r in s.roots])
         # stored expiries first (recomputed if the rules changed), then the walk adds to them
         self.catalog.ensure_expiry(s.site, s.rules)
-        key = _layout_key(s)
-        trust = self.catalog.layout_key(s.site) == key
+        trust = stored is not None and _layout_part(stored) == _layout_part(key)
         for root in s.roots:
             total.add(self._reconcile_root(s, _norm(root), trust))
         self.catalog.set_layout_key(s.site, key)
@@ -590,7 +594,7 @@ class Scanner:
         with self._lock:
             for s in self._selected(site):
                 if self.catalog.layout_key(s.site) != _layout_key(s):
-                    # never walked, or the layout changed: every row must be read again
+                    # never walked, or layout or roots changed: only a full walk will do
                     total.add(self._reconcile_site(s))
                     continue
                 self.catalog.ensure_expiry(s.site, s.rules)
@@ -768,10 +772,19 @@ def _norm(path: bytes | str) -> bytes:
 
 
 def _layout_key(s: SiteScan) -> str:
-    """How a site's camera and start are read; a change means every row is read again."""
-    if s.layout is None:
-        return "mtime"
-    return f"{s.layout.pattern}|{s.layout.tz}"
+    """How a site's camera and start are read (a change: every row is read again), and from
+    which roots (a change: rows under no root are forgotten). Layout, newline, roots."""
+    how = "mtime" if s.layout is None else f"{s.layout.pattern}|{s.layout.tz}"
+    roots = b"\0".join(sorted(_norm(r) for r in s.roots)).hex()
+    return f"{how}\n{roots}"
+
+
+def _layout_part(key: str) -> str:
+    return key.split("\n", 1)[0]
+
+
+def _roots_part(key: str) -> str:
+    return key.split("\n", 1)[1] if "\n" in key else ""
 
 
 def _exts(s: SiteScan) -> frozenset[bytes]:

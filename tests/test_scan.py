@@ -385,3 +385,14 @@ def test_a_root_that_is_a_symlink_is_not_walked(cat: Catalog, tmp_path: Path) ->
     os.symlink(real, link)
     stats = Scanner(cat, [site(link)], workers=1).reconcile()
     assert stats.files == 0 and catalogued(cat) == {}
+
+
+def test_a_root_removed_from_the_site_is_forgotten(cat: Catalog, tmp_path: Path) -> None:
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    a = touch(r1, "cam1/a.mp4")
+    b = touch(r2, "cam2/b.mp4")
+    both = SiteScan("gate", [os.fsencode(r1), os.fsencode(r2)], None, EXTS, rules())
+    Scanner(cat, [both], workers=1).reconcile()
+    assert set(catalogued(cat)) == {a, b}
+    stats = Scanner(cat, [site(r1)], workers=1).reconcile()
+    assert stats.removed == 1 and set(catalogued(cat)) == {a}
