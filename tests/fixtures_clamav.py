@@ -6,7 +6,9 @@ assembled from parts so that the repository carries no file a virus scanner woul
 
 Use from a test module::
 
-    from fixtures_clamav import clamav_db, clamd_server, eicar_bytes  # noqa: F401
+    from fixtures_clamav import clamav_db, clamd_server, eicar_bytes
+
+    IMPORTED_FIXTURES = (clamav_db, clamd_server)  # pytest finds them by name; keeps ruff quiet
 
 ``clamd_server`` is session-scoped: one ``clamd --foreground`` on a private socket in /tmp,
 loading the local database, with the alerts the media gate relies on switched on.

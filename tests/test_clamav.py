@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_clamav import (  # noqa: F401  (fixtures are used by name)
+from fixtures_clamav import (
     EICAR_FOUND_NAME,
     ClamdServer,
     clamav_db,
@@ -32,6 +32,9 @@ from nvr_guard.media.clamav import (
 )
 
 pytestmark = pytest.mark.integration
+
+# Imported fixtures are found by pytest by name; naming them here marks the imports as used.
+IMPORTED_FIXTURES = (clamav_db, clamd_server)
 
 ENGINES = ["clamscan", "clamd"]
 
@@ -256,9 +259,7 @@ def test_clamd_without_alert_encrypted_is_not_trusted(
     assert "AlertEncrypted" in forced.errors[0]
 
 
-def test_clamd_stream_limit_reply_is_not_clean(
-    tree: Path, clamd_server: ClamdServer
-) -> None:
+def test_clamd_stream_limit_reply_is_not_clean(tree: Path, clamd_server: ClamdServer) -> None:
     # Without clamd_config the limits are unknown, so the file is streamed and clamd itself
     # hangs up with "INSTREAM size limit exceeded" (StreamMaxLength is 1M in the fixture).
     write(tree / "two-mib.bin", b"\x01" * (2 * 2**20))
@@ -290,7 +291,14 @@ def test_progress_counts_every_file(
         write(tree / f"d{i % 3}" / f"f{i}.txt", f"file {i}\n".encode())
     write(tree / "too-big", b"z" * 2000)
     calls: list[tuple[int, int]] = []
-    r = scan(engine, tree, clamav_db, server, max_file_size=1000, progress=lambda d, t: calls.append((d, t)))
+    r = scan(
+        engine,
+        tree,
+        clamav_db,
+        server,
+        max_file_size=1000,
+        progress=lambda d, t: calls.append((d, t)),
+    )
     assert r.files == 7
     assert calls[-1] == (8, 8)
     assert all(t == 8 for _, t in calls)
@@ -386,7 +394,8 @@ def test_fingerprint_changes_with_the_listing(change: str, tree: Path) -> None:
     elif change == "retarget-link":
         st = os.lstat(tree / "link")
         (tree / "link").unlink()
-        os.symlink("b.mp4", tree / "link")  # same length target, same mtime: only the target differs
+        # Same target length, same mtime: only the target differs.
+        os.symlink("b.mp4", tree / "link")
         _set_mtime(tree / "link", st.st_mtime_ns)
     assert listing_fingerprint(tree) != before
 

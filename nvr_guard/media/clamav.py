@@ -452,6 +452,8 @@ def _scan_clamd(
     tally: _Tally,
 ) -> None:
     total = len(files)
+    if progress is not None:
+        progress(0, total)
     for done, e in enumerate(files, 1):
         rel = show_path(e.rel)
         remaining = deadline - time.monotonic()
