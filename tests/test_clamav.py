@@ -195,6 +195,18 @@ def test_no_signature_database_is_an_error_never_clean(
     assert any(e.startswith(NO_DATABASE) for e in r.errors), r.errors
 
 
+def test_malformed_signature_database_is_an_error(tree: Path, tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "broken.ndb").write_text("this is not a signature\n")
+    write(tree / "a.txt", b"hello\n")
+    r = scan_tree(tree, scanner="clamscan", database=db)
+    assert r.result == "error"
+    assert r.files == 0
+    assert r.errors[0].startswith(f"the ClamAV signature database in {db} could not be loaded")
+    assert r.errors[-1] == "1 files not scanned"
+
+
 def test_forced_clamd_not_running_is_an_error(tree: Path, tmp_path: Path) -> None:
     write(tree / "a.txt", b"hello\n")
     dead = tmp_path / "nobody.sock"

@@ -610,16 +610,27 @@ def _scan_clamscan(
             timed_out = bool(killed)
         stderr = err_path.read_bytes().decode("utf-8", "replace")
     missing = [e for e in todo if e.abspath not in seen]
+    tail = " ".join(stderr.strip().splitlines()[-3:]) or f"exit status {rc}"
+    whole_scan_failed = True
     if timed_out:
         tally.errors.append(f"scan timed out; {len(missing)} files not scanned")
-    elif "No supported database files found" in stderr or "cli_loaddb" in stderr:
+    elif "No supported database files found" in stderr:
         tally.errors.append(f"{NO_DATABASE} (clamscan: {database} has no usable signatures)")
+    elif "cli_loaddb" in stderr or "Malformed database" in stderr:
+        tally.errors.append(
+            f"the ClamAV signature database in {database} could not be loaded ({tail}); "
+            "run freshclam again or replace the database files"
+        )
     elif rc not in (0, 1):
-        tail = " ".join(stderr.strip().splitlines()[-3:]) or f"exit status {rc}"
         tally.errors.append(f"clamscan failed: {tail}")
-    for e in missing:
-        if not timed_out:
-            tally.errors.append(f"{show_path(e.rel)}: no verdict from clamscan")
+        whole_scan_failed = not seen
+    else:
+        whole_scan_failed = False
+    if missing and not (whole_scan_failed or timed_out):
+        # Every file we handed over must come back with a verdict; silence is not "OK".
+        tally.errors.extend(f"{show_path(e.rel)}: no verdict from clamscan" for e in missing)
+    elif missing:
+        tally.errors.append(f"{len(missing)} files not scanned")
     if progress is not None and done < total:
         progress(total, total)
 
