@@ -67,7 +67,8 @@ class MediaLab:
         loop = Loop(image, dev)
         self.loops.append(loop)
         if fresh:
-            sh("mkfs.ext4", "-q", "-F", "-L", label, loop.device)
+            # no blocks reserved for root (as on a stick): ENOSPC tests must hit the real limit
+            sh("mkfs.ext4", "-q", "-F", "-m", "0", "-L", label, loop.device)
         return loop
 
     def mount(self, node: str, *, readonly: bool = False, where: Path | None = None) -> Path:

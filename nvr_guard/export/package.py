@@ -192,6 +192,24 @@ class _Clip:
     watermark: str | None
 
 
+# ---- optional destination hooks -----------------------------------------------------------------
+# A destination may also have (not part of the Destination protocol, so plain directories need
+# neither): ``before_commit(tmp)``, called just before the temporary directory is renamed into
+# place, raising to stop the rename (the medium was pulled or changed); and
+# ``abort(tmp, error) -> NvrGuardError | None``, called after a failure once ``tmp`` was removed
+# through its path, to remove what the path no longer reaches (a lazily unmounted medium) and to
+# give a clearer error to raise instead (medium full, medium gone, I/O error).
+def _abort(dest: Destination, tmp: Path, error: BaseException) -> BaseException | None:
+    hook = getattr(dest, "abort", None)
+    if hook is None:
+        return None
+    try:
+        better: BaseException | None = hook(tmp, error)
+    except Exception:  # the clean-up's own failure must not hide the original error
+        return None
+    return better
+
+
 # ---- the export ---------------------------------------------------------------------------------
 def run_export(
     clips: Sequence[tuple[str, Sequence[SourceSegment]]],
@@ -294,12 +312,21 @@ def run_export(
         return _build(
             planned, job, dest, key, audit_head, progress, exported, name, tmp, work, destination
         )
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             _fsync_dir(dest.path)
         except OSError:
             pass
+        clearer = _abort(dest, tmp, error)
+        if clearer is not None:
+            raise clearer from error
+        if isinstance(error, OSError):
+            # ENOSPC, EIO, a vanished directory...: a user error message, not a traceback
+            raise RuntimeFailure(
+                f"writing the package on {dest.path} failed: {error.strerror or error}; "
+                "nothing was exported"
+            ) from error
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -484,6 +511,9 @@ def _build(
                 f"(sha256 {got[:12]}… ≠ {digest[:12]}…): the medium is unreliable, use another"
             )
     final = dest.path / name
+    commit_check = getattr(dest, "before_commit", None)
+    if commit_check is not None:
+        commit_check(tmp)
     os.rename(tmp, final)
     _fsync_dir(dest.path)
     names = tuple(sorted(os.listdir(final)))
