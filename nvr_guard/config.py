@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import os
 import posixpath
 import re
@@ -678,6 +679,41 @@ class Media(_Strict):
     require_enrolled: Bool = True
 
 
+def _listen(v: object) -> str:
+    """``HOST:PORT`` of the metrics endpoint; only a loopback address (SPEC: nothing listens on the
+    network). A literal address, not a name: what ``localhost`` resolves to is the resolver's call."""
+    s = _need_text(v, "an address such as 127.0.0.1:9713").strip()
+    m = re.fullmatch(r"\[([^\]]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", s)
+    if m is None:
+        raise ValueError(
+            f"{s!r} is not HOST:PORT; write a loopback address and a port, "
+            "e.g. 127.0.0.1:9713 or [::1]:9713"
+        )
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{host!r} is not an IP address (names are not resolved); write e.g. 127.0.0.1:{port}"
+        ) from None
+    if not addr.is_loopback:
+        raise ValueError(
+            f"{host} is not a loopback address: metrics are served on this host only; "
+            "write 127.0.0.1:9713, or use metrics.textfile with node_exporter"
+        )
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range; write a port from 1 to 65535")
+    return s
+
+
+class Metrics(_Strict):
+    """Prometheus metrics: a node_exporter textfile and/or an HTTP endpoint on loopback."""
+
+    textfile: AbsPath | None = None  # rewritten atomically after each sweep, rescan, request check
+    listen: typing.Annotated[str, BeforeValidator(_listen)] | None = None
+
+
 class Config(_Strict):
     state_dir: AbsPath = "/var/lib/nvr-guard"
     timezone: Zone = "Asia/Shanghai"
@@ -695,6 +731,7 @@ class Config(_Strict):
     approval: Approval = Field(default_factory=Approval)
     export: Export = Field(default_factory=Export)
     media: Media = Field(default_factory=Media)
+    metrics: Metrics = Field(default_factory=Metrics)
 
     _source_path: Path = PrivateAttr(default=Path("<memory>"))
     _digest: str = PrivateAttr(default="")
