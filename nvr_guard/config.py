@@ -680,8 +680,9 @@ class Media(_Strict):
 
 
 def _listen(v: object) -> str:
-    """``HOST:PORT`` of the metrics endpoint; only a loopback address (SPEC: nothing listens on the
-    network). A literal address, not a name: what ``localhost`` resolves to is the resolver's call."""
+    """``HOST:PORT`` of the metrics endpoint, on a loopback address only: the figures (cameras,
+    requests, violations) are not for the network. A literal address, not a name, because what
+    ``localhost`` resolves to is up to the resolver at start time."""
     s = _need_text(v, "an address such as 127.0.0.1:9713").strip()
     m = re.fullmatch(r"\[([^\]]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", s)
     if m is None:
