@@ -293,9 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  reconcile runs: {', '.join(f'{c:.2f}' for c in cold)} s; {stats.as_json()}")
     cpu_note = (
         f"cold reconcile used {stats.cpu_seconds:.1f} CPU-s over {os.cpu_count()} cores "
-        f"(find: {find_cpu:.1f} CPU-s on one); with the cores to itself it needs about "
-        f"{stats.cpu_seconds / (os.cpu_count() or 1):.1f} s = "
-        f"{stats.cpu_seconds / (os.cpu_count() or 1) / find_s:.1f}x find"
+        f"(find: {find_cpu:.1f} CPU-s on one); on an otherwise idle machine that is about "
+        f"{stats.cpu_seconds / (os.cpu_count() or 1):.1f} s against find's {find_cpu:.1f} s = "
+        f"{stats.cpu_seconds / (os.cpu_count() or 1) / max(find_cpu, 1e-9):.1f}x (an estimate: "
+        "the table above is the measurement)"
     )
     rss_after_reconcile = psutil.Process().memory_info().rss
 
