@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -48,6 +49,13 @@ FPS = 25
 TEMPLATE = (
     "NVRG {request} | {camera} | 申请 {requester} | 审批 {approvers} | 导出 {technician} {exported}"
 )
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (ffmpeg, ffprobe, openssl)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def make_source(where: Path, minutes: int) -> list[Path]:
@@ -89,18 +97,18 @@ def probe_output(path: Path) -> tuple[float, int]:
 
 def run_ours(
     segments: list[SourceSegment], job: ExportJob, out: Path, key: Any
-) -> tuple[float, Any]:
+) -> tuple[float, float, Any]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    t = time.perf_counter()
+    c, t = cpu_seconds(), time.perf_counter()
     pkg = run_export(
         [("gate-01", segments)], job, DirectoryDestination(out), key, audit_head=(1, "0" * 64),
         progress=lambda f: None,
     )  # fmt: skip
-    return time.perf_counter() - t, pkg
+    return time.perf_counter() - t, cpu_seconds() - c, pkg
 
 
-def run_baseline(clip: dict[str, Any]) -> float:
+def run_baseline(clip: dict[str, Any]) -> tuple[float, float]:
     """The same argv as nvr-guard ran, with its input files recreated where the argv expects them
     and its output directory (the package's temporary name, next to the package) recreated."""
     argv: list[str] = clip["ffmpeg"]["argv"]
@@ -116,9 +124,9 @@ def run_baseline(clip: dict[str, Any]) -> float:
     i = argv.index("-progress")
     plain = argv[:i] + argv[i + 2 :]
     try:
-        t = time.perf_counter()
+        c, t = cpu_seconds(), time.perf_counter()
         subprocess.run(plain, check=True, stdin=subprocess.DEVNULL)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, cpu_seconds() - c
     finally:
         shutil.rmtree(target.parent, ignore_errors=True)
         for d in workdirs:
@@ -157,14 +165,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ours: list[float] = []
     base: list[float] = []
+    ours_cpu: list[float] = []
+    base_cpu: list[float] = []
     pkg = None
     for r in range(args.runs):
-        secs, pkg = run_ours(segments, job, args.dir / "out-ours", key)
+        secs, cpu, pkg = run_ours(segments, job, args.dir / "out-ours", key)
         ours.append(secs)
-        print(f"  run {r + 1}: nvr-guard {secs:.2f} s", flush=True)
-        b = run_baseline(pkg.manifest["clips"][0])
+        ours_cpu.append(cpu)
+        print(f"  run {r + 1}: nvr-guard {secs:.2f} s wall, {cpu:.2f} s CPU", flush=True)
+        b, bc = run_baseline(pkg.manifest["clips"][0])
         base.append(b)
-        print(f"  run {r + 1}: ffmpeg direct {b:.2f} s", flush=True)
+        base_cpu.append(bc)
+        print(f"  run {r + 1}: ffmpeg direct {b:.2f} s wall, {bc:.2f} s CPU", flush=True)
     assert pkg is not None
     clip = pkg.path / pkg.manifest["clips"][0]["file"]
     duration, frames = probe_output(clip)
@@ -174,9 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     best_ours, best_base = min(ours), min(base)
     ratio = best_ours / best_base
     rt = export_s / best_ours
+    cpu_ratio = min(ours_cpu) / min(base_cpu)
     diff_frames = abs(duration - export_s) * FPS
     verdict = "PASS" if ratio <= 1.10 else "FAIL"
-    dur_verdict = "PASS" if diff_frames <= 1 and abs(frames - want_frames) <= 1 else "FAIL"
+    dur_ok = diff_frames <= 1 + 1e-6 and abs(frames - want_frames) <= 1
+    dur_verdict = "PASS" if dur_ok else "FAIL"
+    load = os.getloadavg()[0]
     print()
     print(f"package: {pkg.path} (verify: {'ok' if ok_verify else 'FAILED'}), signer {fp}")
     print(f"export wall time, nvr-guard run_export (best of {len(ours)}): {best_ours:.2f} s")
@@ -184,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"export wall time, same ffmpeg argv run directly (best of {len(base)}): {best_base:.2f} s"
     )
     print(f"ratio nvr-guard / ffmpeg direct: {ratio:.3f} (goal <= 1.10) {verdict}")
+    print(
+        f"CPU time nvr-guard / ffmpeg direct: {min(ours_cpu):.1f} s / {min(base_cpu):.1f} s "
+        f"= {cpu_ratio:.3f} (insensitive to other load; load average now {load:.2f})"
+    )
     print(f"realtime factor: {rt:.2f}x ({export_s:.0f} s of 720p footage in {best_ours:.1f} s)")
     print(
         f"output duration: {duration:.3f} s for {export_s:.3f} s requested "

@@ -162,7 +162,10 @@ def build_encode(
         files[str(lst)] = _concat_list(run, trim_points=False)
         files[str(clk)] = clock_text(run.recorded, tz).encode()
         src = ffmpeg.input(str(lst), f="concat", safe=0)
-        v = src["v:0"].trim(start=round(run.offset, 6), duration=round(run.duration, 6))
+        # start and end, not duration: trim counts a duration from the first frame it keeps, which
+        # lies up to a frame after ``start``, and would then keep one frame too many at the end
+        cut = {"start": round(run.offset, 6), "end": round(run.offset + run.duration, 6)}
+        v = src["v:0"].trim(**cut)
         v = v.setpts("PTS-STARTPTS").drawtext(
             fontfile=str(font),
             textfile=str(clk),
@@ -175,9 +178,7 @@ def build_encode(
         )
         videos.append(v)
         if audio:
-            a = src["a:0"].filter(
-                "atrim", start=round(run.offset, 6), duration=round(run.duration, 6)
-            )
+            a = src["a:0"].filter("atrim", **cut)
             audios.append(a.filter("asetpts", "PTS-STARTPTS"))
     if len(plan.runs) > 1:
         parts: list[Any] = []
