@@ -26,6 +26,7 @@ from nvr_guard.export import (
     run_export,
     verify_package,
 )
+from nvr_guard.export.ffmpeg import Command, build_encode
 from nvr_guard.export.plan import Piece, plan_clip, render_watermark, wrap_for_frame
 
 FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
@@ -627,3 +628,20 @@ def test_source_names_that_could_rewrite_the_concat_list_are_refused(
             audit_head=(1, "h"),
         )
     assert os.listdir(dest.path) == []
+
+
+def test_user_text_cannot_alter_the_command(tmp_path: Path) -> None:
+    """The argv is the same whatever the watermark says: only the text file's content differs."""
+    plan = plan_clip([P(0), P(10)], 3.5, 13.0, FRAME)
+
+    def build(text: str) -> Command:
+        return build_encode(
+            plan, tmp_path, tmp_path / "out.mp4", watermark=text, tz=SH, font=FONT,
+            crf=23, preset="veryfast", audio=True, height=H,
+        )  # fmt: skip
+
+    benign, hostile = build("NVRG 42 alice"), build(HOSTILE)
+    assert hostile.argv == benign.argv
+    changed = {k for k in benign.files if benign.files[k] != hostile.files[k]}
+    assert changed == {str(tmp_path / "watermark.txt")}
+    assert hostile.files[str(tmp_path / "watermark.txt")] == HOSTILE.encode()
