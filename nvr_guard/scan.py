@@ -363,6 +363,21 @@ def _run_job(job: _Job) -> _Delta:
     return delta
 
 
+def _count_entries(top: bytes, enough: int) -> int:
+    """Entries below ``top`` (no stat, no symlinks followed), counting stops at ``enough``."""
+    n, stack = 0, [top]
+    while stack and n < enough:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    n += 1
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+        except OSError:
+            continue
+    return n
+
+
 def _gaps(prefix: bytes, children: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     """Ranges below ``prefix`` (ends in /) not inside any ``prefix + child + /`` subtree."""
     lo, end = prefix_range(prefix)
@@ -390,6 +405,7 @@ class Scanner:
         clock: Callable[[], float] = time.time,
         *,
         workers: int | None = None,
+        pool_min_rows: int = _POOL_MIN_ROWS,
     ) -> None:
         self.catalog = catalog
         self.sites = list(sites)
@@ -398,6 +414,8 @@ class Scanner:
         self.clock = clock
         # the walk is CPU-bound Python between syscalls: more processes only help up to the cores
         self.workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
+        # below this many segments per root, worker processes cost more than they save
+        self.pool_min_rows = pool_min_rows
         self._by_site = {s.site: s for s in self.sites}
         roots: list[tuple[bytes, SiteScan]] = []
         for s in self.sites:
@@ -514,9 +532,7 @@ class Scanner:
             )
             for top, ns in tops
         ]
-        use_pool = self.workers > 1 and len(jobs) > 1 and (
-            not existing or self.catalog.count_upto(s.site, _POOL_MIN_ROWS) >= _POOL_MIN_ROWS
-        )
+        use_pool = self.workers > 1 and len(jobs) > 1
         all_dirs: list[tuple[bytes, int]] = []
 
         t_apply = 0.0
@@ -534,7 +550,15 @@ class Scanner:
         with self.catalog.bulk_load() if not existing else _nullctx():
             apply(head)
             pending = list(jobs)
-            if use_pool:
+            if use_pool and existing:
+                limit = self.pool_min_rows
+                use_pool = self.catalog.count_upto(s.site, limit) >= limit
+            elif use_pool:
+                # nothing catalogued yet: count the entries (no stat) of one top-level directory
+                # and extrapolate; a small tree is walked before worker processes could start
+                need = -(-self.pool_min_rows // len(pending))  # per directory, rounded up
+                use_pool = _count_entries(pending[0].top, need) >= need
+            if use_pool and len(pending) > 1:
                 try:
                     self._run_pool(pending, apply)
                 except (OSError, concurrent.futures.process.BrokenProcessPool) as exc:

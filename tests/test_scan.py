@@ -259,7 +259,17 @@ def test_worker_processes_give_the_same_catalog(tmp_path: Path, root: Path) -> N
     two = Catalog(tmp_path / "two.db")
     lay = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
     s1 = Scanner(one, [site(root, lay)], workers=1).reconcile()
-    s2 = Scanner(two, [site(root, lay)], workers=2).reconcile()
+    pooled = Scanner(two, [site(root, lay)], workers=2, pool_min_rows=1)
+    used: list[int] = []
+    real_run_pool = pooled._run_pool
+
+    def spy(pending: list[object], apply: Callable[..., None]) -> None:
+        used.append(len(pending))
+        real_run_pool(pending, apply)  # type: ignore[arg-type]
+
+    pooled._run_pool = spy  # type: ignore[method-assign]
+    s2 = pooled.reconcile()
+    assert used == [3]  # every camera walked in worker processes
     assert s1.added == s2.added == len(paths)
     assert catalogued(one) == catalogued(two)
     assert set(catalogued(two)) == paths
@@ -352,6 +362,20 @@ def test_a_rules_change_refreshes_stored_expiry_on_reconcile(cat: Catalog, root:
     assert row[0] == 1_700_000_000 + 7 * 86400
 
 
+def test_a_small_cold_tree_is_walked_without_worker_processes(
+    cat: Catalog, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nvr_guard.scan as scan_mod
+
+    def no_pool(*a: object, **k: object) -> None:
+        raise AssertionError("worker processes started for a tiny tree")
+
+    monkeypatch.setattr(scan_mod.concurrent.futures, "ProcessPoolExecutor", no_pool)
+    paths = {touch(root, f"cam{c}/x.mp4") for c in range(3)}
+    assert Scanner(cat, [site(root)], workers=2).reconcile().added == 3
+    assert set(catalogued(cat)) == paths
+
+
 def test_reconcile_walks_in_process_when_worker_processes_fail(
     cat: Catalog, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -365,7 +389,7 @@ def test_reconcile_walks_in_process_when_worker_processes_fail(
 
     monkeypatch.setattr(scan_mod.concurrent.futures, "ProcessPoolExecutor", NoWorkers)
     paths = {touch(root, f"cam{c}/x.mp4") for c in range(3)}
-    stats = Scanner(cat, [site(root)], workers=2).reconcile()
+    stats = Scanner(cat, [site(root)], workers=2, pool_min_rows=1).reconcile()
     assert stats.added == 3 and set(catalogued(cat)) == paths
 
 
