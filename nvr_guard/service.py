@@ -105,6 +105,84 @@ class SweepOutcome:
         }
 
 
+# upper bounds (seconds) of the deletion-lateness histogram: a healthy daemon stays within one
+# sweep interval (default 5 min); hours mean holds released late or a daemon that was down
+LATENESS_BUCKETS = (1.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0, 86400.0)
+
+
+@dataclass
+class RetentionStats:
+    """What the engine counts while it runs, for ``status`` and the metrics (process lifetime;
+    Prometheus counters are expected to restart from zero with the daemon).
+
+    Lateness is how long after its expiry (``policy.expiry``) a segment was actually deleted,
+    measured with the engine clock when the purge finished. Segments deleted before their expiry
+    (disk pressure) are counted as ``early`` and kept out of the lateness figures.
+    """
+
+    deleted: int = 0
+    bytes: int = 0
+    early: int = 0
+    sweeps: int = 0
+    trips: dict[str, int] = field(default_factory=dict)  # guard kind -> sweeps it stopped
+    last_sweep: float | None = None  # engine wall clock of the last (non-dry) sweep
+    last_lateness_max: float | None = None  # of the last sweep that deleted past expiry
+    lateness_max: float = 0.0
+    lateness_sum: float = 0.0
+    lateness_count: int = 0
+    # per bucket of LATENESS_BUCKETS (not cumulative), plus one for larger values
+    lateness_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENESS_BUCKETS) + 1))
+
+    def note_sweep(
+        self,
+        when: float,
+        deleted: list[Segment],
+        bytes_: int,
+        rules: dict[str, SiteRules],
+        trips: Iterable[str] = (),
+    ) -> None:
+        self.sweeps += 1
+        self.last_sweep = when
+        for kind in trips:
+            self.trips[kind] = self.trips.get(kind, 0) + 1
+        self.deleted += len(deleted)
+        self.bytes += bytes_
+        worst: float | None = None
+        for seg in deleted:
+            r = rules.get(seg.site)
+            exp = policy.expiry(seg.start, r) if r is not None else None
+            if exp is None or exp > when:
+                self.early += 1
+                continue
+            late = when - exp
+            worst = late if worst is None else max(worst, late)
+            self.lateness_sum += late
+            self.lateness_count += 1
+            self.lateness_max = max(self.lateness_max, late)
+            i = 0
+            while i < len(LATENESS_BUCKETS) and late > LATENESS_BUCKETS[i]:
+                i += 1
+            self.lateness_buckets[i] += 1
+        if worst is not None:
+            self.last_lateness_max = worst
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "sweeps": self.sweeps,
+            "deleted": self.deleted,
+            "bytes": self.bytes,
+            "deleted_early": self.early,
+            "guard_trips": dict(self.trips),
+            "last_sweep_lateness_max": None
+            if self.last_lateness_max is None
+            else round(self.last_lateness_max, 1),
+            "lateness_max": round(self.lateness_max, 1),
+            "lateness_mean": round(self.lateness_sum / self.lateness_count, 1)
+            if self.lateness_count
+            else None,
+        }
+
+
 class Engine:
     """State and operations of one nvr-guard instance. Thread-safe through one lock: the daemon's
     scheduler, watcher and control threads all come through here."""
@@ -127,6 +205,7 @@ class Engine:
         self.rules: dict[str, SiteRules] = config.site_rules()
         self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
         self._workflow: Any = None
+        self.stats = RetentionStats()
 
     @property
     def workflow(self) -> Any:
@@ -337,6 +416,7 @@ class Engine:
                 sid = self.catalog.begin_sweep(
                     started=now.wall, actor=actor, clock=now, site_rules=rules_now, state="done"
                 )
+                self.stats.note_sweep(now.wall, [], 0, self.rules)
                 return SweepOutcome(sid, plan)
             previous = self.catalog.latest_sweep()
             sweep_id = self.catalog.begin_sweep(
@@ -393,6 +473,13 @@ class Engine:
             )
             if confirm_of is not None:
                 self.catalog.set_sweep_state(confirm_of, "confirmed")
+            self.stats.note_sweep(
+                self.clock().wall,
+                result.deleted,
+                result.bytes,
+                self.rules,
+                trips=[t.kind for t in plan.trips],
+            )
             if result.deleted:
                 log.info(
                     "sweep %d: deleted %d segments (%s)%s",
@@ -613,6 +700,7 @@ class Engine:
                 },
                 "violations": violations,
                 "requests": by_state,
+                "retention": self.stats.as_json(),
             }
 
 
