@@ -76,6 +76,7 @@ class Daemon:
         self.started = time.time()
         self.last_error: str | None = None
         self.rescan_wanted = threading.Event()
+        self.metrics: Any = None  # nvr_guard.metrics.Exporter when metrics: is configured
 
     # ---- start / stop --------------------------------------------------------------------------
     def start(self) -> None:
@@ -92,6 +93,7 @@ class Daemon:
         log.info("reconciled in %.1f s: %s", time.monotonic() - t0, stats)
         self._start_watcher()
         self._start_scheduler(config)
+        self._start_metrics()
         sdnotify.ready()
         self._status_line()
         log.info("nvr-guard ready: %d sites, control socket %s", len(config.sites), config.socket)
@@ -114,6 +116,22 @@ class Daemon:
         except OSError as e:  # no inotify (watch limit, unsupported fs): rescans do the work
             log.warning("file watcher unavailable (%s); relying on periodic rescans", e)
             self.watcher = None
+
+    def _start_metrics(self) -> None:
+        from nvr_guard.metrics import Exporter
+
+        assert self.engine is not None
+        try:
+            self.metrics = Exporter.from_config(self.engine)
+            if self.metrics is not None:
+                self.metrics.start()
+        except Exception:  # metrics are informative: never a reason not to run retention
+            log.exception("metrics unavailable")
+            self.metrics = None
+
+    def _update_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.update()
 
     def _overflow(self) -> None:
         log.warning("file events were lost (inotify overflow or watch limit); rescanning")
@@ -155,6 +173,8 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
         if self.server is not None:
             self.server.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.engine is not None and self.engine.lock.acquire(timeout=8):
             try:
                 self.engine.audit.append("nvr-guard", "daemon.stop", "daemon", {"pid": os.getpid()})
@@ -184,10 +204,12 @@ class Daemon:
             self.last_sweep = out
 
         self._guarded("sweep", run)
+        self._update_metrics()
 
     def _job_rescan(self) -> None:
         assert self.engine is not None
         self._guarded("rescan", lambda: self.engine.reconcile(full=True) if self.engine else None)
+        self._update_metrics()
 
     def _job_incremental(self) -> None:
         assert self.engine is not None
@@ -199,6 +221,7 @@ class Daemon:
         engine = self.engine
         assert engine is not None
         self._guarded("requests", lambda: engine.workflow.refresh())
+        self._update_metrics()
 
     def _job_disk(self) -> None:
         assert self.engine is not None
@@ -251,6 +274,10 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.stop()
         self._start_watcher()
+        if new.metrics != old.metrics:
+            if self.metrics is not None:
+                self.metrics.stop()
+            self._start_metrics()
         if self.scheduler is not None:
             self.scheduler.reschedule_job(
                 "sweep", trigger="interval", seconds=_seconds(new.sweep_every)
