@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pwd
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +192,6 @@ class Engine:
         clock: Callable[[], ClockReading] = boot_clock,
         db_path: Path | None = None,
     ) -> None:
-        self.lock = threading.RLock()
         self.clock = clock
         self.config = config
         if db_path is None:
@@ -201,6 +199,10 @@ class Engine:
             state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             db_path = state_dir / "catalog.db"
         self.catalog = Catalog(db_path)
+        # one lock for the engine and its SQLite connection: the watcher's hints, the scheduler's
+        # jobs and the control socket's commands share that connection, and a statement from one
+        # thread must never land inside another thread's transaction
+        self.lock = self.catalog.lock
         self.audit = AuditLog(self.catalog.conn, clock=lambda: self.clock().wall)
         self.rules: dict[str, SiteRules] = config.site_rules()
         self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)

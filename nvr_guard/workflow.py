@@ -453,12 +453,13 @@ class Workflow:
                 pkg = run_export(clips, job, dest, key, audit_head=head, progress=on_progress)
             except Exception as e:
                 self.progress.pop(rid, None)
-                self.engine.audit.append(
-                    caller.user,
-                    "export.failed",
-                    f"request:{rid}",
-                    {"error": str(e), "target": dest.path},
-                )
+                with self.engine.lock:
+                    self.engine.audit.append(
+                        caller.user,
+                        "export.failed",
+                        f"request:{rid}",
+                        {"error": str(e), "target": dest.path},
+                    )
                 raise
         with self.engine.lock:
             now = self.now()

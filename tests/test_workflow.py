@@ -190,17 +190,23 @@ def env(site: Site, unix_users, tmp_path):
         stdout=open(site.base / "daemon.log", "wb"),
         stderr=subprocess.STDOUT,
     )
-    poll(
-        lambda: (
-            site.socket.exists()
-            and e.nvr("nvrg-alice", "--json", "request", "list").returncode == 0
-        ),
-        60,
-        "the daemon",
-    )
-    yield e
-    e.proc.terminate()
-    e.proc.wait(timeout=15)
+    try:
+        poll(
+            lambda: (
+                site.socket.exists()
+                and e.nvr("nvrg-alice", "--json", "request", "list").returncode == 0
+            ),
+            60,
+            "the daemon",
+        )
+        yield e
+    finally:  # never leave a daemon behind, even when the set-up failed
+        e.proc.terminate()
+        try:
+            e.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            e.proc.kill()
+            e.proc.wait()
 
 
 def hours_around_now(inside: bool) -> str:
