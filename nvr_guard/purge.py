@@ -69,14 +69,7 @@ def digest_paths(paths: Iterable[bytes]) -> str:
 
     To check a receipt by hand: ``printf '%s\\n' PATHS | LC_ALL=C sort | head -c -1 | sha256sum``.
     """
-    h = hashlib.sha256()
-    first = True
-    for p in sorted(paths):
-        if not first:
-            h.update(b"\n")
-        h.update(p)
-        first = False
-    return h.hexdigest()
+    return hashlib.sha256(b"\n".join(sorted(paths))).hexdigest()
 
 
 def iso_utc(t: float) -> str:
@@ -109,26 +102,34 @@ def _plain_components(path: bytes) -> list[bytes] | None:
     return parts
 
 
-def _normalise_root(root: bytes | str) -> list[bytes] | None:
+def _normalise_root(root: bytes | str) -> bytes | None:
     r = os.fsencode(root)
     if len(r) > 1:
         r = r.rstrip(b"/") or b"/"  # a trailing slash is harmless in a configured root
-    return _plain_components(r)
+    parts = _plain_components(r)
+    return None if parts is None else b"/" + b"/".join(parts)
 
 
-def _relative(target: PurgeTarget) -> tuple[bytes, list[bytes]]:
-    """(root, components below the root) or raise _Skip."""
-    root_parts = _normalise_root(target.root)
-    if root_parts is None:
-        raise _Skip("unsafe-root", f"root {show_path(target.root)} is not a plain absolute path")
-    path = os.fsencode(target.segment.path)
-    parts = _plain_components(path)
-    if parts is None:
+def _relative(path: bytes, root: bytes) -> bytes:
+    """``path`` below the normalised ``root`` (e.g. ``cam/2026-11-20/10/00.00.mp4``) or _Skip."""
+    prefix = root if root == b"/" else root + b"/"
+    if not path.startswith(prefix):
+        if _plain_components(path) is None:
+            raise _Skip("unsafe-path", "not a plain absolute path (.., //, relative)")
+        raise _Skip("outside-root", f"not inside root {show_path(root)}")
+    rel = path[len(prefix) :]
+    # the common case is checked with substring tests; anything with a component starting with
+    # "." (hidden names are legal, "." and ".." are not) gets the exact component check
+    if (
+        not rel
+        or rel.startswith(b"/")
+        or rel.endswith(b"/")
+        or b"//" in rel
+        or b"\0" in rel
+        or (b"/." in b"/" + rel and _plain_components(b"/" + rel) is None)
+    ):
         raise _Skip("unsafe-path", "not a plain absolute path (.., //, relative)")
-    n = len(root_parts)
-    if len(parts) <= n or parts[:n] != root_parts:
-        raise _Skip("outside-root", f"not inside root {show_path(target.root)}")
-    return b"/" + b"/".join(root_parts), parts[n:]
+    return rel
 
 
 def _normalise_exts(exts: Iterable[str]) -> frozenset[bytes]:
@@ -179,9 +180,15 @@ class _DirWalker:
         self.fds: list[int] = []
         self.touched: list[bool] = []
         self.dirty: set[int] = set()  # fds of directories changed since the last sync
+        self.cur: bytes | None = None  # the directory (relative) whose fd is self.cur_fd
+        self.cur_fd = -1
 
-    def enter(self, dirs: Sequence[bytes]) -> int:
-        """fd of root/dirs..., reusing the open prefix; raise _Skip when it cannot be reached."""
+    def enter(self, dirpart: bytes) -> int:
+        """fd of root/dirpart, reusing the open prefix; raise _Skip when it cannot be reached."""
+        if dirpart == self.cur:
+            return self.cur_fd  # the next file in the same directory: nothing to open
+        self.cur = None
+        dirs = dirpart.split(b"/") if dirpart else []
         common = 0
         for have, want in zip(self.names, dirs, strict=False):
             if have != want:
@@ -204,16 +211,20 @@ class _DirWalker:
             self.names.append(name)
             self.fds.append(fd)
             self.touched.append(False)
-        return self.fds[-1] if self.fds else self.root_fd
+        self.cur = dirpart
+        self.cur_fd = self.fds[-1] if self.fds else self.root_fd
+        return self.cur_fd
 
     def mark_deleted(self) -> None:
         if self.fds:
-            self.touched[-1] = True
-            self.dirty.add(self.fds[-1])
+            if not self.touched[-1]:
+                self.touched[-1] = True
+                self.dirty.add(self.fds[-1])
         else:
             self.root_touched = True
 
     def _pop_to(self, depth: int) -> None:
+        self.cur = None
         while len(self.fds) > depth:
             fd = self.fds.pop()
             name = self.names.pop()
@@ -333,20 +344,45 @@ def _purge_group(
     skips: list[tuple[Segment, str, str]] = []  # segment, kind, reason
 
     # path checks first: refused targets never reach the disk
-    ready: list[tuple[bytes, list[bytes], PurgeTarget]] = []
+    roots: dict[bytes | str, bytes | None] = {}
+    ready: list[tuple[bytes, bytes, bytes, PurgeTarget]] = []  # sort key, root, rel, target
     for t in group:
-        try:
-            root, rel = _relative(t)
-        except _Skip as s:
-            skips.append((t.segment, s.kind, str(s)))
-            continue
-        ready.append((root, rel, t))
-    ready.sort(key=lambda r: (r[0], r[1]))
-    ext_cache: dict[frozenset[str], frozenset[bytes]] = {}
+        root = roots.get(t.root, b"")
+        if root == b"":
+            root = roots[t.root] = _normalise_root(t.root)
+        path = t.segment.path
+        if type(path) is not bytes:
+            path = os.fsencode(path)
+        # the common case, tested inline (this loop sees every target): inside the root and
+        # no component that starts with "." or is empty; everything else gets the full check
+        if (
+            root is not None
+            and len(root) > 1
+            and path.startswith(root)
+            and path[len(root) : len(root) + 1] == b"/"
+            and b"/." not in path
+            and b"//" not in path
+            and not path.endswith(b"/")
+            and b"\0" not in path
+        ):
+            rel = path[len(root) + 1 :]
+        else:
+            try:
+                if root is None:
+                    raise _Skip(
+                        "unsafe-root", f"root {show_path(t.root)} is not a plain absolute path"
+                    )
+                rel = _relative(path, root)
+            except _Skip as s:
+                skips.append((t.segment, s.kind, str(s)))
+                continue
+        # NUL never occurs in a name, so this key sorts component by component: every
+        # directory's files come together and each directory is opened once
+        ready.append((root + b"\0" + rel.replace(b"/", b"\0"), root, rel, t))
+    ready.sort(key=lambda r: r[0])
 
     for start in range(0, len(ready), batch_size):
         batch = ready[start : start + batch_size]
-        planned = [os.fsencode(t.segment.path) for _, _, t in batch]
         begin = audit.append(
             actor,
             PURGE_BEGIN,
@@ -356,72 +392,55 @@ def _purge_group(
                 "site": site,
                 "camera": camera,
                 "planned": len(batch),
-                "digest": digest_paths(planned),
+                "digest": digest_paths(root + b"/" + rel for _, root, rel, _ in batch),
             },
         )
-        deadline_base = now()  # one reading per batch: an earlier "now" only makes settle stricter
-        deleted: list[Segment] = []
-        sizes = 0
-        used: set[bytes] = set()
-        for root, rel, t in batch:
-            seg = t.segment
-            try:
-                walker = walkers.get(root)
-                if walker is None:
-                    walker = walkers[root] = _DirWalker(root)
-                if walker.root_fd < 0:
-                    raise _Skip(walker.failure_kind, walker.failure)
-                exts = ext_cache.get(t.extensions)
-                if exts is None:
-                    exts = ext_cache[t.extensions] = _normalise_exts(t.extensions)
-                size = _unlink_checked(walker, rel, seg, exts, deadline_base - t.settle)
-            except _Skip as s:
-                skips.append((seg, s.kind, str(s)))
-                continue
-            used.add(root)
-            deleted.append(seg)
-            sizes += size
-
-        if deleted:
-            for root in used:
+        deleted, sizes, used = _apply(batch, walkers, now(), skips)
+        if not deleted:
+            continue
+        for root in used:
+            if walkers[root].root_fd >= 0:
                 walkers[root].sync()
-            starts = [s.start for s in deleted]
-            details = {
-                "sweep": sweep_id,
-                "site": site,
-                "camera": camera,
-                "count": len(deleted),
-                "bytes": sizes,
-                "from": iso_utc(min(starts)),
-                "to": iso_utc(max(starts)),
-                "digest": digest_paths(os.fsencode(s.path) for s in deleted),
-                "begin": begin.seq,
-                "planned": len(batch),
-            }
-            result.deleted.extend(deleted)
-            result.bytes += sizes
-            try:
-                with audit.transaction():
-                    on_deleted(deleted)
-                    if not audit.conn.in_transaction:
-                        audit.conn.execute("BEGIN IMMEDIATE")  # the callback committed its part
-                    receipt = audit.append_in(actor, PURGE_RECEIPT, obj, details)
-            except Exception as exc:
-                # the files are gone whatever the catalog says: the receipt must still be written
-                # (the rows are stale now; the scanner removes them), then the failure surfaces
-                details["catalog_error"] = str(exc)
-                result.receipts.append(audit.append(actor, PURGE_RECEIPT, obj, details).seq)
-                raise
-            result.receipts.append(receipt.seq)
+        starts = [s.start for s in deleted]
+        details = {
+            "sweep": sweep_id,
+            "site": site,
+            "camera": camera,
+            "count": len(deleted),
+            "bytes": sizes,
+            "from": iso_utc(min(starts)),
+            "to": iso_utc(max(starts)),
+            "digest": digest_paths([s.path for s in deleted]),
+            "begin": begin.seq,
+            "planned": len(batch),
+        }
+        result.deleted.extend(deleted)
+        result.bytes += sizes
+        try:
+            with audit.transaction():
+                on_deleted(deleted)
+                if not audit.conn.in_transaction:
+                    audit.conn.execute("BEGIN IMMEDIATE")  # the callback committed its part
+                receipt = audit.append_in(actor, PURGE_RECEIPT, obj, details)
+        except Exception as exc:
+            # the files are gone whatever the catalog says: the receipt must still be written
+            # (the rows are stale now; the scanner removes them), then the failure surfaces
+            details["catalog_error"] = str(exc)
+            result.receipts.append(audit.append(actor, PURGE_RECEIPT, obj, details).seq)
+            raise
+        result.receipts.append(receipt.seq)
 
     if skips:
         result.skipped.extend((seg, reason) for seg, _, reason in skips)
         kinds = Counter(kind for _, kind, _ in skips)
         for seg, kind, reason in skips[:SKIP_EXAMPLES]:
-            level = (
-                logging.WARNING if kind not in ("settling", "changed", "vanished") else logging.INFO
+            quiet = kind in ("settling", "changed", "vanished")  # normal races with the recorder
+            log.log(
+                logging.INFO if quiet else logging.WARNING,
+                "purge skipped %s: %s",
+                show_path(seg.path),
+                reason,
             )
-            log.log(level, "purge skipped %s: %s", show_path(seg.path), reason)
         audit.append(
             actor,
             PURGE_SKIP,
@@ -440,51 +459,88 @@ def _purge_group(
         )
 
 
-def _unlink_checked(
-    walker: _DirWalker,
-    rel: list[bytes],
-    seg: Segment,
-    exts: frozenset[bytes],
-    settled_before: float,
-) -> int:
-    """Re-check one file through its directory fd and unlink it; its size, or raise _Skip."""
-    name = rel[-1]
-    if _extension(name) not in exts:
-        raise _Skip(
-            "extension", f"{show_path(_extension(name)) or 'no extension'} is not a segment"
-        )
-    d = walker.enter(rel[:-1])
-    try:
-        st = os.stat(name, dir_fd=d, follow_symlinks=False)
-    except FileNotFoundError:
-        raise _Skip("vanished", "file is gone") from None
-    except OSError as exc:
-        raise _Skip("error", f"cannot stat: {exc.strerror}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise _Skip("symlink", "is a symlink (never followed, never deleted)")
-    if not stat.S_ISREG(st.st_mode):
-        raise _Skip("not-regular", "not a regular file")
-    if st.st_mtime > settled_before:
-        raise _Skip("settling", "modified within the settle time (still recording)")
-    if st.st_size != seg.size or not _same_mtime(st.st_mtime, seg.mtime):
-        raise _Skip(
-            "changed",
-            f"changed since plan (size {seg.size} -> {st.st_size}, "
-            f"mtime {seg.mtime:.3f} -> {st.st_mtime:.3f})",
-        )
-    try:
-        os.unlink(name, dir_fd=d)
-    except FileNotFoundError:
-        raise _Skip("vanished", "file is gone") from None
-    except OSError as exc:
-        raise _Skip("error", f"cannot unlink: {exc.strerror}") from None
-    walker.mark_deleted()
-    return st.st_size
+def _apply(
+    batch: list[tuple[bytes, bytes, bytes, PurgeTarget]],
+    walkers: dict[bytes, _DirWalker],
+    now: float,
+    skips: list[tuple[Segment, str, str]],
+) -> tuple[list[Segment], int, set[bytes]]:
+    """Re-check each file through its directory fd and unlink it. (deleted, bytes, roots used)
+
+    This loop runs once per deleted file (~144,000 in the purge bench, which must stay within
+    1.2x of ``find -delete``): the common path makes no Python-level calls besides the two
+    syscalls, and the rare outcomes go through ``_Skip``.
+    """
+    deleted: list[Segment] = []
+    sizes = 0
+    used: set[bytes] = set()
+    walker: _DirWalker | None = None
+    exts_src: frozenset[str] | None = None
+    exts: frozenset[bytes] = frozenset()
+    # callers may build one frozenset per target; normalise each distinct set once
+    ext_cache: dict[frozenset[str], frozenset[bytes]] = {}
+    lstat, unlink, is_reg = os.stat, os.unlink, stat.S_ISREG
+    for _, root, rel, t in batch:
+        seg = t.segment
+        try:
+            if walker is None or walker.root != root:
+                walker = walkers.get(root)
+                if walker is None:
+                    walker = walkers[root] = _DirWalker(root)
+                used.add(root)
+            if walker.root_fd < 0:
+                raise _Skip(walker.failure_kind, walker.failure)
+            if t.extensions is not exts_src:
+                exts_src = t.extensions
+                exts = ext_cache.get(exts_src) or ext_cache.setdefault(
+                    exts_src, _normalise_exts(exts_src)
+                )
+            i = rel.rfind(b"/")
+            name = rel[i + 1 :]
+            k = name.rfind(b".")
+            if k <= 0 or name[k:].lower() not in exts:
+                ext = show_path(_extension(name)) or "no extension"
+                raise _Skip("extension", f"{ext} is not a segment extension")
+            dirpart = rel[:i] if i >= 0 else b""
+            d = walker.cur_fd if dirpart == walker.cur else walker.enter(dirpart)
+            try:
+                st = lstat(name, dir_fd=d, follow_symlinks=False)
+            except FileNotFoundError:
+                raise _Skip("vanished", "file is gone") from None
+            except OSError as exc:
+                raise _Skip("error", f"cannot stat: {exc.strerror}") from None
+            if not is_reg(st.st_mode):
+                if stat.S_ISLNK(st.st_mode):
+                    raise _Skip("symlink", "is a symlink (never followed, never deleted)")
+                raise _Skip("not-regular", "not a regular file")
+            mtime = st.st_mtime
+            if mtime > now - t.settle:
+                raise _Skip("settling", "modified within the settle time (still recording)")
+            if st.st_size != seg.size or not (
+                -MTIME_TOLERANCE <= mtime - seg.mtime <= MTIME_TOLERANCE
+                or _same_second(mtime, seg.mtime)
+            ):
+                raise _Skip(
+                    "changed",
+                    f"changed since plan (size {seg.size} -> {st.st_size}, "
+                    f"mtime {seg.mtime:.3f} -> {mtime:.3f})",
+                )
+            try:
+                unlink(name, dir_fd=d)
+            except FileNotFoundError:
+                raise _Skip("vanished", "file is gone") from None
+            except OSError as exc:
+                raise _Skip("error", f"cannot unlink: {exc.strerror}") from None
+        except _Skip as s:
+            skips.append((seg, s.kind, str(s)))
+            continue
+        walker.mark_deleted()
+        deleted.append(seg)
+        sizes += st.st_size
+    return deleted, sizes, used
 
 
-def _same_mtime(disk: float, catalog: float) -> bool:
-    if abs(disk - catalog) <= MTIME_TOLERANCE:
-        return True
+def _same_second(disk: float, catalog: float) -> bool:
     # a catalog holding whole seconds (truncated st_mtime) still identifies the same file
     return catalog == int(catalog) and int(disk) == int(catalog)
 
