@@ -572,6 +572,9 @@ def _full_sync(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+    # The file content is fsynced so a crash never leaves a torn head; the directory is not: a
+    # rename lost to power loss leaves the previous head, which is behind the database — never a
+    # false "truncated" report — and saves a journal commit per append (purges append per batch).
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
@@ -580,11 +583,6 @@ def _write_atomic(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 __all__ = [
