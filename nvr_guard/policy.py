@@ -279,22 +279,8 @@ _SS = [f"{s:02}" for s in range(60)]
 
 
 def _dur(d: Duration | None) -> str:
-    """15d / 6mo / 1y / 1d12h — days rather than weeks, as admins write retention periods
-    (``Duration.__str__`` would show 15d as 2w1d)."""
-    if d is None:
-        return "forever"
-    parts: list[str] = []
-    y, mo = divmod(d.months, 12)
-    if y:
-        parts.append(f"{y}y")
-    if mo:
-        parts.append(f"{mo}mo")
-    rest = d.seconds
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        n, rest = divmod(rest, size)
-        if n:
-            parts.append(f"{n}{unit}")
-    return "".join(parts) or "0s"
+    """15d / 6mo / 1y / 1d12h, or "forever" for no limit."""
+    return "forever" if d is None else str(d)
 
 
 def _n(count: int, noun: str = "segment") -> str:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nvr_guard.access import Approval, Recipient, Request
 from nvr_guard.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from nvr_guard.catalog import Catalog
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -109,24 +109,14 @@ def _request(row: tuple[Any, ...]) -> Request:
 
 
 class RequestStore:
-    def __init__(
-        self, conn: sqlite3.Connection, lock: threading.RLock | threading.Lock | None = None
-    ) -> None:
-        self.conn = conn
-        self.lock = lock or threading.RLock()
-        with self.lock:
-            ensure_schema(conn)
+    """Requests and approvals on the catalog's connection, under its lock and transactions."""
 
-    @contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+    def __init__(self, catalog: Catalog) -> None:
+        self.conn = catalog.conn
+        self.lock = catalog.lock
+        self._txn = catalog.transaction
+        with catalog.lock:
+            ensure_schema(catalog.conn)
 
     def create(self, r: Request) -> Request:
         with self._txn() as c:

@@ -49,7 +49,7 @@ def find_font(configured: str | None) -> Path:
 class Workflow:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.store = RequestStore(engine.catalog.conn, engine.catalog.lock)
+        self.store = RequestStore(engine.catalog)
         self.progress: dict[int, float] = {}
         self._export_lock = threading.Lock()
 
