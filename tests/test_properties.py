@@ -293,7 +293,7 @@ def test_sweep_deletes_only_what_the_pure_policy_allows(
                 changed.update(_mutate(es, files, outside, now))
                 return p
 
-            engine.plan = plan_then_change  # type: ignore[method-assign,assignment]
+            engine.plan = plan_then_change  # type: ignore[method-assign]
             out = engine.sweep(actor="prop", now=clock)
             after_root = _snapshot(root)
 
