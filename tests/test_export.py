@@ -645,3 +645,25 @@ def test_user_text_cannot_alter_the_command(tmp_path: Path) -> None:
     changed = {k for k in benign.files if benign.files[k] != hostile.files[k]}
     assert changed == {str(tmp_path / "watermark.txt")}
     assert hostile.files[str(tmp_path / "watermark.txt")] == HOSTILE.encode()
+
+
+@pytest.mark.integration
+def test_frames_after_joins_are_at_their_recorded_time(
+    footage: dict[str, list[Path]], tmp_path: Path, key: Any
+) -> None:
+    """The source files' containers run a few ms past their video (audio is longer); the clip
+    must still follow the recorded timeline, or frames and the burned-in clock drift at every
+    join. Six 10-s files (the three test files twice): output frame 1350 (t = 54 s) is recorded
+    at T0 + 57.52, frame 188 of the sixth file."""
+    files = footage["audio"] * 2
+    pkg = run_export(
+        [("lobby-1", segs(files))], job(T0 + 3.52, T0 + 58.0), dest_dir(tmp_path), key,
+        audit_head=(1, "h"),
+    )  # fmt: skip
+    clip = pkg.path / pkg.manifest["clips"][0]["file"]
+    out = gray_frame(["-i", str(clip)], "", 1350)
+    sixth = files[5]
+    diffs = {n: region_diff(out, gray_frame(["-i", str(sixth)], "", n), 60, 60, 300, 200)
+             for n in (186, 187, 188, 189, 190)}  # fmt: skip
+    assert min(diffs, key=lambda n: diffs[n]) == 188, diffs
+    assert diffs[188] < 6

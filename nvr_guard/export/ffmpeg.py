@@ -99,6 +99,14 @@ def _concat_list(run: Run, *, trim_points: bool) -> bytes:
     lines: list[bytes] = [b"ffconcat version 1.0"]
     for i, p in enumerate(run.pieces):
         lines.append(b"file '" + p.path.replace(b"'", b"'\\''") + b"'")
+        if not trim_points and i + 1 < len(run.pieces):
+            # Place the next file at its recorded start, not after this file's container
+            # duration: that is often a few ms longer than the video (audio runs on), and over
+            # a day of one-minute files the difference would add up to duplicated frames and a
+            # burned-in clock many seconds off. Overlapping audio is resampled (see below).
+            spacing = run.pieces[i + 1].start - p.start
+            if spacing > 0:
+                lines.append(f"duration {spacing:.6f}".encode())
         if trim_points:
             # stream copy cannot cut between keyframes: the demuxer starts at the keyframe
             # before inpoint, which is why a native copy is only keyframe-accurate
@@ -178,8 +186,10 @@ def build_encode(
         )
         videos.append(v)
         if audio:
-            a = src["a:0"].filter("atrim", **cut)
-            audios.append(a.filter("asetpts", "PTS-STARTPTS"))
+            a = src["a:0"].filter("atrim", **cut).filter("asetpts", "PTS-STARTPTS")
+            # async resampling drops the few ms of audio two files overlap by (and fills
+            # sub-frame holes with silence) so audio timestamps never run backwards
+            audios.append(a.filter("aresample", **{"async": 1}))
     if len(plan.runs) > 1:
         parts: list[Any] = []
         for j, v in enumerate(videos):
