@@ -677,6 +677,15 @@ class Media(_Strict):
     scanner: typing.Annotated[str, BeforeValidator(_one_of("auto", "clamd", "clamscan"))] = "auto"
     scan_max_age: FixedDur = Duration.parse("15m")
     require_enrolled: Bool = True
+    # local ClamAV signature directory for clamscan (default: freshclam's DatabaseDirectory);
+    # air-gapped recorders point it at the copied daily/main .cvd files
+    database: AbsPath | None = None
+    clamd_socket: AbsPath | None = None  # default: LocalSocket from /etc/clamav/clamd.conf
+    clamd_config: AbsPath | None = None  # default: /etc/clamav/clamd.conf
+    sysfs_root: AbsPath = "/sys"  # where removable devices are read from (a testing aid)
+    reserve: typing.Annotated[int, PlainValidator(_int)] = 64 * 2**20  # bytes left free on media
+    # "wipe": `media wipe` may format a medium (mkfs.vfat) instead of scanning old contents
+    prepare: typing.Annotated[str, BeforeValidator(_one_of("scan", "wipe"))] = "scan"
 
 
 def _listen(v: object) -> str:
@@ -1136,7 +1145,16 @@ def parse_config(data: bytes, source: str) -> tuple[Config | None, list[Problem]
             ],
             [],
         )
-    loader = StrictLoader(text, source)
+    try:
+        loader = StrictLoader(text, source)
+    except yaml.reader.ReaderError as e:
+        # PyYAML checks the whole text for control characters up front, before any mark exists
+        line = text[: e.position].count("\n") + 1
+        return (
+            None,
+            [(source, line, f"character U+{e.character:04X} is not allowed in YAML; remove it")],
+            [],
+        )
     try:
         raw, empty = loader.load_tracked()
     except yaml.MarkedYAMLError as e:
@@ -1146,6 +1164,13 @@ def parse_config(data: bytes, source: str) -> tuple[Config | None, list[Problem]
         return None, [(source, line, f"YAML syntax error: {what}")], []
     except yaml.YAMLError as e:  # pragma: no cover - every PyYAML parse error is marked
         return None, [(source, 1, f"YAML error: {e}")], []
+    except RecursionError:
+        # PyYAML parses nested collections recursively: ``[[[[...`` thousands deep
+        return (
+            None,
+            [(source, loader.line + 1, "nested too deeply; a config needs a few levels")],
+            [],
+        )
     if empty:
         return None, [(source, 1, "the file is empty; it needs at least a sites: section")], []
     if not isinstance(raw, dict):
