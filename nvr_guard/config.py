@@ -223,7 +223,8 @@ def _dotted(path: Path_ | tuple[Any, ...]) -> str:
             out += f"[{el}]"
         else:
             out += ("." if out else "") + str(el)
-    return out
+    # a key may hold a newline or an escape sequence: messages stay one line, inert in a terminal
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in out)
 
 
 # ---- value types: explicit conversions, messages that say what to write --------------------
