@@ -319,6 +319,18 @@ class Daemon:
             return wf.export(who, int(args["id"]), str(args["media"]))
         if cmd == "export.progress":
             return {"progress": wf.progress.get(int(args["id"]))}
+        if cmd == "media.list":
+            return engine.media.list(who)
+        if cmd == "media.enroll":
+            return engine.media.enroll(who, str(args["media"]), str(args.get("label") or ""))
+        if cmd == "media.remove":
+            return engine.media.remove(who, str(args["media"]), str(args.get("reason") or ""))
+        if cmd == "media.scan":
+            return engine.media.scan(who, str(args["media"]))
+        if cmd == "media.scan_progress":
+            return {"progress": engine.media.progress.get(str(args["media"]))}
+        if cmd == "media.wipe":
+            return engine.media.wipe(who, str(args["media"]), str(args.get("confirm") or ""))
         if cmd == "export.form":
             return {"html": wf.form(int(args["id"]))}
         if cmd == "status":

@@ -207,7 +207,17 @@ class Engine:
         self.rules: dict[str, SiteRules] = config.site_rules()
         self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
         self._workflow: Any = None
+        self._media: Any = None
         self.stats = RetentionStats()
+
+    @property
+    def media(self) -> Any:
+        """The USB media gate (``nvr_guard.media.ops.MediaOps``), made on first use."""
+        if self._media is None:
+            from nvr_guard.media.ops import MediaOps
+
+            self._media = MediaOps(self)
+        return self._media
 
     @property
     def workflow(self) -> Any:

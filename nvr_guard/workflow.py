@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nvr_guard import access
-from nvr_guard.errors import InvalidInput, PolicyRefused, RuntimeFailure
+from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, RuntimeFailure
 from nvr_guard.requests import RequestStore
 from nvr_guard.times import iso, parse_time
 
@@ -373,18 +373,6 @@ class Workflow:
             return self.request_json(r, approvals)
 
     # ---- export --------------------------------------------------------------------------------
-    def destination(self, target: str) -> Any:
-        from nvr_guard.export import DirectoryDestination
-
-        want = os.path.realpath(target)
-        for t in self.config.export.targets:
-            if os.path.realpath(t) == want:
-                return DirectoryDestination(Path(want))
-        raise PolicyRefused(
-            f"{target} is not an approved export destination: list it in export.targets "
-            "(USB media come through the media gate)"
-        )
-
     def signing_key(self) -> tuple[Any, str]:
         from nvr_guard.export import load_or_create_key
 
@@ -410,7 +398,16 @@ class Workflow:
             d = access.check_export(r, approvals, self.actor(caller), rules, now)
             if not d.allowed:
                 self._refused(caller, f"request:{rid}", d)
-            dest = self.destination(target)
+            try:
+                dest = self.engine.media.destination(target, self.config.site_tz(r.site))
+            except NvrGuardError as e:
+                self.engine.audit.append(
+                    caller.user,
+                    "export.refused",
+                    f"request:{rid}",
+                    {"target": target, "reason": str(e)},
+                )
+                raise
             clips = []
             for cam in r.cameras:
                 segs = self.engine.catalog.segments_of(r.site, cam, r.start, r.end)
@@ -448,7 +445,7 @@ class Workflow:
                 progress(f)
 
         # one export at a time: two encodes on a 2-core recorder would starve the recording
-        with self._export_lock:
+        with self._export_lock, dest:
             try:
                 pkg = run_export(clips, job, dest, key, audit_head=head, progress=on_progress)
             except Exception as e:
@@ -456,9 +453,9 @@ class Workflow:
                 with self.engine.lock:
                     self.engine.audit.append(
                         caller.user,
-                        "export.failed",
+                        "export.refused" if isinstance(e, PolicyRefused) else "export.failed",
                         f"request:{rid}",
-                        {"error": str(e), "target": dest.path},
+                        {"error": str(e), "target": target},
                     )
                 raise
         with self.engine.lock:

@@ -18,6 +18,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import LAYOUT, Site, poll
+from fixtures_clamav import clamav_db, eicar_bytes
+
+IMPORTED_FIXTURES = (clamav_db,)  # found by pytest by name
 
 SH = ZoneInfo("Asia/Shanghai")
 GROUP = "nvrg-test"
@@ -136,7 +139,7 @@ class Env:
         return json.loads(r.stdout)["entries"]
 
 
-def write_config(site: Site, target: Path, hours: str) -> None:
+def write_config(site: Site, target: Path, hours: str, db: Path) -> None:
     site.config.write_text(f"""state_dir: {site.state}
 timezone: Asia/Shanghai
 socket: {site.socket}
@@ -167,11 +170,14 @@ approval:
 export:
   targets: [{target}]
   preset: ultrafast
+media:
+  scanner: clamscan
+  database: {db}
 """)
 
 
 @pytest.fixture
-def env(site: Site, unix_users, tmp_path):
+def env(site: Site, unix_users, tmp_path, clamav_db):
     # the unprivileged CLI must read its config and reach the socket directory
     for p in [site.base, *site.base.parents]:
         if str(p).startswith(tempfile.gettempdir() + "/"):
@@ -183,7 +189,8 @@ def env(site: Site, unix_users, tmp_path):
     make_footage(site.root, "street-1", start, 1)
     e = Env(site, target, unix_users)
     e.start = start
-    write_config(site, target, hours_around_now(inside=True))
+    e.db = clamav_db
+    write_config(site, target, hours_around_now(inside=True), clamav_db)
     os.chmod(site.config, 0o644)
     e.proc = subprocess.Popen(
         [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "daemon"],
@@ -227,7 +234,7 @@ def hours_around_now(inside: bool) -> str:
 
 def reload_with(e: Env, hours: str) -> None:
     old = e.ok("nvrg-alice", "status")["config_digest"]
-    write_config(e.site, e.target, hours)
+    write_config(e.site, e.target, hours, e.db)
     e.proc.send_signal(signal.SIGHUP)
     poll(lambda: e.ok("nvrg-alice", "status")["config_digest"] != old, 20, "the reload")
 
@@ -280,6 +287,20 @@ def test_request_to_verified_package(env: Env):
 
     e.refused("nvrg-alice", "export", "run", str(rid), "--media", str(e.target))  # not a technician
     e.refused("nvrg-tom", "export", "run", str(rid), "--media", "/tmp")  # not an export target
+    # the gate: nothing is written where no fresh clean scan says so
+    assert "scan" in e.refused("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))
+    scan = e.ok("nvrg-tom", "media", "scan", str(e.target))
+    assert scan["result"] == "clean"
+    (e.target / "dropped-later.txt").write_text("a file added after the scan")
+    assert "scan" in e.refused("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))
+    (e.target / "dropped-later.txt").unlink()
+    (e.target / "eicar.com").write_bytes(eicar_bytes())
+    r = e.nvr("nvrg-tom", "--json", "media", "scan", str(e.target))
+    assert r.returncode == 3 and json.loads(r.stdout)["result"] == "infected"
+    e.refused("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))
+    (e.target / "eicar.com").unlink()
+    assert e.ok("nvrg-tom", "media", "scan", str(e.target))["result"] == "clean"
+    assert not any(e.target.iterdir())  # every refusal left the target untouched
     res = e.ok("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))
     pkg = Path(res["package"])
     assert pkg.is_absolute() and pkg.parent == e.target
@@ -309,7 +330,9 @@ def test_request_to_verified_package(env: Env):
     assert v.returncode == 4 and clip.name in (v.stdout + v.stderr)
 
     actions = [x["action"] for x in e.audit() if x["object"] == f"request:{rid}"]
-    for a in ("request.new", "request.approve", "export.begin", "export.done"):
+    manifest_media = json.dumps(manifest, ensure_ascii=False)
+    assert "clamscan" in manifest_media  # the scan record travels in the manifest
+    for a in ("request.new", "request.approve", "export.begin", "export.done", "export.refused"):
         assert a in actions
     assert (
         subprocess.run(
@@ -423,6 +446,7 @@ def test_outside_hours_needs_a_duty_manager(env: Env):
     assert "duty_manager" in msg
     assert not any(e.target.iterdir())  # nothing written
     e.ok("nvrg-dan", "request", "approve", str(rid), "--note", "night shift, case urgent")
+    e.ok("nvrg-tom", "media", "scan", str(e.target))
     res = e.ok("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))
     assert Path(res["package"]).is_dir()
 
@@ -446,6 +470,7 @@ def test_emergency_exports_at_once_and_shows_its_backfill(env: Env):
         "--emergency",
     )
     rid = new_request(e, user="nvrg-carol", extra=("--emergency",))
+    e.ok("nvrg-tom", "media", "scan", str(e.target))
     res = e.ok("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))
     assert Path(res["package"]).is_dir()
     shown = e.ok("nvrg-carol", "request", "show", str(rid))
