@@ -19,8 +19,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import LAYOUT, Site, poll
 from fixtures_clamav import clamav_db, eicar_bytes
+from fixtures_media import MediaLab, fake_usb_stick, media_lab
 
-IMPORTED_FIXTURES = (clamav_db,)  # found by pytest by name
+IMPORTED_FIXTURES = (clamav_db, media_lab)  # found by pytest by name
 
 SH = ZoneInfo("Asia/Shanghai")
 GROUP = "nvrg-test"
@@ -173,6 +174,7 @@ export:
 media:
   scanner: clamscan
   database: {db}
+  sysfs_root: {site.base / "sysfs"}
 """)
 
 
@@ -190,6 +192,7 @@ def env(site: Site, unix_users, tmp_path, clamav_db):
     e = Env(site, target, unix_users)
     e.start = start
     e.db = clamav_db
+    (site.base / "sysfs" / "block").mkdir(parents=True)
     write_config(site, target, hours_around_now(inside=True), clamav_db)
     os.chmod(site.config, 0o644)
     e.proc = subprocess.Popen(
@@ -477,3 +480,37 @@ def test_emergency_exports_at_once_and_shows_its_backfill(env: Env):
     assert shown["state"] == "exported" and shown["emergency"] is True
     assert shown["open_steps"]  # approvals still to be back-filed within 24 h
     e.ok("nvrg-bob", "request", "approve", str(rid))
+
+
+def test_export_onto_an_enrolled_scanned_usb_stick(env: Env, media_lab: MediaLab):
+    """A real loop device with ext4, described as a USB stick by a fake sysfs tree."""
+    e = env
+    stick = media_lab.loop(128, label="EVIDENCE")
+    mp = media_lab.mount(stick.device)
+    os.chmod(mp, 0o755)
+    fake_usb_stick(e.site.base / "sysfs", stick, serial="NVRG0001")
+    listed = e.ok("nvrg-tom", "media", "list")["media"]
+    usb = [m for m in listed if m.get("serial") == "NVRG0001"]
+    assert len(usb) == 1 and usb[0]["mountpoint"] == str(mp) and usb[0]["enrolled"] is None
+    mid = usb[0]["id"]
+
+    rid = new_request(e)
+    e.ok("nvrg-bob", "request", "approve", str(rid))
+    e.ok("nvrg-carol", "request", "approve", str(rid))
+    assert "enrol" in e.refused("nvrg-tom", "export", "run", str(rid), "--media", mid)
+    e.refused("nvrg-tom", "media", "enroll", mid, "--label", "stick 1")  # admins enrol
+    r = e.site.run("--json", "media", "enroll", mid, "--label", "evidence stick 1")  # root: admin
+    assert r.returncode == 0, r.stderr
+    assert "scan" in e.refused("nvrg-tom", "export", "run", str(rid), "--media", mid)
+    assert e.ok("nvrg-tom", "media", "scan", mid)["result"] == "clean"
+    res = e.ok("nvrg-tom", "export", "run", str(rid), "--media", mid)
+    pkg = Path(res["package"])
+    assert pkg.parent == mp and (pkg / "manifest.sig").is_file()
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert "NVRG0001" in json.dumps(manifest)  # the medium and its scan are in the manifest
+    v = subprocess.run(
+        [sys.executable, "-m", "nvr_guard", "verify", str(pkg)], capture_output=True, text=True
+    )
+    assert v.returncode == 0, v.stderr
+    actions = {x["action"] for x in e.audit()}
+    assert {"media.enroll", "media.scan", "export.refused", "export.done"} <= actions
