@@ -286,6 +286,19 @@ class Daemon:
 
     # ---- control socket ------------------------------------------------------------------------
     def handle(self, peer: Any, cmd: str, args: dict[str, Any]) -> Any:
+        try:
+            return self._handle(peer, cmd, args)
+        except NvrGuardError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            # almost always a hand-made request with a missing or mistyped argument (the CLI
+            # never sends one): the caller's mistake, exit 2; the log keeps the trace in case not
+            log.warning("control: %s with bad arguments", cmd, exc_info=True)
+            raise InvalidInput(
+                f"{cmd}: missing or malformed argument ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _handle(self, peer: Any, cmd: str, args: dict[str, Any]) -> Any:
         assert self.engine is not None
         engine = self.engine
         who = Caller.from_uid(peer.uid, getattr(peer, "gid", None))
