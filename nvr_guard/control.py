@@ -614,6 +614,8 @@ class ControlServer:
             raw = json.loads(frame)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return _error_reply(2, f"malformed request: not JSON ({exc})", "InvalidInput")
+        except RecursionError:  # e.g. 30,000 nested brackets: fits the size limit, not the stack
+            return _error_reply(2, "malformed request: nested too deeply", "InvalidInput")
         if isinstance(raw, dict) and raw.get("v") not in (None, PROTOCOL_VERSION):
             return _error_reply(
                 2,
