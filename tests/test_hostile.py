@@ -19,11 +19,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Site, make_config, poll, write_segment
+from conftest import Site, poll, write_segment
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -223,3 +224,263 @@ def test_config_check_cli_on_hostile_files(tmp_path: Path, case: str) -> None:
         assert lines
         for line in lines:
             assert re.match(rf"^{re.escape(str(path))}:\d+: \S", line), line
+
+
+# ---- the control socket against a real daemon ---------------------------------------------------
+
+_HEADER = struct.Struct(">I")
+
+
+def _raw(path: Path, timeout: float = 10.0) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(path))
+    return s
+
+
+def _frame(obj: Any) -> bytes:
+    body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return _HEADER.pack(len(body)) + body
+
+
+def _read_reply(s: socket.socket) -> dict[str, Any] | None:
+    """One reply frame, or None when the daemon closed the connection without one."""
+    buf = b""
+    while len(buf) < 4:
+        chunk = s.recv(4 - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    (n,) = _HEADER.unpack(buf)
+    body = b""
+    while len(body) < n:
+        chunk = s.recv(n - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    reply: dict[str, Any] = json.loads(body)
+    return reply
+
+
+def _call(path: Path, obj: Any) -> dict[str, Any] | None:
+    with _raw(path) as s:
+        s.sendall(_frame(obj))
+        return _read_reply(s)
+
+
+def _status_ok(path: Path) -> bool:
+    reply = _call(path, {"v": 1, "cmd": "status", "args": {}})
+    return reply is not None and reply["ok"] is True
+
+
+class _Daemon:
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.log = open(site.base / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "daemon"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        poll(self._ready, 60, "the daemon to answer on its socket")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            log = (self.site.base / "daemon.log").read_text(errors="replace")
+            raise AssertionError(f"daemon exited {self.proc.returncode}: {log}")
+        try:
+            return _status_ok(self.site.socket)
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and _status_ok(self.site.socket)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Daemon]:
+    base = tmp_path_factory.mktemp("hostile-daemon")
+    # an unprivileged uid must reach the socket: open the temporary directories above it
+    for p in [base, *base.parents]:
+        if str(p).startswith(tempfile.gettempdir() + "/"):
+            os.chmod(p, 0o755)
+    root = base / "rec"
+    root.mkdir()
+    s = Site(base, root, base / "config.yaml", base / "state", base / "run" / "c.sock")
+    s.write_config(sweep_every="1h")
+    os.chmod(s.config, 0o644)
+    now = datetime.now(UTC).replace(microsecond=0)
+    for h in range(1, 25):
+        write_segment(root, "cam1", now - timedelta(hours=h))
+    d = _Daemon(s)
+    os.chmod(s.socket, 0o666)  # reachable by anyone: the daemon's own checks are under test
+    yield d
+    d.stop()
+
+
+def _audit(site: Site, action: str) -> list[dict[str, Any]]:
+    return [e for e in site.json("audit", "show")["entries"] if e["action"] == action]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"\xff\xfe\x00garbage",
+        b"[]",
+        b"null",
+        b'"status"',
+        b'{"v": 1}',
+        b'{"v": 1, "cmd": 7, "args": {}}',
+        b'{"v": 1, "cmd": "status", "args": []}',
+        b'{"v": 99, "cmd": "status", "args": {}}',
+        b'{"v": 1, "cmd": "hold.add", "args": {"camera": null}}',
+        b'{"v": 1, "cmd": "request.show", "args": {"id": "1; DROP TABLE requests"}}',
+        b'{"v": 1, "cmd": "hold.release", "args": {"id": [1], "reason": {}}}',
+        b'{"v": 1, "cmd": "../../etc/passwd", "args": {}}',
+        b'{"v": 1, "cmd": "' + b"A" * 60000 + b'", "args": {}}',
+        b"[" * 30000 + b"]" * 30000,
+        b"",
+    ],
+)
+def test_malformed_requests_get_an_error_reply(live: _Daemon, body: bytes) -> None:
+    reply = _call(live.site.socket, body)
+    assert reply is not None and reply["ok"] is False
+    err = reply["error"]
+    assert err["code"] in (2, 3), err
+    assert "\n" not in err["message"] and "Traceback" not in err["message"]
+    assert live.alive()
+
+
+def test_a_10_mb_length_prefix_is_refused_without_reading_it(live: _Daemon) -> None:
+    with _raw(live.site.socket) as s:
+        s.sendall(_HEADER.pack(10 * 1024 * 1024) + b"{" * 1000)
+        t0 = time.monotonic()
+        reply = _read_reply(s)
+        assert time.monotonic() - t0 < 3.0  # answered at once, not after reading 10 MB
+        assert reply is not None and reply["ok"] is False and reply["error"]["code"] == 2
+        assert "10485760 bytes exceeds the limit" in reply["error"]["message"]
+        # and the connection is closed: nothing more comes (a reset: our body was left unread)
+        try:
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    assert live.alive()
+
+
+def test_a_one_byte_a_second_client_is_dropped_while_others_are_served(live: _Daemon) -> None:
+    frame = _frame({"v": 1, "cmd": "status", "args": {}})
+    slow = _raw(live.site.socket, timeout=15.0)
+    stop = threading.Event()
+    sent: list[float] = []
+
+    def dribble() -> None:
+        # pacing, not synchronisation: this client is slow on purpose
+        for b in frame:
+            try:
+                slow.sendall(bytes([b]))
+            except OSError:
+                return  # the daemon hung up on us
+            sent.append(time.monotonic())
+            if stop.wait(1.0):
+                return
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=dribble, daemon=True)
+    t.start()
+    try:
+        # meanwhile the daemon answers everybody else, promptly
+        for _ in range(5):
+            q0 = time.monotonic()
+            assert _status_ok(live.site.socket)
+            assert time.monotonic() - q0 < 3.0
+        reply = _read_reply(slow)  # the timeout reply (or a plain close)
+        dropped = time.monotonic() - t0
+        assert 4.0 <= dropped <= 6.5, dropped
+        if reply is not None:
+            assert reply["ok"] is False and "not received within 5 s" in reply["error"]["message"]
+        assert len(sent) < len(frame)  # it never got to send its whole request
+    finally:
+        stop.set()
+        slow.close()
+        t.join(5)
+    assert live.alive()
+
+
+def test_200_concurrent_clients_get_an_answer_or_busy(live: _Daemon) -> None:
+    results: list[str] = []
+    lock = threading.Lock()
+    go = threading.Barrier(200)
+
+    def client(i: int) -> None:
+        try:
+            go.wait(30)
+            cmd = "status" if i % 2 else "hold.list"
+            reply = _call(live.site.socket, {"v": 1, "cmd": cmd, "args": {}})
+            if reply is None:
+                outcome = "closed without reply"
+            elif reply["ok"]:
+                outcome = "ok"
+            elif "busy" in reply["error"]["message"]:
+                outcome = "busy"
+            else:
+                outcome = f"error: {reply['error']}"
+        except OSError as exc:
+            # the listen backlog (128) may overflow: the kernel refuses, the CLI says so
+            outcome = (
+                "refused"
+                if isinstance(exc, ConnectionRefusedError | BlockingIOError)
+                else (f"oserror: {exc}")
+            )
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 200
+    bad = [r for r in results if r not in ("ok", "busy", "refused")]
+    assert not bad, bad[:5]
+    assert results.count("ok") >= 64  # at least a full set of slots was served
+    assert live.alive()
+
+
+def test_an_unknown_uid_is_refused_and_audited(live: _Daemon) -> None:
+    uid = 54321
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become a uid no account has, ask for something, report back
+        code = 1
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            reply = _call(live.site.socket, {"v": 1, "cmd": "hold.list", "args": {}})
+            os.write(wfd, json.dumps(reply).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as fh:
+        out = fh.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    reply = json.loads(out)
+    assert reply["ok"] is False and reply["error"]["code"] == 3
+    assert f"uid:{uid}" in reply["error"]["message"]
+    denied = _audit(live.site, "access.denied")
+    assert any(e["actor"] == f"uid:{uid}" and e["object"] == "hold.list" for e in denied), denied
+    assert live.alive()
