@@ -226,6 +226,26 @@ def status(c: Ctx) -> None:
                 f"last sweep: {ls.get('id')} {ls.get('state')} at {ls.get('time')},"
                 f" deleted {ls.get('deleted')}"
             )
+        d = st.get("daemon") or {}
+        if d.get("last_error"):
+            out.print(f"[red]last error:[/] {d['last_error']}")
+        for v in st.get("violations", []):
+            out.print(f"[red]violation:[/] {v}")
+        req = st.get("open_requests") or {}
+        for r in req.get("pending", []):
+            out.print(
+                f"request {r['id']} pending ({', '.join(r['open_steps'])}), "
+                f"decide by {r['decide_by']}",
+                markup=False,
+            )
+        for r in req.get("expiring", []):
+            out.print(f"request {r['id']} approved, valid until {r['valid_until']}", markup=False)
+        for s in st.get("last_scans", [])[:3]:
+            out.print(
+                f"scan {s.get('id')}: {s.get('target_path')} {s.get('result')} "
+                f"({s.get('engine')}, {s.get('files')} files)",
+                markup=False,
+            )
 
     c.emit(st, human)
 

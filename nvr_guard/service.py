@@ -665,6 +665,9 @@ class Engine:
             for name, rules in self.rules.items():
                 stats = self._site_stats(name)
                 d = disk.get(name)
+                oldest_due = (
+                    policy.expiry(stats["oldest"], rules) if stats["oldest"] is not None else None
+                )
                 sites[name] = {
                     "rule": rules.describe(),
                     "profile": rules.profile,
@@ -672,6 +675,10 @@ class Engine:
                     "bytes": stats["bytes"],
                     "oldest": iso(stats["oldest"], rules.tz),
                     "newest": iso(stats["newest"], rules.tz),
+                    # the oldest footage against its rule: past it only while held (or a guard
+                    # waits for confirmation); older than one sweep interval past it is late
+                    "oldest_expires": iso(oldest_due, rules.tz),
+                    "oldest_past_rule": oldest_due is not None and oldest_due <= now.wall,
                     "disk_free_fraction": round(d.free / d.total, 4) if d and d.total else None,
                     "min_free": rules.min_free,
                 }
@@ -684,10 +691,28 @@ class Engine:
             done = self.catalog.latest_sweep(("done", "confirmed", "blocked"))
             verify = self.audit.verify()
             violations = self.workflow.refresh()
-            requests = self.workflow.store.all()
+            requests = [self.workflow.request_json(r) for r in self.workflow.store.all()]
             by_state: dict[str, int] = {}
             for r in requests:
-                by_state[r.state] = by_state.get(r.state, 0) + 1
+                by_state[r["state"]] = by_state.get(r["state"], 0) + 1
+            soon = now.wall + 3 * 86400
+            open_requests = {
+                "pending": [
+                    {"id": r["id"], "decide_by": r.get("decide_by"), "open_steps": r["open_steps"]}
+                    for r in requests
+                    if r["state"] == "pending"
+                ],
+                # approved but unused, and their validity ends within three days
+                "expiring": [
+                    {"id": r["id"], "valid_until": r.get("valid_until")}
+                    for r in requests
+                    if r["state"] == "approved"
+                    and r.get("valid_until")
+                    and parse_time(r["valid_until"], self.config.tz) <= soon
+                ],
+                "overdue": [r["id"] for r in requests if r.get("violation")],
+            }
+            scans = [s.as_dict() for s in self.media.store.recent_scans(5)]
             return {
                 "ok": verify.ok and not blocked and not violations,
                 "time": iso(now.wall, self.config.tz),
@@ -712,6 +737,8 @@ class Engine:
                 },
                 "violations": violations,
                 "requests": by_state,
+                "open_requests": open_requests,
+                "last_scans": scans,
                 "retention": self.stats.as_json(),
             }
 

@@ -275,6 +275,8 @@ def new_request(
 def test_request_to_verified_package(env: Env):
     e = env
     rid = new_request(e)
+    st = e.ok("nvrg-alice", "status")
+    assert [r["id"] for r in st["open_requests"]["pending"]] == [rid]
     show = e.ok("nvrg-alice", "request", "show", str(rid))
     assert show["id"] == rid and show["state"] == "pending" and show["approvals"] == []
     # the requested footage is held at once
@@ -294,6 +296,7 @@ def test_request_to_verified_package(env: Env):
     assert "scan" in e.refused("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))
     scan = e.ok("nvrg-tom", "media", "scan", str(e.target))
     assert scan["result"] == "clean"
+    assert e.ok("nvrg-tom", "status")["last_scans"][0]["result"] == "clean"
     (e.target / "dropped-later.txt").write_text("a file added after the scan")
     assert "scan" in e.refused("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))
     (e.target / "dropped-later.txt").unlink()

@@ -299,6 +299,14 @@ class MediaStore:
             )
             return int(cur.lastrowid or 0)
 
+    def recent_scans(self, limit: int = 5) -> list[ScanRecord]:
+        """The newest scans of any target, newest first (for `status`)."""
+        with self.lock:
+            rows = self.conn.execute(
+                f"SELECT {_SCAN_COLS} FROM scans ORDER BY id DESC LIMIT ?", (int(limit),)
+            ).fetchall()
+        return [_scan(r) for r in rows]
+
     def latest_scan(self, target_key: str) -> ScanRecord | None:
         """The newest scan of a medium (``target_key`` = its id) or of a directory target
         (``target_key`` = its path, for scans recorded without a medium id)."""
