@@ -517,3 +517,35 @@ def test_export_onto_an_enrolled_scanned_usb_stick(env: Env, media_lab: MediaLab
     assert v.returncode == 0, v.stderr
     actions = {x["action"] for x in e.audit()}
     assert {"media.enroll", "media.scan", "export.refused", "export.done"} <= actions
+
+
+def test_wipe_formats_an_unmounted_stick_when_configured(env: Env, media_lab: MediaLab):
+    e = env
+    stick = media_lab.loop(64, label="OLDSTUFF")
+    fake_usb_stick(e.site.base / "sysfs", stick, serial="NVRG0002")
+    mid = next(
+        m["id"] for m in e.ok("nvrg-tom", "media", "list")["media"] if m.get("serial") == "NVRG0002"
+    )
+    # off unless the config says media.prepare: wipe
+    assert "prepare" in e.site.run("media", "wipe", mid, "--confirm", mid).stderr
+    cfg = e.site.config.read_text().replace(
+        "  scanner: clamscan\n", "  scanner: clamscan\n  prepare: wipe\n"
+    )
+    old = e.ok("nvrg-alice", "status")["config_digest"]
+    e.site.config.write_text(cfg)
+    e.proc.send_signal(signal.SIGHUP)
+    poll(lambda: e.ok("nvrg-alice", "status")["config_digest"] != old, 20, "the reload")
+    e.refused("nvrg-tom", "media", "wipe", mid, "--confirm", mid)  # admins only
+    r = e.site.run("media", "wipe", mid, "--confirm", "something-else")
+    assert r.returncode == 2 and mid in r.stderr
+    mp = media_lab.mount(stick.device)
+    assert "mounted" in e.site.run("media", "wipe", mid, "--confirm", mid).stderr
+    media_lab.umount(mp)
+    r = e.site.run("--json", "media", "wipe", mid, "--confirm", mid)
+    assert r.returncode == 0, r.stderr
+    probe = subprocess.run(
+        ["blkid", "-p", "-o", "export", stick.device], capture_output=True, text=True
+    ).stdout
+    assert "TYPE=vfat" in probe
+    wipes = [x for x in e.audit() if x["action"] == "media.wipe"]
+    assert [w["details"]["phase"] for w in wipes] == ["begin", "done"]
