@@ -318,6 +318,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Daemon]:
     root.mkdir()
     s = Site(base, root, base / "config.yaml", base / "state", base / "run" / "c.sock")
     s.write_config(sweep_every="1h")
+    # root may also file requests, for cameras of every level
+    text = s.config.read_text()
+    assert "users: {root: {roles: [admin]}}" in text
+    s.config.write_text(
+        text.replace(
+            "users: {root: {roles: [admin]}}", "users: {root: {roles: [admin, operator], level: 2}}"
+        )
+    )
     os.chmod(s.config, 0o644)
     now = datetime.now(UTC).replace(microsecond=0)
     for h in range(1, 25):
@@ -484,3 +492,110 @@ def test_an_unknown_uid_is_refused_and_audited(live: _Daemon) -> None:
     denied = _audit(live.site, "access.denied")
     assert any(e["actor"] == f"uid:{uid}" and e["object"] == "hold.list" for e in denied), denied
     assert live.alive()
+
+
+# ---- traversal and control characters in user text ----------------------------------------------
+
+HOSTILE_TEXT = {
+    "traversal": "../../etc",
+    "absolute": "/etc/passwd",
+    "newline": "cam1\nFORGED: hold released",
+    "escape": "\x1b[31mred\x1b[0m",
+    "bidi": "cam\u202e1",
+    "carriage return": "ok\rFORGED",
+    "tab": "a\tb",
+    "zero width": "cam\u200b1",
+}
+
+
+def _names_under(base: Path) -> set[str]:
+    """Every path below ``base`` (names only: the catalog's contents change with each call)."""
+    skip = (".log", "-wal", "-shm", "-journal")
+    return {str(p.relative_to(base)) for p in base.rglob("*") if not str(p).endswith(skip)}
+
+
+def _counts(site: Site) -> tuple[int, int]:
+    holds = site.json("hold", "list", "--all")["holds"]
+    return len(holds), len(site.json("request", "list")["requests"])
+
+
+def _refused_cleanly(site: Site, r: subprocess.CompletedProcess[str]) -> None:
+    assert r.returncode in (2, 3), (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr  # one clear line ...
+    assert all(c.isprintable() for c in lines[0]), repr(lines[0])  # ... with nothing raw in it
+    assert "FORGED" not in r.stdout
+
+
+def _request_args(**over: str) -> list[str]:
+    now = datetime.now(UTC)
+    args = {
+        "--camera": "cam1",
+        "--from": (now - timedelta(hours=3)).isoformat(timespec="seconds"),
+        "--to": (now - timedelta(hours=2)).isoformat(timespec="seconds"),
+        "--reason": "robbery at counter 2",
+        "--basis": "case 2026-17",
+        "--recipient": "City police; Officer Wang; 010-1234",
+    }
+    args.update(over)
+    return ["request", "new", *[x for kv in args.items() for x in kv]]
+
+
+def test_a_plain_request_is_accepted(live: _Daemon) -> None:
+    # the baseline the refusals below differ from in one field only
+    before = _counts(live.site)
+    r = live.site.run(*_request_args())
+    assert r.returncode == 0, r.stderr
+    assert _counts(live.site)[1] == before[1] + 1
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_TEXT))
+@pytest.mark.parametrize(
+    "field", ["hold camera", "hold reason", "request camera", "reason", "basis", "recipient"]
+)
+def test_hostile_text_is_refused_and_nothing_is_created(
+    live: _Daemon, field: str, kind: str
+) -> None:
+    text = HOSTILE_TEXT[kind]
+    site = live.site
+    if kind in ("traversal", "absolute") and field not in ("hold camera", "request camera"):
+        pytest.skip  # noqa: B018 - plain text with slashes is a fine reason; cameras only below
+        return
+    before, names = _counts(site), _names_under(site.base)
+    if field.startswith("hold"):
+        camera, reason = (text, "legal hold") if field == "hold camera" else ("cam1", text)
+        r = site.run(
+            "hold", "add", "--camera", camera, "--from", "2026-01-01T00:00",
+            "--to", "2026-01-02T00:00", "--reason", reason,
+        )  # fmt: skip
+    else:
+        over = {
+            "request camera": {"--camera": text},
+            "reason": {"--reason": text},
+            "basis": {"--basis": text},
+            "recipient": {"--recipient": f"{text}; Officer {text}; {text}"},
+        }[field]
+        r = site.run(*_request_args(**over))
+    _refused_cleanly(site, r)
+    assert _counts(site) == before
+    assert _names_under(site.base) == names
+    assert not (site.base / "etc").exists() and not (site.state / "etc").exists()
+
+
+def test_a_reason_with_quotes_and_colons_is_kept_and_shown_escaped(live: _Daemon) -> None:
+    reason = "he said \"stop\": 10:00 'now' \\ {x} %s ; drawtext=text=x"
+    site = live.site
+    r = site.run(
+        "hold", "add", "--camera", "cam1", "--from", "2026-01-01T00:00",
+        "--to", "2026-01-02T00:00", "--reason", reason,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    held = [h for h in site.json("hold", "list")["holds"] if h["reason"] == reason]
+    assert len(held) == 1  # stored and returned exactly as typed
+    # a wide terminal, so the table does not wrap the cell
+    shown = site.run("hold", "list", env={**os.environ, "COLUMNS": "500"})
+    assert shown.returncode == 0
+    assert reason in shown.stdout  # printable: shown as is, one line
+    entries = [e for e in _audit(site, "hold.add") if e["details"].get("reason") == reason]
+    assert entries
