@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from nvr_guard import __version__
 from nvr_guard.errors import (
@@ -162,8 +163,16 @@ def caller() -> Any:
     return Caller.local()
 
 
+class _PlainTable(Table):
+    """Cells are data (paths, reasons, names people typed): shown as written, never read as rich
+    markup — a reason ``[red]x[/red]`` or a camera ``[link=...]`` must not change what is shown."""
+
+    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+
+
 def table(title: str | None, columns: list[str]) -> Table:
-    t = Table(title=title, title_justify="left", header_style="bold")
+    t = _PlainTable(title=title, title_justify="left", header_style="bold")
     for col in columns:
         t.add_column(col, overflow="fold")
     return t
@@ -335,7 +344,7 @@ def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:
                 break
             style = {"delete": "red", "keep": "green", "blocked": "yellow"}.get(it["action"], "")
             t.add_row(
-                f"[{style}]{it['action']}[/]", it["site"], it["camera"], it["path"], it["reason"]
+                Text(it["action"], style=style), it["site"], it["camera"], it["path"], it["reason"]
             )
             shown += 1
         if items:
