@@ -584,7 +584,7 @@ def test_hostile_text_is_refused_and_nothing_is_created(
 
 
 def test_a_reason_with_quotes_and_colons_is_kept_and_shown_escaped(live: _Daemon) -> None:
-    reason = "he said \"stop\": 10:00 'now' \\ {x} %s ; drawtext=text=x"
+    reason = "he said \"stop\": 10:00 'now' \\ {x} %s [red]x[/red] ; drawtext=text=x"
     site = live.site
     r = site.run(
         "hold", "add", "--camera", "cam1", "--from", "2026-01-01T00:00",
