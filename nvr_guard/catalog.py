@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import importlib
-import importlib.util
 import json
 import sqlite3
 import threading
@@ -140,7 +138,32 @@ def _migration_2(conn: sqlite3.Connection) -> None:
 
 
 # Ordered: migration i brings the schema from user_version i-1 to i. Append, never edit.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2]
+def execute_ddl(conn: sqlite3.Connection, script: str) -> None:
+    """Run a DDL script statement by statement inside the caller's transaction
+    (``executescript`` would commit it first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            conn.execute(pending)
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement: {pending.strip()[:80]}")
+
+
+def _migration_3(conn: sqlite3.Connection) -> None:
+    # the workflow's tables: the audit log, requests and approvals, enrolled media and scans
+    # (each module keeps its own DDL; ``IF NOT EXISTS`` throughout, so catalogs that got these
+    # tables before they were a numbered migration pass through unchanged)
+    from nvr_guard import audit, requests
+    from nvr_guard.media import store
+
+    audit.ensure_schema(conn)
+    execute_ddl(conn, requests.SCHEMA)
+    execute_ddl(conn, store.SCHEMA)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # secondary indexes of segments, dropped and rebuilt around a bulk load into an empty table
@@ -344,17 +367,18 @@ class Catalog:
                         continue
                     MIGRATIONS[version - 1](self.conn)
                     self.conn.execute(f"PRAGMA user_version = {version}")
-            if importlib.util.find_spec("nvr_guard.audit") is not None:
-                audit = importlib.import_module("nvr_guard.audit")
-                # deferred: when the audit schema is already there this writes nothing, so a
-                # CLI opening the catalog does not wait for the daemon's write lock
-                self.conn.execute("BEGIN")
-                try:
-                    audit.ensure_schema(self.conn)
-                except BaseException:
-                    self.conn.rollback()
-                    raise
-                self.conn.commit()
+            from nvr_guard import audit
+
+            # every open re-creates the audit triggers should someone have dropped them (the
+            # chain still shows what was done meanwhile); deferred: when they are there this
+            # writes nothing, so a CLI opening the catalog does not wait for the daemon's lock
+            self.conn.execute("BEGIN")
+            try:
+                audit.ensure_schema(self.conn)
+            except BaseException:
+                self.conn.rollback()
+                raise
+            self.conn.commit()
 
     @property
     def schema_version(self) -> int:
