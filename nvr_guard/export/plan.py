@@ -106,10 +106,19 @@ class _Fields(string.Formatter):
             parsed = list(self.parse(template))
         except ValueError as e:
             raise InvalidInput(f"export.watermark: {e}; write fields as {{request}}") from None
-        for literal, field, _spec, _conv in parsed:
+        for literal, field, spec, conv in parsed:
             out.append(literal)
             if field is not None:
-                out.append(values.get(field, "{" + field + "}"))
+                if field in values:
+                    out.append(values[field])
+                else:  # as written, conversion and spec included: "%{e:1+1}" stays itself
+                    out.append(
+                        "{"
+                        + field
+                        + (f"!{conv}" if conv else "")
+                        + (f":{spec}" if spec else "")
+                        + "}"
+                    )
         return "".join(out)
 
 
