@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import Site, poll, write_segment
@@ -599,3 +600,91 @@ def test_a_reason_with_quotes_and_colons_is_kept_and_shown_escaped(live: _Daemon
     assert reason in shown.stdout  # printable: shown as is, one line
     entries = [e for e in _audit(site, "hold.add") if e["details"].get("reason") == reason]
     assert entries
+
+
+# ---- filter-syntax injection into the watermark -------------------------------------------------
+
+INJECTIONS = ["'; drawtext=text=x", "%{e:1+1}", "[out]", "\\\\", ":", "%{pts}"]
+WM_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
+WM_T0 = 1763600000.0
+
+
+@pytest.fixture(scope="module")
+def wm_footage(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two 2-second segments of generated video (small and quick to encode)."""
+    where = tmp_path_factory.mktemp("wm-footage")
+    subprocess.run(
+        [
+            "ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "lavfi",
+            "-i", "testsrc2=size=160x120:rate=10", "-t", "4", "-c:v", "libx264",
+            "-preset", "ultrafast", "-g", "10", "-f", "segment", "-segment_time", "2",
+            "-reset_timestamps", "1", str(where / "seg%02d.mp4"),
+        ],
+        check=True,
+    )  # fmt: skip
+    return sorted(where.glob("seg*.mp4"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("text", INJECTIONS)
+def test_filter_syntax_in_every_watermark_text_ends_up_literally(
+    wm_footage: list[Path], tmp_path: Path, text: str
+) -> None:
+    from nvr_guard.export import (
+        DirectoryDestination,
+        ExportJob,
+        SourceSegment,
+        load_or_create_key,
+        run_export,
+    )
+
+    # every text a person or the config can put into the watermark carries the hostile text,
+    # each with its own tag so the test can tell them apart
+    request = {
+        "id": 7,
+        "requester": "alice",
+        "site": "bank",
+        "cameras": [f"cam{text}"],
+        "from": "2025-11-20T08:53:20+08:00",
+        "to": "2025-11-20T08:53:23+08:00",
+        "reason": f"R{text}",
+        "basis": f"B{text}",
+        "recipient": {"unit": f"U{text}", "person": f"P{text}", "contact": f"C{text}"},
+        "format": "mp4",
+        "emergency": False,
+    }
+    template = f"T{text} {{reason}} {{basis}} {{recipient}} {{camera}} {{request}}"
+    job = ExportJob(
+        request=request,
+        approvals=[{"approver": "bob", "role": "manager", "decision": "approve", "time": "t"}],
+        technician="tom",
+        start=WM_T0 + 0.5,
+        end=WM_T0 + 3.0,
+        tz=ZoneInfo("Asia/Shanghai"),
+        watermark_template=template,
+        font=WM_FONT,
+        preset="ultrafast",
+    )
+    dest = tmp_path / "usb"
+    dest.mkdir()
+    key = load_or_create_key(tmp_path / "state")[0]
+    segs = [SourceSegment(p, WM_T0 + 2 * i) for i, p in enumerate(wm_footage)]
+    pkg = run_export(
+        [(f"cam{text}", segs)], job, DirectoryDestination(dest), key, audit_head=(1, "h")
+    )
+    clip = pkg.manifest["clips"][0]
+    expected = f"T{text} R{text} B{text} U{text} P{text} cam{text} 7"
+    assert clip["watermark"] == expected
+    assert clip["camera"] == f"cam{text}"
+    # the user's text never reaches ffmpeg's command line (only the watermark file has it)
+    argv = clip["ffmpeg"]["argv"]
+    for tagged in (f"R{text}", f"B{text}", f"U{text}", f"P{text}", f"T{text}"):
+        assert not any(tagged in a for a in argv), tagged
+    # nothing was written outside the package
+    assert [p.name for p in dest.iterdir()] == [pkg.path.name]
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_format", "-of", "json", str(pkg.path / clip["file"])],
+        check=True,
+        capture_output=True,
+    ).stdout
+    assert abs(float(json.loads(out)["format"]["duration"]) - 2.5) <= 0.2
