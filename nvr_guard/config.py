@@ -26,6 +26,7 @@ import ipaddress
 import os
 import posixpath
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass
@@ -272,6 +273,19 @@ def _text(v: object) -> str:
         )
     if any(not c.isprintable() for c in s):
         raise ValueError(f"{s!r} contains control characters")
+    return s
+
+
+def _template(v: object) -> str:
+    """The watermark template: text whose ``{field}`` braces must pair up, else every export
+    would be refused at export time instead of the config at load time."""
+    s = _text(v)
+    try:
+        list(string.Formatter().parse(s))
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; write fields as {{request}} and a literal brace as {{{{ or }}}}"
+        ) from None
     return s
 
 
@@ -662,7 +676,7 @@ def _window(hours: str) -> tuple[int, int]:
 
 class Export(_Strict):
     targets: list[AbsPath] = Field(default_factory=list)
-    watermark: Text = DEFAULT_WATERMARK
+    watermark: typing.Annotated[str, BeforeValidator(_template)] = DEFAULT_WATERMARK
     font: Text | None = None  # a font file path or a fontconfig family; None = find a CJK font
     crf: Crf = 23
     preset: typing.Annotated[str, BeforeValidator(_one_of(*X264_PRESETS))] = "medium"
