@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 import psutil
 import pytest
 from conftest import LAYOUT
+from prometheus_client.parser import text_string_to_metric_families
 
 from nvr_guard.config import load_config
 from nvr_guard.metrics import Exporter
@@ -36,7 +37,10 @@ from nvr_guard.model import ClockReading
 from nvr_guard.service import Engine
 
 SH = ZoneInfo("Asia/Shanghai")
-CAMERAS = [f"cam{i:02d}" for i in range(1, 7)]
+CAMERAS = [f"cam{i:02d}" for i in range(1, 17)]
+# cameras do not close their segments in step: each closes its own a few seconds before the minute
+# (so expiries fall anywhere within a sweep interval, not only on minute boundaries)
+OFFSET = {c: float(i * 37 % 60) for i, c in enumerate(CAMERAS)}
 KEEP = 3 * 3600.0
 SWEEP = 300.0  # sweep_every
 SETTLE = 120.0
@@ -107,8 +111,8 @@ metrics: {{textfile: {prom}}}
     # the archive: the last 3 hours of every camera, the oldest segment expiring 60 s after t0
     live: dict[str, deque[tuple[float, Path]]] = {c: deque() for c in CAMERAS}
     for cam in CAMERAS:
-        start = t0 - KEEP + 60
-        while start < t0 - 60:
+        start = t0 - KEEP + 60 - OFFSET[cam]
+        while start < t0 - 60 - OFFSET[cam]:
             live[cam].append((start, write(root, cam, start, start + 60)))
             start += 60
     engine.reconcile(full=True)
@@ -131,8 +135,8 @@ metrics: {{textfile: {prom}}}
         clock.t = t
         # the writer: each camera closes the segment that started a minute ago
         for cam in CAMERAS:
-            start = t - 60
-            p = write(root, cam, start, t)
+            start = t - 60 - OFFSET[cam]
+            p = write(root, cam, start, start + 60)
             live[cam].append((start, p))
             engine.hint(os.fsencode(str(p)))
         if minute == 5 * 60 - 1:
@@ -227,4 +231,15 @@ metrics: {{textfile: {prom}}}
     st = engine.stats
     assert st.deleted == len(lateness) + 1  # + the late upload
     assert st.trips == {}
-    assert prom.exists()
+    m = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(prom.read_text())
+        for s in fam.samples
+    }
+    assert m[("nvrguard_deletions_total", ())] == st.deleted
+    assert m[("nvrguard_deletion_lateness_seconds_count", ())] == st.deleted
+    # all regular deletions within 300 s; the late upload (330 s) in the next bucket
+    assert m[("nvrguard_deletion_lateness_seconds_bucket", (("le", "300"),))] == len(lateness)
+    assert m[("nvrguard_segments", (("site", "toll"),))] == steady
+    assert m[("nvrguard_audit_chain_ok", ())] == 1
+    assert m[("nvrguard_last_sweep_timestamp_seconds", ())] == t0 + DAY
