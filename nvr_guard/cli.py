@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -203,7 +204,7 @@ def status(c: Ctx) -> None:
     def human() -> None:
         out.print(
             f"[bold]nvr-guard[/] {'[green]OK' if st['ok'] else '[red]ATTENTION'}[/]"
-            f"  {st['time']}  config {st['config']}"
+            f"  {st['time']}  config {escape(str(st['config']))}"
         )
         t = table("sites", ["site", "rule", "segments", "size", "oldest", "newest", "disk free"])
         from nvr_guard.times import human_bytes
@@ -221,13 +222,14 @@ def status(c: Ctx) -> None:
             )
         out.print(t)
         for b in st["blocked_sweeps"]:
-            out.print(f"[yellow]blocked sweep {b['id']}[/]: {b['message']}", markup=True)
+            # the message names cameras: directory names, which may look like markup
+            out.print(f"[yellow]blocked sweep {b['id']}[/]: {escape(b['message'])}", markup=True)
         if st["holds"]:
             print_holds(st["holds"])
         a = st["audit"]
         out.print(
             f"audit: {a['entries']} entries, chain "
-            f"{'intact' if a['ok'] else 'BROKEN: ' + str(a['problem'])}"
+            f"{'intact' if a['ok'] else 'BROKEN: ' + escape(str(a['problem']))}"
         )
         if st.get("last_sweep"):
             ls = st["last_sweep"]
@@ -237,9 +239,9 @@ def status(c: Ctx) -> None:
             )
         d = st.get("daemon") or {}
         if d.get("last_error"):
-            out.print(f"[red]last error:[/] {d['last_error']}")
+            out.print(f"[red]last error:[/] {escape(str(d['last_error']))}")
         for v in st.get("violations", []):
-            out.print(f"[red]violation:[/] {v}")
+            out.print(f"[red]violation:[/] {escape(str(v))}")
         req = st.get("open_requests") or {}
         for r in req.get("pending", []):
             out.print(
@@ -623,7 +625,7 @@ def print_request(r: dict[str, Any]) -> None:
             a.add_row(x["time"], x["approver"], x["role"], x["decision"], x["note"])
         out.print(a)
     if r.get("violation"):
-        out.print(f"[red]violation:[/] {r['violation']}")
+        out.print(f"[red]violation:[/] {escape(str(r['violation']))}")
 
 
 @request.command("new")
