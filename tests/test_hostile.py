@@ -713,3 +713,20 @@ def test_a_watermark_template_that_cannot_render_is_a_config_error(
         return
     assert cfg is None
     assert [(ln, m.split(":")[0]) for _, ln, m in errors] == [(line_no, "export.watermark")]
+
+
+# ---- last: this one leaves a blocked sweep behind ---------------------------------------------
+
+
+def test_a_camera_directory_named_like_markup_is_shown_as_written(live: _Daemon) -> None:
+    # a recorder (or anyone who can write the root) names a camera directory "[red]cam"; its
+    # old footage trips the mass-deletion guard, and the guard's message names the camera
+    site = live.site
+    now = datetime.now(UTC).replace(microsecond=0)
+    for d in (16, 17):
+        write_segment(site.root, "[red]cam", now - timedelta(days=d))
+    r = site.run("retention", "run")
+    assert r.returncode in (0, 3), r.stderr
+    shown = site.run("status", env={**os.environ, "COLUMNS": "500"})
+    assert "Traceback" not in shown.stderr and "internal error" not in shown.stderr, shown.stderr
+    assert "camera [red]cam " in shown.stdout, shown.stdout
