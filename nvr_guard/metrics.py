@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
-from prometheus_client import CollectorRegistry, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -357,6 +357,8 @@ class Exporter:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None  # where the HTTP endpoint listens
+        # the scheduler runs jobs in a thread pool: one update and one textfile write at a time
+        self._update_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, engine: Engine) -> Exporter | None:
@@ -384,6 +386,10 @@ class Exporter:
 
     def update(self) -> None:
         """Gather the figures and rewrite the textfile; failures are logged, never raised."""
+        with self._update_lock:
+            self._update()
+
+    def _update(self) -> None:
         try:
             self.collector.update()
         except Exception as e:  # metrics are informative: a failure must not fail the job
@@ -396,10 +402,24 @@ class Exporter:
                 log.warning("cannot write metrics textfile %s: %s", self.textfile, e)
 
     def write_textfile(self, path: str) -> None:
-        # prometheus-client writes a temporary file beside it and renames it over: node_exporter
-        # never reads a half-written file. Readable by node_exporter (a different user).
-        write_to_textfile(path, self.registry)
-        os.chmod(path, 0o644)
+        """Write beside the file and rename over it, so node_exporter never reads half a file.
+        The mode is set on the temporary file before the rename: the unit's UMask=0077 would
+        otherwise leave the file unreadable to node_exporter (another user) for a moment."""
+        data = generate_latest(self.registry)
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
 
     def stop(self) -> None:
         if self._server is not None:

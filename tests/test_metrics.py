@@ -4,6 +4,7 @@ loopback HTTP endpoint of a real daemon, and `config check` refusing a non-loopb
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import urllib.request
@@ -67,9 +68,15 @@ def test_textfile_figures_after_a_sweep(site: Site, now: datetime) -> None:
     assert out.deleted == len(due) == 5
     exporter = Exporter.from_config(engine)
     assert exporter is not None
-    exporter.update()
+    old_umask = os.umask(0o077)  # the systemd unit's UMask
+    try:
+        exporter.update()
+    finally:
+        os.umask(old_umask)
 
+    # readable by node_exporter (another user); no temporary file left beside it
     assert stat.S_IMODE(prom.stat().st_mode) == 0o644
+    assert [p.name for p in prom.parent.iterdir()] == ["nvr-guard.prom"]
     m = parse(prom.read_text())
     assert value(m, "nvrguard_segments", site="toll") == 20 - 5 + 1
     assert value(m, "nvrguard_segment_bytes", site="toll") == 15 * 1000 + 500
@@ -252,3 +259,19 @@ def test_loopback_listen_addresses_are_accepted(site: Site, listen: str) -> None
 def test_no_metrics_section_means_no_exporter(site: Site, now: datetime) -> None:
     engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
     assert Exporter.from_config(engine) is None
+
+
+def test_an_unavailable_port_is_logged_not_fatal(site: Site, now: datetime, caplog) -> None:
+    engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        exporter = Exporter(engine, listen=f"127.0.0.1:{port}")
+        exporter.start()  # e.g. under RestrictAddressFamilies=AF_UNIX: the socket() call fails
+        try:
+            assert exporter.address is None
+            assert "metrics endpoint 127.0.0.1:" in caplog.text
+            assert exporter.collector._snapshot is not None  # figures still gathered
+        finally:
+            exporter.stop()
