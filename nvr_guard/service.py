@@ -8,6 +8,7 @@ guarded ``purge``. Every operation that changes state is recorded in the audit c
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import json
 import logging
@@ -37,7 +38,7 @@ from nvr_guard.model import (
     boot_clock,
     show_path,
 )
-from nvr_guard.purge import PurgeTarget, purge
+from nvr_guard.purge import PurgeTarget, digest_paths, iso_utc, purge
 from nvr_guard.scan import Scanner, SiteScan
 from nvr_guard.times import human_bytes, iso, parse_time
 
@@ -304,6 +305,9 @@ class Engine:
     # ---- scanning ------------------------------------------------------------------------
     def reconcile(self, full: bool = True) -> Any:
         with self.lock:
+            # before the scanner drops the rows of files a cut-short purge deleted: they are
+            # what its receipt is written from
+            self.recover_purges()
             if full:
                 return self.scanner.reconcile()
             return self.scanner.incremental()
@@ -402,6 +406,119 @@ class Engine:
             )
         return targets
 
+    def _purge_lock(self, wait: bool) -> int | None:
+        """An exclusive flock on ``purge.lock`` next to the catalog, held while a sweep purges:
+        it tells recovery in another process (a local CLI run) that a purge is live, not cut
+        short. The kernel drops it when its holder dies, kill -9 included. None: not obtained."""
+        path = Path(self.catalog.path).parent / "purge.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def recover_purges(self, actor: str = "nvr-guard") -> int:
+        """Write the receipts of purge batches cut short between their unlinks and their receipt
+        (kill -9, power loss, a full ``state_dir``); returns how many files they name.
+
+        Such a sweep is still ``applying`` (or ``blocked``) without ``finished``. A batch without
+        receipt deleted those of its planned paths (``sweep_items``) whose catalog row is still
+        there but whose file is gone: a receipt marked ``recovered`` names them, and their rows go
+        in the same transaction. Nothing happens while another process holds the purge lock.
+        """
+        with self.lock:
+            stale = [
+                int(r[0])
+                for r in self.catalog.conn.execute(
+                    "SELECT id FROM sweeps WHERE finished IS NULL "
+                    "AND state IN ('applying', 'blocked') ORDER BY id"
+                )
+            ]
+            if not stale:
+                return 0
+            fd = self._purge_lock(wait=False)
+            if fd is None:
+                return 0  # a purge is running in another process: its sweeps are not stale
+            try:
+                return self._recover(stale, actor)
+            finally:
+                os.close(fd)
+
+    def _recover(self, stale: list[int], actor: str) -> int:
+        begins: dict[int, Any] = {}
+        receipted: set[int] = set()
+        for e in self.audit.entries(action="purge."):
+            if e.details.get("sweep") not in stale:
+                continue
+            if e.action == "purge.begin":
+                begins[e.seq] = e
+            elif e.action == "purge.receipt":
+                receipted.add(int(e.details.get("begin", 0)))
+        total = 0
+        for sid in stale:
+            claimed: set[bytes] = set()
+            items = [i for i in self.catalog.sweep_items(sid) if i.action == Action.DELETE.value]
+            for seq in sorted(s for s, e in begins.items() if e.details.get("sweep") == sid):
+                if seq in receipted:
+                    continue
+                d = begins[seq].details
+                gone: list[Segment] = []
+                for i in items:
+                    if i.site != d.get("site") or i.camera != d.get("camera") or i.path in claimed:
+                        continue
+                    seg = self.catalog.get(i.path)
+                    if seg is not None and not os.path.lexists(i.path):
+                        gone.append(seg)
+                        claimed.add(i.path)
+                if not gone:
+                    continue  # the batch was cut short before its first unlink
+                starts = [g.start for g in gone]
+                with self.audit.transaction():
+                    self._forget(gone)
+                    if not self.audit.conn.in_transaction:
+                        self.audit.conn.execute("BEGIN IMMEDIATE")
+                    self.audit.append_in(
+                        actor,
+                        "purge.receipt",
+                        begins[seq].object,
+                        {
+                            "sweep": sid,
+                            "site": d.get("site"),
+                            "camera": d.get("camera"),
+                            "count": len(gone),
+                            "bytes": sum(g.size for g in gone),
+                            "from": iso_utc(min(starts)),
+                            "to": iso_utc(max(starts)),
+                            "digest": digest_paths([g.path for g in gone]),
+                            "begin": seq,
+                            "planned": d.get("planned"),
+                            "recovered": True,
+                        },
+                    )
+                total += len(gone)
+                log.warning(
+                    "sweep %d was cut short after deleting %d files of %s/%s; their receipt is "
+                    "written now",
+                    sid,
+                    len(gone),
+                    d.get("site"),
+                    d.get("camera"),
+                )
+            sw = self.catalog.get_sweep(sid)
+            self.catalog.set_sweep_state(
+                sid,
+                "blocked" if sw is not None and sw.state == "blocked" else "failed",
+                finished=self.clock().wall,
+                message=(sw.message if sw is not None and sw.message else "")
+                or "cut short (the process died); receipts recovered at the next start",
+            )
+        return total
+
     def _forget(self, segs: list[Segment]) -> None:
         self.catalog.remove_paths(s.path for s in segs)
 
@@ -416,6 +533,8 @@ class Engine:
     ) -> SweepOutcome:
         now = now or self.clock()
         with self.lock:
+            if not dry_run:
+                self.recover_purges(actor)  # a sweep cut short leaves its receipts to write
             plan = self.plan(now, site=site, confirmed=confirmed)
             if dry_run:
                 return SweepOutcome(
@@ -467,22 +586,27 @@ class Engine:
                 log.warning("%s", a)
                 if not repeated:
                     self.audit.append(actor, "disk.alert", f"sweep:{sweep_id}", {"message": a})
-            result = purge(
-                self._targets(deletions),
-                audit=self.audit,
-                actor=actor,
-                sweep_id=sweep_id,
-                now=lambda: self.clock().wall,
-                on_deleted=self._forget,
-            )
-            self.catalog.set_sweep_state(
-                sweep_id,
-                "blocked" if plan.trips else "done",
-                finished=self.clock().wall,
-                deleted=len(result.deleted),
-                bytes_=result.bytes,
-                message=summary,
-            )
+            lock = self._purge_lock(wait=True)
+            assert lock is not None  # a blocking flock returns only once it holds the lock
+            try:
+                result = purge(
+                    self._targets(deletions),
+                    audit=self.audit,
+                    actor=actor,
+                    sweep_id=sweep_id,
+                    now=lambda: self.clock().wall,
+                    on_deleted=self._forget,
+                )
+                self.catalog.set_sweep_state(
+                    sweep_id,
+                    "blocked" if plan.trips else "done",
+                    finished=self.clock().wall,
+                    deleted=len(result.deleted),
+                    bytes_=result.bytes,
+                    message=summary,
+                )
+            finally:
+                os.close(lock)
             if confirm_of is not None:
                 self.catalog.set_sweep_state(confirm_of, "confirmed")
             self.stats.note_sweep(
