@@ -699,30 +699,33 @@ class Engine:
             now = self.clock().wall
             if t_until is not None and t_until <= now:
                 raise InvalidInput(f"--until {until} is already past")
-            hold = self.catalog.add_hold(
-                kind="manual",
-                site=site,
-                camera=camera,
-                start=t0,
-                end=t1,
-                until=t_until,
-                reason=reason,
-                owner=caller.user,
-                created=now,
-            )
-            self.audit.append(
-                caller.user,
-                "hold.add",
-                f"hold:{hold.id}",
-                {
-                    "camera": camera,
-                    "site": site,
-                    "from": iso(t0, tz),
-                    "to": iso(t1, tz),
-                    "until": iso(t_until, tz),
-                    "reason": reason,
-                },
-            )
+            # the hold and its audit entry commit together: a kill -9 between two commits
+            # would leave a hold nobody can account for
+            with self.audit.transaction():
+                hold = self.catalog.add_hold(
+                    kind="manual",
+                    site=site,
+                    camera=camera,
+                    start=t0,
+                    end=t1,
+                    until=t_until,
+                    reason=reason,
+                    owner=caller.user,
+                    created=now,
+                )
+                self.audit.append_in(
+                    caller.user,
+                    "hold.add",
+                    f"hold:{hold.id}",
+                    {
+                        "camera": camera,
+                        "site": site,
+                        "from": iso(t0, tz),
+                        "to": iso(t1, tz),
+                        "until": iso(t_until, tz),
+                        "reason": reason,
+                    },
+                )
             return hold
 
     def hold_release(self, caller: Caller, hold_id: int, reason: str) -> Hold:
@@ -738,12 +741,14 @@ class Engine:
                 raise InvalidInput(f"hold {hold_id} was already released")
             if h.kind != "manual":
                 raise PolicyRefused(f"hold {hold_id} belongs to a {h.kind}; it ends with it")
-            released = self.catalog.release_hold(
-                hold_id, caller.user, reason.strip(), now=self.clock().wall
-            )
-            self.audit.append(
-                caller.user, "hold.release", f"hold:{hold_id}", {"reason": reason.strip()}
-            )
+            # one commit: a released hold (its footage deletable) always has its audit entry
+            with self.audit.transaction():
+                released = self.catalog.release_hold(
+                    hold_id, caller.user, reason.strip(), now=self.clock().wall
+                )
+                self.audit.append_in(
+                    caller.user, "hold.release", f"hold:{hold_id}", {"reason": reason.strip()}
+                )
             return released
 
     def holds_json(self, include_released: bool = False) -> list[dict[str, Any]]:
