@@ -261,7 +261,9 @@ def test_no_metrics_section_means_no_exporter(site: Site, now: datetime) -> None
     assert Exporter.from_config(engine) is None
 
 
-def test_an_unavailable_port_is_logged_not_fatal(site: Site, now: datetime, caplog) -> None:
+def test_an_unavailable_port_is_logged_not_fatal(
+    site: Site, now: datetime, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

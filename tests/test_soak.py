@@ -22,6 +22,7 @@ import gc
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -80,7 +81,9 @@ def rss_now() -> int:
 
 
 @pytest.mark.slow
-def test_24_hours_of_recording_and_retention(tmp_path: Path, record_property) -> None:
+def test_24_hours_of_recording_and_retention(
+    tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
     wall0 = time.monotonic()
     root = tmp_path / "rec"
     root.mkdir()
