@@ -86,6 +86,10 @@ class Daemon:
             "nvr-guard", "config.load", str(config.source_path), {"digest": config.digest}
         )
         engine.audit.append("nvr-guard", "daemon.start", "daemon", {"pid": os.getpid()})
+        try:  # an export killed with its daemon left a hidden temporary on its target
+            engine.workflow.remove_stale_exports()
+        except Exception:  # never a reason not to start retention
+            log.exception("removing interrupted exports")
         self._start_server(config)
         sdnotify.status("reconciling recording roots")
         t0 = time.monotonic()

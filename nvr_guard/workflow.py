@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ FONT_CANDIDATES = (
     "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
 )
 CLOSED = ("denied", "cancelled", "expired", "closed")
+_Paths = list[Path]  # spelled once here: inside Workflow, ``list`` is a method
 
 
 def find_font(configured: str | None) -> Path:
@@ -446,6 +449,7 @@ class Workflow:
 
         # one export at a time: two encodes on a 2-core recorder would starve the recording
         with self._export_lock, dest:
+            self.remove_stale_exports([Path(dest.path)])
             try:
                 pkg = run_export(clips, job, dest, key, audit_head=head, progress=on_progress)
             except Exception as e:
@@ -474,6 +478,43 @@ class Workflow:
             )
             self.progress[rid] = 1.0
             return {"id": rid, "package": str(pkg.path), "files": pkg.sha256s, "fingerprint": fp}
+
+    def remove_stale_exports(self, targets: _Paths | None = None) -> _Paths:
+        """Remove the hidden ``.NVRG-*.tmp`` directories an export killed mid-way (kill -9,
+        power loss) left at the top of ``targets`` (default: ``export.targets``), and audit it.
+
+        Only one export runs at a time and none has begun when this is called (daemon start,
+        or under the export lock), so every such directory is a leftover that nobody must
+        mistake for evidence. A symlink of that name is not followed, only reported.
+        """
+        if targets is None:
+            targets = [Path(t) for t in self.config.export.targets]
+        removed: _Paths = []
+        for target in targets:
+            try:
+                names = os.listdir(target)
+            except OSError as e:
+                log.warning("export target %s: cannot list it: %s", target, e)
+                continue
+            for name in names:
+                if not (name.startswith(".NVRG-") and name.endswith(".tmp")):
+                    continue
+                path = Path(target) / name
+                try:
+                    if not stat.S_ISDIR(os.lstat(path).st_mode):
+                        log.warning("export target %s: %s is not a directory; left", target, name)
+                        continue
+                    shutil.rmtree(path)
+                except OSError as e:
+                    log.warning("cannot remove the interrupted export %s: %s", path, e)
+                    continue
+                removed.append(path)
+                log.warning("removed %s, left by an interrupted export", path)
+                with self.engine.lock:
+                    self.engine.audit.append(
+                        "nvr-guard", "export.stale_removed", f"target:{target}", {"path": str(path)}
+                    )
+        return removed
 
     def form(self, rid: int) -> str:
         from nvr_guard.export import approval_record_html
