@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -75,6 +76,9 @@ class Daemon:
         self.scheduler: BackgroundScheduler | None = None
         self.started = time.time()
         self.last_error: str | None = None
+        # job -> its failure, until that job next succeeds: another job's success (the 10 s
+        # incremental rescan) must not hide a sweep that keeps failing
+        self.job_errors: dict[str, str] = {}
         self.rescan_wanted = threading.Event()
         self.metrics: Any = None  # nvr_guard.metrics.Exporter when metrics: is configured
 
@@ -190,13 +194,23 @@ class Daemon:
     def _guarded(self, name: str, fn: Any) -> None:
         try:
             fn()
-            self.last_error = None
+            self.job_errors.pop(name, None)
         except (
             Exception
         ) as e:  # a failed job is logged and retried next time; deletion fails closed
-            self.last_error = f"{name}: {e}"
-            log.error("%s failed: %s", name, e, exc_info=not isinstance(e, NvrGuardError))
+            why = str(e)
+            trace = not isinstance(e, NvrGuardError)
+            if isinstance(e, sqlite3.OperationalError) and "full" in why and self.engine:
+                trace = False  # a known condition, repeated every sweep: one line is enough
+                # SQLite says "database or disk is full": name the disk and what it stops
+                why = (
+                    f"state_dir {self.engine.config.state_dir} is full ({why}); "
+                    "no deletion until space returns"
+                )
+            self.job_errors[name] = f"{name}: {why}"
+            log.error("%s failed: %s", name, why, exc_info=trace)
         finally:
+            self.last_error = "; ".join(self.job_errors.values()) or None
             self._status_line()
 
     def _job_sweep(self) -> None:
