@@ -38,7 +38,7 @@ from nvr_guard.model import ClockReading
 from nvr_guard.service import Engine
 
 SH = ZoneInfo("Asia/Shanghai")
-CAMERAS = [f"cam{i:02d}" for i in range(1, 17)]
+CAMERAS = [f"cam{i:02d}" for i in range(1, 9)]
 # cameras do not close their segments in step: each closes its own a few seconds before the minute
 # (so expiries fall anywhere within a sweep interval, not only on minute boundaries)
 OFFSET = {c: float(i * 37 % 60) for i, c in enumerate(CAMERAS)}
@@ -85,6 +85,7 @@ def test_24_hours_of_recording_and_retention(
     tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     wall0 = time.monotonic()
+    cpu0 = time.process_time()
     root = tmp_path / "rec"
     root.mkdir()
     prom = tmp_path / "nvr-guard.prom"
@@ -188,6 +189,7 @@ metrics: {{textfile: {prom}}}
     spread = (rss_max - rss_min) / rss_min
     figures = {
         "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
         "sim_hours": DAY / 3600,
         "cameras": len(CAMERAS),
         "segments_written": len(CAMERAS) * (int(DAY // 60) + 1),
