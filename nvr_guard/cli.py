@@ -237,6 +237,15 @@ def status(c: Ctx) -> None:
                 f"last sweep: {ls.get('id')} {ls.get('state')} at {ls.get('time')},"
                 f" deleted {ls.get('deleted')}"
             )
+        ret = st.get("retention") or {}
+        if ret:
+            late = ret.get("last_sweep_lateness_max")
+            out.print(
+                f"since start: {ret.get('deleted', 0)} segments deleted"
+                + (f", last sweep at most {late:.0f} s after expiry" if late is not None else "")
+                + (f", guard trips {ret.get('guard_trips')}" if ret.get("guard_trips") else ""),
+                markup=False,
+            )
         d = st.get("daemon") or {}
         if d.get("last_error"):
             out.print(f"[red]last error:[/] {escape(str(d['last_error']))}")
