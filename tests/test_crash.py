@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -175,7 +174,7 @@ def test_kill_during_purge(site: Site, now: datetime):
         proc = launch(site, "retention", "run")
         if i % 2 == 0:
             # kill once the purge has begun (its first begin entry is committed), a little later
-            def begun() -> bool:
+            def begun(last: int = last) -> bool:
                 return bool(
                     query(
                         site,
@@ -184,7 +183,7 @@ def test_kill_during_purge(site: Site, now: datetime):
                     )
                 )
 
-            poll(lambda: begun() or proc.poll() is not None, 60, "the purge to begin")
+            poll(lambda p=proc: begun() or p.poll() is not None, 60, "the purge to begin")
             extra = rng.uniform(0, 0.15)
             if extra:
                 try:
@@ -196,8 +195,9 @@ def test_kill_during_purge(site: Site, now: datetime):
                 proc.wait(timeout=rng.uniform(0.1, 1.5))
             except subprocess.TimeoutExpired:
                 pass
-        mid = bool(query(site, "SELECT 1 FROM audit WHERE seq > ? AND action = 'purge.begin'",
-                         (last,)))
+        mid = bool(
+            query(site, "SELECT 1 FROM audit WHERE seq > ? AND action = 'purge.begin'", (last,))
+        )
         if kill9(proc) and mid:
             killed_in_purge += 1
         restart_and_check(site, protected, what)
@@ -247,8 +247,11 @@ def test_kill_during_concurrent_hold_appends(site: Site, now: datetime):
         releasable = sorted(set(acked_adds) - acked_releases)
         for hid in rng.sample(releasable, min(3, len(releasable))):
             procs.append(
-                ("release", hid, launch(site, "--json", "hold", "release", str(hid),
-                                        "--reason", f"done {i}"))
+                (
+                    "release",
+                    hid,
+                    launch(site, "--json", "hold", "release", str(hid), "--reason", f"done {i}"),
+                )
             )
         deadline = time.monotonic() + rng.uniform(0.3, 3.0)
         for kind, key, proc in procs:
@@ -291,9 +294,23 @@ def make_footage(root: Path, camera: str, start: datetime, count: int, seconds: 
         p = root / camera / t.astimezone(SH).strftime("%Y-%m-%d/%H/%M.%S.mp4")
         p.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
-             f"testsrc2=size=640x480:rate=25:duration={seconds}", "-c:v", "libx264",
-             "-preset", "ultrafast", "-g", "25", str(p)],
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                f"testsrc2=size=640x480:rate=25:duration={seconds}",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-g",
+                "25",
+                str(p),
+            ],
             check=True,
         )
         ts = t.timestamp() + seconds
@@ -375,11 +392,22 @@ def test_kill_during_export(site: Site, now: datetime, clamav_db: Path):
     try:
         os.chmod(site.socket, 0o666)
         r = site.run(
-            "--json", "request", "new", "--camera", "lobby-1",
-            "--from", (start + timedelta(seconds=2)).isoformat(),
-            "--to", (start + timedelta(seconds=28)).isoformat(),
-            "--reason", "robbery", "--basis", "art. 54",
-            "--recipient", "City police; Officer Wang; 110", user=65534,
+            "--json",
+            "request",
+            "new",
+            "--camera",
+            "lobby-1",
+            "--from",
+            (start + timedelta(seconds=2)).isoformat(),
+            "--to",
+            (start + timedelta(seconds=28)).isoformat(),
+            "--reason",
+            "robbery",
+            "--basis",
+            "art. 54",
+            "--recipient",
+            "City police; Officer Wang; 110",
+            user=65534,
         )
         assert r.returncode == 0, r.stderr
         rid = int(json.loads(r.stdout)["id"])
@@ -390,7 +418,11 @@ def test_kill_during_export(site: Site, now: datetime, clamav_db: Path):
         for i in range(8):
             what = f"export iteration {i}"
             exp = launch(site, "--json", "export", "run", str(rid), "--media", str(target))
-            poll(lambda: d.ffmpeg_running() or exp.poll() is not None, 60, "ffmpeg to start")
+            poll(
+                lambda d=d, exp=exp: d.ffmpeg_running() or exp.poll() is not None,
+                60,
+                "ffmpeg to start",
+            )
             try:
                 exp.wait(timeout=rng.uniform(0, 0.8))
             except subprocess.TimeoutExpired:

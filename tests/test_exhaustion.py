@@ -29,8 +29,10 @@ def tmpfs(tmp_path: Path) -> Iterator[object]:
 
     def mount(where: Path, size: str) -> Path:
         where.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                        str(where)], check=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+            check=True,
+        )
         mounted.append(where)
         return where
 
@@ -135,8 +137,10 @@ def test_state_dir_full_stops_deletion_and_recovers(site: Site, now: datetime, t
     for p in due:
         os.utime(p, (fresh, fresh))
     poll(
-        lambda: rows(db, "SELECT count(*) FROM segments WHERE camera IN ('cam2','cam3')")[0][0]
-        == len(due),
+        lambda: (
+            rows(db, "SELECT count(*) FROM segments WHERE camera IN ('cam2','cam3')")[0][0]
+            == len(due)
+        ),
         30,
         "the due footage in the catalog",
     )
@@ -223,9 +227,7 @@ def test_state_dir_full_between_unlink_and_receipt(site: Site, now: datetime, tm
 def test_recording_volume_full_applies_disk_pressure(site: Site, now: datetime, tmpfs, daemons):
     root = tmpfs(site.base / "recfs", "10m")
     site.root = root
-    site.write_config(
-        keep="60d", min_keep="5d", min_free="40%", fraction=1.0, sweep_every="2s"
-    )
+    site.write_config(keep="60d", min_keep="5d", min_free="40%", fraction=1.0, sweep_every="2s")
     size = 100 * 1024
     # 30 segments past the floor (6..35 days old), 50 under it: 8 MB of 10 MB, 20 % free
     old = [write_segment(root, "cam1", now - timedelta(days=6 + i), size=size) for i in range(30)]
@@ -246,8 +248,7 @@ def test_recording_volume_full_applies_disk_pressure(site: Site, now: datetime, 
     assert all(p.exists() for p in young)
     # more young footage than the floor lets go: all the old goes, then an alert names the floor
     more = [
-        write_segment(root, "cam2", now - timedelta(days=3, hours=-i), size=size)
-        for i in range(28)
+        write_segment(root, "cam2", now - timedelta(days=3, hours=-i), size=size) for i in range(28)
     ]
     poll(lambda: not any(p.exists() for p in old), 30, "everything past the floor to go")
     poll(lambda: "min_keep=5d" in d.logtext(), 30, "the alert naming the floor")
@@ -280,8 +281,9 @@ def test_inotify_watch_limit_rescans_take_over(site: Site, now: datetime, watch_
     build_tree(site.root, [f"cam{i}" for i in range(6)], days=20, per_day=24, now=now)
     ndirs = sum(1 for p in site.root.rglob("*") if p.is_dir())
     site.write_config(keep="60d", sweep_every="1h")
-    site.config.write_text(site.config.read_text().replace("sweep_every: 1h\n",
-                                                            "sweep_every: 1h\nrescan_every: 5s\n"))
+    site.config.write_text(
+        site.config.read_text().replace("sweep_every: 1h\n", "sweep_every: 1h\nrescan_every: 5s\n")
+    )
     limit = 64
     assert ndirs > 4 * limit
     # the limit is per user and other root processes share it: lowered only while starting
@@ -303,8 +305,10 @@ def test_inotify_watch_limit_rescans_take_over(site: Site, now: datetime, watch_
     ]
     db = site.state / "catalog.db"
     poll(
-        lambda: {os.fsencode(str(p)) for p in new}
-        <= {bytes(r[0]) for r in rows(db, "SELECT path FROM segments")},
+        lambda: (
+            {os.fsencode(str(p)) for p in new}
+            <= {bytes(r[0]) for r in rows(db, "SELECT path FROM segments")}
+        ),
         30,
         "the new segments in the catalog",
     )
