@@ -34,6 +34,7 @@ import stat
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from nvr_guard.audit import PURGE_BEGIN, PURGE_RECEIPT, PURGE_SKIP, AuditLog
 from nvr_guard.model import Segment, show_path
@@ -291,9 +292,15 @@ def purge(
 ) -> PurgeResult:
     """Delete ``targets`` that still pass every check; audit begin, receipts and skips.
 
-    ``on_deleted(segments)`` runs per batch inside a transaction on ``audit.conn`` (the catalog's
-    connection): removing the rows there makes rows and receipt one atomic commit. A callback
-    that commits by itself is tolerated; the receipt then follows in its own transaction.
+    In four steps, so that a large sweep pays for durability once, not per batch:
+    1. every batch's ``purge.begin`` (planned count and digest) in one durable commit — no file is
+       unlinked without a trace;
+    2. the unlinks, each re-checked through its directory descriptor;
+    3. one ``syncfs`` per file system, so the unlinks are durable before any receipt says so;
+    4. every batch's ``purge.receipt`` together with ``on_deleted`` (the catalog rows) in one
+       transaction on ``audit.conn``.
+    A crash between 1 and 4 leaves begins without receipts; the next start writes a
+    ``recovered`` receipt for what is gone. A callback that commits by itself is tolerated.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -301,23 +308,45 @@ def purge(
     groups: dict[tuple[str, str], list[PurgeTarget]] = defaultdict(list)
     for t in targets:
         groups[(t.segment.site, t.segment.camera)].append(t)
-
+    plans = [
+        _Group(site, camera, *_prepare(group)) for (site, camera), group in sorted(groups.items())
+    ]
     walkers: dict[bytes, _DirWalker] = {}
     try:
-        for (site, camera), group in sorted(groups.items()):
-            _purge_group(
-                site,
-                camera,
-                group,
-                walkers,
-                result,
-                audit,
-                actor,
-                sweep_id,
-                now,
-                on_deleted,
-                batch_size,
-            )
+        # 1. the begins
+        if any(g.ready for g in plans):
+            with audit.transaction():
+                for g in plans:
+                    for start in range(0, len(g.ready), batch_size):
+                        batch = g.ready[start : start + batch_size]
+                        begin = audit.append_in(
+                            actor,
+                            PURGE_BEGIN,
+                            g.obj,
+                            {
+                                "sweep": sweep_id,
+                                "site": g.site,
+                                "camera": g.camera,
+                                "planned": len(batch),
+                                "digest": digest_paths(
+                                    root + b"/" + rel for _, root, rel, _ in batch
+                                ),
+                            },
+                        )
+                        g.batches.append(_Batch(batch, begin.seq))
+        # 2. the unlinks
+        used: set[bytes] = set()
+        for g in plans:
+            for b in g.batches:
+                b.deleted, b.sizes, roots = _apply(b.targets, walkers, now(), g.skips)
+                used |= roots
+        # 3. durable before any receipt
+        for root in used:
+            if walkers[root].root_fd >= 0:
+                walkers[root].sync()
+        # 4. receipts and catalog rows
+        _receipts(plans, result, audit, actor, sweep_id, on_deleted)
+        _skips(plans, result, audit, actor, sweep_id)
     finally:
         for w in walkers.values():
             try:
@@ -327,23 +356,32 @@ def purge(
     return result
 
 
-def _purge_group(
-    site: str,
-    camera: str,
-    group: list[PurgeTarget],
-    walkers: dict[bytes, _DirWalker],
-    result: PurgeResult,
-    audit: AuditLog,
-    actor: str,
-    sweep_id: int | None,
-    now: Callable[[], float],
-    on_deleted: Callable[[list[Segment]], None],
-    batch_size: int,
-) -> None:
-    obj = f"camera:{site}/{camera}"
-    skips: list[tuple[Segment, str, str]] = []  # segment, kind, reason
+@dataclass
+class _Batch:
+    targets: list[tuple[bytes, bytes, bytes, PurgeTarget]]
+    begin: int
+    deleted: list[Segment] = field(default_factory=list)
+    sizes: int = 0
 
-    # path checks first: refused targets never reach the disk
+
+@dataclass
+class _Group:
+    site: str
+    camera: str
+    ready: list[tuple[bytes, bytes, bytes, PurgeTarget]]
+    skips: list[tuple[Segment, str, str]]
+    batches: list[_Batch] = field(default_factory=list)
+
+    @property
+    def obj(self) -> str:
+        return f"camera:{self.site}/{self.camera}"
+
+
+def _prepare(
+    group: list[PurgeTarget],
+) -> tuple[list[tuple[bytes, bytes, bytes, PurgeTarget]], list[tuple[Segment, str, str]]]:
+    """Path checks first: refused targets never reach the disk. (ready sorted, skips)"""
+    skips: list[tuple[Segment, str, str]] = []  # segment, kind, reason
     roots: dict[bytes | str, bytes | None] = {}
     ready: list[tuple[bytes, bytes, bytes, PurgeTarget]] = []  # sort key, root, rel, target
     for t in group:
@@ -380,60 +418,71 @@ def _purge_group(
         # directory's files come together and each directory is opened once
         ready.append((root + b"\0" + rel.replace(b"/", b"\0"), root, rel, t))
     ready.sort(key=lambda r: r[0])
+    return ready, skips
 
-    for start in range(0, len(ready), batch_size):
-        batch = ready[start : start + batch_size]
-        begin = audit.append(
-            actor,
-            PURGE_BEGIN,
-            obj,
-            {
-                "sweep": sweep_id,
-                "site": site,
-                "camera": camera,
-                "planned": len(batch),
-                "digest": digest_paths(root + b"/" + rel for _, root, rel, _ in batch),
-            },
-        )
-        deleted, sizes, used = _apply(batch, walkers, now(), skips)
-        if not deleted:
-            continue
-        for root in used:
-            if walkers[root].root_fd >= 0:
-                walkers[root].sync()
-        starts = [s.start for s in deleted]
-        details = {
-            "sweep": sweep_id,
-            "site": site,
-            "camera": camera,
-            "count": len(deleted),
-            "bytes": sizes,
-            "from": iso_utc(min(starts)),
-            "to": iso_utc(max(starts)),
-            "digest": digest_paths([s.path for s in deleted]),
-            "begin": begin.seq,
-            "planned": len(batch),
-        }
-        result.deleted.extend(deleted)
-        result.bytes += sizes
-        try:
-            with audit.transaction():
-                on_deleted(deleted)
+
+def _receipt_details(g: _Group, b: _Batch, sweep_id: int | None) -> dict[str, Any]:
+    starts = [s.start for s in b.deleted]
+    return {
+        "sweep": sweep_id,
+        "site": g.site,
+        "camera": g.camera,
+        "count": len(b.deleted),
+        "bytes": b.sizes,
+        "from": iso_utc(min(starts)),
+        "to": iso_utc(max(starts)),
+        "digest": digest_paths([s.path for s in b.deleted]),
+        "begin": b.begin,
+        "planned": len(b.targets),
+    }
+
+
+def _receipts(
+    plans: list[_Group],
+    result: PurgeResult,
+    audit: AuditLog,
+    actor: str,
+    sweep_id: int | None,
+    on_deleted: Callable[[list[Segment]], None],
+) -> None:
+    done = [(g, b) for g in plans for b in g.batches if b.deleted]
+    for _, b in done:
+        result.deleted.extend(b.deleted)
+        result.bytes += b.sizes
+    if not done:
+        return
+    try:
+        with audit.transaction():
+            seqs = []
+            for g, b in done:
+                on_deleted(b.deleted)
                 if not audit.conn.in_transaction:
                     audit.conn.execute("BEGIN IMMEDIATE")  # the callback committed its part
-                receipt = audit.append_in(actor, PURGE_RECEIPT, obj, details)
-        except Exception as exc:
-            # the files are gone whatever the catalog says: the receipt must still be written
-            # (the rows are stale now; the scanner removes them), then the failure surfaces
+                seqs.append(
+                    audit.append_in(
+                        actor, PURGE_RECEIPT, g.obj, _receipt_details(g, b, sweep_id)
+                    ).seq
+                )
+    except Exception as exc:
+        # the files are gone whatever the catalog says: the receipts must still be written
+        # (the rows are stale now; the scanner removes them), then the failure surfaces
+        for g, b in done:
+            details = _receipt_details(g, b, sweep_id)
             details["catalog_error"] = str(exc)
-            result.receipts.append(audit.append(actor, PURGE_RECEIPT, obj, details).seq)
-            raise
-        result.receipts.append(receipt.seq)
+            result.receipts.append(audit.append(actor, PURGE_RECEIPT, g.obj, details).seq)
+        raise
+    result.receipts.extend(seqs)
 
-    if skips:
-        result.skipped.extend((seg, reason) for seg, _, reason in skips)
-        kinds = Counter(kind for _, kind, _ in skips)
-        for seg, kind, reason in skips[:SKIP_EXAMPLES]:
+
+def _skips(
+    plans: list[_Group], result: PurgeResult, audit: AuditLog, actor: str, sweep_id: int | None
+) -> None:
+    for g in plans:
+        if not g.skips:
+            continue
+        result.skipped.extend((seg, reason) for seg, _, reason in g.skips)
+        kinds = Counter(kind for _, kind, _ in g.skips)
+        for seg, kind, reason in g.skips[:SKIP_EXAMPLES]:
             quiet = kind in ("settling", "changed", "vanished")  # normal races with the recorder
             log.log(
                 logging.INFO if quiet else logging.WARNING,
@@ -444,16 +493,16 @@ def _purge_group(
         audit.append(
             actor,
             PURGE_SKIP,
-            obj,
+            g.obj,
             {
                 "sweep": sweep_id,
-                "site": site,
-                "camera": camera,
-                "count": len(skips),
+                "site": g.site,
+                "camera": g.camera,
+                "count": len(g.skips),
                 "kinds": dict(sorted(kinds.items())),
                 "examples": [
                     {"path": show_path(seg.path), "reason": reason}
-                    for seg, _, reason in skips[:SKIP_EXAMPLES]
+                    for seg, _, reason in g.skips[:SKIP_EXAMPLES]
                 ],
             },
         )
