@@ -31,8 +31,10 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,15 +291,19 @@ def purge(
     now: Callable[[], float],
     on_deleted: Callable[[list[Segment]], None],
     batch_size: int = 5000,
+    workers: int = 2,
 ) -> PurgeResult:
     """Delete ``targets`` that still pass every check; audit begin, receipts and skips.
 
-    In four steps, so that a large sweep pays for durability once, not per batch:
-    1. every batch's ``purge.begin`` (planned count and digest) in one durable commit — no file is
-       unlinked without a trace;
-    2. the unlinks, each re-checked through its directory descriptor;
-    3. one ``syncfs`` per file system, so the unlinks are durable before any receipt says so;
-    4. every batch's ``purge.receipt`` together with ``on_deleted`` (the catalog rows) in one
+    Per (site, camera) group, in this order, so that a large sweep pays for durability once:
+    1. the group's ``purge.begin`` entries (planned count and digest per batch) in one durable
+       commit — no file is unlinked without a trace;
+    2. the group's unlinks, each re-checked through its directory descriptor, on a worker
+       thread: the kernel's unlink and rmdir are most of the cost and release the GIL, so the
+       next group is checked and begun while this one is being deleted, on two cores;
+    3. when all groups are done, one ``syncfs`` per file system, so the unlinks are durable
+       before any receipt says so;
+    4. every batch's ``purge.receipt`` with ``on_deleted`` (the catalog rows) in one
        transaction on ``audit.conn``.
     A crash between 1 and 4 leaves begins without receipts; the next start writes a
     ``recovered`` receipt for what is gone. A callback that commits by itself is tolerated.
@@ -308,17 +314,33 @@ def purge(
     groups: dict[tuple[str, str], list[PurgeTarget]] = defaultdict(list)
     for t in targets:
         groups[(t.segment.site, t.segment.camera)].append(t)
-    plans = [
-        _Group(site, camera, *_prepare(group)) for (site, camera), group in sorted(groups.items())
-    ]
-    walkers: dict[bytes, _DirWalker] = {}
+    plans: list[_Group] = []
+    # directory descriptors are per thread: a _DirWalker is never shared
+    local = threading.local()
+    lanes: list[dict[bytes, _DirWalker]] = []
+    lanes_lock = threading.Lock()
+
+    def unlink(g: _Group) -> None:
+        walkers = getattr(local, "walkers", None)
+        if walkers is None:
+            walkers = local.walkers = {}
+            with lanes_lock:
+                lanes.append(walkers)
+        for b in g.batches:
+            b.deleted, b.sizes, _ = _apply(b.targets, walkers, now(), g.skips)
+
     try:
-        # 1. the begins
-        if any(g.ready for g in plans):
-            with audit.transaction():
-                for g in plans:
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvr-guard-purge") as pool:
+            running = []
+            for (site, camera), group in sorted(groups.items()):
+                g = _Group(site, camera, *_prepare(group))
+                plans.append(g)
+                if not g.ready:
+                    continue
+                with audit.transaction():
                     for start in range(0, len(g.ready), batch_size):
                         batch = g.ready[start : start + batch_size]
+                        planned = digest_paths(os.fsencode(t.segment.path) for _, _, _, t in batch)
                         begin = audit.append_in(
                             actor,
                             PURGE_BEGIN,
@@ -328,31 +350,28 @@ def purge(
                                 "site": g.site,
                                 "camera": g.camera,
                                 "planned": len(batch),
-                                "digest": digest_paths(
-                                    root + b"/" + rel for _, root, rel, _ in batch
-                                ),
+                                "digest": planned,
                             },
                         )
-                        g.batches.append(_Batch(batch, begin.seq))
-        # 2. the unlinks
-        used: set[bytes] = set()
-        for g in plans:
-            for b in g.batches:
-                b.deleted, b.sizes, roots = _apply(b.targets, walkers, now(), g.skips)
-                used |= roots
+                        g.batches.append(_Batch(batch, begin.seq, planned))
+                running.append(pool.submit(unlink, g))
+            for f in running:
+                f.result()  # an error in a worker surfaces here (receipts: next start)
         # 3. durable before any receipt
-        for root in used:
-            if walkers[root].root_fd >= 0:
-                walkers[root].sync()
+        for walkers in lanes:
+            for w in walkers.values():
+                if w.root_fd >= 0:
+                    w.sync()
         # 4. receipts and catalog rows
         _receipts(plans, result, audit, actor, sweep_id, on_deleted)
         _skips(plans, result, audit, actor, sweep_id)
     finally:
-        for w in walkers.values():
-            try:
-                w.close()
-            except OSError as exc:
-                log.warning("closing %s: %s", show_path(w.root), exc)
+        for walkers in lanes:
+            for w in walkers.values():
+                try:
+                    w.close()
+                except OSError as exc:
+                    log.warning("closing %s: %s", show_path(w.root), exc)
     return result
 
 
@@ -360,6 +379,7 @@ def purge(
 class _Batch:
     targets: list[tuple[bytes, bytes, bytes, PurgeTarget]]
     begin: int
+    planned: str  # digest of the planned paths
     deleted: list[Segment] = field(default_factory=list)
     sizes: int = 0
 
@@ -431,7 +451,10 @@ def _receipt_details(g: _Group, b: _Batch, sweep_id: int | None) -> dict[str, An
         "bytes": b.sizes,
         "from": iso_utc(min(starts)),
         "to": iso_utc(max(starts)),
-        "digest": digest_paths([s.path for s in b.deleted]),
+        # all planned files deleted: the same set, so the same digest as the begin entry
+        "digest": b.planned
+        if len(b.deleted) == len(b.targets)
+        else digest_paths([s.path for s in b.deleted]),
         "begin": b.begin,
         "planned": len(b.targets),
     }
