@@ -73,8 +73,9 @@ QUICK = Shape(cameras=10, days=7, purge_days=1)
 
 def day_names(shape: Shape, last: datetime) -> list[str]:
     """The tree's days, oldest first, ending with ``last``."""
-    return [(last - timedelta(days=shape.days - 1 - i)).strftime("%Y-%m-%d")
-            for i in range(shape.days)]
+    return [
+        (last - timedelta(days=shape.days - 1 - i)).strftime("%Y-%m-%d") for i in range(shape.days)
+    ]
 
 
 def _make_day(args: tuple[bytes, str, str]) -> int:
@@ -171,8 +172,9 @@ def steady_sweep(cat: Catalog, rules: dict[str, SiteRules]) -> int:
     candidates = cat.due_segments(clock.wall, None, rules)
     holds = cat.active_holds(clock.wall)
     totals = cat.camera_totals({(s.site, s.camera) for s in candidates})
-    plan = policy.decide(candidates, clock, rules, GuardRules(), holds, totals,
-                         history=cat.last_history())
+    plan = policy.decide(
+        candidates, clock, rules, GuardRules(), holds, totals, history=cat.last_history()
+    )
     return len(plan.deletions)
 
 
@@ -228,9 +230,17 @@ _RSS_CHILD = textwrap.dedent(
 
 def child_rss(state: Path, root: Path) -> dict[str, object]:
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_CHILD, str(state / "catalog.db"), str(root),
-         str(Path(__file__).resolve().parent)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            _RSS_CHILD,
+            str(state / "catalog.db"),
+            str(root),
+            str(Path(__file__).resolve().parent),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -288,8 +298,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert cat is not None and stats is not None
     cold_s = min(cold)
     ratio = cold_s / find_s
-    lines.append(Line(f"cold reconcile ({stats.files:,} files)", f"{cold_s:.2f} s",
-                      f"find {find_s:.2f} s", f"{ratio:.2f}x", "<= 3x", ratio <= 3.0))
+    lines.append(
+        Line(
+            f"cold reconcile ({stats.files:,} files)",
+            f"{cold_s:.2f} s",
+            f"find {find_s:.2f} s",
+            f"{ratio:.2f}x",
+            "<= 3x",
+            ratio <= 3.0,
+        )
+    )
     print(f"  reconcile runs: {', '.join(f'{c:.2f}' for c in cold)} s; {stats.as_json()}")
     cpu_note = (
         f"cold reconcile used {stats.cpu_seconds:.1f} CPU-s over {os.cpu_count()} cores "
@@ -306,30 +324,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [timed(lambda: steady_sweep(cat, rules)) for _ in range(21)]
     sweep_s = statistics.median(runs)
     ratio = sweep_s / find_s
-    lines.append(Line("sweep, nothing due (median of 21)", f"{sweep_s * 1000:.2f} ms",
-                      f"find {find_s:.2f} s", f"1/{1 / ratio:,.0f}" if ratio else "0",
-                      "<= 1/100", ratio <= 0.01))
+    lines.append(
+        Line(
+            "sweep, nothing due (median of 21)",
+            f"{sweep_s * 1000:.2f} ms",
+            f"find {find_s:.2f} s",
+            f"1/{1 / ratio:,.0f}" if ratio else "0",
+            "<= 1/100",
+            ratio <= 0.01,
+        )
+    )
 
     # -- new segment latency with a watcher --
     lat = catalog_latency(cat, root, s, samples=10)
     worst = max(lat)
-    lines.append(Line("new segment catalogued (worst of 10)", f"{worst * 1000:.0f} ms",
-                      "close()", f"median {statistics.median(lat) * 1000:.0f} ms", "<= 2 s",
-                      worst <= 2.0))
+    lines.append(
+        Line(
+            "new segment catalogued (worst of 10)",
+            f"{worst * 1000:.0f} ms",
+            "close()",
+            f"median {statistics.median(lat) * 1000:.0f} ms",
+            "<= 2 s",
+            worst <= 2.0,
+        )
+    )
 
     # -- RSS of a process holding the catalog --
     info = child_rss(state, root)
     rss_mb = int(str(info["rss"])) / 2**20
-    lines.append(Line(f"RSS holding {int(str(info['segments'])):,} segments", f"{rss_mb:.0f} MB",
-                      "-", "-", "<= 120 MB", rss_mb <= 120))
+    lines.append(
+        Line(
+            f"RSS holding {int(str(info['segments'])):,} segments",
+            f"{rss_mb:.0f} MB",
+            "-",
+            "-",
+            "<= 120 MB",
+            rss_mb <= 120,
+        )
+    )
 
     # -- purge the oldest days vs find -delete of a copy --
     lines.append(purge_line(cat, root, base, shape, days, s, args.repeat))
     cat.close()
 
     print()
-    widths = [max(len(getattr(ln, f)) for ln in lines) for f in ("what", "ours", "baseline",
-                                                                   "ratio", "goal")]
+    widths = [
+        max(len(getattr(ln, f)) for ln in lines)
+        for f in ("what", "ours", "baseline", "ratio", "goal")
+    ]
     head = ("measure", "nvr-guard", "baseline", "ratio", "goal")
     widths = [max(w, len(h)) for w, h in zip(widths, head, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
@@ -337,8 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for ln in lines:
         print(fmt.format(ln.what, ln.ours, ln.baseline, ln.ratio, ln.goal, ln.verdict()))
     print(f"\n{cpu_note}")
-    print(f"(bench process RSS after the cold reconcile: "
-          f"{rss_after_reconcile / 2**20:.0f} MB; load average now {os.getloadavg()[0]:.2f})")
+    print(
+        f"(bench process RSS after the cold reconcile: "
+        f"{rss_after_reconcile / 2**20:.0f} MB; load average now {os.getloadavg()[0]:.2f})"
+    )
     if args.json:
         print(json.dumps([ln.__dict__ for ln in lines], indent=1))
     return 0
@@ -376,8 +420,9 @@ def purge_line(
         cat.remove_paths(seg.path for seg in done)
 
     t = time.perf_counter()
-    result = purge_mod.purge(targets, audit=audit, actor="bench", sweep_id=None,
-                             now=time.time, on_deleted=on_deleted)
+    result = purge_mod.purge(
+        targets, audit=audit, actor="bench", sweep_id=None, now=time.time, on_deleted=on_deleted
+    )
     ours = time.perf_counter() - t
     deleted = len(result.deleted)
     # put the days back so the next run can reuse the tree
@@ -385,8 +430,14 @@ def purge_line(
     (base / "tree.json").touch()
     ratio = ours / find_s
     ok = ratio <= 1.2 and deleted == n
-    return Line(f"{what}: {deleted:,} of {n:,} files", f"{ours:.2f} s",
-                f"find -delete {find_s:.2f} s", f"{ratio:.2f}x", "<= 1.2x", ok)
+    return Line(
+        f"{what}: {deleted:,} of {n:,} files",
+        f"{ours:.2f} s",
+        f"find -delete {find_s:.2f} s",
+        f"{ratio:.2f}x",
+        "<= 1.2x",
+        ok,
+    )
 
 
 if __name__ == "__main__":

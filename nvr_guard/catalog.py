@@ -446,9 +446,7 @@ class Catalog:
         """
         with self.transaction() as c:
             c.executemany(_INSERT if fresh else _UPSERT, rows)
-            c.executemany(
-                "DELETE FROM segments WHERE path = ?", ((p,) for p in sorted(removed))
-            )
+            c.executemany("DELETE FROM segments WHERE path = ?", ((p,) for p in sorted(removed)))
 
     @contextlib.contextmanager
     def bulk_load(self) -> Iterator[bool]:
@@ -503,8 +501,10 @@ class Catalog:
         lo, hi = prefix_range(_dir_prefix(directory))
         with self.transaction() as c:
             n = c.execute("DELETE FROM segments WHERE path >= ? AND path < ?", (lo, hi)).rowcount
-            c.execute("DELETE FROM dirs WHERE path = ? OR (path >= ? AND path < ?)",
-                      (directory.rstrip(b"/") or b"/", lo, hi))
+            c.execute(
+                "DELETE FROM dirs WHERE path = ? OR (path >= ? AND path < ?)",
+                (directory.rstrip(b"/") or b"/", lo, hi),
+            )
             return int(n)
 
     def remove_sites_except(self, sites: Iterable[str]) -> int:
@@ -527,9 +527,7 @@ class Catalog:
             args += [lo, hi]
         root_rows = [r.rstrip(b"/") or b"/" for r in roots]
         with self.transaction() as c:
-            n = c.execute(
-                f"DELETE FROM segments WHERE site = ? AND NOT ({cond})", args
-            ).rowcount
+            n = c.execute(f"DELETE FROM segments WHERE site = ? AND NOT ({cond})", args).rowcount
             marks = ",".join("?" * len(root_rows)) or "NULL"
             c.execute(
                 f"DELETE FROM dirs WHERE site = ? AND NOT ({cond}) AND path NOT IN ({marks})",
@@ -898,8 +896,21 @@ class Catalog:
             ).fetchone()
         if row is None:
             return None
-        (sid, started, finished, state, actor, dry, wall, boot, boot_id, rules, deleted, nbytes,
-         message) = row
+        (
+            sid,
+            started,
+            finished,
+            state,
+            actor,
+            dry,
+            wall,
+            boot,
+            boot_id,
+            rules,
+            deleted,
+            nbytes,
+            message,
+        ) = row
         return SweepRecord(
             id=int(sid),
             started=float(started),

@@ -459,7 +459,12 @@ class Scanner:
         total.cpu_seconds += time.process_time() - cpu0
         log.info(
             "reconcile: %d segment files, %d added, %d updated, %d removed, %d ignored in %.1f s",
-            total.files, total.added, total.updated, total.removed, total.ignored, total.seconds,
+            total.files,
+            total.added,
+            total.updated,
+            total.removed,
+            total.ignored,
+            total.seconds,
         )
         return total
 
@@ -528,7 +533,15 @@ class Scanner:
         jobs = [
             _Job(
                 str(self.catalog.path) if existing else None,
-                s.site, root, top, ns, s.layout, cls.exts, s.rules, racy, trust,
+                s.site,
+                root,
+                top,
+                ns,
+                s.layout,
+                cls.exts,
+                s.rules,
+                racy,
+                trust,
             )
             for top, ns in tops
         ]
@@ -566,7 +579,8 @@ class Scanner:
                     # re-imported): slower, but the walk must still happen
                     log.warning(
                         "reconcile: worker processes failed (%s); walking %d directories here",
-                        exc, len(pending),
+                        exc,
+                        len(pending),
                     )
             for j in pending:
                 d = _run_job(j)
@@ -582,7 +596,12 @@ class Scanner:
             t_walked = time.perf_counter()
         log.debug(
             "site %s root %r: walk %.2f s (writing %.2f s of it), commit/index %.2f s, pool %s",
-            s.site, root, t_walked - t_start, t_apply, time.perf_counter() - t_walked, use_pool,
+            s.site,
+            root,
+            t_walked - t_start,
+            t_apply,
+            time.perf_counter() - t_walked,
+            use_pool,
         )
         return stats
 
@@ -633,7 +652,10 @@ class Scanner:
         if total.added or total.removed or total.updated:
             log.info(
                 "incremental reconcile: %d added, %d updated, %d removed in %.2f s",
-                total.added, total.updated, total.removed, total.seconds,
+                total.added,
+                total.updated,
+                total.removed,
+                total.seconds,
             )
         return total
 

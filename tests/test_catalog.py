@@ -92,17 +92,25 @@ def test_upsert_get_update_remove(cat: Catalog) -> None:
     assert cat.upsert_segments([a, b], {"gate": rules()}) == 2
     got = cat.get(a.path)
     assert got is not None and (got.site, got.camera, got.start, got.size) == (
-        "gate", "cam1", a.start, 10)
+        "gate",
+        "cam1",
+        a.start,
+        10,
+    )
     # same path again: refreshed in place, not duplicated
-    cat.upsert_segments([Segment("gate", "cam1", a.path, a.start, a.mtime + 5, 99)],
-                        {"gate": rules()})
+    cat.upsert_segments(
+        [Segment("gate", "cam1", a.path, a.start, a.mtime + 5, 99)], {"gate": rules()}
+    )
     assert cat.count() == 2
     got = cat.get(a.path)
     assert got is not None and got.size == 99
     assert cat.count("gate") == 2 and cat.count("other") == 0
     assert cat.bytes_by_site() == {"gate": 109}
     assert cat.camera_totals([("gate", "cam1"), ("gate", "cam2"), ("gate", "none")]) == {
-        ("gate", "cam1"): 1, ("gate", "cam2"): 1, ("gate", "none"): 0}
+        ("gate", "cam1"): 1,
+        ("gate", "cam2"): 1,
+        ("gate", "none"): 0,
+    }
     assert cat.remove_paths([a.path, b"/not/there.mp4"]) == 1
     assert cat.get(a.path) is None and cat.count() == 1
 
@@ -185,10 +193,18 @@ def test_oldest_segments_and_segments_of(cat: Catalog) -> None:
 
 
 def test_holds_add_release_and_active(cat: Catalog) -> None:
-    h1 = cat.add_hold(start=NOW - DAY, end=NOW, reason="incident 42", owner="alice",
-                      created=NOW, site="gate", camera="cam1")
-    h2 = cat.add_hold(start=NOW - DAY, end=NOW, reason="audit", owner="bob", created=NOW,
-                      until=NOW + 3600)
+    h1 = cat.add_hold(
+        start=NOW - DAY,
+        end=NOW,
+        reason="incident 42",
+        owner="alice",
+        created=NOW,
+        site="gate",
+        camera="cam1",
+    )
+    h2 = cat.add_hold(
+        start=NOW - DAY, end=NOW, reason="audit", owner="bob", created=NOW, until=NOW + 3600
+    )
     assert [h.id for h in cat.active_holds(NOW)] == [h1.id, h2.id]
     # h2 ends by itself
     assert [h.id for h in cat.active_holds(NOW + 7200)] == [h1.id]
@@ -209,8 +225,9 @@ def test_holds_add_release_and_active(cat: Catalog) -> None:
 def test_sweeps_and_history(cat: Catalog) -> None:
     assert cat.last_history().last_wall is None
     clock = ClockReading(NOW, 5000.0, "boot-a")
-    s1 = cat.begin_sweep(started=NOW, actor="daemon", clock=clock,
-                         site_rules={"gate": "keep=10d min_keep=none"})
+    s1 = cat.begin_sweep(
+        started=NOW, actor="daemon", clock=clock, site_rules={"gate": "keep=10d min_keep=none"}
+    )
     s = seg("x", NOW - 20 * DAY)
     cat.record_items(s1, [Item(s, Action.DELETE, "expired: keep=10d")])
     cat.set_sweep_state(s1, "done", finished=NOW + 1, deleted=1, bytes_=10)
@@ -224,8 +241,9 @@ def test_sweeps_and_history(cat: Catalog) -> None:
     rec = cat.get_sweep(s1)
     assert rec is not None and (rec.state, rec.deleted, rec.bytes) == ("done", 1, 10)
     items = cat.sweep_items(s1)
-    assert [(i.path, i.action, i.reason) for i in items] == [(s.path, "delete",
-                                                               "expired: keep=10d")]
+    assert [(i.path, i.action, i.reason) for i in items] == [
+        (s.path, "delete", "expired: keep=10d")
+    ]
     cat.set_sweep_state(s2, "confirmed")
     assert cat.last_history().last_wall == NOW + 300
     with pytest.raises(ValueError):

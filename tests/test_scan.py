@@ -80,16 +80,36 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
 @pytest.mark.parametrize(
     ("layout", "tz", "rel", "camera", "start"),
     [
-        ("{camera}/%Y-%m-%d/%H/%M.%S.mp4", SH, "gate-03/2026-11-20/14/05.07.mp4", "gate-03",
-         datetime(2026, 11, 20, 14, 5, 7, tzinfo=SH)),
+        (
+            "{camera}/%Y-%m-%d/%H/%M.%S.mp4",
+            SH,
+            "gate-03/2026-11-20/14/05.07.mp4",
+            "gate-03",
+            datetime(2026, 11, 20, 14, 5, 7, tzinfo=SH),
+        ),
         # Frigate: camera below the hour, path time written in UTC
-        ("%Y-%m-%d/%H/{camera}/%M.%S.mp4", UTC, "2026-11-20/06/front/05.00.mp4", "front",
-         datetime(2026, 11, 20, 14, 5, 0, tzinfo=SH)),
-        ("%Y/%m/%d/{camera}/%H%M%S.ts", SH, "2026/02/28/lobby/235959.ts", "lobby",
-         datetime(2026, 2, 28, 23, 59, 59, tzinfo=SH)),
+        (
+            "%Y-%m-%d/%H/{camera}/%M.%S.mp4",
+            UTC,
+            "2026-11-20/06/front/05.00.mp4",
+            "front",
+            datetime(2026, 11, 20, 14, 5, 0, tzinfo=SH),
+        ),
+        (
+            "%Y/%m/%d/{camera}/%H%M%S.ts",
+            SH,
+            "2026/02/28/lobby/235959.ts",
+            "lobby",
+            datetime(2026, 2, 28, 23, 59, 59, tzinfo=SH),
+        ),
         # extension compared case-insensitively, the pattern's own extension is not binding
-        ("{camera}/%Y-%m-%d/%H/%M.%S.mp4", SH, "gate-03/2026-11-20/14/05.07.MKV", "gate-03",
-         datetime(2026, 11, 20, 14, 5, 7, tzinfo=SH)),
+        (
+            "{camera}/%Y-%m-%d/%H/%M.%S.mp4",
+            SH,
+            "gate-03/2026-11-20/14/05.07.MKV",
+            "gate-03",
+            datetime(2026, 11, 20, 14, 5, 7, tzinfo=SH),
+        ),
     ],
 )
 def test_layout_gives_camera_and_start(
@@ -253,8 +273,12 @@ def test_hint_adds_refreshes_and_removes(cat: Catalog, root: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_worker_processes_give_the_same_catalog(tmp_path: Path, root: Path) -> None:
-    paths = {touch(root, f"cam{c}/2026-11-{d:02d}/{h:02d}/00.00.mp4")
-             for c in range(3) for d in (1, 2) for h in range(3)}
+    paths = {
+        touch(root, f"cam{c}/2026-11-{d:02d}/{h:02d}/00.00.mp4")
+        for c in range(3)
+        for d in (1, 2)
+        for h in range(3)
+    }
     one = Catalog(tmp_path / "one.db")
     two = Catalog(tmp_path / "two.db")
     lay = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
@@ -355,8 +379,9 @@ def test_a_rules_change_refreshes_stored_expiry_on_reconcile(cat: Catalog, root:
     p = touch(root, "cam1/a.mp4", mtime=1_700_000_000)
     s30 = site(root)
     Scanner(cat, [s30], workers=1).reconcile()
-    s7 = SiteScan(s30.site, s30.roots, None, EXTS,
-                  SiteRules("gate", Duration.parse("7d"), None, SH, 120.0))
+    s7 = SiteScan(
+        s30.site, s30.roots, None, EXTS, SiteRules("gate", Duration.parse("7d"), None, SH, 120.0)
+    )
     Scanner(cat, [s7], workers=1).reconcile()
     row = cat.conn.execute("SELECT expires_at FROM segments WHERE path = ?", (p,)).fetchone()
     assert row[0] == 1_700_000_000 + 7 * 86400
