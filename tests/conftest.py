@@ -29,6 +29,38 @@ def write_segment(root: Path, camera: str, t: datetime, size: int = 1000, tz: An
     return p
 
 
+def make_footage(
+    root: Path, camera: str, start: datetime, count: int, seconds: int = 10, size: str = "320x240"
+) -> None:
+    """Real H.264 segments (ffmpeg testsrc2) with the recorded start time in their path."""
+    for i in range(count):
+        t = start + timedelta(seconds=i * seconds)
+        p = root / camera / t.astimezone(SH).strftime("%Y-%m-%d/%H/%M.%S.mp4")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                f"testsrc2=size={size}:rate=25:duration={seconds}",
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-g",
+                "25",
+                str(p),
+            ],
+            check=True,
+        )
+        ts = t.timestamp() + seconds
+        os.utime(p, (ts, ts))
+
+
 def build_tree(
     root: Path, cameras: list[str], days: int, per_day: int, now: datetime
 ) -> list[Path]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import LAYOUT, SH, Site, build_tree, poll, write_segment
+from conftest import LAYOUT, Site, build_tree, make_footage, poll, write_segment
 from fixtures_clamav import clamav_db
 
 IMPORTED_FIXTURES = (clamav_db,)  # found by pytest by name
@@ -288,35 +288,6 @@ def test_kill_during_concurrent_hold_appends(site: Site, now: datetime):
 
 
 # ---- (d) export ---------------------------------------------------------------------------------
-def make_footage(root: Path, camera: str, start: datetime, count: int, seconds: int = 10) -> None:
-    for i in range(count):
-        t = start + timedelta(seconds=i * seconds)
-        p = root / camera / t.astimezone(SH).strftime("%Y-%m-%d/%H/%M.%S.mp4")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                "ffmpeg",
-                "-v",
-                "error",
-                "-y",
-                "-f",
-                "lavfi",
-                "-i",
-                f"testsrc2=size=640x480:rate=25:duration={seconds}",
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-                "-g",
-                "25",
-                str(p),
-            ],
-            check=True,
-        )
-        ts = t.timestamp() + seconds
-        os.utime(p, (ts, ts))
-
-
 def export_config(site: Site, target: Path, db: Path) -> str:
     return f"""state_dir: {site.state}
 timezone: Asia/Shanghai
@@ -383,7 +354,7 @@ def test_kill_during_export(site: Site, now: datetime, clamav_db: Path):
     target.mkdir()
     (site.base / "sysfs" / "block").mkdir(parents=True)
     start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
-    make_footage(site.root, "lobby-1", start, 3)
+    make_footage(site.root, "lobby-1", start, 3, size="640x480")
     protected = set(site.root.rglob("*.mp4"))
     site.config.write_text(export_config(site, target, clamav_db))
     os.chmod(site.config, 0o644)

@@ -17,7 +17,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import LAYOUT, Site, poll
+from conftest import LAYOUT, Site, make_footage, poll
 from fixtures_clamav import clamav_db, eicar_bytes
 from fixtures_media import MediaLab, fake_usb_stick, media_lab
 
@@ -62,36 +62,6 @@ def _exists_group(name: str) -> bool:
         return True
     except KeyError:
         return False
-
-
-def make_footage(root: Path, camera: str, start: datetime, count: int, seconds: int = 10) -> None:
-    """Real H.264 segments with the recorded start time in their path."""
-    for i in range(count):
-        t = start + timedelta(seconds=i * seconds)
-        p = root / camera / t.astimezone(SH).strftime("%Y-%m-%d/%H/%M.%S.mp4")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                "ffmpeg",
-                "-v",
-                "error",
-                "-y",
-                "-f",
-                "lavfi",
-                "-i",
-                f"testsrc2=size=320x240:rate=25:duration={seconds}",
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-                "-g",
-                "25",
-                str(p),
-            ],
-            check=True,
-        )
-        ts = t.timestamp() + seconds
-        os.utime(p, (ts, ts))
 
 
 class Env:
