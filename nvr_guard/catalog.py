@@ -138,6 +138,27 @@ def _migration_2(conn: sqlite3.Connection) -> None:
 
 
 # Ordered: migration i brings the schema from user_version i-1 to i. Append, never edit.
+@contextlib.contextmanager
+def write_transaction(
+    conn: sqlite3.Connection, lock: threading.RLock | threading.Lock
+) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` under ``lock``, or join the transaction already open on
+    ``conn`` (then the outer one commits). Every store on the catalog's connection uses this."""
+    with lock:
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+        if conn.in_transaction:
+            conn.commit()
+
+
 def execute_ddl(conn: sqlite3.Connection, script: str) -> None:
     """Run a DDL script statement by statement inside the caller's transaction
     (``executescript`` would commit it first)."""
@@ -398,20 +419,8 @@ class Catalog:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE``), or join the one already open."""
-        with self.lock:
-            conn = self.conn
-            if conn.in_transaction:
-                yield conn
-                return
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.rollback()
-                raise
-            if conn.in_transaction:
-                conn.commit()
+        with write_transaction(self.conn, self.lock) as conn:
+            yield conn
 
     # -- segments --------------------------------------------------------------------------
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from nvr_guard.catalog import write_transaction
 from nvr_guard.errors import InvalidInput
 from nvr_guard.media.detect import Medium
 
@@ -178,16 +179,8 @@ class MediaStore:
         with self.lock:
             ensure_schema(conn)
 
-    @contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+    def _txn(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self.conn, self.lock)
 
     # ---- enrolment ------------------------------------------------------------------------------
     def enroll(self, medium: Medium, label: str, by: str, now: float) -> Enrolment:
