@@ -340,62 +340,16 @@ def test_refusals(env: Env):
     )
     assert "street-1" in msg and "level" in msg
     # unknown camera, empty range, no footage, missing recipient fields
-    e.refused(
-        "nvrg-alice",
-        "request",
-        "new",
-        "--camera",
-        "nope",
-        *span(e, 0, 5),
-        "--reason",
-        "x",
-        "--basis",
-        "y",
-        "--recipient",
-        "a; b; c",
-    )
-    e.refused(
-        "nvrg-alice",
-        "request",
-        "new",
-        "--camera",
-        "lobby-1",
-        *span(e, 5, 5),
-        "--reason",
-        "x",
-        "--basis",
-        "y",
-        "--recipient",
-        "a; b; c",
-    )
-    e.refused(
-        "nvrg-alice",
-        "request",
-        "new",
-        "--camera",
-        "lobby-1",
-        *span(e, -7200, -3600),
-        "--reason",
-        "x",
-        "--basis",
-        "y",
-        "--recipient",
-        "a; b; c",
-    )
-    e.refused(
-        "nvrg-alice",
-        "request",
-        "new",
-        "--camera",
-        "lobby-1",
-        *span(e, 0, 5),
-        "--reason",
-        "x",
-        "--basis",
-        "y",
-        "--recipient",
-        "just a unit",
-    )
+    for camera, (a, b), recipient in (
+        ("nope", (0, 5), "a; b; c"),
+        ("lobby-1", (5, 5), "a; b; c"),
+        ("lobby-1", (-7200, -3600), "a; b; c"),
+        ("lobby-1", (0, 5), "just a unit"),
+    ):
+        e.refused(
+            "nvrg-alice", "request", "new", "--camera", camera, *span(e, a, b),
+            "--reason", "x", "--basis", "y", "--recipient", recipient,
+        )  # fmt: skip
     # deny needs a reason; a denial ends the request
     e.refused("nvrg-bob", "request", "deny", str(rid), "--reason", " ")
     assert (
