@@ -460,7 +460,7 @@ def hold_add(c: Ctx, camera: str, start: str, end: str, reason: str, until: str 
         c,
         "hold.add",
         args,
-        lambda e: hold_json(e, e.hold_add(caller(), camera, start, end, reason, until)),
+        lambda e: e.hold_json(e.hold_add(caller(), camera, start, end, reason, until).id),
     )
     c.emit(
         res,
@@ -468,10 +468,6 @@ def hold_add(c: Ctx, camera: str, start: str, end: str, reason: str, until: str 
             f"hold {res['id']} placed on {camera}: {res['from']} .. {res['to']}", markup=False
         ),
     )
-
-
-def hold_json(engine: Any, h: Any) -> dict[str, Any]:
-    return next(x for x in engine.holds_json(include_released=True) if x["id"] == h.id)
 
 
 @hold.command("list")
@@ -493,7 +489,7 @@ def hold_release(c: Ctx, hold_id: int, reason: str) -> None:
         c,
         "hold.release",
         {"id": hold_id, "reason": reason},
-        lambda e: hold_json(e, e.hold_release(caller(), hold_id, reason)),
+        lambda e: e.hold_json(e.hold_release(caller(), hold_id, reason).id),
     )
     c.emit(res, lambda: out.print(f"hold {hold_id} released", markup=False))
 

@@ -393,12 +393,12 @@ class Daemon:
                 str(args["reason"]),
                 args.get("until"),
             )
-            return next(x for x in engine.holds_json(True) if x["id"] == h.id)
+            return engine.hold_json(h.id)
         if cmd == "hold.list":
             return engine.holds_json(bool(args.get("all")))
         if cmd == "hold.release":
             h = engine.hold_release(who, int(args["id"]), str(args["reason"]))
-            return next(x for x in engine.holds_json(True) if x["id"] == h.id)
+            return engine.hold_json(h.id)
         raise InvalidInput(f"unknown command {cmd!r}")
 
 

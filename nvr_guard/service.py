@@ -751,6 +751,10 @@ class Engine:
                 )
             return released
 
+    def hold_json(self, hold_id: int) -> dict[str, Any]:
+        """One hold (released or not) as ``hold list`` shows it."""
+        return next(h for h in self.holds_json(include_released=True) if h["id"] == hold_id)
+
     def holds_json(self, include_released: bool = False) -> list[dict[str, Any]]:
         tz = self.config.tz
         out = []

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nvr_guard import access
-from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, RuntimeFailure
+from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused
 from nvr_guard.requests import RequestStore
 from nvr_guard.times import iso, parse_time
 
@@ -26,27 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvr_guard.workflow")
 
-FONT_CANDIDATES = (
-    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
-)
 CLOSED = ("denied", "cancelled", "expired", "closed")
 _Paths = list[Path]  # spelled once here: inside Workflow, ``list`` is a method
-
-
-def find_font(configured: str | None) -> Path:
-    if configured:
-        p = Path(configured)
-        if p.is_file():
-            return p
-        raise RuntimeFailure(f"export.font {configured} does not exist")
-    for c in FONT_CANDIDATES:
-        if Path(c).is_file():
-            return Path(c)
-    raise RuntimeFailure(
-        "no CJK font found for the watermark: install fonts-wqy-zenhei or set export.font"
-    )
 
 
 class Workflow:
@@ -394,6 +375,7 @@ class Workflow:
         self, caller: Caller, rid: int, target: str, progress: Callable[[float], None] | None = None
     ) -> dict[str, Any]:
         from nvr_guard.export import ExportJob, SourceSegment, run_export
+        from nvr_guard.export.fonts import resolve_font
 
         with self.engine.lock:
             r, approvals, rules = self._current(rid)
@@ -436,7 +418,7 @@ class Workflow:
             end=r.end,
             tz=self.config.site_tz(r.site),
             watermark_template=self.config.export.watermark,
-            font=find_font(self.config.export.font),
+            font=resolve_font(self.config.export.font),
             crf=self.config.export.crf,
             preset=self.config.export.preset,
             timeout=float(self.config.export.timeout.seconds),
