@@ -417,7 +417,7 @@ def purge_line(
     audit = AuditLog(cat.conn)
 
     def on_deleted(done: list[Segment]) -> None:
-        cat.remove_paths(seg.path for seg in done)
+        cat.remove_segments(done)  # what the engine's purge callback does
 
     t = time.perf_counter()
     result = purge_mod.purge(

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -504,6 +505,24 @@ class Catalog:
             before = c.total_changes
             c.executemany("DELETE FROM segments WHERE path = ?", ((p,) for p in ordered))
             return c.total_changes - before
+
+    def remove_segments(self, segments: Iterable[Segment]) -> int:
+        """Forget these segments (a purge deleted their files): by row id where the segment
+        came from the catalog — a rowid lookup instead of a search of the path index — and only
+        while the row still holds that path (an id freed meanwhile may be reused)."""
+        by_id: list[tuple[int, bytes]] = []
+        by_path: list[bytes] = []
+        for s in segments:
+            if s.id is None:
+                by_path.append(os.fsencode(s.path))
+            else:
+                by_id.append((s.id, os.fsencode(s.path)))
+        by_id.sort()
+        with self.transaction() as c:
+            before = c.total_changes
+            c.executemany("DELETE FROM segments WHERE id = ? AND path = ?", by_id)
+            n = c.total_changes - before
+            return n + self.remove_paths(by_path) if by_path else n
 
     def remove_under(self, directory: bytes) -> int:
         """Forget every segment below ``directory`` (a directory that vanished), and its dirs."""

@@ -31,15 +31,16 @@ import hashlib
 import logging
 import os
 import stat
-import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
 from nvr_guard.audit import PURGE_BEGIN, PURGE_RECEIPT, PURGE_SKIP, AuditLog
 from nvr_guard.model import Segment, show_path
+from nvr_guard.workers import gc_paused, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,10 @@ class _DirWalker:
     on it — only at depth >= 2 below the root, so a root and a camera directory always stay.
     """
 
-    def __init__(self, root: bytes) -> None:
+    def __init__(self, root: bytes, fsync_each: bool = False) -> None:
         self.root = root
+        # without syncfs(2), every changed directory is fsynced as it is left
+        self.fsync_each = fsync_each
         self.failure_kind = self.failure = ""
         # O_NOFOLLOW on the root: a root replaced by a symlink must not redirect the purge
         try:
@@ -182,7 +185,6 @@ class _DirWalker:
         self.names: list[bytes] = []
         self.fds: list[int] = []
         self.touched: list[bool] = []
-        self.dirty: set[int] = set()  # fds of directories changed since the last sync
         self.cur: bytes | None = None  # the directory (relative) whose fd is self.cur_fd
         self.cur_fd = -1
 
@@ -220,9 +222,7 @@ class _DirWalker:
 
     def mark_deleted(self) -> None:
         if self.fds:
-            if not self.touched[-1]:
-                self.touched[-1] = True
-                self.dirty.add(self.fds[-1])
+            self.touched[-1] = True
         else:
             self.root_touched = True
 
@@ -232,7 +232,8 @@ class _DirWalker:
             fd = self.fds.pop()
             name = self.names.pop()
             touched = self.touched.pop()
-            self.dirty.discard(fd)
+            if touched and self.fsync_each:
+                _fsync(fd)
             os.close(fd)
             # depth of the popped directory below the root: 1 = camera level in the default
             # layout (and the first level in any layout) — never removed
@@ -243,12 +244,12 @@ class _DirWalker:
                 except OSError:
                     continue  # not empty (recorder wrote meanwhile, other files remain) — fine
                 self.touched[-1] = True
-                self.dirty.add(parent)
 
-    def sync(self) -> None:
-        """Make this batch's unlinks durable before its receipt is written."""
-        _syncfs(self.root_fd, list(self.dirty))
-        self.dirty.clear()
+    def leave(self) -> None:
+        """Close every directory below the root, removing those emptied (not the root)."""
+        self._pop_to(0)
+        if self.root_fd >= 0 and self.root_touched and self.fsync_each:
+            _fsync(self.root_fd)
 
     def close(self) -> None:
         if self.root_fd >= 0:
@@ -260,26 +261,63 @@ class _DirWalker:
 _libc: ctypes.CDLL | None = None
 
 
-def _syncfs(fd: int, dir_fds: list[int]) -> None:
-    # syncfs(2) commits the whole file system's metadata in one go — one journal commit per batch
-    # instead of one fsync per directory (thousands per purge); fall back to the directories.
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        log.warning("fsync after purge failed: %s", exc)
+
+
+def _have_syncfs() -> bool:
     global _libc
     try:
         if _libc is None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        if _libc.syncfs(fd) == 0:
-            return
+        return hasattr(_libc, "syncfs")
+    except OSError:
+        return False
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2): commit the whole file system's metadata in one go — one journal commit per
+    purge instead of one fsync per directory (thousands). False when the call is unavailable."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return bool(_libc.syncfs(fd) == 0)
     except (OSError, AttributeError):
-        pass
-    for d in [fd, *dir_fds]:
-        try:
-            os.fsync(d)
-        except OSError as exc:
-            log.warning("fsync after purge failed: %s", exc)
+        return False
+
+
+def _sync_root(root: bytes) -> None:
+    """Make the unlinks under ``root`` durable (the workers fsynced their directories already
+    when syncfs is missing; this is the common, cheap path)."""
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except OSError:
+        os.sync()  # root gone or swapped meanwhile: sync everything rather than guess
+        return
+    try:
+        if not _syncfs(fd):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
 # the purge
+
+# From this many targets, the unlinks run in worker processes rather than threads: a thread's
+# every stat and unlink gives up and takes back the GIL, which the main thread needs meanwhile
+# for the catalog; two processes each keep a core (bench/retention.py: 144,000 files).
+PROCESS_MIN = 20_000
+
+# what a worker gets per file: plain data, cheap to pickle (the exts set is shared by identity)
+# (root, rel, extensions, settle, catalogued size, catalogued mtime)
+_Item = tuple[bytes, bytes, frozenset[bytes], float, int, float]
+# and returns per batch: (indices deleted, their bytes, [(index, kind, reason)] refused)
+_Outcome = tuple[list[int], int, list[tuple[int, str, str]]]
 
 
 def purge(
@@ -292,6 +330,7 @@ def purge(
     on_deleted: Callable[[list[Segment]], None],
     batch_size: int = 5000,
     workers: int = 2,
+    process_min: int = PROCESS_MIN,
 ) -> PurgeResult:
     """Delete ``targets`` that still pass every check; audit begin, receipts and skips.
 
@@ -299,12 +338,13 @@ def purge(
     1. the group's ``purge.begin`` entries (planned count and digest per batch) in one durable
        commit — no file is unlinked without a trace;
     2. the group's unlinks, each re-checked through its directory descriptor, on a worker
-       thread: the kernel's unlink and rmdir are most of the cost and release the GIL, so the
-       next group is checked and begun while this one is being deleted, on two cores;
-    3. when all groups are done, one ``syncfs`` per file system, so the unlinks are durable
-       before any receipt says so;
-    4. every batch's ``purge.receipt`` with ``on_deleted`` (the catalog rows) in one
-       transaction on ``audit.conn``.
+       (a thread; a process for ``process_min`` targets or more), while the next group is
+       checked and begun;
+    3. meanwhile, in one transaction on ``audit.conn`` opened once every begin is committed,
+       ``on_deleted`` (the caller removes catalog rows) for each group as its unlinks finish —
+       the database work of one group overlaps the unlinks of the next;
+    4. when all groups are done, one ``syncfs`` per root, so the unlinks are durable before any
+       receipt says so, then every batch's ``purge.receipt``, and the commit.
     A crash between 1 and 4 leaves begins without receipts; the next start writes a
     ``recovered`` receipt for what is gone. A callback that commits by itself is tolerated.
     """
@@ -315,32 +355,20 @@ def purge(
     for t in targets:
         groups[(t.segment.site, t.segment.camera)].append(t)
     plans: list[_Group] = []
-    # directory descriptors are per thread: a _DirWalker is never shared
-    local = threading.local()
-    lanes: list[dict[bytes, _DirWalker]] = []
-    lanes_lock = threading.Lock()
-
-    def unlink(g: _Group) -> None:
-        walkers = getattr(local, "walkers", None)
-        if walkers is None:
-            walkers = local.walkers = {}
-            with lanes_lock:
-                lanes.append(walkers)
-        for b in g.batches:
-            b.deleted, b.sizes, _ = _apply(b.targets, walkers, now(), g.skips)
-
-    try:
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvr-guard-purge") as pool:
-            running = []
+    running: list[tuple[_Group, Future[list[_Outcome]]]] = []
+    exts: dict[frozenset[str], frozenset[bytes]] = {}
+    with gc_paused():  # see gc_paused: most of a large purge's Python time otherwise
+        pool, warm = _pool(workers, len(targets) >= process_min)
+        try:
             for (site, camera), group in sorted(groups.items()):
-                g = _Group(site, camera, *_prepare(group))
+                g = _prepare(site, camera, group, exts)
                 plans.append(g)
-                if not g.ready:
+                if not g.items:
                     continue
                 with audit.transaction():
-                    for start in range(0, len(g.ready), batch_size):
-                        batch = g.ready[start : start + batch_size]
-                        planned = digest_paths(os.fsencode(t.segment.path) for _, _, _, t in batch)
+                    for start in range(0, len(g.items), batch_size):
+                        end = start + batch_size
+                        planned = digest_paths(g.paths[start:end])
                         begin = audit.append_in(
                             actor,
                             PURGE_BEGIN,
@@ -349,35 +377,47 @@ def purge(
                                 "sweep": sweep_id,
                                 "site": g.site,
                                 "camera": g.camera,
-                                "planned": len(batch),
+                                "planned": len(g.paths[start:end]),
                                 "digest": planned,
                             },
                         )
-                        g.batches.append(_Batch(batch, begin.seq, planned))
-                running.append(pool.submit(unlink, g))
-            for f in running:
-                f.result()  # an error in a worker surfaces here (receipts: next start)
-        # 3. durable before any receipt
-        for walkers in lanes:
-            for w in walkers.values():
-                if w.root_fd >= 0:
-                    w.sync()
-        # 4. receipts and catalog rows
-        _receipts(plans, result, audit, actor, sweep_id, on_deleted)
-        _skips(plans, result, audit, actor, sweep_id)
-    finally:
-        for walkers in lanes:
-            for w in walkers.values():
-                try:
-                    w.close()
-                except OSError as exc:
-                    log.warning("closing %s: %s", show_path(w.root), exc)
+                        g.batches.append(_Batch(g.targets[start:end], begin.seq, planned))
+                if warm is not None:
+                    pool, warm = _warmed(pool, warm, workers)
+                jobs = [g.items[i : i + batch_size] for i in range(0, len(g.items), batch_size)]
+                running.append((g, pool.submit(_unlink_group, jobs, now())))
+            _finish(running, result, audit, actor, sweep_id, on_deleted)
+            _skips(plans, result, audit, actor, sweep_id)
+        finally:
+            pool.shutdown(wait=True)  # an error above: let the workers finish what they hold
     return result
+
+
+def _pool(workers: int, processes: bool) -> tuple[Executor, Future[int] | None]:
+    """The executor of the unlinks, and for processes a first task that shows they start."""
+    if processes and workers > 1:
+        try:
+            pool = ProcessPoolExecutor(workers, mp_context=worker_context())
+            return pool, pool.submit(os.getpid)  # the workers start while group 1 is prepared
+        except OSError as exc:
+            log.warning("purge: no worker processes (%s); using threads", exc)
+    return ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvr-guard-purge"), None
+
+
+def _warmed(pool: Executor, warm: Future[int], workers: int) -> tuple[Executor, Future[int] | None]:
+    try:
+        warm.result()
+        return pool, None
+    except (OSError, BrokenProcessPool) as exc:
+        # sandbox limits, a main module that cannot be re-imported: nothing was handed over yet
+        log.warning("purge: worker processes failed (%s); using threads", exc)
+        pool.shutdown(wait=False)
+        return ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvr-guard-purge"), None
 
 
 @dataclass
 class _Batch:
-    targets: list[tuple[bytes, bytes, bytes, PurgeTarget]]
+    targets: list[PurgeTarget]
     begin: int
     planned: str  # digest of the planned paths
     deleted: list[Segment] = field(default_factory=list)
@@ -386,10 +426,16 @@ class _Batch:
 
 @dataclass
 class _Group:
+    """One (site, camera) of a purge: its targets that passed the path checks, sorted by path
+    (so each directory is entered once), as parallel lists."""
+
     site: str
     camera: str
-    ready: list[tuple[bytes, bytes, bytes, PurgeTarget]]
-    skips: list[tuple[Segment, str, str]]
+    targets: list[PurgeTarget] = field(default_factory=list)
+    paths: list[bytes] = field(default_factory=list)
+    items: list[_Item] = field(default_factory=list)
+    roots: set[bytes] = field(default_factory=set)
+    skips: list[tuple[Segment, str, str]] = field(default_factory=list)  # segment, kind, reason
     batches: list[_Batch] = field(default_factory=list)
 
     @property
@@ -398,47 +444,80 @@ class _Group:
 
 
 def _prepare(
-    group: list[PurgeTarget],
-) -> tuple[list[tuple[bytes, bytes, bytes, PurgeTarget]], list[tuple[Segment, str, str]]]:
-    """Path checks first: refused targets never reach the disk. (ready sorted, skips)"""
-    skips: list[tuple[Segment, str, str]] = []  # segment, kind, reason
-    roots: dict[bytes | str, bytes | None] = {}
-    ready: list[tuple[bytes, bytes, bytes, PurgeTarget]] = []  # sort key, root, rel, target
+    site: str, camera: str, group: list[PurgeTarget], exts: dict[frozenset[str], frozenset[bytes]]
+) -> _Group:
+    """Path checks first: refused targets never reach the disk.
+
+    This runs over every target of a purge (144,000 in the bench) on the thread that then
+    removes catalog rows, so the common case is done in bulk: one check of all paths of a root
+    at once, list comprehensions instead of a loop with branches."""
+    g = _Group(site, camera)
+    by_root: dict[bytes | str, list[PurgeTarget]] = defaultdict(list)
     for t in group:
-        root = roots.get(t.root, b"")
-        if root == b"":
-            root = roots[t.root] = _normalise_root(t.root)
-        path = t.segment.path
-        if type(path) is not bytes:
-            path = os.fsencode(path)
-        # the common case, tested inline (this loop sees every target): inside the root and
-        # no component that starts with "." or is empty; everything else gets the full check
-        if (
-            root is not None
-            and len(root) > 1
-            and path.startswith(root)
-            and path[len(root) : len(root) + 1] == b"/"
-            and b"/." not in path
-            and b"//" not in path
-            and not path.endswith(b"/")
-            and b"\0" not in path
-        ):
-            rel = path[len(root) + 1 :]
+        by_root[t.root].append(t)
+    for raw_root, ts in by_root.items():
+        root = _normalise_root(raw_root)
+        paths = [os.fsencode(t.segment.path) for t in ts]
+        if root is not None and _plain_under(root, paths):
+            cut = len(root) + 1
+            rels = [p[cut:] for p in paths]
         else:
-            try:
-                if root is None:
-                    raise _Skip(
-                        "unsafe-root", f"root {show_path(t.root)} is not a plain absolute path"
-                    )
-                rel = _relative(path, root)
-            except _Skip as s:
-                skips.append((t.segment, s.kind, str(s)))
+            keep: list[int] = []
+            rels = []
+            for i, (path, t) in enumerate(zip(paths, ts, strict=True)):
+                try:
+                    if root is None:
+                        raise _Skip(
+                            "unsafe-root",
+                            f"root {show_path(raw_root)} is not a plain absolute path",
+                        )
+                    rels.append(_relative(path, root))
+                    keep.append(i)
+                except _Skip as s:
+                    g.skips.append((t.segment, s.kind, str(s)))
+            if root is None or not keep:
                 continue
-        # NUL never occurs in a name, so this key sorts component by component: every
-        # directory's files come together and each directory is opened once
-        ready.append((root + b"\0" + rel.replace(b"/", b"\0"), root, rel, t))
-    ready.sort(key=lambda r: r[0])
-    return ready, skips
+            paths = [paths[i] for i in keep]
+            ts = [ts[i] for i in keep]
+        # byte order keeps every directory's files together (all paths with a common prefix
+        # sort next to each other); the catalog usually hands them over in that order already
+        if any(a > b for a, b in zip(paths, paths[1:], strict=False)):
+            order = sorted(range(len(paths)), key=paths.__getitem__)
+            paths = [paths[i] for i in order]
+            rels = [rels[i] for i in order]
+            ts = [ts[i] for i in order]
+        # callers may build one frozenset per target: normalise each distinct set once, and
+        # hand the same object on (pickled once per job)
+        for t in ts:
+            if t.extensions not in exts:
+                exts[t.extensions] = _normalise_exts(t.extensions)
+        g.items.extend(
+            [
+                (root, rel, exts[t.extensions], t.settle, t.segment.size, t.segment.mtime)
+                for rel, t in zip(rels, ts, strict=True)
+            ]
+        )
+        g.targets.extend(ts)
+        g.paths.extend(paths)
+        g.roots.add(root)
+    return g
+
+
+def _plain_under(root: bytes, paths: list[bytes]) -> bool:
+    """Every path lies below ``root`` (not "/"), spelled plainly — the common case, tested for
+    all paths at once; False sends each path through the exact check of :func:`_relative`."""
+    if len(root) <= 1 or not paths:
+        return False
+    prefix = root + b"/"
+    joined = b"\0".join(paths)
+    return (
+        joined.count(b"\0") == len(paths) - 1  # no NUL inside a path
+        and b"/." not in joined  # no component starting with "." (may be a false alarm)
+        and b"//" not in joined
+        and b"/\0" not in joined
+        and not joined.endswith(b"/")
+        and all(p.startswith(prefix) and len(p) > len(prefix) for p in paths)
+    )
 
 
 def _receipt_details(g: _Group, b: _Batch, sweep_id: int | None) -> dict[str, Any]:
@@ -454,47 +533,88 @@ def _receipt_details(g: _Group, b: _Batch, sweep_id: int | None) -> dict[str, An
         # all planned files deleted: the same set, so the same digest as the begin entry
         "digest": b.planned
         if len(b.deleted) == len(b.targets)
-        else digest_paths([s.path for s in b.deleted]),
+        else digest_paths([os.fsencode(s.path) for s in b.deleted]),
         "begin": b.begin,
         "planned": len(b.targets),
     }
 
 
-def _receipts(
-    plans: list[_Group],
+def _collect(g: _Group, outcomes: list[_Outcome]) -> None:
+    """A group's worker outcomes, mapped back onto its targets."""
+    for b, (deleted, sizes, skipped) in zip(g.batches, outcomes, strict=True):
+        b.deleted = [b.targets[i].segment for i in deleted]
+        b.sizes = sizes
+        g.skips.extend((b.targets[i].segment, kind, reason) for i, kind, reason in skipped)
+
+
+def _finish(
+    running: list[tuple[_Group, Future[list[_Outcome]]]],
     result: PurgeResult,
     audit: AuditLog,
     actor: str,
     sweep_id: int | None,
     on_deleted: Callable[[list[Segment]], None],
 ) -> None:
-    done = [(g, b) for g in plans for b in g.batches if b.deleted]
-    for _, b in done:
-        result.deleted.extend(b.deleted)
-        result.bytes += b.sizes
-    if not done:
-        return
+    """Steps 3 and 4: catalog rows and receipts in one transaction, opened while the workers
+    still unlink, so that removing the rows of one group overlaps the unlinks of the next.
+
+    Nothing of it is committed before every unlink is synced: a crash before the commit rolls
+    the row removals back with the receipts (the next start writes ``recovered`` receipts)."""
+    done: list[tuple[_Group, _Batch]] = []
+    failure: BaseException | None = None
+    catalog_error: Exception | None = None
+    roots: set[bytes] = set()
     try:
         with audit.transaction():
-            seqs = []
-            for g, b in done:
-                on_deleted(b.deleted)
-                if not audit.conn.in_transaction:
-                    audit.conn.execute("BEGIN IMMEDIATE")  # the callback committed its part
-                seqs.append(
-                    audit.append_in(
-                        actor, PURGE_RECEIPT, g.obj, _receipt_details(g, b, sweep_id)
-                    ).seq
-                )
+            for g, fut in running:
+                try:
+                    _collect(g, fut.result())
+                except BaseException as exc:  # a worker failed: no receipts (next start)
+                    failure = failure or exc
+                    continue
+                roots.update(g.roots)
+                for b in g.batches:
+                    if not b.deleted:
+                        continue
+                    done.append((g, b))
+                    if failure is None and catalog_error is None:
+                        try:
+                            on_deleted(b.deleted)
+                        except Exception as exc:
+                            catalog_error = exc
+                        if not audit.conn.in_transaction:
+                            audit.conn.execute("BEGIN IMMEDIATE")  # the callback committed
+            if failure is not None:
+                raise failure
+            if catalog_error is not None:
+                raise catalog_error
+            for root in sorted(roots):
+                _sync_root(root)  # durable before any receipt says so
+            seqs = [
+                audit.append_in(actor, PURGE_RECEIPT, g.obj, _receipt_details(g, b, sweep_id)).seq
+                for g, b in done
+            ]
     except Exception as exc:
+        if failure is not None:
+            raise
         # the files are gone whatever the catalog says: the receipts must still be written
         # (the rows are stale now; the scanner removes them), then the failure surfaces
+        for root in sorted(roots):
+            _sync_root(root)
         for g, b in done:
             details = _receipt_details(g, b, sweep_id)
             details["catalog_error"] = str(exc)
             result.receipts.append(audit.append(actor, PURGE_RECEIPT, g.obj, details).seq)
+        _tally(done, result)
         raise
+    _tally(done, result)
     result.receipts.extend(seqs)
+
+
+def _tally(done: list[tuple[_Group, _Batch]], result: PurgeResult) -> None:
+    for _, b in done:
+        result.deleted.extend(b.deleted)
+        result.bytes += b.sizes
 
 
 def _skips(
@@ -531,49 +651,58 @@ def _skips(
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# the worker side (a thread or a process: module level, plain data in and out)
+
+
+def _unlink_group(jobs: list[list[_Item]], now: float) -> list[_Outcome]:
+    """Re-check and unlink one group's batches; leaves each emptied date directory removed."""
+    with gc_paused():
+        return _unlink_jobs(jobs, now)
+
+
+def _unlink_jobs(jobs: list[list[_Item]], now: float) -> list[_Outcome]:
+    walkers: dict[bytes, _DirWalker] = {}
+    fsync_each = not _have_syncfs()
+    try:
+        out = [_apply(items, walkers, now, fsync_each) for items in jobs]
+        for w in walkers.values():
+            w.leave()  # rmdir what was emptied, before the caller syncs
+        return out
+    finally:
+        for w in walkers.values():
+            w.close()
+
+
 def _apply(
-    batch: list[tuple[bytes, bytes, bytes, PurgeTarget]],
-    walkers: dict[bytes, _DirWalker],
-    now: float,
-    skips: list[tuple[Segment, str, str]],
-) -> tuple[list[Segment], int, set[bytes]]:
-    """Re-check each file through its directory fd and unlink it. (deleted, bytes, roots used)
+    items: list[_Item], walkers: dict[bytes, _DirWalker], now: float, fsync_each: bool = False
+) -> _Outcome:
+    """Re-check each file through its directory fd and unlink it.
 
     This loop runs once per deleted file (~144,000 in the purge bench, which must stay within
     1.2x of ``find -delete``): the common path makes no Python-level calls besides the two
     syscalls, and the rare outcomes go through ``_Skip``.
     """
-    deleted: list[Segment] = []
+    deleted: list[int] = []
+    skipped: list[tuple[int, str, str]] = []
     sizes = 0
-    used: set[bytes] = set()
     walker: _DirWalker | None = None
-    exts_src: frozenset[str] | None = None
-    exts: frozenset[bytes] = frozenset()
-    # callers may build one frozenset per target; normalise each distinct set once
-    ext_cache: dict[frozenset[str], frozenset[bytes]] = {}
     lstat, unlink, is_reg = os.stat, os.unlink, stat.S_ISREG
-    for _, root, rel, t in batch:
-        seg = t.segment
+    for i, (root, rel, exts, settle, size, cat_mtime) in enumerate(items):
         try:
             if walker is None or walker.root != root:
                 walker = walkers.get(root)
                 if walker is None:
-                    walker = walkers[root] = _DirWalker(root)
-                used.add(root)
+                    walker = walkers[root] = _DirWalker(root, fsync_each)
             if walker.root_fd < 0:
                 raise _Skip(walker.failure_kind, walker.failure)
-            if t.extensions is not exts_src:
-                exts_src = t.extensions
-                exts = ext_cache.get(exts_src) or ext_cache.setdefault(
-                    exts_src, _normalise_exts(exts_src)
-                )
-            i = rel.rfind(b"/")
-            name = rel[i + 1 :]
+            j = rel.rfind(b"/")
+            name = rel[j + 1 :]
             k = name.rfind(b".")
             if k <= 0 or name[k:].lower() not in exts:
                 ext = show_path(_extension(name)) or "no extension"
                 raise _Skip("extension", f"{ext} is not a segment extension")
-            dirpart = rel[:i] if i >= 0 else b""
+            dirpart = rel[:j] if j >= 0 else b""
             d = walker.cur_fd if dirpart == walker.cur else walker.enter(dirpart)
             try:
                 st = lstat(name, dir_fd=d, follow_symlinks=False)
@@ -586,16 +715,16 @@ def _apply(
                     raise _Skip("symlink", "is a symlink (never followed, never deleted)")
                 raise _Skip("not-regular", "not a regular file")
             mtime = st.st_mtime
-            if mtime > now - t.settle:
+            if mtime > now - settle:
                 raise _Skip("settling", "modified within the settle time (still recording)")
-            if st.st_size != seg.size or not (
-                -MTIME_TOLERANCE <= mtime - seg.mtime <= MTIME_TOLERANCE
-                or _same_second(mtime, seg.mtime)
+            if st.st_size != size or not (
+                -MTIME_TOLERANCE <= mtime - cat_mtime <= MTIME_TOLERANCE
+                or _same_second(mtime, cat_mtime)
             ):
                 raise _Skip(
                     "changed",
-                    f"changed since plan (size {seg.size} -> {st.st_size}, "
-                    f"mtime {seg.mtime:.3f} -> {mtime:.3f})",
+                    f"changed since plan (size {size} -> {st.st_size}, "
+                    f"mtime {cat_mtime:.3f} -> {mtime:.3f})",
                 )
             try:
                 unlink(name, dir_fd=d)
@@ -604,12 +733,12 @@ def _apply(
             except OSError as exc:
                 raise _Skip("error", f"cannot unlink: {exc.strerror}") from None
         except _Skip as s:
-            skips.append((seg, s.kind, str(s)))
+            skipped.append((i, s.kind, str(s)))
             continue
         walker.mark_deleted()
-        deleted.append(seg)
+        deleted.append(i)
         sizes += st.st_size
-    return deleted, sizes, used
+    return deleted, sizes, skipped
 
 
 def _same_second(disk: float, catalog: float) -> bool:

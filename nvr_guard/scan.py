@@ -28,7 +28,6 @@ import concurrent.futures
 import concurrent.futures.process
 import errno
 import logging
-import multiprocessing
 import os
 import queue
 import sqlite3
@@ -54,6 +53,7 @@ from watchdog.observers.inotify_c import InotifyFD
 from nvr_guard.catalog import Catalog, ExpiryCalc, SegmentRow, prefix_range, release_memory
 from nvr_guard.layout import Layout
 from nvr_guard.model import SiteRules
+from nvr_guard.workers import gc_paused, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,11 @@ def _read_known(conn: sqlite3.Connection, lo: bytes, hi: bytes) -> dict[bytes, _
 
 
 def _run_job(job: _Job) -> _Delta:
+    with gc_paused():
+        return _walk_job(job)
+
+
+def _walk_job(job: _Job) -> _Delta:
     cpu0 = time.process_time()
     cls = _Classifier(job.site, job.root, job.layout, job.exts, job.rules)
     known: dict[bytes, _Known] = {}
@@ -449,7 +454,7 @@ class Scanner:
         """Walk the roots (of one site or all) and make the catalog match them."""
         t0, cpu0 = time.perf_counter(), time.process_time()
         total = ReconcileStats()
-        with self._lock:
+        with self._lock, gc_paused():  # a million rows of tuples: see gc_paused
             if site is None:
                 total.removed += self.catalog.remove_sites_except(s.site for s in self.sites)
             for s in self._selected(site):
@@ -607,13 +612,8 @@ class Scanner:
 
     def _run_pool(self, pending: list[_Job], apply: Callable[[_Delta], None]) -> None:
         """Run ``pending`` in worker processes; each job applied is removed from the list."""
-        # forkserver, not fork: the daemon has threads (scheduler, watcher) by now, and a
-        # forked copy of a process with threads may inherit a held lock
-        ctx = multiprocessing.get_context("forkserver")
-        # the server imports the walker once; each worker is then a cheap fork of it
-        ctx.set_forkserver_preload(["nvr_guard.scan", "nvr_guard.policy"])
         with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(self.workers, len(pending)), mp_context=ctx
+            max_workers=min(self.workers, len(pending)), mp_context=worker_context()
         ) as pool:
             futures = {pool.submit(_run_job, j): j for j in pending}
             for fut in concurrent.futures.as_completed(futures):

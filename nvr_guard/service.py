@@ -520,7 +520,7 @@ class Engine:
         return total
 
     def _forget(self, segs: list[Segment]) -> None:
-        self.catalog.remove_paths(s.path for s in segs)
+        self.catalog.remove_segments(segs)
 
     def sweep(
         self,

@@ -115,6 +115,20 @@ def test_upsert_get_update_remove(cat: Catalog) -> None:
     assert cat.get(a.path) is None and cat.count() == 1
 
 
+def test_remove_segments_by_id_only_while_the_row_holds_that_path(cat: Catalog) -> None:
+    a, b, c = (
+        Segment("gate", "cam1", f"/rec/gate/cam1/{n}.mp4".encode(), NOW, NOW, 1) for n in "abc"
+    )
+    cat.upsert_segments([a, b, c], {"gate": rules()})
+    ga, gb = cat.get(a.path), cat.get(b.path)
+    assert ga is not None and gb is not None and ga.id is not None and gb.id is not None
+    # b's id now names another path (a row freed and reused): that row must stay
+    stale = Segment("gate", "cam1", b"/rec/gate/cam1/gone.mp4", NOW, NOW, 1, id=gb.id)
+    assert cat.remove_segments([ga, stale, c]) == 2  # c has no id: removed by path
+    assert cat.get(a.path) is None and cat.get(c.path) is None
+    assert cat.get(b.path) is not None and cat.count() == 1
+
+
 def test_non_utf8_and_newline_paths_round_trip(cat: Catalog) -> None:
     odd = Segment("gate", "cam1", b"/rec/gate/cam1/\xff\xfe\nx.mp4", NOW, NOW, 1)
     cat.upsert_segments([odd], {"gate": rules()})

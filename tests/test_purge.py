@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from nvr_guard import purge as purge_mod
 from nvr_guard.audit import AuditEntry, AuditLog, ensure_schema
 from nvr_guard.model import Segment
-from nvr_guard.purge import PurgeResult, PurgeTarget, digest_paths, purge
+from nvr_guard.purge import PROCESS_MIN, PurgeResult, PurgeTarget, digest_paths, purge
 
 OLD = 1_760_000_000.0  # 2025-10-09, long expired
 NOW = 1_763_900_000.0
@@ -27,6 +28,7 @@ class World:
     root: Path
     outside: Path
     audit: AuditLog
+    process_min: int  # 0: the unlinks run in worker processes, as for a large purge
     removed: list[list[Segment]] = field(default_factory=list)
 
     @property
@@ -64,6 +66,7 @@ class World:
             "sweep_id": 7,
             "now": lambda: NOW,
             "on_deleted": on_deleted,
+            "process_min": self.process_min,
         }
         args.update(kw)
         return purge(targets, **args)  # type: ignore[arg-type]
@@ -75,8 +78,10 @@ class World:
         return {r[0] for r in self.conn.execute("SELECT path FROM segments")}
 
 
-@pytest.fixture
-def w(tmp_path: Path) -> Iterator[World]:
+# every test runs twice: unlinks on worker threads (small purges) and in worker processes
+# (purges of PROCESS_MIN targets or more); the guarantees are the same
+@pytest.fixture(params=["threads", "processes"])
+def w(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
     root = tmp_path / "rec"
     outside = tmp_path / "outside"
     root.mkdir()
@@ -87,7 +92,8 @@ def w(tmp_path: Path) -> Iterator[World]:
     ensure_schema(conn)
     conn.execute("CREATE TABLE segments (path BLOB PRIMARY KEY)")
     conn.commit()
-    yield World(tmp_path, root, outside, AuditLog(conn, clock=lambda: NOW))
+    process_min = 0 if request.param == "processes" else PROCESS_MIN
+    yield World(tmp_path, root, outside, AuditLog(conn, clock=lambda: NOW), process_min)
     conn.close()
 
 
@@ -444,3 +450,35 @@ def test_nothing_to_do_writes_nothing(w: World) -> None:
     result = w.run([])
     assert result == PurgeResult()
     assert w.audit.head()[0] == 0
+
+
+def test_without_worker_processes_threads_do_the_work(
+    w: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_processes() -> object:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(purge_mod, "worker_context", no_processes)
+    segs = [w.seg(f"cam1/2025-10-01/{m}.mp4") for m in range(3)]
+    result = w.run([w.target(s) for s in segs], process_min=0)
+    assert len(result.deleted) == 3 and not any(os.path.lexists(s.path) for s in segs)
+    assert "using threads" in caplog.text
+
+
+def test_rows_of_a_group_go_while_later_groups_are_unlinked(w: World) -> None:
+    # on_deleted runs per batch inside one open transaction, before the receipts: nothing of
+    # it is visible to another connection until the commit after the sync
+    segs = [
+        w.seg(f"cam{c}/2025-10-01/{m}.mp4", camera=f"cam{c}") for c in range(3) for m in range(4)
+    ]
+    other = sqlite3.connect(w.tmp / "state" / "catalog.db")
+    seen: list[int] = []
+
+    def on_deleted(batch: list[Segment]) -> None:
+        w.conn.executemany("DELETE FROM segments WHERE path = ?", [(s.path,) for s in batch])
+        seen.append(other.execute("SELECT count(*) FROM segments").fetchone()[0])
+
+    result = w.run([w.target(s) for s in segs], on_deleted=on_deleted, batch_size=2)
+    other.close()
+    assert seen == [12] * 6  # six batches, none committed before the end
+    assert len(result.receipts) == 6 and w.catalogued() == set()
