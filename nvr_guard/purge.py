@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -563,7 +564,10 @@ def _finish(
     done: list[tuple[_Group, _Batch]] = []
     failure: BaseException | None = None
     catalog_error: Exception | None = None
-    roots: set[bytes] = set()
+    roots: set[bytes] = set().union(*(g.roots for g, _ in running))
+    # the sync (a journal commit: I/O, no CPU) starts as soon as the last unlink is done and
+    # runs while the rows of the last groups are removed; the receipts wait for it
+    syncer: threading.Thread | None = None
     try:
         with audit.transaction():
             for g, fut in running:
@@ -572,7 +576,11 @@ def _finish(
                 except BaseException as exc:  # a worker failed: no receipts (next start)
                     failure = failure or exc
                     continue
-                roots.update(g.roots)
+                if syncer is None and all(f.done() for _, f in running):
+                    syncer = threading.Thread(
+                        target=_sync_roots, args=(roots,), name="nvr-guard-purge-sync"
+                    )
+                    syncer.start()
                 for b in g.batches:
                     if not b.deleted:
                         continue
@@ -588,8 +596,10 @@ def _finish(
                 raise failure
             if catalog_error is not None:
                 raise catalog_error
-            for root in sorted(roots):
-                _sync_root(root)  # durable before any receipt says so
+            if syncer is None:
+                _sync_roots(roots)
+            else:
+                syncer.join()  # durable before any receipt says so
             seqs = [
                 audit.append_in(actor, PURGE_RECEIPT, g.obj, _receipt_details(g, b, sweep_id)).seq
                 for g, b in done
@@ -599,8 +609,9 @@ def _finish(
             raise
         # the files are gone whatever the catalog says: the receipts must still be written
         # (the rows are stale now; the scanner removes them), then the failure surfaces
-        for root in sorted(roots):
-            _sync_root(root)
+        if syncer is not None:
+            syncer.join()
+        _sync_roots(roots)
         for g, b in done:
             details = _receipt_details(g, b, sweep_id)
             details["catalog_error"] = str(exc)
@@ -609,6 +620,11 @@ def _finish(
         raise
     _tally(done, result)
     result.receipts.extend(seqs)
+
+
+def _sync_roots(roots: set[bytes]) -> None:
+    for root in sorted(roots):
+        _sync_root(root)
 
 
 def _tally(done: list[tuple[_Group, _Batch]], result: PurgeResult) -> None:
