@@ -336,8 +336,9 @@ def purge(
     """Delete ``targets`` that still pass every check; audit begin, receipts and skips.
 
     Per (site, camera) group, in this order, so that a large sweep pays for durability once:
-    1. the group's ``purge.begin`` entries (planned count and digest per batch) in one durable
-       commit — no file is unlinked without a trace;
+    1. the group's ``purge.begin`` entries (planned count and digest per batch) durably
+       committed — no file is unlinked without a trace (the first group alone, then all others
+       in one commit);
     2. the group's unlinks, each re-checked through its directory descriptor, on a worker
        (a thread; a process for ``process_min`` targets or more), while the next group is
        checked and begun;
@@ -361,37 +362,49 @@ def purge(
     with gc_paused():  # see gc_paused: most of a large purge's Python time otherwise
         pool, warm = _pool(workers, len(targets) >= process_min)
         try:
-            for (site, camera), group in sorted(groups.items()):
-                g = _prepare(site, camera, group, exts)
-                plans.append(g)
-                if not g.items:
-                    continue
+            ordered = sorted(groups.items())
+            # the first group is begun alone so the workers start at once; the others are
+            # begun together in one durable commit (one journal flush instead of one each)
+            for chunk in (ordered[:1], ordered[1:]):
+                begun: list[_Group] = []
                 with audit.transaction():
-                    for start in range(0, len(g.items), batch_size):
-                        end = start + batch_size
-                        planned = digest_paths(g.paths[start:end])
-                        begin = audit.append_in(
-                            actor,
-                            PURGE_BEGIN,
-                            g.obj,
-                            {
-                                "sweep": sweep_id,
-                                "site": g.site,
-                                "camera": g.camera,
-                                "planned": len(g.paths[start:end]),
-                                "digest": planned,
-                            },
-                        )
-                        g.batches.append(_Batch(g.targets[start:end], begin.seq, planned))
-                if warm is not None:
+                    for (site, camera), group in chunk:
+                        g = _prepare(site, camera, group, exts)
+                        plans.append(g)
+                        if g.items:
+                            _begin(g, audit, actor, sweep_id, batch_size)
+                            begun.append(g)
+                if warm is not None and begun:
                     pool, warm = _warmed(pool, warm, workers)
-                jobs = [g.items[i : i + batch_size] for i in range(0, len(g.items), batch_size)]
-                running.append((g, pool.submit(_unlink_group, jobs, now())))
+                for g in begun:
+                    jobs = [g.items[i : i + batch_size] for i in range(0, len(g.items), batch_size)]
+                    running.append((g, pool.submit(_unlink_group, jobs, now())))
             _finish(running, result, audit, actor, sweep_id, on_deleted)
             _skips(plans, result, audit, actor, sweep_id)
         finally:
             pool.shutdown(wait=True)  # an error above: let the workers finish what they hold
     return result
+
+
+def _begin(g: _Group, audit: AuditLog, actor: str, sweep_id: int | None, batch_size: int) -> None:
+    """The group's ``purge.begin`` entries (planned count and digest per batch), in the
+    caller's transaction."""
+    for start in range(0, len(g.items), batch_size):
+        end = start + batch_size
+        planned = digest_paths(g.paths[start:end])
+        begin = audit.append_in(
+            actor,
+            PURGE_BEGIN,
+            g.obj,
+            {
+                "sweep": sweep_id,
+                "site": g.site,
+                "camera": g.camera,
+                "planned": len(g.paths[start:end]),
+                "digest": planned,
+            },
+        )
+        g.batches.append(_Batch(g.targets[start:end], begin.seq, planned))
 
 
 def _pool(workers: int, processes: bool) -> tuple[Executor, Future[int] | None]:
