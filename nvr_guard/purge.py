@@ -30,8 +30,10 @@ import errno
 import hashlib
 import logging
 import os
+import select
 import stat
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -411,7 +413,12 @@ def _pool(workers: int, processes: bool) -> tuple[Executor, Future[int] | None]:
     """The executor of the unlinks, and for processes a first task that shows they start."""
     if processes and workers > 1:
         try:
-            pool = ProcessPoolExecutor(workers, mp_context=worker_context())
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=worker_context(),
+                initializer=_die_with,
+                initargs=(os.getpid(),),
+            )
             return pool, pool.submit(os.getpid)  # the workers start while group 1 is prepared
         except OSError as exc:
             log.warning("purge: no worker processes (%s); using threads", exc)
@@ -701,6 +708,43 @@ def _unlink_jobs(jobs: list[list[_Item]], now: float) -> list[_Outcome]:
     finally:
         for w in walkers.values():
             w.close()
+
+
+_watched: int | None = None  # the purging process this worker process dies with
+
+
+def _die_with(owner: int) -> None:
+    """A worker process must not go on deleting once the purging process is gone (kill -9):
+    the next start would write ``recovered`` receipts while files still disappear. (The pool's
+    own clean-up does not help: the workers' parent is the forkserver, which outlives nobody.)
+    A thread waits on a pidfd of the owner and ends this process the moment it exits. Runs
+    as the initializer of every worker process of a purge."""
+    global _watched
+    if _watched == owner:
+        return
+    try:
+        fd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        os._exit(1)  # gone already
+    except OSError:
+        fd = -1  # no pidfd (kernel < 5.3): look every 20 ms
+
+    def watch() -> None:
+        if fd >= 0:
+            select.select([fd], [], [])
+        else:
+            while True:
+                time.sleep(0.02)
+                try:
+                    os.kill(owner, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="nvr-guard-owner-watch", daemon=True).start()
+    _watched = owner
 
 
 def _apply(

@@ -482,3 +482,63 @@ def test_rows_of_a_group_go_while_later_groups_are_unlinked(w: World) -> None:
     other.close()
     assert seen == [12] * 6  # six batches, none committed before the end
     assert len(result.receipts) == 6 and w.catalogued() == set()
+
+
+_ORPHAN_SCRIPT = """
+import sys, time
+from concurrent.futures import ProcessPoolExecutor
+from nvr_guard import purge
+from nvr_guard.workers import worker_context
+if __name__ == "__main__":
+    if sys.argv[1] == "watch":
+        pool, warm = purge._pool(2, True)  # as a large purge makes it
+        assert isinstance(pool, ProcessPoolExecutor)
+    else:
+        pool = ProcessPoolExecutor(2, mp_context=worker_context())
+    for f in [pool.submit(purge._unlink_group, [], 0.0) for _ in range(4)]:
+        f.result()
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_worker_processes_die_with_the_purging_process(tmp_path: Path, watch: bool) -> None:
+    # kill -9 of a purge must stop its deletions: workers left running would unlink files
+    # while the next start writes the recovered receipts
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "watch" if watch else "plain"],
+        stdout=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    kids: list[psutil.Process] = []
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        workers = [k for k in kids if k.ppid() != proc.pid]  # children of the forkserver
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(k.is_running() for k in workers):
+            time.sleep(0.05)
+        alive = [k for k in workers if k.is_running()]
+        if watch:
+            assert alive == []
+        else:
+            # the control: without the watch, workers outlive the killed process
+            assert alive
+    finally:
+        proc.kill()
+        proc.wait()
+        for k in kids:  # the forkserver, its resource tracker, workers of the control case
+            if k.is_running():
+                k.kill()
