@@ -19,8 +19,6 @@ for the whole of its transaction, so another thread's statements never land insi
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import sqlite3
@@ -33,6 +31,7 @@ from typing import Any
 
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import ClockReading, Hold, Item, Segment, SiteRules, SweepHistory
+from nvr_guard.workers import libc_function
 
 __all__ = [
     "EXPIRY_SLACK",
@@ -317,18 +316,9 @@ def release_memory() -> None:
     heap behind after a million-row load (glibc keeps it); a daemon that did a cold start would
     otherwise sit above its 120 MB budget until restarted. No-op where there is no malloc_trim.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _malloc_trim = libc.malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
+    trim = libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 def prefix_range(prefix: bytes) -> tuple[bytes, bytes]:

@@ -15,16 +15,14 @@ the way can redirect us:
 
 Audit trail (per (site, camera) batch of at most ``batch_size`` files):
 ``purge.begin`` before the first unlink (durable: no deletion without a trace), then the unlinks,
-then the file system is synced and, in one transaction on the audit log's connection,
-``on_deleted`` (the caller removes catalog rows) and the ``purge.receipt``. A kill -9 or power
-loss at any moment therefore leaves at worst catalog rows for files that are gone (the scanner
+then, in one transaction on the audit log's connection, ``on_deleted`` (the caller removes
+catalog rows), the file system sync and the ``purge.receipt``, committed together. A kill -9 or
+power loss at any moment therefore leaves at worst catalog rows for files that are gone (the scanner
 removes those) and a ``purge.begin`` without receipt; never a receipt for a file that still exists.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import datetime as _dt
 import errno
 import hashlib
@@ -43,7 +41,7 @@ from typing import Any
 
 from nvr_guard.audit import PURGE_BEGIN, PURGE_RECEIPT, PURGE_SKIP, AuditLog
 from nvr_guard.model import Segment, show_path
-from nvr_guard.workers import gc_paused, worker_context
+from nvr_guard.workers import gc_paused, libc_function, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +259,6 @@ class _DirWalker:
             self.root_fd = -1
 
 
-_libc: ctypes.CDLL | None = None
-
-
 def _fsync(fd: int) -> None:
     try:
         os.fsync(fd)
@@ -272,25 +267,14 @@ def _fsync(fd: int) -> None:
 
 
 def _have_syncfs() -> bool:
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        return hasattr(_libc, "syncfs")
-    except OSError:
-        return False
+    return libc_function("syncfs") is not None
 
 
 def _syncfs(fd: int) -> bool:
     """syncfs(2): commit the whole file system's metadata in one go — one journal commit per
     purge instead of one fsync per directory (thousands). False when the call is unavailable."""
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        return bool(_libc.syncfs(fd) == 0)
-    except (OSError, AttributeError):
-        return False
+    call = libc_function("syncfs")
+    return call is not None and call(fd) == 0
 
 
 def _sync_root(root: bytes) -> None:
@@ -377,7 +361,7 @@ def purge(
                             _begin(g, audit, actor, sweep_id, batch_size)
                             begun.append(g)
                 if warm is not None and begun:
-                    pool, warm = _warmed(pool, warm, workers)
+                    pool, warm = _warmed(pool, warm, workers), None
                 for g in begun:
                     jobs = [g.items[i : i + batch_size] for i in range(0, len(g.items), batch_size)]
                     running.append((g, pool.submit(_unlink_group, jobs, now())))
@@ -422,18 +406,23 @@ def _pool(workers: int, processes: bool) -> tuple[Executor, Future[int] | None]:
             return pool, pool.submit(os.getpid)  # the workers start while group 1 is prepared
         except OSError as exc:
             log.warning("purge: no worker processes (%s); using threads", exc)
-    return ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvr-guard-purge"), None
+    return _threads(workers), None
 
 
-def _warmed(pool: Executor, warm: Future[int], workers: int) -> tuple[Executor, Future[int] | None]:
+def _warmed(pool: Executor, warm: Future[int], workers: int) -> Executor:
+    """``pool`` once its first task came back; threads if the worker processes failed."""
     try:
         warm.result()
-        return pool, None
+        return pool
     except (OSError, BrokenProcessPool) as exc:
         # sandbox limits, a main module that cannot be re-imported: nothing was handed over yet
         log.warning("purge: worker processes failed (%s); using threads", exc)
         pool.shutdown(wait=False)
-        return ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvr-guard-purge"), None
+        return _threads(workers)
+
+
+def _threads(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvr-guard-purge")
 
 
 @dataclass
@@ -710,18 +699,12 @@ def _unlink_jobs(jobs: list[list[_Item]], now: float) -> list[_Outcome]:
             w.close()
 
 
-_watched: int | None = None  # the purging process this worker process dies with
-
-
 def _die_with(owner: int) -> None:
     """A worker process must not go on deleting once the purging process is gone (kill -9):
     the next start would write ``recovered`` receipts while files still disappear. (The pool's
-    own clean-up does not help: the workers' parent is the forkserver, which outlives nobody.)
-    A thread waits on a pidfd of the owner and ends this process the moment it exits. Runs
-    as the initializer of every worker process of a purge."""
-    global _watched
-    if _watched == owner:
-        return
+    own clean-up does not help: the workers' parent is the forkserver, which stays alive as
+    long as its workers do.) A thread waits on a pidfd of the owner and ends this process the
+    moment it exits. Runs once, as the initializer of every worker process of a purge."""
     try:
         fd = os.pidfd_open(owner)
     except ProcessLookupError:
@@ -744,7 +727,6 @@ def _die_with(owner: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="nvr-guard-owner-watch", daemon=True).start()
-    _watched = owner
 
 
 def _apply(

@@ -1,4 +1,5 @@
-"""The worker processes of the scanner and the purge.
+"""The worker processes of the scanner and the purge, and the process-wide helpers of bulk work
+(the garbage collector, the C library).
 
 forkserver, not fork: the daemon has threads (scheduler, watcher, control socket) by the time it
 needs workers, and a forked copy of a process with threads may inherit a held lock. The server
@@ -8,11 +9,14 @@ imports the worker code once; each worker is then a cheap fork of it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import multiprocessing
 import threading
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
+from typing import Any
 
 PRELOAD = ["nvr_guard.scan", "nvr_guard.policy", "nvr_guard.purge"]
 
@@ -50,3 +54,18 @@ def gc_paused() -> Iterator[None]:
             _gc_depth -= 1
             if _gc_depth == 0 and _gc_was_enabled:
                 gc.enable()
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def libc_function(name: str) -> Any:
+    """A function of the C library by name (``syncfs``, ``malloc_trim``), or None where this
+    libc does not have it or cannot be loaded."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return getattr(_libc, name, None)
+    except OSError:
+        return None

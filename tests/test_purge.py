@@ -485,7 +485,7 @@ def test_rows_of_a_group_go_while_later_groups_are_unlinked(w: World) -> None:
 
 
 _ORPHAN_SCRIPT = """
-import sys, time
+import signal, sys
 from concurrent.futures import ProcessPoolExecutor
 from nvr_guard import purge
 from nvr_guard.workers import worker_context
@@ -498,7 +498,7 @@ if __name__ == "__main__":
     for f in [pool.submit(purge._unlink_group, [], 0.0) for _ in range(4)]:
         f.result()
     print("ready", flush=True)
-    time.sleep(120)
+    signal.pause()  # until the test kills this process
 """
 
 
@@ -508,7 +508,6 @@ def test_worker_processes_die_with_the_purging_process(tmp_path: Path, watch: bo
     # while the next start writes the recovered receipts
     import subprocess
     import sys
-    import time
 
     import psutil
 
@@ -527,10 +526,8 @@ def test_worker_processes_die_with_the_purging_process(tmp_path: Path, watch: bo
         assert len(workers) == 2
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(k.is_running() for k in workers):
-            time.sleep(0.05)
-        alive = [k for k in workers if k.is_running()]
+        # waits for the workers to exit, up to the deadline (the control case waits it out)
+        _, alive = psutil.wait_procs(workers, timeout=10 if watch else 3)
         if watch:
             assert alive == []
         else:
