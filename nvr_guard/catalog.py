@@ -19,7 +19,10 @@ for the whole of its transaction, so another thread's statements never land insi
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -33,11 +36,14 @@ from nvr_guard.errors import InvalidInput
 from nvr_guard.model import ClockReading, Hold, Item, Segment, SiteRules, SweepHistory
 from nvr_guard.workers import libc_function
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "EXPIRY_SLACK",
     "Catalog",
     "ExpiryCalc",
     "SWEEP_STATES",
+    "PackedRows",
     "SegmentRow",
     "SweepItemRecord",
     "SweepRecord",
@@ -49,6 +55,8 @@ __all__ = [
 EXPIRY_SLACK = 1.0
 
 PAGE_SIZE = 16384
+_AUTOCHECKPOINT = 1000  # pages; SQLite's default
+_WAL_SIZE_LIMIT = 64 * 2**20
 
 SWEEP_STATES = ("planned", "blocked", "applying", "done", "confirmed", "failed")
 
@@ -184,16 +192,39 @@ def _migration_3(conn: sqlite3.Connection) -> None:
     execute_ddl(conn, store.SCHEMA)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2, _migration_3]
+def _migration_4(conn: sqlite3.Connection) -> None:
+    # (site, start) answered "the oldest footage of a site" (disk pressure) and a status line;
+    # (site, camera, start) answers both, one camera at a time (Catalog.oldest_segments), and
+    # one index less is about half a second less of every cold load of a million segments
+    conn.execute("DROP INDEX IF EXISTS segments_site_start")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # secondary indexes of segments, dropped and rebuilt around a bulk load into an empty table
 # (building an index from sorted data is several times cheaper than a million B-tree inserts)
 _SEGMENT_INDEXES = {
     "segments_expires": "CREATE INDEX segments_expires ON segments(expires_at)",
-    "segments_site_start": "CREATE INDEX segments_site_start ON segments(site, start)",
     "segments_site_camera": "CREATE INDEX segments_site_camera ON segments(site, camera, start)",
 }
+
+# the cameras of a site, one index seek each (a skip-scan of segments_site_camera) instead of
+# reading every row of the site
+_SITE_CAMERAS = """
+WITH RECURSIVE cams(camera) AS (
+    SELECT min(camera) FROM segments WHERE site = ?1
+    UNION ALL
+    SELECT (SELECT min(camera) FROM segments WHERE site = ?1 AND camera > cams.camera)
+    FROM cams WHERE cams.camera IS NOT NULL
+)
+SELECT camera FROM cams WHERE camera IS NOT NULL
+"""
 
 _INSERT = (
     "INSERT INTO segments (site, camera, path, start, mtime, size, expires_at) "
@@ -206,6 +237,35 @@ _UPSERT = (
     "start = excluded.start, mtime = excluded.mtime, size = excluded.size, "
     "expires_at = excluded.expires_at"
 )
+
+
+# Rows per INSERT statement in bulk: one statement step per row costs about as much as the
+# row's B-tree insert itself; with 64 rows a statement (448 parameters) that overhead is
+# shared, the load of a million rows is about 0.6 s cheaper (measured).
+_CHUNK = 64
+_ROW_PARAMS = "(?, ?, ?, ?, ?, ?, ?)"
+_INSERT_CHUNK = _INSERT.replace(_ROW_PARAMS, ", ".join([_ROW_PARAMS] * _CHUNK))
+_UPSERT_CHUNK = _UPSERT.replace(_ROW_PARAMS, ", ".join([_ROW_PARAMS] * _CHUNK))
+
+
+@dataclass(frozen=True, slots=True)
+class PackedRows:
+    """Segment rows made ready for :meth:`Catalog.apply_rows`: whole chunks of ``_CHUNK`` rows
+    flattened into one parameter tuple each, the remainder as rows. Plain data, so the
+    scanner's worker processes do the packing and send the result."""
+
+    chunks: list[tuple[object, ...]]
+    rest: list[SegmentRow]
+
+    def __len__(self) -> int:
+        return len(self.chunks) * _CHUNK + len(self.rest)
+
+
+def pack_rows(rows: Sequence[SegmentRow]) -> PackedRows:
+    whole = len(rows) - len(rows) % _CHUNK
+    flat = itertools.chain.from_iterable
+    chunks = [tuple(flat(rows[i : i + _CHUNK])) for i in range(0, whole, _CHUNK)]
+    return PackedRows(chunks, list(rows[whole:]))
 
 
 class ExpiryCalc:
@@ -341,6 +401,8 @@ class Catalog:
     def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.lock = threading.RLock()
+        self._closed = False
+        self._checkpointer: threading.Thread | None = None
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so a
         # multi-row change is never split by the module's implicit transaction handling
         self.conn = sqlite3.connect(
@@ -357,6 +419,9 @@ class Catalog:
         # NORMAL in WAL: a power loss may lose the last commits but never corrupts; the audit log
         # raises this to FULL around its own appends (acknowledged entries must survive)
         c.execute("PRAGMA synchronous = NORMAL")
+        c.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT}")
+        # a WAL grown by a bulk load is cut back to this when it next starts over
+        c.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         c.execute("PRAGMA foreign_keys = ON")
         c.execute("PRAGMA temp_store = MEMORY")
         self._migrate()
@@ -399,6 +464,7 @@ class Catalog:
 
     def close(self) -> None:
         with self.lock:
+            self._closed = True
             self.conn.close()
 
     def __enter__(self) -> Catalog:
@@ -437,7 +503,11 @@ class Catalog:
         return len(rows)
 
     def apply_rows(
-        self, rows: Iterable[SegmentRow], removed: Iterable[bytes], *, fresh: bool = False
+        self,
+        rows: Iterable[SegmentRow] | PackedRows,
+        removed: Iterable[bytes],
+        *,
+        fresh: bool = False,
     ) -> None:
         """Bulk form for the scanner: upsert ready-made rows, delete paths (one transaction).
 
@@ -445,6 +515,9 @@ class Catalog:
         :meth:`bulk_load`); a plain INSERT is a good deal cheaper than the upsert.
         """
         with self.transaction() as c:
+            if isinstance(rows, PackedRows):
+                c.executemany(_INSERT_CHUNK if fresh else _UPSERT_CHUNK, rows.chunks)
+                rows = rows.rest
             c.executemany(_INSERT if fresh else _UPSERT, rows)
             c.executemany("DELETE FROM segments WHERE path = ?", ((p,) for p in sorted(removed)))
 
@@ -458,6 +531,9 @@ class Catalog:
         """
         with self.transaction() as c:
             empty = c.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is None
+            # the commit leaves the whole load in the WAL: copying it into the database file
+            # (and syncing that) is left to a thread of its own, see _checkpoint_in_background
+            c.execute("PRAGMA wal_autocheckpoint = 0")
             old_cache = c.execute("PRAGMA cache_size").fetchone()[0]
             c.execute("PRAGMA cache_size = -65536")  # 64 MiB while loading, given back after
             c.execute("PRAGMA threads = 2")  # helper threads for the index sorter
@@ -474,6 +550,38 @@ class Catalog:
         with self.lock:
             self.conn.execute("PRAGMA shrink_memory")
         release_memory()
+        self._checkpoint_in_background()
+
+    def _checkpoint_in_background(self) -> None:
+        """Checkpoint the WAL on a thread with its own connection, then let this connection's
+        commits checkpoint again as usual.
+
+        After a bulk load the WAL holds every page of the table (about 200 MB per million
+        segments). Left to SQLite, the first commit after it — still inside the reconcile —
+        would copy all of that into the database file and fsync it, a second or more of I/O
+        the scanner need not wait for. A PASSIVE checkpoint takes no lock that writers or
+        readers wait on; if the process ends first, the next one finishes it (WAL recovery is
+        part of every open), so nothing is lost either way.
+        """
+
+        def run() -> None:
+            try:
+                conn = sqlite3.connect(str(self.path), timeout=30.0)
+                try:
+                    conn.execute("PRAGMA busy_timeout = 30000")
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:
+                log.warning("catalog checkpoint after a bulk load failed: %s", exc)
+            finally:
+                with self.lock:
+                    if not self._closed:
+                        self.conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT}")
+
+        t = threading.Thread(target=run, name="catalog-checkpoint", daemon=True)
+        self._checkpointer = t
+        t.start()
 
     def note_rules(self, site: str, rules: SiteRules) -> None:
         """Record that ``site``'s expires_at values were computed with ``rules``."""
@@ -658,13 +766,22 @@ class Catalog:
         return len(rows)
 
     def oldest_segments(self, site: str, limit: int) -> list[Segment]:
+        """The ``limit`` oldest segments of a site (by start, then path): each camera's rows
+        in index order, merged, so only about ``limit`` rows are read however large the site."""
         with self.lock:
-            cur = self.conn.execute(
-                f"SELECT {_SEG_COLS} FROM segments INDEXED BY segments_site_start "
-                "WHERE site = ? ORDER BY start, path LIMIT ?",
-                (site, int(limit)),
-            )
-            return [_segment(r) for r in cur]
+            cursors = [
+                self.conn.execute(
+                    f"SELECT {_SEG_COLS} FROM segments INDEXED BY segments_site_camera "
+                    "WHERE site = ? AND camera = ? ORDER BY start, path",
+                    (site, camera),
+                )
+                for (camera,) in self.conn.execute(_SITE_CAMERAS, (site,)).fetchall()
+            ]
+            merged = heapq.merge(*cursors, key=lambda r: (r[4], r[3]))
+            out = [_segment(r) for r in itertools.islice(merged, max(int(limit), 0))]
+            for cur in cursors:
+                cur.close()
+            return out
 
     def camera_totals(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Segment counts of the given (site, camera) pairs (the mass-deletion guard's base)."""

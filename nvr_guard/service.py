@@ -779,15 +779,12 @@ class Engine:
     # ---- status --------------------------------------------------------------------------
     def _site_stats(self, site: str) -> dict[str, Any]:
         with self.catalog.lock:
-            count, size = self.catalog.conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM segments WHERE site = ?", (site,)
+            # one pass over the site's rows (the counts need it anyway)
+            count, size, oldest, newest = self.catalog.conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0), min(start), max(start) "
+                "FROM segments WHERE site = ?",
+                (site,),
             ).fetchone()
-            oldest = self.catalog.conn.execute(
-                "SELECT min(start) FROM segments WHERE site = ?", (site,)
-            ).fetchone()[0]
-            newest = self.catalog.conn.execute(
-                "SELECT max(start) FROM segments WHERE site = ?", (site,)
-            ).fetchone()[0]
         return {"count": int(count), "bytes": int(size), "oldest": oldest, "newest": newest}
 
     def status(self) -> dict[str, Any]:
