@@ -254,7 +254,7 @@ class PackedRows:
     flattened into one parameter tuple each, the remainder as rows. Plain data, so the
     scanner's worker processes do the packing and send the result."""
 
-    chunks: list[tuple[object, ...]]
+    chunks: Sequence[tuple[object, ...]]
     rest: list[SegmentRow]
 
     def __len__(self) -> int:
