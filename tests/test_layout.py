@@ -1,7 +1,11 @@
+import pickle
+import re
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nvr_guard.layout import Layout
 
@@ -79,3 +83,149 @@ def test_bad_patterns_are_refused(pattern, fragment):
     with pytest.raises(ValueError, match=None) as err:
         Layout.compile(pattern, UTC)
     assert fragment in str(err.value)
+
+
+# ---- matching per directory == matching the whole path -------------------------------------
+#
+# The scanner matches a layout's directory part once per directory and then only file names
+# (Layout.dir_matcher); parse() does the same. The oracle below matches the whole relative path
+# with one regex built from the pattern, the straightforward reading of the layout. For every
+# pattern shape (camera before or after the date, in the file name, written twice; a directive
+# in both a directory and the file name; a one-component layout) and for valid and broken paths
+# alike, the two must agree.
+
+ORACLE_DIRECTIVES = {"Y": "[0-9]{4}", "m": "[0-9]{2}", "d": "[0-9]{2}", "H": "[0-9]{2}"}
+ORACLE_DIRECTIVES.update({"M": "[0-9]{2}", "S": "[0-9]{2}"})
+
+
+def oracle(pattern: str, tz: ZoneInfo, rel: str) -> tuple[str, float] | None:
+    body = pattern
+    ext = re.search(r"\.[A-Za-z0-9]{1,8}$", body)
+    if ext:
+        body = body[: ext.start()]
+    out, seen = [], set()
+    for tok in re.findall(r"\{camera\}|%.|[^{%]+", body):
+        name = "camera" if tok == "{camera}" else tok[1:] if tok.startswith("%") else None
+        if name is None:
+            out.append(re.escape(tok))
+        elif name == "%":
+            out.append("%")
+        elif name in seen:
+            out.append(f"(?P={name})")
+        else:
+            seen.add(name)
+            out.append(f"(?P<{name}>{ORACLE_DIRECTIVES.get(name, '[^/]+')})")
+    if ext:
+        out.append(r"\.[^/.]+")
+    m = re.fullmatch("".join(out), rel, re.S)
+    if m is None:
+        return None
+    g = {k: int(v) for k, v in m.groupdict().items() if k != "camera"}
+    if g.get("M", 0) > 59 or g.get("S", 0) > 60:
+        return None
+    try:
+        t = datetime(g["Y"], g["m"], g["d"], g.get("H", 0), tzinfo=tz).timestamp()
+    except ValueError:
+        return None
+    return m["camera"], t + g.get("M", 0) * 60 + g.get("S", 0)
+
+
+SHAPES = [
+    "{camera}/%Y-%m-%d/%H/%M.%S.mp4",
+    "%Y-%m-%d/%H/{camera}/%M.%S.mp4",
+    "{camera}/%Y/%m/%d/%H%M%S.ts",
+    "%Y%m%d/{camera}_%H%M%S.mp4",
+    "{camera}/%Y-%m-%d/{camera}-%H.%M.mp4",
+    "{camera}/%Y-%m-%d/%H/%Y%m%d%H%M%S.mp4",
+    "{camera}-%Y%m%d%H%M%S.mp4",
+    "{camera}/%Y-%m-%d/%H%%/%M.mp4",
+    "{camera}/%Y-%m-%d/%H/%M/%S.mkv",
+    "{camera}/%Y-%m-%d/%H/%M",
+    "录像/{camera}/%Y-%m-%d/%H/%M.%S.mp4",
+]
+VALUE = {"Y": "%04d", "m": "%02d", "d": "%02d", "H": "%02d", "M": "%02d", "S": "%02d"}
+
+
+@st.composite
+def layout_paths(draw: st.DrawFn) -> tuple[str, str]:
+    pattern = draw(st.sampled_from(SHAPES))
+
+    def field(lo: int, hi: int, edges: list[int]) -> int:  # the edges drawn often
+        return draw(st.one_of(st.sampled_from(edges), st.integers(lo, hi)))
+
+    values = {
+        "Y": field(1999, 2040, [2024, 2026]),
+        "m": field(0, 13, [0, 2, 12, 13]),
+        "d": field(0, 32, [0, 28, 29, 30, 31, 32]),
+        "H": field(0, 25, [0, 23, 24]),
+        "M": field(0, 61, [0, 59, 60]),
+        "S": field(0, 61, [0, 59, 60, 61]),
+    }
+    camera = draw(st.sampled_from(["gate-03", "cam", "大门", "x\udcff", "a.b", "2026-11-20", "00"]))
+    rel = pattern
+    for d, fmt in VALUE.items():
+        rel = rel.replace(f"%{d}", fmt % values[d])
+    rel = rel.replace("%%", "%").replace("{camera}", camera)
+    if draw(st.booleans()):
+        rel = rel[: rel.rfind(".")] + draw(st.sampled_from([".mkv", ".MP4", "", ".a.mp4"]))
+    mutation = draw(st.sampled_from(["none", "none", "char", "cut", "extra", "second"]))
+    if mutation == "char":  # one character replaced: digits, separators, foreign digits
+        i = draw(st.integers(0, len(rel) - 1))
+        rel = rel[:i] + draw(st.sampled_from(["0", "9", "/", "-", "x", "٣", "."])) + rel[i + 1 :]
+    elif mutation == "cut":  # a component less
+        parts = rel.split("/")
+        i = draw(st.integers(0, len(parts) - 1))
+        rel = "/".join(parts[:i] + parts[i + 1 :])
+    elif mutation == "extra":  # a component more
+        parts = rel.split("/")
+        i = draw(st.integers(0, len(parts)))
+        rel = "/".join(parts[:i] + ["extra"] + parts[i:])
+    elif mutation == "second":  # a repeated field that disagrees with its first appearance
+        rel = rel.replace(camera, camera + "2", 1) if rel.count(camera) > 1 else rel
+    return pattern, rel
+
+
+@settings(max_examples=1500, deadline=None)
+@given(layout_paths(), st.sampled_from([SH, UTC, ZoneInfo("Europe/Berlin")]))
+def test_matching_per_directory_agrees_with_matching_the_whole_path(
+    case: tuple[str, str], tz: ZoneInfo
+) -> None:
+    pattern, rel = case
+    want = oracle(pattern, tz, rel)
+    layout = Layout.compile(pattern, tz)
+    assert layout.parse(rel) == want
+    # the scanner's way: the directory once, then the name as bytes
+    slash = rel.rfind("/")
+    match = layout.dir_matcher(rel[: max(slash, 0)])
+    name = rel[slash + 1 :].encode("utf-8", "surrogateescape")
+    assert (match(name) if match is not None else None) == want
+    # and again on a fresh layout (nothing memoised yet)
+    assert Layout.compile(pattern, tz).parse(rel) == want
+
+
+def test_memoised_names_do_not_leak_between_directories() -> None:
+    layout = Layout.compile("{camera}/%Y-%m-%d/%H/%M.%S.mp4", UTC)
+    a = layout.dir_matcher("cam1/2026-11-20/10")
+    b = layout.dir_matcher("cam2/2026-11-21/11")
+    assert a is not None and b is not None
+    assert a(b"05.07.mp4") == ("cam1", datetime(2026, 11, 20, 10, 5, 7, tzinfo=UTC).timestamp())
+    assert b(b"05.07.mp4") == ("cam2", datetime(2026, 11, 21, 11, 5, 7, tzinfo=UTC).timestamp())
+    assert a(b"61.00.mp4") is None and b(b"61.00.mp4") is None
+    # a directory whose date does not exist matches nothing, whatever the name
+    assert layout.dir_matcher("cam1/2026-02-30/10") is None
+    assert layout.dir_matcher("cam1/2026-11-20") is None  # not deep enough
+
+
+def test_only_ascii_digits_are_read_as_a_time() -> None:
+    # recorders write ASCII digits; other scripts' digits make the file no segment (kept)
+    layout = Layout.compile("{camera}/%Y-%m-%d/%H/%M.%S.mp4", UTC)
+    assert layout.parse("gate/2026-11-20/10/٠٥.00.mp4") is None
+    assert layout.parse("gate/٢٠٢٦-11-20/10/05.00.mp4") is None
+
+
+def test_a_layout_survives_pickling_for_the_worker_processes() -> None:
+    layout = Layout.compile("{camera}/%Y-%m-%d/%H/%M.%S.mp4", SH)
+    first = layout.parse("gate/2026-11-20/10/05.07.mp4")
+    clone = pickle.loads(pickle.dumps(layout))
+    assert clone == layout
+    assert clone.parse("gate/2026-11-20/10/05.07.mp4") == first
