@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from nvr_guard import policy
-from nvr_guard.catalog import SCHEMA_VERSION, Catalog, ExpiryCalc
+from nvr_guard.catalog import SCHEMA_VERSION, Catalog, ExpiryCalc, pack_rows
 from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import Action, ClockReading, Item, Segment, SiteRules
@@ -364,3 +364,120 @@ def test_upsert_with_new_rules_brings_the_site_rows_along(cat: Catalog) -> None:
     cat.upsert_segments([seg("b", NOW)], {"gate": rules(keep="5d")})
     row = cat.conn.execute("SELECT expires_at FROM segments WHERE path = ?", (a.path,)).fetchone()
     assert row[0] == a.start + 5 * DAY
+
+
+# ---- bulk loading ---------------------------------------------------------------------------
+
+
+def _rows(n: int, size: int = 1) -> list[tuple[str, str, bytes, float, float, int, float]]:
+    return [
+        ("gate", f"c{i % 3}", b"/r/c%d/%06d.mp4" % (i % 3, i), 1e9 + i, 1e9 + i, size, 2e9 + i)
+        for i in range(n)
+    ]
+
+
+def _dump(cat: Catalog) -> list[tuple[object, ...]]:
+    return cat.conn.execute(
+        "SELECT site, camera, path, start, mtime, size, expires_at FROM segments ORDER BY path"
+    ).fetchall()
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 129, 1000])
+def test_packed_rows_load_and_update_exactly_like_plain_rows(tmp_path: Path, n: int) -> None:
+    plain, packed = Catalog(tmp_path / "a.db"), Catalog(tmp_path / "b.db")
+    with plain.bulk_load():
+        plain.apply_rows(_rows(n), (), fresh=True)
+    with packed.bulk_load():
+        p = pack_rows(_rows(n))
+        assert len(p) == n
+        packed.apply_rows(p, (), fresh=True)
+    assert _dump(packed) == _dump(plain) and len(_dump(plain)) == n
+    # the upsert form: the same paths with new values replace the rows, none is added
+    plain.apply_rows(_rows(n, size=7), ())
+    packed.apply_rows(pack_rows(_rows(n, size=7)), ())
+    assert _dump(packed) == _dump(plain)
+    assert {r[5] for r in _dump(packed)} <= {7} and packed.count() == n
+    plain.close()
+    packed.close()
+
+
+def test_oldest_segments_merge_cameras_by_start_then_path(cat: Catalog) -> None:
+    import random
+
+    rnd = random.Random(7)
+    segs = []
+    for i in range(400):
+        site = "gate" if i % 5 else "lobby"
+        # few distinct starts: many ties across and within cameras, broken by path
+        start = NOW - rnd.randrange(40) * 60
+        segs.append(Segment(site, f"cam{rnd.randrange(6)}", b"/rec/%03d.mp4" % i, start, start, 1))
+    cat.upsert_segments(segs, {"gate": rules(), "lobby": rules("lobby")})
+    for site in ("gate", "lobby", "none"):
+        everything = cat.conn.execute(
+            "SELECT path FROM segments NOT INDEXED WHERE site = ? ORDER BY start, path", (site,)
+        ).fetchall()
+        for limit in (0, 1, 7, 50, len(everything), len(everything) + 5):
+            got = [s.path for s in cat.oldest_segments(site, limit)]
+            assert got == [p for (p,) in everything[:limit]]
+
+
+def test_a_bulk_load_reaches_the_database_file_in_the_background(tmp_path: Path) -> None:
+    db = tmp_path / "catalog.db"
+    cat = Catalog(db)
+    with cat.bulk_load():
+        cat.apply_rows(_rows(20_000), (), fresh=True)
+    # the commit left the rows in the WAL; the background checkpoint copies them into the
+    # database file (seen here through a copy of that file alone), and this connection's
+    # commits checkpoint as usual again afterwards
+    deadline = time.monotonic() + 30
+    copied = 0
+    while time.monotonic() < deadline:
+        snap = tmp_path / f"snap{time.monotonic_ns()}.db"
+        snap.write_bytes(db.read_bytes())
+        raw = sqlite3.connect(snap)
+        try:
+            copied = raw.execute("SELECT count(*) FROM segments").fetchone()[0]
+        except sqlite3.DatabaseError:
+            copied = 0
+        raw.close()
+        auto = cat.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        if copied == 20_000 and auto > 0:
+            break
+        time.sleep(0.05)  # polling a background thread's result, with a deadline
+    assert copied == 20_000
+    assert cat.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    cat.close()
+
+
+_BULK_CHILD = textwrap.dedent(
+    """
+    import signal, sys
+    from nvr_guard.catalog import Catalog
+
+    cat = Catalog(sys.argv[1])
+    rows = [("gate", "c", b"/r/c/%07d.mp4" % i, 1e9 + i, 1e9 + i, 1, 2e9 + i)
+            for i in range(200_000)]
+    with cat.bulk_load():
+        cat.apply_rows(rows, (), fresh=True)
+    print("committed", flush=True)  # the checkpoint thread has just started
+    signal.pause()
+    """
+)
+
+
+def test_kill_9_right_after_a_bulk_load_keeps_every_row(tmp_path: Path) -> None:
+    db = tmp_path / "catalog.db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BULK_CHILD, str(db)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    line = child.stdout.readline()  # blocks until the child prints or dies
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert line.strip() == "committed"
+    cat = Catalog(db)
+    assert cat.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert cat.count() == 200_000
+    indexes = {r[0] for r in cat.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"segments_expires", "segments_site_camera"} <= indexes
+    cat.close()
