@@ -529,24 +529,31 @@ class Catalog:
         (sorted build instead of a million random inserts: about 1 s saved per million rows).
         Readers never see the table without its indexes: all of it is one transaction.
         """
-        with self.transaction() as c:
-            empty = c.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is None
-            # the commit leaves the whole load in the WAL: copying it into the database file
-            # (and syncing that) is left to a thread of its own, see _checkpoint_in_background
-            c.execute("PRAGMA wal_autocheckpoint = 0")
-            old_cache = c.execute("PRAGMA cache_size").fetchone()[0]
-            c.execute("PRAGMA cache_size = -65536")  # 64 MiB while loading, given back after
-            c.execute("PRAGMA threads = 2")  # helper threads for the index sorter
-            try:
-                if empty:
-                    for name in _SEGMENT_INDEXES:
-                        c.execute(f"DROP INDEX IF EXISTS {name}")
-                yield empty
-                if empty:
-                    for sql in _SEGMENT_INDEXES.values():
-                        c.execute(sql)
-            finally:
-                c.execute(f"PRAGMA cache_size = {int(old_cache)}")
+        try:
+            with self.transaction() as c:
+                empty = c.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is None
+                # the commit leaves the whole load in the WAL: copying it into the database
+                # file (and syncing that) is left to a thread, see _checkpoint_in_background
+                c.execute("PRAGMA wal_autocheckpoint = 0")
+                old_cache = c.execute("PRAGMA cache_size").fetchone()[0]
+                c.execute("PRAGMA cache_size = -65536")  # 64 MiB while loading, given back after
+                c.execute("PRAGMA threads = 2")  # helper threads for the index sorter
+                try:
+                    if empty:
+                        for name in _SEGMENT_INDEXES:
+                            c.execute(f"DROP INDEX IF EXISTS {name}")
+                    yield empty
+                    if empty:
+                        for sql in _SEGMENT_INDEXES.values():
+                            c.execute(sql)
+                finally:
+                    c.execute(f"PRAGMA cache_size = {int(old_cache)}")
+        except BaseException:
+            # rolled back: nothing to checkpoint; commits checkpoint as usual again
+            with self.lock:
+                if not self._closed:
+                    self.conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT}")
+            raise
         with self.lock:
             self.conn.execute("PRAGMA shrink_memory")
         release_memory()

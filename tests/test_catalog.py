@@ -481,3 +481,16 @@ def test_kill_9_right_after_a_bulk_load_keeps_every_row(tmp_path: Path) -> None:
     indexes = {r[0] for r in cat.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"segments_expires", "segments_site_camera"} <= indexes
     cat.close()
+
+
+def test_a_failed_bulk_load_leaves_nothing_and_checkpoints_as_usual(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.db")
+    with pytest.raises(RuntimeError, match="walk failed"):
+        with cat.bulk_load():
+            cat.apply_rows(_rows(500), (), fresh=True)
+            raise RuntimeError("walk failed")
+    assert cat.count() == 0
+    indexes = {r[0] for r in cat.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"segments_expires", "segments_site_camera"} <= indexes
+    assert cat.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    cat.close()
