@@ -365,10 +365,21 @@ def purge(
                 for g in begun:
                     jobs = [g.items[i : i + batch_size] for i in range(0, len(g.items), batch_size)]
                     running.append((g, pool.submit(_unlink_group, jobs, now())))
-            _finish(running, result, audit, actor, sweep_id, on_deleted)
+            closer: list[threading.Thread] = []
+
+            def all_unlinked() -> None:
+                # every task has returned: the workers exit while the receipts are written
+                t = threading.Thread(target=pool.shutdown, name="nvr-guard-purge-close")
+                t.start()
+                closer.append(t)
+
+            _finish(running, result, audit, actor, sweep_id, on_deleted, all_unlinked)
             _skips(plans, result, audit, actor, sweep_id)
         finally:
-            pool.shutdown(wait=True)  # an error above: let the workers finish what they hold
+            if closer:
+                closer[0].join()
+            else:
+                pool.shutdown(wait=True)  # an error above: let the workers finish what they hold
     return result
 
 
@@ -564,12 +575,15 @@ def _finish(
     actor: str,
     sweep_id: int | None,
     on_deleted: Callable[[list[Segment]], None],
+    all_unlinked: Callable[[], None] = lambda: None,
 ) -> None:
     """Steps 3 and 4: catalog rows and receipts in one transaction, opened while the workers
     still unlink, so that removing the rows of one group overlaps the unlinks of the next.
+    ``all_unlinked`` is called once every worker task has returned.
 
     Nothing of it is committed before every unlink is synced: a crash before the commit rolls
-    the row removals back with the receipts (the next start writes ``recovered`` receipts)."""
+    the row removals back with the receipts (the next start writes ``recovered`` receipts).
+    The receipts are written into the transaction while the sync runs, committed after it."""
     done: list[tuple[_Group, _Batch]] = []
     failure: BaseException | None = None
     catalog_error: Exception | None = None
@@ -590,6 +604,7 @@ def _finish(
                         target=_sync_roots, args=(roots,), name="nvr-guard-purge-sync"
                     )
                     syncer.start()
+                    all_unlinked()
                 for b in g.batches:
                     if not b.deleted:
                         continue
@@ -605,14 +620,14 @@ def _finish(
                 raise failure
             if catalog_error is not None:
                 raise catalog_error
-            if syncer is None:
-                _sync_roots(roots)
-            else:
-                syncer.join()  # durable before any receipt says so
             seqs = [
                 audit.append_in(actor, PURGE_RECEIPT, g.obj, _receipt_details(g, b, sweep_id)).seq
                 for g, b in done
             ]
+            if syncer is None:
+                _sync_roots(roots)
+            else:
+                syncer.join()  # durable before the commit makes any receipt say so
     except Exception as exc:
         if failure is not None:
             raise
