@@ -57,6 +57,9 @@ EXPIRY_SLACK = 1.0
 PAGE_SIZE = 16384
 _AUTOCHECKPOINT = 1000  # pages; SQLite's default
 _WAL_SIZE_LIMIT = 64 * 2**20
+# a bulk load of at least this many rows is checkpointed on a thread of its own (about 10 MB
+# of WAL; a smaller one costs its commit no more than an ordinary batch)
+_DEFER_CHECKPOINT_ROWS = 50_000
 
 SWEEP_STATES = ("planned", "blocked", "applying", "done", "confirmed", "failed")
 
@@ -532,9 +535,6 @@ class Catalog:
         try:
             with self.transaction() as c:
                 empty = c.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is None
-                # the commit leaves the whole load in the WAL: copying it into the database
-                # file (and syncing that) is left to a thread, see _checkpoint_in_background
-                c.execute("PRAGMA wal_autocheckpoint = 0")
                 old_cache = c.execute("PRAGMA cache_size").fetchone()[0]
                 c.execute("PRAGMA cache_size = -65536")  # 64 MiB while loading, given back after
                 c.execute("PRAGMA threads = 2")  # helper threads for the index sorter
@@ -546,6 +546,13 @@ class Catalog:
                     if empty:
                         for sql in _SEGMENT_INDEXES.values():
                             c.execute(sql)
+                    # a large load: the commit leaves all of it in the WAL, and copying that
+                    # into the database file (and syncing it) is left to a thread, see
+                    # _checkpoint_in_background; a small one checkpoints as usual
+                    loaded = c.execute("SELECT max(rowid) FROM segments").fetchone()[0] or 0
+                    deferred = empty and loaded >= _DEFER_CHECKPOINT_ROWS
+                    if deferred:
+                        c.execute("PRAGMA wal_autocheckpoint = 0")
                 finally:
                     c.execute(f"PRAGMA cache_size = {int(old_cache)}")
         except BaseException:
@@ -557,7 +564,8 @@ class Catalog:
         with self.lock:
             self.conn.execute("PRAGMA shrink_memory")
         release_memory()
-        self._checkpoint_in_background()
+        if deferred:
+            self._checkpoint_in_background()
 
     def _checkpoint_in_background(self) -> None:
         """Checkpoint the WAL on a thread with its own connection, then let this connection's

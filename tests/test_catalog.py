@@ -425,7 +425,7 @@ def test_a_bulk_load_reaches_the_database_file_in_the_background(tmp_path: Path)
     db = tmp_path / "catalog.db"
     cat = Catalog(db)
     with cat.bulk_load():
-        cat.apply_rows(_rows(20_000), (), fresh=True)
+        cat.apply_rows(_rows(60_000), (), fresh=True)
     # the commit left the rows in the WAL; the background checkpoint copies them into the
     # database file (seen here through a copy of that file alone), and this connection's
     # commits checkpoint as usual again afterwards
@@ -441,10 +441,10 @@ def test_a_bulk_load_reaches_the_database_file_in_the_background(tmp_path: Path)
             copied = 0
         raw.close()
         auto = cat.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
-        if copied == 20_000 and auto > 0:
+        if copied == 60_000 and auto > 0:
             break
         time.sleep(0.05)  # polling a background thread's result, with a deadline
-    assert copied == 20_000
+    assert copied == 60_000
     assert cat.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
     cat.close()
 
@@ -493,4 +493,15 @@ def test_a_failed_bulk_load_leaves_nothing_and_checkpoints_as_usual(tmp_path: Pa
     indexes = {r[0] for r in cat.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"segments_expires", "segments_site_camera"} <= indexes
     assert cat.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    cat.close()
+
+
+def test_a_small_bulk_load_checkpoints_at_its_commit(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "catalog.db")
+    with cat.bulk_load():
+        cat.apply_rows(_rows(300), (), fresh=True)
+    # nothing left for a background thread: the commit checkpointed as any other
+    assert cat.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    busy, _, _ = cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0 and cat.count() == 300
     cat.close()
