@@ -345,6 +345,7 @@ def purge(
     plans: list[_Group] = []
     running: list[tuple[_Group, Future[list[_Outcome]]]] = []
     exts: dict[frozenset[str], frozenset[bytes]] = {}
+    closer: list[threading.Thread] = []  # shuts the pool down once every task has returned
     with gc_paused():  # see gc_paused: most of a large purge's Python time otherwise
         pool, warm = _pool(workers, len(targets) >= process_min)
         try:
@@ -365,7 +366,6 @@ def purge(
                 for g in begun:
                     jobs = [g.items[i : i + batch_size] for i in range(0, len(g.items), batch_size)]
                     running.append((g, pool.submit(_unlink_group, jobs, now())))
-            closer: list[threading.Thread] = []
 
             def all_unlinked() -> None:
                 # every task has returned: the workers exit while the receipts are written

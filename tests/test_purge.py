@@ -446,6 +446,21 @@ def test_failing_callback_rolls_back_rows_but_receipt_is_written(w: World) -> No
     assert not w.conn.in_transaction and w.audit.verify().ok
 
 
+def test_a_failure_before_any_unlink_surfaces_as_itself_and_deletes_nothing(
+    w: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg = w.seg("cam1/2025-10-01/a.mp4")
+
+    def begin_fails(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(purge_mod, "_begin", begin_fails)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        w.run([w.target(seg)])
+    assert os.path.exists(seg.path) and w.catalogued() == {seg.path}
+    assert w.entries("purge.receipt") == [] and not w.conn.in_transaction
+
+
 def test_nothing_to_do_writes_nothing(w: World) -> None:
     result = w.run([])
     assert result == PurgeResult()
