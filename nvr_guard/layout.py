@@ -214,7 +214,10 @@ def _component_regex(pattern: str, text: str, seen: set[str]) -> str:
     """Regex for ``text`` (part of ``pattern``): named groups for the first appearance of a
     directive or ``{camera}`` in ``seen``, back-references for a repeat."""
     out: list[str] = []
-    for tok in _TOKEN.findall(text):
+    tokens = _TOKEN.findall(text)
+    if "".join(tokens) != text:  # only a '%' with nothing after it is not a token
+        raise ValueError(f"layout {pattern!r}: a lone '%' (write %% for a literal percent sign)")
+    for tok in tokens:
         if tok == "{camera}":
             out.append("(?P=camera)" if "camera" in seen else r"(?P<camera>[^/]+)")
             seen.add("camera")

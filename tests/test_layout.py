@@ -77,6 +77,8 @@ def test_parse_rejects_paths_that_do_not_fit(rel):
         ("/srv/{camera}/%Y-%m-%d.mp4", "relative"),
         ("{camera}/../%Y-%m-%d.mp4", "'..'"),
         ("", "empty"),
+        ("{camera}%/%Y-%m-%d.mp4", "lone '%'"),
+        ("{camera}/%Y-%m-%d/%", "lone '%'"),
     ],
 )
 def test_bad_patterns_are_refused(pattern, fragment):
