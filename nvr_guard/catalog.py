@@ -271,6 +271,10 @@ def pack_rows(rows: Sequence[SegmentRow]) -> PackedRows:
     return PackedRows(chunks, list(rows[whole:]))
 
 
+# ids per DELETE of remove_segments
+_ID_CHUNK = 500
+
+
 class ExpiryCalc:
     """``policy.expiry(start, rules)`` for many starts, fast.
 
@@ -623,19 +627,35 @@ class Catalog:
     def remove_segments(self, segments: Iterable[Segment]) -> int:
         """Forget these segments (a purge deleted their files): by row id where the segment
         came from the catalog — a rowid lookup instead of a search of the path index — and only
-        while the row still holds that path (an id freed meanwhile may be reused)."""
-        by_id: list[tuple[int, bytes]] = []
+        while the row still holds that path (an id freed meanwhile may be reused).
+
+        In chunks of ids: one ``DELETE … WHERE id IN (…)`` opens the table and its indexes
+        once for hundreds of rows, where a statement per row opened them each time (a purge of
+        144,000 files spent about twice as long here). The path check is a read of the same
+        rows just before."""
+        by_id: dict[int, bytes] = {}
         by_path: list[bytes] = []
         for s in segments:
             if s.id is None:
                 by_path.append(os.fsencode(s.path))
             else:
-                by_id.append((s.id, os.fsencode(s.path)))
-        by_id.sort()
+                by_id[s.id] = os.fsencode(s.path)
+        ids = sorted(by_id)
+        n = 0
         with self.transaction() as c:
-            before = c.total_changes
-            c.executemany("DELETE FROM segments WHERE id = ? AND path = ?", by_id)
-            n = c.total_changes - before
+            for i in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[i : i + _ID_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                same = [
+                    rid
+                    for rid, path in c.execute(
+                        f"SELECT id, path FROM segments WHERE id IN ({marks})", chunk
+                    )
+                    if by_id[rid] == path
+                ]
+                if same:
+                    marks = ",".join("?" * len(same))
+                    n += c.execute(f"DELETE FROM segments WHERE id IN ({marks})", same).rowcount
             return n + self.remove_paths(by_path) if by_path else n
 
     def remove_under(self, directory: bytes) -> int:

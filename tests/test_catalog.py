@@ -131,6 +131,26 @@ def test_remove_segments_by_id_only_while_the_row_holds_that_path(cat: Catalog) 
     assert cat.get(b.path) is not None and cat.count() == 1
 
 
+def test_remove_segments_in_chunks_checks_every_path(cat: Catalog) -> None:
+    segs = [
+        Segment("gate", "cam1", b"/rec/gate/cam1/%04d.mp4" % i, NOW + i, NOW + i, 1)
+        for i in range(1300)
+    ]
+    cat.upsert_segments(segs, {"gate": rules()})
+    stored = cat.segments_of("gate", "cam1", NOW - 1, NOW + 2000)
+    assert len(stored) == 1300 and all(s.id is not None for s in stored)
+    # every 97th id now stands for another path: those rows stay, on both sides of the
+    # chunk boundaries (500, 1000)
+    planned = [
+        s if k % 97 else Segment(s.site, s.camera, b"/elsewhere.mp4", s.start, s.mtime, 1, id=s.id)
+        for k, s in enumerate(stored)
+    ]
+    kept = {s.path for k, s in enumerate(stored) if k % 97 == 0}
+    assert cat.remove_segments(planned) == 1300 - len(kept)
+    left = {s.path for s in cat.segments_of("gate", "cam1", NOW - 1, NOW + 2000)}
+    assert left == kept and len(kept) == 14
+
+
 def test_non_utf8_and_newline_paths_round_trip(cat: Catalog) -> None:
     odd = Segment("gate", "cam1", b"/rec/gate/cam1/\xff\xfe\nx.mp4", NOW, NOW, 1)
     cat.upsert_segments([odd], {"gate": rules()})
