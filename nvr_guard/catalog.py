@@ -519,8 +519,9 @@ class Catalog:
         """Bulk form for the scanner: upsert ready-made rows, delete paths (one transaction).
 
         ``rows`` may come packed (:func:`pack_rows`, as the scanner's worker processes send
-        them): 64 rows a statement. ``fresh``: the paths are known to be new (a load into an empty table inside
-        :meth:`bulk_load`); a plain INSERT is a good deal cheaper than the upsert.
+        them): 64 rows a statement. ``fresh``: the paths are known to be new (a load into an
+        empty table inside :meth:`bulk_load`); a plain INSERT is a good deal cheaper than the
+        upsert.
         """
         with self.transaction() as c:
             if isinstance(rows, PackedRows):
