@@ -9,7 +9,7 @@ Builds (or reuses) a tree of empty segment files, ``CAM/YYYY-MM-DD/HH/MM.SS.mp4`
 - cold reconcile (empty catalog) vs ``find ROOT -type f -printf '%s %T@ %p\\n'``: goal <= 3x
 - a sweep with nothing due vs that same find: goal <= 1/100
 - purging the 5 oldest days (1 in --quick) vs ``find COPY -delete`` on an identical copy:
-  goal <= 1.2x
+  goal <= 1.2x (each timed run on either side starts from a synced file system)
 - a new segment catalogued after close, with a Watcher running: goal <= 2 s
 - RSS of a fresh process holding the catalog (a full reconcile as at daemon start, a sweep,
   the watcher on every directory): goal <= 120 MB
