@@ -438,8 +438,8 @@ def purge_line(
         Scanner(cat, [s]).reconcile()
         return took, len(result.deleted)
 
-    # the two sides take turns, so that whatever the file system still does after a run (a
-    # journal to checkpoint after 144,000 deletions) falls on both alike
+    # the two sides take turns, so that whatever the file system still has to do after
+    # 144,000 deletions falls on both alike
     find_times: list[float] = []
     runs: list[float] = []
     deleted = n
