@@ -409,7 +409,6 @@ class Catalog:
         self.path = Path(path)
         self.lock = threading.RLock()
         self._closed = False
-        self._checkpointer: threading.Thread | None = None
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so a
         # multi-row change is never split by the module's implicit transaction handling
         self.conn = sqlite3.connect(
@@ -555,17 +554,17 @@ class Catalog:
                     # a large load: the commit leaves all of it in the WAL, and copying that
                     # into the database file (and syncing it) is left to a thread, see
                     # _checkpoint_in_background; a small one checkpoints as usual
-                    loaded = c.execute("SELECT max(rowid) FROM segments").fetchone()[0] or 0
-                    deferred = empty and loaded >= _DEFER_CHECKPOINT_ROWS
+                    deferred = (
+                        empty
+                        and (c.execute("SELECT max(rowid) FROM segments").fetchone()[0] or 0)
+                        >= _DEFER_CHECKPOINT_ROWS
+                    )
                     if deferred:
                         c.execute("PRAGMA wal_autocheckpoint = 0")
                 finally:
                     c.execute(f"PRAGMA cache_size = {int(old_cache)}")
         except BaseException:
-            # rolled back: nothing to checkpoint; commits checkpoint as usual again
-            with self.lock:
-                if not self._closed:
-                    self.conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT}")
+            self._checkpoint_as_usual()  # rolled back: nothing left to checkpoint
             raise
         with self.lock:
             self.conn.execute("PRAGMA shrink_memory")
@@ -596,13 +595,15 @@ class Catalog:
             except sqlite3.Error as exc:
                 log.warning("catalog checkpoint after a bulk load failed: %s", exc)
             finally:
-                with self.lock:
-                    if not self._closed:
-                        self.conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT}")
+                self._checkpoint_as_usual()
 
-        t = threading.Thread(target=run, name="catalog-checkpoint", daemon=True)
-        self._checkpointer = t
-        t.start()
+        threading.Thread(target=run, name="catalog-checkpoint", daemon=True).start()
+
+    def _checkpoint_as_usual(self) -> None:
+        """This connection's commits checkpoint the WAL again (off during a large bulk load)."""
+        with self.lock:
+            if not self._closed:
+                self.conn.execute(f"PRAGMA wal_autocheckpoint = {_AUTOCHECKPOINT}")
 
     def note_rules(self, site: str, rules: SiteRules) -> None:
         """Record that ``site``'s expires_at values were computed with ``rules``."""

@@ -38,10 +38,6 @@ _TRAILING_EXT = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 FileMatcher = Callable[[bytes], "tuple[str, float] | None"]
 
 
-def _no_match(name: bytes) -> None:
-    return None
-
-
 @dataclass
 class Layout:
     pattern: str
@@ -57,13 +53,10 @@ class Layout:
     )
     # file name -> seconds it adds to its directory's hour (-1: no match), for the usual shape
     _name_offsets: dict[bytes, int] = field(repr=False, compare=False, default_factory=dict)
-    # parse()'s matcher of the directory it saw last (paths come in directory order)
-    _last_dir: tuple[str, FileMatcher] | None = field(repr=False, compare=False, default=None)
 
     def __getstate__(self) -> dict[str, object]:
-        # sent to the scanner's worker processes: the cached matcher is a closure
+        # sent to each of the scanner's worker processes: without the memo, which they rebuild
         state = dict(self.__dict__)
-        state["_last_dir"] = None
         state["_name_offsets"] = {}
         return state
 
@@ -113,13 +106,10 @@ class Layout:
     def parse(self, rel: str) -> tuple[str, float] | None:
         """Camera id and recorded start (epoch seconds) of a root-relative path, or None."""
         slash = rel.rfind("/")
-        rel_dir, name = rel[: max(slash, 0)], rel[slash + 1 :]
-        last = self._last_dir
-        if last is not None and last[0] == rel_dir:
-            match = last[1]
-        else:
-            match = self.dir_matcher(rel_dir) or _no_match
-            self._last_dir = (rel_dir, match)
+        match = self.dir_matcher(rel[: max(slash, 0)])
+        if match is None:
+            return None
+        name = rel[slash + 1 :]
         try:
             raw = name.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:  # not a name the file system could have given us
