@@ -221,6 +221,12 @@ def status(c: Ctx) -> None:
                 f"{free:.1%}" if free is not None else "-",
             )
         out.print(t)
+        for a_ in st.get("attention", []):
+            where = f" {a_['site']}" if a_.get("site") else ""
+            out.print(
+                f"[yellow]attention ({escape(a_['kind'])}{escape(where)})[/]: "
+                f"{escape(a_['message'])}"
+            )
         for b in st["blocked_sweeps"]:
             # the message names cameras: directory names, which may look like markup
             out.print(f"[yellow]blocked sweep {b['id']}[/]: {escape(b['message'])}", markup=True)

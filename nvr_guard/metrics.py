@@ -33,12 +33,22 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from nvr_guard import policy
+from nvr_guard import attention, policy
 from nvr_guard.service import LATENESS_BUCKETS, Engine
 
 log = logging.getLogger("nvr_guard.metrics")
 
 PREFIX = "nvrguard_"
+ATTENTION_KINDS = (
+    attention.UNMATCHED,
+    attention.CLOCK_SKEW,
+    attention.ROOT_MISSING,
+    attention.ROOT_EMPTIED,
+    attention.ROOT_DEVICE,
+    attention.UNREADABLE,
+    attention.RELOAD_REFUSED,
+    attention.MOUNT_SKIPPED,
+)
 # audit actions counted into metrics (incrementally, by sequence number)
 _EXPORT_DONE = "export.done"
 _EXPORT_FAILED = "export.failed"
@@ -77,6 +87,7 @@ class Snapshot:
     audit_ok: bool | None = None
     audit_verified: float | None = None
     rss: int = 0
+    attention: dict[str, int] = field(default_factory=dict)
 
 
 def _table_exists(conn: Any, name: str) -> bool:
@@ -124,6 +135,7 @@ class EngineCollector(Collector):
             self._tables(snap)
             self._audit(snap)
             snap.violations = self._violations()
+            snap.attention = engine.attention.counts()
         snap.rss = self._process.memory_info().rss
         with self._snap_lock:
             self._snapshot = snap
@@ -244,6 +256,15 @@ def _families(s: Snapshot) -> Iterator[Metric]:
         if f.oldest_age is not None:
             age.add_metric([name], f.oldest_age)
     yield from (g, b, age, keep, over)
+
+    att = GaugeMetricFamily(
+        p + "attention",
+        "Attention entries standing now, by kind (status is not ok while any stands)",
+        labels=["kind"],
+    )
+    for kind in sorted(set(ATTENTION_KINDS) | set(s.attention)):
+        att.add_metric([kind], s.attention.get(kind, 0))
+    yield att
 
     yield CounterMetricFamily(
         p + "deletions", "Segments deleted by sweeps since the daemon started", value=s.deleted

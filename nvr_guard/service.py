@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from nvr_guard import policy
+from nvr_guard.attention import Attention
 from nvr_guard.audit import AuditLog
 from nvr_guard.catalog import Catalog
 from nvr_guard.config import Config
@@ -210,6 +211,10 @@ class Engine:
         self._workflow: Any = None
         self._media: Any = None
         self.stats = RetentionStats()
+        # what the admin must see (status `attention`, metric, audit): see nvr_guard.attention
+        self.attention = Attention(
+            lambda action, obj, details: self.audit.append("nvr-guard", action, obj, details)
+        )
 
     @property
     def media(self) -> Any:
@@ -843,8 +848,10 @@ class Engine:
                 "overdue": [r["id"] for r in requests if r.get("violation")],
             }
             scans = [s.as_dict() for s in self.media.store.recent_scans(5)]
+            attention = self.attention.as_json()
             return {
-                "ok": verify.ok and not blocked and not violations,
+                "ok": verify.ok and not blocked and not violations and not attention,
+                "attention": attention,
                 "time": iso(now.wall, self.config.tz),
                 "config": str(self.config.source_path),
                 "config_digest": self.config.digest,
