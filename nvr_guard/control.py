@@ -19,7 +19,18 @@ Limits, so one misbehaving client cannot hurt the daemon or the other callers:
   starting to wait for it, else the connection is dropped (with an error reply when part of a
   request had arrived) — a stalled client holds a thread for at most that long;
 * at most ``max_connections`` connections (default 64) are served at once; the next one gets a
-  "busy" reply at once and is closed.
+  "busy" reply at once and is closed;
+* identity is checked when a connection is accepted, before it takes a slot: a caller the
+  ``admit`` hook refuses (a socket-group member with no role) gets one refusal reply and is
+  closed at once, so idle connections of role-less users cannot crowd out the people who act;
+* one uid holds at most ``max_per_uid`` connections (default 8; root is exempt), so a role
+  holder flooding the socket leaves the other slots to everyone else.
+
+Every refusal (a refused connection, a malformed frame, an unknown command, a policy refusal, bad
+arguments) goes to the ``on_refusal`` hook — the daemon writes it to the audit log. A flood
+cannot flood the log: per uid, at most ``refusal_burst`` refusals are recorded in each
+``refusal_window`` seconds; the rest are counted and the count is recorded as one entry when the
+window ends (``suppressed``), so guessing ids or hammering the socket always leaves a trace.
 
 Who is calling comes from the kernel (SO_PEERCRED: pid, uid, gid at connect time), never from
 the request: a user cannot claim to be someone else. The socket's mode (0660, group
@@ -70,6 +81,9 @@ MAX_REQUEST = 64 * 1024
 MAX_REPLY = 64 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_MAX_PER_UID = 8
+DEFAULT_REFUSAL_BURST = 20
+DEFAULT_REFUSAL_WINDOW = 60.0
 
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _HEADER = struct.Struct(">I")
@@ -244,6 +258,80 @@ def _describe_validation(exc: ValidationError, prefix: str) -> str:
 Handler = Callable[[Caller, str, dict[str, Any]], Any]
 CommandFunc = Callable[[Caller, Any], Any]
 RoleResolver = Callable[[Caller], Iterable[str]]
+#: admit(caller) -> None to serve the connection, or the refusal message (exit 3)
+Admission = Callable[[Caller], "str | None"]
+#: on_refusal(caller, details) where details has cmd, code, message (and suppressed counts)
+RefusalHook = Callable[[Caller, dict[str, Any]], None]
+
+
+class RefusalLimiter:
+    """Per-uid rate limit for recording refusals: ``burst`` per ``window`` seconds are passed
+    on; the rest are counted and passed on as one summary when that uid's window ends."""
+
+    def __init__(
+        self,
+        hook: RefusalHook,
+        burst: int = DEFAULT_REFUSAL_BURST,
+        window: float = DEFAULT_REFUSAL_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.hook, self.burst, self.window, self.clock = hook, burst, window, clock
+        self._lock = threading.Lock()
+        # uid -> [window start, recorded in window, suppressed in window, last caller]
+        self._state: dict[int, list[Any]] = {}
+
+    def note(self, caller: Caller, details: dict[str, Any]) -> None:
+        now = self.clock()
+        summary: tuple[Caller, int] | None = None
+        with self._lock:
+            st = self._state.get(caller.uid)
+            if st is not None and now - st[0] >= self.window:
+                if st[2]:
+                    summary = (st[3], st[2])
+                st = None
+            if st is None:
+                st = self._state[caller.uid] = [now, 0, 0, caller]
+            st[3] = caller
+            record = st[1] < self.burst
+            if record:
+                st[1] += 1
+            else:
+                st[2] += 1
+        if summary is not None:
+            self._emit_summary(*summary)
+        if record:
+            self._call(caller, details)
+
+    def flush(self, force: bool = False) -> None:
+        """Record the suppressed counts of every window that has ended (all when ``force``)."""
+        now = self.clock()
+        due: list[tuple[Caller, int]] = []
+        with self._lock:
+            for uid, st in list(self._state.items()):
+                if force or now - st[0] >= self.window:
+                    if st[2]:
+                        due.append((st[3], st[2]))
+                    del self._state[uid]
+        for caller, count in due:
+            self._emit_summary(caller, count)
+
+    def _emit_summary(self, caller: Caller, count: int) -> None:
+        self._call(
+            caller,
+            {
+                "cmd": None,
+                "code": None,
+                "message": f"{count} further refusals of uid {caller.uid} not recorded singly "
+                f"(more than {self.burst} in {self.window:g} s)",
+                "suppressed": count,
+            },
+        )
+
+    def _call(self, caller: Caller, details: dict[str, Any]) -> None:
+        try:
+            self.hook(caller, details)
+        except Exception:  # recording must never take the socket down
+            log.exception("control: recording a refusal of %s failed", caller.describe())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -272,6 +360,11 @@ class ControlServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_request: int = MAX_REQUEST,
         roles_of: RoleResolver | None = None,
+        admit: Admission | None = None,
+        max_per_uid: int = DEFAULT_MAX_PER_UID,
+        on_refusal: RefusalHook | None = None,
+        refusal_burst: int = DEFAULT_REFUSAL_BURST,
+        refusal_window: float = DEFAULT_REFUSAL_WINDOW,
     ) -> None:
         self.path = Path(path)
         self.group = group
@@ -281,6 +374,12 @@ class ControlServer:
         self.max_connections = max_connections
         self.max_request = max_request
         self.roles_of = roles_of
+        self.admit = admit
+        self.max_per_uid = max_per_uid
+        self.refusals = (
+            RefusalLimiter(on_refusal, refusal_burst, refusal_window) if on_refusal else None
+        )
+        self._per_uid: dict[int, int] = {}
         self._commands: dict[str, Command] = {}
         self._slots = threading.BoundedSemaphore(max_connections)
         self._lock = threading.Lock()
@@ -363,6 +462,8 @@ class ControlServer:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
         self._unlink_if_ours()
+        if self.refusals is not None:
+            self.refusals.flush(force=True)
         log.info("control socket %s closed", self.path)
 
     def __enter__(self) -> ControlServer:
@@ -490,7 +591,10 @@ class ControlServer:
             sel.register(listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
             while not self._stopping.is_set():
-                for key, _ in sel.select():
+                ready = sel.select(timeout=5.0)
+                if self.refusals is not None:
+                    self.refusals.flush()
+                for key, _ in ready:
                     if key.fileobj is not listener or self._stopping.is_set():
                         continue
                     try:
@@ -506,8 +610,55 @@ class ControlServer:
                         continue
                     self._dispatch(conn)
 
+    def _refuse_connection(
+        self, conn: socket.socket, caller: Caller | None, code: int, message: str, kind: str
+    ) -> None:
+        conn.settimeout(0.5)
+        with contextlib.suppress(OSError):
+            conn.sendall(_encode(_error_reply(code, message, kind)))
+        conn.close()
+        if caller is not None:
+            self._note_refusal(caller, "(connect)", code, message)
+
+    def _note_refusal(self, caller: Caller, cmd: str | None, code: int, message: str) -> None:
+        if self.refusals is not None:
+            self.refusals.note(caller, {"cmd": cmd, "code": code, "message": message[:500]})
+
     def _dispatch(self, conn: socket.socket) -> None:
+        # Who it is comes first, before the connection may take a slot.
+        try:
+            caller = Caller.of_socket(conn)
+        except OSError as exc:
+            log.warning("control connection without peer credentials dropped: %s", exc)
+            conn.close()
+            return
+        if self.admit is not None:
+            try:
+                why = self.admit(caller)
+            except Exception:
+                log.exception("control: admission check for %s failed", caller.describe())
+                why = "internal error while checking who is calling; see the daemon log"
+            if why is not None:
+                log.info("control: %s refused at connect: %s", caller.describe(), why)
+                self._refuse_connection(conn, caller, 3, why, "PolicyRefused")
+                return
+        with self._lock:
+            held = self._per_uid.get(caller.uid, 0)
+            over = caller.uid != 0 and held >= self.max_per_uid
+            if not over:
+                self._per_uid[caller.uid] = held + 1
+        if over:
+            self._refuse_connection(
+                conn,
+                caller,
+                1,
+                f"daemon busy: uid {caller.uid} already has {self.max_per_uid} control "
+                f"connections open; close some and try again",
+                "DaemonUnavailable",
+            )
+            return
         if not self._slots.acquire(blocking=False):
+            self._uid_done(caller)
             # Refuse at once rather than queue: the CLI tells the user to retry, the daemon's
             # memory and thread count stay bounded.
             conn.settimeout(0.5)
@@ -527,27 +678,30 @@ class ControlServer:
         with self._lock:
             self._conns.add(conn)
         thread = threading.Thread(
-            target=self._serve_connection, args=(conn,), name="control-conn", daemon=True
+            target=self._serve_connection, args=(conn, caller), name="control-conn", daemon=True
         )
         try:
             thread.start()
         except RuntimeError:
-            self._release(conn)
+            self._release(conn, caller)
             raise
 
-    def _release(self, conn: socket.socket) -> None:
+    def _uid_done(self, caller: Caller) -> None:
+        with self._lock:
+            left = self._per_uid.get(caller.uid, 1) - 1
+            if left > 0:
+                self._per_uid[caller.uid] = left
+            else:
+                self._per_uid.pop(caller.uid, None)
+
+    def _release(self, conn: socket.socket, caller: Caller) -> None:
         with self._lock:
             self._conns.discard(conn)
         conn.close()
+        self._uid_done(caller)
         self._slots.release()
 
-    def _serve_connection(self, conn: socket.socket) -> None:
-        try:
-            caller = Caller.of_socket(conn)
-        except OSError as exc:
-            log.warning("control connection without peer credentials dropped: %s", exc)
-            self._release(conn)
-            return
+    def _serve_connection(self, conn: socket.socket, caller: Caller) -> None:
         try:
             while not self._stopping.is_set():
                 deadline = time.monotonic() + self.read_timeout
@@ -557,6 +711,9 @@ class ControlServer:
                     return
                 except _Timeout as exc:
                     if exc.partial:
+                        self._note_refusal(
+                            caller, None, 2, f"request not received within {self.read_timeout:g} s"
+                        )
                         log.warning(
                             "control: %s did not send a complete request within %.1f s; dropped",
                             caller.describe(),
@@ -572,6 +729,9 @@ class ControlServer:
                         )
                     return
                 except _Oversized as exc:
+                    self._note_refusal(
+                        caller, None, 2, f"request of {exc.length} bytes exceeds the limit"
+                    )
                     log.warning(
                         "control: %s announced a %d-byte request (limit %d); dropped",
                         caller.describe(),
@@ -594,7 +754,7 @@ class ControlServer:
                 if not self._send(conn, reply):
                     return
         finally:
-            self._release(conn)
+            self._release(conn, caller)
 
     def _send(self, conn: socket.socket, reply: Mapping[str, Any]) -> bool:
         try:
@@ -610,6 +770,23 @@ class ControlServer:
         return True
 
     def _handle_frame(self, caller: Caller, frame: bytes) -> dict[str, Any]:
+        cmd, reply = self._answer(caller, frame)
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            self._note_refusal(caller, cmd, int(err.get("code", 1)), str(err.get("message", "")))
+        return reply
+
+    def _answer(self, caller: Caller, frame: bytes) -> tuple[str | None, dict[str, Any]]:
+        """(command name when known, reply) for one request frame."""
+        reply = self._answer_frame(caller, frame)
+        cmd = None
+        with contextlib.suppress(Exception):
+            raw = json.loads(frame)
+            if isinstance(raw, dict) and isinstance(raw.get("cmd"), str):
+                cmd = raw["cmd"][:64]
+        return cmd, reply
+
+    def _answer_frame(self, caller: Caller, frame: bytes) -> dict[str, Any]:
         try:
             raw = json.loads(frame)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import sqlite3
 import sys
@@ -81,6 +82,12 @@ class Daemon:
         self.job_errors: dict[str, str] = {}
         self.rescan_wanted = threading.Event()
         self.metrics: Any = None  # nvr_guard.metrics.Exporter when metrics: is configured
+        self._refusal_queue: queue.Queue[tuple[str, str, str, dict[str, Any]] | None] = (
+            queue.Queue()
+        )
+        self._refusal_writer = threading.Thread(
+            target=self._write_refusals, name="refusal-writer", daemon=True
+        )
 
     # ---- start / stop --------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,8 +118,61 @@ class Daemon:
 
         sock = Path(config.socket)
         sock.parent.mkdir(parents=True, exist_ok=True)
-        self.server = ControlServer(sock, config.socket_group, self.handle)
+        if not self._refusal_writer.is_alive():
+            self._refusal_writer.start()
+        self.server = ControlServer(
+            sock,
+            config.socket_group,
+            self.handle,
+            admit=self._admit,
+            on_refusal=self._record_refusal,
+        )
         self.server.start()
+
+    def _admit(self, peer: Any) -> str | None:
+        """Checked when a connection is accepted: someone the config gives no role is turned
+        away at once (and the refusal recorded) instead of holding a slot."""
+        engine = self.engine
+        assert engine is not None
+        who = Caller.from_uid(peer.uid, getattr(peer, "gid", None))
+        if engine.roles_for(who):
+            return None
+        return (
+            f"{who.user} (uid {who.uid}) has no role in {engine.config.source_path}; "
+            "an admin adds people under `people:`"
+        )
+
+    def _record_refusal(self, peer: Any, details: dict[str, Any]) -> None:
+        """Every refusal the control socket gives, into the audit log (rate-limited per uid by
+        the server; a summary entry counts what was not recorded singly)."""
+        engine = self.engine
+        if engine is None:
+            return
+        user = peer.user if peer.user is not None else f"uid:{peer.uid}"
+        cmd = details.get("cmd")
+        if "suppressed" in details:
+            action, obj = "control.refusals_suppressed", "control"
+        elif cmd == "(connect)":
+            action, obj = "access.denied", "control.connect"
+        else:
+            action, obj = "control.refused", str(cmd or "control")
+        # queued: the accept thread must never wait for the engine lock (a sweep may hold it)
+        self._refusal_queue.put((user, action, obj, {"uid": peer.uid, "pid": peer.pid, **details}))
+
+    def _write_refusals(self) -> None:
+        """Writer thread of the refusal records; ends after the stop sentinel, queue drained."""
+        while True:
+            item = self._refusal_queue.get()
+            if item is None:
+                return
+            engine = self.engine
+            if engine is None:
+                continue
+            try:
+                with engine.lock:
+                    engine.audit.append(*item)
+            except Exception:
+                log.exception("recording a control refusal failed: %s", item[:3])
 
     def _start_watcher(self) -> None:
         from nvr_guard.scan import Watcher
@@ -180,7 +240,10 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         if self.server is not None:
-            self.server.stop()
+            self.server.stop()  # flushes the suppressed-refusal counts into the queue
+        if self._refusal_writer.is_alive():
+            self._refusal_queue.put(None)
+            self._refusal_writer.join(8)
         if self.metrics is not None:
             self.metrics.stop()
         if self.engine is not None and self.engine.lock.acquire(timeout=8):
