@@ -25,7 +25,7 @@ BENCH_ARGS  ?=
 
 # Debian packages the project uses at run or test time (SPEC §6). systemd is checked by its
 # tool, not its package: a container may have systemd-analyze from another package set.
-APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei e2fsprogs util-linux procps dosfstools openssl passwd
+APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei fonts-dejavu-core fontconfig e2fsprogs util-linux procps dosfstools openssl passwd
 
 # Service installation (make install-service): a venv outside /root and /home, because the
 # unit's ProtectHome=yes hides those from the daemon.

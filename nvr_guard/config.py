@@ -1085,6 +1085,26 @@ def _people_warnings(cfg: Config, warn: Any) -> None:
             )
 
 
+def _font_check(cfg: Config, problem: Any) -> None:
+    """export.font must draw the watermark: Chinese coverage and every character the template
+    writes (a font without them renders empty boxes in the evidence)."""
+    spec = cfg.export.font
+    if not spec:
+        return  # the first installed font covering Chinese is chosen at export time
+    from nvr_guard.errors import NvrGuardError
+    from nvr_guard.export import fonts
+
+    try:
+        path = fonts.resolve_font(spec)
+    except NvrGuardError as e:
+        problem(("export", "font"), False, str(e))
+        return
+    literal = "".join(lit for lit, *_ in string.Formatter().parse(cfg.export.watermark))
+    why = fonts.coverage_problem(path, literal)
+    if why is not None:
+        problem(("export", "font"), False, f"export.font: {why}")
+
+
 def _check_data(
     raw: Any, lines: _Lines, source: str
 ) -> tuple[Config | None, list[Problem], list[Problem]]:
@@ -1131,6 +1151,7 @@ def _check_data(
     _root_checks(sites, lines, problem)
     if cfg is not None:
         _people_warnings(cfg, warn)
+        _font_check(cfg, problem)
         for i, t in enumerate(cfg.export.targets):
             if not os.path.isdir(t):
                 warn(
