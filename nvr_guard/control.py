@@ -380,6 +380,8 @@ class ControlServer:
             RefusalLimiter(on_refusal, refusal_burst, refusal_window) if on_refusal else None
         )
         self._per_uid: dict[int, int] = {}
+        self._lingering: dict[socket.socket, float] = {}  # refused, half-closed -> deadline
+        self._linger_sel: selectors.BaseSelector | None = None
         self._commands: dict[str, Command] = {}
         self._slots = threading.BoundedSemaphore(max_connections)
         self._lock = threading.Lock()
@@ -590,35 +592,96 @@ class ControlServer:
         with selectors.DefaultSelector() as sel:
             sel.register(listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
-            while not self._stopping.is_set():
-                ready = sel.select(timeout=5.0)
-                if self.refusals is not None:
-                    self.refusals.flush()
-                for key, _ in ready:
-                    if key.fileobj is not listener or self._stopping.is_set():
-                        continue
-                    try:
-                        conn, _addr = listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError as exc:
+            self._linger_sel = sel
+            try:
+                while not self._stopping.is_set():
+                    ready = sel.select(timeout=self._linger_timeout())
+                    if self.refusals is not None:
+                        self.refusals.flush()
+                    for key, _ in ready:
                         if self._stopping.is_set():
-                            return
-                        # EMFILE and friends: log, back off briefly, keep serving.
-                        log.error("control socket accept failed: %s", exc)
-                        self._stopping.wait(0.1)
-                        continue
-                    self._dispatch(conn)
+                            break
+                        if key.fileobj is listener:
+                            self._accept_one(listener)
+                        elif key.fileobj is not self._wake_r:
+                            self._drain_lingering(key.fileobj)  # type: ignore[arg-type]
+                    self._expire_lingering()
+            finally:
+                for conn in list(self._lingering):
+                    conn.close()
+                self._lingering.clear()
+                self._linger_sel = None
+
+    def _accept_one(self, listener: socket.socket) -> None:
+        try:
+            conn, _addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if self._stopping.is_set():
+                return
+            # EMFILE and friends: log, back off briefly, keep serving.
+            log.error("control socket accept failed: %s", exc)
+            self._stopping.wait(0.1)
+            return
+        self._dispatch(conn)
+
+    # A refused connection is answered at once, then kept half-closed for up to LINGER seconds
+    # while whatever the client sent is read and discarded: closing a Unix socket with unread
+    # data resets it, and the client would lose the refusal it was sent. The accept thread does
+    # this with non-blocking reads, so refusals never make it wait.
+    LINGER = 1.0
+    MAX_LINGERING = 256
 
     def _refuse_connection(
         self, conn: socket.socket, caller: Caller | None, code: int, message: str, kind: str
     ) -> None:
-        conn.settimeout(0.5)
-        with contextlib.suppress(OSError):
-            conn.sendall(_encode(_error_reply(code, message, kind)))
-        conn.close()
         if caller is not None:
             self._note_refusal(caller, "(connect)", code, message)
+        conn.setblocking(False)
+        try:
+            conn.send(_encode(_error_reply(code, message, kind)))  # small: fits the buffer
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            return
+        sel = self._linger_sel
+        if sel is None:
+            conn.close()
+            return
+        while len(self._lingering) >= self.MAX_LINGERING:
+            oldest = next(iter(self._lingering))
+            self._close_lingering(oldest)
+        self._lingering[conn] = time.monotonic() + self.LINGER
+        sel.register(conn, selectors.EVENT_READ)
+
+    def _drain_lingering(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_lingering(conn)
+
+    def _close_lingering(self, conn: socket.socket) -> None:
+        self._lingering.pop(conn, None)
+        if self._linger_sel is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._linger_sel.unregister(conn)
+        conn.close()
+
+    def _expire_lingering(self) -> None:
+        now = time.monotonic()
+        for conn, deadline in list(self._lingering.items()):
+            if deadline <= now:
+                self._close_lingering(conn)
+
+    def _linger_timeout(self) -> float:
+        if not self._lingering:
+            return 5.0
+        return max(0.0, min(self._lingering.values()) - time.monotonic()) + 0.01
 
     def _note_refusal(self, caller: Caller, cmd: str | None, code: int, message: str) -> None:
         if self.refusals is not None:
@@ -661,19 +724,13 @@ class ControlServer:
             self._uid_done(caller)
             # Refuse at once rather than queue: the CLI tells the user to retry, the daemon's
             # memory and thread count stay bounded.
-            conn.settimeout(0.5)
-            with contextlib.suppress(OSError):
-                conn.sendall(
-                    _encode(
-                        _error_reply(
-                            1,
-                            f"daemon busy: {self.max_connections} control connections open; "
-                            f"try again",
-                            "DaemonUnavailable",
-                        )
-                    )
-                )
-            conn.close()
+            self._refuse_connection(
+                conn,
+                caller,
+                1,
+                f"daemon busy: {self.max_connections} control connections open; try again",
+                "DaemonUnavailable",
+            )
             return
         with self._lock:
             self._conns.add(conn)
