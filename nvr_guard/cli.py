@@ -145,17 +145,30 @@ def daemon_call(c: Ctx, cmd: str, args: dict[str, Any], timeout: float = 30.0) -
 
 def act(c: Ctx, cmd: str, args: dict[str, Any], local: Callable[[Any], Any]) -> Any:
     """Run an acting command through the daemon (it learns who calls from the socket); without a
-    daemon only root may act, directly on the state (it could edit the state anyway)."""
+    daemon only root may act, directly on the state (it could edit the state anyway).
+
+    "Without a daemon" means no daemon holds the state lock, not "the daemon did not answer": a
+    busy or slow daemon still owns the state, and root acting beside it would bypass its checks
+    (a sweep with ``--now``, for one) and race its work."""
     try:
         return daemon_call(c, cmd, args)
     except DaemonUnavailable as e:
         if os.getuid() != 0:
             raise DaemonUnavailable(f"{e}; start the daemon (systemctl start nvr-guard)") from None
-        from nvr_guard.service import Engine
+        from nvr_guard.service import Engine, StateLock
 
-        engine = Engine(c.config)
-        engine.reconcile(full=False)  # bring the catalog up to date with the disk first
-        return local(engine)
+        lock = StateLock(c.config.state_dir)
+        try:
+            if not lock.try_shared():
+                raise DaemonUnavailable(
+                    f"{e}; a daemon ({lock.holder()}) holds {c.config.state_dir}, so nothing was "
+                    "done locally: try again, or check `systemctl status nvr-guard`"
+                ) from None
+            engine = Engine(c.config)
+            engine.reconcile(full=False)  # bring the catalog up to date with the disk first
+            return local(engine)
+        finally:
+            lock.close()
 
 
 def caller() -> Any:
@@ -276,6 +289,32 @@ def status(c: Ctx) -> None:
     c.emit(st, human)
 
 
+@cli.command("reload")
+@pass_ctx
+def reload_config(c: Ctx) -> None:
+    """Ask the daemon to reload its config and wait for the outcome (admin).
+
+    Exit 0 when applied; 2 with the FILE:LINE errors when refused (the old config stays in
+    force); 1 when no daemon answers. systemd's ExecReload= runs this."""
+    # validating and applying (expiries of changed sites, the file watcher) can take a while on
+    # a large archive; systemd's own reload timeout still applies
+    res = daemon_call(c, "reload", {}, timeout=900)
+
+    def human() -> None:
+        if res["applied"]:
+            out.print(f"config reloaded: {res['config']} ({res['digest'][:12]})", markup=False)
+
+    c.emit(res, human)
+    if not res["applied"]:
+        for line in res["errors"]:
+            err.print(line, markup=False)
+        err.print(
+            f"nvr-guard: reload refused; the previous config ({res['digest'][:12]}) stays in force",
+            markup=False,
+        )
+        sys.exit(2)
+
+
 # ---- config ---------------------------------------------------------------------------------
 @cli.group(cls=Group)
 def config() -> None:
@@ -325,6 +364,38 @@ def config_show(c: Ctx) -> None:
         import yaml
 
         out.print(yaml.safe_dump(eff, allow_unicode=True, sort_keys=False), markup=False)
+
+
+# ---- layout ---------------------------------------------------------------------------------
+@cli.group(cls=Group)
+def layout() -> None:
+    """Check what the sites' layouts read from recording paths."""
+
+
+@layout.command("test")
+@click.option("--site", help="only this site; a relative PATH is then read below its root")
+@click.argument("paths", nargs=-1, required=True)
+@pass_ctx
+def layout_test(c: Ctx, site: str | None, paths: tuple[str, ...]) -> None:
+    """Site, camera and recorded start (and end) each PATH yields, or why it does not match
+    (exit 2 when any does not). Reads the config only; no daemon needed."""
+    from nvr_guard.layout_check import check_paths
+
+    results = check_paths(c.config, list(paths), site)
+
+    def human() -> None:
+        # a line per path, not a table: paths are long and scripts grep these lines
+        for r in results:
+            if r.ok:
+                text = f"{r.path}: site {r.site}, camera {r.camera}, start {r.start}"
+                text += f", end {r.end}" if r.end else ""
+            else:
+                text = f"{r.path}: no match: {r.reason}"
+            out.print(text, markup=False)
+
+    c.emit({"ok": all(r.ok for r in results), "paths": [r.as_json() for r in results]}, human)
+    if not all(r.ok for r in results):
+        sys.exit(2)
 
 
 # ---- retention ----------------------------------------------------------------------------------
@@ -400,7 +471,10 @@ def retention_plan(c: Ctx, now: str | None, site: str | None) -> None:
 
 
 @retention.command("run")
-@click.option("--now", help="pretend it is this time (ISO 8601)")
+@click.option(
+    "--now",
+    help="pretend it is this time (ISO 8601); only root, acting locally while no daemon runs",
+)
 @click.option("--dry-run", is_flag=True, help="plan only, delete nothing")
 @pass_ctx
 def retention_run(c: Ctx, now: str | None, dry_run: bool) -> None:

@@ -58,7 +58,7 @@ from nvr_guard.model import GuardRules, SiteRules
 
 Problem = tuple[str, int, str]  # (file, line, message); line 0 = the file as a whole
 
-DURATION_HINT = "write a number and a unit: 90m, 24h, 15d, 2w, 6mo, 1y"
+DURATION_HINT = "write a number and a unit: 90min, 24h, 15d, 2w, 6mo, 1y"
 
 
 # ---- built-in retention profiles (SPEC §1) --------------------------------------------------
@@ -350,7 +350,7 @@ def _fraction(v: object) -> float:
     return f
 
 
-def _duration(v: object) -> Duration:
+def _duration(v: object, bare_minutes: bool = True) -> Duration:
     if isinstance(v, Duration):
         return v
     if isinstance(v, _Plain) and v.lower() in _YAML11_BOOLS:
@@ -360,10 +360,16 @@ def _duration(v: object) -> Duration:
     s = _need_text(v, f"a duration; {DURATION_HINT}")
     if re.fullmatch(r"[0-9]+(:[0-9]+)+", s.strip()):
         raise ValueError(f"{s!r} is not a duration (YAML 1.1 reads it as base-60); {DURATION_HINT}")
-    d = Duration.parse(s)  # its ValueError already names the format
+    d = Duration.parse(s, bare_minutes)  # its ValueError already names the format
     if d.is_zero:
         raise ValueError(f"{s!r} is zero; {DURATION_HINT}")
     return d
+
+
+def _retention_duration(v: object) -> Duration:
+    # `keep: 6m` is six months to whoever wrote it: read as minutes it would delete half a
+    # year of footage at the next sweep. In retention keys minutes are written `min`.
+    return _duration(v, bare_minutes=False)
 
 
 def _fixed(d: Duration) -> Duration:
@@ -528,12 +534,13 @@ def _sites_present(v: object) -> object:
     return v
 
 
-def fmt_duration(d: Duration) -> str:
-    """A duration as an admin writes it: ``30d`` rather than Duration.__str__'s ``4w2d``."""
+def fmt_duration(d: Duration, minute: str = "m") -> str:
+    """A duration as an admin writes it: ``30d`` rather than Duration.__str__'s ``4w2d``.
+    ``minute="min"`` for retention keys, which refuse a bare ``m``."""
     y, mo = divmod(d.months, 12)
     out = (f"{y}y" if y else "") + (f"{mo}mo" if mo else "")
     rest = d.seconds
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+    for unit, size in (("d", 86400), ("h", 3600), (minute, 60), ("s", 1)):
         n, rest = divmod(rest, size)
         if n:
             out += f"{n}{unit}"
@@ -543,6 +550,12 @@ def fmt_duration(d: Duration) -> str:
 _dur_ser = PlainSerializer(fmt_duration, return_type=str)
 _dates_ser = PlainSerializer(lambda v: [x.isoformat() for x in v], return_type=list[str])
 Dur = typing.Annotated[Duration, PlainValidator(_duration), _dur_ser]
+# keep, min_keep, legal_min_keep: a bare `m` is refused (did you mean months?)
+RetentionDur = typing.Annotated[
+    Duration,
+    PlainValidator(_retention_duration),
+    PlainSerializer(lambda d: fmt_duration(d, "min"), return_type=str),
+]
 FixedDur = typing.Annotated[Duration, PlainValidator(_duration), AfterValidator(_fixed), _dur_ser]
 Text = typing.Annotated[str, BeforeValidator(_text)]
 Bool = typing.Annotated[bool, PlainValidator(_bool)]
@@ -597,8 +610,8 @@ class SiteApproval(_Strict):
 
 class Site(_Strict):
     profile: ProfileName | None = None
-    keep: Dur | None = None  # ceiling; overrides the profile's
-    min_keep: Dur | None = None  # floor; overrides the profile's
+    keep: RetentionDur | None = None  # ceiling; overrides the profile's
+    min_keep: RetentionDur | None = None  # floor; overrides the profile's
     roots: typing.Annotated[
         list[AbsPath], AfterValidator(_non_empty("list the recording directories"))
     ]
@@ -747,7 +760,8 @@ class Config(_Strict):
     socket_group: UnixName = "nvr-guard"
     sweep_every: FixedDur = Duration.parse("5m")
     rescan_every: FixedDur = Duration.parse("1h")
-    legal_min_keep: Dur | None = None  # declared legal minimum; `config check` warns below it
+    # declared legal minimum; `config check` warns below it
+    legal_min_keep: RetentionDur | None = None
     guards: Guards = Field(default_factory=Guards)
     disk: Disk = Field(default_factory=Disk)
     sites: typing.Annotated[dict[SiteId, Site], BeforeValidator(_sites_present)]
@@ -849,8 +863,8 @@ class Config(_Strict):
         data["export"]["signing_key"] = self.signing_key_path()
         for name, site in data["sites"].items():
             keep, min_keep = self.resolved_keep(name)
-            site["keep"] = fmt_duration(keep) if keep else None
-            site["min_keep"] = fmt_duration(min_keep) if min_keep else None
+            site["keep"] = fmt_duration(keep, "min") if keep else None
+            site["min_keep"] = fmt_duration(min_keep, "min") if min_keep else None
             site["timezone"] = self.sites[name].timezone or self.timezone
             site["layout_timezone"] = (
                 (self.sites[name].layout_timezone or site["timezone"]) if site["layout"] else None
@@ -1143,7 +1157,7 @@ def _check_data(
         try:
             zone = _zone(raw.get("timezone", "Asia/Shanghai"))
             lm = raw.get("legal_min_keep")
-            legal_min = _duration(lm) if lm is not None else None
+            legal_min = _retention_duration(lm) if lm is not None else None
         except (ValueError, AttributeError):
             pass
     for name, site in sites:

@@ -23,10 +23,16 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from nvr_guard import sdnotify
+from nvr_guard import attention, sdnotify
 from nvr_guard.config import Config, load_config
 from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError, PolicyRefused
-from nvr_guard.service import Caller, Engine
+from nvr_guard.service import Caller, Engine, StateLock
+
+# who may run a sweep or reload the config through the control socket (root counts as admin)
+SWEEP_ROLES = frozenset({"admin"})
+RELOAD_ROLES = frozenset({"admin"})
+# how long a starting daemon waits for local root commands still acting on the state
+STATE_LOCK_WAIT = 30.0
 
 log = logging.getLogger("nvr_guard.daemon")
 
@@ -88,10 +94,22 @@ class Daemon:
         self._refusal_writer = threading.Thread(
             target=self._write_refusals, name="refusal-writer", daemon=True
         )
+        self.state_lock: StateLock | None = None
+        # SIGHUP (main thread) and `nvr-guard reload` (a socket thread) take turns
+        self._reload_lock = threading.Lock()
 
     # ---- start / stop --------------------------------------------------------------------------
     def start(self) -> None:
         config = load_config(self.config_path)  # ConfigError -> refuse to start
+        # the state is this daemon's alone for its whole life: a local root command acts on it
+        # only while no daemon holds this lock (see StateLock)
+        self.state_lock = StateLock(config.state_dir)
+
+        def waiting() -> None:
+            log.warning("waiting for local nvr-guard commands to finish with %s", config.state_dir)
+            sdnotify.status(f"waiting for local commands to finish with {config.state_dir}")
+
+        self.state_lock.acquire_for_daemon(STATE_LOCK_WAIT, waiting)
         self.engine = engine = Engine(config)
         engine.audit.append(
             "nvr-guard", "config.load", str(config.source_path), {"digest": config.digest}
@@ -135,7 +153,9 @@ class Daemon:
         engine = self.engine
         assert engine is not None
         who = Caller.from_uid(peer.uid, getattr(peer, "gid", None))
-        if engine.roles_for(who):
+        if engine.roles_for(who) or who.uid == os.getuid():
+            # the daemon's own account comes in only for `reload` (ExecReload=); _handle
+            # refuses it everything else that needs a role
             return None
         return (
             f"{who.user} (uid {who.uid}) has no role in {engine.config.source_path}; "
@@ -251,6 +271,8 @@ class Daemon:
                 self.engine.audit.append("nvr-guard", "daemon.stop", "daemon", {"pid": os.getpid()})
             finally:
                 self.engine.lock.release()
+        if self.state_lock is not None:
+            self.state_lock.close()  # last: nothing of this daemon touches the state after it
         log.info("nvr-guard stopped")
 
     # ---- jobs ----------------------------------------------------------------------------------
@@ -326,7 +348,14 @@ class Daemon:
             pass
 
     # ---- reload --------------------------------------------------------------------------------
-    def reload(self) -> None:
+    def reload(self, actor: str = "nvr-guard") -> dict[str, Any]:
+        """Validate and apply the config file; on any error keep the old config in force and
+        raise the ``reload_refused`` attention state until a good config is loaded (a refused
+        reload must not look like success). Returns ``{applied, errors, digest}``."""
+        with self._reload_lock:
+            return self._reload(actor)
+
+    def _reload(self, actor: str) -> dict[str, Any]:
         assert self.engine is not None
         sdnotify.reloading()
         try:
@@ -335,17 +364,37 @@ class Daemon:
             for line in e.lines():
                 log.error("reload refused: %s", line)
             self.engine.audit.append(
-                "nvr-guard",
+                actor,
                 "config.reload_failed",
                 self.config_path,
                 {"errors": e.lines(), "kept_digest": self.engine.config.digest},
             )
+            first = e.lines()[0] if e.lines() else str(e)
+            more = f" (and {len(e.lines()) - 1} more)" if len(e.lines()) > 1 else ""
+            self.engine.attention.replace(
+                attention.RELOAD_REFUSED,
+                None,
+                [
+                    (
+                        "config",
+                        f"reload refused, the previous config stays in force: {first}{more}; "
+                        f"fix it, check with `nvr-guard config check`, then reload again",
+                        {"errors": e.lines(), "kept_digest": self.engine.config.digest},
+                    )
+                ],
+            )
             sdnotify.ready()
-            return
+            return {
+                "applied": False,
+                "errors": e.lines(),
+                "digest": self.engine.config.digest,
+                "config": self.config_path,
+            }
         old = self.engine.config
         if Path(new.state_dir) != Path(old.state_dir) or Path(new.socket) != Path(old.socket):
             log.warning("state_dir and socket changes take effect at the next restart")
-        details = self.engine.apply_config(new, "nvr-guard")
+        details = self.engine.apply_config(new, actor)
+        self.engine.attention.clear(attention.RELOAD_REFUSED)
         log.info(
             "config reloaded (%s -> %s); changed sites: %s",
             details["old_digest"][:12],
@@ -364,6 +413,7 @@ class Daemon:
                 "sweep", trigger="interval", seconds=_seconds(new.sweep_every)
             )
         sdnotify.ready()
+        return {"applied": True, "errors": [], "digest": new.digest, "config": self.config_path}
 
     # ---- control socket ------------------------------------------------------------------------
     def handle(self, peer: Any, cmd: str, args: dict[str, Any]) -> Any:
@@ -385,6 +435,10 @@ class Daemon:
         who = Caller.from_uid(peer.uid, getattr(peer, "gid", None))
         if cmd == "ping":
             return {"pong": True, "user": who.user}
+        if cmd == "reload" and who.uid == os.getuid():
+            # the daemon's own account: systemd's ExecReload= runs `nvr-guard reload` as the
+            # service user, which needs no role in `people:` (it owns the state anyway)
+            return self.reload(actor=who.user)
         if cmd != "status" and not engine.roles_for(who):
             # someone the config does not know: refused, and the attempt is on record
             engine.audit.append(who.user, "access.denied", cmd, {"uid": who.uid})
@@ -438,13 +492,27 @@ class Daemon:
                 st["ok"] = False
             return st
         if cmd == "retention.run":
-            from nvr_guard.cli import _parse_now
-
-            now = _parse_now(engine.config, args.get("now"))
+            if args.get("now") is not None:
+                # A sweep judges footage at the real time. With a fake clock, anyone could
+                # step `now` forward under the clock guard and delete footage under its floor
+                # or its hold, or set it back and make the next real sweep trip the guard.
+                engine.audit.append(
+                    who.user,
+                    "access.denied",
+                    cmd,
+                    {"uid": who.uid, "now": str(args["now"]), "why": "--now through the daemon"},
+                )
+                raise PolicyRefused(
+                    "retention run --now: a sweep through the daemon always runs at the real "
+                    "time; preview another time with `nvr-guard retention plan --now T`"
+                )
+            engine.require(who, SWEEP_ROLES, "run a retention sweep")
             engine.reconcile(full=False)
-            return engine.sweep(
-                actor=who.user, now=now, dry_run=bool(args.get("dry_run"))
-            ).as_json()
+            return engine.sweep(actor=who.user, dry_run=bool(args.get("dry_run"))).as_json()
+
+        if cmd == "reload":
+            engine.require(who, RELOAD_ROLES, "reload the config")
+            return self.reload(actor=who.user)
         if cmd == "retention.confirm":
             return engine.confirm(int(args["sweep"]), who).as_json()
         if cmd == "hold.add":

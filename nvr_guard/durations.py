@@ -1,4 +1,8 @@
-"""Durations as written in the config: ``90m 24h 15d 2w 6mo 1y``.
+"""Durations as written in the config: ``90min 24h 15d 2w 6mo 1y``.
+
+``min`` is minutes everywhere. A bare ``m`` is minutes too, except where the caller refuses it
+(``keep``/``min_keep``): there ``keep: 6m`` is almost certainly six months, and reading it as six
+minutes would delete half a year of footage within the hour.
 
 Minutes, hours, days and weeks are fixed lengths (a day is 86,400 s). Months and years are
 calendar-based: they are added to a date-time in the site's timezone, and a day that does not exist
@@ -12,8 +16,8 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_PART = re.compile(r"(\d+)(mo|y|w|d|h|m|s)")
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_PART = re.compile(r"(\d+)(mo|min|y|w|d|h|m|s)")
 # average Gregorian month, only for ordering durations (config checks), never for expiry
 _AVG_MONTH_S = 365.2425 * 86400 / 12
 
@@ -24,15 +28,17 @@ class Duration:
     seconds: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> Duration:
-        """Parse ``15d``, ``6mo``, ``1y``, ``1d12h``; raise ValueError with a readable message."""
+    def parse(cls, text: str, bare_minutes: bool = True) -> Duration:
+        """Parse ``15d``, ``6mo``, ``1y``, ``1d12h``, ``90min``; raise ValueError with a readable
+        message. ``bare_minutes=False`` refuses ``m`` (write ``min``), naming the likely ``mo``."""
         if not isinstance(text, str):
             raise ValueError(f"expected a duration such as 15d, 6mo or 1y, got {text!r}")
         s = text.strip()
         if not s:
-            raise ValueError("empty duration; write e.g. 15d, 2w, 6mo, 1y, 90m, 24h")
+            raise ValueError("empty duration; write e.g. 15d, 2w, 6mo, 1y, 90min, 24h")
         pos = 0
         months = seconds = 0
+        bare_m = False
         for m in _PART.finditer(s):
             if m.start() != pos:
                 break
@@ -43,10 +49,17 @@ class Duration:
                 months += n
             else:
                 seconds += n * _UNITS[unit]
+                bare_m = bare_m or unit == "m"
             pos = m.end()
         if pos != len(s) or pos == 0:
             raise ValueError(
-                f"bad duration {text!r}; write a number and a unit: 90m, 24h, 15d, 2w, 6mo, 1y"
+                f"bad duration {text!r}; write a number and a unit: 90min, 24h, 15d, 2w, 6mo, 1y"
+            )
+        if bare_m and not bare_minutes:
+            as_months = _PART.sub(lambda m: m[0] + "o" if m[2] == "m" else m[0], s)
+            as_minutes = _PART.sub(lambda m: m[0] + "in" if m[2] == "m" else m[0], s)
+            raise ValueError(
+                f"{text!r}: did you mean {as_months} (months)? minutes are written {as_minutes}"
             )
         return cls(months=months, seconds=seconds)
 

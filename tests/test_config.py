@@ -24,7 +24,7 @@ from nvr_guard.model import GuardRules
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config"
-DURATION_HINT = "write a number and a unit: 90m, 24h, 15d, 2w, 6mo, 1y"
+DURATION_HINT = "write a number and a unit: 90min, 24h, 15d, 2w, 6mo, 1y"
 
 
 @pytest.fixture
@@ -733,6 +733,81 @@ def test_bad_config_is_refused_at_its_line(tmp_path, roots, text, line, fragment
     assert f"{path}:{line}: " in "\n".join(exc.value.lines())
 
 
+# ---- a bare `m` in a retention key (issue 11, item 14) ---------------------------------------
+@pytest.mark.parametrize(
+    ("text", "line", "fragment"),
+    [
+        pytest.param(
+            """
+            sites:
+              a:
+                roots: [@A]
+                keep: 6m
+            """,
+            4,
+            "sites.a.keep: '6m': did you mean 6mo (months)? minutes are written 6min",
+            id="keep",
+        ),
+        pytest.param(
+            """
+            sites:
+              a:
+                keep: 1y
+                min_keep: 1d6m
+                roots: [@A]
+            """,
+            4,
+            "sites.a.min_keep: '1d6m': did you mean 1d6mo (months)? minutes are written 1d6min",
+            id="min_keep",
+        ),
+        pytest.param(
+            """
+            legal_min_keep: 1m
+            sites:
+              a: {keep: 1y, roots: [@A]}
+            """,
+            1,
+            "legal_min_keep: '1m': did you mean 1mo (months)? minutes are written 1min",
+            id="legal_min_keep",
+        ),
+    ],
+)
+def test_bare_m_in_a_retention_key_is_refused_at_its_line(tmp_path, roots, text, line, fragment):
+    path = write(tmp_path, roots, text)
+    cfg, errors, _warnings = check_config(path)
+    assert cfg is None
+    assert [(ln, msg) for _f, ln, msg in errors] == [(line, fragment)], errors
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.lines() == [f"{path}:{line}: {fragment}"]
+
+
+def test_min_is_minutes_everywhere_and_m_stays_minutes_outside_retention(tmp_path, roots):
+    path = write(
+        tmp_path,
+        roots,
+        """
+        settle: 3m
+        sweep_every: 10min
+        rescan_every: 1h30m
+        sites:
+          a: {keep: 90min, min_keep: 1h30min, roots: [@A]}
+          b: {keep: 6mo, roots: [@B]}
+        """,
+    )
+    cfg = load_config(path)
+    assert cfg.settle == D("180s") and cfg.sweep_every == D("600s")
+    assert cfg.rescan_every == D("5400s")
+    rules = cfg.site_rules()
+    assert (rules["a"].keep, rules["a"].min_keep) == (D("5400s"), D("5400s"))
+    assert rules["b"].keep == Duration(months=6)
+    # what `config show` writes for a retention key reads back as the same duration
+    eff = cfg.effective()
+    assert eff["sites"]["a"]["keep"] == "1h30min" and eff["settle"] == "3m"
+    again = write(tmp_path, roots, yaml.safe_dump(eff, allow_unicode=True), name="again.yaml")
+    assert load_config(again).site_rules()["a"].keep == D("5400s")
+
+
 def test_all_errors_are_reported_in_line_order(tmp_path, roots):
     path = write(
         tmp_path,
@@ -845,7 +920,7 @@ def test_missing_file_and_directory(tmp_path):
             "{profile: school, min_keep: 30d}", D("1y"), D("30d"), "school", id="add-floor"
         ),
         pytest.param("{profile: highway, keep: 2w}", D("14d"), None, "highway", id="weeks"),
-        pytest.param("{keep: 90m}", D("90m"), None, None, id="keep-only"),
+        pytest.param("{keep: 90min}", D("90m"), None, None, id="keep-only"),
         pytest.param("{keep: 24h, min_keep: 24h}", D("1d"), D("1d"), None, id="keep-equals-floor"),
         pytest.param(
             "{profile: general, keep: }", D("6mo"), None, "general", id="empty-keep-is-unset"

@@ -59,10 +59,9 @@ def verifiable_unit(tmp_path: Path) -> Path:
     # a venv install's drop-in would.
     text = UNIT.read_text()
     assert "ExecStart=/usr/bin/nvr-guard daemon" in text
+    assert "ExecReload=/usr/bin/nvr-guard reload" in text
     copy = tmp_path / "nvr-guard.service"
-    copy.write_text(
-        text.replace("ExecStart=/usr/bin/nvr-guard daemon", f"ExecStart={entry_point()} daemon")
-    )
+    copy.write_text(text.replace("=/usr/bin/nvr-guard ", f"={entry_point()} "))
     return copy
 
 
@@ -104,7 +103,8 @@ def test_exposure_parser_sees_a_weak_unit(tmp_path: Path) -> None:
     [
         ("Type", "notify"),
         ("NotifyAccess", "main"),
-        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        # a refused reload fails `systemctl reload` (exit 2), unlike a bare SIGHUP
+        ("ExecReload", "/usr/bin/nvr-guard reload"),
         ("WatchdogSec", "60"),
         ("Restart", "on-failure"),
         ("User", "nvr-guard"),
@@ -568,6 +568,19 @@ def test_sandboxed_daemon_notifies_serves_reloads_and_stops(
         proc.send_signal(signal.SIGHUP)
         wait_for("RELOADING=1")
         wait_for("READY=1")
+        # ExecReload=: `nvr-guard reload` as the unit runs it (the service user, its filter)
+        reload = sandboxed("--config", str(site.config), "reload")
+        r = subprocess.run(reload, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        wait_for("RELOADING=1")
+        wait_for("READY=1")
+        good = site.config.read_text()
+        site.config.write_text(good.replace("sweep_every: 1h", "sweep_every: 1 hour"))
+        r = subprocess.run(reload, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr  # `systemctl reload` fails
+        assert f"{site.config}:" in r.stderr and "sweep_every" in r.stderr, r.stderr
+        assert [a["kind"] for a in site.json("status")["attention"]] == ["reload_refused"]
+        site.config.write_text(good)
         proc.send_signal(signal.SIGTERM)
         wait_for("STOPPING=1")
         assert proc.wait(timeout=10) == 0
