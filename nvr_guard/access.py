@@ -857,6 +857,12 @@ def check_view(
         if level is not None:
             return level
         return _ok(f"{_show(actor.user)} may decide or export request {rid}")
+    return not_shown(actor, rid)
+
+
+def not_shown(actor: Actor, rid: int) -> Decision:
+    """The refusal for a request ``actor`` may not see. Also given for an id that does not exist
+    to anyone who does not see every request, so ids cannot be probed for what exists."""
     return _refuse(
         f"{_show(actor.user)} may not see request {rid}: a request is shown to its requester, "
         "the people who decide or export it, security leads, auditors and admins"
@@ -960,6 +966,7 @@ __all__ = [
     "hold_range",
     "hold_until",
     "is_working_day",
+    "not_shown",
     "open_steps",
     "outside_hours",
     "state_of",
