@@ -724,10 +724,13 @@ class Workflow:
         except BaseException:
             self._release(claim)
             raise
-        if not d.allowed:
-            claim.why = d.reason
+        # authority lost at any check during the export ends it, even if a later reload would
+        # give it back: what ran without authority is not committed
+        if claim.stop.is_set() or not d.allowed:
+            claim.why = claim.why if claim.stop.is_set() and claim.why else d.reason
+            claim.stop.set()
             self._release(claim)
-            raise PolicyRefused(d.reason)
+            raise PolicyRefused(claim.why)
 
     def _release(self, claim: ExportClaim) -> None:
         if claim.committing:
