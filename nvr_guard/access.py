@@ -25,12 +25,14 @@ Steps and approvals
 
 Emergency (紧急调取)
   A request filed with ``emergency`` by someone holding an emergency role may be exported at once,
-  before any approval — as a watermarked ``mp4`` only, at any hour. A native (unwatermarked) copy
-  always waits for all its approvals: SPEC §1 lets no unwatermarked copy leave without the extra
-  approval. Its approvals are then back-filled; an emergency export outside ``hours`` also needs the
-  duty manager's approval back-filled (the regulations: at night, 报值班负责人审批). Until the steps
-  are complete (late approvals still count) or an admin resolves it, :func:`emergency_violation`
-  reports it once ``backfill_within`` has passed since the request was created.
+  before any approval — as a watermarked ``mp4`` only, at any hour — but only "at once": within
+  ``backfill_within`` of filing. After that it needs its full approvals like any other request.
+  A native (unwatermarked) copy always waits for all its approvals: no unwatermarked copy leaves
+  without the extra approval. Its approvals are then back-filled; an emergency export outside
+  ``hours`` also needs the duty manager's approval back-filled (the regulations: at night,
+  报值班负责人审批). Until the steps are complete (late approvals still count) or an admin
+  resolves it, :func:`emergency_violation` reports it once ``backfill_within`` has passed since
+  the request was created.
 
 Refusals carry exit code 3 (refused by policy); malformed input (control characters, over-long text,
 non-finite times) carries exit code 2.
