@@ -680,6 +680,27 @@ class Workflow:
                     {"error": str(e), "target": claim.target},
                 )
             raise
+        if not claim.committing:
+            # The builder returned without calling the commit hook (a package writer that lost
+            # it): check now, and take back what it wrote rather than let it stand unchecked.
+            log.error("export of request %s: the package was committed without the check", rid)
+            try:
+                self._commit_check(claim)
+            except PolicyRefused:
+                shutil.rmtree(pkg.path, ignore_errors=True)
+                self.progress.pop(rid, None)
+                with self.engine.lock:
+                    if self._claims.get(rid) is claim:
+                        del self._claims[rid]
+                    self.engine.audit.append(
+                        caller.user,
+                        "export.aborted",
+                        f"request:{rid}",
+                        {"reason": claim.why, "target": claim.target, "package": str(pkg.path)},
+                    )
+                raise PolicyRefused(
+                    f"export of request {rid} aborted: {claim.why}; the package was removed"
+                ) from None
         # the commit check passed and its lock is still held: record before anyone else acts
         try:
             now = self.now()

@@ -525,3 +525,32 @@ class _Fixed:
 
     def draw(self, strategy: Any) -> Any:
         return self.value
+
+
+def test_a_builder_that_skips_the_commit_hook_is_still_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fail closed if the package writer ever stops calling ``before_commit``: the workflow
+    checks after the fact and removes the package."""
+    monkeypatch.setattr(f"{__name__}.event", lambda _: None)
+    m = WorkflowMachine()
+
+    def no_hook(clips: Any, job: Any, dest: Any, key: Any, **kw: Any) -> Any:
+        final = dest.path / f"NVRG-{job.request['id']}-unchecked"
+        final.mkdir()
+        return SimpleNamespace(path=final, sha256s={})
+
+    try:
+        m.wf.exporter = no_hook
+        m.file(who="alice", cams=("cam-1",), emergency=False)
+        rid = next(iter(m.requests))
+        m.approve(_Fixed(rid), "bob")
+        m.approve(_Fixed(rid), "carol")
+        claim = m.wf.export_begin(Caller(10_000, "tom", ()), rid, str(m.targets[0]))
+        m.wf.deny(Caller(10_000, "bea", ()), rid, "withdrawn")
+        with pytest.raises(PolicyRefused, match="aborted"):
+            m.wf.export_finish(claim)
+        assert list(m.targets[0].iterdir()) == []
+        assert [e.action for e in m.engine.audit.entries(action="export.aborted")]
+    finally:
+        m.teardown()
