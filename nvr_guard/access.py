@@ -25,12 +25,14 @@ Steps and approvals
 
 Emergency (紧急调取)
   A request filed with ``emergency`` by someone holding an emergency role may be exported at once,
-  before any approval — as a watermarked ``mp4`` only, at any hour. A native (unwatermarked) copy
-  always waits for all its approvals: SPEC §1 lets no unwatermarked copy leave without the extra
-  approval. Its approvals are then back-filled; an emergency export outside ``hours`` also needs the
-  duty manager's approval back-filled (the regulations: at night, 报值班负责人审批). Until the steps
-  are complete (late approvals still count) or an admin resolves it, :func:`emergency_violation`
-  reports it once ``backfill_within`` has passed since the request was created.
+  before any approval — as a watermarked ``mp4`` only, at any hour — but only "at once": within
+  ``backfill_within`` of filing. After that it needs its full approvals like any other request.
+  A native (unwatermarked) copy always waits for all its approvals: no unwatermarked copy leaves
+  without the extra approval. Its approvals are then back-filled; an emergency export outside
+  ``hours`` also needs the duty manager's approval back-filled (the regulations: at night,
+  报值班负责人审批). Until the steps are complete (late approvals still count) or an admin
+  resolves it, :func:`emergency_violation` reports it once ``backfill_within`` has passed since
+  the request was created.
 
 Refusals carry exit code 3 (refused by policy); malformed input (control characters, over-long text,
 non-finite times) carries exit code 2.
@@ -42,7 +44,7 @@ import math
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 from nvr_guard.durations import Duration
@@ -55,6 +57,11 @@ FORMATS = ("mp4", "native")
 # Admins cancel any request and resolve emergency violations; the role name is fixed (config maps
 # users and groups to it) because these checks have no rules argument.
 ADMIN_ROLE = "admin"
+# Who reads every request besides the people it concerns: security leads run the security side,
+# auditors check the record (a read-only role: audit, requests, status), admins run the host.
+SEE_ALL_ROLES = frozenset({ADMIN_ROLE, "security_lead", "auditor"})
+# A camera the rules do not classify needs the wider permission (fail closed).
+MAX_LEVEL = 2
 # Bound every free-text field: it is printed into the approval record, the audit log and the
 # watermark text file; nothing a person types should be able to fill a page or a terminal.
 MAX_TEXT = 500
@@ -152,6 +159,14 @@ class AccessRules:
     tz: tzinfo = UTC
     # Make-up working days (调休): a Saturday or Sunday listed here counts as a working day.
     workdays: frozenset[date] = frozenset()
+    # Camera id -> permission level. Everyone who approves, denies or exports a request must hold
+    # the level of each of its cameras, not only its requester; a camera missing here is MAX_LEVEL.
+    camera_levels: Mapping[str, int] = field(default_factory=dict, hash=False)
+    # An after-hours (duty) approval covers exports within this many seconds of being given: one
+    # night-time approval is not a standing licence for every later night.
+    after_hours_valid: float = 12 * 3600.0
+    # Separation of duties: whoever approved a request does not also carry out its export.
+    approver_may_export: bool = False
 
 
 @dataclass(frozen=True)
@@ -255,6 +270,34 @@ def _roles_text(roles: Iterable[str]) -> str:
 
 def _is_admin(actor: Actor) -> bool:
     return ADMIN_ROLE in actor.roles
+
+
+def camera_level(camera: str, rules: AccessRules) -> int:
+    return rules.camera_levels.get(camera, MAX_LEVEL)
+
+
+def _above_level(request: Request, actor: Actor, rules: AccessRules) -> tuple[str, int] | None:
+    """The first camera of ``request`` above ``actor``'s level, with its level; else None."""
+    for cam in request.cameras:
+        level = camera_level(cam, rules)
+        if level > actor.level:
+            return cam, level
+    return None
+
+
+def _level_refusal(
+    request: Request, actor: Actor, rules: AccessRules, doing: str
+) -> Decision | None:
+    above = _above_level(request, actor, rules)
+    if above is None:
+        return None
+    cam, level = above
+    return _refuse(
+        f"request {request.id} has camera {_show(cam)} at level {level}"
+        f"{' (perimeter)' if level >= 2 else ''}, above {_show(actor.user)}'s level "
+        f"{actor.level}: {_show(actor.user)} may not {doing} it; "
+        f"ask a person with level {level}"
+    )
 
 
 # --- working days, hours ------------------------------------------------------------------------
@@ -582,6 +625,9 @@ def check_approve(
             f"{_show(actor.user)} already decided on request {rid} (as {_show(mine[0].role)}); "
             "each step needs a different person"
         )
+    level = _level_refusal(request, actor, rules, "approve")
+    if level is not None:
+        return level
 
     state = state_of(request, approvals, now, rules)
     backfill = request.emergency and state == "exported"
@@ -590,10 +636,9 @@ def check_approve(
 
     open_ = open_steps(request, approvals, rules)
     candidates = [r for r in dict.fromkeys(open_) if r in actor.roles]
-    duty_given = any(
-        a.role == rules.duty_role and a.decision == APPROVE
-        for a in _valid_approvals(request, approvals)
-    )
+    # an after-hours approval that no longer covers exports may be given again (by another
+    # duty manager: each person decides once)
+    duty_given = bool(_duty_cover(request, approvals, rules, now))
     if (
         not backfill
         and rules.duty_role in actor.roles
@@ -656,6 +701,10 @@ def check_deny(
             f"{_show(actor.user)} may not deny request {rid}: that needs one of its approver roles "
             f"({', '.join(sorted(steps))}) or admin"
         )
+    if not _is_admin(actor):
+        level = _level_refusal(request, actor, rules, "deny")
+        if level is not None:
+            return level
     state = state_of(request, approvals, now, rules)
     if state not in ("pending", "approved") and not (request.emergency and state == "exported"):
         return _refuse(_not_open(request, state, approvals, rules))
@@ -679,6 +728,25 @@ def check_cancel(request: Request, actor: Actor, now: float) -> Decision:
     return _ok(f"{_show(actor.user)} cancels request {rid}")
 
 
+def _duty_cover(
+    request: Request, approvals: Sequence[Approval], rules: AccessRules, now: float
+) -> list[Approval]:
+    """After-hours approvals that cover an export at ``now``: given at most ``after_hours_valid``
+    seconds earlier (and not in the future)."""
+    return [
+        a
+        for a in _valid_approvals(request, approvals)
+        if a.role == rules.duty_role and 0 <= now - a.time < rules.after_hours_valid
+    ]
+
+
+def emergency_open(request: Request, rules: AccessRules, now: float) -> bool:
+    """Is the "at once" path of an emergency request still open? Only within ``backfill_within``
+    of filing: after that the emergency has become a request like any other, with its approvals
+    to collect first."""
+    return request.emergency and now < request.created + rules.backfill_within
+
+
 def check_export(
     request: Request,
     approvals: Sequence[Approval],
@@ -686,7 +754,10 @@ def check_export(
     rules: AccessRules,
     now: float,
 ) -> Decision:
-    """May ``actor`` carry out the export of ``request`` now? One export per request."""
+    """May ``actor`` carry out the export of ``request`` now? One export per request.
+
+    Checked again at the moment the package is committed, so the answer must hold then too.
+    """
     rid = request.id
     if rules.technician_role not in actor.roles:
         return _refuse(
@@ -698,6 +769,20 @@ def check_export(
         return _refuse(
             f"{_show(actor.user)} filed request {rid} and may not export it; ask another technician"
         )
+    if not rules.approver_may_export:
+        mine = next(
+            (a for a in _valid_approvals(request, approvals) if a.approver == actor.user), None
+        )
+        if mine is not None:
+            # ... nor does whoever vouched for it: two people must agree for footage to leave.
+            return _refuse(
+                f"{_show(actor.user)} approved request {rid} (as {_show(mine.role)}) and may not "
+                "also export it (separation of duties); ask another technician, or set "
+                "approval.approver_may_export: true"
+            )
+    level = _level_refusal(request, actor, rules, "export")
+    if level is not None:
+        return level
     if request.exported_at is not None or request.state in ("exported", "closed"):
         when = f" on {_at(request.exported_at, rules.tz)}" if request.exported_at else ""
         return _refuse(
@@ -708,7 +793,7 @@ def check_export(
     if state not in ("pending", "approved"):
         return _refuse(_not_open(request, state, approvals, rules))
 
-    if request.emergency and request.format == "mp4" and state in ("pending", "approved"):
+    if request.format == "mp4" and emergency_open(request, rules, now):
         due = request.created + rules.backfill_within
         return _ok(
             f"emergency export of request {rid}: "
@@ -721,23 +806,69 @@ def check_export(
             if request.format == "native"
             else ""
         )
-        emergency = (
-            "; an emergency request exports at once only as mp4" if request.emergency else ""
-        )
+        if not request.emergency:
+            emergency = ""
+        elif request.format != "mp4":
+            emergency = "; an emergency request exports at once only as mp4"
+        else:
+            closed = request.created + rules.backfill_within
+            emergency = (
+                f"; its emergency window closed at {_at(closed, rules.tz)} "
+                f"({_span(rules.backfill_within)} after filing): it needs its full approvals now"
+            )
         return _refuse(f"request {rid} is not approved yet (missing: {missing}){native}{emergency}")
 
-    if outside_hours(now, rules):
-        duty = [a for a in _valid_approvals(request, approvals) if a.role == rules.duty_role]
-        if not duty:
-            local = datetime.fromtimestamp(now, rules.tz).strftime("%H:%M")
-            return _refuse(
-                f"{local} is outside export hours {_hours_text(rules)}: request {rid} needs an "
-                f"extra approval by a {rules.duty_role} "
-                f"(`nvr-guard request approve {rid}` by the duty manager)"
-            )
+    if outside_hours(now, rules) and not _duty_cover(request, approvals, rules, now):
+        local = datetime.fromtimestamp(now, rules.tz).strftime("%H:%M")
+        stale = [a for a in _valid_approvals(request, approvals) if a.role == rules.duty_role]
+        lapsed = (
+            f" (the after-hours approval by {_show(stale[-1].approver)} on "
+            f"{_at(stale[-1].time, rules.tz)} covered exports for "
+            f"{_span(rules.after_hours_valid)})"
+            if stale
+            else ""
+        )
+        return _refuse(
+            f"{local} is outside export hours {_hours_text(rules)}: request {rid} needs an "
+            f"extra approval by a {rules.duty_role}{lapsed} "
+            f"(`nvr-guard request approve {rid}` by the duty manager)"
+        )
     until = valid_until(request, approvals, rules)
     tail = f", valid until {_at(until, rules.tz)}" if until is not None else ""
     return _ok(f"request {rid} is approved{tail}")
+
+
+def check_view(
+    request: Request, approvals: Sequence[Approval], actor: Actor, rules: AccessRules
+) -> Decision:
+    """May ``actor`` read ``request`` (reason, recipient and contact, approvals)?
+
+    Its requester; anyone who decided on it; the people who may decide it (a holder of one of its
+    step roles or the after-hours role) or export it (a technician), in both cases with the level
+    of each of its cameras; and security leads, auditors and admins. Nobody else: a request names
+    a person to contact and why footage is wanted.
+    """
+    rid = request.id
+    if actor.user == request.requester or actor.roles & SEE_ALL_ROLES:
+        return _ok(f"{_show(actor.user)} may see request {rid}")
+    if any(a.approver == actor.user for a in approvals):
+        return _ok(f"{_show(actor.user)} decided on request {rid}")
+    concerned = {*steps_for(request, rules), rules.duty_role, rules.technician_role}
+    if actor.roles & concerned:
+        level = _level_refusal(request, actor, rules, "see, decide or export")
+        if level is not None:
+            return level
+        return _ok(f"{_show(actor.user)} may decide or export request {rid}")
+    return not_shown(actor, rid)
+
+
+def not_shown(actor: Actor, rid: int) -> Decision:
+    """The refusal for a request ``actor`` may not see. Also given for an id that does not exist
+    to anyone who does not see every request, so ids cannot be probed for what exists."""
+    return _refuse(
+        f"{_show(actor.user)} may not see request {rid}: a request is shown to its requester, "
+        "the people who decide or export it, security leads, auditors and admins"
+    )
 
 
 def emergency_violation(
@@ -812,6 +943,8 @@ def hold_until(request: Request, now: float, preserve: float) -> float | None:
 __all__ = [
     "ADMIN_ROLE",
     "FORMATS",
+    "MAX_LEVEL",
+    "SEE_ALL_ROLES",
     "STATES",
     "AccessRules",
     "Actor",
@@ -826,12 +959,16 @@ __all__ = [
     "check_deny",
     "check_export",
     "check_new",
+    "check_view",
     "check_resolve",
+    "camera_level",
     "decide_deadline",
+    "emergency_open",
     "emergency_violation",
     "hold_range",
     "hold_until",
     "is_working_day",
+    "not_shown",
     "open_steps",
     "outside_hours",
     "state_of",

@@ -668,6 +668,10 @@ class Approval(_Strict):
     ] = Duration.parse("30d")
     hours: Hours = "08:00-20:00"
     after_hours_role: Role = "duty_manager"
+    # how long an after-hours approval covers exports after it was given
+    after_hours_valid: FixedDur = Duration.parse("12h")
+    # separation of duties: whoever approved a request may not also export it unless this is true
+    approver_may_export: Bool = False
     emergency: Emergency = Field(default_factory=Emergency)
     max_range: FixedDur = Duration.parse("24h")
     holidays: typing.Annotated[list[date], PlainValidator(_dates), _dates_ser] = Field(

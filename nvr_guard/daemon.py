@@ -450,9 +450,9 @@ class Daemon:
         if cmd == "request.new":
             return wf.new(who, args)
         if cmd == "request.list":
-            return wf.list(args.get("state"))
+            return wf.list(who, args.get("state"))
         if cmd == "request.show":
-            return wf.show(int(args["id"]))
+            return wf.show(who, int(args["id"]))
         if cmd == "request.approve":
             return wf.approve(
                 who, int(args["id"]), str(args.get("note") or ""), args.get("as_step")
@@ -480,7 +480,7 @@ class Daemon:
         if cmd == "media.wipe":
             return engine.media.wipe(who, str(args["media"]), str(args.get("confirm") or ""))
         if cmd == "export.form":
-            return {"html": wf.form(int(args["id"]))}
+            return {"html": wf.form(who, int(args["id"]))}
         if cmd == "status":
             st = engine.status()
             st["daemon"] = {

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS requests (
     closed_at REAL,
     resolved TEXT,
     package TEXT,
-    hold_id INTEGER
+    hold_id INTEGER,
+    judged_by TEXT                  -- JSON: the rules in force when it was decided
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 CREATE TABLE IF NOT EXISTS approvals (
@@ -64,6 +65,10 @@ _COLS = (
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+    # a catalog from before judged_by: add the column (NULL = not decided yet)
+    cols = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    if "judged_by" not in cols:
+        conn.execute("ALTER TABLE requests ADD COLUMN judged_by TEXT")
 
 
 def _request(row: tuple[Any, ...]) -> Request:
@@ -194,10 +199,13 @@ class RequestStore:
             "resolved",
             "package",
             "hold_id",
+            "judged_by",
         }
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"cannot update {sorted(bad)}")
+        if "judged_by" in fields and fields["judged_by"] is not None:
+            fields["judged_by"] = json.dumps(fields["judged_by"], ensure_ascii=False)
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self._txn() as c:
             c.execute(f"UPDATE requests SET {sets} WHERE id = ?", [*fields.values(), rid])
@@ -206,6 +214,12 @@ class RequestStore:
     def extra(self, rid: int) -> dict[str, Any]:
         with self.lock:
             row = self.conn.execute(
-                "SELECT package, hold_id FROM requests WHERE id = ?", (rid,)
+                "SELECT package, hold_id, judged_by FROM requests WHERE id = ?", (rid,)
             ).fetchone()
-        return {"package": row[0], "hold_id": row[1]} if row else {}
+        if not row:
+            return {}
+        return {
+            "package": row[0],
+            "hold_id": row[1],
+            "judged_by": json.loads(row[2]) if row[2] else None,
+        }

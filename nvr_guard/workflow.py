@@ -7,17 +7,25 @@ the audit chain that records every step and every refusal.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 from nvr_guard import access
+from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused
+from nvr_guard.export import run_export
+from nvr_guard.export.ffmpeg import stop_when
 from nvr_guard.requests import RequestStore
 from nvr_guard.times import iso, parse_time
 
@@ -27,7 +35,54 @@ if TYPE_CHECKING:
 log = logging.getLogger("nvr_guard.workflow")
 
 CLOSED = ("denied", "cancelled", "expired", "closed")
+# Stored states that are a decision on the request: the rules in force then are recorded with it
+# and it is judged by those from then on (a later reload does not reopen or re-close it).
+DECIDED = ("approved", "denied", "cancelled", "expired")
 _Paths = list[Path]  # spelled once here: inside Workflow, ``list`` is a method
+# How often a running export re-checks its authority (expiry, a reload) between the immediate
+# checks that a deny or cancel triggers.
+RECHECK_EVERY = 0.5
+
+
+@dataclass
+class ExportClaim:
+    """An export in flight. At most one per request, taken under the engine lock before any
+    ffmpeg starts; the export commits only if its authority still holds at commit time."""
+
+    rid: int
+    caller: Caller
+    target: str
+    since: float
+    dest: Any
+    clips: list[tuple[str, list[Any]]]
+    view: dict[str, Any]
+    key: Any
+    fingerprint: str
+    head: tuple[int, str]
+    stop: threading.Event = field(default_factory=threading.Event)
+    why: str | None = None  # why it is being aborted
+    committing: bool = False  # the engine lock is held from the commit check to the record
+    last_check: float = 0.0
+
+
+class _CommitGate:
+    """The destination as the package builder sees it, with the authority check added to its
+    commit hook: the builder calls ``before_commit`` right before the rename that makes the
+    package visible, and on success the engine lock stays held until the request is recorded
+    as exported, so no deny, cancel or reload can land between the check and the record."""
+
+    def __init__(self, dest: Any, check: Callable[[], None]) -> None:
+        self._dest = dest
+        self._check = check
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dest, name)
+
+    def before_commit(self, tmp: Path) -> None:
+        hook = getattr(self._dest, "before_commit", None)
+        if hook is not None:
+            hook(tmp)
+        self._check()
 
 
 class Workflow:
@@ -36,6 +91,13 @@ class Workflow:
         self.store = RequestStore(engine.catalog)
         self.progress: dict[int, float] = {}
         self._export_lock = threading.Lock()
+        self._claims: dict[int, ExportClaim] = {}  # under the engine lock
+        # the seams of an export (tests put a fast stand-in here): the package builder, and the
+        # gate that opens a destination (a scanned target directory or an enrolled medium)
+        self.exporter: Callable[..., Any] = run_export
+        self.open_destination: Callable[[str, Any], Any] = lambda target, tz: (
+            self.engine.media.destination(target, tz)
+        )
 
     # ---- context -------------------------------------------------------------------------------
     @property
@@ -69,7 +131,37 @@ class Workflow:
             backfill_within=float(ap.emergency.backfill_within.seconds),
             max_range=float(ap.max_range.seconds),
             tz=self.config.site_tz(site),
+            camera_levels=self.camera_levels(),
+            after_hours_valid=float(ap.after_hours_valid.seconds),
+            approver_may_export=bool(ap.approver_may_export),
         )
+
+    # ---- the rules a request is judged by ------------------------------------------------------
+    def _judged(self, r: access.Request) -> access.AccessRules:
+        """The rules in force when ``r`` was decided (recorded with it), else the current ones."""
+        record = self.store.extra(r.id).get("judged_by")
+        if record:
+            return rules_from_record(record)
+        return self.rules(r.site)
+
+    def _acting(self, r: access.Request, judged: access.AccessRules) -> access.AccessRules:
+        """The rules for an act on ``r`` now (approve, deny, export, see): the request's approvals
+        are judged by ``judged``; who acts is judged by the current config (roles and camera
+        levels, separation of duties, after-hours cover) and, until it is exported, so are the
+        export hours."""
+        cur = self.rules(r.site)
+        over: dict[str, Any] = {
+            "camera_levels": cur.camera_levels,
+            "technician_role": cur.technician_role,
+            "after_hours_valid": cur.after_hours_valid,
+            "approver_may_export": cur.approver_may_export,
+        }
+        if r.exported_at is None:
+            over["hours"] = cur.hours
+        return dataclasses.replace(judged, **over)
+
+    def _record_rules(self, r: access.Request, rules: access.AccessRules, now: float) -> None:
+        self.store.update(r.id, judged_by=rules_record(rules, r, now, self.config.digest))
 
     def camera_sites(self) -> dict[str, str]:
         return {cam: site for site, cam in self.engine.catalog.cameras()}
@@ -92,7 +184,7 @@ class Workflow:
     ) -> dict[str, Any]:
         tz = self.config.site_tz(r.site) if r.site in self.config.sites else self.config.tz
         approvals = self.store.approvals(r.id) if approvals is None else approvals
-        rules = self.rules(r.site) if r.site in self.config.sites else None
+        rules = self._judged(r) if r.site in self.config.sites else None
         now = self.now()
         state = access.state_of(r, approvals, now, rules) if rules else r.state
         extra = self.store.extra(r.id)
@@ -117,6 +209,8 @@ class Workflow:
             "approved_at": iso(r.approved_at, tz),
             "exported_at": iso(r.exported_at, tz),
             "package": extra.get("package"),
+            # the rules it was decided by (null while undecided: the current ones apply)
+            "judged_by": extra.get("judged_by"),
             "approvals": [
                 {
                     "approver": a.approver,
@@ -213,10 +307,10 @@ class Workflow:
             return view
 
     def _load(self, rid: int) -> tuple[access.Request, list[access.Approval], access.AccessRules]:
+        """The request, its approvals and the rules it is judged by."""
         r = self.store.get(rid)
         approvals = self.store.approvals(rid)
-        rules = self.rules(r.site)
-        return r, approvals, rules
+        return r, approvals, self._judged(r)
 
     def _current(
         self, rid: int
@@ -239,6 +333,8 @@ class Workflow:
             fields["approved_at"] = access.approved_at(r, approvals, rules)
         if state in CLOSED and r.closed_at is None:
             fields["closed_at"] = now
+        if state in DECIDED and not self.store.extra(r.id).get("judged_by"):
+            fields["judged_by"] = rules_record(rules, r, now, self.config.digest)
         self.store.update(r.id, **fields)
         if state in CLOSED:
             self._end_holds(r.id, now)
@@ -256,49 +352,91 @@ class Workflow:
             )
 
     def refresh(self) -> list[str]:
-        """Periodic: expire what is due, report emergency violations (each audited once)."""
-        violations = []
-        for r in self.store.all():
-            if r.state in CLOSED:
-                continue
-            r2, approvals, rules = self._current(r.id)
-            v = access.emergency_violation(r2, approvals, self.now(), rules)
-            if v:
-                violations.append(v)
-                seen = any(
-                    True
-                    for _ in self.engine.audit.entries(
-                        action="request.violation", obj=f"request:{r.id}"
-                    )
-                )
-                if not seen:
-                    log.warning("%s", v)
-                    self.engine.audit.append(
-                        "nvr-guard", "request.violation", f"request:{r.id}", {"violation": v}
-                    )
-        return violations
+        """Periodic: expire what is due, report emergency violations (each audited when it opens,
+        and again when it reopens or changes), stop exports whose authority lapsed."""
+        with self.engine.lock:  # it settles and records: never beside another thread
+            violations = []
+            for r in self.store.all():
+                if r.state in CLOSED:
+                    continue
+                r2, approvals, rules = self._current(r.id)
+                v = access.emergency_violation(r2, approvals, self.now(), rules)
+                if v:
+                    violations.append(v)
+                    last = None
+                    for e in self.engine.audit.entries(obj=f"request:{r.id}", action="request."):
+                        if e.action in ("request.violation", "request.approve", "request.resolve"):
+                            last = e
+                    if (
+                        last is None
+                        or last.action != "request.violation"
+                        or (last.details.get("violation") != v)
+                    ):
+                        log.warning("%s", v)
+                        self.engine.audit.append(
+                            "nvr-guard", "request.violation", f"request:{r.id}", {"violation": v}
+                        )
+            for rid in list(self._claims):
+                self._recheck_claim(rid)
+            return violations
 
-    def list(self, state: str | None) -> list[dict[str, Any]]:
+    def _visible(
+        self, caller: Caller, rid: int
+    ) -> tuple[access.Request, list[access.Approval], access.AccessRules]:
+        """The request brought up to date, if ``caller`` may see it; else refused (exit 3) and
+        audited. An id that does not exist is refused the same way to anyone who does not see
+        every request."""
+        actor = self.actor(caller)
+        try:
+            r, approvals, rules = self._current(rid)
+        except InvalidInput:
+            if actor.roles & access.SEE_ALL_ROLES:
+                raise
+            self._refused(caller, f"request:{rid}", access.not_shown(actor, rid))
+            raise  # not reached: _refused raises
+        d = access.check_view(r, approvals, actor, self._acting(r, rules))
+        if not d.allowed:
+            self._refused(caller, f"request:{rid}", d)
+        return r, approvals, rules
+
+    def list(self, caller: Caller, state: str | None) -> list[dict[str, Any]]:
+        """The requests ``caller`` may see (the others are left out, not refused)."""
         if state and state not in access.STATES:
             raise InvalidInput(f"unknown state {state!r}; one of {', '.join(access.STATES)}")
+        actor = self.actor(caller)
         with self.engine.lock:
             self.refresh()
-            views = [self.request_json(r) for r in self.store.all()]
+            views = []
+            for r in self.store.all():
+                approvals = self.store.approvals(r.id)
+                if r.site in self.config.sites:
+                    seen = access.check_view(r, approvals, actor, self._acting(r, self._judged(r)))
+                    if not seen.allowed:
+                        continue
+                elif not actor.roles & access.SEE_ALL_ROLES:
+                    continue
+                views.append(self.request_json(r, approvals))
         return [v for v in views if not state or v["state"] == state]
 
-    def show(self, rid: int) -> dict[str, Any]:
+    def show(self, caller: Caller, rid: int) -> dict[str, Any]:
         with self.engine.lock:
-            r, approvals, _ = self._current(rid)
+            r, approvals, _ = self._visible(caller, rid)
             return self.request_json(r, approvals)
 
     def approve(
         self, caller: Caller, rid: int, note: str, as_step: str | None = None
     ) -> dict[str, Any]:
         with self.engine.lock:
-            r, approvals, rules = self._current(rid)
+            r, approvals, rules = self._visible(caller, rid)
             now = self.now()
             d = access.check_approve(
-                r, approvals, self.actor(caller), rules, now, as_step=as_step, note=note
+                r,
+                approvals,
+                self.actor(caller),
+                self._acting(r, rules),
+                now,
+                as_step=as_step,
+                note=note,
             )
             if not d.allowed:
                 self._refused(caller, f"request:{rid}", d)
@@ -310,13 +448,15 @@ class Workflow:
                 caller.user, "request.approve", f"request:{rid}", {"step": a.role, "note": note}
             )
             r, approvals, rules = self._current(rid)
+            self._recheck_claim(rid)  # an approver may not be its exporter
             return self.request_json(r, approvals)
 
     def deny(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
         with self.engine.lock:
-            r, approvals, rules = self._current(rid)
+            r, approvals, rules = self._visible(caller, rid)
             now = self.now()
-            d = access.check_deny(r, self.actor(caller), reason, rules, now, approvals)
+            acting = self._acting(r, rules)
+            d = access.check_deny(r, self.actor(caller), reason, acting, now, approvals)
             if not d.allowed:
                 self._refused(caller, f"request:{rid}", d)
             roles = self.actor(caller).roles
@@ -326,24 +466,29 @@ class Workflow:
                 caller.user, "request.deny", f"request:{rid}", {"reason": reason}
             )
             r, approvals, rules = self._current(rid)
+            self._recheck_claim(rid)
             return self.request_json(r, approvals)
 
     def cancel(self, caller: Caller, rid: int) -> dict[str, Any]:
         with self.engine.lock:
-            r, approvals, rules = self._current(rid)
+            r, approvals, rules = self._visible(caller, rid)
             now = self.now()
             d = access.check_cancel(r, self.actor(caller), now)
             if not d.allowed:
                 self._refused(caller, f"request:{rid}", d)
-            self.store.update(rid, state="cancelled", closed_at=now)
+            fields: dict[str, Any] = {"state": "cancelled", "closed_at": now}
+            if not self.store.extra(rid).get("judged_by"):
+                fields["judged_by"] = rules_record(rules, r, now, self.config.digest)
+            self.store.update(rid, **fields)
             self._end_holds(rid, now)
             self.engine.audit.append(caller.user, "request.cancel", f"request:{rid}", {})
+            self._recheck_claim(rid)
             r, approvals, rules = self._load(rid)
             return self.request_json(r, approvals)
 
     def resolve(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
         with self.engine.lock:
-            r, approvals, rules = self._current(rid)
+            r, approvals, rules = self._visible(caller, rid)
             if not access.emergency_violation(r, approvals, self.now(), rules):
                 raise InvalidInput(f"request {rid} has no open violation to resolve")
             d = access.check_resolve(r, self.actor(caller), reason)
@@ -371,20 +516,44 @@ class Workflow:
             )
         return key, fp
 
+    def _export_check(self, rid: int, caller: Caller) -> access.Decision:
+        """May ``caller`` export request ``rid`` now? Under the engine lock."""
+        r, approvals, rules = self._current(rid)
+        acting = self._acting(r, rules)
+        return access.check_export(r, approvals, self.actor(caller), acting, self.now())
+
     def export(
         self, caller: Caller, rid: int, target: str, progress: Callable[[float], None] | None = None
     ) -> dict[str, Any]:
-        from nvr_guard.export import ExportJob, SourceSegment, run_export
-        from nvr_guard.export.fonts import resolve_font
+        """Export request ``rid`` onto ``target``: claim, build, commit (see :meth:`export_begin`
+        and :meth:`export_finish`)."""
+        claim = self.export_begin(caller, rid, target)
+        return self.export_finish(claim, progress)
 
+    def export_begin(self, caller: Caller, rid: int, target: str) -> ExportClaim:
+        """Check ``caller`` may export ``rid`` onto ``target`` and claim the request's export,
+        in one step under the engine lock: a second export of the same request is refused (exit
+        3) until this one has committed or failed."""
         with self.engine.lock:
-            r, approvals, rules = self._current(rid)
-            now = self.now()
-            d = access.check_export(r, approvals, self.actor(caller), rules, now)
+            r, approvals, rules = self._visible(caller, rid)
+            busy = self._claims.get(rid)
+            if busy is not None:
+                self._refused(
+                    caller,
+                    f"request:{rid}",
+                    access.Decision(
+                        False,
+                        f"request {rid} is being exported by {busy.caller.user} onto "
+                        f"{busy.target} (since {iso(busy.since, rules.tz)}); one export per "
+                        "request — wait for it to finish",
+                        3,
+                    ),
+                )
+            d = self._export_check(rid, caller)
             if not d.allowed:
                 self._refused(caller, f"request:{rid}", d)
             try:
-                dest = self.engine.media.destination(target, self.config.site_tz(r.site))
+                dest = self.open_destination(target, self.config.site_tz(r.site))
             except NvrGuardError as e:
                 self.engine.audit.append(
                     caller.user,
@@ -393,23 +562,67 @@ class Workflow:
                     {"target": target, "reason": str(e)},
                 )
                 raise
-            clips = []
-            for cam in r.cameras:
-                segs = self.engine.catalog.segments_of(r.site, cam, r.start, r.end)
-                clips.append(
-                    (cam, [SourceSegment(Path(os.fsdecode(s.path)), s.start) for s in segs])
+            try:
+                from nvr_guard.export import SourceSegment
+
+                clips = []
+                for cam in r.cameras:
+                    segs = self.engine.catalog.segments_of(r.site, cam, r.start, r.end)
+                    clips.append(
+                        (cam, [SourceSegment(Path(os.fsdecode(s.path)), s.start) for s in segs])
+                    )
+                if not any(segs for _, segs in clips):
+                    self._refused(
+                        caller,
+                        f"request:{rid}",
+                        access.Decision(
+                            False, f"request {rid}: no footage left in its range to export", 3
+                        ),
+                    )
+                view = self.request_json(r, approvals)
+                view["judged_by"] = rules_record(
+                    self._acting(r, rules), r, self.now(), self.config.digest
                 )
-            if not any(segs for _, segs in clips):
-                raise PolicyRefused(f"request {rid}: no footage left in its range to export")
-            view = self.request_json(r, approvals)
-            key, fp = self.signing_key()
-            head = self.engine.audit.head()
+                key, fp = self.signing_key()
+                head = self.engine.audit.head()
+            except BaseException:
+                close = getattr(dest, "close", None)
+                if close is not None:
+                    close()
+                raise
             self.engine.audit.append(
                 caller.user,
                 "export.begin",
                 f"request:{rid}",
-                {"target": dest.path, "fingerprint": fp},
+                {"target": str(dest.path), "fingerprint": fp},
             )
+            claim = ExportClaim(
+                rid=rid,
+                caller=caller,
+                target=target,
+                since=self.now(),
+                dest=dest,
+                clips=clips,
+                view=view,
+                key=key,
+                fingerprint=fp,
+                head=head,
+            )
+            self._claims[rid] = claim
+            return claim
+
+    def export_finish(
+        self, claim: ExportClaim, progress: Callable[[float], None] | None = None
+    ) -> dict[str, Any]:
+        """Build the package outside the engine lock, then commit it only if the export's
+        authority still holds; a deny, cancel, expiry or reload that takes it away stops ffmpeg
+        and removes the partial package (``export.aborted``, exit 3)."""
+        from nvr_guard.export import ExportJob
+        from nvr_guard.export.fonts import resolve_font
+
+        rid, caller = claim.rid, claim.caller
+        view = claim.view
+        r = self.store.get(rid)
         job = ExportJob(
             request=view,
             approvals=view["approvals"],
@@ -429,24 +642,76 @@ class Workflow:
             if progress is not None:
                 progress(f)
 
-        # one export at a time: two encodes on a 2-core recorder would starve the recording
-        with self._export_lock, dest:
-            self.remove_stale_exports([Path(dest.path)])
-            try:
-                pkg = run_export(clips, job, dest, key, audit_head=head, progress=on_progress)
-            except Exception as e:
-                self.progress.pop(rid, None)
-                with self.engine.lock:
+        gate = _CommitGate(claim.dest, lambda: self._commit_check(claim))
+        try:
+            # one export at a time: two encodes on a 2-core recorder would starve the recording
+            with self._export_lock, claim.dest:
+                self.remove_stale_exports([Path(claim.dest.path)])
+                with stop_when(lambda: self._stop_reason(claim)):
+                    pkg = self.exporter(
+                        claim.clips,
+                        job,
+                        gate,
+                        claim.key,
+                        audit_head=claim.head,
+                        progress=on_progress,
+                    )
+        except BaseException as e:
+            self._release(claim)
+            self.progress.pop(rid, None)
+            with self.engine.lock:
+                if self._claims.get(rid) is claim:
+                    del self._claims[rid]
+                if claim.why is not None:
                     self.engine.audit.append(
                         caller.user,
-                        "export.refused" if isinstance(e, PolicyRefused) else "export.failed",
+                        "export.aborted",
                         f"request:{rid}",
-                        {"error": str(e), "target": target},
+                        {"reason": claim.why, "target": claim.target, "error": str(e)},
                     )
-                raise
-        with self.engine.lock:
+                    raise PolicyRefused(
+                        f"export of request {rid} aborted: {claim.why}; "
+                        f"nothing was left on {claim.target}"
+                    ) from None
+                self.engine.audit.append(
+                    caller.user,
+                    "export.refused" if isinstance(e, PolicyRefused) else "export.failed",
+                    f"request:{rid}",
+                    {"error": str(e), "target": claim.target},
+                )
+            raise
+        if not claim.committing:
+            # The builder returned without calling the commit hook (a package writer that lost
+            # it): check now, and take back what it wrote rather than let it stand unchecked.
+            log.error("export of request %s: the package was committed without the check", rid)
+            try:
+                self._commit_check(claim)
+            except PolicyRefused:
+                shutil.rmtree(pkg.path, ignore_errors=True)
+                self.progress.pop(rid, None)
+                with self.engine.lock:
+                    if self._claims.get(rid) is claim:
+                        del self._claims[rid]
+                    self.engine.audit.append(
+                        caller.user,
+                        "export.aborted",
+                        f"request:{rid}",
+                        {"reason": claim.why, "target": claim.target, "package": str(pkg.path)},
+                    )
+                raise PolicyRefused(
+                    f"export of request {rid} aborted: {claim.why}; the package was removed"
+                ) from None
+        # the commit check passed and its lock is still held: record before anyone else acts
+        try:
             now = self.now()
-            self.store.update(rid, state="exported", exported_at=now, package=str(pkg.path))
+            r, _, rules = self._load(rid)
+            self.store.update(
+                rid,
+                state="exported",
+                exported_at=now,
+                package=str(pkg.path),
+                judged_by=rules_record(self._acting(r, rules), r, now, self.config.digest),
+            )
             with self.engine.catalog.transaction() as c:
                 c.execute(
                     "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL",
@@ -456,10 +721,70 @@ class Workflow:
                 caller.user,
                 "export.done",
                 f"request:{rid}",
-                {"package": str(pkg.path), "files": pkg.sha256s, "fingerprint": fp},
+                {"package": str(pkg.path), "files": pkg.sha256s, "fingerprint": claim.fingerprint},
             )
             self.progress[rid] = 1.0
-            return {"id": rid, "package": str(pkg.path), "files": pkg.sha256s, "fingerprint": fp}
+            return {
+                "id": rid,
+                "package": str(pkg.path),
+                "files": pkg.sha256s,
+                "fingerprint": claim.fingerprint,
+            }
+        finally:
+            if self._claims.get(rid) is claim:
+                del self._claims[rid]
+            self._release(claim)
+
+    def _commit_check(self, claim: ExportClaim) -> None:
+        """At the commit point: take the engine lock and keep it (until :meth:`export_finish`
+        has recorded the export) if the export is still allowed; else abort."""
+        self.engine.lock.acquire()
+        claim.committing = True
+        try:
+            d = self._export_check(claim.rid, claim.caller)
+        except BaseException:
+            self._release(claim)
+            raise
+        # authority lost at any check during the export ends it, even if a later reload would
+        # give it back: what ran without authority is not committed
+        if claim.stop.is_set() or not d.allowed:
+            claim.why = claim.why if claim.stop.is_set() and claim.why else d.reason
+            claim.stop.set()
+            self._release(claim)
+            raise PolicyRefused(claim.why)
+
+    def _release(self, claim: ExportClaim) -> None:
+        if claim.committing:
+            claim.committing = False
+            self.engine.lock.release()
+
+    def _recheck_claim(self, rid: int) -> None:
+        """Under the engine lock, after anything that may take an export's authority away."""
+        claim = self._claims.get(rid)
+        if claim is None or claim.committing or claim.stop.is_set():
+            return
+        d = self._export_check(rid, claim.caller)
+        if not d.allowed:
+            claim.why = d.reason
+            claim.stop.set()
+
+    def _stop_reason(self, claim: ExportClaim) -> str | None:
+        """Polled by the running ffmpeg: why it must stop, else None. Between the immediate
+        checks after a deny or cancel, re-checks the authority every RECHECK_EVERY seconds (an
+        approval expiring, a reload), never waiting for the engine lock."""
+        if claim.stop.is_set():
+            return claim.why or "the export was stopped"
+        t = time.monotonic()
+        if t - claim.last_check < RECHECK_EVERY:
+            return None
+        claim.last_check = t
+        if not self.engine.lock.acquire(blocking=False):
+            return None
+        try:
+            self._recheck_claim(claim.rid)
+        finally:
+            self.engine.lock.release()
+        return claim.why if claim.stop.is_set() else None
 
     def remove_stale_exports(self, targets: _Paths | None = None) -> _Paths:
         """Remove the hidden ``.NVRG-*.tmp`` directories an export killed mid-way (kill -9,
@@ -498,8 +823,65 @@ class Workflow:
                     )
         return removed
 
-    def form(self, rid: int) -> str:
+    def form(self, caller: Caller, rid: int) -> str:
         from nvr_guard.export import approval_record_html
 
-        view = self.show(rid)
+        view = self.show(caller, rid)
         return approval_record_html(view, view["approvals"], None)
+
+
+# ---- the rules in a request's record ----------------------------------------------------------
+def rules_record(
+    rules: access.AccessRules, r: access.Request, now: float, digest: str
+) -> dict[str, Any]:
+    """The rules ``r`` is decided by, as stored with it and shown in its record: enough to judge
+    it again exactly as then, and to read what applied."""
+    h0, h1 = rules.hours
+    return {
+        "decided": iso(now, rules.tz),
+        "config_digest": digest,
+        "steps": list(rules.steps),
+        "decide_within": rules.decide_within,
+        "holidays": sorted(d.isoformat() for d in rules.holidays),
+        "workdays": sorted(d.isoformat() for d in rules.workdays),
+        "valid_for": str(rules.valid_for),
+        "hours": f"{h0 // 60:02d}:{h0 % 60:02d}-{h1 // 60:02d}:{h1 % 60:02d}",
+        "timezone": str(rules.tz),
+        "after_hours_role": rules.duty_role,
+        "after_hours_valid": rules.after_hours_valid,
+        "native_role": rules.native_role,
+        "emergency_roles": sorted(rules.emergency_roles),
+        "backfill_within": rules.backfill_within,
+        "max_range": rules.max_range,
+        "technician_role": rules.technician_role,
+        "requester_roles": sorted(rules.requester_roles),
+        "approver_may_export": rules.approver_may_export,
+        "camera_levels": {c: access.camera_level(c, rules) for c in r.cameras},
+    }
+
+
+def rules_from_record(d: dict[str, Any]) -> access.AccessRules:
+    def minutes(hhmm: str) -> int:
+        h, m = hhmm.split(":")
+        return int(h) * 60 + int(m)
+
+    a, b = d["hours"].split("-")
+    return access.AccessRules(
+        steps=tuple(d["steps"]),
+        decide_within=int(d["decide_within"]),
+        holidays=frozenset(date.fromisoformat(x) for x in d["holidays"]),
+        workdays=frozenset(date.fromisoformat(x) for x in d["workdays"]),
+        valid_for=Duration.parse(d["valid_for"]),
+        hours=(minutes(a), minutes(b)),
+        tz=ZoneInfo(d["timezone"]),
+        duty_role=d["after_hours_role"],
+        after_hours_valid=float(d["after_hours_valid"]),
+        native_role=d["native_role"],
+        emergency_roles=frozenset(d["emergency_roles"]),
+        backfill_within=float(d["backfill_within"]),
+        max_range=float(d["max_range"]),
+        technician_role=d["technician_role"],
+        requester_roles=frozenset(d["requester_roles"]),
+        approver_may_export=bool(d["approver_may_export"]),
+        camera_levels=dict(d["camera_levels"]),
+    )

@@ -40,7 +40,8 @@ from nvr_guard.errors import InvalidInput, PolicyRefused
 SH = ZoneInfo("Asia/Shanghai")
 DAY = 86400.0
 HOUR = 3600.0
-RULES = AccessRules(tz=SH)
+CAMERAS = {"lobby-01": 1, "atm-02": 1, "street-03": 2}
+RULES = AccessRules(tz=SH, camera_levels=CAMERAS)
 
 
 def ts(text: str) -> float:
@@ -60,7 +61,6 @@ SUE = Actor("sue", frozenset({"security_lead"}))
 DAN = Actor("dan", frozenset({"duty_manager"}))
 TOM = Actor("tom", frozenset({"technician"}))
 ROOT = Actor("root", frozenset({"admin"}), 2)
-CAMERAS = {"lobby-01": 1, "atm-02": 1, "street-03": 2}
 
 
 def draft(**kw: Any) -> Draft:
@@ -307,8 +307,8 @@ def test_duty_manager_who_is_also_a_step_role_picks_the_after_hours_approval() -
 
 # --- decision deadline in working days ----------------------------------------------------------
 
-HOLIDAY_MON = AccessRules(tz=SH, holidays=frozenset({date(2026, 11, 30)}))
-MAKEUP_SAT = AccessRules(tz=SH, workdays=frozenset({date(2026, 11, 21)}))
+HOLIDAY_MON = AccessRules(tz=SH, camera_levels=CAMERAS, holidays=frozenset({date(2026, 11, 30)}))
+MAKEUP_SAT = AccessRules(tz=SH, camera_levels=CAMERAS, workdays=frozenset({date(2026, 11, 21)}))
 
 
 @pytest.mark.parametrize(
@@ -320,7 +320,11 @@ MAKEUP_SAT = AccessRules(tz=SH, workdays=frozenset({date(2026, 11, 21)}))
         ("2026-11-27T17:00", HOLIDAY_MON, "2026-12-03T17:00"),  # Fri, Mon holiday -> Thu
         ("2026-11-30T09:00", HOLIDAY_MON, "2026-12-04T00:00"),  # filed on the holiday
         ("2026-11-20T17:00", MAKEUP_SAT, "2026-11-24T17:00"),  # make-up Saturday counts
-        ("2026-11-20T17:00", AccessRules(tz=SH, decide_within=1), "2026-11-23T17:00"),
+        (
+            "2026-11-20T17:00",
+            AccessRules(tz=SH, camera_levels=CAMERAS, decide_within=1),
+            "2026-11-23T17:00",
+        ),
     ],
 )
 def test_decide_deadline(created: str, rules: AccessRules, deadline: str) -> None:
@@ -331,7 +335,10 @@ def test_decide_deadline(created: str, rules: AccessRules, deadline: str) -> Non
     ("rules", "deadline"),
     [
         (RULES, "2026-11-25T17:00"),
-        (AccessRules(tz=SH, holidays=frozenset({date(2026, 11, 24)})), "2026-11-26T17:00"),
+        (
+            AccessRules(tz=SH, camera_levels=CAMERAS, holidays=frozenset({date(2026, 11, 24)})),
+            "2026-11-26T17:00",
+        ),
     ],
 )
 @pytest.mark.parametrize(("offset", "state"), [(-1, "pending"), (0, "expired"), (1, "expired")])
@@ -393,7 +400,7 @@ def test_hours_across_midnight() -> None:
     assert outside_hours(ts("2026-11-25T12:00"), night)
 
 
-DUTY = ok("dan", "duty_manager", MON_10 + HOUR)
+DUTY = ok("dan", "duty_manager", ts("2026-11-25T20:30"))
 
 
 @pytest.mark.parametrize(
@@ -401,8 +408,8 @@ DUTY = ok("dan", "duty_manager", MON_10 + HOUR)
     [
         (BOTH, ts("2026-11-25T21:00"), False),  # outside hours, no duty manager
         ((*BOTH, DUTY), ts("2026-11-25T21:00"), True),
-        (BOTH, ts("2026-11-25T07:00"), False),
-        ((*BOTH, DUTY), ts("2026-11-25T07:00"), True),
+        (BOTH, ts("2026-11-26T07:00"), False),
+        ((*BOTH, DUTY), ts("2026-11-26T07:00"), True),  # 10 h 30 min later: still covered
         (BOTH, WED_11, True),  # inside hours: no duty approval needed
         # a duty approval by the requester does not count
         ((*BOTH, ok("alice", "duty_manager", MON_10)), ts("2026-11-25T21:00"), False),
@@ -416,6 +423,126 @@ def test_export_outside_hours_needs_duty_manager(
         allowed(d)
     else:
         refused(d, "outside export hours 08:00-20:00", "duty_manager", "request 12")
+
+
+@pytest.mark.parametrize(
+    ("given", "now", "ok_"),
+    [
+        # an approval given in office hours days earlier is no licence for tonight
+        ("2026-11-23T11:00", "2026-11-25T21:00", False),
+        ("2026-11-25T09:00", "2026-11-25T20:59", True),  # 11 h 59 min
+        ("2026-11-25T09:00", "2026-11-25T21:00", False),  # 12 h: over
+        ("2026-11-25T09:00", "2026-11-25T21:01", False),
+        ("2026-11-25T21:30", "2026-11-25T21:00", False),  # not yet given
+    ],
+)
+def test_after_hours_approval_covers_exports_for_after_hours_valid(
+    given: str, now: str, ok_: bool
+) -> None:
+    approvals = (*BOTH, ok("dan", "duty_manager", ts(given)))
+    d = check_export(request(), approvals, TOM, RULES, ts(now))
+    if ok_:
+        allowed(d)
+    else:
+        refused(d, "outside export hours", "duty_manager")
+    # the window is a setting
+    longer = dataclasses.replace(RULES, after_hours_valid=3 * DAY)
+    assert check_export(request(), approvals, TOM, longer, ts(now)).allowed == (given < now)
+
+
+def test_a_lapsed_after_hours_approval_may_be_given_again_by_another_duty_manager() -> None:
+    approvals = (*BOTH, ok("dan", "duty_manager", ts("2026-11-23T11:00")))
+    now = ts("2026-11-25T21:00")
+    d = check_approve(request(), approvals, Actor("dave", frozenset({"duty_manager"})), RULES, now)
+    assert d.allowed and d.step == "duty_manager"
+    allowed(check_export(request(), (*approvals, ok("dave", d.step, now)), TOM, RULES, now + 60))
+
+
+@pytest.mark.parametrize(
+    ("rules", "actor", "ok_"),
+    [
+        (RULES, Actor("tom2", frozenset({"technician", "dept_manager"})), True),
+        (RULES, Actor("bob", frozenset({"technician", "dept_manager"})), False),  # approved it
+        (RULES, Actor("sam", frozenset({"technician", "security_lead"}), 2), False),
+        (
+            dataclasses.replace(RULES, approver_may_export=True),
+            Actor("bob", frozenset({"technician"})),
+            True,
+        ),
+        # the requester never exports, whatever the setting
+        (
+            dataclasses.replace(RULES, approver_may_export=True),
+            Actor("alice", frozenset({"technician"})),
+            False,
+        ),
+    ],
+)
+def test_separation_of_duties(rules: AccessRules, actor: Actor, ok_: bool) -> None:
+    d = check_export(request(), BOTH, actor, rules, WED_11)
+    if ok_:
+        allowed(d)
+    else:
+        refused(d, actor.user)
+        assert "separation" in d.reason or "filed" in d.reason
+
+
+STREET = request(requester="carol", cameras=("lobby-01", "street-03"))
+
+
+@pytest.mark.parametrize(
+    ("check", "actor"),
+    [
+        (lambda a: check_approve(STREET, (), a, RULES, WED_11), BOB),
+        (lambda a: check_deny(STREET, a, "no", RULES, WED_11), BOB),
+        (lambda a: check_export(STREET, BOTH, a, RULES, WED_11), TOM),
+        (lambda a: access.check_view(STREET, (), a, RULES), TOM),
+    ],
+)
+def test_every_actor_needs_the_level_of_every_camera(check: Any, actor: Actor) -> None:
+    refused(check(actor), "street-03", "level 2", actor.user, "level 1")
+    raised = dataclasses.replace(actor, level=2)
+    allowed(check(raised))
+
+
+def test_a_camera_the_rules_do_not_classify_needs_level_2() -> None:
+    odd = request(cameras=("roof-09",))
+    refused(check_approve(odd, (), BOB, RULES, WED_11), "roof-09", "level 2")
+
+
+@pytest.mark.parametrize(
+    ("actor", "ok_"),
+    [
+        (ALICE, True),  # requester
+        (BOB, True),  # may decide (dept_manager, level 1 camera)
+        (DAN, True),  # may give the after-hours approval
+        (TOM, True),  # may export
+        (SUE, True),  # security lead
+        (Actor("aud", frozenset({"auditor"})), True),
+        (ROOT, True),
+        (Actor("olga", frozenset({"operator"}), 2), False),  # another operator
+        (Actor("nora", frozenset()), False),
+    ],
+)
+def test_who_may_see_a_request(actor: Actor, ok_: bool) -> None:
+    d = access.check_view(request(), (), actor, RULES)
+    if ok_:
+        allowed(d)
+    else:
+        refused(d, actor.user, "may not see request 12")
+
+
+def test_emergency_at_once_only_within_its_window() -> None:
+    rules = dataclasses.replace(RULES, backfill_within=60.0)
+    allowed(check_export(EMERGENCY, (), TOM, rules, MON_10 + 59))
+    refused(
+        check_export(EMERGENCY, (), TOM, rules, MON_10 + 60),
+        "not approved",
+        "emergency window closed",
+    )
+    refused(check_export(EMERGENCY, (), TOM, rules, MON_10 + 65), "emergency window closed")
+    # with its full approvals it exports like any other request
+    full = (ok("bob", "dept_manager", MON_10 + HOUR), ok("sue", "security_lead", MON_10 + HOUR))
+    allowed(check_export(EMERGENCY, full, TOM, rules, WED_11))
 
 
 @pytest.mark.parametrize(
@@ -465,7 +592,7 @@ def test_native_copy_needs_a_further_distinct_approver() -> None:
 
 
 def test_native_role_is_configurable() -> None:
-    rules = AccessRules(tz=SH, native_role="evidence_officer")
+    rules = AccessRules(tz=SH, native_role="evidence_officer", camera_levels=CAMERAS)
     assert steps_for(NATIVE, rules)[-1] == "evidence_officer"
     eve = Actor("eve", frozenset({"evidence_officer"}))
     d = check_approve(NATIVE, BOTH, eve, rules, WED_11)

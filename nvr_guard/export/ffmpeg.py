@@ -9,13 +9,15 @@ configured font; ffmpeg-python escapes them for the filter syntax.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 from fractions import Fraction
@@ -260,7 +262,35 @@ def _finish(argv: list[str]) -> list[str]:
 
 # ---- running ------------------------------------------------------------------------------------
 class Cancelled(Exception):
-    """Raised by a progress callback to stop the export (the caller's own reason is the cause)."""
+    """Raised by a progress callback to stop the export (the caller's own reason is the cause),
+    or by :func:`run_ffmpeg` when the stop check of :func:`stop_when` gives a reason."""
+
+
+# The stop check of the runs in this context: returns why the export must stop, else None.
+# A context variable, so the caller that owns the export sets it once around the whole package
+# build, without every layer in between passing it down.
+_STOP: contextvars.ContextVar[Callable[[], str | None] | None] = contextvars.ContextVar(
+    "nvr_guard_ffmpeg_stop", default=None
+)
+
+
+@contextlib.contextmanager
+def stop_when(check: Callable[[], str | None]) -> Iterator[None]:
+    """Within this block, every :func:`run_ffmpeg` polls ``check`` several times a second and,
+    once it returns a reason, kills ffmpeg and raises :class:`Cancelled` with that reason —
+    also while ffmpeg reports no progress (stalled, or stopped by a signal)."""
+    token = _STOP.set(check)
+    try:
+        yield
+    finally:
+        _STOP.reset(token)
+
+
+def _stopped() -> None:
+    check = _STOP.get()
+    why = check() if check is not None else None
+    if why:
+        raise Cancelled(why)
 
 
 def run_ffmpeg(
@@ -274,6 +304,8 @@ def run_ffmpeg(
     """Run ffmpeg, report progress (fraction of ``total`` seconds of output) and enforce a
     timeout. Any failure kills the process and raises; the caller removes the partial output."""
     deadline = time.monotonic() + timeout
+    poll = 1.0 if _STOP.get() is None else 0.2
+    _stopped()
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
@@ -290,7 +322,9 @@ def run_ffmpeg(
                 raise RuntimeFailure(
                     f"ffmpeg did not finish within {timeout:g} s; the export was stopped"
                 )
-            if not sel.select(timeout=min(left, 1.0)):
+            ready = sel.select(timeout=min(left, poll))
+            _stopped()
+            if not ready:
                 continue
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
