@@ -44,7 +44,7 @@ class Entry:
         return out
 
 
-AuditFn = Callable[[str, str, dict[str, Any]], None]  # (action, object, details)
+AuditFn = Callable[[str, str, dict[str, Any]], object]  # (action, object, details)
 
 
 class Attention:
