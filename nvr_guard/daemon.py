@@ -417,6 +417,9 @@ class Daemon:
 
     # ---- control socket ------------------------------------------------------------------------
     def handle(self, peer: Any, cmd: str, args: dict[str, Any]) -> Any:
+        from nvr_guard.commands import validate
+
+        args = validate(cmd, args)  # one typed model per command; exit 2 before any handler
         try:
             return self._handle(peer, cmd, args)
         except NvrGuardError:
