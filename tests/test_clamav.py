@@ -341,9 +341,7 @@ def test_scan_timeout_is_not_clean(tree: Path, clamav_db: Path) -> None:
     assert any("timed out" in e for e in r.errors), r.errors
 
 
-def test_leftover_export_temp_dir_is_scanned_and_fingerprinted(
-    tree: Path, clamav_db: Path
-) -> None:
+def test_leftover_export_temp_dir_is_scanned_and_fingerprinted(tree: Path, clamav_db: Path) -> None:
     write(tree / ".NVRG-tmp-1" / "payload.com", eicar_bytes())
     r = scan_tree(tree, scanner="clamscan", database=clamav_db)
     assert r.result == "infected"

@@ -513,6 +513,9 @@ def _file_chunks(fd: int) -> Iterable[bytes]:
 # The scan
 
 
+_Rel = bytes  # a path relative to the scanned root (``_Tally.bytes`` shadows the name inside)
+
+
 @dataclass
 class _Tally:
     files: int = 0
@@ -520,7 +523,7 @@ class _Tally:
     infected: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    digests: dict[bytes, str] = field(default_factory=dict)  # relative path -> SHA-256
+    digests: dict[_Rel, str] = field(default_factory=dict)  # relative path -> SHA-256
     digest: bool = True  # off only to measure what the digest costs (bench/media_scan.py)
 
 
