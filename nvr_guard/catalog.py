@@ -202,11 +202,19 @@ def _migration_4(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS segments_site_start")
 
 
+def _migration_5(conn: sqlite3.Connection) -> None:
+    # scans are bound to what the files hold, not only to their names, sizes and mtimes
+    from nvr_guard.media import store
+
+    store.add_content_column(conn)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -76,6 +76,7 @@ SCAN = ScanRecord(
     listing_fingerprint="fp1",
     device_identity=device_identity(MEDIUM),
     media_id=MEDIUM.id,
+    content_digest="cd1",
 )
 
 
@@ -507,9 +508,11 @@ def test_a_file_dropped_on_the_medium_during_the_write_discards_the_package(
 def test_the_fingerprint_ignores_only_the_writers_temporary_directory(stick: Stick) -> None:
     assert stick.mount is not None
     before = listing_fingerprint(stick.mount)
-    (stick.mount / ".NVRG-42-20261123T000000Z.tmp").mkdir()
-    (stick.mount / ".NVRG-42-20261123T000000Z.tmp" / "clip.mp4").write_bytes(b"x")
-    assert listing_fingerprint(stick.mount) == before
+    tmp = ".NVRG-42-20261123T000000Z.0a1b2c3d4e5f.tmp"
+    (stick.mount / tmp).mkdir()
+    (stick.mount / tmp / "clip.mp4").write_bytes(b"x")
+    assert listing_fingerprint(stick.mount, tmp) == before
+    assert listing_fingerprint(stick.mount) != before
     (stick.mount / "NVRG-42-20261123T000000Z").mkdir()
     (stick.mount / "NVRG-42-20261123T000000Z" / "clip.mp4").write_bytes(b"x")
-    assert listing_fingerprint(stick.mount) != before
+    assert listing_fingerprint(stick.mount, tmp) != before

@@ -45,13 +45,17 @@ class Probe:
     frames: int | None = None  # only when counted (probe(count=True))
 
 
-def probe(path: Path | bytes, *, count: bool = False, timeout: float = 120) -> Probe:
+def probe(
+    path: Path | bytes, *, count: bool = False, timeout: float = 120, pass_fds: Sequence[int] = ()
+) -> Probe:
     argv = [FFPROBE, "-v", "error", "-of", "json", "-show_format", "-show_streams"]
     if count:
         argv += ["-count_packets"]
     argv += ["--", os.fsdecode(path)]
     try:
-        cp = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        cp = subprocess.run(
+            argv, capture_output=True, timeout=timeout, check=False, pass_fds=tuple(pass_fds)
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeFailure(f"ffprobe timed out on {os.fsdecode(path)}") from None
     if cp.returncode != 0:
@@ -300,15 +304,21 @@ def run_ffmpeg(
     timeout: float,
     stderr_path: Path,
     progress: Callable[[float], None] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> None:
     """Run ffmpeg, report progress (fraction of ``total`` seconds of output) and enforce a
-    timeout. Any failure kills the process and raises; the caller removes the partial output."""
+    timeout. Any failure kills the process and raises; the caller removes the partial output.
+    ``pass_fds`` stay open in ffmpeg at the same numbers (for ``/proc/self/fd/N/...`` paths)."""
     deadline = time.monotonic() + timeout
     poll = 1.0 if _STOP.get() is None else 0.2
     _stopped()
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            pass_fds=tuple(pass_fds),
         )
     try:
         assert proc.stdout is not None

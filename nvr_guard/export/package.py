@@ -6,7 +6,8 @@ public key, approval record and VERIFY.txt; fsync every file and the directory; 
 pages and read everything back to hash it again; only then rename to ``NVRG-<request>-<stamp>``.
 Any failure on the way (ffmpeg error, timeout, killed ffmpeg, a full medium, an exception in a
 progress callback, Ctrl-C) removes the temporary directory, so a destination never holds a
-half-written package that someone could mistake for evidence.
+half-written package that someone could mistake for evidence. The temporary directory is reached
+only through its descriptor, never by a path another user could re-point (``writer.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from nvr_guard.export.plan import (
     watermark_values,
     wrap_for_frame,
 )
+from nvr_guard.export.writer import PackageDir
 from nvr_guard.model import show_path
 
 MANIFEST = "manifest.json"
@@ -138,32 +140,6 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _settle(path: Path) -> None:
-    """fsync, then drop the file's cached pages so the read-back below comes from the medium,
-    not from memory (best effort: the kernel may keep pages it is still writing)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     """The exact bytes that are signed: stable key order, UTF-8 (names stay readable)."""
     return (json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode()
@@ -235,7 +211,7 @@ def run_export(
     rid = safe_name(str(job.request.get("id", "")))
     name = f"NVRG-{rid}-{utc_stamp(exported)}"
     final = dest.path / name
-    if final.exists():
+    if os.path.lexists(final):
         raise RuntimeFailure(f"{final} already exists; run the export again in a second")
 
     # Probe and plan first: a request with no footage, or a destination that is full, is refused
@@ -301,23 +277,21 @@ def run_export(
     dest.check_before_write(int(needed * 1.1) + 1024 * 1024)
     destination = dict(dest.describe())
 
-    tmp = dest.path / f".{name}.tmp"
+    try:
+        pdir = PackageDir(dest.path, name)
+    except OSError as e:
+        raise RuntimeFailure(
+            f"cannot create the package directory on {dest.path}: {e.strerror or e}; "
+            "nothing was exported"
+        ) from e
+    tmp = pdir.path
     work = Path(tempfile.mkdtemp(prefix="nvrg-export-"))
     try:
-        tmp.mkdir(mode=0o755)
-    except FileExistsError:
-        shutil.rmtree(work, ignore_errors=True)
-        raise RuntimeFailure(f"{tmp} exists: another export of request {rid} is running") from None
-    try:
         return _build(
-            planned, job, dest, key, audit_head, progress, exported, name, tmp, work, destination
+            planned, job, dest, key, audit_head, progress, exported, name, pdir, work, destination
         )
     except BaseException as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            _fsync_dir(dest.path)
-        except OSError:
-            pass
+        pdir.discard()
         clearer = _abort(dest, tmp, error)
         if clearer is not None:
             raise clearer from error
@@ -329,6 +303,7 @@ def run_export(
             ) from error
         raise
     finally:
+        pdir.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -341,7 +316,7 @@ def _build(
     progress: Callable[[float], None] | None,
     exported: float,
     name: str,
-    tmp: Path,
+    pdir: PackageDir,
     work: Path,
     destination: dict[str, Any],
 ) -> ExportPackage:
@@ -359,7 +334,8 @@ def _build(
     done = 0.0
     clip_entries: list[dict[str, Any]] = []
     for i, clip in enumerate(planned):
-        out = tmp / clip.name
+        # through the directory's descriptor, passed to ffmpeg: see writer.py
+        out = pdir.proc_path(clip.name)
         cwork = work / f"clip{i}"
         cwork.mkdir()
         if job.native:
@@ -403,9 +379,10 @@ def _build(
             timeout=job.timeout,
             stderr_path=cwork / "stderr.txt",
             progress=report,
+            pass_fds=(pdir.fd,),
         )
         done += share
-        result = ff.probe(out, count=True)
+        result = ff.probe(out, count=True, pass_fds=(pdir.fd,))
         clip_entries.append(
             {
                 "camera": clip.camera,
@@ -457,16 +434,16 @@ def _build(
     }
     files: dict[str, dict[str, Any]] = {}
     for c in clip_entries:
-        _settle(tmp / c["file"])
-        digest = sha256_file(tmp / c["file"])
-        c["sha256"], c["size"] = digest, (tmp / c["file"]).stat().st_size
+        pdir.settle(c["file"])
+        digest, c["size"] = pdir.sha256(c["file"])
+        c["sha256"] = digest
         files[c["file"]] = {"sha256": digest, "size": c["size"]}
     record = approval_record_html(request, job.approvals, export_info).encode()
     sums = {fname: meta["sha256"] for fname, meta in files.items()}
     sums[RECORD] = hashlib.sha256(record).hexdigest()
     small: dict[str, bytes] = {RECORD: record, VERIFY: verify_text(name, fp, sums).encode()}
     for fname, data in small.items():
-        _write(tmp / fname, data)
+        pdir.create(fname, data)
     for fname, data in small.items():
         files[fname] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     manifest: dict[str, Any] = {
@@ -493,28 +470,28 @@ def _build(
         "files": files,
     }
     body = manifest_bytes(manifest)
-    _write(tmp / MANIFEST, body)
-    _write(tmp / SIGNATURE, key.sign(body))
-    _write(tmp / SIGNER, public_pem(pub))
+    pdir.create(MANIFEST, body)
+    pdir.create(SIGNATURE, key.sign(body))
+    pdir.create(SIGNER, public_pem(pub))
 
     # read back: what is on the medium must be what was meant, before the name says "done"
     expect = {fname: meta["sha256"] for fname, meta in files.items()}
     expect[MANIFEST] = hashlib.sha256(body).hexdigest()
     for fname in list(small) + [MANIFEST, SIGNATURE, SIGNER]:
-        _settle(tmp / fname)
-    _fsync_dir(tmp)
+        pdir.settle(fname)
+    pdir.sync()
     for fname, digest in expect.items():
-        got = sha256_file(tmp / fname)
+        got, _ = pdir.sha256(fname)
         if got != digest:
             raise RuntimeFailure(
                 f"read-back of {fname} on {dest.path} does not match what was written "
                 f"(sha256 {got[:12]}… ≠ {digest[:12]}…): the medium is unreliable, use another"
             )
     final = dest.path / name
+    pdir.seal(set(expect) | {SIGNATURE, SIGNER})
     commit_check = getattr(dest, "before_commit", None)
     if commit_check is not None:
-        commit_check(tmp)
-    os.rename(tmp, final)
-    _fsync_dir(dest.path)
-    names = tuple(sorted(os.listdir(final)))
+        commit_check(pdir.path)
+    pdir.commit(name)
+    names = tuple(sorted(os.listdir(pdir.fd)))
     return ExportPackage(final.resolve(), manifest, names, {**expect})

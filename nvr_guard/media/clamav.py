@@ -16,7 +16,14 @@ Two engines, the same verdicts:
   rely on set on its command line; its one-line-per-file output drives the progress callback.
 
 The result carries a fingerprint of the tree's listing (paths, sizes, mtimes), taken from the
-same walk that decided what to scan; the media gate compares it later to tell a stale scan.
+same walk that decided what to scan, and a digest of what every file holds, taken from the bytes
+as they were scanned: with clamd, from the very bytes streamed to it (one read); with clamscan,
+by reading each file again the moment clamscan has given its verdict on it (from the page cache
+clamscan just filled). The tree is listed again after the scan with change times and inode
+numbers: a file written during the scan changes its ctime, which no user can set back, so the
+bytes digested are the bytes scanned. The media gate compares the listing before an export and
+the content digest again right before the package is committed, so a file rewritten after the
+scan with its old size and mtime does not pass as scanned.
 """
 
 from __future__ import annotations
@@ -88,6 +95,8 @@ class ScanResult:
     errors: tuple[str, ...]  # "relative path: why it was not scanned" or a whole-scan failure
     listing_fingerprint: str
     notes: tuple[str, ...] = field(default=())  # e.g. why "auto" chose clamscan over clamd
+    # SHA-256 over every file's bytes as scanned ("" when not every file was read whole)
+    content_digest: str = ""
 
     @property
     def clean(self) -> bool:
@@ -109,6 +118,7 @@ class ScanResult:
             "infected": [{"path": p, "signature": s} for p, s in self.infected],
             "errors": list(self.errors),
             "listing_fingerprint": self.listing_fingerprint,
+            "content_digest": self.content_digest,
             "notes": list(self.notes),
         }
 
@@ -125,6 +135,8 @@ class _Entry:
     size: int
     mtime_ns: int
     link: bytes = b""
+    ctime_ns: int = 0  # only compared within one scan (before/after): see _fingerprint
+    ino: int = 0
 
 
 def _walk(root: Path) -> tuple[list[_Entry], list[str]]:
@@ -163,34 +175,102 @@ def _walk(root: Path) -> tuple[list[_Entry], list[str]]:
                     link = b"?"
             else:
                 kind = "o"
-            entries.append(_Entry(rel, child.path, kind, st.st_size, st.st_mtime_ns, link))
+            entries.append(
+                _Entry(
+                    rel,
+                    child.path,
+                    kind,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    link,
+                    st.st_ctime_ns,
+                    st.st_ino,
+                )
+            )
     entries.sort(key=lambda e: e.rel)
     return entries, problems
 
 
-def _fingerprint(entries: Iterable[_Entry], exclude_prefix: str) -> str:
-    excl = os.fsencode(exclude_prefix) if exclude_prefix else None
-    h = hashlib.sha256(b"nvr-guard listing v1\0")
+def _kept(entries: Iterable[_Entry], exclude_name: str | None) -> Iterable[_Entry]:
+    """``entries`` without the top-level entry ``exclude_name`` and what is under it."""
+    if not exclude_name:
+        yield from entries
+        return
+    excl = os.fsencode(exclude_name)
     for e in entries:
-        top = e.rel.split(b"/", 1)[0]
-        if excl is not None and top.startswith(excl):
-            continue
+        if e.rel.split(b"/", 1)[0] != excl:
+            yield e
+
+
+def _fingerprint(
+    entries: Iterable[_Entry], exclude_name: str | None = None, *, changes: bool = False
+) -> str:
+    """The listing fingerprint; with ``changes``, also every entry's ctime and inode number,
+    to tell whether anything was written between two walks of one scan (ctime is not kept
+    across scans: some filesystems, FAT among them, do not store it)."""
+    h = hashlib.sha256(b"nvr-guard listing v1\0")
+    for e in _kept(entries, exclude_name):
         # Length-prefixed fields: no path can be crafted to collide with another listing.
         h.update(struct.pack(">I", len(e.rel)) + e.rel)
         h.update(e.kind.encode() + struct.pack(">QQ", e.size, e.mtime_ns))
         h.update(struct.pack(">I", len(e.link)) + e.link)
+        if changes:
+            h.update(struct.pack(">QQ", e.ctime_ns, e.ino))
     return h.hexdigest()
 
 
-def listing_fingerprint(path: Path, exclude_prefix: str = ".NVRG-") -> str:
+def listing_fingerprint(path: Path, exclude_name: str | None = None) -> str:
     """SHA-256 over the sorted (relative path, type, size, mtime_ns) of every non-directory entry.
 
-    Symlinks are listed as links (their own size/mtime and target), never followed. Top-level
-    entries whose name starts with ``exclude_prefix`` are skipped: that is where the export
-    writer puts its temporary directory, and writing must not make its own scan stale.
+    Symlinks are listed as links (their own size/mtime and target), never followed. Only the
+    top-level entry named exactly ``exclude_name`` is skipped: the export's own temporary
+    directory, so that writing the package does not make the scan it relies on stale. Nothing
+    else is exempt, whatever its name: anything else on the medium was scanned or is a change.
     """
     entries, _ = _walk(Path(path))
-    return _fingerprint(entries, exclude_prefix)
+    return _fingerprint(entries, exclude_name)
+
+
+def _content(entries: Iterable[_Entry], digests: dict[bytes, str], exclude_name: str | None) -> str:
+    """SHA-256 over every entry's path, type, size, link target and (regular files) the SHA-256
+    of its bytes; "" when a regular file has no digest (it was not read whole)."""
+    h = hashlib.sha256(b"nvr-guard content v1\0")
+    for e in _kept(entries, exclude_name):
+        digest = digests.get(e.rel, "") if e.kind == "f" else ""
+        if e.kind == "f" and not digest:
+            return ""
+        h.update(struct.pack(">I", len(e.rel)) + e.rel)
+        h.update(e.kind.encode() + struct.pack(">Q", e.size))
+        h.update(struct.pack(">I", len(e.link)) + e.link + digest.encode())
+    return h.hexdigest()
+
+
+def _digest_file(abspath: bytes) -> tuple[str, int]:
+    """(SHA-256, bytes read) of a regular file, opened without following a link."""
+    fd = os.open(abspath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{show_path(abspath)} is no longer a regular file")
+        h = hashlib.sha256()
+        n = 0
+        for chunk in _file_chunks(fd):
+            h.update(chunk)
+            n += len(chunk)
+        return h.hexdigest(), n
+    finally:
+        os.close(fd)
+
+
+def content_digest(path: Path, exclude_name: str | None = None) -> str:
+    """What a scan's ``content_digest`` says of ``path``, computed now by reading every file
+    (links are not followed). Raises OSError when a file cannot be read: not the same tree."""
+    entries, problems = _walk(Path(path))
+    if problems:
+        raise OSError(problems[0])
+    digests = {
+        e.rel: _digest_file(e.abspath)[0] for e in _kept(entries, exclude_name) if e.kind == "f"
+    }
+    return _content(entries, digests, exclude_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +513,9 @@ def _file_chunks(fd: int) -> Iterable[bytes]:
 # The scan
 
 
+_Rel = bytes  # a path relative to the scanned root (``_Tally.bytes`` shadows the name inside)
+
+
 @dataclass
 class _Tally:
     files: int = 0
@@ -440,6 +523,8 @@ class _Tally:
     infected: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    digests: dict[_Rel, str] = field(default_factory=dict)  # relative path -> SHA-256
+    digest: bool = True  # off only to measure what the digest costs (bench/media_scan.py)
 
 
 def _scan_clamd(
@@ -491,11 +576,14 @@ def _scan_one_clamd(e: _Entry, rel: str, sock: Path, timeout: float, tally: _Tal
             tally.errors.append(f"{rel}: no longer a regular file")
             return
         sent = 0
+        h = hashlib.sha256()
 
         def counted() -> Iterable[bytes]:
             nonlocal sent
             for chunk in _file_chunks(fd):
                 sent += len(chunk)
+                if tally.digest:
+                    h.update(chunk)  # the digest is of exactly the bytes clamd scanned
                 yield chunk
 
         try:
@@ -506,6 +594,8 @@ def _scan_one_clamd(e: _Entry, rel: str, sock: Path, timeout: float, tally: _Tal
     finally:
         os.close(fd)
     verdict = reply.removeprefix("stream:").strip()
+    if tally.digest and sent == st.st_size:
+        tally.digests[e.rel] = h.hexdigest()
     if verdict == "OK":
         tally.files += 1
         tally.bytes += sent
@@ -589,6 +679,8 @@ def _scan_clamscan(
                     seen.add(e.abspath)
                     rel = show_path(e.rel)
                     text = verdict.decode("utf-8", "replace").strip()
+                    if tally.digest:
+                        _digest_scanned(e, rel, tally)
                     if text in ("OK", "Empty file"):
                         tally.files += 1
                         tally.bytes += e.size
@@ -633,6 +725,20 @@ def _scan_clamscan(
         tally.errors.append(f"{len(missing)} files not scanned")
     if progress is not None and done < total:
         progress(total, total)
+
+
+def _digest_scanned(e: _Entry, rel: str, tally: _Tally) -> None:
+    """Digest a file clamscan has just read (its pages are still cached). A write between the
+    two reads changes the file's ctime, which the walk after the scan compares."""
+    try:
+        digest, n = _digest_file(e.abspath)
+    except OSError as err:
+        tally.errors.append(f"{rel}: cannot read it back after the scan ({err.strerror or err})")
+        return
+    if n != e.size:
+        tally.errors.append(f"{rel}: changed size during the scan")
+        return
+    tally.digests[e.rel] = digest
 
 
 def _match_line(line: bytes, by_path: dict[bytes, _Entry]) -> tuple[_Entry | None, bytes]:
@@ -690,6 +796,7 @@ def scan_tree(
     progress: Progress | None = None,
     timeout: float = 3600,
     clamd_config: Path | None = None,
+    digest: bool = True,
 ) -> ScanResult:
     """Scan every file under ``path`` and say whether the tree is clean. Never raises for a
     scan problem: that is an "error" result, so the caller cannot mistake it for "clean".
@@ -697,19 +804,23 @@ def scan_tree(
     ``database`` is the signature directory for clamscan (default: freshclam's
     DatabaseDirectory); clamd uses whatever it loaded. ``clamd_config`` tells the clamd limits
     (StreamMaxLength, MaxFileSize, AlertExceedsMax); default: /etc/clamav/clamd.conf when the
-    socket is the default one, else ClamAV's built-in defaults are assumed.
+    socket is the default one, else ClamAV's built-in defaults are assumed. ``digest=False``
+    skips the content digest (only to measure its cost): such a result is never usable for an
+    export.
     """
     root = Path(path)
     started_wall = time.time()
     started = time.monotonic()
     deadline = started + timeout
-    tally = _Tally()
+    tally = _Tally(digest=digest)
     engine_version = "ClamAV (unknown version)"
     sig_version: str | None = None
     sig_date: str | None = None
 
     entries, walk_problems = _walk(root)
-    fingerprint = _fingerprint(entries, ".NVRG-")
+    fingerprint = _fingerprint(entries)
+    # nothing is exempt here, whatever its name (a leftover export directory is content too)
+    changes = _fingerprint(entries, changes=True)
     tally.errors.extend(walk_problems)
     files: list[_Entry] = []
     for e in entries:
@@ -756,8 +867,8 @@ def scan_tree(
 
     # A tree that changed while we read it was not the tree we scanned.
     after, _ = _walk(root)
-    if _fingerprint(after, ".NVRG-") != fingerprint:
-        tally.errors.append("the file listing changed during the scan; scan again")
+    if _fingerprint(after, changes=True) != changes:
+        tally.errors.append("files were written, added or removed during the scan; scan again")
 
     finished = time.monotonic()
     result = "infected" if tally.infected else ("error" if tally.errors else "clean")
@@ -777,6 +888,7 @@ def scan_tree(
         errors=tuple(tally.errors),
         listing_fingerprint=fingerprint,
         notes=tuple(tally.notes),
+        content_digest=_content(entries, tally.digests, None) if digest else "",
     )
     log.info(
         "scan of %s with %s: %s, %d files, %d bytes, %d infected, %d errors",

@@ -8,8 +8,11 @@ protocol, plus the engine's two optional hooks:
 
 - ``before_commit(tmp)``: just before the package's temporary directory is renamed into place,
   the destination checks that the medium is still the mounted filesystem it checked at the
-  start, and that nothing else on it changed (so a file dropped on the stick during the export
-  is not handed out next to the package as if scanned);
+  start, and that nothing else on it changed: the listing, and what every file holds, read
+  again and compared with the digest the scan took (so a file dropped on the stick during the
+  export, or one rewritten since the scan with its old size and mtime, is not handed out next
+  to the package as if scanned). Only ``tmp`` itself, the directory this export made, is
+  exempt, by its exact name;
 - ``abort(tmp, error)``: after a failure, removes the temporary directory through a directory
   descriptor held on the medium since the check. A lazily unmounted filesystem stays reachable
   through that descriptor, so the partial package is removed from the medium itself, not just
@@ -36,15 +39,13 @@ from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, Runtime
 from nvr_guard.media.detect import DEV, MOUNTINFO, SYSFS, Medium, find_medium
 from nvr_guard.media.store import Enrolment, MediaStore, ScanRecord
 
-# The export writer's temporary directory is ".NVRG-<request>-<stamp>.tmp" at the top of the
-# destination; the listing fingerprint skips top-level names with this prefix (clamav.py).
-WRITER_PREFIX = ".NVRG-"
 DEFAULT_RESERVE = 64 * 1024 * 1024
 DEFAULT_SCAN_MAX_AGE = 15 * 60.0
 # a scan "finished" this far in the future means the clock was moved: refuse, scan again
 CLOCK_SLACK = 60.0
 
-Fingerprint = Callable[[Path], str]
+# (directory, name of the one top-level entry to leave out or None) -> digest; see clamav.py
+Fingerprint = Callable[[Path, str | None], str]
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,12 @@ def gate_decision(
             f"the last scan of {name} ({scanned_at}) was not clean: "
             f"{scan.result} ({detail}): {todo}",
         )
+    if not scan.content_digest:
+        return Decision(
+            False,
+            f"the last scan of {name} ({scanned_at}) did not record what the files hold (it was "
+            f"made by an older nvr-guard): run {scan_cmd} again",
+        )
     age = now - scan.finished
     if age < -CLOCK_SLACK:
         return Decision(
@@ -206,10 +213,16 @@ def gate_decision(
     )
 
 
-def _default_fingerprint(path: Path) -> str:
+def _default_fingerprint(path: Path, exclude_name: str | None) -> str:
     from nvr_guard.media.clamav import listing_fingerprint
 
-    return listing_fingerprint(path, exclude_prefix=WRITER_PREFIX)
+    return listing_fingerprint(path, exclude_name)
+
+
+def _default_content(path: Path, exclude_name: str | None) -> str:
+    from nvr_guard.media.clamav import content_digest
+
+    return content_digest(path, exclude_name)
 
 
 def scan_record(
@@ -233,6 +246,7 @@ def scan_record(
         errors=tuple(result.errors),
         listing_fingerprint=str(result.listing_fingerprint),
         device_identity=device_identity,
+        content_digest=str(getattr(result, "content_digest", "") or ""),
     )
 
 
@@ -302,12 +316,14 @@ class _Guarded:
         clock: Callable[[], float],
         fingerprint: Fingerprint | None,
         tz: tzinfo,
+        content: Fingerprint | None = None,
     ) -> None:
         self.store = store
         self.scan_max_age = scan_max_age
         self.reserve = reserve
         self.clock = clock
         self.fingerprint = fingerprint or _default_fingerprint
+        self.content = content or _default_content
         self.tz = tz
         self.scan: ScanRecord | None = None
         self.decision: Decision | None = None
@@ -360,14 +376,26 @@ class _Guarded:
                 "the package was not written"
             )
         if self.scan is not None:
+            # only the directory this export made is left out, by its exact name
             try:
-                now_fp = self.fingerprint(self.path)
+                now_fp = self.fingerprint(self.path, tmp.name)
             except OSError:
                 now_fp = None
             if now_fp != self.scan.listing_fingerprint:
                 raise PolicyRefused(
                     f"files on {self.name} changed during the export (something else wrote to "
                     "it): the package was discarded; scan it again and export again"
+                )
+            try:
+                now_content = self.content(self.path, tmp.name)
+            except OSError:
+                now_content = None
+            if not self.scan.content_digest or now_content != self.scan.content_digest:
+                raise PolicyRefused(
+                    f"what the files on {self.name} hold is not what was scanned at "
+                    f"{_when(self.scan.finished, self.tz)} (a file was rewritten, keeping its "
+                    "name, size and time): the package was discarded; scan it again and "
+                    "export again"
                 )
 
     def abort(self, tmp: Path, error: BaseException) -> NvrGuardError | None:
@@ -411,7 +439,7 @@ class _Guarded:
     # common part of check_before_write ----------------------------------------------------------
     def _fingerprint_now(self) -> str | None:
         try:
-            return self.fingerprint(self.path)
+            return self.fingerprint(self.path, None)
         except OSError:
             return None
 

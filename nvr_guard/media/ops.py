@@ -152,6 +152,7 @@ class MediaOps:
                     "signature_version": result.signature_version,
                     "files": result.files,
                     "bytes": result.bytes,
+                    "content_digest": result.content_digest,
                     "infected": [list(i) for i in result.infected],
                     "errors": list(result.errors[:20]),
                 },

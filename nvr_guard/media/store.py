@@ -3,8 +3,9 @@
 An enrolment binds a name (the medium id) to the two identities a stick shows: its USB serial
 and its filesystem UUID. A scan record binds a scan result to a target (a medium id, or a
 directory from ``export.targets``), to the identity the target had when scanned, and to the
-fingerprint of its file listing; the gate (``gate.py``) compares all three with the present
-before anything is written. Scan records are never edited: the latest one per target counts.
+fingerprint of its file listing and to a digest of the files' contents; the gate (``gate.py``)
+compares them with the present before anything is written, and the contents again before a
+package is committed. Scan records are never edited: the latest one per target counts.
 Who enrolled or removed what is also written to the audit log by the caller.
 """
 
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS scans (
     infected_json TEXT NOT NULL,    -- JSON list of {path, signature}
     errors_json TEXT NOT NULL,      -- JSON list of strings
     listing_fingerprint TEXT NOT NULL,
-    device_identity TEXT NOT NULL
+    device_identity TEXT NOT NULL,
+    content_digest TEXT NOT NULL DEFAULT ''  -- '' (older scans): not usable for an export
 );
 CREATE INDEX IF NOT EXISTS scans_media ON scans(media_id);
 CREATE INDEX IF NOT EXISTS scans_target ON scans(target_path);
@@ -62,10 +64,20 @@ CREATE TRIGGER IF NOT EXISTS scans_no_update BEFORE UPDATE ON scans
 """
 
 CLEAN = "clean"
+CONTENT_COLUMN = "ALTER TABLE scans ADD COLUMN content_digest TEXT NOT NULL DEFAULT ''"
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+
+
+def add_content_column(conn: sqlite3.Connection) -> None:
+    """Give a scans table made before content digests its column (catalog migration 5; empty:
+    such scans no longer let an export through, the medium is scanned again). Idempotent: the
+    tables of a new catalog already have it (migration 3 runs the current ``SCHEMA``)."""
+    cols = {row[1] for row in conn.execute("PRAGMA table_info(scans)")}
+    if "content_digest" not in cols:
+        conn.execute(CONTENT_COLUMN)
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,7 @@ class ScanRecord:
     infected: Sequence[dict[str, str]] = field(default_factory=tuple)  # {path, signature}
     errors: Sequence[str] = field(default_factory=tuple)
     id: int | None = None
+    content_digest: str = ""  # SHA-256 over every file's bytes as scanned (clamav.py)
 
     @property
     def clean(self) -> bool:
@@ -137,7 +150,7 @@ _MEDIA_COLS = (
 _SCAN_COLS = (
     "id, media_id, target_path, started, finished, engine, engine_version, signature_version, "
     "signature_date, files, bytes, duration, result, infected_json, errors_json, "
-    "listing_fingerprint, device_identity"
+    "listing_fingerprint, device_identity, content_digest"
 )
 
 
@@ -148,7 +161,7 @@ def _enrolment(row: tuple[Any, ...]) -> Enrolment:
 def _scan(row: tuple[Any, ...]) -> ScanRecord:
     sid, media_id, target, started, finished, engine, ev, sv, sd, files = row[:10]
     nbytes, dur, result = row[10:13]
-    infected_json, errors_json, fp, ident = row[13:]
+    infected_json, errors_json, fp, ident, content = row[13:]
     return ScanRecord(
         id=int(sid),
         media_id=media_id,
@@ -167,6 +180,7 @@ def _scan(row: tuple[Any, ...]) -> ScanRecord:
         errors=tuple(json.loads(errors_json)),
         listing_fingerprint=fp,
         device_identity=ident,
+        content_digest=content,
     )
 
 
@@ -269,8 +283,8 @@ class MediaStore:
             cur = c.execute(
                 "INSERT INTO scans (media_id, target_path, started, finished, engine, "
                 "engine_version, signature_version, signature_date, files, bytes, duration, "
-                "result, infected_json, errors_json, listing_fingerprint, device_identity) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "result, infected_json, errors_json, listing_fingerprint, device_identity, "
+                "content_digest) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     scan.media_id,
                     scan.target_path,
@@ -288,6 +302,7 @@ class MediaStore:
                     json.dumps(list(scan.errors), ensure_ascii=False),
                     scan.listing_fingerprint,
                     scan.device_identity,
+                    scan.content_digest,
                 ),
             )
             return int(cur.lastrowid or 0)
