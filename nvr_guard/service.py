@@ -310,6 +310,9 @@ class Engine:
     def hold_problems(self, config: Config) -> list[tuple[str, int, str]]:
         """What ``config`` would do to the active holds (see :func:`hold_problems`)."""
         with self.lock:
+            # holds placed since the last fill (the workflow's) learn the roots of their site
+            # under the config in force, before it is compared with the new one
+            self.catalog.fill_hold_roots(site_roots(self.config))
             return hold_problems(config, self.catalog.active_holds(self.clock().wall))
 
     def apply_config(self, new: Config, actor: str) -> dict[str, Any]:
@@ -321,8 +324,6 @@ class Engine:
                 raise ConfigError(problems)
             old = self.config
             old_rules = self.rules
-            # holds of the old config keep the roots they were placed on, whatever it becomes
-            self.catalog.fill_hold_roots(site_roots(old))
             self.catalog.forget_root_devices_except(
                 r for rs in site_roots(new).values() for r in rs
             )
