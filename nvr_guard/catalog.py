@@ -1064,6 +1064,12 @@ class Catalog:
     def fill_hold_roots(self, roots_by_site: Mapping[str, Sequence[bytes]]) -> int:
         """Give unreleased holds that do not name their roots yet (placed by the workflow, or
         before holds recorded them) the roots their site has now."""
+        with self.lock:
+            missing = self.conn.execute(
+                "SELECT 1 FROM holds WHERE roots IS NULL AND released IS NULL LIMIT 1"
+            ).fetchone()
+        if missing is None:
+            return 0  # the usual case: no write transaction for nothing
         n = 0
         with self.transaction() as c:
             for site, roots in roots_by_site.items():

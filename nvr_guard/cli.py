@@ -452,12 +452,14 @@ def hold() -> None:
 
 def print_holds(holds: list[dict[str, Any]]) -> None:
     t = table(
-        "holds", ["id", "kind", "camera", "from", "to", "until", "reason", "owner", "released"]
+        "holds",
+        ["id", "kind", "site", "camera", "from", "to", "until", "reason", "owner", "released"],
     )
     for h in holds:
         t.add_row(
             str(h["id"]),
             h["kind"],
+            h.get("site") or "*",
             h["camera"] or "*",
             h["from"],
             h["to"],

@@ -307,6 +307,10 @@ class Engine:
             )
         return out
 
+    def roots_of(self, site: str) -> list[bytes]:
+        """The site's roots, as a hold placed on it records them."""
+        return site_roots(self.config)[site]
+
     def hold_problems(self, config: Config) -> list[tuple[str, int, str]]:
         """What ``config`` would do to the active holds (see :func:`hold_problems`)."""
         with self.lock:
@@ -954,7 +958,7 @@ class Engine:
                     reason=reason,
                     owner=caller.user,
                     created=now,
-                    roots=site_roots(self.config)[site],
+                    roots=self.roots_of(site),
                 )
                 self.audit.append_in(
                     caller.user,
