@@ -207,8 +207,9 @@ def _migration_5(conn: sqlite3.Connection) -> None:
     # hold keeps protecting its footage when the site is renamed or the root moves elsewhere.
     # sweeps.trips: the guards that stopped a sweep and what they measured (JSON), so
     # ``retention confirm`` releases exactly what the admin was shown.
-    # root_devices: the file system (st_dev) each root was on at the last reconcile; a root on
-    # another device now (its mount is gone) is no part of any volume's disk pressure.
+    # root_devices: the file system (st_dev) each root was on at the last reconcile, and that
+    # file system's mount point; a root on another device now (its mount is gone) is no part of
+    # any volume's disk pressure.
     for stmt in (
         "ALTER TABLE holds ADD COLUMN roots TEXT",
         "ALTER TABLE sweeps ADD COLUMN trips TEXT NOT NULL DEFAULT '[]'",
@@ -216,6 +217,7 @@ def _migration_5(conn: sqlite3.Connection) -> None:
             root BLOB PRIMARY KEY,
             site TEXT NOT NULL,
             dev INTEGER NOT NULL,
+            mount BLOB NOT NULL,
             seen REAL NOT NULL
         )""",
     ):
@@ -904,19 +906,20 @@ class Catalog:
             ).fetchone()
         return row is not None
 
-    def root_devices(self) -> dict[bytes, int]:
-        """root -> the st_dev it had at the last reconcile that recorded it."""
+    def root_devices(self) -> dict[bytes, tuple[int, bytes]]:
+        """root -> (st_dev, mount point of that file system) recorded at a reconcile."""
         with self.lock:
-            cur = self.conn.execute("SELECT root, dev FROM root_devices")
-            return {bytes(r): int(d) for r, d in cur}
+            cur = self.conn.execute("SELECT root, dev, mount FROM root_devices")
+            return {bytes(r): (int(d), bytes(m)) for r, d, m in cur}
 
-    def set_root_devices(self, rows: Iterable[tuple[bytes, str, int]], seen: float) -> None:
+    def set_root_devices(self, rows: Iterable[tuple[bytes, str, int, bytes]], seen: float) -> None:
+        """(root, site, st_dev, mount point) rows."""
         with self.transaction() as c:
             c.executemany(
-                "INSERT INTO root_devices (root, site, dev, seen) VALUES (?, ?, ?, ?) "
+                "INSERT INTO root_devices (root, site, dev, mount, seen) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(root) DO UPDATE SET site = excluded.site, dev = excluded.dev, "
-                "seen = excluded.seen",
-                ((r, s, d, seen) for r, s, d in rows),
+                "mount = excluded.mount, seen = excluded.seen",
+                ((r, s, d, m, seen) for r, s, d, m in rows),
             )
 
     def forget_root_devices_except(self, roots: Iterable[bytes]) -> None:

@@ -398,14 +398,15 @@ class Engine:
             return out
 
     def _note_root_devices(self) -> None:
-        """Remember which file system each root is on (first sight), for disk pressure.
+        """Remember which file system each root is on, and where that file system is mounted.
 
-        A root whose device changed is not re-recorded unless it is now a mount point itself
-        (a new disk mounted there): a directory that was a mount point and now sits on its
-        parent's file system (the mount is gone) must not count as that file system's footage.
+        A root found on another device is re-recorded only while the recorded mount point is
+        still a mount point (a disk replaced, or a new one mounted there). When it no longer is,
+        the mount is gone and the root's directory now sits on the parent file system: that is
+        not where its footage is, and disk pressure there must not count it (attention).
         """
         recorded = self.catalog.root_devices()
-        rows: list[tuple[bytes, str, int]] = []
+        rows: list[tuple[bytes, str, int, bytes]] = []
         for site, roots in site_roots(self.config).items():
             for rb in roots:
                 try:
@@ -414,31 +415,33 @@ class Engine:
                     continue
                 if not stat.S_ISDIR(st.st_mode):
                     continue
+                key = os.fsdecode(rb)
                 old = recorded.get(rb)
-                if old == st.st_dev:
-                    self.attention.clear(attention.ROOT_DEVICE, site, os.fsdecode(rb))
+                if old is not None and old[0] == st.st_dev:
+                    self.attention.clear(attention.ROOT_DEVICE, site, key)
                     continue
-                if old is None or os.path.ismount(rb):
-                    if old is not None:
-                        log.warning(
-                            "site %s: root %s is a new mount (device %d, was %d)",
-                            site,
-                            show_path(rb),
-                            st.st_dev,
-                            old,
-                        )
-                        self.attention.clear(attention.ROOT_DEVICE, site, os.fsdecode(rb))
-                    rows.append((rb, site, st.st_dev))
+                if old is not None and not os.path.ismount(old[1]):
+                    self.attention.raise_(
+                        attention.ROOT_DEVICE,
+                        site,
+                        key,
+                        f"root {show_path(rb)} is on another file system than at the last "
+                        f"reconcile and {show_path(old[1])} is no longer a mount point: is the "
+                        f"disk unmounted? Its footage is left out of disk pressure until the "
+                        f"file system is back",
+                        {"root": show_path(rb), "device": st.st_dev, "recorded": old[0]},
+                    )
                     continue
-                self.attention.raise_(
-                    attention.ROOT_DEVICE,
-                    site,
-                    os.fsdecode(rb),
-                    f"root {show_path(rb)} is on another file system than at the last "
-                    f"reconcile (device {st.st_dev}, was {old}): is its mount gone? Its "
-                    f"footage is left out of disk pressure until the file system is back",
-                    {"root": show_path(rb), "device": st.st_dev, "recorded": old},
-                )
+                if old is not None:
+                    log.warning(
+                        "site %s: root %s is on a new file system (device %d, was %d)",
+                        site,
+                        show_path(rb),
+                        st.st_dev,
+                        old[0],
+                    )
+                    self.attention.clear(attention.ROOT_DEVICE, site, key)
+                rows.append((rb, site, st.st_dev, _mount_point(rb)))
         if rows:
             self.catalog.set_root_devices(rows, self.clock().wall)
 
@@ -460,7 +463,8 @@ class Engine:
                 except OSError:
                     out.add(rb)
                     continue
-                if not stat.S_ISDIR(st.st_mode) or recorded.get(rb) != st.st_dev:
+                old = recorded.get(rb)
+                if not stat.S_ISDIR(st.st_mode) or old is None or old[0] != st.st_dev:
                     out.add(rb)
         return out
 

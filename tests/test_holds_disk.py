@@ -224,6 +224,13 @@ def test_a_root_whose_mount_is_gone_is_not_the_parent_volumes_footage(tmp_path, 
         engine.reconcile(full=True)
         att = [a for a in engine.attention.as_json() if a["kind"] == "root_device_changed"]
         assert len(att) == 1 and str(gone_root) in att[0]["message"]
+
+        # a new disk mounted there: the root counts again, on its new file system
+        mounts.tmpfs(gone_root, "4m")
+        engine.reconcile(full=True)
+        assert engine.excluded_roots() == set()
+        assert engine.attention.as_json() == []
+        assert {v.name for v in engine.disk_volumes()} == {str(healthy.parent), str(gone_root)}
     finally:
         engine.catalog.close()
 
