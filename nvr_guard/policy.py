@@ -389,12 +389,14 @@ def _pressures(
         if not need:
             continue
         sites = v.sites()
-        legacy = not v.name  # a per-site figure (no volume known): speak of the site
+        if not v.name:  # a per-site figure (no volume known): speak of the site
+            label, at = f"site {', '.join(sites)}", ""
+        else:
+            noun = "sites" if len(sites) > 1 else "site"
+            label, at = f"volume {v.name} ({noun} {', '.join(sites)})", f" on {v.name}"
         p = _Pressure(
-            label=f"site {sites[0]}"
-            if legacy and len(sites) == 1
-            else f"volume {v.name or '?'} (site{'s' if len(sites) > 1 else ''} {', '.join(sites)})",
-            at="" if legacy else f" on {v.name}",
+            label=label,
+            at=at,
             need=need,
             free_note=f"free {v.free / max(v.total, 1) * 100:.1f}% < min_free {_pct(min_free)}",
             spare=[],
