@@ -209,12 +209,35 @@ def _migration_5(conn: sqlite3.Connection) -> None:
     store.add_content_column(conn)
 
 
+def _migration_6(conn: sqlite3.Connection) -> None:
+    # holds.roots: the roots (JSON list of paths) of the hold's site when it was placed, so a
+    # hold keeps protecting its footage when the site is renamed or the root moves elsewhere.
+    # sweeps.trips: the guards that stopped a sweep and what they measured (JSON), so
+    # ``retention confirm`` releases exactly what the admin was shown.
+    # root_devices: the file system (st_dev) each root was on at the last reconcile, and that
+    # file system's mount point; a root on another device now (its mount is gone) is no part of
+    # any volume's disk pressure.
+    for stmt in (
+        "ALTER TABLE holds ADD COLUMN roots TEXT",
+        "ALTER TABLE sweeps ADD COLUMN trips TEXT NOT NULL DEFAULT '[]'",
+        """CREATE TABLE root_devices (
+            root BLOB PRIMARY KEY,
+            site TEXT NOT NULL,
+            dev INTEGER NOT NULL,
+            mount BLOB NOT NULL,
+            seen REAL NOT NULL
+        )""",
+    ):
+        conn.execute(stmt)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -364,11 +387,21 @@ def _segment(row: Sequence[Any]) -> Segment:
     )
 
 
-_HOLD_COLS = 'id, kind, site, camera, start, "end", until, reason, owner, created, released'
+_HOLD_COLS = 'id, kind, site, camera, start, "end", until, reason, owner, created, released, roots'
+
+
+def hold_roots_json(roots: Iterable[bytes]) -> str:
+    return json.dumps([os.fsdecode(r) for r in roots])
+
+
+def _hold_roots(text: str | None) -> tuple[bytes, ...]:
+    if not text:
+        return ()
+    return tuple(os.fsencode(str(r)) for r in json.loads(text))
 
 
 def _hold(row: Sequence[Any]) -> Hold:
-    hid, kind, site, camera, start, end, until, reason, owner, created, released = row
+    hid, kind, site, camera, start, end, until, reason, owner, created, released, roots = row
     return Hold(
         id=int(hid),
         reason=str(reason),
@@ -381,6 +414,7 @@ def _hold(row: Sequence[Any]) -> Hold:
         created=float(created),
         released=None if released is None else float(released),
         kind=str(kind),
+        roots=_hold_roots(roots),
     )
 
 
@@ -811,15 +845,23 @@ class Catalog:
             self._note_rules(site, rules)
         return len(rows)
 
-    def oldest_segments(self, site: str, limit: int) -> list[Segment]:
+    def oldest_segments(
+        self, site: str, limit: int, under: Sequence[bytes] | None = None
+    ) -> list[Segment]:
         """The ``limit`` oldest segments of a site (by start, then path): each camera's rows
-        in index order, merged, so only about ``limit`` rows are read however large the site."""
+        in index order, merged, so only about ``limit`` rows are read however large the site.
+        ``under``: only those below one of these roots (the site's roots on one volume)."""
+        cond, extra = "", []
+        if under is not None:
+            ranges = [prefix_range(_dir_prefix(r)) for r in under]
+            cond = " AND (" + (" OR ".join("(path >= ? AND path < ?)" for _ in ranges) or "0") + ")"
+            extra = [b for lo_hi in ranges for b in lo_hi]
         with self.lock:
             cursors = [
                 self.conn.execute(
                     f"SELECT {_SEG_COLS} FROM segments INDEXED BY segments_site_camera "
-                    "WHERE site = ? AND camera = ? ORDER BY start, path",
-                    (site, camera),
+                    f"WHERE site = ? AND camera = ?{cond} ORDER BY start, path",
+                    (site, camera, *extra),
                 )
                 for (camera,) in self.conn.execute(_SITE_CAMERAS, (site,)).fetchall()
             ]
@@ -863,6 +905,36 @@ class Catalog:
         with self.lock:
             cur = self.conn.execute("SELECT site, sum(size) FROM segments GROUP BY site")
             return {str(s): int(b or 0) for s, b in cur}
+
+    def has_camera(self, site: str, camera: str) -> bool:
+        """Whether the site has footage of the camera (one index seek)."""
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT 1 FROM segments WHERE site = ? AND camera = ? LIMIT 1", (site, camera)
+            ).fetchone()
+        return row is not None
+
+    def root_devices(self) -> dict[bytes, tuple[int, bytes]]:
+        """root -> (st_dev, mount point of that file system) recorded at a reconcile."""
+        with self.lock:
+            cur = self.conn.execute("SELECT root, dev, mount FROM root_devices")
+            return {bytes(r): (int(d), bytes(m)) for r, d, m in cur}
+
+    def set_root_devices(self, rows: Iterable[tuple[bytes, str, int, bytes]], seen: float) -> None:
+        """(root, site, st_dev, mount point) rows."""
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT INTO root_devices (root, site, dev, mount, seen) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(root) DO UPDATE SET site = excluded.site, dev = excluded.dev, "
+                "mount = excluded.mount, seen = excluded.seen",
+                ((r, s, d, m, seen) for r, s, d, m in rows),
+            )
+
+    def forget_root_devices_except(self, roots: Iterable[bytes]) -> None:
+        keep = sorted(set(roots))
+        marks = ",".join("?" * len(keep)) or "NULL"
+        with self.transaction() as c:
+            c.execute(f"DELETE FROM root_devices WHERE root NOT IN ({marks})", keep)
 
     def cameras(self, site: str | None = None) -> list[tuple[str, str]]:
         """(site, camera) pairs present in the catalog."""
@@ -933,6 +1005,7 @@ class Catalog:
         camera: str | None = None,
         until: float | None = None,
         request_id: int | None = None,
+        roots: Sequence[bytes] | None = None,
     ) -> Hold:
         if not end > start:
             raise InvalidInput("a hold needs an end after its start")
@@ -941,8 +1014,20 @@ class Catalog:
         with self.transaction() as c:
             cur = c.execute(
                 'INSERT INTO holds (kind, site, camera, start, "end", until, reason, owner, '
-                "created, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, site, camera, start, end, until, reason, owner, created, request_id),
+                "created, request_id, roots) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    kind,
+                    site,
+                    camera,
+                    start,
+                    end,
+                    until,
+                    reason,
+                    owner,
+                    created,
+                    request_id,
+                    None if roots is None else hold_roots_json(roots),
+                ),
             )
             hid = int(cur.lastrowid or 0)
         hold = self.get_hold(hid)
@@ -986,6 +1071,25 @@ class Catalog:
         with self.lock:
             cur = self.conn.execute(f"SELECT {_HOLD_COLS} FROM holds {where} ORDER BY id")
             return [_hold(r) for r in cur]
+
+    def fill_hold_roots(self, roots_by_site: Mapping[str, Sequence[bytes]]) -> int:
+        """Give unreleased holds that do not name their roots yet (placed by the workflow, or
+        before holds recorded them) the roots their site has now."""
+        with self.lock:
+            missing = self.conn.execute(
+                "SELECT 1 FROM holds WHERE roots IS NULL AND released IS NULL LIMIT 1"
+            ).fetchone()
+        if missing is None:
+            return 0  # the usual case: no write transaction for nothing
+        n = 0
+        with self.transaction() as c:
+            for site, roots in roots_by_site.items():
+                n += c.execute(
+                    "UPDATE holds SET roots = ? WHERE roots IS NULL AND site = ? "
+                    "AND released IS NULL",
+                    (hold_roots_json(roots), site),
+                ).rowcount
+        return n
 
     def hold_release_info(self, hold_id: int) -> tuple[str | None, str | None]:
         """(released_by, release_reason) of a hold."""
@@ -1068,6 +1172,20 @@ class Catalog:
             if n == 0:
                 raise InvalidInput(f"sweep {sweep_id} does not exist")
 
+    def set_sweep_trips(self, sweep_id: int, trips: Sequence[Mapping[str, Any]]) -> None:
+        """What stopped the sweep (guard kind, site, camera, measured value): what a
+        confirmation of it may release."""
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE sweeps SET trips = ? WHERE id = ?",
+                (json.dumps(list(map(dict, trips)), sort_keys=True), sweep_id),
+            )
+
+    def sweep_trips(self, sweep_id: int) -> list[dict[str, Any]]:
+        with self.lock:
+            row = self.conn.execute("SELECT trips FROM sweeps WHERE id = ?", (sweep_id,)).fetchone()
+        return [] if row is None else list(json.loads(row[0] or "[]"))
+
     def get_sweep(self, sweep_id: int) -> SweepRecord | None:
         with self.lock:
             row = self.conn.execute(
@@ -1140,6 +1258,33 @@ class Catalog:
             boot_id=rec.clock.boot_id,
             site_rules=rec.site_rules,
         )
+
+
+def read_active_holds(path: Path | str, now: float) -> list[Hold] | None:
+    """The active holds of a catalog, read without writing anything (``config check`` as any
+    user who may read the state); None when there is no readable catalog."""
+    if not os.access(path, os.R_OK):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        cols = {r[1] for r in conn.execute("PRAGMA table_info(holds)")}
+        if not cols:
+            return None
+        # a catalog from before holds kept their roots reads as holds without roots
+        sel = _HOLD_COLS if "roots" in cols else _HOLD_COLS.replace(", roots", ", NULL")
+        cur = conn.execute(
+            f"SELECT {sel} FROM holds WHERE released IS NULL "
+            "AND (until IS NULL OR until > ?) ORDER BY id",
+            (now,),
+        )
+        return [_hold(r) for r in cur]
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def _check_state(state: str) -> None:

@@ -330,6 +330,8 @@ def config_check(c: Ctx, path: str | None) -> None:
 
     target = path or c.config_path
     cfg, errors, warnings = check_config(target)
+    if cfg is not None:
+        errors = errors + _state_problems(cfg)
     if c.as_json:
         c.emit(
             {
@@ -351,6 +353,18 @@ def config_check(c: Ctx, path: str | None) -> None:
             )
     if errors:
         sys.exit(2)
+
+
+def _state_problems(cfg: Any) -> list[tuple[str, int, str]]:
+    """Checks that need the state, when it is readable: an active hold must keep matching a
+    site (by name or by one of its roots) under the new config."""
+    import time
+
+    from nvr_guard.catalog import read_active_holds
+    from nvr_guard.service import hold_problems
+
+    holds = read_active_holds(Path(cfg.state_dir) / "catalog.db", time.time())
+    return [] if holds is None else hold_problems(cfg, holds)
 
 
 @config.command("show")
@@ -499,6 +513,9 @@ def retention_confirm(c: Ctx, sweep: int) -> None:
         c, "retention.confirm", {"sweep": sweep}, lambda e: e.confirm(sweep, caller()).as_json()
     )
     print_outcome(c, res, f"confirmed sweep {sweep}")
+    if res.get("trips"):
+        # blocked again: something changed since the sweep that was confirmed
+        sys.exit(3)
 
 
 # ---- holds ----------------------------------------------------------------------------------
@@ -509,12 +526,14 @@ def hold() -> None:
 
 def print_holds(holds: list[dict[str, Any]]) -> None:
     t = table(
-        "holds", ["id", "kind", "camera", "from", "to", "until", "reason", "owner", "released"]
+        "holds",
+        ["id", "kind", "site", "camera", "from", "to", "until", "reason", "owner", "released"],
     )
     for h in holds:
         t.add_row(
             str(h["id"]),
             h["kind"],
+            h.get("site") or "*",
             h["camera"] or "*",
             h["from"],
             h["to"],
@@ -527,25 +546,39 @@ def print_holds(holds: list[dict[str, Any]]) -> None:
 
 
 @hold.command("add")
-@click.option("--camera", required=True)
+@click.option("--camera", required=True, help="camera id, or SITE/CAMERA")
+@click.option("--site", help="the camera's site (required when two sites share the camera id)")
 @click.option("--from", "start", required=True, help="ISO 8601; no offset = site-local")
 @click.option("--to", "end", required=True)
 @click.option("--reason", required=True)
 @click.option("--until", help="the hold ends by itself then (ISO 8601)")
 @pass_ctx
-def hold_add(c: Ctx, camera: str, start: str, end: str, reason: str, until: str | None) -> None:
+def hold_add(
+    c: Ctx, camera: str, site: str | None, start: str, end: str, reason: str, until: str | None
+) -> None:
     """Hold a camera's footage in a time range."""
-    args = {"camera": camera, "from": start, "to": end, "reason": reason, "until": until}
+    args = {
+        "camera": camera,
+        "site": site,
+        "from": start,
+        "to": end,
+        "reason": reason,
+        "until": until,
+    }
     res = act(
         c,
         "hold.add",
         args,
-        lambda e: e.hold_json(e.hold_add(caller(), camera, start, end, reason, until).id),
+        lambda e: e.hold_json(
+            e.hold_add(caller(), camera, start, end, reason, until, site=site).id
+        ),
     )
     c.emit(
         res,
         lambda: out.print(
-            f"hold {res['id']} placed on {camera}: {res['from']} .. {res['to']}", markup=False
+            f"hold {res['id']} placed on {res['site']}/{res['camera']}: "
+            f"{res['from']} .. {res['to']}",
+            markup=False,
         ),
     )
 

@@ -780,6 +780,7 @@ class Config(_Strict):
     _digest: str = PrivateAttr(default="")
     _warnings: list[Problem] = PrivateAttr(default_factory=list)
     _layouts: dict[str, Layout | None] = PrivateAttr(default_factory=dict)
+    _lines: dict[Path_, _Where] = PrivateAttr(default_factory=dict)
 
     @property
     def source_path(self) -> Path:
@@ -789,6 +790,11 @@ class Config(_Strict):
     def digest(self) -> str:
         """SHA-256 (hex) of the file's bytes: what the audit log records on load and reload."""
         return self._digest
+
+    def line_of(self, path: tuple[Any, ...]) -> int:
+        """The line of a key in the file (``("sites", "gate")``), for checks made after loading
+        (those that need the state: a reload that would orphan a hold)."""
+        return _Lines(self._lines).at(path, True)
 
     @property
     def warnings(self) -> list[Problem]:
@@ -1247,6 +1253,7 @@ def parse_config(data: bytes, source: str) -> tuple[Config | None, list[Problem]
     assert cfg is not None
     cfg._digest = hashlib.sha256(data).hexdigest()
     cfg._warnings = warnings
+    cfg._lines = loader.lines
     return cfg, [], warnings
 
 

@@ -360,6 +360,10 @@ class Daemon:
         sdnotify.reloading()
         try:
             new = load_config(self.config_path)
+            # checks that need the state: an active hold must keep matching a site
+            problems = self.engine.hold_problems(new)
+            if problems:
+                raise ConfigError(problems)
         except ConfigError as e:
             for line in e.lines():
                 log.error("reload refused: %s", line)
@@ -526,6 +530,7 @@ class Daemon:
                 str(args["to"]),
                 str(args["reason"]),
                 args.get("until"),
+                site=None if args.get("site") is None else str(args["site"]),
             )
             return engine.hold_json(h.id)
         if cmd == "hold.list":

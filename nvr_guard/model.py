@@ -84,19 +84,25 @@ class Hold:
     created: float = 0.0
     released: float | None = None
     kind: str = "manual"  # manual | request | export
+    # the site's roots when the hold was placed: a hold keeps protecting the footage under them
+    # after the site is renamed or the root moves to another site (config changes)
+    roots: tuple[bytes, ...] = ()
 
     def covers(self, seg: Segment, now: float) -> bool:
         if self.released is not None and self.released <= now:
             return False
         if self.until is not None and self.until <= now:
             return False
-        if self.site is not None and self.site != seg.site:
+        if self.site is not None and self.site != seg.site and not self.under_roots(seg.path):
             return False
         if self.camera is not None and self.camera != seg.camera:
             return False
         # a segment is held when the footage it holds overlaps the held range; its end is not
         # known for sure, so the segment start is compared with a generous end margin
         return seg.start < self.end and max(seg.mtime, seg.start) >= self.start
+
+    def under_roots(self, path: bytes) -> bool:
+        return any(path.startswith(r.rstrip(b"/") + b"/") for r in self.roots)
 
     def label(self) -> str:
         return f"hold {self.id} ({self.kind}: {self.reason}, by {self.owner})"
@@ -112,6 +118,33 @@ class DiskState:
     def bytes_to_free(self, min_free_fraction: float) -> int:
         need = int(self.total * min_free_fraction) - self.free
         return max(0, need)
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    """One file system (``st_dev``) holding recording roots: its free space and which footage
+    lies on it. Disk pressure is a property of a volume, never of a site: a site with roots on
+    two file systems frees space only on the one that is short, and sites sharing a volume share
+    its one shortfall."""
+
+    name: str  # for messages: the mount point (or "site gate" for a per-site figure)
+    total: int
+    free: int
+    # (site, root): that site's footage under the root lies here; root None: all of the site's
+    members: tuple[tuple[str, bytes | None], ...]
+
+    @property
+    def state(self) -> DiskState:
+        return DiskState(total=self.total, free=self.free)
+
+    def sites(self) -> list[str]:
+        return sorted({s for s, _ in self.members})
+
+    def holds(self, seg: Segment) -> bool:
+        for site, root in self.members:
+            if site == seg.site and (root is None or seg.path.startswith(root + b"/")):
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +202,7 @@ class GuardTrip:
     bytes: int = 0  # size of the deletions the guard stopped
     limit: float = 0.0  # the guard's threshold (fraction, or seconds for the clock guard)
     cause: str = ""  # likely cause, in words (policy.trip_message puts it in the message)
+    measured: float = 0.0  # what tripped it: the deleted fraction, or the clock jump in seconds
 
 
 @dataclass
@@ -211,6 +245,7 @@ __all__ = [
     "Segment",
     "SiteRules",
     "SweepHistory",
+    "Volume",
     "boot_clock",
     "show_path",
 ]

@@ -41,6 +41,7 @@ from nvr_guard.model import (
     Segment,
     SiteRules,
     SweepHistory,
+    Volume,
 )
 from nvr_guard.times import human_bytes
 
@@ -64,10 +65,18 @@ _BACKWARD_ALERT = 60.0
 @dataclass(frozen=True)
 class Confirmation:
     """What an admin released with ``retention confirm``: these deletions pass the mass-deletion
-    guard, and with ``accept_clock`` the clock guard too (the admin checked the clock)."""
+    guard, and with ``accept_clock`` the clock guard too (the admin checked the clock).
+
+    ``clock_jump``: the forward jump (seconds) the admin was shown; with it only a jump up to that
+    plus the guard's own tolerance is accepted, so a jump that happens after the blocked sweep
+    still trips. ``whole``: the release holds only as shown — if anything beyond it trips a guard
+    (more deletions, another jump), nothing at all is deleted and the sweep blocks again.
+    """
 
     paths: frozenset[bytes] = frozenset()
     accept_clock: bool = False
+    clock_jump: float | None = None
+    whole: bool = False
 
 
 # ---- single-segment answers ----------------------------------------------------------------
@@ -350,24 +359,65 @@ class _Site:
     floor: _DueTest | None
     holds: list[Hold]
     settle_after: float  # mtime above this: still being recorded
-    need: int  # bytes disk pressure asks to free (0: none)
-    free_note: str  # "free 8.0% < min_free 10%"
     keep_txt: str  # "15d", formatted once: it is in every expiry reason
     local: _LocalTime  # site-local ISO time of an instant
 
 
-def _site_context(
-    rules: SiteRules, now: ClockReading, holds: Sequence[Hold], disk: DiskState | None
-) -> _Site:
+@dataclass
+class _Pressure:
+    """A volume short of space in this sweep, and what the sweep has for it so far."""
+
+    label: str  # "site gate" / "volume /srv/a (sites gate, yard)", for alerts
+    at: str  # "" / " on /srv/a", for reasons
+    need: int  # bytes to free
+    free_note: str  # "free 8.0% < min_free 10%"
+    spare: list[Segment]  # its footage not due by age (the disk-pressure candidates)
+    freed: int = 0  # by ordinary expiries of its footage
+
+
+def _pressures(
+    volumes: Sequence[Volume], rules: Mapping[str, SiteRules]
+) -> tuple[list[_Pressure], dict[str, list[tuple[bytes | None, _Pressure]]]]:
+    """The volumes short of space, and per site its (root, pressure) pairs. Sites sharing a
+    volume share its one shortfall, measured against the strictest ``min_free`` among them."""
+    out: list[_Pressure] = []
+    by_site: dict[str, list[tuple[bytes | None, _Pressure]]] = {}
+    for v in volumes:
+        fractions = [rules[s].min_free for s, _ in v.members if s in rules]
+        min_free = max(fractions, default=0.0)
+        need = v.state.bytes_to_free(min_free) if min_free > 0 else 0
+        if not need:
+            continue
+        sites = v.sites()
+        if not v.name:  # a per-site figure (no volume known): speak of the site
+            label, at = f"site {', '.join(sites)}", ""
+        else:
+            noun = "sites" if len(sites) > 1 else "site"
+            label, at = f"volume {v.name} ({noun} {', '.join(sites)})", f" on {v.name}"
+        p = _Pressure(
+            label=label,
+            at=at,
+            need=need,
+            free_note=f"free {v.free / max(v.total, 1) * 100:.1f}% < min_free {_pct(min_free)}",
+            spare=[],
+        )
+        out.append(p)
+        for s, root in v.members:
+            by_site.setdefault(s, []).append((root, p))
+    return out, by_site
+
+
+def _pressure_of(seg: Segment, pairs: list[tuple[bytes | None, _Pressure]]) -> _Pressure | None:
+    for root, p in pairs:
+        if root is None or seg.path.startswith(root + b"/"):
+            return p
+    return None
+
+
+def _site_context(rules: SiteRules, now: ClockReading, holds: Sequence[Hold]) -> _Site:
     wall = now.wall
     keep = rules.keep
     floor = rules.min_keep
-    need = disk.bytes_to_free(rules.min_free) if disk is not None and rules.min_free > 0 else 0
-    free_note = ""
-    if need and disk is not None:
-        free_note = (
-            f"free {disk.free / max(disk.total, 1) * 100:.1f}% < min_free {_pct(rules.min_free)}"
-        )
     return _Site(
         rules=rules,
         ceiling=_DueTest(keep, rules.tz, wall) if keep is not None else None,
@@ -375,13 +425,12 @@ def _site_context(
         holds=[
             h
             for h in holds
-            if (h.site is None or h.site == rules.site)
+            # a hold of another site still covers its roots (the site may have been renamed)
+            if (h.site is None or h.site == rules.site or h.roots)
             and (h.released is None or h.released > wall)
             and (h.until is None or h.until > wall)
         ],
         settle_after=wall - rules.settle,
-        need=need,
-        free_note=free_note,
         keep_txt=_dur(keep),
         local=_LocalTime(rules.tz),
     )
@@ -417,18 +466,24 @@ def decide(
     disk: Mapping[str, DiskState] | None = None,
     history: SweepHistory | None = None,
     confirmed: Confirmation | None = None,
+    volumes: Sequence[Volume] | None = None,
 ) -> Plan:
     """Decide one sweep over ``segments`` (the catalog's candidates: everything that may be due,
-    plus the oldest segments of sites under disk pressure). See the module docstring."""
+    plus the oldest segments on volumes under disk pressure). See the module docstring.
+
+    ``volumes``: the file systems holding the roots and which footage is on each. ``disk`` is
+    the older per-site form (each site its own volume); it is used only without ``volumes``."""
     wall = now.wall
-    disk = disk or {}
+    if volumes is None:
+        volumes = [
+            Volume("", d.total, d.free, ((s, None),)) for s, d in sorted((disk or {}).items())
+        ]
     plan = Plan(now=wall)
     items: list[Item] = []
     contexts: dict[str, _Site] = {}
     unknown: dict[str, int] = {}
-    # not due by age, kept aside for the disk-pressure pass (only for sites that need it)
-    spare: dict[str, list[Segment]] = {}
-    freed: dict[str, int] = {}
+    # footage not due by age is kept aside for the disk-pressure pass of its volume
+    pressures, site_pressures = _pressures(volumes, rules)
 
     # The loop runs once per candidate (up to ~150,000 in a purge of several days): per-site
     # values live in locals, refreshed only when the site changes (the catalog hands segments
@@ -442,7 +497,7 @@ def decide(
     expired_txt = ""
     local = _LocalTime(UTC)
     careful_after = 0.0  # mtime above this needs a look (settling); -inf with holds: always
-    spare_list: list[Segment] | None = None
+    on_short: list[tuple[bytes | None, _Pressure]] | None = None
     for seg in segments:
         site = seg.site
         if site != ctx_site:
@@ -451,10 +506,7 @@ def decide(
             if ctx is None:
                 r = rules.get(site)
                 if r is not None:
-                    ctx = contexts[site] = _site_context(r, now, holds, disk.get(site))
-                    if ctx.need:
-                        spare[site] = []
-                        freed[site] = 0
+                    ctx = contexts[site] = _site_context(r, now, holds)
             if ctx is None:
                 # a site no longer (or not) in the config: its rules are unknown, so nothing of
                 # it may be deleted; the operator hears about it once per site
@@ -467,7 +519,7 @@ def decide(
             expired_txt = f"expired: keep={ctx.keep_txt}, recorded "
             local = ctx.local
             careful_after = float("-inf") if ctx.holds else ctx.settle_after
-            spare_list = spare.get(site)
+            on_short = site_pressures.get(site)
         assert ctx is not None
         start = seg.start
         if fixed:
@@ -475,8 +527,10 @@ def decide(
         else:
             is_due = due is not None and due(start)
         if not is_due:
-            if spare_list is not None:
-                spare_list.append(seg)
+            if on_short is not None:
+                p = _pressure_of(seg, on_short)
+                if p is not None:
+                    p.spare.append(seg)
             continue
         # due by age: only a hold, settling or the floor can keep it
         why_not = _held_back(seg, ctx, wall) if seg.mtime > careful_after else None
@@ -490,8 +544,10 @@ def decide(
             )
         else:
             items.append(Item(seg, DELETE, expired_txt + local(start) + " (site-local)"))
-            if spare_list is not None:
-                freed[site] += seg.size
+            if on_short is not None:
+                p = _pressure_of(seg, on_short)
+                if p is not None:
+                    p.freed += seg.size
 
     for site in sorted(unknown):
         plan.alerts.append(
@@ -499,10 +555,8 @@ def decide(
             f"{_n(unknown[site])} in the catalog; none of them is deleted"
         )
 
-    for site in sorted(spare):
-        _disk_pressure(
-            site, contexts[site], spare[site], freed[site], disk[site], wall, items, plan
-        )
+    for p in pressures:
+        _disk_pressure(p, contexts, wall, items, plan)
 
     items.sort(key=lambda i: (i.segment.site, i.segment.camera, i.segment.start, i.segment.path))
     plan.items = items
@@ -511,84 +565,92 @@ def decide(
 
 
 def _disk_pressure(
-    site: str,
-    ctx: _Site,
-    spare: list[Segment],
-    freed: int,
-    state: DiskState,
-    wall: float,
-    items: list[Item],
-    plan: Plan,
+    p: _Pressure, contexts: Mapping[str, _Site], wall: float, items: list[Item], plan: Plan
 ) -> None:
-    """Free ``ctx.need`` bytes beyond the ordinary expiries, oldest recordings first."""
-    r = ctx.rules
-    overwrite = r.disk_action == "overwrite-oldest"
+    """Free ``p.need`` bytes of one volume beyond the ordinary expiries, oldest recordings on
+    that volume first (whichever of its sites they belong to); each under its own site's rules."""
+    freed = p.freed
     under_floor_bytes = 0
+    floors: dict[str, str] = {}  # site -> its min_keep, for what the floor kept
     overwritten = overwritten_bytes = 0
-    spare.sort(key=lambda s: (s.start, s.path))
-    for seg in spare:
-        if freed + under_floor_bytes >= ctx.need:
+    overwrote: dict[str, str] = {}
+    p.spare.sort(key=lambda s: (s.start, s.path))
+    for seg in p.spare:
+        if freed + under_floor_bytes >= p.need:
             break
+        ctx = contexts[seg.site]
+        r = ctx.rules
         why_not = _held_back(seg, ctx, wall)
         if why_not is not None:
             items.append(
-                Item(seg, Action.KEEP, f"{why_not}; wanted by disk pressure ({ctx.free_note})")
+                Item(seg, Action.KEEP, f"{why_not}; wanted by disk pressure ({p.free_note}{p.at})")
             )
             continue
         if ctx.floor is not None and not ctx.floor(seg.start):
-            if overwrite:
+            if r.disk_action == "overwrite-oldest":
                 items.append(
                     Item(
                         seg,
                         Action.DELETE,
-                        f"overwrite-oldest: {ctx.free_note}, under floor {_floor_note(seg, r)}, "
-                        f"recorded {ctx.local(seg.start)} (site-local)",
+                        f"overwrite-oldest: {p.free_note}{p.at}, under floor "
+                        f"{_floor_note(seg, r)}, recorded {ctx.local(seg.start)} (site-local)",
                     )
                 )
                 freed += seg.size
                 overwritten += 1
                 overwritten_bytes += seg.size
+                overwrote[seg.site] = _dur(r.min_keep)
             else:
                 # shown so the operator sees exactly what the floor protects from the shortage
                 items.append(
                     Item(
                         seg,
                         Action.KEEP,
-                        f"floor: {_floor_note(seg, r)}; wanted by disk pressure ({ctx.free_note})",
+                        f"floor: {_floor_note(seg, r)}; wanted by disk pressure "
+                        f"({p.free_note}{p.at})",
                     )
                 )
                 under_floor_bytes += seg.size
+                floors[seg.site] = _dur(r.min_keep)
             continue
         floor_txt = f" (min_keep={_dur(r.min_keep)})" if r.min_keep is not None else ""
         items.append(
             Item(
                 seg,
                 Action.DELETE,
-                f"disk pressure: {ctx.free_note}, oldest past its floor{floor_txt}, "
+                f"disk pressure: {p.free_note}{p.at}, oldest past its floor{floor_txt}, "
                 f"recorded {ctx.local(seg.start)} (site-local)",
             )
         )
         freed += seg.size
-    missing = ctx.need - freed
+    missing = p.need - freed
     if overwritten:
         plan.alerts.append(
-            f"site {site}: disk {ctx.free_note}: overwrite-oldest deletes {_n(overwritten)} "
-            f"({human_bytes(overwritten_bytes)}) younger than the floor min_keep={_dur(r.min_keep)}"
+            f"{p.label}: disk {p.free_note}: overwrite-oldest deletes {_n(overwritten)} "
+            f"({human_bytes(overwritten_bytes)}) younger than the floor {_floors(overwrote)}"
         )
     if missing > 0:
         if under_floor_bytes:
             plan.alerts.append(
-                f"site {site}: disk {ctx.free_note}: {human_bytes(missing)} still to free, but the "
-                f"remaining footage is under its floor min_keep={_dur(r.min_keep)}, which "
+                f"{p.label}: disk {p.free_note}: {human_bytes(missing)} still to free, but the "
+                f"remaining footage is under its floor {_floors(floors)}, which "
                 f"protects it; add space or lower the load "
                 f"(disk.action: overwrite-oldest would overwrite it)"
             )
         else:
             plan.alerts.append(
-                f"site {site}: disk {ctx.free_note}: {human_bytes(missing)} still to free after "
+                f"{p.label}: disk {p.free_note}: {human_bytes(missing)} still to free after "
                 f"deleting everything eligible (the rest is held, still recording, or not yet "
                 f"catalogued); add space"
             )
+
+
+def _floors(by_site: Mapping[str, str]) -> str:
+    """``min_keep=30d``, or ``min_keep=30d (gate), 7d (yard)`` when the sites differ."""
+    values = set(by_site.values())
+    if len(values) == 1:
+        return f"min_keep={values.pop()}"
+    return "min_keep=" + ", ".join(f"{v} ({s})" for s, v in sorted(by_site.items()))
 
 
 def _clock_jump(now: ClockReading, history: SweepHistory | None) -> tuple[float, str] | None:
@@ -637,7 +699,7 @@ def _guards(
                 f"nothing is deleted early because of it, but check the clock (timedatectl, "
                 f"chronyc tracking)"
             )
-        elif seconds > guards.max_clock_jump and not confirmed.accept_clock:
+        elif seconds > guards.max_clock_jump and not _clock_accepted(seconds, guards, confirmed):
             clock_tripped = True
             idx = [i for i, it in enumerate(items) if it.action is Action.DELETE]
             for i in idx:
@@ -654,6 +716,7 @@ def _guards(
                 bytes=sum(items[i].segment.size for i in idx),
                 limit=guards.max_clock_jump,
                 cause=f"forward jump of {_span(seconds)} ({how})",
+                measured=seconds,
             )
             plan.trips.append(_with_message(trip))
 
@@ -683,6 +746,7 @@ def _guards(
             bytes=sum(items[i].segment.size for i in idx),
             limit=guards.max_delete_fraction,
             cause=_likely_cause(site, rules.get(site), history, clock_tripped),
+            measured=fraction,
         )
         plan.trips.append(_with_message(trip))
 
@@ -691,6 +755,27 @@ def _guards(
         items[i] = Item(
             it.segment, Action.BLOCKED, f"blocked by the {' and '.join(why)}: {it.reason}"
         )
+
+    if confirmed.whole and plan.trips:
+        # A confirmation releases what the admin was shown, nothing else: a guard that trips
+        # now (a clock jump after the blocked sweep, many more deletions) withholds all of it
+        kinds = " and ".join(sorted({t.kind for t in plan.trips}))
+        for i, it in enumerate(items):
+            if it.action is Action.DELETE:
+                items[i] = Item(
+                    it.segment,
+                    Action.BLOCKED,
+                    f"withheld: the confirmation releases only what it showed, and the {kinds} "
+                    f"guard tripped since: {it.reason}",
+                )
+
+
+def _clock_accepted(seconds: float, guards: GuardRules, confirmed: Confirmation) -> bool:
+    """Whether the admin's confirmation covers a forward jump of ``seconds``: the jump they were
+    shown, plus what the guard tolerates anyway (time passes; NTP steps a little)."""
+    if not confirmed.accept_clock:
+        return False
+    return confirmed.clock_jump is None or seconds <= confirmed.clock_jump + guards.max_clock_jump
 
 
 def _likely_cause(

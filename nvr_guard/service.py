@@ -14,20 +14,21 @@ import json
 import logging
 import os
 import pwd
+import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from nvr_guard import policy
+from nvr_guard import attention, policy
 from nvr_guard.attention import Attention
 from nvr_guard.audit import AuditLog
 from nvr_guard.catalog import Catalog
 from nvr_guard.config import Config
-from nvr_guard.errors import InvalidInput, PolicyRefused, RuntimeFailure
+from nvr_guard.errors import ConfigError, InvalidInput, PolicyRefused, RuntimeFailure
 from nvr_guard.model import (
     Action,
     ClockReading,
@@ -37,6 +38,7 @@ from nvr_guard.model import (
     Plan,
     Segment,
     SiteRules,
+    Volume,
     boot_clock,
     show_path,
 )
@@ -49,8 +51,62 @@ log = logging.getLogger("nvr_guard.service")
 # roles that may place and release manual legal holds and confirm guarded sweeps
 HOLD_ROLES = frozenset({"admin", "security_lead"})
 CONFIRM_ROLES = frozenset({"admin"})
-# how many of the oldest segments per site are offered to the policy when the disk is short
+# how many of the oldest segments per site and volume are offered to the policy when the
+# volume is short
 DISK_PRESSURE_BATCH = 20_000
+
+
+def root_bytes(root: str | os.PathLike[str]) -> bytes:
+    """A configured root as the catalog's paths begin with it (no trailing slash)."""
+    return os.fsencode(str(root)).rstrip(b"/") or b"/"
+
+
+def site_roots(config: Config) -> dict[str, list[bytes]]:
+    return {name: [root_bytes(r) for r in site.roots] for name, site in config.sites.items()}
+
+
+def _mount_point(path: bytes) -> bytes:
+    """The mount point of the file system ``path`` is on (for messages)."""
+    try:
+        dev = os.stat(path).st_dev
+        while path != b"/":
+            parent = os.path.dirname(path)
+            if os.stat(parent).st_dev != dev:
+                break
+            path = parent
+    except OSError:
+        pass
+    return path
+
+
+def hold_problems(config: Config, holds: Iterable[Hold]) -> list[tuple[str, int, str]]:
+    """(file, line, message) for each active hold that ``config`` would leave protecting no
+    footage: its site is gone and none of the roots it was placed on is a root any more.
+
+    Such a config is refused (reload, ``config check``): a hold that still shows as active while
+    its footage is deleted is worse than no hold at all."""
+    roots = {r for rs in site_roots(config).values() for r in rs}
+    line = config.line_of(("sites",))
+    out = []
+    for h in holds:
+        if h.site is None or h.site in config.sites or roots.intersection(h.roots):
+            continue
+        release = (
+            f"release it first (`nvr-guard hold release {h.id} --reason ...`)"
+            if h.kind == "manual"
+            else f"close its {h.kind} first"
+        )
+        where = ", ".join(os.fsdecode(r) for r in h.roots) or "unknown roots"
+        out.append(
+            (
+                str(config.source_path),
+                line,
+                f"sites: hold {h.id} ({h.kind}: {h.reason}) protects camera "
+                f"{h.camera or '*'} of site {h.site} ({where}), which this config no longer "
+                f"has; keep the site or one of those roots, or {release}",
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -216,6 +272,8 @@ class Engine:
         self.attention = Attention(
             lambda action, obj, details: self.audit.append("nvr-guard", action, obj, details)
         )
+        # holds placed without their roots (the workflow's, or before holds recorded them)
+        self.catalog.fill_hold_roots(site_roots(config))
 
     @property
     def media(self) -> Any:
@@ -250,11 +308,30 @@ class Engine:
             )
         return out
 
-    def apply_config(self, new: Config, actor: str) -> dict[str, Any]:
-        """Switch to an already validated config (SIGHUP); audit the change with both digests."""
+    def roots_of(self, site: str) -> list[bytes]:
+        """The site's roots, as a hold placed on it records them."""
+        return site_roots(self.config)[site]
+
+    def hold_problems(self, config: Config) -> list[tuple[str, int, str]]:
+        """What ``config`` would do to the active holds (see :func:`hold_problems`)."""
         with self.lock:
+            # holds placed since the last fill (the workflow's) learn the roots of their site
+            # under the config in force, before it is compared with the new one
+            self.catalog.fill_hold_roots(site_roots(self.config))
+            return hold_problems(config, self.catalog.active_holds(self.clock().wall))
+
+    def apply_config(self, new: Config, actor: str) -> dict[str, Any]:
+        """Switch to an already validated config (SIGHUP); audit the change with both digests.
+        Refused (:class:`ConfigError`, nothing changes) when it would orphan an active hold."""
+        with self.lock:
+            problems = self.hold_problems(new)
+            if problems:
+                raise ConfigError(problems)
             old = self.config
             old_rules = self.rules
+            self.catalog.forget_root_devices_except(
+                r for rs in site_roots(new).values() for r in rs
+            )
             self.config = new
             self.rules = new.site_rules()
             self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
@@ -315,34 +392,126 @@ class Engine:
             # what its receipt is written from
             self.recover_purges()
             if full:
-                return self.scanner.reconcile()
-            return self.scanner.incremental()
+                out = self.scanner.reconcile()
+            else:
+                out = self.scanner.incremental()
+            self._note_root_devices()
+            return out
+
+    def _note_root_devices(self) -> None:
+        """Remember which file system each root is on, and where that file system is mounted.
+
+        A root found on another device is re-recorded only while the recorded mount point is
+        still a mount point (a disk replaced, or a new one mounted there). When it no longer is,
+        the mount is gone and the root's directory now sits on the parent file system: that is
+        not where its footage is, and disk pressure there must not count it (attention).
+        """
+        recorded = self.catalog.root_devices()
+        rows: list[tuple[bytes, str, int, bytes]] = []
+        for site, roots in site_roots(self.config).items():
+            for rb in roots:
+                try:
+                    st = os.lstat(rb)
+                except OSError:
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    continue
+                key = os.fsdecode(rb)
+                old = recorded.get(rb)
+                if old is not None and old[0] == st.st_dev:
+                    self.attention.clear(attention.ROOT_DEVICE, site, key)
+                    continue
+                if old is not None and not os.path.ismount(old[1]):
+                    self.attention.raise_(
+                        attention.ROOT_DEVICE,
+                        site,
+                        key,
+                        f"root {show_path(rb)} is on another file system than at the last "
+                        f"reconcile and {show_path(old[1])} is no longer a mount point: is the "
+                        f"disk unmounted? Its footage is left out of disk pressure until the "
+                        f"file system is back",
+                        {"root": show_path(rb), "device": st.st_dev, "recorded": old[0]},
+                    )
+                    continue
+                if old is not None:
+                    log.warning(
+                        "site %s: root %s is on a new file system (device %d, was %d)",
+                        site,
+                        show_path(rb),
+                        st.st_dev,
+                        old[0],
+                    )
+                    self.attention.clear(attention.ROOT_DEVICE, site, key)
+                rows.append((rb, site, st.st_dev, _mount_point(rb)))
+        if rows:
+            self.catalog.set_root_devices(rows, self.clock().wall)
 
     def hint(self, path: bytes) -> None:
         with self.lock:
             self.scanner.hint(path)
 
     # ---- retention -----------------------------------------------------------------------
-    def disk_states(self) -> dict[str, DiskState]:
-        states: dict[str, DiskState] = {}
-        for name, site in self.config.sites.items():
-            worst: DiskState | None = None
-            for root in site.roots:
+    def excluded_roots(self) -> set[bytes]:
+        """Roots whose footage counts on no volume: missing, or on another file system than the
+        one recorded at the last reconcile (a mount that is gone leaves its mount point on the
+        parent file system; that is not where the footage is)."""
+        recorded = self.catalog.root_devices()
+        out: set[bytes] = set()
+        for roots in site_roots(self.config).values():
+            for rb in roots:
                 try:
-                    u = psutil.disk_usage(str(root))
-                except OSError as e:
-                    log.warning("site %s: cannot read free space of %s: %s", name, root, e)
+                    st = os.lstat(rb)
+                except OSError:
+                    out.add(rb)
                     continue
-                st = DiskState(total=u.total, free=u.free)
+                old = recorded.get(rb)
+                if not stat.S_ISDIR(st.st_mode) or old is None or old[0] != st.st_dev:
+                    out.add(rb)
+        return out
+
+    def disk_volumes(self, excluded: set[bytes] | None = None) -> list[Volume]:
+        """The file systems (by ``st_dev``) holding the roots that are not ``excluded`` (by
+        default :meth:`excluded_roots`), with their free space and the footage on each."""
+        if excluded is None:
+            excluded = self.excluded_roots()
+        members: dict[int, list[tuple[str, bytes | None]]] = {}
+        for name, roots in site_roots(self.config).items():
+            for rb in roots:
+                if rb in excluded:
+                    continue
+                try:
+                    dev = os.lstat(rb).st_dev
+                except OSError as e:
+                    log.warning("site %s: cannot stat root %s: %s", name, show_path(rb), e)
+                    continue
+                members.setdefault(dev, []).append((name, rb))
+        out: list[Volume] = []
+        for mem in members.values():
+            first = mem[0][1]
+            assert first is not None
+            try:
+                u = psutil.disk_usage(os.fsdecode(first))
+            except OSError as e:
+                log.warning("cannot read free space of %s: %s", show_path(first), e)
+                continue
+            name = show_path(_mount_point(first))
+            out.append(Volume(name, u.total, u.free, tuple(mem)))
+        return out
+
+    def disk_states(self, volumes: Sequence[Volume] | None = None) -> dict[str, DiskState]:
+        """Per site, the fullest of the volumes its roots are on (for status and alerts)."""
+        states: dict[str, DiskState] = {}
+        for v in self.disk_volumes() if volumes is None else volumes:
+            st = v.state
+            for name in v.sites():
+                worst = states.get(name)
                 if worst is None or st.free / max(st.total, 1) < worst.free / max(worst.total, 1):
-                    worst = st
-            if worst is not None:
-                states[name] = worst
+                    states[name] = st
         return states
 
     def _candidates(
-        self, now: ClockReading, site: str | None
-    ) -> tuple[list[Segment], dict[str, DiskState]]:
+        self, now: ClockReading, site: str | None, excluded: set[bytes] | None = None
+    ) -> tuple[list[Segment], list[Volume]]:
         sites = [site] if site else list(self.rules)
         seen: set[bytes] = set()
         cands: list[Segment] = []
@@ -351,27 +520,37 @@ class Engine:
                 if seg.path not in seen:
                     seen.add(seg.path)
                     cands.append(seg)
-        disk = self.disk_states()
-        for s in sites:
-            d = disk.get(s)
-            if d is not None and d.bytes_to_free(self.rules[s].min_free) > 0:
-                for seg in self.catalog.oldest_segments(s, DISK_PRESSURE_BATCH):
+        volumes = self.disk_volumes(excluded)
+        for v in volumes:
+            fractions = [self.rules[s].min_free for s in v.sites() if s in self.rules]
+            min_free = max(fractions, default=0.0)
+            if not min_free or not v.state.bytes_to_free(min_free):
+                continue
+            # only footage on the volume that is short: another file system of the same site
+            # has space of its own, and deleting there frees nothing here
+            for s in v.sites():
+                if s not in sites:
+                    continue
+                under = [r for m, r in v.members if m == s and r is not None]
+                for seg in self.catalog.oldest_segments(s, DISK_PRESSURE_BATCH, under=under):
                     if seg.path not in seen:
                         seen.add(seg.path)
                         cands.append(seg)
-        return cands, disk
+        return cands, volumes
 
     def plan(
         self,
         now: ClockReading | None = None,
         site: str | None = None,
         confirmed: policy.Confirmation | None = None,
+        excluded: set[bytes] | None = None,
     ) -> Plan:
+        """``excluded``: roots left out of disk pressure (default :meth:`excluded_roots`)."""
         if site is not None and site not in self.rules:
             raise InvalidInput(f"unknown site {site!r}; sites: {', '.join(sorted(self.rules))}")
         now = now or self.clock()
         with self.lock:
-            cands, disk = self._candidates(now, site)
+            cands, volumes = self._candidates(now, site, excluded)
             keys = {(s.site, s.camera) for s in cands}
             totals = self.catalog.camera_totals(keys) if keys else {}
             return policy.decide(
@@ -381,9 +560,9 @@ class Engine:
                 self.config.guard_rules(),
                 self.catalog.active_holds(now.wall),
                 totals,
-                disk=disk,
                 history=self.catalog.last_history(),
                 confirmed=confirmed,
+                volumes=volumes,
             )
 
     def _targets(self, items: Iterable[Item]) -> list[PurgeTarget]:
@@ -564,6 +743,20 @@ class Engine:
                 state="blocked" if plan.trips else "applying",
             )
             self.catalog.record_items(sweep_id, plan.items)
+            if plan.trips:
+                self.catalog.set_sweep_trips(
+                    sweep_id,
+                    [
+                        {
+                            "kind": t.kind,
+                            "site": t.site,
+                            "camera": t.camera,
+                            "count": t.count,
+                            "measured": t.measured,
+                        }
+                        for t in plan.trips
+                    ],
+                )
             messages = [policy.trip_message(t, sweep_id) for t in plan.trips]
             # the same trip repeats every sweep until an admin confirms: audit it once
             summary = "\n".join(policy.trip_message(t, None) for t in plan.trips)
@@ -613,7 +806,9 @@ class Engine:
                 )
             finally:
                 os.close(lock)
-            if confirm_of is not None:
+            if confirm_of is not None and not plan.trips:
+                # blocked again (a guard tripped since): the old sweep stays unconfirmed, and
+                # the new one says what changed
                 self.catalog.set_sweep_state(confirm_of, "confirmed")
             self.stats.note_sweep(
                 self.clock().wall,
@@ -642,7 +837,13 @@ class Engine:
     def confirm(
         self, sweep_id: int, caller: Caller, now: ClockReading | None = None
     ) -> SweepOutcome:
-        """Release a sweep stopped by a guard: delete what it held back (re-checked now)."""
+        """Release a sweep stopped by a guard: delete what it held back (re-checked now).
+
+        The release is exactly what the admin was shown: the plan is made again with the held
+        back paths exempt from the mass-deletion guard, and the clock guard accepting the jump
+        that sweep measured (only if the clock guard was among its trips). Anything beyond that
+        — a later clock jump, more deletions than the guards let through — blocks the whole
+        confirmation again, as a new blocked sweep to review."""
         self.require(caller, CONFIRM_ROLES, f"confirm sweep {sweep_id}")
         with self.lock:
             sw = self.catalog.get_sweep(sweep_id)
@@ -659,21 +860,70 @@ class Engine:
                 for i in self.catalog.sweep_items(sweep_id)
                 if i.action == Action.BLOCKED.value
             ]
-            conf = policy.Confirmation(paths=frozenset(blocked), accept_clock=True)
+            # sweeps blocked before their trips were stored accept no clock jump: a clock trip
+            # then blocks again, as a sweep that records what it showed
+            jumps = [
+                float(t.get("measured") or 0.0)
+                for t in self.catalog.sweep_trips(sweep_id)
+                if t.get("kind") == "clock-jump"
+            ]
+            conf = policy.Confirmation(
+                paths=frozenset(blocked),
+                accept_clock=bool(jumps),
+                clock_jump=max(jumps) if jumps else None,
+                whole=True,
+            )
             self.audit.append(
                 caller.user,
                 "sweep.confirm",
                 f"sweep:{sweep_id}",
-                {"blocked": len(blocked), "uid": caller.uid},
+                {"blocked": len(blocked), "uid": caller.uid, "clock_jump": conf.clock_jump},
             )
             return self.sweep(actor=caller.user, now=now, confirmed=conf, confirm_of=sweep_id)
 
     # ---- holds ---------------------------------------------------------------------------
-    def site_of_camera(self, camera: str) -> str | None:
-        for site, cam in self.catalog.cameras():
-            if cam == camera:
-                return site
-        return None
+    def resolve_camera(self, camera: str, site: str | None = None) -> tuple[str, str]:
+        """(site, camera) of ``--camera C [--site S]`` or ``--camera S/C``.
+
+        A camera id is only unique within a site: two sites may both have a ``ch01``. An id
+        found at more than one site is refused with the sites named, never given to the first
+        one in alphabetical order (the hold would protect the wrong footage)."""
+        if "/" in camera:
+            own_site, _, camera = camera.partition("/")
+            if site is not None and site != own_site:
+                raise InvalidInput(
+                    f"--camera {own_site + '/' + camera!r} and --site {site!r} disagree"
+                )
+            site = own_site
+        sites = sorted(self.config.sites)
+        if site is not None:
+            if site not in self.config.sites:
+                raise InvalidInput(f"unknown site {site!r}; sites: {', '.join(sites)}")
+            if not self.catalog.has_camera(site, camera) and camera not in self.config.cameras:
+                raise InvalidInput(
+                    f"unknown camera {camera!r} at site {site}: it has no footage there in the "
+                    "catalog and is not in `cameras:`"
+                )
+            return site, camera
+        found = [s for s in sites if self.catalog.has_camera(s, camera)]
+        if len(found) == 1:
+            return found[0], camera
+        if len(found) > 1:
+            raise InvalidInput(
+                f"camera {camera!r} is at sites {', '.join(found)}; say which with --site SITE "
+                f"(or --camera SITE/{camera})"
+            )
+        if camera not in self.config.cameras:
+            raise InvalidInput(
+                f"unknown camera {camera!r}: it has no footage in the catalog"
+                " and is not in `cameras:`"
+            )
+        if len(sites) == 1:
+            return sites[0], camera
+        raise InvalidInput(
+            f"camera {camera!r} has no footage yet and sites {', '.join(sites)} are configured; "
+            f"say which with --site SITE (or --camera SITE/{camera})"
+        )
 
     def hold_add(
         self,
@@ -683,18 +933,13 @@ class Engine:
         end: str,
         reason: str,
         until: str | None = None,
+        site: str | None = None,
     ) -> Hold:
         self.require(caller, HOLD_ROLES, "place a hold")
         reason = reason.strip()
         if not reason or any(not c.isprintable() for c in reason):
             raise InvalidInput("--reason is required and must be printable text")
-        site = self.site_of_camera(camera)
-        if site is None:
-            if camera not in self.config.cameras:
-                raise InvalidInput(
-                    f"unknown camera {camera!r}: it has no footage in the catalog"
-                    " and is not in `cameras:`"
-                )
+        site, camera = self.resolve_camera(camera, site)
         tz = self.config.site_tz(site) if site else self.config.tz
         t0 = parse_time(start, tz, "--from")
         t1 = parse_time(end, tz, "--to")
@@ -718,6 +963,7 @@ class Engine:
                     reason=reason,
                     owner=caller.user,
                     created=now,
+                    roots=self.roots_of(site),
                 )
                 self.audit.append_in(
                     caller.user,
@@ -726,6 +972,7 @@ class Engine:
                     {
                         "camera": camera,
                         "site": site,
+                        "roots": [show_path(r) for r in hold.roots],
                         "from": iso(t0, tz),
                         "to": iso(t1, tz),
                         "until": iso(t_until, tz),
@@ -778,6 +1025,7 @@ class Engine:
                     "owner": h.owner,
                     "created": iso(h.created, tz),
                     "released": iso(h.released, tz),
+                    "roots": [show_path(r) for r in h.roots],
                 }
             )
         return out

@@ -301,6 +301,7 @@ class Workflow:
                     owner=caller.user,
                     created=now,
                     request_id=r.id,
+                    roots=self.engine.roots_of(site),
                 )
             view = self.request_json(r, [])
             self.engine.audit.append(caller.user, "request.new", f"request:{r.id}", view)
