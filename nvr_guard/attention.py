@@ -28,6 +28,8 @@ ROOT_DEVICE = "root_device_changed"  # a root now sits on another file system th
 UNREADABLE = "unreadable"  # a directory or file the scanner could not read
 RELOAD_REFUSED = "reload_refused"  # the last reload was refused; the old config stays in force
 MOUNT_SKIPPED = "mount_skipped"  # a mount point under a root was not entered (cross_mounts false)
+SIGNING_KEY = "signing_key"  # the export signing key cannot be loaded or created
+AUDIT_HEAD = "audit_head"  # the audit log does not reach the recorded head: appends refused
 
 
 @dataclass(frozen=True)

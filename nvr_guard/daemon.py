@@ -90,6 +90,7 @@ class Daemon:
             "nvr-guard", "config.load", str(config.source_path), {"digest": config.digest}
         )
         engine.audit.append("nvr-guard", "daemon.start", "daemon", {"pid": os.getpid()})
+        engine.ensure_signing_key()  # its fingerprint is on record before any export
         try:  # an export killed with its daemon left a hidden temporary on its target
             engine.workflow.remove_stale_exports()
         except Exception:  # never a reason not to start retention
@@ -322,6 +323,8 @@ class Daemon:
         who = Caller.from_uid(peer.uid, getattr(peer, "gid", None))
         if cmd == "ping":
             return {"pong": True, "user": who.user}
+        if cmd == "key.show":  # public: the fingerprint is printed on paper for anyone to compare
+            return engine.signing_key_json() if engine.key_fingerprint else _no_key(engine)
         if cmd != "status" and not engine.roles_for(who):
             # someone the config does not know: refused, and the attempt is on record
             engine.audit.append(who.user, "access.denied", cmd, {"uid": who.uid})
@@ -400,6 +403,17 @@ class Daemon:
             h = engine.hold_release(who, int(args["id"]), str(args["reason"]))
             return engine.hold_json(h.id)
         raise InvalidInput(f"unknown command {cmd!r}")
+
+
+def _no_key(engine: Engine) -> dict[str, Any]:
+    from nvr_guard.errors import RuntimeFailure
+
+    if engine.ensure_signing_key() is None:
+        raise RuntimeFailure(
+            f"the export signing key {engine.config.signing_key_path()} is unusable; "
+            "see `nvr-guard status` (attention signing_key)"
+        )
+    return engine.signing_key_json()
 
 
 def run_daemon(config_path: str, verbose: int = 0) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from nvr_guard import policy
-from nvr_guard.attention import Attention
+from nvr_guard.attention import SIGNING_KEY, Attention
 from nvr_guard.audit import AuditLog
 from nvr_guard.catalog import Catalog
 from nvr_guard.config import Config
@@ -215,6 +215,47 @@ class Engine:
         self.attention = Attention(
             lambda action, obj, details: self.audit.append("nvr-guard", action, obj, details)
         )
+        self.key_fingerprint: str | None = None  # the export signing key's, once loaded
+
+    # ---- export signing key --------------------------------------------------------------
+    def ensure_signing_key(self) -> str | None:
+        """Load (or create, once) the export signing key; its fingerprint, or None on failure.
+
+        Done at daemon start, not at the first export: the fingerprint must be on record (audit
+        log, status, `key show`, the paper approval record) before any package exists, because
+        it is the only thing that tells a recipient a re-signed forgery from the recorder's own
+        package. The creation is audited with the fingerprint; a key that cannot be used is an
+        attention state (exports fail, retention goes on).
+        """
+        from nvr_guard.errors import NvrGuardError
+        from nvr_guard.export.keys import load_or_create_key
+
+        path = Path(self.config.signing_key_path())
+        try:
+            existed = path.exists()
+            _, fp = load_or_create_key(Path(self.config.state_dir), path)
+        except (NvrGuardError, OSError) as e:
+            self.attention.raise_(SIGNING_KEY, None, str(path), f"export signing key unusable: {e}")
+            return None
+        self.attention.clear(SIGNING_KEY)
+        with self.lock:
+            if not existed or not any(
+                True for _ in self.audit.entries(action="export.key", obj=fp)
+            ):
+                self.audit.append(
+                    "nvr-guard", "export.key", fp, {"path": str(path), "created": not existed}
+                )
+        if not existed:
+            log.warning("created the export signing key %s, fingerprint %s", path, fp)
+        self.key_fingerprint = fp
+        return fp
+
+    def signing_key_json(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.key_fingerprint,
+            "path": self.config.signing_key_path(),
+            "algorithm": "Ed25519",
+        }
 
     @property
     def media(self) -> Any:
@@ -877,6 +918,8 @@ class Engine:
                 "open_requests": open_requests,
                 "last_scans": scans,
                 "retention": self.stats.as_json(),
+                # the recipient of a package compares this with `verify --fingerprint`
+                "export_key": self.signing_key_json(),
             }
 
 

@@ -502,4 +502,5 @@ class Workflow:
         from nvr_guard.export import approval_record_html
 
         view = self.show(rid)
-        return approval_record_html(view, view["approvals"], None)
+        signer = self.engine.key_fingerprint or self.engine.ensure_signing_key()
+        return approval_record_html(view, view["approvals"], None, signer=signer)

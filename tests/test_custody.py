@@ -1,0 +1,291 @@
+"""Chain of custody: a recipient tells a re-signed forgery from the recorder's package by a
+fingerprint that reaches them on paper; verify refuses what is not a plain package; the audit log
+never forgets a truncation and never loses an entry to concurrent callers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from conftest import Site, poll, write_segment
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from nvr_guard.export import (
+    DirectoryDestination,
+    ExportJob,
+    SourceSegment,
+    approval_record_html,
+    fingerprint,
+    load_or_create_key,
+    public_pem,
+    run_export,
+)
+from nvr_guard.export.package import manifest_bytes
+
+FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
+T0 = 1763600000.0
+
+
+def nvr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nvr_guard", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+# ---- a real package ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(package directory, state directory holding the recorder's key): one real export."""
+    base = tmp_path_factory.mktemp("custody")
+    subprocess.run(
+        [
+            "ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi",
+            "-i", "testsrc2=size=160x120:rate=25", "-t", "4",
+            "-c:v", "libx264", "-preset", "ultrafast", "-g", "25",
+            str(base / "seg.mp4"),
+        ],
+        check=True,
+    )  # fmt: skip
+    state = base / "state"
+    key, _ = load_or_create_key(state)
+    (base / "usb").mkdir()
+    job = ExportJob(
+        request={
+            "id": 7,
+            "requester": "alice",
+            "site": "bank",
+            "cameras": ["lobby-1"],
+            "from": "a",
+            "to": "b",
+            "reason": "robbery",
+            "basis": "law",
+            "recipient": {"unit": "PSB", "person": "Wang", "contact": "1"},
+            "format": "mp4",
+            "emergency": False,
+        },
+        approvals=[{"approver": "bob", "role": "manager", "decision": "approve"}],
+        technician="tom",
+        start=T0 + 0.5,
+        end=T0 + 3.5,
+        tz=ZoneInfo("Asia/Shanghai"),
+        watermark_template="NVRG {request} {camera}",
+        font=FONT,
+        preset="ultrafast",
+    )
+    pkg = run_export(
+        [("lobby-1", [SourceSegment(base / "seg.mp4", T0)])],
+        job,
+        DirectoryDestination(base / "usb"),
+        key,
+        audit_head=(3, "a" * 64),
+    )
+    return pkg.path, state
+
+
+@pytest.fixture
+def copy(made: tuple[Path, Path], tmp_path: Path) -> Path:
+    dst = tmp_path / made[0].name
+    shutil.copytree(made[0], dst)
+    return dst
+
+
+def real_fingerprint(made: tuple[Path, Path]) -> str:
+    return load_or_create_key(made[1])[1]
+
+
+def resign_forgery(pkg: Path) -> str:
+    """What a courier can do: another clip, the manifest edited to match, signed with a new
+    key whose public half replaces signer.pub. Returns the forger's fingerprint."""
+    clip = next(pkg.glob("*.mp4"))
+    clip.write_bytes(clip.read_bytes()[:-4096] + b"\0" * 4096)  # "another" clip
+    m = json.loads((pkg / "manifest.json").read_bytes())
+    digest = subprocess.run(
+        ["sha256sum", str(clip)], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    m["files"][clip.name]["sha256"] = digest
+    m["clips"][0]["sha256"] = digest
+    forger = Ed25519PrivateKey.generate()
+    m["signer"]["fingerprint"] = fingerprint(forger.public_key())
+    body = manifest_bytes(m)
+    (pkg / "manifest.json").write_bytes(body)
+    (pkg / "manifest.sig").write_bytes(forger.sign(body))
+    (pkg / "signer.pub").write_bytes(public_pem(forger.public_key()))
+    return fingerprint(forger.public_key())
+
+
+def test_resigned_forgery_is_not_confirmed_and_fails_against_the_pin(
+    copy: Path, made: tuple[Path, Path], tmp_path: Path
+) -> None:
+    real = real_fingerprint(made)
+    forged = resign_forgery(copy)
+
+    # unpinned: self-consistent, but the output says the signer is not confirmed
+    r = nvr("verify", str(copy))
+    assert r.returncode == 0, r.stderr
+    assert "the signer is NOT confirmed" in r.stdout
+    assert f"compare {forged} with the fingerprint on the paper record" in r.stdout
+    j = json.loads(nvr("--json", "verify", str(copy)).stdout)
+    assert j["ok"] is True and j["signer_confirmed"] is False and j["fingerprint"] == forged
+
+    # pinned to the recorder's fingerprint (from paper) or its public key: exit 4
+    r = nvr("verify", str(copy), "--fingerprint", real)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "key-mismatch" in r.stderr and real in r.stderr and forged in r.stderr
+    pub = tmp_path / "recorder.pub"
+    pub.write_bytes(public_pem(load_or_create_key(made[1])[0].public_key()))
+    j = json.loads(nvr("--json", "verify", str(copy), "--key", str(pub)).stdout)
+    assert j["ok"] is False and j["signer_confirmed"] is False
+    assert [p["kind"] for p in j["problems"]] == ["key-mismatch"]
+
+
+def test_genuine_package_is_confirmed_only_with_a_pin(
+    made: tuple[Path, Path], tmp_path: Path
+) -> None:
+    pkg, state = made
+    real = real_fingerprint(made)
+    j = json.loads(nvr("--json", "verify", str(pkg)).stdout)
+    assert j["ok"] is True and j["signer_confirmed"] is False
+    r = nvr("--json", "verify", str(pkg), "--fingerprint", f"  {real}= ")  # as typed from paper
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["signer_confirmed"] is True
+    r = nvr("verify", str(pkg), "--key", str(state / "export-key.pem"))  # a private PEM works too
+    assert r.returncode == 0 and "the pinned recorder key" in r.stdout, r.stderr
+    # a pin that is not a fingerprint is a usage error, not a verdict
+    r = nvr("verify", str(pkg), "--fingerprint", "SHA256:short")
+    assert r.returncode == 2 and "not a key fingerprint" in r.stderr
+    r = nvr("verify", str(pkg), "--fingerprint", real, "--key", str(state / "export-key.pem"))
+    assert r.returncode == 2
+
+
+def test_verify_txt_sends_the_recipient_to_the_paper_record(made: tuple[Path, Path]) -> None:
+    text = (made[0] / "VERIFY.txt").read_text()
+    assert "--fingerprint SHA256:<fingerprint from the paper record>" in text
+    step_b = text[text.index("b) the signer key") : text.index("c) the files")]
+    assert "must equal the fingerprint on" in step_b and "paper record" in step_b
+    assert "proves\n      nothing" in step_b  # the fingerprint in the same file is worthless
+
+
+def test_paper_record_carries_the_fingerprint_and_a_hand_over_slip() -> None:
+    fp = "SHA256:" + "A" * 43
+    blank = approval_record_html({"id": 3, "recipient": {}}, [], None, signer=fp)
+    assert blank.count(fp) >= 3  # export section, slip, the verify command
+    assert "Hand-over slip" in blank and "移交单" in blank
+    assert f"--fingerprint {fp}" in blank
+
+
+# ---- verify refuses what is not a plain package ----------------------------------------------
+def test_a_fifo_in_place_of_the_clip_is_refused_not_waited_on(copy: Path) -> None:
+    clip = next(copy.glob("*.mp4"))
+    clip.unlink()
+    os.mkfifo(clip)
+    r = nvr("--json", "verify", str(copy), timeout=30)  # the old check blocked here for ever
+    assert r.returncode == 4
+    kinds = [p["kind"] for p in json.loads(r.stdout)["problems"]]
+    assert kinds == ["not-regular"]
+    assert "FIFO" in json.loads(r.stdout)["problems"][0]["message"]
+
+
+def test_a_symlink_in_the_package_is_refused(copy: Path, tmp_path: Path) -> None:
+    """A link to an identical file outside would pass a hash check that follows it."""
+    clip = next(copy.glob("*.mp4"))
+    outside = tmp_path / "elsewhere.mp4"
+    shutil.copyfile(clip, outside)
+    clip.unlink()
+    clip.symlink_to(outside)
+    r = nvr("verify", str(copy))
+    assert r.returncode == 4
+    assert f"not-regular: not a regular file: {clip.name} is a symbolic link" in r.stderr
+    (copy / "extra-dir").mkdir()
+    r = nvr("--json", "verify", str(copy))
+    problems = json.loads(r.stdout)["problems"]
+    assert sorted(p["kind"] for p in problems) == ["not-regular", "not-regular"]
+
+
+def test_the_directory_must_carry_the_signed_package_name(copy: Path, tmp_path: Path) -> None:
+    renamed = tmp_path / "NVRG-999-20250101T000000Z"
+    copy.rename(renamed)
+    r = nvr("verify", str(renamed))
+    assert r.returncode == 4
+    assert "name-mismatch" in r.stderr and copy.name in r.stderr
+    renamed.rename(copy)
+    assert nvr("verify", str(copy)).returncode == 0
+
+
+# ---- the daemon publishes the fingerprint before any export ----------------------------------
+class Daemon:
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.log = open(site.base / "daemon.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "daemon"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        poll(self.ready, 60, "the daemon to answer on its socket")
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            text = (self.site.base / "daemon.log").read_text(errors="replace")
+            raise AssertionError(f"daemon exited {self.proc.returncode}: {text}")
+        r = self.site.run("--json", "status")
+        return bool(r.stdout.strip()) and "pid" in json.loads(r.stdout).get("daemon", {})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        self.log.close()
+
+
+@pytest.fixture
+def daemon(site: Site) -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def test_fingerprint_is_on_record_at_key_creation_status_key_show_and_form(
+    site: Site, daemon: list[Daemon]
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    for i in range(3):
+        write_segment(site.root, "cam-1", now - timedelta(hours=2, minutes=-i))
+    assert not (site.state / "export-key.pem").exists()
+    daemon.append(Daemon(site))
+    fp = load_or_create_key(site.state)[1]
+    assert site.json("status")["export_key"]["fingerprint"] == fp
+    assert site.json("key", "show")["fingerprint"] == fp
+    assert fp in site.run("status").stdout
+    # the creation is in the audit log, before (without) any export
+    entries = site.json("audit", "show")["entries"]
+    created = [e for e in entries if e["action"] == "export.key"]
+    assert [(e["object"], e["details"]["created"]) for e in created] == [(fp, True)]
+    assert not any(e["action"].startswith("export.") and e["action"] != "export.key"
+                   for e in entries)  # fmt: skip
+    # the paper record printed before the export carries it, with the hand-over slip
+    t0, t1 = (now - timedelta(hours=h) for h in (3, 1))
+    rid = site.json(
+        "request", "new", "--camera", "cam-1", "--from", t0.isoformat(), "--to", t1.isoformat(),
+        "--reason", "theft", "--basis", "law", "--recipient", "PSB; Wang; 110",
+    )["id"]  # fmt: skip
+    form = site.run("export", "form", str(rid))
+    assert form.returncode == 0, form.stderr
+    assert f"--fingerprint {fp}" in form.stdout and "Hand-over slip" in form.stdout
+    daemon[0].stop()
+    # without a daemon, root reads it from the key file; a restart does not audit it again
+    assert site.json("key", "show")["fingerprint"] == fp
+    daemon.append(Daemon(site))
+    entries = site.json("audit", "show")["entries"]
+    assert len([e for e in entries if e["action"] == "export.key"]) == 1
