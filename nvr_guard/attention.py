@@ -150,5 +150,8 @@ class Attention:
                 f"attention:{entry.kind}" + (f":{entry.site}" if entry.site else ""),
                 {"key": entry.key, "message": entry.message, **entry.details},
             )
-        except Exception:  # the registry itself must never fail its reporter
-            log.exception("recording attention entry %s", entry.kind)
+        except Exception as exc:  # the registry itself must never fail its reporter
+            if getattr(exc, "exit_code", None) == 4:  # the audit log refuses appends: said once
+                log.error("attention entry %s not audited: %s", entry.kind, exc)
+            else:
+                log.exception("recording attention entry %s", entry.kind)

@@ -568,25 +568,77 @@ def audit_show(c: Ctx, since: str | None, request_id: str | None) -> None:
 @audit.command("verify")
 @pass_ctx
 def audit_verify(c: Ctx) -> None:
-    """Check the hash chain (exit 4 on an edited, deleted or reordered entry)."""
-    rep = _audit_log(c).verify()
+    """Check the hash chain and its head file (exit 4 on an edited, deleted or reordered entry,
+    a truncated log, or a head file that is missing or does not match)."""
+    log_ = _audit_log(c)
+    rep = log_.verify()
+    anchor_problem = log_.anchor_problem()
+    reanchors = [
+        {"seq": e.seq, "actor": e.actor, "reason": e.details.get("reason"), "time": e.time}
+        for e in log_.entries(action="audit.reanchor")
+    ]
     data = {
         "ok": rep.ok,
         "entries": rep.count,
         "first_bad": rep.first_bad,
         "problem": rep.problem or None,
+        "head": {"seq": rep.head[0], "hash": rep.head[1]},
+        "warnings": list(rep.warnings),
+        "reanchored": reanchors,
     }
+
+    def human() -> None:
+        if rep.ok:
+            out.print(
+                f"audit chain intact: {rep.count} entries, head {rep.head[0]} {rep.head[1][:16]}",
+                markup=False,
+            )
+        else:
+            err.print(f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}", markup=False)
+            if anchor_problem is not None:
+                err.print(
+                    "after investigating, an admin re-anchors the head file deliberately: "
+                    f"nvr-guard audit reanchor --accept-head {rep.head[0]} --reason '...'",
+                    markup=False,
+                )
+        for w in rep.warnings:
+            err.print(f"warning: {w}", markup=False)
+        for r in reanchors:
+            out.print(
+                f"note: re-anchored at entry {r['seq']} by {r['actor']}: {r['reason']}",
+                markup=False,
+            )
+
+    c.emit(data, human)
+    if not rep.ok:
+        sys.exit(VerifyFailed.exit_code)
+
+
+@audit.command("reanchor")
+@click.option(
+    "--accept-head",
+    "accept",
+    type=int,
+    required=True,
+    help="the log's present head entry, as `audit verify` shows it",
+)
+@click.option("--reason", required=True, help="what was investigated and found")
+@pass_ctx
+def audit_reanchor(c: Ctx, accept: int, reason: str) -> None:
+    """Admin, after an investigated incident: anchor the head file at the log's present head.
+
+    Appends an audit.reanchor entry with the old head file, the accepted head and the reason;
+    the daemon accepts appends again at once. Needs write access to the state directory.
+    """
+    entry = _audit_log(c).reanchor(caller().user, reason, accept)
     c.emit(
-        data,
+        {"seq": entry.seq, "hash": entry.hash, "details": entry.details},
         lambda: out.print(
-            f"audit chain intact: {rep.count} entries"
-            if rep.ok
-            else f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}",
+            f"audit log re-anchored at entry {entry.seq} (accepted head {accept}); "
+            "the incident is recorded in that entry",
             markup=False,
         ),
     )
-    if not rep.ok:
-        sys.exit(VerifyFailed.exit_code)
 
 
 # ---- requests ---------------------------------------------------------------------------------

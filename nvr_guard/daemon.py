@@ -23,6 +23,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from nvr_guard import sdnotify
+from nvr_guard.audit import AuditHeadMismatch
 from nvr_guard.config import Config, load_config
 from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError, PolicyRefused
 from nvr_guard.service import Caller, Engine
@@ -86,10 +87,15 @@ class Daemon:
     def start(self) -> None:
         config = load_config(self.config_path)  # ConfigError -> refuse to start
         self.engine = engine = Engine(config)
-        engine.audit.append(
-            "nvr-guard", "config.load", str(config.source_path), {"digest": config.digest}
-        )
-        engine.audit.append("nvr-guard", "daemon.start", "daemon", {"pid": os.getpid()})
+        try:
+            engine.audit.append(
+                "nvr-guard", "config.load", str(config.source_path), {"digest": config.digest}
+            )
+            engine.audit.append("nvr-guard", "daemon.start", "daemon", {"pid": os.getpid()})
+        except AuditHeadMismatch as e:
+            # run anyway, so status and the attention entry tell the admin; every audited
+            # change (deletions included) is refused until the log is re-anchored
+            log.error("%s", e)
         engine.ensure_signing_key()  # its fingerprint is on record before any export
         try:  # an export killed with its daemon left a hidden temporary on its target
             engine.workflow.remove_stale_exports()

@@ -22,8 +22,8 @@ from typing import Any
 import psutil
 
 from nvr_guard import policy
-from nvr_guard.attention import SIGNING_KEY, Attention
-from nvr_guard.audit import AuditLog
+from nvr_guard.attention import AUDIT_HEAD, SIGNING_KEY, Attention
+from nvr_guard.audit import AuditHeadMismatch, AuditLog
 from nvr_guard.catalog import Catalog
 from nvr_guard.config import Config
 from nvr_guard.errors import InvalidInput, PolicyRefused
@@ -193,7 +193,10 @@ class Engine:
         config: Config,
         clock: Callable[[], ClockReading] = boot_clock,
         db_path: Path | None = None,
+        anchored: bool = True,
     ) -> None:
+        """``anchored=False`` for a scratch copy of the state (``preview``), whose audit log
+        has no head file of its own."""
         self.clock = clock
         self.config = config
         if db_path is None:
@@ -205,7 +208,15 @@ class Engine:
         # jobs and the control socket's commands share that connection, and a statement from one
         # thread must never land inside another thread's transaction
         self.lock = self.catalog.lock
-        self.audit = AuditLog(self.catalog.conn, clock=lambda: self.clock().wall)
+        # the same lock: an append and the change it records are one transaction on the
+        # shared connection (see Catalog); the anchor state becomes an attention entry
+        self.audit = AuditLog(
+            self.catalog.conn,
+            clock=lambda: self.clock().wall,
+            head_path=AuditLog._AUTO if anchored else None,
+            lock=self.catalog.lock,
+            on_anchor=self._on_anchor,
+        )
         self.rules: dict[str, SiteRules] = config.site_rules()
         self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
         self._workflow: Any = None
@@ -216,6 +227,19 @@ class Engine:
             lambda action, obj, details: self.audit.append("nvr-guard", action, obj, details)
         )
         self.key_fingerprint: str | None = None  # the export signing key's, once loaded
+        self.audit.check_anchor()
+
+    def _on_anchor(self, problem: str | None) -> None:
+        if problem is None:
+            self.attention.clear(AUDIT_HEAD)
+            return
+        self.attention.raise_(
+            AUDIT_HEAD,
+            None,
+            "audit.head",
+            f"audit log refuses appends (no audited change can happen): {problem}. "
+            "Investigate, then `nvr-guard audit verify` and `nvr-guard audit reanchor`",
+        )
 
     # ---- export signing key --------------------------------------------------------------
     def ensure_signing_key(self) -> str | None:
@@ -239,12 +263,14 @@ class Engine:
             return None
         self.attention.clear(SIGNING_KEY)
         with self.lock:
-            if not existed or not any(
-                True for _ in self.audit.entries(action="export.key", obj=fp)
-            ):
-                self.audit.append(
-                    "nvr-guard", "export.key", fp, {"path": str(path), "created": not existed}
-                )
+            recorded = any(True for _ in self.audit.entries(action="export.key", obj=fp))
+            try:
+                if not existed or not recorded:
+                    self.audit.append(
+                        "nvr-guard", "export.key", fp, {"path": str(path), "created": not existed}
+                    )
+            except AuditHeadMismatch as e:  # recorded (created: false) at the next start
+                log.error("export key %s not recorded in the audit log: %s", fp, e)
         if not existed:
             log.warning("created the export signing key %s, fingerprint %s", path, fp)
         self.key_fingerprint = fp
@@ -866,7 +892,10 @@ class Engine:
             )
             done = self.catalog.latest_sweep(("done", "confirmed", "blocked"))
             verify = self.audit.verify()
-            violations = self.workflow.refresh()
+            try:
+                violations = self.workflow.refresh()
+            except AuditHeadMismatch:  # status must answer; attention audit_head says why
+                violations = []
             requests = [self.workflow.request_json(r) for r in self.workflow.store.all()]
             by_state: dict[str, int] = {}
             for r in requests:
@@ -942,7 +971,7 @@ def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) 
         finally:
             dst.close()
             src.close()
-    engine = Engine(config, clock=lambda: now, db_path=db)
+    engine = Engine(config, clock=lambda: now, db_path=db, anchored=False)
     for name, rules in engine.rules.items():
         engine.catalog.recompute_expiry(name, rules)
     engine.reconcile(full=True)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -289,3 +290,144 @@ def test_fingerprint_is_on_record_at_key_creation_status_key_show_and_form(
     daemon.append(Daemon(site))
     entries = site.json("audit", "show")["entries"]
     assert len([e for e in entries if e["action"] == "export.key"]) == 1
+
+
+# ---- the audit log's anchor (audit.head) -----------------------------------------------------
+def truncate(db: Path, n: int) -> None:
+    """What root can do: drop the triggers, delete the newest ``n`` entries, put them back."""
+    conn = sqlite3.connect(db, timeout=30)
+    conn.execute("DROP TRIGGER audit_no_delete")
+    conn.execute("DELETE FROM audit WHERE seq > (SELECT max(seq) FROM audit) - ?", (n,))
+    conn.commit()
+    conn.close()
+    from nvr_guard.catalog import Catalog
+
+    Catalog(db).close()  # the next open re-creates the triggers
+
+
+def test_a_brand_new_log_is_fine_and_its_first_append_anchors_first(tmp_path: Path) -> None:
+    from nvr_guard.audit import GENESIS, AuditLog, read_head_file
+    from nvr_guard.catalog import Catalog
+
+    cat = Catalog(tmp_path / "catalog.db")
+    log = AuditLog(cat.conn)
+    rep = log.verify()
+    assert rep.ok and rep.warnings == () and not (tmp_path / "audit.head").exists()
+    # a crash after the anchor is written and before the first entry commits
+    with pytest.raises(KeyboardInterrupt), log.transaction():
+        log.append_in("nvr-guard", "daemon.start", "daemon", {})
+        raise KeyboardInterrupt
+    assert read_head_file(tmp_path / "audit.head") == (0, GENESIS)
+    assert log.verify().ok
+    # a crash after the commit, before the head update: the genesis anchor still matches
+    e = log.append("nvr-guard", "daemon.start", "daemon", {})
+    (tmp_path / "audit.head").write_text(f"0 {GENESIS}\n")
+    rep = log.verify()
+    assert rep.ok and any("behind the log" in w for w in rep.warnings)
+    log.append("nvr-guard", "daemon.stop", "daemon", {})
+    assert read_head_file(tmp_path / "audit.head") == (2, log.head()[1]) and e.seq == 1
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda head: head.unlink(), "missing while the log holds"),
+        (lambda head: head.write_text("garbage\n"), "unreadable"),
+        (lambda head: head.write_text(f"2 {'0' * 64}\n"), "the log was rewritten"),
+    ],
+    ids=["deleted", "garbled", "other-hash"],
+)
+def test_audit_verify_fails_on_a_missing_or_inconsistent_head(
+    site: Site, damage: object, words: str
+) -> None:
+    from nvr_guard.audit import AuditLog
+    from nvr_guard.catalog import Catalog
+
+    site.state.mkdir()
+    cat = Catalog(site.state / "catalog.db")
+    log = AuditLog(cat.conn)
+    for i in range(3):
+        log.append("root", "hold.add", f"hold:{i}", {})
+    cat.close()
+    assert site.run("audit", "verify").returncode == 0
+    damage(site.state / "audit.head")  # type: ignore[operator]
+    r = site.run("audit", "verify")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert words in r.stderr and "audit reanchor --accept-head 3" in r.stderr
+
+
+def test_audit_verify_prints_its_warnings(site: Site) -> None:
+    from nvr_guard.audit import AuditLog
+    from nvr_guard.catalog import Catalog
+
+    site.state.mkdir()
+    cat = Catalog(site.state / "catalog.db")
+    log = AuditLog(cat.conn)
+    log.append("root", "hold.add", "hold:1", {})
+    seq, h = log.head()
+    log.append("root", "hold.add", "hold:2", {})
+    cat.close()
+    (site.state / "audit.head").write_text(f"{seq} {h}\n")  # as a crash leaves it
+    r = site.run("--json", "audit", "verify")
+    assert r.returncode == 0 and any(
+        "behind the log" in w for w in json.loads(r.stdout)["warnings"]
+    )
+    r = site.run("audit", "verify")
+    assert r.returncode == 0 and "warning: head file" in r.stderr
+
+
+def test_a_truncation_is_not_forgotten_after_the_next_append(
+    site: Site, daemon: list[Daemon]
+) -> None:
+    from nvr_guard.config import load_config
+    from nvr_guard.metrics import Exporter
+    from nvr_guard.service import Engine
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    write_segment(site.root, "cam-1", now - timedelta(hours=2))
+    daemon.append(Daemon(site))
+    t0, t1 = (now - timedelta(hours=h) for h in (3, 1))
+
+    def hold(reason: str) -> subprocess.CompletedProcess[str]:
+        return site.run(
+            "hold", "add", "--camera", "cam-1", "--from", t0.isoformat(), "--to", t1.isoformat(),
+            "--reason", reason,
+        )  # fmt: skip
+
+    for i in range(4):
+        assert hold(f"case {i}").returncode == 0
+    head_before = (site.state / "audit.head").read_text()
+    holds_before = len(site.json("hold", "list")["holds"])
+    truncate(site.state / "catalog.db", 3)
+
+    # the daemon refuses to append past the head it cannot match: the change is refused whole
+    r = hold("after the truncation")
+    assert r.returncode == 4 and "log truncated" in r.stderr, r.stderr
+    assert len(site.json("hold", "list")["holds"]) == holds_before
+    assert (site.state / "audit.head").read_text() == head_before  # not adopted
+    st = site.json("status")
+    assert st["ok"] is False
+    assert [a["kind"] for a in st["attention"]] == ["audit_head"]
+    assert site.run("audit", "verify").returncode == 4
+
+    # the metric counts it (an engine on the same state, as the daemon's exporter does)
+    engine = Engine(load_config(site.config))
+    snap = Exporter(engine).collector.update()
+    assert snap.attention.get("audit_head") == 1
+    engine.catalog.close()
+
+    # the admin investigates and re-anchors deliberately; the incident stays on record
+    db_head = json.loads(site.run("--json", "audit", "verify").stdout)["head"]["seq"]
+    r = site.run("audit", "reanchor", "--accept-head", str(db_head + 1), "--reason", "x")
+    assert r.returncode == 2  # not the head that was looked at
+    r = site.run("audit", "reanchor", "--accept-head", str(db_head), "--reason", "root removed 3")
+    assert r.returncode == 0, r.stderr
+    # the running daemon accepts appends again at once, and clears its attention entry
+    assert hold("after the re-anchor").returncode == 0
+    r = site.run("audit", "verify")
+    assert r.returncode == 0, r.stderr
+    assert "re-anchored at entry" in r.stdout and "root removed 3" in r.stdout
+    entries = site.json("audit", "show")["entries"]
+    re_entry = next(e for e in entries if e["action"] == "audit.reanchor")
+    assert re_entry["details"]["previous_head_file"] == head_before.strip()
+    assert poll(lambda: site.json("status")["attention"] == [], 20, "attention to clear")
