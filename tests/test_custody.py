@@ -431,3 +431,58 @@ def test_a_truncation_is_not_forgotten_after_the_next_append(
     re_entry = next(e for e in entries if e["action"] == "audit.reanchor")
     assert re_entry["details"]["previous_head_file"] == head_before.strip()
     assert poll(lambda: site.json("status")["attention"] == [], 20, "attention to clear")
+
+
+# ---- the signing key's path is the daemon's alone ----------------------------------------------
+def with_key_path(site: Site, key: Path) -> int:
+    """Configure export.signing_key; the config line it is on."""
+    text = site.config.read_text() + f"export:\n  signing_key: {key}\n"
+    site.config.write_text(text)
+    return text.splitlines().index(f"  signing_key: {key}") + 1
+
+
+@pytest.mark.parametrize(
+    "arrange, words",
+    [
+        (lambda d, k: d.chmod(0o777), "writable by group or others (mode 0777)"),
+        (lambda d, k: d.chmod(0o770), "writable by group or others (mode 0770)"),
+        (lambda d, k: os.chown(d, 65534, 65534), "is owned by uid 65534"),
+        (lambda d, k: os.chown(load_or_create_key(d, k) and k, 65534, 0), "not by the daemon user"),
+        (lambda d, k: (load_or_create_key(d, d / "real.pem"), k.symlink_to(d / "real.pem")),
+         "is a symbolic link"),
+        (lambda d, k: load_or_create_key(d, k) and k.chmod(0o640), "it must be 0600"),
+        (lambda d, k: d.rmdir(), "does not exist"),
+    ],
+    ids=["dir-0777", "dir-group-writable", "dir-other-owner", "file-other-owner", "symlink",
+         "file-0640", "no-dir"],
+)  # fmt: skip
+def test_config_check_refuses_a_signing_key_others_could_replace(
+    site: Site, arrange: object, words: str
+) -> None:
+    keys = site.base / "keys"
+    keys.mkdir(mode=0o700)
+    key = keys / "signing.pem"
+    line = with_key_path(site, key)
+    assert site.run("config", "check").returncode == 0  # a private directory: fine
+    arrange(keys, key)  # type: ignore[operator]
+    r = site.run("config", "check")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{site.config}:{line}: export.signing_key: " in r.stderr and words in r.stderr
+    # the daemon refuses to start on it as well
+    d = subprocess.run(
+        [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "daemon"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert d.returncode == 2 and words in d.stderr
+
+
+def test_a_private_signing_key_path_is_accepted_and_used(site: Site, daemon: list[Daemon]) -> None:
+    keys = site.base / "keys"
+    keys.mkdir(mode=0o700)
+    _, fp = load_or_create_key(keys, keys / "signing.pem")
+    with_key_path(site, keys / "signing.pem")
+    assert site.run("config", "check").returncode == 0
+    daemon.append(Daemon(site))
+    assert site.json("key", "show")["fingerprint"] == fp
