@@ -1135,6 +1135,9 @@ def _signing_key_checks(cfg: Config, problem: Any) -> None:
         try:
             dst = os.stat(d)
         except FileNotFoundError:
+            if os.path.normpath(d) == os.path.normpath(cfg.state_dir):
+                d = os.path.dirname(d)  # the daemon creates it (0750) at its first start
+                continue
             problem(
                 where,
                 False,
