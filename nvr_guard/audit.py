@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
-from nvr_guard.errors import InvalidInput, VerifyFailed
+from nvr_guard.errors import InvalidInput, NvrGuardError, VerifyFailed
 from nvr_guard.model import show_path
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,7 @@ class AuditLog:
         self.on_anchor = on_anchor
         self._anchor_problem: str | None = None  # as last reported through on_anchor
         self._pending_anchor: tuple[str | None] | None = None  # to report after the commit
+        self._recording = False  # a recording() transaction is open (on the lock's thread)
         if head_path is AuditLog._AUTO:
             db = _db_path(conn)
             self.head_path: str | None = (
@@ -362,6 +363,8 @@ class AuditLog:
     ) -> AuditEntry:
         """Append one entry in its own durable transaction; returns after the commit."""
         with self.lock:
+            if self._recording and self.conn.in_transaction:
+                return self.append_in(actor, action, obj, details)  # commits with the change
             if self.conn.in_transaction:
                 # committing here would commit the caller's half-done work with it
                 raise RuntimeError(
@@ -489,6 +492,38 @@ class AuditLog:
                 self.on_anchor(pending[0])
             except Exception:  # the reporter must never break the log
                 log.exception("reporting the audit anchor state")
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """One transaction for a state change and the entries that record it.
+
+        Inside it, :meth:`append` joins the transaction instead of committing on its own, and
+        the catalog's stores join it too: the change and its entry commit together or not at
+        all (a kill -9, a refused append, a bug in between). Nested uses join the outer one.
+
+        A user-facing refusal (an :class:`NvrGuardError` other than a verification failure)
+        commits what was recorded before it propagates: code refuses before it changes
+        anything, and the refusal's own ``access.denied`` entry must stay on record. Any other
+        exception — an append refused by the anchor check included — rolls everything back.
+        """
+        with self.lock:
+            if self._recording:
+                yield
+                return
+            kept: NvrGuardError | None = None
+            self._recording = True
+            try:
+                with self.transaction():
+                    try:
+                        yield
+                    except NvrGuardError as exc:
+                        if isinstance(exc, VerifyFailed):
+                            raise
+                        kept = exc
+            finally:
+                self._recording = False
+            if kept is not None:
+                raise kept
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -8,13 +8,14 @@ guarded ``purge``. Every operation that changes state is recorded in the audit c
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import grp
 import json
 import logging
 import os
 import pwd
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,13 @@ class Engine:
         )
         self.key_fingerprint: str | None = None  # the export signing key's, once loaded
         self.audit.check_anchor()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """The engine lock and one audit transaction (``AuditLog.recording``): for operations
+        that change state and record it — both commit together, or neither does."""
+        with self.lock, self.audit.recording():
+            yield
 
     def _on_anchor(self, problem: str | None) -> None:
         if problem is None:

@@ -173,7 +173,7 @@ class Workflow:
         actor = self.actor(caller)
         rules = self.rules(site)
         now = self.now()
-        with self.engine.lock:
+        with self.engine.recording():
             footage = sum(len(self.engine.catalog.segments_of(site, c, start, end)) for c in known)
             d = access.check_new(draft, actor, self.camera_levels(), footage, rules, now)
             if not d.allowed:
@@ -239,13 +239,14 @@ class Workflow:
             fields["approved_at"] = access.approved_at(r, approvals, rules)
         if state in CLOSED and r.closed_at is None:
             fields["closed_at"] = now
-        self.store.update(r.id, **fields)
-        if state in CLOSED:
-            self._end_holds(r.id, now)
-        if state == "expired":
-            self.engine.audit.append(
-                "nvr-guard", "request.expired", f"request:{r.id}", {"was": r.state}
-            )
+        with self.engine.recording():  # the new state and its entry commit together
+            self.store.update(r.id, **fields)
+            if state in CLOSED:
+                self._end_holds(r.id, now)
+            if state == "expired":
+                self.engine.audit.append(
+                    "nvr-guard", "request.expired", f"request:{r.id}", {"was": r.state}
+                )
 
     def _end_holds(self, rid: int, until: float) -> None:
         with self.engine.catalog.transaction() as c:
@@ -281,20 +282,20 @@ class Workflow:
     def list(self, state: str | None) -> list[dict[str, Any]]:
         if state and state not in access.STATES:
             raise InvalidInput(f"unknown state {state!r}; one of {', '.join(access.STATES)}")
-        with self.engine.lock:
+        with self.engine.recording():
             self.refresh()
             views = [self.request_json(r) for r in self.store.all()]
         return [v for v in views if not state or v["state"] == state]
 
     def show(self, rid: int) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, _ = self._current(rid)
             return self.request_json(r, approvals)
 
     def approve(
         self, caller: Caller, rid: int, note: str, as_step: str | None = None
     ) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._current(rid)
             now = self.now()
             d = access.check_approve(
@@ -313,7 +314,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def deny(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._current(rid)
             now = self.now()
             d = access.check_deny(r, self.actor(caller), reason, rules, now, approvals)
@@ -329,7 +330,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def cancel(self, caller: Caller, rid: int) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._current(rid)
             now = self.now()
             d = access.check_cancel(r, self.actor(caller), now)
@@ -342,7 +343,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def resolve(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._current(rid)
             if not access.emergency_violation(r, approvals, self.now(), rules):
                 raise InvalidInput(f"request {rid} has no open violation to resolve")
@@ -377,7 +378,7 @@ class Workflow:
         from nvr_guard.export import ExportJob, SourceSegment, run_export
         from nvr_guard.export.fonts import resolve_font
 
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._current(rid)
             now = self.now()
             d = access.check_export(r, approvals, self.actor(caller), rules, now)
@@ -436,7 +437,7 @@ class Workflow:
                 pkg = run_export(clips, job, dest, key, audit_head=head, progress=on_progress)
             except Exception as e:
                 self.progress.pop(rid, None)
-                with self.engine.lock:
+                with self.engine.recording():
                     self.engine.audit.append(
                         caller.user,
                         "export.refused" if isinstance(e, PolicyRefused) else "export.failed",
@@ -444,7 +445,7 @@ class Workflow:
                         {"error": str(e), "target": target},
                     )
                 raise
-        with self.engine.lock:
+        with self.engine.recording():
             now = self.now()
             self.store.update(rid, state="exported", exported_at=now, package=str(pkg.path))
             with self.engine.catalog.transaction() as c:
@@ -492,7 +493,7 @@ class Workflow:
                     continue
                 removed.append(path)
                 log.warning("removed %s, left by an interrupted export", path)
-                with self.engine.lock:
+                with self.engine.recording():
                     self.engine.audit.append(
                         "nvr-guard", "export.stale_removed", f"target:{target}", {"path": str(path)}
                     )

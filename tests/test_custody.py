@@ -404,6 +404,13 @@ def test_a_truncation_is_not_forgotten_after_the_next_append(
     r = hold("after the truncation")
     assert r.returncode == 4 and "log truncated" in r.stderr, r.stderr
     assert len(site.json("hold", "list")["holds"]) == holds_before
+    r = site.run(
+        "request", "new", "--camera", "cam-1", "--from", t0.isoformat(), "--to", t1.isoformat(),
+        "--reason", "theft", "--basis", "law", "--recipient", "PSB; Wang; 110",
+    )  # fmt: skip
+    assert r.returncode == 4, r.stderr  # the request and its holds roll back with the entry
+    assert site.json("request", "list")["requests"] == []
+    assert len(site.json("hold", "list")["holds"]) == holds_before
     assert (site.state / "audit.head").read_text() == head_before  # not adopted
     st = site.json("status")
     assert st["ok"] is False
@@ -486,3 +493,124 @@ def test_a_private_signing_key_path_is_accepted_and_used(site: Site, daemon: lis
     assert site.run("config", "check").returncode == 0
     daemon.append(Daemon(site))
     assert site.json("key", "show")["fingerprint"] == fp
+
+
+# ---- concurrent callers lose no audit entry --------------------------------------------------
+FLOOD_USER, FLOOD_GROUP = "nvrg-cx-flood", "nvrg-cx"
+FLOOD_SCRIPT = """
+import json, sys
+from nvr_guard.control import call
+from nvr_guard.errors import PolicyRefused
+refused, other = 0, []
+for _ in range(int(sys.argv[2])):
+    try:
+        call(sys.argv[1], "request.list", {}, timeout=60)
+        other.append("answered")
+    except PolicyRefused:
+        refused += 1
+    except Exception as e:
+        other.append(f"{type(e).__name__}: {e}")
+print(json.dumps({"refused": refused, "other": other}))
+"""
+
+
+@pytest.fixture
+def flood_user() -> Iterator[int]:
+    import grp
+    import pwd
+
+    made_group = made_user = False
+    try:
+        grp.getgrnam(FLOOD_GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", FLOOD_GROUP], check=True)
+        made_group = True
+    try:
+        pwd.getpwnam(FLOOD_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "-M", "-N", "-g", FLOOD_GROUP, "-s", "/usr/sbin/nologin", FLOOD_USER],
+            check=True,
+        )
+        made_user = True
+    yield pwd.getpwnam(FLOOD_USER).pw_uid
+    if made_user:
+        subprocess.run(["userdel", FLOOD_USER], check=False)
+    if made_group:
+        subprocess.run(["groupdel", FLOOD_GROUP], check=False)
+
+
+def test_concurrent_callers_lose_no_audit_entry(
+    site: Site, daemon: list[Daemon], flood_user: int
+) -> None:
+    """A user the config does not know floods refused calls while root files requests: every
+    committed request (and its holds) has its request.new entry, every refusal its
+    access.denied entry, and no legitimate call fails."""
+    import grp
+    import tempfile
+    import threading
+
+    from nvr_guard.control import call
+
+    for p in [site.base, *site.base.parents]:  # the flooder must reach the socket
+        if str(p).startswith(tempfile.gettempdir() + "/"):
+            os.chmod(p, 0o755)
+    site.config.write_text(
+        site.config.read_text().replace("socket_group: root", f"socket_group: {FLOOD_GROUP}")
+    )
+    now = datetime.now(UTC).replace(microsecond=0)
+    for i in range(3):
+        write_segment(site.root, f"cam-{i}", now - timedelta(hours=2))
+    daemon.append(Daemon(site))
+    t0, t1 = ((now - timedelta(hours=h)).isoformat() for h in (3, 1))
+
+    floods = [
+        subprocess.Popen(
+            [sys.executable, "-c", FLOOD_SCRIPT, str(site.socket), "250"],
+            stdout=subprocess.PIPE,
+            text=True,
+            user=flood_user,
+            group=grp.getgrnam(FLOOD_GROUP).gr_gid,
+        )
+        for _ in range(2)
+    ]
+    filed: list[int] = []
+    failures: list[str] = []
+
+    def file_requests(cam: str) -> None:
+        for n in range(12):
+            try:
+                r = call(site.socket, "request.new", {
+                    "cameras": cam, "from": t0, "to": t1, "reason": f"case {cam}/{n}",
+                    "basis": "law", "recipient": {"unit": "PSB", "person": "W", "contact": "1"},
+                    "format": "mp4", "emergency": False,
+                }, timeout=60)  # fmt: skip
+                filed.append(int(r["id"]))
+            except Exception as e:
+                failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=file_requests, args=(f"cam-{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    results = [json.loads(f.communicate(timeout=300)[0]) for f in floods]
+
+    assert failures == [], failures  # no "internal error" for legitimate callers
+    assert [r["other"] for r in results] == [[], []]
+    refusals = sum(r["refused"] for r in results)
+    assert refusals == 500
+
+    entries = site.json("audit", "show")["entries"]
+    new_entries = sorted(
+        int(e["object"].split(":")[1]) for e in entries if e["action"] == "request.new"
+    )
+    listed = sorted(r["id"] for r in site.json("request", "list")["requests"])
+    assert sorted(filed) == listed == new_entries  # every committed request has its entry
+    conn = sqlite3.connect(f"file:{site.state / 'catalog.db'}?mode=ro", uri=True)
+    held = {r[0] for r in conn.execute("SELECT request_id FROM holds WHERE kind = 'request'")}
+    conn.close()
+    assert held == set(new_entries)  # no hold of a request whose filing is not on record
+    denied = [e for e in entries if e["action"] == "access.denied" and e["actor"] == FLOOD_USER]
+    assert len(denied) == refusals  # every refusal is on record
+    assert site.run("audit", "verify").returncode == 0
