@@ -193,6 +193,8 @@ class Daemon:
         if self.engine is not None and self.engine.lock.acquire(timeout=8):
             try:
                 self.engine.audit.append("nvr-guard", "daemon.stop", "daemon", {"pid": os.getpid()})
+            except AuditHeadMismatch as e:  # stopping goes on; the attention state said why
+                log.error("%s", e)
             finally:
                 self.engine.lock.release()
         log.info("nvr-guard stopped")
@@ -273,6 +275,11 @@ class Daemon:
     def reload(self) -> None:
         assert self.engine is not None
         sdnotify.reloading()
+        problem = self.engine.audit.anchor_problem()
+        if problem is not None:  # no config change that the audit log cannot record
+            log.error("reload refused (old config stays): audit log refuses appends: %s", problem)
+            sdnotify.ready()
+            return
         try:
             new = load_config(self.config_path)
         except ConfigError as e:

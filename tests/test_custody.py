@@ -416,6 +416,11 @@ def test_a_truncation_is_not_forgotten_after_the_next_append(
     assert st["ok"] is False
     assert [a["kind"] for a in st["attention"]] == ["audit_head"]
     assert site.run("audit", "verify").returncode == 4
+    # a reload the log could not record is refused; the daemon keeps running
+    daemon[0].proc.send_signal(signal.SIGHUP)
+    log_file = site.base / "daemon.log"
+    poll(lambda: "reload refused (old config stays)" in log_file.read_text(), 30, "the refusal")
+    assert daemon[0].ready()
 
     # the metric counts it (an engine on the same state, as the daemon's exporter does)
     engine = Engine(load_config(site.config))
@@ -438,6 +443,8 @@ def test_a_truncation_is_not_forgotten_after_the_next_append(
     re_entry = next(e for e in entries if e["action"] == "audit.reanchor")
     assert re_entry["details"]["previous_head_file"] == head_before.strip()
     assert poll(lambda: site.json("status")["attention"] == [], 20, "attention to clear")
+    daemon[0].stop()
+    assert daemon[0].proc.returncode == 0
 
 
 # ---- the signing key's path is the daemon's alone ----------------------------------------------
