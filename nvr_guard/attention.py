@@ -28,6 +28,8 @@ ROOT_DEVICE = "root_device_changed"  # a root now sits on another file system th
 UNREADABLE = "unreadable"  # a directory or file the scanner could not read
 RELOAD_REFUSED = "reload_refused"  # the last reload was refused; the old config stays in force
 MOUNT_SKIPPED = "mount_skipped"  # a mount point under a root was not entered (cross_mounts false)
+SIGNING_KEY = "signing_key"  # the export signing key cannot be loaded or created
+AUDIT_HEAD = "audit_head"  # the audit log does not reach the recorded head: appends refused
 
 
 @dataclass(frozen=True)
@@ -148,5 +150,8 @@ class Attention:
                 f"attention:{entry.kind}" + (f":{entry.site}" if entry.site else ""),
                 {"key": entry.key, "message": entry.message, **entry.details},
             )
-        except Exception:  # the registry itself must never fail its reporter
-            log.exception("recording attention entry %s", entry.kind)
+        except Exception as exc:  # the registry itself must never fail its reporter
+            if getattr(exc, "exit_code", None) == 4:  # the audit log refuses appends: said once
+                log.error("attention entry %s not audited: %s", entry.kind, exc)
+            else:
+                log.exception("recording attention entry %s", entry.kind)

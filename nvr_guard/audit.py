@@ -6,8 +6,25 @@ names the first broken sequence number. Triggers refuse UPDATE and DELETE outrig
 takes deliberate work (dropping the triggers), and that work is then visible through the chain.
 
 A truncated tail (the newest entries removed together, which leaves a valid but shorter chain) is
-caught on a best-effort basis by a side file ``audit.head`` next to the database: after each append
-it holds the newest ``seq`` and ``hash``; ``verify`` reports a database whose head is behind it.
+caught by a side file ``audit.head`` next to the database (the *anchor*): after each append it holds
+the newest ``seq`` and ``hash``. The rules, all enforced under the database write lock:
+
+- A brand-new log (no entries, no head file) is not a problem: the first append writes the anchor
+  ``0 <genesis>`` (fsynced, directory too) *before* its entry commits, so a crash at any moment
+  leaves an anchor that the database matches — never a log with entries and no anchor.
+- Every append first checks that the database still holds the anchored entry with the anchored
+  hash. If it does not (the anchor is missing, unreadable, ahead of the database, or names another
+  hash), the append is refused with :class:`AuditHeadMismatch` (exit 4) and the caller's whole
+  transaction rolls back: the daemon does not go on writing past a head it cannot match, and it
+  never overwrites the anchor with the shorter chain (which used to make a truncation invisible
+  after the next append). ``on_anchor`` tells the owner (the engine raises the ``audit_head``
+  attention state) when this starts and stops.
+- ``verify`` reports the same mismatches as failures (exit 4); a head file that lags behind the
+  database (a crash between the commit and the head update) is a warning.
+- Re-anchoring is a deliberate act after an investigated incident: :meth:`AuditLog.reanchor`
+  (``nvr-guard audit reanchor --accept-head SEQ --reason R``) appends an ``audit.reanchor`` entry
+  that records the old anchor, the database head it accepts and the reason, then anchors there.
+  The incident stays in the chain for every later auditor.
 
 Durability: an acknowledged entry must survive kill -9 and power loss (SPEC §4), so :meth:`append`
 commits with ``PRAGMA synchronous=FULL`` (the catalog runs WAL with NORMAL for speed, which may
@@ -36,12 +53,14 @@ import logging
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
+from nvr_guard.errors import InvalidInput, NvrGuardError, VerifyFailed
 from nvr_guard.model import show_path
 
 log = logging.getLogger(__name__)
@@ -65,6 +84,7 @@ PURGE_RECEIPT = "purge.receipt"
 PURGE_SKIP = "purge.skip"
 DISK_ALERT = "disk.alert"
 ACCESS_DENIED = "access.denied"
+AUDIT_REANCHOR = "audit.reanchor"
 
 ACTIONS = frozenset(
     {
@@ -82,6 +102,7 @@ ACTIONS = frozenset(
         PURGE_SKIP,
         DISK_ALERT,
         ACCESS_DENIED,
+        AUDIT_REANCHOR,
     }
 )
 
@@ -257,6 +278,10 @@ class VerifyReport:
         return f"audit log TAMPERED at entry {self.first_bad}: {self.problem}"
 
 
+class AuditHeadMismatch(VerifyFailed):
+    """The database does not hold the entry the head file anchors: appends are refused."""
+
+
 _COLUMNS = "seq, time, actor, action, object, details, prev, hash"
 _Row = tuple[int, float, str, str, str, str, str, str]
 
@@ -297,6 +322,12 @@ class AuditLog:
 
     ``head_path`` defaults to ``audit.head`` next to the database file (none for in-memory
     databases); pass ``None`` explicitly to disable the side file.
+
+    ``lock`` serialises every use of the connection by this log: pass the lock that guards the
+    connection for its other users (the catalog's), so that an append and the state change it
+    records are one transaction that no other thread's statement can land in or commit early.
+    ``on_anchor`` is called with a message when appends start being refused because the anchor
+    does not match, and with None when they are accepted again (outside any transaction).
     """
 
     _AUTO: Any = object()
@@ -306,9 +337,17 @@ class AuditLog:
         conn: sqlite3.Connection,
         clock: Callable[[], float] = time.time,
         head_path: str | os.PathLike[str] | None = _AUTO,
+        *,
+        lock: threading.RLock | None = None,
+        on_anchor: Callable[[str | None], None] | None = None,
     ) -> None:
         self.conn = conn
         self.clock = clock
+        self.lock = lock if lock is not None else threading.RLock()
+        self.on_anchor = on_anchor
+        self._anchor_problem: str | None = None  # as last reported through on_anchor
+        self._pending_anchor: tuple[str | None] | None = None  # to report after the commit
+        self._recording = False  # a recording() transaction is open (on the lock's thread)
         if head_path is AuditLog._AUTO:
             db = _db_path(conn)
             self.head_path: str | None = (
@@ -323,14 +362,17 @@ class AuditLog:
         self, actor: str, action: str, obj: str, details: Mapping[str, Any] | None = None
     ) -> AuditEntry:
         """Append one entry in its own durable transaction; returns after the commit."""
-        if self.conn.in_transaction:
-            # committing here would commit the caller's half-done work with it
-            raise RuntimeError(
-                "AuditLog.append inside an open transaction; use append_in() or commit first"
-            )
-        with self.transaction():
-            entry = self.append_in(actor, action, obj, details)
-        return entry
+        with self.lock:
+            if self._recording and self.conn.in_transaction:
+                return self.append_in(actor, action, obj, details)  # commits with the change
+            if self.conn.in_transaction:
+                # committing here would commit the caller's half-done work with it
+                raise RuntimeError(
+                    "AuditLog.append inside an open transaction; use append_in() or commit first"
+                )
+            with self.transaction():
+                entry = self.append_in(actor, action, obj, details)
+            return entry
 
     def append_in(
         self, actor: str, action: str, obj: str, details: Mapping[str, Any] | None = None
@@ -339,10 +381,20 @@ class AuditLog:
 
         The entry becomes durable with the caller's commit (use :meth:`transaction` to get the
         FULL-sync commit and the head file update); if the caller rolls back, it never existed.
+        Raises :class:`AuditHeadMismatch` when the database no longer holds the anchored head.
         """
+        with self.lock:
+            if not self.conn.in_transaction:
+                raise RuntimeError(
+                    "AuditLog.append_in needs an open transaction (see transaction())"
+                )
+            self._check_anchor()
+            return self._insert(actor, action, obj, details)
+
+    def _insert(
+        self, actor: str, action: str, obj: str, details: Mapping[str, Any] | None
+    ) -> AuditEntry:
         conn = self.conn
-        if not conn.in_transaction:
-            raise RuntimeError("AuditLog.append_in needs an open transaction (see transaction())")
         details_json = canonical_json(details or {})
         t = float(self.clock())
         if not math.isfinite(t):
@@ -357,58 +409,245 @@ class AuditLog:
         )
         return AuditEntry(seq, t, actor, action, obj, json.loads(details_json), prev, h)
 
+    def _check_anchor(self) -> None:
+        """Refuse to append past a head the database does not hold (caller holds the write lock).
+
+        A brand-new log gets its anchor ``0 <genesis>`` here, durably, before its first entry can
+        commit: from then on a log with entries always has an anchor it must match.
+        """
+        if self.head_path is None:
+            return
+        seq, _ = self.head()
+        try:
+            recorded = read_head_file(self.head_path)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded is None and seq == 0 and not os.path.lexists(self.head_path):
+            _write_atomic(self.head_path, f"0 {GENESIS}\n".encode("ascii"), sync_dir=True)
+        problem = self.anchor_problem()
+        self._pending_anchor = (problem,)
+        if problem is not None:
+            raise AuditHeadMismatch(
+                f"audit log refuses to append: {problem}. Investigate, then re-anchor "
+                "deliberately with `nvr-guard audit reanchor` (see docs/threat-model.md)"
+            )
+
+    def anchor_problem(self) -> str | None:
+        """Why the database does not hold the anchored head, or None when it does."""
+        return self._anchor()[0]
+
+    def _anchor(self) -> tuple[str | None, int | None]:
+        """(problem, first entry concerned) of the head file against the database."""
+        if self.head_path is None:
+            return None, None
+        with self.lock:
+            seq, _ = self.head()
+            try:
+                recorded = read_head_file(self.head_path)
+            except (OSError, ValueError) as exc:
+                return f"head file {self.head_path} unreadable ({exc})", seq
+            if recorded is None:
+                if seq == 0:
+                    return None, None  # brand-new: nothing written yet, nothing to anchor
+                return (
+                    f"head file {self.head_path} missing while the log holds {seq} entries "
+                    "(deleted: a truncation of the log could no longer be seen)"
+                ), seq
+            rseq, rhash = recorded
+            if rseq == 0:
+                if rhash != GENESIS:
+                    return f"head file {self.head_path} anchors entry 0 at a non-genesis hash", 1
+                return None, None
+            if seq < rseq:
+                return (
+                    f"log truncated: the head file {self.head_path} records entry {rseq}, "
+                    f"the database ends at {seq}"
+                ), seq + 1
+            row = self.conn.execute("SELECT hash FROM audit WHERE seq = ?", (rseq,)).fetchone()
+            if row is None or row[0] != rhash:
+                return (
+                    f"entry {rseq} differs from the one recorded in the head file "
+                    f"{self.head_path}: the log was rewritten"
+                ), rseq
+            return None, None
+
+    def check_anchor(self) -> str | None:
+        """Look at the anchor now (daemon start, status) and report a change through
+        ``on_anchor``; the problem, or None."""
+        with self.lock:
+            problem = self.anchor_problem()
+            self._pending_anchor = (problem,)
+            self._report_anchor()
+            return problem
+
+    def _report_anchor(self) -> None:
+        pending, self._pending_anchor = self._pending_anchor, None
+        if pending is None or pending[0] == self._anchor_problem:
+            return
+        self._anchor_problem = pending[0]
+        if pending[0] is not None:
+            log.error("audit log refuses appends: %s", pending[0])
+        if self.on_anchor is not None:
+            try:
+                self.on_anchor(pending[0])
+            except Exception:  # the reporter must never break the log
+                log.exception("reporting the audit anchor state")
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """One transaction for a state change and the entries that record it.
+
+        Inside it, :meth:`append` joins the transaction instead of committing on its own, and
+        the catalog's stores join it too: the change and its entry commit together or not at
+        all (a kill -9, a refused append, a bug in between). Nested uses join the outer one.
+
+        A user-facing refusal (an :class:`NvrGuardError` other than a verification failure)
+        commits what was recorded before it propagates: code refuses before it changes
+        anything, and the refusal's own ``access.denied`` entry must stay on record. Any other
+        exception — an append refused by the anchor check included — rolls everything back.
+        """
+        with self.lock:
+            if self._recording:
+                yield
+                return
+            kept: NvrGuardError | None = None
+            self._recording = True
+            try:
+                with self.transaction():
+                    try:
+                        yield
+                    except NvrGuardError as exc:
+                        if isinstance(exc, VerifyFailed):
+                            raise
+                        kept = exc
+            finally:
+                self._recording = False
+            if kept is not None:
+                raise kept
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT`` with synchronous=FULL, then the head file update.
 
-        Rolls back on any exception. If the body commits by itself (a helper using ``with conn:``),
-        what remains is committed the same way.
+        Holds the log's lock throughout. Rolls back on any exception. If the body commits by
+        itself (a helper using ``with conn:``), what remains is committed the same way.
         """
-        conn = self.conn
-        if conn.in_transaction:
-            raise RuntimeError("AuditLog.transaction inside an open transaction")
-        with _full_sync(conn):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.rollback()
-                raise
+        with self.lock:
+            conn = self.conn
             if conn.in_transaction:
-                conn.commit()
-        self.sync_head()
+                raise RuntimeError("AuditLog.transaction inside an open transaction")
+            try:
+                with _full_sync(conn):
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield conn
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.rollback()
+                        raise
+                    if conn.in_transaction:
+                        conn.commit()
+                self.sync_head()
+            finally:
+                self._report_anchor()
 
     def sync_head(self) -> None:
         """Write the database's newest (seq, hash) to the head file (atomic rename, fsynced).
 
         Done under the database write lock so concurrent appenders cannot leave an older head
-        behind a newer one; a failure to write is logged, never fatal — the entry is committed.
+        behind a newer one, and only when the database still holds the head being replaced: a
+        shorter or rewritten chain is never adopted. A failure to write is logged, never fatal
+        — the entry is committed, and a lagging head still matches.
         """
         if self.head_path is None:
             return
-        conn = self.conn
-        if conn.in_transaction:
-            return  # the caller's commit is still pending; the next append writes the head
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self.lock:
+            conn = self.conn
+            if conn.in_transaction:
+                return  # the caller's commit is still pending; the next append writes the head
             try:
-                seq, h = self.head()
-                if seq:
-                    _write_atomic(self.head_path, f"{seq} {h}\n".encode("ascii"))
-            finally:
-                conn.rollback()
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("audit head file %s not updated: %s", self.head_path, exc)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    seq, h = self.head()
+                    if seq and self.anchor_problem() is None:
+                        _write_atomic(self.head_path, f"{seq} {h}\n".encode("ascii"))
+                finally:
+                    conn.rollback()
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("audit head file %s not updated: %s", self.head_path, exc)
+
+    def reanchor(self, actor: str, reason: str, accept_seq: int) -> AuditEntry:
+        """Deliberately anchor the log at its present head after an investigated incident.
+
+        ``accept_seq`` is the database head the admin looked at (``audit verify`` prints it); if
+        the log moved meanwhile, nothing is done. The ``audit.reanchor`` entry records the old
+        anchor, the accepted head and the reason, so the incident stays on record.
+        """
+        if not reason.strip():
+            raise InvalidInput("--reason is required: say what was investigated and found")
+        if self.head_path is None:
+            raise InvalidInput("this audit log has no head file to re-anchor")
+        with self.lock:
+            conn = self.conn
+            if conn.in_transaction:
+                raise RuntimeError("AuditLog.reanchor inside an open transaction")
+            with _full_sync(conn):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    problem = self.anchor_problem()
+                    seq, h = self.head()
+                    if problem is None:
+                        raise InvalidInput(
+                            f"the audit log matches its head file (head {seq}); "
+                            "nothing to re-anchor"
+                        )
+                    if seq != accept_seq:
+                        raise InvalidInput(
+                            f"the log's head is entry {seq}, not {accept_seq}: it changed since "
+                            "you looked; run `nvr-guard audit verify` again"
+                        )
+                    try:
+                        with open(self.head_path, "rb") as fh:
+                            old = fh.read(200).decode("ascii", "backslashreplace").strip()
+                    except FileNotFoundError:
+                        old = None
+                    entry = self._insert(
+                        actor,
+                        AUDIT_REANCHOR,
+                        "audit",
+                        {
+                            "reason": reason,
+                            "problem": problem,
+                            "previous_head_file": old,
+                            "accepted_head": {"seq": seq, "hash": h},
+                        },
+                    )
+                    conn.commit()
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.rollback()
+                    raise
+            _write_atomic(
+                self.head_path, f"{entry.seq} {entry.hash}\n".encode("ascii"), sync_dir=True
+            )
+            self._pending_anchor = (None,)
+            self._report_anchor()
+            return entry
 
     # -- reading ---------------------------------------------------------------------------
 
     def head(self) -> tuple[int, str]:
-        row = self.conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
         return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
     def get(self, seq: int) -> AuditEntry | None:
-        row = self.conn.execute(f"SELECT {_COLUMNS} FROM audit WHERE seq = ?", (seq,)).fetchone()
+        with self.lock:
+            row = self.conn.execute(
+                f"SELECT {_COLUMNS} FROM audit WHERE seq = ?", (seq,)
+            ).fetchone()
         return _entry(row) if row else None
 
     def entries(
@@ -450,16 +689,20 @@ class AuditLog:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq"
-        # a dedicated cursor, so appends made while iterating do not reset it
-        cur = self.conn.cursor()
-        try:
-            for row in cur.execute(sql, args):
-                yield _entry(row)
-        finally:
-            cur.close()
+        # read whole under the lock: a generator that held it between yields would block every
+        # other thread for as long as its consumer dawdles (or for ever, if it stops early)
+        with self.lock:
+            rows = self.conn.execute(sql, args).fetchall()
+        for row in rows:
+            yield _entry(row)
 
     def verify(self) -> VerifyReport:
-        """Walk the whole chain; report the first entry that was edited, removed or moved."""
+        """Walk the whole chain; report the first entry that was edited, removed or moved, or
+        a database that does not hold the head its head file anchors."""
+        with self.lock:
+            return self._verify()
+
+    def _verify(self) -> VerifyReport:
         expected_seq = 1
         prev = GENESIS
         count = 0
@@ -522,29 +765,19 @@ class AuditLog:
     def _check_head_file(
         self, head: tuple[int, str], warnings: list[str]
     ) -> tuple[int | None, str]:
-        if self.head_path is None:
-            return None, ""
-        try:
-            recorded = read_head_file(self.head_path)
-        except (OSError, ValueError) as exc:
-            warnings.append(f"head file unreadable: {exc}")
-            return None, ""
-        if recorded is None:
-            if head[0]:
-                warnings.append(f"head file {self.head_path} missing: tail truncation undetectable")
-            return None, ""
-        rseq, rhash = recorded
-        if head[0] < rseq:
-            return head[0] + 1, (
-                f"log truncated: the head file {self.head_path} records entry {rseq}, "
-                f"the database ends at {head[0]}"
-            )
-        row = self.conn.execute("SELECT hash FROM audit WHERE seq = ?", (rseq,)).fetchone()
-        if row is not None and row[0] != rhash:
-            return rseq, (
-                f"entry {rseq} differs from the one recorded in the head file {self.head_path}: "
-                "the log was rewritten"
-            )
+        problem, first_bad = self._anchor()
+        if problem is not None:
+            return first_bad, problem
+        if self.head_path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                recorded = read_head_file(self.head_path)
+                if recorded is not None and recorded[0] < head[0]:
+                    lag = head[0] - recorded[0]
+                    warnings.append(
+                        f"head file {self.head_path} records entry {recorded[0]}, "
+                        f"{lag} behind the log: the newest not yet anchored (normal right "
+                        "after a crash; the next append anchors them)"
+                    )
         return None, ""
 
     def _missing_triggers(self) -> list[str]:
@@ -571,11 +804,13 @@ def _full_sync(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute(f"PRAGMA synchronous={before}")
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    # The file content is fsynced so a crash never leaves a torn head; the directory is not: a
-    # rename lost to power loss leaves the previous head, which is behind the database — never a
-    # false "truncated" report — and saves a journal commit per append (purges append per batch).
-    tmp = f"{path}.tmp.{os.getpid()}"
+def _write_atomic(path: str, data: bytes, sync_dir: bool = False) -> None:
+    # The file content is fsynced so a crash never leaves a torn head; the directory is not
+    # (unless asked): a rename lost to power loss leaves the previous head, which is behind the
+    # database — never a false "truncated" report — and saves a journal commit per append
+    # (purges append per batch). The first anchor and a re-anchor do sync it: a lost first
+    # anchor would leave entries with no head file, a lost re-anchor the old mismatch.
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, data)
@@ -583,12 +818,19 @@ def _write_atomic(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    if sync_dir:
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 __all__ = [
     "ACTIONS",
     "GENESIS",
     "AuditEntry",
+    "AuditHeadMismatch",
     "AuditLog",
     "VerifyReport",
     "canonical_json",

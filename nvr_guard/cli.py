@@ -27,6 +27,7 @@ from nvr_guard.errors import (
     DaemonUnavailable,
     InvalidInput,
     NvrGuardError,
+    RuntimeFailure,
     VerifyFailed,
 )
 
@@ -249,6 +250,12 @@ def status(c: Ctx) -> None:
         out.print(
             f"audit: {a['entries']} entries, chain "
             f"{'intact' if a['ok'] else 'BROKEN: ' + escape(str(a['problem']))}"
+        )
+        key = st.get("export_key") or {}
+        out.print(
+            f"export signing key: {key.get('fingerprint') or 'not available'}"
+            " (printed on every approval record; recipients pin it with verify --fingerprint)",
+            markup=False,
         )
         if st.get("last_sweep"):
             ls = st["last_sweep"]
@@ -668,25 +675,77 @@ def audit_show(c: Ctx, since: str | None, request_id: str | None) -> None:
 @audit.command("verify")
 @pass_ctx
 def audit_verify(c: Ctx) -> None:
-    """Check the hash chain (exit 4 on an edited, deleted or reordered entry)."""
-    rep = _audit_log(c).verify()
+    """Check the hash chain and its head file (exit 4 on an edited, deleted or reordered entry,
+    a truncated log, or a head file that is missing or does not match)."""
+    log_ = _audit_log(c)
+    rep = log_.verify()
+    anchor_problem = log_.anchor_problem()
+    reanchors = [
+        {"seq": e.seq, "actor": e.actor, "reason": e.details.get("reason"), "time": e.time}
+        for e in log_.entries(action="audit.reanchor")
+    ]
     data = {
         "ok": rep.ok,
         "entries": rep.count,
         "first_bad": rep.first_bad,
         "problem": rep.problem or None,
+        "head": {"seq": rep.head[0], "hash": rep.head[1]},
+        "warnings": list(rep.warnings),
+        "reanchored": reanchors,
     }
+
+    def human() -> None:
+        if rep.ok:
+            out.print(
+                f"audit chain intact: {rep.count} entries, head {rep.head[0]} {rep.head[1][:16]}",
+                markup=False,
+            )
+        else:
+            err.print(f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}", markup=False)
+            if anchor_problem is not None:
+                err.print(
+                    "after investigating, an admin re-anchors the head file deliberately: "
+                    f"nvr-guard audit reanchor --accept-head {rep.head[0]} --reason '...'",
+                    markup=False,
+                )
+        for w in rep.warnings:
+            err.print(f"warning: {w}", markup=False)
+        for r in reanchors:
+            out.print(
+                f"note: re-anchored at entry {r['seq']} by {r['actor']}: {r['reason']}",
+                markup=False,
+            )
+
+    c.emit(data, human)
+    if not rep.ok:
+        sys.exit(VerifyFailed.exit_code)
+
+
+@audit.command("reanchor")
+@click.option(
+    "--accept-head",
+    "accept",
+    type=int,
+    required=True,
+    help="the log's present head entry, as `audit verify` shows it",
+)
+@click.option("--reason", required=True, help="what was investigated and found")
+@pass_ctx
+def audit_reanchor(c: Ctx, accept: int, reason: str) -> None:
+    """Admin, after an investigated incident: anchor the head file at the log's present head.
+
+    Appends an audit.reanchor entry with the old head file, the accepted head and the reason;
+    the daemon accepts appends again at once. Needs write access to the state directory.
+    """
+    entry = _audit_log(c).reanchor(caller().user, reason, accept)
     c.emit(
-        data,
+        {"seq": entry.seq, "hash": entry.hash, "details": entry.details},
         lambda: out.print(
-            f"audit chain intact: {rep.count} entries"
-            if rep.ok
-            else f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}",
+            f"audit log re-anchored at entry {entry.seq} (accepted head {accept}); "
+            "the incident is recorded in that entry",
             markup=False,
         ),
     )
-    if not rep.ok:
-        sys.exit(VerifyFailed.exit_code)
 
 
 # ---- requests ---------------------------------------------------------------------------------
@@ -912,26 +971,69 @@ def export_form(c: Ctx, rid: int, output: str | None) -> None:
 
 @cli.command("verify")
 @click.argument("package_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--fingerprint",
+    "pin",
+    metavar="SHA256:...",
+    help="the recorder's key fingerprint from the paper approval record or hand-over slip",
+)
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False),
+    metavar="PEM",
+    help="the recorder's public key (PEM), obtained outside the package",
+)
 @pass_ctx
-def verify(c: Ctx, package_dir: str) -> None:
-    """Offline check of an export package: hashes and signature (exit 4 when tampered)."""
-    from nvr_guard.export import verify_package
+def verify(c: Ctx, package_dir: str, pin: str | None, key_file: str | None) -> None:
+    """Offline check of an export package: hashes and signature (exit 4 when tampered).
 
+    The signer is confirmed only against a fingerprint or key from outside the package: whoever
+    carried the package could have re-signed it with a key of their own (exit 4 on a mismatch).
+    """
+    from nvr_guard.export import verify_package
+    from nvr_guard.export.keys import key_file_fingerprint, parse_fingerprint
+
+    if pin and key_file:
+        raise InvalidInput("give --fingerprint or --key, not both")
+    expected = parse_fingerprint(pin) if pin else None
+    if key_file:
+        expected = key_file_fingerprint(Path(key_file))
     if not Path(package_dir).is_dir():
         raise InvalidInput(f"{package_dir} is not a directory")
-    rep = verify_package(Path(package_dir))
+    rep = verify_package(Path(package_dir), expected_fingerprint=expected)
     data = {
         "ok": rep.ok,
+        "signer_confirmed": rep.signer_confirmed,
         "package": str(Path(package_dir).resolve()),
         "fingerprint": rep.fingerprint,
+        "pinned": expected,
         "problems": [{"kind": p.kind, "message": p.message} for p in rep.problems],
         "checked": list(rep.checked),
     }
 
     def human() -> None:
-        if rep.ok:
+        if rep.ok and rep.signer_confirmed:
             out.print(
-                f"package OK: {len(rep.checked)} files match, signed by {rep.fingerprint}",
+                f"package OK: {len(rep.checked)} files match, signed by {rep.fingerprint}, "
+                "the pinned recorder key",
+                markup=False,
+            )
+        elif rep.ok:
+            out.print(
+                f"package self-consistent: {len(rep.checked)} files match its manifest",
+                markup=False,
+            )
+            out.print(
+                "signature is self-consistent; the signer is NOT confirmed — compare "
+                f"{rep.fingerprint} with the fingerprint on the paper record "
+                "(or run again with --fingerprint SHA256:... from the paper record)",
+                markup=False,
+            )
+        else:
+            err.print(
+                f"package FAILED verification: {len(rep.problems)} "
+                f"problem{'s' if len(rep.problems) != 1 else ''}",
                 markup=False,
             )
         for p in rep.problems:
@@ -940,6 +1042,44 @@ def verify(c: Ctx, package_dir: str) -> None:
     c.emit(data, human)
     if not rep.ok:
         sys.exit(VerifyFailed.exit_code)
+
+
+# ---- key ------------------------------------------------------------------------------------
+@cli.group(cls=Group)
+def key() -> None:
+    """The recorder's export-signing key."""
+
+
+@key.command("show")
+@pass_ctx
+def key_show(c: Ctx) -> None:
+    """The export-signing key's fingerprint, to print on paper and give to recipients.
+
+    Asks the daemon; without one, reads the key file (root or the daemon user) and never
+    creates a key.
+    """
+    from nvr_guard.export.keys import key_file_fingerprint
+
+    try:
+        res = daemon_call(c, "key.show", {}, timeout=10)
+    except DaemonUnavailable as e:
+        path = Path(c.config.signing_key_path())
+        if not path.exists() and os.access(path.parent, os.X_OK):
+            raise RuntimeFailure(
+                f"no export signing key at {path} yet: the daemon creates it when it starts"
+            ) from None
+        try:
+            fp = key_file_fingerprint(path)
+        except InvalidInput as e2:
+            raise RuntimeFailure(f"{e2} ({e})") from None
+        res = {"fingerprint": fp, "path": str(path), "algorithm": "Ed25519"}
+
+    c.emit(
+        res,
+        lambda: out.print(
+            f"{res['fingerprint']}  ({res['algorithm']}, {res['path']})", markup=False
+        ),
+    )
 
 
 # ---- media ----------------------------------------------------------------------------------

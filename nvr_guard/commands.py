@@ -27,15 +27,13 @@ def _no_nul(s: str) -> str:
     return s
 
 
-def _text(max_length: int) -> Any:
-    return Annotated[StrictStr, Field(max_length=max_length), AfterValidator(_no_nul)]
-
-
+_NoNul = AfterValidator(_no_nul)
 Id = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
-Time = _text(64)  # ISO 8601 or a duration ("1h"); parsed by the handler in the site's zone
-Short = _text(256)
-Long = _text(4000)
-PathText = _text(4096)
+# ISO 8601 or a duration ("1h"); parsed by the handler in the site's zone
+Time = Annotated[StrictStr, Field(max_length=64), _NoNul]
+Short = Annotated[StrictStr, Field(max_length=256), _NoNul]
+Long = Annotated[StrictStr, Field(max_length=4000), _NoNul]
+PathText = Annotated[StrictStr, Field(max_length=4096), _NoNul]
 
 
 class _Args(BaseModel):
@@ -158,6 +156,7 @@ ARGS: dict[str, type[_Args]] = {
     "hold.add": HoldAdd,
     "hold.list": HoldList,
     "hold.release": HoldRelease,
+    "key.show": NoArgs,
 }
 
 

@@ -1090,6 +1090,111 @@ def _root_checks(sites: list[tuple[str, Site]], lines: _Lines, problem: Any) -> 
         seen.append((name, i, root, real))
 
 
+DAEMON_USER = "nvr-guard"  # the systemd unit's User= (systemd/nvr-guard.service)
+
+
+def _daemon_uid(cfg: Config) -> tuple[int, str]:
+    """(uid, name) of the user the daemon runs as, as far as a config check can tell: the owner
+    of ``state_dir`` (the daemon creates it, systemd's StateDirectory= hands it to User=); before
+    it exists, the ``nvr-guard`` system user; without one, whoever runs the check."""
+    import pwd
+
+    try:
+        uid = os.stat(cfg.state_dir).st_uid
+    except OSError:
+        try:
+            pw = pwd.getpwnam(DAEMON_USER)
+            return pw.pw_uid, pw.pw_name
+        except KeyError:
+            uid = os.geteuid()
+    try:
+        return uid, pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return uid, f"uid {uid}"
+
+
+def _signing_key_checks(cfg: Config, problem: Any) -> None:
+    """A configured ``export.signing_key`` must be the daemon's alone: a file owned by the daemon
+    user (0600, not a link) in directories that only it or root can write. Whoever can replace
+    the key, or the directory entry that names it, can sign forged packages with the recorder's
+    name — or swap in their own key before the fingerprint is put on record."""
+    import stat
+
+    path = cfg.export.signing_key
+    if not path:
+        return
+    where = ("export", "signing_key")
+    uid, user = _daemon_uid(cfg)
+    trusted = {0, uid}
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        problem(where, False, f"export.signing_key: cannot inspect {path}: {e.strerror}")
+        return
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            problem(where, False, f"export.signing_key: {path} is a symbolic link; name the file")
+            return
+        if not stat.S_ISREG(st.st_mode):
+            problem(where, False, f"export.signing_key: {path} is not a regular file")
+            return
+        if st.st_uid != uid:
+            problem(
+                where,
+                False,
+                f"export.signing_key: {path} is owned by uid {st.st_uid}, not by the daemon "
+                f"user {user}; chown {user} {path}",
+            )
+        if st.st_mode & 0o077:
+            problem(
+                where,
+                False,
+                f"export.signing_key: {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                f"it must be 0600 (chmod 600 {path})",
+            )
+    d = os.path.dirname(path)
+    while True:
+        try:
+            dst = os.stat(d)
+        except FileNotFoundError:
+            if os.path.normpath(d) == os.path.normpath(cfg.state_dir):
+                d = os.path.dirname(d)  # the daemon creates it (0750) at its first start
+                continue
+            problem(
+                where,
+                False,
+                f"export.signing_key: directory {d} does not exist; create it owned by {user} "
+                "with mode 0700",
+            )
+            return
+        except OSError as e:
+            problem(where, False, f"export.signing_key: cannot inspect {d}: {e.strerror}")
+            return
+        # a sticky world-writable directory (/tmp) lets nobody else rename our entry in it
+        others_write = dst.st_mode & 0o022 and not (
+            d != os.path.dirname(path) and dst.st_mode & stat.S_ISVTX
+        )
+        if dst.st_uid not in trusted or others_write:
+            who = (
+                f"owned by uid {dst.st_uid}"
+                if dst.st_uid not in trusted
+                else f"writable by group or others (mode {stat.S_IMODE(dst.st_mode):04o})"
+            )
+            problem(
+                where,
+                False,
+                f"export.signing_key: directory {d} is {who}: someone other than {user} or root "
+                "could replace the key; keep it in a directory only they can write",
+            )
+            return
+        parent = os.path.dirname(d)
+        if parent == d:
+            return
+        d = parent
+
+
 def _people_warnings(cfg: Config, warn: Any) -> None:
     if not cfg.people.users and not cfg.people.groups:
         return  # no people at all: exports are not set up on this host, nothing half-configured
@@ -1176,6 +1281,7 @@ def _check_data(
     if cfg is not None:
         _people_warnings(cfg, warn)
         _font_check(cfg, problem)
+        _signing_key_checks(cfg, problem)
         for i, t in enumerate(cfg.export.targets):
             if not os.path.isdir(t):
                 warn(

@@ -24,6 +24,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from nvr_guard import attention, sdnotify
+from nvr_guard.audit import AuditHeadMismatch
 from nvr_guard.config import Config, load_config
 from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError, PolicyRefused
 from nvr_guard.service import Caller, Engine, StateLock
@@ -111,10 +112,16 @@ class Daemon:
 
         self.state_lock.acquire_for_daemon(STATE_LOCK_WAIT, waiting)
         self.engine = engine = Engine(config)
-        engine.audit.append(
-            "nvr-guard", "config.load", str(config.source_path), {"digest": config.digest}
-        )
-        engine.audit.append("nvr-guard", "daemon.start", "daemon", {"pid": os.getpid()})
+        try:
+            engine.audit.append(
+                "nvr-guard", "config.load", str(config.source_path), {"digest": config.digest}
+            )
+            engine.audit.append("nvr-guard", "daemon.start", "daemon", {"pid": os.getpid()})
+        except AuditHeadMismatch as e:
+            # run anyway, so status and the attention entry tell the admin; every audited
+            # change (deletions included) is refused until the log is re-anchored
+            log.error("%s", e)
+        engine.ensure_signing_key()  # its fingerprint is on record before any export
         try:  # an export killed with its daemon left a hidden temporary on its target
             engine.workflow.remove_stale_exports()
         except Exception:  # never a reason not to start retention
@@ -269,6 +276,8 @@ class Daemon:
         if self.engine is not None and self.engine.lock.acquire(timeout=8):
             try:
                 self.engine.audit.append("nvr-guard", "daemon.stop", "daemon", {"pid": os.getpid()})
+            except AuditHeadMismatch as e:  # stopping goes on; the attention state said why
+                log.error("%s", e)
             finally:
                 self.engine.lock.release()
         if self.state_lock is not None:
@@ -358,6 +367,23 @@ class Daemon:
     def _reload(self, actor: str) -> dict[str, Any]:
         assert self.engine is not None
         sdnotify.reloading()
+        problem = self.engine.audit.anchor_problem()
+        if problem is not None:  # no config change that the audit log cannot record
+            log.error("reload refused (old config stays): audit log refuses appends: %s", problem)
+            msg = f"the audit log refuses appends, so no config change can be recorded: {problem}"
+            self.engine.attention.raise_(
+                attention.RELOAD_REFUSED,
+                None,
+                "config",
+                f"reload refused, the previous config stays in force: {msg}",
+            )
+            sdnotify.ready()
+            return {
+                "applied": False,
+                "errors": [msg],
+                "digest": self.engine.config.digest,
+                "config": self.config_path,
+            }
         try:
             new = load_config(self.config_path)
             # checks that need the state: an active hold must keep matching a site
@@ -446,6 +472,8 @@ class Daemon:
             # the daemon's own account: systemd's ExecReload= runs `nvr-guard reload` as the
             # service user, which needs no role in `people:` (it owns the state anyway)
             return self.reload(actor=who.user)
+        if cmd == "key.show":  # public: the fingerprint is printed on paper for anyone to compare
+            return engine.signing_key_json() if engine.key_fingerprint else _no_key(engine)
         if cmd != "status" and not engine.roles_for(who):
             # someone the config does not know: refused, and the attempt is on record
             engine.audit.append(who.user, "access.denied", cmd, {"uid": who.uid})
@@ -539,6 +567,17 @@ class Daemon:
             h = engine.hold_release(who, int(args["id"]), str(args["reason"]))
             return engine.hold_json(h.id)
         raise InvalidInput(f"unknown command {cmd!r}")
+
+
+def _no_key(engine: Engine) -> dict[str, Any]:
+    from nvr_guard.errors import RuntimeFailure
+
+    if engine.ensure_signing_key() is None:
+        raise RuntimeFailure(
+            f"the export signing key {engine.config.signing_key_path()} is unusable; "
+            "see `nvr-guard status` (attention signing_key)"
+        )
+    return engine.signing_key_json()
 
 
 def run_daemon(config_path: str, verbose: int = 0) -> int:

@@ -48,6 +48,8 @@ ATTENTION_KINDS = (
     attention.UNREADABLE,
     attention.RELOAD_REFUSED,
     attention.MOUNT_SKIPPED,
+    attention.SIGNING_KEY,
+    attention.AUDIT_HEAD,
 )
 # audit actions counted into metrics (incrementally, by sequence number)
 _EXPORT_DONE = "export.done"

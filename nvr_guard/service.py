@@ -8,6 +8,7 @@ guarded ``purge``. Every operation that changes state is recorded in the audit c
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import grp
 import json
@@ -16,7 +17,7 @@ import os
 import pwd
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from typing import Any
 import psutil
 
 from nvr_guard import attention, policy
-from nvr_guard.attention import Attention
-from nvr_guard.audit import AuditLog
+from nvr_guard.attention import AUDIT_HEAD, SIGNING_KEY, Attention
+from nvr_guard.audit import AuditHeadMismatch, AuditLog
 from nvr_guard.catalog import Catalog
 from nvr_guard.config import Config
 from nvr_guard.errors import ConfigError, InvalidInput, PolicyRefused, RuntimeFailure
@@ -250,7 +251,10 @@ class Engine:
         config: Config,
         clock: Callable[[], ClockReading] = boot_clock,
         db_path: Path | None = None,
+        anchored: bool = True,
     ) -> None:
+        """``anchored=False`` for a scratch copy of the state (``preview``), whose audit log
+        has no head file of its own."""
         self.clock = clock
         self.config = config
         if db_path is None:
@@ -262,7 +266,15 @@ class Engine:
         # jobs and the control socket's commands share that connection, and a statement from one
         # thread must never land inside another thread's transaction
         self.lock = self.catalog.lock
-        self.audit = AuditLog(self.catalog.conn, clock=lambda: self.clock().wall)
+        # the same lock: an append and the change it records are one transaction on the
+        # shared connection (see Catalog); the anchor state becomes an attention entry
+        self.audit = AuditLog(
+            self.catalog.conn,
+            clock=lambda: self.clock().wall,
+            head_path=AuditLog._AUTO if anchored else None,
+            lock=self.catalog.lock,
+            on_anchor=self._on_anchor,
+        )
         self.rules: dict[str, SiteRules] = config.site_rules()
         self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
         self._workflow: Any = None
@@ -274,6 +286,69 @@ class Engine:
         )
         # holds placed without their roots (the workflow's, or before holds recorded them)
         self.catalog.fill_hold_roots(site_roots(config))
+        self.key_fingerprint: str | None = None  # the export signing key's, once loaded
+        self.audit.check_anchor()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """The engine lock and one audit transaction (``AuditLog.recording``): for operations
+        that change state and record it — both commit together, or neither does."""
+        with self.lock, self.audit.recording():
+            yield
+
+    def _on_anchor(self, problem: str | None) -> None:
+        if problem is None:
+            self.attention.clear(AUDIT_HEAD)
+            return
+        self.attention.raise_(
+            AUDIT_HEAD,
+            None,
+            "audit.head",
+            f"audit log refuses appends (no audited change can happen): {problem}. "
+            "Investigate, then `nvr-guard audit verify` and `nvr-guard audit reanchor`",
+        )
+
+    # ---- export signing key --------------------------------------------------------------
+    def ensure_signing_key(self) -> str | None:
+        """Load (or create, once) the export signing key; its fingerprint, or None on failure.
+
+        Done at daemon start, not at the first export: the fingerprint must be on record (audit
+        log, status, `key show`, the paper approval record) before any package exists, because
+        it is the only thing that tells a recipient a re-signed forgery from the recorder's own
+        package. The creation is audited with the fingerprint; a key that cannot be used is an
+        attention state (exports fail, retention goes on).
+        """
+        from nvr_guard.errors import NvrGuardError
+        from nvr_guard.export.keys import load_or_create_key
+
+        path = Path(self.config.signing_key_path())
+        try:
+            existed = path.exists()
+            _, fp = load_or_create_key(Path(self.config.state_dir), path)
+        except (NvrGuardError, OSError) as e:
+            self.attention.raise_(SIGNING_KEY, None, str(path), f"export signing key unusable: {e}")
+            return None
+        self.attention.clear(SIGNING_KEY)
+        with self.lock:
+            recorded = any(True for _ in self.audit.entries(action="export.key", obj=fp))
+            try:
+                if not existed or not recorded:
+                    self.audit.append(
+                        "nvr-guard", "export.key", fp, {"path": str(path), "created": not existed}
+                    )
+            except AuditHeadMismatch as e:  # recorded (created: false) at the next start
+                log.error("export key %s not recorded in the audit log: %s", fp, e)
+        if not existed:
+            log.warning("created the export signing key %s, fingerprint %s", path, fp)
+        self.key_fingerprint = fp
+        return fp
+
+    def signing_key_json(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.key_fingerprint,
+            "path": self.config.signing_key_path(),
+            "algorithm": "Ed25519",
+        }
 
     @property
     def media(self) -> Any:
@@ -1074,7 +1149,10 @@ class Engine:
             )
             done = self.catalog.latest_sweep(("done", "confirmed", "blocked"))
             verify = self.audit.verify()
-            violations = self.workflow.refresh()
+            try:
+                violations = self.workflow.refresh()
+            except AuditHeadMismatch:  # status must answer; attention audit_head says why
+                violations = []
             requests = [self.workflow.request_json(r) for r in self.workflow.store.all()]
             by_state: dict[str, int] = {}
             for r in requests:
@@ -1126,6 +1204,8 @@ class Engine:
                 "open_requests": open_requests,
                 "last_scans": scans,
                 "retention": self.stats.as_json(),
+                # the recipient of a package compares this with `verify --fingerprint`
+                "export_key": self.signing_key_json(),
             }
 
 
@@ -1233,7 +1313,7 @@ def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) 
         finally:
             dst.close()
             src.close()
-    engine = Engine(config, clock=lambda: now, db_path=db)
+    engine = Engine(config, clock=lambda: now, db_path=db, anchored=False)
     for name, rules in engine.rules.items():
         engine.catalog.recompute_expiry(name, rules)
     engine.reconcile(full=True)

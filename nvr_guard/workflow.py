@@ -267,7 +267,7 @@ class Workflow:
         actor = self.actor(caller)
         rules = self.rules(site)
         now = self.now()
-        with self.engine.lock:
+        with self.engine.recording():
             footage = sum(len(self.engine.catalog.segments_of(site, c, start, end)) for c in known)
             d = access.check_new(draft, actor, self.camera_levels(), footage, rules, now)
             if not d.allowed:
@@ -336,13 +336,14 @@ class Workflow:
             fields["closed_at"] = now
         if state in DECIDED and not self.store.extra(r.id).get("judged_by"):
             fields["judged_by"] = rules_record(rules, r, now, self.config.digest)
-        self.store.update(r.id, **fields)
-        if state in CLOSED:
-            self._end_holds(r.id, now)
-        if state == "expired":
-            self.engine.audit.append(
-                "nvr-guard", "request.expired", f"request:{r.id}", {"was": r.state}
-            )
+        with self.engine.recording():  # the new state and its entry commit together
+            self.store.update(r.id, **fields)
+            if state in CLOSED:
+                self._end_holds(r.id, now)
+            if state == "expired":
+                self.engine.audit.append(
+                    "nvr-guard", "request.expired", f"request:{r.id}", {"was": r.state}
+                )
 
     def _end_holds(self, rid: int, until: float) -> None:
         with self.engine.catalog.transaction() as c:
@@ -405,7 +406,7 @@ class Workflow:
         if state and state not in access.STATES:
             raise InvalidInput(f"unknown state {state!r}; one of {', '.join(access.STATES)}")
         actor = self.actor(caller)
-        with self.engine.lock:
+        with self.engine.recording():
             self.refresh()
             views = []
             for r in self.store.all():
@@ -420,14 +421,14 @@ class Workflow:
         return [v for v in views if not state or v["state"] == state]
 
     def show(self, caller: Caller, rid: int) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, _ = self._visible(caller, rid)
             return self.request_json(r, approvals)
 
     def approve(
         self, caller: Caller, rid: int, note: str, as_step: str | None = None
     ) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
             d = access.check_approve(
@@ -453,7 +454,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def deny(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
             acting = self._acting(r, rules)
@@ -471,7 +472,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def cancel(self, caller: Caller, rid: int) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
             d = access.check_cancel(r, self.actor(caller), now)
@@ -488,7 +489,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def resolve(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._visible(caller, rid)
             if not access.emergency_violation(r, approvals, self.now(), rules):
                 raise InvalidInput(f"request {rid} has no open violation to resolve")
@@ -535,7 +536,7 @@ class Workflow:
         """Check ``caller`` may export ``rid`` onto ``target`` and claim the request's export,
         in one step under the engine lock: a second export of the same request is refused (exit
         3) until this one has committed or failed."""
-        with self.engine.lock:
+        with self.engine.recording():
             r, approvals, rules = self._visible(caller, rid)
             busy = self._claims.get(rid)
             if busy is not None:
@@ -704,33 +705,38 @@ class Workflow:
                 ) from None
         # the commit check passed and its lock is still held: record before anyone else acts
         try:
-            now = self.now()
-            r, _, rules = self._load(rid)
-            self.store.update(
-                rid,
-                state="exported",
-                exported_at=now,
-                package=str(pkg.path),
-                judged_by=rules_record(self._acting(r, rules), r, now, self.config.digest),
-            )
-            with self.engine.catalog.transaction() as c:
-                c.execute(
-                    "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL",
-                    (now + float(self.config.export.preserve.seconds), rid),
+            with self.engine.recording():  # the state change and its entry, together
+                now = self.now()
+                r, _, rules = self._load(rid)
+                self.store.update(
+                    rid,
+                    state="exported",
+                    exported_at=now,
+                    package=str(pkg.path),
+                    judged_by=rules_record(self._acting(r, rules), r, now, self.config.digest),
                 )
-            self.engine.audit.append(
-                caller.user,
-                "export.done",
-                f"request:{rid}",
-                {"package": str(pkg.path), "files": pkg.sha256s, "fingerprint": claim.fingerprint},
-            )
-            self.progress[rid] = 1.0
-            return {
-                "id": rid,
-                "package": str(pkg.path),
-                "files": pkg.sha256s,
-                "fingerprint": claim.fingerprint,
-            }
+                with self.engine.catalog.transaction() as c:
+                    c.execute(
+                        "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL",
+                        (now + float(self.config.export.preserve.seconds), rid),
+                    )
+                self.engine.audit.append(
+                    caller.user,
+                    "export.done",
+                    f"request:{rid}",
+                    {
+                        "package": str(pkg.path),
+                        "files": pkg.sha256s,
+                        "fingerprint": claim.fingerprint,
+                    },
+                )
+                self.progress[rid] = 1.0
+                return {
+                    "id": rid,
+                    "package": str(pkg.path),
+                    "files": pkg.sha256s,
+                    "fingerprint": claim.fingerprint,
+                }
         finally:
             if self._claims.get(rid) is claim:
                 del self._claims[rid]
@@ -818,7 +824,7 @@ class Workflow:
                     continue
                 removed.append(path)
                 log.warning("removed %s, left by an interrupted export", path)
-                with self.engine.lock:
+                with self.engine.recording():
                     self.engine.audit.append(
                         "nvr-guard", "export.stale_removed", f"target:{target}", {"path": str(path)}
                     )
@@ -828,7 +834,8 @@ class Workflow:
         from nvr_guard.export import approval_record_html
 
         view = self.show(caller, rid)
-        return approval_record_html(view, view["approvals"], None)
+        signer = self.engine.key_fingerprint or self.engine.ensure_signing_key()
+        return approval_record_html(view, view["approvals"], None, signer=signer)
 
 
 # ---- the rules in a request's record ----------------------------------------------------------

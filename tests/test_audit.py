@@ -230,14 +230,15 @@ def test_rewritten_chain_is_caught_by_the_head_file(tmp_path: Path) -> None:
     assert not rep.ok and rep.first_bad == 6 and "rewritten" in rep.problem
 
 
-def test_truncation_without_head_file_is_only_a_warning(tmp_path: Path) -> None:
+def test_deleted_head_file_is_a_failure_not_a_warning(tmp_path: Path) -> None:
+    # without it a truncation could no longer be seen: that is itself a finding (exit 4)
     path = tmp_path / "catalog.db"
     log = AuditLog(connect(path), clock=Clock())
     fill(log, 3)
     os.unlink(tmp_path / "audit.head")
     rep = log.verify()
-    assert rep.ok and rep.count == 3
-    assert any("head file" in w and "missing" in w for w in rep.warnings)
+    assert not rep.ok and rep.count == 3
+    assert "head file" in rep.problem and "missing" in rep.problem
 
 
 def test_in_memory_log_has_no_head_file() -> None:

@@ -43,12 +43,18 @@ def approval_record_html(
     request: Mapping[str, Any],
     approvals: Sequence[Mapping[str, Any]],
     export_info: Mapping[str, Any] | None,
+    signer: str | None = None,
 ) -> str:
     """Bilingual record of a request, its approvals and (when done) its export and hashes.
 
     ``export_info`` is None for a form printed before the export (`export form`): the export
-    section is then left blank for hand-writing, as on the paper form.
+    section is then left blank for hand-writing, as on the paper form. ``signer`` is the
+    recorder's key fingerprint (taken from ``export_info`` when given): it is printed in the
+    export section and on the hand-over slip, because the signed and stamped paper is the channel
+    a courier cannot change, and the recipient pins ``nvr-guard verify --fingerprint`` to it.
     """
+    if export_info is not None and export_info.get("signer"):
+        signer = str(export_info["signer"])
     rec = request.get("recipient") or {}
     out: list[str] = [
         "<!DOCTYPE html>",
@@ -88,6 +94,7 @@ def approval_record_html(
     out.append("</table>")
     out.append("<table><caption>导出 Export</caption>")
     if export_info is None:
+        out.append(_row("签名公钥指纹", "Signer key fingerprint", signer, "hash"))
         for zh, en in (
             ("导出技术人员", "Technician"),
             ("导出时间", "Exported at"),
@@ -125,7 +132,21 @@ def approval_record_html(
                 f'<td class="hash">{_e(c.get("sha256"))}</td></tr>'
             )
         out.append("</table>")
+    package = export_info.get("package") if export_info is not None else None
+    pin = signer or "SHA256:…"
     out += [
+        "<table><caption>移交单 Hand-over slip</caption>",
+        _row("导出包", "Package", package),
+        _row("本机签名公钥指纹", "Recorder key fingerprint", signer, "hash"),
+        '<tr><th>交付人 / 时间<br>Handed over by / at</th><td class="sign"></td></tr>',
+        '<tr><th>接收人 / 时间<br>Received by / at</th><td class="sign"></td></tr>',
+        "</table>",
+        '<p class="note">接收方校验：以本纸面记录上的指纹为准，切勿使用导出包内的指纹——'
+        "他人重新签名的伪造包会带有他自己的指纹。<br>The recipient checks the package against "
+        "the fingerprint on this paper, never the one inside the package (a package re-signed "
+        "by someone else carries that person's fingerprint):<br>"
+        f"<code>nvr-guard verify {_e(package or 'PACKAGE_DIR')} --fingerprint {_e(pin)}</code>"
+        "</p>",
         "<table><caption>签字 Signatures</caption>",
         '<tr><th>申请人 Requester</th><td class="sign"></td></tr>',
         '<tr><th>审批人 Approver(s)</th><td class="sign"></td></tr>',
@@ -180,16 +201,24 @@ How to check this package / 如何校验本导出包
 =========================================
 
 Package: {package}
-Signer fingerprint (also in the nvr-guard audit log of the exporting host):
+Fingerprint of the key that signed it, as this package claims:
     {fingerprint}
 
-1. With nvr-guard (any host with nvr-guard installed):
+IMPORTANT / 重要: this file travels with the package, so whoever carried the package could have
+changed it, the clip, the manifest and the key together. The recorder's real fingerprint comes
+from OUTSIDE the package: the signed and stamped paper approval record or hand-over slip, or
+`nvr-guard key show` on the recorder. A package is the recorder's only if its signer matches
+that fingerprint. 以纸质审批表/移交单上的指纹为准，不要以本文件中的指纹为准。
 
-    nvr-guard verify {package}
+1. With nvr-guard (any host with nvr-guard installed), pinning the fingerprint from the paper:
 
-   Exit 0: every file is as exported and the manifest is signed by the key above.
-   Exit 4: the output names what is wrong (clip changed, manifest changed, key mismatch,
-   missing or extra files).
+    nvr-guard verify {package} --fingerprint SHA256:<fingerprint from the paper record>
+
+   Exit 0 and "package OK ... the pinned recorder key": every file is as the recorder exported it.
+   Exit 4: the output names what is wrong (clip changed, manifest changed, key mismatch — signed
+   by another key than the pinned one —, missing, extra or non-regular files, wrong name).
+   Without --fingerprint the check only says the package is consistent in itself and that the
+   signer is NOT confirmed.
 
 2. With plain OpenSSL 3 and coreutils, inside this directory:
 
@@ -197,8 +226,9 @@ Signer fingerprint (also in the nvr-guard audit log of the exporting host):
 
     openssl pkeyutl -verify -pubin -inkey signer.pub -rawin -in manifest.json -sigfile manifest.sig
 
-   b) the signer key is the exporting host's key — compare with the fingerprint above and with
-      the audit log:
+   b) the signer key is the recorder's key: the line this prints must equal the fingerprint on
+      the paper record. Comparing it with the fingerprint printed above in this file proves
+      nothing (both come from the package):
 
     echo "SHA256:$(openssl pkey -pubin -in signer.pub -outform DER \\
         | openssl dgst -sha256 -binary | base64 | tr -d '=')"
@@ -211,6 +241,7 @@ Signer fingerprint (also in the nvr-guard audit log of the exporting host):
 
 {lines}
 
-A signature that verifies only proves manifest.json is unchanged; the hashes in it then prove the
-clips are unchanged. Both checks are needed.
+A signature that verifies only proves manifest.json is unchanged since someone signed it; step b
+against the paper proves that someone was the recorder; the hashes then prove the clips are
+unchanged. All three checks are needed.
 """

@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from nvr_guard.errors import RuntimeFailure
+from nvr_guard.errors import InvalidInput, RuntimeFailure
 
 KEY_FILE = "export-key.pem"  # the config's default (Config.signing_key_path)
 
@@ -25,6 +26,43 @@ def fingerprint(public: Ed25519PublicKey) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+
+
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+
+
+def parse_fingerprint(text: str) -> str:
+    """A fingerprint as typed from paper: surrounding blanks and base64 padding are forgiven,
+    anything else that is not ``SHA256:`` + 43 base64 characters is refused (InvalidInput)."""
+    fp = "".join(text.split()).rstrip("=")
+    if not _FINGERPRINT.fullmatch(fp):
+        raise InvalidInput(
+            f"--fingerprint {text!r} is not a key fingerprint: expected SHA256: followed by "
+            "43 base64 characters, as printed by `nvr-guard key show` and on the approval record"
+        )
+    return fp
+
+
+def key_file_fingerprint(path: Path) -> str:
+    """Fingerprint of the Ed25519 key in a PEM file (public key, or a private key's public half).
+
+    Creates nothing: for ``verify --key`` and ``key show``, which must never make a new key.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"cannot read key file {path}: {e.strerror}") from None
+    public: object
+    try:
+        public = serialization.load_pem_public_key(data)
+    except ValueError:
+        try:
+            public = serialization.load_pem_private_key(data, password=None).public_key()
+        except (ValueError, TypeError):
+            raise InvalidInput(f"{path} is not a PEM key (public or unencrypted private)") from None
+    if not isinstance(public, Ed25519PublicKey):
+        raise InvalidInput(f"{path} is not an Ed25519 key; export packages are signed with Ed25519")
+    return fingerprint(public)
 
 
 def public_pem(public: Ed25519PublicKey) -> bytes:

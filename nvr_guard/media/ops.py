@@ -85,7 +85,7 @@ class MediaOps:
         if not label or not label.isprintable() or len(label) > 100:
             raise InvalidInput("--label must be printable text of at most 100 characters")
         m = find_medium(media_id, self.sysfs)
-        with self.engine.lock:
+        with self.engine.recording():
             e = self.store.enroll(m, label, caller.user, self.now())
             self.engine.audit.append(
                 caller.user,
@@ -105,7 +105,7 @@ class MediaOps:
         self.engine.require(caller, ENROL_ROLES, f"remove medium {media_id}")
         if not reason.strip():
             raise InvalidInput("--reason is required to remove an enrolment")
-        with self.engine.lock:
+        with self.engine.recording():
             e = self.store.remove(media_id, caller.user, self.now())
             self.engine.audit.append(
                 caller.user, "media.remove", f"media:{media_id}", {"reason": reason.strip()}
@@ -138,7 +138,7 @@ class MediaOps:
             device_identity=target.identity,
             target_path=target.key,
         )
-        with self.engine.lock:
+        with self.engine.recording():
             sid = self.store.record_scan(rec)
             self.engine.audit.append(
                 caller.user,
@@ -210,7 +210,7 @@ class MediaOps:
         mkfs = shutil.which("mkfs.vfat") or shutil.which("mkfs.exfat")
         if mkfs is None:
             raise RuntimeFailure("neither mkfs.vfat (dosfstools) nor mkfs.exfat is installed")
-        with self.engine.lock:
+        with self.engine.recording():
             self.engine.audit.append(
                 caller.user,
                 "media.wipe",
@@ -224,7 +224,7 @@ class MediaOps:
             timeout=600,
         )
         ok = r.returncode == 0
-        with self.engine.lock:
+        with self.engine.recording():
             self.engine.audit.append(
                 caller.user,
                 "media.wipe",
