@@ -70,6 +70,7 @@ VALID: dict[str, dict[str, Any]] = {
     },
     "hold.list": {"all": False},
     "hold.release": {"id": 1, "reason": "r"},
+    "key.show": {},
 }
 
 
