@@ -384,6 +384,8 @@ class Daemon:
             ).as_json()
         if cmd == "retention.confirm":
             return engine.confirm(int(args["sweep"]), who).as_json()
+        if cmd == "retention.confirm_root":
+            return engine.confirm_root(who, str(args["site"]), str(args["root"]))
         if cmd == "hold.add":
             h = engine.hold_add(
                 who,

@@ -89,9 +89,17 @@ class SweepOutcome:
     bytes: int = 0
     skipped: list[tuple[Segment, str]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    # a preview's findings of the walk: [{site, root, count, examples}] and attention entries
+    unmatched: list[dict[str, Any]] | None = None
+    attention: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
         items = [i.as_json() for i in self.plan.items]
+        extra: dict[str, Any] = {}
+        if self.unmatched is not None:
+            extra["unmatched"] = self.unmatched
+        if self.attention is not None:
+            extra["attention"] = self.attention
         return {
             "sweep": self.sweep,
             "deleted": self.deleted,
@@ -103,7 +111,7 @@ class SweepOutcome:
             ],
             "alerts": list(self.plan.alerts),
             "skipped": [{"path": show_path(s.path), "reason": r} for s, r in self.skipped],
-        }
+        } | extra
 
 
 # upper bounds (seconds) of the deletion-lateness histogram: a healthy daemon stays within one
@@ -207,14 +215,19 @@ class Engine:
         self.lock = self.catalog.lock
         self.audit = AuditLog(self.catalog.conn, clock=lambda: self.clock().wall)
         self.rules: dict[str, SiteRules] = config.site_rules()
-        self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
-        self._workflow: Any = None
-        self._media: Any = None
-        self.stats = RetentionStats()
         # what the admin must see (status `attention`, metric, audit): see nvr_guard.attention
         self.attention = Attention(
             lambda action, obj, details: self.audit.append("nvr-guard", action, obj, details)
         )
+        self.scanner = Scanner(
+            self.catalog,
+            self.site_scans(),
+            clock=lambda: self.clock().wall,
+            attention=self.attention,
+        )
+        self._workflow: Any = None
+        self._media: Any = None
+        self.stats = RetentionStats()
 
     @property
     def media(self) -> Any:
@@ -245,6 +258,7 @@ class Engine:
                     layout=self.config.layout_for(name),
                     extensions=self.config.extensions_for(name),
                     rules=self.rules[name],
+                    cross_mounts=site.cross_mounts,
                 )
             )
         return out
@@ -256,7 +270,12 @@ class Engine:
             old_rules = self.rules
             self.config = new
             self.rules = new.site_rules()
-            self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
+            self.scanner = Scanner(
+                self.catalog,
+                self.site_scans(),
+                clock=lambda: self.clock().wall,
+                attention=self.attention,
+            )
             changed = [
                 s
                 for s in self.rules
@@ -320,6 +339,25 @@ class Engine:
     def hint(self, path: bytes) -> None:
         with self.lock:
             self.scanner.hint(path)
+
+    def confirm_root(self, caller: Caller, site: str, root: str) -> dict[str, Any]:
+        """An admin accepts a root that went out of service (another file system, emptied,
+        missing) as it is now; see :meth:`Scanner.confirm_root`. Audited."""
+        self.require(caller, CONFIRM_ROLES, f"confirm root {root} of site {site}")
+        with self.lock:
+            try:
+                res = self.scanner.confirm_root(site, os.fsencode(root))
+            except KeyError as e:
+                raise InvalidInput(str(e.args[0]) if e.args else str(e)) from None
+            except ValueError as e:
+                raise InvalidInput(str(e)) from None
+            self.audit.append(
+                caller.user,
+                "root.confirm",
+                f"root:{site}:{res['root']}",
+                {**res, "uid": caller.uid},
+            )
+            return res
 
     # ---- retention -----------------------------------------------------------------------
     def disk_states(self) -> dict[str, DiskState]:
@@ -407,6 +445,7 @@ class Engine:
                     root=root,
                     extensions=self.config.extensions_for(seg.site),
                     settle=self.rules[seg.site].settle,
+                    cross_mounts=site.cross_mounts,
                 )
             )
         return targets
@@ -903,7 +942,14 @@ def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) 
     for name, rules in engine.rules.items():
         engine.catalog.recompute_expiry(name, rules)
     engine.reconcile(full=True)
-    return engine.sweep(actor="preview", now=now, dry_run=True, site=site)
+    out = engine.sweep(actor="preview", now=now, dry_run=True, site=site)
+    out.unmatched = [
+        u for u in engine.scanner.unmatched_report() if site is None or u["site"] == site
+    ]
+    out.attention = [
+        a for a in engine.attention.as_json() if site is None or a["site"] in (site, None)
+    ]
+    return out
 
 
 def dumps(obj: Any) -> str:
