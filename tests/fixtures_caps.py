@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import os
 from collections.abc import Iterator
 
 _VERSION_3 = 0x20080522
