@@ -564,9 +564,9 @@ class Scanner:
         self._mounts: dict[bytes, frozenset[bytes]] = {}  # root -> mount points below it
         by_key = {(s.site, os.fsdecode(r)): r for r, s in self._roots}
         for e in self.attention.entries():
-            r = by_key.get((e.site or "", e.key))
-            if r is not None and (e.kind in _ROOT_KINDS or e.kind == att.UNREADABLE):
-                self._unhealthy[r] = e.kind
+            out = by_key.get((e.site or "", e.key))
+            if out is not None and (e.kind in _ROOT_KINDS or e.kind == att.UNREADABLE):
+                self._unhealthy[out] = e.kind
 
     # -- what the engine asks ----------------------------------------------------------------
 
@@ -869,7 +869,7 @@ class Scanner:
         under = os.fsdecode((scope if scope is not None else root) + b"/")
         top = os.fsdecode(scope if scope is not None else root)
         bad = sorted(set(unreadable))
-        entries = [
+        entries: list[tuple[str, str, dict[str, object] | None]] = [
             (
                 os.fsdecode(p),
                 f"cannot read {show_path(p)} ({why}); it is skipped and its catalogued "
@@ -879,11 +879,12 @@ class Scanner:
             for p, why in bad[:_UNREADABLE_MAX]
         ]
         if len(bad) > _UNREADABLE_MAX:
+            more: dict[str, object] = {"root": shown, "count": len(bad) - _UNREADABLE_MAX}
             entries.append(
                 (
                     key + "/…",
                     f"and {len(bad) - _UNREADABLE_MAX} more unreadable paths under {shown}",
-                    {"root": shown, "count": len(bad) - _UNREADABLE_MAX},
+                    more,
                 )
             )
         if scope is None:
@@ -1107,9 +1108,10 @@ class Scanner:
             dev, mounts = -1, frozenset[bytes]()
         else:
             dev = root_st.st_dev
-            mounts = self._mounts.get(root)
-            if mounts is None:
-                mounts = self._mounts[root] = frozenset(mount_points_below(root))
+            known_mounts = self._mounts.get(root)
+            if known_mounts is None:
+                known_mounts = self._mounts[root] = frozenset(mount_points_below(root))
+            mounts = known_mounts
         cls = self._classifier(s, root)
         racy = self._racy_after()
         lo, hi = prefix_range(root + b"/")
