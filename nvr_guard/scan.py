@@ -563,7 +563,14 @@ class Scanner:
         self._unhealthy: dict[bytes, str] = {}
         self._mounts: dict[bytes, frozenset[bytes]] = {}  # root -> mount points below it
         by_key = {(s.site, os.fsdecode(r)): r for r, s in self._roots}
+        mine = (att.UNMATCHED, att.MOUNT_SKIPPED, att.UNREADABLE, *_ROOT_KINDS)
         for e in self.attention.entries():
+            s_ = self._by_site.get(e.site or "")
+            if e.kind in mine and s_ is not None:
+                tops = [os.fsdecode(_norm(r)) for r in s_.roots]
+                if not any(e.key == t or e.key.startswith(t + "/") for t in tops):
+                    self.attention.clear(e.kind, e.site, e.key)  # a root the config dropped
+                    continue
             out = by_key.get((e.site or "", e.key))
             if out is not None and (e.kind in _ROOT_KINDS or e.kind == att.UNREADABLE):
                 self._unhealthy[out] = e.kind
@@ -725,7 +732,10 @@ class Scanner:
         when it is missing, unreadable, on another file system than before, or emptied while
         the catalog holds footage of it. ``accept``: an admin confirmed the root as it is now."""
         shown = show_path(root)
-        rows = f"; its {self._rows_under(root)} catalogued segments are kept"
+
+        def rows() -> str:  # counted only when something is wrong (a million rows: a while)
+            return f"; its {self._rows_under(root)} catalogued segments are kept"
+
         try:
             root_st = os.lstat(root)
         except (FileNotFoundError, NotADirectoryError):
@@ -733,13 +743,14 @@ class Scanner:
                 s,
                 root,
                 att.ROOT_MISSING,
-                f"root {shown} of site {s.site} does not exist (a disk not mounted?){rows}; mount "
-                f"it, or confirm with `nvr-guard retention confirm-root {s.site} {shown}`",
+                f"root {shown} of site {s.site} does not exist (a disk not mounted?)"
+                f"{rows()}; mount it, or confirm with "
+                f"`nvr-guard retention confirm-root {s.site} {shown}`",
             )
             return None
         except OSError as exc:
             self._root_out(
-                s, root, att.UNREADABLE, f"cannot read root {shown}: {exc.strerror}{rows}"
+                s, root, att.UNREADABLE, f"cannot read root {shown}: {exc.strerror}{rows()}"
             )
             return None
         if not stat.S_ISDIR(root_st.st_mode):
@@ -750,7 +761,8 @@ class Scanner:
                 s,
                 root,
                 att.ROOT_MISSING,
-                f"root {shown} of site {s.site} is now {what}{rows}; configure the real directory",
+                f"root {shown} of site {s.site} is now {what}{rows()}; "
+                "configure the real directory",
             )
             return None
         try:
@@ -758,7 +770,7 @@ class Scanner:
             entries = list(os.scandir(root))
         except OSError as exc:
             self._root_out(
-                s, root, att.UNREADABLE, f"cannot read root {shown}: {exc.strerror}{rows}"
+                s, root, att.UNREADABLE, f"cannot read root {shown}: {exc.strerror}{rows()}"
             )
             return None
         before = self.catalog.root_fs(root)
@@ -771,7 +783,7 @@ class Scanner:
                 root,
                 att.ROOT_DEVICE,
                 f"root {shown} of site {s.site} is on another file system than at the last walk "
-                f"({before} -> {fs}: a disk not mounted, or another one in its place){rows}; "
+                f"({before} -> {fs}: a disk not mounted, or another one in its place){rows()}; "
                 "mount the right one, or confirm the new one with "
                 f"`nvr-guard retention confirm-root {s.site} {shown}`",
             )
@@ -779,7 +791,7 @@ class Scanner:
         if not accept and not any(
             e.name[0] != 0x2E and e.name not in _EMPTY_ROOT_NAMES for e in entries
         ):
-            n = self._rows_under(root)
+            n = self._rows_under(root) if self._any_under(root) else 0
             if n:
                 self._root_out(
                     s,
