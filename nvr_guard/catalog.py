@@ -231,6 +231,16 @@ def _migration_6(conn: sqlite3.Connection) -> None:
         conn.execute(stmt)
 
 
+def _migration_7(conn: sqlite3.Connection) -> None:
+    # which file system each root was on when last walked: a root that now sits on another one
+    # (its disk not mounted, another disk in its place) is not walked until it is back or an
+    # admin confirms (IF NOT EXISTS: safe to renumber when migrations of branches are merged)
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS root_fs (root BLOB PRIMARY KEY, site TEXT NOT NULL, "
+        "fs TEXT NOT NULL)"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_1,
     _migration_2,
@@ -238,6 +248,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -816,6 +827,27 @@ class Catalog:
                 "ON CONFLICT(site) DO UPDATE SET layout = excluded.layout",
                 (site, key),
             )
+
+    def root_fs(self, root: bytes) -> str | None:
+        """The file system ``root`` was on when last walked (see nvr_guard.mounts.fs_identity)."""
+        with self.lock:
+            row = self.conn.execute("SELECT fs FROM root_fs WHERE root = ?", (root,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_root_fs(self, root: bytes, site: str, fs: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO root_fs (root, site, fs) VALUES (?, ?, ?) "
+                "ON CONFLICT(root) DO UPDATE SET site = excluded.site, fs = excluded.fs",
+                (root, site, fs),
+            )
+
+    def forget_root_fs_except(self, roots: Iterable[bytes]) -> None:
+        """Forget the file systems of roots no longer configured."""
+        keep = sorted(set(roots))
+        marks = ",".join("?" * len(keep)) or "NULL"
+        with self.transaction() as c:
+            c.execute(f"DELETE FROM root_fs WHERE root NOT IN ({marks})", keep)
 
     def ensure_expiry(self, site: str, rules: SiteRules) -> None:
         """Make the site's stored expiries follow ``rules`` (recomputed if they changed)."""

@@ -472,6 +472,16 @@ def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:
             err.print(f"guard: {tr['message']}", markup=False)
         for a in res.get("alerts", []):
             err.print(f"alert: {a}", markup=False)
+        for u in res.get("unmatched", []):
+            err.print(
+                f"unmatched: site {u['site']}, root {u['root']}: {u['count']} files with a "
+                f"segment extension do not match the layout and are never deleted, e.g. "
+                f"{', '.join(u['examples'])}",
+                markup=False,
+            )
+        for a in res.get("attention", []):
+            if a["kind"] != "unmatched":
+                err.print(f"attention ({a['kind']}): {a['message']}", markup=False)
 
     c.emit(res, human)
 
@@ -523,6 +533,26 @@ def retention_confirm(c: Ctx, sweep: int) -> None:
     if res.get("trips"):
         # blocked again: something changed since the sweep that was confirmed
         sys.exit(3)
+
+
+@retention.command("confirm-root")
+@click.argument("site")
+@click.argument("root")
+@pass_ctx
+def retention_confirm_root(c: Ctx, site: str, root: str) -> None:
+    """Accept a root out of service as it is now: on another file system, emptied, or missing
+    (admin). Its catalogued footage that is no longer there is forgotten."""
+    args = {"site": site, "root": root}
+    res = act(c, "retention.confirm_root", args, lambda e: e.confirm_root(caller(), site, root))
+
+    def human() -> None:
+        out.print(
+            f"root {res['root']} of site {res['site']} confirmed (was {res['was']}); "
+            f"{res['forgotten']} catalogued segments no longer there were forgotten",
+            markup=False,
+        )
+
+    c.emit(res, human)
 
 
 # ---- holds ----------------------------------------------------------------------------------

@@ -113,6 +113,11 @@ class RetentionConfirm(_Args):
     sweep: Id
 
 
+class RetentionConfirmRoot(_Args):
+    site: Short
+    root: PathText
+
+
 class HoldAdd(_Args):
     camera: Short
     from_: Time = Field(alias="from")
@@ -153,6 +158,7 @@ ARGS: dict[str, type[_Args]] = {
     "media.wipe": MediaWipe,
     "retention.run": RetentionRun,
     "retention.confirm": RetentionConfirm,
+    "retention.confirm_root": RetentionConfirmRoot,
     "hold.add": HoldAdd,
     "hold.list": HoldList,
     "hold.release": HoldRelease,

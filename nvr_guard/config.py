@@ -55,6 +55,7 @@ from nvr_guard.durations import Duration
 from nvr_guard.errors import ConfigError
 from nvr_guard.layout import Layout
 from nvr_guard.model import GuardRules, SiteRules
+from nvr_guard.mounts import Mount, fs_location, mount_points_below, mounts
 
 Problem = tuple[str, int, str]  # (file, line, message); line 0 = the file as a whole
 
@@ -622,6 +623,9 @@ class Site(_Strict):
         default_factory=lambda: list(DEFAULT_EXTENSIONS)
     )
     approval: SiteApproval | None = None
+    # false: the scanner and the purge stay on each root's file system; a directory mounted
+    # below a root (a bind mount, another disk) is skipped and reported (mount_skipped)
+    cross_mounts: Bool = False
 
 
 class Camera(_Strict):
@@ -1045,19 +1049,48 @@ def _site_checks(
             Layout.compile(site.layout, tz)
         except ValueError as e:
             problem(base + ("layout",), False, f"sites.{name}.layout: {e}")
+        else:
+            if any(part.startswith(".") for part in site.layout.split("/")):
+                problem(
+                    base + ("layout",),
+                    False,
+                    f"sites.{name}.layout: a path component starts with '.'; hidden files and "
+                    "directories are never segments (recorders write their temporaries so)",
+                )
 
 
 def _root_checks(sites: list[tuple[str, Site]], lines: _Lines, problem: Any) -> None:
-    seen: list[tuple[str, int, str, str]] = []  # (site, index, root, resolved)
-    entries = [(n, i, r) for n, s in sites for i, r in enumerate(s.roots)]
+    """Roots exist, are not symlinks, and no two of them share footage.
+
+    Two roots share footage when one is the other, or lies inside it, *on the file system*: a
+    bind mount (``mount --bind /srv/school /srv/highway``) makes a second name for a directory
+    that ``realpath`` cannot see through, and a school root (1 y) configured again as a highway
+    root (15 d) would lose its footage after 15 days. So identity is (st_dev, st_ino), and
+    nesting is judged by where each root lies inside its file system (the mount table's device
+    and path). A site with ``cross_mounts: true`` also owns the trees mounted below its roots."""
+    table = mounts()
+    # (site, index, root, (st_dev, st_ino), regions: [(device, path in fs)])
+    seen: list[tuple[str, int, str, tuple[int, int], list[tuple[str, bytes]]]] = []
+    entries = [(n, i, r, s.cross_mounts) for n, s in sites for i, r in enumerate(s.roots)]
     # report each conflict at the later line, naming the earlier root
     entries.sort(key=lambda e: lines.at(("sites", e[0], "roots", e[1])))
-    for name, i, root in entries:
+    for name, i, root, cross in entries:
         path = ("sites", name, "roots", i)
         where = _dotted(path)
         if root == "/":
             problem(path, False, f"{where}: the whole file system cannot be a recording root")
             continue
+        if os.path.islink(root.rstrip("/") or "/"):
+            # the purge opens a root with O_NOFOLLOW (a symlink swapped in must not redirect
+            # deletions), so a symlinked root could never be purged; refused here, by name,
+            # rather than footage silently kept forever
+            problem(
+                path,
+                False,
+                f"{where}: {root} is a symlink (to {os.readlink(root.rstrip('/'))}); "
+                f"write the directory itself ({os.path.realpath(root)}): nvr-guard never "
+                "follows a symlink to find or delete footage",
+            )
         if not os.path.isdir(root):
             what = "is not a directory" if os.path.exists(root) else "does not exist"
             problem(
@@ -1067,10 +1100,15 @@ def _root_checks(sites: list[tuple[str, Site]], lines: _Lines, problem: Any) -> 
                 "create it or fix the path (roots must be existing directories)",
             )
             continue
-        real = os.path.realpath(root)
-        for oname, oi, oroot, oreal in seen:
+        st = os.stat(root)
+        ident = (st.st_dev, st.st_ino)
+        here = fs_location(root, table)
+        regions = [here if here is not None else ("path", os.fsencode(os.path.realpath(root)))]
+        if cross:
+            regions += [(m.device, m.fs_root) for m in _mounts_below(root, table)]
+        for oname, oi, oroot, oident, oregions in seen:
             other = _dotted(("sites", oname, "roots", oi))
-            if real == oreal:
+            if ident == oident:
                 problem(
                     path,
                     False,
@@ -1078,16 +1116,42 @@ def _root_checks(sites: list[tuple[str, Site]], lines: _Lines, problem: Any) -> 
                     "each root belongs to one site, once",
                 )
                 break
-            if real.startswith(oreal.rstrip("/") + "/") or oreal.startswith(real.rstrip("/") + "/"):
-                inner, outer = (root, oroot) if len(real) > len(oreal) else (oroot, root)
+            nest = _nesting(regions, oregions)
+            if nest:
+                inner, outer = (root, oroot) if nest == "inner" else (oroot, root)
                 problem(
                     path,
                     False,
-                    f"{where}: {root} overlaps {other} ({oroot}): {inner} is inside {outer}; "
+                    f"{where}: {root} overlaps {other} ({oroot}): {inner} is inside {outer} "
+                    "(on the file system: bind mounts and symlinks count); "
                     "roots must not nest, or one site's rule would delete another's footage",
                 )
                 break
-        seen.append((name, i, root, real))
+        seen.append((name, i, root, ident, regions))
+
+
+def _mounts_below(root: str, table: list[Mount]) -> list[Mount]:
+    below = mount_points_below(os.fsencode(root), table)
+    real = os.fsencode(os.path.realpath(root)).rstrip(b"/")
+    spelled = {real + p[len(os.fsencode(root)) :] for p in below}
+    return [m for m in table if m.mount_point in spelled]
+
+
+def _nesting(mine: list[tuple[str, bytes]], theirs: list[tuple[str, bytes]]) -> str:
+    """ "inner" when one of ``mine`` lies in one of ``theirs``, "outer" for the reverse, else ""."""
+
+    def under(a: bytes, b: bytes) -> bool:
+        return a == b or b == b"/" or a.startswith(b.rstrip(b"/") + b"/")
+
+    for dev, p in mine:
+        for odev, op in theirs:
+            if dev != odev:
+                continue
+            if under(p, op):
+                return "inner"
+            if under(op, p):
+                return "outer"
+    return ""
 
 
 DAEMON_USER = "nvr-guard"  # the systemd unit's User= (systemd/nvr-guard.service)

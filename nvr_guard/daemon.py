@@ -550,6 +550,8 @@ class Daemon:
             return self.reload(actor=who.user)
         if cmd == "retention.confirm":
             return engine.confirm(int(args["sweep"]), who).as_json()
+        if cmd == "retention.confirm_root":
+            return engine.confirm_root(who, str(args["site"]), str(args["root"]))
         if cmd == "hold.add":
             h = engine.hold_add(
                 who,

@@ -63,6 +63,7 @@ class SiteFigures:
     oldest_age: float | None  # seconds; None without footage
     keep: float  # seconds the oldest segment is kept (+inf: kept forever)
     overdue: float  # seconds the oldest segment is past its expiry (0: not due)
+    unmatched: int = 0  # segment-extension files the layout does not match (last full walk)
 
 
 @dataclass
@@ -151,6 +152,7 @@ class EngineCollector(Collector):
                 "FROM segments GROUP BY site"
             ).fetchall()
         found = {str(r[0]): (int(r[1]), int(r[2]), r[3]) for r in rows}
+        unmatched = self.engine.scanner.unmatched_by_site()
         for name, rules in self.engine.rules.items():
             count, size, oldest = found.get(name, (0, 0, None))
             age = keep = None
@@ -170,6 +172,7 @@ class EngineCollector(Collector):
                 oldest_age=age,
                 keep=float("inf") if keep is None else keep,
                 overdue=overdue,
+                unmatched=unmatched.get(name, 0),
             )
 
     def _tables(self, snap: Snapshot) -> None:
@@ -250,14 +253,20 @@ def _families(s: Snapshot) -> Iterator[Metric]:
         "How far the oldest segment is past its expiry (0 = not due)",
         labels=["site"],
     )
+    unm = GaugeMetricFamily(
+        p + "unmatched_files",
+        "Files with a segment extension the site's layout does not match (never deleted)",
+        labels=["site"],
+    )
     for name, f in sorted(s.sites.items()):
+        unm.add_metric([name], f.unmatched)
         g.add_metric([name], f.segments)
         b.add_metric([name], f.bytes)
         keep.add_metric([name], f.keep)
         over.add_metric([name], f.overdue)
         if f.oldest_age is not None:
             age.add_metric([name], f.oldest_age)
-    yield from (g, b, age, keep, over)
+    yield from (g, b, age, keep, over, unm)
 
     att = GaugeMetricFamily(
         p + "attention",

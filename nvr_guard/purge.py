@@ -8,6 +8,10 @@ the way can redirect us:
 - the root is opened with ``O_NOFOLLOW`` and every directory below it with
   ``openat(parent, name, O_DIRECTORY|O_NOFOLLOW)``: a directory swapped for a symlink anywhere on
   the path fails (ELOOP/ENOTDIR) and the file is skipped — nothing outside is ever reached;
+- every directory opened below the root must be on the root's mount (same ``st_dev`` and
+  ``statx`` mount id) unless the site sets ``cross_mounts: true``: a disk or a bind mount of a
+  tree from elsewhere mounted under a root after the plan was made is not the site's footage;
+- hidden names (``.x.mp4``, ``.tmp/``) are never segments (recorders' temporaries);
 - the file itself is ``fstatat(..., AT_SYMLINK_NOFOLLOW)``-ed: a regular file, a segment extension,
   not modified within the settle time, same size and mtime as catalogued; then ``unlinkat``
   (which never follows a symlink either, so a swap between stat and unlink removes at most the
@@ -41,6 +45,7 @@ from typing import Any
 
 from nvr_guard.audit import PURGE_BEGIN, PURGE_RECEIPT, PURGE_SKIP, AuditLog
 from nvr_guard.model import Segment, show_path
+from nvr_guard.mounts import mount_id
 from nvr_guard.workers import gc_paused, libc_function, worker_context
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,7 @@ class PurgeTarget:
     root: bytes  # the configured root the segment was found under
     extensions: frozenset[str]  # segment extensions of the site, e.g. {".mp4", ".mkv"}
     settle: float  # seconds; a file modified more recently is still being recorded
+    cross_mounts: bool = False  # the site's cross_mounts: may a directory be another mount
 
 
 @dataclass
@@ -164,7 +170,7 @@ class _DirWalker:
     on it — only at depth >= 2 below the root, so a root and a camera directory always stay.
     """
 
-    def __init__(self, root: bytes, fsync_each: bool = False) -> None:
+    def __init__(self, root: bytes, fsync_each: bool = False, cross_mounts: bool = False) -> None:
         self.root = root
         # without syncfs(2), every changed directory is fsynced as it is left
         self.fsync_each = fsync_each
@@ -182,6 +188,12 @@ class _DirWalker:
                 else "error"
             )
             self.failure = f"root {show_path(root)} cannot be opened safely: {exc.strerror}"
+        # the file system every directory below must be on (-1: the site crosses mounts)
+        self.dev = -1
+        self.mnt: int | None = None
+        if self.root_fd >= 0 and not cross_mounts:
+            self.dev = os.fstat(self.root_fd).st_dev
+            self.mnt = mount_id(self.root_fd)
         self.root_touched = False
         self.names: list[bytes] = []
         self.fds: list[int] = []
@@ -203,6 +215,9 @@ class _DirWalker:
         self._pop_to(common)
         for name in dirs[common:]:
             parent = self.fds[-1] if self.fds else self.root_fd
+            if name[:1] == b".":
+                where = show_path(b"/".join([self.root, *self.names, name]))
+                raise _Skip("hidden", f"{where} is a hidden directory (never holds segments)")
             try:
                 fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
             except OSError as exc:
@@ -214,6 +229,17 @@ class _DirWalker:
                 if exc.errno == errno.ENOENT:
                     raise _Skip("vanished", f"directory {where} is gone") from None
                 raise _Skip("error", f"cannot open {where}: {exc.strerror}") from None
+            if self.dev >= 0 and (
+                os.fstat(fd).st_dev != self.dev
+                or (self.mnt is not None and mount_id(fd) != self.mnt)
+            ):
+                os.close(fd)
+                where = show_path(b"/".join([self.root, *self.names, name]))
+                raise _Skip(
+                    "other-mount",
+                    f"{where} is another file system (a mount point) and the site does not "
+                    "cross mounts",
+                )
             self.names.append(name)
             self.fds.append(fd)
             self.touched.append(False)
@@ -301,8 +327,8 @@ def _sync_root(root: bytes) -> None:
 PROCESS_MIN = 20_000
 
 # what a worker gets per file: plain data, cheap to pickle (the exts set is shared by identity)
-# (root, rel, extensions, settle, catalogued size, catalogued mtime)
-_Item = tuple[bytes, bytes, frozenset[bytes], float, int, float]
+# (root, rel, extensions, settle, catalogued size, catalogued mtime, cross mounts)
+_Item = tuple[bytes, bytes, frozenset[bytes], float, int, float, bool]
 # and returns per batch: (indices deleted, their bytes, [(index, kind, reason)] refused)
 _Outcome = tuple[list[int], int, list[tuple[int, str, str]]]
 
@@ -514,7 +540,15 @@ def _prepare(
                 exts[t.extensions] = _normalise_exts(t.extensions)
         g.items.extend(
             [
-                (root, rel, exts[t.extensions], t.settle, t.segment.size, t.segment.mtime)
+                (
+                    root,
+                    rel,
+                    exts[t.extensions],
+                    t.settle,
+                    t.segment.size,
+                    t.segment.mtime,
+                    t.cross_mounts,
+                )
                 for rel, t in zip(rels, ts, strict=True)
             ]
         )
@@ -758,12 +792,12 @@ def _apply(
     sizes = 0
     walker: _DirWalker | None = None
     lstat, unlink, is_reg = os.stat, os.unlink, stat.S_ISREG
-    for i, (root, rel, exts, settle, size, cat_mtime) in enumerate(items):
+    for i, (root, rel, exts, settle, size, cat_mtime, cross) in enumerate(items):
         try:
             if walker is None or walker.root != root:
                 walker = walkers.get(root)
                 if walker is None:
-                    walker = walkers[root] = _DirWalker(root, fsync_each)
+                    walker = walkers[root] = _DirWalker(root, fsync_each, cross)
             if walker.root_fd < 0:
                 raise _Skip(walker.failure_kind, walker.failure)
             j = rel.rfind(b"/")
@@ -772,6 +806,8 @@ def _apply(
             if k <= 0 or name[k:].lower() not in exts:
                 ext = show_path(_extension(name)) or "no extension"
                 raise _Skip("extension", f"{ext} is not a segment extension")
+            if name[0] == 0x2E:
+                raise _Skip("hidden", "a hidden name is a recorder's temporary, never a segment")
             dirpart = rel[:j] if j >= 0 else b""
             d = walker.cur_fd if dirpart == walker.cur else walker.enter(dirpart)
             try:
@@ -780,6 +816,8 @@ def _apply(
                 raise _Skip("vanished", "file is gone") from None
             except OSError as exc:
                 raise _Skip("error", f"cannot stat: {exc.strerror}") from None
+            if walker.dev >= 0 and st.st_dev != walker.dev:
+                raise _Skip("other-mount", "a file mounted from another file system")
             if not is_reg(st.st_mode):
                 if stat.S_ISLNK(st.st_mode):
                     raise _Skip("symlink", "is a symlink (never followed, never deleted)")

@@ -20,6 +20,28 @@ root (SPEC §4: nothing reached through a symlink is ever deleted, so it must no
 candidate). Which files count: the site's extensions (compared lower-case); camera and recorded
 start from the site's layout pattern, else camera = first directory level below the root and
 start = mtime. Everything else is counted as ``ignored``.
+
+What is not walked, and why nothing of it is silent (each is an attention state, see
+:mod:`nvr_guard.attention`):
+
+- Hidden names. A file whose name starts with ``.`` (``.03.00.mp4``, ``.tmp-81.mkv``) is a
+  recorder's temporary, never a segment; a hidden directory (``.tmp/``, ``.Trash-0/``,
+  ``.snapshots/``) is not entered at all — recorders stage work there, desktops keep trash,
+  btrfs keeps read-only snapshots of the whole root. No layout can name a hidden component (the
+  config refuses one), so footage the layout matches never lives there.
+- Other file systems. Each root is walked on its own file system: a directory below it that is a
+  mount point (another disk, a bind mount of a tree from elsewhere — seen in the mount table even
+  when ``st_dev`` is the same) is skipped and reported (``mount_skipped``), unless the site sets
+  ``cross_mounts: true``.
+- Segment files the layout does not match: counted per root with a few example paths
+  (``unmatched``), so a wrong layout cannot keep thousands of files forever unseen.
+- Unreadable directories (EACCES, EIO, ESTALE ...): skipped, reported (``unreadable``), and
+  their catalogued rows kept — not being able to look is not evidence that footage is gone.
+- A root that vanished, emptied while its catalog had footage, or now sits on another file
+  system than last time (an unmounted disk, another disk in its place): its rows are kept, it is
+  not walked, and it is reported (``root_missing``, ``root_emptied``, ``root_device_changed``)
+  until it is healthy again or an admin confirms it (:meth:`Scanner.confirm_root`).
+  :meth:`Scanner.unhealthy_roots` names those roots so disk pressure can leave them out.
 """
 
 from __future__ import annotations
@@ -51,6 +73,8 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyFullEmitter, InotifyWatchGroup
 from watchdog.observers.inotify_c import InotifyFD
 
+from nvr_guard import attention as att
+from nvr_guard.attention import Attention
 from nvr_guard.catalog import (
     Catalog,
     ExpiryCalc,
@@ -61,7 +85,8 @@ from nvr_guard.catalog import (
     release_memory,
 )
 from nvr_guard.layout import Layout
-from nvr_guard.model import SiteRules
+from nvr_guard.model import SiteRules, show_path
+from nvr_guard.mounts import fs_identity, mount_points_below
 from nvr_guard.workers import gc_paused, worker_context
 
 log = logging.getLogger(__name__)
@@ -82,6 +107,13 @@ _RACY_NS = 2_000_000_000
 # Below this many catalogued segments a warm reconcile stays in-process (worker start-up costs
 # more than it saves).
 _POOL_MIN_ROWS = 50_000
+# example paths kept per root for unmatched files, and unreadable directories reported per root
+_EXAMPLES = 3
+_UNREADABLE_MAX = 20
+# what a freshly made file system holds and still counts as an empty root
+_EMPTY_ROOT_NAMES = frozenset({b"lost+found"})
+# the attention kinds that take a root out of service (rows kept, not walked, no disk pressure)
+_ROOT_KINDS = (att.ROOT_MISSING, att.ROOT_EMPTIED, att.ROOT_DEVICE)
 
 
 @dataclass(frozen=True)
@@ -93,6 +125,7 @@ class SiteScan:
     layout: Layout | None
     extensions: frozenset[str]  # lower-case, with the dot: {".mp4", ".mkv"}
     rules: SiteRules
+    cross_mounts: bool = False  # walk into file systems mounted below the roots
 
 
 @dataclass
@@ -102,6 +135,8 @@ class ReconcileStats:
     updated: int = 0
     files: int = 0  # segment files seen on disk
     ignored: int = 0  # entries that are not segments (wrong place, no match, symlinks, ...)
+    unmatched: int = 0  # of the ignored: segment-extension files the layout does not match
+    unreadable: int = 0  # directories (or entries) that could not be read; their rows are kept
     dirs: int = 0  # directories listed
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process and the walker processes together
@@ -112,6 +147,8 @@ class ReconcileStats:
         self.updated += other.updated
         self.files += other.files
         self.ignored += other.ignored
+        self.unmatched += other.unmatched
+        self.unreadable += other.unreadable
         self.dirs += other.dirs
         self.cpu_seconds += other.cpu_seconds
 
@@ -122,6 +159,8 @@ class ReconcileStats:
             "updated": self.updated,
             "files": self.files,
             "ignored": self.ignored,
+            "unmatched": self.unmatched,
+            "unreadable": self.unreadable,
             "dirs": self.dirs,
             "seconds": round(self.seconds, 3),
             "cpu_seconds": round(self.cpu_seconds, 3),
@@ -149,7 +188,8 @@ class _Classifier:
 
     def is_segment_name(self, name: bytes) -> bool:
         dot = name.rfind(b".")
-        return dot > 0 and name[dot:].lower() in self.exts
+        # dot > 0: a hidden name (".x.mp4", ".mp4") is a recorder's temporary, never a segment
+        return dot > 0 and name[0] != 0x2E and name[dot:].lower() in self.exts
 
     def classify(self, path: bytes, mtime: float) -> tuple[str, float] | None:
         """(camera, start) of a segment file, or None when it does not belong in the catalog."""
@@ -172,6 +212,9 @@ class _Delta:
     removed: list[bytes] = field(default_factory=list)
     dirs: list[tuple[bytes, int]] = field(default_factory=list)
     stats: ReconcileStats = field(default_factory=ReconcileStats)
+    unmatched: list[bytes] = field(default_factory=list)  # examples (stats.unmatched: count)
+    unreadable: list[tuple[bytes, str]] = field(default_factory=list)  # (path, why)
+    mounts: list[bytes] = field(default_factory=list)  # mount points not entered
 
 
 def _camera_id(raw: str) -> str:
@@ -199,6 +242,9 @@ def _note_file(
     got = cls.classify(path, mtime)
     if got is None:
         delta.stats.ignored += 1
+        delta.stats.unmatched += 1  # only segment names come here
+        if len(delta.unmatched) < _EXAMPLES:
+            delta.unmatched.append(path)
         return
     camera, start = _camera_id(got[0]), got[1]
     size = st.st_size
@@ -222,8 +268,13 @@ def _walk(
     delta: _Delta,
     racy_after_ns: int,
     trust_known: bool = True,
+    dev: int = -1,
+    mounts: frozenset[bytes] = frozenset(),
 ) -> None:
     """Walk ``top`` (a real directory below the root) and everything below it.
+
+    ``dev`` is the root's ``st_dev`` and ``mounts`` the mount points below the root: a directory
+    on another device or in ``mounts`` is not entered (``dev`` -1: the site crosses mounts).
 
     This loop is the cold reconcile's cost (a million files): the per-file work is inlined and
     the directory part of the relative path is decoded once per directory, not once per file.
@@ -243,19 +294,22 @@ def _walk(
     cameras: dict[str, str] = {}  # raw -> storable camera id (checked once per camera)
     last_raw = last_cam = ""
     exts_exact = tuple(exts)
-    files = ignored = added = updated = ndirs = 0
+    fenced = dev >= 0
+    unmatched_ex = delta.unmatched
+    # what could not be read: its catalogued rows stay (exact paths, and subtrees)
+    keep_exact: set[bytes] = set()
+    keep_under: list[bytes] = []
+    files = ignored = unmatched = added = updated = ndirs = 0
     while stack:
         d, d_ns = stack.pop()
         try:
             it = os.scandir(d)
         except (FileNotFoundError, NotADirectoryError):
             continue  # vanished meanwhile: its rows stay in ``known`` and are removed
-        except PermissionError as exc:
-            log.warning("cannot list %r: %s; its segments are left as catalogued", d, exc)
-            # unknown content: keep what the catalog has rather than forgetting it
-            lo, hi = prefix_range(d + b"/")
-            for p in [p for p in known if lo <= p < hi]:
-                del known[p]
+        except OSError as exc:
+            # EACCES, EIO, ESTALE ...: unknown content, not an empty one
+            delta.unreadable.append((d, exc.strerror or str(exc)))
+            keep_under.append(d + b"/")
             continue
         ndirs += 1
         delta.dirs.append((d, _dir_mark(d_ns, racy_after_ns)))
@@ -263,79 +317,114 @@ def _walk(
         camera_dir = rel_dir.partition("/")[0]
         # the layout's directory part is matched here, once; per file only the name
         match = layout.dir_matcher(rel_dir) if layout is not None else None
-        with it:
-            for e in it:
-                try:
-                    # files first: a million of them against a few thousand directories
-                    if not e.is_file(follow_symlinks=False):
-                        if e.is_dir(follow_symlinks=False):
-                            stack.append((e.path, e.stat(follow_symlinks=False).st_mtime_ns))
-                        else:
-                            ignored += 1  # symlink, fifo, socket, device
-                        continue
-                    name = e.name
-                    if not name.endswith(exts_exact):  # fast path: as written in the config
-                        dot = name.rfind(b".")
-                        if dot <= 0 or name[dot:].lower() not in exts:
-                            ignored += 1
+        try:
+            with it:
+                for e in it:
+                    try:
+                        # files first: a million of them against a few thousand directories
+                        if not e.is_file(follow_symlinks=False):
+                            if e.is_dir(follow_symlinks=False):
+                                if e.name[0] == 0x2E:
+                                    ignored += 1  # hidden directory: not entered
+                                    continue
+                                est = e.stat(follow_symlinks=False)
+                                if fenced and (est.st_dev != dev or e.path in mounts):
+                                    delta.mounts.append(e.path)  # another file system
+                                    continue
+                                stack.append((e.path, est.st_mtime_ns))
+                            else:
+                                ignored += 1  # symlink, fifo, socket, device
                             continue
-                    elif name[0] == 0x2E and name.count(b".") == 1:
-                        ignored += 1  # ".mp4": a hidden file, not a segment
+                        name = e.name
+                        if name[0] == 0x2E:
+                            ignored += 1  # hidden: a recorder's temporary, not a segment
+                            continue
+                        if not name.endswith(exts_exact):  # fast path: as written in the config
+                            dot = name.rfind(b".")
+                            if dot <= 0 or name[dot:].lower() not in exts:
+                                ignored += 1
+                                continue
+                        path = e.path
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # gone between listing and stat
+                    except OSError as exc:
+                        delta.unreadable.append((e.path, exc.strerror or str(exc)))
+                        keep_exact.add(e.path)
+                        keep_under.append(e.path + b"/")
                         continue
-                    path = e.path
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # gone between listing and stat
-                mtime = st.st_mtime
-                old = pop(path, None)
-                if (
-                    old is not None
-                    and trust_known
-                    and old[3] == mtime
-                    and old[4] == st.st_size
-                    and old[0] == site
-                ):
-                    # unchanged file: camera and start are read from the path, which is the
-                    # same, with the same layout (trust_known is off after a layout change)
+                    mtime = st.st_mtime
+                    old = pop(path, None)
+                    if (
+                        old is not None
+                        and trust_known
+                        and old[3] == mtime
+                        and old[4] == st.st_size
+                        and old[0] == site
+                    ):
+                        # unchanged file: camera and start are read from the path, which is
+                        # the same, with the same layout (trust_known is off after a layout
+                        # change)
+                        files += 1
+                        continue
+                    if layout is not None:
+                        got = match(name) if match is not None else None
+                        if got is None:
+                            ignored += 1
+                            unmatched += 1
+                            if len(unmatched_ex) < _EXAMPLES:
+                                unmatched_ex.append(path)
+                            if old is not None:
+                                known[path] = old  # catalogued, no longer a segment: remove it
+                            continue
+                        camera, start = got
+                    elif camera_dir:
+                        camera, start = camera_dir, mtime
+                    else:
+                        ignored += 1  # directly in the root: no camera directory
+                        unmatched += 1
+                        if len(unmatched_ex) < _EXAMPLES:
+                            unmatched_ex.append(path)
+                        continue
+                    if camera == last_raw:
+                        camera = last_cam
+                    else:
+                        last_raw = camera
+                        cam = cameras.get(camera)
+                        if cam is None:
+                            cam = cameras[camera] = _camera_id(camera)
+                        camera = last_cam = cam
+                    size = st.st_size
                     files += 1
-                    continue
-                if layout is not None:
-                    got = match(name) if match is not None else None
-                    if got is None:
-                        ignored += 1
-                        if old is not None:
-                            known[path] = old  # catalogued, no longer a segment: remove it
+                    if old is None:
+                        added += 1
+                    elif old == (site, camera, start, mtime, size):
                         continue
-                    camera, start = got
-                elif camera_dir:
-                    camera, start = camera_dir, mtime
-                else:
-                    ignored += 1  # directly in the root: no camera directory
-                    continue
-                if camera == last_raw:
-                    camera = last_cam
-                else:
-                    last_raw = camera
-                    cam = cameras.get(camera)
-                    if cam is None:
-                        cam = cameras[camera] = _camera_id(camera)
-                    camera = last_cam = cam
-                size = st.st_size
-                files += 1
-                if old is None:
-                    added += 1
-                elif old == (site, camera, start, mtime, size):
-                    continue
-                else:
-                    updated += 1
-                expires = None if forever else (start + keep_s if fixed else calc(start))
-                rows.append((site, camera, path, start, mtime, size, expires))
+                    else:
+                        updated += 1
+                    expires = None if forever else (start + keep_s if fixed else calc(start))
+                    rows.append((site, camera, path, start, mtime, size, expires))
+        except OSError as exc:
+            # the listing itself failed part way (EIO, ESTALE): what was not seen is kept
+            delta.unreadable.append((d, exc.strerror or str(exc)))
+            keep_under.append(d + b"/")
+    if keep_exact or keep_under:
+        _keep_rows(known, keep_exact, keep_under)
     st_ = delta.stats
     st_.files += files
     st_.ignored += ignored
+    st_.unmatched += unmatched
     st_.added += added
     st_.updated += updated
     st_.dirs += ndirs
+
+
+def _keep_rows(known: dict[bytes, _Known], exact: set[bytes], under: list[bytes]) -> None:
+    """Take rows out of ``known`` (what was not seen, removed afterwards): the rows of paths
+    that could not be read are kept in the catalog. One pass, however many were unreadable."""
+    prefixes = tuple(under)
+    for p in [p for p in known if p in exact or (prefixes and p.startswith(prefixes))]:
+        del known[p]
 
 
 @dataclass(frozen=True)
@@ -350,6 +439,8 @@ class _Job:
     rules: SiteRules
     racy_after_ns: int
     trust_known: bool
+    dev: int = -1  # the root's st_dev; -1: the site crosses mounts
+    mounts: frozenset[bytes] = frozenset()  # mount points below the root, not entered
 
 
 def _read_known(conn: sqlite3.Connection, lo: bytes, hi: bytes) -> dict[bytes, _Known]:
@@ -376,7 +467,17 @@ def _walk_job(job: _Job) -> _Delta:
         finally:
             conn.close()
     delta = _Delta()
-    _walk(cls, job.top, job.top_mtime_ns, known, delta, job.racy_after_ns, job.trust_known)
+    _walk(
+        cls,
+        job.top,
+        job.top_mtime_ns,
+        known,
+        delta,
+        job.racy_after_ns,
+        job.trust_known,
+        job.dev,
+        job.mounts,
+    )
     # in path order: the rows land next to each other in the catalog's path index (fewer
     # pages touched, a denser index); packed here, in parallel, rather than in the writer
     delta.rows.sort(key=_path_of)
@@ -384,6 +485,7 @@ def _walk_job(job: _Job) -> _Delta:
     delta.rows = []
     delta.removed = list(known)
     delta.stats.removed = len(known)
+    delta.stats.unreadable = len(delta.unreadable)
     delta.stats.cpu_seconds = time.process_time() - cpu0
     return delta
 
@@ -431,6 +533,7 @@ class Scanner:
         *,
         workers: int | None = None,
         pool_min_rows: int = _POOL_MIN_ROWS,
+        attention: Attention | None = None,
     ) -> None:
         self.catalog = catalog
         self.sites = list(sites)
@@ -450,6 +553,56 @@ class Scanner:
         self._roots = sorted(roots, key=lambda rs: len(rs[0]), reverse=True)
         self._classifiers: dict[tuple[str, bytes], _Classifier] = {}
         self._lock = threading.Lock()  # one reconcile / incremental / hint at a time
+        # what the admin must see; a private registry when none is shared (tests, tools)
+        self.attention = attention if attention is not None else Attention()
+        # (site, root) -> (count, example paths) of segment files the layout does not match,
+        # as the last full walk of the root found them
+        self.unmatched: dict[tuple[str, bytes], tuple[int, list[bytes]]] = {}
+        # root -> kind: roots out of service (not walked, rows kept, no disk pressure); taken
+        # over from the registry, which outlives a scanner replaced by a config reload
+        self._unhealthy: dict[bytes, str] = {}
+        self._mounts: dict[bytes, frozenset[bytes]] = {}  # root -> mount points below it
+        by_key = {(s.site, os.fsdecode(r)): r for r, s in self._roots}
+        mine = (att.UNMATCHED, att.MOUNT_SKIPPED, att.UNREADABLE, *_ROOT_KINDS)
+        for e in self.attention.entries():
+            s_ = self._by_site.get(e.site or "")
+            if e.kind in mine and s_ is not None:
+                tops = [os.fsdecode(_norm(r)) for r in s_.roots]
+                if not any(e.key == t or e.key.startswith(t + "/") for t in tops):
+                    self.attention.clear(e.kind, e.site, e.key)  # a root the config dropped
+                    continue
+            out = by_key.get((e.site or "", e.key))
+            if out is not None and (e.kind in _ROOT_KINDS or e.kind == att.UNREADABLE):
+                self._unhealthy[out] = e.kind
+
+    # -- what the engine asks ----------------------------------------------------------------
+
+    def unhealthy_roots(self) -> set[bytes]:
+        """Roots (normalised bytes paths, as configured) that are out of service: missing,
+        emptied, on another file system than before, or unreadable. Their catalog rows are
+        kept but describe no disk that is there now: disk pressure must leave them out."""
+        return set(self._unhealthy)
+
+    def unmatched_report(self) -> list[dict[str, object]]:
+        """``[{site, root, count, examples}]`` of the roots where the last full walk found
+        segment files the site's layout does not match."""
+        return [
+            {
+                "site": site,
+                "root": show_path(root),
+                "count": n,
+                "examples": [show_path(p) for p in ex],
+            }
+            for (site, root), (n, ex) in sorted(self.unmatched.items())
+            if n
+        ]
+
+    def unmatched_by_site(self) -> dict[str, int]:
+        out = {s.site: 0 for s in self.sites}
+        for (site, _root), (n, _ex) in self.unmatched.items():
+            if site in out:
+                out[site] += n
+        return out
 
     def _classifier(self, s: SiteScan, root: bytes) -> _Classifier:
         key = (s.site, root)
@@ -477,6 +630,7 @@ class Scanner:
         with self._lock, gc_paused():  # a million rows of tuples: see gc_paused
             if site is None:
                 total.removed += self.catalog.remove_sites_except(s.site for s in self.sites)
+                self.catalog.forget_root_fs_except(r for r, _ in self._roots)
             for s in self._selected(site):
                 total.add(self._reconcile_site(s))
         release_memory()  # a long-running daemon keeps no heap from the walk
@@ -509,35 +663,297 @@ class Scanner:
         self.catalog.set_layout_key(s.site, key)
         return total
 
-    def _reconcile_root(self, s: SiteScan, root: bytes, trust: bool = True) -> ReconcileStats:
+    def confirm_root(self, site: str, root: bytes | str) -> dict[str, object]:
+        """An admin accepts a root out of service as it is now: on another file system (that
+        one is recorded as its own), or emptied (the rows of footage no longer there are
+        forgotten by a walk that accepts the empty root). A missing root's rows are forgotten;
+        the root itself stays reported until it exists again or leaves the config.
+
+        Raises KeyError for an unknown site or a path that is not one of its roots, ValueError
+        for a root that needs no confirmation."""
+        s = self._by_site.get(site)
+        if s is None:
+            raise KeyError(f"unknown site {site!r}")
+        want = _norm(root)
+        if want not in (_norm(r) for r in s.roots):
+            raise KeyError(
+                f"{show_path(want)} is not a root of site {site}; its roots: "
+                f"{', '.join(show_path(_norm(r)) for r in s.roots)}"
+            )
+        with self._lock:
+            kind = self._unhealthy.get(want)
+            if kind is None:
+                raise ValueError(
+                    f"root {show_path(want)} of site {site} is in service; nothing to confirm"
+                )
+            if kind == att.UNREADABLE:
+                raise ValueError(
+                    f"root {show_path(want)} of site {site} cannot be read; nothing to confirm: "
+                    "fix its permissions or the disk, the next walk takes it back"
+                )
+            rows = self._rows_under(want)
+            if kind == att.ROOT_MISSING:
+                forgotten = self.catalog.remove_under(want)
+                self.unmatched.pop((site, want), None)
+                return {"site": site, "root": show_path(want), "was": kind, "forgotten": forgotten}
+            stats = self._reconcile_root(s, want, trust=True, accept=True)
+            return {
+                "site": site,
+                "root": show_path(want),
+                "was": kind,
+                "forgotten": stats.removed,
+                "catalogued_before": rows,
+                "found": stats.files,
+            }
+
+    # -- the health of a root --------------------------------------------------------------
+
+    def _root_out(self, s: SiteScan, root: bytes, kind: str, message: str) -> None:
+        """Take ``root`` out of service: its rows stay, it is not walked, the admin is told."""
+        key = os.fsdecode(root)
+        for k in (*_ROOT_KINDS, att.UNREADABLE):
+            if k != kind:
+                self.attention.clear(k, s.site, key)
+        self.attention.raise_(kind, s.site, key, message, {"root": show_path(root)})
+        self._unhealthy[root] = kind
+
+    def _root_back(self, s: SiteScan, root: bytes) -> None:
+        key = os.fsdecode(root)
+        if self._unhealthy.pop(root, None) is not None or any(
+            e.site == s.site and e.key == key for e in self.attention.entries()
+        ):
+            for k in (*_ROOT_KINDS, att.UNREADABLE):
+                self.attention.clear(k, s.site, key)
+
+    def _root_health(
+        self, s: SiteScan, root: bytes, accept: bool = False
+    ) -> tuple[os.stat_result, list[os.DirEntry[bytes]]] | None:
+        """The root's stat and entries when it is fit to walk; None (and an attention entry)
+        when it is missing, unreadable, on another file system than before, or emptied while
+        the catalog holds footage of it. ``accept``: an admin confirmed the root as it is now."""
+        shown = show_path(root)
+
+        def rows() -> str:  # counted only when something is wrong (a million rows: a while)
+            return f"; its {self._rows_under(root)} catalogued segments are kept"
+
+        try:
+            root_st = os.lstat(root)
+        except (FileNotFoundError, NotADirectoryError):
+            self._root_out(
+                s,
+                root,
+                att.ROOT_MISSING,
+                f"root {shown} of site {s.site} does not exist (a disk not mounted?)"
+                f"{rows()}; mount it, or confirm with "
+                f"`nvr-guard retention confirm-root {s.site} {shown}`",
+            )
+            return None
+        except OSError as exc:
+            self._root_out(
+                s, root, att.UNREADABLE, f"cannot read root {shown}: {exc.strerror}{rows()}"
+            )
+            return None
+        if not stat.S_ISDIR(root_st.st_mode):
+            # purge opens roots with O_NOFOLLOW and would refuse every file: cataloguing them
+            # would only produce a plan that cannot be carried out
+            what = "a symlink" if stat.S_ISLNK(root_st.st_mode) else "not a directory"
+            self._root_out(
+                s,
+                root,
+                att.ROOT_MISSING,
+                f"root {shown} of site {s.site} is now {what}{rows()}; "
+                "configure the real directory",
+            )
+            return None
+        try:
+            fs = fs_identity(root)
+            entries = list(os.scandir(root))
+        except OSError as exc:
+            self._root_out(
+                s, root, att.UNREADABLE, f"cannot read root {shown}: {exc.strerror}{rows()}"
+            )
+            return None
+        before = self.catalog.root_fs(root)
+        if accept or before is None:
+            if before != fs:
+                self.catalog.set_root_fs(root, s.site, fs)
+        elif before != fs:
+            self._root_out(
+                s,
+                root,
+                att.ROOT_DEVICE,
+                f"root {shown} of site {s.site} is on another file system than at the last walk "
+                f"({before} -> {fs}: a disk not mounted, or another one in its place){rows()}; "
+                "mount the right one, or confirm the new one with "
+                f"`nvr-guard retention confirm-root {s.site} {shown}`",
+            )
+            return None
+        if not accept and not any(
+            e.name[0] != 0x2E and e.name not in _EMPTY_ROOT_NAMES for e in entries
+        ):
+            n = self._rows_under(root) if self._any_under(root) else 0
+            if n:
+                self._root_out(
+                    s,
+                    root,
+                    att.ROOT_EMPTIED,
+                    f"root {shown} of site {s.site} is empty but the catalog holds {n} segments "
+                    "of it (a disk not mounted, the footage moved?); they are kept; if the "
+                    f"footage is really gone, confirm with "
+                    f"`nvr-guard retention confirm-root {s.site} {shown}`",
+                )
+                return None
+        self._root_back(s, root)
+        return root_st, entries
+
+    def _rows_under(self, root: bytes) -> int:
+        lo, hi = prefix_range(root + b"/")
+        with self.catalog.lock:
+            row = self.catalog.conn.execute(
+                "SELECT count(*) FROM segments WHERE path >= ? AND path < ?", (lo, hi)
+            ).fetchone()
+        return int(row[0])
+
+    def _fence(
+        self, s: SiteScan, root: bytes, root_st: os.stat_result
+    ) -> tuple[int, frozenset[bytes]]:
+        """(st_dev, mount points below) the walk of ``root`` stays within; (-1, {}) when the
+        site crosses mounts. The mount table is read once per full walk of the root."""
+        if s.cross_mounts:
+            return -1, frozenset()
+        mounts = frozenset(mount_points_below(root))
+        self._mounts[root] = mounts
+        return root_st.st_dev, mounts
+
+    def _report(
+        self,
+        s: SiteScan,
+        root: bytes,
+        unmatched: tuple[int, list[bytes]] | None,
+        unreadable: list[tuple[bytes, str]],
+        mounts: list[bytes] | None,
+        scope: bytes | None = None,
+    ) -> None:
+        """Make the attention entries of one walk the standing ones: of the whole root (a full
+        walk: ``scope`` None), or of what lies below ``scope`` (an incremental re-listing)."""
+        key = os.fsdecode(root)
+        shown = show_path(root)
+        if unmatched is not None:
+            n, ex = unmatched
+            self.unmatched[(s.site, root)] = (n, ex[:_EXAMPLES])
+            how = f"layout {s.layout.pattern!r}" if s.layout is not None else "no layout"
+            self.attention.replace(
+                att.UNMATCHED,
+                s.site,
+                [
+                    (
+                        key,
+                        f"{n} files with a segment extension under {shown} do not match the "
+                        f"site's {how} and are never deleted, e.g. "
+                        f"{', '.join(show_path(p) for p in ex[:_EXAMPLES])}; fix layout: "
+                        "(check it with `nvr-guard layout test`) or move the files",
+                        {"root": shown, "count": n, "examples": [show_path(p) for p in ex]},
+                    )
+                ]
+                if n
+                else [],
+                keys_in_scope=lambda k: k == key,
+            )
+        if mounts is not None:
+            self.attention.replace(
+                att.MOUNT_SKIPPED,
+                s.site,
+                [
+                    (
+                        key,
+                        f"{len(mounts)} mount points under {shown} are other file systems and "
+                        f"were not walked (cross_mounts is off): "
+                        f"{', '.join(show_path(m) for m in sorted(mounts)[:_UNREADABLE_MAX])}; "
+                        "nothing there is deleted. Mount the footage as a root of its own, or "
+                        "set cross_mounts: true for the site",
+                        {"root": shown, "mounts": [show_path(m) for m in sorted(mounts)]},
+                    )
+                ]
+                if mounts
+                else [],
+                keys_in_scope=lambda k: k == key,
+            )
+        under = os.fsdecode((scope if scope is not None else root) + b"/")
+        top = os.fsdecode(scope if scope is not None else root)
+        bad = sorted(set(unreadable))
+        entries: list[tuple[str, str, dict[str, object] | None]] = [
+            (
+                os.fsdecode(p),
+                f"cannot read {show_path(p)} ({why}); it is skipped and its catalogued "
+                "segments are kept; fix its permissions or the disk",
+                {"root": shown, "path": show_path(p), "error": why},
+            )
+            for p, why in bad[:_UNREADABLE_MAX]
+        ]
+        if len(bad) > _UNREADABLE_MAX:
+            more: dict[str, object] = {"root": shown, "count": len(bad) - _UNREADABLE_MAX}
+            entries.append(
+                (
+                    key + "/…",
+                    f"and {len(bad) - _UNREADABLE_MAX} more unreadable paths under {shown}",
+                    more,
+                )
+            )
+        if scope is None:
+            self.attention.replace(
+                att.UNREADABLE,
+                s.site,
+                entries,
+                keys_in_scope=lambda k: k != key and (k.startswith(under) or k == key + "/…"),
+            )
+        else:
+            self.attention.replace(
+                att.UNREADABLE,
+                s.site,
+                entries,
+                keys_in_scope=lambda k: k == top or k.startswith(under),
+            )
+
+    # -- cold reconcile of one root --------------------------------------------------------
+
+    def _reconcile_root(
+        self, s: SiteScan, root: bytes, trust: bool = True, accept: bool = False
+    ) -> ReconcileStats:
         stats = ReconcileStats()
         cls = self._classifier(s, root)
         racy = self._racy_after()
-        try:
-            root_st = os.lstat(root)
-            if stat.S_ISLNK(root_st.st_mode):
-                # purge opens roots with O_NOFOLLOW and would refuse every file: cataloguing
-                # them would only produce a plan that cannot be carried out
-                raise OSError(errno.ELOOP, "the root is a symlink; configure the real directory")
-            entries = list(os.scandir(root))
-        except OSError as exc:
-            # a root that is missing or unreadable (unmounted disk): its catalog rows are kept,
-            # since forgetting them would hide footage that is still somewhere; say so loudly
-            log.warning("site %s: cannot list root %r: %s; catalog left as is", s.site, root, exc)
-            return stats
+        health = self._root_health(s, root, accept)
+        if health is None:
+            return stats  # rows kept; the attention entry says why
+        root_st, entries = health
+        dev, mounts = self._fence(s, root, root_st)
         stats.dirs += 1
         tops: list[tuple[bytes, int]] = []
         root_files: list[tuple[bytes, os.stat_result]] = []
+        head = _Delta()
+        keep_exact: set[bytes] = set()
+        keep_under: list[bytes] = []
         for e in entries:
             try:
                 if e.is_dir(follow_symlinks=False):
-                    tops.append((e.path, e.stat(follow_symlinks=False).st_mtime_ns))
+                    if e.name[0] == 0x2E:
+                        stats.ignored += 1  # hidden directory: not entered
+                        continue
+                    est = e.stat(follow_symlinks=False)
+                    if dev >= 0 and (est.st_dev != dev or e.path in mounts):
+                        head.mounts.append(e.path)
+                        continue
+                    tops.append((e.path, est.st_mtime_ns))
                 elif e.is_file(follow_symlinks=False) and cls.is_segment_name(e.name):
                     root_files.append((e.path, e.stat(follow_symlinks=False)))
                 else:
                     stats.ignored += 1
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                head.unreadable.append((e.path, exc.strerror or str(exc)))
+                keep_exact.add(e.path)
+                keep_under.append(e.path + b"/")
         prefix = root + b"/"
         names = [t[len(prefix) :] for t, _ in tops]
         existing = self.catalog.count_upto(s.site, 1) > 0 or self._any_under(root)
@@ -548,12 +964,15 @@ class Scanner:
             with self.catalog.lock:
                 for lo, hi in _gaps(prefix, names):
                     known.update(_read_known(self.catalog.conn, lo, hi))
-        head = _Delta()
+            if keep_exact:
+                _keep_rows(known, keep_exact, keep_under)
         head.dirs.append((root, _dir_mark(root_st.st_mtime_ns, racy)))
         for path, st in root_files:
             _note_file(cls, path, st, known, head)
         head.removed = list(known)
         head.stats.removed = len(known)
+        head.stats.unreadable = len(head.unreadable)
+        found = _Delta()  # what the walk reports: unmatched, unreadable, mount points
 
         jobs = [
             _Job(
@@ -567,6 +986,8 @@ class Scanner:
                 s.rules,
                 racy,
                 trust,
+                dev,
+                mounts,
             )
             for top, ns in tops
         ]
@@ -585,6 +1006,10 @@ class Scanner:
             t_apply += time.perf_counter() - t
             all_dirs.extend(delta.dirs)
             stats.add(delta.stats)
+            found.stats.unmatched += delta.stats.unmatched
+            found.unmatched.extend(delta.unmatched[: _EXAMPLES - len(found.unmatched)])
+            found.unreadable.extend(delta.unreadable)
+            found.mounts.extend(delta.mounts)
 
         with self.catalog.bulk_load() if not existing else _nullctx():
             apply(head)
@@ -620,6 +1045,9 @@ class Scanner:
                 )
             self.catalog.set_dirs(s.site, all_dirs)
             t_walked = time.perf_counter()
+        self._report(
+            s, root, (found.stats.unmatched, found.unmatched), found.unreadable, found.mounts
+        )
         log.debug(
             "site %s root %r: walk %.2f s (writing %.2f s of it), commit/index %.2f s, pool %s",
             s.site,
@@ -684,34 +1112,58 @@ class Scanner:
         self, s: SiteScan, root: bytes, known_dirs: dict[bytes, int]
     ) -> ReconcileStats:
         stats = ReconcileStats()
+        health = self._root_health(s, root)
+        if health is None:
+            return stats  # rows kept; the attention entry says why
+        root_st = health[0]
+        if s.cross_mounts:
+            dev, mounts = -1, frozenset[bytes]()
+        else:
+            dev = root_st.st_dev
+            known_mounts = self._mounts.get(root)
+            if known_mounts is None:
+                known_mounts = self._mounts[root] = frozenset(mount_points_below(root))
+            mounts = known_mounts
         cls = self._classifier(s, root)
         racy = self._racy_after()
         lo, hi = prefix_range(root + b"/")
         mine = sorted(p for p in known_dirs if p == root or lo <= p < hi)
         changed: list[tuple[bytes, int]] = []
         vanished: list[bytes] = []
+        found = _Delta()  # unreadable paths met on the way
         for d in mine:
             if vanished and d.startswith(vanished[-1] + b"/"):
                 continue  # below a directory that is gone: handled with it
+            if found.unreadable and d.startswith(found.unreadable[-1][0] + b"/"):
+                continue  # below a directory that cannot be read: left as catalogued
             try:
                 st = os.lstat(d)
             except FileNotFoundError:
                 vanished.append(d)
                 continue
             except OSError as exc:
-                log.warning("cannot stat %r: %s", d, exc)
+                found.unreadable.append((d, exc.strerror or str(exc)))
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 vanished.append(d)  # became a symlink or a file: nothing below it counts now
+            elif d != root and dev >= 0 and (st.st_dev != dev or d in mounts):
+                vanished.append(d)  # something mounted over it: not this root's any more
             elif st.st_mtime_ns != known_dirs[d]:
                 changed.append((d, st.st_mtime_ns))
-        if root in vanished:
-            log.warning("site %s: root %r is gone; catalog left as is", s.site, root)
-            return stats
         for d in vanished:
             stats.removed += self.catalog.remove_under(d)
         for d, ns in changed:
-            self._relist(cls, d, ns, known_dirs, stats, racy)
+            self._relist(cls, d, ns, known_dirs, stats, racy, found, dev, mounts)
+        for p, why in found.unreadable[:_UNREADABLE_MAX]:
+            self.attention.raise_(
+                att.UNREADABLE,
+                s.site,
+                os.fsdecode(p),
+                f"cannot read {show_path(p)} ({why}); it is skipped and its catalogued "
+                "segments are kept; fix its permissions or the disk",
+                {"root": show_path(root), "path": show_path(p), "error": why},
+            )
+        stats.unreadable += len(found.unreadable)
         return stats
 
     def _relist(
@@ -722,30 +1174,46 @@ class Scanner:
         known_dirs: dict[bytes, int],
         stats: ReconcileStats,
         racy: int,
+        found: _Delta,
+        dev: int = -1,
+        mounts: frozenset[bytes] = frozenset(),
     ) -> None:
         try:
             entries = list(os.scandir(d))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             stats.removed += self.catalog.remove_under(d)
             return
         except OSError as exc:
-            log.warning("cannot list %r: %s", d, exc)
+            found.unreadable.append((d, exc.strerror or str(exc)))
             return
         delta = _Delta()
         delta.stats.dirs += 1
         delta.dirs.append((d, _dir_mark(d_ns, racy)))
         subdirs: list[tuple[bytes, int]] = []
         files: list[tuple[bytes, os.stat_result]] = []
+        keep_exact: set[bytes] = set()
+        keep_under: list[bytes] = []
         for e in entries:
             try:
                 if e.is_dir(follow_symlinks=False):
-                    subdirs.append((e.path, e.stat(follow_symlinks=False).st_mtime_ns))
+                    if e.name[0] == 0x2E:
+                        delta.stats.ignored += 1  # hidden directory: not entered
+                        continue
+                    est = e.stat(follow_symlinks=False)
+                    if dev >= 0 and (est.st_dev != dev or e.path in mounts):
+                        delta.mounts.append(e.path)
+                        continue
+                    subdirs.append((e.path, est.st_mtime_ns))
                 elif e.is_file(follow_symlinks=False) and cls.is_segment_name(e.name):
                     files.append((e.path, e.stat(follow_symlinks=False)))
                 else:
                     delta.stats.ignored += 1
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                delta.unreadable.append((e.path, exc.strerror or str(exc)))
+                keep_exact.add(e.path)
+                keep_under.append(e.path + b"/")
         prefix = d + b"/"
         known: dict[bytes, _Known] = {}
         with self.catalog.lock:
@@ -758,13 +1226,16 @@ class Scanner:
                 # new directory: walk all of it, against whatever the catalog has below it
                 with self.catalog.lock:
                     sub_known = _read_known(self.catalog.conn, *prefix_range(sub + b"/"))
-                _walk(cls, sub, ns, sub_known, delta, racy)
+                _walk(cls, sub, ns, sub_known, delta, racy, True, dev, mounts)
                 known.update(sub_known)  # left over: catalogued but not on disk
+        if keep_exact or keep_under:
+            _keep_rows(known, keep_exact, keep_under)
         delta.removed = list(known)
         delta.stats.removed += len(known)
         self.catalog.apply_rows(delta.rows, delta.removed)
         self.catalog.set_dirs(cls.site, delta.dirs)
         stats.add(delta.stats)
+        found.unreadable.extend(delta.unreadable)
 
     # -- hints -----------------------------------------------------------------------------
 
@@ -787,20 +1258,38 @@ class Scanner:
         s, root = found
         cls = self._classifier(s, root)
         with self._lock:
+            if root in self._unhealthy:
+                return "ignored"  # out of service: rows kept as they are until it is back
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
                 n = self.catalog.remove_paths([path]) + self.catalog.remove_under(path)
                 return "removed" if n else "ignored"
-            # a symlinked directory anywhere between the root and the path: not ours to catalog
-            if not _plain_below(root, path):
+            except OSError:
+                return "ignored"  # unreadable: the rescans report it
+            dev, mounts = -1, frozenset[bytes]()
+            if not s.cross_mounts:
+                try:
+                    dev = os.lstat(root).st_dev
+                except OSError:
+                    return "ignored"
+                mounts = self._mounts.get(root) or frozenset()
+            # a symlinked directory, a hidden name or another file system anywhere between the
+            # root and the path: not ours to catalog
+            if (
+                b"/." in path[len(root) :]
+                or not _plain_below(root, path, dev, mounts)
+                or (dev >= 0 and (st.st_dev != dev or path in mounts))
+            ):
                 n = self.catalog.remove_paths([path]) + self.catalog.remove_under(path)
                 return "removed" if n else "ignored"
             if stat.S_ISDIR(st.st_mode):
                 delta = _Delta()
                 with self.catalog.lock:
                     known = _read_known(self.catalog.conn, *prefix_range(path + b"/"))
-                _walk(cls, path, st.st_mtime_ns, known, delta, self._racy_after())
+                _walk(
+                    cls, path, st.st_mtime_ns, known, delta, self._racy_after(), True, dev, mounts
+                )
                 # a hint does not prove the directory complete (events may still come), so
                 # rows it did not see are left to the rescans; directory marks are not stored
                 self.catalog.apply_rows(delta.rows, ())
@@ -858,16 +1347,22 @@ def _exts(s: SiteScan) -> frozenset[bytes]:
     return frozenset(os.fsencode(e.lower()) for e in s.extensions)
 
 
-def _plain_below(root: bytes, path: bytes) -> bool:
-    """True when every directory between ``root`` and ``path`` is a real directory."""
+def _plain_below(
+    root: bytes, path: bytes, dev: int = -1, mounts: frozenset[bytes] = frozenset()
+) -> bool:
+    """True when every directory between ``root`` and ``path`` is a real directory (on the
+    root's file system ``dev`` and no mount point, unless ``dev`` is -1)."""
     rel = path[len(root) + 1 :].split(b"/")[:-1]
     cur = root
     for part in rel:
         cur = cur + b"/" + part
         try:
-            if not stat.S_ISDIR(os.lstat(cur).st_mode):
-                return False
+            st = os.lstat(cur)
         except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        if dev >= 0 and (st.st_dev != dev or cur in mounts):
             return False
     return True
 

@@ -147,9 +147,17 @@ class SweepOutcome:
     bytes: int = 0
     skipped: list[tuple[Segment, str]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    # a preview's findings of the walk: [{site, root, count, examples}] and attention entries
+    unmatched: list[dict[str, Any]] | None = None
+    attention: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
         items = [i.as_json() for i in self.plan.items]
+        extra: dict[str, Any] = {}
+        if self.unmatched is not None:
+            extra["unmatched"] = self.unmatched
+        if self.attention is not None:
+            extra["attention"] = self.attention
         return {
             "sweep": self.sweep,
             "deleted": self.deleted,
@@ -161,7 +169,7 @@ class SweepOutcome:
             ],
             "alerts": list(self.plan.alerts),
             "skipped": [{"path": show_path(s.path), "reason": r} for s, r in self.skipped],
-        }
+        } | extra
 
 
 # upper bounds (seconds) of the deletion-lateness histogram: a healthy daemon stays within one
@@ -276,14 +284,19 @@ class Engine:
             on_anchor=self._on_anchor,
         )
         self.rules: dict[str, SiteRules] = config.site_rules()
-        self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
-        self._workflow: Any = None
-        self._media: Any = None
-        self.stats = RetentionStats()
         # what the admin must see (status `attention`, metric, audit): see nvr_guard.attention
         self.attention = Attention(
             lambda action, obj, details: self.audit.append("nvr-guard", action, obj, details)
         )
+        self.scanner = Scanner(
+            self.catalog,
+            self.site_scans(),
+            clock=lambda: self.clock().wall,
+            attention=self.attention,
+        )
+        self._workflow: Any = None
+        self._media: Any = None
+        self.stats = RetentionStats()
         # holds placed without their roots (the workflow's, or before holds recorded them)
         self.catalog.fill_hold_roots(site_roots(config))
         self.key_fingerprint: str | None = None  # the export signing key's, once loaded
@@ -379,6 +392,7 @@ class Engine:
                     layout=self.config.layout_for(name),
                     extensions=self.config.extensions_for(name),
                     rules=self.rules[name],
+                    cross_mounts=site.cross_mounts,
                 )
             )
         return out
@@ -409,7 +423,12 @@ class Engine:
             )
             self.config = new
             self.rules = new.site_rules()
-            self.scanner = Scanner(self.catalog, self.site_scans(), clock=lambda: self.clock().wall)
+            self.scanner = Scanner(
+                self.catalog,
+                self.site_scans(),
+                clock=lambda: self.clock().wall,
+                attention=self.attention,
+            )
             changed = [
                 s
                 for s in self.rules
@@ -525,6 +544,25 @@ class Engine:
         with self.lock:
             self.scanner.hint(path)
 
+    def confirm_root(self, caller: Caller, site: str, root: str) -> dict[str, Any]:
+        """An admin accepts a root that went out of service (another file system, emptied,
+        missing) as it is now; see :meth:`Scanner.confirm_root`. Audited."""
+        self.require(caller, CONFIRM_ROLES, f"confirm root {root} of site {site}")
+        with self.lock:
+            try:
+                res = self.scanner.confirm_root(site, os.fsencode(root))
+            except KeyError as e:
+                raise InvalidInput(str(e.args[0]) if e.args else str(e)) from None
+            except ValueError as e:
+                raise InvalidInput(str(e)) from None
+            self.audit.append(
+                caller.user,
+                "root.confirm",
+                f"root:{site}:{res['root']}",
+                {**res, "uid": caller.uid},
+            )
+            return res
+
     # ---- retention -----------------------------------------------------------------------
     def excluded_roots(self) -> set[bytes]:
         """Roots whose footage counts on no volume: missing, or on another file system than the
@@ -542,7 +580,8 @@ class Engine:
                 old = recorded.get(rb)
                 if not stat.S_ISDIR(st.st_mode) or old is None or old[0] != st.st_dev:
                     out.add(rb)
-        return out
+        # and what the scanner found out of service: emptied, unreadable, another file system
+        return out | self.scanner.unhealthy_roots()
 
     def disk_volumes(self, excluded: set[bytes] | None = None) -> list[Volume]:
         """The file systems (by ``st_dev``) holding the roots that are not ``excluded`` (by
@@ -662,6 +701,7 @@ class Engine:
                     root=root,
                     extensions=self.config.extensions_for(seg.site),
                     settle=self.rules[seg.site].settle,
+                    cross_mounts=site.cross_mounts,
                 )
             )
         return targets
@@ -1317,7 +1357,14 @@ def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) 
     for name, rules in engine.rules.items():
         engine.catalog.recompute_expiry(name, rules)
     engine.reconcile(full=True)
-    return engine.sweep(actor="preview", now=now, dry_run=True, site=site)
+    out = engine.sweep(actor="preview", now=now, dry_run=True, site=site)
+    out.unmatched = [
+        u for u in engine.scanner.unmatched_report() if site is None or u["site"] == site
+    ]
+    out.attention = [
+        a for a in engine.attention.as_json() if site is None or a["site"] in (site, None)
+    ]
+    return out
 
 
 def dumps(obj: Any) -> str:

@@ -60,6 +60,7 @@ VALID: dict[str, dict[str, Any]] = {
     "media.wipe": {"media": "x", "confirm": "x"},
     "retention.run": {"now": None, "dry_run": True},
     "retention.confirm": {"sweep": 1},
+    "retention.confirm_root": {"site": "a", "root": "/srv/x"},
     "hold.add": {
         "camera": "cam1",
         "from": "2026-01-01T00:00",

@@ -189,6 +189,7 @@ def test_scans_recorded_before_content_digests_need_a_new_scan(tmp_path: Path) -
     raw.execute("ALTER TABLE holds DROP COLUMN roots")
     raw.execute("ALTER TABLE sweeps DROP COLUMN trips")
     raw.execute("DROP TABLE root_devices")
+    raw.execute("DROP TABLE root_fs")
     raw.execute("PRAGMA user_version = 4")
     raw.close()
     cat = Catalog(db)

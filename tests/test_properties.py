@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -334,3 +335,152 @@ def test_sweep_deletes_only_what_the_pure_policy_allows(
                     assert os.path.islink(p), f"{m}: {p!r}"
         finally:
             engine.catalog.close()
+
+
+# ---- mount points, symlinked roots, unreadable directories (issue 11) -------------------------
+
+
+@dataclass(frozen=True)
+class Hostile:
+    bind: str  # a tree from outside bind-mounted under the root: none, camera level, date level
+    tmpfs: bool  # another file system mounted as a camera directory, with old footage on it
+    unreadable: tuple[int, ...]  # cameras whose directories become unreadable after the first walk
+    mode: int  # 0o000: not listable; 0o444: listable, entries unreachable
+    root_link: str  # none, parent (a symlinked directory above the root), root (refused)
+
+
+hostiles = st.builds(
+    Hostile,
+    bind=st.sampled_from(["none", "camera", "date"]),
+    tmpfs=st.booleans(),
+    unreadable=st.lists(st.integers(0, len(CAMERAS) - 1), max_size=2, unique=True).map(tuple),
+    mode=st.sampled_from([0o000, 0o444]),
+    root_link=st.sampled_from(["none", "none", "parent", "root"]),
+)
+
+
+def _mount(target: bytes, *args: str | bytes, done: list[bytes]) -> None:
+    os.makedirs(target, exist_ok=True)
+    subprocess.run(["mount", *[os.fsdecode(a) for a in args], os.fsdecode(target)], check=True)
+    done.append(target)
+
+
+def _old_tree(top: bytes, start: float, n: int = 3) -> None:
+    """Layout-shaped and plain old segment files below ``top`` (a date directory level)."""
+    stamp = datetime.fromtimestamp(start, SH).strftime("%Y-%m-%d/%H/%M.%S").encode()
+    for i in range(n):
+        _write(top + b"/" + stamp[:-2] + b"%02d.mp4" % i, start, 50 + i)
+        _write(top + b"/plain/seg%d.mp4" % i, start, 60 + i)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(es=entries, cfg=site_cfgs(), hostile=hostiles)
+def test_sweep_stays_on_the_root_past_mounts_links_and_unreadable_directories(
+    es: list[Entry], cfg: SiteCfg, hostile: Hostile
+) -> None:
+    from fixtures_caps import no_dac_override
+
+    from nvr_guard.errors import ConfigError
+
+    with tempfile.TemporaryDirectory(prefix="nvr-prop-mnt-") as tmp:
+        base = Path(tmp)
+        real = base / "real"
+        (real / "rec").mkdir(parents=True)
+        if hostile.root_link == "parent":
+            (base / "link").symlink_to(real)
+            conf_root = base / "link" / "rec"
+        elif hostile.root_link == "root":
+            (base / "rec-link").symlink_to(real / "rec")
+            conf_root = base / "rec-link"
+        else:
+            conf_root = real / "rec"
+        root = os.fsencode(str(conf_root))
+        outside = os.fsencode(str(base / "outside"))
+        bound = os.fsencode(str(base / "bound"))
+        now = time.time()
+        clock = ClockReading(now, time.clock_gettime(time.CLOCK_BOOTTIME), "prop-boot")
+        _build(root, outside, es, cfg, now)
+        _old_tree(bound, now - 60 * DAY)
+        mounted: list[bytes] = []
+        locked: list[bytes] = []
+        engine: Engine | None = None
+        try:
+            foreign: list[bytes] = []  # mount points: nothing below them may change
+            if hostile.bind == "camera":
+                _mount(root + b"/bindcam", "--bind", bound, done=mounted)
+                foreign.append(root + b"/bindcam")
+            elif hostile.bind == "date":
+                day = datetime.fromtimestamp(now - 60 * DAY, SH).strftime("%Y-%m-%d").encode()
+                _mount(root + b"/bindcam/" + day, "--bind", bound + b"/" + day, done=mounted)
+                foreign.append(root + b"/bindcam/" + day)
+            if hostile.tmpfs:
+                _mount(root + b"/tmpcam", "-t", "tmpfs", "tmpfs", done=mounted)
+                _old_tree(root + b"/tmpcam", now - 60 * DAY)
+                foreign.append(root + b"/tmpcam")
+            if hostile.root_link == "root":
+                try:
+                    load_config(_config(base, conf_root, cfg))
+                except ConfigError as e:
+                    assert any("is a symlink" in m for _f, _ln, m in e.errors), e.errors
+                    event("symlinked root refused")
+                    return
+                raise AssertionError("a symlinked root was accepted")
+            config = load_config(_config(base, conf_root, cfg))
+            engine = Engine(config, clock=lambda: clock)
+            engine.reconcile(full=True)
+            first = {s.path for s in _all_segments(engine)}
+            assert not any(p.startswith(tuple(f + b"/" for f in foreign)) for p in first)
+            before_root = _snapshot(root)
+            before_out = _snapshot(outside)
+            before_foreign = {f: _snapshot(f) for f in foreign}
+            for i in hostile.unreadable:
+                d = root + b"/" + CAMERAS[i]
+                if os.path.isdir(d) and not os.path.islink(d):
+                    os.chmod(d, hostile.mode)
+                    locked.append(d)
+            event(f"locked {len(locked)}, mounts {len(foreign)}, link {hostile.root_link}")
+            with no_dac_override():
+                engine.reconcile(full=True)  # must not stop at what it cannot read
+                kept = {s.path for s in _all_segments(engine)}
+                for d in locked:
+                    under = {p for p in first if p.startswith(d + b"/")}
+                    assert under <= kept, "rows of an unreadable directory were dropped"
+                snapshot = {s.path: s for s in _all_segments(engine)}
+                totals: dict[tuple[str, str], int] = {}
+                for s in snapshot.values():
+                    totals[(s.site, s.camera)] = totals.get((s.site, s.camera), 0) + 1
+                pure = policy.decide(
+                    sorted(snapshot.values(), key=lambda s: (s.site, s.camera, s.start, s.path)),
+                    clock,
+                    engine.rules,
+                    config.guard_rules(),
+                    engine.catalog.active_holds(now),
+                    totals,
+                    disk=engine.disk_states(),
+                    history=engine.catalog.last_history(),
+                )
+                allowed = {i.segment.path for i in pure.deletions}
+                out = engine.sweep(actor="prop", now=clock)
+            for d in locked:
+                os.chmod(d, 0o755)
+            locked.clear()
+            after_root = _snapshot(root)
+            assert _snapshot(outside) == before_out, "something outside the root changed"
+            for f, snap in before_foreign.items():
+                assert _snapshot(f) == snap, f"something below mount point {f!r} changed"
+            gone = {p for p, v in before_root.items() if v[0] != "dir" and p not in after_root}
+            assert gone <= allowed, [os.fsdecode(p) for p in gone - allowed]
+            assert out.deleted == len(gone)
+        finally:
+            for d in locked:
+                os.chmod(d, 0o755)
+            if engine is not None:
+                engine.catalog.close()
+            for m in reversed(mounted):
+                subprocess.run(["umount", os.fsdecode(m)], check=False, capture_output=True)
+                if os.path.ismount(m):
+                    subprocess.run(["umount", "-l", os.fsdecode(m)], check=False)
