@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from nvr_guard import attention, policy
+from nvr_guard import policy
 from nvr_guard.attention import AUDIT_HEAD, SIGNING_KEY, Attention
 from nvr_guard.audit import AuditHeadMismatch, AuditLog
 from nvr_guard.catalog import Catalog
@@ -493,50 +493,26 @@ class Engine:
             return out
 
     def _note_root_devices(self) -> None:
-        """Remember which file system each root is on, and where that file system is mounted.
+        """Remember which file system each root in service is on, and where it is mounted.
 
-        A root found on another device is re-recorded only while the recorded mount point is
-        still a mount point (a disk replaced, or a new one mounted there). When it no longer is,
-        the mount is gone and the root's directory now sits on the parent file system: that is
-        not where its footage is, and disk pressure there must not count it (attention).
+        The scanner decides whether a root is in service (``Scanner.unhealthy_roots``: missing,
+        emptied, unreadable, or on another file system than at its last walk until an admin
+        confirms it) and reports it as an attention state; only roots it walked are recorded
+        here. Between a mount change and the next pass, :meth:`excluded_roots` still leaves a
+        root whose device differs from this record out of disk pressure.
         """
-        recorded = self.catalog.root_devices()
+        out = self.scanner.unhealthy_roots()
         rows: list[tuple[bytes, str, int, bytes]] = []
         for site, roots in site_roots(self.config).items():
             for rb in roots:
+                if rb in out:
+                    continue
                 try:
                     st = os.lstat(rb)
                 except OSError:
                     continue
-                if not stat.S_ISDIR(st.st_mode):
-                    continue
-                key = os.fsdecode(rb)
-                old = recorded.get(rb)
-                if old is not None and old[0] == st.st_dev:
-                    self.attention.clear(attention.ROOT_DEVICE, site, key)
-                    continue
-                if old is not None and not os.path.ismount(old[1]):
-                    self.attention.raise_(
-                        attention.ROOT_DEVICE,
-                        site,
-                        key,
-                        f"root {show_path(rb)} is on another file system than at the last "
-                        f"reconcile and {show_path(old[1])} is no longer a mount point: is the "
-                        f"disk unmounted? Its footage is left out of disk pressure until the "
-                        f"file system is back",
-                        {"root": show_path(rb), "device": st.st_dev, "recorded": old[0]},
-                    )
-                    continue
-                if old is not None:
-                    log.warning(
-                        "site %s: root %s is on a new file system (device %d, was %d)",
-                        site,
-                        show_path(rb),
-                        st.st_dev,
-                        old[0],
-                    )
-                    self.attention.clear(attention.ROOT_DEVICE, site, key)
-                rows.append((rb, site, st.st_dev, _mount_point(rb)))
+                if stat.S_ISDIR(st.st_mode):
+                    rows.append((rb, site, st.st_dev, _mount_point(rb)))
         if rows:
             self.catalog.set_root_devices(rows, self.clock().wall)
 
