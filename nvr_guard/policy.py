@@ -17,6 +17,12 @@ Precedence, strongest first (SPEC §1, §4):
    explicitly chose ``disk.action: overwrite-oldest``;
 4. the ceiling (``keep``) and disk pressure — delete.
 
+Age is measured from both of a segment's times, its start (read from the path) and its mtime (its
+end): it is past the ceiling or the floor only when both are. A camera whose clock was reset names
+fresh files ``2000-01-01/…``; their mtime keeps them. A name in the future (``2099-…``) keeps its
+file by the path time; both cases are reported as clock skew (``model.skew_band``), not decided
+here.
+
 Then two guards may stop deletions that the rules allow: the mass-deletion guard (per camera) and
 the clock guard (all of them). Both stop the sweep until an admin confirms (``retention confirm``).
 """
@@ -41,6 +47,7 @@ from nvr_guard.model import (
     Segment,
     SiteRules,
     SweepHistory,
+    is_skewed,
 )
 from nvr_guard.times import human_bytes
 
@@ -49,6 +56,7 @@ __all__ = [
     "candidate_cutoff",
     "decide",
     "expiry",
+    "expiry_both",
     "floor_until",
     "trip_message",
 ]
@@ -78,6 +86,20 @@ def expiry(start: float, rules: SiteRules) -> float | None:
     if rules.keep is None:
         return None
     return rules.keep.after_ts(start, rules.tz)
+
+
+def expiry_both(start: float, mtime: float, rules: SiteRules) -> float | None:
+    """When a segment is past the ceiling by both its path time and its mtime (None: never).
+
+    Not ``expiry(max(start, mtime))``: month-end clamping makes a calendar expiry non-monotone
+    (31 Aug + 6mo is 28 Feb, as is 30 Aug + 6mo), so each time is taken through the calendar.
+    """
+    a = expiry(start, rules)
+    if a is None or mtime == start:
+        return a
+    b = expiry(mtime, rules)
+    assert b is not None
+    return a if a > b else b
 
 
 def floor_until(start: float, rules: SiteRules) -> float | None:
@@ -354,10 +376,15 @@ class _Site:
     free_note: str  # "free 8.0% < min_free 10%"
     keep_txt: str  # "15d", formatted once: it is in every expiry reason
     local: _LocalTime  # site-local ISO time of an instant
+    skew: float  # guards.max_clock_skew, to say in a reason when the two times disagree
 
 
 def _site_context(
-    rules: SiteRules, now: ClockReading, holds: Sequence[Hold], disk: DiskState | None
+    rules: SiteRules,
+    now: ClockReading,
+    holds: Sequence[Hold],
+    disk: DiskState | None,
+    skew: float,
 ) -> _Site:
     wall = now.wall
     keep = rules.keep
@@ -384,6 +411,7 @@ def _site_context(
         free_note=free_note,
         keep_txt=_dur(keep),
         local=_LocalTime(rules.tz),
+        skew=skew,
     )
 
 
@@ -401,10 +429,22 @@ def _held_back(seg: Segment, ctx: _Site, wall: float) -> str | None:
     return None
 
 
-def _floor_note(seg: Segment, rules: SiteRules) -> str:
+def _floor_note(seg: Segment, rules: SiteRules, skew: float) -> str:
+    """The floor's end for this segment: the later of the two times' (both must pass it)."""
     until = floor_until(seg.start, rules)
     assert until is not None
-    return f"min_keep={_dur(rules.min_keep)} until {_local(until, rules.tz)}"
+    note = ""
+    if seg.mtime != seg.start:
+        by_mtime = floor_until(seg.mtime, rules)
+        assert by_mtime is not None
+        if by_mtime > until:
+            until = by_mtime
+        if is_skewed(seg.start, seg.mtime, skew):
+            note = (
+                f" (path time {_local(seg.start, rules.tz)} and mtime "
+                f"{_local(seg.mtime, rules.tz)} disagree: clock skew, the later one counts)"
+            )
+    return f"min_keep={_dur(rules.min_keep)} until {_local(until, rules.tz)}{note}"
 
 
 def decide(
@@ -451,7 +491,9 @@ def decide(
             if ctx is None:
                 r = rules.get(site)
                 if r is not None:
-                    ctx = contexts[site] = _site_context(r, now, holds, disk.get(site))
+                    ctx = contexts[site] = _site_context(
+                        r, now, holds, disk.get(site), guards.max_clock_skew
+                    )
                     if ctx.need:
                         spare[site] = []
                         freed[site] = 0
@@ -470,10 +512,13 @@ def decide(
             spare_list = spare.get(site)
         assert ctx is not None
         start = seg.start
+        mtime = seg.mtime
+        # both times must be past the ceiling: the path time (what the camera said) and the
+        # mtime (what the host saw); one alone is not trusted (a reset camera clock)
         if fixed:
-            is_due = start + secs <= wall
+            is_due = (mtime if mtime > start else start) + secs <= wall
         else:
-            is_due = due is not None and due(start)
+            is_due = due is not None and due(start) and (mtime == start or due(mtime))
         if not is_due:
             if spare_list is not None:
                 spare_list.append(seg)
@@ -482,11 +527,15 @@ def decide(
         why_not = _held_back(seg, ctx, wall) if seg.mtime > careful_after else None
         if why_not is not None:
             items.append(Item(seg, KEEP, f"{why_not}; otherwise expired (keep={ctx.keep_txt})"))
-        elif ctx.floor is not None and not ctx.floor(start):
+        elif ctx.floor is not None and not _past_floor(ctx.floor, seg):
             # keep < min_keep is refused by the config check; kept here in case rules come from
             # elsewhere: the floor wins over the ceiling
             items.append(
-                Item(seg, KEEP, f"floor: {_floor_note(seg, ctx.rules)}; keep={ctx.keep_txt}")
+                Item(
+                    seg,
+                    KEEP,
+                    f"floor: {_floor_note(seg, ctx.rules, ctx.skew)}; keep={ctx.keep_txt}",
+                )
             )
         else:
             items.append(Item(seg, DELETE, expired_txt + local(start) + " (site-local)"))
@@ -510,6 +559,11 @@ def decide(
     return plan
 
 
+def _past_floor(floor: _DueTest, seg: Segment) -> bool:
+    """Both times are past the floor (the later one decides; see the module docstring)."""
+    return floor(seg.start) and (seg.mtime == seg.start or floor(seg.mtime))
+
+
 def _disk_pressure(
     site: str,
     ctx: _Site,
@@ -525,7 +579,9 @@ def _disk_pressure(
     overwrite = r.disk_action == "overwrite-oldest"
     under_floor_bytes = 0
     overwritten = overwritten_bytes = 0
-    spare.sort(key=lambda s: (s.start, s.path))
+    # oldest first by the later of the two times: a file named 2000-01-01 by a reset camera
+    # clock but written today is young, not the oldest footage of the site
+    spare.sort(key=lambda s: (s.end, s.path))
     for seg in spare:
         if freed + under_floor_bytes >= ctx.need:
             break
@@ -535,13 +591,14 @@ def _disk_pressure(
                 Item(seg, Action.KEEP, f"{why_not}; wanted by disk pressure ({ctx.free_note})")
             )
             continue
-        if ctx.floor is not None and not ctx.floor(seg.start):
+        if ctx.floor is not None and not _past_floor(ctx.floor, seg):
             if overwrite:
                 items.append(
                     Item(
                         seg,
                         Action.DELETE,
-                        f"overwrite-oldest: {ctx.free_note}, under floor {_floor_note(seg, r)}, "
+                        f"overwrite-oldest: {ctx.free_note}, under floor "
+                        f"{_floor_note(seg, r, ctx.skew)}, "
                         f"recorded {ctx.local(seg.start)} (site-local)",
                     )
                 )
@@ -554,7 +611,8 @@ def _disk_pressure(
                     Item(
                         seg,
                         Action.KEEP,
-                        f"floor: {_floor_note(seg, r)}; wanted by disk pressure ({ctx.free_note})",
+                        f"floor: {_floor_note(seg, r, ctx.skew)}; wanted by disk pressure "
+                        f"({ctx.free_note})",
                     )
                 )
                 under_floor_bytes += seg.size

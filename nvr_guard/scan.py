@@ -211,7 +211,7 @@ def _note_file(
     else:
         delta.stats.updated += 1
     assert cls.calc is not None
-    delta.rows.append((cls.site, camera, path, start, mtime, size, cls.calc(start)))
+    delta.rows.append((cls.site, camera, path, start, mtime, size, cls.calc(start, mtime)))
 
 
 def _walk(
@@ -328,7 +328,14 @@ def _walk(
                     continue
                 else:
                     updated += 1
-                expires = None if forever else (start + keep_s if fixed else calc(start))
+                # past the ceiling by both the path time and the mtime (ExpiryCalc's rule)
+                expires: float | None
+                if forever:
+                    expires = None
+                elif fixed:
+                    expires = (mtime if mtime > start else start) + keep_s
+                else:
+                    expires = calc(start, mtime)
                 rows.append((site, camera, path, start, mtime, size, expires))
     st_ = delta.stats
     st_.files += files
