@@ -51,6 +51,16 @@ class Segment:
         floor are measured from."""
         return self.mtime if self.mtime > self.start else self.start
 
+    def span(self, tolerance: float = 3600.0) -> tuple[float, float]:
+        """The footage it may hold, as far as anyone can tell: ``[start, end]``. A path time
+        more than ``tolerance`` after the mtime (the camera named it in the future: 2099) says
+        nothing about when it was recorded; it was written before its mtime, at a time no one
+        knows, so it may hold anything up to its end."""
+        start = self.start
+        if start > self.mtime + tolerance:
+            return float("-inf"), start
+        return start, (self.mtime if self.mtime > start else start)
+
 
 def skew_band(start: float, tolerance: float) -> tuple[float, float]:
     """Where the mtime of a segment whose start was read from its path normally lies.
@@ -120,7 +130,7 @@ class Hold:
     released: float | None = None
     kind: str = "manual"  # manual | request | export
 
-    def covers(self, seg: Segment, now: float) -> bool:
+    def covers(self, seg: Segment, now: float, tolerance: float = 3600.0) -> bool:
         if self.released is not None and self.released <= now:
             return False
         if self.until is not None and self.until <= now:
@@ -132,7 +142,8 @@ class Hold:
         # a segment is held when the footage it holds, [start, end] with the mtime as its end,
         # overlaps the held range [start, end); for a file timed by its mtime alone the start is
         # the catalog's conservative (early) estimate, so a hold over its middle holds it too
-        return seg.start < self.end and seg.end >= self.start
+        lo, hi = seg.span(tolerance)
+        return lo < self.end and hi >= self.start
 
     def label(self) -> str:
         return f"hold {self.id} ({self.kind}: {self.reason}, by {self.owner})"

@@ -418,7 +418,7 @@ def _site_context(
 def _held_back(seg: Segment, ctx: _Site, wall: float) -> str | None:
     """The reason a segment may not be deleted at all right now (hold, settling), else None."""
     for h in ctx.holds:
-        if h.covers(seg, wall):
+        if h.covers(seg, wall, ctx.skew):
             return f"held: {h.label()}"
     if seg.mtime > ctx.settle_after:
         age = wall - seg.mtime
