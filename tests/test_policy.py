@@ -322,9 +322,7 @@ def test_settling(modified_ago: float, expected: Action, reason_start: str) -> N
 def test_hold_beats_settling() -> None:
     s = seg(START, mtime=NOW - 10)
     r = rules(keep="1y", min_free=0.1)
-    plan = plan_for(
-        [s], NOW, r, holds=[_hold()], disk={"gate": DiskState(total=1_000_000, free=0)}
-    )
+    plan = plan_for([s], NOW, r, holds=[_hold()], disk={"gate": DiskState(total=1_000_000, free=0)})
     assert plan.items[0].reason.startswith("held: hold 3")
 
 
