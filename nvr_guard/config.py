@@ -592,6 +592,9 @@ class _Strict(BaseModel):
 class Guards(_Strict):
     max_delete_fraction: Fraction = 0.2
     max_clock_jump: FixedDur = Duration.parse("1d")
+    # a segment whose path time and mtime disagree by more than this is reported (clock_skew);
+    # see policy.skew for the exact band
+    max_clock_skew: FixedDur = Duration.parse("1h")
 
 
 class Disk(_Strict):
@@ -838,6 +841,7 @@ class Config(_Strict):
         return GuardRules(
             max_delete_fraction=self.guards.max_delete_fraction,
             max_clock_jump=float(self.guards.max_clock_jump.seconds),
+            max_clock_skew=float(self.guards.max_clock_skew.seconds),
         )
 
     def layout_timezone(self, site: str) -> ZoneInfo:

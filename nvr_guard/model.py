@@ -26,15 +26,59 @@ def show_path(path: bytes | str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """One recording file as the catalog knows it."""
+    """One recording file as the catalog knows it.
+
+    The footage it holds spans ``[start, max(start, mtime)]``: the mtime is the end (the recorder
+    last wrote to it then). ``start`` is the date-time read from the path through the site's
+    layout; a file without one (a site without ``layout``) is catalogued with ``start == mtime``
+    and the catalog hands it out with an estimated, earlier start (see
+    ``Catalog.estimate_starts``), so that a hold over the middle of it still holds it. Both times
+    must be past ``keep`` (and the floor) before it is deleted: a camera whose clock was reset
+    writes fresh files with old names.
+    """
 
     site: str
     camera: str
     path: bytes  # absolute
-    start: float  # recorded start (from the layout pattern, else mtime)
-    mtime: float  # last modification; a recent one means "still recording"
+    start: float  # recorded start (from the layout pattern; else estimated, see above)
+    mtime: float  # last modification = the end; a recent one means "still recording"
     size: int
     id: int | None = None
+
+    @property
+    def end(self) -> float:
+        """The later of its two times: the end of its footage, and what the ceiling and the
+        floor are measured from."""
+        return self.mtime if self.mtime > self.start else self.start
+
+    def span(self, tolerance: float = 3600.0) -> tuple[float, float]:
+        """The footage it may hold, as far as anyone can tell: ``[start, end]``. A path time
+        more than ``tolerance`` after the mtime (the camera named it in the future: 2099) says
+        nothing about when it was recorded; it was written before its mtime, at a time no one
+        knows, so it may hold anything up to its end."""
+        start = self.start
+        if start > self.mtime + tolerance:
+            return float("-inf"), start
+        return start, (self.mtime if self.mtime > start else start)
+
+
+def skew_band(start: float, tolerance: float) -> tuple[float, float]:
+    """Where the mtime of a segment whose start was read from its path normally lies.
+
+    The mtime is the segment's end, so normally ``start <= mtime <= start + length``. With the
+    tolerance ``t`` (``guards.max_clock_skew``) the band is ``[start - t, start + 2 t]``: up to
+    ``t`` of disagreement between the camera's clock (which named the file) and the host's (which
+    stamped the mtime) either way, plus a segment of up to ``t`` long. An mtime outside it is
+    clock skew. Segments timed by their mtime alone have no path time and are never skewed.
+    """
+    return start - tolerance, start + 2.0 * tolerance
+
+
+def is_skewed(start: float, mtime: float, tolerance: float) -> bool:
+    if start == mtime:
+        return False  # no path time (or one that agrees exactly)
+    lo, hi = skew_band(start, tolerance)
+    return mtime < lo or mtime > hi
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +111,7 @@ class SiteRules:
 class GuardRules:
     max_delete_fraction: float = 0.2
     max_clock_jump: float = 86400.0  # seconds
+    max_clock_skew: float = 3600.0  # seconds; see skew_band
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +133,7 @@ class Hold:
     # after the site is renamed or the root moves to another site (config changes)
     roots: tuple[bytes, ...] = ()
 
-    def covers(self, seg: Segment, now: float) -> bool:
+    def covers(self, seg: Segment, now: float, tolerance: float = 3600.0) -> bool:
         if self.released is not None and self.released <= now:
             return False
         if self.until is not None and self.until <= now:
@@ -97,9 +142,11 @@ class Hold:
             return False
         if self.camera is not None and self.camera != seg.camera:
             return False
-        # a segment is held when the footage it holds overlaps the held range; its end is not
-        # known for sure, so the segment start is compared with a generous end margin
-        return seg.start < self.end and max(seg.mtime, seg.start) >= self.start
+        # a segment is held when the footage it holds, [start, end] with the mtime as its end,
+        # overlaps the held range [start, end); for a file timed by its mtime alone the start is
+        # the catalog's conservative (early) estimate, so a hold over its middle holds it too
+        lo, hi = seg.span(tolerance)
+        return lo < self.end and hi >= self.start
 
     def under_roots(self, path: bytes) -> bool:
         return any(path.startswith(r.rstrip(b"/") + b"/") for r in self.roots)
@@ -247,5 +294,7 @@ __all__ = [
     "SweepHistory",
     "Volume",
     "boot_clock",
+    "is_skewed",
     "show_path",
+    "skew_band",
 ]

@@ -17,6 +17,12 @@ Precedence, strongest first (SPEC §1, §4):
    explicitly chose ``disk.action: overwrite-oldest``;
 4. the ceiling (``keep``) and disk pressure — delete.
 
+Age is measured from both of a segment's times, its start (read from the path) and its mtime (its
+end): it is past the ceiling or the floor only when both are. A camera whose clock was reset names
+fresh files ``2000-01-01/…``; their mtime keeps them. A name in the future (``2099-…``) keeps its
+file by the path time; both cases are reported as clock skew (``model.skew_band``), not decided
+here.
+
 Then two guards may stop deletions that the rules allow: the mass-deletion guard (per camera) and
 the clock guard (all of them). Both stop the sweep until an admin confirms (``retention confirm``).
 """
@@ -42,6 +48,7 @@ from nvr_guard.model import (
     SiteRules,
     SweepHistory,
     Volume,
+    is_skewed,
 )
 from nvr_guard.times import human_bytes
 
@@ -50,6 +57,7 @@ __all__ = [
     "candidate_cutoff",
     "decide",
     "expiry",
+    "expiry_both",
     "floor_until",
     "trip_message",
 ]
@@ -87,6 +95,20 @@ def expiry(start: float, rules: SiteRules) -> float | None:
     if rules.keep is None:
         return None
     return rules.keep.after_ts(start, rules.tz)
+
+
+def expiry_both(start: float, mtime: float, rules: SiteRules) -> float | None:
+    """When a segment is past the ceiling by both its path time and its mtime (None: never).
+
+    Not ``expiry(max(start, mtime))``: month-end clamping makes a calendar expiry non-monotone
+    (31 Aug + 6mo is 28 Feb, as is 30 Aug + 6mo), so each time is taken through the calendar.
+    """
+    a = expiry(start, rules)
+    if a is None or mtime == start:
+        return a
+    b = expiry(mtime, rules)
+    assert b is not None
+    return a if a > b else b
 
 
 def floor_until(start: float, rules: SiteRules) -> float | None:
@@ -361,6 +383,7 @@ class _Site:
     settle_after: float  # mtime above this: still being recorded
     keep_txt: str  # "15d", formatted once: it is in every expiry reason
     local: _LocalTime  # site-local ISO time of an instant
+    skew: float  # guards.max_clock_skew, to say in a reason when the two times disagree
 
 
 @dataclass
@@ -414,7 +437,7 @@ def _pressure_of(seg: Segment, pairs: list[tuple[bytes | None, _Pressure]]) -> _
     return None
 
 
-def _site_context(rules: SiteRules, now: ClockReading, holds: Sequence[Hold]) -> _Site:
+def _site_context(rules: SiteRules, now: ClockReading, holds: Sequence[Hold], skew: float) -> _Site:
     wall = now.wall
     keep = rules.keep
     floor = rules.min_keep
@@ -433,13 +456,14 @@ def _site_context(rules: SiteRules, now: ClockReading, holds: Sequence[Hold]) ->
         settle_after=wall - rules.settle,
         keep_txt=_dur(keep),
         local=_LocalTime(rules.tz),
+        skew=skew,
     )
 
 
 def _held_back(seg: Segment, ctx: _Site, wall: float) -> str | None:
     """The reason a segment may not be deleted at all right now (hold, settling), else None."""
     for h in ctx.holds:
-        if h.covers(seg, wall):
+        if h.covers(seg, wall, ctx.skew):
             return f"held: {h.label()}"
     if seg.mtime > ctx.settle_after:
         age = wall - seg.mtime
@@ -450,10 +474,22 @@ def _held_back(seg: Segment, ctx: _Site, wall: float) -> str | None:
     return None
 
 
-def _floor_note(seg: Segment, rules: SiteRules) -> str:
+def _floor_note(seg: Segment, rules: SiteRules, skew: float) -> str:
+    """The floor's end for this segment: the later of the two times' (both must pass it)."""
     until = floor_until(seg.start, rules)
     assert until is not None
-    return f"min_keep={_dur(rules.min_keep)} until {_local(until, rules.tz)}"
+    note = ""
+    if seg.mtime != seg.start:
+        by_mtime = floor_until(seg.mtime, rules)
+        assert by_mtime is not None
+        if by_mtime > until:
+            until = by_mtime
+        if is_skewed(seg.start, seg.mtime, skew):
+            note = (
+                f" (path time {_local(seg.start, rules.tz)} and mtime "
+                f"{_local(seg.mtime, rules.tz)} disagree: clock skew, the later one counts)"
+            )
+    return f"min_keep={_dur(rules.min_keep)} until {_local(until, rules.tz)}{note}"
 
 
 def decide(
@@ -506,7 +542,7 @@ def decide(
             if ctx is None:
                 r = rules.get(site)
                 if r is not None:
-                    ctx = contexts[site] = _site_context(r, now, holds)
+                    ctx = contexts[site] = _site_context(r, now, holds, guards.max_clock_skew)
             if ctx is None:
                 # a site no longer (or not) in the config: its rules are unknown, so nothing of
                 # it may be deleted; the operator hears about it once per site
@@ -522,10 +558,13 @@ def decide(
             on_short = site_pressures.get(site)
         assert ctx is not None
         start = seg.start
+        mtime = seg.mtime
+        # both times must be past the ceiling: the path time (what the camera said) and the
+        # mtime (what the host saw); one alone is not trusted (a reset camera clock)
         if fixed:
-            is_due = start + secs <= wall
+            is_due = (mtime if mtime > start else start) + secs <= wall
         else:
-            is_due = due is not None and due(start)
+            is_due = due is not None and due(start) and (mtime == start or due(mtime))
         if not is_due:
             if on_short is not None:
                 p = _pressure_of(seg, on_short)
@@ -536,11 +575,15 @@ def decide(
         why_not = _held_back(seg, ctx, wall) if seg.mtime > careful_after else None
         if why_not is not None:
             items.append(Item(seg, KEEP, f"{why_not}; otherwise expired (keep={ctx.keep_txt})"))
-        elif ctx.floor is not None and not ctx.floor(start):
+        elif ctx.floor is not None and not _past_floor(ctx.floor, seg):
             # keep < min_keep is refused by the config check; kept here in case rules come from
             # elsewhere: the floor wins over the ceiling
             items.append(
-                Item(seg, KEEP, f"floor: {_floor_note(seg, ctx.rules)}; keep={ctx.keep_txt}")
+                Item(
+                    seg,
+                    KEEP,
+                    f"floor: {_floor_note(seg, ctx.rules, ctx.skew)}; keep={ctx.keep_txt}",
+                )
             )
         else:
             items.append(Item(seg, DELETE, expired_txt + local(start) + " (site-local)"))
@@ -564,6 +607,11 @@ def decide(
     return plan
 
 
+def _past_floor(floor: _DueTest, seg: Segment) -> bool:
+    """Both times are past the floor (the later one decides; see the module docstring)."""
+    return floor(seg.start) and (seg.mtime == seg.start or floor(seg.mtime))
+
+
 def _disk_pressure(
     p: _Pressure, contexts: Mapping[str, _Site], wall: float, items: list[Item], plan: Plan
 ) -> None:
@@ -574,7 +622,9 @@ def _disk_pressure(
     floors: dict[str, str] = {}  # site -> its min_keep, for what the floor kept
     overwritten = overwritten_bytes = 0
     overwrote: dict[str, str] = {}
-    p.spare.sort(key=lambda s: (s.start, s.path))
+    # oldest first by the later of the two times: a file named 2000-01-01 by a reset camera
+    # clock but written today is young, not the oldest footage of the site
+    p.spare.sort(key=lambda s: (s.end, s.path))
     for seg in p.spare:
         if freed + under_floor_bytes >= p.need:
             break
@@ -586,14 +636,15 @@ def _disk_pressure(
                 Item(seg, Action.KEEP, f"{why_not}; wanted by disk pressure ({p.free_note}{p.at})")
             )
             continue
-        if ctx.floor is not None and not ctx.floor(seg.start):
+        if ctx.floor is not None and not _past_floor(ctx.floor, seg):
             if r.disk_action == "overwrite-oldest":
                 items.append(
                     Item(
                         seg,
                         Action.DELETE,
                         f"overwrite-oldest: {p.free_note}{p.at}, under floor "
-                        f"{_floor_note(seg, r)}, recorded {ctx.local(seg.start)} (site-local)",
+                        f"{_floor_note(seg, r, ctx.skew)}, "
+                        f"recorded {ctx.local(seg.start)} (site-local)",
                     )
                 )
                 freed += seg.size
@@ -606,7 +657,7 @@ def _disk_pressure(
                     Item(
                         seg,
                         Action.KEEP,
-                        f"floor: {_floor_note(seg, r)}; wanted by disk pressure "
+                        f"floor: {_floor_note(seg, r, ctx.skew)}; wanted by disk pressure "
                         f"({p.free_note}{p.at})",
                     )
                 )

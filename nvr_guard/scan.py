@@ -257,7 +257,7 @@ def _note_file(
     else:
         delta.stats.updated += 1
     assert cls.calc is not None
-    delta.rows.append((cls.site, camera, path, start, mtime, size, cls.calc(start)))
+    delta.rows.append((cls.site, camera, path, start, mtime, size, cls.calc(start, mtime)))
 
 
 def _walk(
@@ -402,7 +402,14 @@ def _walk(
                         continue
                     else:
                         updated += 1
-                    expires = None if forever else (start + keep_s if fixed else calc(start))
+                    # past the ceiling by both the path time and the mtime (ExpiryCalc's rule)
+                    expires: float | None
+                    if forever:
+                        expires = None
+                    elif fixed:
+                        expires = (mtime if mtime > start else start) + keep_s
+                    else:
+                        expires = calc(start, mtime)
                     rows.append((site, camera, path, start, mtime, size, expires))
         except OSError as exc:
             # the listing itself failed part way (EIO, ESTALE): what was not seen is kept

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from nvr_guard import policy
-from nvr_guard.attention import AUDIT_HEAD, SIGNING_KEY, Attention
+from nvr_guard.attention import AUDIT_HEAD, CLOCK_SKEW, SIGNING_KEY, Attention
 from nvr_guard.audit import AuditHeadMismatch, AuditLog
 from nvr_guard.catalog import Catalog
 from nvr_guard.config import Config
@@ -182,7 +182,7 @@ class RetentionStats:
     """What the engine counts while it runs, for ``status`` and the metrics (process lifetime;
     Prometheus counters are expected to restart from zero with the daemon).
 
-    Lateness is how long after its expiry (``policy.expiry``) a segment was actually deleted,
+    Lateness is how long after its expiry (``policy.expiry_both``) a segment was actually deleted,
     measured with the engine clock when the purge finished. Segments deleted before their expiry
     (disk pressure) are counted as ``early`` and kept out of the lateness figures.
     """
@@ -217,7 +217,7 @@ class RetentionStats:
         worst: float | None = None
         for seg in deleted:
             r = rules.get(seg.site)
-            exp = policy.expiry(seg.start, r) if r is not None else None
+            exp = policy.expiry_both(seg.start, seg.mtime, r) if r is not None else None
             if exp is None or exp > when:
                 self.early += 1
                 continue
@@ -487,6 +487,8 @@ class Engine:
             self.recover_purges()
             if full:
                 out = self.scanner.reconcile()
+                # one pass over the catalog: with the full reconcile (start, hourly), not a sweep
+                self.report_clock_skew()
             else:
                 out = self.scanner.incremental()
             self._note_root_devices()
@@ -515,6 +517,44 @@ class Engine:
                     rows.append((rb, site, st.st_dev, _mount_point(rb)))
         if rows:
             self.catalog.set_root_devices(rows, self.clock().wall)
+
+    def report_clock_skew(self) -> None:
+        """Cameras whose path times and mtimes disagree beyond ``guards.max_clock_skew`` become
+        ``clock_skew`` attention entries (one per camera, with the segment that disagrees most);
+        cameras that agree again are cleared. Their footage is safe either way (both times
+        must be past keep), but a camera with a wrong clock names footage at the wrong time and
+        a name in the future keeps it past its ceiling."""
+        tol = self.config.guard_rules().max_clock_skew
+        tol_txt = str(self.config.guards.max_clock_skew)
+        by_site: dict[str, list[Any]] = {}
+        for r in self.catalog.clock_skew(tol):
+            by_site.setdefault(r.site, []).append(r)
+        for site, rules in self.rules.items():
+            entries = []
+            for r in by_site.get(site, []):
+                named, modified = iso(r.start, rules.tz), iso(r.mtime, rules.tz)
+                effect = (
+                    "names in the future keep their files past keep until the name says so"
+                    if r.start > r.mtime
+                    else "such files are kept until their mtime is past keep too"
+                )
+                entries.append(
+                    (
+                        r.camera,
+                        f"camera {r.camera}: {r.count:,} segment(s) whose path time and mtime "
+                        f"disagree by more than max_clock_skew={tol_txt}, e.g. "
+                        f"{show_path(r.path)} is named {named} but was modified {modified}; "
+                        f"{effect}. Check the camera's clock (NTP) and the recorder's",
+                        {
+                            "camera": r.camera,
+                            "count": r.count,
+                            "example": show_path(r.path),
+                            "path_time": named,
+                            "mtime": modified,
+                        },
+                    )
+                )
+            self.attention.replace(CLOCK_SKEW, site, entries)
 
     def hint(self, path: bytes) -> None:
         with self.lock:

@@ -164,8 +164,8 @@ def test_non_utf8_and_newline_paths_round_trip(cat: Catalog) -> None:
     [(-1.0, True), (0.0, True), (2.0, False), (3600.0, False)],
 )
 def test_due_segments_returns_exactly_the_expired(cat: Catalog, offset: float, due: bool) -> None:
-    # expiry = start + 10d; a segment whose expiry is `offset` seconds after now
-    s = seg("x", NOW - 10 * DAY + offset)
+    # expiry = end (mtime = start + 60 s) + 10d; a segment whose expiry is `offset` s after now
+    s = seg("x", NOW - 10 * DAY - 60 + offset)
     young = seg("young", NOW - 1 * DAY)
     cat.upsert_segments([s, young], {"gate": rules()})
     got = [g.path for g in cat.due_segments(NOW, "gate", rules())]
@@ -384,7 +384,7 @@ def test_upsert_with_new_rules_brings_the_site_rows_along(cat: Catalog) -> None:
     cat.upsert_segments([a], {"gate": rules(keep="10d")})
     cat.upsert_segments([seg("b", NOW)], {"gate": rules(keep="5d")})
     row = cat.conn.execute("SELECT expires_at FROM segments WHERE path = ?", (a.path,)).fetchone()
-    assert row[0] == a.start + 5 * DAY
+    assert row[0] == a.mtime + 5 * DAY  # past keep by both times: the end counts
 
 
 # ---- bulk loading ---------------------------------------------------------------------------

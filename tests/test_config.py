@@ -1136,7 +1136,11 @@ def test_effective_is_json_and_round_trips(tmp_path, roots):
     eff = cfg.effective()
     json.dumps(eff)  # JSON-able as is
     assert eff["settle"] == "2m" and eff["legal_min_keep"] == "30d"
-    assert eff["guards"] == {"max_delete_fraction": "20%", "max_clock_jump": "1d"}
+    assert eff["guards"] == {
+        "max_delete_fraction": "20%",
+        "max_clock_jump": "1d",
+        "max_clock_skew": "1h",
+    }
     assert eff["disk"] == {"min_free": "10%", "action": "alert"}
     assert eff["sites"]["a"]["keep"] == "45d" and eff["sites"]["a"]["min_keep"] == "30d"
     assert (
@@ -1281,7 +1285,7 @@ def test_full_example_has_every_spec_key():
         "media",
     }
     assert spec_top <= set(data) <= cfg_keys
-    assert set(data["guards"]) == {"max_delete_fraction", "max_clock_jump"}
+    assert set(data["guards"]) == {"max_delete_fraction", "max_clock_jump", "max_clock_skew"}
     assert set(data["disk"]) == {"min_free", "action"}
     site_keys = set().union(*(s.keys() for s in data["sites"].values()))
     assert {

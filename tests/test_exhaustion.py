@@ -127,13 +127,14 @@ def test_state_dir_full_stops_deletion_and_recovers(site: Site, now: datetime, t
     d = Daemon(site)
     daemons.append(d)
     db = state / "catalog.db"
-    # due footage, just closed: catalogued now, deletable once the settle time has passed
+    # due footage: named 20 days ago, its mtime reaching keep=15d three seconds from now (both
+    # times must be past keep): catalogued now, deletable in a moment
     due = [
         write_segment(site.root, f"cam{c}", now - timedelta(days=20, minutes=i))
         for c in (2, 3)
         for i in range(150)
     ]
-    fresh = datetime.now().timestamp()
+    fresh = datetime.now().timestamp() - 15 * 86400 + 3
     for p in due:
         os.utime(p, (fresh, fresh))
     poll(

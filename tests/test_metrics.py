@@ -55,8 +55,10 @@ def test_textfile_figures_after_a_sweep(site: Site, now: datetime) -> None:
     prom = site.base / "textfile" / "nvr-guard.prom"
     prom.parent.mkdir()
     config_with(site, f"{{textfile: {prom}}}", keep="1d", fraction=0.5, min_free="0%")
-    # cam1: 30 h of footage, one segment per 1.5 h: those started more than a day ago are due
-    starts = [now - timedelta(hours=30) + timedelta(hours=1.5 * i) for i in range(20)]
+    # cam1: 30 h of footage, one segment per 1.5 h, each closed a minute after it started: those
+    # that ended (mtime) a day ago or more are due
+    minute = timedelta(seconds=60)
+    starts = [now - timedelta(hours=30) - minute + timedelta(hours=1.5 * i) for i in range(20)]
     for t in starts:
         write_segment(site.root, "cam1", t, size=1000)
     write_segment(site.root, "cam2", now - timedelta(hours=2), size=500)
@@ -64,7 +66,7 @@ def test_textfile_figures_after_a_sweep(site: Site, now: datetime) -> None:
     engine = Engine(load_config(site.config), clock=clock)
     engine.reconcile()
     out = engine.sweep()
-    due = [t for t in starts if t + timedelta(days=1) <= now]
+    due = [t for t in starts if t + minute + timedelta(days=1) <= now]
     assert out.deleted == len(due) == 5
     exporter = Exporter.from_config(engine)
     assert exporter is not None
@@ -88,8 +90,8 @@ def test_textfile_figures_after_a_sweep(site: Site, now: datetime) -> None:
     assert value(m, "nvrguard_oldest_segment_overdue_seconds", site="toll") == 0
     assert value(m, "nvrguard_deletions_total") == 5
     assert value(m, "nvrguard_deleted_bytes_total") == 5000
-    # lateness: deleted at `now`, each one (now - start - 1d) after its expiry: 0, 1.5h .. 6h
-    late = sorted((now - t - timedelta(days=1)).total_seconds() for t in due)
+    # lateness: deleted at `now`, each one (now - end - 1d) after its expiry: 0, 1.5h .. 6h
+    late = sorted((now - t - minute - timedelta(days=1)).total_seconds() for t in due)
     assert late == [0, 5400, 10800, 16200, 21600]
     assert value(m, "nvrguard_deletion_lateness_seconds_count") == 5
     assert value(m, "nvrguard_deletion_lateness_seconds_sum") == sum(late)

@@ -69,8 +69,11 @@ def seg(
     mtime: float | None = None,
     name: str | None = None,
 ) -> Segment:
+    """A segment; its mtime is its start unless given. The boundary tables here measure the
+    calendar arithmetic of one instant; a segment's two times (path start, mtime = end) and
+    their disagreement are tested in test_segment_time.py."""
     path = f"/srv/rec/{site}/{camera}/{name or int(start)}.mp4".encode()
-    return Segment(site, camera, path, start, start + 60 if mtime is None else mtime, size)
+    return Segment(site, camera, path, start, start if mtime is None else mtime, size)
 
 
 def clock(wall: float, boottime: float = 10_000.0, boot_id: str = "boot-a") -> ClockReading:
@@ -302,21 +305,24 @@ def test_holds(hold: Hold, held_cameras: set[str]) -> None:
     [
         (40.0, Action.KEEP, "settling: modified 40 s ago (settle=120 s)"),
         (119.0, Action.KEEP, "settling: modified 119 s ago (settle=120 s)"),
-        (120.0, Action.DELETE, "expired"),
+        (120.0, Action.DELETE, "disk pressure"),
         (-30.0, Action.KEEP, "settling: modified in the future"),
     ],
 )
 def test_settling(modified_ago: float, expected: Action, reason_start: str) -> None:
-    # a segment whose start is old but whose file is still written to (a long recording)
+    # a file still written to is never due by age (its mtime is recent, and both times must be
+    # past keep), but disk pressure reaches it: a long recording with an old start
     s = seg(START, mtime=NOW - modified_ago)
-    plan = plan_for([s], NOW, rules(keep="15d", settle=120))
+    r = rules(keep="1y", settle=120, min_free=0.1)
+    plan = plan_for([s], NOW, r, disk={"gate": DiskState(total=1_000_000, free=0)})
     assert plan.items[0].action is expected
     assert plan.items[0].reason.startswith(reason_start)
 
 
 def test_hold_beats_settling() -> None:
     s = seg(START, mtime=NOW - 10)
-    plan = plan_for([s], NOW, rules(keep="15d"), holds=[_hold()])
+    r = rules(keep="1y", min_free=0.1)
+    plan = plan_for([s], NOW, r, holds=[_hold()], disk={"gate": DiskState(total=1_000_000, free=0)})
     assert plan.items[0].reason.startswith("held: hold 3")
 
 

@@ -7,7 +7,12 @@ and sweeps it; between its plan and its purge, files are changed under it (mtime
 by a symlink, deleted). Whatever happens:
 
 - every file that disappeared was allowed by the pure policy for the catalog snapshot the plan was
-  made from (``policy.decide`` over *all* catalogued segments, computed here independently);
+  made from (``policy.decide`` over *all* catalogued segments at the real time, computed here
+  independently);
+- some files are named by a camera clock that is off (reset to about 2000, set to about 2099, a
+  few hours either way): the true recording time is the mtime; a deleted file was past its floor
+  (and, without disk pressure, past keep) by both its name and its true time, and no hold over its
+  true recording time stood;
 - it had a segment extension, was not held, was not under its floor (unless the admin chose
   ``overwrite-oldest``) and was not settling — judged from that snapshot *and* from the disk just
   before the purge;
@@ -58,6 +63,11 @@ class Entry:
     odd: int
     kind: str
     mutation: str
+    skew: float = 0.0  # hours the camera clock that names the file is off (layout sites)
+
+
+# camera clocks: right, mostly; reset to about 2000; set to about 2099; off by hours
+SKEWS = [0.0, 0.0, 0.0, 0.0, -26 * 365 * 24.0, 73 * 365 * 24.0, -3.0, 3.0, -0.5]
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,7 @@ entries = st.lists(
         odd=st.integers(0, len(ODD_NAMES) - 1),
         kind=st.sampled_from(KINDS),
         mutation=st.sampled_from(MUTATIONS),
+        skew=st.sampled_from(SKEWS),
     ),
     min_size=4,
     max_size=30,
@@ -175,7 +186,8 @@ def _build(
         cam = CAMERAS[e.camera]
         ext = EXTS[e.ext]
         if c.layout:
-            stamp = datetime.fromtimestamp(start, SH).strftime("%Y-%m-%d/%H/%M.%S").encode()
+            named = start + e.skew * HOUR  # the camera's clock; the mtime is the host's
+            stamp = datetime.fromtimestamp(named, SH).strftime("%Y-%m-%d/%H/%M.%S").encode()
             rel = cam + b"/" + stamp + ext
         else:
             rel = cam + b"/d%d" % (i % 3) + b"/seg" + ODD_NAMES[e.odd] + b"%d" % i + ext
@@ -281,6 +293,7 @@ def test_sweep_deletes_only_what_the_pure_policy_allows(
                 history=engine.catalog.last_history(),
             )
             allowed = {i.segment.path for i in pure.deletions}
+            index_of = {p: i for i, p in files.items()}
             event("reasons " + ",".join(sorted({i.reason.split(":")[0] for i in pure.items})))
 
             before_root = _snapshot(root)
@@ -317,9 +330,25 @@ def test_sweep_deletes_only_what_the_pure_policy_allows(
                 assert dot > 0 and name[dot:].lower() in SEGMENT_EXTS
                 assert not any(h.covers(seg, now) for h in active), f"held: {p!r}"
                 rules = engine.rules["toll"]
-                floor = policy.floor_until(seg.start, rules)
-                if rules.disk_action != "overwrite-oldest":
-                    assert floor is None or floor <= now, f"under its floor: {p!r}"
+                # by the name and by the true recording time (the mtime): both
+                for t in (seg.start, seg.mtime, v[2] / 1e9):
+                    floor = policy.floor_until(t, rules)
+                    if rules.disk_action != "overwrite-oldest":
+                        assert floor is None or floor <= now, f"under its floor: {p!r}"
+                    if cfg.disk[0] == "1%":  # no disk pressure: only expiry deletes
+                        exp = policy.expiry(t, rules)
+                        assert exp is not None and exp <= now, f"not expired: {p!r}"
+                i = index_of.get(p)  # None: a link target inside the root
+                if cfg.layout and i is not None and es[i].skew:
+                    # a name off by the camera clock: no hold over the true time may stand
+                    true_start = now - es[i].age * HOUR
+                    assert not any(
+                        h.start <= true_start + 60.0
+                        and h.end > true_start
+                        and h.camera in (None, seg.camera)
+                        for h in active
+                    ), f"held by its true time: {p!r}"
+                    event("deleted a file with a skewed name")
                 assert seg.mtime <= now - rules.settle, f"settling: {p!r}"
                 assert isinstance(v[2], int) and v[2] / 1e9 <= now - rules.settle
             # every symlink that was there is still there, pointing where it pointed

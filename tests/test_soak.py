@@ -8,9 +8,10 @@ go on all day, without a first sweep big enough to trip the mass-deletion guard.
 
 The simulated day starts at the real current time, so from the third simulated hour on every file
 deleted has an mtime in the *real* future: had the purge compared mtimes with the real clock rather
-than the engine's, they would all count as "still recording" and nothing would be deleted. One
-segment is also written late (already due when it is closed) to see the settle time applied with
-the simulated clock.
+than the engine's, they would all count as "still recording" and nothing would be deleted. A
+segment is due when both its times are past keep: its end (the mtime) decides. One segment is
+also uploaded late (named three hours before it is closed): it stays until its mtime is past keep
+too, then goes within a sweep interval.
 
 Figures (wall time, RSS samples, lateness) are printed and attached to the test report
 (``record_property``); the README quotes them.
@@ -144,11 +145,11 @@ metrics: {{textfile: {prom}}}
             live[cam].append((start, p))
             engine.hint(os.fsencode(str(p)))
         if minute == 5 * 60 - 1:
-            # a segment uploaded late: already due (recorded 3 h ago) but closed just now, one
-            # minute before a sweep: that sweep must leave it (settling), the next one delete it
-            # (same camera as regular footage: alone, it would be 100% of a camera's footage
-            # and stop the sweep at the mass-deletion guard)
-            late_expiry = t + 30
+            # a segment uploaded late: due by its name (recorded 3 h ago) but closed just now,
+            # one minute before a sweep: that sweep must leave it, and every one until its mtime
+            # is keep old too (same camera as regular footage: alone, it would be 100% of a
+            # camera's footage and stop the sweep at the mass-deletion guard)
+            late_expiry = t + KEEP
             late_path = write(root, CAMERAS[0], t - KEEP + 30, t)
             late_key = os.fsencode(str(late_path))
             engine.hint(late_key)
@@ -164,12 +165,13 @@ metrics: {{textfile: {prom}}}
                 late_deleted_after = t - late_expiry
             real = time.time()
             for q in live.values():
-                # files are kept in start order; everything due (start + keep <= t) must be gone,
-                # nothing younger may be
-                while q and q[0][0] + KEEP <= t:
+                # files are kept in start order; everything due (end = start + 1 min, and
+                # end + keep <= t) must be gone, nothing younger may be
+                while q and q[0][0] + 60 + KEEP <= t:
                     start, p = q.popleft()
-                    assert not p.exists(), f"{p} expired {t - start - KEEP:.0f} s ago, not deleted"
-                    lateness.append(t - (start + KEEP))
+                    expired = t - start - 60 - KEEP
+                    assert not p.exists(), f"{p} expired {expired:.0f} s ago, not deleted"
+                    lateness.append(expired)
                     if start + 60 > real:
                         ahead_of_real_clock += 1
                 for _start, p in q:
@@ -217,15 +219,15 @@ metrics: {{textfile: {prom}}}
     # deletions happened all day, not only at the start
     assert len(lateness) >= len(CAMERAS) * (DAY / 60) * 0.95
     # the purge judged "still recording" by the engine clock: files written in the real future
-    # were deleted on time, and the late upload was held back by the settle time, then deleted
+    # were deleted on time
     assert ahead_of_real_clock > len(lateness) // 2
-    assert "settl" in late_kept_because, late_kept_because
-    # closed at T (expiry T+30 s), kept by the sweep at T+60 s (settling: closed 60 s < 2 min
-    # ago), deleted by the next one at T+360 s: 330 s after its expiry
-    assert late_deleted_after == SWEEP + 30, late_deleted_after
-    # steady state right after a sweep: the segments started in (t - keep, t - 1 min], i.e.
-    # keep / 1 min - 1 per camera (+ the late upload while it settles)
-    steady = len(CAMERAS) * (KEEP / 60 - 1)
+    # the late upload: not even a candidate right after it was closed (its mtime is fresh),
+    # closed at T = minute 299, expiry T + keep, deleted by the sweep at minute 480: 60 s later
+    assert late_kept_because == "nothing", late_kept_because
+    assert late_deleted_after == 60, late_deleted_after
+    # steady state right after a sweep: the segments that ended in (t - keep, t], i.e.
+    # keep / 1 min per camera (+ the late upload while it waits for its mtime)
+    steady = len(CAMERAS) * (KEEP / 60)
     assert engine.catalog.count() == expected_live == steady
     assert steady <= min(counts[24:]) and max(counts[24:]) <= steady + 1
     assert trips == 0
@@ -243,8 +245,8 @@ metrics: {{textfile: {prom}}}
     }
     assert m[("nvrguard_deletions_total", ())] == st.deleted
     assert m[("nvrguard_deletion_lateness_seconds_count", ())] == st.deleted
-    # all regular deletions within 300 s; the late upload (330 s) in the next bucket
-    assert m[("nvrguard_deletion_lateness_seconds_bucket", (("le", "300"),))] == len(lateness)
+    # all deletions within 300 s, the late upload's too
+    assert m[("nvrguard_deletion_lateness_seconds_bucket", (("le", "300"),))] == st.deleted
     assert m[("nvrguard_segments", (("site", "toll"),))] == steady
     assert m[("nvrguard_audit_chain_ok", ())] == 1
     assert m[("nvrguard_last_sweep_timestamp_seconds", ())] == t0 + DAY
