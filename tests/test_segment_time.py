@@ -258,11 +258,14 @@ def test_upgrade_recomputes_expiries_computed_from_the_path_time(tmp_path: Path)
     # what a catalog of the previous version holds: expires_at from the path time alone
     conn = sqlite3.connect(db)
     conn.execute("UPDATE segments SET expires_at = start + ?", (20 * DAY,))
-    conn.execute("PRAGMA user_version = 4")
+    from nvr_guard.catalog import MIGRATIONS, SCHEMA_VERSION, _migration_8
+
+    # the version before the migration that makes expiries be recomputed
+    conn.execute(f"PRAGMA user_version = {MIGRATIONS.index(_migration_8)}")
     conn.commit()
     conn.close()
     with Catalog(db) as c:
-        assert c.schema_version == 5
+        assert c.schema_version == SCHEMA_VERSION
         assert c.due_segments(NOW, "gate", r) == []
         (exp,) = c.conn.execute("SELECT expires_at FROM segments").fetchone()
         assert exp == NOW - 600 + 20 * DAY
