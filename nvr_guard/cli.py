@@ -979,7 +979,17 @@ def export_run(c: Ctx, rid: int, media: str) -> None:
         lambda: daemon_call(c, "export.progress", {"id": rid}, timeout=5).get("progress"),
         f"export request {rid}",
     )
-    c.emit(res, lambda: out.print(f"package written: {res['package']}", markup=False))
+
+    def human() -> None:
+        out.print(f"package written: {res['package']}", markup=False)
+        for cam, at in (res.get("native_start") or {}).items():
+            out.print(
+                f"{cam}: the native copy starts at the keyframe {at}, at or before the "
+                "requested start (stream copy cannot cut between keyframes)",
+                markup=False,
+            )
+
+    c.emit(res, human)
 
 
 @export.command("form")

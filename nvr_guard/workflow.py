@@ -731,11 +731,17 @@ class Workflow:
                     },
                 )
                 self.progress[rid] = 1.0
+                starts = {
+                    c["camera"]: c["native_start"]
+                    for c in (getattr(pkg, "manifest", None) or {}).get("clips", [])
+                    if c.get("native_start")
+                }
                 return {
                     "id": rid,
                     "package": str(pkg.path),
                     "files": pkg.sha256s,
                     "fingerprint": claim.fingerprint,
+                    **({"native_start": starts} if starts else {}),
                 }
         finally:
             if self._claims.get(rid) is claim:

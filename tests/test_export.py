@@ -27,7 +27,7 @@ from nvr_guard.export import (
     verify_package,
 )
 from nvr_guard.export.ffmpeg import Command, build_encode
-from nvr_guard.export.plan import Piece, plan_clip, render_watermark, wrap_for_frame
+from nvr_guard.export.plan import Piece, local_text, plan_clip, render_watermark, wrap_for_frame
 
 FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
 SH = ZoneInfo("Asia/Shanghai")
@@ -425,6 +425,12 @@ def test_native_copy_is_stream_copied_and_says_keyframe_accurate(
     # keyframes every second in the source: at most one GOP more than asked for
     assert 19.48 - FRAME <= float(info["format"]["duration"]) <= 19.48 + 1.0 + FRAME
     assert verify_package(pkg.path).ok
+    # and the record says exactly where it starts: the keyframe at or before 'from', which is
+    # what the clip's length shows too (asked 3.52 s in, keyframes each second: 3.0 s in)
+    early = clip["native_start_early_seconds"]
+    assert early == pytest.approx(0.52, abs=FRAME)
+    assert clip["native_start"] == local_text(T0 + 3.52 - early, SH)
+    assert float(info["format"]["duration"]) == pytest.approx(19.48 + early, abs=2 * FRAME)
 
 
 def _left_behind(dest: Path, private: Path) -> list[str]:

@@ -98,6 +98,34 @@ def ffmpeg_version() -> str:
     return first[0] if first else "unknown"
 
 
+def keyframe_at_or_before(path: Path | bytes, offset: float, *, timeout: float = 120) -> float:
+    """Seconds from the start of ``path`` of the last video keyframe at or before ``offset``:
+    where a stream copy cut at ``offset`` really begins (the concat demuxer starts at the
+    keyframe before its inpoint). 0.0 when the file has no keyframe before it."""
+    argv = [
+        FFPROBE, "-v", "error", "-select_streams", "v:0", "-skip_frame", "nokey",
+        "-show_entries", "frame=best_effort_timestamp_time,pts_time", "-of", "csv=p=0",
+        "-read_intervals", f"%+{offset + 1:.6f}", "--", os.fsdecode(path),
+    ]  # fmt: skip
+    try:
+        cp = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeFailure(f"ffprobe timed out on {os.fsdecode(path)}") from None
+    times: list[float] = []
+    for line in cp.stdout.decode("ascii", "replace").splitlines():
+        for field in line.split(","):
+            try:
+                times.append(float(field))
+                break
+            except ValueError:
+                continue
+    if not times:
+        return 0.0
+    first = times[0] if times[0] <= 0.5 else 0.0  # the file's own start (a small pts offset)
+    before = [t - first for t in times if t - first <= offset + 1e-6]
+    return max(before) if before else 0.0
+
+
 # ---- command building ---------------------------------------------------------------------------
 def _concat_list(run: Run, *, trim_points: bool) -> bytes:
     """A concat-demuxer list. Paths are written as bytes inside single quotes, the list format's

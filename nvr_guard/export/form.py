@@ -126,6 +126,12 @@ def approval_record_html(
             gap_text = "".join(
                 f"<br>缺失 gap {_e(g.get('from'))} – {_e(g.get('to'))}" for g in gaps
             )
+            if c.get("native_start"):
+                gap_text += (
+                    f"<br>原始格式起点（关键帧）native copy starts at keyframe "
+                    f"{_e(c.get('native_start'))}, "
+                    f"{_e(c.get('native_start_early_seconds'))} s before the requested start"
+                )
             out.append(
                 f"<tr><td>{_e(c.get('file'))}{gap_text}</td><td>{_e(c.get('camera'))}</td>"
                 f"<td>{_e(_seconds(c.get('duration')))}</td>"
@@ -172,7 +178,11 @@ def _decision_text(decision: Any) -> str:
 
 def _format_text(fmt: Any) -> str:
     if fmt == "native":
-        return "原始格式（无水印证据副本）native evidence copy, no watermark"
+        return (
+            "原始格式（无水印证据副本，从请求起点之前最近的关键帧开始）native evidence copy, no "
+            "watermark; starts at the keyframe at or before the requested start (the exact time "
+            "is in the manifest and the export record)"
+        )
     if fmt == "mp4":
         return "MP4（含水印）watermarked MP4"
     return "" if fmt is None else str(fmt)

@@ -383,6 +383,17 @@ def _build(
         )
         done += share
         result = ff.probe(out, count=True, pass_fds=(pdir.fd,))
+        native_start: dict[str, Any] = {}
+        if job.native and clip.plan.runs:
+            # a stream copy cannot start between keyframes: it starts at the one at or before
+            # 'from', and the record says exactly where (SPEC: nothing about footage is vague)
+            run = clip.plan.runs[0]
+            kf = ff.keyframe_at_or_before(run.pieces[0].path, run.offset)
+            at = run.pieces[0].start + kf
+            native_start = {
+                "native_start": local_text(at, job.tz),
+                "native_start_early_seconds": round(max(0.0, run.recorded - at), 3),
+            }
         clip_entries.append(
             {
                 "camera": clip.camera,
@@ -407,6 +418,7 @@ def _build(
                     }
                     for a, b in clip.plan.gaps
                 ],
+                **native_start,
                 "sources": clip.sources,
                 "watermark": clip.watermark,
                 "ffmpeg": {
