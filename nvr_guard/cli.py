@@ -120,17 +120,27 @@ def cli(ctx: click.Context, config: str, as_json: bool, verbose: int) -> None:
 # ---- helpers ----------------------------------------------------------------------------------
 def socket_path(c: Ctx) -> Path:
     """The control socket, even when the config file is broken right now: an admin who just broke
-    it must still be able to ask the daemon (which kept the old config) how it is doing."""
+    it must still be able to ask the daemon (which kept the old config) how it is doing, and
+    `nvr-guard reload` must reach it to have the refusal recorded."""
     try:
         return Path(c.config.socket)
     except ConfigError:
+        import re
+
         import yaml
 
+        sock: Any = None
         try:
-            raw = yaml.safe_load(Path(c.config_path).read_text())
+            text = Path(c.config_path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        try:
+            raw = yaml.safe_load(text)
             sock = raw.get("socket") if isinstance(raw, dict) else None
-        except (OSError, yaml.YAMLError):
-            sock = None
+        except yaml.YAMLError:
+            # a syntax error elsewhere in the file: the top-level line itself may still be fine
+            m = re.search(r"""(?m)^socket:[ \t]*["']?(/[^"'\s#]+)""", text)
+            sock = m.group(1) if m else None
         return (
             Path(sock)
             if isinstance(sock, str) and sock.startswith("/")
@@ -305,7 +315,24 @@ def reload_config(c: Ctx) -> None:
     force); 1 when no daemon answers. systemd's ExecReload= runs this."""
     # validating and applying (expiries of changed sites, the file watcher) can take a while on
     # a large archive; systemd's own reload timeout still applies
-    res = daemon_call(c, "reload", {}, timeout=900)
+    try:
+        res = daemon_call(c, "reload", {}, timeout=900)
+    except DaemonUnavailable:
+        from nvr_guard.config import check_config
+
+        cfg, errors, _ = check_config(c.config_path)
+        if cfg is not None:
+            raise
+        # no daemon reached (the broken file may even hide where its socket is): the config
+        # is refused all the same, and says why
+        for path_, line, msg in errors:
+            err.print(f"{path_}:{line}: {msg}", markup=False)
+        err.print(
+            f"nvr-guard: {c.config_path} is invalid and no daemon answered at "
+            f"{socket_path(c)}; nothing was reloaded",
+            markup=False,
+        )
+        sys.exit(2)
 
     def human() -> None:
         if res["applied"]:

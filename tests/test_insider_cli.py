@@ -323,6 +323,39 @@ def test_reload_refused_is_exit_2_and_an_attention_state_until_a_good_one(env: E
     assert "config.reload_failed" in actions and "attention.cleared" in actions
 
 
+@pytest.mark.parametrize(
+    "breakage",
+    ["syntax", "unreadable"],
+)
+def test_reload_of_a_file_the_cli_cannot_parse_still_reaches_the_daemon(
+    env: Env, breakage: str
+) -> None:
+    """A YAML syntax error (or a file the admin's shell cannot read) must not make the CLI look
+    for the default socket and report "daemon not running": the daemon is asked, refuses, and
+    the refusal is exit 2 with FILE:LINE, an attention state and an audit entry."""
+    env.start().wait_ready()
+    good = env.site.config.read_text()
+    if breakage == "syntax":
+        env.site.config.write_text(good + "sites: [unclosed\n")
+        r = env.nvr(ADMIN, "reload")
+        assert r.returncode == 2, r.stderr
+        assert f"{env.site.config}:" in r.stderr and "syntax" in r.stderr, r.stderr
+        st = status(env)
+        assert [a["kind"] for a in st["attention"]] == ["reload_refused"], st["attention"]
+    else:
+        env.site.config.write_text(good + "sites: [unclosed\n")
+        os.chmod(env.site.config, 0o600)  # root's file; the admin user cannot read it
+        r = env.nvr(ADMIN, "reload")
+        assert r.returncode == 2, r.stderr  # not "daemon not running" (exit 1)
+        assert f"{env.site.config}:" in r.stderr, r.stderr
+        os.chmod(env.site.config, 0o644)
+    env.site.config.write_text(good)
+    if breakage == "syntax":  # the daemon read the broken file itself: its refusal is on record
+        assert "config.reload_failed" in [x["action"] for x in env.audit()]
+    assert env.nvr(ADMIN, "reload").returncode == 0
+    assert status(env)["attention"] == []
+
+
 def test_sighup_raises_and_clears_the_reload_attention(env: Env) -> None:
     d = env.start().wait_ready()
     good = env.site.config.read_text()
