@@ -439,9 +439,9 @@ class Daemon:
                 self.metrics.stop()
             self._start_metrics()
         if self.scheduler is not None:
-            self.scheduler.reschedule_job(
-                "sweep", trigger="interval", seconds=_seconds(new.sweep_every)
-            )
+            for job, every in (("sweep", new.sweep_every), ("rescan", new.rescan_every)):
+                if self.scheduler.get_job(job) is not None:
+                    self.scheduler.reschedule_job(job, trigger="interval", seconds=_seconds(every))
         sdnotify.ready()
         return {"applied": True, "errors": [], "digest": new.digest, "config": self.config_path}
 

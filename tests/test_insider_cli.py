@@ -371,3 +371,19 @@ def test_sighup_raises_and_clears_the_reload_attention(env: Env) -> None:
 def test_reload_without_a_daemon_exits_1(env: Env) -> None:
     r = env.nvr(None, "reload")
     assert r.returncode == 1 and "not running" in r.stderr, r.stderr
+
+
+def test_a_reload_reschedules_the_full_rescan(env: Env) -> None:
+    """rescan_every changed by a reload takes effect (only the sweep was rescheduled before: the
+    full walks behind `unmatched` and `clock_skew` kept the old interval until a restart)."""
+    d = env.start().wait_ready()
+
+    def walks() -> int:
+        return d.logtext().count("reconcile: ") - d.logtext().count("incremental reconcile: ")
+
+    poll(lambda: walks() >= 1, 30, "the start-up walk")
+    before = walks()
+    good = env.site.config.read_text()
+    env.site.config.write_text(good.replace("sweep_every: 1h", "sweep_every: 1h\nrescan_every: 2s"))
+    assert env.nvr(ADMIN, "reload").returncode == 0
+    poll(lambda: walks() >= before + 2, 60, "two full walks at the new interval")
