@@ -463,7 +463,7 @@ def _parse_now(config: Any, now: str | None) -> Any:
     real = boot_clock()
     if now is None:
         return real
-    return replace(real, wall=parse_time(now, config.tz, "--now"))
+    return replace(real, wall=parse_time(now, config.tz, "--now", now=real.wall))
 
 
 def _now(c: Ctx, now: str | None) -> Any:

@@ -1072,11 +1072,12 @@ class Engine:
             raise InvalidInput("--reason is required and must be printable text")
         site, camera = self.resolve_camera(camera, site)
         tz = self.config.site_tz(site) if site else self.config.tz
-        t0 = parse_time(start, tz, "--from")
-        t1 = parse_time(end, tz, "--to")
+        wall = self.clock().wall
+        t0 = parse_time(start, tz, "--from", now=wall)
+        t1 = parse_time(end, tz, "--to", now=wall)
         if t0 >= t1:
             raise InvalidInput(f"--from {start} is not before --to {end}")
-        t_until = parse_time(until, tz, "--until") if until else None
+        t_until = parse_time(until, tz, "--until", now=wall) if until else None
         with self.lock:
             now = self.clock().wall
             if t_until is not None and t_until <= now:

@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, tzinfo
 
+from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput
 
+# options whose duration means "from now"; every other time option reads a duration as "ago"
+_AHEAD = frozenset({"--until", "--now"})
 
-def parse_time(text: str, tz: tzinfo, what: str = "time") -> float:
-    """ISO 8601 -> epoch seconds; a time without an offset is read in ``tz`` (site-local)."""
+
+def parse_time(text: str, tz: tzinfo, what: str = "time", now: float | None = None) -> float:
+    """ISO 8601 -> epoch seconds; a time without an offset is read in ``tz`` (site-local).
+
+    A duration (``1h``, ``30d``, ``6mo``) is read relative to ``now`` (default: the real time) the
+    way the option reads: ``--since 1h`` and ``--from 2h`` are ago, ``--until 30d`` and
+    ``--now 2w`` (a preview) are from now. Months and years are calendar-based in ``tz``."""
     s = text.strip()
+    if s[:1].isdigit():
+        try:
+            d = Duration.parse(s)
+        except ValueError:
+            d = None
+        if d is not None:
+            base = time.time() if now is None else now
+            sign = 1 if what in _AHEAD else -1
+            return Duration(months=sign * d.months, seconds=sign * d.seconds).after_ts(base, tz)
     if s.endswith(("Z", "z")):
         s = s[:-1] + "+00:00"
     try:
         dt = datetime.fromisoformat(s)
     except ValueError:
         raise InvalidInput(
-            f"{what}: {text!r} is not an ISO 8601 time; write e.g. 2026-11-20T14:05:00+08:00"
+            f"{what}: {text!r} is neither an ISO 8601 time nor a duration; write e.g. "
+            "2026-11-20T14:05:00+08:00, or 2h (ago) / 30d"
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=tz)

@@ -247,8 +247,8 @@ class Workflow:
             )
         site = next(iter(site_set)) if site_set else next(iter(self.config.sites))
         tz = self.config.site_tz(site)
-        start = parse_time(str(args["from"]), tz, "--from")
-        end = parse_time(str(args["to"]), tz, "--to")
+        start = parse_time(str(args["from"]), tz, "--from", now=self.now())
+        end = parse_time(str(args["to"]), tz, "--to", now=self.now())
         rec = args.get("recipient") or {}
         draft = access.Draft(
             cameras=cameras,
