@@ -85,6 +85,14 @@ class Confirmation:
     accept_clock: bool = False
     clock_jump: float | None = None
     whole: bool = False
+    # the blocked sweep's own clock reading: the wall clock may since have moved only as much as
+    # the boot clock (plus CONFIRM_SLACK), else the jump is not the one the admin was shown
+    since: ClockReading | None = None
+
+
+# what a confirmed clock jump may have grown by between the blocked sweep and its confirmation
+# (NTP slews, the seconds between reading the two clocks); more is a new jump the admin never saw
+CONFIRM_SLACK = 300.0
 
 
 # ---- single-segment answers ----------------------------------------------------------------
@@ -750,7 +758,9 @@ def _guards(
                 f"nothing is deleted early because of it, but check the clock (timedatectl, "
                 f"chronyc tracking)"
             )
-        elif seconds > guards.max_clock_jump and not _clock_accepted(seconds, guards, confirmed):
+        elif seconds > guards.max_clock_jump and not _clock_accepted(
+            seconds, guards, confirmed, now
+        ):
             clock_tripped = True
             idx = [i for i, it in enumerate(items) if it.action is Action.DELETE]
             for i in idx:
@@ -821,12 +831,25 @@ def _guards(
                 )
 
 
-def _clock_accepted(seconds: float, guards: GuardRules, confirmed: Confirmation) -> bool:
-    """Whether the admin's confirmation covers a forward jump of ``seconds``: the jump they were
-    shown, plus what the guard tolerates anyway (time passes; NTP steps a little)."""
+def _clock_accepted(
+    seconds: float, guards: GuardRules, confirmed: Confirmation, now: ClockReading
+) -> bool:
+    """Whether the admin's confirmation covers a forward jump of ``seconds``: exactly the jump
+    they were shown. Measured from the blocked sweep's own clock reading when known (the wall
+    clock may have moved on only as the boot clock did; after a reboot in between, all of the
+    elapsed wall time counts, as the guard counts it); else the shown jump plus the guard's
+    tolerance (sweeps blocked before their readings were kept)."""
     if not confirmed.accept_clock:
         return False
-    return confirmed.clock_jump is None or seconds <= confirmed.clock_jump + guards.max_clock_jump
+    if confirmed.clock_jump is None:
+        return True
+    since = confirmed.since
+    if since is not None:
+        further = now.wall - since.wall
+        if since.boot_id == now.boot_id:
+            further -= now.boottime - since.boottime
+        return seconds <= confirmed.clock_jump + CONFIRM_SLACK and further <= CONFIRM_SLACK
+    return seconds <= confirmed.clock_jump + guards.max_clock_jump
 
 
 def _likely_cause(

@@ -1003,6 +1003,7 @@ class Engine:
                 accept_clock=bool(jumps),
                 clock_jump=max(jumps) if jumps else None,
                 whole=True,
+                since=sw.clock,
             )
             self.audit.append(
                 caller.user,

@@ -543,6 +543,35 @@ def test_confirm_does_not_accept_a_clock_jump_it_never_showed(tmp_path, now):
         engine.catalog.close()
 
 
+def test_confirming_a_clock_trip_does_not_accept_a_further_smaller_jump(tmp_path, now):
+    """The clock guard showed a 2-day jump; 20 more hours of jump happen before the admin
+    confirms (less than max_clock_jump, which a plain sweep would let through): that is not
+    the jump the admin saw, so the confirmation blocks again (it used to allow shown + 1 d)."""
+    root = tmp_path / "rec"
+    root.mkdir()
+    build_tree(root, ["ch01"], days=40, per_day=4, now=now)
+    config = write_config(tmp_path, {"gate": [root]}, keep="15d", min_free="0%", fraction=1.0)
+    clock = Clock(now.timestamp())
+    engine = Engine(load_config(config), clock=clock)
+    try:
+        engine.reconcile(full=True)
+        first = engine.sweep(actor="test")  # no history yet: deletes what is due, a base
+        assert first.plan.trips == []
+        clock.advance(2 * DAY, 60)  # the wall clock jumps two days
+        blocked = engine.sweep(actor="test")
+        assert [t.kind for t in blocked.plan.trips] == ["clock-jump"]
+        before = _files(root)
+        clock.advance(20 * 3600, 60)  # and 20 hours more before the confirmation
+        out = engine.confirm(blocked.sweep, Caller.local())
+        assert out.deleted == 0 and _files(root) == before
+        assert "clock-jump" in [t.kind for t in out.plan.trips]
+        # the new blocked sweep shows the whole jump; confirming that one releases it
+        again = engine.confirm(out.sweep, Caller.local())
+        assert again.plan.trips == [] and again.deleted > 0
+    finally:
+        engine.catalog.close()
+
+
 def test_confirm_blocks_again_when_it_would_delete_more(tmp_path, now):
     engine, clock, root = _guarded_engine(tmp_path, now, fraction=0.05)
     try:
