@@ -120,6 +120,10 @@ class Reply(BaseModel):
     error: ErrorBody | None = None
 
 
+_NAMES_TTL = 10.0
+_NAMES: dict[tuple[int, int], tuple[float, str | None, frozenset[str]]] = {}
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Caller:
     """The process on the other end of a connection, as the kernel reported it at connect()."""
@@ -139,6 +143,20 @@ class Caller:
 
     @classmethod
     def from_ids(cls, pid: int, uid: int, gid: int) -> Caller:
+        # name lookups (passwd, group, possibly NSS over the network) for every connection made
+        # a flood fill the listen backlog: a uid's names are reused for a few seconds
+        now = time.monotonic()
+        hit = _NAMES.get((uid, gid))
+        if hit is not None and now - hit[0] < _NAMES_TTL:
+            return cls(pid=pid, uid=uid, gid=gid, user=hit[1], groups=hit[2])
+        c = cls._lookup(pid, uid, gid)
+        if len(_NAMES) > 4096:
+            _NAMES.clear()
+        _NAMES[(uid, gid)] = (now, c.user, c.groups)
+        return c
+
+    @classmethod
+    def _lookup(cls, pid: int, uid: int, gid: int) -> Caller:
         try:
             user: str | None = pwd.getpwuid(uid).pw_name
         except KeyError:
@@ -501,7 +519,7 @@ class ControlServer:
             self._apply_group(tmp)
             if tmp != self.path:
                 os.rename(tmp, self.path)
-            sock.listen(min(socket.SOMAXCONN, 128))
+            sock.listen(socket.SOMAXCONN)  # the kernel caps it (net.core.somaxconn)
         except OSError as exc:
             sock.close()
             if tmp != self.path:
@@ -702,7 +720,8 @@ class ControlServer:
                 log.exception("control: admission check for %s failed", caller.describe())
                 why = "internal error while checking who is calling; see the daemon log"
             if why is not None:
-                log.info("control: %s refused at connect: %s", caller.describe(), why)
+                # the audit log has the (rate-limited) record; a flood must not flood the journal
+                log.debug("control: %s refused at connect: %s", caller.describe(), why)
                 self._refuse_connection(conn, caller, 3, why, "PolicyRefused")
                 return
         with self._lock:
@@ -971,36 +990,53 @@ class ControlClient:
         self._sock: socket.socket | None = None
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(os.fsencode(self.path))
-        except FileNotFoundError:
-            sock.close()
-            raise DaemonUnavailable(
-                f"the daemon is not running (no control socket at {self.path}); "
-                f"start it with `systemctl start nvr-guard`"
-            ) from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise DaemonUnavailable(
-                f"the daemon is not answering on {self.path} (stale socket); "
-                f"check `systemctl status nvr-guard`"
-            ) from None
-        except PermissionError:
-            sock.close()
-            raise PolicyRefused(
-                f"permission denied on {self.path}: ask an administrator to add you to the "
-                f"socket group (config: socket_group)"
-            ) from None
-        except TimeoutError:
-            sock.close()
-            raise DaemonUnavailable(
-                f"the daemon did not accept a connection on {self.path} within {self.timeout:g} s"
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise DaemonUnavailable(f"cannot reach the daemon on {self.path}: {exc}") from None
+        # A full listen backlog (someone floods the socket) makes connect() fail with EAGAIN at
+        # once on a Unix socket: retry with a short backoff until the timeout, like a queue.
+        deadline = time.monotonic() + self.timeout
+        delay = 0.01
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(os.fsencode(self.path))
+            except BlockingIOError:
+                sock.close()
+                if time.monotonic() + delay >= deadline:
+                    raise DaemonUnavailable(
+                        f"the daemon's socket {self.path} stayed busy for {self.timeout:g} s "
+                        f"(is someone flooding it?); try again"
+                    ) from None
+                time.sleep(delay)  # backoff between connection attempts, not synchronisation
+                delay = min(delay * 2, 0.2)
+                continue
+            except FileNotFoundError:
+                sock.close()
+                raise DaemonUnavailable(
+                    f"the daemon is not running (no control socket at {self.path}); "
+                    f"start it with `systemctl start nvr-guard`"
+                ) from None
+            except ConnectionRefusedError:
+                sock.close()
+                raise DaemonUnavailable(
+                    f"the daemon is not answering on {self.path} (stale socket); "
+                    f"check `systemctl status nvr-guard`"
+                ) from None
+            except PermissionError:
+                sock.close()
+                raise PolicyRefused(
+                    f"permission denied on {self.path}: ask an administrator to add you to the "
+                    f"socket group (config: socket_group)"
+                ) from None
+            except TimeoutError:
+                sock.close()
+                raise DaemonUnavailable(
+                    f"the daemon did not accept a connection on {self.path} within "
+                    f"{self.timeout:g} s"
+                ) from None
+            except OSError as exc:
+                sock.close()
+                raise DaemonUnavailable(f"cannot reach the daemon on {self.path}: {exc}") from None
+            break
         self._sock = sock
 
     def close(self) -> None:

@@ -159,7 +159,12 @@ class Daemon:
         away at once (and the refusal recorded) instead of holding a slot."""
         engine = self.engine
         assert engine is not None
-        who = Caller.from_uid(peer.uid, getattr(peer, "gid", None))
+        # the names the socket already looked up (cached there): no second lookup per connection
+        who = Caller(
+            peer.uid,
+            peer.user if peer.user is not None else f"uid:{peer.uid}",
+            tuple(sorted(peer.groups)),
+        )
         if engine.roles_for(who) or who.uid == os.getuid():
             # the daemon's own account comes in only for `reload` (ExecReload=); _handle
             # refuses it everything else that needs a role
