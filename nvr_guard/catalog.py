@@ -936,16 +936,28 @@ class Catalog:
         return int(n)
 
     def oldest_segments(
-        self, site: str, limit: int, under: Sequence[bytes] | None = None
+        self,
+        site: str,
+        limit: int,
+        under: Sequence[bytes] | None = None,
+        not_under: Mapping[bytes, Sequence[bytes]] | None = None,
     ) -> list[Segment]:
         """The ``limit`` oldest segments of a site (by start, then path): each camera's rows
         in index order, merged, so only about ``limit`` rows are read however large the site.
-        ``under``: only those below one of these roots (the site's roots on one volume)."""
+        ``under``: only those below one of these roots (the site's roots on one volume);
+        ``not_under``: per such root, directories below it whose rows do not count for it (file
+        systems mounted inside the root, which are other volumes)."""
         cond, extra = "", []
         if under is not None:
-            ranges = [prefix_range(_dir_prefix(r)) for r in under]
-            cond = " AND (" + (" OR ".join("(path >= ? AND path < ?)" for _ in ranges) or "0") + ")"
-            extra = [b for lo_hi in ranges for b in lo_hi]
+            terms: list[str] = []
+            for r in under:
+                term = "(path >= ? AND path < ?"
+                extra.extend(prefix_range(_dir_prefix(r)))
+                for o in (not_under or {}).get(r, ()):
+                    term += " AND NOT (path >= ? AND path < ?)"
+                    extra.extend(prefix_range(_dir_prefix(o)))
+                terms.append(term + ")")
+            cond = " AND (" + (" OR ".join(terms) or "0") + ")"
         with self.lock:
             cursors = [
                 self.conn.execute(

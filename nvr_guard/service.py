@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from nvr_guard import policy
+from nvr_guard import mounts, policy
 from nvr_guard.attention import AUDIT_HEAD, CLOCK_SKEW, SIGNING_KEY, Attention
 from nvr_guard.audit import AuditHeadMismatch, AuditLog
 from nvr_guard.catalog import Catalog
@@ -605,7 +605,9 @@ class Engine:
         if excluded is None:
             excluded = self.excluded_roots()
         members: dict[int, list[tuple[str, bytes | None]]] = {}
+        table = mounts.mounts()
         for name, roots in site_roots(self.config).items():
+            cross = self.config.sites[name].cross_mounts
             for rb in roots:
                 if rb in excluded:
                     continue
@@ -615,6 +617,18 @@ class Engine:
                     log.warning("site %s: cannot stat root %s: %s", name, show_path(rb), e)
                     continue
                 members.setdefault(dev, []).append((name, rb))
+                if not cross:
+                    continue  # the scanner never catalogues footage below a mount point there
+                # every file system mounted below the root is a volume of its own: its footage
+                # is the site's but not on the root's volume (the policy gives a segment to the
+                # deepest member containing it)
+                for mp in sorted(mounts.mount_points_below(rb, table)):
+                    try:
+                        st = os.lstat(mp)
+                    except OSError:
+                        continue  # hidden under a later mount, or gone
+                    if stat.S_ISDIR(st.st_mode):
+                        members.setdefault(st.st_dev, []).append((name, mp))
         out: list[Volume] = []
         for mem in members.values():
             first = mem[0][1]
@@ -662,7 +676,12 @@ class Engine:
                 if s not in sites:
                     continue
                 under = [r for m, r in v.members if m == s and r is not None]
-                for seg in self.catalog.oldest_segments(s, DISK_PRESSURE_BATCH, under=under):
+                # below a root, what another volume's member holds is not on this volume
+                elsewhere = [r for w in volumes if w is not v for m, r in w.members if m == s and r]
+                not_under = {r: [o for o in elsewhere if o.startswith(r + b"/")] for r in under}
+                for seg in self.catalog.oldest_segments(
+                    s, DISK_PRESSURE_BATCH, under=under, not_under=not_under
+                ):
                     if seg.path not in seen:
                         seen.add(seg.path)
                         cands.append(seg)
