@@ -875,7 +875,8 @@ class Catalog:
             )
 
     def root_fs(self, root: bytes) -> str | None:
-        """The file system ``root`` was on when last walked (see nvr_guard.mounts.fs_identity)."""
+        """Which directory ``root`` was when last walked (nvr_guard.mounts.dir_identity; a record
+        of an older version holds only the file system: nvr_guard.mounts.fs_identity)."""
         with self.lock:
             row = self.conn.execute("SELECT fs FROM root_fs WHERE root = ?", (root,)).fetchone()
         return None if row is None else str(row[0])
@@ -887,6 +888,12 @@ class Catalog:
                 "ON CONFLICT(root) DO UPDATE SET site = excluded.site, fs = excluded.fs",
                 (root, site, fs),
             )
+
+    def root_fs_all(self) -> dict[bytes, str]:
+        """:meth:`root_fs` of every recorded root."""
+        with self.lock:
+            rows = self.conn.execute("SELECT root, fs FROM root_fs").fetchall()
+        return {bytes(r): str(f) for r, f in rows}
 
     def forget_root_fs_except(self, roots: Iterable[bytes]) -> None:
         """Forget the file systems of roots no longer configured."""

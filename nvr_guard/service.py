@@ -585,6 +585,7 @@ class Engine:
         one recorded at the last reconcile (a mount that is gone leaves its mount point on the
         parent file system; that is not where the footage is)."""
         recorded = self.catalog.root_devices()
+        walked = self.catalog.root_fs_all()
         out: set[bytes] = set()
         for roots in site_roots(self.config).values():
             for rb in roots:
@@ -596,6 +597,16 @@ class Engine:
                 old = recorded.get(rb)
                 if not stat.S_ISDIR(st.st_mode) or old is None or old[0] != st.st_dev:
                     out.add(rb)
+                    continue
+                # the same device but another directory (a bind mount over the root since the
+                # last walk): its catalogued footage is not what is there now
+                was = walked.get(rb)
+                if was is not None:
+                    try:
+                        if not mounts.same_directory(was, mounts.dir_identity(rb, st)):
+                            out.add(rb)
+                    except OSError:
+                        out.add(rb)
         # and what the scanner found out of service: emptied, unreadable, another file system
         return out | self.scanner.unhealthy_roots()
 
@@ -716,6 +727,9 @@ class Engine:
 
     def _targets(self, items: Iterable[Item]) -> list[PurgeTarget]:
         targets = []
+        # which directory each root was when its footage was catalogued: the purge refuses a
+        # root that is another directory now (a bind mount over it since)
+        walked = self.catalog.root_fs_all()
         for it in items:
             seg = it.segment
             site = self.config.sites[seg.site]
@@ -737,6 +751,7 @@ class Engine:
                     extensions=self.config.extensions_for(seg.site),
                     settle=self.rules[seg.site].settle,
                     cross_mounts=site.cross_mounts,
+                    root_id=walked.get(root),
                 )
             )
         return targets
