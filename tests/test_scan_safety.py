@@ -247,6 +247,17 @@ def test_a_root_crossing_mounts_may_not_contain_another_root(tmp_path: Path, mou
     assert any("overlaps sites.school.roots[0]" in m for _f, _ln, m in errors), errors
 
 
+def test_a_root_nested_by_path_on_its_own_mount_is_allowed_unless_the_outer_crosses_mounts(
+    tmp_path: Path, mount: Mount
+) -> None:
+    school = tmp_path / "school"
+    inner = mount(school / "disk", "-t", "tmpfs", "tmpfs")
+    cfg, errors, _ = check_config(_two_sites(tmp_path, school, inner))
+    assert cfg is not None, errors
+    _, errors, _ = check_config(_two_sites(tmp_path, school, inner, "    cross_mounts: true\n"))
+    assert any("overlaps sites.school.roots[0]" in m for _f, _ln, m in errors), errors
+
+
 # ---- item 9: a root that vanished, emptied or changed file system ---------------------------
 
 
