@@ -875,7 +875,8 @@ class Catalog:
             )
 
     def root_fs(self, root: bytes) -> str | None:
-        """The file system ``root`` was on when last walked (see nvr_guard.mounts.fs_identity)."""
+        """Which directory ``root`` was when last walked (nvr_guard.mounts.dir_identity; a record
+        of an older version holds only the file system: nvr_guard.mounts.fs_identity)."""
         with self.lock:
             row = self.conn.execute("SELECT fs FROM root_fs WHERE root = ?", (root,)).fetchone()
         return None if row is None else str(row[0])
@@ -887,6 +888,12 @@ class Catalog:
                 "ON CONFLICT(root) DO UPDATE SET site = excluded.site, fs = excluded.fs",
                 (root, site, fs),
             )
+
+    def root_fs_all(self) -> dict[bytes, str]:
+        """:meth:`root_fs` of every recorded root."""
+        with self.lock:
+            rows = self.conn.execute("SELECT root, fs FROM root_fs").fetchall()
+        return {bytes(r): str(f) for r, f in rows}
 
     def forget_root_fs_except(self, roots: Iterable[bytes]) -> None:
         """Forget the file systems of roots no longer configured."""
@@ -936,16 +943,28 @@ class Catalog:
         return int(n)
 
     def oldest_segments(
-        self, site: str, limit: int, under: Sequence[bytes] | None = None
+        self,
+        site: str,
+        limit: int,
+        under: Sequence[bytes] | None = None,
+        not_under: Mapping[bytes, Sequence[bytes]] | None = None,
     ) -> list[Segment]:
         """The ``limit`` oldest segments of a site (by start, then path): each camera's rows
         in index order, merged, so only about ``limit`` rows are read however large the site.
-        ``under``: only those below one of these roots (the site's roots on one volume)."""
+        ``under``: only those below one of these roots (the site's roots on one volume);
+        ``not_under``: per such root, directories below it whose rows do not count for it (file
+        systems mounted inside the root, which are other volumes)."""
         cond, extra = "", []
         if under is not None:
-            ranges = [prefix_range(_dir_prefix(r)) for r in under]
-            cond = " AND (" + (" OR ".join("(path >= ? AND path < ?)" for _ in ranges) or "0") + ")"
-            extra = [b for lo_hi in ranges for b in lo_hi]
+            terms: list[str] = []
+            for r in under:
+                term = "(path >= ? AND path < ?"
+                extra.extend(prefix_range(_dir_prefix(r)))
+                for o in (not_under or {}).get(r, ()):
+                    term += " AND NOT (path >= ? AND path < ?)"
+                    extra.extend(prefix_range(_dir_prefix(o)))
+                terms.append(term + ")")
+            cond = " AND (" + (" OR ".join(terms) or "0") + ")"
         with self.lock:
             cursors = [
                 self.conn.execute(

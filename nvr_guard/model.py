@@ -177,7 +177,9 @@ class Volume:
     name: str  # for messages: the mount point (or "site gate" for a per-site figure)
     total: int
     free: int
-    # (site, root): that site's footage under the root lies here; root None: all of the site's
+    # (site, root): that site's footage under the root lies here, except below a deeper member
+    # root of the site (a file system mounted inside a cross_mounts root: the policy gives a
+    # segment to the deepest member that contains it); root None: all of the site's
     members: tuple[tuple[str, bytes | None], ...]
 
     @property
@@ -188,6 +190,7 @@ class Volume:
         return sorted({s for s, _ in self.members})
 
     def holds(self, seg: Segment) -> bool:
+        """Under one of the members' roots (deeper members of other volumes not considered)."""
         for site, root in self.members:
             if site == seg.site and (root is None or seg.path.startswith(root + b"/")):
                 return True

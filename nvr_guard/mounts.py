@@ -9,7 +9,9 @@ under. ``st_dev`` alone does not show every such boundary — a bind mount of a 
 
 Which file system a root sits on (to notice an unmounted disk, or another disk mounted in its
 place) is the file system id of ``statvfs``: derived from the UUID on ext4, XFS and btrfs, new for
-every tmpfs mount, unlike ``st_dev`` which the kernel hands out again after an unmount.
+every tmpfs mount, unlike ``st_dev`` which the kernel hands out again after an unmount. Which
+directory a root is (:func:`dir_identity`) adds the directory's inode: ``mount --bind
+/srv/school /srv/highway`` keeps the file system id of ``/srv/highway`` but not its inode.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from nvr_guard.workers import libc_function
 
 __all__ = [
     "Mount",
+    "dir_identity",
+    "dir_identity_fd",
     "fs_identity",
     "fs_location",
     "mount_id",
     "mount_points_below",
     "mounts",
+    "same_directory",
 ]
 
 _AT_FDCWD = -100
@@ -132,6 +137,33 @@ def fs_identity(path: bytes | str) -> str:
     if v.f_fsid:
         return f"fsid:{v.f_fsid:x}"
     return f"dev:{os.stat(path).st_dev:x}"  # file systems without an id (some network ones)
+
+
+def dir_identity(path: bytes | str, st: os.stat_result | None = None) -> str:
+    """Which directory ``path`` is: its file system (:func:`fs_identity`) and its own inode.
+    A bind mount of another directory of the same file system over ``path`` keeps the file
+    system id but not the inode. ``st_dev`` is left out on purpose: the file system id already
+    names the file system, and ``st_dev`` of the same disk may change at a reboot."""
+    if st is None:
+        st = os.stat(path)
+    return f"{fs_identity(path)} ino:{st.st_ino:x}"
+
+
+def dir_identity_fd(fd: int) -> str:
+    """:func:`dir_identity` of an open directory (what the purge holds: no path to re-resolve)."""
+    v = os.fstatvfs(fd)
+    st = os.fstat(fd)
+    fs = f"fsid:{v.f_fsid:x}" if v.f_fsid else f"dev:{st.st_dev:x}"
+    return f"{fs} ino:{st.st_ino:x}"
+
+
+def same_directory(before: str, now: str) -> bool:
+    """``now`` (a :func:`dir_identity`) is the directory recorded as ``before``. A record of an
+    older version holds only the file system part: the same file system is accepted then (the
+    caller completes the record)."""
+    b_fs, _, b_ino = before.partition(" ino:")
+    n_fs, _, n_ino = now.partition(" ino:")
+    return b_fs == n_fs and (not b_ino or b_ino == n_ino)
 
 
 _statx_fn: object = None

@@ -408,37 +408,48 @@ class _Pressure:
 
 def _pressures(
     volumes: Sequence[Volume], rules: Mapping[str, SiteRules]
-) -> tuple[list[_Pressure], dict[str, list[tuple[bytes | None, _Pressure]]]]:
-    """The volumes short of space, and per site its (root, pressure) pairs. Sites sharing a
-    volume share its one shortfall, measured against the strictest ``min_free`` among them."""
+) -> tuple[list[_Pressure], dict[str, list[tuple[bytes | None, _Pressure | None]]]]:
+    """The volumes short of space, and per site with footage on one of them every (root,
+    pressure) member pair of the site, deepest root first (pressure None: a volume with
+    space). Sites sharing a volume share its one shortfall, measured against the strictest
+    ``min_free`` among them. A member root may lie below another (a file system mounted inside
+    a ``cross_mounts`` root): a segment belongs to the deepest member that contains it."""
     out: list[_Pressure] = []
-    by_site: dict[str, list[tuple[bytes | None, _Pressure]]] = {}
+    by_site: dict[str, list[tuple[bytes | None, _Pressure | None]]] = {}
+    short_sites: set[str] = set()
     for v in volumes:
         fractions = [rules[s].min_free for s, _ in v.members if s in rules]
         min_free = max(fractions, default=0.0)
         need = v.state.bytes_to_free(min_free) if min_free > 0 else 0
-        if not need:
-            continue
-        sites = v.sites()
-        if not v.name:  # a per-site figure (no volume known): speak of the site
-            label, at = f"site {', '.join(sites)}", ""
-        else:
-            noun = "sites" if len(sites) > 1 else "site"
-            label, at = f"volume {v.name} ({noun} {', '.join(sites)})", f" on {v.name}"
-        p = _Pressure(
-            label=label,
-            at=at,
-            need=need,
-            free_note=f"free {v.free / max(v.total, 1) * 100:.1f}% < min_free {_pct(min_free)}",
-            spare=[],
-        )
-        out.append(p)
+        p: _Pressure | None = None
+        if need:
+            sites = v.sites()
+            if not v.name:  # a per-site figure (no volume known): speak of the site
+                label, at = f"site {', '.join(sites)}", ""
+            else:
+                noun = "sites" if len(sites) > 1 else "site"
+                label, at = f"volume {v.name} ({noun} {', '.join(sites)})", f" on {v.name}"
+            p = _Pressure(
+                label=label,
+                at=at,
+                need=need,
+                free_note=f"free {v.free / max(v.total, 1) * 100:.1f}% < min_free {_pct(min_free)}",
+                spare=[],
+            )
+            out.append(p)
+            short_sites.update(sites)
         for s, root in v.members:
             by_site.setdefault(s, []).append((root, p))
-    return out, by_site
+    for pairs in by_site.values():
+        # deepest first; a whole-site member (None) only after every root
+        pairs.sort(key=lambda rp: -1 if rp[0] is None else len(rp[0]), reverse=True)
+    return out, {s: pairs for s, pairs in by_site.items() if s in short_sites}
 
 
-def _pressure_of(seg: Segment, pairs: list[tuple[bytes | None, _Pressure]]) -> _Pressure | None:
+def _pressure_of(
+    seg: Segment, pairs: list[tuple[bytes | None, _Pressure | None]]
+) -> _Pressure | None:
+    """The pressure of the volume the segment is on (its deepest member), None if it has space."""
     for root, p in pairs:
         if root is None or seg.path.startswith(root + b"/"):
             return p
@@ -541,7 +552,7 @@ def decide(
     expired_txt = ""
     local = _LocalTime(UTC)
     careful_after = 0.0  # mtime above this needs a look (settling); -inf with holds: always
-    on_short: list[tuple[bytes | None, _Pressure]] | None = None
+    on_short: list[tuple[bytes | None, _Pressure | None]] | None = None
     for seg in segments:
         site = seg.site
         if site != ctx_site:

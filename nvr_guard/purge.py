@@ -11,6 +11,9 @@ the way can redirect us:
 - every directory opened below the root must be on the root's mount (same ``st_dev`` and
   ``statx`` mount id) unless the site sets ``cross_mounts: true``: a disk or a bind mount of a
   tree from elsewhere mounted under a root after the plan was made is not the site's footage;
+- the root must still be the directory the footage was catalogued in (file system id and inode
+  of the open root, :func:`nvr_guard.mounts.dir_identity_fd`): another site's root bind-mounted
+  over it after the plan is refused as a whole (``root-changed``);
 - hidden names (``.x.mp4``, ``.tmp/``) are never segments (recorders' temporaries);
 - the file itself is ``fstatat(..., AT_SYMLINK_NOFOLLOW)``-ed: a regular file, a segment extension,
   not modified within the settle time, same size and mtime as catalogued; then ``unlinkat``
@@ -45,7 +48,7 @@ from typing import Any
 
 from nvr_guard.audit import PURGE_BEGIN, PURGE_RECEIPT, PURGE_SKIP, AuditLog
 from nvr_guard.model import Segment, show_path
-from nvr_guard.mounts import mount_id
+from nvr_guard.mounts import dir_identity_fd, mount_id, same_directory
 from nvr_guard.workers import gc_paused, libc_function, worker_context
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,9 @@ class PurgeTarget:
     extensions: frozenset[str]  # segment extensions of the site, e.g. {".mp4", ".mkv"}
     settle: float  # seconds; a file modified more recently is still being recorded
     cross_mounts: bool = False  # the site's cross_mounts: may a directory be another mount
+    # which directory the root was when the footage was catalogued (nvr_guard.mounts.dir_identity);
+    # a root that is another directory now (a bind mount over it) is refused. None: not checked
+    root_id: str | None = None
 
 
 @dataclass
@@ -170,7 +176,13 @@ class _DirWalker:
     on it — only at depth >= 2 below the root, so a root and a camera directory always stay.
     """
 
-    def __init__(self, root: bytes, fsync_each: bool = False, cross_mounts: bool = False) -> None:
+    def __init__(
+        self,
+        root: bytes,
+        fsync_each: bool = False,
+        cross_mounts: bool = False,
+        root_id: str | None = None,
+    ) -> None:
         self.root = root
         # without syncfs(2), every changed directory is fsynced as it is left
         self.fsync_each = fsync_each
@@ -188,6 +200,20 @@ class _DirWalker:
                 else "error"
             )
             self.failure = f"root {show_path(root)} cannot be opened safely: {exc.strerror}"
+        if self.root_fd >= 0 and root_id is not None:
+            # the directory open now must be the one the plan's footage was catalogued in
+            try:
+                now_id = dir_identity_fd(self.root_fd)
+            except OSError as exc:
+                now_id = f"unknown ({exc.strerror})"
+            if not same_directory(root_id, now_id):
+                os.close(self.root_fd)
+                self.root_fd = -1
+                self.failure_kind = "root-changed"
+                self.failure = (
+                    f"root {show_path(root)} is another directory than when its footage was "
+                    f"catalogued ({root_id} -> {now_id}: a mount over it?)"
+                )
         # the file system every directory below must be on (-1: the site crosses mounts)
         self.dev = -1
         self.mnt: int | None = None
@@ -327,8 +353,8 @@ def _sync_root(root: bytes) -> None:
 PROCESS_MIN = 20_000
 
 # what a worker gets per file: plain data, cheap to pickle (the exts set is shared by identity)
-# (root, rel, extensions, settle, catalogued size, catalogued mtime, cross mounts)
-_Item = tuple[bytes, bytes, frozenset[bytes], float, int, float, bool]
+# (root, rel, extensions, settle, catalogued size, catalogued mtime, cross mounts, root identity)
+_Item = tuple[bytes, bytes, frozenset[bytes], float, int, float, bool, str | None]
 # and returns per batch: (indices deleted, their bytes, [(index, kind, reason)] refused)
 _Outcome = tuple[list[int], int, list[tuple[int, str, str]]]
 
@@ -548,6 +574,7 @@ def _prepare(
                     t.segment.size,
                     t.segment.mtime,
                     t.cross_mounts,
+                    t.root_id,
                 )
                 for rel, t in zip(rels, ts, strict=True)
             ]
@@ -792,12 +819,12 @@ def _apply(
     sizes = 0
     walker: _DirWalker | None = None
     lstat, unlink, is_reg = os.stat, os.unlink, stat.S_ISREG
-    for i, (root, rel, exts, settle, size, cat_mtime, cross) in enumerate(items):
+    for i, (root, rel, exts, settle, size, cat_mtime, cross, root_id) in enumerate(items):
         try:
             if walker is None or walker.root != root:
                 walker = walkers.get(root)
                 if walker is None:
-                    walker = walkers[root] = _DirWalker(root, fsync_each, cross)
+                    walker = walkers[root] = _DirWalker(root, fsync_each, cross, root_id)
             if walker.root_fd < 0:
                 raise _Skip(walker.failure_kind, walker.failure)
             j = rel.rfind(b"/")

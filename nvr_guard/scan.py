@@ -86,7 +86,7 @@ from nvr_guard.catalog import (
 )
 from nvr_guard.layout import Layout
 from nvr_guard.model import SiteRules, show_path
-from nvr_guard.mounts import fs_identity, mount_points_below
+from nvr_guard.mounts import dir_identity, mount_points_below, same_directory
 from nvr_guard.workers import gc_paused, worker_context
 
 log = logging.getLogger(__name__)
@@ -773,7 +773,7 @@ class Scanner:
             )
             return None
         try:
-            fs = fs_identity(root)
+            fs = dir_identity(root, root_st)
             entries = list(os.scandir(root))
         except OSError as exc:
             self._root_out(
@@ -784,17 +784,31 @@ class Scanner:
         if accept or before is None:
             if before != fs:
                 self.catalog.set_root_fs(root, s.site, fs)
-        elif before != fs:
+        elif not same_directory(before, fs):
+            if before.partition(" ino:")[0] != fs.partition(" ino:")[0]:
+                what = (
+                    f"is on another file system than at the last walk ({before} -> {fs}: "
+                    "a disk not mounted, or another one in its place)"
+                )
+            else:
+                # the same file system, another directory: a bind mount of another directory
+                # (perhaps another site's root) over it, or the directory replaced
+                what = (
+                    f"is another directory than at the last walk ({before} -> {fs}: "
+                    "a bind mount or another directory mounted over it?)"
+                )
             self._root_out(
                 s,
                 root,
                 att.ROOT_DEVICE,
-                f"root {shown} of site {s.site} is on another file system than at the last walk "
-                f"({before} -> {fs}: a disk not mounted, or another one in its place){rows()}; "
+                f"root {shown} of site {s.site} {what}{rows()}; "
                 "mount the right one, or confirm the new one with "
                 f"`nvr-guard retention confirm-root {s.site} {shown}`",
             )
             return None
+        elif before != fs:
+            # recorded by an older version (file system only): completed, nothing to report
+            self.catalog.set_root_fs(root, s.site, fs)
         if not accept and not any(
             e.name[0] != 0x2E and e.name not in _EMPTY_ROOT_NAMES for e in entries
         ):
@@ -1268,6 +1282,15 @@ class Scanner:
             if root in self._unhealthy:
                 return "ignored"  # out of service: rows kept as they are until it is back
             try:
+                root_st = os.lstat(root)
+                was = self.catalog.root_fs(root)
+                if was is not None and not same_directory(was, dir_identity(root, root_st)):
+                    # another directory over the root since its last walk (a bind mount): the
+                    # next walk takes it out of service; nothing of it is catalogued meanwhile
+                    return "ignored"
+            except OSError:
+                return "ignored"
+            try:
                 st = os.lstat(path)
             except FileNotFoundError:
                 n = self.catalog.remove_paths([path]) + self.catalog.remove_under(path)
@@ -1276,10 +1299,7 @@ class Scanner:
                 return "ignored"  # unreadable: the rescans report it
             dev, mounts = -1, frozenset[bytes]()
             if not s.cross_mounts:
-                try:
-                    dev = os.lstat(root).st_dev
-                except OSError:
-                    return "ignored"
+                dev = root_st.st_dev
                 mounts = self._mounts.get(root) or frozenset()
             # a symlinked directory, a hidden name or another file system anywhere between the
             # root and the path: not ours to catalog

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from nvr_guard import policy
+from nvr_guard import mounts, policy
 from nvr_guard.attention import AUDIT_HEAD, CLOCK_SKEW, SIGNING_KEY, Attention
 from nvr_guard.audit import AuditHeadMismatch, AuditLog
 from nvr_guard.catalog import Catalog
@@ -585,6 +585,7 @@ class Engine:
         one recorded at the last reconcile (a mount that is gone leaves its mount point on the
         parent file system; that is not where the footage is)."""
         recorded = self.catalog.root_devices()
+        walked = self.catalog.root_fs_all()
         out: set[bytes] = set()
         for roots in site_roots(self.config).values():
             for rb in roots:
@@ -596,6 +597,16 @@ class Engine:
                 old = recorded.get(rb)
                 if not stat.S_ISDIR(st.st_mode) or old is None or old[0] != st.st_dev:
                     out.add(rb)
+                    continue
+                # the same device but another directory (a bind mount over the root since the
+                # last walk): its catalogued footage is not what is there now
+                was = walked.get(rb)
+                if was is not None:
+                    try:
+                        if not mounts.same_directory(was, mounts.dir_identity(rb, st)):
+                            out.add(rb)
+                    except OSError:
+                        out.add(rb)
         # and what the scanner found out of service: emptied, unreadable, another file system
         return out | self.scanner.unhealthy_roots()
 
@@ -605,7 +616,9 @@ class Engine:
         if excluded is None:
             excluded = self.excluded_roots()
         members: dict[int, list[tuple[str, bytes | None]]] = {}
+        table = mounts.mounts()
         for name, roots in site_roots(self.config).items():
+            cross = self.config.sites[name].cross_mounts
             for rb in roots:
                 if rb in excluded:
                     continue
@@ -615,6 +628,18 @@ class Engine:
                     log.warning("site %s: cannot stat root %s: %s", name, show_path(rb), e)
                     continue
                 members.setdefault(dev, []).append((name, rb))
+                if not cross:
+                    continue  # the scanner never catalogues footage below a mount point there
+                # every file system mounted below the root is a volume of its own: its footage
+                # is the site's but not on the root's volume (the policy gives a segment to the
+                # deepest member containing it)
+                for mp in sorted(mounts.mount_points_below(rb, table)):
+                    try:
+                        st = os.lstat(mp)
+                    except OSError:
+                        continue  # hidden under a later mount, or gone
+                    if stat.S_ISDIR(st.st_mode):
+                        members.setdefault(st.st_dev, []).append((name, mp))
         out: list[Volume] = []
         for mem in members.values():
             first = mem[0][1]
@@ -662,7 +687,12 @@ class Engine:
                 if s not in sites:
                     continue
                 under = [r for m, r in v.members if m == s and r is not None]
-                for seg in self.catalog.oldest_segments(s, DISK_PRESSURE_BATCH, under=under):
+                # below a root, what another volume's member holds is not on this volume
+                elsewhere = [r for w in volumes if w is not v for m, r in w.members if m == s and r]
+                not_under = {r: [o for o in elsewhere if o.startswith(r + b"/")] for r in under}
+                for seg in self.catalog.oldest_segments(
+                    s, DISK_PRESSURE_BATCH, under=under, not_under=not_under
+                ):
                     if seg.path not in seen:
                         seen.add(seg.path)
                         cands.append(seg)
@@ -697,6 +727,9 @@ class Engine:
 
     def _targets(self, items: Iterable[Item]) -> list[PurgeTarget]:
         targets = []
+        # which directory each root was when its footage was catalogued: the purge refuses a
+        # root that is another directory now (a bind mount over it since)
+        walked = self.catalog.root_fs_all()
         for it in items:
             seg = it.segment
             site = self.config.sites[seg.site]
@@ -718,6 +751,7 @@ class Engine:
                     extensions=self.config.extensions_for(seg.site),
                     settle=self.rules[seg.site].settle,
                     cross_mounts=site.cross_mounts,
+                    root_id=walked.get(root),
                 )
             )
         return targets

@@ -442,6 +442,21 @@ def test_oldest_segments_merge_cameras_by_start_then_path(cat: Catalog) -> None:
             assert got == [p for (p,) in everything[:limit]]
 
 
+def test_oldest_segments_under_a_root_leave_out_what_is_mounted_inside_it(cat: Catalog) -> None:
+    """A file system mounted inside a root (cross_mounts) is another volume: its rows do not
+    fill the batch of the root's volume, nested either way."""
+    paths = [b"/r/c3/old", b"/r/c3/x/mid", b"/r/c1/new", b"/q/other"]
+    segs = [Segment("gate", "c", p, NOW - 100 + i, NOW - 100 + i, 1) for i, p in enumerate(paths)]
+    cat.upsert_segments(segs, {"gate": rules()})
+
+    def got(under: list[bytes], not_under: dict[bytes, list[bytes]]) -> list[bytes]:
+        return [s.path for s in cat.oldest_segments("gate", 10, under, not_under)]
+
+    assert got([b"/r", b"/r/c3/x"], {b"/r": [b"/r/c3"]}) == [b"/r/c3/x/mid", b"/r/c1/new"]
+    assert got([b"/r/c3"], {b"/r/c3": [b"/r/c3/x"]}) == [b"/r/c3/old"]
+    assert got([b"/r"], {}) == paths[:3]
+
+
 def test_a_bulk_load_reaches_the_database_file_in_the_background(tmp_path: Path) -> None:
     db = tmp_path / "catalog.db"
     cat = Catalog(db)

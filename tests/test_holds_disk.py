@@ -84,6 +84,7 @@ def write_config(
     min_free: str = "50%",
     fraction: float = 1.0,
     name: str = "config.yaml",
+    cross_mounts: bool = False,
 ) -> Path:
     text = f"""state_dir: {base / "state"}
 timezone: Asia/Shanghai
@@ -101,6 +102,7 @@ sites:
     min_keep: {min_keep}
     roots: [{", ".join(str(r) for r in roots)}]
     layout: "{LAYOUT}"
+    cross_mounts: {"true" if cross_mounts else "false"}
 """
     text += "people:\n  users: {root: {roles: [admin]}}\n"
     path = base / name
@@ -274,6 +276,67 @@ def test_policy_volume_membership_is_by_root() -> None:
     plan = policy.decide(segs, now, {"gate": r}, GuardRules(1.0), [], {}, volumes=vols)
     assert [i.segment.path for i in plan.deletions] == [b"/y/rec/c2/newer"]
     assert "on /y" in plan.deletions[0].reason
+
+
+def test_pressure_with_cross_mounts_frees_only_the_short_volume(tmp_path, mounts, now):
+    """cross_mounts: a mostly empty file system mounted below a root on a nearly full one. Its
+    (older) footage is another volume's: the root's shortfall is freed from the root's own
+    footage, and nothing on the sub-mount goes, however often the sweep runs."""
+    root = mounts.tmpfs(tmp_path / "p1", "4m")
+    sub = mounts.tmpfs(root / "c3", "8m")
+    on_root = footage(root, "c1", days_ago(now, *[20 - i * 0.5 for i in range(30)]))
+    # camera c3's directory is the sub-mount
+    on_sub = footage(root, "c3", days_ago(now, *[100 - i for i in range(10)]))
+    assert all(os.stat(p).st_dev == os.stat(sub).st_dev for p in on_sub)
+    config = write_config(tmp_path, {"p1": [root]}, cross_mounts=True)
+    need = need_bytes(root, 0.5)
+    assert need > 0 and need_bytes(sub, 0.5) == 0
+
+    res = cli_json(config, "retention", "run")
+
+    assert all(p.exists() for p in on_sub), "footage on the volume with space was deleted"
+    gone = [p for p in on_root if not p.exists()]
+    assert gone == on_root[: math.ceil(need / SEG)]
+    assert need_bytes(root, 0.5) == 0
+    reasons = [i["reason"] for i in res["items"] if i["action"] == "delete"]
+    assert reasons and all(f" on {root}," in r for r in reasons)
+    again = cli_json(config, "retention", "run")
+    assert again["deleted"] == 0 and all(p.exists() for p in on_sub)
+
+    # the engine names the sub-mount as a member of its own volume
+    engine = Engine(load_config(config))
+    try:
+        vols = {v.name: v.members for v in engine.disk_volumes()}
+        assert vols == {
+            str(root): (("p1", os.fsencode(str(root))),),
+            str(sub): (("p1", os.fsencode(str(sub))),),
+        }
+    finally:
+        engine.catalog.close()
+
+
+def test_policy_segment_belongs_to_the_deepest_member() -> None:
+    """Pure: a member below another member's root (a file system mounted inside a root) owns
+    the footage under it; the outer root's volume does not count it, nested either way."""
+    tz = load_tz()
+    r = SiteRules(site="p", keep=None, min_keep=None, tz=tz, settle=60.0, min_free=0.5)
+    now = ClockReading(100 * DAY, 1000.0, "b")
+    segs = [
+        Segment("p", "c3", b"/r/c3/a", 1 * DAY, 1 * DAY + 60, 1000),  # sub-mount, oldest
+        Segment("p", "c3", b"/r/c3/x/b", 1.5 * DAY, 1.5 * DAY + 60, 1000),  # back on /r's fs
+        Segment("p", "c1", b"/r/c1/c", 2 * DAY, 2 * DAY + 60, 1000),
+        Segment("p", "c1", b"/r/c1/d", 3 * DAY, 3 * DAY + 60, 1000),
+    ]
+    short = Volume("/r", 10_000, 3_500, (("p", b"/r"), ("p", b"/r/c3/x")))
+    roomy = Volume("/r/c3", 10_000, 9_000, (("p", b"/r/c3"),))
+    for vols in ([short, roomy], [roomy, short]):
+        plan = policy.decide(segs, now, {"p": r}, GuardRules(1.0), [], {}, volumes=vols)
+        assert [i.segment.path for i in plan.deletions] == [b"/r/c1/c", b"/r/c3/x/b"]
+    # the sub-mount short instead: only its own footage
+    short2 = Volume("/r/c3", 10_000, 4_500, (("p", b"/r/c3"),))
+    roomy2 = Volume("/r", 10_000, 9_000, (("p", b"/r"), ("p", b"/r/c3/x")))
+    plan = policy.decide(segs, now, {"p": r}, GuardRules(1.0), [], {}, volumes=[roomy2, short2])
+    assert [i.segment.path for i in plan.deletions] == [b"/r/c3/a"]
 
 
 def load_tz() -> Any:

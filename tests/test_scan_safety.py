@@ -247,6 +247,17 @@ def test_a_root_crossing_mounts_may_not_contain_another_root(tmp_path: Path, mou
     assert any("overlaps sites.school.roots[0]" in m for _f, _ln, m in errors), errors
 
 
+def test_a_root_nested_by_path_on_its_own_mount_is_allowed_unless_the_outer_crosses_mounts(
+    tmp_path: Path, mount: Mount
+) -> None:
+    school = tmp_path / "school"
+    inner = mount(school / "disk", "-t", "tmpfs", "tmpfs")
+    cfg, errors, _ = check_config(_two_sites(tmp_path, school, inner))
+    assert cfg is not None, errors
+    _, errors, _ = check_config(_two_sites(tmp_path, school, inner, "    cross_mounts: true\n"))
+    assert any("overlaps sites.school.roots[0]" in m for _f, _ln, m in errors), errors
+
+
 # ---- item 9: a root that vanished, emptied or changed file system ---------------------------
 
 
@@ -333,6 +344,107 @@ def test_an_unmounted_root_is_a_device_change_and_confirm_root_accepts_the_new_o
         assert r.returncode == 2 and "nothing to confirm" in r.stderr
         r = site.run("retention", "confirm-root", "nosuch", str(site.root))
         assert r.returncode == 2 and "unknown site" in r.stderr
+    finally:
+        engine.catalog.close()
+
+
+def _with_school(site: Site, tmp_path: Path) -> Path:
+    """The usual site ``toll`` (keep 15d) beside ``school`` (keep 1y) on the same file system."""
+    school = tmp_path / "school"
+    school.mkdir()
+    extra = f'  school:\n    keep: 1y\n    roots: [{school}]\n    layout: "{LAYOUT}"\n'
+    site.write_config(fraction=1.0, extra_site=extra)
+    return school
+
+
+def test_another_sites_root_bind_mounted_over_a_root_is_a_device_change(
+    site: Site, now: datetime, tmp_path: Path, mount: Mount
+) -> None:
+    """``mount --bind school toll`` while running: the same file system id, another directory.
+    The toll root is out of service (rows kept, not walked, no disk pressure) and the school's
+    footage is never catalogued or deleted under toll's 15 days."""
+    school = _with_school(site, tmp_path)
+    own = [write_segment(site.root, "hw1", now - d * DAY) for d in (1, 2)]
+    theirs = [write_segment(school, "sch1", now - d * DAY) for d in (13, 14, 15, 16)]
+    engine = engine_of(site)
+    toll_b = os.fsencode(site.root)
+    try:
+        engine.reconcile(full=True)
+        assert engine.catalog.count("toll") == 2 and engine.catalog.count("school") == 4
+        mount(site.root, "--bind", school)
+        # hints before the next walk: neither the school's file is taken as toll's, nor toll's
+        # (hidden by the mount) forgotten
+        seen_as_toll = site.root / theirs[0].relative_to(school)
+        assert engine.scanner.hint(os.fsencode(seen_as_toll)) == "ignored"
+        assert engine.scanner.hint(os.fsencode(own[0])) == "ignored"
+        assert engine.catalog.count("toll") == 2
+        for full in (False, True):
+            engine.reconcile(full=full)
+            assert engine.catalog.count("toll") == 2, "rows of the covered root were dropped"
+            toll_paths = {
+                os.fsdecode(s.path) for s in engine.catalog.segments_of("toll", None, 0, 1e12)
+            }
+            assert toll_paths == {str(p) for p in own}
+            (entry,) = kinds(engine)[att.ROOT_DEVICE]
+            assert entry.site == "toll" and "another directory" in entry.message
+            assert engine.scanner.unhealthy_roots() == {toll_b}
+            assert toll_b in engine.excluded_roots()
+        out = engine.sweep(actor="test")
+        assert out.deleted == 0
+        assert all(p.exists() for p in theirs), "school footage deleted under toll's rule"
+        # the bind mount goes: back in service by itself
+        umount(site.root)
+        engine.reconcile(full=True)
+        assert not engine.attention.entries() and not engine.scanner.unhealthy_roots()
+        assert engine.catalog.count("toll") == 2
+    finally:
+        engine.catalog.close()
+
+
+def test_purge_refuses_a_root_that_is_another_directory_than_planned(
+    site: Site, now: datetime, tmp_path: Path, mount: Mount
+) -> None:
+    """The plan is made, then another site's root is bind-mounted over the root before the
+    purge: twins at the same relative paths (same size and mtime) are not deleted."""
+    school = _with_school(site, tmp_path)
+    seg = write_segment(site.root, "cam", now - 20 * DAY)
+    twin = write_segment(school, "cam", now - 20 * DAY)
+    engine = engine_of(site)
+    try:
+        engine.reconcile(full=True)
+        plan = engine.plan()
+        assert [i.segment.path for i in plan.deletions] == [os.fsencode(seg)]
+        mount(site.root, "--bind", school)
+        out = engine.sweep(actor="test")  # from the catalog, no rescan in between
+        assert twin.exists(), "the purge deleted another site's footage through a bind mount"
+        assert out.deleted == 0
+        assert [r.split(":")[0] for _s, r in out.skipped] == ["root-changed"]
+        umount(site.root)
+        assert seg.exists()
+        assert engine.sweep(actor="test").deleted == 1 and not seg.exists()
+    finally:
+        engine.catalog.close()
+
+
+def test_a_root_identity_recorded_without_the_inode_is_completed_silently(
+    site: Site, now: datetime
+) -> None:
+    """Upgrade: a record of an older version (file system only) is accepted once and completed;
+    no attention entry for it."""
+    from nvr_guard.mounts import fs_identity
+
+    _tree(site.root, now)
+    engine = engine_of(site)
+    root_b = os.fsencode(site.root)
+    try:
+        engine.reconcile(full=True)
+        full_id = engine.catalog.root_fs(root_b)
+        assert full_id is not None and " ino:" in full_id
+        engine.catalog.set_root_fs(root_b, "toll", fs_identity(root_b))  # as an old version wrote
+        engine.reconcile(full=False)
+        assert not engine.attention.entries() and not engine.scanner.unhealthy_roots()
+        assert engine.catalog.root_fs(root_b) == full_id
+        assert engine.excluded_roots() == set() and count(engine) == 4
     finally:
         engine.catalog.close()
 
