@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import (
@@ -954,7 +954,8 @@ class Catalog:
         ``under``: only those below one of these roots (the site's roots on one volume);
         ``not_under``: per such root, directories below it whose rows do not count for it (file
         systems mounted inside the root, which are other volumes)."""
-        cond, extra = "", cast(list[Any], [])
+        cond = ""
+        extra: list[Any] = []
         if under is not None:
             terms: list[str] = []
             for r in under:
