@@ -812,20 +812,35 @@ def request() -> None:
 
 
 def parse_recipient(text: str, person: str | None, contact: str | None) -> dict[str, str]:
-    """``--recipient "UNIT; PERSON; CONTACT"`` (or ``unit=..; person=..; contact=..``)."""
+    """``--recipient "UNIT; PERSON; CONTACT"`` (or ``unit=..; person=..; contact=..``).
+
+    Positions are kept: an empty middle part leaves that field empty (and the request is then
+    refused naming it) rather than shifting the next part into it; more than three parts are
+    refused rather than dropped, so what is recorded is what was typed."""
     parts = [p.strip() for p in text.split(";")]
     if len(parts) == 1 and "," in text:
         parts = [p.strip() for p in text.split(",")]
     out = {"unit": "", "person": "", "contact": ""}
-    positional = []
+    named: set[str] = set()
+    positional: list[str] = []
     for p in parts:
         key, sep, value = p.partition("=")
         if sep and key.strip() in out:
             out[key.strip()] = value.strip()
-        elif p:
+            named.add(key.strip())
+        else:
             positional.append(p)
-    for k, v in zip(("unit", "person", "contact"), positional, strict=False):
-        out[k] = out[k] or v
+    while positional and not positional[-1]:
+        positional.pop()  # a trailing separator
+    # unnamed parts fill the fields not named, in order
+    free = [k for k in ("unit", "person", "contact") if k not in named]
+    if len(positional) > len(free):
+        raise InvalidInput(
+            f"--recipient has {len(positional) + len(named)} parts; write UNIT; PERSON; CONTACT "
+            "(three parts), or unit=...; person=...; contact=... when a part holds a ';'"
+        )
+    for k, v in zip(free, positional, strict=False):
+        out[k] = v
     if person:
         out["person"] = person
     if contact:

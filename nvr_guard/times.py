@@ -27,7 +27,11 @@ def parse_time(text: str, tz: tzinfo, what: str = "time", now: float | None = No
         if d is not None:
             base = time.time() if now is None else now
             sign = 1 if what in _AHEAD else -1
-            return Duration(months=sign * d.months, seconds=sign * d.seconds).after_ts(base, tz)
+            try:
+                ts = Duration(months=sign * d.months, seconds=sign * d.seconds).after_ts(base, tz)
+            except (OverflowError, ValueError, OSError):
+                ts = float("nan")
+            return _in_range(ts, text, what)
     if s.endswith(("Z", "z")):
         s = s[:-1] + "+00:00"
     try:
@@ -39,7 +43,23 @@ def parse_time(text: str, tz: tzinfo, what: str = "time", now: float | None = No
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=tz)
-    return dt.timestamp()
+    try:
+        ts = dt.timestamp()
+    except (OverflowError, ValueError, OSError):
+        ts = float("nan")
+    return _in_range(ts, text, what)
+
+
+# recordings exist between these instants; anything else is a typo, and must not reach code that
+# turns times back into dates (year 0 or 10000 in a site's zone has no datetime)
+_EARLIEST = datetime(1970, 1, 2, tzinfo=UTC).timestamp()
+_LATEST = datetime(9998, 12, 31, tzinfo=UTC).timestamp()
+
+
+def _in_range(ts: float, text: str, what: str) -> float:
+    if not (_EARLIEST <= ts <= _LATEST):  # also false for NaN
+        raise InvalidInput(f"{what}: {text!r} is out of range; times lie between 1970 and 9998")
+    return ts
 
 
 def iso(ts: float | None, tz: tzinfo = UTC) -> str | None:

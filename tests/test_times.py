@@ -41,7 +41,14 @@ def test_durations_read_as_the_option_reads(text: str, what: str, expected: floa
     assert parse_time(text, SH, what, now=NOW) == expected
 
 
-@pytest.mark.parametrize("text", ["yesterday", "1 h", "h1", "", "1x", "-1h", "2026-13-01"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "yesterday", "1 h", "h1", "", "1x", "-1h", "2026-13-01",
+        # out of range: year 0 in the site's zone, year 9999 west of UTC, a huge duration
+        "0001-01-01T00:00", "9999-12-31T23:00-08:00", "99999999y", "1969-12-31T00:00Z",
+    ],
+)  # fmt: skip
 def test_other_text_is_refused_in_one_line(text: str) -> None:
     with pytest.raises(InvalidInput) as info:
         parse_time(text, SH, "--since", now=NOW)
