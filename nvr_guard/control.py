@@ -399,6 +399,8 @@ class ControlServer:
         )
         self._per_uid: dict[int, int] = {}
         self._lingering: dict[socket.socket, float] = {}  # refused, half-closed -> deadline
+        # admitted, no request yet -> (caller, deadline); served by a thread once readable
+        self._waiting: dict[socket.socket, tuple[Caller, float]] = {}
         self._linger_sel: selectors.BaseSelector | None = None
         self._commands: dict[str, Command] = {}
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -621,13 +623,19 @@ class ControlServer:
                             break
                         if key.fileobj is listener:
                             self._accept_one(listener)
+                        elif key.fileobj in self._waiting:
+                            self._ready_to_read(key.fileobj)
                         elif key.fileobj is not self._wake_r:
                             self._drain_lingering(key.fileobj)  # type: ignore[arg-type]
                     self._expire_lingering()
+                    self._expire_waiting()
             finally:
                 for conn in list(self._lingering):
                     conn.close()
                 self._lingering.clear()
+                for conn, (caller, _) in list(self._waiting.items()):
+                    self._release(conn, caller)
+                self._waiting.clear()
                 self._linger_sel = None
 
     def _accept_one(self, listener: socket.socket) -> None:
@@ -697,9 +705,10 @@ class ControlServer:
                 self._close_lingering(conn)
 
     def _linger_timeout(self) -> float:
-        if not self._lingering:
+        deadlines = list(self._lingering.values()) + [d for _, d in self._waiting.values()]
+        if not deadlines:
             return 5.0
-        return max(0.0, min(self._lingering.values()) - time.monotonic()) + 0.01
+        return max(0.0, min(deadlines) - time.monotonic()) + 0.01
 
     def _note_refusal(self, caller: Caller, cmd: str | None, code: int, message: str) -> None:
         if self.refusals is not None:
@@ -753,6 +762,16 @@ class ControlServer:
             return
         with self._lock:
             self._conns.add(conn)
+        sel = self._linger_sel
+        if sel is None:  # not in the accept loop (tests may call this directly)
+            self._start_serving(conn, caller)
+            return
+        # No thread until the client has sent something: a connect-and-close flood is then
+        # dealt with here for the cost of a poll, and an idle connection holds no thread.
+        self._waiting[conn] = (caller, time.monotonic() + self.read_timeout)
+        sel.register(conn, selectors.EVENT_READ)
+
+    def _start_serving(self, conn: socket.socket, caller: Caller) -> None:
         thread = threading.Thread(
             target=self._serve_connection, args=(conn, caller), name="control-conn", daemon=True
         )
@@ -761,6 +780,32 @@ class ControlServer:
         except RuntimeError:
             self._release(conn, caller)
             raise
+
+    def _ready_to_read(self, conn: socket.socket) -> None:
+        caller, _ = self._waiting.pop(conn)
+        if self._linger_sel is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._linger_sel.unregister(conn)
+        try:
+            first = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            first = b"?"  # spurious wake-up: let the serving thread wait for it
+        except OSError:
+            first = b""
+        if not first:  # closed without a request
+            self._release(conn, caller)
+            return
+        self._start_serving(conn, caller)
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        for conn, (caller, deadline) in list(self._waiting.items()):
+            if deadline <= now:  # connected, sent nothing within read_timeout: dropped
+                del self._waiting[conn]
+                if self._linger_sel is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._linger_sel.unregister(conn)
+                self._release(conn, caller)
 
     def _uid_done(self, caller: Caller) -> None:
         with self._lock:
