@@ -1034,10 +1034,13 @@ def verify(c: Ctx, package_dir: str, pin: str | None, key_file: str | None) -> N
     from nvr_guard.export import verify_package
     from nvr_guard.export.keys import key_file_fingerprint, parse_fingerprint
 
-    if pin and key_file:
+    # a pin given empty is a mistake (an unset shell variable), never "no pin"
+    if pin is not None and key_file is not None:
         raise InvalidInput("give --fingerprint or --key, not both")
-    expected = parse_fingerprint(pin) if pin else None
-    if key_file:
+    expected = parse_fingerprint(pin) if pin is not None else None
+    if key_file is not None:
+        if not key_file.strip():
+            raise InvalidInput("--key is empty: give the recorder's public key file (PEM)")
         expected = key_file_fingerprint(Path(key_file))
     if not Path(package_dir).is_dir():
         raise InvalidInput(f"{package_dir} is not a directory")

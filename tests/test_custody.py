@@ -167,6 +167,18 @@ def test_genuine_package_is_confirmed_only_with_a_pin(
     assert r.returncode == 2
 
 
+@pytest.mark.parametrize("option", ["--fingerprint", "--key"])
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_pin_is_a_usage_error_not_no_pin(
+    made: tuple[Path, Path], option: str, value: str
+) -> None:
+    """`--fingerprint "$FP"` with FP unset must not quietly verify without a pin."""
+    r = nvr("--json", "verify", str(made[0]), option, value)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == ""
+    assert option in r.stderr
+
+
 def test_verify_txt_sends_the_recipient_to_the_paper_record(made: tuple[Path, Path]) -> None:
     text = (made[0] / "VERIFY.txt").read_text()
     assert "--fingerprint SHA256:<fingerprint from the paper record>" in text
