@@ -332,10 +332,13 @@ class Engine:
         attention state (exports fail, retention goes on).
         """
         from nvr_guard.errors import NvrGuardError
-        from nvr_guard.export.keys import load_or_create_key
+        from nvr_guard.export.keys import key_location_problem, load_or_create_key
 
         path = Path(self.config.signing_key_path())
         try:
+            why = key_location_problem(path, {0, os.geteuid()})
+            if why is not None:
+                raise RuntimeFailure(why)
             existed = path.exists()
             _, fp = load_or_create_key(Path(self.config.state_dir), path)
         except (NvrGuardError, OSError) as e:

@@ -472,6 +472,28 @@ def with_key_path(site: Site, key: Path) -> int:
     return text.splitlines().index(f"  signing_key: {key}") + 1
 
 
+def link_into_foreign_dir(d: Path, k: Path) -> None:
+    """``d`` becomes a root-owned link to a root-owned 0700 directory inside one that uid 65534
+    owns: that user can rename the key's directory away and put their own in its place."""
+    foreign = d.parent / "foreign"
+    foreign.mkdir()
+    (foreign / "k").mkdir(mode=0o700)
+    load_or_create_key(foreign / "k", foreign / "k" / k.name)
+    os.chown(foreign, 65534, 65534)
+    d.rmdir()
+    d.symlink_to(foreign / "k")
+
+
+def foreign_link(d: Path, k: Path) -> None:
+    """``d`` becomes a link owned by uid 65534 to a private root-owned directory."""
+    real = d.parent / "real-keys"
+    real.mkdir(mode=0o700)
+    load_or_create_key(real, real / k.name)
+    d.rmdir()
+    d.symlink_to(real)
+    os.lchown(d, 65534, 65534)
+
+
 @pytest.mark.parametrize(
     "arrange, words",
     [
@@ -483,9 +505,11 @@ def with_key_path(site: Site, key: Path) -> int:
          "is a symbolic link"),
         (lambda d, k: load_or_create_key(d, k) and k.chmod(0o640), "it must be 0600"),
         (lambda d, k: d.rmdir(), "does not exist"),
+        (lambda d, k: link_into_foreign_dir(d, k), "(the real path of"),
+        (lambda d, k: foreign_link(d, k), "owned by uid 65534: its owner could point it"),
     ],
     ids=["dir-0777", "dir-group-writable", "dir-other-owner", "file-other-owner", "symlink",
-         "file-0640", "no-dir"],
+         "file-0640", "no-dir", "link-into-foreign-dir", "foreign-link"],
 )  # fmt: skip
 def test_config_check_refuses_a_signing_key_others_could_replace(
     site: Site, arrange: object, words: str
@@ -517,6 +541,40 @@ def test_a_private_signing_key_path_is_accepted_and_used(site: Site, daemon: lis
     assert site.run("config", "check").returncode == 0
     daemon.append(Daemon(site))
     assert site.json("key", "show")["fingerprint"] == fp
+
+
+@pytest.mark.parametrize("change", ["key-replaced", "dir-opened-up"])
+def test_the_key_is_checked_again_at_every_export(site: Site, change: str) -> None:
+    """A key swapped, or its directory opened to others, after the daemon put its fingerprint
+    on record: the next export is refused (exit 3) with the signing_key attention, and nothing
+    is signed with the other key."""
+    from nvr_guard.config import load_config
+    from nvr_guard.errors import PolicyRefused
+    from nvr_guard.service import Engine
+
+    keys = site.base / "keys"
+    keys.mkdir(mode=0o700)
+    key = keys / "signing.pem"
+    _, fp = load_or_create_key(keys, key)
+    with_key_path(site, key)
+    assert site.run("config", "check").returncode == 0
+    engine = Engine(load_config(site.config))
+    try:
+        assert engine.ensure_signing_key() == fp
+        assert engine.workflow.signing_key()[1] == fp  # as started: fine
+        if change == "key-replaced":
+            key.unlink()
+            _, other = load_or_create_key(keys, key)
+            assert other != fp
+        else:
+            keys.chmod(0o777)
+        with pytest.raises(PolicyRefused) as e:
+            engine.workflow.signing_key()
+        assert e.value.exit_code == 3
+        assert [a.kind for a in engine.attention.entries()] == ["signing_key"]
+        assert engine.key_fingerprint == fp  # what status and key show say is unchanged
+    finally:
+        engine.catalog.close()
 
 
 # ---- concurrent callers lose no audit entry --------------------------------------------------
