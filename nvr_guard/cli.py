@@ -650,14 +650,16 @@ def audit() -> None:
     """Show and verify the tamper-evident audit log."""
 
 
-def _audit_log(c: Ctx) -> Any:
+def _audit_log(c: Ctx, *, write: bool = False) -> Any:
     from nvr_guard.audit import AuditLog
     from nvr_guard.catalog import Catalog
 
     db = Path(c.config.state_dir) / "catalog.db"
     if not db.exists():
         raise InvalidInput(f"no state in {c.config.state_dir}: the daemon has not run yet")
-    return AuditLog(Catalog(db).conn)
+    # read-only unless writing (reanchor): a check must not repair what it is checking (opening
+    # the catalog for writing re-creates dropped audit triggers, themselves tamper evidence)
+    return AuditLog(Catalog(db, read_only=not write).conn, head_path=db.parent / "audit.head")
 
 
 @audit.command("show")
@@ -714,8 +716,10 @@ def audit_verify(c: Ctx) -> None:
         {"seq": e.seq, "actor": e.actor, "reason": e.details.get("reason"), "time": e.time}
         for e in log_.entries(action="audit.reanchor")
     ]
+    triggers = list(rep.missing_triggers)
     data = {
-        "ok": rep.ok,
+        "ok": rep.ok and not triggers,
+        "missing_triggers": triggers,
         "entries": rep.count,
         "first_bad": rep.first_bad,
         "problem": rep.problem or None,
@@ -730,6 +734,12 @@ def audit_verify(c: Ctx) -> None:
                 f"audit chain intact: {rep.count} entries, head {rep.head[0]} {rep.head[1][:16]}",
                 markup=False,
             )
+            if triggers:
+                err.print(
+                    "audit log TAMPERED WITH: append-only triggers dropped "
+                    f"({', '.join(triggers)})",
+                    markup=False,
+                )
         else:
             err.print(f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}", markup=False)
             if anchor_problem is not None:
@@ -747,7 +757,7 @@ def audit_verify(c: Ctx) -> None:
             )
 
     c.emit(data, human)
-    if not rep.ok:
+    if not rep.ok or triggers:
         sys.exit(VerifyFailed.exit_code)
 
 
@@ -767,7 +777,7 @@ def audit_reanchor(c: Ctx, accept: int, reason: str) -> None:
     Appends an audit.reanchor entry with the old head file, the accepted head and the reason;
     the daemon accepts appends again at once. Needs write access to the state directory.
     """
-    entry = _audit_log(c).reanchor(caller().user, reason, accept)
+    entry = _audit_log(c, write=True).reanchor(caller().user, reason, accept)
     c.emit(
         {"seq": entry.seq, "hash": entry.hash, "details": entry.details},
         lambda: out.print(

@@ -182,7 +182,7 @@ def test_an_empty_pin_is_a_usage_error_not_no_pin(
 def test_verify_txt_sends_the_recipient_to_the_paper_record(made: tuple[Path, Path]) -> None:
     text = (made[0] / "VERIFY.txt").read_text()
     assert "--fingerprint SHA256:<fingerprint from the paper record>" in text
-    step_b = text[text.index("b) the signer key") : text.index("c) the files")]
+    step_b = text[text.index("b) the signer key") : text.index("c) every file")]
     assert "must equal the fingerprint on" in step_b and "paper record" in step_b
     assert "proves\n      nothing" in step_b  # the fingerprint in the same file is worthless
 
@@ -386,6 +386,57 @@ def test_audit_verify_prints_its_warnings(site: Site) -> None:
     )
     r = site.run("audit", "verify")
     assert r.returncode == 0 and "warning: head file" in r.stderr
+
+
+def _triggers(db: Path) -> set[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+    finally:
+        conn.close()
+
+
+def test_audit_verify_reports_dropped_triggers_and_leaves_them_dropped(site: Site) -> None:
+    """Dropped append-only triggers are tamper evidence: `audit verify` opens the catalog
+    read-only (it re-created them before, and said nothing), warns and exits 4; the daemon's
+    engine re-creates them at its start and says so in the log."""
+    from nvr_guard.audit import AuditLog
+    from nvr_guard.catalog import Catalog
+    from nvr_guard.config import load_config
+    from nvr_guard.service import Engine
+
+    site.state.mkdir()
+    db = site.state / "catalog.db"
+    cat = Catalog(db)
+    log = AuditLog(cat.conn)
+    for i in range(3):
+        log.append("root", "hold.add", f"hold:{i}", {})
+    cat.close()
+    assert site.run("audit", "verify").returncode == 0
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER audit_no_update")
+    conn.execute("DROP TRIGGER audit_no_delete")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    r = site.run("--json", "audit", "verify")
+    assert r.returncode == 4, r.stdout + r.stderr
+    j = json.loads(r.stdout)
+    assert j["ok"] is False and j["missing_triggers"] == ["audit_no_update", "audit_no_delete"]
+    assert any("append-only triggers missing" in w for w in j["warnings"])
+    r = site.run("audit", "verify")
+    assert r.returncode == 4 and "triggers dropped (audit_no_update, audit_no_delete)" in r.stderr
+    assert site.run("audit", "show").returncode == 0
+    assert not {"audit_no_update", "audit_no_delete"} & _triggers(db)  # still gone
+    assert db.read_bytes() == before  # nothing written by the checks
+    # the daemon's engine puts them back, and records that it did
+    engine = Engine(load_config(site.config))
+    engine.catalog.close()
+    assert {"audit_no_update", "audit_no_delete"} <= _triggers(db)
+    entries = site.json("audit", "show")["entries"]
+    restored = [e for e in entries if e["action"] == "audit.triggers_restored"]
+    assert [e["details"]["triggers"] for e in restored] == [["audit_no_update", "audit_no_delete"]]
+    assert site.run("audit", "verify").returncode == 0
 
 
 def test_a_truncation_is_not_forgotten_after_the_next_append(
