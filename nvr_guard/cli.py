@@ -675,33 +675,75 @@ def audit_show(c: Ctx, since: str | None, request_id: str | None) -> None:
     entries = list(
         log_.entries(since=t0, obj_prefix=f"request:{request_id}" if request_id else None)
     )
-    rows = [
-        {
-            "seq": e.seq,
-            "time": iso(e.time, c.config.tz),
-            "actor": e.actor,
-            "action": e.action,
-            "object": e.object,
-            "details": e.details,
-            "hash": e.hash,
-        }
-        for e in entries
-    ]
+    rows = [_audit_row(e, c.config.tz, iso) for e in entries]
+    malformed = [r["seq"] for r in rows if r["malformed"]]
 
     def human() -> None:
         t = table("audit", ["seq", "time", "actor", "action", "object", "details"])
         for r in rows:
+            flag = f" [MALFORMED: {', '.join(r['malformed'])}]" if r["malformed"] else ""
             t.add_row(
-                str(r["seq"]),
-                r["time"],
-                r["actor"],
-                r["action"],
-                r["object"],
-                json.dumps(r["details"], ensure_ascii=False)[:200],
+                str(r["seq"]) + flag,
+                str(r["time"]),
+                str(r["actor"]),
+                str(r["action"]),
+                str(r["object"]),
+                json.dumps(r["details"], ensure_ascii=False, default=repr)[:200],
             )
         out.print(t)
+        if malformed:
+            err.print(
+                f"audit log TAMPERED WITH: entries {', '.join(map(str, malformed))} hold values "
+                "nvr-guard never writes (shown flagged, as they are); run `nvr-guard audit verify`",
+                markup=False,
+            )
 
     c.emit({"entries": rows}, human)
+    if malformed:
+        sys.exit(VerifyFailed.exit_code)
+
+
+def _audit_row(e: Any, tz: Any, iso: Any) -> dict[str, Any]:
+    """One entry for `audit show`, whatever a row edited by hand holds (text in the time, a
+    number too large for a date, bytes for a name): shown as it is and listed in
+    ``malformed``, never a crash."""
+    bad: list[str] = []
+
+    def text(field: str, v: Any) -> Any:
+        if isinstance(v, str) or (v is None and field == "object"):
+            return v
+        bad.append(field)
+        if isinstance(v, bytes):
+            return "0x" + v.hex()
+        return repr(v)
+
+    when: Any
+    try:
+        if isinstance(e.time, bool) or not isinstance(e.time, int | float):
+            raise TypeError
+        when = iso(e.time, tz)
+    except (TypeError, ValueError, OverflowError, OSError):
+        bad.append("time")
+        when = ("0x" + e.time.hex()) if isinstance(e.time, bytes) else repr(e.time)
+    seq = e.seq
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        bad.append("seq")
+        seq = repr(seq)
+    details = e.details
+    if "_unparsable" in details or "_value" in details:
+        bad.append("details")
+        details = {k: (v if isinstance(v, str | int | float | list | dict) or v is None
+                       else repr(v)) for k, v in details.items()}  # fmt: skip
+    return {
+        "seq": seq,
+        "time": when,
+        "actor": text("actor", e.actor),
+        "action": text("action", e.action),
+        "object": text("object", e.object),
+        "details": details,
+        "hash": text("hash", e.hash),
+        "malformed": bad,
+    }
 
 
 @audit.command("verify")

@@ -179,6 +179,26 @@ def test_an_empty_pin_is_a_usage_error_not_no_pin(
     assert option in r.stderr
 
 
+def test_a_signed_manifest_naming_a_file_with_a_nul_byte_is_a_verdict_not_a_crash(
+    copy: Path, made: tuple[Path, Path]
+) -> None:
+    """The manifest is signed, but by whoever made the package: a name no file can have is a
+    failed check with its rule (exit 4), even signed by the recorder's own key."""
+    m = json.loads((copy / "manifest.json").read_bytes())
+    m["files"]["a\x00b.mp4"] = {"sha256": "0" * 64, "size": 1}
+    key = load_or_create_key(made[1])[0]
+    body = manifest_bytes(m)
+    (copy / "manifest.json").write_bytes(body)
+    (copy / "manifest.sig").write_bytes(key.sign(body))
+    r = nvr("--json", "verify", str(copy), "--fingerprint", real_fingerprint(made))
+    assert r.returncode == 4, r.stdout + r.stderr
+    j = json.loads(r.stdout)
+    assert [p["kind"] for p in j["problems"]] == ["manifest-changed"]
+    assert "bad file name 'a\\x00b.mp4'" in j["problems"][0]["message"]
+    r = nvr("verify", str(copy))
+    assert r.returncode == 4 and "Traceback" not in r.stderr and "manifest-changed" in r.stderr
+
+
 def test_verify_txt_sends_the_recipient_to_the_paper_record(made: tuple[Path, Path]) -> None:
     text = (made[0] / "VERIFY.txt").read_text()
     assert "--fingerprint SHA256:<fingerprint from the paper record>" in text
@@ -437,6 +457,43 @@ def test_audit_verify_reports_dropped_triggers_and_leaves_them_dropped(site: Sit
     restored = [e for e in entries if e["action"] == "audit.triggers_restored"]
     assert [e["details"]["triggers"] for e in restored] == [["audit_no_update", "audit_no_delete"]]
     assert site.run("audit", "verify").returncode == 0
+
+
+def test_audit_show_shows_rows_root_edited_flagged_without_crashing(site: Site) -> None:
+    from nvr_guard.audit import AuditLog
+    from nvr_guard.catalog import Catalog
+
+    site.state.mkdir()
+    db = site.state / "catalog.db"
+    cat = Catalog(db)
+    log = AuditLog(cat.conn)
+    for i in range(5):
+        log.append("root", "hold.add", f"hold:{i}", {"i": i})
+    cat.close()
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER audit_no_update")
+    conn.execute("UPDATE audit SET time = 'abc' WHERE seq = 2")
+    conn.execute("UPDATE audit SET time = 1e400 WHERE seq = 3")
+    conn.execute("UPDATE audit SET actor = x'ff00' WHERE seq = 4")
+    conn.execute("UPDATE audit SET details = '[1' WHERE seq = 5")
+    conn.commit()
+    conn.close()
+    r = site.run("--json", "audit", "show")
+    assert r.returncode == 4, r.stdout + r.stderr
+    rows = {e["seq"]: e for e in json.loads(r.stdout)["entries"]}
+    assert [rows[n]["malformed"] for n in range(1, 6)] == [
+        [],
+        ["time"],
+        ["time"],
+        ["actor"],
+        ["details"],
+    ]
+    assert rows[2]["time"] == "'abc'" and rows[4]["actor"] == "0xff00"
+    assert rows[1]["actor"] == "root" and rows[1]["time"].startswith("20")
+    r = site.run("audit", "show")
+    assert r.returncode == 4 and "Traceback" not in r.stderr
+    assert "MALFORMED" in r.stdout and "entries 2, 3, 4, 5" in r.stderr
+    assert site.run("audit", "verify").returncode == 4
 
 
 def test_a_truncation_is_not_forgotten_after_the_next_append(
