@@ -155,6 +155,23 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         conn.commit()
 
 
+def missing_triggers(conn: sqlite3.Connection) -> list[str]:
+    """The append-only triggers missing from an existing audit table ([] when there is no
+    table yet: a new log gets its triggers with it, nothing was dropped)."""
+    tables = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit'"
+    ).fetchone()
+    if tables is None:
+        return []
+    present = {
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'"
+        )
+    }
+    return [t for t in _TRIGGERS if t not in present]
+
+
 # ---------------------------------------------------------------------------------------------
 # canonical encoding
 
@@ -271,6 +288,8 @@ class VerifyReport:
     problem: str  # one line for humans; "" when ok
     head: tuple[int, str] = (0, GENESIS)  # the database's newest (seq, hash)
     warnings: tuple[str, ...] = ()  # not tampering, but worth telling the auditor
+    # append-only triggers found dropped: tamper evidence even when the chain is intact
+    missing_triggers: tuple[str, ...] = ()
 
     def message(self) -> str:
         if self.ok:
@@ -760,6 +779,7 @@ class AuditLog:
             problem=problem,
             head=head,
             warnings=tuple(warnings),
+            missing_triggers=tuple(missing_triggers),
         )
 
     def _check_head_file(
@@ -781,13 +801,7 @@ class AuditLog:
         return None, ""
 
     def _missing_triggers(self) -> list[str]:
-        present = {
-            r[0]
-            for r in self.conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'"
-            )
-        }
-        return [t for t in _TRIGGERS if t not in present]
+        return missing_triggers(self.conn)
 
 
 @contextlib.contextmanager

@@ -502,10 +502,25 @@ def _dir_prefix(path: bytes) -> bytes:
 class Catalog:
     """The catalog database. ``Catalog(state_dir / "catalog.db")``."""
 
-    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path | str, *, timeout: float = 30.0, read_only: bool = False) -> None:
+        """``read_only``: for readers that must change nothing, not even by opening (`audit
+        verify`, `audit show`): no migration, no re-created audit triggers, no pragma that
+        writes; the file is opened with SQLite's ``mode=ro``."""
         self.path = Path(path)
         self.lock = threading.RLock()
         self._closed = False
+        # audit triggers this open found dropped and re-created (the engine audits that)
+        self.restored_triggers: list[str] = []
+        if read_only:
+            self.conn = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            return
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so a
         # multi-row change is never split by the module's implicit transaction handling
         self.conn = sqlite3.connect(
@@ -554,6 +569,7 @@ class Catalog:
             # writes nothing, so a CLI opening the catalog does not wait for the daemon's lock
             self.conn.execute("BEGIN")
             try:
+                self.restored_triggers = audit.missing_triggers(self.conn)
                 audit.ensure_schema(self.conn)
             except BaseException:
                 self.conn.rollback()

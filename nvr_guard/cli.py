@@ -677,14 +677,16 @@ def audit() -> None:
     """Show and verify the tamper-evident audit log."""
 
 
-def _audit_log(c: Ctx) -> Any:
+def _audit_log(c: Ctx, *, write: bool = False) -> Any:
     from nvr_guard.audit import AuditLog
     from nvr_guard.catalog import Catalog
 
     db = Path(c.config.state_dir) / "catalog.db"
     if not db.exists():
         raise InvalidInput(f"no state in {c.config.state_dir}: the daemon has not run yet")
-    return AuditLog(Catalog(db).conn)
+    # read-only unless writing (reanchor): a check must not repair what it is checking (opening
+    # the catalog for writing re-creates dropped audit triggers, themselves tamper evidence)
+    return AuditLog(Catalog(db, read_only=not write).conn, head_path=db.parent / "audit.head")
 
 
 @audit.command("show")
@@ -700,33 +702,75 @@ def audit_show(c: Ctx, since: str | None, request_id: str | None) -> None:
     entries = list(
         log_.entries(since=t0, obj_prefix=f"request:{request_id}" if request_id else None)
     )
-    rows = [
-        {
-            "seq": e.seq,
-            "time": iso(e.time, c.config.tz),
-            "actor": e.actor,
-            "action": e.action,
-            "object": e.object,
-            "details": e.details,
-            "hash": e.hash,
-        }
-        for e in entries
-    ]
+    rows = [_audit_row(e, c.config.tz, iso) for e in entries]
+    malformed = [r["seq"] for r in rows if r["malformed"]]
 
     def human() -> None:
         t = table("audit", ["seq", "time", "actor", "action", "object", "details"])
         for r in rows:
+            flag = f" [MALFORMED: {', '.join(r['malformed'])}]" if r["malformed"] else ""
             t.add_row(
-                str(r["seq"]),
-                r["time"],
-                r["actor"],
-                r["action"],
-                r["object"],
-                json.dumps(r["details"], ensure_ascii=False)[:200],
+                str(r["seq"]) + flag,
+                str(r["time"]),
+                str(r["actor"]),
+                str(r["action"]),
+                str(r["object"]),
+                json.dumps(r["details"], ensure_ascii=False, default=repr)[:200],
             )
         out.print(t)
+        if malformed:
+            err.print(
+                f"audit log TAMPERED WITH: entries {', '.join(map(str, malformed))} hold values "
+                "nvr-guard never writes (shown flagged, as they are); run `nvr-guard audit verify`",
+                markup=False,
+            )
 
     c.emit({"entries": rows}, human)
+    if malformed:
+        sys.exit(VerifyFailed.exit_code)
+
+
+def _audit_row(e: Any, tz: Any, iso: Any) -> dict[str, Any]:
+    """One entry for `audit show`, whatever a row edited by hand holds (text in the time, a
+    number too large for a date, bytes for a name): shown as it is and listed in
+    ``malformed``, never a crash."""
+    bad: list[str] = []
+
+    def text(field: str, v: Any) -> Any:
+        if isinstance(v, str) or (v is None and field == "object"):
+            return v
+        bad.append(field)
+        if isinstance(v, bytes):
+            return "0x" + v.hex()
+        return repr(v)
+
+    when: Any
+    try:
+        if isinstance(e.time, bool) or not isinstance(e.time, int | float):
+            raise TypeError
+        when = iso(e.time, tz)
+    except (TypeError, ValueError, OverflowError, OSError):
+        bad.append("time")
+        when = ("0x" + e.time.hex()) if isinstance(e.time, bytes) else repr(e.time)
+    seq = e.seq
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        bad.append("seq")
+        seq = repr(seq)
+    details = e.details
+    if "_unparsable" in details or "_value" in details:
+        bad.append("details")
+        details = {k: (v if isinstance(v, str | int | float | list | dict) or v is None
+                       else repr(v)) for k, v in details.items()}  # fmt: skip
+    return {
+        "seq": seq,
+        "time": when,
+        "actor": text("actor", e.actor),
+        "action": text("action", e.action),
+        "object": text("object", e.object),
+        "details": details,
+        "hash": text("hash", e.hash),
+        "malformed": bad,
+    }
 
 
 @audit.command("verify")
@@ -741,8 +785,10 @@ def audit_verify(c: Ctx) -> None:
         {"seq": e.seq, "actor": e.actor, "reason": e.details.get("reason"), "time": e.time}
         for e in log_.entries(action="audit.reanchor")
     ]
+    triggers = list(rep.missing_triggers)
     data = {
-        "ok": rep.ok,
+        "ok": rep.ok and not triggers,
+        "missing_triggers": triggers,
         "entries": rep.count,
         "first_bad": rep.first_bad,
         "problem": rep.problem or None,
@@ -757,6 +803,12 @@ def audit_verify(c: Ctx) -> None:
                 f"audit chain intact: {rep.count} entries, head {rep.head[0]} {rep.head[1][:16]}",
                 markup=False,
             )
+            if triggers:
+                err.print(
+                    "audit log TAMPERED WITH: append-only triggers dropped "
+                    f"({', '.join(triggers)})",
+                    markup=False,
+                )
         else:
             err.print(f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}", markup=False)
             if anchor_problem is not None:
@@ -774,7 +826,7 @@ def audit_verify(c: Ctx) -> None:
             )
 
     c.emit(data, human)
-    if not rep.ok:
+    if not rep.ok or triggers:
         sys.exit(VerifyFailed.exit_code)
 
 
@@ -794,7 +846,7 @@ def audit_reanchor(c: Ctx, accept: int, reason: str) -> None:
     Appends an audit.reanchor entry with the old head file, the accepted head and the reason;
     the daemon accepts appends again at once. Needs write access to the state directory.
     """
-    entry = _audit_log(c).reanchor(caller().user, reason, accept)
+    entry = _audit_log(c, write=True).reanchor(caller().user, reason, accept)
     c.emit(
         {"seq": entry.seq, "hash": entry.hash, "details": entry.details},
         lambda: out.print(
@@ -1076,10 +1128,13 @@ def verify(c: Ctx, package_dir: str, pin: str | None, key_file: str | None) -> N
     from nvr_guard.export import verify_package
     from nvr_guard.export.keys import key_file_fingerprint, parse_fingerprint
 
-    if pin and key_file:
+    # a pin given empty is a mistake (an unset shell variable), never "no pin"
+    if pin is not None and key_file is not None:
         raise InvalidInput("give --fingerprint or --key, not both")
-    expected = parse_fingerprint(pin) if pin else None
-    if key_file:
+    expected = parse_fingerprint(pin) if pin is not None else None
+    if key_file is not None:
+        if not key_file.strip():
+            raise InvalidInput("--key is empty: give the recorder's public key file (PEM)")
         expected = key_file_fingerprint(Path(key_file))
     if not Path(package_dir).is_dir():
         raise InvalidInput(f"{package_dir} is not a directory")

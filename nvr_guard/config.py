@@ -1259,8 +1259,15 @@ def _signing_key_checks(cfg: Config, problem: Any) -> None:
             return
         parent = os.path.dirname(d)
         if parent == d:
-            return
+            break
         d = parent
+    # the same for the real path (links resolved) and the links on the way: a link into a
+    # directory another user owns lets them swap the key under the running daemon
+    from nvr_guard.export.keys import key_location_problem
+
+    why = key_location_problem(path, trusted)
+    if why is not None:
+        problem(where, False, f"export.signing_key: {why}")
 
 
 def _people_warnings(cfg: Config, warn: Any) -> None:

@@ -301,6 +301,29 @@ class Engine:
         self.catalog.fill_hold_roots(site_roots(config))
         self.key_fingerprint: str | None = None  # the export signing key's, once loaded
         self.audit.check_anchor()
+        self._record_restored_triggers()
+
+    def _record_restored_triggers(self) -> None:
+        """Opening the catalog re-created append-only triggers someone had dropped: say so in
+        the log itself (the dropping is tamper evidence; its repair must not hide it)."""
+        restored = self.catalog.restored_triggers
+        if not restored:
+            return
+        log.warning("audit log: re-created dropped append-only triggers %s", ", ".join(restored))
+        try:
+            with self.lock:
+                self.audit.append(
+                    "nvr-guard",
+                    "audit.triggers_restored",
+                    "audit",
+                    {
+                        "triggers": list(restored),
+                        "note": "someone dropped them; `nvr-guard audit verify` shows whether "
+                        "entries were changed meanwhile",
+                    },
+                )
+        except AuditHeadMismatch as e:
+            log.error("could not record the re-created audit triggers: %s", e)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -332,10 +355,13 @@ class Engine:
         attention state (exports fail, retention goes on).
         """
         from nvr_guard.errors import NvrGuardError
-        from nvr_guard.export.keys import load_or_create_key
+        from nvr_guard.export.keys import key_location_problem, load_or_create_key
 
         path = Path(self.config.signing_key_path())
         try:
+            why = key_location_problem(path, {0, os.geteuid()})
+            if why is not None:
+                raise RuntimeFailure(why)
             existed = path.exists()
             _, fp = load_or_create_key(Path(self.config.state_dir), path)
         except (NvrGuardError, OSError) as e:

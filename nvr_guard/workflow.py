@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from nvr_guard import access
 from nvr_guard.durations import Duration
-from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused
+from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, RuntimeFailure
 from nvr_guard.export import run_export
 from nvr_guard.export.ffmpeg import stop_when
 from nvr_guard.requests import RequestStore
@@ -505,11 +505,38 @@ class Workflow:
 
     # ---- export --------------------------------------------------------------------------------
     def signing_key(self) -> tuple[Any, str]:
+        """The key to sign this export with, checked again at every load: its file (opened
+        without following a link: owner, mode) and every directory of its real path; and it
+        must be the key whose fingerprint the daemon put on record at its start (status,
+        `key show`, the paper records printed since). Anything else refuses the export (exit 3)
+        and raises the signing_key attention."""
+        from nvr_guard.attention import SIGNING_KEY
         from nvr_guard.export import load_or_create_key
+        from nvr_guard.export.keys import key_location_problem
 
         key_path = Path(self.config.signing_key_path())
+        started_with = self.engine.key_fingerprint
+
+        def refuse(why: str) -> NoReturn:
+            self.engine.attention.raise_(
+                SIGNING_KEY, None, str(key_path), f"export signing key unusable: {why}"
+            )
+            raise PolicyRefused(f"export refused: the export signing key {why}")
+
+        why = key_location_problem(key_path, {0, os.geteuid()})
+        if why is not None:
+            refuse(why)
         existed = key_path.exists()
-        key, fp = load_or_create_key(Path(self.config.state_dir), key_path)
+        try:
+            key, fp = load_or_create_key(Path(self.config.state_dir), key_path)
+        except RuntimeFailure as e:
+            refuse(str(e).removeprefix("export signing key "))
+        if started_with is not None and fp != started_with:
+            refuse(
+                f"{key_path} is now {fp}, not {started_with} that the daemon started with and "
+                "put on record: someone replaced it; investigate, then restart the daemon to "
+                "take a new key deliberately"
+            )
         if not existed or not any(
             True for _ in self.engine.audit.entries(action="export.key", obj=fp)
         ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -23,9 +24,11 @@ from fixtures_clamav import (
     stop_clamd,
 )
 
+from nvr_guard.media import clamav
 from nvr_guard.media.clamav import (
     NO_DATABASE,
     ScanResult,
+    content_digest,
     engine_info,
     listing_fingerprint,
     scan_tree,
@@ -432,3 +435,73 @@ def test_fingerprint_does_not_depend_on_content_or_directory_mtimes(tree: Path) 
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
     (tree / "emptydir").mkdir()
     assert listing_fingerprint(tree) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Files are read through descriptors: a directory swapped for a link between the walk and the
+# read (renameat2 RENAME_EXCHANGE by whoever may write to the medium) is not a clean file.
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> None:
+    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def planted(tree: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """EICAR in ``tree/sub``; beside the tree a link ``sub`` to a clean copy of the same size."""
+    write(tree / "a.txt", b"hello\n")
+    write(tree / "sub" / "evil.txt", eicar_bytes())
+    decoy = tmp_path / "decoy"
+    write(decoy / "clean" / "evil.txt", b"A" * len(eicar_bytes()))
+    os.symlink(decoy / "clean", decoy / "sub")
+    return tree / "sub", decoy / "sub"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_directory_swapped_for_a_link_after_the_walk_is_not_scanned_clean(
+    engine: str,
+    tree: Path,
+    tmp_path: Path,
+    clamav_db: Path,
+    server: ClamdServer | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real, decoy = planted(tree, tmp_path)
+    choose = clamav._choose
+    swapped: list[bool] = []
+
+    def walked_then_swap(*a: Any, **kw: Any) -> Any:
+        # called once the tree is listed, before any file is opened
+        exchange(real, decoy)
+        swapped.append(True)
+        return choose(*a, **kw)
+
+    def swap_back(done: int, total: int) -> None:
+        if swapped and done == total:
+            exchange(real, decoy)  # the EICAR directory back before the walk after the scan
+            swapped.clear()
+
+    monkeypatch.setattr(clamav, "_choose", walked_then_swap)
+    r = scan(engine, tree, clamav_db, server, progress=swap_back)
+    assert (tree / "sub" / "evil.txt").read_bytes() == eicar_bytes()  # EICAR is on the medium
+    assert r.result != "clean", r
+    assert any(e.startswith("sub/evil.txt: cannot open") for e in r.errors), r.errors
+
+
+def test_the_commit_time_content_read_does_not_follow_a_swapped_directory(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, decoy = planted(tree, tmp_path)
+    kept = clamav._kept
+
+    def listed_then_swap(*a: Any, **kw: Any) -> Any:
+        exchange(real, decoy)
+        return kept(*a, **kw)
+
+    monkeypatch.setattr(clamav, "_kept", listed_then_swap)
+    with pytest.raises(OSError):
+        content_digest(tree)

@@ -167,10 +167,42 @@ def test_genuine_package_is_confirmed_only_with_a_pin(
     assert r.returncode == 2
 
 
+@pytest.mark.parametrize("option", ["--fingerprint", "--key"])
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_pin_is_a_usage_error_not_no_pin(
+    made: tuple[Path, Path], option: str, value: str
+) -> None:
+    """`--fingerprint "$FP"` with FP unset must not quietly verify without a pin."""
+    r = nvr("--json", "verify", str(made[0]), option, value)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == ""
+    assert option in r.stderr
+
+
+def test_a_signed_manifest_naming_a_file_with_a_nul_byte_is_a_verdict_not_a_crash(
+    copy: Path, made: tuple[Path, Path]
+) -> None:
+    """The manifest is signed, but by whoever made the package: a name no file can have is a
+    failed check with its rule (exit 4), even signed by the recorder's own key."""
+    m = json.loads((copy / "manifest.json").read_bytes())
+    m["files"]["a\x00b.mp4"] = {"sha256": "0" * 64, "size": 1}
+    key = load_or_create_key(made[1])[0]
+    body = manifest_bytes(m)
+    (copy / "manifest.json").write_bytes(body)
+    (copy / "manifest.sig").write_bytes(key.sign(body))
+    r = nvr("--json", "verify", str(copy), "--fingerprint", real_fingerprint(made))
+    assert r.returncode == 4, r.stdout + r.stderr
+    j = json.loads(r.stdout)
+    assert [p["kind"] for p in j["problems"]] == ["manifest-changed"]
+    assert "bad file name 'a\\x00b.mp4'" in j["problems"][0]["message"]
+    r = nvr("verify", str(copy))
+    assert r.returncode == 4 and "Traceback" not in r.stderr and "manifest-changed" in r.stderr
+
+
 def test_verify_txt_sends_the_recipient_to_the_paper_record(made: tuple[Path, Path]) -> None:
     text = (made[0] / "VERIFY.txt").read_text()
     assert "--fingerprint SHA256:<fingerprint from the paper record>" in text
-    step_b = text[text.index("b) the signer key") : text.index("c) the files")]
+    step_b = text[text.index("b) the signer key") : text.index("c) every file")]
     assert "must equal the fingerprint on" in step_b and "paper record" in step_b
     assert "proves\n      nothing" in step_b  # the fingerprint in the same file is worthless
 
@@ -376,6 +408,94 @@ def test_audit_verify_prints_its_warnings(site: Site) -> None:
     assert r.returncode == 0 and "warning: head file" in r.stderr
 
 
+def _triggers(db: Path) -> set[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+    finally:
+        conn.close()
+
+
+def test_audit_verify_reports_dropped_triggers_and_leaves_them_dropped(site: Site) -> None:
+    """Dropped append-only triggers are tamper evidence: `audit verify` opens the catalog
+    read-only (it re-created them before, and said nothing), warns and exits 4; the daemon's
+    engine re-creates them at its start and says so in the log."""
+    from nvr_guard.audit import AuditLog
+    from nvr_guard.catalog import Catalog
+    from nvr_guard.config import load_config
+    from nvr_guard.service import Engine
+
+    site.state.mkdir()
+    db = site.state / "catalog.db"
+    cat = Catalog(db)
+    log = AuditLog(cat.conn)
+    for i in range(3):
+        log.append("root", "hold.add", f"hold:{i}", {})
+    cat.close()
+    assert site.run("audit", "verify").returncode == 0
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER audit_no_update")
+    conn.execute("DROP TRIGGER audit_no_delete")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    r = site.run("--json", "audit", "verify")
+    assert r.returncode == 4, r.stdout + r.stderr
+    j = json.loads(r.stdout)
+    assert j["ok"] is False and j["missing_triggers"] == ["audit_no_update", "audit_no_delete"]
+    assert any("append-only triggers missing" in w for w in j["warnings"])
+    r = site.run("audit", "verify")
+    assert r.returncode == 4 and "triggers dropped (audit_no_update, audit_no_delete)" in r.stderr
+    assert site.run("audit", "show").returncode == 0
+    assert not {"audit_no_update", "audit_no_delete"} & _triggers(db)  # still gone
+    assert db.read_bytes() == before  # nothing written by the checks
+    # the daemon's engine puts them back, and records that it did
+    engine = Engine(load_config(site.config))
+    engine.catalog.close()
+    assert {"audit_no_update", "audit_no_delete"} <= _triggers(db)
+    entries = site.json("audit", "show")["entries"]
+    restored = [e for e in entries if e["action"] == "audit.triggers_restored"]
+    assert [e["details"]["triggers"] for e in restored] == [["audit_no_update", "audit_no_delete"]]
+    assert site.run("audit", "verify").returncode == 0
+
+
+def test_audit_show_shows_rows_root_edited_flagged_without_crashing(site: Site) -> None:
+    from nvr_guard.audit import AuditLog
+    from nvr_guard.catalog import Catalog
+
+    site.state.mkdir()
+    db = site.state / "catalog.db"
+    cat = Catalog(db)
+    log = AuditLog(cat.conn)
+    for i in range(5):
+        log.append("root", "hold.add", f"hold:{i}", {"i": i})
+    cat.close()
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TRIGGER audit_no_update")
+    conn.execute("UPDATE audit SET time = 'abc' WHERE seq = 2")
+    conn.execute("UPDATE audit SET time = 1e400 WHERE seq = 3")
+    conn.execute("UPDATE audit SET actor = x'ff00' WHERE seq = 4")
+    conn.execute("UPDATE audit SET details = '[1' WHERE seq = 5")
+    conn.commit()
+    conn.close()
+    r = site.run("--json", "audit", "show")
+    assert r.returncode == 4, r.stdout + r.stderr
+    rows = {e["seq"]: e for e in json.loads(r.stdout)["entries"]}
+    assert [rows[n]["malformed"] for n in range(1, 6)] == [
+        [],
+        ["time"],
+        ["time"],
+        ["actor"],
+        ["details"],
+    ]
+    assert rows[2]["time"] == "'abc'" and rows[4]["actor"] == "0xff00"
+    assert rows[1]["actor"] == "root" and rows[1]["time"].startswith("20")
+    r = site.run("audit", "show")
+    assert r.returncode == 4 and "Traceback" not in r.stderr
+    assert "MALFORMED" in r.stdout and "entries 2, 3, 4, 5" in r.stderr
+    assert site.run("audit", "verify").returncode == 4
+
+
 def test_a_truncation_is_not_forgotten_after_the_next_append(
     site: Site, daemon: list[Daemon]
 ) -> None:
@@ -460,6 +580,28 @@ def with_key_path(site: Site, key: Path) -> int:
     return text.splitlines().index(f"  signing_key: {key}") + 1
 
 
+def link_into_foreign_dir(d: Path, k: Path) -> None:
+    """``d`` becomes a root-owned link to a root-owned 0700 directory inside one that uid 65534
+    owns: that user can rename the key's directory away and put their own in its place."""
+    foreign = d.parent / "foreign"
+    foreign.mkdir()
+    (foreign / "k").mkdir(mode=0o700)
+    load_or_create_key(foreign / "k", foreign / "k" / k.name)
+    os.chown(foreign, 65534, 65534)
+    d.rmdir()
+    d.symlink_to(foreign / "k")
+
+
+def foreign_link(d: Path, k: Path) -> None:
+    """``d`` becomes a link owned by uid 65534 to a private root-owned directory."""
+    real = d.parent / "real-keys"
+    real.mkdir(mode=0o700)
+    load_or_create_key(real, real / k.name)
+    d.rmdir()
+    d.symlink_to(real)
+    os.lchown(d, 65534, 65534)
+
+
 @pytest.mark.parametrize(
     "arrange, words",
     [
@@ -471,9 +613,11 @@ def with_key_path(site: Site, key: Path) -> int:
          "is a symbolic link"),
         (lambda d, k: load_or_create_key(d, k) and k.chmod(0o640), "it must be 0600"),
         (lambda d, k: d.rmdir(), "does not exist"),
+        (lambda d, k: link_into_foreign_dir(d, k), "(the real path of"),
+        (lambda d, k: foreign_link(d, k), "owned by uid 65534: its owner could point it"),
     ],
     ids=["dir-0777", "dir-group-writable", "dir-other-owner", "file-other-owner", "symlink",
-         "file-0640", "no-dir"],
+         "file-0640", "no-dir", "link-into-foreign-dir", "foreign-link"],
 )  # fmt: skip
 def test_config_check_refuses_a_signing_key_others_could_replace(
     site: Site, arrange: object, words: str
@@ -505,6 +649,40 @@ def test_a_private_signing_key_path_is_accepted_and_used(site: Site, daemon: lis
     assert site.run("config", "check").returncode == 0
     daemon.append(Daemon(site))
     assert site.json("key", "show")["fingerprint"] == fp
+
+
+@pytest.mark.parametrize("change", ["key-replaced", "dir-opened-up"])
+def test_the_key_is_checked_again_at_every_export(site: Site, change: str) -> None:
+    """A key swapped, or its directory opened to others, after the daemon put its fingerprint
+    on record: the next export is refused (exit 3) with the signing_key attention, and nothing
+    is signed with the other key."""
+    from nvr_guard.config import load_config
+    from nvr_guard.errors import PolicyRefused
+    from nvr_guard.service import Engine
+
+    keys = site.base / "keys"
+    keys.mkdir(mode=0o700)
+    key = keys / "signing.pem"
+    _, fp = load_or_create_key(keys, key)
+    with_key_path(site, key)
+    assert site.run("config", "check").returncode == 0
+    engine = Engine(load_config(site.config))
+    try:
+        assert engine.ensure_signing_key() == fp
+        assert engine.workflow.signing_key()[1] == fp  # as started: fine
+        if change == "key-replaced":
+            key.unlink()
+            _, other = load_or_create_key(keys, key)
+            assert other != fp
+        else:
+            keys.chmod(0o777)
+        with pytest.raises(PolicyRefused) as e:
+            engine.workflow.signing_key()
+        assert e.value.exit_code == 3
+        assert [a.kind for a in engine.attention.entries()] == ["signing_key"]
+        assert engine.key_fingerprint == fp  # what status and key show say is unchanged
+    finally:
+        engine.catalog.close()
 
 
 # ---- concurrent callers lose no audit entry --------------------------------------------------

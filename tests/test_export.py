@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -27,7 +28,14 @@ from nvr_guard.export import (
     verify_package,
 )
 from nvr_guard.export.ffmpeg import Command, build_encode
-from nvr_guard.export.plan import Piece, local_text, plan_clip, render_watermark, wrap_for_frame
+from nvr_guard.export.plan import (
+    Piece,
+    local_text,
+    plan_clip,
+    render_watermark,
+    utc_stamp,
+    wrap_for_frame,
+)
 
 FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
 SH = ZoneInfo("Asia/Shanghai")
@@ -673,3 +681,48 @@ def test_frames_after_joins_are_at_their_recorded_time(
              for n in (186, 187, 188, 189, 190)}  # fmt: skip
     assert min(diffs, key=lambda n: diffs[n]) == 188, diffs
     assert diffs[188] < 6
+
+
+@pytest.mark.integration
+def test_a_planted_package_name_gets_a_random_suffix_not_a_refusal(
+    footage: dict[str, list[Path]], tmp_path: Path, key: Any
+) -> None:
+    """On a shared target, `NVRG-<request>-<stamp>` is predictable: a user who plants it (here
+    a directory and a file, for every second around the export) must not block the export,
+    and what they planted is left alone."""
+    dest = dest_dir(tmp_path)
+    when = T0 + 3600
+    planted = f"NVRG-42-{utc_stamp(when)}"
+    (dest.path / planted).mkdir()
+    (dest.path / planted / "mine.txt").write_text("x")
+    pkg = run_export(
+        [("lobby-1", segs(footage["audio"]))],
+        job(T0 + 2, T0 + 4),
+        dest,
+        key,
+        audit_head=(9, "abc"),
+        clock=lambda: when,
+    )
+    assert re.fullmatch(re.escape(planted) + r"-[0-9a-f]{4}", pkg.path.name), pkg.path.name
+    assert pkg.manifest["package"] == pkg.path.name  # signed under its real name
+    assert verify_package(pkg.path).ok
+    assert (dest.path / planted / "mine.txt").read_text() == "x"
+
+
+def test_the_commit_never_replaces_an_entry(tmp_path: Path) -> None:
+    """The final rename is RENAME_NOREPLACE: an empty directory someone made under the
+    package's name in the moment before the rename is not replaced."""
+    from nvr_guard.export.writer import _rename_noreplace
+
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "clip.mp4").write_bytes(b"ours")
+    (tmp_path / "NVRG-1-x").mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError):
+            _rename_noreplace(fd, ".tmp", "NVRG-1-x")
+        _rename_noreplace(fd, ".tmp", "NVRG-1-y")
+    finally:
+        os.close(fd)
+    assert os.listdir(tmp_path / "NVRG-1-x") == []
+    assert (tmp_path / "NVRG-1-y" / "clip.mp4").read_bytes() == b"ours"

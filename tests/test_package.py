@@ -3,6 +3,7 @@ tampering, the signing key is private and reused, the approval record escapes us
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -169,14 +170,14 @@ def _verify_commands(pkg: Path) -> list[str]:
     return [
         ln.strip()
         for ln in text.splitlines()
-        if ln.strip().startswith(("openssl pkeyutl", 'echo "SHA256', "grep -E"))
+        if ln.strip().startswith(("openssl pkeyutl", 'echo "SHA256', "for f in", "sed -n"))
     ]
 
 
 @pytest.mark.integration
 def test_openssl_commands_from_verify_txt(package: Path) -> None:
     cmds = _verify_commands(package)
-    assert len(cmds) == 3
+    assert len(cmds) == 4
     assert cmds[0] == (
         "openssl pkeyutl -verify -pubin -inkey signer.pub -rawin "
         "-in manifest.json -sigfile manifest.sig"
@@ -187,7 +188,41 @@ def test_openssl_commands_from_verify_txt(package: Path) -> None:
     manifest = json.loads((package / "manifest.json").read_bytes())
     assert fp.stdout.strip() == manifest["signer"]["fingerprint"]
     sums = subprocess.run(cmds[2], shell=True, cwd=package, capture_output=True, text=True)
-    assert sums.returncode == 0 and sums.stdout.count(": OK") == 2
+    lines = sums.stdout.splitlines()
+    assert sorted(lines) == sorted(f"{n}: OK" for n in manifest["files"]), sums
+    listed = subprocess.run(cmds[3], shell=True, cwd=package, capture_output=True, text=True)
+    names = [ln.strip().removesuffix(": {").strip('"') for ln in listed.stdout.splitlines()]
+    assert sorted(names) == sorted(manifest["files"])
+
+
+@pytest.mark.integration
+def test_openssl_procedure_rejects_a_swapped_clip_with_an_edited_verify_txt(copy: Path) -> None:
+    """The clip swapped and its hash replaced in the (unsigned) VERIFY.txt: steps a and b still
+    pass, and step c, which checks against the signed manifest.json, names the clip."""
+    clip = clip_of(copy)
+    old = hashlib.sha256(clip.read_bytes()).hexdigest()
+    data = bytearray(clip.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    clip.write_bytes(bytes(data))
+    new = hashlib.sha256(bytes(data)).hexdigest()
+    text = (copy / "VERIFY.txt").read_text()
+    assert old in text
+    (copy / "VERIFY.txt").write_text(text.replace(old, new))
+    cmds = _verify_commands(copy)
+    sig = subprocess.run(shlex.split(cmds[0]), cwd=copy, capture_output=True, text=True)
+    assert sig.returncode == 0 and "Signature Verified Successfully" in sig.stdout
+    sums = subprocess.run(cmds[2], shell=True, cwd=copy, capture_output=True, text=True)
+    assert f"{clip.name}: FAILED" in sums.stdout.splitlines(), sums.stdout
+    assert "approval-record.html: OK" in sums.stdout.splitlines()
+    # the check the old VERIFY.txt documented (its own hash lines) would have passed
+    old_way = subprocess.run(
+        "grep -E '^[0-9a-f]{64}  ' VERIFY.txt | sha256sum -c",
+        shell=True,
+        cwd=copy,
+        capture_output=True,
+        text=True,
+    )
+    assert old_way.returncode == 0
 
 
 @pytest.mark.integration

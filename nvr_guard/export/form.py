@@ -204,7 +204,8 @@ def _seconds(value: Any) -> str:
 
 
 def verify_text(package: str, fingerprint: str, sums: Mapping[str, str]) -> str:
-    """VERIFY.txt; ``sums`` (file name -> sha256) become ``sha256sum -c`` lines."""
+    """VERIFY.txt; ``sums`` (file name -> sha256) are listed for reading only: the documented
+    check compares each file's hash with the signed manifest.json, never with this file."""
     lines = "\n".join(f"{digest}  {name}" for name, digest in sorted(sums.items()))
     return f"""\
 How to check this package / 如何校验本导出包
@@ -243,15 +244,26 @@ that fingerprint. 以纸质审批表/移交单上的指纹为准，不要以本�
     echo "SHA256:$(openssl pkey -pubin -in signer.pub -outform DER \\
         | openssl dgst -sha256 -binary | base64 | tr -d '=')"
 
-   c) the files are unchanged (every line must end in ": OK"):
+   c) every file is the one the recorder signed: its SHA-256 must be the one listed for its name
+      under "files" in manifest.json (the file the signature in step a covers). Every line this
+      prints must end in ": OK"; a "FAILED" line means that file was changed, replaced or added:
 
-    grep -E '^[0-9a-f]{{64}}  ' VERIFY.txt | sha256sum -c
+    for f in *; do case "$f" in manifest.json|manifest.sig|signer.pub) continue;; esac; \\
+        h=$(sha256sum "$f" | cut -c1-64); \\
+        if grep -A1 -F "\\"$f\\": {{" manifest.json | grep -qF "\\"sha256\\": \\"$h\\""; \\
+        then echo "$f: OK"; else echo "$f: FAILED"; fi; done
 
-   The same values are under "files" in manifest.json, which the signature covers:
+   d) no file is missing: every name this prints (the "files" of the signed manifest.json) must
+      be in this directory:
+
+    sed -n '/^  "files": {{/,/^  }}/p' manifest.json | grep -E '^    "'
+
+   Do not check the hashes below with `sha256sum -c`: they are a copy in this unsigned file, for
+   reading only, and whoever swapped a clip could have edited them too. The check is step c.
 
 {lines}
 
 A signature that verifies only proves manifest.json is unchanged since someone signed it; step b
-against the paper proves that someone was the recorder; the hashes then prove the clips are
-unchanged. All three checks are needed.
+against the paper proves that someone was the recorder; steps c and d, against the signed
+manifest.json, then prove the files are the ones it lists. All four checks are needed.
 """

@@ -11,6 +11,8 @@ import base64
 import hashlib
 import os
 import re
+import stat
+from collections.abc import Collection
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -65,6 +67,70 @@ def key_file_fingerprint(path: Path) -> str:
     return fingerprint(public)
 
 
+def key_location_problem(path: Path | str, trusted: Collection[int]) -> str | None:
+    """Why someone other than ``trusted`` uids (root and the daemon user) could replace the key
+    at ``path``, or None. Checked at ``config check`` and again at every load of the key.
+
+    - a symbolic link on the way (the key's directories as configured) must be owned by a
+      trusted user: a link cannot be re-pointed, but in a sticky directory its owner may
+      remove and remake it;
+    - then the path is resolved (realpath) and every directory of the resolved path, up to
+      ``/``, must be owned by a trusted user and not writable by group or others — except a
+      sticky directory (``/tmp``) above the key's own directory, where nobody else can rename
+      our entry. The key's own directory is never allowed to be shared, sticky or not.
+    Returns a phrase that completes "export signing key ...".
+    """
+    p = os.path.abspath(os.fspath(path))
+    # links among the configured directories (the file itself is checked on open: O_NOFOLLOW)
+    parts = p.split("/")[1:-1]
+    cur = "/"
+    for part in parts:
+        cur = os.path.join(cur, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            break
+        except OSError as e:
+            return f"directory {cur} cannot be inspected ({e.strerror})"
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in trusted:
+            return (
+                f"path goes through the symbolic link {cur}, owned by uid {st.st_uid}: its "
+                "owner could point it at another key; name the real directory"
+            )
+    real = os.path.realpath(p)
+    own = os.path.dirname(real)
+    d = own
+    while True:
+        try:
+            dst = os.stat(d)
+        except FileNotFoundError:
+            d2 = os.path.dirname(d)
+            if d2 == d:
+                return None
+            d = d2
+            continue
+        except OSError as e:
+            return f"directory {d} cannot be inspected ({e.strerror})"
+        others_write = dst.st_mode & 0o022 and not (d != own and dst.st_mode & stat.S_ISVTX)
+        if dst.st_uid not in trusted:
+            return (
+                f"directory {d}{' (the real path of ' + p + ')' if real != p else ''} is owned "
+                f"by uid {dst.st_uid}: someone other than root or the daemon user could replace "
+                "the key; keep it in a directory only they can write"
+            )
+        if others_write:
+            return (
+                f"directory {d}{' (the real path of ' + p + ')' if real != p else ''} is "
+                f"writable by group or others (mode {stat.S_IMODE(dst.st_mode):04o}): someone "
+                "other than root or the daemon user could replace the key; keep it in a "
+                "directory only they can write"
+            )
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
 def public_pem(public: Ed25519PublicKey) -> bytes:
     return public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -82,8 +148,13 @@ def load_or_create_key(
     """
     path = key_path or state_dir / KEY_FILE
     try:
-        data = path.read_bytes()
+        # never through a link at the file itself; the opened file is what is checked and read
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
+        fd = -1
+    except OSError as e:
+        raise RuntimeFailure(f"export signing key {path} cannot be opened: {e.strerror}") from None
+    if fd < 0:
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(
             serialization.Encoding.PEM,
@@ -115,12 +186,25 @@ def load_or_create_key(
         finally:
             os.close(dfd)
         return key, fingerprint(key.public_key())
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise RuntimeFailure(
-            f"export signing key {path} has mode {mode:04o}; it must be 0600 "
-            f"(chmod 600 {path}), or every package it signed could be forged"
-        )
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RuntimeFailure(f"export signing key {path} is not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            raise RuntimeFailure(
+                f"export signing key {path} is owned by uid {st.st_uid}, not by this daemon's "
+                f"user (uid {os.geteuid()}) or root: someone else could have put it there"
+            )
+        mode = st.st_mode & 0o777
+        if mode & 0o077:
+            raise RuntimeFailure(
+                f"export signing key {path} has mode {mode:04o}; it must be 0600 "
+                f"(chmod 600 {path}), or every package it signed could be forged"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+    finally:
+        os.close(fd)
     try:
         loaded = serialization.load_pem_private_key(data, password=None)
     except ValueError as e:

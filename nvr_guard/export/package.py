@@ -3,7 +3,8 @@
 Order of work (SPEC §4, §5): check the destination will take it; hash the sources; encode each
 camera's clip into a hidden temporary directory on the destination; write manifest, signature,
 public key, approval record and VERIFY.txt; fsync every file and the directory; drop the cached
-pages and read everything back to hash it again; only then rename to ``NVRG-<request>-<stamp>``.
+pages and read everything back to hash it again; only then rename to ``NVRG-<request>-<stamp>``
+(with ``-<random>`` after it when that name is taken), never replacing an entry.
 Any failure on the way (ffmpeg error, timeout, killed ffmpeg, a full medium, an exception in a
 progress callback, Ctrl-C) removes the temporary directory, so a destination never holds a
 half-written package that someone could mistake for evidence. The temporary directory is reached
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -187,6 +189,26 @@ def _abort(dest: Destination, tmp: Path, error: BaseException) -> BaseException 
 
 
 # ---- the export ---------------------------------------------------------------------------------
+NAME_TRIES = 8
+
+
+def package_name(target: Path, base: str) -> str:
+    """The package's final name, decided before anything is signed (the manifest carries it):
+    ``base`` (``NVRG-<request>-<utc stamp>``), or, when that is taken (someone may plant
+    predictable names on a shared target), ``base-<4 random hex>``, which nobody can guess
+    ahead. The commit renames without ever replacing an entry (RENAME_NOREPLACE)."""
+    if not os.path.lexists(target / base):
+        return base
+    for _ in range(NAME_TRIES):
+        name = f"{base}-{secrets.token_hex(2)}"
+        if not os.path.lexists(target / name):
+            return name
+    raise RuntimeFailure(
+        f"{target / base} and {NAME_TRIES} variants of it already exist; clean up the export "
+        "target (someone may be planting names on it) and run the export again"
+    )
+
+
 def run_export(
     clips: Sequence[tuple[str, Sequence[SourceSegment]]],
     job: ExportJob,
@@ -209,10 +231,7 @@ def run_export(
         raise InvalidInput("export range is empty: 'to' must be after 'from'")
     exported = clock()
     rid = safe_name(str(job.request.get("id", "")))
-    name = f"NVRG-{rid}-{utc_stamp(exported)}"
-    final = dest.path / name
-    if os.path.lexists(final):
-        raise RuntimeFailure(f"{final} already exists; run the export again in a second")
+    name = package_name(dest.path, f"NVRG-{rid}-{utc_stamp(exported)}")
 
     # Probe and plan first: a request with no footage, or a destination that is full, is refused
     # before anything is written.

@@ -178,6 +178,18 @@ class _Reader:
                 return None
 
 
+def _plain_name(name: object) -> bool:
+    """A file name a package can hold: one path component, no NUL, encodable as a file name
+    (a signed manifest is still input: a forger signs whatever they like)."""
+    if not isinstance(name, str) or "/" in name or "\0" in name or name in ("", ".", ".."):
+        return False
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        return False
+    return True
+
+
 def verify_package(path: Path, expected_fingerprint: str | None = None) -> VerifyResult:
     """Check the package in ``path``.
 
@@ -312,7 +324,7 @@ def _verify(
         problems.append(Problem("manifest-changed", "manifest changed: no file list in it"))
     for name, meta in sorted(listed.items()):
         # a manifest edited to point outside the package must not make us read other files
-        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+        if not _plain_name(name):
             problems.append(
                 Problem("manifest-changed", f"manifest changed: bad file name {name!r}")
             )

@@ -24,6 +24,8 @@ So nothing here is reached through a path someone else could re-point:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import secrets
@@ -35,6 +37,30 @@ from nvr_guard.errors import PolicyRefused, RuntimeFailure
 DIR_MODE = 0o755  # the finished package: readable by whoever reads the medium
 FILE_MODE = 0o644
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(dfd: int, old: str, new: str) -> None:
+    """Rename ``old`` to ``new`` in the directory ``dfd``, never replacing an existing ``new``
+    (renameat2 RENAME_NOREPLACE; a plain rename would replace an empty directory someone put
+    there). FileExistsError when ``new`` exists."""
+    r = _libc.renameat2(dfd, os.fsencode(old), dfd, os.fsencode(new), _RENAME_NOREPLACE)
+    if r == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EINVAL, errno.ENOSYS):
+        raise OSError(err, os.strerror(err), new)
+    # a filesystem without RENAME_NOREPLACE: a hard link cannot stand in for a directory, so
+    # check, then rename (the check in commit() ran just before; this narrows the window)
+    try:
+        os.lstat(new, dir_fd=dfd)
+    except FileNotFoundError:
+        os.rename(old, new, src_dir_fd=dfd, dst_dir_fd=dfd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
 
 
 def _writable_by_others(st: os.stat_result, euid: int) -> str | None:
@@ -239,7 +265,13 @@ class PackageDir:
             raise RuntimeFailure(
                 f"{self.target / final} already exists; run the export again in a second"
             )
-        os.rename(self.name, final, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
+        try:
+            _rename_noreplace(self.dfd, self.name, final)
+        except FileExistsError:
+            raise RuntimeFailure(
+                f"{self.target / final} appeared during the export (someone else created it); "
+                "nothing was exported: run the export again"
+            ) from None
         if not self._is_ours(final):
             raise RuntimeFailure(
                 f"{self.target / final} is not the package this export wrote; nothing was exported"

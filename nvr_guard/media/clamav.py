@@ -12,18 +12,25 @@ Two engines, the same verdicts:
 * clamd, through its Unix socket with ``zINSTREAM``: we walk the tree ourselves and stream each
   file's bytes, so clamd never needs permission to open files on the medium and never follows
   a link planted on it.
-* ``clamscan`` otherwise: one process over a file list we built, with the limits and alerts we
-  rely on set on its command line; its one-line-per-file output drives the progress callback.
+* ``clamscan`` otherwise: one process over the descriptors of the files we opened (given to it
+  as ``/proc/self/fd/N``, never a path on the medium), with the limits and alerts we rely on set
+  on its command line; its one-line-per-file output drives the progress callback.
 
-The result carries a fingerprint of the tree's listing (paths, sizes, mtimes), taken from the
-same walk that decided what to scan, and a digest of what every file holds, taken from the bytes
-as they were scanned: with clamd, from the very bytes streamed to it (one read); with clamscan,
-by reading each file again the moment clamscan has given its verdict on it (from the page cache
-clamscan just filled). The tree is listed again after the scan with change times and inode
-numbers: a file written during the scan changes its ctime, which no user can set back, so the
-bytes digested are the bytes scanned. The media gate compares the listing before an export and
-the content digest again right before the package is committed, so a file rewritten after the
-scan with its old size and mtime does not pass as scanned.
+Nothing is ever opened by its full path on the medium: the walk goes from directory descriptor
+to directory descriptor (O_NOFOLLOW, O_DIRECTORY) and each file is opened relative to its
+directory, without following a link, and must be the inode the walk listed (``_Tree``). Whoever
+can write to the medium cannot swap a directory for a link to clean copies while the scanner or
+the digest reads: the read fails, and the scan is not clean.
+
+The result carries a fingerprint of the tree's listing (paths, sizes, mtimes), taken from the same
+walk that decided what to scan, and a digest of what every file holds, taken from the bytes as they
+were scanned: with clamd, from the very bytes streamed to it (one read); with clamscan, by reading
+each file again through the descriptor clamscan read it by, the moment clamscan has given its
+verdict on it (from the page cache clamscan just filled). The tree is listed again after the scan
+with change times and inode numbers: a file written during the scan changes its ctime, which no
+user can set back, so the bytes digested are the bytes scanned. The media gate compares the listing
+before an export and the content digest again right before the package is committed, so a file
+rewritten after the scan with its old size and mtime does not pass as scanned.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import socket
 import stat
 import struct
@@ -74,6 +82,8 @@ _UNSCANNABLE_PREFIXES = ("Heuristics.Encrypted.", "Heuristics.Limits.Exceeded.")
 
 _CHUNK = 256 * 1024
 _PROBE_NAME = "encryption-probe.zip"
+# files (so descriptors) one clamscan run gets; each run loads the signature database again
+_CLAMSCAN_BATCH = 8000
 
 Progress = Callable[[int, int], None]
 
@@ -130,65 +140,157 @@ class ScanResult:
 @dataclass(frozen=True)
 class _Entry:
     rel: bytes  # relative to the scanned root, b"/"-separated
-    abspath: bytes
     kind: str  # "f" regular file, "l" symlink, "o" anything else (fifo, socket, device)
     size: int
     mtime_ns: int
     link: bytes = b""
     ctime_ns: int = 0  # only compared within one scan (before/after): see _fingerprint
     ino: int = 0
+    dev: int = 0
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class _Tree:
+    """The scanned tree, read through descriptors only: the root is opened once, every
+    directory below it relative to its parent's descriptor and every file relative to its
+    directory's, never following a link (O_NOFOLLOW), and a file opened for the scan or the
+    digest must be the very inode the walk listed (same device and inode number, still a
+    regular file). A directory swapped for a link, or for another directory, between the walk
+    and the read (rename/RENAME_EXCHANGE by whoever can write to the medium) is then an error,
+    not a different file read under the listed name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir: tuple[bytes, int] | None = None  # the last directory a file was opened in
+
+    def close(self) -> None:
+        if self._dir is not None:
+            os.close(self._dir[1])
+            self._dir = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> _Tree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def walk(self) -> tuple[list[_Entry], list[str]]:
+        """Every non-directory entry (lstat, links never followed) and the walk's problems."""
+        entries: list[_Entry] = []
+        problems: list[str] = []
+        # depth-first, one open descriptor per level
+        stack: list[tuple[bytes, int, list[tuple[bytes, os.stat_result]]]] = []
+
+        def enter(rel: bytes, fd: int) -> None:
+            kids: list[tuple[bytes, os.stat_result]] = []
+            try:
+                with os.scandir(fd) as it:
+                    names = [c.name for c in it]
+                for name in names:
+                    n = os.fsencode(name)
+                    child = rel + b"/" + n if rel else n
+                    try:
+                        kids.append((child, os.stat(n, dir_fd=fd, follow_symlinks=False)))
+                    except OSError as e:
+                        problems.append(f"{show_path(child)}: cannot stat ({e.strerror})")
+            except OSError as e:
+                problems.append(f"{show_path(rel or b'.')}: directory not readable ({e.strerror})")
+            kids.sort(reverse=True)
+            stack.append((rel, fd, kids))
+
+        enter(b"", os.dup(self.fd))
+        try:
+            while stack:
+                rel_dir, dfd, kids = stack[-1]
+                if not kids:
+                    stack.pop()
+                    os.close(dfd)
+                    continue
+                rel, st = kids.pop()
+                name = rel.rsplit(b"/", 1)[-1]
+                if stat.S_ISDIR(st.st_mode):
+                    try:
+                        sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                    except OSError as e:
+                        problems.append(f"{show_path(rel)}: directory not readable ({e.strerror})")
+                        continue
+                    now = os.fstat(sub)
+                    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                        os.close(sub)
+                        problems.append(f"{show_path(rel)}: replaced while it was listed")
+                        continue
+                    enter(rel, sub)
+                    continue
+                link = b""
+                if stat.S_ISREG(st.st_mode):
+                    kind = "f"
+                elif stat.S_ISLNK(st.st_mode):
+                    kind = "l"
+                    try:
+                        link = os.readlink(name, dir_fd=dfd)
+                    except OSError:
+                        link = b"?"
+                else:
+                    kind = "o"
+                entries.append(
+                    _Entry(
+                        rel,
+                        kind,
+                        st.st_size,
+                        st.st_mtime_ns,
+                        link,
+                        st.st_ctime_ns,
+                        st.st_ino,
+                        st.st_dev,
+                    )
+                )
+        finally:
+            for _, dfd, _ in stack:
+                os.close(dfd)
+        entries.sort(key=lambda e: e.rel)
+        return entries, problems
+
+    def _dir_fd(self, rel_dir: bytes) -> int:
+        if self._dir is not None and self._dir[0] == rel_dir:
+            return self._dir[1]
+        if self._dir is not None:
+            os.close(self._dir[1])
+            self._dir = None
+        fd = os.dup(self.fd)
+        try:
+            for part in rel_dir.split(b"/") if rel_dir else []:
+                sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+        except BaseException:
+            os.close(fd)
+            raise
+        self._dir = (rel_dir, fd)
+        return fd
+
+    def open_file(self, e: _Entry) -> int:
+        """A descriptor on exactly the regular file ``e`` the walk listed; OSError otherwise
+        (a link anywhere on the way, another file under the name, not a regular file)."""
+        rel_dir, _, name = e.rel.rpartition(b"/")
+        fd = os.open(name, _FILE_FLAGS, dir_fd=self._dir_fd(rel_dir))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (e.dev, e.ino):
+            os.close(fd)
+            raise OSError(f"{show_path(e.rel)} was replaced since it was listed")
+        return fd
 
 
 def _walk(root: Path) -> tuple[list[_Entry], list[str]]:
     """Every non-directory entry under ``root`` (lstat, links never followed) and walk errors."""
-    entries: list[_Entry] = []
-    problems: list[str] = []
-    base = os.fsencode(root)
-    stack: list[bytes] = [b""]
-    while stack:
-        rel_dir = stack.pop()
-        dir_path = os.path.join(base, rel_dir) if rel_dir else base
-        try:
-            with os.scandir(dir_path) as it:
-                children = list(it)
-        except OSError as e:
-            problems.append(f"{show_path(rel_dir or b'.')}: directory not readable ({e.strerror})")
-            continue
-        for child in children:
-            rel = rel_dir + b"/" + child.name if rel_dir else child.name
-            try:
-                st = child.stat(follow_symlinks=False)
-            except OSError as e:
-                problems.append(f"{show_path(rel)}: cannot stat ({e.strerror})")
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(rel)
-                continue
-            link = b""
-            if stat.S_ISREG(st.st_mode):
-                kind = "f"
-            elif stat.S_ISLNK(st.st_mode):
-                kind = "l"
-                try:
-                    link = os.readlink(child.path)
-                except OSError:
-                    link = b"?"
-            else:
-                kind = "o"
-            entries.append(
-                _Entry(
-                    rel,
-                    child.path,
-                    kind,
-                    st.st_size,
-                    st.st_mtime_ns,
-                    link,
-                    st.st_ctime_ns,
-                    st.st_ino,
-                )
-            )
-    entries.sort(key=lambda e: e.rel)
-    return entries, problems
+    with _Tree(Path(root)) as t:
+        return t.walk()
 
 
 def _kept(entries: Iterable[_Entry], exclude_name: str | None) -> Iterable[_Entry]:
@@ -245,31 +347,35 @@ def _content(entries: Iterable[_Entry], digests: dict[bytes, str], exclude_name:
     return h.hexdigest()
 
 
-def _digest_file(abspath: bytes) -> tuple[str, int]:
-    """(SHA-256, bytes read) of a regular file, opened without following a link."""
-    fd = os.open(abspath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{show_path(abspath)} is no longer a regular file")
-        h = hashlib.sha256()
-        n = 0
-        for chunk in _file_chunks(fd):
-            h.update(chunk)
-            n += len(chunk)
-        return h.hexdigest(), n
-    finally:
-        os.close(fd)
+def _digest_fd(fd: int) -> tuple[str, int]:
+    """(SHA-256, bytes read) of an open regular file, read from its start."""
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        chunk = os.pread(fd, _CHUNK, n)
+        if not chunk:
+            return h.hexdigest(), n
+        h.update(chunk)
+        n += len(chunk)
 
 
 def content_digest(path: Path, exclude_name: str | None = None) -> str:
     """What a scan's ``content_digest`` says of ``path``, computed now by reading every file
-    (links are not followed). Raises OSError when a file cannot be read: not the same tree."""
-    entries, problems = _walk(Path(path))
-    if problems:
-        raise OSError(problems[0])
-    digests = {
-        e.rel: _digest_file(e.abspath)[0] for e in _kept(entries, exclude_name) if e.kind == "f"
-    }
+    through the same descriptor walk as the scan (links are not followed, each file must be
+    the inode listed). Raises OSError when a file cannot be read: not the same tree."""
+    with _Tree(Path(path)) as t:
+        entries, problems = t.walk()
+        if problems:
+            raise OSError(problems[0])
+        digests = {}
+        for e in _kept(entries, exclude_name):
+            if e.kind != "f":
+                continue
+            fd = t.open_file(e)
+            try:
+                digests[e.rel] = _digest_fd(fd)[0]
+            finally:
+                os.close(fd)
     return _content(entries, digests, exclude_name)
 
 
@@ -528,6 +634,7 @@ class _Tally:
 
 
 def _scan_clamd(
+    tree: _Tree,
     files: list[_Entry],
     sock: Path,
     limits: _ClamdLimits,
@@ -559,22 +666,21 @@ def _scan_clamd(
                 "alert on skipped files (AlertExceedsMax); not scanned"
             )
         else:
-            _scan_one_clamd(e, rel, sock, remaining, tally)
+            _scan_one_clamd(tree, e, rel, sock, remaining, tally)
         if progress is not None:
             progress(done, total)
 
 
-def _scan_one_clamd(e: _Entry, rel: str, sock: Path, timeout: float, tally: _Tally) -> None:
+def _scan_one_clamd(
+    tree: _Tree, e: _Entry, rel: str, sock: Path, timeout: float, tally: _Tally
+) -> None:
     try:
-        fd = os.open(e.abspath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = tree.open_file(e)
     except OSError as err:
-        tally.errors.append(f"{rel}: cannot open ({err.strerror})")
+        tally.errors.append(f"{rel}: cannot open ({err.strerror or err})")
         return
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            tally.errors.append(f"{rel}: no longer a regular file")
-            return
         sent = 0
         h = hashlib.sha256()
 
@@ -607,7 +713,28 @@ def _scan_one_clamd(e: _Entry, rel: str, sock: Path, timeout: float, tally: _Tal
         tally.errors.append(f"{rel}: clamd: {reply or 'no reply'}")
 
 
+def _batch_size() -> int:
+    """How many files one clamscan run gets: each is held open for it (see _scan_clamscan), so
+    the soft limit on open files is raised towards the hard one, leaving room for the rest."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = _CLAMSCAN_BATCH + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (OSError, ValueError):
+            pass
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    room = (_CLAMSCAN_BATCH + 256 if soft == resource.RLIM_INFINITY else soft) - in_use - 64
+    return max(1, min(_CLAMSCAN_BATCH, room))
+
+
 def _scan_clamscan(
+    tree: _Tree,
     files: list[_Entry],
     database: Path,
     max_file_size: int,
@@ -615,29 +742,67 @@ def _scan_clamscan(
     deadline: float,
     tally: _Tally,
 ) -> None:
+    """clamscan never gets a path on the medium: we open every file ourselves (relative to its
+    directory's descriptor, no link followed, the very inode listed), hand the descriptors to
+    clamscan (pass_fds) and give it ``/proc/self/fd/N`` to scan. That name is the kernel's link
+    to the open file itself, so what clamscan reads is the file we opened whatever is renamed
+    on the medium meanwhile; it is the only link clamscan is allowed to follow
+    (``--follow-file-symlinks=1``: names given to it, never links met inside directories, and
+    it is given no directory). The digest is then read from the same descriptor."""
     total = len(files)
     limit = min(max_file_size, CLAMAV_MAX_FILE)
     todo: list[_Entry] = []
     done = 0
     for e in files:
-        rel = show_path(e.rel)
         if e.size > limit:
-            tally.errors.append(f"{rel}: too large to scan ({e.size} bytes > {limit})")
-            done += 1
-        elif b"\n" in e.abspath:
-            tally.errors.append(f"{rel}: a newline in the name; clamscan cannot be given it")
+            tally.errors.append(f"{show_path(e.rel)}: too large to scan ({e.size} bytes > {limit})")
             done += 1
         else:
             todo.append(e)
     if progress is not None:
         progress(done, total)
-    if not todo:
-        return
-    by_path = {e.abspath: e for e in todo}
+    batch = _batch_size()
+    for i in range(0, len(todo), batch):
+        if time.monotonic() >= deadline:
+            tally.errors.append(f"scan timed out; {len(todo) - i} files not scanned")
+            break
+        part = todo[i : i + batch]
+        opened: dict[bytes, tuple[_Entry, int, os.stat_result]] = {}
+        try:
+            for e in part:
+                try:
+                    fd = tree.open_file(e)
+                except OSError as err:
+                    tally.errors.append(f"{show_path(e.rel)}: cannot open ({err.strerror or err})")
+                    done += 1
+                    continue
+                opened[f"/proc/self/fd/{fd}".encode()] = (e, fd, os.fstat(fd))
+            if opened:
+                done = _clamscan_run(
+                    opened, database, limit, progress, deadline, tally, done, total
+                )
+        finally:
+            for _, fd, _ in opened.values():
+                os.close(fd)
+    if progress is not None and done < total:
+        progress(total, total)
+
+
+def _clamscan_run(
+    opened: dict[bytes, tuple[_Entry, int, os.stat_result]],
+    database: Path,
+    limit: int,
+    progress: Progress | None,
+    deadline: float,
+    tally: _Tally,
+    done: int,
+    total: int,
+) -> int:
+    """One clamscan process over the descriptors in ``opened``; returns the new ``done``."""
     seen: set[bytes] = set()
     with tempfile.TemporaryDirectory(prefix="nvrg-clamscan-") as tmp:
         listing = Path(tmp) / "files"
-        listing.write_bytes(b"".join(e.abspath + b"\n" for e in todo))
+        listing.write_bytes(b"".join(name + b"\n" for name in opened))
         err_path = Path(tmp) / "stderr"
         argv = [
             "clamscan",
@@ -652,11 +817,15 @@ def _scan_clamscan(
             "--heuristic-alerts=yes",
             "--scan-archive=yes",
             "--follow-dir-symlinks=0",
-            "--follow-file-symlinks=0",
+            "--follow-file-symlinks=1",  # only the /proc/self/fd/N names we give it
         ]
         with open(err_path, "wb") as err_f:
             proc = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=err_f, stdin=subprocess.DEVNULL
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=err_f,
+                stdin=subprocess.DEVNULL,
+                pass_fds=[fd for _, fd, _ in opened.values()],
             )
             assert proc.stdout is not None
             killed: list[bool] = []
@@ -672,15 +841,15 @@ def _scan_clamscan(
             try:
                 for raw in proc.stdout:
                     line = raw.rstrip(b"\n")
-                    hit, verdict = _match_line(line, by_path)
-                    if hit is None or hit.abspath in seen:
+                    name, verdict = _match_line(line, opened)
+                    if name is None or name in seen:
                         continue
-                    e = hit
-                    seen.add(e.abspath)
+                    seen.add(name)
+                    e, fd, st = opened[name]
                     rel = show_path(e.rel)
                     text = verdict.decode("utf-8", "replace").strip()
                     if tally.digest:
-                        _digest_scanned(e, rel, tally)
+                        _digest_scanned(e, fd, st, rel, tally)
                     if text in ("OK", "Empty file"):
                         tally.files += 1
                         tally.bytes += e.size
@@ -701,7 +870,7 @@ def _scan_clamscan(
                     proc.wait()
             timed_out = bool(killed)
         stderr = err_path.read_bytes().decode("utf-8", "replace")
-    missing = [e for e in todo if e.abspath not in seen]
+    missing = [e for name, (e, _, _) in opened.items() if name not in seen]
     tail = " ".join(stderr.strip().splitlines()[-3:]) or f"exit status {rc}"
     whole_scan_failed = True
     if timed_out:
@@ -723,35 +892,37 @@ def _scan_clamscan(
         tally.errors.extend(f"{show_path(e.rel)}: no verdict from clamscan" for e in missing)
     elif missing:
         tally.errors.append(f"{len(missing)} files not scanned")
-    if progress is not None and done < total:
-        progress(total, total)
+    return done
 
 
-def _digest_scanned(e: _Entry, rel: str, tally: _Tally) -> None:
-    """Digest a file clamscan has just read (its pages are still cached). A write between the
-    two reads changes the file's ctime, which the walk after the scan compares."""
+def _digest_scanned(e: _Entry, fd: int, before: os.stat_result, rel: str, tally: _Tally) -> None:
+    """Digest a file clamscan has just read, through the descriptor clamscan read it by (its
+    pages are still cached). A write between the two reads changes the file's ctime."""
     try:
-        digest, n = _digest_file(e.abspath)
+        digest, n = _digest_fd(fd)
+        after = os.fstat(fd)
     except OSError as err:
         tally.errors.append(f"{rel}: cannot read it back after the scan ({err.strerror or err})")
         return
-    if n != e.size:
+    if n != e.size or after.st_size != e.size:
         tally.errors.append(f"{rel}: changed size during the scan")
+        return
+    if (after.st_ctime_ns, after.st_mtime_ns) != (before.st_ctime_ns, before.st_mtime_ns):
+        tally.errors.append(f"{rel}: written during the scan")
         return
     tally.digests[e.rel] = digest
 
 
-def _match_line(line: bytes, by_path: dict[bytes, _Entry]) -> tuple[_Entry | None, bytes]:
-    """Split ``<path>: <verdict>`` where <path> is one we asked for (a name may hold ': ')."""
+def _match_line(line: bytes, by_path: dict[bytes, Any]) -> tuple[bytes | None, bytes]:
+    """Split ``<path>: <verdict>`` where <path> is one we asked for."""
     line = line.removeprefix(b"WARNING: ")
     pos = len(line)
     while True:
         pos = line.rfind(b": ", 0, pos)
         if pos < 0:
             return None, b""
-        e = by_path.get(line[:pos])
-        if e is not None:
-            return e, line[pos + 2 :]
+        if line[:pos] in by_path:
+            return line[:pos], line[pos + 2 :]
 
 
 def _choose(
@@ -813,11 +984,59 @@ def scan_tree(
     started = time.monotonic()
     deadline = started + timeout
     tally = _Tally(digest=digest)
+    tree: _Tree | None = None
+    entries: list[_Entry] = []
+    try:
+        tree = _Tree(root)
+    except OSError as e:
+        walk_problems = [f"{show_path(os.fsencode(root))}: cannot open ({e.strerror})"]
+    if tree is not None:
+        entries, walk_problems = tree.walk()
+    try:
+        return _scan(
+            root,
+            tree,
+            entries,
+            walk_problems,
+            scanner,
+            database,
+            clamd_socket,
+            max_file_size,
+            progress,
+            timeout,
+            clamd_config,
+            digest,
+            started_wall,
+            started,
+            deadline,
+            tally,
+        )
+    finally:
+        if tree is not None:
+            tree.close()
+
+
+def _scan(
+    root: Path,
+    tree: _Tree | None,
+    entries: list[_Entry],
+    walk_problems: list[str],
+    scanner: str,
+    database: Path | None,
+    clamd_socket: Path | None,
+    max_file_size: int,
+    progress: Progress | None,
+    timeout: float,
+    clamd_config: Path | None,
+    digest: bool,
+    started_wall: float,
+    started: float,
+    deadline: float,
+    tally: _Tally,
+) -> ScanResult:
     engine_version = "ClamAV (unknown version)"
     sig_version: str | None = None
     sig_date: str | None = None
-
-    entries, walk_problems = _walk(root)
     fingerprint = _fingerprint(entries)
     # nothing is exempt here, whatever its name (a leftover export directory is content too)
     changes = _fingerprint(entries, changes=True)
@@ -834,11 +1053,10 @@ def scan_tree(
             )
         else:
             tally.errors.append(f"{show_path(e.rel)}: not a regular file, not scanned")
-    if not root.is_dir():
-        tally.errors.append(f"{show_path(os.fsencode(root))}: not a directory")
-
     engine, sock, refusal = _choose(scanner, clamd_socket, timeout, tally.notes)
-    if refusal is not None:
+    if tree is None:
+        pass  # nothing to scan: the error is recorded
+    elif refusal is not None:
         tally.errors.append(refusal)
     elif engine == "clamd":
         assert sock is not None
@@ -851,7 +1069,7 @@ def scan_tree(
         except OSError as e:
             tally.errors.append(f"clamd VERSION failed: {e}")
         limits = _clamd_limits(clamd_config)
-        _scan_clamd(files, sock, limits, max_file_size, progress, deadline, tally)
+        _scan_clamd(tree, files, sock, limits, max_file_size, progress, deadline, tally)
     else:
         db = database or default_database_dir()
         try:
@@ -863,10 +1081,10 @@ def scan_tree(
         if not has_signatures(db):
             tally.errors.append(f"{NO_DATABASE} (nothing usable in {db})")
         else:
-            _scan_clamscan(files, db, max_file_size, progress, deadline, tally)
+            _scan_clamscan(tree, files, db, max_file_size, progress, deadline, tally)
 
     # A tree that changed while we read it was not the tree we scanned.
-    after, _ = _walk(root)
+    after, _ = tree.walk() if tree is not None else ([], [])
     if _fingerprint(after, changes=True) != changes:
         tally.errors.append("files were written, added or removed during the scan; scan again")
 
