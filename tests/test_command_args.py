@@ -8,11 +8,8 @@ The malformed values are derived from each command's JSON schema, so a command a
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,13 +18,12 @@ from typing import Any
 
 import pytest
 from conftest import Site, poll
+from fixtures_socket import raw_call
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nvr_guard.commands import ARGS, validate
 from nvr_guard.errors import InvalidInput
-
-_HEADER = struct.Struct(">I")
 
 # one valid argument set per command (valid in form; the handler may still refuse the content)
 VALID: dict[str, dict[str, Any]] = {
@@ -161,29 +157,6 @@ def test_malformed_arguments_are_refused_in_process(case: tuple[str, dict[str, A
 # ---- the same through a live daemon -------------------------------------------------------
 
 
-def _call(path: Path, obj: Any) -> dict[str, Any] | None:
-    body = json.dumps(obj).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(30)
-        s.connect(str(path))
-        s.sendall(_HEADER.pack(len(body)) + body)
-        buf = b""
-        while len(buf) < 4:
-            chunk = s.recv(4 - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        (n,) = _HEADER.unpack(buf)
-        data = b""
-        while len(data) < n:
-            chunk = s.recv(n - len(data))
-            if not chunk:
-                return None
-            data += chunk
-    out: dict[str, Any] = json.loads(data)
-    return out
-
-
 class _Live:
     def __init__(self, site: Site) -> None:
         self.site = site
@@ -199,7 +172,7 @@ class _Live:
     def _ready(self) -> bool:
         assert self.proc.poll() is None, self.log_path.read_text()
         try:
-            r = _call(self.site.socket, {"v": 1, "cmd": "ping", "args": {}})
+            r = raw_call(self.site.socket, {"v": 1, "cmd": "ping", "args": {}})
         except OSError:
             return False
         return r is not None
@@ -232,7 +205,7 @@ def test_malformed_arguments_through_the_daemon_are_exit_2(
     live: _Live, case: tuple[str, dict[str, Any]]
 ) -> None:
     cmd, args = case
-    reply = _call(live.site.socket, {"v": 1, "cmd": cmd, "args": args})
+    reply = raw_call(live.site.socket, {"v": 1, "cmd": cmd, "args": args})
     assert reply is not None and reply["ok"] is False, (cmd, args, reply)
     assert reply["error"]["code"] == 2, (cmd, args, reply)
     assert "\n" not in reply["error"]["message"]
@@ -240,7 +213,7 @@ def test_malformed_arguments_through_the_daemon_are_exit_2(
 
 def test_the_daemon_logged_no_traceback(live: _Live) -> None:
     # after the fuzzing above (same module daemon): bad input is never an internal error
-    reply = _call(live.site.socket, {"v": 1, "cmd": "request.new", "args": {"recipient": "x"}})
+    reply = raw_call(live.site.socket, {"v": 1, "cmd": "request.new", "args": {"recipient": "x"}})
     assert reply is not None and reply["error"]["code"] == 2
     text = live.log_path.read_text(errors="replace")
     assert "Traceback" not in text and "internal error" not in text, text[-3000:]

@@ -11,7 +11,6 @@ import os
 import pwd
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -23,12 +22,12 @@ from typing import Any
 
 import pytest
 from conftest import Site, poll, write_segment
+from fixtures_socket import raw_call, read_reply
 
 from nvr_guard.control import Caller, RefusalLimiter, call
 
 pytestmark = pytest.mark.integration
 
-_HEADER = struct.Struct(">I")
 OPERATOR = "nvrg-sock-op"  # a role holder who floods
 ACTOR = "nvrg-sock-act"  # a role holder who must still be served
 NOBODY = 65534  # a socket-group member (the socket is 0666 here) without a role
@@ -48,37 +47,6 @@ def users() -> Iterator[dict[str, int]]:
         subprocess.run(["userdel", name], check=False)
 
 
-def _frame(obj: Any) -> bytes:
-    body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-    return _HEADER.pack(len(body)) + body
-
-
-def _read_reply(s: socket.socket) -> dict[str, Any] | None:
-    buf = b""
-    while len(buf) < 4:
-        chunk = s.recv(4 - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    (n,) = _HEADER.unpack(buf)
-    body = b""
-    while len(body) < n:
-        chunk = s.recv(n - len(body))
-        if not chunk:
-            return None
-        body += chunk
-    out: dict[str, Any] = json.loads(body)
-    return out
-
-
-def _call(path: Path, obj: Any, timeout: float = 10.0) -> dict[str, Any] | None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(_frame(obj))
-        return _read_reply(s)
-
-
 class Live:
     def __init__(self, site: Site) -> None:
         self.site = site
@@ -93,7 +61,7 @@ class Live:
     def _ready(self) -> bool:
         assert self.proc.poll() is None, (self.site.base / "daemon.log").read_text()
         try:
-            r = _call(self.site.socket, {"v": 1, "cmd": "ping", "args": {}})
+            r = raw_call(self.site.socket, {"v": 1, "cmd": "ping", "args": {}})
         except OSError:
             return False
         return r is not None and r["ok"]
@@ -186,7 +154,7 @@ def _hold_open(path: Path, n: int, ready_w: int) -> dict[str, Any]:
         # its refusal at once
         try:
             s.settimeout(0.5)
-            r = _read_reply(s)
+            r = read_reply(s)
             answers.append("closed" if r is None else f"refused:{r['error']['code']}")
         except TimeoutError:
             answers.append("held")
@@ -208,7 +176,7 @@ def test_a_flood_by_a_role_less_user_neither_holds_slots_nor_delays_a_role_holde
 
         def served() -> float:
             t0 = time.monotonic()
-            r = _call(live.site.socket, {"v": 1, "cmd": "hold.list", "args": {}})
+            r = raw_call(live.site.socket, {"v": 1, "cmd": "hold.list", "args": {}})
             assert r is not None and r["ok"], r
             return time.monotonic() - t0
 
@@ -251,7 +219,7 @@ def test_one_role_holder_cannot_take_every_slot(live: Live, users: dict[str, int
             times = []
             for _ in range(5):
                 t0 = time.monotonic()
-                r = _call(live.site.socket, {"v": 1, "cmd": "request.list", "args": {}})
+                r = raw_call(live.site.socket, {"v": 1, "cmd": "request.list", "args": {}})
                 assert r is not None and r["ok"], r
                 times.append(time.monotonic() - t0)
             return times
@@ -270,11 +238,11 @@ def test_every_kind_of_refusal_is_on_record(live: Live, users: dict[str, int]) -
 
     def misbehave() -> list[Any]:
         out = []
-        out.append(_call(path, {"v": 1, "cmd": "request.show", "args": {"id": 999}}))
-        out.append(_call(path, {"v": 1, "cmd": "request.approve", "args": {"id": 999}}))
-        out.append(_call(path, {"v": 1, "cmd": "no.such.command", "args": {}}))
-        out.append(_call(path, b"{not json"))
-        out.append(_call(path, {"v": 1, "cmd": "hold.add", "args": {}}))  # needs admin
+        out.append(raw_call(path, {"v": 1, "cmd": "request.show", "args": {"id": 999}}))
+        out.append(raw_call(path, {"v": 1, "cmd": "request.approve", "args": {"id": 999}}))
+        out.append(raw_call(path, {"v": 1, "cmd": "no.such.command", "args": {}}))
+        out.append(raw_call(path, b"{not json"))
+        out.append(raw_call(path, {"v": 1, "cmd": "hold.add", "args": {}}))  # needs admin
         return out
 
     pid, rfd = _as_uid(users[ACTOR], misbehave)
