@@ -310,6 +310,13 @@ class Workflow:
     def _load(self, rid: int) -> tuple[access.Request, list[access.Approval], access.AccessRules]:
         """The request, its approvals and the rules it is judged by."""
         r = self.store.get(rid)
+        if r.exported_at is not None and r.exporter is None:
+            # exported before the exporter was stored with the request: its export.done says
+            done = None
+            for e in self.engine.audit.entries(obj=f"request:{rid}", action="export.done"):
+                done = e
+            if done is not None:
+                r = dataclasses.replace(r, exporter=done.actor)
         approvals = self.store.approvals(rid)
         return r, approvals, self._judged(r)
 
@@ -431,6 +438,10 @@ class Workflow:
         with self.engine.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
+            claim = self._claims.get(rid)
+            if claim is not None and r.exporter is None:
+                # an export under way: its technician is already the exporter
+                r = dataclasses.replace(r, exporter=claim.caller.user)
             d = access.check_approve(
                 r,
                 approvals,
@@ -712,6 +723,7 @@ class Workflow:
                     rid,
                     state="exported",
                     exported_at=now,
+                    exporter=caller.user,
                     package=str(pkg.path),
                     judged_by=rules_record(self._acting(r, rules), r, now, self.config.digest),
                 )

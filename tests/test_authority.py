@@ -450,3 +450,27 @@ def test_an_after_hours_approval_does_not_cover_later_nights(make_env: EnvFactor
     msg = e.refused("nvra-tom", "export", "run", str(rid), "--media", str(e.targets[0]))
     assert "duty_manager" in msg and "nvra-dan" in msg and "covered exports for 3 s" in msg
     assert e.packages(e.targets[0]) == []
+
+
+# ---- 9. separation of duties in the other order: export first, then approve ------------------
+def test_the_exporter_of_an_emergency_request_may_not_back_fill_its_approval(
+    make_env: EnvFactory,
+):
+    e = make_env()
+    e.ok("nvra-tess", "media", "scan", str(e.targets[0]))
+    rid = e.new("nvra-carol", "lobby-1", "--emergency")
+    e.ok("nvra-tess", "export", "run", str(rid), "--media", str(e.targets[0]))  # at once
+    # the old code let her fill the dept_manager step of what she had taken off the box
+    msg = e.refused("nvra-tess", "request", "approve", str(rid))
+    assert "nvra-tess exported request" in msg and "separation of duties" in msg
+    e.refused("nvra-tess", "request", "approve", str(rid), "--as", "dept_manager")
+    shown = e.ok("nvra-aud", "request", "show", str(rid))
+    assert shown["approvals"] == [] and shown["open_steps"] == ["dept_manager", "security_lead"]
+    # other people back-fill it
+    e.ok("nvra-bob", "request", "approve", str(rid))
+    e.ok("nvra-sid", "request", "approve", str(rid))
+    shown = e.ok("nvra-aud", "request", "show", str(rid))
+    assert [a["approver"] for a in shown["approvals"]] == ["nvra-bob", "nvra-sid"]
+    assert shown["open_steps"] == []
+    denied = [x for x in e.audit() if x["action"] == "access.denied"]
+    assert any(x["actor"] == "nvra-tess" and x["object"] == f"request:{rid}" for x in denied)
