@@ -1261,6 +1261,13 @@ class Catalog:
             )
             return [_hold(r) for r in cur]
 
+    def hold_requests(self) -> dict[int, int | None]:
+        """Hold id -> the request it keeps footage for, for every hold that is not manual (None:
+        a request hold that does not name its request)."""
+        with self.lock:
+            cur = self.conn.execute("SELECT id, request_id FROM holds WHERE kind != 'manual'")
+            return {int(h): None if r is None else int(r) for h, r in cur}
+
     def list_holds(self, include_released: bool = False) -> list[Hold]:
         where = "" if include_released else "WHERE released IS NULL"
         with self.lock:

@@ -256,6 +256,7 @@ def status(c: Ctx) -> None:
             out.print(f"[yellow]blocked sweep {b['id']}[/]: {escape(b['message'])}", markup=True)
         if st["holds"]:
             print_holds(st["holds"])
+        print_holds_not_shown(st.get("holds_not_shown") or [])
         a = st["audit"]
         out.print(
             f"audit: {a['entries']} entries, chain "
@@ -287,6 +288,10 @@ def status(c: Ctx) -> None:
             out.print(f"[red]last error:[/] {escape(str(d['last_error']))}")
         for v in st.get("violations", []):
             out.print(f"[red]violation:[/] {escape(str(v))}")
+        if st.get("violations_not_shown"):
+            out.print(
+                f"[red]violation:[/] {st['violations_not_shown']} on requests not shown to you"
+            )
         req = st.get("open_requests") or {}
         for r in req.get("pending", []):
             out.print(
@@ -609,6 +614,14 @@ def print_holds(holds: list[dict[str, Any]]) -> None:
     out.print(t)
 
 
+def print_holds_not_shown(not_shown: list[dict[str, Any]]) -> None:
+    for n in not_shown:
+        out.print(
+            f"site {n['site']}: footage also held for {n['requests']} request(s) not shown to you",
+            markup=False,
+        )
+
+
 @hold.command("add")
 @click.option("--camera", required=True, help="camera id, or SITE/CAMERA")
 @click.option("--site", help="the camera's site (required when two sites share the camera id)")
@@ -652,8 +665,17 @@ def hold_add(
 @pass_ctx
 def hold_list(c: Ctx, include_released: bool) -> None:
     """Holds in force."""
-    res = act(c, "hold.list", {"all": include_released}, lambda e: e.holds_json(include_released))
-    c.emit({"holds": res}, lambda: print_holds(res))
+    res = act(
+        c, "hold.list", {"all": include_released}, lambda e: e.holds_view(None, include_released)
+    )
+    if isinstance(res, list):  # a daemon from before holds were shown per caller
+        res = {"holds": res, "holds_not_shown": []}
+
+    def human() -> None:
+        print_holds(res["holds"])
+        print_holds_not_shown(res["holds_not_shown"])
+
+    c.emit(res, human)
 
 
 @hold.command("release")

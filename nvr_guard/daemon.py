@@ -517,7 +517,7 @@ class Daemon:
         if cmd == "export.form":
             return {"html": wf.form(who, int(args["id"]))}
         if cmd == "status":
-            st = engine.status()
+            st = engine.status(who)  # per caller: request details only to their viewers
             st["daemon"] = {
                 "pid": os.getpid(),
                 "uptime": round(time.time() - self.started, 1),
@@ -564,7 +564,7 @@ class Daemon:
             )
             return engine.hold_json(h.id)
         if cmd == "hold.list":
-            return engine.holds_json(bool(args.get("all")))
+            return engine.holds_view(who, bool(args.get("all")))
         if cmd == "hold.release":
             h = engine.hold_release(who, int(args["id"]), str(args["reason"]))
             return engine.hold_json(h.id)

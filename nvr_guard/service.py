@@ -1163,6 +1163,37 @@ class Engine:
             )
         return out
 
+    def holds_view(self, caller: Caller | None, include_released: bool = False) -> dict[str, Any]:
+        """The holds as ``caller`` may see them (None: everything, for root acting locally).
+
+        Manual holds are shown in full to every caller (admins and security leads place them,
+        their reasons say why footage outlives its rule). A request's hold names the request, its
+        reason, requester, camera and range: shown only to those who may see that request
+        (``Workflow.may_view``, the rule of ``request show``); the others learn only how many
+        requests hold footage on a site (``holds_not_shown``)."""
+        holds = self.holds_json(include_released)
+        if caller is None:
+            return {"holds": holds, "holds_not_shown": []}
+        of_request = self.catalog.hold_requests()
+        seen: dict[int | None, bool] = {}
+        shown: list[dict[str, Any]] = []
+        hidden: dict[str, set[int | None]] = {}
+        for h in holds:
+            if h["id"] in of_request:
+                rid = of_request[h["id"]]
+                if rid not in seen:
+                    seen[rid] = self.workflow.may_view(caller, rid)
+                if not seen[rid]:
+                    hidden.setdefault(h["site"] or "*", set()).add(rid if rid else -h["id"])
+                    continue
+            shown.append(h)
+        return {
+            "holds": shown,
+            "holds_not_shown": [
+                {"site": site, "requests": len(rids)} for site, rids in sorted(hidden.items())
+            ],
+        }
+
     # ---- status --------------------------------------------------------------------------
     def _site_stats(self, site: str) -> dict[str, Any]:
         with self.catalog.lock:
@@ -1174,7 +1205,9 @@ class Engine:
             ).fetchone()
         return {"count": int(count), "bytes": int(size), "oldest": oldest, "newest": newest}
 
-    def status(self) -> dict[str, Any]:
+    def status(self, caller: Caller | None = None) -> dict[str, Any]:
+        """Health for ``caller`` (None: everything, for root acting locally): holds, violations
+        and open requests name only the requests ``caller`` may see; the others are counted."""
         with self.lock:
             now = self.clock()
             disk = self.disk_states()
@@ -1215,6 +1248,13 @@ class Engine:
             by_state: dict[str, int] = {}
             for r in requests:
                 by_state[r["state"]] = by_state.get(r["state"], 0) + 1
+            holds = self.holds_view(caller)
+            all_violations = violations
+            if caller is not None:
+                # counts stay whole (by_state, ok); what names a request is for its viewers
+                requests = [r for r in requests if self.workflow.may_view(caller, r["id"])]
+                mine = {f"request {r['id']}" for r in requests}  # a violation's first words
+                violations = [v for v in violations if v.split(":", 1)[0] in mine]
             soon = now.wall + 3 * 86400
             open_requests = {
                 "pending": [
@@ -1235,13 +1275,14 @@ class Engine:
             scans = [s.as_dict() for s in self.media.store.recent_scans(5)]
             attention = self.attention.as_json()
             return {
-                "ok": verify.ok and not blocked and not violations and not attention,
+                "ok": verify.ok and not blocked and not all_violations and not attention,
                 "attention": attention,
                 "time": iso(now.wall, self.config.tz),
                 "config": str(self.config.source_path),
                 "config_digest": self.config.digest,
                 "sites": sites,
-                "holds": self.holds_json(),
+                "holds": holds["holds"],
+                "holds_not_shown": holds["holds_not_shown"],
                 "blocked_sweeps": blocked,
                 "last_sweep": None
                 if done is None
@@ -1258,6 +1299,7 @@ class Engine:
                     "problem": verify.problem or None,
                 },
                 "violations": violations,
+                "violations_not_shown": len(all_violations) - len(violations),
                 "requests": by_state,
                 "open_requests": open_requests,
                 "last_scans": scans,

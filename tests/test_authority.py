@@ -474,3 +474,45 @@ def test_the_exporter_of_an_emergency_request_may_not_back_fill_its_approval(
     assert shown["open_steps"] == []
     denied = [x for x in e.audit() if x["action"] == "access.denied"]
     assert any(x["actor"] == "nvra-tess" and x["object"] == f"request:{rid}" for x in denied)
+
+
+# ---- 10. holds and status name a request only to those who may see it -------------------------
+def test_hold_list_and_status_show_request_details_only_to_its_viewers(make_env: EnvFactory):
+    e = make_env()
+    rid = e.new("nvra-alice")  # lobby-1, level 1
+    other = e.new("nvra-olga", "street-1")  # level 2
+    manual = subprocess.run(
+        e.argv("--json", "hold", "add", "--camera", "lobby-1", "--reason", "insurance claim 7",
+               "--from", e.start.isoformat(), "--to", (e.start + timedelta(minutes=1)).isoformat()),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert manual.returncode == 0, manual.stderr
+
+    def holds(user: str, *args: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        res = e.ok(user, *args)
+        return res["holds"], res.get("holds_not_shown")
+
+    def of(hs: list[dict[str, Any]], r: int) -> list[dict[str, Any]]:
+        return [h for h in hs if h["reason"].startswith(f"request {r}:")]
+
+    for cmd in (("hold", "list"), ("status",)):
+        # another operator: the old code showed alice's reason, name, camera and range
+        shown, hidden = holds("nvra-olga", *cmd)
+        assert of(shown, rid) == [] and "nvra-alice" not in json.dumps(shown)
+        assert len(of(shown, other)) == 1  # her own
+        assert hidden == [{"site": "bank", "requests": 1}]
+        assert [h["reason"] for h in shown if h["kind"] == "manual"] == ["insurance claim 7"]
+        # the requester and a level-1 approver see alice's, not the level-2 one
+        for user in ("nvra-alice", "nvra-bob", "nvra-tom"):
+            shown, hidden = holds(user, *cmd)
+            assert len(of(shown, rid)) == 1 and of(shown, other) == []
+            assert hidden == [{"site": "bank", "requests": 1}]
+        # the auditor sees both
+        shown, hidden = holds("nvra-aud", *cmd)
+        assert len(of(shown, rid)) == 1 and len(of(shown, other)) == 1 and hidden == []
+    st = e.ok("nvra-olga", "status")
+    assert [p["id"] for p in st["open_requests"]["pending"]] == [other]
+    assert st["requests"] == {"pending": 2}  # counted, not named
+    text = e.nvr("nvra-olga", "hold", "list")
+    assert text.returncode == 0 and "robbery" not in text.stdout and "nvra-alice" not in text.stdout
+    assert "1 request(s) not shown to you" in text.stdout
