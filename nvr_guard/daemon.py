@@ -501,7 +501,8 @@ class Daemon:
         if cmd == "export.run":
             return wf.export(who, int(args["id"]), str(args["media"]))
         if cmd == "export.progress":
-            return {"progress": wf.progress.get(int(args["id"]))}
+            # to those who may see the request, like `request show`: ids cannot be probed
+            return {"progress": wf.progress_of(who, int(args["id"]))}
         if cmd == "media.list":
             return engine.media.list(who)
         if cmd == "media.enroll":

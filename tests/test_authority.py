@@ -516,3 +516,44 @@ def test_hold_list_and_status_show_request_details_only_to_its_viewers(make_env:
     text = e.nvr("nvra-olga", "hold", "list")
     assert text.returncode == 0 and "robbery" not in text.stdout and "nvra-alice" not in text.stdout
     assert "1 request(s) not shown to you" in text.stdout
+
+
+# ---- 11. export.progress answers only to those who may see the request -----------------------
+def test_export_progress_is_refused_like_request_show(make_env: EnvFactory):
+    e = make_env()
+    rid = e.new("nvra-alice")
+    approved(e, rid, "nvra-bob", "nvra-carol")
+    e.ok("nvra-tom", "media", "scan", str(e.targets[0]))
+    e.ok("nvra-tom", "export", "run", str(rid), "--media", str(e.targets[0]))
+    sock = str(e.site.socket)
+    script = (
+        "import json, sys\n"
+        "from nvr_guard.control import call\n"
+        "from nvr_guard.errors import NvrGuardError\n"
+        "out = {}\n"
+        "for i in map(int, sys.argv[2:]):\n"
+        "    try:\n"
+        "        out[i] = ['ok', call(sys.argv[1], 'export.progress', {'id': i})['progress']]\n"
+        "    except NvrGuardError as x:\n"
+        "        out[i] = [x.exit_code, str(x)]\n"
+        "print(json.dumps(out))\n"
+    )
+
+    def probe(user: str, *ids: int) -> dict[str, Any]:
+        r = subprocess.run(
+            [sys.executable, "-c", script, sock, *map(str, ids)],
+            capture_output=True, text=True, timeout=60, **e.as_user(user),
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    # another operator probing ids: the old code answered 1.0 for the exported one, null for others
+    got = probe("nvra-olga", rid, 999)
+    for i in (rid, 999):
+        code, msg = got[str(i)]
+        assert code == 3 and f"may not see request {i}" in msg, got
+    # the people concerned get the answer
+    assert probe("nvra-tom", rid)[str(rid)] == ["ok", 1.0]
+    assert probe("nvra-aud", rid, 999)[str(rid)] == ["ok", 1.0]
+    denied = [(x["actor"], x["object"]) for x in e.audit() if x["action"] == "access.denied"]
+    assert ("nvra-olga", f"request:{rid}") in denied and ("nvra-olga", "request:999") in denied
