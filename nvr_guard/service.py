@@ -51,6 +51,9 @@ log = logging.getLogger("nvr_guard.service")
 
 # roles that may place and release manual legal holds and confirm guarded sweeps
 HOLD_ROLES = frozenset({"admin", "security_lead"})
+# Who reads the audit log (it names every request's reason and recipient contact): auditors check
+# the record, security leads run the security side, admins run the host.
+AUDIT_ROLES = frozenset({"auditor", "security_lead", "admin"})
 CONFIRM_ROLES = frozenset({"admin"})
 # how many of the oldest segments per site and volume are offered to the policy when the
 # volume is short
@@ -1307,6 +1310,46 @@ class Engine:
                 # the recipient of a package compares this with `verify --fingerprint`
                 "export_key": self.signing_key_json(),
             }
+
+
+# ---- the audit log, as `audit show` and `audit verify` report it --------------------------------
+def audit_show_json(
+    log_: AuditLog, tz: Any, since: float | None, request: int | None
+) -> dict[str, Any]:
+    """Entries, oldest first, from ``since``; only those about request ``request`` if given."""
+    entries = log_.entries(since=since, obj=None if request is None else f"request:{request}")
+    return {
+        "entries": [
+            {
+                "seq": e.seq,
+                "time": iso(e.time, tz),
+                "actor": e.actor,
+                "action": e.action,
+                "object": e.object,
+                "details": e.details,
+                "hash": e.hash,
+            }
+            for e in entries
+        ]
+    }
+
+
+def audit_verify_json(log_: AuditLog) -> dict[str, Any]:
+    """The chain checked against itself and its head file."""
+    rep = log_.verify()
+    return {
+        "ok": rep.ok,
+        "entries": rep.count,
+        "first_bad": rep.first_bad,
+        "problem": rep.problem or None,
+        "head": {"seq": rep.head[0], "hash": rep.head[1]},
+        "warnings": list(rep.warnings),
+        "reanchored": [
+            {"seq": e.seq, "actor": e.actor, "reason": e.details.get("reason"), "time": e.time}
+            for e in log_.entries(action="audit.reanchor")
+        ],
+        "anchor_problem": log_.anchor_problem(),
+    }
 
 
 # ---- who holds the state ------------------------------------------------------------------------

@@ -557,3 +557,52 @@ def test_export_progress_is_refused_like_request_show(make_env: EnvFactory):
     assert probe("nvra-aud", rid, 999)[str(rid)] == ["ok", 1.0]
     denied = [(x["actor"], x["object"]) for x in e.audit() if x["action"] == "access.denied"]
     assert ("nvra-olga", f"request:{rid}") in denied and ("nvra-olga", "request:999") in denied
+
+
+# ---- 12. the audit log through the daemon, to auditors ----------------------------------------
+def test_auditors_read_the_audit_log_through_the_daemon_and_nobody_else(make_env: EnvFactory):
+    e = make_env()
+    rid = e.new("nvra-alice")
+    os.chmod(e.site.state, 0o700)  # as installed
+    # the old code read the file directly: PermissionError, "internal error", exit 1
+    for user in ("nvra-aud", "nvra-carol"):
+        shown = e.ok(user, "audit", "show", "--request", str(rid))["entries"]
+        assert [x["action"] for x in shown] == ["request.new"]
+        assert shown[0]["details"]["recipient"]["contact"] == "010-5555"
+        r = e.nvr(user, "audit", "verify")
+        assert r.returncode == 0 and "audit chain intact" in r.stdout, r.stderr
+    assert e.ok("nvra-aud", "audit", "verify")["ok"] is True
+    # anyone else is refused, and the attempt is on record
+    for user in ("nvra-alice", "nvra-tom"):
+        for cmd in (("audit", "show"), ("audit", "verify")):
+            msg = e.refused(user, *cmd)
+            assert "audit log" in msg and "010-5555" not in msg
+    denied = [(x["actor"], x["object"]) for x in e.audit() if x["action"] == "access.denied"]
+    assert ("nvra-alice", "read the audit log") in denied
+    assert ("nvra-tom", "verify the audit log") in denied
+    # a file the user may not read is one line naming it and who may, never an internal error
+    r = e.nvr("nvra-aud", "audit", "reanchor", "--accept-head", "1", "--reason", "x")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    line = r.stderr.strip()
+    assert "\n" not in line and "internal error" not in line and "Traceback" not in line
+    assert str(e.site.state) in line and "only root" in line
+    # without a daemon only root reads the file
+    assert e.proc is not None
+    e.proc.terminate()
+    e.proc.wait(timeout=30)
+    r = e.nvr("nvra-aud", "audit", "show")
+    assert r.returncode == 1 and "internal error" not in r.stderr, r.stderr
+    assert "only root reads the audit log" in r.stderr and "catalog.db" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert any(x["object"] == f"request:{rid}" for x in e.audit())  # root, locally
+    r = subprocess.run(e.argv("audit", "verify"), capture_output=True, text=True)
+    assert r.returncode == 0 and "intact" in r.stdout, r.stderr
+
+
+def test_the_daemon_creates_the_catalog_readable_by_its_owner_only(make_env: EnvFactory):
+    e = make_env()
+    e.new("nvra-alice")  # something in it worth reading: a reason, a recipient's contact
+    # the old code left them 0644: readable by anyone who can enter state_dir
+    for name in ("catalog.db", "catalog.db-wal", "catalog.db-shm"):
+        mode = (e.site.state / name).stat().st_mode & 0o777
+        assert mode == 0o600, (name, oct(mode))
