@@ -122,6 +122,9 @@ class Request:
     exported_at: float | None = None
     closed_at: float | None = None
     resolved: str | None = None  # an admin's resolution of an emergency violation
+    # Who carried out its export (or is carrying it out): never also one of its approvers unless
+    # ``approver_may_export`` (an emergency export comes before its back-filled approvals).
+    exporter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -373,13 +376,23 @@ def _backfill_steps(request: Request, rules: AccessRules) -> tuple[str, ...]:
     return steps
 
 
-def _valid_approvals(request: Request, approvals: Sequence[Approval]) -> list[Approval]:
-    """Approvals that count: "approve" decisions, not by the requester, each person's first one only
-    (check_approve never lets these happen; this keeps a hand-edited catalog from cheating)."""
+def _valid_approvals(
+    request: Request, approvals: Sequence[Approval], rules: AccessRules
+) -> list[Approval]:
+    """Approvals that count: "approve" decisions, not by the requester, nor by its exporter unless
+    ``approver_may_export``, each person's first one only (check_approve never lets these happen;
+    this keeps a hand-edited catalog, or one written before the exporter was checked, from
+    cheating: a back-filled approval by the exporter does not close a violation)."""
     seen: set[str] = set()
     out: list[Approval] = []
+    exporter = None if rules.approver_may_export else request.exporter
     for a in sorted(approvals, key=lambda a: a.time):
-        if a.decision != APPROVE or a.approver == request.requester or a.approver in seen:
+        if (
+            a.decision != APPROVE
+            or a.approver == request.requester
+            or a.approver == exporter
+            or a.approver in seen
+        ):
             continue
         seen.add(a.approver)
         out.append(a)
@@ -411,7 +424,7 @@ def open_steps(
     """Steps still waiting for an approver (a role appears once per person still needed). For an
     exported emergency request, the duty manager is included when its export ran outside hours."""
     steps = _backfill_steps(request, rules) if request.emergency else steps_for(request, rules)
-    return tuple(_fill(steps, _valid_approvals(request, approvals))[0])
+    return tuple(_fill(steps, _valid_approvals(request, approvals, rules))[0])
 
 
 def approved_at(
@@ -419,7 +432,7 @@ def approved_at(
 ) -> float | None:
     """When the last step of the request was approved; None while a step is open. Store this as
     ``Request.approved_at`` when the state turns approved."""
-    return _fill(steps_for(request, rules), _valid_approvals(request, approvals))[1]
+    return _fill(steps_for(request, rules), _valid_approvals(request, approvals, rules))[1]
 
 
 def valid_until(
@@ -625,6 +638,14 @@ def check_approve(
             f"{_show(actor.user)} already decided on request {rid} (as {_show(mine[0].role)}); "
             "each step needs a different person"
         )
+    if request.exporter == actor.user and not rules.approver_may_export:
+        # Separation of duties in the other order: an emergency export comes before its
+        # approvals, and whoever took the footage off the box does not vouch for it afterwards.
+        return _refuse(
+            f"{_show(actor.user)} exported request {rid} and may not also approve it "
+            "(separation of duties); another person holding the step's role must approve, "
+            "or set approval.approver_may_export: true"
+        )
     level = _level_refusal(request, actor, rules, "approve")
     if level is not None:
         return level
@@ -735,7 +756,7 @@ def _duty_cover(
     seconds earlier (and not in the future)."""
     return [
         a
-        for a in _valid_approvals(request, approvals)
+        for a in _valid_approvals(request, approvals, rules)
         if a.role == rules.duty_role and 0 <= now - a.time < rules.after_hours_valid
     ]
 
@@ -770,9 +791,8 @@ def check_export(
             f"{_show(actor.user)} filed request {rid} and may not export it; ask another technician"
         )
     if not rules.approver_may_export:
-        mine = next(
-            (a for a in _valid_approvals(request, approvals) if a.approver == actor.user), None
-        )
+        valid = _valid_approvals(request, approvals, rules)
+        mine = next((a for a in valid if a.approver == actor.user), None)
         if mine is not None:
             # ... nor does whoever vouched for it: two people must agree for footage to leave.
             return _refuse(
@@ -820,7 +840,8 @@ def check_export(
 
     if outside_hours(now, rules) and not _duty_cover(request, approvals, rules, now):
         local = datetime.fromtimestamp(now, rules.tz).strftime("%H:%M")
-        stale = [a for a in _valid_approvals(request, approvals) if a.role == rules.duty_role]
+        valid = _valid_approvals(request, approvals, rules)
+        stale = [a for a in valid if a.role == rules.duty_role]
         lapsed = (
             f" (the after-hours approval by {_show(stale[-1].approver)} on "
             f"{_at(stale[-1].time, rules.tz)} covered exports for "

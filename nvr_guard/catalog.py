@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -499,6 +500,33 @@ def _dir_prefix(path: bytes) -> bytes:
     return path if path.endswith(b"/") else path + b"/"
 
 
+def _private_files(path: Path) -> None:
+    """The database and its ``-wal``/``-shm`` files not readable by others.
+
+    They hold every request (reason, recipient and contact) and the audit log: nobody but the
+    daemon's user (and root) reads them; auditors ask the daemon. The database file is created
+    0600 here before SQLite opens it, and SQLite gives the ``-wal`` and ``-shm`` files it creates
+    the database file's mode, whatever the umask. Files an older version left world-readable
+    (0644) lose the bits for others and group write when their owner opens them again (0640: an
+    admin may give the daemon's group read access deliberately).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # SQLite says what is wrong with the path when it opens it
+    else:
+        os.close(fd)
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o027:
+                os.chmod(p, stat.S_IMODE(st.st_mode) & 0o740)
+        except OSError:
+            continue
+
+
 class Catalog:
     """The catalog database. ``Catalog(state_dir / "catalog.db")``."""
 
@@ -521,6 +549,8 @@ class Catalog:
             )
             self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             return
+        if str(path) != ":memory:":
+            _private_files(self.path)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so a
         # multi-row change is never split by the module's implicit transaction handling
         self.conn = sqlite3.connect(
@@ -1296,6 +1326,13 @@ class Catalog:
                 (now,),
             )
             return [_hold(r) for r in cur]
+
+    def hold_requests(self) -> dict[int, int | None]:
+        """Hold id -> the request it keeps footage for, for every hold that is not manual (None:
+        a request hold that does not name its request)."""
+        with self.lock:
+            cur = self.conn.execute("SELECT id, request_id FROM holds WHERE kind != 'manual'")
+            return {int(h): None if r is None else int(r) for h, r in cur}
 
     def list_holds(self, include_released: bool = False) -> list[Hold]:
         where = "" if include_released else "WHERE released IS NULL"

@@ -87,11 +87,60 @@ class Group(click.Group):
             raise
         except (KeyboardInterrupt, BrokenPipeError):
             sys.exit(130)
+        except PermissionError as e:  # not a bug: a file this user may not read
+            err.print(f"nvr-guard: {unreadable(e)}", markup=False)
+            if ctx.params.get("verbose"):
+                traceback.print_exc()
+            sys.exit(3)
         except Exception as e:  # a bug: say so, keep the traceback for -v
             err.print(f"nvr-guard: internal error: {type(e).__name__}: {e}", markup=False)
             if ctx.params.get("verbose"):
                 traceback.print_exc()
             sys.exit(1)
+
+
+def _who_reads(st: os.stat_result, need: int) -> str:
+    """``user nvr-guard, group nvr-guard`` from a mode: who has ``need`` (4 read, 1 enter)."""
+    import grp
+    import pwd
+
+    def name(get: Callable[[int], Any], i: int) -> str:
+        try:
+            return str(get(i)[0])
+        except KeyError:
+            return str(i)
+
+    who = ["root", f"user {name(pwd.getpwuid, st.st_uid)}"] if st.st_uid else ["root"]
+    if st.st_mode & (need << 3):
+        who.append(f"group {name(grp.getgrgid, st.st_gid)}")
+    if st.st_mode & need:
+        who = ["everyone"]
+    return ", ".join(who)
+
+
+def unreadable(e: PermissionError) -> str:
+    """One line for a file this user may not read: which file, what stops it, who can read it."""
+    if not e.filename:
+        return f"permission denied: {e.strerror or e}"
+    path = Path(os.path.abspath(os.fsdecode(e.filename)))
+    for d in [*reversed(path.parents)]:  # the first directory this user may not enter
+        if not os.access(d, os.X_OK):
+            try:
+                st = os.stat(d)
+            except OSError:
+                break
+            return (
+                f"cannot read {path}: permission denied (directory {d} is mode "
+                f"{st.st_mode & 0o777:04o}: only {_who_reads(st, 1)} may enter it)"
+            )
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"cannot read {path}: permission denied"
+    return (
+        f"cannot read {path}: permission denied (mode {st.st_mode & 0o777:04o}: readable by "
+        f"{_who_reads(st, 4)})"
+    )
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -256,6 +305,7 @@ def status(c: Ctx) -> None:
             out.print(f"[yellow]blocked sweep {b['id']}[/]: {escape(b['message'])}", markup=True)
         if st["holds"]:
             print_holds(st["holds"])
+        print_holds_not_shown(st.get("holds_not_shown") or [])
         a = st["audit"]
         out.print(
             f"audit: {a['entries']} entries, chain "
@@ -287,6 +337,10 @@ def status(c: Ctx) -> None:
             out.print(f"[red]last error:[/] {escape(str(d['last_error']))}")
         for v in st.get("violations", []):
             out.print(f"[red]violation:[/] {escape(str(v))}")
+        if st.get("violations_not_shown"):
+            out.print(
+                f"[red]violation:[/] {st['violations_not_shown']} on requests not shown to you"
+            )
         req = st.get("open_requests") or {}
         for r in req.get("pending", []):
             out.print(
@@ -609,6 +663,14 @@ def print_holds(holds: list[dict[str, Any]]) -> None:
     out.print(t)
 
 
+def print_holds_not_shown(not_shown: list[dict[str, Any]]) -> None:
+    for n in not_shown:
+        out.print(
+            f"site {n['site']}: footage also held for {n['requests']} request(s) not shown to you",
+            markup=False,
+        )
+
+
 @hold.command("add")
 @click.option("--camera", required=True, help="camera id, or SITE/CAMERA")
 @click.option("--site", help="the camera's site (required when two sites share the camera id)")
@@ -652,8 +714,17 @@ def hold_add(
 @pass_ctx
 def hold_list(c: Ctx, include_released: bool) -> None:
     """Holds in force."""
-    res = act(c, "hold.list", {"all": include_released}, lambda e: e.holds_json(include_released))
-    c.emit({"holds": res}, lambda: print_holds(res))
+    res = act(
+        c, "hold.list", {"all": include_released}, lambda e: e.holds_view(None, include_released)
+    )
+    if isinstance(res, list):  # a daemon from before holds were shown per caller
+        res = {"holds": res, "holds_not_shown": []}
+
+    def human() -> None:
+        print_holds(res["holds"])
+        print_holds_not_shown(res["holds_not_shown"])
+
+    c.emit(res, human)
 
 
 @hold.command("release")
@@ -689,26 +760,60 @@ def _audit_log(c: Ctx, *, write: bool = False) -> Any:
     return AuditLog(Catalog(db, read_only=not write).conn, head_path=db.parent / "audit.head")
 
 
-@audit.command("show")
-@click.option("--since", help="ISO 8601")
-@click.option("--request", "request_id", help="only entries about this request")
-@pass_ctx
-def audit_show(c: Ctx, since: str | None, request_id: str | None) -> None:
-    """Audit entries, oldest first."""
-    from nvr_guard.times import iso, parse_time
+def _audit_read(c: Ctx, cmd: str, args: dict[str, Any], local: Callable[[Any], Any]) -> Any:
+    """Ask the daemon (it checks the caller's role: auditor, security_lead, admin). Without a
+    daemon — nobody holds the state lock — only root reads the database itself."""
+    try:
+        return daemon_call(c, cmd, args, timeout=600)
+    except DaemonUnavailable as e:
+        state = Path(c.config.state_dir)
+        db = state / "catalog.db"
+        if os.getuid() != 0:
+            try:
+                owner = _who_reads(os.stat(state), 1)
+            except OSError:
+                owner = "root"
+            raise DaemonUnavailable(
+                f"{e}; without the daemon only root reads the audit log in {db} (readable by "
+                f"{owner})"
+            ) from None
+        from nvr_guard.service import StateLock
 
-    log_ = _audit_log(c)
-    t0 = parse_time(since, c.config.tz, "--since") if since else None
-    entries = list(
-        log_.entries(since=t0, obj_prefix=f"request:{request_id}" if request_id else None)
-    )
-    rows = [_audit_row(e, c.config.tz, iso) for e in entries]
-    malformed = [r["seq"] for r in rows if r["malformed"]]
+        if not db.exists():
+            raise InvalidInput(f"no state in {state}: the daemon has not run yet") from None
+        lock = StateLock(state)
+        try:
+            if not lock.try_shared():
+                raise DaemonUnavailable(
+                    f"{e}; a daemon ({lock.holder()}) holds {state}, so the log was not read "
+                    "locally: try again, or check `systemctl status nvr-guard`"
+                ) from None
+            return local(_audit_log(c))
+        finally:
+            lock.close()
+
+
+@audit.command("show")
+@click.option("--since", help="ISO 8601, or a duration ago (1h)")
+@click.option("--request", "request_id", type=int, help="only entries about this request")
+@pass_ctx
+def audit_show(c: Ctx, since: str | None, request_id: int | None) -> None:
+    """Audit entries, oldest first (auditor, security_lead, admin)."""
+    from nvr_guard.service import audit_show_json
+    from nvr_guard.times import parse_time
+
+    def local(log_: Any) -> Any:
+        t0 = parse_time(since, c.config.tz, "--since") if since else None
+        return audit_show_json(log_, c.config.tz, t0, request_id)
+
+    res = _audit_read(c, "audit.show", {"since": since, "request": request_id}, local)
+    rows = res["entries"]
+    malformed = [r["seq"] for r in rows if r.get("malformed")]
 
     def human() -> None:
         t = table("audit", ["seq", "time", "actor", "action", "object", "details"])
         for r in rows:
-            flag = f" [MALFORMED: {', '.join(r['malformed'])}]" if r["malformed"] else ""
+            flag = f" [MALFORMED: {', '.join(r['malformed'])}]" if r.get("malformed") else ""
             t.add_row(
                 str(r["seq"]) + flag,
                 str(r["time"]),
@@ -730,77 +835,23 @@ def audit_show(c: Ctx, since: str | None, request_id: str | None) -> None:
         sys.exit(VerifyFailed.exit_code)
 
 
-def _audit_row(e: Any, tz: Any, iso: Any) -> dict[str, Any]:
-    """One entry for `audit show`, whatever a row edited by hand holds (text in the time, a
-    number too large for a date, bytes for a name): shown as it is and listed in
-    ``malformed``, never a crash."""
-    bad: list[str] = []
-
-    def text(field: str, v: Any) -> Any:
-        if isinstance(v, str) or (v is None and field == "object"):
-            return v
-        bad.append(field)
-        if isinstance(v, bytes):
-            return "0x" + v.hex()
-        return repr(v)
-
-    when: Any
-    try:
-        if isinstance(e.time, bool) or not isinstance(e.time, int | float):
-            raise TypeError
-        when = iso(e.time, tz)
-    except (TypeError, ValueError, OverflowError, OSError):
-        bad.append("time")
-        when = ("0x" + e.time.hex()) if isinstance(e.time, bytes) else repr(e.time)
-    seq = e.seq
-    if isinstance(seq, bool) or not isinstance(seq, int):
-        bad.append("seq")
-        seq = repr(seq)
-    details = e.details
-    if "_unparsable" in details or "_value" in details:
-        bad.append("details")
-        details = {k: (v if isinstance(v, str | int | float | list | dict) or v is None
-                       else repr(v)) for k, v in details.items()}  # fmt: skip
-    return {
-        "seq": seq,
-        "time": when,
-        "actor": text("actor", e.actor),
-        "action": text("action", e.action),
-        "object": text("object", e.object),
-        "details": details,
-        "hash": text("hash", e.hash),
-        "malformed": bad,
-    }
-
-
 @audit.command("verify")
 @pass_ctx
 def audit_verify(c: Ctx) -> None:
     """Check the hash chain and its head file (exit 4 on an edited, deleted or reordered entry,
-    a truncated log, or a head file that is missing or does not match)."""
-    log_ = _audit_log(c)
-    rep = log_.verify()
-    anchor_problem = log_.anchor_problem()
-    reanchors = [
-        {"seq": e.seq, "actor": e.actor, "reason": e.details.get("reason"), "time": e.time}
-        for e in log_.entries(action="audit.reanchor")
-    ]
-    triggers = list(rep.missing_triggers)
-    data = {
-        "ok": rep.ok and not triggers,
-        "missing_triggers": triggers,
-        "entries": rep.count,
-        "first_bad": rep.first_bad,
-        "problem": rep.problem or None,
-        "head": {"seq": rep.head[0], "hash": rep.head[1]},
-        "warnings": list(rep.warnings),
-        "reanchored": reanchors,
-    }
+    a truncated log, or a head file that is missing or does not match). Auditor, security_lead,
+    admin."""
+    from nvr_guard.service import audit_verify_json
+
+    data = _audit_read(c, "audit.verify", {}, audit_verify_json)
+    head = data["head"]
+    triggers = list(data.get("missing_triggers") or [])
 
     def human() -> None:
-        if rep.ok:
+        if data["ok"]:
             out.print(
-                f"audit chain intact: {rep.count} entries, head {rep.head[0]} {rep.head[1][:16]}",
+                f"audit chain intact: {data['entries']} entries, head {head['seq']} "
+                f"{head['hash'][:16]}",
                 markup=False,
             )
             if triggers:
@@ -810,23 +861,26 @@ def audit_verify(c: Ctx) -> None:
                     markup=False,
                 )
         else:
-            err.print(f"audit chain BROKEN at entry {rep.first_bad}: {rep.problem}", markup=False)
-            if anchor_problem is not None:
+            err.print(
+                f"audit chain BROKEN at entry {data['first_bad']}: {data['problem']}",
+                markup=False,
+            )
+            if data.get("anchor_problem") is not None:
                 err.print(
                     "after investigating, an admin re-anchors the head file deliberately: "
-                    f"nvr-guard audit reanchor --accept-head {rep.head[0]} --reason '...'",
+                    f"nvr-guard audit reanchor --accept-head {head['seq']} --reason '...'",
                     markup=False,
                 )
-        for w in rep.warnings:
+        for w in data["warnings"]:
             err.print(f"warning: {w}", markup=False)
-        for r in reanchors:
+        for r in data["reanchored"]:
             out.print(
                 f"note: re-anchored at entry {r['seq']} by {r['actor']}: {r['reason']}",
                 markup=False,
             )
 
     c.emit(data, human)
-    if not rep.ok or triggers:
+    if not data["ok"]:
         sys.exit(VerifyFailed.exit_code)
 
 

@@ -136,6 +136,11 @@ class HoldRelease(_Args):
     reason: Long
 
 
+class AuditShow(_Args):
+    since: Time | None = None
+    request: Id | None = None
+
+
 #: every command the daemon serves besides the socket's own ``ping``
 ARGS: dict[str, type[_Args]] = {
     "status": NoArgs,
@@ -163,6 +168,8 @@ ARGS: dict[str, type[_Args]] = {
     "hold.list": HoldList,
     "hold.release": HoldRelease,
     "key.show": NoArgs,
+    "audit.show": AuditShow,
+    "audit.verify": NoArgs,
 }
 
 

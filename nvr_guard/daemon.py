@@ -27,7 +27,15 @@ from nvr_guard import attention, sdnotify
 from nvr_guard.audit import AuditHeadMismatch
 from nvr_guard.config import Config, load_config
 from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError, PolicyRefused
-from nvr_guard.service import Caller, Engine, StateLock
+from nvr_guard.service import (
+    AUDIT_ROLES,
+    Caller,
+    Engine,
+    StateLock,
+    audit_show_json,
+    audit_verify_json,
+)
+from nvr_guard.times import parse_time
 
 # who may run a sweep or reload the config through the control socket (root counts as admin)
 SWEEP_ROLES = frozenset({"admin"})
@@ -506,7 +514,8 @@ class Daemon:
         if cmd == "export.run":
             return wf.export(who, int(args["id"]), str(args["media"]))
         if cmd == "export.progress":
-            return {"progress": wf.progress.get(int(args["id"]))}
+            # to those who may see the request, like `request show`: ids cannot be probed
+            return {"progress": wf.progress_of(who, int(args["id"]))}
         if cmd == "media.list":
             return engine.media.list(who)
         if cmd == "media.enroll":
@@ -522,7 +531,7 @@ class Daemon:
         if cmd == "export.form":
             return {"html": wf.form(who, int(args["id"]))}
         if cmd == "status":
-            st = engine.status()
+            st = engine.status(who)  # per caller: request details only to their viewers
             st["daemon"] = {
                 "pid": os.getpid(),
                 "uptime": round(time.time() - self.started, 1),
@@ -569,7 +578,20 @@ class Daemon:
             )
             return engine.hold_json(h.id)
         if cmd == "hold.list":
-            return engine.holds_json(bool(args.get("all")))
+            return engine.holds_view(who, bool(args.get("all")))
+        if cmd == "audit.show":
+            engine.require(who, AUDIT_ROLES, "read the audit log")
+            since = args.get("since")
+            t0 = (
+                None
+                if since is None
+                else parse_time(str(since), engine.config.tz, "--since", now=engine.clock().wall)
+            )
+            # read under the catalog's lock only: a sweep holding the engine lock does not delay it
+            return audit_show_json(engine.audit, engine.config.tz, t0, args.get("request"))
+        if cmd == "audit.verify":
+            engine.require(who, AUDIT_ROLES, "verify the audit log")
+            return audit_verify_json(engine.audit)
         if cmd == "hold.release":
             h = engine.hold_release(who, int(args["id"]), str(args["reason"]))
             return engine.hold_json(h.id)

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS requests (
     resolved TEXT,
     package TEXT,
     hold_id INTEGER,
-    judged_by TEXT                  -- JSON: the rules in force when it was decided
+    judged_by TEXT,                 -- JSON: the rules in force when it was decided
+    exporter TEXT                   -- who carried out its export
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 CREATE TABLE IF NOT EXISTS approvals (
@@ -59,7 +60,7 @@ CREATE TRIGGER IF NOT EXISTS approvals_no_delete BEFORE DELETE ON approvals
 
 _COLS = (
     'id, requester, site, cameras, start, "end", reason, basis, recipient, format, emergency, '
-    "state, created, approved_at, exported_at, closed_at, resolved"
+    "state, created, approved_at, exported_at, closed_at, resolved, exporter"
 )
 
 
@@ -69,6 +70,10 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     cols = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
     if "judged_by" not in cols:
         conn.execute("ALTER TABLE requests ADD COLUMN judged_by TEXT")
+    if "exporter" not in cols:
+        # a catalog from before the exporter was recorded: NULL (the workflow reads it from the
+        # request's export.done audit entry)
+        conn.execute("ALTER TABLE requests ADD COLUMN exporter TEXT")
 
 
 def _request(row: tuple[Any, ...]) -> Request:
@@ -90,6 +95,7 @@ def _request(row: tuple[Any, ...]) -> Request:
         exported_at,
         closed_at,
         resolved,
+        exporter,
     ) = row
     r = json.loads(recipient)
     return Request(
@@ -110,6 +116,7 @@ def _request(row: tuple[Any, ...]) -> Request:
         exported_at=exported_at,
         closed_at=closed_at,
         resolved=resolved,
+        exporter=exporter,
     )
 
 
@@ -200,6 +207,7 @@ class RequestStore:
             "package",
             "hold_id",
             "judged_by",
+            "exporter",
         }
         bad = set(fields) - allowed
         if bad:

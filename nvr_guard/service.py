@@ -51,6 +51,9 @@ log = logging.getLogger("nvr_guard.service")
 
 # roles that may place and release manual legal holds and confirm guarded sweeps
 HOLD_ROLES = frozenset({"admin", "security_lead"})
+# Who reads the audit log (it names every request's reason and recipient contact): auditors check
+# the record, security leads run the security side, admins run the host.
+AUDIT_ROLES = frozenset({"auditor", "security_lead", "admin"})
 CONFIRM_ROLES = frozenset({"admin"})
 # how many of the oldest segments per site and volume are offered to the policy when the
 # volume is short
@@ -1223,6 +1226,37 @@ class Engine:
             )
         return out
 
+    def holds_view(self, caller: Caller | None, include_released: bool = False) -> dict[str, Any]:
+        """The holds as ``caller`` may see them (None: everything, for root acting locally).
+
+        Manual holds are shown in full to every caller (admins and security leads place them,
+        their reasons say why footage outlives its rule). A request's hold names the request, its
+        reason, requester, camera and range: shown only to those who may see that request
+        (``Workflow.may_view``, the rule of ``request show``); the others learn only how many
+        requests hold footage on a site (``holds_not_shown``)."""
+        holds = self.holds_json(include_released)
+        if caller is None:
+            return {"holds": holds, "holds_not_shown": []}
+        of_request = self.catalog.hold_requests()
+        seen: dict[int | None, bool] = {}
+        shown: list[dict[str, Any]] = []
+        hidden: dict[str, set[int | None]] = {}
+        for h in holds:
+            if h["id"] in of_request:
+                rid = of_request[h["id"]]
+                if rid not in seen:
+                    seen[rid] = self.workflow.may_view(caller, rid)
+                if not seen[rid]:
+                    hidden.setdefault(h["site"] or "*", set()).add(rid if rid else -h["id"])
+                    continue
+            shown.append(h)
+        return {
+            "holds": shown,
+            "holds_not_shown": [
+                {"site": site, "requests": len(rids)} for site, rids in sorted(hidden.items())
+            ],
+        }
+
     # ---- status --------------------------------------------------------------------------
     def _site_stats(self, site: str) -> dict[str, Any]:
         with self.catalog.lock:
@@ -1234,7 +1268,9 @@ class Engine:
             ).fetchone()
         return {"count": int(count), "bytes": int(size), "oldest": oldest, "newest": newest}
 
-    def status(self) -> dict[str, Any]:
+    def status(self, caller: Caller | None = None) -> dict[str, Any]:
+        """Health for ``caller`` (None: everything, for root acting locally): holds, violations
+        and open requests name only the requests ``caller`` may see; the others are counted."""
         with self.lock:
             now = self.clock()
             disk = self.disk_states()
@@ -1275,6 +1311,13 @@ class Engine:
             by_state: dict[str, int] = {}
             for r in requests:
                 by_state[r["state"]] = by_state.get(r["state"], 0) + 1
+            holds = self.holds_view(caller)
+            all_violations = violations
+            if caller is not None:
+                # counts stay whole (by_state, ok); what names a request is for its viewers
+                requests = [r for r in requests if self.workflow.may_view(caller, r["id"])]
+                mine = {f"request {r['id']}" for r in requests}  # a violation's first words
+                violations = [v for v in violations if v.split(":", 1)[0] in mine]
             soon = now.wall + 3 * 86400
             open_requests = {
                 "pending": [
@@ -1295,13 +1338,14 @@ class Engine:
             scans = [s.as_dict() for s in self.media.store.recent_scans(5)]
             attention = self.attention.as_json()
             return {
-                "ok": verify.ok and not blocked and not violations and not attention,
+                "ok": verify.ok and not blocked and not all_violations and not attention,
                 "attention": attention,
                 "time": iso(now.wall, self.config.tz),
                 "config": str(self.config.source_path),
                 "config_digest": self.config.digest,
                 "sites": sites,
-                "holds": self.holds_json(),
+                "holds": holds["holds"],
+                "holds_not_shown": holds["holds_not_shown"],
                 "blocked_sweeps": blocked,
                 "last_sweep": None
                 if done is None
@@ -1318,6 +1362,7 @@ class Engine:
                     "problem": verify.problem or None,
                 },
                 "violations": violations,
+                "violations_not_shown": len(all_violations) - len(violations),
                 "requests": by_state,
                 "open_requests": open_requests,
                 "last_scans": scans,
@@ -1325,6 +1370,78 @@ class Engine:
                 # the recipient of a package compares this with `verify --fingerprint`
                 "export_key": self.signing_key_json(),
             }
+
+
+# ---- the audit log, as `audit show` and `audit verify` report it --------------------------------
+def audit_row(e: Any, tz: Any, iso: Any) -> dict[str, Any]:
+    """One entry for `audit show`, whatever a row edited by hand holds (text in the time, a
+    number too large for a date, bytes for a name): shown as it is and listed in
+    ``malformed``, never a crash."""
+    bad: list[str] = []
+
+    def text(field: str, v: Any) -> Any:
+        if isinstance(v, str) or (v is None and field == "object"):
+            return v
+        bad.append(field)
+        if isinstance(v, bytes):
+            return "0x" + v.hex()
+        return repr(v)
+
+    when: Any
+    try:
+        if isinstance(e.time, bool) or not isinstance(e.time, int | float):
+            raise TypeError
+        when = iso(e.time, tz)
+    except (TypeError, ValueError, OverflowError, OSError):
+        bad.append("time")
+        when = ("0x" + e.time.hex()) if isinstance(e.time, bytes) else repr(e.time)
+    seq = e.seq
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        bad.append("seq")
+        seq = repr(seq)
+    details = e.details
+    if "_unparsable" in details or "_value" in details:
+        bad.append("details")
+        details = {k: (v if isinstance(v, str | int | float | list | dict) or v is None
+                       else repr(v)) for k, v in details.items()}  # fmt: skip
+    return {
+        "seq": seq,
+        "time": when,
+        "actor": text("actor", e.actor),
+        "action": text("action", e.action),
+        "object": text("object", e.object),
+        "details": details,
+        "hash": text("hash", e.hash),
+        "malformed": bad,
+    }
+
+
+def audit_show_json(
+    log_: AuditLog, tz: Any, since: float | None, request: int | None
+) -> dict[str, Any]:
+    """Entries, oldest first, from ``since``; only those about request ``request`` if given."""
+    entries = log_.entries(since=since, obj=None if request is None else f"request:{request}")
+    return {"entries": [audit_row(e, tz, iso) for e in entries]}
+
+
+def audit_verify_json(log_: AuditLog) -> dict[str, Any]:
+    """The chain checked against itself and its head file."""
+    rep = log_.verify()
+    triggers = list(rep.missing_triggers)
+    return {
+        "ok": rep.ok and not triggers,
+        "missing_triggers": triggers,
+        "entries": rep.count,
+        "first_bad": rep.first_bad,
+        "problem": rep.problem or None,
+        "head": {"seq": rep.head[0], "hash": rep.head[1]},
+        "warnings": list(rep.warnings),
+        "reanchored": [
+            {"seq": e.seq, "actor": e.actor, "reason": e.details.get("reason"), "time": e.time}
+            for e in log_.entries(action="audit.reanchor")
+        ],
+        "anchor_problem": log_.anchor_problem(),
+    }
 
 
 # ---- who holds the state ------------------------------------------------------------------------

@@ -310,6 +310,13 @@ class Workflow:
     def _load(self, rid: int) -> tuple[access.Request, list[access.Approval], access.AccessRules]:
         """The request, its approvals and the rules it is judged by."""
         r = self.store.get(rid)
+        if r.exported_at is not None and r.exporter is None:
+            # exported before the exporter was stored with the request: its export.done says
+            done = None
+            for e in self.engine.audit.entries(obj=f"request:{rid}", action="export.done"):
+                done = e
+            if done is not None:
+                r = dataclasses.replace(r, exporter=done.actor)
         approvals = self.store.approvals(rid)
         return r, approvals, self._judged(r)
 
@@ -401,6 +408,32 @@ class Workflow:
             self._refused(caller, f"request:{rid}", d)
         return r, approvals, rules
 
+    def may_view(self, caller: Caller, rid: int | None) -> bool:
+        """Would ``request show`` show request ``rid`` to ``caller``? Asked without auditing by the
+        views that only mention a request (holds, status), to decide whether they name it. None
+        (a hold that does not name its request) and an id that does not exist: only to those who
+        see every request."""
+        actor = self.actor(caller)
+        if actor.roles & access.SEE_ALL_ROLES:
+            return True
+        if rid is None:
+            return False
+        try:
+            r = self.store.get(rid)
+        except InvalidInput:
+            return False
+        if r.site not in self.config.sites:
+            return False
+        approvals = self.store.approvals(rid)
+        return access.check_view(r, approvals, actor, self._acting(r, self._judged(r))).allowed
+
+    def progress_of(self, caller: Caller, rid: int) -> float | None:
+        """The running export's progress of request ``rid``, to those who may see the request
+        (the same refusal as ``request show`` otherwise: ids cannot be probed)."""
+        with self.engine.recording():
+            self._visible(caller, rid)
+        return self.progress.get(rid)
+
     def list(self, caller: Caller, state: str | None) -> list[dict[str, Any]]:
         """The requests ``caller`` may see (the others are left out, not refused)."""
         if state and state not in access.STATES:
@@ -431,6 +464,10 @@ class Workflow:
         with self.engine.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
+            claim = self._claims.get(rid)
+            if claim is not None and r.exporter is None:
+                # an export under way: its technician is already the exporter
+                r = dataclasses.replace(r, exporter=claim.caller.user)
             d = access.check_approve(
                 r,
                 approvals,
@@ -739,6 +776,7 @@ class Workflow:
                     rid,
                     state="exported",
                     exported_at=now,
+                    exporter=caller.user,
                     package=str(pkg.path),
                     judged_by=rules_record(self._acting(r, rules), r, now, self.config.digest),
                 )

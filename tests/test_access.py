@@ -695,6 +695,35 @@ def test_emergency_backfill_and_resolution_flow() -> None:
     allowed(check_resolve(EXPORTED, ROOT, "police case 118, paper form signed"))
 
 
+def test_the_exporter_of_an_emergency_request_may_not_back_fill_its_approval() -> None:
+    # tess exported it at once, then tries to approve it in each step she holds a role for
+    tess = Actor("tess", frozenset({"technician", "dept_manager", "security_lead", "duty_manager"}))
+    night = dataclasses.replace(EXPORTED, exported_at=ts("2026-11-23T22:00"), exporter="tess")
+    for req in (dataclasses.replace(EXPORTED, exporter="tess"), night):
+        refused(check_approve(req, (), tess, RULES, MON_10 + HOUR), "tess", "exported")
+        for step in ("dept_manager", "security_lead", "duty_manager"):
+            refused(check_approve(req, BACKFILL, tess, RULES, MON_10 + HOUR, as_step=step), "tess")
+    # another technician's export leaves her free to approve
+    other = dataclasses.replace(EXPORTED, exporter="tom")
+    assert check_approve(other, (), tess, RULES, MON_10 + HOUR).step == "dept_manager"
+    # a site that lets approvers export lets the exporter approve; the requester never
+    may = dataclasses.replace(RULES, approver_may_export=True)
+    mine = dataclasses.replace(EXPORTED, exporter="tess")
+    allowed(check_approve(mine, (), tess, may, MON_10 + HOUR))
+    sam_tech = Actor("sam", frozenset({"technician", "security_lead"}), 2)
+    refused(check_approve(dataclasses.replace(EXPORTED, exporter="sam"), (), sam_tech, may, MON_10))
+
+
+def test_an_approval_by_the_exporter_does_not_close_the_violation() -> None:
+    # written before the exporter was checked (or by hand): it does not count
+    req = dataclasses.replace(EXPORTED, exporter="bob")
+    v = emergency_violation(req, BACKFILL, MON_10 + 2 * DAY, RULES)
+    assert v is not None and "missing: dept_manager" in v
+    assert open_steps(req, BACKFILL, RULES) == ("dept_manager",)
+    may = dataclasses.replace(RULES, approver_may_export=True)
+    assert emergency_violation(req, BACKFILL, MON_10 + 2 * DAY, may) is None
+
+
 # --- deny and cancel ----------------------------------------------------------------------------
 
 

@@ -450,3 +450,159 @@ def test_an_after_hours_approval_does_not_cover_later_nights(make_env: EnvFactor
     msg = e.refused("nvra-tom", "export", "run", str(rid), "--media", str(e.targets[0]))
     assert "duty_manager" in msg and "nvra-dan" in msg and "covered exports for 3 s" in msg
     assert e.packages(e.targets[0]) == []
+
+
+# ---- 9. separation of duties in the other order: export first, then approve ------------------
+def test_the_exporter_of_an_emergency_request_may_not_back_fill_its_approval(
+    make_env: EnvFactory,
+):
+    e = make_env()
+    e.ok("nvra-tess", "media", "scan", str(e.targets[0]))
+    rid = e.new("nvra-carol", "lobby-1", "--emergency")
+    e.ok("nvra-tess", "export", "run", str(rid), "--media", str(e.targets[0]))  # at once
+    # the old code let her fill the dept_manager step of what she had taken off the box
+    msg = e.refused("nvra-tess", "request", "approve", str(rid))
+    assert "nvra-tess exported request" in msg and "separation of duties" in msg
+    e.refused("nvra-tess", "request", "approve", str(rid), "--as", "dept_manager")
+    shown = e.ok("nvra-aud", "request", "show", str(rid))
+    assert shown["approvals"] == [] and shown["open_steps"] == ["dept_manager", "security_lead"]
+    # other people back-fill it
+    e.ok("nvra-bob", "request", "approve", str(rid))
+    e.ok("nvra-sid", "request", "approve", str(rid))
+    shown = e.ok("nvra-aud", "request", "show", str(rid))
+    assert [a["approver"] for a in shown["approvals"]] == ["nvra-bob", "nvra-sid"]
+    assert shown["open_steps"] == []
+    denied = [x for x in e.audit() if x["action"] == "access.denied"]
+    assert any(x["actor"] == "nvra-tess" and x["object"] == f"request:{rid}" for x in denied)
+
+
+# ---- 10. holds and status name a request only to those who may see it -------------------------
+def test_hold_list_and_status_show_request_details_only_to_its_viewers(make_env: EnvFactory):
+    e = make_env()
+    rid = e.new("nvra-alice")  # lobby-1, level 1
+    other = e.new("nvra-olga", "street-1")  # level 2
+    manual = subprocess.run(
+        e.argv("--json", "hold", "add", "--camera", "lobby-1", "--reason", "insurance claim 7",
+               "--from", e.start.isoformat(), "--to", (e.start + timedelta(minutes=1)).isoformat()),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert manual.returncode == 0, manual.stderr
+
+    def holds(user: str, *args: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        res = e.ok(user, *args)
+        return res["holds"], res.get("holds_not_shown")
+
+    def of(hs: list[dict[str, Any]], r: int) -> list[dict[str, Any]]:
+        return [h for h in hs if h["reason"].startswith(f"request {r}:")]
+
+    for cmd in (("hold", "list"), ("status",)):
+        # another operator: the old code showed alice's reason, name, camera and range
+        shown, hidden = holds("nvra-olga", *cmd)
+        assert of(shown, rid) == [] and "nvra-alice" not in json.dumps(shown)
+        assert len(of(shown, other)) == 1  # her own
+        assert hidden == [{"site": "bank", "requests": 1}]
+        assert [h["reason"] for h in shown if h["kind"] == "manual"] == ["insurance claim 7"]
+        # the requester and a level-1 approver see alice's, not the level-2 one
+        for user in ("nvra-alice", "nvra-bob", "nvra-tom"):
+            shown, hidden = holds(user, *cmd)
+            assert len(of(shown, rid)) == 1 and of(shown, other) == []
+            assert hidden == [{"site": "bank", "requests": 1}]
+        # the auditor sees both
+        shown, hidden = holds("nvra-aud", *cmd)
+        assert len(of(shown, rid)) == 1 and len(of(shown, other)) == 1 and hidden == []
+    st = e.ok("nvra-olga", "status")
+    assert [p["id"] for p in st["open_requests"]["pending"]] == [other]
+    assert st["requests"] == {"pending": 2}  # counted, not named
+    text = e.nvr("nvra-olga", "hold", "list")
+    assert text.returncode == 0 and "robbery" not in text.stdout and "nvra-alice" not in text.stdout
+    assert "1 request(s) not shown to you" in text.stdout
+
+
+# ---- 11. export.progress answers only to those who may see the request -----------------------
+def test_export_progress_is_refused_like_request_show(make_env: EnvFactory):
+    e = make_env()
+    rid = e.new("nvra-alice")
+    approved(e, rid, "nvra-bob", "nvra-carol")
+    e.ok("nvra-tom", "media", "scan", str(e.targets[0]))
+    e.ok("nvra-tom", "export", "run", str(rid), "--media", str(e.targets[0]))
+    sock = str(e.site.socket)
+    script = (
+        "import json, sys\n"
+        "from nvr_guard.control import call\n"
+        "from nvr_guard.errors import NvrGuardError\n"
+        "out = {}\n"
+        "for i in map(int, sys.argv[2:]):\n"
+        "    try:\n"
+        "        out[i] = ['ok', call(sys.argv[1], 'export.progress', {'id': i})['progress']]\n"
+        "    except NvrGuardError as x:\n"
+        "        out[i] = [x.exit_code, str(x)]\n"
+        "print(json.dumps(out))\n"
+    )
+
+    def probe(user: str, *ids: int) -> dict[str, Any]:
+        r = subprocess.run(
+            [sys.executable, "-c", script, sock, *map(str, ids)],
+            capture_output=True, text=True, timeout=60, **e.as_user(user),
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    # another operator probing ids: the old code answered 1.0 for the exported one, null for others
+    got = probe("nvra-olga", rid, 999)
+    for i in (rid, 999):
+        code, msg = got[str(i)]
+        assert code == 3 and f"may not see request {i}" in msg, got
+    # the people concerned get the answer
+    assert probe("nvra-tom", rid)[str(rid)] == ["ok", 1.0]
+    assert probe("nvra-aud", rid, 999)[str(rid)] == ["ok", 1.0]
+    denied = [(x["actor"], x["object"]) for x in e.audit() if x["action"] == "access.denied"]
+    assert ("nvra-olga", f"request:{rid}") in denied and ("nvra-olga", "request:999") in denied
+
+
+# ---- 12. the audit log through the daemon, to auditors ----------------------------------------
+def test_auditors_read_the_audit_log_through_the_daemon_and_nobody_else(make_env: EnvFactory):
+    e = make_env()
+    rid = e.new("nvra-alice")
+    os.chmod(e.site.state, 0o700)  # as installed
+    # the old code read the file directly: PermissionError, "internal error", exit 1
+    for user in ("nvra-aud", "nvra-carol"):
+        shown = e.ok(user, "audit", "show", "--request", str(rid))["entries"]
+        assert [x["action"] for x in shown] == ["request.new"]
+        assert shown[0]["details"]["recipient"]["contact"] == "010-5555"
+        r = e.nvr(user, "audit", "verify")
+        assert r.returncode == 0 and "audit chain intact" in r.stdout, r.stderr
+    assert e.ok("nvra-aud", "audit", "verify")["ok"] is True
+    # anyone else is refused, and the attempt is on record
+    for user in ("nvra-alice", "nvra-tom"):
+        for cmd in (("audit", "show"), ("audit", "verify")):
+            msg = e.refused(user, *cmd)
+            assert "audit log" in msg and "010-5555" not in msg
+    denied = [(x["actor"], x["object"]) for x in e.audit() if x["action"] == "access.denied"]
+    assert ("nvra-alice", "read the audit log") in denied
+    assert ("nvra-tom", "verify the audit log") in denied
+    # a file the user may not read is one line naming it and who may, never an internal error
+    r = e.nvr("nvra-aud", "audit", "reanchor", "--accept-head", "1", "--reason", "x")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    line = r.stderr.strip()
+    assert "\n" not in line and "internal error" not in line and "Traceback" not in line
+    assert str(e.site.state) in line and "only root" in line
+    # without a daemon only root reads the file
+    assert e.proc is not None
+    e.proc.terminate()
+    e.proc.wait(timeout=30)
+    r = e.nvr("nvra-aud", "audit", "show")
+    assert r.returncode == 1 and "internal error" not in r.stderr, r.stderr
+    assert "only root reads the audit log" in r.stderr and "catalog.db" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert any(x["object"] == f"request:{rid}" for x in e.audit())  # root, locally
+    r = subprocess.run(e.argv("audit", "verify"), capture_output=True, text=True)
+    assert r.returncode == 0 and "intact" in r.stdout, r.stderr
+
+
+def test_the_daemon_creates_the_catalog_readable_by_its_owner_only(make_env: EnvFactory):
+    e = make_env()
+    e.new("nvra-alice")  # something in it worth reading: a reason, a recipient's contact
+    # the old code left them 0644: readable by anyone who can enter state_dir
+    for name in ("catalog.db", "catalog.db-wal", "catalog.db-shm"):
+        mode = (e.site.state / name).stat().st_mode & 0o777
+        assert mode == 0o600, (name, oct(mode))

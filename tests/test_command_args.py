@@ -68,6 +68,8 @@ VALID: dict[str, dict[str, Any]] = {
     "hold.list": {"all": False},
     "hold.release": {"id": 1, "reason": "r"},
     "key.show": {},
+    "audit.show": {"since": "1h", "request": 1},
+    "audit.verify": {},
 }
 
 
