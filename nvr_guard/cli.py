@@ -848,7 +848,8 @@ def audit_verify(c: Ctx) -> None:
     triggers = list(data.get("missing_triggers") or [])
 
     def human() -> None:
-        if data["ok"]:
+        chain_ok = data["first_bad"] is None and data["problem"] is None
+        if chain_ok:
             out.print(
                 f"audit chain intact: {data['entries']} entries, head {head['seq']} "
                 f"{head['hash'][:16]}",
