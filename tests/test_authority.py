@@ -319,6 +319,37 @@ def test_a_deny_that_lands_while_ffmpeg_runs_aborts_the_export(make_env: EnvFact
     assert subprocess.run(e.argv("audit", "verify"), capture_output=True).returncode == 0
 
 
+def test_a_reload_that_takes_authority_away_while_ffmpeg_runs_aborts_the_export(
+    make_env: EnvFactory,
+):
+    """The export hours change by a reload while ffmpeg runs: the export is now after hours and
+    needs a duty manager's approval it does not have, so it is aborted at commit (real daemon,
+    real ffmpeg, SIGHUP); the request stays approved for a later export."""
+    e = make_env(size="640x480", preset="medium")
+    rid = e.new("nvra-alice")
+    approved(e, rid, "nvra-bob", "nvra-carol")
+    target = e.targets[0]
+    e.ok("nvra-tom", "media", "scan", str(target))
+    export = e.export_cmd("nvra-tom", rid, target)
+    ffmpeg = e.encoder()
+    ffmpeg.suspend()
+    try:
+        e.reload(hours_around_now(inside=False))
+        out, err = export.communicate(timeout=60)  # stopped while ffmpeg was still suspended
+    finally:
+        if ffmpeg.is_running():
+            ffmpeg.resume()
+    assert not ffmpeg.is_running()
+    assert export.returncode == 3, (export.returncode, out, err)
+    assert "aborted" in err
+    assert e.packages(target) == []
+    shown = e.ok("nvra-aud", "request", "show", str(rid))
+    assert shown["state"] == "approved" and shown["package"] is None
+    acts = actions(e, rid)
+    assert "export.aborted" in acts and "export.done" not in acts
+    assert subprocess.run(e.argv("audit", "verify"), capture_output=True).returncode == 0
+
+
 # ---- 3. one export per request, claimed before ffmpeg starts ----------------------------------
 def test_two_exports_of_one_request_at_once_only_the_first_runs(make_env: EnvFactory):
     e = make_env(size="640x480", preset="medium")
