@@ -521,7 +521,10 @@ class ControlServer:
             self._apply_group(tmp)
             if tmp != self.path:
                 os.rename(tmp, self.path)
-            sock.listen(socket.SOMAXCONN)  # the kernel caps it (net.core.somaxconn)
+            # a short queue: a caller waits behind at most this many connections (each one is
+            # cheap to turn away, but a flood keeps the queue full); a client finding it full
+            # waits in the kernel for room (see ControlClient.connect)
+            sock.listen(128)
         except OSError as exc:
             sock.close()
             if tmp != self.path:
@@ -1041,9 +1044,20 @@ class ControlClient:
         delay = 0.01
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.settimeout(self.timeout)
+            # A blocking connect with a send timeout: when the listen backlog is full the kernel
+            # queues this caller and wakes it the moment there is room, instead of failing with
+            # EAGAIN (what a Python socket timeout, i.e. a non-blocking fd, gets) and losing
+            # every race for the freed place to a flooder that retries in a tight loop.
+            left = max(0.001, deadline - time.monotonic())
+            sec = int(left)
+            sock.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_SNDTIMEO,
+                struct.pack("ll", sec, int((left - sec) * 1_000_000)),
+            )
             try:
                 sock.connect(os.fsencode(self.path))
+                sock.settimeout(self.timeout)
             except BlockingIOError:
                 sock.close()
                 if time.monotonic() + delay >= deadline:

@@ -325,7 +325,7 @@ def test_a_connect_and_close_flood_does_not_lock_role_holders_out(
             t1 = time.monotonic()
             p2, r2 = _as_uid(
                 users[ACTOR],
-                lambda: isinstance(call(live.site.socket, "hold.list", {}, timeout=10), list),
+                lambda: "holds" in call(live.site.socket, "hold.list", {}, timeout=10),
             )
             assert _report(p2, r2) is True
             assert time.monotonic() - t1 < 2.0
