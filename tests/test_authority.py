@@ -239,11 +239,24 @@ def make_env(
             stderr=subprocess.STDOUT,
         )
         envs.append(e)
-        poll(
-            lambda: site.socket.exists() and e.nvr("nvra-aud", "status").returncode in (0, 1),
-            60,
-            "the daemon",
-        )
+        last: list[str] = []
+
+        def up() -> bool:
+            assert e.proc is not None
+            if e.proc.poll() is not None:
+                log = (site.base / "daemon.log").read_text(errors="replace")
+                raise AssertionError(f"daemon exited {e.proc.returncode}: {log[-3000:]}")
+            if not site.socket.exists():
+                return False
+            r = e.nvr("nvra-aud", "status")
+            last[:] = [f"exit {r.returncode}: {r.stderr.strip()[-500:]}"]
+            return r.returncode in (0, 1)
+
+        try:
+            poll(up, 120, "the daemon")
+        except AssertionError as exc:
+            log = (site.base / "daemon.log").read_text(errors="replace")
+            raise AssertionError(f"{exc}; last status {last}; daemon log: {log[-3000:]}") from None
         return e
 
     try:
