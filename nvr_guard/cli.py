@@ -181,8 +181,13 @@ def socket_path(c: Ctx) -> Path:
         sock: Any = None
         try:
             text = Path(c.config_path).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            text = ""
+        except OSError as e:
+            # the socket's path is in the file: without it the daemon cannot be found, and
+            # saying "not running" would be false
+            raise InvalidInput(
+                f"{c.config_path}: cannot read ({e.strerror}); the daemon's socket is named in "
+                "this file: ask an admin for read access, or pass --config PATH"
+            ) from None
         try:
             raw = yaml.safe_load(text)
             sock = raw.get("socket") if isinstance(raw, dict) else None

@@ -1253,8 +1253,9 @@ def _signing_key_checks(cfg: Config, problem: Any) -> None:
             problem(
                 where,
                 False,
-                f"export.signing_key: directory {d} is {who}: someone other than {user} or root "
-                "could replace the key; keep it in a directory only they can write",
+                f"export.signing_key: directory {d} is {who}: someone other than "
+                f"{'root' if user == 'root' else user + ' or root'} could replace the key; keep "
+                "it in a directory only they can write",
             )
             return
         parent = os.path.dirname(d)

@@ -348,6 +348,9 @@ def test_reload_of_a_file_the_cli_cannot_parse_still_reaches_the_daemon(
         r = env.nvr(ADMIN, "reload")
         assert r.returncode == 2, r.stderr  # not "daemon not running" (exit 1)
         assert f"{env.site.config}:" in r.stderr, r.stderr
+        r = env.nvr(ADMIN, "status")  # nor for status: the file names the socket
+        assert r.returncode == 2 and "not running" not in r.stderr, r.stderr
+        assert "cannot read" in r.stderr
         os.chmod(env.site.config, 0o644)
     env.site.config.write_text(good)
     if breakage == "syntax":  # the daemon read the broken file itself: its refusal is on record
