@@ -666,7 +666,9 @@ class ControlServer:
         self, conn: socket.socket, caller: Caller | None, code: int, message: str, kind: str
     ) -> None:
         if caller is not None:
-            self._note_refusal(caller, "(connect)", code, message)
+            # "(connect)": not admitted (no role); "(busy)": no place for it now
+            label = "(connect)" if kind == "PolicyRefused" else "(busy)"
+            self._note_refusal(caller, label, code, message)
         conn.setblocking(False)
         try:
             conn.send(_encode(_error_reply(code, message, kind)))  # small: fits the buffer

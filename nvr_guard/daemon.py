@@ -194,6 +194,8 @@ class Daemon:
             action, obj = "control.refusals_suppressed", "control"
         elif cmd == "(connect)":
             action, obj = "access.denied", "control.connect"
+        elif cmd == "(busy)":
+            action, obj = "control.refused", "control.busy"
         else:
             action, obj = "control.refused", str(cmd or "control")
         # queued: the accept thread must never wait for the engine lock (a sweep may hold it)
