@@ -896,29 +896,28 @@ class ControlServer:
         return True
 
     def _handle_frame(self, caller: Caller, frame: bytes) -> dict[str, Any]:
-        cmd, reply = self._answer(caller, frame)
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
-            self._note_refusal(caller, cmd, int(err.get("code", 1)), str(err.get("message", "")))
-        return reply
-
-    def _answer(self, caller: Caller, frame: bytes) -> tuple[str | None, dict[str, Any]]:
-        """(command name when known, reply) for one request frame."""
-        reply = self._answer_frame(caller, frame)
-        cmd = None
-        with contextlib.suppress(Exception):
-            raw = json.loads(frame)
-            if isinstance(raw, dict) and isinstance(raw.get("cmd"), str):
-                cmd = raw["cmd"][:64]
-        return cmd, reply
-
-    def _answer_frame(self, caller: Caller, frame: bytes) -> dict[str, Any]:
+        raw: Any = None
         try:
             raw = json.loads(frame)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return _error_reply(2, f"malformed request: not JSON ({exc})", "InvalidInput")
+            reply = _error_reply(2, f"malformed request: not JSON ({exc})", "InvalidInput")
         except RecursionError:  # e.g. 30,000 nested brackets: fits the size limit, not the stack
-            return _error_reply(2, "malformed request: nested too deeply", "InvalidInput")
+            reply = _error_reply(2, "malformed request: nested too deeply", "InvalidInput")
+        else:
+            reply = self._answer(caller, raw)
+        if not reply.get("ok"):
+            cmd = raw.get("cmd") if isinstance(raw, dict) else None
+            err = reply.get("error") or {}
+            self._note_refusal(
+                caller,
+                cmd[:64] if isinstance(cmd, str) else None,
+                int(err.get("code", 1)),
+                str(err.get("message", "")),
+            )
+        return reply
+
+    def _answer(self, caller: Caller, raw: Any) -> dict[str, Any]:
+        """The reply to one request frame, already decoded from JSON."""
         if isinstance(raw, dict) and raw.get("v") not in (None, PROTOCOL_VERSION):
             return _error_reply(
                 2,

@@ -26,6 +26,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import Site, poll, write_segment
+from fixtures_socket import frame as _frame
+from fixtures_socket import read_reply as _read_reply
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -237,30 +239,6 @@ def _raw(path: Path, timeout: float = 10.0) -> socket.socket:
     s.settimeout(timeout)
     s.connect(str(path))
     return s
-
-
-def _frame(obj: Any) -> bytes:
-    body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-    return _HEADER.pack(len(body)) + body
-
-
-def _read_reply(s: socket.socket) -> dict[str, Any] | None:
-    """One reply frame, or None when the daemon closed the connection without one."""
-    buf = b""
-    while len(buf) < 4:
-        chunk = s.recv(4 - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    (n,) = _HEADER.unpack(buf)
-    body = b""
-    while len(body) < n:
-        chunk = s.recv(n - len(body))
-        if not chunk:
-            return None
-        body += chunk
-    reply: dict[str, Any] = json.loads(body)
-    return reply
 
 
 def _call(path: Path, obj: Any) -> dict[str, Any] | None:
