@@ -41,11 +41,11 @@ from pathlib import Path
 
 import psutil
 
-from nvr_guard.catalog import Catalog
 from nvr_guard.durations import Duration
-from nvr_guard.layout import Layout
 from nvr_guard.model import GuardRules, Segment, SiteRules, boot_clock
-from nvr_guard.scan import Scanner, SiteScan, Watcher
+from nvr_guard.retention.layout import Layout
+from nvr_guard.retention.scan import Scanner, SiteScan, Watcher
+from nvr_guard.store.catalog import Catalog
 
 SITE = "bench"
 LAYOUT = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
@@ -166,7 +166,7 @@ def site_scan(root: Path, keep: str) -> SiteScan:
 
 def steady_sweep(cat: Catalog, rules: dict[str, SiteRules]) -> int:
     """What the daemon does every sweep_every when nothing is due: catalog query + decide."""
-    from nvr_guard import policy
+    from nvr_guard.retention import policy
 
     clock = boot_clock()
     candidates = cat.due_segments(clock.wall, None, rules)
@@ -211,8 +211,8 @@ _RSS_CHILD = textwrap.dedent(
     import psutil
     sys.path.insert(0, sys.argv[3])
     from retention import site_scan, steady_sweep
-    from nvr_guard.catalog import Catalog
-    from nvr_guard.scan import Scanner, Watcher
+    from nvr_guard.store.catalog import Catalog
+    from nvr_guard.retention.scan import Scanner, Watcher
 
     cat = Catalog(sys.argv[1])
     s = site_scan(__import__("pathlib").Path(sys.argv[2]), "40d")
@@ -393,8 +393,8 @@ def purge_line(
 ) -> Line:
     what = f"purge {shape.purge_days} oldest day(s)"
     try:
-        from nvr_guard import purge as purge_mod
-        from nvr_guard.audit import AuditLog
+        from nvr_guard.retention import purge as purge_mod
+        from nvr_guard.store.audit import AuditLog
     except ImportError:
         return Line(what, "not available", "-", "-", "<= 1.2x", None)
     old_days = days[: shape.purge_days]

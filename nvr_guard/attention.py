@@ -1,6 +1,6 @@
 """Attention states: things the admin must see because the product is not doing its whole job.
 
-"Nothing is skipped silently" (SPEC §4): files the layout does not match, a root that vanished or
+"Nothing is skipped silently": files the layout does not match, a root that vanished or
 emptied, an unreadable directory, a camera whose clock disagrees with the file times, a refused
 reload. Each source reports the complete set of its current entries for one ``(kind, scope)``
 through :meth:`Attention.replace` (a scanner pass knows every unmatched root of a site at once) or

@@ -1,7 +1,7 @@
 """Errors a user can hit: one class per failure, each with an exit code and a one-line message.
 
-Exit codes are part of the contract (SPEC §3): 0 success, 1 runtime failure, 2 invalid input or
-config, 3 refused by policy, 4 verification failed.
+Exit codes are a contract that admins' scripts rely on: 0 success, 1 runtime failure, 2 invalid
+input or config, 3 refused by policy, 4 verification failed.
 """
 
 from __future__ import annotations

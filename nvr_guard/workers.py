@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
 
-PRELOAD = ["nvr_guard.scan", "nvr_guard.policy", "nvr_guard.purge"]
+PRELOAD = ["nvr_guard.retention.scan", "nvr_guard.retention.policy", "nvr_guard.retention.purge"]
 
 
 def worker_context() -> BaseContext:

@@ -11,8 +11,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from nvr_guard import access
-from nvr_guard.access import (
+from nvr_guard.errors import InvalidInput, PolicyRefused
+from nvr_guard.workflow import access
+from nvr_guard.workflow.access import (
     AccessRules,
     Actor,
     Approval,
@@ -35,7 +36,6 @@ from nvr_guard.access import (
     state_of,
     steps_for,
 )
-from nvr_guard.errors import InvalidInput, PolicyRefused
 
 SH = ZoneInfo("Asia/Shanghai")
 DAY = 86400.0

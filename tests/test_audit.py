@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from nvr_guard.audit import (
+from nvr_guard.store.audit import (
     GENESIS,
     AuditLog,
     canonical_json,

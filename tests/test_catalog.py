@@ -17,11 +17,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from nvr_guard import policy
-from nvr_guard.catalog import SCHEMA_VERSION, Catalog, ExpiryCalc, pack_rows
 from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import Action, ClockReading, Item, Segment, SiteRules
+from nvr_guard.retention import policy
+from nvr_guard.store.catalog import SCHEMA_VERSION, Catalog, ExpiryCalc, pack_rows
 
 SH = ZoneInfo("Asia/Shanghai")
 DAY = 86400.0
@@ -291,7 +291,7 @@ _CHILD = textwrap.dedent(
     """
     import sys
     from zoneinfo import ZoneInfo
-    from nvr_guard.catalog import Catalog
+    from nvr_guard.store.catalog import Catalog
     from nvr_guard.durations import Duration
     from nvr_guard.model import SiteRules
 
@@ -343,7 +343,7 @@ def test_kill_9_in_the_middle_of_a_big_insert_leaves_a_consistent_catalog(tmp_pa
 
 
 def test_a_version_1_catalog_is_migrated_in_place(tmp_path: Path) -> None:
-    from nvr_guard.catalog import MIGRATIONS
+    from nvr_guard.store.catalog import MIGRATIONS
 
     db = tmp_path / "catalog.db"
     raw = sqlite3.connect(db)
@@ -481,7 +481,7 @@ def test_a_bulk_load_reaches_the_database_file_in_the_background(tmp_path: Path)
 _BULK_CHILD = textwrap.dedent(
     """
     import signal, sys
-    from nvr_guard.catalog import Catalog
+    from nvr_guard.store.catalog import Catalog
 
     cat = Catalog(sys.argv[1])
     rows = [("gate", "c", b"/r/c/%07d.mp4" % i, 1e9 + i, 1e9 + i, 1, 2e9 + i)

@@ -3,7 +3,7 @@ malformed values of any field, unknown or missing fields get exit 2 and a one-li
 the daemon logs no traceback (issue: ``recipient: "x"`` reached an AttributeError, exit 1).
 
 The malformed values are derived from each command's JSON schema, so a command added to
-``nvr_guard.commands.ARGS`` is fuzzed without touching this file.
+``nvr_guard.daemon.commands.ARGS`` is fuzzed without touching this file.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fixtures_socket import raw_call
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nvr_guard.commands import ARGS, validate
+from nvr_guard.daemon.commands import ARGS, validate
 from nvr_guard.errors import InvalidInput
 
 # one valid argument set per command (valid in form; the handler may still refuse the content)

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from nvr_guard import control
-from nvr_guard.control import Caller, ControlClient, ControlServer, call
+from nvr_guard.daemon import control
+from nvr_guard.daemon.control import Caller, ControlClient, ControlServer, call
 from nvr_guard.errors import (
     DaemonUnavailable,
     GuardTripped,

@@ -332,14 +332,14 @@ def truncate(db: Path, n: int) -> None:
     conn.execute("DELETE FROM audit WHERE seq > (SELECT max(seq) FROM audit) - ?", (n,))
     conn.commit()
     conn.close()
-    from nvr_guard.catalog import Catalog
+    from nvr_guard.store.catalog import Catalog
 
     Catalog(db).close()  # the next open re-creates the triggers
 
 
 def test_a_brand_new_log_is_fine_and_its_first_append_anchors_first(tmp_path: Path) -> None:
-    from nvr_guard.audit import GENESIS, AuditLog, read_head_file
-    from nvr_guard.catalog import Catalog
+    from nvr_guard.store.audit import GENESIS, AuditLog, read_head_file
+    from nvr_guard.store.catalog import Catalog
 
     cat = Catalog(tmp_path / "catalog.db")
     log = AuditLog(cat.conn)
@@ -372,8 +372,8 @@ def test_a_brand_new_log_is_fine_and_its_first_append_anchors_first(tmp_path: Pa
 def test_audit_verify_fails_on_a_missing_or_inconsistent_head(
     site: Site, damage: object, words: str
 ) -> None:
-    from nvr_guard.audit import AuditLog
-    from nvr_guard.catalog import Catalog
+    from nvr_guard.store.audit import AuditLog
+    from nvr_guard.store.catalog import Catalog
 
     site.state.mkdir()
     cat = Catalog(site.state / "catalog.db")
@@ -389,8 +389,8 @@ def test_audit_verify_fails_on_a_missing_or_inconsistent_head(
 
 
 def test_audit_verify_prints_its_warnings(site: Site) -> None:
-    from nvr_guard.audit import AuditLog
-    from nvr_guard.catalog import Catalog
+    from nvr_guard.store.audit import AuditLog
+    from nvr_guard.store.catalog import Catalog
 
     site.state.mkdir()
     cat = Catalog(site.state / "catalog.db")
@@ -420,10 +420,10 @@ def test_audit_verify_reports_dropped_triggers_and_leaves_them_dropped(site: Sit
     """Dropped append-only triggers are tamper evidence: `audit verify` opens the catalog
     read-only (it re-created them before, and said nothing), warns and exits 4; the daemon's
     engine re-creates them at its start and says so in the log."""
-    from nvr_guard.audit import AuditLog
-    from nvr_guard.catalog import Catalog
     from nvr_guard.config import load_config
-    from nvr_guard.service import Engine
+    from nvr_guard.engine import Engine
+    from nvr_guard.store.audit import AuditLog
+    from nvr_guard.store.catalog import Catalog
 
     site.state.mkdir()
     db = site.state / "catalog.db"
@@ -460,8 +460,8 @@ def test_audit_verify_reports_dropped_triggers_and_leaves_them_dropped(site: Sit
 
 
 def test_audit_show_shows_rows_root_edited_flagged_without_crashing(site: Site) -> None:
-    from nvr_guard.audit import AuditLog
-    from nvr_guard.catalog import Catalog
+    from nvr_guard.store.audit import AuditLog
+    from nvr_guard.store.catalog import Catalog
 
     site.state.mkdir()
     db = site.state / "catalog.db"
@@ -500,8 +500,8 @@ def test_a_truncation_is_not_forgotten_after_the_next_append(
     site: Site, daemon: list[Daemon]
 ) -> None:
     from nvr_guard.config import load_config
-    from nvr_guard.metrics import Exporter
-    from nvr_guard.service import Engine
+    from nvr_guard.daemon.metrics import Exporter
+    from nvr_guard.engine import Engine
 
     now = datetime.now(UTC).replace(microsecond=0)
     write_segment(site.root, "cam-1", now - timedelta(hours=2))
@@ -657,8 +657,8 @@ def test_the_key_is_checked_again_at_every_export(site: Site, change: str) -> No
     on record: the next export is refused (exit 3) with the signing_key attention, and nothing
     is signed with the other key."""
     from nvr_guard.config import load_config
+    from nvr_guard.engine import Engine
     from nvr_guard.errors import PolicyRefused
-    from nvr_guard.service import Engine
 
     keys = site.base / "keys"
     keys.mkdir(mode=0o700)
@@ -689,7 +689,7 @@ def test_the_key_is_checked_again_at_every_export(site: Site, change: str) -> No
 FLOOD_USER, FLOOD_GROUP = "nvrg-cx-flood", "nvrg-cx"
 FLOOD_SCRIPT = """
 import json, sys
-from nvr_guard.control import call
+from nvr_guard.daemon.control import call
 from nvr_guard.errors import PolicyRefused
 refused, other = 0, []
 for _ in range(int(sys.argv[2])):
@@ -740,7 +740,7 @@ def test_concurrent_callers_lose_no_audit_entry(
     import tempfile
     import threading
 
-    from nvr_guard.control import call
+    from nvr_guard.daemon.control import call
 
     for p in [site.base, *site.base.parents]:  # the flooder must reach the socket
         if str(p).startswith(tempfile.gettempdir() + "/"):

@@ -18,7 +18,7 @@ import pytest
 from conftest import Site, build_tree, poll, write_segment
 
 from nvr_guard.config import load_config
-from nvr_guard.service import Engine
+from nvr_guard.engine import Engine
 
 pytestmark = pytest.mark.slow
 

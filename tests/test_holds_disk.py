@@ -21,8 +21,9 @@ import psutil
 import pytest
 from conftest import LAYOUT, build_tree, poll, write_segment
 
-from nvr_guard import policy
 from nvr_guard.config import load_config
+from nvr_guard.engine import Engine
+from nvr_guard.identity import Caller
 from nvr_guard.model import (
     Action,
     ClockReading,
@@ -32,7 +33,7 @@ from nvr_guard.model import (
     SiteRules,
     Volume,
 )
-from nvr_guard.service import Caller, Engine
+from nvr_guard.retention import policy
 
 SEG = 100 * 1024  # a whole number of pages: tmpfs frees exactly this much per file
 DAY = 86400.0

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import LAYOUT, Site, poll, write_segment
 
-from nvr_guard.service import StateLock
+from nvr_guard.engine import StateLock
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvr_guard.layout import Layout
+from nvr_guard.retention.layout import Layout
 
 SH = ZoneInfo("Asia/Shanghai")
 UTC = ZoneInfo("UTC")

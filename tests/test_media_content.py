@@ -31,10 +31,10 @@ from test_media_gate import (
     stick,
 )
 
-from nvr_guard.catalog import Catalog
 from nvr_guard.errors import PolicyRefused
 from nvr_guard.media.clamav import content_digest, scan_tree
-from nvr_guard.media.store import MediaStore
+from nvr_guard.store.catalog import Catalog
+from nvr_guard.store.media import MediaStore
 
 IMPORTED_FIXTURES = (clamav_db, clamd_server, media_lab, stick, footage, key)
 

@@ -11,7 +11,7 @@ from fixtures_media import MediaLab, fake_internal_disk, fake_usb_stick, media_l
 
 from nvr_guard.errors import InvalidInput
 from nvr_guard.media.detect import find_medium, list_media, medium_id, read_mounts
-from nvr_guard.media.store import MediaStore
+from nvr_guard.store.media import MediaStore
 
 __all__ = ["media_lab"]  # the fixture, imported for pytest
 

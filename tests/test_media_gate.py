@@ -32,7 +32,7 @@ from nvr_guard.media.gate import (
     resolve_scan_target,
     scan_record,
 )
-from nvr_guard.media.store import Enrolment, MediaStore, ScanRecord
+from nvr_guard.store.media import Enrolment, MediaStore, ScanRecord
 
 IMPORTED_FIXTURES = (clamav_db, media_lab)  # found by pytest by name
 

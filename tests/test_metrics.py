@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_daemon import Daemon
 
 from nvr_guard.config import load_config
-from nvr_guard.metrics import Exporter
+from nvr_guard.daemon.metrics import Exporter
+from nvr_guard.engine import Engine
 from nvr_guard.model import ClockReading
-from nvr_guard.service import Engine
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -131,7 +131,7 @@ def test_guard_trips_requests_scans_and_exports(site: Site, now: datetime) -> No
                 "('alice', 'toll', '[\"cam1\"]', 0, 1, 'r', 'b', '{}', 'mp4', ?, 0)",
                 (state,),
             )
-    from nvr_guard.media.store import ensure_schema
+    from nvr_guard.store.media import ensure_schema
 
     ensure_schema(conn)
     with engine.catalog.transaction() as c:

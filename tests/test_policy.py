@@ -22,7 +22,7 @@ from nvr_guard.model import (
     SiteRules,
     SweepHistory,
 )
-from nvr_guard.policy import (
+from nvr_guard.retention.policy import (
     Confirmation,
     candidate_cutoff,
     decide,

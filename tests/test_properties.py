@@ -37,10 +37,10 @@ from zoneinfo import ZoneInfo
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from nvr_guard import policy
 from nvr_guard.config import load_config
+from nvr_guard.engine import Engine
 from nvr_guard.model import ClockReading, Plan, Segment
-from nvr_guard.service import Engine
+from nvr_guard.retention import policy
 
 SH = ZoneInfo("Asia/Shanghai")
 HOUR = 3600.0

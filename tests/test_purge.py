@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from nvr_guard import purge as purge_mod
-from nvr_guard.audit import AuditEntry, AuditLog, ensure_schema
 from nvr_guard.model import Segment
-from nvr_guard.purge import PROCESS_MIN, PurgeResult, PurgeTarget, digest_paths, purge
+from nvr_guard.retention import purge as purge_mod
+from nvr_guard.retention.purge import PROCESS_MIN, PurgeResult, PurgeTarget, digest_paths, purge
+from nvr_guard.store.audit import AuditEntry, AuditLog, ensure_schema
 
 OLD = 1_760_000_000.0  # 2025-10-09, long expired
 NOW = 1_763_900_000.0
@@ -502,7 +502,7 @@ def test_rows_of_a_group_go_while_later_groups_are_unlinked(w: World) -> None:
 _ORPHAN_SCRIPT = """
 import signal, sys
 from concurrent.futures import ProcessPoolExecutor
-from nvr_guard import purge
+from nvr_guard.retention import purge
 from nvr_guard.workers import worker_context
 if __name__ == "__main__":
     if sys.argv[1] == "watch":

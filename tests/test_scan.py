@@ -13,11 +13,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 
-from nvr_guard.catalog import Catalog
 from nvr_guard.durations import Duration
-from nvr_guard.layout import Layout
 from nvr_guard.model import SiteRules
-from nvr_guard.scan import Scanner, SiteScan, Watcher
+from nvr_guard.retention.layout import Layout
+from nvr_guard.retention.scan import Scanner, SiteScan, Watcher
+from nvr_guard.store.catalog import Catalog
 
 SH = ZoneInfo("Asia/Shanghai")
 UTC = ZoneInfo("UTC")
@@ -390,7 +390,7 @@ def test_a_rules_change_refreshes_stored_expiry_on_reconcile(cat: Catalog, root:
 def test_a_small_cold_tree_is_walked_without_worker_processes(
     cat: Catalog, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nvr_guard.scan as scan_mod
+    import nvr_guard.retention.scan as scan_mod
 
     def no_pool(*a: object, **k: object) -> None:
         raise AssertionError("worker processes started for a tiny tree")
@@ -406,7 +406,7 @@ def test_reconcile_walks_in_process_when_worker_processes_fail(
 ) -> None:
     import concurrent.futures.process as cfp
 
-    import nvr_guard.scan as scan_mod
+    import nvr_guard.retention.scan as scan_mod
 
     class NoWorkers:
         def __init__(self, *a: object, **k: object) -> None:

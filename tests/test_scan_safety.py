@@ -19,9 +19,10 @@ from fixtures_caps import NO_DAC, no_dac_override
 
 from nvr_guard import attention as att
 from nvr_guard.config import check_config, load_config
+from nvr_guard.engine import Engine
+from nvr_guard.identity import Caller
 from nvr_guard.model import Segment
-from nvr_guard.purge import PurgeTarget, purge
-from nvr_guard.service import Caller, Engine
+from nvr_guard.retention.purge import PurgeTarget, purge
 
 DAY = timedelta(days=1)
 Mount = Callable[..., Path]
@@ -155,7 +156,7 @@ def test_purge_refuses_a_directory_mounted_over_after_the_plan(
 def test_purge_refuses_other_file_systems_and_hidden_names_directly(
     tmp_path: Path, mount: Mount
 ) -> None:
-    from nvr_guard.audit import AuditLog, ensure_schema
+    from nvr_guard.store.audit import AuditLog, ensure_schema
 
     root = tmp_path / "rec"
     (root / "cam").mkdir(parents=True)
@@ -536,7 +537,7 @@ def test_files_the_layout_does_not_match_are_counted_reported_and_measured(
         from prometheus_client import generate_latest
         from test_metrics import parse, value
 
-        from nvr_guard.metrics import Exporter
+        from nvr_guard.daemon.metrics import Exporter
 
         exporter = Exporter(engine)
         exporter.collector.update()

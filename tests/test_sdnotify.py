@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nvr_guard import sdnotify
+from nvr_guard.daemon import sdnotify
 
 
 @pytest.fixture

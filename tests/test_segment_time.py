@@ -22,10 +22,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nvr_guard.attention import CLOCK_SKEW
-from nvr_guard.catalog import Catalog
 from nvr_guard.config import load_config
+from nvr_guard.daemon.metrics import EngineCollector
 from nvr_guard.durations import Duration
-from nvr_guard.metrics import EngineCollector
+from nvr_guard.engine import Engine
 from nvr_guard.model import (
     Action,
     ClockReading,
@@ -38,8 +38,8 @@ from nvr_guard.model import (
     SweepHistory,
     is_skewed,
 )
-from nvr_guard.policy import decide, expiry_both
-from nvr_guard.service import Engine
+from nvr_guard.retention.policy import decide, expiry_both
+from nvr_guard.store.catalog import Catalog
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -258,7 +258,7 @@ def test_upgrade_recomputes_expiries_computed_from_the_path_time(tmp_path: Path)
     # what a catalog of the previous version holds: expires_at from the path time alone
     conn = sqlite3.connect(db)
     conn.execute("UPDATE segments SET expires_at = start + ?", (20 * DAY,))
-    from nvr_guard.catalog import MIGRATIONS, SCHEMA_VERSION, _migration_8
+    from nvr_guard.store.catalog import MIGRATIONS, SCHEMA_VERSION, _migration_8
 
     # the version before the migration that makes expiries be recomputed
     conn.execute(f"PRAGMA user_version = {MIGRATIONS.index(_migration_8)}")

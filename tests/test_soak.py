@@ -34,9 +34,9 @@ from conftest import LAYOUT
 from prometheus_client.parser import text_string_to_metric_families
 
 from nvr_guard.config import load_config
-from nvr_guard.metrics import Exporter
+from nvr_guard.daemon.metrics import Exporter
+from nvr_guard.engine import Engine
 from nvr_guard.model import ClockReading
-from nvr_guard.service import Engine
 
 SH = ZoneInfo("Asia/Shanghai")
 CAMERAS = [f"cam{i:02d}" for i in range(1, 9)]

@@ -24,7 +24,7 @@ import pytest
 from conftest import Site, poll, write_segment
 from fixtures_socket import raw_call, read_reply
 
-from nvr_guard.control import Caller, RefusalLimiter, call
+from nvr_guard.daemon.control import Caller, RefusalLimiter, call
 
 pytestmark = pytest.mark.integration
 

@@ -262,7 +262,7 @@ def ed25519():
 
 
 def control_socket():
-    from nvr_guard.control import ControlServer, call
+    from nvr_guard.daemon.control import ControlServer, call
     server = ControlServer(work / "c.sock", None)
     server.start()
     try:

@@ -41,9 +41,10 @@ from hypothesis.stateful import (
 )
 
 from nvr_guard.config import load_config
+from nvr_guard.engine import Engine
 from nvr_guard.errors import PolicyRefused
+from nvr_guard.identity import Caller
 from nvr_guard.model import ClockReading
-from nvr_guard.service import Caller, Engine
 
 SH = ZoneInfo("Asia/Shanghai")
 MIN, HOUR, DAY = 60.0, 3600.0, 86400.0

@@ -1,6 +1,6 @@
 """From an approved request's segments to a verified package directory on the destination.
 
-Order of work (SPEC §4, §5): check the destination will take it; hash the sources; encode each
+Order of work: check the destination will take it; hash the sources; encode each
 camera's clip into a hidden temporary directory on the destination; write manifest, signature,
 public key, approval record and VERIFY.txt; fsync every file and the directory; drop the cached
 pages and read everything back to hash it again; only then rename to ``NVRG-<request>-<stamp>``
@@ -339,7 +339,7 @@ def _build(
     work: Path,
     destination: dict[str, Any],
 ) -> ExportPackage:
-    # SPEC §5: sources are hashed before encoding, so the manifest names exactly what was read
+    # Sources are hashed before encoding, so the manifest names exactly what was read
     for clip in planned:
         for src, raw in zip(clip.sources, clip.paths, strict=True):
             try:
@@ -405,7 +405,7 @@ def _build(
         native_start: dict[str, Any] = {}
         if job.native and clip.plan.runs:
             # a stream copy cannot start between keyframes: it starts at the one at or before
-            # 'from', and the record says exactly where (SPEC: nothing about footage is vague)
+            # 'from', and the record says exactly where (nothing about footage is vague)
             run = clip.plan.runs[0]
             kf = ff.keyframe_at_or_before(run.pieces[0].path, run.offset)
             at = run.pieces[0].start + kf

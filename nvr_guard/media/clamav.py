@@ -1,6 +1,6 @@
 """ClamAV scan of an export destination (a USB medium's mount point or an `export.targets` dir).
 
-Footage may only be written onto storage that was just scanned and found clean (SPEC §1, issue 5).
+Footage may only be written onto storage that was just scanned and found clean.
 The scan fails closed: a result is "clean" only when every file on the tree got a positive "OK"
 from ClamAV. Anything ClamAV could not look into — a file too large for its limits, an encrypted
 archive, an unreadable file, a symlink or device node, an engine error, a missing signature

@@ -37,7 +37,7 @@ from typing import Any
 
 from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, RuntimeFailure
 from nvr_guard.media.detect import DEV, MOUNTINFO, SYSFS, Medium, find_medium
-from nvr_guard.media.store import Enrolment, MediaStore, ScanRecord
+from nvr_guard.store.media import Enrolment, MediaStore, ScanRecord
 
 DEFAULT_RESERVE = 64 * 1024 * 1024
 DEFAULT_SCAN_MAX_AGE = 15 * 60.0

@@ -19,10 +19,11 @@ from nvr_guard.media.gate import (
     resolve_scan_target,
     scan_record,
 )
-from nvr_guard.media.store import MediaStore
+from nvr_guard.store.media import MediaStore
 
 if TYPE_CHECKING:
-    from nvr_guard.service import Caller, Engine
+    from nvr_guard.engine import Engine
+from nvr_guard.identity import Caller
 
 log = logging.getLogger("nvr_guard.media")
 

@@ -21,18 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from zoneinfo import ZoneInfo
 
-from nvr_guard import access
 from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, RuntimeFailure
 from nvr_guard.export import run_export
 from nvr_guard.export.ffmpeg import stop_when
-from nvr_guard.requests import RequestStore
+from nvr_guard.store.requests import RequestStore
 from nvr_guard.times import iso, parse_time
+from nvr_guard.workflow import access
 
 if TYPE_CHECKING:
-    from nvr_guard.service import Caller, Engine
+    from nvr_guard.engine import Engine
+from nvr_guard.identity import Caller
 
-log = logging.getLogger("nvr_guard.workflow")
+log = logging.getLogger("nvr_guard.workflow.requests")
 
 CLOSED = ("denied", "cancelled", "expired", "closed")
 # Stored states that are a decision on the request: the rules in force then are recorded with it

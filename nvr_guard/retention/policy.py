@@ -9,7 +9,7 @@ Every segment the plan deletes or holds back carries a reason that names the rul
 (borg's ``prune --list`` habit): an operator reading a receipt must be able to tell *which* rule
 removed a recording without reading code.
 
-Precedence, strongest first (SPEC §1, §4):
+Precedence, strongest first:
 
 1. a hold (request, export, manual legal hold) — never deleted while it stands;
 2. settling — a file modified within ``settle`` is still being recorded;

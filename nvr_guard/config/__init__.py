@@ -53,16 +53,16 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from nvr_guard.durations import Duration
 from nvr_guard.errors import ConfigError
-from nvr_guard.layout import Layout
 from nvr_guard.model import GuardRules, SiteRules
 from nvr_guard.mounts import Mount, fs_location, mount_points_below, mounts
+from nvr_guard.retention.layout import Layout
 
 Problem = tuple[str, int, str]  # (file, line, message); line 0 = the file as a whole
 
 DURATION_HINT = "write a number and a unit: 90min, 24h, 15d, 2w, 6mo, 1y"
 
 
-# ---- built-in retention profiles (SPEC §1) --------------------------------------------------
+# ---- built-in retention profiles (from the regulations) ------------------------------------
 @dataclass(frozen=True)
 class Profile:
     keep: Duration
@@ -90,7 +90,7 @@ DEFAULT_WATERMARK = (
     "调取 request {request} · {camera} · 申请 {requester} · 审批 {approvers}"
     " · 导出 {technician} {exported}"
 )
-# SPEC §1: an approved request is valid for at most 30 days, then must be re-applied for.
+# The rule: an approved request is valid for at most 30 days, then must be re-applied for.
 MAX_VALID_FOR = Duration.parse("30d")
 
 

@@ -9,7 +9,7 @@ Wire format (version 1), on an AF_UNIX stream socket:
   close it — the CLI makes one call per connection;
 * a reply is ``{"ok": true, "result": ...}`` or
   ``{"ok": false, "error": {"code": 3, "type": "PolicyRefused", "message": "..."}}`` where
-  ``code`` is the exit code the CLI should end with (SPEC §3) and ``type`` the error class name.
+  ``code`` is the exit code the CLI should end with and ``type`` the error class name.
 
 Limits, so one misbehaving client cannot hurt the daemon or the other callers:
 
@@ -35,7 +35,7 @@ window ends (``suppressed``), so guessing ids or hammering the socket always lea
 Who is calling comes from the kernel (SO_PEERCRED: pid, uid, gid at connect time), never from
 the request: a user cannot claim to be someone else. The socket's mode (0660, group
 ``socket_group``) is only the first fence; each command names the roles it needs and the daemon
-maps the caller's user and Unix groups to roles (SPEC §3 ``people``).
+maps the caller's user and Unix groups to roles (the config's ``people``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Guarded deletion of recording segments (SPEC §4: what nvr-guard never deletes).
+"""Guarded deletion of recording segments, and what nvr-guard never deletes.
 
 The plan was made from the catalog, some time ago; the disk may have changed since. So every file
 is re-checked at the moment of deletion, through directory file descriptors so that nothing on
@@ -46,9 +46,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
-from nvr_guard.audit import PURGE_BEGIN, PURGE_RECEIPT, PURGE_SKIP, AuditLog
 from nvr_guard.model import Segment, show_path
 from nvr_guard.mounts import dir_identity_fd, mount_id, same_directory
+from nvr_guard.store.audit import PURGE_BEGIN, PURGE_RECEIPT, PURGE_SKIP, AuditLog
 from nvr_guard.workers import gc_paused, libc_function, worker_context
 
 log = logging.getLogger(__name__)

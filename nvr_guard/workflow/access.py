@@ -516,7 +516,7 @@ def check_new(
             f"{_show(actor.user)} has none; file a normal request, or ask a person who has one"
         )
 
-    # Required fields (SPEC §1: a request without these is refused), then their form.
+    # Required fields (a request without these is refused), then their form.
     texts = (
         ("reason", draft.reason, "say why the footage is needed (--reason)"),
         ("legal basis", draft.basis, "name the law, case or rule that allows it (--basis)"),

@@ -2,10 +2,10 @@
 
 One database file, ``state_dir/catalog.db``, in WAL mode so the CLI can read while the daemon
 writes. Every change that touches more than one row runs in one transaction, so a kill -9 at any
-moment leaves either the state before or the state after it (SPEC §4) — never half a reconcile.
+moment leaves either the state before or the state after it — never half a reconcile.
 
 Why ``expires_at`` is stored: a sweep must not walk the tree nor read a million rows to find the
-few that are due (issue 3: a sweep with nothing due costs ≤ 1/100 of a ``find``). The column holds
+few that are due (a sweep with nothing due must cost at most 1/100 of a ``find``). The column holds
 ``policy.expiry_both(start, mtime, rules)`` (past the ceiling by both times) and is indexed; a
 sweep reads the rows with ``expires_at`` up to ``now`` (plus a small slack) and the policy makes
 the exact decision. When a site's rules change, the column is recomputed
@@ -198,8 +198,8 @@ def _migration_3(conn: sqlite3.Connection) -> None:
     # the workflow's tables: the audit log, requests and approvals, enrolled media and scans
     # (each module keeps its own DDL; ``IF NOT EXISTS`` throughout, so catalogs that got these
     # tables before they were a numbered migration pass through unchanged)
-    from nvr_guard import audit, requests
-    from nvr_guard.media import store
+    from nvr_guard.store import audit, requests
+    from nvr_guard.store import media as store
 
     audit.ensure_schema(conn)
     execute_ddl(conn, requests.SCHEMA)
@@ -215,7 +215,7 @@ def _migration_4(conn: sqlite3.Connection) -> None:
 
 def _migration_5(conn: sqlite3.Connection) -> None:
     # scans are bound to what the files hold, not only to their names, sizes and mtimes
-    from nvr_guard.media import store
+    from nvr_guard.store import media as store
 
     store.add_content_column(conn)
 
@@ -352,7 +352,9 @@ class ExpiryCalc:
     __slots__ = ("rules", "_expiry", "_fixed", "_hours")
 
     def __init__(self, rules: SiteRules) -> None:
-        from nvr_guard import policy  # local: policy is pure, but catalog must import without it
+        from nvr_guard.retention import (
+            policy,  # local: policy is pure, but catalog must import without it
+        )
 
         self.rules = rules
         self._expiry = policy.expiry
@@ -592,7 +594,7 @@ class Catalog:
                         continue
                     MIGRATIONS[version - 1](self.conn)
                     self.conn.execute(f"PRAGMA user_version = {version}")
-            from nvr_guard import audit
+            from nvr_guard.store import audit
 
             # every open re-creates the audit triggers should someone have dropped them (the
             # chain still shows what was done meanwhile); deferred: when they are there this

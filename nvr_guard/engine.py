@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import grp
 import json
 import logging
 import os
-import pwd
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,12 +22,11 @@ from typing import Any
 
 import psutil
 
-from nvr_guard import mounts, policy
+from nvr_guard import mounts
 from nvr_guard.attention import AUDIT_HEAD, CLOCK_SKEW, SIGNING_KEY, Attention
-from nvr_guard.audit import AuditHeadMismatch, AuditLog
-from nvr_guard.catalog import Catalog
 from nvr_guard.config import Config
 from nvr_guard.errors import ConfigError, InvalidInput, PolicyRefused, RuntimeFailure
+from nvr_guard.identity import Caller
 from nvr_guard.model import (
     Action,
     ClockReading,
@@ -43,11 +40,14 @@ from nvr_guard.model import (
     boot_clock,
     show_path,
 )
-from nvr_guard.purge import PurgeTarget, digest_paths, iso_utc, purge
-from nvr_guard.scan import Scanner, SiteScan
+from nvr_guard.retention import policy
+from nvr_guard.retention.purge import PurgeTarget, digest_paths, iso_utc, purge
+from nvr_guard.retention.scan import Scanner, SiteScan
+from nvr_guard.store.audit import AuditHeadMismatch, AuditLog
+from nvr_guard.store.catalog import Catalog
 from nvr_guard.times import human_bytes, iso, parse_time
 
-log = logging.getLogger("nvr_guard.service")
+log = logging.getLogger("nvr_guard.engine")
 
 # roles that may place and release manual legal holds and confirm guarded sweeps
 HOLD_ROLES = frozenset({"admin", "security_lead"})
@@ -111,35 +111,6 @@ def hold_problems(config: Config, holds: Iterable[Hold]) -> list[tuple[str, int,
             )
         )
     return out
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who acts: from SO_PEERCRED through the control socket, or the local user."""
-
-    uid: int
-    user: str
-    groups: tuple[str, ...] = ()
-
-    @classmethod
-    def local(cls) -> Caller:
-        uid = os.getuid()
-        return cls.from_uid(uid)
-
-    @classmethod
-    def from_uid(cls, uid: int, gid: int | None = None) -> Caller:
-        try:
-            pw = pwd.getpwuid(uid)
-        except KeyError:
-            return cls(uid, f"uid:{uid}", ())
-        gids = os.getgrouplist(pw.pw_name, pw.pw_gid if gid is None else gid)
-        names = []
-        for g in gids:
-            try:
-                names.append(grp.getgrgid(g).gr_name)
-            except KeyError:
-                names.append(f"gid:{g}")
-        return cls(uid, pw.pw_name, tuple(sorted(set(names))))
 
 
 @dataclass
@@ -403,9 +374,9 @@ class Engine:
 
     @property
     def workflow(self) -> Any:
-        """Requests, approvals and exports (``nvr_guard.workflow.Workflow``), made on first use."""
+        """Requests, approvals and exports (a ``Workflow``), made on first use."""
         if self._workflow is None:
-            from nvr_guard.workflow import Workflow
+            from nvr_guard.workflow.requests import Workflow
 
             self._workflow = Workflow(self)
         return self._workflow

@@ -23,18 +23,19 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from nvr_guard import attention, sdnotify
-from nvr_guard.audit import AuditHeadMismatch
+from nvr_guard import attention
 from nvr_guard.config import Config, load_config
-from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError, PolicyRefused
-from nvr_guard.service import (
+from nvr_guard.daemon import sdnotify
+from nvr_guard.engine import (
     AUDIT_ROLES,
-    Caller,
     Engine,
     StateLock,
     audit_show_json,
     audit_verify_json,
 )
+from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError, PolicyRefused
+from nvr_guard.identity import Caller
+from nvr_guard.store.audit import AuditHeadMismatch
 from nvr_guard.times import parse_time
 
 # who may run a sweep or reload the config through the control socket (root counts as admin)
@@ -43,7 +44,7 @@ RELOAD_ROLES = frozenset({"admin"})
 # how long a starting daemon waits for local root commands still acting on the state
 STATE_LOCK_WAIT = 30.0
 
-log = logging.getLogger("nvr_guard.daemon")
+log = logging.getLogger("nvr_guard.daemon.main")
 
 # syslog priorities, so journald keeps the level of each line (sd-daemon(3) prefixes)
 _PRIORITY = {
@@ -96,7 +97,7 @@ class Daemon:
         # incremental rescan) must not hide a sweep that keeps failing
         self.job_errors: dict[str, str] = {}
         self.rescan_wanted = threading.Event()
-        self.metrics: Any = None  # nvr_guard.metrics.Exporter when metrics: is configured
+        self.metrics: Any = None  # nvr_guard.daemon.metrics.Exporter when metrics: is configured
         self._refusal_queue: queue.Queue[tuple[str, str, str, dict[str, Any]] | None] = (
             queue.Queue()
         )
@@ -147,7 +148,7 @@ class Daemon:
         log.info("nvr-guard ready: %d sites, control socket %s", len(config.sites), config.socket)
 
     def _start_server(self, config: Config) -> None:
-        from nvr_guard.control import ControlServer
+        from nvr_guard.daemon.control import ControlServer
 
         sock = Path(config.socket)
         sock.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +218,7 @@ class Daemon:
                 log.exception("recording a control refusal failed: %s", item[:3])
 
     def _start_watcher(self) -> None:
-        from nvr_guard.scan import Watcher
+        from nvr_guard.retention.scan import Watcher
 
         assert self.engine is not None
         try:
@@ -228,7 +229,7 @@ class Daemon:
             self.watcher = None
 
     def _start_metrics(self) -> None:
-        from nvr_guard.metrics import Exporter
+        from nvr_guard.daemon.metrics import Exporter
 
         assert self.engine is not None
         try:
@@ -462,7 +463,7 @@ class Daemon:
 
     # ---- control socket ------------------------------------------------------------------------
     def handle(self, peer: Any, cmd: str, args: dict[str, Any]) -> Any:
-        from nvr_guard.commands import validate
+        from nvr_guard.daemon.commands import validate
 
         args = validate(cmd, args)  # one typed model per command; exit 2 before any handler
         try:

@@ -16,7 +16,7 @@ Three ways in, from thorough to cheap:
   rescans still run.
 
 Symlinks are never catalogued, whether they point at a file or a directory, inside or outside the
-root (SPEC §4: nothing reached through a symlink is ever deleted, so it must not even be a
+root (the rule: nothing reached through a symlink is ever deleted, so it must not even be a
 candidate). Which files count: the site's extensions (compared lower-case); camera and recorded
 start from the site's layout pattern, else camera = first directory level below the root and
 start = mtime. Everything else is counted as ``ignored``.
@@ -75,7 +75,10 @@ from watchdog.observers.inotify_c import InotifyFD
 
 from nvr_guard import attention as att
 from nvr_guard.attention import Attention
-from nvr_guard.catalog import (
+from nvr_guard.model import SiteRules, show_path
+from nvr_guard.mounts import dir_identity, mount_points_below, same_directory
+from nvr_guard.retention.layout import Layout
+from nvr_guard.store.catalog import (
     Catalog,
     ExpiryCalc,
     PackedRows,
@@ -84,9 +87,6 @@ from nvr_guard.catalog import (
     prefix_range,
     release_memory,
 )
-from nvr_guard.layout import Layout
-from nvr_guard.model import SiteRules, show_path
-from nvr_guard.mounts import dir_identity, mount_points_below, same_directory
 from nvr_guard.workers import gc_paused, worker_context
 
 log = logging.getLogger(__name__)

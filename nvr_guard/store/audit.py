@@ -26,7 +26,7 @@ the newest ``seq`` and ``hash``. The rules, all enforced under the database writ
   that records the old anchor, the database head it accepts and the reason, then anchors there.
   The incident stays in the chain for every later auditor.
 
-Durability: an acknowledged entry must survive kill -9 and power loss (SPEC §4), so :meth:`append`
+Durability: an acknowledged entry must survive kill -9 and power loss, so :meth:`append`
 commits with ``PRAGMA synchronous=FULL`` (the catalog runs WAL with NORMAL for speed, which may
 lose the last commits on power loss) and returns only after the commit. ``BEGIN IMMEDIATE`` takes
 the write lock before the head is read, so concurrent processes serialise and ``seq``/``prev``

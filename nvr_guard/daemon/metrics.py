@@ -5,7 +5,7 @@ rescan and request jobs (never from a scrape: a scrape must not wait for the eng
 sweep of a million segments holds it). A scrape or a textfile write serialises the last snapshot.
 
 Sources: the catalog (segments, bytes and oldest footage per site, last sweep), the engine's
-:class:`~nvr_guard.service.RetentionStats` (deletions, lateness, guard trips since start), the
+:class:`~nvr_guard.engine.RetentionStats` (deletions, lateness, guard trips since start), the
 request and scan tables when they exist, and the audit log (length, chain check, exports). The
 audit chain is walked at most every ``verify_every`` seconds: it is O(entries), the rest is cheap.
 
@@ -33,10 +33,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from nvr_guard import attention, policy
-from nvr_guard.service import LATENESS_BUCKETS, Engine
+from nvr_guard import attention
+from nvr_guard.engine import LATENESS_BUCKETS, Engine
+from nvr_guard.retention import policy
 
-log = logging.getLogger("nvr_guard.metrics")
+log = logging.getLogger("nvr_guard.daemon.metrics")
 
 PREFIX = "nvrguard_"
 ATTENTION_KINDS = (

@@ -11,11 +11,11 @@ import json
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
-from nvr_guard.access import Approval, Recipient, Request
 from nvr_guard.errors import InvalidInput
+from nvr_guard.workflow.access import Approval, Recipient, Request
 
 if TYPE_CHECKING:
-    from nvr_guard.catalog import Catalog
+    from nvr_guard.store.catalog import Catalog
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nvr_guard.catalog import write_transaction
 from nvr_guard.errors import InvalidInput
 from nvr_guard.media.detect import Medium
+from nvr_guard.store.catalog import write_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS media (

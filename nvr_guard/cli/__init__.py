@@ -203,7 +203,7 @@ def socket_path(c: Ctx) -> Path:
 
 
 def daemon_call(c: Ctx, cmd: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
-    from nvr_guard.control import call
+    from nvr_guard.daemon.control import call
 
     return call(socket_path(c), cmd, args, timeout=timeout)
 
@@ -220,7 +220,7 @@ def act(c: Ctx, cmd: str, args: dict[str, Any], local: Callable[[Any], Any]) -> 
     except DaemonUnavailable as e:
         if os.getuid() != 0:
             raise DaemonUnavailable(f"{e}; start the daemon (systemctl start nvr-guard)") from None
-        from nvr_guard.service import Engine, StateLock
+        from nvr_guard.engine import Engine, StateLock
 
         lock = StateLock(c.config.state_dir)
         try:
@@ -237,7 +237,7 @@ def act(c: Ctx, cmd: str, args: dict[str, Any], local: Callable[[Any], Any]) -> 
 
 
 def caller() -> Any:
-    from nvr_guard.service import Caller
+    from nvr_guard.identity import Caller
 
     return Caller.local()
 
@@ -262,7 +262,7 @@ def table(title: str | None, columns: list[str]) -> Table:
 @pass_ctx
 def daemon(c: Ctx) -> None:
     """Run the daemon in the foreground (systemd Type=notify)."""
-    from nvr_guard.daemon import run_daemon
+    from nvr_guard.daemon.main import run_daemon
 
     sys.exit(run_daemon(c.config_path, verbose=c.verbose))
 
@@ -453,8 +453,8 @@ def _state_problems(cfg: Any) -> list[tuple[str, int, str]]:
     site (by name or by one of its roots) under the new config."""
     import time
 
-    from nvr_guard.catalog import read_active_holds
-    from nvr_guard.service import hold_problems
+    from nvr_guard.engine import hold_problems
+    from nvr_guard.store.catalog import read_active_holds
 
     holds = read_active_holds(Path(cfg.state_dir) / "catalog.db", time.time())
     return [] if holds is None else hold_problems(cfg, holds)
@@ -486,7 +486,7 @@ def layout() -> None:
 def layout_test(c: Ctx, site: str | None, paths: tuple[str, ...]) -> None:
     """Site, camera and recorded start (and end) each PATH yields, or why it does not match
     (exit 2 when any does not). Reads the config only; no daemon needed."""
-    from nvr_guard.layout_check import check_paths
+    from nvr_guard.retention.layout_check import check_paths
 
     results = check_paths(c.config, list(paths), site)
 
@@ -578,7 +578,7 @@ def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:
 @pass_ctx
 def retention_plan(c: Ctx, now: str | None, site: str | None) -> None:
     """What a sweep would delete and why; deletes nothing."""
-    from nvr_guard.service import preview
+    from nvr_guard.engine import preview
 
     with tempfile.TemporaryDirectory(prefix="nvr-guard-plan-") as tmp:
         outcome = preview(c.config, Path(tmp), _now(c, now), site)
@@ -754,8 +754,8 @@ def audit() -> None:
 
 
 def _audit_log(c: Ctx, *, write: bool = False) -> Any:
-    from nvr_guard.audit import AuditLog
-    from nvr_guard.catalog import Catalog
+    from nvr_guard.store.audit import AuditLog
+    from nvr_guard.store.catalog import Catalog
 
     db = Path(c.config.state_dir) / "catalog.db"
     if not db.exists():
@@ -782,7 +782,7 @@ def _audit_read(c: Ctx, cmd: str, args: dict[str, Any], local: Callable[[Any], A
                 f"{e}; without the daemon only root reads the audit log in {db} (readable by "
                 f"{owner})"
             ) from None
-        from nvr_guard.service import StateLock
+        from nvr_guard.engine import StateLock
 
         if not db.exists():
             raise InvalidInput(f"no state in {state}: the daemon has not run yet") from None
@@ -804,7 +804,7 @@ def _audit_read(c: Ctx, cmd: str, args: dict[str, Any], local: Callable[[Any], A
 @pass_ctx
 def audit_show(c: Ctx, since: str | None, request_id: int | None) -> None:
     """Audit entries, oldest first (auditor, security_lead, admin)."""
-    from nvr_guard.service import audit_show_json
+    from nvr_guard.engine import audit_show_json
     from nvr_guard.times import parse_time
 
     def local(log_: Any) -> Any:
@@ -846,7 +846,7 @@ def audit_verify(c: Ctx) -> None:
     """Check the hash chain and its head file (exit 4 on an edited, deleted or reordered entry,
     a truncated log, or a head file that is missing or does not match). Auditor, security_lead,
     admin."""
-    from nvr_guard.service import audit_verify_json
+    from nvr_guard.engine import audit_verify_json
 
     data = _audit_read(c, "audit.verify", {}, audit_verify_json)
     head = data["head"]

@@ -1,0 +1,1 @@
+"""The long-running daemon: control socket, command table, status, metrics, systemd notify."""

@@ -1,0 +1,1 @@
+"""Export workflow: requests, approvals and the export job that carries footage out."""
