@@ -216,7 +216,8 @@ def fmt_percent(fraction: float) -> str:
 
 
 def fmt_percent_exact(fraction: float) -> str:
-    """``20%``, ``12.5%``: every digit the value has, so :func:`parse_fraction` reads it back."""
+    """``20%``, ``12.5%``: as an admin writes it, to six significant digits and without float noise
+    (0.1 is ``10%``, not ``10.000000000000002%``); :func:`parse_fraction` reads it back."""
     return f"{round(fraction * 100, 6):g}%"
 
 
