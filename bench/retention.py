@@ -41,11 +41,11 @@ from pathlib import Path
 
 import psutil
 
-from nvr_guard.durations import Duration
 from nvr_guard.model import GuardRules, Segment, SiteRules, boot_clock
 from nvr_guard.retention.layout import Layout
 from nvr_guard.retention.scan import Scanner, SiteScan, Watcher
 from nvr_guard.store.catalog import Catalog
+from nvr_guard.text import Duration
 
 SITE = "bench"
 LAYOUT = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"

@@ -45,7 +45,8 @@ from nvr_guard.retention.purge import PurgeTarget, digest_paths, iso_utc, purge
 from nvr_guard.retention.scan import Scanner, SiteScan
 from nvr_guard.store.audit import AuditHeadMismatch, AuditLog
 from nvr_guard.store.catalog import Catalog
-from nvr_guard.times import human_bytes, iso, parse_time
+from nvr_guard.text import human_bytes
+from nvr_guard.times import iso, parse_time
 
 log = logging.getLogger("nvr_guard.engine")
 

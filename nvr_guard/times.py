@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, tzinfo
 
-from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput
+from nvr_guard.text import Duration
 
 # options whose duration means "from now"; every other time option reads a duration as "ago"
 _AHEAD = frozenset({"--until", "--now"})
@@ -66,11 +66,3 @@ def iso(ts: float | None, tz: tzinfo = UTC) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

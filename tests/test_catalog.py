@@ -17,11 +17,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import Action, ClockReading, Item, Segment, SiteRules
 from nvr_guard.retention import policy
 from nvr_guard.store.catalog import SCHEMA_VERSION, Catalog, ExpiryCalc, pack_rows
+from nvr_guard.text import Duration
 
 SH = ZoneInfo("Asia/Shanghai")
 DAY = 86400.0
@@ -292,7 +292,7 @@ _CHILD = textwrap.dedent(
     import sys
     from zoneinfo import ZoneInfo
     from nvr_guard.store.catalog import Catalog
-    from nvr_guard.durations import Duration
+    from nvr_guard.text import Duration
     from nvr_guard.model import SiteRules
 
     cat = Catalog(sys.argv[1])

@@ -13,11 +13,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 
-from nvr_guard.durations import Duration
 from nvr_guard.model import SiteRules
 from nvr_guard.retention.layout import Layout
 from nvr_guard.retention.scan import Scanner, SiteScan, Watcher
 from nvr_guard.store.catalog import Catalog
+from nvr_guard.text import Duration
 
 SH = ZoneInfo("Asia/Shanghai")
 UTC = ZoneInfo("UTC")

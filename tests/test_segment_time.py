@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from nvr_guard.attention import CLOCK_SKEW
 from nvr_guard.config import load_config
 from nvr_guard.daemon.metrics import EngineCollector
-from nvr_guard.durations import Duration
 from nvr_guard.engine import Engine
 from nvr_guard.model import (
     Action,
@@ -40,6 +39,7 @@ from nvr_guard.model import (
 )
 from nvr_guard.retention.policy import decide, expiry_both
 from nvr_guard.store.catalog import Catalog
+from nvr_guard.text import Duration
 
 DAY = 86400.0
 HOUR = 3600.0

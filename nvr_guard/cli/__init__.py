@@ -285,7 +285,7 @@ def status(c: Ctx) -> None:
             f"  {st['time']}  config {escape(str(st['config']))}"
         )
         t = table("sites", ["site", "rule", "segments", "size", "oldest", "newest", "disk free"])
-        from nvr_guard.times import human_bytes
+        from nvr_guard.text import human_bytes
 
         for name, s in st["sites"].items():
             free = s["disk_free_fraction"]
@@ -1347,7 +1347,7 @@ def media_list(c: Ctx) -> None:
                 "last scan",
             ],
         )
-        from nvr_guard.times import human_bytes
+        from nvr_guard.text import human_bytes
 
         for m in res["media"]:
             scan = m.get("last_scan")

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from zoneinfo import ZoneInfo
 
-from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, RuntimeFailure
 from nvr_guard.export import run_export
 from nvr_guard.export.ffmpeg import stop_when
 from nvr_guard.store.requests import RequestStore
+from nvr_guard.text import Duration
 from nvr_guard.times import iso, parse_time
 from nvr_guard.workflow import access
 
