@@ -20,7 +20,8 @@ import pytest
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import Action, ClockReading, Item, Segment, SiteRules
 from nvr_guard.retention import policy
-from nvr_guard.store.catalog import SCHEMA_VERSION, Catalog, ExpiryCalc, pack_rows
+from nvr_guard.retention.expiry import ExpiryCalc
+from nvr_guard.store.catalog import SCHEMA_VERSION, Catalog, pack_rows
 from nvr_guard.text import Duration
 
 SH = ZoneInfo("Asia/Shanghai")
@@ -47,7 +48,7 @@ def seg(
 
 @pytest.fixture
 def cat(tmp_path: Path) -> Catalog:
-    c = Catalog(tmp_path / "catalog.db")
+    c = Catalog(tmp_path / "catalog.db", expiry=ExpiryCalc)
     yield c
     c.close()
 
@@ -70,7 +71,7 @@ def test_fresh_database_gets_every_table_and_the_current_version(tmp_path: Path)
 
 
 def test_reopen_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
-    c = Catalog(tmp_path / "catalog.db")
+    c = Catalog(tmp_path / "catalog.db", expiry=ExpiryCalc)
     c.upsert_segments([seg("a", NOW)], {"gate": rules()})
     c.close()
     c2 = Catalog(tmp_path / "catalog.db")
@@ -332,7 +333,7 @@ def test_kill_9_in_the_middle_of_a_big_insert_leaves_a_consistent_catalog(tmp_pa
     child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL
 
-    cat = Catalog(db)
+    cat = Catalog(db, expiry=ExpiryCalc)
     assert cat.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     # all of the committed batch, none of the killed transaction
     assert cat.count() == 10
