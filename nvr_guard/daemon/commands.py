@@ -198,8 +198,11 @@ class Context:
         last_error: Callable[[], str | None] = _no_error,
         audit_log: AuditLog | None = None,
         config: Config | None = None,
+        service_uid: int | None = None,
     ) -> None:
         self._engine = engine
+        # the account the daemon runs as (``service_account`` commands): this process's own
+        self.service_uid = os.getuid() if service_uid is None else service_uid
         self.local = local
         self.reload = reload
         self.started = started
@@ -547,7 +550,7 @@ def dispatch(ctx: Context, caller: Caller, cmd: str, args: Any) -> Any:
     its handler. Unknown command or bad arguments: InvalidInput (exit 2) before anything else."""
     parsed = parse(cmd, args)
     command = COMMANDS[cmd]
-    if command.service_account and caller.uid == os.getuid():
+    if command.service_account and caller.uid == ctx.service_uid:
         return command.handler(ctx, caller, parsed)
     if not command.public and not ctx.roles_for(caller):
         # someone the config does not know: refused, and the attempt is on record
