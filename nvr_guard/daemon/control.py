@@ -302,7 +302,9 @@ class ControlServer:
     """Serves the control socket in threads. ``start()`` binds and returns; ``stop()`` undoes it.
 
     Commands come from the table filled by :meth:`register`; a request for a name that is not in
-    the table goes to ``handler`` when one was given, else is refused with exit code 2.
+    the table goes to ``handler`` when one was given, else is refused with exit code 2. The server
+    itself serves only ``ping`` this way; the daemon hands every other command to its ``handler``,
+    which dispatches from the one command table (``nvr_guard.daemon.commands``).
     """
 
     def __init__(
