@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
 
 from nvr_guard.errors import InvalidInput
+from nvr_guard.model import ClockReading, boot_clock
 from nvr_guard.text import Duration
 
 # options whose duration means "from now"; every other time option reads a duration as "ago"
@@ -48,6 +50,15 @@ def parse_time(text: str, tz: tzinfo, what: str = "time", now: float | None = No
     except (OverflowError, ValueError, OSError):
         ts = float("nan")
     return _in_range(ts, text, what)
+
+
+def clock_at(now: str | None, tz: tzinfo) -> ClockReading:
+    """The real clocks, or the wall clock moved to ``now`` (``--now``, read in ``tz``); boot time
+    stays real, so the clock guard sees the jump exactly as it would see a real one."""
+    real = boot_clock()
+    if now is None:
+        return real
+    return replace(real, wall=parse_time(now, tz, "--now", now=real.wall))
 
 
 # recordings exist between these instants; anything else is a typo, and must not reach code that

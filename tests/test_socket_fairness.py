@@ -24,7 +24,8 @@ import pytest
 from conftest import Site, poll, write_segment
 from fixtures_socket import raw_call, read_reply
 
-from nvr_guard.daemon.control import Caller, RefusalLimiter, call
+from nvr_guard.daemon.control import RefusalLimiter, call
+from nvr_guard.identity import Caller
 
 pytestmark = pytest.mark.integration
 
