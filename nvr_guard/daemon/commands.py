@@ -411,7 +411,8 @@ def retention_run(ctx: Context, caller: Caller, a: RetentionRun) -> Any:
     """One sweep now (at ``now`` only for root acting locally), after an incremental rescan."""
     engine = ctx.engine
     now = None if a.now is None else clock_at(a.now, engine.config.tz)
-    engine.reconcile(full=False)
+    if not ctx.local:  # locally, the CLI has just brought the catalog up to date
+        engine.reconcile(full=False)
     return engine.sweep(actor=caller.user, now=now, dry_run=a.dry_run).as_json()
 
 
