@@ -18,20 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
+from nvr_guard.config import Config
+from nvr_guard.context import Context
 from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, RuntimeFailure
 from nvr_guard.export import run_export
 from nvr_guard.export.ffmpeg import stop_when
+from nvr_guard.identity import Caller
 from nvr_guard.store.requests import RequestStore
 from nvr_guard.times import iso, parse_time
 from nvr_guard.workflow import access
-
-if TYPE_CHECKING:
-    from nvr_guard.engine import Engine
-from nvr_guard.identity import Caller
 
 log = logging.getLogger("nvr_guard.workflow.requests")
 
@@ -87,31 +86,36 @@ class _CommitGate:
 
 
 class Workflow:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.store = RequestStore(engine.catalog)
+    """Requests, approvals and exports on the instance's context: every act is judged by
+    ``access`` and recorded in the audit chain."""
+
+    def __init__(self, ctx: Context, open_destination: Callable[[str, Any], Any]) -> None:
+        """``open_destination(target, tz)`` opens the gate in front of an export (the media
+        gate's ``destination``: a scanned target directory or an enrolled medium)."""
+        self.ctx = ctx
+        self.store = RequestStore(ctx.catalog)
         self.progress: dict[int, float] = {}
         self._export_lock = threading.Lock()
         self._claims: dict[int, ExportClaim] = {}  # under the engine lock
         # the seams of an export (tests put a fast stand-in here): the package builder, and the
-        # gate that opens a destination (a scanned target directory or an enrolled medium)
+        # gate that opens a destination
         self.exporter: Callable[..., Any] = run_export
-        self.open_destination: Callable[[str, Any], Any] = lambda target, tz: (
-            self.engine.media.destination(target, tz)
-        )
+        self.open_destination = open_destination
 
     # ---- context -------------------------------------------------------------------------------
     @property
-    def config(self) -> Any:
-        return self.engine.config
+    def config(self) -> Config:
+        """The config in force."""
+        return self.ctx.config
 
     def now(self) -> float:
-        return self.engine.clock().wall
+        """The instance clock's wall time."""
+        return self.ctx.clock().wall
 
     def actor(self, caller: Caller) -> access.Actor:
         user = self.config.people.users.get(caller.user)
         level = user.level if user is not None else 1
-        roles = self.engine.roles_for(caller)
+        roles = self.ctx.roles_for(caller)
         if caller.uid == 0:
             level = 2
         return access.Actor(user=caller.user, roles=frozenset(roles), level=level)
@@ -165,7 +169,7 @@ class Workflow:
         self.store.update(r.id, judged_by=rules_record(rules, r, now, self.config.digest))
 
     def camera_sites(self) -> dict[str, str]:
-        return {cam: site for site, cam in self.engine.catalog.cameras()}
+        return {cam: site for site, cam in self.ctx.catalog.cameras()}
 
     def camera_levels(self) -> dict[str, int]:
         levels = {cam: 2 for cam in self.camera_sites()}  # unclassified: the wider permission
@@ -174,7 +178,7 @@ class Workflow:
         return levels
 
     def _refused(self, caller: Caller, what: str, decision: access.Decision) -> None:
-        self.engine.audit.append(
+        self.ctx.audit.append(
             caller.user, "access.denied", what, {"uid": caller.uid, "reason": decision.reason}
         )
         decision.raise_if_denied()
@@ -268,8 +272,8 @@ class Workflow:
         actor = self.actor(caller)
         rules = self.rules(site)
         now = self.now()
-        with self.engine.recording():
-            footage = sum(len(self.engine.catalog.segments_of(site, c, start, end)) for c in known)
+        with self.ctx.recording():
+            footage = sum(len(self.ctx.catalog.segments_of(site, c, start, end)) for c in known)
             d = access.check_new(draft, actor, self.camera_levels(), footage, rules, now)
             if not d.allowed:
                 self._refused(caller, "request:new", d)
@@ -292,7 +296,7 @@ class Workflow:
             )
             h0, h1 = access.hold_range(r, float(self.config.export.hold_margin.seconds))
             for cam in r.cameras:
-                self.engine.catalog.add_hold(
+                self.ctx.catalog.add_hold(
                     kind="request",
                     site=site,
                     camera=cam,
@@ -302,10 +306,10 @@ class Workflow:
                     owner=caller.user,
                     created=now,
                     request_id=r.id,
-                    roots=self.engine.roots_of(site),
+                    roots=self.ctx.roots_of(site),
                 )
             view = self.request_json(r, [])
-            self.engine.audit.append(caller.user, "request.new", f"request:{r.id}", view)
+            self.ctx.audit.append(caller.user, "request.new", f"request:{r.id}", view)
             return view
 
     def _load(self, rid: int) -> tuple[access.Request, list[access.Approval], access.AccessRules]:
@@ -314,7 +318,7 @@ class Workflow:
         if r.exported_at is not None and r.exporter is None:
             # exported before the exporter was stored with the request: its export.done says
             done = None
-            for e in self.engine.audit.entries(obj=f"request:{rid}", action="export.done"):
+            for e in self.ctx.audit.entries(obj=f"request:{rid}", action="export.done"):
                 done = e
             if done is not None:
                 r = dataclasses.replace(r, exporter=done.actor)
@@ -344,17 +348,17 @@ class Workflow:
             fields["closed_at"] = now
         if state in DECIDED and not self.store.extra(r.id).get("judged_by"):
             fields["judged_by"] = rules_record(rules, r, now, self.config.digest)
-        with self.engine.recording():  # the new state and its entry commit together
+        with self.ctx.recording():  # the new state and its entry commit together
             self.store.update(r.id, **fields)
             if state in CLOSED:
                 self._end_holds(r.id, now)
             if state == "expired":
-                self.engine.audit.append(
+                self.ctx.audit.append(
                     "nvr-guard", "request.expired", f"request:{r.id}", {"was": r.state}
                 )
 
     def _end_holds(self, rid: int, until: float) -> None:
-        with self.engine.catalog.transaction() as c:
+        with self.ctx.catalog.transaction() as c:
             c.execute(
                 "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL "
                 "AND (until IS NULL OR until > ?)",
@@ -364,7 +368,7 @@ class Workflow:
     def refresh(self) -> list[str]:
         """Periodic: expire what is due, report emergency violations (each audited when it opens,
         and again when it reopens or changes), stop exports whose authority lapsed."""
-        with self.engine.lock:  # it settles and records: never beside another thread
+        with self.ctx.lock:  # it settles and records: never beside another thread
             violations = []
             for r in self.store.all():
                 if r.state in CLOSED:
@@ -374,7 +378,7 @@ class Workflow:
                 if v:
                     violations.append(v)
                     last = None
-                    for e in self.engine.audit.entries(obj=f"request:{r.id}", action="request."):
+                    for e in self.ctx.audit.entries(obj=f"request:{r.id}", action="request."):
                         if e.action in ("request.violation", "request.approve", "request.resolve"):
                             last = e
                     if (
@@ -383,7 +387,7 @@ class Workflow:
                         or (last.details.get("violation") != v)
                     ):
                         log.warning("%s", v)
-                        self.engine.audit.append(
+                        self.ctx.audit.append(
                             "nvr-guard", "request.violation", f"request:{r.id}", {"violation": v}
                         )
             for rid in list(self._claims):
@@ -431,7 +435,7 @@ class Workflow:
     def progress_of(self, caller: Caller, rid: int) -> float | None:
         """The running export's progress of request ``rid``, to those who may see the request
         (the same refusal as ``request show`` otherwise: ids cannot be probed)."""
-        with self.engine.recording():
+        with self.ctx.recording():
             self._visible(caller, rid)
         return self.progress.get(rid)
 
@@ -440,7 +444,7 @@ class Workflow:
         if state and state not in access.STATES:
             raise InvalidInput(f"unknown state {state!r}; one of {', '.join(access.STATES)}")
         actor = self.actor(caller)
-        with self.engine.recording():
+        with self.ctx.recording():
             self.refresh()
             views = []
             for r in self.store.all():
@@ -455,14 +459,14 @@ class Workflow:
         return [v for v in views if not state or v["state"] == state]
 
     def show(self, caller: Caller, rid: int) -> dict[str, Any]:
-        with self.engine.recording():
+        with self.ctx.recording():
             r, approvals, _ = self._visible(caller, rid)
             return self.request_json(r, approvals)
 
     def approve(
         self, caller: Caller, rid: int, note: str, as_step: str | None = None
     ) -> dict[str, Any]:
-        with self.engine.recording():
+        with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
             claim = self._claims.get(rid)
@@ -484,7 +488,7 @@ class Workflow:
                 approver=caller.user, role=d.step or "", decision="approve", note=note, time=now
             )
             self.store.add_approval(rid, a)
-            self.engine.audit.append(
+            self.ctx.audit.append(
                 caller.user, "request.approve", f"request:{rid}", {"step": a.role, "note": note}
             )
             r, approvals, rules = self._current(rid)
@@ -492,7 +496,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def deny(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
-        with self.engine.recording():
+        with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
             acting = self._acting(r, rules)
@@ -502,15 +506,13 @@ class Workflow:
             roles = self.actor(caller).roles
             role = next((s for s in access.steps_for(r, rules) if s in roles), "admin")
             self.store.add_approval(rid, access.Approval(caller.user, role, "deny", reason, now))
-            self.engine.audit.append(
-                caller.user, "request.deny", f"request:{rid}", {"reason": reason}
-            )
+            self.ctx.audit.append(caller.user, "request.deny", f"request:{rid}", {"reason": reason})
             r, approvals, rules = self._current(rid)
             self._recheck_claim(rid)
             return self.request_json(r, approvals)
 
     def cancel(self, caller: Caller, rid: int) -> dict[str, Any]:
-        with self.engine.recording():
+        with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
             d = access.check_cancel(r, self.actor(caller), now)
@@ -521,13 +523,13 @@ class Workflow:
                 fields["judged_by"] = rules_record(rules, r, now, self.config.digest)
             self.store.update(rid, **fields)
             self._end_holds(rid, now)
-            self.engine.audit.append(caller.user, "request.cancel", f"request:{rid}", {})
+            self.ctx.audit.append(caller.user, "request.cancel", f"request:{rid}", {})
             self._recheck_claim(rid)
             r, approvals, rules = self._load(rid)
             return self.request_json(r, approvals)
 
     def resolve(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
-        with self.engine.recording():
+        with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             if not access.emergency_violation(r, approvals, self.now(), rules):
                 raise InvalidInput(f"request {rid} has no open violation to resolve")
@@ -535,7 +537,7 @@ class Workflow:
             if not d.allowed:
                 self._refused(caller, f"request:{rid}", d)
             self.store.update(rid, resolved=f"{caller.user}: {reason}")
-            self.engine.audit.append(
+            self.ctx.audit.append(
                 caller.user, "request.resolve", f"request:{rid}", {"reason": reason}
             )
             r, approvals, rules = self._load(rid)
@@ -553,10 +555,10 @@ class Workflow:
         from nvr_guard.export.keys import key_location_problem
 
         key_path = Path(self.config.signing_key_path())
-        started_with = self.engine.key_fingerprint
+        started_with = self.ctx.key_fingerprint
 
         def refuse(why: str) -> NoReturn:
-            self.engine.attention.raise_(
+            self.ctx.attention.raise_(
                 SIGNING_KEY, None, str(key_path), f"export signing key unusable: {why}"
             )
             raise PolicyRefused(f"export refused: the export signing key {why}")
@@ -576,9 +578,9 @@ class Workflow:
                 "take a new key deliberately"
             )
         if not existed or not any(
-            True for _ in self.engine.audit.entries(action="export.key", obj=fp)
+            True for _ in self.ctx.audit.entries(action="export.key", obj=fp)
         ):
-            self.engine.audit.append(
+            self.ctx.audit.append(
                 "nvr-guard", "export.key", fp, {"path": str(key_path), "created": not existed}
             )
         return key, fp
@@ -601,7 +603,7 @@ class Workflow:
         """Check ``caller`` may export ``rid`` onto ``target`` and claim the request's export,
         in one step under the engine lock: a second export of the same request is refused (exit
         3) until this one has committed or failed."""
-        with self.engine.recording():
+        with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             busy = self._claims.get(rid)
             if busy is not None:
@@ -622,7 +624,7 @@ class Workflow:
             try:
                 dest = self.open_destination(target, self.config.site_tz(r.site))
             except NvrGuardError as e:
-                self.engine.audit.append(
+                self.ctx.audit.append(
                     caller.user,
                     "export.refused",
                     f"request:{rid}",
@@ -634,7 +636,7 @@ class Workflow:
 
                 clips = []
                 for cam in r.cameras:
-                    segs = self.engine.catalog.segments_of(r.site, cam, r.start, r.end)
+                    segs = self.ctx.catalog.segments_of(r.site, cam, r.start, r.end)
                     clips.append(
                         (cam, [SourceSegment(Path(os.fsdecode(s.path)), s.start) for s in segs])
                     )
@@ -651,13 +653,13 @@ class Workflow:
                     self._acting(r, rules), r, self.now(), self.config.digest
                 )
                 key, fp = self.signing_key()
-                head = self.engine.audit.head()
+                head = self.ctx.audit.head()
             except BaseException:
                 close = getattr(dest, "close", None)
                 if close is not None:
                     close()
                 raise
-            self.engine.audit.append(
+            self.ctx.audit.append(
                 caller.user,
                 "export.begin",
                 f"request:{rid}",
@@ -726,11 +728,11 @@ class Workflow:
         except BaseException as e:
             self._release(claim)
             self.progress.pop(rid, None)
-            with self.engine.lock:
+            with self.ctx.lock:
                 if self._claims.get(rid) is claim:
                     del self._claims[rid]
                 if claim.why is not None:
-                    self.engine.audit.append(
+                    self.ctx.audit.append(
                         caller.user,
                         "export.aborted",
                         f"request:{rid}",
@@ -740,7 +742,7 @@ class Workflow:
                         f"export of request {rid} aborted: {claim.why}; "
                         f"nothing was left on {claim.target}"
                     ) from None
-                self.engine.audit.append(
+                self.ctx.audit.append(
                     caller.user,
                     "export.refused" if isinstance(e, PolicyRefused) else "export.failed",
                     f"request:{rid}",
@@ -756,10 +758,10 @@ class Workflow:
             except PolicyRefused:
                 shutil.rmtree(pkg.path, ignore_errors=True)
                 self.progress.pop(rid, None)
-                with self.engine.lock:
+                with self.ctx.lock:
                     if self._claims.get(rid) is claim:
                         del self._claims[rid]
-                    self.engine.audit.append(
+                    self.ctx.audit.append(
                         caller.user,
                         "export.aborted",
                         f"request:{rid}",
@@ -770,7 +772,7 @@ class Workflow:
                 ) from None
         # the commit check passed and its lock is still held: record before anyone else acts
         try:
-            with self.engine.recording():  # the state change and its entry, together
+            with self.ctx.recording():  # the state change and its entry, together
                 now = self.now()
                 r, _, rules = self._load(rid)
                 self.store.update(
@@ -781,12 +783,12 @@ class Workflow:
                     package=str(pkg.path),
                     judged_by=rules_record(self._acting(r, rules), r, now, self.config.digest),
                 )
-                with self.engine.catalog.transaction() as c:
+                with self.ctx.catalog.transaction() as c:
                     c.execute(
                         "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL",
                         (now + float(self.config.export.preserve.seconds), rid),
                     )
-                self.engine.audit.append(
+                self.ctx.audit.append(
                     caller.user,
                     "export.done",
                     f"request:{rid}",
@@ -817,7 +819,7 @@ class Workflow:
     def _commit_check(self, claim: ExportClaim) -> None:
         """At the commit point: take the engine lock and keep it (until :meth:`export_finish`
         has recorded the export) if the export is still allowed; else abort."""
-        self.engine.lock.acquire()
+        self.ctx.lock.acquire()
         claim.committing = True
         try:
             d = self._export_check(claim.rid, claim.caller)
@@ -835,7 +837,7 @@ class Workflow:
     def _release(self, claim: ExportClaim) -> None:
         if claim.committing:
             claim.committing = False
-            self.engine.lock.release()
+            self.ctx.lock.release()
 
     def _recheck_claim(self, rid: int) -> None:
         """Under the engine lock, after anything that may take an export's authority away."""
@@ -857,12 +859,12 @@ class Workflow:
         if t - claim.last_check < RECHECK_EVERY:
             return None
         claim.last_check = t
-        if not self.engine.lock.acquire(blocking=False):
+        if not self.ctx.lock.acquire(blocking=False):
             return None
         try:
             self._recheck_claim(claim.rid)
         finally:
-            self.engine.lock.release()
+            self.ctx.lock.release()
         return claim.why if claim.stop.is_set() else None
 
     def remove_stale_exports(self, targets: _Paths | None = None) -> _Paths:
@@ -896,8 +898,8 @@ class Workflow:
                     continue
                 removed.append(path)
                 log.warning("removed %s, left by an interrupted export", path)
-                with self.engine.recording():
-                    self.engine.audit.append(
+                with self.ctx.recording():
+                    self.ctx.audit.append(
                         "nvr-guard", "export.stale_removed", f"target:{target}", {"path": str(path)}
                     )
         return removed
@@ -906,7 +908,7 @@ class Workflow:
         from nvr_guard.export import approval_record_html
 
         view = self.show(caller, rid)
-        signer = self.engine.key_fingerprint or self.engine.ensure_signing_key()
+        signer = self.ctx.key_fingerprint or self.ctx.ensure_signing_key()
         return approval_record_html(view, view["approvals"], None, signer=signer)
 
 
