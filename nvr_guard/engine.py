@@ -195,6 +195,7 @@ class Engine:
         return self.ctx.ensure_signing_key()
 
     def signing_key_json(self) -> dict[str, Any]:
+        """The export signing key as `key show` and `status` report it."""
         return {
             "fingerprint": self.key_fingerprint,
             "path": self.config.signing_key_path(),

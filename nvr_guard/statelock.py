@@ -93,6 +93,7 @@ class StateLock:
             pass
 
     def close(self) -> None:
+        """Drop the lock (and its file descriptor)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

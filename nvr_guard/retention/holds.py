@@ -131,6 +131,7 @@ class Holds:
         until: str | None = None,
         site: str | None = None,
     ) -> Hold:
+        """Place a manual hold (admin or security lead), audited in the same commit."""
         self.ctx.require(caller, HOLD_ROLES, "place a hold")
         reason = reason.strip()
         if not reason or any(not c.isprintable() for c in reason):
@@ -179,6 +180,7 @@ class Holds:
             return hold
 
     def hold_release(self, caller: Caller, hold_id: int, reason: str) -> Hold:
+        """Release a manual hold with a reason; a request's hold ends only with its request."""
         self.ctx.require(caller, HOLD_ROLES, f"release hold {hold_id}")
         if not reason.strip():
             raise InvalidInput("--reason is required to release a hold")
@@ -206,6 +208,7 @@ class Holds:
         return next(h for h in self.holds_json(include_released=True) if h["id"] == hold_id)
 
     def holds_json(self, include_released: bool = False) -> list[dict[str, Any]]:
+        """Every active hold (or every hold) as ``hold list`` shows it, unfiltered."""
         tz = self.ctx.config.tz
         out = []
         for h in self.ctx.catalog.list_holds(include_released=include_released):

@@ -76,6 +76,8 @@ def _mount_point(path: bytes) -> bytes:
 
 @dataclass
 class SweepOutcome:
+    """What one sweep (or a dry run, or a preview) did or would do."""
+
     sweep: int | None
     plan: Plan
     deleted: int = 0
@@ -87,6 +89,7 @@ class SweepOutcome:
     attention: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
+        """The outcome as `retention run --json` and `retention plan --json` print it."""
         items = [i.as_json() for i in self.plan.items]
         extra: dict[str, Any] = {}
         if self.unmatched is not None:
@@ -143,6 +146,7 @@ class RetentionStats:
         rules: dict[str, SiteRules],
         trips: Iterable[str] = (),
     ) -> None:
+        """Count one finished sweep: its deletions, their lateness, the guards that tripped."""
         self.sweeps += 1
         self.last_sweep = when
         for kind in trips:
@@ -169,6 +173,7 @@ class RetentionStats:
             self.last_lateness_max = worst
 
     def as_json(self) -> dict[str, Any]:
+        """The counts as ``status`` reports them under ``retention``."""
         return {
             "sweeps": self.sweeps,
             "deleted": self.deleted,
@@ -198,26 +203,32 @@ class Sweeper:
     # ---- the context, as the operations below read it ------------------------------------
     @property
     def config(self) -> Config:
+        """The config in force."""
         return self.ctx.config
 
     @property
     def catalog(self) -> Catalog:
+        """The catalog (segments, holds, sweeps)."""
         return self.ctx.catalog
 
     @property
     def audit(self) -> AuditLog:
+        """The audit chain."""
         return self.ctx.audit
 
     @property
     def attention(self) -> Attention:
+        """The attention registry."""
         return self.ctx.attention
 
     @property
     def clock(self) -> Clock:
+        """The instance's clock."""
         return self.ctx.clock
 
     @property
     def lock(self) -> threading.RLock:
+        """The instance's one lock."""
         return self.ctx.lock
 
     def configure(self, config: Config) -> None:

@@ -84,6 +84,7 @@ class Watcher:
 
     # called from watchdog's threads
     def lost_events(self, why: str) -> None:
+        """Events were lost (``watch-limit``, ``queue-overflow``): warn, rely on the rescans."""
         self.overflows += 1
         limit = max_user_watches()
         if why == "watch-limit":
@@ -103,6 +104,7 @@ class Watcher:
             log.exception("overflow callback failed")
 
     def put(self, path: bytes) -> None:
+        """Queue one path for the hint worker."""
         self._q.put(path)
 
     def start(self) -> bool:
@@ -134,6 +136,7 @@ class Watcher:
         return True
 
     def stop(self) -> None:
+        """Stop watching and let the hint worker finish."""
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=10)

@@ -113,6 +113,7 @@ class Workflow:
         return self.ctx.clock().wall
 
     def actor(self, caller: Caller) -> access.Actor:
+        """``caller`` as ``access`` judges it: roles from the config, and clearance level."""
         user = self.config.people.users.get(caller.user)
         level = user.level if user is not None else 1
         roles = self.ctx.roles_for(caller)
@@ -121,6 +122,7 @@ class Workflow:
         return access.Actor(user=caller.user, roles=frozenset(roles), level=level)
 
     def rules(self, site: str) -> access.AccessRules:
+        """The approval rules of ``site`` under the config in force."""
         ap = self.config.approval
         steps, hours = self.config.approval_for(site)
         h0, h1 = (int(a) * 60 + int(b) for a, b in (x.split(":") for x in hours.split("-")))
@@ -169,9 +171,11 @@ class Workflow:
         self.store.update(r.id, judged_by=rules_record(rules, r, now, self.config.digest))
 
     def camera_sites(self) -> dict[str, str]:
+        """Each catalogued camera's site."""
         return {cam: site for site, cam in self.ctx.catalog.cameras()}
 
     def camera_levels(self) -> dict[str, int]:
+        """Each camera's clearance level (from ``cameras:``; unclassified ones need level 2)."""
         levels = {cam: 2 for cam in self.camera_sites()}  # unclassified: the wider permission
         for cam, c in self.config.cameras.items():
             levels[cam] = c.level
@@ -187,6 +191,7 @@ class Workflow:
     def request_json(
         self, r: access.Request, approvals: list[access.Approval] | None = None
     ) -> dict[str, Any]:
+        """One request as ``request show`` prints it, with its state brought up to date."""
         tz = self.config.site_tz(r.site) if r.site in self.config.sites else self.config.tz
         approvals = self.store.approvals(r.id) if approvals is None else approvals
         rules = self._judged(r) if r.site in self.config.sites else None
@@ -241,6 +246,7 @@ class Workflow:
 
     # ---- requests ------------------------------------------------------------------------------
     def new(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """File a request; its footage is held from now on (audited)."""
         cameras = tuple(c.strip() for c in str(args.get("cameras", "")).split(",") if c.strip())
         sites = self.camera_sites()
         known = {c for c in cameras if c in sites}
@@ -459,6 +465,7 @@ class Workflow:
         return [v for v in views if not state or v["state"] == state]
 
     def show(self, caller: Caller, rid: int) -> dict[str, Any]:
+        """Request ``rid``, if ``caller`` may see it."""
         with self.ctx.recording():
             r, approvals, _ = self._visible(caller, rid)
             return self.request_json(r, approvals)
@@ -466,6 +473,7 @@ class Workflow:
     def approve(
         self, caller: Caller, rid: int, note: str, as_step: str | None = None
     ) -> dict[str, Any]:
+        """Approve one step of request ``rid`` (audited; refused and audited if not allowed)."""
         with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
@@ -496,6 +504,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def deny(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
+        """Deny request ``rid`` with a reason; a running export of it stops."""
         with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
@@ -512,6 +521,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def cancel(self, caller: Caller, rid: int) -> dict[str, Any]:
+        """Cancel request ``rid``; its holds end and a running export of it stops."""
         with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
@@ -529,6 +539,7 @@ class Workflow:
             return self.request_json(r, approvals)
 
     def resolve(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
+        """Close an emergency request's open violation with a reason."""
         with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             if not access.emergency_violation(r, approvals, self.now(), rules):
@@ -905,6 +916,7 @@ class Workflow:
         return removed
 
     def form(self, caller: Caller, rid: int) -> str:
+        """The printable approval record of request ``rid`` (HTML), naming the signing key."""
         from nvr_guard.export import approval_record_html
 
         view = self.show(caller, rid)
@@ -943,6 +955,8 @@ def rules_record(
 
 
 def rules_from_record(d: dict[str, Any]) -> access.AccessRules:
+    """The rules a request was decided by, read back from its record."""
+
     def minutes(hhmm: str) -> int:
         h, m = hhmm.split(":")
         return int(h) * 60 + int(m)
