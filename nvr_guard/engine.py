@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,12 +170,9 @@ class Engine:
         except AuditHeadMismatch as e:
             log.error("could not record the re-created audit triggers: %s", e)
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        """The engine lock and one audit transaction (``AuditLog.recording``): for operations
-        that change state and record it — both commit together, or neither does."""
-        with self.lock, self.audit.recording():
-            yield
+    def recording(self) -> contextlib.AbstractContextManager[None]:
+        """The engine lock and one audit transaction: a change and its record commit together."""
+        return self.ctx.recording()
 
     def _on_anchor(self, problem: str | None) -> None:
         if problem is None:
