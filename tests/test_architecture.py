@@ -216,17 +216,41 @@ def test_no_sql_outside_the_store() -> None:
     assert sql_uses((STORE / "segments.py").read_text())
 
 
-def test_store_public_methods_say_what_they_do() -> None:
+# the parts whose classes other code calls: each public method says in a line what it does
+DOCUMENTED = [
+    *sorted(STORE.glob("*.py")),
+    *sorted((PACKAGE / "daemon").glob("*.py")),
+    *sorted((PACKAGE / "workflow").glob("*.py")),
+    PACKAGE / "engine.py",
+    PACKAGE / "context.py",
+    PACKAGE / "media" / "ops.py",
+    PACKAGE / "retention" / "sweeper.py",
+    PACKAGE / "retention" / "holds.py",
+]
+
+
+def test_public_methods_say_what_they_do() -> None:
     missing = []
-    for path in sorted(STORE.glob("*.py")):
+    for path in DOCUMENTED:
         tree = ast.parse(path.read_text(), str(path))
         for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
             if any(isinstance(b, ast.Name) and b.id == "Protocol" for b in cls.bases):
                 continue  # a structural type: its members are declarations
+            if cls.name.startswith("_"):
+                continue  # a module's own helper
             for fn in cls.body:
+                setter = (
+                    any(
+                        isinstance(d, ast.Attribute) and d.attr == "setter"
+                        for d in fn.decorator_list
+                    )
+                    if isinstance(fn, ast.FunctionDef)
+                    else False
+                )
                 if (
                     isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
                     and not fn.name.startswith("_")
+                    and not setter  # the property's getter says it
                     and ast.get_docstring(fn) is None
                 ):
                     missing.append(f"{path.name}: {cls.name}.{fn.name}")

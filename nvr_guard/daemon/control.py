@@ -237,6 +237,7 @@ class RefusalLimiter:
         self._state: dict[int, list[Any]] = {}
 
     def note(self, caller: Caller, details: dict[str, Any]) -> None:
+        """Count one refusal of ``caller``: recorded singly within the burst, else summarised."""
         now = self.clock()
         summary: tuple[Caller, int] | None = None
         with self._lock:
@@ -373,6 +374,7 @@ class ControlServer:
 
     @property
     def commands(self) -> list[str]:
+        """The names of the commands the server answers itself."""
         return sorted(self._commands)
 
     @staticmethod
@@ -390,6 +392,7 @@ class ControlServer:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Bind the socket (owner and group as configured) and start accepting connections."""
         if self._listener is not None:
             raise RuntimeError("control server already started")
         self._stopping.clear()
@@ -979,6 +982,7 @@ class ControlClient:
         self._sock: socket.socket | None = None
 
     def connect(self) -> None:
+        """Connect to the daemon, waiting behind a full backlog until the timeout."""
         # A full listen backlog (someone floods the socket) makes connect() fail with EAGAIN at
         # once on a Unix socket: retry with a short backoff until the timeout, like a queue.
         deadline = time.monotonic() + self.timeout
@@ -1040,6 +1044,7 @@ class ControlClient:
         self._sock = sock
 
     def close(self) -> None:
+        """Close the connection (the daemon ends its side)."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -1052,6 +1057,7 @@ class ControlClient:
         self.close()
 
     def call(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Send one command and return its result; a refusal is raised as its error class."""
         if self._sock is None:
             self.connect()
         assert self._sock is not None

@@ -206,6 +206,7 @@ class EngineCollector(Collector):
 
     # ---- exposition --------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
+        """The metrics of the last snapshot (the Prometheus client calls this per scrape)."""
         with self._snap_lock:
             snap = self._snapshot
         if snap is None:
@@ -373,6 +374,7 @@ class Exporter:
 
     @classmethod
     def from_config(cls, engine: Engine) -> Exporter | None:
+        """The exporter the config asks for, or None when it asks for no metrics."""
         m = engine.config.metrics
         if m.textfile is None and m.listen is None:
             return None
@@ -433,6 +435,7 @@ class Exporter:
         os.replace(tmp, path)
 
     def stop(self) -> None:
+        """Stop the HTTP endpoint, if one runs."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -139,6 +139,7 @@ class Decision:
     step: str | None = None  # check_approve: the step (role) this approval fills
 
     def raise_if_denied(self) -> None:
+        """Raise the refusal (its exit code with its reason) unless the decision allows."""
         if self.allowed:
             return
         if self.exit_code == 2:
