@@ -1,34 +1,8 @@
-"""USB media and export targets: detection (``detect``), enrolment and scan records (``store``),
-the ClamAV scan (``clamav``) and the gate that allows a write only onto freshly scanned, clean,
-enrolled storage (``gate``)."""
+"""USB media and export targets: detection (``detect``), the ClamAV scan (``clamav``), the gate
+that allows a write only onto freshly scanned, clean, enrolled storage (``gate``) and the
+operations the daemon offers on them (``ops``). Enrolments and scan records are kept by
+``nvr_guard.store.media``.
 
-from __future__ import annotations
-
-from nvr_guard.media.detect import Medium, Partition, find_medium, list_media
-from nvr_guard.media.gate import (
-    Decision,
-    MediaDestination,
-    ScannedDirectory,
-    ScanTarget,
-    gate_decision,
-    resolve_scan_target,
-    scan_record,
-)
-from nvr_guard.store.media import Enrolment, MediaStore, ScanRecord
-
-__all__ = [
-    "Decision",
-    "Enrolment",
-    "MediaDestination",
-    "MediaStore",
-    "Medium",
-    "Partition",
-    "ScanRecord",
-    "ScanTarget",
-    "ScannedDirectory",
-    "find_medium",
-    "gate_decision",
-    "list_media",
-    "resolve_scan_target",
-    "scan_record",
-]
+The package imports none of its modules itself: the store imports ``detect`` for its types, and
+an eager package would load the gate (which needs the store) half-way through that import.
+"""

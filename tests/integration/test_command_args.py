@@ -78,7 +78,7 @@ def test_every_command_has_a_model_and_a_valid_example() -> None:
     for cmd, args in VALID.items():
         validate(cmd, args)  # raises when the example is not valid
     # and the daemon dispatches no command that has no model
-    source = (Path(__file__).parents[2] / "nvr_guard" / "daemon.py").read_text()
+    source = (Path(__file__).parents[2] / "nvr_guard" / "daemon" / "main.py").read_text()
     dispatched = set(re.findall(r'cmd == "([a-z_.]+)"', source)) - {"ping"}
     assert dispatched <= set(ARGS), dispatched - set(ARGS)
 
