@@ -1,6 +1,7 @@
 """The media gate: the pure rule, then real loop devices (fake-sysfs USB stick, see
-tests/fixtures/media.py), real clamscan scans with a local EICAR database, and real exports that hit a full filesystem, a
-medium pulled in the middle, an I/O error, and a file dropped on the stick during the write."""
+tests/fixtures/media.py), real clamscan scans with a local EICAR database, and real exports that
+hit a full filesystem, a medium pulled in the middle, an I/O error, and a file dropped on the
+stick during the write."""
 
 from __future__ import annotations
 
