@@ -103,9 +103,8 @@ class Env:
         return r.stderr
 
     def audit(self) -> list[dict[str, Any]]:
-        r = subprocess.run(
-            self.argv("--json", "audit", "show"), capture_output=True, text=True, check=True
-        )
+        r = self.site.run("--json", "audit", "show")
+        r.check_returncode()
         return list(json.loads(r.stdout)["entries"])
 
     def write_config(self, hours: str, approval: str = "", preset: str = "ultrafast") -> None:
@@ -328,7 +327,7 @@ def test_a_deny_that_lands_while_ffmpeg_runs_aborts_the_export(make_env: EnvFact
     assert shown["state"] == "denied" and shown["package"] is None
     acts = actions(e, rid)
     assert "export.aborted" in acts and "export.done" not in acts
-    assert subprocess.run(e.argv("audit", "verify"), capture_output=True).returncode == 0
+    assert e.site.run("audit", "verify").returncode == 0
 
 
 def test_a_reload_that_takes_authority_away_while_ffmpeg_runs_aborts_the_export(
@@ -359,7 +358,7 @@ def test_a_reload_that_takes_authority_away_while_ffmpeg_runs_aborts_the_export(
     assert shown["state"] == "approved" and shown["package"] is None
     acts = actions(e, rid)
     assert "export.aborted" in acts and "export.done" not in acts
-    assert subprocess.run(e.argv("audit", "verify"), capture_output=True).returncode == 0
+    assert e.site.run("audit", "verify").returncode == 0
 
 
 # ---- 3. one export per request, claimed before ffmpeg starts ----------------------------------
@@ -524,10 +523,9 @@ def test_hold_list_and_status_show_request_details_only_to_its_viewers(make_env:
     e = make_env()
     rid = e.new("nvra-alice")  # lobby-1, level 1
     other = e.new("nvra-olga", "street-1")  # level 2
-    manual = subprocess.run(
-        e.argv("--json", "hold", "add", "--camera", "lobby-1", "--reason", "insurance claim 7",
-               "--from", e.start.isoformat(), "--to", (e.start + timedelta(minutes=1)).isoformat()),
-        capture_output=True, text=True,
+    manual = e.site.run(
+        "--json", "hold", "add", "--camera", "lobby-1", "--reason", "insurance claim 7",
+        "--from", e.start.isoformat(), "--to", (e.start + timedelta(minutes=1)).isoformat(),
     )  # fmt: skip
     assert manual.returncode == 0, manual.stderr
 
@@ -638,7 +636,7 @@ def test_auditors_read_the_audit_log_through_the_daemon_and_nobody_else(make_env
     assert "only root reads the audit log" in r.stderr and "catalog.db" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert any(x["object"] == f"request:{rid}" for x in e.audit())  # root, locally
-    r = subprocess.run(e.argv("audit", "verify"), capture_output=True, text=True)
+    r = e.site.run("audit", "verify")
     assert r.returncode == 0 and "intact" in r.stdout, r.stderr
 
 

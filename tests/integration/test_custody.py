@@ -30,6 +30,7 @@ from nvr_guard.export import (
     run_export,
 )
 from nvr_guard.export.package import manifest_bytes
+from tests.fixtures.cli import run_cli
 from tests.fixtures.site import Site, poll, write_segment
 
 FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
@@ -37,9 +38,7 @@ T0 = 1763600000.0
 
 
 def nvr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nvr_guard", *args], capture_output=True, text=True, timeout=timeout
-    )
+    return run_cli(args, timeout=timeout)
 
 
 # ---- a real package ------------------------------------------------------------------------

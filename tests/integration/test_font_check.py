@@ -4,10 +4,11 @@ drew empty boxes where the Chinese names and reasons of the evidence watermark b
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.cli import run_cli
 
 
 def _font(lang: str, covered: bool) -> Path:
@@ -45,11 +46,7 @@ def _check(
         lines.append(f'  watermark: "{watermark}"')
     cfg = tmp_path / "config.yaml"
     cfg.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return subprocess.run(
-        [sys.executable, "-m", "nvr_guard", "config", "check", str(cfg)],
-        capture_output=True,
-        text=True,
-    )
+    return run_cli(["config", "check", str(cfg)])
 
 
 def test_a_font_without_chinese_is_refused_with_its_line(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from nvr_guard.model import (
     Volume,
 )
 from nvr_guard.retention import policy
+from tests.fixtures.cli import run_cli
 from tests.fixtures.site import LAYOUT, build_tree, poll, write_segment
 
 SEG = 100 * 1024  # a whole number of pages: tmpfs frees exactly this much per file
@@ -112,12 +113,7 @@ sites:
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nvr_guard", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(["--config", str(config), *args], timeout=120)
 
 
 def cli_json(config: Path, *args: str) -> Any:

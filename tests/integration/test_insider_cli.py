@@ -148,17 +148,17 @@ class Env:
         return d
 
     def nvr(self, user: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+        if user is None:  # root: in this process
+            return self.site.run(*args, timeout=120)
         gid = grp.getgrnam(GROUP).gr_gid
         return subprocess.run(
             [sys.executable, "-m", "nvr_guard", "--config", str(self.site.config), *args],
             capture_output=True,
             text=True,
             timeout=120,
-            **(
-                {"user": self.uids[user], "group": gid, "extra_groups": [gid]}
-                if user is not None
-                else {}
-            ),
+            user=self.uids[user],
+            group=gid,
+            extra_groups=[gid],
         )
 
     def audit(self) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from nvr_guard.identity import Caller
 from nvr_guard.model import Segment
 from nvr_guard.retention.purge import PurgeTarget, purge
 from tests.fixtures.caps import NO_DAC, no_dac_override
+from tests.fixtures.cli import run_cli
 from tests.fixtures.site import LAYOUT, Site, make_config, write_segment
 
 DAY = timedelta(days=1)
@@ -227,11 +228,7 @@ def test_a_bind_mount_alias_of_another_root_fails_config_check(
     (school / "sub").mkdir(parents=True)
     alias = mount(tmp_path / "alias", "--bind", school if what == "alias" else school / "sub")
     cfg = _two_sites(tmp_path, school, alias)
-    r = subprocess.run(
-        [sys.executable, "-m", "nvr_guard", "--config", str(cfg), "config", "check"],
-        capture_output=True,
-        text=True,
-    )
+    r = run_cli(["--config", str(cfg), "config", "check"])
     assert r.returncode == 2, r.stdout + r.stderr
     want = "is the same directory as" if what == "alias" else "is inside"
     assert f"{cfg}:8: sites.highway.roots[0]: {alias}" in r.stderr and want in r.stderr, r.stderr

@@ -67,13 +67,8 @@ class Live:
         return r is not None and r["ok"]
 
     def audit(self) -> list[dict[str, Any]]:
-        r = subprocess.run(
-            [sys.executable, "-m", "nvr_guard", "--config", str(self.site.config), "--json"]
-            + ["audit", "show"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        r = self.site.run("--json", "audit", "show")
+        r.check_returncode()
         entries: list[dict[str, Any]] = json.loads(r.stdout)["entries"]
         return entries
 

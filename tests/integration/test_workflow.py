@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tests.fixtures.clamav import eicar_bytes
+from tests.fixtures.cli import run_cli
 from tests.fixtures.media import MediaLab, fake_usb_stick
 from tests.fixtures.site import LAYOUT, Site, make_footage, poll
 
@@ -91,21 +92,8 @@ class Env:
         return r.stderr
 
     def audit(self) -> list[dict]:
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nvr_guard",
-                "--config",
-                str(self.site.config),
-                "--json",
-                "audit",
-                "show",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        r = run_cli(["--config", str(self.site.config), "--json", "audit", "show"])
+        r.check_returncode()
         return json.loads(r.stdout)["entries"]
 
 
@@ -288,9 +276,7 @@ def test_request_to_verified_package(env: Env):
     } <= {p.name for p in pkg.iterdir()}
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert json.dumps(manifest, ensure_ascii=False).count("nvrg-carol") >= 1
-    v = subprocess.run(
-        [sys.executable, "-m", "nvr_guard", "verify", str(pkg)], capture_output=True, text=True
-    )
+    v = run_cli(["verify", str(pkg)])
     assert v.returncode == 0, v.stderr
     assert e.ok("nvrg-alice", "request", "show", str(rid))["state"] == "exported"
     e.refused("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))  # only once
@@ -299,9 +285,7 @@ def test_request_to_verified_package(env: Env):
     with open(clip, "r+b") as fh:
         fh.seek(clip.stat().st_size // 2)
         fh.write(b"tampered")
-    v = subprocess.run(
-        [sys.executable, "-m", "nvr_guard", "verify", str(pkg)], capture_output=True, text=True
-    )
+    v = run_cli(["verify", str(pkg)])
     assert v.returncode == 4 and clip.name in (v.stdout + v.stderr)
 
     actions = [x["action"] for x in e.audit() if x["object"] == f"request:{rid}"]
@@ -309,12 +293,7 @@ def test_request_to_verified_package(env: Env):
     assert "clamscan" in manifest_media  # the scan record travels in the manifest
     for a in ("request.new", "request.approve", "export.begin", "export.done", "export.refused"):
         assert a in actions
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "nvr_guard", "--config", str(e.site.config), "audit", "verify"]
-        ).returncode
-        == 0
-    )
+    assert run_cli(["--config", str(e.site.config), "audit", "verify"]).returncode == 0
 
 
 def test_refusals(env: Env):
@@ -434,9 +413,7 @@ def test_export_onto_an_enrolled_scanned_usb_stick(env: Env, media_lab: MediaLab
     assert pkg.parent == mp and (pkg / "manifest.sig").is_file()
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert "NVRG0001" in json.dumps(manifest)  # the medium and its scan are in the manifest
-    v = subprocess.run(
-        [sys.executable, "-m", "nvr_guard", "verify", str(pkg)], capture_output=True, text=True
-    )
+    v = run_cli(["verify", str(pkg)])
     assert v.returncode == 0, v.stderr
     actions = {x["action"] for x in e.audit()}
     assert {"media.enroll", "media.scan", "export.refused", "export.done"} <= actions

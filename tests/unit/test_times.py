@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -74,11 +72,6 @@ def test_hold_and_audit_take_durations(site: Site) -> None:
     got = {k: datetime.fromisoformat(hold[k]).timestamp() for k in ("from", "to", "until")}
     for k, want in (("from", t - 4 * 3600), ("to", t - 2 * 3600), ("until", t + 30 * 86400)):
         assert abs(got[k] - want) < 60, (k, hold)
-    r = subprocess.run(
-        [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "--json"]
-        + ["audit", "show", "--since", "1h"],
-        capture_output=True,
-        text=True,
-    )
+    r = site.run("--json", "audit", "show", "--since", "1h")
     assert r.returncode == 0, r.stderr
     assert "hold.add" in [e["action"] for e in json.loads(r.stdout)["entries"]]
