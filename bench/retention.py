@@ -41,11 +41,12 @@ from pathlib import Path
 
 import psutil
 
-from nvr_guard.durations import Duration
 from nvr_guard.model import GuardRules, Segment, SiteRules, boot_clock
+from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.retention.layout import Layout
 from nvr_guard.retention.scan import Scanner, SiteScan, Watcher
 from nvr_guard.store.catalog import Catalog
+from nvr_guard.text import Duration
 
 SITE = "bench"
 LAYOUT = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
@@ -156,7 +157,7 @@ def fresh_catalog(state: Path) -> Catalog:
         p.unlink(missing_ok=True)
     (state / "audit.head").unlink(missing_ok=True)
     state.mkdir(parents=True, exist_ok=True)
-    return Catalog(state / "catalog.db")
+    return Catalog(state / "catalog.db", expiry=ExpiryCalc)
 
 
 def site_scan(root: Path, keep: str) -> SiteScan:
@@ -212,9 +213,10 @@ _RSS_CHILD = textwrap.dedent(
     sys.path.insert(0, sys.argv[3])
     from retention import site_scan, steady_sweep
     from nvr_guard.store.catalog import Catalog
+    from nvr_guard.retention.expiry import ExpiryCalc
     from nvr_guard.retention.scan import Scanner, Watcher
 
-    cat = Catalog(sys.argv[1])
+    cat = Catalog(sys.argv[1], expiry=ExpiryCalc)
     s = site_scan(__import__("pathlib").Path(sys.argv[2]), "40d")
     scanner = Scanner(cat, [s])
     inc = scanner.reconcile()  # what the daemon does when it starts

@@ -41,11 +41,14 @@ from nvr_guard.model import (
     show_path,
 )
 from nvr_guard.retention import policy
+from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.retention.purge import PurgeTarget, digest_paths, iso_utc, purge
 from nvr_guard.retention.scan import Scanner, SiteScan
 from nvr_guard.store.audit import AuditHeadMismatch, AuditLog
 from nvr_guard.store.catalog import Catalog
-from nvr_guard.times import human_bytes, iso, parse_time
+from nvr_guard.store.db import copy_database
+from nvr_guard.text import human_bytes
+from nvr_guard.times import iso, parse_time
 
 log = logging.getLogger("nvr_guard.engine")
 
@@ -243,7 +246,7 @@ class Engine:
             state_dir = Path(config.state_dir)
             state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             db_path = state_dir / "catalog.db"
-        self.catalog = Catalog(db_path)
+        self.catalog = Catalog(db_path, expiry=ExpiryCalc)
         # one lock for the engine and its SQLite connection: the watcher's hints, the scheduler's
         # jobs and the control socket's commands share that connection, and a statement from one
         # thread must never land inside another thread's transaction
@@ -782,13 +785,7 @@ class Engine:
         in the same transaction. Nothing happens while another process holds the purge lock.
         """
         with self.lock:
-            stale = [
-                int(r[0])
-                for r in self.catalog.conn.execute(
-                    "SELECT id FROM sweeps WHERE finished IS NULL "
-                    "AND state IN ('applying', 'blocked') ORDER BY id"
-                )
-            ]
+            stale = self.catalog.unfinished_sweeps()
             if not stale:
                 return 0
             fd = self._purge_lock(wait=False)
@@ -830,8 +827,7 @@ class Engine:
                 starts = [g.start for g in gone]
                 with self.audit.transaction():
                     self._forget(gone)
-                    if not self.audit.conn.in_transaction:
-                        self.audit.conn.execute("BEGIN IMMEDIATE")
+                    self.audit.reopen_transaction()
                     self.audit.append_in(
                         actor,
                         "purge.receipt",
@@ -1230,14 +1226,9 @@ class Engine:
 
     # ---- status --------------------------------------------------------------------------
     def _site_stats(self, site: str) -> dict[str, Any]:
-        with self.catalog.lock:
-            # one pass over the site's rows (the counts need it anyway)
-            count, size, oldest, newest = self.catalog.conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0), min(start), max(start) "
-                "FROM segments WHERE site = ?",
-                (site,),
-            ).fetchone()
-        return {"count": int(count), "bytes": int(size), "oldest": oldest, "newest": newest}
+        # one pass over the site's rows (the counts need it anyway)
+        count, size, oldest, newest = self.catalog.site_stats(site)
+        return {"count": count, "bytes": size, "oldest": oldest, "newest": newest}
 
     def status(self, caller: Caller | None = None) -> dict[str, Any]:
         """Health for ``caller`` (None: everything, for root acting locally): holds, violations
@@ -1510,15 +1501,7 @@ def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) 
     real = Path(config.state_dir) / "catalog.db"
     db = scratch / "preview.db"
     if real.exists() and os.access(real, os.R_OK):
-        import sqlite3
-
-        src = sqlite3.connect(f"file:{real}?mode=ro", uri=True)
-        dst = sqlite3.connect(db)
-        try:
-            src.backup(dst)
-        finally:
-            dst.close()
-            src.close()
+        copy_database(real, db)
     engine = Engine(config, clock=lambda: now, db_path=db, anchored=False)
     for name, rules in engine.rules.items():
         engine.catalog.recompute_expiry(name, rules)

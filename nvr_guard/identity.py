@@ -1,42 +1,104 @@
 """Who acts: the one identity type of the project.
 
 Every operation that needs a role is given a ``Caller``: the peer of a control-socket connection
-(its uid as the kernel reported it) or the local user of a CLI command run without the daemon.
-Roles are granted by user and group name in the config, so a caller carries its names.
+(pid, uid and gid as the kernel reported them at connect(), never as the request claims) or the
+local user of a CLI command run without the daemon. Roles are granted by user and group name in
+the config, so a caller carries its names, looked up once.
+
+Names: a uid without a passwd entry (a container's user, say) is called ``uid:N`` and has no
+groups — roles by group need an account the config can name; a group without a name is left
+out, as nothing can be granted to it by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
+import socket
+import struct
+import time
 from dataclasses import dataclass
 
+_PEERCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
-@dataclass(frozen=True)
+# name lookups (passwd, group, possibly NSS over the network) for every connection made a flood
+# fill the control socket's listen backlog: a uid's names are reused for a few seconds
+_NAMES_TTL = 10.0
+_NAMES: dict[tuple[int, int | None], tuple[float, str, frozenset[str]]] = {}
+
+
+@dataclass(frozen=True, slots=True)
 class Caller:
     """Who acts: from SO_PEERCRED through the control socket, or the local user."""
 
     uid: int
-    user: str
-    groups: tuple[str, ...] = ()
+    user: str  # the passwd name, or ``uid:N`` when the uid has none
+    groups: frozenset[str] = frozenset()  # names of the user's groups, primary included
+    pid: int | None = None  # the peer process (None: not known, e.g. made in-process)
+    gid: int | None = None  # the peer's gid at connect()
+
+    def __post_init__(self) -> None:
+        # callers made by hand may pass any collection of names: one type inside
+        object.__setattr__(self, "groups", frozenset(self.groups))
+
+    @property
+    def name(self) -> str:
+        """The name in messages and audit entries (the same as ``user``)."""
+        return self.user
+
+    def describe(self) -> str:
+        """``alice (uid 1000, pid 4242)``, for log lines."""
+        return f"{self.name} (uid {self.uid}, pid {self.pid})"
 
     @classmethod
     def local(cls) -> Caller:
-        uid = os.getuid()
-        return cls.from_uid(uid)
+        """The user running this process."""
+        user, groups = _names(os.getuid(), None)
+        return cls(os.getuid(), user, groups, pid=os.getpid(), gid=os.getgid())
 
     @classmethod
     def from_uid(cls, uid: int, gid: int | None = None) -> Caller:
+        """The account ``uid``; its groups from ``gid`` (default: its passwd primary group)."""
+        user, groups = _names(uid, gid)
+        return cls(uid, user, groups, gid=gid)
+
+    @classmethod
+    def from_ids(cls, pid: int, uid: int, gid: int) -> Caller:
+        """The peer ``pid``/``uid``/``gid``, its names cached for a few seconds per (uid, gid)."""
+        now = time.monotonic()
+        hit = _NAMES.get((uid, gid))
+        if hit is not None and now - hit[0] < _NAMES_TTL:
+            return cls(uid, hit[1], hit[2], pid=pid, gid=gid)
+        user, groups = _names(uid, gid)
+        if len(_NAMES) > 4096:
+            _NAMES.clear()
+        _NAMES[(uid, gid)] = (now, user, groups)
+        return cls(uid, user, groups, pid=pid, gid=gid)
+
+    @classmethod
+    def of_socket(cls, sock: socket.socket) -> Caller:
+        """The peer of a connected Unix socket, as the kernel reports it (SO_PEERCRED)."""
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        pid, uid, gid = _PEERCRED.unpack(raw)
+        return cls.from_ids(pid, uid, gid)
+
+
+def _names(uid: int, gid: int | None) -> tuple[str, frozenset[str]]:
+    """The user name of ``uid`` and the names of its groups (with ``gid`` as the primary)."""
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        return f"uid:{uid}", frozenset()
+    primary = pw.pw_gid if gid is None else gid
+    gids = {primary}
+    with contextlib.suppress(OSError):
+        gids.update(os.getgrouplist(pw.pw_name, primary))
+    names: set[str] = set()
+    for g in gids:
         try:
-            pw = pwd.getpwuid(uid)
+            names.add(grp.getgrgid(g).gr_name)
         except KeyError:
-            return cls(uid, f"uid:{uid}", ())
-        gids = os.getgrouplist(pw.pw_name, pw.pw_gid if gid is None else gid)
-        names = []
-        for g in gids:
-            try:
-                names.append(grp.getgrgid(g).gr_name)
-            except KeyError:
-                names.append(f"gid:{g}")
-        return cls(uid, pw.pw_name, tuple(sorted(set(names))))
+            continue  # a gid without a name can be granted nothing by name
+    return pw.pw_name, frozenset(names)

@@ -2,7 +2,7 @@
 
 Times are epoch seconds (float, UTC) in the hot paths: a sweep may look at a million segments, and
 ``datetime`` objects there cost more than the work itself. Calendar arithmetic (months, years) is
-done by :class:`nvr_guard.durations.Duration` in the site's timezone.
+done by :class:`nvr_guard.text.Duration` in the site's timezone.
 Paths are ``bytes`` (absolute, as the kernel has them): recording trees may hold names that are not
 valid UTF-8, and such a name must still be catalogued, shown and, when due, deleted.
 """
@@ -14,14 +14,14 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import tzinfo
 
-from nvr_guard.durations import Duration
+from nvr_guard.text import Duration, printable
 
 
 def show_path(path: bytes | str) -> str:
     """A path for humans and JSON: undecodable bytes and control characters escaped."""
     if isinstance(path, bytes):
         path = path.decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+    return printable(path)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
 
-from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput
+from nvr_guard.model import ClockReading, boot_clock
+from nvr_guard.text import Duration
 
 # options whose duration means "from now"; every other time option reads a duration as "ago"
 _AHEAD = frozenset({"--until", "--now"})
@@ -50,6 +52,15 @@ def parse_time(text: str, tz: tzinfo, what: str = "time", now: float | None = No
     return _in_range(ts, text, what)
 
 
+def clock_at(now: str | None, tz: tzinfo) -> ClockReading:
+    """The real clocks, or the wall clock moved to ``now`` (``--now``, read in ``tz``); boot time
+    stays real, so the clock guard sees the jump exactly as it would see a real one."""
+    real = boot_clock()
+    if now is None:
+        return real
+    return replace(real, wall=parse_time(now, tz, "--now", now=real.wall))
+
+
 # recordings exist between these instants; anything else is a typo, and must not reach code that
 # turns times back into dates (year 0 or 10000 in a site's zone has no datetime)
 _EARLIEST = datetime(1970, 1, 2, tzinfo=UTC).timestamp()
@@ -66,11 +77,3 @@ def iso(ts: float | None, tz: tzinfo = UTC) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

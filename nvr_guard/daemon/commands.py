@@ -1,22 +1,53 @@
-"""The arguments of every control command, as one typed model per command.
+"""Every control command, defined once: its name, its typed arguments, who may run it, and
+its handler.
 
-The daemon validates a request's ``args`` against its command's model before any handler code
-runs: a missing field, an unknown field, a value of the wrong type, an id out of range or an
-oversized text is refused with exit 2 and a one-line message naming the field — never a
-traceback from deep inside a handler. Handlers then receive plain values of the right types.
+The daemon serves the socket from this table (``dispatch``), the CLI's local mode (root acting
+on the state while no daemon runs) runs the same handlers in-process, and a gateway for another
+transport can reuse it: the rules of a command live in one place, not in one if-chain per caller.
 
-The CLI builds these arguments itself; the models are the fence against anyone else who speaks
-the socket protocol (a script, a fuzzer, an insider with ``socat``).
+Arguments: a request's ``args`` are validated against the command's model before any handler
+code runs: a missing field, an unknown field, a value of the wrong type, an id out of range or
+an oversized text is refused with exit 2 and a one-line message naming the field — never a
+traceback from deep inside a handler. Handlers then receive the model, values of the right
+types. The CLI builds these arguments itself; the models are the fence against anyone else who
+speaks the socket protocol (a script, a fuzzer, an insider with ``socat``).
+
+Access, checked by ``dispatch`` in this order:
+
+* ``service_account`` commands (``reload``) run for the daemon's own uid without a role:
+  systemd's ExecReload= runs ``nvr-guard reload`` as the service user, which owns the state
+  anyway and is named nowhere in ``people:``;
+* everything not ``public`` (``status``, ``key.show``) needs some role: a caller the config
+  does not know is refused, and the attempt is on record (``access.denied``);
+* ``refuse``: a refusal that depends on the arguments and comes before the role check
+  (``retention.run --now`` through the daemon);
+* ``roles``: the roles the command needs, checked here with ``what`` as the audit object;
+  commands without ``roles`` have theirs checked by the engine, workflow or media gate they call
+  (holds: admin or security_lead; requests: the approval rules; media: the media roles).
 """
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import tzinfo
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from pydantic.functional_validators import AfterValidator
 
-from nvr_guard.errors import InvalidInput
+from nvr_guard.config import Config
+from nvr_guard.engine import AUDIT_ROLES, Engine, audit_show_json, audit_verify_json
+from nvr_guard.errors import DaemonUnavailable, InvalidInput, PolicyRefused, RuntimeFailure
+from nvr_guard.identity import Caller
+from nvr_guard.store.audit import AuditLog
+from nvr_guard.times import clock_at, parse_time
+
+# who may run a sweep or reload the config (root counts as admin)
+SWEEP_ROLES = frozenset({"admin"})
+RELOAD_ROLES = frozenset({"admin"})
 
 MAX_ID = 2**53  # what a JSON number carries exactly
 
@@ -141,40 +172,359 @@ class AuditShow(_Args):
     request: Id | None = None
 
 
+# ---- the context a handler runs in ------------------------------------------------------------
+
+
+def _no_error() -> str | None:
+    return None
+
+
+class Context:
+    """What a command handler may use: the engine, and the hooks of whoever serves the command.
+
+    The daemon gives its ``reload`` and its health (``started``, ``last_error``); the CLI's local
+    mode gives an engine on the state and ``local=True`` (root, no daemon: ``--now`` is allowed
+    there); root reading the audit log without a daemon gives only that log (``of_audit_log``),
+    since opening the state for writing would repair dropped triggers, themselves evidence.
+    """
+
+    def __init__(
+        self,
+        engine: Engine | None,
+        *,
+        local: bool = False,
+        reload: Callable[[str], dict[str, Any]] | None = None,
+        started: float | None = None,
+        last_error: Callable[[], str | None] = _no_error,
+        audit_log: AuditLog | None = None,
+        config: Config | None = None,
+        service_uid: int | None = None,
+    ) -> None:
+        self._engine = engine
+        # the account the daemon runs as (``service_account`` commands): this process's own
+        self.service_uid = os.getuid() if service_uid is None else service_uid
+        self.local = local
+        self.reload = reload
+        self.started = started
+        self.last_error = last_error
+        self._audit_log = audit_log
+        self._config = config
+
+    @classmethod
+    def of_audit_log(cls, log_: AuditLog, config: Config) -> Context:
+        """Only the audit log (read-only) of ``config``'s state, for root without a daemon."""
+        return cls(None, local=True, audit_log=log_, config=config)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine; a command that needs it is refused where there is none."""
+        if self._engine is None:
+            raise DaemonUnavailable("this command needs the daemon (or root acting on the state)")
+        return self._engine
+
+    @property
+    def config(self) -> Config:
+        """The config in force (the engine's follows reloads)."""
+        if self._engine is not None:
+            return self._engine.config
+        assert self._config is not None
+        return self._config
+
+    @property
+    def audit(self) -> AuditLog:
+        """The audit log."""
+        if self._audit_log is not None:
+            return self._audit_log
+        return self.engine.audit
+
+    @property
+    def tz(self) -> tzinfo:
+        """The zone times without an offset are read in."""
+        return self.config.tz
+
+    def wall(self) -> float:
+        """The engine's wall clock (the real time without an engine)."""
+        return self._engine.clock().wall if self._engine is not None else time.time()
+
+    def roles_for(self, caller: Caller) -> set[str]:
+        """The caller's roles (``people:``); root is admin. Without an engine only root acts."""
+        if self._engine is not None:
+            return self._engine.roles_for(caller)
+        return {"admin"} if caller.uid == 0 else set()
+
+    def require(self, caller: Caller, allowed: frozenset[str], what: str) -> None:
+        """Refuse (exit 3, on record where the log takes appends) unless ``caller`` holds one of
+        ``allowed``."""
+        if self._engine is not None:
+            self._engine.require(caller, allowed, what)
+        elif not self.roles_for(caller) & allowed:
+            raise PolicyRefused(f"{caller.user} may not {what}: only root acts without the daemon")
+
+
+# ---- the table --------------------------------------------------------------------------------
+
+Handler = Callable[[Context, Caller, Any], Any]
+Refusal = Callable[[Context, Caller, Any], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One control command: see the module docstring for the order of the access checks."""
+
+    name: str
+    args: type[_Args]
+    handler: Handler
+    roles: frozenset[str] | None = None  # checked by dispatch; None: by what the handler calls
+    what: str = ""  # the audit object of a role refusal ("run a retention sweep")
+    public: bool = False  # served to anyone who reaches the socket
+    service_account: bool = False  # the daemon's own uid runs it without a role
+    refuse: Refusal | None = None  # a refusal checked before the roles
+
+
+# ---- handlers ---------------------------------------------------------------------------------
+
+
+def status(ctx: Context, caller: Caller, a: NoArgs) -> Any:
+    """Health as ``caller`` may see it (request details only to their viewers), with the
+    daemon's own health when a daemon serves it."""
+    st: dict[str, Any] = ctx.engine.status(caller)
+    if ctx.started is not None:
+        last_error = ctx.last_error()
+        st["daemon"] = {
+            "pid": os.getpid(),
+            "uptime": round(time.time() - ctx.started, 1),
+            "last_error": last_error,
+        }
+        if last_error:
+            st["ok"] = False
+    return st
+
+
+def reload(ctx: Context, caller: Caller, a: NoArgs) -> Any:
+    """Validate and apply the config file (the daemon's reload; nothing to reload without one)."""
+    if ctx.reload is None:
+        raise DaemonUnavailable("reload: no daemon runs, so there is no config in force to reload")
+    return ctx.reload(caller.user)
+
+
+def request_new(ctx: Context, caller: Caller, a: RequestNew) -> Any:
+    """File a retrieval request; its footage is held at once."""
+    return ctx.engine.workflow.new(caller, a.model_dump(by_alias=True))
+
+
+def request_list(ctx: Context, caller: Caller, a: RequestList) -> Any:
+    """The requests ``caller`` may see."""
+    return ctx.engine.workflow.list(caller, a.state)
+
+
+def request_show(ctx: Context, caller: Caller, a: IdArgs) -> Any:
+    """One request with its approvals, to those who may see it."""
+    return ctx.engine.workflow.show(caller, a.id)
+
+
+def request_approve(ctx: Context, caller: Caller, a: RequestApprove) -> Any:
+    """Approve the next step ``caller`` holds a role for (or ``as_step``)."""
+    return ctx.engine.workflow.approve(caller, a.id, a.note or "", a.as_step)
+
+
+def request_deny(ctx: Context, caller: Caller, a: IdReason) -> Any:
+    """Deny a request, with its reason."""
+    return ctx.engine.workflow.deny(caller, a.id, a.reason or "")
+
+
+def request_cancel(ctx: Context, caller: Caller, a: IdArgs) -> Any:
+    """Withdraw a request (its requester or an admin)."""
+    return ctx.engine.workflow.cancel(caller, a.id)
+
+
+def request_resolve(ctx: Context, caller: Caller, a: IdReason) -> Any:
+    """Resolve an emergency export's violation, with a reason (admin)."""
+    return ctx.engine.workflow.resolve(caller, a.id, a.reason or "")
+
+
+def export_run(ctx: Context, caller: Caller, a: ExportRun) -> Any:
+    """Write the package of an approved request onto an export target."""
+    return ctx.engine.workflow.export(caller, a.id, a.media)
+
+
+def export_progress(ctx: Context, caller: Caller, a: IdArgs) -> Any:
+    """A running export's progress, to those who may see the request (ids cannot be probed)."""
+    return {"progress": ctx.engine.workflow.progress_of(caller, a.id)}
+
+
+def export_form(ctx: Context, caller: Caller, a: IdArgs) -> Any:
+    """The printable approval record of a request, as HTML."""
+    return {"html": ctx.engine.workflow.form(caller, a.id)}
+
+
+def media_list(ctx: Context, caller: Caller, a: NoArgs) -> Any:
+    """Attached media and export target directories."""
+    return ctx.engine.media.list(caller)
+
+
+def media_enroll(ctx: Context, caller: Caller, a: MediaEnroll) -> Any:
+    """Allow exports onto a medium."""
+    return ctx.engine.media.enroll(caller, a.media, a.label or "")
+
+
+def media_remove(ctx: Context, caller: Caller, a: MediaRemove) -> Any:
+    """Withdraw a medium's enrolment."""
+    return ctx.engine.media.remove(caller, a.media, a.reason or "")
+
+
+def media_scan(ctx: Context, caller: Caller, a: Media) -> Any:
+    """Scan a medium or an export target directory with ClamAV."""
+    return ctx.engine.media.scan(caller, a.media)
+
+
+def media_scan_progress(ctx: Context, caller: Caller, a: Media) -> Any:
+    """A running scan's progress (files done, files in all)."""
+    return {"progress": ctx.engine.media.progress.get(a.media)}
+
+
+def media_wipe(ctx: Context, caller: Caller, a: MediaWipe) -> Any:
+    """Format an unmounted medium instead of scanning it."""
+    return ctx.engine.media.wipe(caller, a.media, a.confirm or "")
+
+
+def refuse_fake_now(ctx: Context, caller: Caller, a: RetentionRun) -> None:
+    """A sweep through the daemon runs at the real time: ``--now`` is for root without one.
+
+    With a fake clock, anyone could step ``now`` forward under the clock guard and delete
+    footage under its floor or its hold, or set it back and make the next real sweep trip the
+    guard."""
+    if a.now is None or ctx.local:
+        return
+    ctx.audit.append(
+        caller.user,
+        "access.denied",
+        "retention.run",
+        {"uid": caller.uid, "now": a.now, "why": "--now through the daemon"},
+    )
+    raise PolicyRefused(
+        "retention run --now: a sweep through the daemon always runs at the real "
+        "time; preview another time with `nvr-guard retention plan --now T`"
+    )
+
+
+def retention_run(ctx: Context, caller: Caller, a: RetentionRun) -> Any:
+    """One sweep now (at ``now`` only for root acting locally), after an incremental rescan."""
+    engine = ctx.engine
+    now = None if a.now is None else clock_at(a.now, engine.config.tz)
+    if not ctx.local:  # locally, the CLI has just brought the catalog up to date
+        engine.reconcile(full=False)
+    return engine.sweep(actor=caller.user, now=now, dry_run=a.dry_run).as_json()
+
+
+def retention_confirm(ctx: Context, caller: Caller, a: RetentionConfirm) -> Any:
+    """Release a sweep a guard stopped (admin)."""
+    return ctx.engine.confirm(a.sweep, caller).as_json()
+
+
+def retention_confirm_root(ctx: Context, caller: Caller, a: RetentionConfirmRoot) -> Any:
+    """Accept a root out of service as it is now (admin)."""
+    return ctx.engine.confirm_root(caller, a.site, a.root)
+
+
+def hold_add(ctx: Context, caller: Caller, a: HoldAdd) -> Any:
+    """Place a manual hold on a camera's footage in a time range (admin, security_lead)."""
+    engine = ctx.engine
+    h = engine.hold_add(caller, a.camera, a.from_, a.to, a.reason, a.until, site=a.site)
+    return engine.hold_json(h.id)
+
+
+def hold_list(ctx: Context, caller: Caller, a: HoldList) -> Any:
+    """The holds as ``caller`` may see them."""
+    return ctx.engine.holds_view(caller, a.all)
+
+
+def hold_release(ctx: Context, caller: Caller, a: HoldRelease) -> Any:
+    """End a manual hold, with a reason (admin, security_lead)."""
+    engine = ctx.engine
+    h = engine.hold_release(caller, a.id, a.reason)
+    return engine.hold_json(h.id)
+
+
+def key_show(ctx: Context, caller: Caller, a: NoArgs) -> Any:
+    """The export signing key's fingerprint: public, it is printed on paper for anyone to
+    compare."""
+    engine = ctx.engine
+    if not engine.key_fingerprint and engine.ensure_signing_key() is None:
+        raise RuntimeFailure(
+            f"the export signing key {engine.config.signing_key_path()} is unusable; "
+            "see `nvr-guard status` (attention signing_key)"
+        )
+    return engine.signing_key_json()
+
+
+def audit_show(ctx: Context, caller: Caller, a: AuditShow) -> Any:
+    """Audit entries, oldest first, from ``since``, about one request if given."""
+    t0 = None if a.since is None else parse_time(a.since, ctx.tz, "--since", now=ctx.wall())
+    # read under the catalog's lock only: a sweep holding the engine lock does not delay it
+    return audit_show_json(ctx.audit, ctx.tz, t0, a.request)
+
+
+def audit_verify(ctx: Context, caller: Caller, a: NoArgs) -> Any:
+    """The hash chain checked against itself and its head file."""
+    return audit_verify_json(ctx.audit)
+
+
 #: every command the daemon serves besides the socket's own ``ping``
-ARGS: dict[str, type[_Args]] = {
-    "status": NoArgs,
-    "reload": NoArgs,
-    "request.new": RequestNew,
-    "request.list": RequestList,
-    "request.show": IdArgs,
-    "request.approve": RequestApprove,
-    "request.deny": IdReason,
-    "request.cancel": IdArgs,
-    "request.resolve": IdReason,
-    "export.run": ExportRun,
-    "export.progress": IdArgs,
-    "export.form": IdArgs,
-    "media.list": NoArgs,
-    "media.enroll": MediaEnroll,
-    "media.remove": MediaRemove,
-    "media.scan": Media,
-    "media.scan_progress": Media,
-    "media.wipe": MediaWipe,
-    "retention.run": RetentionRun,
-    "retention.confirm": RetentionConfirm,
-    "retention.confirm_root": RetentionConfirmRoot,
-    "hold.add": HoldAdd,
-    "hold.list": HoldList,
-    "hold.release": HoldRelease,
-    "key.show": NoArgs,
-    "audit.show": AuditShow,
-    "audit.verify": NoArgs,
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("status", NoArgs, status, public=True),
+        Command(
+            "reload",
+            NoArgs,
+            reload,
+            roles=RELOAD_ROLES,
+            what="reload the config",
+            service_account=True,
+        ),
+        Command("request.new", RequestNew, request_new),
+        Command("request.list", RequestList, request_list),
+        Command("request.show", IdArgs, request_show),
+        Command("request.approve", RequestApprove, request_approve),
+        Command("request.deny", IdReason, request_deny),
+        Command("request.cancel", IdArgs, request_cancel),
+        Command("request.resolve", IdReason, request_resolve),
+        Command("export.run", ExportRun, export_run),
+        Command("export.progress", IdArgs, export_progress),
+        Command("export.form", IdArgs, export_form),
+        Command("media.list", NoArgs, media_list),
+        Command("media.enroll", MediaEnroll, media_enroll),
+        Command("media.remove", MediaRemove, media_remove),
+        Command("media.scan", Media, media_scan),
+        Command("media.scan_progress", Media, media_scan_progress),
+        Command("media.wipe", MediaWipe, media_wipe),
+        Command(
+            "retention.run",
+            RetentionRun,
+            retention_run,
+            roles=SWEEP_ROLES,
+            what="run a retention sweep",
+            refuse=refuse_fake_now,
+        ),
+        Command("retention.confirm", RetentionConfirm, retention_confirm),
+        Command("retention.confirm_root", RetentionConfirmRoot, retention_confirm_root),
+        Command("hold.add", HoldAdd, hold_add),
+        Command("hold.list", HoldList, hold_list),
+        Command("hold.release", HoldRelease, hold_release),
+        Command("key.show", NoArgs, key_show, public=True),
+        Command("audit.show", AuditShow, audit_show, roles=AUDIT_ROLES, what="read the audit log"),
+        Command(
+            "audit.verify", NoArgs, audit_verify, roles=AUDIT_ROLES, what="verify the audit log"
+        ),
+    )
 }
 
+#: the argument model of every command
+ARGS: dict[str, type[_Args]] = {name: c.args for name, c in COMMANDS.items()}
 
-def validate(cmd: str, args: Any) -> dict[str, Any]:
-    """``args`` of ``cmd`` checked against its model, as a plain dict (wire names: ``from``).
+
+def parse(cmd: str, args: Any) -> _Args:
+    """``args`` of ``cmd`` checked against its model.
 
     Raises InvalidInput (exit 2) with one line naming every bad field, or for an unknown command.
     """
@@ -182,11 +532,36 @@ def validate(cmd: str, args: Any) -> dict[str, Any]:
     if model is None:
         raise InvalidInput(f"unknown command {cmd!r}; the daemon knows: {', '.join(sorted(ARGS))}")
     try:
-        parsed = model.model_validate(args)
+        return model.model_validate(args)
     except ValidationError as exc:
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ())) or "(arguments)"
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
         raise InvalidInput(f"{cmd}: invalid arguments: " + "; ".join(parts)[:1000]) from None
-    return parsed.model_dump(by_alias=True)
+
+
+def validate(cmd: str, args: Any) -> dict[str, Any]:
+    """``args`` of ``cmd`` checked against its model, as a plain dict (wire names: ``from``)."""
+    return parse(cmd, args).model_dump(by_alias=True)
+
+
+def dispatch(ctx: Context, caller: Caller, cmd: str, args: Any) -> Any:
+    """Run ``cmd`` for ``caller``: arguments validated, access checked (module docstring), then
+    its handler. Unknown command or bad arguments: InvalidInput (exit 2) before anything else."""
+    parsed = parse(cmd, args)
+    command = COMMANDS[cmd]
+    if command.service_account and caller.uid == ctx.service_uid:
+        return command.handler(ctx, caller, parsed)
+    if not command.public and not ctx.roles_for(caller):
+        # someone the config does not know: refused, and the attempt is on record
+        ctx.audit.append(caller.user, "access.denied", cmd, {"uid": caller.uid})
+        raise PolicyRefused(
+            f"{caller.user} (uid {caller.uid}) has no role in {ctx.config.source_path}; "
+            "an admin adds people under `people:`"
+        )
+    if command.refuse is not None:
+        command.refuse(ctx, caller, parsed)
+    if command.roles is not None:
+        ctx.require(caller, command.roles, command.what)
+    return command.handler(ctx, caller, parsed)

@@ -49,7 +49,6 @@ import grp
 import json
 import logging
 import os
-import pwd
 import selectors
 import socket
 import stat
@@ -71,6 +70,7 @@ from nvr_guard.errors import (
     RuntimeFailure,
     VerifyFailed,
 )
+from nvr_guard.identity import Caller
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,6 @@ DEFAULT_REFUSAL_WINDOW = 60.0
 
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _HEADER = struct.Struct(">I")
-_PEERCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 # ----------------------------------------------------------------------------------------------
 # Messages
@@ -118,67 +117,6 @@ class Reply(BaseModel):
     ok: bool
     result: Any = None
     error: ErrorBody | None = None
-
-
-_NAMES_TTL = 10.0
-_NAMES: dict[tuple[int, int], tuple[float, str | None, frozenset[str]]] = {}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Caller:
-    """The process on the other end of a connection, as the kernel reported it at connect()."""
-
-    pid: int
-    uid: int
-    gid: int
-    user: str | None  # None when the uid has no passwd entry (e.g. a container's user)
-    groups: frozenset[str]  # names of the user's groups, primary included
-
-    @property
-    def name(self) -> str:
-        return self.user if self.user is not None else f"uid:{self.uid}"
-
-    def describe(self) -> str:
-        return f"{self.name} (uid {self.uid}, pid {self.pid})"
-
-    @classmethod
-    def from_ids(cls, pid: int, uid: int, gid: int) -> Caller:
-        # name lookups (passwd, group, possibly NSS over the network) for every connection made
-        # a flood fill the listen backlog: a uid's names are reused for a few seconds
-        now = time.monotonic()
-        hit = _NAMES.get((uid, gid))
-        if hit is not None and now - hit[0] < _NAMES_TTL:
-            return cls(pid=pid, uid=uid, gid=gid, user=hit[1], groups=hit[2])
-        c = cls._lookup(pid, uid, gid)
-        if len(_NAMES) > 4096:
-            _NAMES.clear()
-        _NAMES[(uid, gid)] = (now, c.user, c.groups)
-        return c
-
-    @classmethod
-    def _lookup(cls, pid: int, uid: int, gid: int) -> Caller:
-        try:
-            user: str | None = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            user = None
-        gids: set[int] = {gid}
-        if user is not None:
-            with contextlib.suppress(OSError):
-                gids.update(os.getgrouplist(user, gid))
-        names: set[str] = set()
-        for g in gids:
-            try:
-                names.add(grp.getgrgid(g).gr_name)
-            except KeyError:
-                # A gid without a name can still be granted nothing by name: skip it.
-                continue
-        return cls(pid=pid, uid=uid, gid=gid, user=user, groups=frozenset(names))
-
-    @classmethod
-    def of_socket(cls, sock: socket.socket) -> Caller:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        pid, uid, gid = _PEERCRED.unpack(raw)
-        return cls.from_ids(pid, uid, gid)
 
 
 class UnknownCommand(InvalidInput):
@@ -364,7 +302,9 @@ class ControlServer:
     """Serves the control socket in threads. ``start()`` binds and returns; ``stop()`` undoes it.
 
     Commands come from the table filled by :meth:`register`; a request for a name that is not in
-    the table goes to ``handler`` when one was given, else is refused with exit code 2.
+    the table goes to ``handler`` when one was given, else is refused with exit code 2. The server
+    itself serves only ``ping`` this way; the daemon hands every other command to its ``handler``,
+    which dispatches from the one command table (``nvr_guard.daemon.commands``).
     """
 
     def __init__(

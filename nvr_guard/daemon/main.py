@@ -26,21 +26,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from nvr_guard import attention
 from nvr_guard.config import Config, load_config
 from nvr_guard.daemon import sdnotify
-from nvr_guard.engine import (
-    AUDIT_ROLES,
-    Engine,
-    StateLock,
-    audit_show_json,
-    audit_verify_json,
-)
-from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError, PolicyRefused
+from nvr_guard.daemon.commands import Context, dispatch
+from nvr_guard.engine import Engine, StateLock
+from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError
 from nvr_guard.identity import Caller
 from nvr_guard.store.audit import AuditHeadMismatch
-from nvr_guard.times import parse_time
 
-# who may run a sweep or reload the config through the control socket (root counts as admin)
-SWEEP_ROLES = frozenset({"admin"})
-RELOAD_ROLES = frozenset({"admin"})
 # how long a starting daemon waits for local root commands still acting on the state
 STATE_LOCK_WAIT = 30.0
 
@@ -63,6 +54,7 @@ class _PriorityFormatter(logging.Formatter):
 
 
 def setup_logging(verbose: int) -> None:
+    """Log to stderr: with times on a terminal, with syslog priorities under systemd."""
     handler = logging.StreamHandler(sys.stderr)
     if sys.stderr.isatty() and "JOURNAL_STREAM" not in os.environ:
         handler.setFormatter(
@@ -82,6 +74,8 @@ def _seconds(d: Any) -> float:
 
 
 class Daemon:
+    """One nvr-guard daemon: its engine, control socket, watcher, scheduler and metrics."""
+
     def __init__(self, config_path: str) -> None:
         self.config_path = config_path
         self.stop_event = threading.Event()
@@ -110,6 +104,7 @@ class Daemon:
 
     # ---- start / stop --------------------------------------------------------------------------
     def start(self) -> None:
+        """Load the config (refusing a bad one), take the state, serve, reconcile, schedule."""
         config = load_config(self.config_path)  # ConfigError -> refuse to start
         # the state is this daemon's alone for its whole life: a local root command acts on it
         # only while no daemon holds this lock (see StateLock)
@@ -163,19 +158,13 @@ class Daemon:
         )
         self.server.start()
 
-    def _admit(self, peer: Any) -> str | None:
+    def _admit(self, who: Caller) -> str | None:
         """Checked when a connection is accepted: someone the config gives no role is turned
         away at once (and the refusal recorded) instead of holding a slot."""
         engine = self.engine
         assert engine is not None
-        # the names the socket already looked up (cached there): no second lookup per connection
-        who = Caller(
-            peer.uid,
-            peer.user if peer.user is not None else f"uid:{peer.uid}",
-            tuple(sorted(peer.groups)),
-        )
         if engine.roles_for(who) or who.uid == os.getuid():
-            # the daemon's own account comes in only for `reload` (ExecReload=); _handle
+            # the daemon's own account comes in only for `reload` (ExecReload=); dispatch
             # refuses it everything else that needs a role
             return None
         return (
@@ -183,13 +172,13 @@ class Daemon:
             "an admin adds people under `people:`"
         )
 
-    def _record_refusal(self, peer: Any, details: dict[str, Any]) -> None:
+    def _record_refusal(self, peer: Caller, details: dict[str, Any]) -> None:
         """Every refusal the control socket gives, into the audit log (rate-limited per uid by
         the server; a summary entry counts what was not recorded singly)."""
         engine = self.engine
         if engine is None:
             return
-        user = peer.user if peer.user is not None else f"uid:{peer.uid}"
+        user = peer.user
         cmd = details.get("cmd")
         if "suppressed" in details:
             action, obj = "control.refusals_suppressed", "control"
@@ -274,6 +263,7 @@ class Daemon:
         self.scheduler = sched
 
     def stop(self) -> None:
+        """Stop every part, record the stop, and release the state last."""
         sdnotify.stopping()
         if self.watcher is not None:
             try:
@@ -462,12 +452,20 @@ class Daemon:
         return {"applied": True, "errors": [], "digest": new.digest, "config": self.config_path}
 
     # ---- control socket ------------------------------------------------------------------------
-    def handle(self, peer: Any, cmd: str, args: dict[str, Any]) -> Any:
-        from nvr_guard.daemon.commands import validate
+    def context(self) -> Context:
+        """What the command handlers of this daemon work with: its engine, reload and health."""
+        assert self.engine is not None
+        return Context(
+            self.engine,
+            reload=self.reload,
+            started=self.started,
+            last_error=lambda: self.last_error,
+        )
 
-        args = validate(cmd, args)  # one typed model per command; exit 2 before any handler
+    def handle(self, peer: Caller, cmd: str, args: dict[str, Any]) -> Any:
+        """Serve one control request of ``peer`` from the command table (``commands.dispatch``)."""
         try:
-            return self._handle(peer, cmd, args)
+            return dispatch(self.context(), peer, cmd, args)
         except NvrGuardError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -478,141 +476,9 @@ class Daemon:
                 f"{cmd}: missing or malformed argument ({type(exc).__name__}: {exc})"
             ) from None
 
-    def _handle(self, peer: Any, cmd: str, args: dict[str, Any]) -> Any:
-        assert self.engine is not None
-        engine = self.engine
-        who = Caller.from_uid(peer.uid, getattr(peer, "gid", None))
-        if cmd == "ping":
-            return {"pong": True, "user": who.user}
-        if cmd == "reload" and who.uid == os.getuid():
-            # the daemon's own account: systemd's ExecReload= runs `nvr-guard reload` as the
-            # service user, which needs no role in `people:` (it owns the state anyway)
-            return self.reload(actor=who.user)
-        if cmd == "key.show":  # public: the fingerprint is printed on paper for anyone to compare
-            return engine.signing_key_json() if engine.key_fingerprint else _no_key(engine)
-        if cmd != "status" and not engine.roles_for(who):
-            # someone the config does not know: refused, and the attempt is on record
-            engine.audit.append(who.user, "access.denied", cmd, {"uid": who.uid})
-            raise PolicyRefused(
-                f"{who.user} (uid {who.uid}) has no role in {engine.config.source_path}; "
-                "an admin adds people under `people:`"
-            )
-        wf = engine.workflow
-        if cmd == "request.new":
-            return wf.new(who, args)
-        if cmd == "request.list":
-            return wf.list(who, args.get("state"))
-        if cmd == "request.show":
-            return wf.show(who, int(args["id"]))
-        if cmd == "request.approve":
-            return wf.approve(
-                who, int(args["id"]), str(args.get("note") or ""), args.get("as_step")
-            )
-        if cmd == "request.deny":
-            return wf.deny(who, int(args["id"]), str(args.get("reason") or ""))
-        if cmd == "request.cancel":
-            return wf.cancel(who, int(args["id"]))
-        if cmd == "request.resolve":
-            return wf.resolve(who, int(args["id"]), str(args.get("reason") or ""))
-        if cmd == "export.run":
-            return wf.export(who, int(args["id"]), str(args["media"]))
-        if cmd == "export.progress":
-            # to those who may see the request, like `request show`: ids cannot be probed
-            return {"progress": wf.progress_of(who, int(args["id"]))}
-        if cmd == "media.list":
-            return engine.media.list(who)
-        if cmd == "media.enroll":
-            return engine.media.enroll(who, str(args["media"]), str(args.get("label") or ""))
-        if cmd == "media.remove":
-            return engine.media.remove(who, str(args["media"]), str(args.get("reason") or ""))
-        if cmd == "media.scan":
-            return engine.media.scan(who, str(args["media"]))
-        if cmd == "media.scan_progress":
-            return {"progress": engine.media.progress.get(str(args["media"]))}
-        if cmd == "media.wipe":
-            return engine.media.wipe(who, str(args["media"]), str(args.get("confirm") or ""))
-        if cmd == "export.form":
-            return {"html": wf.form(who, int(args["id"]))}
-        if cmd == "status":
-            st = engine.status(who)  # per caller: request details only to their viewers
-            st["daemon"] = {
-                "pid": os.getpid(),
-                "uptime": round(time.time() - self.started, 1),
-                "last_error": self.last_error,
-            }
-            if self.last_error:
-                st["ok"] = False
-            return st
-        if cmd == "retention.run":
-            if args.get("now") is not None:
-                # A sweep judges footage at the real time. With a fake clock, anyone could
-                # step `now` forward under the clock guard and delete footage under its floor
-                # or its hold, or set it back and make the next real sweep trip the guard.
-                engine.audit.append(
-                    who.user,
-                    "access.denied",
-                    cmd,
-                    {"uid": who.uid, "now": str(args["now"]), "why": "--now through the daemon"},
-                )
-                raise PolicyRefused(
-                    "retention run --now: a sweep through the daemon always runs at the real "
-                    "time; preview another time with `nvr-guard retention plan --now T`"
-                )
-            engine.require(who, SWEEP_ROLES, "run a retention sweep")
-            engine.reconcile(full=False)
-            return engine.sweep(actor=who.user, dry_run=bool(args.get("dry_run"))).as_json()
-
-        if cmd == "reload":
-            engine.require(who, RELOAD_ROLES, "reload the config")
-            return self.reload(actor=who.user)
-        if cmd == "retention.confirm":
-            return engine.confirm(int(args["sweep"]), who).as_json()
-        if cmd == "retention.confirm_root":
-            return engine.confirm_root(who, str(args["site"]), str(args["root"]))
-        if cmd == "hold.add":
-            h = engine.hold_add(
-                who,
-                str(args["camera"]),
-                str(args["from"]),
-                str(args["to"]),
-                str(args["reason"]),
-                args.get("until"),
-                site=None if args.get("site") is None else str(args["site"]),
-            )
-            return engine.hold_json(h.id)
-        if cmd == "hold.list":
-            return engine.holds_view(who, bool(args.get("all")))
-        if cmd == "audit.show":
-            engine.require(who, AUDIT_ROLES, "read the audit log")
-            since = args.get("since")
-            t0 = (
-                None
-                if since is None
-                else parse_time(str(since), engine.config.tz, "--since", now=engine.clock().wall)
-            )
-            # read under the catalog's lock only: a sweep holding the engine lock does not delay it
-            return audit_show_json(engine.audit, engine.config.tz, t0, args.get("request"))
-        if cmd == "audit.verify":
-            engine.require(who, AUDIT_ROLES, "verify the audit log")
-            return audit_verify_json(engine.audit)
-        if cmd == "hold.release":
-            h = engine.hold_release(who, int(args["id"]), str(args["reason"]))
-            return engine.hold_json(h.id)
-        raise InvalidInput(f"unknown command {cmd!r}")
-
-
-def _no_key(engine: Engine) -> dict[str, Any]:
-    from nvr_guard.errors import RuntimeFailure
-
-    if engine.ensure_signing_key() is None:
-        raise RuntimeFailure(
-            f"the export signing key {engine.config.signing_key_path()} is unusable; "
-            "see `nvr-guard status` (attention signing_key)"
-        )
-    return engine.signing_key_json()
-
 
 def run_daemon(config_path: str, verbose: int = 0) -> int:
+    """Run a daemon in the foreground until SIGTERM/SIGINT; the process's exit code."""
     setup_logging(verbose)
     d = Daemon(config_path)
 

@@ -36,6 +36,8 @@ from prometheus_client.registry import Collector
 from nvr_guard import attention
 from nvr_guard.engine import LATENESS_BUCKETS, Engine
 from nvr_guard.retention import policy
+from nvr_guard.store import media as media_store
+from nvr_guard.store import requests as requests_store
 
 log = logging.getLogger("nvr_guard.daemon.metrics")
 
@@ -94,13 +96,6 @@ class Snapshot:
     attention: dict[str, int] = field(default_factory=dict)
 
 
-def _table_exists(conn: Any, name: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-    ).fetchone()
-    return row is not None
-
-
 class EngineCollector(Collector):
     """A prometheus-client collector over one :class:`Engine`; register it in a registry."""
 
@@ -146,13 +141,7 @@ class EngineCollector(Collector):
         return snap
 
     def _sites(self, snap: Snapshot, now: float) -> None:
-        cat = self.engine.catalog
-        with cat.lock:
-            rows = cat.conn.execute(
-                "SELECT site, count(*), coalesce(sum(size), 0), min(start) "
-                "FROM segments GROUP BY site"
-            ).fetchall()
-        found = {str(r[0]): (int(r[1]), int(r[2]), r[3]) for r in rows}
+        found = self.engine.catalog.site_totals()
         unmatched = self.engine.scanner.unmatched_by_site()
         for name, rules in self.engine.rules.items():
             count, size, oldest = found.get(name, (0, 0, None))
@@ -180,31 +169,20 @@ class EngineCollector(Collector):
         """Requests by state and scans by result: tables other parts create when first used."""
         cat = self.engine.catalog
         with cat.lock:
-            if _table_exists(cat.conn, "requests"):
-                for state, n in cat.conn.execute(
-                    "SELECT state, count(*) FROM requests GROUP BY state"
-                ):
-                    snap.requests[str(state)] = int(n)
-            if _table_exists(cat.conn, "scans"):
-                for result, n in cat.conn.execute(
-                    "SELECT result, count(*) FROM scans GROUP BY result"
-                ):
-                    snap.scans[str(result)] = int(n)
+            snap.requests.update(requests_store.counts_by_state(cat))
+            snap.scans.update(media_store.scan_counts_by_result(cat))
 
     def _audit(self, snap: Snapshot) -> None:
         audit = self.engine.audit
         seq, _head = audit.head()
         snap.audit_entries = seq
         with self.engine.catalog.lock:
-            for action, n in audit.conn.execute(
-                "SELECT action, count(*) FROM audit WHERE seq > ? AND seq <= ? "
-                "AND action IN (?, ?) GROUP BY action",
-                (self._audit_seq, seq, _EXPORT_DONE, _EXPORT_FAILED),
-            ):
+            counts = audit.action_counts(self._audit_seq, seq, (_EXPORT_DONE, _EXPORT_FAILED))
+            for action, n in counts.items():
                 if action == _EXPORT_DONE:
-                    self._exports += int(n)
+                    self._exports += n
                 else:
-                    self._exports_failed += int(n)
+                    self._exports_failed += n
         self._audit_seq = seq
         snap.exports, snap.exports_failed = self._exports, self._exports_failed
         mono = time.monotonic()

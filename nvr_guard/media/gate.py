@@ -38,6 +38,8 @@ from typing import Any
 from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, RuntimeFailure
 from nvr_guard.media.detect import DEV, MOUNTINFO, SYSFS, Medium, find_medium
 from nvr_guard.store.media import Enrolment, MediaStore, ScanRecord
+from nvr_guard.text import fmt_age as _age
+from nvr_guard.text import fmt_mib as _mib
 
 DEFAULT_RESERVE = 64 * 1024 * 1024
 DEFAULT_SCAN_MAX_AGE = 15 * 60.0
@@ -56,18 +58,6 @@ class Decision:
 
 def _when(ts: float, tz: tzinfo) -> str:
     return datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def device_identity(medium: Medium) -> str:

@@ -106,6 +106,8 @@ class Layout:
     def parse(self, rel: str) -> tuple[str, float] | None:
         """Camera id and recorded start (epoch seconds) of a root-relative path, or None."""
         slash = rel.rfind("/")
+        if slash == 0:  # "/name": an absolute path, not one relative to the root
+            return None
         match = self.dir_matcher(rel[: max(slash, 0)])
         if match is None:
             return None

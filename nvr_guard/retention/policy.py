@@ -34,7 +34,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 
-from nvr_guard.durations import Duration
 from nvr_guard.model import (
     Action,
     ClockReading,
@@ -50,7 +49,10 @@ from nvr_guard.model import (
     Volume,
     is_skewed,
 )
-from nvr_guard.times import human_bytes
+from nvr_guard.text import Duration, human_bytes
+from nvr_guard.text import fmt_limit as _dur
+from nvr_guard.text import fmt_percent as _pct
+from nvr_guard.text import fmt_span as _span
 
 __all__ = [
     "Confirmation",
@@ -317,34 +319,8 @@ _HHMM = [f"T{h:02}:{m:02}:" for h in range(24) for m in range(60)]
 _SS = [f"{s:02}" for s in range(60)]
 
 
-def _dur(d: Duration | None) -> str:
-    """15d / 6mo / 1y / 1d12h, or "forever" for no limit."""
-    return "forever" if d is None else str(d)
-
-
 def _n(count: int, noun: str = "segment") -> str:
     return f"{count:,} {noun}" + ("" if count == 1 else "s")
-
-
-def _pct(fraction: float) -> str:
-    """31% / 20.5% / 0.1%: enough digits to tell a value from the threshold it is compared with."""
-    p = fraction * 100
-    text = f"{p:.1f}"
-    return (text[:-2] if text.endswith(".0") else text) + "%"
-
-
-def _span(seconds: float) -> str:
-    """3 d 2 h / 5 min / 40 s."""
-    s = abs(seconds)
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.0f} min"
-    d, rest = divmod(int(s), 86400)
-    h = rest // 3600
-    if d == 0:
-        return f"{h} h"
-    return f"{d} d {h} h" if h else f"{d} d"
 
 
 def _rules_tokens(text: str) -> dict[str, str] | None:

@@ -675,8 +675,7 @@ def _finish(
                             on_deleted(b.deleted)
                         except Exception as exc:
                             catalog_error = exc
-                        if not audit.conn.in_transaction:
-                            audit.conn.execute("BEGIN IMMEDIATE")  # the callback committed
+                        audit.reopen_transaction()  # when the callback committed
             if failure is not None:
                 raise failure
             if catalog_error is not None:

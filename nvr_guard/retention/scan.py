@@ -52,7 +52,6 @@ import errno
 import logging
 import os
 import queue
-import sqlite3
 import stat
 import threading
 import time
@@ -77,14 +76,15 @@ from nvr_guard import attention as att
 from nvr_guard.attention import Attention
 from nvr_guard.model import SiteRules, show_path
 from nvr_guard.mounts import dir_identity, mount_points_below, same_directory
+from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.retention.layout import Layout
-from nvr_guard.store.catalog import (
-    Catalog,
-    ExpiryCalc,
+from nvr_guard.store.catalog import Catalog
+from nvr_guard.store.segments import (
     PackedRows,
     SegmentRow,
     pack_rows,
     prefix_range,
+    read_rows_between,
     release_memory,
 )
 from nvr_guard.workers import gc_paused, worker_context
@@ -450,14 +450,6 @@ class _Job:
     mounts: frozenset[bytes] = frozenset()  # mount points below the root, not entered
 
 
-def _read_known(conn: sqlite3.Connection, lo: bytes, hi: bytes) -> dict[bytes, _Known]:
-    cur = conn.execute(
-        "SELECT path, site, camera, start, mtime, size FROM segments WHERE path >= ? AND path < ?",
-        (lo, hi),
-    )
-    return {p: (s, c, st, m, z) for p, s, c, st, m, z in cur}
-
-
 def _run_job(job: _Job) -> _Delta:
     with gc_paused():
         return _walk_job(job)
@@ -468,11 +460,7 @@ def _walk_job(job: _Job) -> _Delta:
     cls = _Classifier(job.site, job.root, job.layout, job.exts, job.rules)
     known: dict[bytes, _Known] = {}
     if job.db is not None:
-        conn = sqlite3.connect(f"file:{job.db}?mode=ro", uri=True, timeout=30)
-        try:
-            known = _read_known(conn, *prefix_range(job.top + b"/"))
-        finally:
-            conn.close()
+        known = read_rows_between(job.db, *prefix_range(job.top + b"/"))
     delta = _Delta()
     _walk(
         cls,
@@ -828,12 +816,7 @@ class Scanner:
         return root_st, entries
 
     def _rows_under(self, root: bytes) -> int:
-        lo, hi = prefix_range(root + b"/")
-        with self.catalog.lock:
-            row = self.catalog.conn.execute(
-                "SELECT count(*) FROM segments WHERE path >= ? AND path < ?", (lo, hi)
-            ).fetchone()
-        return int(row[0])
+        return self.catalog.count_between(*prefix_range(root + b"/"))
 
     def _fence(
         self, s: SiteScan, root: bytes, root_st: os.stat_result
@@ -984,7 +967,7 @@ class Scanner:
         if existing:
             with self.catalog.lock:
                 for lo, hi in _gaps(prefix, names):
-                    known.update(_read_known(self.catalog.conn, lo, hi))
+                    known.update(self.catalog.rows_between(lo, hi))
             if keep_exact:
                 _keep_rows(known, keep_exact, keep_under)
         head.dirs.append((root, _dir_mark(root_st.st_mtime_ns, racy)))
@@ -1059,11 +1042,7 @@ class Scanner:
                 d.stats.cpu_seconds = 0.0  # already in this process's own figure
                 apply(d)
             # directories last: if we die before this, the next incremental pass re-lists
-            lo, hi = prefix_range(prefix)
-            with self.catalog.transaction() as c:
-                c.execute(
-                    "DELETE FROM dirs WHERE path = ? OR (path >= ? AND path < ?)", (root, lo, hi)
-                )
+            self.catalog.remove_dirs_below(root)
             self.catalog.set_dirs(s.site, all_dirs)
             t_walked = time.perf_counter()
         self._report(
@@ -1091,12 +1070,7 @@ class Scanner:
                 pending.remove(futures[fut])
 
     def _any_under(self, root: bytes) -> bool:
-        lo, hi = prefix_range(root + b"/")
-        with self.catalog.lock:
-            row = self.catalog.conn.execute(
-                "SELECT 1 FROM segments WHERE path >= ? AND path < ? LIMIT 1", (lo, hi)
-            ).fetchone()
-        return row is not None
+        return self.catalog.any_between(*prefix_range(root + b"/"))
 
     # -- incremental -----------------------------------------------------------------------
 
@@ -1239,14 +1213,14 @@ class Scanner:
         known: dict[bytes, _Known] = {}
         with self.catalog.lock:
             for lo, hi in _gaps(prefix, [p[len(prefix) :] for p, _ in subdirs]):
-                known.update(_read_known(self.catalog.conn, lo, hi))
+                known.update(self.catalog.rows_between(lo, hi))
         for path, st in files:
             _note_file(cls, path, st, known, delta)
         for sub, ns in subdirs:
             if sub not in known_dirs:
                 # new directory: walk all of it, against whatever the catalog has below it
                 with self.catalog.lock:
-                    sub_known = _read_known(self.catalog.conn, *prefix_range(sub + b"/"))
+                    sub_known = self.catalog.rows_between(*prefix_range(sub + b"/"))
                 _walk(cls, sub, ns, sub_known, delta, racy, True, dev, mounts)
                 known.update(sub_known)  # left over: catalogued but not on disk
         if keep_exact or keep_under:
@@ -1313,7 +1287,7 @@ class Scanner:
             if stat.S_ISDIR(st.st_mode):
                 delta = _Delta()
                 with self.catalog.lock:
-                    known = _read_known(self.catalog.conn, *prefix_range(path + b"/"))
+                    known = self.catalog.rows_between(*prefix_range(path + b"/"))
                 _walk(
                     cls, path, st.st_mtime_ns, known, delta, self._racy_after(), True, dev, mounts
                 )

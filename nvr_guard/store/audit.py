@@ -55,13 +55,15 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
 from nvr_guard.errors import InvalidInput, NvrGuardError, VerifyFailed
 from nvr_guard.model import show_path
+from nvr_guard.store.schema import ensure_audit_schema as ensure_schema
+from nvr_guard.store.schema import missing_audit_triggers as missing_triggers
 
 log = logging.getLogger(__name__)
 
@@ -105,72 +107,6 @@ ACTIONS = frozenset(
         AUDIT_REANCHOR,
     }
 )
-
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS audit (
-        seq INTEGER PRIMARY KEY,
-        time REAL NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        object TEXT NOT NULL,
-        details TEXT NOT NULL,
-        prev TEXT NOT NULL,
-        hash TEXT NOT NULL
-    )
-    """,
-    "CREATE INDEX IF NOT EXISTS audit_time ON audit(time)",
-    "CREATE INDEX IF NOT EXISTS audit_object ON audit(object)",
-    # RAISE(ABORT) undoes the statement and leaves the caller's transaction open: the offending
-    # statement fails loudly, nothing else the caller did is lost.
-    """
-    CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: UPDATE refused'); END
-    """,
-    """
-    CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: DELETE refused'); END
-    """,
-)
-_TRIGGERS = ("audit_no_update", "audit_no_delete")
-
-
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the audit table, its indexes and the append-only triggers (idempotent).
-
-    Runs inside the caller's transaction when one is open (the catalog's migrations), else in
-    its own.
-    """
-    own = not conn.in_transaction
-    if own:
-        conn.execute("BEGIN IMMEDIATE")
-    try:
-        for stmt in _SCHEMA:
-            conn.execute(stmt)
-    except BaseException:
-        if own:
-            conn.rollback()
-        raise
-    if own:
-        conn.commit()
-
-
-def missing_triggers(conn: sqlite3.Connection) -> list[str]:
-    """The append-only triggers missing from an existing audit table ([] when there is no
-    table yet: a new log gets its triggers with it, nothing was dropped)."""
-    tables = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit'"
-    ).fetchone()
-    if tables is None:
-        return []
-    present = {
-        r[0]
-        for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'"
-        )
-    }
-    return [t for t in _TRIGGERS if t not in present]
-
 
 # ---------------------------------------------------------------------------------------------
 # canonical encoding
@@ -267,6 +203,7 @@ class AuditEntry:
     hash: str
 
     def as_json(self) -> dict[str, Any]:
+        """The entry for ``--json`` output, with its time also as ISO 8601 UTC."""
         return {
             "seq": self.seq,
             "time": self.time,
@@ -292,6 +229,7 @@ class VerifyReport:
     missing_triggers: tuple[str, ...] = ()
 
     def message(self) -> str:
+        """One line for humans: ok with the head, or where the chain breaks."""
         if self.ok:
             return f"audit log ok: {self.count} entries, head {self.head[0]} {self.head[1][:16]}"
         return f"audit log TAMPERED at entry {self.first_bad}: {self.problem}"
@@ -570,6 +508,13 @@ class AuditLog:
             finally:
                 self._report_anchor()
 
+    def reopen_transaction(self) -> None:
+        """Inside :meth:`transaction`: begin again (``BEGIN IMMEDIATE``) when the body's
+        callback committed, so what follows still commits with the FULL-sync and head update."""
+        with self.lock:
+            if not self.conn.in_transaction:
+                self.conn.execute("BEGIN IMMEDIATE")
+
     def sync_head(self) -> None:
         """Write the database's newest (seq, hash) to the head file (atomic rename, fsynced).
 
@@ -656,6 +601,7 @@ class AuditLog:
     # -- reading ---------------------------------------------------------------------------
 
     def head(self) -> tuple[int, str]:
+        """The newest entry's (seq, hash); (0, genesis) for an empty log."""
         with self.lock:
             row = self.conn.execute(
                 "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
@@ -663,6 +609,7 @@ class AuditLog:
         return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
     def get(self, seq: int) -> AuditEntry | None:
+        """The entry with that sequence number, or None."""
         with self.lock:
             row = self.conn.execute(
                 f"SELECT {_COLUMNS} FROM audit WHERE seq = ?", (seq,)
@@ -714,6 +661,19 @@ class AuditLog:
             rows = self.conn.execute(sql, args).fetchall()
         for row in rows:
             yield _entry(row)
+
+    def action_counts(
+        self, after_seq: int, upto_seq: int, actions: Sequence[str]
+    ) -> dict[str, int]:
+        """How many entries with ``after_seq < seq <= upto_seq`` have each of ``actions``."""
+        marks = ", ".join("?" * len(actions))
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT action, count(*) FROM audit WHERE seq > ? AND seq <= ? "
+                f"AND action IN ({marks}) GROUP BY action",
+                (after_seq, upto_seq, *actions),
+            ).fetchall()
+        return {str(a): int(n) for a, n in rows}
 
     def verify(self) -> VerifyReport:
         """Walk the whole chain; report the first entry that was edited, removed or moved, or

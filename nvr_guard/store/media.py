@@ -18,66 +18,31 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from nvr_guard.errors import InvalidInput
-from nvr_guard.media.detect import Medium
-from nvr_guard.store.catalog import write_transaction
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS media (
-    id TEXT PRIMARY KEY,
-    serial TEXT NOT NULL,
-    fs_uuid TEXT NOT NULL,
-    label TEXT NOT NULL,
-    vendor TEXT NOT NULL DEFAULT '',
-    model TEXT NOT NULL DEFAULT '',
-    enrolled_by TEXT NOT NULL,
-    enrolled_at REAL NOT NULL,
-    removed_by TEXT,
-    removed_at REAL
-);
-CREATE TABLE IF NOT EXISTS scans (
-    id INTEGER PRIMARY KEY,
-    media_id TEXT,                  -- NULL for a directory from export.targets
-    target_path TEXT NOT NULL,      -- what was scanned (the mount point, or the directory)
-    started REAL NOT NULL,
-    finished REAL NOT NULL,
-    engine TEXT NOT NULL,
-    engine_version TEXT NOT NULL,
-    signature_version TEXT NOT NULL,
-    signature_date TEXT NOT NULL,
-    files INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    duration REAL NOT NULL,
-    result TEXT NOT NULL,           -- only 'clean' lets a write through
-    infected_json TEXT NOT NULL,    -- JSON list of {path, signature}
-    errors_json TEXT NOT NULL,      -- JSON list of strings
-    listing_fingerprint TEXT NOT NULL,
-    device_identity TEXT NOT NULL,
-    content_digest TEXT NOT NULL DEFAULT ''  -- '' (older scans): not usable for an export
-);
-CREATE INDEX IF NOT EXISTS scans_media ON scans(media_id);
-CREATE INDEX IF NOT EXISTS scans_target ON scans(target_path);
-CREATE TRIGGER IF NOT EXISTS scans_no_update BEFORE UPDATE ON scans
-    BEGIN SELECT RAISE(ABORT, 'scan records are append-only'); END;
-"""
+from nvr_guard.store.db import Database, write_transaction
+from nvr_guard.store.schema import ensure_media_schema as ensure_schema
 
 CLEAN = "clean"
-CONTENT_COLUMN = "ALTER TABLE scans ADD COLUMN content_digest TEXT NOT NULL DEFAULT ''"
 
 
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
+class Medium(Protocol):
+    """What an enrolment needs to know of a device (``media.detect.Medium`` has it); a protocol,
+    so that storage does not import device detection (whose package imports this module)."""
 
-
-def add_content_column(conn: sqlite3.Connection) -> None:
-    """Give a scans table made before content digests its column (catalog migration 5; empty:
-    such scans no longer let an export through, the medium is scanned again). Idempotent: the
-    tables of a new catalog already have it (migration 3 runs the current ``SCHEMA``)."""
-    cols = {row[1] for row in conn.execute("PRAGMA table_info(scans)")}
-    if "content_digest" not in cols:
-        conn.execute(CONTENT_COLUMN)
+    @property
+    def id(self) -> str: ...
+    @property
+    def serial(self) -> str: ...
+    @property
+    def fs_uuid(self) -> str | None: ...
+    @property
+    def vendor(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def description(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -95,9 +60,11 @@ class Enrolment:
 
     @property
     def active(self) -> bool:
+        """Not removed."""
         return self.removed_at is None
 
     def as_dict(self) -> dict[str, Any]:
+        """The enrolment as plain data (``--json``)."""
         return asdict(self)
 
 
@@ -132,6 +99,7 @@ class ScanRecord:
 
     @property
     def clean(self) -> bool:
+        """Only ``clean`` lets a write through."""
         return self.result == CLEAN
 
     def as_dict(self) -> dict[str, Any]:
@@ -185,6 +153,8 @@ def _scan(row: tuple[Any, ...]) -> ScanRecord:
 
 
 class MediaStore:
+    """Enrolments and scan records on one connection (normally the catalog's, under its lock)."""
+
     def __init__(
         self, conn: sqlite3.Connection, lock: threading.RLock | threading.Lock | None = None
     ) -> None:
@@ -236,6 +206,7 @@ class MediaStore:
         return self.get(medium.id)
 
     def remove(self, media_id: str, by: str, now: float) -> Enrolment:
+        """End an enrolment (the row stays, with who removed it and when)."""
         with self._txn() as c:
             row = c.execute(f"SELECT {_MEDIA_COLS} FROM media WHERE id = ?", (media_id,)).fetchone()
             if row is None or not _enrolment(row).active:
@@ -256,6 +227,7 @@ class MediaStore:
         return _enrolment(row)
 
     def all(self, *, include_removed: bool = False) -> list[Enrolment]:
+        """The active enrolments (and the removed ones), oldest first."""
         with self.lock:
             rows = self.conn.execute(f"SELECT {_MEDIA_COLS} FROM media ORDER BY enrolled_at, id")
             out = [_enrolment(r) for r in rows]
@@ -279,6 +251,7 @@ class MediaStore:
 
     # ---- scans ----------------------------------------------------------------------------------
     def record_scan(self, scan: ScanRecord) -> int:
+        """Append a scan record; returns its id."""
         with self._txn() as c:
             cur = c.execute(
                 "INSERT INTO scans (media_id, target_path, started, finished, engine, "
@@ -327,6 +300,7 @@ class MediaStore:
         return _scan(row) if row else None
 
     def scan(self, scan_id: int) -> ScanRecord:
+        """One scan record; InvalidInput when there is none of that id."""
         with self.lock:
             row = self.conn.execute(
                 f"SELECT {_SCAN_COLS} FROM scans WHERE id = ?", (scan_id,)
@@ -334,3 +308,13 @@ class MediaStore:
         if row is None:
             raise InvalidInput(f"no scan {scan_id}")
         return _scan(row)
+
+
+def scan_counts_by_result(db: Database) -> dict[str, int]:
+    """Scan records per result ({} when the table was never created)."""
+    out: dict[str, int] = {}
+    with db.lock:
+        if db.table_exists("scans"):
+            for result, n in db.conn.execute("SELECT result, count(*) FROM scans GROUP BY result"):
+                out[str(result)] = int(n)
+    return out

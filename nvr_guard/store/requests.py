@@ -8,72 +8,17 @@ Approvals are append-only like the audit log: a decision, once given, is never e
 from __future__ import annotations
 
 import json
-import sqlite3
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nvr_guard.errors import InvalidInput
+from nvr_guard.store.db import Database
+from nvr_guard.store.schema import ensure_requests_schema
 from nvr_guard.workflow.access import Approval, Recipient, Request
-
-if TYPE_CHECKING:
-    from nvr_guard.store.catalog import Catalog
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    id INTEGER PRIMARY KEY,
-    requester TEXT NOT NULL,
-    site TEXT NOT NULL,
-    cameras TEXT NOT NULL,          -- JSON list
-    start REAL NOT NULL,
-    "end" REAL NOT NULL,
-    reason TEXT NOT NULL,
-    basis TEXT NOT NULL,
-    recipient TEXT NOT NULL,        -- JSON {unit, person, contact}
-    format TEXT NOT NULL,
-    emergency INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL,
-    created REAL NOT NULL,
-    approved_at REAL,
-    exported_at REAL,
-    closed_at REAL,
-    resolved TEXT,
-    package TEXT,
-    hold_id INTEGER,
-    judged_by TEXT,                 -- JSON: the rules in force when it was decided
-    exporter TEXT                   -- who carried out its export
-);
-CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
-CREATE TABLE IF NOT EXISTS approvals (
-    id INTEGER PRIMARY KEY,
-    request_id INTEGER NOT NULL REFERENCES requests(id),
-    approver TEXT NOT NULL,
-    role TEXT NOT NULL,
-    decision TEXT NOT NULL,
-    note TEXT NOT NULL DEFAULT '',
-    time REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS approvals_request ON approvals(request_id);
-CREATE TRIGGER IF NOT EXISTS approvals_no_update BEFORE UPDATE ON approvals
-    BEGIN SELECT RAISE(ABORT, 'approvals are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS approvals_no_delete BEFORE DELETE ON approvals
-    BEGIN SELECT RAISE(ABORT, 'approvals are append-only'); END;
-"""
 
 _COLS = (
     'id, requester, site, cameras, start, "end", reason, basis, recipient, format, emergency, '
     "state, created, approved_at, exported_at, closed_at, resolved, exporter"
 )
-
-
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
-    # a catalog from before judged_by: add the column (NULL = not decided yet)
-    cols = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
-    if "judged_by" not in cols:
-        conn.execute("ALTER TABLE requests ADD COLUMN judged_by TEXT")
-    if "exporter" not in cols:
-        # a catalog from before the exporter was recorded: NULL (the workflow reads it from the
-        # request's export.done audit entry)
-        conn.execute("ALTER TABLE requests ADD COLUMN exporter TEXT")
 
 
 def _request(row: tuple[Any, ...]) -> Request:
@@ -123,14 +68,15 @@ def _request(row: tuple[Any, ...]) -> Request:
 class RequestStore:
     """Requests and approvals on the catalog's connection, under its lock and transactions."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Database) -> None:
         self.conn = catalog.conn
         self.lock = catalog.lock
         self._txn = catalog.transaction
         with catalog.lock:
-            ensure_schema(catalog.conn)
+            ensure_requests_schema(catalog.conn)
 
     def create(self, r: Request) -> Request:
+        """Store a new request; returns it as stored (with its id)."""
         with self._txn() as c:
             cur = c.execute(
                 'INSERT INTO requests (requester, site, cameras, start, "end", reason, basis, '
@@ -161,6 +107,7 @@ class RequestStore:
         return self.get(rid)
 
     def get(self, rid: int) -> Request:
+        """The request; InvalidInput when there is none of that id."""
         with self.lock:
             row = self.conn.execute(f"SELECT {_COLS} FROM requests WHERE id = ?", (rid,)).fetchone()
         if row is None:
@@ -168,6 +115,7 @@ class RequestStore:
         return _request(row)
 
     def all(self, state: str | None = None) -> list[Request]:
+        """Every request (in one state), oldest first."""
         with self.lock:
             if state:
                 cur = self.conn.execute(
@@ -178,6 +126,7 @@ class RequestStore:
             return [_request(r) for r in cur]
 
     def approvals(self, rid: int) -> list[Approval]:
+        """The decisions given on a request, in the order given."""
         with self.lock:
             cur = self.conn.execute(
                 "SELECT approver, role, decision, note, time FROM approvals WHERE request_id = ? "
@@ -190,6 +139,7 @@ class RequestStore:
             ]
 
     def add_approval(self, rid: int, a: Approval) -> None:
+        """Append a decision (approvals are never edited nor removed)."""
         with self._txn() as c:
             c.execute(
                 "INSERT INTO approvals (request_id, approver, role, decision, note, time) "
@@ -198,6 +148,7 @@ class RequestStore:
             )
 
     def update(self, rid: int, **fields: Any) -> Request:
+        """Change the state columns of a request; returns it as stored."""
         allowed = {
             "state",
             "approved_at",
@@ -220,6 +171,7 @@ class RequestStore:
         return self.get(rid)
 
     def extra(self, rid: int) -> dict[str, Any]:
+        """The package, hold and rules record of a request ({} when there is none)."""
         with self.lock:
             row = self.conn.execute(
                 "SELECT package, hold_id, judged_by FROM requests WHERE id = ?", (rid,)
@@ -231,3 +183,13 @@ class RequestStore:
             "hold_id": row[1],
             "judged_by": json.loads(row[2]) if row[2] else None,
         }
+
+
+def counts_by_state(db: Database) -> dict[str, int]:
+    """Requests per state ({} when the table was never created)."""
+    out: dict[str, int] = {}
+    with db.lock:
+        if db.table_exists("requests"):
+            for state, n in db.conn.execute("SELECT state, count(*) FROM requests GROUP BY state"):
+                out[str(state)] = int(n)
+    return out

@@ -47,8 +47,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
-from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput, PolicyRefused
+from nvr_guard.text import Duration
+from nvr_guard.text import fmt_span_exact as _span
+from nvr_guard.text import printable as _show
 
 STATES = ("pending", "approved", "exported", "closed", "denied", "cancelled", "expired")
 # Stored states that no later fact changes (an exported clip stays exported, whatever comes after).
@@ -202,11 +204,6 @@ def _malformed(reason: str) -> Decision:
 # --- text and time helpers ---------------------------------------------------------------------
 
 
-def _show(s: str) -> str:
-    """A user-supplied name for a message: control characters escaped so it stays one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
-
-
 def _bad_char(s: str) -> str | None:
     """The first character not allowed in a text field, else None.
 
@@ -242,19 +239,6 @@ def _at(ts: float, tz: tzinfo) -> str:
     """Site-local ISO 8601, to the minute unless the seconds matter (as typed with --from/--to)."""
     t = datetime.fromtimestamp(ts, tz)
     return t.isoformat(timespec="minutes" if t.second == 0 and t.microsecond == 0 else "seconds")
-
-
-def _span(seconds: float) -> str:
-    """``24 h``, ``24 h 1 s``, ``3 d``: hours up to two days, as people say "within 24 h"."""
-    rest = round(seconds)
-    parts: list[str] = []
-    if rest >= 2 * 86400 and rest % 86400 == 0:
-        return f"{rest // 86400} d"
-    for unit, size in (("h", 3600), ("min", 60), ("s", 1)):
-        n, rest = divmod(rest, size)
-        if n:
-            parts.append(f"{n} {unit}")
-    return " ".join(parts) or "0 s"
 
 
 def _hhmm(minutes: int) -> str:

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from zoneinfo import ZoneInfo
 
-from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput, NvrGuardError, PolicyRefused, RuntimeFailure
 from nvr_guard.export import run_export
 from nvr_guard.export.ffmpeg import stop_when
 from nvr_guard.store.requests import RequestStore
+from nvr_guard.text import Duration
 from nvr_guard.times import iso, parse_time
 from nvr_guard.workflow import access
 
@@ -354,12 +354,7 @@ class Workflow:
                 )
 
     def _end_holds(self, rid: int, until: float) -> None:
-        with self.engine.catalog.transaction() as c:
-            c.execute(
-                "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL "
-                "AND (until IS NULL OR until > ?)",
-                (until, rid, until),
-            )
+        self.engine.catalog.shorten_request_holds(rid, until)
 
     def refresh(self) -> list[str]:
         """Periodic: expire what is due, report emergency violations (each audited when it opens,
@@ -781,11 +776,9 @@ class Workflow:
                     package=str(pkg.path),
                     judged_by=rules_record(self._acting(r, rules), r, now, self.config.digest),
                 )
-                with self.engine.catalog.transaction() as c:
-                    c.execute(
-                        "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL",
-                        (now + float(self.config.export.preserve.seconds), rid),
-                    )
+                self.engine.catalog.set_request_holds_until(
+                    rid, now + float(self.config.export.preserve.seconds)
+                )
                 self.engine.audit.append(
                     caller.user,
                     "export.done",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.store.catalog import Catalog
 from tests.unit.test_catalog import NOW, rules, seg
 
@@ -23,7 +24,7 @@ _CHILD = textwrap.dedent(
     import sys
     from zoneinfo import ZoneInfo
     from nvr_guard.store.catalog import Catalog
-    from nvr_guard.durations import Duration
+    from nvr_guard.text import Duration
     from nvr_guard.model import SiteRules
 
     cat = Catalog(sys.argv[1])
@@ -63,7 +64,7 @@ def test_kill_9_in_the_middle_of_a_big_insert_leaves_a_consistent_catalog(tmp_pa
     child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL
 
-    cat = Catalog(db)
+    cat = Catalog(db, expiry=ExpiryCalc)
     assert cat.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     # all of the committed batch, none of the killed transaction
     assert cat.count() == 10

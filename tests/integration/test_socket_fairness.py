@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from nvr_guard.daemon.control import Caller, RefusalLimiter, call
+from nvr_guard.daemon.control import RefusalLimiter, call
+from nvr_guard.identity import Caller
 from tests.fixtures.frames import raw_call, read_reply
 from tests.fixtures.site import Site, poll, write_segment
 

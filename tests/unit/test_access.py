@@ -830,6 +830,6 @@ def test_access_is_pure() -> None:
         "collections.abc",
         "dataclasses",
         "datetime",
-        "nvr_guard.durations",
+        "nvr_guard.text",
         "nvr_guard.errors",
     }, names

@@ -8,6 +8,7 @@ import that only hides a cycle) or under ``if TYPE_CHECKING``.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nvr_guard"
@@ -95,3 +96,135 @@ def test_find_cycle_finds_one() -> None:
 def test_no_import_cycles() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+# ---- SQL lives in nvr_guard/store/ only ---------------------------------------------------------
+
+STORE = PACKAGE / "store"
+# what reaches SQLite: a statement run on a connection or cursor, a connection of its own
+_SQL_CALLS = frozenset({"execute", "executemany", "executescript"})
+# SQL as this project writes it (keywords upper case); matched anywhere in a string, so that a
+# statement built from parts (implicit concatenation, f-strings) is still seen
+_SQL_TEXT = re.compile(
+    r"\bSELECT\b"
+    r"|\bINSERT\s+(?:OR\s+[A-Z]+\s+)?INTO\b"
+    r"|\bUPDATE\s+\S+\s+SET\b"
+    r"|\bDELETE\s+FROM\b"
+    r"|\bBEGIN(?:\s+(?:IMMEDIATE|EXCLUSIVE|DEFERRED))?\s*$"
+    r"|\bBEGIN\s+(?:IMMEDIATE|EXCLUSIVE|DEFERRED)\b"
+    r"|\b(?:CREATE|DROP)\s+(?:UNIQUE\s+)?(?:TABLE|INDEX|TRIGGER|VIEW)\b"
+    r"|\bALTER\s+TABLE\b"
+    r"|\bPRAGMA\s+\w+"
+    r"|\b(?:COMMIT|ROLLBACK)\s*$"
+)
+
+
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    """ids of the string constants that are docstrings (prose about SQL is allowed)."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                out.add(id(body[0].value))
+    return out
+
+
+def sql_uses(source: str, filename: str = "<source>") -> list[str]:
+    """Where ``source`` talks to SQLite: ``line: what`` for each statement call, each
+    ``sqlite3.connect`` and each string (f-strings included) that reads as SQL."""
+    tree = ast.parse(source, filename)
+    skip = _docstring_nodes(tree)  # and the parts of f-strings, which are read whole
+    skip |= {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            attr = node.func.attr
+            owner = node.func.value
+            if attr in _SQL_CALLS:
+                found.append(f"{node.lineno}: .{attr}(...)")
+            elif attr == "connect" and isinstance(owner, ast.Name) and owner.id == "sqlite3":
+                found.append(f"{node.lineno}: sqlite3.connect(...)")
+        elif isinstance(node, ast.JoinedStr):
+            text = "".join(
+                v.value if isinstance(v, ast.Constant) and isinstance(v.value, str) else "?"
+                for v in node.values
+            )
+            if _SQL_TEXT.search(text):
+                found.append(f"{node.lineno}: f-string {text[:60]!r}")
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in skip
+            and _SQL_TEXT.search(node.value)
+        ):
+            found.append(f"{node.lineno}: string {node.value[:60]!r}")
+    return found
+
+
+def test_the_sql_detector_sees_each_way_sql_is_written() -> None:
+    planted = {
+        'conn.execute("SELECT 1")': 2,  # the call and the text
+        "c.executemany(SQL, rows)": 1,
+        "cur.executescript(script)": 1,
+        "db = sqlite3.connect(path)": 1,
+        'q = "SELECT id FROM sweeps WHERE finished IS NULL"': 1,
+        'q = ("UPDATE holds SET until = ? " "WHERE request_id = ?")': 1,
+        'q = f"DELETE FROM {table} WHERE id = ?"': 1,
+        'q = f"SELECT {cols} " f"FROM segments"': 1,
+        'BEGIN = "BEGIN IMMEDIATE"': 1,
+        'q = "INSERT OR REPLACE INTO media (id) VALUES (?)"': 1,
+        'q = "CREATE TABLE IF NOT EXISTS t (a)"': 1,
+        'q = "PRAGMA user_version"': 1,
+        'audit.conn.execute("BEGIN IMMEDIATE")': 2,
+    }
+    for src, n in planted.items():
+        assert len(sql_uses(src)) == n, (src, sql_uses(src))
+    prose = '''
+def f():
+    """Runs in one ``BEGIN IMMEDIATE`` transaction; SELECT is the policy's job."""
+    log.info("select a site, then update it; delete from the list what is gone")
+    raise InvalidInput("the begin of the range is after its end")
+    pool.submit(job)
+'''
+    assert sql_uses(prose) == []
+
+
+def test_no_sql_outside_the_store() -> None:
+    outside = [p for p in sorted(PACKAGE.rglob("*.py")) if STORE not in p.parents]
+    names = {module_name(p) for p in outside}
+    # the check must look at the modules that used to hold SQL, else it proves nothing
+    assert {
+        "nvr_guard.engine",
+        "nvr_guard.retention.scan",
+        "nvr_guard.retention.purge",
+        "nvr_guard.daemon.metrics",
+        "nvr_guard.workflow.requests",
+    } <= names
+    problems = [
+        f"{p.relative_to(PACKAGE.parent)}:{use}"
+        for p in outside
+        for use in sql_uses(p.read_text(), str(p))
+    ]
+    assert problems == [], "SQL outside nvr_guard/store/ (add a store method):\n" + "\n".join(
+        problems
+    )
+    # and the store itself is seen as holding SQL (the detector works on the real files)
+    assert sql_uses((STORE / "segments.py").read_text())
+
+
+def test_store_public_methods_say_what_they_do() -> None:
+    missing = []
+    for path in sorted(STORE.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            if any(isinstance(b, ast.Name) and b.id == "Protocol" for b in cls.bases):
+                continue  # a structural type: its members are declarations
+            for fn in cls.body:
+                if (
+                    isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+                    and not fn.name.startswith("_")
+                    and ast.get_docstring(fn) is None
+                ):
+                    missing.append(f"{path.name}: {cls.name}.{fn.name}")
+    assert missing == []

@@ -11,11 +11,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from nvr_guard.durations import Duration
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import Action, ClockReading, Item, Segment, SiteRules
 from nvr_guard.retention import policy
-from nvr_guard.store.catalog import SCHEMA_VERSION, Catalog, ExpiryCalc, pack_rows
+from nvr_guard.retention.expiry import ExpiryCalc
+from nvr_guard.store.catalog import SCHEMA_VERSION, Catalog, pack_rows
+from nvr_guard.text import Duration
 
 SH = ZoneInfo("Asia/Shanghai")
 DAY = 86400.0
@@ -41,7 +42,7 @@ def seg(
 
 @pytest.fixture
 def cat(tmp_path: Path) -> Catalog:
-    c = Catalog(tmp_path / "catalog.db")
+    c = Catalog(tmp_path / "catalog.db", expiry=ExpiryCalc)
     yield c
     c.close()
 
@@ -64,7 +65,7 @@ def test_fresh_database_gets_every_table_and_the_current_version(tmp_path: Path)
 
 
 def test_reopen_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
-    c = Catalog(tmp_path / "catalog.db")
+    c = Catalog(tmp_path / "catalog.db", expiry=ExpiryCalc)
     c.upsert_segments([seg("a", NOW)], {"gate": rules()})
     c.close()
     c2 = Catalog(tmp_path / "catalog.db")

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from nvr_guard.config import PROFILES, Config, check_config, load_config, parse_config
-from nvr_guard.durations import Duration
 from nvr_guard.errors import ConfigError
 from nvr_guard.model import GuardRules
+from nvr_guard.text import Duration
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "config"

@@ -21,7 +21,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from nvr_guard.daemon import control
-from nvr_guard.daemon.control import Caller, ControlClient, ControlServer, call
+from nvr_guard.daemon.control import ControlClient, ControlServer, call
 from nvr_guard.errors import (
     DaemonUnavailable,
     GuardTripped,
@@ -31,6 +31,7 @@ from nvr_guard.errors import (
     RuntimeFailure,
     VerifyFailed,
 )
+from nvr_guard.identity import Caller
 
 NOBODY = 65534
 

@@ -196,11 +196,13 @@ def test_matching_per_directory_agrees_with_matching_the_whole_path(
     want = oracle(pattern, tz, rel)
     layout = Layout.compile(pattern, tz)
     assert layout.parse(rel) == want
-    # the scanner's way: the directory once, then the name as bytes
+    # the scanner's way: the directory once, then the name as bytes (the scanner joins names
+    # it read, so its paths never start with "/")
     slash = rel.rfind("/")
-    match = layout.dir_matcher(rel[: max(slash, 0)])
-    name = rel[slash + 1 :].encode("utf-8", "surrogateescape")
-    assert (match(name) if match is not None else None) == want
+    if slash != 0:
+        match = layout.dir_matcher(rel[: max(slash, 0)])
+        name = rel[slash + 1 :].encode("utf-8", "surrogateescape")
+        assert (match(name) if match is not None else None) == want
     # and again on a fresh layout (nothing memoised yet)
     assert Layout.compile(pattern, tz).parse(rel) == want
 
@@ -216,6 +218,13 @@ def test_memoised_names_do_not_leak_between_directories() -> None:
     # a directory whose date does not exist matches nothing, whatever the name
     assert layout.dir_matcher("cam1/2026-02-30/10") is None
     assert layout.dir_matcher("cam1/2026-11-20") is None  # not deep enough
+
+
+def test_an_absolute_path_is_no_segment() -> None:
+    # found by the property test: "/name" lost its slash and matched as a name in the root
+    layout = Layout.compile("{camera}-%Y%m%d%H%M%S.mp4", UTC)
+    assert layout.parse("ate-03-20240228000000.mp4") is not None
+    assert layout.parse("/ate-03-20240228000000.mp4") is None
 
 
 def test_only_ascii_digits_are_read_as_a_time() -> None:

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvr_guard.durations import Duration
 from nvr_guard.model import (
     Action,
     ClockReading,
@@ -30,6 +29,7 @@ from nvr_guard.retention.policy import (
     floor_until,
     trip_message,
 )
+from nvr_guard.text import Duration
 
 DAY = 86400.0
 GiB = 1024**3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nvr_guard.cli import parse_recipient
+from nvr_guard.cli.request_cmd import parse_recipient
 from nvr_guard.errors import InvalidInput
 
 

@@ -13,11 +13,12 @@ from zoneinfo import ZoneInfo
 import pytest
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 
-from nvr_guard.durations import Duration
 from nvr_guard.model import SiteRules
+from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.retention.layout import Layout
 from nvr_guard.retention.scan import Scanner, SiteScan, Watcher
 from nvr_guard.store.catalog import Catalog
+from nvr_guard.text import Duration
 
 SH = ZoneInfo("Asia/Shanghai")
 UTC = ZoneInfo("UTC")
@@ -45,7 +46,11 @@ def touch(root: Path | bytes, rel: str | bytes, mtime: float | None = None) -> b
 
 @pytest.fixture
 def cat(tmp_path: Path) -> Iterator[Catalog]:
-    c = Catalog(tmp_path / "state" / "catalog.db") if _mk(tmp_path / "state") else None
+    c = (
+        Catalog(tmp_path / "state" / "catalog.db", expiry=ExpiryCalc)
+        if _mk(tmp_path / "state")
+        else None
+    )
     assert c is not None
     yield c
     c.close()
@@ -171,7 +176,7 @@ def test_undecodable_and_newline_names_are_catalogued(cat: Catalog, root: Path) 
     assert set(got) == {odd}
     assert got[odd][1] == "cam\\xff"  # shown escaped, stored as valid text
     # and with a layout, the camera part may be undecodable too
-    cat2 = Catalog(Path(os.fsdecode(os.path.dirname(cat.path))) / "other.db")
+    cat2 = Catalog(Path(os.fsdecode(os.path.dirname(cat.path))) / "other.db", expiry=ExpiryCalc)
     lay = touch(root, b"c\xe9am/2026-11-20/14/05.07.mp4")
     Scanner(cat2, [site(root, "{camera}/%Y-%m-%d/%H/%M.%S.mp4")], workers=1).reconcile()
     assert set(catalogued(cat2)) == {lay}
@@ -279,8 +284,8 @@ def test_worker_processes_give_the_same_catalog(tmp_path: Path, root: Path) -> N
         for d in (1, 2)
         for h in range(3)
     }
-    one = Catalog(tmp_path / "one.db")
-    two = Catalog(tmp_path / "two.db")
+    one = Catalog(tmp_path / "one.db", expiry=ExpiryCalc)
+    two = Catalog(tmp_path / "two.db", expiry=ExpiryCalc)
     lay = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
     s1 = Scanner(one, [site(root, lay)], workers=1).reconcile()
     pooled = Scanner(two, [site(root, lay)], workers=2, pool_min_rows=1)

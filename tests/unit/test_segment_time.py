@@ -23,7 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from nvr_guard.attention import CLOCK_SKEW
 from nvr_guard.config import load_config
 from nvr_guard.daemon.metrics import EngineCollector
-from nvr_guard.durations import Duration
 from nvr_guard.engine import Engine
 from nvr_guard.model import (
     Action,
@@ -37,8 +36,10 @@ from nvr_guard.model import (
     SweepHistory,
     is_skewed,
 )
+from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.retention.policy import decide, expiry_both
 from nvr_guard.store.catalog import Catalog
+from nvr_guard.text import Duration
 from tests.fixtures.site import Site, build_tree, write_segment
 
 DAY = 86400.0
@@ -181,7 +182,7 @@ def test_skew_band_edges(offset: float, skewed: bool) -> None:
 
 @pytest.fixture
 def cat(tmp_path: Path) -> Catalog:
-    c = Catalog(tmp_path / "catalog.db")
+    c = Catalog(tmp_path / "catalog.db", expiry=ExpiryCalc)
     yield c  # type: ignore[misc]
     c.close()
 
@@ -253,18 +254,18 @@ def test_upgrade_recomputes_expiries_computed_from_the_path_time(tmp_path: Path)
     db = tmp_path / "catalog.db"
     r = rules()
     reset = seg(Y2000, NOW - 600, "reset")
-    with Catalog(db) as c:
+    with Catalog(db, expiry=ExpiryCalc) as c:
         c.upsert_segments([reset], {"gate": r})
     # what a catalog of the previous version holds: expires_at from the path time alone
     conn = sqlite3.connect(db)
     conn.execute("UPDATE segments SET expires_at = start + ?", (20 * DAY,))
-    from nvr_guard.store.catalog import MIGRATIONS, SCHEMA_VERSION, _migration_8
+    from nvr_guard.store.schema import MIGRATIONS, SCHEMA_VERSION, _migration_8
 
     # the version before the migration that makes expiries be recomputed
     conn.execute(f"PRAGMA user_version = {MIGRATIONS.index(_migration_8)}")
     conn.commit()
     conn.close()
-    with Catalog(db) as c:
+    with Catalog(db, expiry=ExpiryCalc) as c:
         assert c.schema_version == SCHEMA_VERSION
         assert c.due_segments(NOW, "gate", r) == []
         (exp,) = c.conn.execute("SELECT expires_at FROM segments").fetchone()

@@ -1,0 +1,102 @@
+"""`nvr-guard hold add|list|release`: manual legal holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from nvr_guard.cli.base import Ctx, Group, act, out, pass_ctx, table
+
+
+@click.group(cls=Group)
+def hold() -> None:
+    """Manual legal holds: held footage is never deleted."""
+
+
+def print_holds(holds: list[dict[str, Any]]) -> None:
+    """The holds as a table."""
+    t = table(
+        "holds",
+        ["id", "kind", "site", "camera", "from", "to", "until", "reason", "owner", "released"],
+    )
+    for h in holds:
+        t.add_row(
+            str(h["id"]),
+            h["kind"],
+            h.get("site") or "*",
+            h["camera"] or "*",
+            h["from"],
+            h["to"],
+            h["until"] or "-",
+            h["reason"],
+            h["owner"],
+            h["released"] or "-",
+        )
+    out.print(t)
+
+
+def print_holds_not_shown(not_shown: list[dict[str, Any]]) -> None:
+    """One line per site where requests not shown to the caller hold footage."""
+    for n in not_shown:
+        out.print(
+            f"site {n['site']}: footage also held for {n['requests']} request(s) not shown to you",
+            markup=False,
+        )
+
+
+@hold.command("add")
+@click.option("--camera", required=True, help="camera id, or SITE/CAMERA")
+@click.option("--site", help="the camera's site (required when two sites share the camera id)")
+@click.option("--from", "start", required=True, help="ISO 8601; no offset = site-local")
+@click.option("--to", "end", required=True)
+@click.option("--reason", required=True)
+@click.option("--until", help="the hold ends by itself then (ISO 8601)")
+@pass_ctx
+def hold_add(
+    c: Ctx, camera: str, site: str | None, start: str, end: str, reason: str, until: str | None
+) -> None:
+    """Hold a camera's footage in a time range."""
+    args = {
+        "camera": camera,
+        "site": site,
+        "from": start,
+        "to": end,
+        "reason": reason,
+        "until": until,
+    }
+    res = act(c, "hold.add", args)
+    c.emit(
+        res,
+        lambda: out.print(
+            f"hold {res['id']} placed on {res['site']}/{res['camera']}: "
+            f"{res['from']} .. {res['to']}",
+            markup=False,
+        ),
+    )
+
+
+@hold.command("list")
+@click.option("--all", "include_released", is_flag=True, help="also released holds")
+@pass_ctx
+def hold_list(c: Ctx, include_released: bool) -> None:
+    """Holds in force."""
+    res = act(c, "hold.list", {"all": include_released})
+    if isinstance(res, list):  # a daemon from before holds were shown per caller
+        res = {"holds": res, "holds_not_shown": []}
+
+    def human() -> None:
+        print_holds(res["holds"])
+        print_holds_not_shown(res["holds_not_shown"])
+
+    c.emit(res, human)
+
+
+@hold.command("release")
+@click.argument("hold_id", type=int)
+@click.option("--reason", required=True)
+@pass_ctx
+def hold_release(c: Ctx, hold_id: int, reason: str) -> None:
+    """End a manual hold."""
+    res = act(c, "hold.release", {"id": hold_id, "reason": reason})
+    c.emit(res, lambda: out.print(f"hold {hold_id} released", markup=False))

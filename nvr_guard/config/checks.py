@@ -1,0 +1,369 @@
+"""Checks that one field cannot make alone: between fields, and against the host.
+
+Run after the models validated (``validate.py``), on the whole config or, when some section failed,
+on every site that passed on its own, so that one ``config check`` lists everything to fix: a typo
+in one section must not hide a root conflict in another.
+
+- A site's ceiling below its floor (``keep`` < ``min_keep``), or below the declared legal minimum.
+- Roots that exist, are no symlinks, and share no footage with another site's roots, judged on the
+  file system (bind mounts and symlinks count): one site's rule must never reach another's files.
+- The signing key where only the daemon can replace it; the watermark font able to draw the text;
+  approval steps that somebody can fill.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from nvr_guard.config.loader import Lines, dotted
+from nvr_guard.config.models import Config, Site, resolve_keep
+from nvr_guard.config.profiles import PROFILES
+from nvr_guard.mounts import Mount, fs_location, mount_points_below, mounts
+from nvr_guard.retention.layout import Layout
+from nvr_guard.text import Duration, fmt_duration
+
+
+def cross_checks(
+    cfg: Config | None,
+    sites: list[tuple[str, Site]],
+    zone: str,
+    legal_min: Duration | None,
+    lines: Lines,
+    problem: Any,
+    warn: Any,
+) -> None:
+    """Run every check on ``sites`` (and on ``cfg`` when the whole config validated); report each
+    finding through ``problem(path, about_key, msg)`` or ``warn(path, msg)``."""
+    for name, site in sites:
+        _site_checks(name, site, zone, legal_min, problem, warn)
+    _root_checks(sites, lines, problem)
+    if cfg is not None:
+        _people_warnings(cfg, warn)
+        _font_check(cfg, problem)
+        _signing_key_checks(cfg, problem)
+        for i, t in enumerate(cfg.export.targets):
+            if not os.path.isdir(t):
+                warn(
+                    ("export", "targets", i),
+                    f"export.targets[{i}]: {t} is not an existing directory (yet)",
+                )
+
+
+def _site_checks(
+    name: str, site: Site, zone: str, legal_min: Duration | None, problem: Any, warn: Any
+) -> None:
+    base = ("sites", name)
+    if site.profile is None and site.keep is None:
+        problem(
+            base,
+            True,
+            f"sites.{name}: set profile: ({', '.join(PROFILES)}) or keep: (e.g. 30d); "
+            "without either there is no retention rule",
+        )
+        return
+    keep, min_keep = resolve_keep(site)
+    if (
+        keep is not None
+        and min_keep is not None
+        and keep.approx_seconds() < min_keep.approx_seconds()
+    ):
+        # Point at whichever of the two the admin wrote (both, if both: keep is the usual slip).
+        key = "keep" if site.keep is not None else "min_keep"
+
+        def origin(k: str, v: Duration) -> str:
+            own = getattr(site, k) is not None
+            return f"{k} {fmt_duration(v)}" + ("" if own else f" (from profile {site.profile})")
+
+        problem(
+            base + (key,),
+            False,
+            f"sites.{name}.{key}: {origin('keep', keep)} is shorter than "
+            f"{origin('min_keep', min_keep)}; "
+            "the ceiling must not be below the floor",
+        )
+    if legal_min is not None and keep is not None:
+        where = base + ("keep",) if site.keep is not None else (base + ("profile",))
+        if keep.approx_seconds() < legal_min.approx_seconds():
+            warn(
+                where,
+                f"sites.{name}: keep {fmt_duration(keep)} is below the legal minimum "
+                f"legal_min_keep {fmt_duration(legal_min)}; "
+                "footage would be deleted earlier than the law requires",
+            )
+        elif min_keep is None or min_keep.approx_seconds() < legal_min.approx_seconds():
+            warn(
+                base + ("min_keep",) if site.min_keep is not None else base,
+                f"sites.{name}: floor min_keep {fmt_duration(min_keep) if min_keep else 'none'} "
+                f"is below legal_min_keep {fmt_duration(legal_min)}; "
+                "disk pressure could delete younger footage: "
+                f"set min_keep: {fmt_duration(legal_min)}",
+            )
+    if site.layout is None and site.layout_timezone is not None:
+        warn(
+            base + ("layout_timezone",),
+            f"sites.{name}.layout_timezone: has no effect without layout:",
+        )
+    if site.layout is not None:
+        tz = ZoneInfo(site.layout_timezone or site.timezone or zone)
+        try:
+            Layout.compile(site.layout, tz)
+        except ValueError as e:
+            problem(base + ("layout",), False, f"sites.{name}.layout: {e}")
+        else:
+            if any(part.startswith(".") for part in site.layout.split("/")):
+                problem(
+                    base + ("layout",),
+                    False,
+                    f"sites.{name}.layout: a path component starts with '.'; hidden files and "
+                    "directories are never segments (recorders write their temporaries so)",
+                )
+
+
+def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> None:
+    """Roots exist, are not symlinks, and no two of them share footage.
+
+    Two roots share footage when one is the other, or lies inside it, *on the file system*: a
+    bind mount (``mount --bind /srv/school /srv/highway``) makes a second name for a directory
+    that ``realpath`` cannot see through, and a school root (1 y) configured again as a highway
+    root (15 d) would lose its footage after 15 days. So identity is (st_dev, st_ino), and
+    nesting is judged by where each root lies inside its file system (the mount table's device
+    and path). A site with ``cross_mounts: true`` also owns the trees mounted below its roots."""
+    table = mounts()
+    # (site, index, root, (st_dev, st_ino), regions: [(device, path in fs)])
+    seen: list[tuple[str, int, str, tuple[int, int], list[tuple[str, bytes]]]] = []
+    entries = [(n, i, r, s.cross_mounts) for n, s in sites for i, r in enumerate(s.roots)]
+    # report each conflict at the later line, naming the earlier root
+    entries.sort(key=lambda e: lines.at(("sites", e[0], "roots", e[1])))
+    for name, i, root, cross in entries:
+        path = ("sites", name, "roots", i)
+        where = dotted(path)
+        if root == "/":
+            problem(path, False, f"{where}: the whole file system cannot be a recording root")
+            continue
+        if os.path.islink(root.rstrip("/") or "/"):
+            # the purge opens a root with O_NOFOLLOW (a symlink swapped in must not redirect
+            # deletions), so a symlinked root could never be purged; refused here, by name,
+            # rather than footage silently kept forever
+            problem(
+                path,
+                False,
+                f"{where}: {root} is a symlink (to {os.readlink(root.rstrip('/'))}); "
+                f"write the directory itself ({os.path.realpath(root)}): nvr-guard never "
+                "follows a symlink to find or delete footage",
+            )
+        if not os.path.isdir(root):
+            what = "is not a directory" if os.path.exists(root) else "does not exist"
+            problem(
+                path,
+                False,
+                f"{where}: {root} {what}; "
+                "create it or fix the path (roots must be existing directories)",
+            )
+            continue
+        st = os.stat(root)
+        ident = (st.st_dev, st.st_ino)
+        here = fs_location(root, table)
+        regions = [here if here is not None else ("path", os.fsencode(os.path.realpath(root)))]
+        if cross:
+            regions += [(m.device, m.fs_root) for m in _mounts_below(root, table)]
+        for oname, oi, oroot, oident, oregions in seen:
+            other = dotted(("sites", oname, "roots", oi))
+            if ident == oident:
+                problem(
+                    path,
+                    False,
+                    f"{where}: {root} is the same directory as {other} ({oroot}); "
+                    "each root belongs to one site, once",
+                )
+                break
+            nest = _nesting(regions, oregions)
+            if nest:
+                inner, outer = (root, oroot) if nest == "inner" else (oroot, root)
+                problem(
+                    path,
+                    False,
+                    f"{where}: {root} overlaps {other} ({oroot}): {inner} is inside {outer} "
+                    "(on the file system: bind mounts and symlinks count); "
+                    "roots must not nest, or one site's rule would delete another's footage",
+                )
+                break
+        seen.append((name, i, root, ident, regions))
+
+
+def _mounts_below(root: str, table: list[Mount]) -> list[Mount]:
+    below = mount_points_below(os.fsencode(root), table)
+    real = os.fsencode(os.path.realpath(root)).rstrip(b"/")
+    spelled = {real + p[len(os.fsencode(root)) :] for p in below}
+    return [m for m in table if m.mount_point in spelled]
+
+
+def _nesting(mine: list[tuple[str, bytes]], theirs: list[tuple[str, bytes]]) -> str:
+    """ "inner" when one of ``mine`` lies in one of ``theirs``, "outer" for the reverse, else ""."""
+
+    def under(a: bytes, b: bytes) -> bool:
+        return a == b or b == b"/" or a.startswith(b.rstrip(b"/") + b"/")
+
+    for dev, p in mine:
+        for odev, op in theirs:
+            if dev != odev:
+                continue
+            if under(p, op):
+                return "inner"
+            if under(op, p):
+                return "outer"
+    return ""
+
+
+DAEMON_USER = "nvr-guard"  # the systemd unit's User= (systemd/nvr-guard.service)
+
+
+def _daemon_uid(cfg: Config) -> tuple[int, str]:
+    """(uid, name) of the user the daemon runs as, as far as a config check can tell: the owner
+    of ``state_dir`` (the daemon creates it, systemd's StateDirectory= hands it to User=); before
+    it exists, the ``nvr-guard`` system user; without one, whoever runs the check."""
+    import pwd
+
+    try:
+        uid = os.stat(cfg.state_dir).st_uid
+    except OSError:
+        try:
+            pw = pwd.getpwnam(DAEMON_USER)
+            return pw.pw_uid, pw.pw_name
+        except KeyError:
+            uid = os.geteuid()
+    try:
+        return uid, pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return uid, f"uid {uid}"
+
+
+def _signing_key_checks(cfg: Config, problem: Any) -> None:
+    """A configured ``export.signing_key`` must be the daemon's alone: a file owned by the daemon
+    user (0600, not a link) in directories that only it or root can write. Whoever can replace
+    the key, or the directory entry that names it, can sign forged packages with the recorder's
+    name — or swap in their own key before the fingerprint is put on record."""
+    import stat
+
+    path = cfg.export.signing_key
+    if not path:
+        return
+    where = ("export", "signing_key")
+    uid, user = _daemon_uid(cfg)
+    trusted = {0, uid}
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        problem(where, False, f"export.signing_key: cannot inspect {path}: {e.strerror}")
+        return
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            problem(where, False, f"export.signing_key: {path} is a symbolic link; name the file")
+            return
+        if not stat.S_ISREG(st.st_mode):
+            problem(where, False, f"export.signing_key: {path} is not a regular file")
+            return
+        if st.st_uid != uid:
+            problem(
+                where,
+                False,
+                f"export.signing_key: {path} is owned by uid {st.st_uid}, not by the daemon "
+                f"user {user}; chown {user} {path}",
+            )
+        if st.st_mode & 0o077:
+            problem(
+                where,
+                False,
+                f"export.signing_key: {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                f"it must be 0600 (chmod 600 {path})",
+            )
+    d = os.path.dirname(path)
+    while True:
+        try:
+            dst = os.stat(d)
+        except FileNotFoundError:
+            if os.path.normpath(d) == os.path.normpath(cfg.state_dir):
+                d = os.path.dirname(d)  # the daemon creates it (0750) at its first start
+                continue
+            problem(
+                where,
+                False,
+                f"export.signing_key: directory {d} does not exist; create it owned by {user} "
+                "with mode 0700",
+            )
+            return
+        except OSError as e:
+            problem(where, False, f"export.signing_key: cannot inspect {d}: {e.strerror}")
+            return
+        # a sticky world-writable directory (/tmp) lets nobody else rename our entry in it
+        others_write = dst.st_mode & 0o022 and not (
+            d != os.path.dirname(path) and dst.st_mode & stat.S_ISVTX
+        )
+        if dst.st_uid not in trusted or others_write:
+            who = (
+                f"owned by uid {dst.st_uid}"
+                if dst.st_uid not in trusted
+                else f"writable by group or others (mode {stat.S_IMODE(dst.st_mode):04o})"
+            )
+            problem(
+                where,
+                False,
+                f"export.signing_key: directory {d} is {who}: someone other than "
+                f"{'root' if user == 'root' else user + ' or root'} could replace the key; keep "
+                "it in a directory only they can write",
+            )
+            return
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    # the same for the real path (links resolved) and the links on the way: a link into a
+    # directory another user owns lets them swap the key under the running daemon
+    from nvr_guard.export.keys import key_location_problem
+
+    why = key_location_problem(path, trusted)
+    if why is not None:
+        problem(where, False, f"export.signing_key: {why}")
+
+
+def _people_warnings(cfg: Config, warn: Any) -> None:
+    if not cfg.people.users and not cfg.people.groups:
+        return  # no people at all: exports are not set up on this host, nothing half-configured
+    held = {r for u in cfg.people.users.values() for r in u.roles}
+    held |= {r for g in cfg.people.groups.values() for r in g.roles}
+    needed: list[tuple[tuple[Any, ...], list[str]]] = [(("approval", "steps"), cfg.approval.steps)]
+    for name, s in cfg.sites.items():
+        if s.approval and s.approval.steps:
+            needed.append((("sites", name, "approval", "steps"), s.approval.steps))
+    for path, steps in needed:
+        missing = [r for r in dict.fromkeys(steps) if r not in held]
+        if missing:
+            warn(
+                path,
+                f"{dotted(path)}: no user or group has role "
+                f"{', '.join(repr(r) for r in missing)}; such requests cannot be approved",
+            )
+
+
+def _font_check(cfg: Config, problem: Any) -> None:
+    """export.font must draw the watermark: Chinese coverage and every character the template
+    writes (a font without them renders empty boxes in the evidence)."""
+    spec = cfg.export.font
+    if not spec:
+        return  # the first installed font covering Chinese is chosen at export time
+    from nvr_guard.errors import NvrGuardError
+    from nvr_guard.export import fonts
+
+    try:
+        path = fonts.resolve_font(spec)
+    except NvrGuardError as e:
+        problem(("export", "font"), False, str(e))
+        return
+    literal = "".join(lit for lit, *_ in string.Formatter().parse(cfg.export.watermark))
+    why = fonts.coverage_problem(path, literal)
+    if why is not None:
+        problem(("export", "font"), False, f"export.font: {why}")

@@ -1,0 +1,355 @@
+"""The config's shape: one pydantic model per section, and :class:`Config`, what the rest of the
+daemon reads its rules from.
+
+Every model forbids unknown keys (``extra="forbid"``, as Frigate's config does): a misspelt key is
+an error at its line, never a setting silently ignored while the default applies. Models are frozen:
+a reload builds a new Config, so a sweep never sees half of an old and half of a new one. Defaults
+are the cautious choice where one exists (an unclassified camera needs the wider permission level,
+a new user gets the narrower one, nobody may export in an emergency until a role is named).
+
+The field types (``types.py``) convert and check single values; what spans fields or looks at the
+disk is in ``checks.py``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import typing
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
+
+from nvr_guard.config.loader import KeyPath, Lines, Problem, Where
+from nvr_guard.config.profiles import PROFILES
+from nvr_guard.config.types import (
+    AbsPath,
+    Bool,
+    CameraId,
+    Crf,
+    Dates,
+    Extensions,
+    FixedDur,
+    Fraction,
+    Hours,
+    Level,
+    Listen,
+    ProfileName,
+    RetentionDur,
+    Role,
+    Roots,
+    SiteId,
+    Steps,
+    Template,
+    Text,
+    UnixName,
+    ValidFor,
+    WholeNumber,
+    WorkingDays,
+    Zone,
+    hours_window,
+    one_of,
+    sites_present,
+)
+from nvr_guard.model import GuardRules, SiteRules
+from nvr_guard.retention.layout import Layout
+from nvr_guard.text import Duration, fmt_duration, fmt_percent_exact
+
+DEFAULT_EXTENSIONS = (".mp4", ".mkv", ".ts", ".avi", ".h264", ".h265", ".dav")
+X264_PRESETS = (
+    "ultrafast", "superfast", "veryfast", "faster", "fast",
+    "medium", "slow", "slower", "veryslow", "placebo",
+)  # fmt: skip
+DEFAULT_WATERMARK = (
+    "调取 request {request} · {camera} · 申请 {requester} · 审批 {approvers}"
+    " · 导出 {technician} {exported}"
+)
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key is an error, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class Guards(_Strict):
+    """``guards:``: what stops a sweep until an admin confirms (mass deletion, clock jumps)."""
+
+    max_delete_fraction: Fraction = 0.2
+    max_clock_jump: FixedDur = Duration.parse("1d")
+    # a segment whose path time and mtime disagree by more than this is reported (clock_skew);
+    # see policy.skew for the exact band
+    max_clock_skew: FixedDur = Duration.parse("1h")
+
+
+class Disk(_Strict):
+    """``disk:``: the free-space floor and what to do below it."""
+
+    min_free: Fraction = 0.1
+    action: typing.Annotated[str, BeforeValidator(one_of("alert", "overwrite-oldest"))] = "alert"
+
+
+class SiteApproval(_Strict):
+    """Per-site overrides of the approval rules (unset = the global ``approval:`` value)."""
+
+    steps: Steps | None = None
+    hours: Hours | None = None
+
+
+class Site(_Strict):
+    """``sites.<id>:``: a set of recording roots and the retention rule they share."""
+
+    profile: ProfileName | None = None
+    keep: RetentionDur | None = None  # ceiling; overrides the profile's
+    min_keep: RetentionDur | None = None  # floor; overrides the profile's
+    roots: Roots
+    layout: Text | None = None
+    layout_timezone: Zone | None = None
+    timezone: Zone | None = None
+    extensions: Extensions = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
+    approval: SiteApproval | None = None
+    # false: the scanner and the purge stay on each root's file system; a directory mounted
+    # below a root (a bind mount, another disk) is skipped and reported (mount_skipped)
+    cross_mounts: Bool = False
+
+
+class Camera(_Strict):
+    """``cameras.<id>:``: a camera's permission level and display name."""
+
+    # Unlisted level = 2: a camera nobody classified needs the wider permission (fail closed).
+    level: Level = 2
+    name: Text | None = None
+
+
+class User(_Strict):
+    """``people.users.<name>:``: a Unix user's roles and camera level."""
+
+    roles: list[Role] = Field(default_factory=list)
+    level: Level = 1  # least privilege: internal cameras only unless raised
+
+
+class Group(_Strict):
+    """``people.groups.<name>:``: roles every member of a Unix group holds."""
+
+    roles: list[Role] = Field(default_factory=list)
+
+
+class People(_Strict):
+    """``people:``: who holds which role, by Unix user and group."""
+
+    users: dict[UnixName, User] = Field(default_factory=dict)
+    groups: dict[UnixName, Group] = Field(default_factory=dict)
+
+
+class Emergency(_Strict):
+    """``approval.emergency:``: who may export before approval, and how soon it is back-filled."""
+
+    roles: list[Role] = Field(default_factory=list)  # nobody, unless the admin names a role
+    backfill_within: FixedDur = Duration.parse("24h")
+
+
+class Approval(_Strict):
+    """``approval:``: the steps, hours and time limits of the retrieval workflow."""
+
+    steps: Steps = Field(default_factory=lambda: ["dept_manager", "security_lead"])
+    decide_within: WorkingDays = 3
+    valid_for: ValidFor = Duration.parse("30d")
+    hours: Hours = "08:00-20:00"
+    after_hours_role: Role = "duty_manager"
+    # how long an after-hours approval covers exports after it was given
+    after_hours_valid: FixedDur = Duration.parse("12h")
+    # separation of duties: whoever approved a request may not also export it unless this is true
+    approver_may_export: Bool = False
+    emergency: Emergency = Field(default_factory=Emergency)
+    max_range: FixedDur = Duration.parse("24h")
+    holidays: Dates = Field(default_factory=list)
+    workdays: Dates = Field(default_factory=list)
+
+    def hours_window(self) -> tuple[int, int]:
+        """(start, end) in minutes after local midnight."""
+        return hours_window(self.hours)
+
+
+class Export(_Strict):
+    """``export:``: where exports go, how they are watermarked, encoded and signed."""
+
+    targets: list[AbsPath] = Field(default_factory=list)
+    watermark: Template = DEFAULT_WATERMARK
+    font: Text | None = None  # a font file path or a fontconfig family; None = find a CJK font
+    crf: Crf = 23
+    preset: typing.Annotated[str, BeforeValidator(one_of(*X264_PRESETS))] = "medium"
+    signing_key: AbsPath | None = None  # None = <state_dir>/export-key.pem
+    # a request's footage stays held this long after its export (complaints, second copies)
+    preserve: FixedDur = Duration.parse("30d")
+    # the held range extends this far on both sides of the requested one (camera clock skew)
+    hold_margin: FixedDur = Duration.parse("10m")
+    timeout: FixedDur = Duration.parse("1h")  # per clip; a longer ffmpeg run is stopped
+
+
+class Media(_Strict):
+    """``media:``: how removable media are scanned and prepared before an export."""
+
+    scanner: typing.Annotated[str, BeforeValidator(one_of("auto", "clamd", "clamscan"))] = "auto"
+    scan_max_age: FixedDur = Duration.parse("15m")
+    require_enrolled: Bool = True
+    # local ClamAV signature directory for clamscan (default: freshclam's DatabaseDirectory);
+    # air-gapped recorders point it at the copied daily/main .cvd files
+    database: AbsPath | None = None
+    clamd_socket: AbsPath | None = None  # default: LocalSocket from /etc/clamav/clamd.conf
+    clamd_config: AbsPath | None = None  # default: /etc/clamav/clamd.conf
+    sysfs_root: AbsPath = "/sys"  # where removable devices are read from (a testing aid)
+    reserve: WholeNumber = 64 * 2**20  # bytes left free on media
+    # "wipe": `media wipe` may format a medium (mkfs.vfat) instead of scanning old contents
+    prepare: typing.Annotated[str, BeforeValidator(one_of("scan", "wipe"))] = "scan"
+
+
+class Metrics(_Strict):
+    """Prometheus metrics: a node_exporter textfile and/or an HTTP endpoint on loopback."""
+
+    textfile: AbsPath | None = None  # rewritten atomically after each sweep, rescan, request check
+    listen: Listen | None = None
+
+
+class Config(_Strict):
+    """The whole file, validated; what the daemon and the CLI read their rules from."""
+
+    state_dir: AbsPath = "/var/lib/nvr-guard"
+    timezone: Zone = "Asia/Shanghai"
+    settle: FixedDur = Duration.parse("2m")
+    socket: AbsPath = "/run/nvr-guard/control.sock"
+    socket_group: UnixName = "nvr-guard"
+    sweep_every: FixedDur = Duration.parse("5m")
+    rescan_every: FixedDur = Duration.parse("1h")
+    # declared legal minimum; `config check` warns below it
+    legal_min_keep: RetentionDur | None = None
+    guards: Guards = Field(default_factory=Guards)
+    disk: Disk = Field(default_factory=Disk)
+    sites: typing.Annotated[dict[SiteId, Site], BeforeValidator(sites_present)]
+    cameras: dict[CameraId, Camera] = Field(default_factory=dict)
+    people: People = Field(default_factory=People)
+    approval: Approval = Field(default_factory=Approval)
+    export: Export = Field(default_factory=Export)
+    media: Media = Field(default_factory=Media)
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    _source_path: Path = PrivateAttr(default=Path("<memory>"))
+    _digest: str = PrivateAttr(default="")
+    _warnings: list[Problem] = PrivateAttr(default_factory=list)
+    _layouts: dict[str, Layout | None] = PrivateAttr(default_factory=dict)
+    _lines: dict[KeyPath, Where] = PrivateAttr(default_factory=dict)
+
+    @property
+    def source_path(self) -> Path:
+        """The absolute path the config was read from (``<memory>`` for parsed bytes)."""
+        return self._source_path
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the file's bytes: what the audit log records on load and reload."""
+        return self._digest
+
+    def line_of(self, path: tuple[Any, ...]) -> int:
+        """The line of a key in the file (``("sites", "gate")``), for checks made after loading
+        (those that need the state: a reload that would orphan a hold)."""
+        return Lines(self._lines).at(path, True)
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """What ``config check`` warns about; the daemon logs these on load."""
+        return list(self._warnings)
+
+    @cached_property
+    def tz(self) -> ZoneInfo:
+        """The default timezone (top-level ``timezone``)."""
+        return ZoneInfo(self.timezone)
+
+    def site_tz(self, site: str) -> ZoneInfo:
+        """The site's own zone: where its months and years are counted and its hours apply."""
+        return ZoneInfo(self.sites[site].timezone or self.timezone)
+
+    def resolved_keep(self, site: str) -> tuple[Duration | None, Duration | None]:
+        """(keep, min_keep) after profile + overrides; the override wins."""
+        return resolve_keep(self.sites[site])
+
+    def site_rules(self) -> dict[str, SiteRules]:
+        """Each site's retention rules as the pure policy takes them."""
+        out: dict[str, SiteRules] = {}
+        for name, s in self.sites.items():
+            keep, min_keep = resolve_keep(s)
+            out[name] = SiteRules(
+                site=name,
+                keep=keep,
+                min_keep=min_keep,
+                tz=self.site_tz(name),
+                settle=float(self.settle.seconds),
+                min_free=self.disk.min_free,
+                disk_action=self.disk.action,
+                profile=s.profile,
+            )
+        return out
+
+    def guard_rules(self) -> GuardRules:
+        """The mass-deletion and clock guards as the pure policy takes them."""
+        return GuardRules(
+            max_delete_fraction=self.guards.max_delete_fraction,
+            max_clock_jump=float(self.guards.max_clock_jump.seconds),
+            max_clock_skew=float(self.guards.max_clock_skew.seconds),
+        )
+
+    def layout_timezone(self, site: str) -> ZoneInfo:
+        """The zone a site's path dates are written in: ``layout_timezone``, else the site's."""
+        s = self.sites[site]
+        return ZoneInfo(s.layout_timezone) if s.layout_timezone else self.site_tz(site)
+
+    def layout_for(self, site: str) -> Layout | None:
+        """The site's compiled path pattern (dates read in ``layout_timezone``), or None: mtime."""
+        if site not in self._layouts:
+            pattern = self.sites[site].layout
+            self._layouts[site] = (
+                Layout.compile(pattern, self.layout_timezone(site)) if pattern else None
+            )
+        return self._layouts[site]
+
+    def extensions_for(self, site: str) -> frozenset[str]:
+        """Lower-case; compare with the lower-cased suffix of a file name."""
+        return frozenset(e.lower() for e in self.sites[site].extensions)
+
+    def approval_for(self, site: str) -> tuple[list[str], str]:
+        """(steps, hours) of a site: its own override, else the global ones."""
+        own = self.sites[site].approval
+        steps = own.steps if own and own.steps is not None else self.approval.steps
+        hours = own.hours if own and own.hours is not None else self.approval.hours
+        return list(steps), hours
+
+    def signing_key_path(self) -> str:
+        """``export.signing_key``, else ``<state_dir>/export-key.pem``."""
+        return self.export.signing_key or posixpath.join(self.state_dir, "export-key.pem")
+
+    def effective(self) -> dict[str, Any]:
+        """The config as the daemon applies it: defaults filled in, profiles resolved, durations as
+        strings. Plain JSON/YAML types only; fed back in as a config it gives the same result."""
+        data = self.model_dump(mode="json")
+        data["approval"]["decide_within"] = f"{self.approval.decide_within} working days"
+        data["guards"]["max_delete_fraction"] = fmt_percent_exact(self.guards.max_delete_fraction)
+        data["disk"]["min_free"] = fmt_percent_exact(self.disk.min_free)
+        data["export"]["signing_key"] = self.signing_key_path()
+        for name, site in data["sites"].items():
+            keep, min_keep = self.resolved_keep(name)
+            site["keep"] = fmt_duration(keep, "min") if keep else None
+            site["min_keep"] = fmt_duration(min_keep, "min") if min_keep else None
+            site["timezone"] = self.sites[name].timezone or self.timezone
+            site["layout_timezone"] = (
+                (self.sites[name].layout_timezone or site["timezone"]) if site["layout"] else None
+            )
+            steps, hours = self.approval_for(name)
+            site["approval"] = {"steps": steps, "hours": hours}
+        return data
+
+
+def resolve_keep(s: Site) -> tuple[Duration | None, Duration | None]:
+    """(keep, min_keep) of a site: its own value where it sets one, else its profile's."""
+    p = PROFILES.get(s.profile) if s.profile else None
+    keep = s.keep if s.keep is not None else (p.keep if p else None)
+    min_keep = s.min_keep if s.min_keep is not None else (p.min_keep if p else None)
+    return keep, min_keep
