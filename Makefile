@@ -45,7 +45,7 @@ help:
 	@echo "make demo             run the demo daemon on generated recordings"
 	@echo "make test             run the test suite (PYTEST_ARGS='-k control' to narrow it)"
 	@echo "make test-fast        run tests/unit only: pure cores and in-process tests, no ffmpeg,"
-	@echo "                      ClamAV, loop devices, Unix users or daemons (about a minute)"
+	@echo "                      ClamAV, loop devices, Unix users or daemons (under a minute)"
 	@echo "make lint             ruff + mypy --strict on nvr_guard/"
 	@echo "make bench            retention benchmarks (bench/retention.py; BENCH_ARGS=...)"
 	@echo "make install-service  install into $(PREFIX) and the systemd unit (root)"
@@ -99,7 +99,7 @@ endef
 test: deps venv
 	$(call run_pytest,)
 
-# The edit loop: tests/unit only (pure cores and in-process tests; about a minute).
+# The edit loop: tests/unit only (pure cores and in-process tests; under a minute).
 test-fast: venv
 	$(call run_pytest,tests/unit)
 
