@@ -44,7 +44,8 @@ import psutil
 from nvr_guard.model import GuardRules, Segment, SiteRules, boot_clock
 from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.retention.layout import Layout
-from nvr_guard.retention.scan import Scanner, SiteScan, Watcher
+from nvr_guard.retention.scan import Scanner, SiteScan
+from nvr_guard.retention.watch import Watcher
 from nvr_guard.store.catalog import Catalog
 from nvr_guard.text import Duration
 
@@ -214,7 +215,8 @@ _RSS_CHILD = textwrap.dedent(
     from retention import site_scan, steady_sweep
     from nvr_guard.store.catalog import Catalog
     from nvr_guard.retention.expiry import ExpiryCalc
-    from nvr_guard.retention.scan import Scanner, Watcher
+    from nvr_guard.retention.scan import Scanner
+    from nvr_guard.retention.watch import Watcher
 
     cat = Catalog(sys.argv[1], expiry=ExpiryCalc)
     s = site_scan(__import__("pathlib").Path(sys.argv[2]), "40d")

@@ -1,4 +1,4 @@
-"""Domain types shared by the pure cores (policy, access) and the adapters (catalog, scan, purge).
+"""Domain types shared by the pure cores (policy, access) and the adapters (stores, scan, purge).
 
 Times are epoch seconds (float, UTC) in the hot paths: a sweep may look at a million segments, and
 ``datetime`` objects there cost more than the work itself. Calendar arithmetic (months, years) is
@@ -301,3 +301,48 @@ __all__ = [
     "show_path",
     "skew_band",
 ]
+
+
+# ---- export requests: kept by the request store, judged by workflow.access -------------------
+@dataclass(frozen=True)
+class Recipient:
+    """Who receives the footage (接收单位 / 接收人 / 联系方式)."""
+
+    unit: str
+    person: str
+    contact: str
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    requester: str
+    site: str
+    cameras: tuple[str, ...]
+    start: float
+    end: float
+    reason: str
+    basis: str
+    recipient: Recipient
+    format: str
+    emergency: bool
+    state: str
+    created: float
+    approved_at: float | None = None
+    exported_at: float | None = None
+    closed_at: float | None = None
+    resolved: str | None = None  # an admin's resolution of an emergency violation
+    # Who carried out its export (or is carrying it out): never also one of its approvers unless
+    # ``approver_may_export`` (an emergency export comes before its back-filled approvals).
+    exporter: str | None = None
+
+
+@dataclass(frozen=True)
+class Approval:
+    """One decision on a request; ``role`` is the step it fills (or ``duty_role``)."""
+
+    approver: str
+    role: str
+    decision: str  # "approve" | "deny"
+    note: str
+    time: float

@@ -207,7 +207,7 @@ class Daemon:
                 log.exception("recording a control refusal failed: %s", item[:3])
 
     def _start_watcher(self) -> None:
-        from nvr_guard.retention.scan import Watcher
+        from nvr_guard.retention.watch import Watcher
 
         assert self.engine is not None
         try:

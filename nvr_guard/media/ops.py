@@ -1,5 +1,10 @@
 """The media gate's operations for the daemon: list, enrol, remove, scan, wipe, and the export
-destination. Every enrolment, removal, scan and refusal goes into the audit chain."""
+destination. Every enrolment, removal, scan and refusal goes into the audit chain.
+
+An export leaves the recorder only on a medium an admin enrolled and that was scanned clean
+(or on a scanned target directory): this module is where those commands meet the roles, the
+media store and the audit chain. It receives the narrow context, not the engine, so the workflow
+can use its destination gate without either importing the other's owner."""
 
 from __future__ import annotations
 
@@ -7,10 +12,14 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Callable
+from datetime import tzinfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from nvr_guard.config import Media
+from nvr_guard.context import Context
 from nvr_guard.errors import InvalidInput, PolicyRefused, RuntimeFailure
+from nvr_guard.identity import Caller
 from nvr_guard.media import clamav
 from nvr_guard.media.detect import find_medium, list_media
 from nvr_guard.media.gate import (
@@ -20,10 +29,6 @@ from nvr_guard.media.gate import (
     scan_record,
 )
 from nvr_guard.store.media import MediaStore
-
-if TYPE_CHECKING:
-    from nvr_guard.engine import Engine
-from nvr_guard.identity import Caller
 
 log = logging.getLogger("nvr_guard.media")
 
@@ -35,29 +40,35 @@ LIST_ROLES = frozenset(
 
 
 class MediaOps:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        with engine.catalog.lock:
-            self.store = MediaStore(engine.catalog.conn, engine.catalog.lock)
-        self.progress: dict[str, tuple[int, int]] = {}
+    """The media commands on the instance's context: roles checked, state changes audited."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        with ctx.catalog.lock:
+            self.store = MediaStore(ctx.catalog.conn, ctx.catalog.lock)
+        self.progress: dict[str, tuple[int, int]] = {}  # media scans under way: (done, total)
 
     @property
-    def cfg(self) -> Any:
-        return self.engine.config.media
+    def cfg(self) -> Media:
+        """The ``media:`` section of the config in force."""
+        return self.ctx.config.media
 
     @property
     def sysfs(self) -> Path:
+        """Where the block devices are read from (``media.sysfs_root``)."""
         return Path(self.cfg.sysfs_root)
 
     def now(self) -> float:
-        return self.engine.clock().wall
+        """The instance clock's wall time."""
+        return self.ctx.clock().wall
 
     def _targets(self) -> list[Path]:
-        return [Path(t) for t in self.engine.config.export.targets]
+        return [Path(t) for t in self.ctx.config.export.targets]
 
     # ---- read ------------------------------------------------------------------------------------
     def list(self, caller: Caller) -> dict[str, Any]:
-        self.engine.require(caller, LIST_ROLES, "list media")
+        """The media plugged in and the export target directories, with enrolment and last scan."""
+        self.ctx.require(caller, LIST_ROLES, "list media")
         out = []
         for m in list_media(self.sysfs):
             d = m.as_dict()
@@ -81,14 +92,15 @@ class MediaOps:
 
     # ---- enrolment -------------------------------------------------------------------------------
     def enroll(self, caller: Caller, media_id: str, label: str) -> dict[str, Any]:
-        self.engine.require(caller, ENROL_ROLES, f"enrol medium {media_id}")
+        """Enrol a plugged-in medium under ``label`` (admin); audited."""
+        self.ctx.require(caller, ENROL_ROLES, f"enrol medium {media_id}")
         label = label.strip()
         if not label or not label.isprintable() or len(label) > 100:
             raise InvalidInput("--label must be printable text of at most 100 characters")
         m = find_medium(media_id, self.sysfs)
-        with self.engine.recording():
+        with self.ctx.recording():
             e = self.store.enroll(m, label, caller.user, self.now())
-            self.engine.audit.append(
+            self.ctx.audit.append(
                 caller.user,
                 "media.enroll",
                 f"media:{m.id}",
@@ -103,19 +115,22 @@ class MediaOps:
         return e.as_dict()
 
     def remove(self, caller: Caller, media_id: str, reason: str) -> dict[str, Any]:
-        self.engine.require(caller, ENROL_ROLES, f"remove medium {media_id}")
+        """End a medium's enrolment, with a reason (admin); audited."""
+        self.ctx.require(caller, ENROL_ROLES, f"remove medium {media_id}")
         if not reason.strip():
             raise InvalidInput("--reason is required to remove an enrolment")
-        with self.engine.recording():
+        with self.ctx.recording():
             e = self.store.remove(media_id, caller.user, self.now())
-            self.engine.audit.append(
+            self.ctx.audit.append(
                 caller.user, "media.remove", f"media:{media_id}", {"reason": reason.strip()}
             )
         return e.as_dict()
 
     # ---- scanning --------------------------------------------------------------------------------
     def scan(self, caller: Caller, spec: str) -> dict[str, Any]:
-        self.engine.require(caller, SCAN_ROLES, f"scan {spec}")
+        """Scan a medium or export target for malware with ClamAV; the result is recorded and
+        audited, and an export accepts only a destination with a recent clean scan."""
+        self.ctx.require(caller, SCAN_ROLES, f"scan {spec}")
         target = resolve_scan_target(spec, self._targets(), sysfs_root=self.sysfs)
 
         def progress(done: int, total: int) -> None:
@@ -139,9 +154,9 @@ class MediaOps:
             device_identity=target.identity,
             target_path=target.key,
         )
-        with self.engine.recording():
+        with self.ctx.recording():
             sid = self.store.record_scan(rec)
-            self.engine.audit.append(
+            self.ctx.audit.append(
                 caller.user,
                 "media.scan",
                 f"media:{target.key}",
@@ -164,7 +179,7 @@ class MediaOps:
         return out
 
     # ---- destination -----------------------------------------------------------------------------
-    def destination(self, spec: str, tz: Any) -> Any:
+    def destination(self, spec: str, tz: tzinfo) -> MediaDestination | ScannedDirectory:
         """The gate in front of an export: a scanned directory from ``export.targets`` or an
         enrolled, scanned medium. The caller closes it (it holds the mount open)."""
         max_age = float(self.cfg.scan_max_age.seconds)
@@ -199,7 +214,7 @@ class MediaOps:
         self, caller: Caller, media_id: str, confirm: str, run: Callable[..., Any] = subprocess.run
     ) -> dict[str, Any]:
         """Format a medium instead of scanning its old contents (``media.prepare: wipe``)."""
-        self.engine.require(caller, ENROL_ROLES, f"wipe medium {media_id}")
+        self.ctx.require(caller, ENROL_ROLES, f"wipe medium {media_id}")
         if self.cfg.prepare != "wipe":
             raise PolicyRefused("wiping media is off: set media.prepare: wipe in the config")
         m = find_medium(media_id, self.sysfs)
@@ -211,8 +226,8 @@ class MediaOps:
         mkfs = shutil.which("mkfs.vfat") or shutil.which("mkfs.exfat")
         if mkfs is None:
             raise RuntimeFailure("neither mkfs.vfat (dosfstools) nor mkfs.exfat is installed")
-        with self.engine.recording():
-            self.engine.audit.append(
+        with self.ctx.recording():
+            self.ctx.audit.append(
                 caller.user,
                 "media.wipe",
                 f"media:{m.id}",
@@ -225,8 +240,8 @@ class MediaOps:
             timeout=600,
         )
         ok = r.returncode == 0
-        with self.engine.recording():
-            self.engine.audit.append(
+        with self.ctx.recording():
+            self.ctx.audit.append(
                 caller.user,
                 "media.wipe",
                 f"media:{m.id}",

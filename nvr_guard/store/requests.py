@@ -11,9 +11,9 @@ import json
 from typing import Any
 
 from nvr_guard.errors import InvalidInput
+from nvr_guard.model import Approval, Recipient, Request
 from nvr_guard.store.db import Database
 from nvr_guard.store.schema import ensure_requests_schema
-from nvr_guard.workflow.access import Approval, Recipient, Request
 
 _COLS = (
     'id, requester, site, cameras, start, "end", reason, basis, recipient, format, emergency, '

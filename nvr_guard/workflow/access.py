@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 
 from nvr_guard.errors import InvalidInput, PolicyRefused
+from nvr_guard.model import Approval, Recipient, Request
 from nvr_guard.text import Duration
 from nvr_guard.text import fmt_span_exact as _span
 from nvr_guard.text import printable as _show
@@ -83,15 +84,6 @@ class Actor:
 
 
 @dataclass(frozen=True)
-class Recipient:
-    """Who receives the footage (接收单位 / 接收人 / 联系方式)."""
-
-    unit: str
-    person: str
-    contact: str
-
-
-@dataclass(frozen=True)
 class Draft:
     """A request as typed by its requester, before it is checked and stored."""
 
@@ -103,41 +95,6 @@ class Draft:
     recipient: Recipient
     format: str = "mp4"  # "mp4" (watermarked) | "native" (unwatermarked stream copy, evidence)
     emergency: bool = False
-
-
-@dataclass(frozen=True)
-class Request:
-    id: int
-    requester: str
-    site: str
-    cameras: tuple[str, ...]
-    start: float
-    end: float
-    reason: str
-    basis: str
-    recipient: Recipient
-    format: str
-    emergency: bool
-    state: str
-    created: float
-    approved_at: float | None = None
-    exported_at: float | None = None
-    closed_at: float | None = None
-    resolved: str | None = None  # an admin's resolution of an emergency violation
-    # Who carried out its export (or is carrying it out): never also one of its approvers unless
-    # ``approver_may_export`` (an emergency export comes before its back-filled approvals).
-    exporter: str | None = None
-
-
-@dataclass(frozen=True)
-class Approval:
-    """One decision on a request; ``role`` is the step it fills (or ``duty_role``)."""
-
-    approver: str
-    role: str
-    decision: str  # "approve" | "deny"
-    note: str
-    time: float
 
 
 @dataclass(frozen=True)

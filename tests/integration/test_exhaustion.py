@@ -190,13 +190,13 @@ def test_state_dir_full_between_unlink_and_receipt(site: Site, now: datetime, tm
     db = state / "catalog.db"
     truncate_wal(db)
     filled: list[Path] = []
-    forget = engine._forget
+    forget = engine.sweeper._forget
 
     def full_disk_then_forget(segs):  # the unlinks are done: the state_dir fills up now
         filled.append(fill(state))
         forget(segs)
 
-    engine._forget = full_disk_then_forget  # type: ignore[method-assign]
+    engine.sweeper._forget = full_disk_then_forget  # type: ignore[method-assign]
     with pytest.raises(sqlite3.OperationalError, match="full"):
         engine.sweep()
     assert filled and not any(p.exists() for p in due)

@@ -299,7 +299,7 @@ def test_sweep_deletes_only_what_the_pure_policy_allows(
             before_root = _snapshot(root)
             before_out = _snapshot(outside)
             changed: set[bytes] = set()
-            real_plan = engine.plan
+            real_plan = engine.sweeper.plan
 
             def plan_then_change(*a: Any, **k: Any) -> Plan:
                 p = real_plan(*a, **k)
@@ -307,7 +307,7 @@ def test_sweep_deletes_only_what_the_pure_policy_allows(
                 changed.update(_mutate(es, files, outside, now))
                 return p
 
-            engine.plan = plan_then_change  # type: ignore[method-assign]
+            engine.sweeper.plan = plan_then_change  # type: ignore[method-assign]
             out = engine.sweep(actor="prop", now=clock)
             after_root = _snapshot(root)
 

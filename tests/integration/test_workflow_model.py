@@ -502,7 +502,7 @@ def test_model_catches_an_export_that_ignores_a_deny(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(f"{__name__}.event", lambda _: None)  # outside a hypothesis run
     m = WorkflowMachine()
     try:
-        monkeypatch.setattr(m.wf, "_commit_check", lambda claim: None)
+        monkeypatch.setattr(m.wf.exports, "_commit_check", lambda claim: None)
         m.file(who="alice", cams=("cam-1",), emergency=False)
         rid = next(iter(m.requests))
         data = _Fixed(rid)

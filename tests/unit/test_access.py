@@ -831,5 +831,6 @@ def test_access_is_pure() -> None:
         "dataclasses",
         "datetime",
         "nvr_guard.text",
+        "nvr_guard.model",  # pure domain types (Request, Recipient, Approval)
         "nvr_guard.errors",
     }, names

@@ -228,3 +228,86 @@ def test_store_public_methods_say_what_they_do() -> None:
                 ):
                     missing.append(f"{path.name}: {cls.name}.{fn.name}")
     assert missing == []
+
+
+# ---- layers: what each part may import (the README's code map says the same in words) ----------
+
+# Modules every part may use: errors, the shared domain types, formats, identity, system helpers.
+BASE = frozenset(
+    {
+        "nvr_guard",  # the package itself: __version__
+        "nvr_guard.errors",
+        "nvr_guard.text",
+        "nvr_guard.model",
+        "nvr_guard.times",
+        "nvr_guard.identity",
+        "nvr_guard.workers",
+        "nvr_guard.mounts",
+        "nvr_guard.attention",
+        "nvr_guard.statelock",
+    }
+)
+# part -> the parts it may import besides BASE and itself; a part is a top-level module or
+# package of nvr_guard, or one module named whole where a single module is allowed
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    "base": frozenset(),
+    "nvr_guard.export": frozenset(),
+    "nvr_guard.store": frozenset(),
+    # the config checks the key location and the font, and compiles the layouts, at load
+    "nvr_guard.config": frozenset(
+        {"nvr_guard.export.keys", "nvr_guard.export.fonts", "nvr_guard.retention.layout"}
+    ),
+    "nvr_guard.context": frozenset({"nvr_guard.config", "nvr_guard.store", "nvr_guard.export"}),
+    "nvr_guard.retention": frozenset({"nvr_guard.config", "nvr_guard.store", "nvr_guard.context"}),
+    "nvr_guard.media": frozenset({"nvr_guard.config", "nvr_guard.store", "nvr_guard.context"}),
+    "nvr_guard.workflow": frozenset(
+        {"nvr_guard.config", "nvr_guard.store", "nvr_guard.context", "nvr_guard.export"}
+    ),
+    "nvr_guard.auditview": frozenset({"nvr_guard.store"}),
+}
+_BELOW_ENGINE = frozenset(MAY_IMPORT) - {"base"} | {"nvr_guard.auditview"}
+MAY_IMPORT |= {
+    "nvr_guard.engine": _BELOW_ENGINE,
+    "nvr_guard.daemon": _BELOW_ENGINE | {"nvr_guard.engine"},
+    "nvr_guard.cli": _BELOW_ENGINE | {"nvr_guard.engine", "nvr_guard.daemon"},
+    "nvr_guard.demo": frozenset(),
+    "nvr_guard.__main__": frozenset({"nvr_guard.cli"}),
+}
+
+
+def part_of(module: str) -> str:
+    """The part a module belongs to: ``base`` or its top-level module/package."""
+    if module in BASE:
+        return "base"
+    return ".".join(module.split(".")[:2])
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for mod, deps in sorted(graph.items()):
+        part = part_of(mod)
+        allowed = MAY_IMPORT.get(part)
+        if allowed is None:
+            out.append(f"{mod}: its part {part} has no row in MAY_IMPORT")
+            continue
+        for dep in sorted(deps):
+            dep_part = part_of(dep)
+            if dep_part in ("base", part) or dep_part in allowed or dep in allowed:
+                continue
+            out.append(f"{mod} imports {dep}")
+    return out
+
+
+def test_layer_check_sees_a_wrong_import() -> None:
+    graph = {"nvr_guard.store.media": {"nvr_guard.workflow.access", "nvr_guard.errors"}}
+    assert layer_violations(graph) == ["nvr_guard.store.media imports nvr_guard.workflow.access"]
+    graph = {"nvr_guard.config.checks": {"nvr_guard.retention.layout"}}
+    assert layer_violations(graph) == []
+    graph = {"nvr_guard.config.checks": {"nvr_guard.retention.sweeper"}}
+    assert layer_violations(graph) == [
+        "nvr_guard.config.checks imports nvr_guard.retention.sweeper"
+    ]
+
+
+def test_each_part_imports_only_the_layers_below() -> None:
+    assert layer_violations(import_graph()) == []

@@ -16,7 +16,8 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 from nvr_guard.model import SiteRules
 from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.retention.layout import Layout
-from nvr_guard.retention.scan import Scanner, SiteScan, Watcher
+from nvr_guard.retention.scan import Scanner, SiteScan
+from nvr_guard.retention.watch import Watcher
 from nvr_guard.store.catalog import Catalog
 from nvr_guard.text import Duration
 
