@@ -2,6 +2,7 @@
 #
 #   make demo     system packages (if missing) + virtualenv + the demo daemon on generated footage
 #   make test     system packages (if missing) + virtualenv + the whole test suite
+#   make test-fast  virtualenv + tests/unit only (pure cores, in-process; the edit loop)
 #
 # Every target is idempotent: apt-get runs only when a package is missing, pip only when
 # pyproject.toml or constraints.txt changed since the last install.
@@ -38,11 +39,13 @@ CONFDIR         ?= /etc/nvr-guard
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps venv test demo lint bench clean distclean install-service
+.PHONY: help deps venv test test-fast demo lint bench clean distclean install-service
 
 help:
 	@echo "make demo             run the demo daemon on generated recordings"
 	@echo "make test             run the test suite (PYTEST_ARGS='-k control' to narrow it)"
+	@echo "make test-fast        run tests/unit only: pure cores and in-process tests, no ffmpeg,"
+	@echo "                      ClamAV, loop devices, Unix users or daemons (under a minute)"
 	@echo "make lint             ruff + mypy --strict on nvr_guard/"
 	@echo "make bench            retention benchmarks (bench/retention.py; BENCH_ARGS=...)"
 	@echo "make install-service  install into $(PREFIX) and the systemd unit (root)"
@@ -86,10 +89,19 @@ $(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
 # ---------------------------------------------------------------------------------------------
 # pytest's own exit code decides; 5 ("no tests collected") is a failure too, with a message,
 # so a broken collection can never pass as green.
+define run_pytest
+@rc=0; $(VENV)/bin/pytest -q $(1) $(PYTEST_ARGS) || rc=$$?; \
+if [ $$rc -eq 5 ]; then echo "make $@: pytest collected no tests; failing" >&2; fi; \
+if [ $$rc -ne 0 ]; then echo "make $@: pytest exited with $$rc" >&2; exit $$rc; fi
+endef
+
+# Everything: tests/unit and tests/integration (testpaths in pyproject.toml).
 test: deps venv
-	@rc=0; $(VENV)/bin/pytest -q $(PYTEST_ARGS) || rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing" >&2; fi; \
-	if [ $$rc -ne 0 ]; then echo "make test: pytest exited with $$rc" >&2; exit $$rc; fi
+	$(call run_pytest,)
+
+# The edit loop: tests/unit only (pure cores and in-process tests; under a minute).
+test-fast: venv
+	$(call run_pytest,tests/unit)
 
 demo: deps venv
 	$(VENV)/bin/python -m nvr_guard.demo $(DEMO_ARGS)

@@ -1,0 +1,1 @@
+"""Tests with real dependencies: processes, ffmpeg, ClamAV, loop devices, Unix users, daemons."""
