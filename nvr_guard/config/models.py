@@ -175,6 +175,9 @@ class Export(_Strict):
     """``export:``: where exports go, how they are watermarked, encoded and signed."""
 
     targets: list[AbsPath] = Field(default_factory=list)
+    # the Unix group that may read finished packages (directories 0750, files 0640): the admin
+    # puts technicians and auditors in it; systemd/nvr-guard.sysusers creates the default
+    group: UnixName = "nvr-guard-export"
     watermark: Template = DEFAULT_WATERMARK
     font: Text | None = None  # a font file path or a fontconfig family; None = find a CJK font
     crf: Crf = 23
