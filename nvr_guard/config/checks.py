@@ -19,7 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from nvr_guard.config.loader import Lines, dotted
-from nvr_guard.config.models import Config, Site, resolve_keep
+from nvr_guard.config.models import DEFAULT_EXPORT_GROUP, Config, Site, resolve_keep
 from nvr_guard.config.profiles import PROFILES
 from nvr_guard.mounts import Mount, fs_location, mount_points_below, mounts
 from nvr_guard.retention.layout import Layout
@@ -44,7 +44,7 @@ def cross_checks(
         _people_warnings(cfg, warn)
         _font_check(cfg, problem)
         _signing_key_checks(cfg, problem)
-        _export_group_check(cfg, lines, problem, warn)
+        _export_group_check(cfg, problem, warn)
         for i, t in enumerate(cfg.export.targets):
             if not os.path.isdir(t):
                 warn(
@@ -331,13 +331,14 @@ def _signing_key_checks(cfg: Config, problem: Any) -> None:
         problem(where, False, f"export.signing_key: {why}")
 
 
-def _export_group_check(cfg: Config, lines: Lines, problem: Any, warn: Any) -> None:
+def _export_group_check(cfg: Config, problem: Any, warn: Any) -> None:
     """``export.group`` names a group that exists, with the daemon's user in it.
 
-    Written in the file, a group that does not exist is an error (a typo would leave every
-    package unreadable to the people who handle it). The default, left out, is only looked up at
-    export time: systemd-sysusers creates it with the service, and a host without it (a test
-    bench, root running the daemon by hand) still exports, the package keeping the daemon's group.
+    A group of the admin's choosing that does not exist is an error (a typo would leave every
+    package unreadable to the people who handle it). The default, ``nvr-guard-export``, written
+    out or not (``config show`` writes every default), is only looked up at export time:
+    systemd-sysusers creates it with the service, and a host without it (a test bench, root
+    running the daemon by hand) still exports, the package keeping the daemon's own group.
     """
     import grp
     import pwd
@@ -347,7 +348,7 @@ def _export_group_check(cfg: Config, lines: Lines, problem: Any, warn: Any) -> N
     try:
         gr = grp.getgrnam(name)
     except KeyError:
-        if where in lines.lines:
+        if name != DEFAULT_EXPORT_GROUP:
             problem(
                 where,
                 False,
