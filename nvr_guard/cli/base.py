@@ -173,10 +173,12 @@ def daemon_call(c: Ctx, cmd: str, args: dict[str, Any], timeout: float = 30.0) -
     return call(socket_path(c), cmd, args, timeout=timeout)
 
 
-def act(c: Ctx, cmd: str, args: dict[str, Any]) -> Any:
-    """Run an acting command through the daemon (it learns who calls from the socket); without a
+def act(c: Ctx, cmd: str, args: dict[str, Any], *, fresh: bool = True) -> Any:
+    """Run a command through the daemon (it learns who calls from the socket); without a
     daemon only root may act, directly on the state (it could edit the state anyway), through the
-    same command handler the daemon would run (``nvr_guard.daemon.commands``).
+    same command handler the daemon would run (``nvr_guard.daemon.commands``). ``fresh``: bring
+    the catalog up to date with the disk first (what a sweep or hold judges); a command that
+    only reads requests, media or the form does not need it.
 
     "Without a daemon" means no daemon holds the state lock, not "the daemon did not answer": a
     busy or slow daemon still owns the state, and root acting beside it would bypass its checks
@@ -197,7 +199,8 @@ def act(c: Ctx, cmd: str, args: dict[str, Any]) -> Any:
                     "done locally: try again, or check `systemctl status nvr-guard`"
                 ) from None
             engine = Engine(c.config)
-            engine.reconcile(full=False)  # bring the catalog up to date with the disk first
+            if fresh:
+                engine.reconcile(full=False)
             return dispatch(Context(engine, local=True), caller(), cmd, args)
         finally:
             lock.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from nvr_guard.cli.base import Ctx, Group, daemon_call, err, out, pass_ctx, with_progress
+from nvr_guard.cli.base import Ctx, Group, act, daemon_call, err, out, pass_ctx, with_progress
 from nvr_guard.errors import DaemonUnavailable, InvalidInput, RuntimeFailure, VerifyFailed
 
 
@@ -51,9 +51,12 @@ def export_run(c: Ctx, rid: int, media: str) -> None:
 @pass_ctx
 def export_form(c: Ctx, rid: int, output: str | None) -> None:
     """Printable approval record (审批表) of a request, as HTML."""
-    html = daemon_call(c, "export.form", {"id": rid})["html"]
+    html = act(c, "export.form", {"id": rid}, fresh=False)["html"]
     if output:
-        Path(output).write_text(html, encoding="utf-8")
+        try:
+            Path(output).write_text(html, encoding="utf-8")
+        except OSError as e:  # written by the person who asked, with their own rights
+            raise InvalidInput(f"cannot write {output}: {e.strerror or e}") from None
         c.emit(
             {"id": rid, "form": str(Path(output).resolve())},
             lambda: out.print(f"approval record written to {output}", markup=False),

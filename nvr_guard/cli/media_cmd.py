@@ -7,7 +7,17 @@ import sys
 
 import click
 
-from nvr_guard.cli.base import Ctx, Group, daemon_call, err, out, pass_ctx, table, with_progress
+from nvr_guard.cli.base import (
+    Ctx,
+    Group,
+    act,
+    daemon_call,
+    err,
+    out,
+    pass_ctx,
+    table,
+    with_progress,
+)
 
 
 @click.group(cls=Group)
@@ -19,7 +29,7 @@ def media() -> None:
 @pass_ctx
 def media_list(c: Ctx) -> None:
     """Attached removable media and export target directories, with enrolment and last scan."""
-    res = daemon_call(c, "media.list", {})
+    res = act(c, "media.list", {}, fresh=False)
 
     def human() -> None:
         t = table(

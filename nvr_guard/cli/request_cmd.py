@@ -7,7 +7,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from nvr_guard.cli.base import Ctx, Group, daemon_call, out, pass_ctx, table
+from nvr_guard.cli.base import Ctx, Group, act, daemon_call, out, pass_ctx, table
 from nvr_guard.errors import InvalidInput
 
 
@@ -134,7 +134,7 @@ def request_new(
 @pass_ctx
 def request_list(c: Ctx, state: str | None) -> None:
     """Requests, with open violations."""
-    res = daemon_call(c, "request.list", {"state": state})
+    res = act(c, "request.list", {"state": state}, fresh=False)
 
     def human() -> None:
         t = table(
@@ -162,7 +162,7 @@ def request_list(c: Ctx, state: str | None) -> None:
 @pass_ctx
 def request_show(c: Ctx, rid: int) -> None:
     """One request with its approvals."""
-    res = daemon_call(c, "request.show", {"id": rid})
+    res = act(c, "request.show", {"id": rid}, fresh=False)
     c.emit(res, lambda: print_request(res))
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import click
 from rich.text import Text
 
-from nvr_guard.cli.base import Ctx, Group, act, err, out, pass_ctx, table
+from nvr_guard.cli.base import Ctx, Group, act, caller, daemon_call, err, out, pass_ctx, table
+from nvr_guard.errors import DaemonUnavailable
+
+PLAN = "retention.plan"
 
 
 @click.group(cls=Group)
@@ -66,15 +68,29 @@ def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:
 @click.option("--site", help="only this site")
 @pass_ctx
 def retention_plan(c: Ctx, now: str | None, site: str | None) -> None:
-    """What a sweep would delete and why; deletes nothing."""
-    from nvr_guard.engine import preview
-    from nvr_guard.times import clock_at
+    """What a sweep would delete and why; deletes nothing (admin, security_lead, auditor)."""
+    res = plan(c, now, site)
+    print_outcome(c, res, "retention plan (nothing is deleted)")
 
-    with tempfile.TemporaryDirectory(prefix="nvr-guard-plan-") as tmp:
-        outcome = preview(c.config, Path(tmp), clock_at(now, c.config.tz), site)
-        res = outcome.as_json()
-        res["deleted"] = 0
-        print_outcome(c, res, "retention plan (nothing is deleted)")
+
+def plan(c: Ctx, now: str | None, site: str | None) -> dict[str, Any]:
+    """The plan from the command's handler: root runs it here, on a scratch copy of the state
+    and under the config file it names (a preview of a config change needs no daemon); anyone
+    else asks the daemon, which checks their role and plans under the config in force: the
+    state directory is the daemon's alone (0700)."""
+    args: dict[str, Any] = {"now": now, "site": site}
+    if os.getuid() == 0:
+        from nvr_guard.daemon.commands import Context, dispatch
+
+        return dict(dispatch(Context(None, local=True, config=c.config), caller(), PLAN, args))
+    try:
+        res = daemon_call(c, PLAN, {**args, "config_digest": c.config.digest}, timeout=3600)
+    except DaemonUnavailable as e:
+        raise DaemonUnavailable(
+            f"{e}; without the daemon only root previews a sweep (it reads the state in "
+            f"{c.config.state_dir})"
+        ) from None
+    return dict(res)
 
 
 @retention.command("run")

@@ -19,7 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from nvr_guard.config.loader import Lines, dotted
-from nvr_guard.config.models import Config, Site, resolve_keep
+from nvr_guard.config.models import DEFAULT_EXPORT_GROUP, Config, Site, resolve_keep
 from nvr_guard.config.profiles import PROFILES
 from nvr_guard.mounts import Mount, fs_location, mount_points_below, mounts
 from nvr_guard.retention.layout import Layout
@@ -44,6 +44,7 @@ def cross_checks(
         _people_warnings(cfg, warn)
         _font_check(cfg, problem)
         _signing_key_checks(cfg, problem)
+        _export_group_check(cfg, problem, warn)
         for i, t in enumerate(cfg.export.targets):
             if not os.path.isdir(t):
                 warn(
@@ -328,6 +329,47 @@ def _signing_key_checks(cfg: Config, problem: Any) -> None:
     why = key_location_problem(path, trusted)
     if why is not None:
         problem(where, False, f"export.signing_key: {why}")
+
+
+def _export_group_check(cfg: Config, problem: Any, warn: Any) -> None:
+    """``export.group`` names a group that exists, with the daemon's user in it.
+
+    A group of the admin's choosing that does not exist is an error (a typo would leave every
+    package unreadable to the people who handle it). The default, ``nvr-guard-export``, written
+    out or not (``config show`` writes every default), is only looked up at export time:
+    systemd-sysusers creates it with the service, and a host without it (a test bench, root
+    running the daemon by hand) still exports, the package keeping the daemon's own group.
+    """
+    import grp
+    import pwd
+
+    where = ("export", "group")
+    name = cfg.export.group
+    try:
+        gr = grp.getgrnam(name)
+    except KeyError:
+        if name != DEFAULT_EXPORT_GROUP:
+            problem(
+                where,
+                False,
+                f"export.group: group {name!r} does not exist; create it (groupadd {name}) and "
+                "put the technicians and auditors in it, or name an existing group",
+            )
+        return
+    uid, user = _daemon_uid(cfg)
+    if uid == 0:
+        return
+    try:
+        pw_gid = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return
+    if gr.gr_gid != pw_gid and user not in gr.gr_mem:
+        warn(
+            where,
+            f"export.group: the daemon's user {user} is not a member of group {name}, so it "
+            f"can give packages that group only on targets that are the group's with the setgid "
+            f"bit (chgrp {name} DIR && chmod g+s DIR); add it: usermod -aG {name} {user}",
+        )
 
 
 def _people_warnings(cfg: Config, warn: Any) -> None:

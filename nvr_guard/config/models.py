@@ -171,10 +171,16 @@ class Approval(_Strict):
         return hours_window(self.hours)
 
 
+DEFAULT_EXPORT_GROUP = "nvr-guard-export"  # systemd/nvr-guard.sysusers creates it
+
+
 class Export(_Strict):
     """``export:``: where exports go, how they are watermarked, encoded and signed."""
 
     targets: list[AbsPath] = Field(default_factory=list)
+    # the Unix group that may read finished packages (directories 0750, files 0640): the admin
+    # puts technicians and auditors in it; systemd/nvr-guard.sysusers creates the default
+    group: UnixName = DEFAULT_EXPORT_GROUP
     watermark: Template = DEFAULT_WATERMARK
     font: Text | None = None  # a font file path or a fontconfig family; None = find a CJK font
     crf: Crf = 23

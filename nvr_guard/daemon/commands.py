@@ -29,17 +29,19 @@ Access, checked by ``dispatch`` in this order:
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import tzinfo
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from pydantic.functional_validators import AfterValidator
 
 from nvr_guard.config import Config
-from nvr_guard.engine import AUDIT_ROLES, Engine, audit_show_json, audit_verify_json
+from nvr_guard.engine import AUDIT_ROLES, Engine, audit_show_json, audit_verify_json, preview
 from nvr_guard.errors import DaemonUnavailable, InvalidInput, PolicyRefused, RuntimeFailure
 from nvr_guard.identity import Caller
 from nvr_guard.store.audit import AuditLog
@@ -48,6 +50,8 @@ from nvr_guard.times import clock_at, parse_time
 # who may run a sweep or reload the config (root counts as admin)
 SWEEP_ROLES = frozenset({"admin"})
 RELOAD_ROLES = frozenset({"admin"})
+# who may see what a sweep would delete (every path it judges, held footage and why)
+PLAN_ROLES = frozenset({"admin", "security_lead", "auditor"})
 
 MAX_ID = 2**53  # what a JSON number carries exactly
 
@@ -138,6 +142,14 @@ class MediaWipe(_Args):
 class RetentionRun(_Args):
     now: Time | None = None
     dry_run: StrictBool = False
+
+
+class RetentionPlan(_Args):
+    now: Time | None = None
+    site: Short | None = None
+    # the digest of the config file the caller read: a plan is of the config in force, and a
+    # caller previewing another file must not be shown the daemon's plan under its name
+    config_digest: Short | None = None
 
 
 class RetentionConfirm(_Args):
@@ -416,6 +428,29 @@ def retention_run(ctx: Context, caller: Caller, a: RetentionRun) -> Any:
     return engine.sweep(actor=caller.user, now=now, dry_run=a.dry_run).as_json()
 
 
+def retention_plan(ctx: Context, caller: Caller, a: RetentionPlan) -> Any:
+    """What a sweep would delete and why, at ``now`` if given; deletes nothing.
+
+    It runs on a scratch copy of the state (see ``engine.preview``), so ``--now`` is harmless
+    here: neither the catalog, the sweep history nor the clock guard of the real state sees it.
+    """
+    cfg = ctx.config
+    if a.config_digest is not None and a.config_digest != cfg.digest:
+        raise InvalidInput(
+            f"retention plan: the config file you read is not the one in force "
+            f"({cfg.source_path}, {cfg.digest[:12]}); the daemon plans only under its own "
+            "config: reload it first, or have root preview the other file "
+            "(`sudo nvr-guard --config FILE retention plan`)"
+        )
+    if a.site is not None and a.site not in cfg.sites:
+        # before the scan: a typo must not cost a full walk of every root
+        raise InvalidInput(f"unknown site {a.site!r}; sites: {', '.join(sorted(cfg.sites))}")
+    with tempfile.TemporaryDirectory(prefix="nvr-guard-plan-") as tmp:
+        res: dict[str, Any] = preview(cfg, Path(tmp), clock_at(a.now, cfg.tz), a.site).as_json()
+    res["deleted"] = 0
+    return res
+
+
 def retention_confirm(ctx: Context, caller: Caller, a: RetentionConfirm) -> Any:
     """Release a sweep a guard stopped (admin)."""
     return ctx.engine.confirm(a.sweep, caller).as_json()
@@ -505,6 +540,13 @@ COMMANDS: dict[str, Command] = {
             roles=SWEEP_ROLES,
             what="run a retention sweep",
             refuse=refuse_fake_now,
+        ),
+        Command(
+            "retention.plan",
+            RetentionPlan,
+            retention_plan,
+            roles=PLAN_ROLES,
+            what="see the retention plan",
         ),
         Command("retention.confirm", RetentionConfirm, retention_confirm),
         Command("retention.confirm_root", RetentionConfirmRoot, retention_confirm_root),

@@ -78,6 +78,8 @@ class ExportJob:
     # a hole between two segments up to this long is jitter, not missing footage; None = one frame.
     # Raise it for recorders whose file names have whole-second resolution.
     gap_tolerance: float | None = None
+    # the group that may read the package (export.group's gid); None: the one it gets by default
+    group: int | None = None
 
     @property
     def native(self) -> bool:
@@ -297,7 +299,7 @@ def run_export(
     destination = dict(dest.describe())
 
     try:
-        pdir = PackageDir(dest.path, name)
+        pdir = PackageDir(dest.path, name, group=job.group)
     except OSError as e:
         raise RuntimeFailure(
             f"cannot create the package directory on {dest.path}: {e.strerror or e}; "

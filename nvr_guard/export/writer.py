@@ -20,12 +20,21 @@ So nothing here is reached through a path someone else could re-point:
   exact list of names), and that the temporary name still leads to this directory; after it,
   that the final name does. On failure the directory is emptied through its descriptor and
   removed wherever it now is in the target, so nothing is left behind.
+
+Who may read the finished package: its owner (the daemon) and one group (``export.group``), whose
+members the admin chooses (technicians, auditors) — footage is never left readable by everyone
+on the host. The modes are set explicitly (``fchmod``), so the daemon's umask (0077 under the
+unit) does not matter. The group comes from the target itself when the target is that group's
+with the setgid bit (new entries inherit the group: no ``chown`` needed, which the unit's system
+call filter forbids), else from ``fchown``, which root or a member of the group may do. When
+neither gives the package its group, the export is refused before anything is written.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import grp
 import hashlib
 import os
 import secrets
@@ -34,8 +43,8 @@ from pathlib import Path
 
 from nvr_guard.errors import PolicyRefused, RuntimeFailure
 
-DIR_MODE = 0o755  # the finished package: readable by whoever reads the medium
-FILE_MODE = 0o644
+DIR_MODE = 0o750  # the finished package: its owner and the export group (export.group)
+FILE_MODE = 0o640
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -101,13 +110,23 @@ def check_target(path: Path, st: os.stat_result) -> None:
             )
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 class PackageDir:
     """The private directory a package is built in, reached only through descriptors.
 
     ``target_fd`` is the target opened by the caller (or by this class from ``target``)."""
 
-    def __init__(self, target: Path, stem: str, *, target_fd: int | None = None) -> None:
+    def __init__(
+        self, target: Path, stem: str, *, target_fd: int | None = None, group: int | None = None
+    ) -> None:
         self.target = target
+        self.group = group  # the gid the package is given; None: whatever it gets
         self._own_target_fd = target_fd is None
         self.dfd = os.open(target, _OPEN_DIR) if target_fd is None else os.dup(target_fd)
         self.fd = -1
@@ -134,7 +153,7 @@ class PackageDir:
             st = os.fstat(fd)
             if (
                 st.st_uid != os.geteuid()
-                or stat.S_IMODE(st.st_mode) != 0o700
+                or stat.S_IMODE(st.st_mode) & ~stat.S_ISGID != 0o700  # setgid: from the target
                 or os.listdir(fd)
                 or (os.lstat(name, dir_fd=self.dfd).st_ino != st.st_ino)
             ):
@@ -145,8 +164,30 @@ class PackageDir:
                     f"the temporary directory {name} in {self.target} was replaced as it was "
                     "created: another user is tampering with the export target"
                 )
+            try:
+                self._give_group(fd, name, st)
+            except BaseException:
+                os.close(fd)
+                self._remove_empty_ours_by_name(name)
+                raise
             return name, fd
         raise RuntimeFailure(f"cannot create a temporary directory in {self.target}")
+
+    def _give_group(self, fd: int, what: str, st: os.stat_result) -> None:
+        """Give ``fd`` the export group unless it has it already (inherited from a setgid
+        target); refuse the export when that is not possible."""
+        if self.group is None or st.st_gid == self.group:
+            return
+        try:
+            os.fchown(fd, -1, self.group)
+        except OSError as e:
+            group = _group_name(self.group)
+            raise RuntimeFailure(
+                f"cannot give {what} in export target {self.target} the export group {group} "
+                f"({e.strerror}), so the people who handle packages could not read it; "
+                f"nothing was exported. Make the target the group's, with the setgid bit, "
+                f"once: chgrp {group} {self.target} && chmod g+s {self.target}"
+            ) from None
 
     def _remove_empty_ours_by_name(self, name: str) -> None:
         try:
@@ -216,11 +257,17 @@ class PackageDir:
         for fname in sorted(names):
             fd = self.open(fname)
             try:
+                self._give_group(fd, fname, os.fstat(fd))
                 os.fchmod(fd, FILE_MODE)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != euid or st.st_nlink != 1:
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_uid != euid
+                or st.st_nlink != 1
+                or (self.group is not None and st.st_gid != self.group)
+            ):
                 raise RuntimeFailure(
                     f"{fname} in the package being written in {self.target} is not a plain file "
                     f"owned by this process (uid {st.st_uid}, {st.st_nlink} links); nothing was "
@@ -228,10 +275,14 @@ class PackageDir:
                 )
         os.fchmod(self.fd, DIR_MODE)
         st = os.fstat(self.fd)
-        if st.st_uid != euid or stat.S_IMODE(st.st_mode) != DIR_MODE:
+        if (
+            st.st_uid != euid
+            or stat.S_IMODE(st.st_mode) != DIR_MODE
+            or (self.group is not None and st.st_gid != self.group)
+        ):
             raise RuntimeFailure(
                 f"the package directory in {self.target} is not owned by this process or has "
-                f"mode {stat.S_IMODE(st.st_mode):04o}; nothing was exported"
+                f"mode {stat.S_IMODE(st.st_mode):04o} or group {st.st_gid}; nothing was exported"
             )
 
     def _is_ours(self, name: str) -> bool:

@@ -11,6 +11,7 @@ it needs of the requests is :class:`RequestAccess`; the signing key is re-checke
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import shutil
@@ -289,6 +290,7 @@ class ExportJobs:
             crf=self.wf.config.export.crf,
             preset=self.wf.config.export.preset,
             timeout=float(self.wf.config.export.timeout.seconds),
+            group=self.export_gid(),
         )
 
         def on_progress(f: float) -> None:
@@ -400,6 +402,22 @@ class ExportJobs:
             if self.claims.get(rid) is claim:
                 del self.claims[rid]
             self._release(claim)
+
+    def export_gid(self) -> int | None:
+        """The gid of ``export.group``, who may read packages; None when the group does not
+        exist (only the default can be missing: a named one is a config error), and the
+        package keeps the daemon's group, readable by nobody else."""
+        name = self.wf.config.export.group
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            log.warning(
+                "export.group %s does not exist: the package is readable by the daemon's own "
+                "group only; create the group (systemd-sysusers) and put technicians and "
+                "auditors in it",
+                name,
+            )
+            return None
 
     def _commit_check(self, claim: ExportClaim) -> None:
         """At the commit point: take the engine lock and keep it (until :meth:`export_finish`

@@ -189,11 +189,13 @@ def race_export(
 def assert_root_package(pkg: Any, target: Path) -> None:
     assert pkg.path.parent == target
     st = os.lstat(pkg.path)
-    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755
+    # owner and export group only: nobody else on the host reads footage (not even a racer)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o750
     assert sorted(os.listdir(pkg.path)) == sorted([CLIP, *PACKAGE_FILES])
     for n in os.listdir(pkg.path):
         f = os.lstat(pkg.path / n)
         assert stat.S_ISREG(f.st_mode) and f.st_uid == 0 and f.st_nlink == 1, n
+        assert stat.S_IMODE(f.st_mode) == 0o640, n
     assert verify_package(pkg.path).ok
 
 

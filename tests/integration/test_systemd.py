@@ -143,9 +143,12 @@ def test_sysusers_and_tmpfiles_apply_to_an_empty_root(tmp_path: Path) -> None:
     entry = next(line.split(":") for line in passwd if line.startswith("nvr-guard:"))
     assert entry[5] == "/var/lib/nvr-guard"
     assert entry[6] == "/usr/sbin/nologin"
-    assert any(
-        line.startswith("nvr-guard:") for line in (tmp_path / "etc/group").read_text().split()
-    )
+    groups = {
+        g[0]: g for g in (line.split(":") for line in (tmp_path / "etc/group").read_text().split())
+    }
+    assert "nvr-guard" in groups
+    # export.group's default: who may read packages; the daemon is a member to give it to them
+    assert groups["nvr-guard-export"][3].split(",") == ["nvr-guard"]
 
     dirs = run(
         "systemd-tmpfiles", f"--root={tmp_path}", "--create", "-", stdin=TMPFILES.read_bytes()

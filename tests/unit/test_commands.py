@@ -11,6 +11,7 @@ import grp
 import os
 import pwd
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from nvr_guard.daemon.commands import COMMANDS, Context, dispatch
 from nvr_guard.engine import Engine
 from nvr_guard.errors import InvalidInput, PolicyRefused
 from nvr_guard.identity import Caller
-from tests.fixtures.site import Site, make_config
+from tests.fixtures.site import Site, make_config, write_segment
 
 NOBODY_UID = 54321  # no passwd entry on the test host
 AUDITOR = Caller(10_001, "aud")
@@ -30,7 +31,7 @@ AUDITOR = Caller(10_001, "aud")
 def engine(site: Site) -> Iterator[Engine]:
     text = make_config(site).replace(
         "  users: {root: {roles: [admin]}}\n",
-        "  users: {root: {roles: [admin]}, aud: {roles: [auditor]}}\n",
+        "  users: {root: {roles: [admin]}, aud: {roles: [auditor]}, op: {roles: [operator]}}\n",
     )
     site.config.write_text(text)
     e = Engine(load_config(str(site.config)))
@@ -108,6 +109,44 @@ def test_now_is_refused_through_the_daemon_even_for_root_and_allowed_locally(
     res = dispatch(Context(engine, local=True), root, "retention.run", args)
     assert res["sweep"] is not None
     assert engine.catalog.conn.execute("SELECT count(*) FROM sweeps").fetchone()[0] == 1
+
+
+def test_retention_plan_is_served_by_role_at_any_now_and_changes_nothing(
+    engine: Engine, site: Site, now: datetime
+) -> None:
+    due = write_segment(site.root, "cam1", now - timedelta(days=20))
+    for i in range(5):  # enough young footage to keep the plan under the mass-deletion guard
+        write_segment(site.root, "cam1", now - timedelta(days=1, minutes=i))
+    engine.reconcile(full=True)
+    sweeps = "SELECT count(*) FROM sweeps"
+    operator = Caller(10_002, "op")
+    with pytest.raises(PolicyRefused, match="op may not see the retention plan"):
+        dispatch(Context(engine), operator, "retention.plan", {})
+    [entry] = _denials(engine)
+    assert entry.details["needs"] == ["admin", "auditor", "security_lead"]
+    # an auditor previews, through the daemon, a time the daemon's own sweeps never see
+    ahead = (now + timedelta(days=1)).isoformat()
+    plan = dispatch(Context(engine), AUDITOR, "retention.plan", {"now": ahead})
+    assert [i["path"] for i in plan["items"] if i["action"] == "delete"] == [str(due)]
+    assert plan["deleted"] == 0 and plan["sweep"] is None
+    assert due.exists() and engine.catalog.conn.execute(sweeps).fetchone()[0] == 0
+    # a plan is of the config in force: another file's digest is refused, not answered
+    with pytest.raises(InvalidInput, match="not the one in force"):
+        dispatch(Context(engine), AUDITOR, "retention.plan", {"config_digest": "0" * 64})
+    mine = {"config_digest": engine.config.digest, "site": "toll"}
+    assert dispatch(Context(engine), AUDITOR, "retention.plan", mine)["items"]
+    with pytest.raises(InvalidInput, match="unknown site 'gate'"):
+        dispatch(Context(engine), AUDITOR, "retention.plan", {"site": "gate"})
+
+
+def test_root_plans_locally_without_an_engine(site: Site, now: datetime) -> None:
+    # `retention plan` run by root: the handler on the config alone (no daemon, no state lock)
+    due = write_segment(site.root, "cam1", now - timedelta(days=20))
+    ctx = Context(None, local=True, config=load_config(str(site.config)))
+    plan = dispatch(ctx, Caller(0, "root"), "retention.plan", {})
+    # the only footage, so the first-sweep guard holds it: judged all the same
+    assert [(i["path"], i["action"]) for i in plan["items"]] == [(str(due), "blocked")]
+    assert due.exists() and not (site.state / "catalog.db").exists()
 
 
 def test_reload_runs_for_the_daemons_own_uid_without_a_role(engine: Engine) -> None:

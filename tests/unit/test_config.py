@@ -1301,3 +1301,37 @@ def test_full_example_has_every_spec_key():
     assert {"targets"} <= set(data["export"])
     assert {"scanner", "scan_max_age", "require_enrolled"} <= set(data["media"])
     assert set(data["people"]) == {"users", "groups"}
+
+
+def test_export_group_that_does_not_exist_is_an_error_at_its_line(tmp_path, roots):
+    # a group name no host has: a typo would leave every package unreadable to its handlers
+    path = write(
+        tmp_path,
+        roots,
+        """
+        sites:
+          a: {profile: highway, roots: [@A]}
+        export:
+          targets: []
+          group: nvg-no-such-group
+        """,
+    )
+    cfg, errors, _ = check_config(path)
+    assert cfg is None
+    assert [(line, msg.split(";")[0]) for _, line, msg in errors] == [
+        (5, "export.group: group 'nvg-no-such-group' does not exist")
+    ]
+    # an existing group is taken; the default, even written out (`config show` writes every
+    # default), is looked up only at export time: sysusers creates it with the service
+    ok = write(
+        tmp_path, roots, "sites:\n  a: {profile: highway, roots: [@A]}\nexport: {group: root}\n"
+    )
+    assert load_config(ok).export.group == "root"
+    default = write(tmp_path, roots, "sites:\n  a: {profile: highway, roots: [@A]}\n")
+    assert load_config(default).export.group == "nvr-guard-export"
+    named = write(
+        tmp_path,
+        roots,
+        "sites:\n  a: {profile: highway, roots: [@A]}\nexport: {group: nvr-guard-export}\n",
+    )
+    assert load_config(named).export.group == "nvr-guard-export"
