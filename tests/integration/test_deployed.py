@@ -17,9 +17,12 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
+from tests.fixtures.clamav import eicar_bytes
 from tests.fixtures.container import PROJECT, Container, booted
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,6 +46,7 @@ sites:
     layout: "{LAYOUT}"
 cameras:
   gate-1: {{level: 1, name: "Gate"}}
+  lobby-1: {{level: 1, name: "营业厅"}}
 people:
   users:
     alice: {{roles: [operator], level: 1}}
@@ -270,6 +274,87 @@ def test_sigkill_then_start_recovers(installed: Container) -> None:
     poll_inside(installed, f"! test -e {doomed[0]}", "the sweep after the restart")
     installed.ok(" && ".join(f"test -e {p}" for p in fresh))
     assert status_json(installed)["ok"] is True
+
+
+FOOTAGE = r"""
+import os, subprocess, sys
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+root, camera, start = sys.argv[1], sys.argv[2], datetime.fromisoformat(sys.argv[3])
+os.umask(0o027)
+for i in range(3):
+    t = start + timedelta(seconds=10 * i)
+    path = os.path.join(root, camera, t.astimezone(ZoneInfo("Asia/Shanghai")).strftime(
+        "%Y-%m-%d/%H/%M.%S.mp4"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "testsrc2=size=320x240:rate=25:duration=10", "-c:v", "libx264",
+                    "-preset", "ultrafast", "-g", "25", path], check=True)
+    os.utime(path, (t.timestamp() + 10, t.timestamp() + 10))
+"""
+
+
+def hours_around_now() -> str:
+    """A site-local approval window holding the next hour (no after-hours step needed)."""
+    now = datetime.now(ZoneInfo("Asia/Shanghai"))
+    a, b = now - timedelta(hours=1), now + timedelta(hours=1)
+    if a.date() != now.date():
+        a = now.replace(hour=0, minute=0)
+    if b.date() != now.date():
+        b = now.replace(hour=23, minute=59)
+    return f"{a:%H:%M}-{b:%H:%M}"
+
+
+def test_request_approve_scan_export_verify_as_separate_users(installed: Container) -> None:
+    """The README's flow with its commands, each person a Unix user of their own."""
+    db = "/etc/nvr-guard/clamav"
+    installed.ok(f"install -d -m 0755 {db}")
+    write(installed, f"{db}/nvrg-test.ndb", f"NVRG.Test.EICAR:0:*:{eicar_bytes().hex()}\n")
+    good = installed.ok(f"cat {CONFIG}")
+    flow = good + (
+        "approval:\n  steps: [dept_manager, security_lead]\n"
+        f'  hours: "{hours_around_now()}"\n'
+        f"media:\n  scanner: clamscan\n  database: {db}\n"
+    )
+    write(installed, CONFIG, flow.replace("targets: [", "preset: ultrafast\n  targets: ["))
+    installed.ok("systemctl reload nvr-guard", timeout=120)
+    installed.ok("for u in alice bob carol tom audrey; do usermod -aG nvr-guard $u; done")
+    start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
+    made = installed.run(
+        ["runuser", "-u", "recorder", "--", "python3", "-c", FOOTAGE, ROOT, "lobby-1"]
+        + [start.isoformat()],
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr
+    installed.ok("nvr-guard retention run", timeout=120)  # reconciles the new footage too
+    t0 = start.astimezone(ZoneInfo("Asia/Shanghai"))
+    new = installed.ok(
+        "nvr-guard --json request new --camera lobby-1"
+        f" --from {t0:%Y-%m-%dT%H:%M:%S} --to {t0 + timedelta(seconds=20):%Y-%m-%dT%H:%M:%S}"
+        ' --reason "robbery at counter 3" --basis "刑事诉讼法 art. 54"'
+        ' --recipient "City police, unit 2; Officer Wang; 010-5555"',
+        user="alice",
+    )
+    rid = json.loads(new)["id"]
+    installed.ok(f"nvr-guard request approve {rid}", user="bob")
+    installed.ok(f"nvr-guard request approve {rid}", user="carol")
+    installed.ok(f"nvr-guard media scan {EXPORT}", user="tom", timeout=300)
+    exported = installed.ok(
+        f"nvr-guard --json export run {rid} --media {EXPORT}", user="tom", timeout=600
+    )
+    package = json.loads(exported)["package"]
+    fingerprint = json.loads(installed.ok("nvr-guard --json key show"))["fingerprint"]
+    verified = installed.sh(f"nvr-guard --json verify {package} --fingerprint {fingerprint}")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["signer_confirmed"] is True
+    # The auditor reads the chain through the daemon (the state directory stays 0700).
+    installed.ok("nvr-guard audit verify", user="audrey", timeout=120)
+    shown = json.loads(installed.ok("nvr-guard --json audit show", user="audrey"))
+    assert any(e["action"].startswith("export.") for e in shown["entries"])
+    assert installed.ok("stat -c %a /var/lib/nvr-guard").strip() == "700"
+    write(installed, CONFIG, good)
+    installed.ok("systemctl reload nvr-guard", timeout=120)
 
 
 def test_security_exposure_of_the_loaded_unit(installed: Container) -> None:
