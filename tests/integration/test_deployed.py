@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -80,6 +81,17 @@ for age in sys.argv[3:]:
     os.utime(path, (t.timestamp() + 60, t.timestamp() + 60))
     print(path)
 """
+
+
+def test_a_container_that_cannot_boot_fails_the_test(tmp_path: Path) -> None:
+    """No skip: a tree nspawn cannot boot is an assertion failure naming nspawn's complaint."""
+    empty = tmp_path / "not-an-os"
+    empty.mkdir()
+    with (
+        pytest.raises(AssertionError, match="systemd-nspawn exited"),
+        booted(tmp_path / "work", root=empty),
+    ):
+        pass
 
 
 def poll_inside(box: Container, script: str, what: str, timeout: float = 60) -> str:
