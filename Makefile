@@ -26,7 +26,11 @@ BENCH_ARGS  ?=
 
 # Debian packages the project uses at run or test time (SPEC §6). systemd is checked by its
 # tool, not its package: a container may have systemd-analyze from another package set.
-APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei fonts-dejavu-core fontconfig e2fsprogs util-linux procps dosfstools openssl passwd
+APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei fonts-dejavu-core fontconfig e2fsprogs util-linux procps dosfstools openssl passwd tzdata
+# Only the tests need these: tests/fixtures/container.py builds a Debian tree and boots the unit
+# under a real systemd in it. `make test` adds them to what `deps` installs (a target-specific
+# variable reaches the prerequisites); `make install-service` does not put them on a recorder.
+APT_TEST_PACKAGES := debootstrap systemd-container
 
 # Service installation (make install-service): a venv outside /root and /home, because the
 # unit's ProtectHome=yes hides those from the daemon.
@@ -36,6 +40,7 @@ UNITDIR         ?= /etc/systemd/system
 SYSUSERSDIR     ?= /usr/lib/sysusers.d
 TMPFILESDIR     ?= /usr/lib/tmpfiles.d
 CONFDIR         ?= /etc/nvr-guard
+BINDIR          ?= /usr/local/bin
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -96,6 +101,7 @@ if [ $$rc -ne 0 ]; then echo "make $@: pytest exited with $$rc" >&2; exit $$rc; 
 endef
 
 # Everything: tests/unit and tests/integration (testpaths in pyproject.toml).
+test: APT_PACKAGES += $(APT_TEST_PACKAGES)
 test: deps venv
 	$(call run_pytest,)
 
@@ -135,12 +141,22 @@ install-service: deps
 	install -m 0644 systemd/nvr-guard.service $(UNITDIR)/nvr-guard.service
 	install -m 0644 systemd/nvr-guard.sysusers $(SYSUSERSDIR)/nvr-guard.conf
 	install -m 0644 systemd/nvr-guard.tmpfiles $(TMPFILESDIR)/nvr-guard.conf
+	install -d -m 0755 $(UNITDIR)/nvr-guard.service.d
 	@if [ "$(PREFIX)" != /usr ]; then \
-	  install -d -m 0755 $(UNITDIR)/nvr-guard.service.d; \
 	  printf '%s\n' '# Written by make install-service: the daemon lives in a venv.' \
 	    '[Service]' 'ExecStart=' 'ExecStart=$(PREFIX)/bin/nvr-guard daemon' \
+	    'ExecReload=' 'ExecReload=$(PREFIX)/bin/nvr-guard reload' \
 	    > $(UNITDIR)/nvr-guard.service.d/10-venv.conf; \
 	  echo "wrote $(UNITDIR)/nvr-guard.service.d/10-venv.conf"; \
+	  install -d -m 0755 $(BINDIR); \
+	  ln -sfn $(PREFIX)/bin/nvr-guard $(BINDIR)/nvr-guard; \
+	  echo "linked $(BINDIR)/nvr-guard -> $(PREFIX)/bin/nvr-guard"; \
+	fi
+	@if [ -e $(CONFDIR)/config.yaml ]; then \
+	  $(PREFIX)/bin/nvr-guard --config $(CONFDIR)/config.yaml unit-paths \
+	    > $(UNITDIR)/nvr-guard.service.d/.20-paths.conf.new; \
+	  mv $(UNITDIR)/nvr-guard.service.d/.20-paths.conf.new $(UNITDIR)/nvr-guard.service.d/20-paths.conf; \
+	  echo "wrote $(UNITDIR)/nvr-guard.service.d/20-paths.conf (ReadWritePaths= from $(CONFDIR)/config.yaml)"; \
 	fi
 	@if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then \
 	  systemd-sysusers $(SYSUSERSDIR)/nvr-guard.conf; \
@@ -148,5 +164,6 @@ install-service: deps
 	  systemctl daemon-reload; \
 	fi
 	@[ -e $(CONFDIR)/config.yaml ] || echo "next: write $(CONFDIR)/config.yaml (see config/)," \
-	  "check it with '$(PREFIX)/bin/nvr-guard config check', add your recording roots to" \
-	  "ReadWritePaths= ('systemctl edit nvr-guard'), then 'systemctl enable --now nvr-guard'"
+	  "check it with 'nvr-guard config check', run 'make install-service' again (it writes" \
+	  "the ReadWritePaths= drop-in for your roots and export targets), then" \
+	  "'systemctl enable --now nvr-guard'"

@@ -23,6 +23,7 @@ from nvr_guard.cli import (
     request_cmd,
     retention_cmd,
     status_cmd,
+    unit_cmd,
 )
 from nvr_guard.cli.base import DEFAULT_CONFIG, Ctx, Group, fail
 from nvr_guard.errors import NvrGuardError
@@ -65,6 +66,7 @@ for _command in (
     export_cmd.verify,
     export_cmd.key,
     media_cmd.media,
+    unit_cmd.unit_paths,
 ):
     cli.add_command(_command)
 

@@ -109,7 +109,9 @@ class DirectoryDestination:
     def check_before_write(self, bytes_needed: int) -> None:
         if not self.path.is_dir():
             raise PolicyRefused(f"export target {self.path} is not a directory")
-        if not os.access(self.path, os.W_OK | os.X_OK):
+        # effective ids: access() with the real ids drops capabilities, and the unit's daemon
+        # writes into root's directories with CAP_DAC_OVERRIDE (a read-only mount: EROFS).
+        if not os.access(self.path, os.W_OK | os.X_OK, effective_ids=True):
             raise PolicyRefused(f"export target {self.path} is not writable by this process")
         free = shutil.disk_usage(self.path).free
         if free < bytes_needed + self.reserve:

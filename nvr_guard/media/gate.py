@@ -589,7 +589,9 @@ class ScannedDirectory(_Guarded):
             self._refuse(f"{self.name} is not available ({e.strerror}): check it is mounted")
         if not stat.S_ISDIR(st.st_mode):
             self._refuse(f"{self.name} is not a directory")
-        if not os.access(self.path, os.W_OK | os.X_OK):
+        # effective ids: access() with the real ids drops capabilities, and the unit's daemon
+        # writes into root's directories with CAP_DAC_OVERRIDE (a read-only mount: EROFS).
+        if not os.access(self.path, os.W_OK | os.X_OK, effective_ids=True):
             self._refuse(f"{self.name} is not writable by this process")
         self._hold()
         self.scan = self.store.latest_scan(str(self.path))

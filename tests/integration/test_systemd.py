@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "nvr-guard.service"
 SYSUSERS = REPO / "systemd" / "nvr-guard.sysusers"
 TMPFILES = REPO / "systemd" / "nvr-guard.tmpfiles"
-MAX_EXPOSURE = 2.5  # issue 3; the next milestone asks for <= 2.0
+MAX_EXPOSURE = 2.0  # issue 15; test_deployed.py checks the loaded unit against the same budget
 
 
 def run(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:

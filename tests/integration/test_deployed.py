@@ -1,0 +1,377 @@
+"""The shipped unit as deployed: `make install-service` and systemd as PID 1, in a container.
+
+tests/fixtures/container.py boots a Debian bookworm tree with systemd-nspawn; inside it this
+module installs the project the README's way (`make install-service` from a copy of the source
+tree), writes a site config whose recording root is owned by a separate `recorder` user and whose
+export target is a plain directory, and drives the unit with systemctl: start, status, the
+retention sweep under the unit's sandbox, reload (good and broken), stop, SIGKILL and recovery,
+and `systemd-analyze security` on the loaded unit.
+
+The tests share one container and one installed service and run in file order: each step starts
+from the state the previous one left (as an admin's session would).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from tests.fixtures.clamav import eicar_bytes
+from tests.fixtures.container import PROJECT, Container, booted
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SRC = "/usr/src/nvr-guard"
+ROOT = "/data/nvr/depot"  # not among the shipped unit's example ReadWritePaths=
+EXPORT = "/data/export"
+CONFIG = "/etc/nvr-guard/config.yaml"
+MAX_EXPOSURE = 2.0
+LAYOUT = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
+
+SITE_CONFIG = f"""\
+timezone: Asia/Shanghai
+sweep_every: 1h
+guards: {{max_delete_fraction: 1.0, max_clock_jump: 1d}}
+disk: {{min_free: 1%, action: alert}}
+sites:
+  depot:
+    profile: highway
+    roots: [{ROOT}]
+    layout: "{LAYOUT}"
+cameras:
+  gate-1: {{level: 1, name: "Gate"}}
+  lobby-1: {{level: 1, name: "营业厅"}}
+people:
+  users:
+    alice: {{roles: [operator], level: 1}}
+    bob: {{roles: [dept_manager]}}
+    carol: {{roles: [security_lead], level: 2}}
+    tom: {{roles: [technician]}}
+    audrey: {{roles: [auditor]}}
+  groups:
+    nvr-admins: {{roles: [admin]}}
+export:
+  targets: [{EXPORT}]
+"""
+
+# Segments as the recorder writes them: its own user, 0640 files in 0750 directories, so only
+# the unit's CAP_DAC_OVERRIDE/CAP_FOWNER let the daemon read and delete them.
+RECORD = r"""
+import os, sys
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+root, camera = sys.argv[1], sys.argv[2]
+os.umask(0o027)
+now = datetime.now(timezone.utc).replace(microsecond=0)
+for age in sys.argv[3:]:
+    t = now - timedelta(hours=float(age))
+    path = os.path.join(root, camera, t.astimezone(ZoneInfo("Asia/Shanghai")).strftime(
+        "%Y-%m-%d/%H/%M.%S.mp4"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 4096)
+    os.utime(path, (t.timestamp() + 60, t.timestamp() + 60))
+    print(path)
+"""
+
+
+def test_a_container_that_cannot_boot_fails_the_test(tmp_path: Path) -> None:
+    """No skip: a tree nspawn cannot boot is an assertion failure naming nspawn's complaint."""
+    empty = tmp_path / "not-an-os"
+    empty.mkdir()
+    with (
+        pytest.raises(AssertionError, match="systemd-nspawn exited"),
+        booted(tmp_path / "work", root=empty),
+    ):
+        pass
+
+
+def poll_inside(box: Container, script: str, what: str, timeout: float = 60) -> str:
+    """Run ``script`` until it exits 0; its stdout. Fails naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = box.sh(script, timeout=60)
+        if last.returncode == 0:
+            return last.stdout
+        time.sleep(0.5)  # polling interval; the deadline decides
+    raise AssertionError(f"timed out waiting for {what}: {last}")
+
+
+def write(box: Container, path: str, text: str) -> None:
+    out = box.run(["/bin/sh", "-c", 'cat > "$0"', path], input=text)
+    assert out.returncode == 0, out.stderr
+
+
+def record(box: Container, camera: str, *hours_ago: float) -> list[str]:
+    out = box.run(
+        ["runuser", "-u", "recorder", "--", "python3", "-c", RECORD, ROOT, camera]
+        + [str(h) for h in hours_ago]
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def status_json(box: Container) -> dict[str, object]:
+    out = box.run(["nvr-guard", "--json", "status"], timeout=60)
+    assert out.stdout.strip(), out.stderr
+    data: dict[str, object] = json.loads(out.stdout)
+    return data
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    work = tmp_path_factory.mktemp("deployed")
+    # The recording disk: a host directory bound in, not the container's overlay root. On an
+    # overlay whose layers lie on different file systems (nspawn's --volatile=overlay: the cached
+    # tree under a tmpfs), a file reports its layer's st_dev, not the directory's, and the purge
+    # rightly refuses such a file as "other-mount".
+    disk = work / "disk"
+    disk.mkdir(mode=0o755)
+    with booted(work, [f"--bind={disk}:/data"]) as container:
+        try:
+            yield container
+        finally:
+            # What happened inside, for a failing run: the transcript and the unit's journal.
+            log = tmp_path_factory.getbasetemp() / "deployed-transcript.log"
+            journal = container.run(["journalctl", "-u", "nvr-guard", "--no-pager"]).stdout
+            log.write_text("\n".join(container.transcript) + "\n--- journal\n" + journal)
+
+
+@pytest.fixture(scope="module")
+def installed(box: Container) -> Container:
+    """The README's install: make install-service, config, install-service again, enable."""
+    # A copy of the tree (pip builds in it); the bind mount stays read-only.
+    box.ok(
+        f"mkdir -p {SRC} && tar -C {PROJECT} --exclude=./.venv --exclude=./.git"
+        " --exclude=__pycache__ --exclude=./build --exclude=./demo --exclude='./.*_cache'"
+        f" -cf - . | tar -C {SRC} -xf -"
+    )
+    box.ok(f"cd {SRC} && make install-service", timeout=900)
+    # The recorder and the people of the config, as Unix users.
+    box.ok(
+        "useradd --system --user-group --no-create-home recorder\n"
+        "for u in alice bob carol tom audrey; do useradd --create-home $u; done\n"
+        f"install -d -m 0755 /data\ninstall -d -o recorder -g recorder -m 0750 /data/nvr {ROOT}\n"
+        f"install -d -m 0755 {EXPORT}\n"
+    )
+    write(box, CONFIG, SITE_CONFIG)
+    box.ok(f"nvr-guard config check {CONFIG}")
+    box.ok(f"cd {SRC} && make install-service", timeout=900)
+    return box
+
+
+def test_install_service_writes_the_paths_drop_in_from_the_config(installed: Container) -> None:
+    drop_in = installed.ok("cat /etc/systemd/system/nvr-guard.service.d/20-paths.conf")
+    assert f'ReadWritePaths="-{ROOT}"' in drop_in
+    assert f'ReadWritePaths="-{EXPORT}"' in drop_in
+    # systemd reads it: the loaded unit carries both paths.
+    shown = installed.ok("systemctl show -p ReadWritePaths nvr-guard")
+    assert ROOT in shown and EXPORT in shown, shown
+    venv = installed.ok("systemctl show -p ExecReload nvr-guard")
+    assert "/opt/nvr-guard/bin/nvr-guard" in venv and "/usr/bin/nvr-guard" not in venv, venv
+
+
+def test_enable_now_starts_an_active_unit(installed: Container) -> None:
+    old = record(installed, "gate-1", 40 * 24, 40 * 24 - 1)
+    installed.ok("systemctl enable --now nvr-guard", timeout=120)
+    assert installed.ok("systemctl is-active nvr-guard").strip() == "active"
+    assert installed.ok("systemctl is-enabled nvr-guard").strip() == "enabled"
+    status = installed.sh("systemctl status --no-pager nvr-guard")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "active (running)" in status.stdout
+    assert re.search(r"Status: \".+\"", status.stdout), status.stdout  # STATUS= from the daemon
+    user = installed.ok("ps -o user= -p $(systemctl show -p MainPID --value nvr-guard)").strip()
+    assert user == "nvr-guard"
+    data = status_json(installed)
+    assert data["ok"] is True, data
+    # The first sweep at start purges what expired (40 days > highway's 15).
+    poll_inside(
+        installed,
+        " && ".join(f"! test -e {p}" for p in old),
+        "the first sweep to purge the expired segments",
+    )
+
+
+def test_sweep_purges_the_recorders_expired_footage_under_the_sandbox(
+    installed: Container,
+) -> None:
+    expired = record(installed, "gate-1", 20 * 24, 20 * 24 - 0.5, 16 * 24)
+    kept = record(installed, "gate-1", 24, 2)
+    for path in expired + kept:
+        owner = installed.ok(f"stat -c %U:%a {path}").strip()
+        assert owner == "recorder:640", owner
+    installed.ok("nvr-guard retention run", timeout=120)
+    poll_inside(
+        installed,
+        " && ".join(f"! test -e {p}" for p in expired),
+        "the sweep to purge the expired segments",
+    )
+    installed.ok(" && ".join(f"test -e {p}" for p in kept))
+    entries = json.loads(installed.ok("nvr-guard --json audit show"))["entries"]
+    receipts = [e["details"] for e in entries if e["action"] == "purge.receipt"]
+    assert receipts and receipts[-1]["count"] == len(expired), receipts
+    assert receipts[-1]["bytes"] == 4096 * len(expired)
+    # The daemon's view of the file system (its mount namespace): the root is writable, its
+    # parent and the rest of the system are not.
+    in_sandbox = "nsenter -t $(systemctl show -p MainPID --value nvr-guard) -m -- "
+    installed.ok(in_sandbox + f"sh -c 'touch {ROOT}/.probe && rm {ROOT}/.probe'")
+    for outside in ("/data/nvr/.probe", "/usr/local/.probe", "/etc/.probe"):
+        refused = installed.sh(in_sandbox + f"touch {outside}")
+        assert refused.returncode != 0, outside
+        assert "Read-only file system" in refused.stderr, refused.stderr
+
+
+def test_reload_refuses_a_broken_config_and_applies_a_good_one(installed: Container) -> None:
+    good = installed.ok(f"cat {CONFIG}")
+    write(installed, CONFIG, good.replace("sweep_every: 1h", "sweep_every: 1 hour"))
+    refused = installed.sh("systemctl reload nvr-guard", timeout=120)
+    assert refused.returncode != 0, refused.stdout
+    assert installed.ok("systemctl is-active nvr-guard").strip() == "active"
+    data = status_json(installed)
+    kinds = [a["kind"] for a in data["attention"]]  # type: ignore[index, union-attr]
+    assert "reload_refused" in kinds, data
+    assert data["ok"] is False
+    journal = installed.ok("journalctl -u nvr-guard --no-pager -n 50")
+    assert f"{CONFIG}:" in journal and "sweep_every" in journal, journal[-2000:]
+
+    write(installed, CONFIG, good.replace("sweep_every: 1h", "sweep_every: 30m"))
+    installed.ok("systemctl reload nvr-guard", timeout=120)
+    data = status_json(installed)
+    assert data["ok"] is True, data
+    assert "sweep_every: 30m" in installed.ok("nvr-guard config show")
+
+
+def test_stop_is_clean_within_ten_seconds(installed: Container) -> None:
+    started = time.monotonic()
+    installed.ok("systemctl stop nvr-guard", timeout=60)
+    took = time.monotonic() - started
+    assert took < 10, f"systemctl stop took {took:.1f} s"
+    shown = installed.ok("systemctl show -p Result -p ExecMainStatus -p ActiveState nvr-guard")
+    assert "Result=success" in shown and "ExecMainStatus=0" in shown, shown
+    installed.ok("test ! -e /run/nvr-guard/control.sock")
+    installed.ok("systemctl start nvr-guard", timeout=120)
+    assert installed.ok("systemctl is-active nvr-guard").strip() == "active"
+
+
+def test_sigkill_then_start_recovers(installed: Container) -> None:
+    # Work in flight: new segments for the reconcile, an expired one for the sweep.
+    fresh = record(installed, "gate-1", 3, 4, 5)
+    doomed = record(installed, "gate-1", 30 * 24)
+    installed.ok("systemctl kill -s KILL nvr-guard")
+    poll_inside(
+        installed,
+        "s=$(systemctl show -p ActiveState --value nvr-guard); "
+        "test $s != active || test $(systemctl show -p NRestarts --value nvr-guard) -gt 0",
+        "systemd to notice the kill",
+    )
+    installed.ok("systemctl start nvr-guard", timeout=120)
+    poll_inside(installed, "systemctl is-active nvr-guard", "the unit to be active again")
+    installed.ok("nvr-guard audit verify", timeout=120)
+    check = installed.ok(
+        "/opt/nvr-guard/bin/python -c 'import sqlite3,sys; "
+        'print(sqlite3.connect("file:/var/lib/nvr-guard/catalog.db?mode=ro", uri=True)'
+        '.execute("pragma integrity_check").fetchone()[0])\''
+    )
+    assert check.strip() == "ok"
+    installed.ok("nvr-guard retention run", timeout=120)
+    poll_inside(installed, f"! test -e {doomed[0]}", "the sweep after the restart")
+    installed.ok(" && ".join(f"test -e {p}" for p in fresh))
+    assert status_json(installed)["ok"] is True
+
+
+FOOTAGE = r"""
+import os, subprocess, sys
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+root, camera, start = sys.argv[1], sys.argv[2], datetime.fromisoformat(sys.argv[3])
+os.umask(0o027)
+for i in range(3):
+    t = start + timedelta(seconds=10 * i)
+    path = os.path.join(root, camera, t.astimezone(ZoneInfo("Asia/Shanghai")).strftime(
+        "%Y-%m-%d/%H/%M.%S.mp4"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "testsrc2=size=320x240:rate=25:duration=10", "-c:v", "libx264",
+                    "-preset", "ultrafast", "-g", "25", path], check=True)
+    os.utime(path, (t.timestamp() + 10, t.timestamp() + 10))
+"""
+
+
+def hours_around_now() -> str:
+    """A site-local approval window holding the next hour (no after-hours step needed)."""
+    now = datetime.now(ZoneInfo("Asia/Shanghai"))
+    a, b = now - timedelta(hours=1), now + timedelta(hours=1)
+    if a.date() != now.date():
+        a = now.replace(hour=0, minute=0)
+    if b.date() != now.date():
+        b = now.replace(hour=23, minute=59)
+    return f"{a:%H:%M}-{b:%H:%M}"
+
+
+def test_request_approve_scan_export_verify_as_separate_users(installed: Container) -> None:
+    """The README's flow with its commands, each person a Unix user of their own."""
+    db = "/etc/nvr-guard/clamav"
+    installed.ok(f"install -d -m 0755 {db}")
+    write(installed, f"{db}/nvrg-test.ndb", f"NVRG.Test.EICAR:0:*:{eicar_bytes().hex()}\n")
+    good = installed.ok(f"cat {CONFIG}")
+    flow = good + (
+        "approval:\n  steps: [dept_manager, security_lead]\n"
+        f'  hours: "{hours_around_now()}"\n'
+        f"media:\n  scanner: clamscan\n  database: {db}\n"
+    )
+    write(installed, CONFIG, flow.replace("targets: [", "preset: ultrafast\n  targets: ["))
+    installed.ok("systemctl reload nvr-guard", timeout=120)
+    installed.ok("for u in alice bob carol tom audrey; do usermod -aG nvr-guard $u; done")
+    start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
+    made = installed.run(
+        ["runuser", "-u", "recorder", "--", "python3", "-c", FOOTAGE, ROOT, "lobby-1"]
+        + [start.isoformat()],
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr
+    installed.ok("nvr-guard retention run", timeout=120)  # reconciles the new footage too
+    t0 = start.astimezone(ZoneInfo("Asia/Shanghai"))
+    new = installed.ok(
+        "nvr-guard --json request new --camera lobby-1"
+        f" --from {t0:%Y-%m-%dT%H:%M:%S} --to {t0 + timedelta(seconds=20):%Y-%m-%dT%H:%M:%S}"
+        ' --reason "robbery at counter 3" --basis "刑事诉讼法 art. 54"'
+        ' --recipient "City police, unit 2; Officer Wang; 010-5555"',
+        user="alice",
+    )
+    rid = json.loads(new)["id"]
+    installed.ok(f"nvr-guard request approve {rid}", user="bob")
+    installed.ok(f"nvr-guard request approve {rid}", user="carol")
+    installed.ok(f"nvr-guard media scan {EXPORT}", user="tom", timeout=300)
+    exported = installed.ok(
+        f"nvr-guard --json export run {rid} --media {EXPORT}", user="tom", timeout=600
+    )
+    package = json.loads(exported)["package"]
+    fingerprint = json.loads(installed.ok("nvr-guard --json key show"))["fingerprint"]
+    verified = installed.sh(f"nvr-guard --json verify {package} --fingerprint {fingerprint}")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["signer_confirmed"] is True
+    # The auditor reads the chain through the daemon (the state directory stays 0700).
+    installed.ok("nvr-guard audit verify", user="audrey", timeout=120)
+    shown = json.loads(installed.ok("nvr-guard --json audit show", user="audrey"))
+    assert any(e["action"].startswith("export.") for e in shown["entries"])
+    assert installed.ok("stat -c %a /var/lib/nvr-guard").strip() == "700"
+    write(installed, CONFIG, good)
+    installed.ok("systemctl reload nvr-guard", timeout=120)
+
+
+def test_security_exposure_of_the_loaded_unit(installed: Container) -> None:
+    out = installed.ok("systemd-analyze security --no-pager nvr-guard")
+    match = re.search(r"Overall exposure level for nvr-guard\.service: (\d+(?:\.\d+)?)", out)
+    assert match, out
+    level = float(match.group(1))
+    assert level <= MAX_EXPOSURE, f"exposure {level} > {MAX_EXPOSURE}\n{out}"
