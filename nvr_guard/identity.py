@@ -77,6 +77,15 @@ class Caller:
         _NAMES[(uid, gid)] = (now, user, groups)
         return cls(uid, user, groups, pid=pid, gid=gid)
 
+    def refreshed(self) -> Caller:
+        """The same peer with its names looked up now (and the cache renewed): roles are
+        judged on the groups the user has at the moment of the command, so a revoked group
+        stops working at once, not when a cached lookup expires."""
+        user, groups = _names(self.uid, self.gid)
+        if self.gid is not None:
+            _NAMES[(self.uid, self.gid)] = (time.monotonic(), user, groups)
+        return Caller(self.uid, user, groups, pid=self.pid, gid=self.gid)
+
     @classmethod
     def of_socket(cls, sock: socket.socket) -> Caller:
         """The peer of a connected Unix socket, as the kernel reports it (SO_PEERCRED)."""

@@ -465,7 +465,9 @@ class Daemon:
     def handle(self, peer: Caller, cmd: str, args: dict[str, Any]) -> Any:
         """Serve one control request of ``peer`` from the command table (``commands.dispatch``)."""
         try:
-            return dispatch(self.context(), peer, cmd, args)
+            # the names cached at connect only decide admission; every command is judged on
+            # the groups the user has now (a revoked group must stop working at once)
+            return dispatch(self.context(), peer.refreshed(), cmd, args)
         except NvrGuardError:
             raise
         except (KeyError, TypeError, ValueError) as exc:

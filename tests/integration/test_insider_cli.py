@@ -390,3 +390,54 @@ def test_a_reload_reschedules_the_full_rescan(env: Env) -> None:
     env.site.config.write_text(good.replace("sweep_every: 1h", "sweep_every: 1h\nrescan_every: 2s"))
     assert env.nvr(ADMIN, "reload").returncode == 0
     poll(lambda: walks() >= before + 2, 60, "two full walks at the new interval")
+
+
+# ---- a role granted through a group ends with the group membership ------------------------------
+GROUP_ADMINS = "nvrg-ins-adms"
+GROUP_ADMIN = "nvrg-ins-grp"  # admin only through GROUP_ADMINS
+
+
+def test_a_revoked_group_role_stops_working_at_once(env: Env) -> None:
+    """The daemon caches a peer's names for a few seconds (admission at connect under a flood);
+    the role of each command is judged on the groups the user has at that moment."""
+    subprocess.run(["groupadd", GROUP_ADMINS], check=True)
+    try:
+        subprocess.run(
+            [
+                "useradd",
+                "-M",
+                "-N",
+                "-g",
+                GROUP,
+                "-G",
+                GROUP_ADMINS,
+                "-s",
+                "/usr/sbin/nologin",
+                GROUP_ADMIN,
+            ],
+            check=True,
+        )
+        env.uids[GROUP_ADMIN] = pwd.getpwnam(GROUP_ADMIN).pw_uid
+        text = env.site.config.read_text()
+        env.site.config.write_text(text + f"  groups:\n    {GROUP_ADMINS}: {{roles: [admin]}}\n")
+        env.start().wait_ready()
+        span = (
+            "--from",
+            (env.now - timedelta(days=8)).isoformat(),
+            "--to",
+            (env.now - timedelta(days=7)).isoformat(),
+        )
+        first = env.nvr(GROUP_ADMIN, "hold", "add", "--camera", "cam1", *span, "--reason", "r1")
+        assert first.returncode == 0, first.stderr  # the group's role works (and is cached)
+        subprocess.run(
+            ["gpasswd", "-d", GROUP_ADMIN, GROUP_ADMINS], check=True, capture_output=True
+        )
+        second = env.nvr(GROUP_ADMIN, "hold", "add", "--camera", "cam1", *span, "--reason", "r2")
+        assert second.returncode == 3, (second.returncode, second.stdout, second.stderr)
+        assert "no role" in second.stderr
+        reasons = [x["details"].get("reason") for x in env.audit() if x["action"] == "hold.add"]
+        assert reasons == ["r1"]
+        assert denied(env, GROUP_ADMIN, "hold.add")
+    finally:
+        subprocess.run(["userdel", GROUP_ADMIN], check=False, capture_output=True)
+        subprocess.run(["groupdel", GROUP_ADMINS], check=False, capture_output=True)
