@@ -196,7 +196,9 @@ def act(c: Ctx, cmd: str, args: dict[str, Any], *, fresh: bool = True) -> Any:
             if not lock.try_shared():
                 raise DaemonUnavailable(
                     f"{e}; a daemon ({lock.holder()}) holds {c.config.state_dir}, so nothing was "
-                    "done locally: try again, or check `systemctl status nvr-guard`"
+                    "done locally (a request the daemon had not started yet is dropped; one it "
+                    "had started completes: check before trying again), see "
+                    "`systemctl status nvr-guard`"
                 ) from None
             engine = Engine(c.config)
             if fresh:

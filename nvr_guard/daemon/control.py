@@ -49,6 +49,7 @@ import grp
 import json
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -819,6 +820,15 @@ class ControlServer:
                     return
                 except OSError:
                     return
+                if _hung_up(conn):
+                    # The caller gave up waiting (its timeout: this daemon was stopped or busy)
+                    # and was told nothing happened; carrying the command out now would make a
+                    # retry act twice (a second hold, a second approval).
+                    log.warning(
+                        "control: %s left before its request could be served; not carried out",
+                        caller.describe(),
+                    )
+                    return
                 reply = self._handle_frame(caller, frame)
                 if not self._send(conn, reply):
                     return
@@ -971,6 +981,13 @@ def error_from_reply(body: ErrorBody) -> NvrGuardError:
         # decided.
         err.exit_code = body.code
     return err
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the peer has closed its end (nothing more will be read by it)."""
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP | select.POLLHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
 
 
 class ControlClient:

@@ -441,3 +441,34 @@ def test_a_revoked_group_role_stops_working_at_once(env: Env) -> None:
     finally:
         subprocess.run(["userdel", GROUP_ADMIN], check=False, capture_output=True)
         subprocess.run(["groupdel", GROUP_ADMINS], check=False, capture_output=True)
+
+
+def test_a_request_its_caller_gave_up_on_is_not_carried_out_later(env: Env) -> None:
+    """A stopped daemon reads the waiting request when it continues: the caller was told the
+    daemon did not answer, and a retry must not act twice."""
+    from nvr_guard.daemon.control import ControlClient
+    from nvr_guard.errors import DaemonUnavailable
+
+    d = env.start().wait_ready()
+    args = {
+        "camera": "cam1",
+        "from": (env.now - timedelta(days=8)).isoformat(),
+        "to": (env.now - timedelta(days=7)).isoformat(),
+        "reason": "given up",
+    }
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        client = ControlClient(env.site.socket, timeout=1.0)
+        with pytest.raises(DaemonUnavailable, match="did not answer"):
+            client.call("hold.add", args)  # the client closes its end on the timeout
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    d.wait_ready()
+    poll(lambda: "left before its request could be served" in d.logtext(), 20, "the log line")
+    holds = json.loads(env.nvr(None, "--json", "hold", "list").stdout)
+    assert not [h for h in holds["holds"] if h.get("reason") == "given up"], holds
+    # the same request from a caller who waits is served
+    with ControlClient(env.site.socket, timeout=30.0) as client:
+        client.call("hold.add", args)
+    holds = json.loads(env.nvr(None, "--json", "hold", "list").stdout)
+    assert [h for h in holds["holds"] if h.get("reason") == "given up"]

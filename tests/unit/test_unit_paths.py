@@ -10,9 +10,7 @@ from pathlib import Path
 from tests.fixtures.site import Site
 
 
-def test_roots_targets_and_textfile_dir_become_read_write_paths(
-    site: Site, tmp_path: Path
-) -> None:
+def test_roots_targets_and_textfile_dir_become_read_write_paths(site: Site, tmp_path: Path) -> None:
     target = tmp_path / "export target"  # a space: quoted
     target.mkdir()
     textdir = tmp_path / "prom%1"  # a specifier character: escaped
