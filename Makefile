@@ -1,6 +1,7 @@
 # nvr-guard — set-up, tests, demo.
 #
-#   make demo     system packages (if missing) + virtualenv + the demo daemon on generated footage
+#   make demo     system packages (if missing) + virtualenv + the demo daemon on generated footage,
+#                 and an export walked through by demo users (as root)
 #   make test     system packages (if missing) + virtualenv + the whole test suite
 #   make test-fast  virtualenv + tests/unit only (pure cores, in-process; the edit loop)
 #
@@ -47,14 +48,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: help deps venv test test-fast demo lint bench clean distclean install-service
 
 help:
-	@echo "make demo             run the demo daemon on generated recordings"
+	@echo "make demo             run the demo daemon on generated recordings, then walk an export"
+	@echo "                      (request, approvals, scan, export, verify) as demo Unix users"
 	@echo "make test             run the test suite (PYTEST_ARGS='-k control' to narrow it)"
 	@echo "make test-fast        run tests/unit only: pure cores and in-process tests, no ffmpeg,"
 	@echo "                      ClamAV, loop devices, Unix users or daemons (under a minute)"
 	@echo "make lint             ruff + mypy --strict on nvr_guard/"
 	@echo "make bench            retention benchmarks (bench/retention.py; BENCH_ARGS=...)"
 	@echo "make install-service  install into $(PREFIX) and the systemd unit (root)"
-	@echo "make clean            remove caches and generated demo data; distclean also .venv"
+	@echo "make clean            remove caches, generated demo data and the demo users (nvrdemo-*);"
+	@echo "                      distclean also .venv"
 
 # ---------------------------------------------------------------------------------------------
 # System packages: installed only when missing; `apt-get update` only then too.
@@ -123,6 +126,8 @@ bench: deps venv
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build demo nvr_guard.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	# the demo's Unix users and groups (only accounts it made; root only, a no-op without any)
+	[ ! -x $(VENV)/bin/python ] || $(VENV)/bin/python -m nvr_guard.demo --remove-users
 
 distclean: clean
 	rm -rf $(VENV)
