@@ -123,10 +123,11 @@ lint: venv
 bench: deps venv
 	$(VENV)/bin/python bench/retention.py $(BENCH_ARGS)
 
+# clean also removes the demo's Unix users and groups (only accounts the demo made; root only,
+# a no-op when there are none)
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build demo nvr_guard.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
-	# the demo's Unix users and groups (only accounts it made; root only, a no-op without any)
 	[ ! -x $(VENV)/bin/python ] || $(VENV)/bin/python -m nvr_guard.demo --remove-users
 
 distclean: clean
