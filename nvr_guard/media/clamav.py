@@ -856,18 +856,19 @@ def _clamscan_run(
             try:
                 for raw in proc.stdout:
                     line = raw.rstrip(b"\n")
-                    name, verdict = _match_line(line, opened)
-                    if name is None:
+                    found, verdict = _match_line(line, opened)
+                    if found is None:
                         alias, verdict = _match_line(line, aliases)
                         if alias is None or aliases[alias] in seen:
                             continue
-                        name = aliases[alias]
-                        if not _same_inode(alias, opened[name][2]):
-                            seen.add(name)
-                            rel = show_path(opened[name][0].rel)
+                        found = aliases[alias]
+                        if not _same_inode(alias, opened[found][2]):
+                            seen.add(found)
+                            rel = show_path(opened[found][0].rel)
                             tally.errors.append(f"{rel}: changed during the scan")
                             done += 1
                             continue
+                    name = found
                     if name in seen:
                         continue
                     seen.add(name)
