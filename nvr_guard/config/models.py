@@ -205,6 +205,10 @@ class Media(_Strict):
     clamd_socket: AbsPath | None = None  # default: LocalSocket from /etc/clamav/clamd.conf
     clamd_config: AbsPath | None = None  # default: /etc/clamav/clamd.conf
     sysfs_root: AbsPath = "/sys"  # where removable devices are read from (a testing aid)
+    # where the admin mounts export media (e.g. [/media/nvr-export]): `unit-paths` makes them
+    # writable for the unit and lets it read removable disks' filesystem headers; when set, a
+    # medium mounted anywhere else is refused as a destination
+    mountpoints: list[AbsPath] = Field(default_factory=list)
     reserve: WholeNumber = 64 * 2**20  # bytes left free on media
     # "wipe": `media wipe` may format a medium (mkfs.vfat) instead of scanning old contents
     prepare: typing.Annotated[str, BeforeValidator(one_of("scan", "wipe"))] = "scan"

@@ -798,8 +798,23 @@ def _clamscan_run(
     done: int,
     total: int,
 ) -> int:
-    """One clamscan process over the descriptors in ``opened``; returns the new ``done``."""
+    """One clamscan process over the descriptors in ``opened``; returns the new ``done``.
+
+    ClamAV before 1.4.6 (Debian bookworm's 1.4.3) names a file it was given as
+    ``/proc/self/fd/N`` by the link's resolved path in its verdict line (what ``realpath`` of the
+    link gives in this process: the path the file was opened at, as the kernel reports it now).
+    Such a line is matched through that alias, and counts only if the path still leads to the
+    very inode we opened (else a verdict about some other file: an error, never "OK")."""
     seen: set[bytes] = set()
+    aliases: dict[bytes, bytes] = {}
+    ambiguous: set[bytes] = set()
+    for name in opened:
+        real = os.path.realpath(name)
+        if real != name and real in aliases:
+            ambiguous.add(real)
+        aliases[real] = name
+    for real in ambiguous:
+        del aliases[real]
     with tempfile.TemporaryDirectory(prefix="nvrg-clamscan-") as tmp:
         listing = Path(tmp) / "files"
         listing.write_bytes(b"".join(name + b"\n" for name in opened))
@@ -841,8 +856,20 @@ def _clamscan_run(
             try:
                 for raw in proc.stdout:
                     line = raw.rstrip(b"\n")
-                    name, verdict = _match_line(line, opened)
-                    if name is None or name in seen:
+                    found, verdict = _match_line(line, opened)
+                    if found is None:
+                        alias, verdict = _match_line(line, aliases)
+                        if alias is None or aliases[alias] in seen:
+                            continue
+                        found = aliases[alias]
+                        if not _same_inode(alias, opened[found][2]):
+                            seen.add(found)
+                            rel = show_path(opened[found][0].rel)
+                            tally.errors.append(f"{rel}: changed during the scan")
+                            done += 1
+                            continue
+                    name = found
+                    if name in seen:
                         continue
                     seen.add(name)
                     e, fd, st = opened[name]
@@ -911,6 +938,15 @@ def _digest_scanned(e: _Entry, fd: int, before: os.stat_result, rel: str, tally:
         tally.errors.append(f"{rel}: written during the scan")
         return
     tally.digests[e.rel] = digest
+
+
+def _same_inode(path: bytes, st: os.stat_result) -> bool:
+    """Does ``path`` (no link followed) name the file whose stat is ``st``?"""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _match_line(line: bytes, by_path: dict[bytes, Any]) -> tuple[bytes | None, bytes]:

@@ -74,6 +74,11 @@ def directory_identity(path: Path) -> str:
     return f"dir={path};dev={os.major(st.st_dev)}:{os.minor(st.st_dev)};ino={st.st_ino}"
 
 
+def _at_or_below(path: str, where: str) -> bool:
+    p, w = os.path.normpath(path), os.path.normpath(where)
+    return p == w or p.startswith(w.rstrip("/") + "/")
+
+
 def gate_decision(
     medium: Medium | None,
     enrolment: Enrolment | None,
@@ -89,12 +94,15 @@ def gate_decision(
     target: str | None = None,
     identity: str | None = None,
     tz: tzinfo = UTC,
+    mountpoints: Sequence[str] = (),
 ) -> Decision:
     """May an export of ``bytes_needed`` be written now? The first failed check is the reason.
 
     ``medium`` is None for a directory target: then ``target`` names it, ``identity`` is its
     ``directory_identity`` and enrolment does not apply. ``current_fingerprint`` None means the
-    listing could not be taken. The reasons are one line each, naming the target and what to do.
+    listing could not be taken. ``mountpoints`` (``media.mountpoints``), when given, are the
+    only places a medium may be mounted to be written: the unit makes only those writable.
+    The reasons are one line each, naming the target and what to do.
     """
     if medium is not None:
         name = f"medium {medium.id} ({medium.description})"
@@ -124,6 +132,14 @@ def gate_decision(
                 False,
                 f"{name} is not mounted: mount its filesystem ({medium.fs_device or medium.device})"
                 " read-write and run the export again",
+            )
+        if mountpoints and not any(_at_or_below(medium.mountpoint, where) for where in mountpoints):
+            return Decision(
+                False,
+                f"{name} is mounted at {medium.mountpoint}, not at one of media.mountpoints "
+                f"({', '.join(mountpoints)}), the places the service may write: unmount it and "
+                f"mount it there (mount -o nosuid,nodev,noexec "
+                f"{medium.fs_device or medium.device} {mountpoints[0]})",
             )
         if medium.readonly:
             return Decision(
@@ -469,6 +485,7 @@ class MediaDestination(_Guarded):
         tz: tzinfo = UTC,
         dev_root: Path = DEV,
         mountinfo: Path = MOUNTINFO,
+        mountpoints: Sequence[str] = (),
     ) -> None:
         super().__init__(
             store,
@@ -480,12 +497,16 @@ class MediaDestination(_Guarded):
         )
         self.media_id = media_id
         self.require_enrolled = require_enrolled
+        self.mountpoints = tuple(mountpoints)
         self._where = (sysfs_root, dev_root, mountinfo)
         self.medium = self._detect()
         self.name = f"medium {media_id}"
         self.enrolment = store.match(self.medium)
-        if not self.medium.mountpoint or self.medium.readonly:
-            # the engine needs a path before it checks: say now why there is none
+        outside = self.medium.mountpoint is not None and not any(
+            _at_or_below(self.medium.mountpoint, w) for w in self.mountpoints or ["/"]
+        )
+        if not self.medium.mountpoint or self.medium.readonly or outside:
+            # the engine needs a (writable) path before it checks: say now why there is none
             d = self._decide(None, 0, 0)
             raise PolicyRefused(d.reason)
         self.path = Path(self.medium.mountpoint)
@@ -507,6 +528,7 @@ class MediaDestination(_Guarded):
             self.scan_max_age,
             reserve=self.reserve,
             tz=self.tz,
+            mountpoints=self.mountpoints,
         )
 
     def check_before_write(self, bytes_needed: int) -> None:

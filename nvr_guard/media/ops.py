@@ -98,6 +98,14 @@ class MediaOps:
         if not label or not label.isprintable() or len(label) > 100:
             raise InvalidInput("--label must be printable text of at most 100 characters")
         m = find_medium(media_id, self.sysfs)
+        node = m.fs_device or m.device
+        if not m.fs_uuid and not Path(node).exists():
+            # under the unit's PrivateDevices=yes the daemon cannot probe the filesystem
+            raise RuntimeFailure(
+                f"the service cannot read {node}, so it cannot tell the filesystem on medium "
+                f"{m.id}: list where export media are mounted in media.mountpoints and run "
+                "`make install-service` again (its drop-in lets the unit read removable disks)"
+            )
         with self.ctx.recording():
             e = self.store.enroll(m, label, caller.user, self.now())
             self.ctx.audit.append(
@@ -207,6 +215,7 @@ class MediaOps:
             reserve=self.cfg.reserve,
             clock=self.now,
             tz=tz,
+            mountpoints=[str(p) for p in self.cfg.mountpoints],
         )
 
     # ---- wiping ----------------------------------------------------------------------------------

@@ -502,3 +502,65 @@ def test_the_commit_time_content_read_does_not_follow_a_swapped_directory(
     monkeypatch.setattr(clamav, "_kept", listed_then_swap)
     with pytest.raises(OSError):
         content_digest(tree)
+
+
+# ClamAV 1.4.3 (Debian bookworm, the container test's tree) names a file given as /proc/self/fd/N
+# by the link's resolved path in its verdict line; 1.4.6 (this machine) keeps the name it was
+# given. This wrapper runs the real clamscan and rewrites its names the way 1.4.3 prints them;
+# with NVRG_TEST_SWAP set it then replaces each scanned file by another one at the same path,
+# as a writer on a shared target could between clamscan's open and the daemon's check.
+CLAMSCAN_143 = r"""#!/usr/bin/env python3
+import os, re, subprocess, sys
+real = os.environ["NVRG_REAL_CLAMSCAN"]
+r = subprocess.run([real, *sys.argv[1:]], stdout=subprocess.PIPE, close_fds=False)
+out = r.stdout
+def resolve(m):
+    path = os.path.realpath(m.group(1))
+    if os.environ.get("NVRG_TEST_SWAP"):
+        os.rename(path, path + b".scanned")
+        with open(path, "wb") as f:
+            f.write(b"another file\n")
+    return path + b": "
+out = re.sub(rb"^(/proc/self/fd/[0-9]+): ", resolve, out, flags=re.M)
+sys.stdout.buffer.write(out)
+sys.exit(r.returncode)
+"""
+
+
+@pytest.fixture
+def clamscan_143(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    real = shutil.which("clamscan")
+    assert real, "clamscan is not installed"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "clamscan"
+    wrapper.write_text(CLAMSCAN_143)
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("NVRG_REAL_CLAMSCAN", real)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return wrapper
+
+
+def test_verdicts_named_by_the_resolved_path_count_as_clamav_1_4_3_prints_them(
+    tree: Path, clamav_db: Path, clamscan_143: Path
+) -> None:
+    """Before: every file "no verdict from clamscan", so no medium with files scanned clean on
+    bookworm (seen failing in test_deployed's USB flow)."""
+    write(tree / "a.txt", b"hello\n")
+    write(tree / "sub dir" / "x: y.com", eicar_bytes())
+    r = scan_tree(tree, scanner="clamscan", database=clamav_db)
+    assert r.infected == (("sub dir/x: y.com", EICAR_FOUND_NAME),), r.errors
+    assert r.errors == () and r.files == 2
+    (tree / "sub dir" / "x: y.com").unlink()
+    r = scan_tree(tree, scanner="clamscan", database=clamav_db)
+    assert r.result == "clean" and r.files == 1, r.errors
+
+
+def test_a_resolved_path_that_now_names_another_file_is_not_a_verdict(
+    tree: Path, clamav_db: Path, clamscan_143: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tree / "a.txt", b"hello\n")
+    monkeypatch.setenv("NVRG_TEST_SWAP", "1")
+    r = scan_tree(tree, scanner="clamscan", database=clamav_db)
+    assert r.result == "error" and not r.clean
+    assert "a.txt: changed during the scan" in r.errors, r.errors

@@ -5,7 +5,11 @@ module installs the project the README's way (`make install-service` from a copy
 tree), writes a site config whose recording root is owned by a separate `recorder` user and whose
 export target is a plain directory, and drives the unit with systemctl: start, status, the
 retention sweep under the unit's sandbox, reload (good and broken), stop, SIGKILL and recovery,
-and `systemd-analyze security` on the loaded unit.
+the request -> approve -> scan -> export -> verify flow as separate Unix users onto the directory
+target and onto a USB "stick" (a loop device over an ext4 image, bound into the container and
+described as a USB disk by a fake sysfs tree, mounted by the admin at ``media.mountpoints``),
+the README's command blocks marked as flows, run verbatim, and `systemd-analyze security` on the
+loaded unit.
 
 The tests share one container and one installed service and run in file order: each step starts
 from the state the previous one left (as an admin's session would).
@@ -16,7 +20,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -25,6 +30,9 @@ import pytest
 
 from tests.fixtures.clamav import eicar_bytes
 from tests.fixtures.container import PROJECT, Container, booted
+from tests.fixtures.media import Loop, fake_usb_stick, sh
+from tests.fixtures.readme_flows import Flow as ReadmeFlow
+from tests.fixtures.readme_flows import readme_flows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,6 +40,9 @@ SRC = "/usr/src/nvr-guard"
 ROOT = "/data/nvr/depot"  # not among the shipped unit's example ReadWritePaths=
 EXPORT = "/data/export"
 CONFIG = "/etc/nvr-guard/config.yaml"
+STICK_AT = "/media/nvr-export"  # media.mountpoints: where the admin mounts the stick
+SYSFS = "/data/sysfs"  # the fake sysfs tree describing the loop device as a USB disk
+CLAMAV_DB = "/etc/nvr-guard/clamav"
 MAX_EXPOSURE = 2.0
 LAYOUT = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
 
@@ -59,6 +70,11 @@ people:
     nvr-admins: {{roles: [admin]}}
 export:
   targets: [{EXPORT}]
+media:
+  scanner: clamscan
+  database: {CLAMAV_DB}
+  sysfs_root: {SYSFS}
+  mountpoints: [{STICK_AT}]
 """
 
 # Segments as the recorder writes them: its own user, 0640 files in 0750 directories, so only
@@ -127,6 +143,17 @@ def status_json(box: Container) -> dict[str, object]:
     return data
 
 
+@dataclass
+class Stick:
+    """The USB stick: a real loop device over an ext4 image, bound into the container."""
+
+    device: str  # /dev/loopN, the same node inside the container
+    uuid: str  # the filesystem's UUID, as blkid reads it on the host
+
+
+STICK: list[Stick] = []  # the module's one stick, set by the box fixture
+
+
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     work = tmp_path_factory.mktemp("deployed")
@@ -136,14 +163,28 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     # rightly refuses such a file as "other-mount".
     disk = work / "disk"
     disk.mkdir(mode=0o755)
-    with booted(work, [f"--bind={disk}:/data"]) as container:
-        try:
-            yield container
-        finally:
-            # What happened inside, for a failing run: the transcript and the unit's journal.
-            log = tmp_path_factory.getbasetemp() / "deployed-transcript.log"
-            journal = container.run(["journalctl", "-u", "nvr-guard", "--no-pager"]).stdout
-            log.write_text("\n".join(container.transcript) + "\n--- journal\n" + journal)
+    # The stick: made on the host (the container has no loop-control), its node bound in; the
+    # fake sysfs tree (on the bound disk, so the daemon reads it as /data/sysfs) names the real
+    # loop device and its major:minor, so blkid and the mount table inside describe the real one.
+    image = work / "stick.img"
+    with open(image, "wb") as f:
+        f.truncate(160 * 2**20)  # media.reserve keeps 64 MiB free
+    device = sh("losetup", "-f", "--show", str(image)).stdout.strip()
+    try:
+        sh("mkfs.ext4", "-q", "-F", "-m", "0", "-L", "EVIDENCE", device)
+        uuid = sh("blkid", "-p", "-s", "UUID", "-o", "value", device).stdout.strip()
+        STICK[:] = [Stick(device, uuid)]
+        fake_usb_stick(disk / "sysfs", Loop(image, device))
+        with booted(work, [f"--bind={disk}:/data", f"--bind={device}"]) as container:
+            try:
+                yield container
+            finally:
+                # What happened inside, for a failing run: the transcript and the unit's journal.
+                log = tmp_path_factory.getbasetemp() / "deployed-transcript.log"
+                journal = container.run(["journalctl", "-u", "nvr-guard", "--no-pager"]).stdout
+                log.write_text("\n".join(container.transcript) + "\n--- journal\n" + journal)
+    finally:
+        sh("losetup", "-d", device, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +202,12 @@ def installed(box: Container) -> Container:
         "useradd --system --user-group --no-create-home recorder\n"
         "for u in alice bob carol tom audrey; do useradd --create-home $u; done\n"
         f"install -d -m 0755 /data\ninstall -d -o recorder -g recorder -m 0750 /data/nvr {ROOT}\n"
-        f"install -d -m 0755 {EXPORT}\n"
+        f"install -d -m 0755 {EXPORT} {STICK_AT} {CLAMAV_DB}\n"
+        # The packages' readers: the technician and the auditor (README: who may read them).
+        "for u in tom audrey; do usermod -aG nvr-guard-export $u; done\n"
     )
+    # ClamAV from the tree's own packages (clamscan), with a test database: one EICAR signature.
+    write(box, f"{CLAMAV_DB}/nvrg-test.ndb", f"NVRG.Test.EICAR:0:*:{eicar_bytes().hex()}\n")
     write(box, CONFIG, SITE_CONFIG)
     box.ok(f"nvr-guard config check {CONFIG}")
     box.ok(f"cd {SRC} && make install-service", timeout=900)
@@ -173,9 +218,15 @@ def test_install_service_writes_the_paths_drop_in_from_the_config(installed: Con
     drop_in = installed.ok("cat /etc/systemd/system/nvr-guard.service.d/20-paths.conf")
     assert f'ReadWritePaths="-{ROOT}"' in drop_in
     assert f'ReadWritePaths="-{EXPORT}"' in drop_in
-    # systemd reads it: the loaded unit carries both paths.
+    assert f'ReadWritePaths="-{STICK_AT}"' in drop_in
+    # systemd reads it: the loaded unit carries the paths, and the device access USB media need.
     shown = installed.ok("systemctl show -p ReadWritePaths nvr-guard")
-    assert ROOT in shown and EXPORT in shown, shown
+    assert ROOT in shown and EXPORT in shown and STICK_AT in shown, shown
+    devices = installed.ok(
+        "systemctl show -p PrivateDevices -p DevicePolicy -p DeviceAllow nvr-guard"
+    )
+    assert "PrivateDevices=no" in devices and "DevicePolicy=closed" in devices, devices
+    assert "DeviceAllow=block-sd r\n" in devices, devices
     venv = installed.ok("systemctl show -p ExecReload nvr-guard")
     assert "/opt/nvr-guard/bin/nvr-guard" in venv and "/usr/bin/nvr-guard" not in venv, venv
 
@@ -318,18 +369,56 @@ def hours_around_now() -> str:
     return f"{a:%H:%M}-{b:%H:%M}"
 
 
-def test_request_approve_scan_export_verify_as_separate_users(installed: Container) -> None:
-    """The README's flow with its commands, each person a Unix user of their own."""
-    db = "/etc/nvr-guard/clamav"
-    installed.ok(f"install -d -m 0755 {db}")
-    write(installed, f"{db}/nvrg-test.ndb", f"NVRG.Test.EICAR:0:*:{eicar_bytes().hex()}\n")
+def local(t: datetime) -> str:
+    return t.astimezone(ZoneInfo("Asia/Shanghai")).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@dataclass
+class Flow:
+    """The installed service with the export workflow configured and footage to export."""
+
+    box: Container
+    start: datetime  # 30 s of lobby-1 footage from here (UTC)
+
+    @property
+    def span(self) -> tuple[str, str]:
+        """A 20 s range of that footage, site-local, as the CLI takes it."""
+        return local(self.start), local(self.start + timedelta(seconds=20))
+
+    def approved_request(self) -> int:
+        """alice files a request for the footage; bob and carol approve it."""
+        a, b = self.span
+        new = self.box.ok(
+            f"nvr-guard --json request new --camera lobby-1 --from {a} --to {b}"
+            ' --reason "robbery at counter 3" --basis "刑事诉讼法 art. 54"'
+            ' --recipient "City police, unit 2; Officer Wang; 010-5555"',
+            user="alice",
+        )
+        rid = int(json.loads(new)["id"])
+        self.box.ok(f"nvr-guard request approve {rid}", user="bob")
+        self.box.ok(f"nvr-guard request approve {rid}", user="carol")
+        return rid
+
+    def fingerprint(self) -> str:
+        return str(json.loads(self.box.ok("nvr-guard --json key show"))["fingerprint"])
+
+    def stick_id(self) -> str:
+        """The stick's medium id, as the daemon lists it."""
+        media = json.loads(self.box.ok("nvr-guard --json media list"))["media"]
+        found = [m for m in media if m.get("fs_uuid") == STICK[0].uuid]
+        assert len(found) == 1, media
+        return str(found[0]["id"])
+
+
+@pytest.fixture(scope="module")
+def flow(installed: Container) -> Flow:
+    """Two approval steps, export hours around now, the fast preset; footage 2 hours ago."""
     good = installed.ok(f"cat {CONFIG}")
-    flow = good + (
-        "approval:\n  steps: [dept_manager, security_lead]\n"
-        f'  hours: "{hours_around_now()}"\n'
-        f"media:\n  scanner: clamscan\n  database: {db}\n"
+    config = (
+        good
+        + f'approval:\n  steps: [dept_manager, security_lead]\n  hours: "{hours_around_now()}"\n'
     )
-    write(installed, CONFIG, flow.replace("targets: [", "preset: ultrafast\n  targets: ["))
+    write(installed, CONFIG, config.replace("targets: [", "preset: ultrafast\n  targets: ["))
     installed.ok("systemctl reload nvr-guard", timeout=120)
     installed.ok("for u in alice bob carol tom audrey; do usermod -aG nvr-guard $u; done")
     start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
@@ -340,33 +429,146 @@ def test_request_approve_scan_export_verify_as_separate_users(installed: Contain
     )
     assert made.returncode == 0, made.stderr
     installed.ok("nvr-guard retention run", timeout=120)  # reconciles the new footage too
-    t0 = start.astimezone(ZoneInfo("Asia/Shanghai"))
-    new = installed.ok(
-        "nvr-guard --json request new --camera lobby-1"
-        f" --from {t0:%Y-%m-%dT%H:%M:%S} --to {t0 + timedelta(seconds=20):%Y-%m-%dT%H:%M:%S}"
-        ' --reason "robbery at counter 3" --basis "刑事诉讼法 art. 54"'
-        ' --recipient "City police, unit 2; Officer Wang; 010-5555"',
-        user="alice",
-    )
-    rid = json.loads(new)["id"]
-    installed.ok(f"nvr-guard request approve {rid}", user="bob")
-    installed.ok(f"nvr-guard request approve {rid}", user="carol")
-    installed.ok(f"nvr-guard media scan {EXPORT}", user="tom", timeout=300)
-    exported = installed.ok(
+    return Flow(installed, start)
+
+
+def modes(box: Container, package: str) -> set[str]:
+    """owner:group mode of the package directory and of each file in it."""
+    return set(box.ok(f"stat -c '%U:%G %a' {package} {package}/*").split("\n")) - {""}
+
+
+PACKAGE_MODES = {"nvr-guard:nvr-guard-export 750", "nvr-guard:nvr-guard-export 640"}
+
+
+def test_request_approve_scan_export_verify_as_separate_users(flow: Flow) -> None:
+    """Each person a Unix user of their own; the technician and the auditor, members of
+    export.group, read and verify the package and the record themselves, not root."""
+    box = flow.box
+    rid = flow.approved_request()
+    box.ok(f"nvr-guard media scan {EXPORT}", user="tom", timeout=300)
+    exported = box.ok(
         f"nvr-guard --json export run {rid} --media {EXPORT}", user="tom", timeout=600
     )
     package = json.loads(exported)["package"]
-    fingerprint = json.loads(installed.ok("nvr-guard --json key show"))["fingerprint"]
-    verified = installed.sh(f"nvr-guard --json verify {package} --fingerprint {fingerprint}")
+    # The unit's UMask=0077 does not decide: 0750/0640 and the export group, set with fchown
+    # under the unit's system-call filter (the target is a plain root-owned 0755 directory).
+    assert box.ok(f"stat -c '%U:%G %a' {EXPORT}").strip() == "root:root 755"
+    assert modes(box, package) == PACKAGE_MODES
+    fingerprint = flow.fingerprint()
+    verified = box.sh(f"nvr-guard --json verify {package} --fingerprint {fingerprint}", user="tom")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["signer_confirmed"] is True
-    # The auditor reads the chain through the daemon (the state directory stays 0700).
-    installed.ok("nvr-guard audit verify", user="audrey", timeout=120)
-    shown = json.loads(installed.ok("nvr-guard --json audit show", user="audrey"))
+    # Someone outside export.group (the requester) cannot read the footage.
+    outsider = box.sh(f"nvr-guard verify {package} --fingerprint {fingerprint}", user="alice")
+    assert outsider.returncode != 0, outsider.stdout
+    assert box.sh(f"cat {package}/manifest.json", user="alice").returncode != 0
+    # The auditor reads the chain and the record through the daemon (state directory 0700).
+    box.ok("nvr-guard audit verify", user="audrey", timeout=120)
+    shown = json.loads(box.ok("nvr-guard --json audit show", user="audrey"))
     assert any(e["action"].startswith("export.") for e in shown["entries"])
-    assert installed.ok("stat -c %a /var/lib/nvr-guard").strip() == "700"
-    write(installed, CONFIG, good)
-    installed.ok("systemctl reload nvr-guard", timeout=120)
+    form = box.ok(f"nvr-guard export form {rid}", user="audrey")
+    assert "robbery at counter 3" in form and fingerprint in form
+    box.ok(f'cd "$HOME" && nvr-guard export form {rid} -o record-{rid}.html', user="audrey")
+    written = f"/home/audrey/record-{rid}.html"
+    assert box.ok(f"stat -c %U {written}").strip() == "audrey"
+    assert fingerprint in box.ok(f"cat {written}")
+    assert box.ok("stat -c %a /var/lib/nvr-guard").strip() == "700"
+
+
+def in_daemon(box: Container, command: str) -> str:
+    """Run ``command`` in the daemon's mount namespace (what the sandbox lets it see)."""
+    return box.ok(f"nsenter -t $(systemctl show -p MainPID --value nvr-guard) -m -- {command}")
+
+
+def test_usb_stick_mounted_by_the_admin_enrolled_scanned_exported_and_verified(
+    flow: Flow,
+) -> None:
+    box, device = flow.box, STICK[0].device
+    # The daemon reads the stick's filesystem from its device node (PrivateDevices= lifted by
+    # the generated drop-in; under the shipped PrivateDevices=yes it saw no filesystem at all).
+    mid = flow.stick_id()
+    assert mid.startswith("usb-4C530001231122115392-") and mid.endswith(STICK[0].uuid[:8]), mid
+    in_daemon(box, f"test -b {device}")
+    box.ok(f'nvr-guard media enroll {mid} --label "evidence stick 3"')
+    rid = flow.approved_request()
+    # Mounted somewhere else: scanned, but refused as a destination, naming the mount point.
+    box.ok(f"install -d /mnt/elsewhere && mount -o nosuid,nodev,noexec {device} /mnt/elsewhere")
+    box.ok(f"nvr-guard media scan {mid}", user="tom", timeout=300)
+    refused = box.sh(f"nvr-guard export run {rid} --media {mid}", user="tom", timeout=300)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert f"not at one of media.mountpoints ({STICK_AT})" in refused.stderr, refused.stderr
+    box.ok("umount /mnt/elsewhere")
+    # At the mount point, while the daemon runs: the mount propagates into its namespace.
+    box.ok(f"mount -o nosuid,nodev,noexec {device} {STICK_AT}")
+    box.ok(f"nvr-guard media scan {mid}", user="tom", timeout=300)
+    exported = box.ok(f"nvr-guard --json export run {rid} --media {mid}", user="tom", timeout=600)
+    package = json.loads(exported)["package"]
+    assert package.startswith(f"{STICK_AT}/NVRG-{rid}-"), package
+    assert modes(box, package) == PACKAGE_MODES
+    fingerprint = flow.fingerprint()
+    box.ok(f"nvr-guard verify {package} --fingerprint {fingerprint}", user="tom")
+    # Mounted before the daemon starts: the unit's ProtectSystem=strict would make it read-only
+    # but for the generated ReadWritePaths= entry.
+    box.ok("systemctl restart nvr-guard", timeout=120)
+    poll_inside(box, "systemctl is-active nvr-guard", "the restarted unit")
+    options = in_daemon(box, f"findmnt -n -o OPTIONS {STICK_AT}").strip().split(",")
+    assert options[0] == "rw" and {"nosuid", "nodev", "noexec"} <= set(options), options
+    second = flow.approved_request()
+    box.ok(f"nvr-guard media scan {mid}", user="tom", timeout=300)
+    again = json.loads(
+        box.ok(f"nvr-guard --json export run {second} --media {mid}", user="tom", timeout=600)
+    )["package"]
+    box.ok(f"nvr-guard verify {again} --fingerprint {fingerprint}", user="tom")
+    box.ok(f"nvr-guard verify {package} --fingerprint {fingerprint}", user="audrey")
+    entries = json.loads(box.ok("nvr-guard --json audit show", user="audrey"))["entries"]
+    enrolled = [e for e in entries if e["action"] == "media.enroll"]
+    assert [e["object"] for e in enrolled] == [f"media:{mid}"], enrolled
+    # Done with it: the admin withdraws the enrolment and unmounts (the README's flow starts over).
+    box.ok(f'nvr-guard media remove {mid} --reason "test done"')
+    box.ok(f"umount {STICK_AT}")
+
+
+@pytest.mark.parametrize("readme_flow", readme_flows(), ids=lambda f: f.name)
+def test_readme_flow_runs_verbatim(flow: Flow, readme_flow: ReadmeFlow) -> None:
+    """A README block marked as a flow, each line run as the user its prompt names (admin:
+    root), from that user's home directory, with only the marker's literals replaced."""
+    box = flow.box
+    files_request = any(" request new " in f" {cmd} " for _, cmd in readme_flow.commands)
+    values: dict[str, str] = {}
+
+    def newest_package() -> str:
+        rid = value("request")
+        found = box.ok(f"ls -1dt {EXPORT}/NVRG-{rid}-* {STICK_AT}/NVRG-{rid}-* 2>/dev/null || true")
+        assert found.strip(), f"no package of request {rid}"
+        return Path(found.split()[0]).name
+
+    makers: dict[str, Callable[[], str]] = {
+        "from": lambda: flow.span[0],
+        "to": lambda: flow.span[1],
+        "target": lambda: EXPORT,
+        "fingerprint": flow.fingerprint,
+        "medium": flow.stick_id,
+        "device": lambda: STICK[0].device,
+        "request": lambda: str(flow.approved_request()),
+        "package": newest_package,
+    }
+
+    def value(role: str) -> str:
+        if role == "request" and files_request:
+            assert "request" in values, "the flow names its request before filing it"
+        if role == "package" or role not in values:
+            values[role] = makers[role]()
+        return values[role]
+
+    for user, command in readme_flow.commands:
+        line = readme_flow.substitute(command, value)
+        result = box.sh(f'cd "$HOME"\n{line}', user=None if user == "admin" else user, timeout=600)
+        assert result.returncode == 0, (
+            f"{user}$ {line}\n-> exit {result.returncode}\n{result.stdout}{result.stderr}"
+        )
+        if " request new " in f" {command} ":
+            listed = json.loads(box.ok("nvr-guard --json request list"))["requests"]
+            values["request"] = str(max(int(r["id"]) for r in listed))
 
 
 def test_security_exposure_of_the_loaded_unit(installed: Container) -> None:

@@ -124,6 +124,13 @@ def decide(**kw: Any) -> Decision:
         ({"current_fingerprint": None}, "cannot be listed"),
         ({"free_bytes": 10 * 2**20 - 1}, "free; this export needs about 10 MiB"),
         ({"free_bytes": 10 * 2**20, "reserve": 1}, "this export needs about 10 MiB"),
+        (
+            {"mountpoints": ["/media/nvr-export"]},
+            "is mounted at /media/stick, not at one of media.mountpoints (/media/nvr-export), "
+            "the places the service may write: unmount it and mount it there "
+            "(mount -o nosuid,nodev,noexec /dev/sdb /media/nvr-export)",
+        ),
+        ({"mountpoints": ["/media/stick-2", "/media/st"]}, "not at one of media.mountpoints"),
     ],
 )
 def test_gate_refuses_with_one_clear_line(change: dict[str, Any], reason: str) -> None:
@@ -141,6 +148,8 @@ def test_gate_refuses_with_one_clear_line(change: dict[str, Any], reason: str) -
         {"free_bytes": 10 * 2**20},  # exactly enough
         {"enrolment": None, "require_enrolled": False},
         {"enrolment": replace(ENROLLED, serial="BB22"), "require_enrolled": False},
+        {"mountpoints": ["/media/stick"]},
+        {"mountpoints": ["/srv/other", "/media/"]},  # at or below one of them
     ],
 )
 def test_gate_allows(change: dict[str, Any]) -> None:
@@ -292,6 +301,19 @@ def test_a_read_only_or_unmounted_medium_is_refused(stick: Stick) -> None:
     stick.lab.umount(stick.mount)
     with pytest.raises(PolicyRefused, match="is not mounted: mount its filesystem"):
         stick.dest()
+
+
+def test_a_medium_mounted_outside_media_mountpoints_is_refused_before_writing(
+    stick: Stick, tmp_path: Path
+) -> None:
+    """Under the unit only media.mountpoints are writable: a stick mounted elsewhere is refused
+    with the mount command to use, not left to fail later with a read-only file system."""
+    stick.enroll()
+    stick.scan()
+    assert stick.mount is not None
+    with pytest.raises(PolicyRefused, match=f"is mounted at {stick.mount}, not at one of"):
+        stick.dest(mountpoints=[str(tmp_path / "usb")])
+    stick.dest(mountpoints=[str(stick.mount.parent)], reserve=0).check_before_write(2**20)
 
 
 def test_scan_target_resolution(stick: Stick, tmp_path: Path) -> None:

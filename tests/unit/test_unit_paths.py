@@ -48,3 +48,27 @@ def test_a_broken_config_writes_no_drop_in(site: Site) -> None:
     assert r.returncode == 2
     assert r.stdout == ""
     assert f"{site.config}:" in r.stderr
+
+
+def test_usb_media_mount_points_are_writable_and_open_removable_disks_read_only(
+    site: Site, tmp_path: Path
+) -> None:
+    """media.mountpoints: the mount point is a ReadWritePaths= entry (a stick mounted before
+    the daemon starts would be read-only for it otherwise) and the unit may read SCSI/USB disks
+    (blkid reads the filesystem UUID); the shipped PrivateDevices=yes stays for other sites."""
+    text = site.config.read_text()
+    assert site.json("unit-paths")["devices"] == []
+    site.config.write_text(text + "media:\n  mountpoints: [/media/nvr-export]\n")
+    r = site.run("unit-paths")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert 'ReadWritePaths="-/media/nvr-export"' in lines
+    settings = [line for line in lines if line and not line.startswith(("#", "ReadWrite"))]
+    assert settings == ["[Service]", "PrivateDevices=no", "DeviceAllow=block-sd r"]
+    data = site.json("unit-paths")
+    assert {"path": "/media/nvr-export", "why": "export media mount point (media.mountpoints)"} in (
+        data["paths"]
+    )
+    # media wipe formats the device: only then may the unit write it
+    site.config.write_text(text + "media:\n  mountpoints: [/media/nvr-export]\n  prepare: wipe\n")
+    assert site.json("unit-paths")["devices"] == ["PrivateDevices=no", "DeviceAllow=block-sd rw"]
