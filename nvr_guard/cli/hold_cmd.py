@@ -48,10 +48,12 @@ def print_holds_not_shown(not_shown: list[dict[str, Any]]) -> None:
 @hold.command("add")
 @click.option("--camera", required=True, help="camera id, or SITE/CAMERA")
 @click.option("--site", help="the camera's site (required when two sites share the camera id)")
-@click.option("--from", "start", required=True, help="ISO 8601; no offset = site-local")
-@click.option("--to", "end", required=True)
+@click.option(
+    "--from", "start", required=True, help="ISO 8601 (no offset = site-local), 2h (ago), today"
+)
+@click.option("--to", "end", required=True, help="as --from; now for up to this moment")
 @click.option("--reason", required=True)
-@click.option("--until", help="the hold ends by itself then (ISO 8601)")
+@click.option("--until", help="the hold ends by itself then (ISO 8601, or 30d from now)")
 @pass_ctx
 def hold_add(
     c: Ctx, camera: str, site: str | None, start: str, end: str, reason: str, until: str | None
