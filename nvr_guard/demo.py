@@ -146,7 +146,8 @@ def wait_for(pred: Any, what: str, timeout: float = 60.0) -> Any:
 
 
 def summary(cfg: Path, base: Path) -> None:
-    st = json.loads(nvr(cfg, "--json", "status", show=False).stdout)
+    # status exits 1 while something needs attention; its document is what counts here
+    st = json.loads(nvr(cfg, "--json", "status", check=False, show=False).stdout)
     audit = json.loads(nvr(cfg, "--json", "audit", "show", show=False).stdout)["entries"]
     purged: dict[str, int] = defaultdict(int)
     for e in audit:
@@ -227,9 +228,11 @@ def main() -> None:
 
         def blocked() -> Any:
             r = nvr(cfg, "--json", "status", check=False, show=False)
-            if r.returncode != 0 or not r.stdout.strip():
+            if not r.stdout.strip():
                 return None
-            st = json.loads(r.stdout)
+            st = json.loads(r.stdout)  # exit 1 while not ok: a blocked sweep is not ok
+            if "error" in st:  # no daemon answered yet
+                return None
             return st["blocked_sweeps"] or None
 
         sweeps = wait_for(lambda: blocked() if not stopping else True, "the first sweep")

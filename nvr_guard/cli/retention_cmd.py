@@ -36,8 +36,8 @@ def held_back_kind(reason: str) -> str:
 
 
 def summary_rows(c: Ctx, items: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per site and camera: what is due (count, bytes, recorded span), how much of it a
-    guard stopped, and what is held back by which rule."""
+    """One row per site and camera: what is due (count, bytes, recorded span), and what is held
+    back: by which rule, and how much of what is due a guard stopped."""
     from nvr_guard.cli.show import span
     from nvr_guard.text import human_bytes
 
@@ -49,18 +49,19 @@ def summary_rows(c: Ctx, items: list[dict[str, Any]]) -> list[list[str]]:
         due = [i for i in its if i["action"] in ("delete", "blocked")]
         blocked = sum(1 for i in due if i["action"] == "blocked")
         kept = Counter(held_back_kind(str(i["reason"])) for i in its if i["action"] == "keep")
-        count = f"{len(due):,}"
+        # what a guard stopped is still due (a confirmation deletes it), and held back now
+        stopped = []
         if blocked:
-            count += " blocked" if blocked == len(due) else f", {blocked:,} blocked"
+            stopped = [f"guard {blocked:,}"]
         times = [float(i["recorded"]) for i in due if i.get("recorded") is not None]
         rows.append(
             [
                 site_,
                 camera,
-                count,
+                f"{len(due):,}",
                 human_bytes(sum(int(i.get("size") or 0) for i in due)) if due else "-",
                 span(min(times), max(times), _site_tz(c, site_)) if times else "-",
-                ", ".join(f"{k} {n:,}" for k, n in kept.most_common()) or "-",
+                ", ".join(stopped + [f"{k} {n:,}" for k, n in kept.most_common()]) or "-",
             ]
         )
     return rows
@@ -103,10 +104,11 @@ def print_outcome(
         out.print(
             f"sweep {res['sweep'] if res['sweep'] is not None else '-'}: deleted {res['deleted']}, "
             f"to delete {counts.get('delete', 0)}, held back {counts.get('keep', 0)}, "
-            f"blocked by a guard {counts.get('blocked', 0)}"
-            + ("" if list_all or not items else " (--list shows every segment and why)"),
+            f"blocked by a guard {counts.get('blocked', 0)}",
             markup=False,
         )
+        if items and not list_all:
+            out.print("--list shows every segment and why", markup=False)
         for tr in res.get("trips", []):
             err.print(f"guard: {tr['message']}", markup=False)
         for a in res.get("alerts", []):

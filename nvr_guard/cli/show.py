@@ -78,12 +78,16 @@ def columns(
 
     No cell is ever broken: only the last column (free text such as "held 2, settling 1") wraps,
     onto lines indented to where it starts, when ``width`` (a terminal's) is given and a row is
-    wider. Without ``width`` (a pipe, a file) every row stays one line, for grep and awk."""
+    wider. When even the other columns do not fit (long site and camera names), each row becomes
+    a block: its first cells on one line, then one ``header: value`` line per other column.
+    Without ``width`` (a pipe, a file) every row stays one line, for grep and awk."""
     table = [list(header), *([*r] for r in rows)]
     n = len(header)
     widths = [max(len(r[i]) for r in table) for i in range(n)]
     lead = sum(widths[:-1]) + 2 * (n - 1)  # where the last column starts
     room = None if width is None else width - lead
+    if room is not None and room < _MIN_LAST and n > 2:
+        return _blocks(header, rows, width or 80)
     lines = []
     for r in table:
         cells = [
@@ -91,10 +95,32 @@ def columns(
         ]
         head = "  ".join(cells) + ("  " if n > 1 else "")
         last = r[-1]
-        if room is None or room < 16 or len(last) <= room:
+        if room is None or len(last) <= room:
             lines.append((head + last).rstrip())
             continue
         parts = textwrap.wrap(last, room, break_long_words=False, break_on_hyphens=False)
         lines.append((head + parts[0]).rstrip())
         lines.extend(" " * lead + p for p in parts[1:])
+    return lines
+
+
+_MIN_LAST = 12  # narrower than this, the last column would wrap a word a line
+
+
+def _blocks(header: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> list[str]:
+    """Rows too wide for the terminal, one block each: ``site camera`` then ``  HEADER: value``."""
+    lines = []
+    for r in rows:
+        lines.append("  ".join(r[:2]))
+        for h, v in zip(header[2:], r[2:], strict=False):
+            lines.extend(
+                textwrap.wrap(
+                    f"{h.lower()}: {v}",
+                    width,
+                    initial_indent="  ",
+                    subsequent_indent="    ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                )
+            )
     return lines
