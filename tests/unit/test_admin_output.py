@@ -326,3 +326,49 @@ def test_reconcile_stats_read_as_words() -> None:
         "240 segment files (240 added, 0 updated, 0 removed), 0 ignored, 2 unmatched, "
         "305 directories in 0.1 s"
     )
+
+
+# ---- the printed approval record ---------------------------------------------------------------
+def test_approval_record_shows_the_scan_and_times_for_people() -> None:
+    from nvr_guard.export.form import approval_record_html
+
+    finished = datetime(2026, 11, 28, 6, 25, 30, tzinfo=UTC).timestamp()
+    scan = {
+        "id": 5, "target_path": "/media/stick", "started": finished - 30,
+        "finished": finished, "engine": "clamscan", "engine_version": "1.0.7",
+        "signature_version": "27450", "signature_date": "Sat Nov 28 09:21:05 2026",
+        "files": 12, "bytes": 3 * 2**20, "duration": 30.0, "result": "clean",
+        "listing_fingerprint": "ab" * 32, "device_identity": "usb-1", "media_id": "usb-1",
+        "infected": [], "errors": [], "content_digest": "cd" * 32,
+        "started_iso": "2026-11-28T06:25:00+00:00", "finished_iso": "2026-11-28T06:25:30+00:00",
+    }  # fmt: skip
+    request = {
+        "id": 7, "recipient": {}, "from": "2026-11-28T10:00:00+08:00",
+        "to": "2026-11-28T11:00:00+08:00", "created": "2026-11-28T13:00:00+08:00",
+    }  # fmt: skip
+    approvals = [{"approver": "bob", "role": "security_lead", "decision": "approve",
+                  "time": "2026-11-28T13:30:00+08:00"}]  # fmt: skip
+    info = {
+        "package": "NVRG-7-20261128T063000Z", "technician": "tom",
+        "exported": "2026-11-28T14:30:00+08:00",
+        "range": "2026-11-28T10:00:00+08:00 – 2026-11-28T11:00:00+08:00",
+        "clips": [], "signer": "SHA256:x", "audit_head": {"seq": 9, "hash": "h"},
+        "destination": {"path": "/media/stick", "scan": scan},
+    }  # fmt: skip
+    page = approval_record_html(request, approvals, info, tz=SH)
+    cell = page.split("Malware scan</th><td>")[1].split("</td>")[0]
+    assert "{" not in cell and "listing_fingerprint" not in cell and "engine_version" not in cell
+    for shown in (
+        "clamscan 1.0.7", "27450 (Sat Nov 28 09:21:05 2026)", "12 个文件 files, 3.0 MiB",
+        "无病毒 clean", "2026-11-28 14:25:30 +08:00", "#5",
+    ):  # fmt: skip
+        assert shown in cell, (shown, cell)
+    # site-local with the offset everywhere; the package name stays UTC, and says so
+    for shown in (
+        "2026-11-28 10:00:00 +08:00", "2026-11-28 13:00:00 +08:00", "2026-11-28 13:30:00 +08:00",
+        "2026-11-28 14:30:00 +08:00", "2026-11-28 10:00:00 +08:00 – 2026-11-28 11:00:00 +08:00",
+    ):  # fmt: skip
+        assert shown in page, shown
+    assert "T10:00:00+08:00" not in page
+    pkg = page.split("Package</th><td>")[1].split("</td>")[0]
+    assert pkg.startswith("NVRG-7-20261128T063000Z<br>") and "UTC" in pkg
