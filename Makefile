@@ -26,7 +26,7 @@ BENCH_ARGS  ?=
 
 # Debian packages the project uses at run or test time (SPEC §6). systemd is checked by its
 # tool, not its package: a container may have systemd-analyze from another package set.
-APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei fonts-dejavu-core fontconfig e2fsprogs util-linux procps dosfstools openssl passwd
+APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei fonts-dejavu-core fontconfig e2fsprogs util-linux procps dosfstools openssl passwd groff-base
 
 # Service installation (make install-service): a venv outside /root and /home, because the
 # unit's ProtectHome=yes hides those from the daemon.
@@ -36,10 +36,15 @@ UNITDIR         ?= /etc/systemd/system
 SYSUSERSDIR     ?= /usr/lib/sysusers.d
 TMPFILESDIR     ?= /usr/lib/tmpfiles.d
 CONFDIR         ?= /etc/nvr-guard
+# the man page and bash completion: /usr/local/share for a program installed beside the
+# distribution's (bash-completion and man look there by default), /usr/share for PREFIX=/usr
+DATADIR         ?= $(if $(filter /usr,$(PREFIX)),/usr/share,/usr/local/share)
+MANDIR          ?= $(DATADIR)/man
+BASHCOMPDIR     ?= $(DATADIR)/bash-completion/completions
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps venv test test-fast demo lint bench clean distclean install-service
+.PHONY: help deps venv test test-fast demo lint bench clean distclean install-service install-docs
 
 help:
 	@echo "make demo             run the demo daemon on generated recordings"
@@ -48,7 +53,8 @@ help:
 	@echo "                      ClamAV, loop devices, Unix users or daemons (under a minute)"
 	@echo "make lint             ruff + mypy --strict on nvr_guard/"
 	@echo "make bench            retention benchmarks (bench/retention.py; BENCH_ARGS=...)"
-	@echo "make install-service  install into $(PREFIX) and the systemd unit (root)"
+	@echo "make install-service  install into $(PREFIX) and the systemd unit (root), with the"
+	@echo "                      man page and bash completion (make install-docs)"
 	@echo "make clean            remove caches and generated demo data; distclean also .venv"
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +137,7 @@ install-service: deps
 	  exit 1;; esac
 	[ -x $(PREFIX)/bin/python ] || $(SYSTEM_PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q -c constraints.txt .
+	@$(MAKE) install-docs
 	install -d -m 0755 $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR)
 	install -m 0644 systemd/nvr-guard.service $(UNITDIR)/nvr-guard.service
 	install -m 0644 systemd/nvr-guard.sysusers $(SYSUSERSDIR)/nvr-guard.conf
@@ -150,3 +157,15 @@ install-service: deps
 	@[ -e $(CONFDIR)/config.yaml ] || echo "next: write $(CONFDIR)/config.yaml (see config/)," \
 	  "check it with '$(PREFIX)/bin/nvr-guard config check', add your recording roots to" \
 	  "ReadWritePaths= ('systemctl edit nvr-guard'), then 'systemctl enable --now nvr-guard'"
+
+# The man page and bash completion of the program installed in $(PREFIX), both generated from
+# its click command tree (so they list exactly the commands it has); install-service runs it.
+install-docs:
+	install -d -m 0755 $(MANDIR)/man1 $(BASHCOMPDIR)
+	$(PREFIX)/bin/python -m nvr_guard.cli.manpage > $(MANDIR)/man1/.nvr-guard.1.tmp
+	mv -f $(MANDIR)/man1/.nvr-guard.1.tmp $(MANDIR)/man1/nvr-guard.1
+	chmod 0644 $(MANDIR)/man1/nvr-guard.1
+	_NVR_GUARD_COMPLETE=bash_source $(PREFIX)/bin/nvr-guard > $(BASHCOMPDIR)/.nvr-guard.tmp
+	mv -f $(BASHCOMPDIR)/.nvr-guard.tmp $(BASHCOMPDIR)/nvr-guard
+	chmod 0644 $(BASHCOMPDIR)/nvr-guard
+	@echo "installed $(MANDIR)/man1/nvr-guard.1 (man nvr-guard) and $(BASHCOMPDIR)/nvr-guard"
