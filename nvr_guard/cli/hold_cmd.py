@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich.text import Text
 
-from nvr_guard.cli.base import Ctx, Group, act, out, pass_ctx, table
+from nvr_guard.cli.base import Ctx, Group, act, out, pass_ctx
 
 
 @click.group(cls=Group)
@@ -15,25 +16,22 @@ def hold() -> None:
 
 
 def print_holds(holds: list[dict[str, Any]]) -> None:
-    """The holds as a table."""
-    t = table(
-        "holds",
-        ["id", "kind", "site", "camera", "from", "to", "until", "reason", "owner", "released"],
-    )
+    """The holds, one line each: what footage, from when to when (site-local, with the offset),
+    until and released when, by whom and why."""
+    from nvr_guard.cli.show import local_iso
+
+    if holds:
+        out.print("holds:")
     for h in holds:
-        t.add_row(
-            str(h["id"]),
-            h["kind"],
-            h.get("site") or "*",
-            h["camera"] or "*",
-            h["from"],
-            h["to"],
-            h["until"] or "-",
-            h["reason"],
-            h["owner"],
-            h["released"] or "-",
+        where = f"{h.get('site') or '*'}/{h['camera'] or '*'}"
+        line = (
+            f"  hold {h['id']} ({h['kind']}) {where}: "
+            f"{local_iso(h['from'])} – {local_iso(h['to'])}"
+            + (f", until {local_iso(h['until'])}" if h.get("until") else "")
+            + (f", released {local_iso(h['released'])}" if h.get("released") else "")
+            + f"; by {h['owner']}: {h['reason']}"
         )
-    out.print(t)
+        out.print(Text(line))
 
 
 def print_holds_not_shown(not_shown: list[dict[str, Any]]) -> None:

@@ -372,3 +372,17 @@ def test_approval_record_shows_the_scan_and_times_for_people() -> None:
     assert "T10:00:00+08:00" not in page
     pkg = page.split("Package</th><td>")[1].split("</td>")[0]
     assert pkg.startswith("NVRG-7-20261128T063000Z<br>") and "UTC" in pkg
+
+
+def test_hold_list_is_one_line_per_hold_with_site_local_times(site: Site, now: datetime) -> None:
+    write_segment(site.root, "cam1", now - timedelta(days=2))
+    r = site.run(
+        "hold", "add", "--camera", "cam1", "--from", "2026-01-01T00:00", "--to",
+        "2026-01-02T12:30", "--until", "30d", "--reason", "case [red]17[/red]",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    shown = site.run("hold", "list")
+    assert shown.returncode == 0, shown.stderr
+    (line,) = [ln for ln in shown.stdout.splitlines() if ln.startswith("  hold ")]
+    assert "(manual) toll/cam1: 2026-01-01 00:00 +08:00 – 2026-01-02 12:30 +08:00, until " in line
+    assert line.endswith("; by root: case [red]17[/red]")  # as typed, never read as markup
