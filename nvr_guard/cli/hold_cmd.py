@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import click
@@ -17,7 +18,7 @@ def hold() -> None:
 
 def print_holds(holds: list[dict[str, Any]]) -> None:
     """The holds, one line each: what footage, from when to when (site-local, with the offset),
-    until and released when, by whom and why."""
+    until and released when, by whom and why; on a terminal wrapped to its width."""
     from nvr_guard.cli.show import local_iso
 
     if holds:
@@ -31,6 +32,8 @@ def print_holds(holds: list[dict[str, Any]]) -> None:
             + (f", released {local_iso(h['released'])}" if h.get("released") else "")
             + f"; by {h['owner']}: {h['reason']}"
         )
+        if out.is_terminal:  # wrapped between words, continued indented; a pipe gets one line
+            line = textwrap.fill(line, out.width, subsequent_indent="    ", break_long_words=False)
         out.print(Text(line))
 
 
