@@ -9,6 +9,7 @@ import click
 from rich.text import Text
 
 from nvr_guard.cli.base import Ctx, Group, act, out, pass_ctx
+from nvr_guard.cli.show import local_iso
 
 
 @click.group(cls=Group)
@@ -19,8 +20,6 @@ def hold() -> None:
 def print_holds(holds: list[dict[str, Any]]) -> None:
     """The holds, one line each: what footage, from when to when (site-local, with the offset),
     until and released when, by whom and why; on a terminal wrapped to its width."""
-    from nvr_guard.cli.show import local_iso
-
     if holds:
         out.print("holds:")
     for h in holds:

@@ -13,6 +13,8 @@ import click
 from rich.text import Text
 
 from nvr_guard.cli.base import Ctx, Group, act, err, out, pass_ctx
+from nvr_guard.cli.show import columns, span
+from nvr_guard.text import human_bytes
 
 
 @click.group(cls=Group)
@@ -35,24 +37,20 @@ def held_back_kind(reason: str) -> str:
     return head if head and len(head) <= 24 and " " not in head else "other"
 
 
-def summary_rows(c: Ctx, items: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per site and camera: what is due (count, bytes, recorded span), and what is held
-    back: by which rule, and how much of what is due a guard stopped."""
-    from nvr_guard.cli.show import span
-    from nvr_guard.text import human_bytes
-
+def summary_rows(c: Ctx, items: list[dict[str, Any]], done: bool = False) -> list[list[str]]:
+    """One row per site and camera: what is to delete (count, bytes, recorded span), and what is
+    held back, counted by the rule that holds it. In a plan what a guard stopped is still to
+    delete (a confirmation deletes it) and also counted as held back by the guard; after a
+    sweep (``done``) it is only held back."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for it in items:
         groups[(str(it["site"]), str(it["camera"]))].append(it)
     rows = []
     for (site_, camera), its in sorted(groups.items()):
-        due = [i for i in its if i["action"] in ("delete", "blocked")]
-        blocked = sum(1 for i in due if i["action"] == "blocked")
+        due = [i for i in its if i["action"] == "delete" or (i["action"] == "blocked" and not done)]
+        blocked = sum(1 for i in its if i["action"] == "blocked")
         kept = Counter(held_back_kind(str(i["reason"])) for i in its if i["action"] == "keep")
-        # what a guard stopped is still due (a confirmation deletes it), and held back now
-        stopped = []
-        if blocked:
-            stopped = [f"guard {blocked:,}"]
+        stopped = [f"guard {blocked:,}"] if blocked else []
         times = [float(i["recorded"]) for i in due if i.get("recorded") is not None]
         rows.append(
             [
@@ -75,8 +73,6 @@ def print_outcome(
     deletions happened (a sweep, not a plan)."""
 
     def human() -> None:
-        from nvr_guard.cli.show import columns
-
         items = res["items"]
         width = out.width if out.is_terminal else None
         out.print(title, markup=False)
@@ -89,7 +85,8 @@ def print_outcome(
                 "RECORDED (site-local)",
                 "HELD BACK",
             ]
-            for row in columns(header, summary_rows(c, items), width, frozenset({2, 3})):
+            rows = summary_rows(c, items, done)
+            for row in columns(header, rows, width, frozenset({2, 3})):
                 out.print(row, markup=False, highlight=False)
         else:
             out.print("nothing is due: no segment is past its rule", markup=False)

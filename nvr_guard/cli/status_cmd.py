@@ -12,7 +12,9 @@ from rich.text import Text
 
 from nvr_guard.cli.base import Ctx, daemon_call, err, out, pass_ctx, socket_path
 from nvr_guard.cli.hold_cmd import print_holds, print_holds_not_shown
+from nvr_guard.cli.show import local_iso, when
 from nvr_guard.errors import DaemonUnavailable
+from nvr_guard.text import fmt_span, human_bytes
 
 
 @click.command()
@@ -27,7 +29,7 @@ def daemon(c: Ctx) -> None:
 def not_ok_reasons(st: dict[str, Any]) -> list[str]:
     """Why ``ok`` is false, one line each, in the order an admin should look: the audit chain,
     sweeps a guard stopped, open violations, then the attention entries."""
-    from nvr_guard.retention.policy import name_sweep
+    from nvr_guard.retention.policy import name_sweep  # the policy's imports: only when needed
 
     why = []
     a = st.get("audit") or {}
@@ -60,9 +62,6 @@ def _ts(text: str | None) -> float | None:
 def print_status(st: dict[str, Any]) -> None:
     """The daemon's status for people: what is wrong first, then each site, then the rest;
     times site-local with their offset and how long ago, durations in words."""
-    from nvr_guard.cli.show import local_iso, when
-    from nvr_guard.text import fmt_span, human_bytes
-
     now = _ts(st.get("time")) or time.time()
 
     def at(text: str | None) -> str:

@@ -109,6 +109,9 @@ def test_confirm_prints_the_summary_and_the_guard_names_the_sweep(
     (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("guard:")]
     sweep_id = int(line.split("retention confirm ")[1].split("`")[0])
     assert r.stdout.splitlines()[0] == f"sweep {sweep_id}"
+    # a sweep's summary counts what it deleted: nothing; the guard holds back all that was due
+    (row,) = [ln for ln in r.stdout.splitlines() if ln.startswith("toll ")]
+    assert row.split()[2:4] == ["0", "-"] and row.endswith(f"guard {len(old)}")
 
     # and so does status (the sweep's stored summary was written before it had an id)
     (b,) = Engine(load_config(site.config)).status()["blocked_sweeps"]
