@@ -25,9 +25,9 @@ PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 BENCH_ARGS  ?=
 
-# Debian packages the project uses at run or test time (SPEC §6). systemd is checked by its
+# Debian packages the project uses at run or test time. systemd is checked by its
 # tool, not its package: a container may have systemd-analyze from another package set.
-APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei fonts-dejavu-core fontconfig e2fsprogs util-linux procps dosfstools openssl passwd tzdata
+APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei fonts-dejavu-core fontconfig e2fsprogs util-linux procps dosfstools openssl passwd tzdata groff-base
 # Only the tests need these: tests/fixtures/container.py builds a Debian tree and boots the unit
 # under a real systemd in it. `make test` adds them to what `deps` installs (a target-specific
 # variable reaches the prerequisites); `make install-service` does not put them on a recorder.
@@ -42,10 +42,15 @@ SYSUSERSDIR     ?= /usr/lib/sysusers.d
 TMPFILESDIR     ?= /usr/lib/tmpfiles.d
 CONFDIR         ?= /etc/nvr-guard
 BINDIR          ?= /usr/local/bin
+# the man page and bash completion: /usr/local/share for a program installed beside the
+# distribution's (bash-completion and man look there by default), /usr/share for PREFIX=/usr
+DATADIR         ?= $(if $(filter /usr,$(PREFIX)),/usr/share,/usr/local/share)
+MANDIR          ?= $(DATADIR)/man
+BASHCOMPDIR     ?= $(DATADIR)/bash-completion/completions
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps venv test test-fast demo lint bench clean distclean install-service
+.PHONY: help deps venv test test-fast demo lint bench clean distclean install-service install-docs
 
 help:
 	@echo "make demo             run the demo daemon on generated recordings, then walk an export"
@@ -55,7 +60,8 @@ help:
 	@echo "                      ClamAV, loop devices, Unix users or daemons (under a minute)"
 	@echo "make lint             ruff + mypy --strict on nvr_guard/"
 	@echo "make bench            retention benchmarks (bench/retention.py; BENCH_ARGS=...)"
-	@echo "make install-service  install into $(PREFIX) and the systemd unit (root)"
+	@echo "make install-service  install into $(PREFIX) and the systemd unit (root), with the"
+	@echo "                      man page and bash completion (make install-docs)"
 	@echo "make clean            remove caches, generated demo data and the demo users (nvrdemo-*);"
 	@echo "                      distclean also .venv"
 
@@ -143,6 +149,7 @@ install-service: deps
 	  exit 1;; esac
 	[ -x $(PREFIX)/bin/python ] || $(SYSTEM_PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/python -m pip install -q -c constraints.txt .
+	@$(MAKE) install-docs
 	install -d -m 0755 $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR)
 	install -m 0644 systemd/nvr-guard.service $(UNITDIR)/nvr-guard.service
 	install -m 0644 systemd/nvr-guard.sysusers $(SYSUSERSDIR)/nvr-guard.conf
@@ -173,3 +180,15 @@ install-service: deps
 	  "check it with 'nvr-guard config check', run 'make install-service' again (it writes" \
 	  "the ReadWritePaths= drop-in for your roots and export targets), then" \
 	  "'systemctl enable --now nvr-guard'"
+
+# The man page and bash completion of the program installed in $(PREFIX), both generated from
+# its click command tree (so they list exactly the commands it has); install-service runs it.
+install-docs:
+	install -d -m 0755 $(MANDIR)/man1 $(BASHCOMPDIR)
+	$(PREFIX)/bin/python -m nvr_guard.cli.manpage > $(MANDIR)/man1/.nvr-guard.1.tmp
+	mv -f $(MANDIR)/man1/.nvr-guard.1.tmp $(MANDIR)/man1/nvr-guard.1
+	chmod 0644 $(MANDIR)/man1/nvr-guard.1
+	_NVR_GUARD_COMPLETE=bash_source $(PREFIX)/bin/nvr-guard > $(BASHCOMPDIR)/.nvr-guard.tmp
+	mv -f $(BASHCOMPDIR)/.nvr-guard.tmp $(BASHCOMPDIR)/nvr-guard
+	chmod 0644 $(BASHCOMPDIR)/nvr-guard
+	@echo "installed $(MANDIR)/man1/nvr-guard.1 (man nvr-guard) and $(BASHCOMPDIR)/nvr-guard"

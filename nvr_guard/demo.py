@@ -600,7 +600,10 @@ def run(once: bool) -> None:
             r = nvr(cfg, "--json", "status", check=False, show=False)
             if not r.stdout.strip() or r.stdout.lstrip()[0] != "{":
                 return None
-            return json.loads(r.stdout).get("blocked_sweeps") or None
+            st = json.loads(r.stdout)  # exit 1 while not ok: a blocked sweep is not ok
+            if "error" in st:  # no daemon answered yet
+                return None
+            return st.get("blocked_sweeps") or None
 
         sweeps = wait_for(blocked, "the first sweep")
         sweep_id = sweeps[0]["id"]

@@ -410,7 +410,7 @@ class Engine:
                 }
             latest = self.catalog.latest_sweep()
             blocked = (
-                [{"id": latest.id, "message": latest.message}]
+                [{"id": latest.id, "message": policy.name_sweep(latest.message, latest.id)}]
                 if latest is not None and latest.state == "blocked"
                 else []
             )

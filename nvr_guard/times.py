@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import ClockReading, boot_clock
@@ -14,13 +14,37 @@ from nvr_guard.text import Duration
 _AHEAD = frozenset({"--until", "--now"})
 
 
+# days named as journalctl names them: midnight (site-local) of that day, and the moment itself
+_DAYS = {"yesterday": -1, "today": 0, "tomorrow": 1}
+
+
+def accepted_forms(what: str) -> str:
+    """The forms a time option takes, as its error message lists them."""
+    direction = "from now" if what in _AHEAD else "ago"
+    return (
+        "ISO 8601 (2026-11-20T14:05:00+08:00; without an offset it is site-local), "
+        f"a duration meaning {direction} (90min, 1h, 30d, 2w, 6mo, 1y), "
+        "today, yesterday, tomorrow (midnight site-local) or now"
+    )
+
+
 def parse_time(text: str, tz: tzinfo, what: str = "time", now: float | None = None) -> float:
     """ISO 8601 -> epoch seconds; a time without an offset is read in ``tz`` (site-local).
 
     A duration (``1h``, ``30d``, ``6mo``) is read relative to ``now`` (default: the real time) the
     way the option reads: ``--since 1h`` and ``--from 2h`` are ago, ``--until 30d`` and
-    ``--now 2w`` (a preview) are from now. Months and years are calendar-based in ``tz``."""
+    ``--now 2w`` (a preview) are from now. Months and years are calendar-based in ``tz``.
+    ``today``, ``yesterday`` and ``tomorrow`` are that day's midnight in ``tz`` and ``now`` is
+    the moment itself, as ``journalctl --since`` reads them."""
     s = text.strip()
+    word = s.lower()
+    if word == "now" or word in _DAYS:
+        base = time.time() if now is None else now
+        if word == "now":
+            return _in_range(base, text, what)
+        day = datetime.fromtimestamp(base, tz).date() + timedelta(days=_DAYS[word])
+        midnight = datetime.combine(day, datetime.min.time(), tzinfo=tz)
+        return _in_range(midnight.timestamp(), text, what)
     if s[:1].isdigit():
         try:
             d = Duration.parse(s)
@@ -39,10 +63,8 @@ def parse_time(text: str, tz: tzinfo, what: str = "time", now: float | None = No
     try:
         dt = datetime.fromisoformat(s)
     except ValueError:
-        raise InvalidInput(
-            f"{what}: {text!r} is neither an ISO 8601 time nor a duration; write e.g. "
-            "2026-11-20T14:05:00+08:00, or 2h (ago) / 30d"
-        ) from None
+        forms = accepted_forms(what)
+        raise InvalidInput(f"{what}: {text!r} is not a time; write {forms}") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=tz)
     try:

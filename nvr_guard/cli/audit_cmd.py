@@ -68,7 +68,9 @@ def _audit_read(c: Ctx, cmd: str, args: dict[str, Any]) -> Any:
 
 
 @audit.command("show")
-@click.option("--since", help="ISO 8601, or a duration ago (1h)")
+@click.option(
+    "--since", help="ISO 8601 (no offset = site-local), a duration ago (1h), today, yesterday"
+)
 @click.option("--request", "request_id", type=int, help="only entries about this request")
 @pass_ctx
 def audit_show(c: Ctx, since: str | None, request_id: int | None) -> None:

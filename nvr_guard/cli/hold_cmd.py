@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import click
+from rich.text import Text
 
-from nvr_guard.cli.base import Ctx, Group, act, out, pass_ctx, table
+from nvr_guard.cli.base import Ctx, Group, act, out, pass_ctx
+from nvr_guard.cli.show import local_iso
 
 
 @click.group(cls=Group)
@@ -15,25 +18,22 @@ def hold() -> None:
 
 
 def print_holds(holds: list[dict[str, Any]]) -> None:
-    """The holds as a table."""
-    t = table(
-        "holds",
-        ["id", "kind", "site", "camera", "from", "to", "until", "reason", "owner", "released"],
-    )
+    """The holds, one line each: what footage, from when to when (site-local, with the offset),
+    until and released when, by whom and why; on a terminal wrapped to its width."""
+    if holds:
+        out.print("holds:")
     for h in holds:
-        t.add_row(
-            str(h["id"]),
-            h["kind"],
-            h.get("site") or "*",
-            h["camera"] or "*",
-            h["from"],
-            h["to"],
-            h["until"] or "-",
-            h["reason"],
-            h["owner"],
-            h["released"] or "-",
+        where = f"{h.get('site') or '*'}/{h['camera'] or '*'}"
+        line = (
+            f"  hold {h['id']} ({h['kind']}) {where}: "
+            f"{local_iso(h['from'])} – {local_iso(h['to'])}"
+            + (f", until {local_iso(h['until'])}" if h.get("until") else "")
+            + (f", released {local_iso(h['released'])}" if h.get("released") else "")
+            + f"; by {h['owner']}: {h['reason']}"
         )
-    out.print(t)
+        if out.is_terminal:  # wrapped between words, continued indented; a pipe gets one line
+            line = textwrap.fill(line, out.width, subsequent_indent="    ", break_long_words=False)
+        out.print(Text(line))
 
 
 def print_holds_not_shown(not_shown: list[dict[str, Any]]) -> None:
@@ -48,10 +48,12 @@ def print_holds_not_shown(not_shown: list[dict[str, Any]]) -> None:
 @hold.command("add")
 @click.option("--camera", required=True, help="camera id, or SITE/CAMERA")
 @click.option("--site", help="the camera's site (required when two sites share the camera id)")
-@click.option("--from", "start", required=True, help="ISO 8601; no offset = site-local")
-@click.option("--to", "end", required=True)
+@click.option(
+    "--from", "start", required=True, help="ISO 8601 (no offset = site-local), 2h (ago), today"
+)
+@click.option("--to", "end", required=True, help="as --from; now for up to this moment")
 @click.option("--reason", required=True)
-@click.option("--until", help="the hold ends by itself then (ISO 8601)")
+@click.option("--until", help="the hold ends by itself then (ISO 8601, or 30d from now)")
 @pass_ctx
 def hold_add(
     c: Ctx, camera: str, site: str | None, start: str, end: str, reason: str, until: str | None

@@ -84,8 +84,10 @@ def print_request(r: dict[str, Any]) -> None:
 
 @request.command("new")
 @click.option("--camera", "cameras", required=True, help="camera id(s), comma-separated")
-@click.option("--from", "start", required=True, help="ISO 8601; no offset = site-local")
-@click.option("--to", "end", required=True)
+@click.option(
+    "--from", "start", required=True, help="ISO 8601 (no offset = site-local), 2h (ago), today"
+)
+@click.option("--to", "end", required=True, help="as --from; now for up to this moment")
 @click.option("--reason", required=True, help="purpose of the retrieval")
 @click.option("--basis", required=True, help="legal basis")
 @click.option("--recipient", required=True, help='"UNIT; PERSON; CONTACT"')

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter, defaultdict
+from datetime import UTC, tzinfo
 from typing import Any
 
 import click
 from rich.text import Text
 
-from nvr_guard.cli.base import Ctx, Group, act, caller, daemon_call, err, out, pass_ctx, table
+from nvr_guard.cli.base import Ctx, Group, act, caller, daemon_call, err, out, pass_ctx
+from nvr_guard.cli.show import columns, span
 from nvr_guard.errors import DaemonUnavailable
+from nvr_guard.text import human_bytes
 
 PLAN = "retention.plan"
 
@@ -20,31 +24,90 @@ def retention() -> None:
     """Preview and run retention sweeps."""
 
 
-def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:
+def _site_tz(c: Ctx, site: str) -> tzinfo:
+    """The site's zone from the config; UTC (and the offset says so) when it cannot be read."""
+    try:
+        return c.config.site_tz(site)  # type: ignore[no-any-return]
+    except Exception:  # a config this user cannot read, or a site it no longer names
+        return UTC
+
+
+def held_back_kind(reason: str) -> str:
+    """``held`` / ``settling`` / ``floor`` ...: the rule a reason names first (every reason the
+    policy gives starts with it: "held: hold 3 (...)", "settling: modified 40 s ago ...")."""
+    head = reason.split(":", 1)[0].strip()
+    return head if head and len(head) <= 24 and " " not in head else "other"
+
+
+def summary_rows(c: Ctx, items: list[dict[str, Any]], done: bool = False) -> list[list[str]]:
+    """One row per site and camera: what is to delete (count, bytes, recorded span), and what is
+    held back, counted by the rule that holds it. In a plan what a guard stopped is still to
+    delete (a confirmation deletes it) and also counted as held back by the guard; after a
+    sweep (``done``) it is only held back."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for it in items:
+        groups[(str(it["site"]), str(it["camera"]))].append(it)
+    rows = []
+    for (site_, camera), its in sorted(groups.items()):
+        due = [i for i in its if i["action"] == "delete" or (i["action"] == "blocked" and not done)]
+        blocked = sum(1 for i in its if i["action"] == "blocked")
+        kept = Counter(held_back_kind(str(i["reason"])) for i in its if i["action"] == "keep")
+        stopped = [f"guard {blocked:,}"] if blocked else []
+        times = [float(i["recorded"]) for i in due if i.get("recorded") is not None]
+        rows.append(
+            [
+                site_,
+                camera,
+                f"{len(due):,}",
+                human_bytes(sum(int(i.get("size") or 0) for i in due)) if due else "-",
+                span(min(times), max(times), _site_tz(c, site_)) if times else "-",
+                ", ".join(stopped + [f"{k} {n:,}" for k, n in kept.most_common()]) or "-",
+            ]
+        )
+    return rows
+
+
+def print_outcome(
+    c: Ctx, res: dict[str, Any], title: str, list_all: bool = False, done: bool = False
+) -> None:
+    """Summary first (one line per site and camera), then with ``list_all`` every segment with
+    its action and reason; guard trips, alerts and unmatched files on stderr. ``done``: the
+    deletions happened (a sweep, not a plan)."""
+
     def human() -> None:
         items = res["items"]
-        t = table(title, ["action", "site", "camera", "path", "reason"])
-        shown = 0
-        for it in items:
-            if shown >= 200 and not c.verbose:
-                break
-            style = {"delete": "red", "keep": "green", "blocked": "yellow"}.get(it["action"], "")
-            t.add_row(
-                Text(it["action"], style=style), it["site"], it["camera"], it["path"], it["reason"]
-            )
-            shown += 1
+        width = out.width if out.is_terminal else None
+        out.print(title, markup=False)
         if items:
-            out.print(t)
-        if len(items) > shown:
-            out.print(f"... {len(items) - shown} more (use -v or --json for all)")
-        from collections import Counter
-
+            header = [
+                "SITE",
+                "CAMERA",
+                "DELETED" if done else "TO DELETE",
+                "SIZE",
+                "RECORDED (site-local)",
+                "HELD BACK",
+            ]
+            rows = summary_rows(c, items, done)
+            for row in columns(header, rows, width, frozenset({2, 3})):
+                out.print(row, markup=False, highlight=False)
+        else:
+            out.print("nothing is due: no segment is past its rule", markup=False)
+        if list_all and items:
+            out.print("")
+            for it in items:
+                style = {"delete": "red", "keep": "green", "blocked": "yellow"}.get(it["action"])
+                line = Text(f"{it['action']:<7}", style=style or "")
+                line.append(f"  {it['path']}  {it['reason']}")
+                out.print(line)
         counts = Counter(it["action"] for it in items)
         out.print(
             f"sweep {res['sweep'] if res['sweep'] is not None else '-'}: deleted {res['deleted']}, "
             f"to delete {counts.get('delete', 0)}, held back {counts.get('keep', 0)}, "
-            f"blocked by a guard {counts.get('blocked', 0)}"
+            f"blocked by a guard {counts.get('blocked', 0)}",
+            markup=False,
         )
+        if items and not list_all:
+            out.print("--list shows every segment and why", markup=False)
         for tr in res.get("trips", []):
             err.print(f"guard: {tr['message']}", markup=False)
         for a in res.get("alerts", []):
@@ -63,14 +126,25 @@ def print_outcome(c: Ctx, res: dict[str, Any], title: str) -> None:
     c.emit(res, human)
 
 
+_LIST = click.option(
+    "--list", "list_all", is_flag=True, help="after the summary, every segment and why"
+)
+
+
+def _title_of(res: dict[str, Any]) -> str:
+    sweep = res.get("sweep")
+    return f"sweep {sweep}" if sweep is not None else "sweep (nothing was due)"
+
+
 @retention.command("plan")
-@click.option("--now", help="pretend it is this time (ISO 8601)")
+@click.option("--now", help="pretend it is this time (ISO 8601, or 2w from now)")
 @click.option("--site", help="only this site")
+@_LIST
 @pass_ctx
-def retention_plan(c: Ctx, now: str | None, site: str | None) -> None:
+def retention_plan(c: Ctx, now: str | None, site: str | None, list_all: bool) -> None:
     """What a sweep would delete and why; deletes nothing (admin, security_lead, auditor)."""
     res = plan(c, now, site)
-    print_outcome(c, res, "retention plan (nothing is deleted)")
+    print_outcome(c, res, "retention plan (nothing is deleted)", list_all)
 
 
 def plan(c: Ctx, now: str | None, site: str | None) -> dict[str, Any]:
@@ -99,22 +173,25 @@ def plan(c: Ctx, now: str | None, site: str | None) -> dict[str, Any]:
     help="pretend it is this time (ISO 8601); only root, acting locally while no daemon runs",
 )
 @click.option("--dry-run", is_flag=True, help="plan only, delete nothing")
+@_LIST
 @pass_ctx
-def retention_run(c: Ctx, now: str | None, dry_run: bool) -> None:
+def retention_run(c: Ctx, now: str | None, dry_run: bool, list_all: bool) -> None:
     """One sweep now."""
     res = act(c, "retention.run", {"now": now, "dry_run": dry_run})
-    print_outcome(c, res, "retention run" + (" (dry run)" if dry_run else ""))
+    title = "retention run (dry run: nothing is deleted)" if dry_run else _title_of(res)
+    print_outcome(c, res, title, list_all, done=not dry_run)
     if res.get("trips"):
         sys.exit(3)
 
 
 @retention.command("confirm")
 @click.argument("sweep", type=int)
+@_LIST
 @pass_ctx
-def retention_confirm(c: Ctx, sweep: int) -> None:
+def retention_confirm(c: Ctx, sweep: int, list_all: bool) -> None:
     """Release a sweep stopped by the mass-deletion or clock guard (admin)."""
     res = act(c, "retention.confirm", {"sweep": sweep})
-    print_outcome(c, res, f"confirmed sweep {sweep}")
+    print_outcome(c, res, f"confirmed sweep {sweep}: {_title_of(res)}", list_all, done=True)
     if res.get("trips"):
         # blocked again: something changed since the sweep that was confirmed
         sys.exit(3)

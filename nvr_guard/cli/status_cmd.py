@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import sys
+import time
+from datetime import datetime
+from typing import Any
 
 import click
-from rich.markup import escape
+from rich.text import Text
 
-from nvr_guard.cli.base import Ctx, daemon_call, err, out, pass_ctx, socket_path, table
+from nvr_guard.cli.base import Ctx, daemon_call, err, out, pass_ctx, socket_path
 from nvr_guard.cli.hold_cmd import print_holds, print_holds_not_shown
+from nvr_guard.cli.show import local_iso, when
 from nvr_guard.errors import DaemonUnavailable
+from nvr_guard.text import fmt_span, human_bytes
 
 
 @click.command()
@@ -21,10 +26,142 @@ def daemon(c: Ctx) -> None:
     sys.exit(run_daemon(c.config_path, verbose=c.verbose))
 
 
+def not_ok_reasons(st: dict[str, Any]) -> list[str]:
+    """Why ``ok`` is false, one line each, in the order an admin should look: the audit chain,
+    sweeps a guard stopped, open violations, then the attention entries."""
+    from nvr_guard.retention.policy import name_sweep  # the policy's imports: only when needed
+
+    why = []
+    a = st.get("audit") or {}
+    if a and not a.get("ok", True):
+        why.append(f"audit chain BROKEN: {a.get('problem')} (check with `nvr-guard audit verify`)")
+    for b in st.get("blocked_sweeps") or []:
+        for m in str(b.get("message") or "").splitlines() or ["stopped by a guard"]:
+            why.append(f"sweep {b['id']} blocked: {name_sweep(m, b['id'])}")
+    for v in st.get("violations") or []:
+        why.append(f"violation: {v}")
+    if st.get("violations_not_shown"):
+        why.append(f"violation: {st['violations_not_shown']} on requests not shown to you")
+    for e in st.get("attention") or []:
+        where = f", site {e['site']}" if e.get("site") else ""
+        why.append(f"attention ({e['kind']}{where}): {e['message']}")
+    if not why and not st.get("ok", True):
+        why.append("not ok (no reason given by the daemon: see `journalctl -u nvr-guard`)")
+    return why
+
+
+def _ts(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def print_status(st: dict[str, Any]) -> None:
+    """The daemon's status for people: what is wrong first, then each site, then the rest;
+    times site-local with their offset and how long ago, durations in words."""
+    now = _ts(st.get("time")) or time.time()
+
+    def at(text: str | None) -> str:
+        """``2026-11-20 14:05 +08:00 (45 min ago)``"""
+        t = _ts(text)
+        return "-" if t is None else f"{local_iso(text)} ({when(t - now)})"
+
+    def say(line: str, style: str = "") -> None:
+        out.print(Text(line, style=style))
+
+    why = not_ok_reasons(st)
+    head = "nvr-guard: OK" if st["ok"] else f"nvr-guard: ATTENTION ({len(why)})"
+    say(head, "bold green" if st["ok"] else "bold red")
+    say(f"  at {local_iso(st.get('time'), seconds=True)}, config {st.get('config')}")
+    for w in why:
+        say(f"  - {w}", "yellow")
+    for name, s in st["sites"].items():
+        free = s.get("disk_free_fraction")
+        say(
+            f"site {name} ({s['rule']}): {s['segments']:,} segments, {human_bytes(s['bytes'])}"
+            + (f", disk {free:.1%} free" if free is not None else "")
+        )
+        if s.get("oldest"):
+            due = _ts(s.get("oldest_expires"))
+            line = f"  oldest recorded {at(s['oldest'])}"
+            if due is not None and s.get("oldest_past_rule"):
+                line += (
+                    f"; due for deletion {fmt_span(now - due)} ago (held, or a sweep is blocked)"
+                )
+            elif due is not None:
+                line += f"; due for deletion {when(due - now)}"
+            say(line)
+            say(f"  newest recorded {at(s.get('newest'))}")
+    if st["holds"]:
+        print_holds(st["holds"])
+    print_holds_not_shown(st.get("holds_not_shown") or [])
+    ls = st.get("last_sweep")
+    if ls:
+        say(
+            f"last sweep {ls.get('id')}: {ls.get('state')} {at(ls.get('time'))}, "
+            f"deleted {ls.get('deleted')}"
+            + (f" ({human_bytes(ls['bytes'])})" if ls.get("bytes") else "")
+        )
+    ret = st.get("retention") or {}
+    if ret:
+        d = st.get("daemon") or {}
+        up = d.get("uptime")
+        late = ret.get("last_sweep_lateness_max")
+        trips = ret.get("guard_trips") or {}
+        say(
+            "since start"
+            + (f" ({fmt_span(float(up))} ago)" if up is not None else "")
+            + f": {ret.get('deleted', 0):,} segments deleted"
+            + (f"; the last sweep at most {fmt_span(late)} late" if late is not None else "")
+            + (
+                "; guard trips: " + ", ".join(f"{k} {n}" for k, n in sorted(trips.items()))
+                if trips
+                else ""
+            )
+        )
+    a = st["audit"]
+    say(
+        f"audit: {a['entries']:,} entries, chain "
+        + ("intact" if a["ok"] else f"BROKEN: {a['problem']}"),
+        "" if a["ok"] else "red",
+    )
+    key = st.get("export_key") or {}
+    say(
+        f"export signing key: {key.get('fingerprint') or 'not available'}"
+        " (printed on every approval record; recipients pin it with verify --fingerprint)"
+    )
+    d = st.get("daemon") or {}
+    if d.get("last_error"):
+        say(f"last error: {d['last_error']}", "red")
+    req = st.get("open_requests") or {}
+    for r in req.get("pending", []):
+        say(
+            f"request {r['id']} pending ({', '.join(r['open_steps'])}), "
+            f"decide by {at(r.get('decide_by'))}"
+        )
+    for r in req.get("expiring", []):
+        say(f"request {r['id']} approved, valid until {at(r.get('valid_until'))}")
+    for sc in st.get("last_scans", [])[:3]:
+        finished = sc.get("finished")
+        done = f", {when(float(finished) - now)}" if isinstance(finished, int | float) else ""
+        say(
+            f"scan {sc.get('id')}: {sc.get('target_path')} {sc.get('result')} "
+            f"({sc.get('engine')}, {sc.get('files')} files{done})"
+        )
+
+
 @click.command()
 @pass_ctx
 def status(c: Ctx) -> None:
-    """Health, disks, per-site retention, holds, blocked sweeps (asks the running daemon)."""
+    """Health, disks, per-site retention, holds, blocked sweeps (asks the running daemon).
+
+    Exit 0 while everything is ok; 1 while it is not (the reasons are listed first, as
+    ``--json`` lists them under ``attention``, ``blocked_sweeps``, ``violations`` and ``audit``),
+    and 1 when no daemon answers (``--json``: ``{"ok": false, "error": ...}``) — like
+    ``systemctl is-active``, a script may test the exit code alone."""
     try:
         st = daemon_call(c, "status", {}, timeout=10)
     except DaemonUnavailable as e:
@@ -33,90 +170,9 @@ def status(c: Ctx) -> None:
             sys.exit(1)
         raise
 
-    def human() -> None:
-        out.print(
-            f"[bold]nvr-guard[/] {'[green]OK' if st['ok'] else '[red]ATTENTION'}[/]"
-            f"  {st['time']}  config {escape(str(st['config']))}"
-        )
-        t = table("sites", ["site", "rule", "segments", "size", "oldest", "newest", "disk free"])
-        from nvr_guard.text import human_bytes
-
-        for name, s in st["sites"].items():
-            free = s["disk_free_fraction"]
-            t.add_row(
-                name,
-                s["rule"],
-                str(s["segments"]),
-                human_bytes(s["bytes"]),
-                s["oldest"] or "-",
-                s["newest"] or "-",
-                f"{free:.1%}" if free is not None else "-",
-            )
-        out.print(t)
-        for a_ in st.get("attention", []):
-            where = f" {a_['site']}" if a_.get("site") else ""
-            out.print(
-                f"[yellow]attention ({escape(a_['kind'])}{escape(where)})[/]: "
-                f"{escape(a_['message'])}"
-            )
-        for b in st["blocked_sweeps"]:
-            # the message names cameras: directory names, which may look like markup
-            out.print(f"[yellow]blocked sweep {b['id']}[/]: {escape(b['message'])}", markup=True)
-        if st["holds"]:
-            print_holds(st["holds"])
-        print_holds_not_shown(st.get("holds_not_shown") or [])
-        a = st["audit"]
-        out.print(
-            f"audit: {a['entries']} entries, chain "
-            f"{'intact' if a['ok'] else 'BROKEN: ' + escape(str(a['problem']))}"
-        )
-        key = st.get("export_key") or {}
-        out.print(
-            f"export signing key: {key.get('fingerprint') or 'not available'}"
-            " (printed on every approval record; recipients pin it with verify --fingerprint)",
-            markup=False,
-        )
-        if st.get("last_sweep"):
-            ls = st["last_sweep"]
-            out.print(
-                f"last sweep: {ls.get('id')} {ls.get('state')} at {ls.get('time')},"
-                f" deleted {ls.get('deleted')}"
-            )
-        ret = st.get("retention") or {}
-        if ret:
-            late = ret.get("last_sweep_lateness_max")
-            out.print(
-                f"since start: {ret.get('deleted', 0)} segments deleted"
-                + (f", last sweep at most {late:.0f} s after expiry" if late is not None else "")
-                + (f", guard trips {ret.get('guard_trips')}" if ret.get("guard_trips") else ""),
-                markup=False,
-            )
-        d = st.get("daemon") or {}
-        if d.get("last_error"):
-            out.print(f"[red]last error:[/] {escape(str(d['last_error']))}")
-        for v in st.get("violations", []):
-            out.print(f"[red]violation:[/] {escape(str(v))}")
-        if st.get("violations_not_shown"):
-            out.print(
-                f"[red]violation:[/] {st['violations_not_shown']} on requests not shown to you"
-            )
-        req = st.get("open_requests") or {}
-        for r in req.get("pending", []):
-            out.print(
-                f"request {r['id']} pending ({', '.join(r['open_steps'])}), "
-                f"decide by {r['decide_by']}",
-                markup=False,
-            )
-        for r in req.get("expiring", []):
-            out.print(f"request {r['id']} approved, valid until {r['valid_until']}", markup=False)
-        for s in st.get("last_scans", [])[:3]:
-            out.print(
-                f"scan {s.get('id')}: {s.get('target_path')} {s.get('result')} "
-                f"({s.get('engine')}, {s.get('files')} files)",
-                markup=False,
-            )
-
-    c.emit(st, human)
+    c.emit(st, lambda: print_status(st))
+    if not st.get("ok"):
+        sys.exit(1)
 
 
 @click.command("reload")

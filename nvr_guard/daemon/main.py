@@ -17,6 +17,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,15 +54,43 @@ class _PriorityFormatter(logging.Formatter):
         return f"<{prio}>{super().format(record)}"
 
 
+def stderr_is_journal(environ: Mapping[str, str] | None = None, fd: int = 2) -> bool:
+    """Whether ``fd`` is the stream systemd connected to the journal: ``JOURNAL_STREAM`` names its
+    ``device:inode``. The variable alone proves nothing: a terminal opened from a desktop session
+    (itself started by systemd) inherits it, and its lines must not start with ``<6>``."""
+    raw = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, _, ino = raw.partition(":")
+    try:
+        st = os.fstat(fd)
+        return (int(dev), int(ino)) == (st.st_dev, st.st_ino)
+    except (ValueError, OSError):
+        return False
+
+
+def log_formatter(environ: Mapping[str, str] | None = None, fd: int = 2) -> logging.Formatter:
+    """How the daemon's log lines look on ``fd``.
+
+    - the journal (``JOURNAL_STREAM`` matches ``fd``): ``<4>message`` — journald reads the
+      priority prefix and stores the level; it adds the time itself;
+    - a terminal (``nvr-guard daemon`` in the foreground): ``12:16:31 WARNING message``, no
+      prefixes, which a person would have to read past;
+    - anything else (a pipe, a file, a supervisor that is not systemd, an older systemd that sets
+      no ``JOURNAL_STREAM``): the priority prefixes, which syslog-style readers understand and
+      which keep the level in a file that is later fed to the journal.
+    """
+    if not stderr_is_journal(environ, fd) and os.isatty(fd):
+        return logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+    return _PriorityFormatter("%(message)s")
+
+
 def setup_logging(verbose: int) -> None:
-    """Log to stderr: with times on a terminal, with syslog priorities under systemd."""
+    """Log to stderr: with times on a terminal, with syslog priorities to the journal."""
     handler = logging.StreamHandler(sys.stderr)
-    if sys.stderr.isatty() and "JOURNAL_STREAM" not in os.environ:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
-        )
-    else:
-        handler.setFormatter(_PriorityFormatter("%(message)s"))
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file: never a terminal
+        fd = -1
+    handler.setFormatter(log_formatter(fd=fd))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
@@ -134,7 +163,7 @@ class Daemon:
         sdnotify.status("reconciling recording roots")
         t0 = time.monotonic()
         stats = engine.reconcile(full=True)
-        log.info("reconciled in %.1f s: %s", time.monotonic() - t0, stats)
+        log.info("start-up reconcile: %s (%.1f s in all)", stats, time.monotonic() - t0)
         self._start_watcher()
         self._start_scheduler(config)
         self._start_metrics()
@@ -204,7 +233,9 @@ class Daemon:
                 with engine.lock:
                     engine.audit.append(*item)
             except Exception:
-                log.exception("recording a control refusal failed: %s", item[:3])
+                log.exception(
+                    "recording a control refusal failed: %s %s on %s", item[0], item[1], item[2]
+                )
 
     def _start_watcher(self) -> None:
         from nvr_guard.retention.watch import Watcher

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
+from datetime import datetime, tzinfo
 from typing import Any
+
+from nvr_guard.text import human_bytes
 
 _CSS = """
 body { font-family: "WenQuanYi Zen Hei", "Noto Sans CJK SC", "Microsoft YaHei", sans-serif;
@@ -44,6 +47,7 @@ def approval_record_html(
     approvals: Sequence[Mapping[str, Any]],
     export_info: Mapping[str, Any] | None,
     signer: str | None = None,
+    tz: tzinfo | None = None,
 ) -> str:
     """Bilingual record of a request, its approvals and (when done) its export and hashes.
 
@@ -52,6 +56,10 @@ def approval_record_html(
     recorder's key fingerprint (taken from ``export_info`` when given): it is printed in the
     export section and on the hand-over slip, because the signed and stamped paper is the channel
     a courier cannot change, and the recipient pins ``nvr-guard verify --fingerprint`` to it.
+
+    Times are printed site-local with their UTC offset (``2026-11-20 14:05:00 +08:00``): the
+    ISO 8601 values of the request keep the offset they were written with, and a scan's epoch
+    times are shown in ``tz`` (the site's zone; when None, the offset of the export time).
     """
     if export_info is not None and export_info.get("signer"):
         signer = str(export_info["signer"])
@@ -69,12 +77,12 @@ def approval_record_html(
         _row("申请人", "Requester", request.get("requester")),
         _row("场所", "Site", request.get("site")),
         _row("摄像机", "Cameras", request.get("cameras")),
-        _row("调取时段（起）", "From", request.get("from")),
-        _row("调取时段（止）", "To", request.get("to")),
+        _row("调取时段（起）", "From", _when(request.get("from"))),
+        _row("调取时段（止）", "To", _when(request.get("to"))),
         _row("调取原因", "Reason / purpose", request.get("reason")),
         _row("法律依据", "Legal basis", request.get("basis")),
         _row("输出格式", "Output format", _format_text(request.get("format"))),
-        _row("申请时间", "Requested at", request.get("created")),
+        _row("申请时间", "Requested at", _when(request.get("created"))),
         "</table>",
         "<table><caption>接收方 Recipient</caption>",
         _row("接收单位", "Unit", rec.get("unit")),
@@ -88,6 +96,7 @@ def approval_record_html(
     for a in approvals:
         row = {k: a.get(k) for k in ("approver", "role", "decision", "note", "time")}
         row["decision"] = _decision_text(row["decision"])
+        row["time"] = _when(row["time"])
         out.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row.values()) + "</tr>")
     if not approvals:
         out.append('<tr><td class="sign"></td><td></td><td></td><td></td><td></td></tr>')
@@ -108,12 +117,16 @@ def approval_record_html(
         dest = export_info.get("destination") or {}
         head = export_info.get("audit_head") or {}
         out += [
-            _row("导出包", "Package", export_info.get("package")),
+            _row("导出包", "Package", _package_text(export_info.get("package"))),
             _row("导出技术人员", "Technician", export_info.get("technician")),
-            _row("导出时间", "Exported at", export_info.get("exported")),
-            _row("录像时段", "Footage range", export_info.get("range")),
+            _row("导出时间", "Exported at", _when(export_info.get("exported"))),
+            _row("录像时段", "Footage range", _range_text(export_info.get("range"))),
             _row("存储介质", "Storage medium", dest.get("path") or dest.get("device")),
-            _row("杀毒检查", "Malware scan", _scan_text(dest.get("scan"))),
+            _row(
+                "杀毒检查",
+                "Malware scan",
+                _scan_text(dest.get("scan"), tz or _zone_of(export_info.get("exported"))),
+            ),
             _row("签名公钥指纹", "Signer fingerprint", export_info.get("signer"), "hash"),
             _row("审计日志位置", "Audit head", f"#{head.get('seq')} {head.get('hash')}", "hash"),
             "</table>",
@@ -124,12 +137,12 @@ def approval_record_html(
         for c in export_info.get("clips") or []:
             gaps = c.get("gaps") or []
             gap_text = "".join(
-                f"<br>缺失 gap {_e(g.get('from'))} – {_e(g.get('to'))}" for g in gaps
+                f"<br>缺失 gap {_e(_when(g.get('from')))} – {_e(_when(g.get('to')))}" for g in gaps
             )
             if c.get("native_start"):
                 gap_text += (
                     f"<br>原始格式起点（关键帧）native copy starts at keyframe "
-                    f"{_e(c.get('native_start'))}, "
+                    f"{_e(_when(c.get('native_start')))}, "
                     f"{_e(c.get('native_start_early_seconds'))} s before the requested start"
                 )
             out.append(
@@ -188,12 +201,83 @@ def _format_text(fmt: Any) -> str:
     return "" if fmt is None else str(fmt)
 
 
-def _scan_text(scan: Any) -> str:
+def _when(value: Any) -> Any:
+    """An ISO 8601 time with an offset as people read it: ``2026-11-20 14:05:00 +08:00``, in the
+    offset it carries (site-local where it was written); anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    if dt.tzinfo is None:
+        return value
+    return _local(dt)
+
+
+def _local(dt: datetime) -> str:
+    off = dt.utcoffset()
+    minutes = int(off.total_seconds() // 60) if off is not None else 0
+    sign, (h, m) = "+" if minutes >= 0 else "-", divmod(abs(minutes), 60)
+    return dt.strftime("%Y-%m-%d %H:%M:%S") + f" {sign}{h:02}:{m:02}"
+
+
+def _zone_of(value: Any) -> tzinfo | None:
+    """The fixed offset an ISO 8601 time was written with (the export time's: the scan ran
+    minutes before it, at the same offset but across a DST change)."""
+    try:
+        return datetime.fromisoformat(str(value)).tzinfo
+    except ValueError:
+        return None
+
+
+def _range_text(value: Any) -> Any:
+    if isinstance(value, str) and " – " in value:
+        a, b = value.split(" – ", 1)
+        return f"{_when(a)} – {_when(b)}"
+    return value
+
+
+def _package_text(name: Any) -> str:
+    if not name:
+        return ""
+    return (
+        f"{name}\n（目录名中的时间为导出时刻的UTC时间 the time in the directory name is the export "
+        "time in UTC, written with Z）"
+    )
+
+
+def _scan_text(scan: Any, tz: tzinfo | None = None) -> str:
+    """The scan as a reader checks it: engine and its version, the signatures' version and date,
+    what was scanned, the result, and when."""
     if not scan:
         return "无（已配置的目录，非移动介质）none (configured directory, not removable media)"
-    if isinstance(scan, Mapping):
-        return ", ".join(f"{k}: {v}" for k, v in scan.items())
-    return str(scan)
+    if not isinstance(scan, Mapping):
+        return str(scan)
+    engine = " ".join(str(scan[k]) for k in ("engine", "engine_version") if scan.get(k))
+    sigs = str(scan.get("signature_version") or "?")
+    if scan.get("signature_date"):
+        sigs += f" ({scan['signature_date']})"
+    what = f"{scan['files']} 个文件 files" if scan.get("files") is not None else ""
+    if isinstance(scan.get("bytes"), int):
+        what += f", {human_bytes(scan['bytes'])}"
+    result = str(scan.get("result") or "?")
+    result_zh = {"clean": "无病毒 clean", "infected": "发现病毒 infected"}.get(result, result)
+    lines = [
+        f"引擎 Engine: {engine or '?'}",
+        f"病毒库 Signatures: {sigs}",
+    ]
+    if what:
+        lines.append(f"扫描 Scanned: {what}")
+    lines.append(f"结果 Result: {result_zh}")
+    finished = scan.get("finished")
+    if isinstance(finished, int | float) and tz is not None:
+        lines.append(f"时间 Time: {_local(datetime.fromtimestamp(finished, tz))}")
+    elif scan.get("finished_iso"):
+        lines.append(f"时间 Time: {_when(scan['finished_iso'])}")
+    if scan.get("id") is not None:
+        lines.append(f"扫描记录 Scan record: #{scan['id']}")
+    return "\n".join(lines)
 
 
 def _seconds(value: Any) -> str:

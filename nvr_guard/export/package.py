@@ -473,7 +473,7 @@ def _build(
         digest, c["size"] = pdir.sha256(c["file"])
         c["sha256"] = digest
         files[c["file"]] = {"sha256": digest, "size": c["size"]}
-    record = approval_record_html(request, job.approvals, export_info).encode()
+    record = approval_record_html(request, job.approvals, export_info, tz=job.tz).encode()
     sums = {fname: meta["sha256"] for fname, meta in files.items()}
     sums[RECORD] = hashlib.sha256(record).hexdigest()
     small: dict[str, bytes] = {RECORD: record, VERIFY: verify_text(name, fp, sums).encode()}

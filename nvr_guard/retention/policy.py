@@ -856,14 +856,23 @@ def _with_message(trip: GuardTrip) -> GuardTrip:
     return replace(trip, message=trip_message(trip, None))
 
 
+# what a trip message says before its sweep has an id (a plan, or the sweep's stored summary,
+# which must read the same every sweep so a repeated trip is audited once)
+_CONFIRM_LATER = (
+    "`nvr-guard retention confirm SWEEP_ID` (`nvr-guard retention run` gives the sweep id)"
+)
+
+
+def name_sweep(message: str, sweep_id: int) -> str:
+    """A trip message written before its sweep had an id, naming sweep ``sweep_id`` instead: the
+    admin is told exactly which sweep to confirm."""
+    return message.replace(_CONFIRM_LATER, f"`nvr-guard retention confirm {sweep_id}`")
+
+
 def trip_message(trip: GuardTrip, sweep_id: int | None) -> str:
     """The operator's message for a guard trip: what stopped, how much, the likely cause and the
     exact commands to review and release it."""
-    confirm = (
-        f"`nvr-guard retention confirm {sweep_id}`"
-        if sweep_id is not None
-        else "`nvr-guard retention confirm SWEEP_ID` (`nvr-guard retention run` gives the sweep id)"
-    )
+    confirm = _CONFIRM_LATER if sweep_id is None else f"`nvr-guard retention confirm {sweep_id}`"
     if trip.kind == "clock-jump":
         what = (
             f"{_n(trip.count)} ({human_bytes(trip.bytes)}) held back"

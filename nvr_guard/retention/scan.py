@@ -119,6 +119,20 @@ class ReconcileStats:
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process and the walker processes together
 
+    def __str__(self) -> str:
+        """For log lines: ``240 segment files (240 added, 0 updated, 0 removed), 0 ignored,
+        305 directories in 0.1 s``; unmatched and unreadable only when there are any."""
+        extra = "".join(
+            f", {n:,} {what}"
+            for n, what in ((self.unmatched, "unmatched"), (self.unreadable, "unreadable"))
+            if n
+        )
+        return (
+            f"{self.files:,} segment files ({self.added:,} added, {self.updated:,} updated, "
+            f"{self.removed:,} removed), {self.ignored:,} ignored{extra}, {self.dirs:,} "
+            f"directories in {self.seconds:.1f} s"
+        )
+
     def add(self, other: ReconcileStats) -> None:
         self.added += other.added
         self.removed += other.removed

@@ -333,7 +333,7 @@ class Daemon:
     def ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited {self.proc.returncode}: {self.proc.stderr.read()}")
-        return self.site.run("--json", "status").returncode == 0
+        return self.site.daemon_answers()
 
     def ffmpeg_running(self) -> bool:
         try:

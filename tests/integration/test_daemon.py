@@ -29,7 +29,7 @@ class Daemon:
     def ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited {self.proc.returncode}: {self.logtext()}")
-        return self.site.run("--json", "status").returncode == 0
+        return self.site.daemon_answers()
 
     def status(self) -> dict:
         return self.site.json("status")

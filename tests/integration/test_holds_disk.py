@@ -34,7 +34,7 @@ from nvr_guard.model import (
 )
 from nvr_guard.retention import policy
 from tests.fixtures.cli import run_cli
-from tests.fixtures.site import LAYOUT, build_tree, poll, write_segment
+from tests.fixtures.site import LAYOUT, build_tree, daemon_answered, poll, write_segment
 
 SEG = 100 * 1024  # a whole number of pages: tmpfs frees exactly this much per file
 DAY = 86400.0
@@ -509,7 +509,7 @@ def test_daemon_refuses_a_reload_that_orphans_a_hold(tmp_path, now):
         stderr=subprocess.STDOUT,
     )
     try:
-        poll(lambda: cli(config, "--json", "status").returncode == 0, 60, "the daemon")
+        poll(lambda: daemon_answered(cli(config, "--json", "status")), 60, "the daemon")
         h = cli_json(
             config,
             "hold",

@@ -98,7 +98,7 @@ class Daemon:
     def ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited {self.proc.returncode}: {self.logtext()}")
-        return self.site.run("--json", "status").returncode == 0
+        return self.site.daemon_answers()
 
     def logtext(self) -> str:
         return self.logfile.read_text(errors="replace")
@@ -285,8 +285,9 @@ def test_a_starting_daemon_waits_for_a_local_command(env: Env) -> None:
 # ---- item 15: `nvr-guard reload` reports a refused reload ---------------------------------------
 def status(e: Env) -> dict[str, Any]:
     r = e.nvr(None, "--json", "status")
-    assert r.returncode == 0, r.stderr
     st: dict[str, Any] = json.loads(r.stdout)
+    assert "error" not in st, r.stderr
+    assert r.returncode == (0 if st["ok"] else 1), r.stderr  # like systemctl is-active
     return st
 
 

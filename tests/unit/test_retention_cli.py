@@ -151,7 +151,7 @@ def test_clock_jump_stops_deletion(site, now):
 
 def test_bad_input_exits_2_and_changes_nothing(site, now):
     p = write_segment(site.root, "cam1", now - timedelta(days=20))
-    r = site.run("retention", "run", "--now", "yesterday")
+    r = site.run("retention", "run", "--now", "the day before")
     assert r.returncode == 2 and "ISO 8601" in r.stderr and "Traceback" not in r.stderr
     assert p.exists()
     r = site.run(

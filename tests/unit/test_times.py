@@ -42,7 +42,7 @@ def test_durations_read_as_the_option_reads(text: str, what: str, expected: floa
 @pytest.mark.parametrize(
     "text",
     [
-        "yesterday", "1 h", "h1", "", "1x", "-1h", "2026-13-01",
+        "the day before", "1 h", "h1", "", "1x", "-1h", "2026-13-01", "todays",
         # out of range: year 0 in the site's zone, year 9999 west of UTC, a huge duration
         "0001-01-01T00:00", "9999-12-31T23:00-08:00", "99999999y", "1969-12-31T00:00Z",
     ],
@@ -51,6 +51,62 @@ def test_other_text_is_refused_in_one_line(text: str) -> None:
     with pytest.raises(InvalidInput) as info:
         parse_time(text, SH, "--since", now=NOW)
     assert "\n" not in str(info.value) and "--since" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, tz, now, expected",
+    [
+        ("today", SH, NOW, datetime(2026, 8, 31, tzinfo=SH)),
+        ("Yesterday", SH, NOW, datetime(2026, 8, 30, tzinfo=SH)),
+        ("tomorrow", SH, NOW, datetime(2026, 9, 1, tzinfo=SH)),
+        ("now", SH, NOW, datetime(2026, 8, 31, 12, 0, tzinfo=SH)),
+        # midnight of the site's day, not of UTC's: 07:00 in Shanghai is still yesterday in UTC
+        ("today", SH, datetime(2026, 8, 31, 7, 0, tzinfo=SH).timestamp(),
+         datetime(2026, 8, 31, tzinfo=SH)),
+        # the day after a DST change: yesterday's midnight had the winter offset (+01:00)
+        ("yesterday", ZoneInfo("Europe/Berlin"),
+         datetime(2026, 3, 30, 12, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp(),
+         datetime(2026, 3, 29, 0, 0, tzinfo=ZoneInfo("Europe/Berlin"))),
+    ],
+)  # fmt: skip
+def test_named_days_are_site_local_midnight(
+    text: str, tz: ZoneInfo, now: float, expected: datetime
+) -> None:
+    got = parse_time(text, tz, "--since", now=now)
+    assert got == expected.timestamp()
+    if text == "yesterday" and tz.key == "Europe/Berlin":
+        assert datetime.fromtimestamp(got, tz).utcoffset().total_seconds() == 3600
+
+
+@pytest.mark.parametrize(("what", "direction"), [("--since", "ago"), ("--until", "from now")])
+def test_a_refused_time_names_the_accepted_forms(what: str, direction: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        parse_time("last tuesday", SH, what, now=NOW)
+    msg = str(info.value)
+    assert msg.startswith(f"{what}: 'last tuesday' is not a time")
+    for form in ("ISO 8601", f"duration meaning {direction}", "today", "yesterday", "now"):
+        assert form in msg, msg
+
+
+def test_audit_since_today_through_the_command_line(site: Site) -> None:
+    import json
+    from datetime import UTC, timedelta
+
+    from tests.fixtures.site import write_segment
+
+    site.write_config()
+    write_segment(site.root, "cam1", datetime.now(UTC) - timedelta(hours=3))
+    r = site.run(
+        "hold", "add", "--camera", "cam1", "--from", "yesterday", "--to", "now",
+        "--reason", "case 8",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    today = json.loads(site.run("--json", "audit", "show", "--since", "today").stdout)["entries"]
+    assert "hold.add" in [e["action"] for e in today]
+    tomorrow = site.run("--json", "audit", "show", "--since", "tomorrow")
+    assert tomorrow.returncode == 0 and json.loads(tomorrow.stdout)["entries"] == []
+    bad = site.run("audit", "show", "--since", "last week")
+    assert bad.returncode == 2 and "today, yesterday" in bad.stderr
 
 
 def test_hold_and_audit_take_durations(site: Site) -> None:
