@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.media import MediaLab, fake_usb_stick
-from tests.fixtures.site import LAYOUT, Site, make_footage, poll
+from tests.fixtures.site import LAYOUT, Site, daemon_answered, make_footage, poll
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +108,7 @@ class Env:
             stderr=subprocess.STDOUT,
             umask=0o077,
         )
-        poll(lambda: self.nvr("nvp-op", "--json", "status").returncode == 0, 60, "the daemon")
+        poll(lambda: daemon_answered(self.nvr("nvp-op", "--json", "status")), 60, "the daemon")
 
     def stop_daemon(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
