@@ -1,4 +1,4 @@
-"""Crash safety (SPEC §4): kill -9 at random points during a cold reconcile, a purge, concurrent
+"""Crash safety: kill -9 at random points during a cold reconcile, a purge, concurrent
 audit appends and an export; after each kill a restart must leave
 
 - the catalog's segment rows equal to the segment files on disk,

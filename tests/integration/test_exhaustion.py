@@ -1,4 +1,4 @@
-"""Resource exhaustion (SPEC §4): a full ``state_dir`` (SQLite gets ENOSPC), a full recording
+"""Resource exhaustion: a full ``state_dir`` (SQLite gets ENOSPC), a full recording
 volume (the disk-pressure rule), and the inotify watch limit (rescans take over). Real tmpfs
 mounts and a real daemon; the suite runs as root."""
 

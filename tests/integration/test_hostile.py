@@ -3,7 +3,7 @@ control characters in user text, and filter-syntax injection into the export wat
 
 Each test feeds the real code path (the config loader and ``nvr-guard config check``, a real
 daemon process, the CLI, a real ffmpeg export) and asserts what an operator would see: an exit
-code of the contract (SPEC §3), one-line messages, a daemon that keeps answering, nothing created.
+code admins' scripts rely on, one-line messages, a daemon that keeps answering, nothing created.
 """
 
 from __future__ import annotations

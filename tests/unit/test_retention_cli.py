@@ -1,4 +1,4 @@
-"""SPEC §4 guarantees through the real command line on real trees (no daemon: root acts locally)."""
+"""The retention guarantees through the real command line on real trees (no daemon: root acts locally)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Time options accept ISO 8601 and durations read the way the option reads (SPEC §3)."""
+"""Time options accept ISO 8601 and durations read the way the option reads."""
 
 from __future__ import annotations
 
