@@ -13,7 +13,6 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pwd
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import psutil
 import pytest
 
 from tests.fixtures.site import Site, daemon_answered, make_footage, poll
+from tests.fixtures.users import unix_accounts
 from tests.integration.test_workflow import hours_around_now
 
 # Own names: other test modules create and remove their own nvrg-* users while this one runs.
@@ -53,22 +53,9 @@ PEOPLE: dict[str, tuple[list[str], int]] = {
 
 @pytest.fixture(scope="module")
 def users() -> Iterator[dict[str, int]]:
-    created = []
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", GROUP], check=True)
-    for name in PEOPLE:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(
-                ["useradd", "-M", "-N", "-g", GROUP, "-s", "/usr/sbin/nologin", name], check=True
-            )
-            created.append(name)
-    yield {n: pwd.getpwnam(n).pw_uid for n in PEOPLE}
-    for name in created:
-        subprocess.run(["userdel", name], check=False)
+    """Real accounts (the suite runs as root, as CI does), removed afterwards."""
+    with unix_accounts(GROUP, PEOPLE) as uids:
+        yield uids
 
 
 class Env:

@@ -22,6 +22,7 @@ import pytest
 
 from nvr_guard.engine import StateLock
 from tests.fixtures.site import LAYOUT, Site, poll, write_segment
+from tests.fixtures.users import unix_accounts
 
 pytestmark = pytest.mark.integration
 
@@ -34,26 +35,8 @@ UNIX_USERS = (OPERATOR, ADMIN)
 @pytest.fixture(scope="module")
 def users() -> Iterator[dict[str, int]]:
     """Real accounts (the suite runs as root, as CI does), removed afterwards."""
-    created: list[str] = []
-    made_group = False
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", GROUP], check=True)
-        made_group = True
-    for name in UNIX_USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(
-                ["useradd", "-M", "-N", "-g", GROUP, "-s", "/usr/sbin/nologin", name], check=True
-            )
-            created.append(name)
-    yield {n: pwd.getpwnam(n).pw_uid for n in UNIX_USERS}
-    for name in created:
-        subprocess.run(["userdel", name], check=False)
-    if made_group:
-        subprocess.run(["groupdel", GROUP], check=False)
+    with unix_accounts(GROUP, UNIX_USERS) as uids:
+        yield uids
 
 
 def write_config(site: Site, keep: str = "15d", min_keep: str = "10d") -> None:

@@ -360,6 +360,8 @@ def test_read_commands_of_people_with_roles_go_through_the_daemon(env: Env) -> N
     ):
         r = e.site.run("--json", *args)
         assert r.returncode == 0, f"root {args} without a daemon: {r.returncode}: {r.stderr}"
-    assert e.site.run("--json", "status").returncode == 1  # status reports the daemon, so it needs one
+    assert (
+        e.site.run("--json", "status").returncode == 1
+    )  # status reports the daemon, so it needs one
     r = e.nvr("nvp-aud", "retention", "plan")
     assert r.returncode == 1 and "only root previews" in r.stderr, r.stderr

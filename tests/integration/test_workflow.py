@@ -7,11 +7,11 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pwd
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -22,6 +22,7 @@ from tests.fixtures.clamav import eicar_bytes
 from tests.fixtures.cli import run_cli
 from tests.fixtures.media import MediaLab, fake_usb_stick
 from tests.fixtures.site import LAYOUT, Site, daemon_answered, make_footage, poll
+from tests.fixtures.users import unix_accounts
 
 SH = ZoneInfo("Asia/Shanghai")
 GROUP = "nvrg-test"
@@ -38,30 +39,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def unix_users():
+def unix_users() -> Iterator[dict[str, int]]:
     """Real accounts (the suite runs as root, as CI does), removed afterwards."""
-    created = []
-    if not _exists_group(GROUP):
-        subprocess.run(["groupadd", GROUP], check=True)
-    for name in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(
-                ["useradd", "-M", "-N", "-g", GROUP, "-s", "/usr/sbin/nologin", name], check=True
-            )
-            created.append(name)
-    yield {n: pwd.getpwnam(n).pw_uid for n in USERS}
-    for name in created:
-        subprocess.run(["userdel", name], check=False)
-
-
-def _exists_group(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-        return True
-    except KeyError:
-        return False
+    with unix_accounts(GROUP, USERS) as uids:
+        yield uids
 
 
 class Env:

@@ -1,4 +1,5 @@
-"""The retention guarantees through the real command line on real trees (no daemon: root acts locally)."""
+"""The retention guarantees through the real command line on real trees (no daemon: root acts
+locally)."""
 
 from __future__ import annotations
 
