@@ -110,6 +110,25 @@ def check_target(path: Path, st: os.stat_result) -> None:
             )
 
 
+_ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+def _drop_acls(fd: int, what: str, target: Path) -> None:
+    """Remove the POSIX ACLs ``fd`` inherited from a default ACL of the target: with one, a
+    user the ACL names reads the package whatever its mode (``fchmod`` only sets the ACL mask).
+    Refuse the export when one cannot be removed."""
+    for attr in _ACL_XATTRS:
+        try:
+            os.removexattr(fd, attr)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                continue  # none there, or a file system without ACLs
+            raise RuntimeFailure(
+                f"cannot remove the access list {what} inherited in export target {target} "
+                f"({e.strerror}); it would let others read the package: nothing was exported"
+            ) from None
+
+
 def _group_name(gid: int) -> str:
     try:
         return grp.getgrgid(gid).gr_name
@@ -126,7 +145,9 @@ class PackageDir:
         self, target: Path, stem: str, *, target_fd: int | None = None, group: int | None = None
     ) -> None:
         self.target = target
-        self.group = group  # the gid the package is given; None: whatever it gets
+        # the gid the package is given: the export group, else the daemon's own (never what a
+        # setgid target would hand down: that group was not chosen by the config)
+        self.group = os.getegid() if group is None else group
         self._own_target_fd = target_fd is None
         self.dfd = os.open(target, _OPEN_DIR) if target_fd is None else os.dup(target_fd)
         self.fd = -1
@@ -165,6 +186,7 @@ class PackageDir:
                     "created: another user is tampering with the export target"
                 )
             try:
+                _drop_acls(fd, name, self.target)  # before any file inherits the default ACL
                 self._give_group(fd, name, st)
             except BaseException:
                 os.close(fd)
@@ -176,7 +198,7 @@ class PackageDir:
     def _give_group(self, fd: int, what: str, st: os.stat_result) -> None:
         """Give ``fd`` the export group unless it has it already (inherited from a setgid
         target); refuse the export when that is not possible."""
-        if self.group is None or st.st_gid == self.group:
+        if st.st_gid == self.group:
             return
         try:
             os.fchown(fd, -1, self.group)
@@ -257,6 +279,7 @@ class PackageDir:
         for fname in sorted(names):
             fd = self.open(fname)
             try:
+                _drop_acls(fd, fname, self.target)
                 self._give_group(fd, fname, os.fstat(fd))
                 os.fchmod(fd, FILE_MODE)
                 st = os.fstat(fd)
@@ -266,7 +289,7 @@ class PackageDir:
                 not stat.S_ISREG(st.st_mode)
                 or st.st_uid != euid
                 or st.st_nlink != 1
-                or (self.group is not None and st.st_gid != self.group)
+                or st.st_gid != self.group
             ):
                 raise RuntimeFailure(
                     f"{fname} in the package being written in {self.target} is not a plain file "
@@ -278,7 +301,7 @@ class PackageDir:
         if (
             st.st_uid != euid
             or stat.S_IMODE(st.st_mode) != DIR_MODE
-            or (self.group is not None and st.st_gid != self.group)
+            or st.st_gid != self.group
         ):
             raise RuntimeFailure(
                 f"the package directory in {self.target} is not owned by this process or has "
