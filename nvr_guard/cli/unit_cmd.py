@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from nvr_guard.cli.base import Ctx, out, pass_ctx
+from nvr_guard.errors import InvalidInput
 
 # What the shipped unit already makes writable through StateDirectory=/RuntimeDirectory=.
 UNIT_STATE_DIR = "/var/lib/nvr-guard"
@@ -28,6 +29,40 @@ def unit_quote(path: str) -> str:
     specifiers and quotes escaped, double-quoted so spaces survive."""
     escaped = path.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
     return f'"-{escaped}"'
+
+
+# Trees no config value may open for writing: the system itself (ProtectSystem=strict keeps it
+# read-only, and the daemon holds CAP_DAC_OVERRIDE), and the directories above the unit's own.
+_SYSTEM_TREES = (
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/boot",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/root",
+)
+_KEEP_ABOVE = (UNIT_STATE_DIR, UNIT_RUNTIME_DIR, "/home")
+
+
+def system_path_problem(path: str) -> str | None:
+    """Why ``path`` must not become writable for the daemon, or None."""
+    p = posixpath.normpath(path)
+    if p == "/":
+        return "the whole file system"
+    for tree in _SYSTEM_TREES:
+        if p == tree or p.startswith(tree + "/"):
+            return f"part of the system ({tree})"
+    for inner in _KEEP_ABOVE:
+        if inner.startswith(p + "/"):
+            return f"a directory above {inner}"
+    return None
 
 
 def writable_paths(cfg: Any) -> list[tuple[str, str]]:
@@ -47,6 +82,12 @@ def writable_paths(cfg: Any) -> list[tuple[str, str]]:
     sock_dir = posixpath.dirname(str(cfg.socket))
     if posixpath.normpath(sock_dir) != UNIT_RUNTIME_DIR:
         found.append((sock_dir, "control socket directory (not the unit's RuntimeDirectory=)"))
+    bad = [(p, why, system_path_problem(p)) for p, why in found if system_path_problem(p)]
+    if bad:
+        raise InvalidInput(
+            "; ".join(f"{p} ({why}) is {problem}" for p, why, problem in bad)
+            + ": the unit would make it writable for the daemon; choose a directory of its own"
+        )
     seen: set[str] = set()
     unique = []
     for path, why in found:

@@ -72,3 +72,22 @@ def test_usb_media_mount_points_are_writable_and_open_removable_disks_read_only(
     # media wipe formats the device: only then may the unit write it
     site.config.write_text(text + "media:\n  mountpoints: [/media/nvr-export]\n  prepare: wipe\n")
     assert site.json("unit-paths")["devices"] == ["PrivateDevices=no", "DeviceAllow=block-sd rw"]
+
+
+def test_system_directories_are_never_made_writable(site: Site) -> None:
+    # values `config check` accepts, each of which would open the system to the daemon
+    base = site.config.read_text()
+    for extra, bad in (
+        ("export:\n  targets: [/]\n", "/ (export target)"),
+        ("export:\n  targets: [/etc]\n", "/etc (export target)"),
+        ("export:\n  targets: [/usr/local/x]\n", "/usr/local/x (export target)"),
+        ("metrics:\n  textfile: /metrics.prom\n", "/ (metrics textfile directory)"),
+        ("export:\n  targets: [/var/lib]\n", "/var/lib (export target)"),
+    ):
+        site.config.write_text(base + extra)
+        r = site.run("unit-paths")
+        assert r.returncode == 2, (extra, r.stdout)
+        assert r.stdout == "" and bad in r.stderr, (extra, r.stderr)
+    site.config.write_text(base.replace(f"socket: {site.socket}", "socket: /run/control.sock"))
+    r = site.run("unit-paths")
+    assert r.returncode == 2 and "/run (control socket directory" in r.stderr, r.stderr
