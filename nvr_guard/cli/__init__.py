@@ -27,6 +27,7 @@ from nvr_guard.cli import (
 )
 from nvr_guard.cli.base import DEFAULT_CONFIG, Ctx, Group, fail
 from nvr_guard.errors import NvrGuardError
+from nvr_guard.logs import InertFormatter
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,10 +46,11 @@ from nvr_guard.errors import NvrGuardError
 def cli(ctx: click.Context, config: str, as_json: bool, verbose: int) -> None:
     """nvr-guard: retention and export enforcement for video-recorder hosts."""
     ctx.obj = Ctx(config, as_json, verbose)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(InertFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
 
 

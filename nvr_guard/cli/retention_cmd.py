@@ -14,7 +14,7 @@ from rich.text import Text
 from nvr_guard.cli.base import Ctx, Group, act, caller, daemon_call, err, out, pass_ctx
 from nvr_guard.cli.show import columns, span
 from nvr_guard.errors import DaemonUnavailable
-from nvr_guard.text import human_bytes
+from nvr_guard.text import human_bytes, printable
 
 PLAN = "retention.plan"
 
@@ -56,8 +56,8 @@ def summary_rows(c: Ctx, items: list[dict[str, Any]], done: bool = False) -> lis
         times = [float(i["recorded"]) for i in due if i.get("recorded") is not None]
         rows.append(
             [
-                site_,
-                camera,
+                printable(site_),  # names from the recording tree: inert in a terminal
+                printable(camera),
                 f"{len(due):,}",
                 human_bytes(sum(int(i.get("size") or 0) for i in due)) if due else "-",
                 span(min(times), max(times), _site_tz(c, site_)) if times else "-",
@@ -97,7 +97,7 @@ def print_outcome(
             for it in items:
                 style = {"delete": "red", "keep": "green", "blocked": "yellow"}.get(it["action"])
                 line = Text(f"{it['action']:<7}", style=style or "")
-                line.append(f"  {it['path']}  {it['reason']}")
+                line.append(f"  {printable(str(it['path']))}  {printable(str(it['reason']))}")
                 out.print(line)
         counts = Counter(it["action"] for it in items)
         out.print(
@@ -109,9 +109,9 @@ def print_outcome(
         if items and not list_all:
             out.print("--list shows every segment and why", markup=False)
         for tr in res.get("trips", []):
-            err.print(f"guard: {tr['message']}", markup=False)
+            err.print(f"guard: {printable(str(tr['message']))}", markup=False)
         for a in res.get("alerts", []):
-            err.print(f"alert: {a}", markup=False)
+            err.print(f"alert: {printable(str(a))}", markup=False)
         for u in res.get("unmatched", []):
             err.print(
                 f"unmatched: site {u['site']}, root {u['root']}: {u['count']} files with a "
@@ -121,7 +121,7 @@ def print_outcome(
             )
         for a in res.get("attention", []):
             if a["kind"] != "unmatched":
-                err.print(f"attention ({a['kind']}): {a['message']}", markup=False)
+                err.print(f"attention ({a['kind']}): {printable(str(a['message']))}", markup=False)
 
     c.emit(res, human)
 

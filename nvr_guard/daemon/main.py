@@ -31,6 +31,7 @@ from nvr_guard.daemon.commands import Context, dispatch
 from nvr_guard.engine import Engine, StateLock
 from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError
 from nvr_guard.identity import Caller
+from nvr_guard.logs import InertFormatter
 from nvr_guard.store.audit import AuditHeadMismatch
 
 # how long a starting daemon waits for local root commands still acting on the state
@@ -48,7 +49,7 @@ _PRIORITY = {
 }
 
 
-class _PriorityFormatter(logging.Formatter):
+class _PriorityFormatter(InertFormatter):
     def format(self, record: logging.LogRecord) -> str:
         prio = _PRIORITY.get(record.levelno, 6)
         return f"<{prio}>{super().format(record)}"
@@ -79,7 +80,7 @@ def log_formatter(environ: Mapping[str, str] | None = None, fd: int = 2) -> logg
       which keep the level in a file that is later fed to the journal.
     """
     if not stderr_is_journal(environ, fd) and os.isatty(fd):
-        return logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+        return InertFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
     return _PriorityFormatter("%(message)s")
 
 

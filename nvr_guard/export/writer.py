@@ -298,11 +298,7 @@ class PackageDir:
                 )
         os.fchmod(self.fd, DIR_MODE)
         st = os.fstat(self.fd)
-        if (
-            st.st_uid != euid
-            or stat.S_IMODE(st.st_mode) != DIR_MODE
-            or st.st_gid != self.group
-        ):
+        if st.st_uid != euid or stat.S_IMODE(st.st_mode) != DIR_MODE or st.st_gid != self.group:
             raise RuntimeFailure(
                 f"the package directory in {self.target} is not owned by this process or has "
                 f"mode {stat.S_IMODE(st.st_mode):04o} or group {st.st_gid}; nothing was exported"

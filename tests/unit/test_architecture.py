@@ -262,6 +262,7 @@ BASE = frozenset(
         "nvr_guard",  # the package itself: __version__
         "nvr_guard.errors",
         "nvr_guard.text",
+        "nvr_guard.logs",
         "nvr_guard.model",
         "nvr_guard.times",
         "nvr_guard.identity",

@@ -173,3 +173,15 @@ def test_bad_input_exits_2_and_changes_nothing(site, now):
 def test_status_without_daemon_exits_1(site):
     r = site.run("status")
     assert r.returncode == 1 and r.stderr.strip()
+
+
+def test_hostile_camera_names_reach_the_terminal_escaped(site, now):
+    # whoever writes to the recording tree names the cameras: an escape sequence or a
+    # right-to-left override must stay inert in the plan's summary, list and guard lines
+    hostile = "[red]x\x1b[5m\u202e"
+    build_tree(site.root, [hostile], days=30, per_day=4, now=now - timedelta(days=16))
+    for args in (("retention", "plan", "--list"), ("retention", "run")):
+        r = site.run(*args)
+        text = r.stdout + r.stderr
+        assert "\x1b" not in text and "\u202e" not in text, (args, text)
+        assert "\\x1b[5m" in text, (args, text)
