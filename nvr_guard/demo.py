@@ -345,10 +345,32 @@ def _exists(getter: Any, name: str) -> Any:
 
 
 def foreign_accounts() -> list[str]:
-    """Accounts with a demo name that the demo did not make: it never takes them over."""
-    return [
+    """Accounts and groups with a demo name that the demo did not make: it never takes them
+    over (a group it would reuse could let its other members read the demo's packages)."""
+    users = [
         n for n in PEOPLE if (pw := _exists(pwd.getpwnam, n)) is not None and pw.pw_gecos != MARK
     ]
+    return users + foreign_groups()
+
+
+def _demo_users() -> set[str]:
+    return {n for n in PEOPLE if getattr(_exists(pwd.getpwnam, n), "pw_gecos", None) == MARK}
+
+
+def foreign_groups() -> list[str]:
+    """Demo-named groups that someone other than the demo's own users belongs to (as a member
+    or by primary group): groups have no mark of their maker, so their members tell."""
+    ours = _demo_users()
+    out = []
+    for g in (SOCKET_GROUP, EXPORT_GROUP):
+        gr = _exists(grp.getgrnam, g)
+        if gr is None:
+            continue
+        if any(m not in ours for m in gr.gr_mem) or any(
+            pw.pw_gid == gr.gr_gid and pw.pw_name not in ours for pw in pwd.getpwall()
+        ):
+            out.append(g)
+    return out
 
 
 def add_people() -> None:
@@ -375,8 +397,11 @@ def remove_people() -> list[str]:
             r = subprocess.run(["userdel", name], capture_output=True, text=True)
             if r.returncode != 0:
                 left.append(f"user {name} ({r.stderr.strip()})")
+    foreign = foreign_groups()
     for g in (EXPORT_GROUP, SOCKET_GROUP):
-        if _exists(grp.getgrnam, g) is not None:
+        if g in foreign:
+            left.append(f"group {g} (others belong to it: not the demo's)")
+        elif _exists(grp.getgrnam, g) is not None:
             r = subprocess.run(["groupdel", g], capture_output=True, text=True)
             if r.returncode != 0:
                 left.append(f"group {g} ({r.stderr.strip()})")

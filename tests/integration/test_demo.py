@@ -204,3 +204,28 @@ def test_make_demo_walks_an_export_survives_ctrl_c_and_runs_again(
     # the demo users stay for the next run (the fixture removes them, as `make clean` does)
     assert pwd.getpwnam(TECHNICIAN).pw_gecos == MARK
     assert EXPORT_GROUP in {g.gr_name for g in grp.getgrall() if TECHNICIAN in g.gr_mem}
+
+
+def test_a_demo_named_group_others_belong_to_is_neither_taken_over_nor_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nvr_guard.demo as demo
+
+    sock, export, other = "nvrdt-sock", "nvrdt-exp", "nvrdt-other"
+    monkeypatch.setattr(demo, "SOCKET_GROUP", sock)
+    monkeypatch.setattr(demo, "EXPORT_GROUP", export)
+    monkeypatch.setattr(demo, "PEOPLE", {"nvrdt-alice": ("operator", False)})
+    subprocess.run(["groupadd", export], check=True)
+    try:
+        subprocess.run(
+            ["useradd", "-M", "-N", "-G", export, "-s", "/usr/sbin/nologin", other], check=True
+        )
+        assert demo.foreign_accounts() == [export]  # the walk-through is left out
+        left = demo.remove_people()
+        assert grp.getgrnam(export).gr_mem == [other]  # not removed
+        assert left and export in left[0]
+        subprocess.run(["userdel", other], check=True)
+        assert demo.foreign_accounts() == []  # nobody else in it: the demo's own again
+    finally:
+        subprocess.run(["userdel", other], capture_output=True)
+        subprocess.run(["groupdel", export], capture_output=True)
