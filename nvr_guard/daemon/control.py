@@ -984,10 +984,12 @@ def error_from_reply(body: ErrorBody) -> NvrGuardError:
 
 
 def _hung_up(conn: socket.socket) -> bool:
-    """Whether the peer has closed its end (nothing more will be read by it)."""
+    """Whether the peer has closed its socket (it will read no reply). A peer that only shut
+    down its sending side after the request (socat does on end of input) still waits for the
+    reply: on a Unix socket that is POLLRDHUP alone, a full close is POLLHUP."""
     poller = select.poll()
-    poller.register(conn, select.POLLRDHUP | select.POLLHUP)
-    return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
+    poller.register(conn, select.POLLHUP)
+    return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
 
 class ControlClient:

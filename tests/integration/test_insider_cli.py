@@ -456,3 +456,16 @@ def test_a_request_its_caller_gave_up_on_is_not_carried_out_later(env: Env) -> N
         client.call("hold.add", args)
     holds = json.loads(env.nvr(None, "--json", "hold", "list").stdout)
     assert [h for h in holds["holds"] if h.get("reason") == "given up"]
+    # a caller that only shut down its sending side after the request still waits: served
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.settimeout(30)
+        raw.connect(str(env.site.socket))
+        body = json.dumps({"v": 1, "cmd": "status", "args": {}}).encode()
+        raw.sendall(struct.pack(">I", len(body)) + body)
+        raw.shutdown(socket.SHUT_WR)
+        (n,) = struct.unpack(">I", raw.recv(4, socket.MSG_WAITALL))
+        reply = json.loads(raw.recv(n, socket.MSG_WAITALL))
+    assert "result" in reply and reply.get("error") is None, reply
