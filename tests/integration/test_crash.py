@@ -187,12 +187,14 @@ def test_kill_during_purge(site: Site, now: datetime):
                     )
                 )
 
-            # a tight poll: a purge lasts a fraction of a second, and poll()'s backoff (up to
-            # 0.2 s between looks) let most of them finish before the kill
-            deadline = time.monotonic() + 60
-            while not (begun() or proc.poll() is not None):
-                assert time.monotonic() < deadline, f"{what}: the purge never began"
-                time.sleep(0.002)
+            # looks 2 ms apart: a purge lasts a fraction of a second, and the default backoff
+            # (up to 0.2 s between looks) let most of them finish before the kill
+            poll(
+                lambda p=proc: begun() or p.poll() is not None,
+                60,
+                f"{what}: the purge to begin",
+                max_delay=0.002,
+            )
             extra = rng.uniform(0, 0.03)  # a purge of 1,200 files takes a fraction of a second
             if extra:
                 try:
