@@ -7,12 +7,15 @@ in one section must not hide a root conflict in another.
 - A site's ceiling below its floor (``keep`` < ``min_keep``), or below the declared legal minimum.
 - Roots that exist, are no symlinks, and share no footage with another site's roots, judged on the
   file system (bind mounts and symlinks count): one site's rule must never reach another's files.
+  The one exception is a root shared on purpose: the same path in several sites, each selecting
+  its cameras (``cameras:``), the selections provably disjoint, read with the same layout.
 - The signing key where only the daemon can replace it; the watermark font able to draw the text;
   approval steps that somebody can fill.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import string
 from typing import Any
@@ -40,6 +43,7 @@ def cross_checks(
     for name, site in sites:
         _site_checks(name, site, zone, legal_min, problem, warn)
     _root_checks(sites, lines, problem)
+    _camera_checks(sites, lines, problem)
     if cfg is not None:
         _people_warnings(cfg, warn)
         _font_check(cfg, problem)
@@ -133,6 +137,7 @@ def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> N
     nesting is judged by where each root lies inside its file system (the mount table's device
     and path). A site with ``cross_mounts: true`` also owns the trees mounted below its roots."""
     table = mounts()
+    by_name = dict(sites)
     # (site, index, root, (st_dev, st_ino), regions: [(device, path in fs)])
     seen: list[tuple[str, int, str, tuple[int, int], list[tuple[str, bytes]]]] = []
     entries = [(n, i, r, s.cross_mounts) for n, s in sites for i, r in enumerate(s.roots)]
@@ -172,6 +177,14 @@ def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> N
             regions += [(m.device, m.fs_root) for m in _mounts_below(root, table)]
         for oname, oi, oroot, oident, oregions in seen:
             other = dotted(("sites", oname, "roots", oi))
+            if oname != name and root == oroot:
+                # the same path in two sites: allowed when both select their cameras (the
+                # selections are compared in _camera_checks) and read the files alike
+                why = _share_problem(name, by_name[name], oname, by_name[oname])
+                if why is None:
+                    continue
+                problem(path, False, f"{where}: {root} is also {other}; {why}")
+                break
             if ident == oident:
                 problem(
                     path,
@@ -192,6 +205,104 @@ def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> N
                 )
                 break
         seen.append((name, i, root, ident, regions))
+
+
+def _share_problem(name: str, site: Site, oname: str, osite: Site) -> str | None:
+    """Why two sites may not share a root (None: they may). Both must select their cameras, and
+    read the root alike: one walk catalogues it, and each file goes to the site claiming its
+    camera, so a file must mean the same (camera, time) to both."""
+    missing = [n for n, s in ((oname, osite), (name, site)) if s.cameras is None]
+    if missing:
+        return (
+            f"a root shared by several sites needs cameras: in each of them (missing in "
+            f"sites.{', sites.'.join(missing)}); list each site's cameras there, disjoint, or "
+            "give each site its own root"
+        )
+    for key in ("layout", "layout_timezone", "extensions", "cross_mounts"):
+        a, b = getattr(site, key), getattr(osite, key)
+        if key == "extensions":
+            a, b = sorted(e.lower() for e in a), sorted(e.lower() for e in b)
+        if key == "layout_timezone" and site.layout is not None:
+            a, b = a or site.timezone, b or osite.timezone  # an unset one: the top-level zone
+        if a != b:
+            return (
+                f"sites that share a root must read it alike, but {key} differs "
+                f"(sites.{oname}: {b!r}, sites.{name}: {a!r}); set the same {key} in both"
+            )
+    return None
+
+
+def _is_glob(p: str) -> bool:
+    return any(c in p for c in "*?[")
+
+
+def _may_overlap(p: str, q: str) -> bool | None:
+    """True when ``p`` and ``q`` match a common camera id for certain, None when they may
+    (not shown either way), False when no id can match both.
+
+    Two ids: equal. An id and a glob: the glob matches the id. Two globs: disjoint only when
+    the literal text before the first wildcard, or after the last one, differs where both have
+    it (``front*`` and ``back*``, ``*-hd`` and ``*-sd``); anything else may overlap."""
+    if not _is_glob(p) and not _is_glob(q):
+        return p == q
+    if not _is_glob(p) or not _is_glob(q):
+        lit, pat = (p, q) if not _is_glob(p) else (q, p)
+        return fnmatch.fnmatchcase(lit, pat)
+    if p == q:
+        return True
+
+    def head(s: str) -> str:
+        return s[: min(s.find(c) if c in s else len(s) for c in "*?[")]
+
+    def tail(s: str) -> str:
+        return s[max(s.rfind(c) for c in "*?[]") + 1 :]
+
+    hp, hq, tp, tq = head(p), head(q), tail(p), tail(q)
+    if not (hp.startswith(hq) or hq.startswith(hp)):
+        return False
+    if not (tp.endswith(tq) or tq.endswith(tp)):
+        return False
+    return None
+
+
+def _camera_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> None:
+    """Sites sharing a root claim disjoint camera sets: no id two of them could both claim.
+
+    Compared pattern by pattern, reported at the later line naming the earlier one. A pair of
+    globs that cannot be shown disjoint is refused too ("may overlap"): the file of a camera two
+    sites claim would be deleted by whichever keep is shorter."""
+    sharing: dict[str, list[str]] = {}
+    for name, site in sites:
+        for r in site.roots:
+            sharing.setdefault(r, [])
+            if name not in sharing[r]:
+                sharing[r].append(name)
+    pairs = {
+        tuple(sorted((a, b))) for names in sharing.values() for a in names for b in names if a != b
+    }
+    by_name = dict(sites)
+    for a, b in sorted(pairs):
+        ca, cb = by_name[a].cameras, by_name[b].cameras
+        if ca is None or cb is None:
+            continue  # refused by _root_checks
+        for j, q in enumerate(cb):
+            for i, p in enumerate(ca):
+                first, later = ("sites", a, "cameras", i), ("sites", b, "cameras", j)
+                if lines.at(first) > lines.at(later):
+                    first, later = later, first
+                fp, lp = (p, q) if first[1] == a else (q, p)
+                got = _may_overlap(lp, fp)
+                if got is False:
+                    continue
+                how = "claims the same cameras as" if got else "may match the same cameras as"
+                problem(
+                    later,
+                    False,
+                    f"{dotted(later)}: {lp!r} {how} {dotted(first)} ({fp!r}); sites "
+                    f"{a} and {b} share a root, and a camera must belong to one of them "
+                    "(its footage would follow the shorter keep); make the lists disjoint "
+                    "(literal ids, or globs with different fixed beginnings or endings)",
+                )
 
 
 def _mounts_below(root: str, table: list[Mount]) -> list[Mount]:

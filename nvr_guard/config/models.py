@@ -28,6 +28,7 @@ from nvr_guard.config.types import (
     AbsPath,
     Bool,
     CameraId,
+    CameraPatterns,
     Crf,
     Dates,
     Extensions,
@@ -112,6 +113,9 @@ class Site(_Strict):
     # false: the scanner and the purge stay on each root's file system; a directory mounted
     # below a root (a bind mount, another disk) is skipped and reported (mount_skipped)
     cross_mounts: Bool = False
+    # only these cameras (ids or fnmatch globs) of the roots are the site's; unset: every camera.
+    # Required on a root that several sites share, with disjoint sets (checks.py)
+    cameras: CameraPatterns | None = None
 
 
 class Camera(_Strict):

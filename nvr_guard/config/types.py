@@ -231,6 +231,17 @@ def _unique_extensions(v: list[str]) -> list[str]:
     return v
 
 
+def _camera_pattern(v: object) -> str:
+    s = need_text(v, "a camera id or a glob such as front* or ch0?")
+    if not s.strip():
+        raise ValueError("empty camera pattern; write a camera id or a glob such as front*")
+    if "/" in s:
+        raise ValueError(f"{s!r} contains '/'; a pattern matches one camera id, never a path")
+    if any(c == "\0" or not c.isprintable() for c in s):
+        raise ValueError(f"{s!r} contains control characters")
+    return s
+
+
 def non_empty(what: str) -> Any:
     """A validator refusing an empty list; ``what`` says what to list."""
 
@@ -395,6 +406,11 @@ Hours = typing.Annotated[str, BeforeValidator(_hours)]
 Steps = typing.Annotated[list[Role], AfterValidator(non_empty("list at least one approver role"))]
 Roots = typing.Annotated[list[AbsPath], AfterValidator(non_empty("list the recording directories"))]
 Extensions = typing.Annotated[list[Extension], AfterValidator(_unique_extensions)]
+# sites.<name>.cameras: camera ids or fnmatch globs (case-sensitive) selecting cameras in the roots
+CameraPatterns = typing.Annotated[
+    list[typing.Annotated[str, BeforeValidator(_camera_pattern)]],
+    AfterValidator(non_empty("list camera ids or globs, or leave cameras: out (every camera)")),
+]
 ValidFor = typing.Annotated[
     Duration, PlainValidator(_duration), AfterValidator(_valid_for), _dur_ser
 ]
