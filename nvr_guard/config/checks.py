@@ -177,7 +177,8 @@ def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> N
             regions += [(m.device, m.fs_root) for m in _mounts_below(root, table)]
         for oname, oi, oroot, oident, oregions in seen:
             other = dotted(("sites", oname, "roots", oi))
-            if oname != name and root == oroot:
+            split = by_name[name].cameras is not None or by_name[oname].cameras is not None
+            if oname != name and root == oroot and split:
                 # the same path in two sites: allowed when both select their cameras (the
                 # selections are compared in _camera_checks) and read the files alike
                 why = _share_problem(name, by_name[name], oname, by_name[oname])
@@ -190,7 +191,13 @@ def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> N
                     path,
                     False,
                     f"{where}: {root} is the same directory as {other} ({oroot}); "
-                    "each root belongs to one site, once",
+                    "each root belongs to one site, once"
+                    + (
+                        ""
+                        if oname == name
+                        else " (sites share a root only by splitting its cameras: the same "
+                        "path in each, with disjoint cameras: lists)"
+                    ),
                 )
                 break
             nest = _nesting(regions, oregions)

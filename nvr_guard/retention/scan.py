@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import fnmatch
 import logging
 import os
 import stat
@@ -104,6 +105,8 @@ class SiteScan:
     extensions: frozenset[str]  # lower-case, with the dot: {".mp4", ".mkv"}
     rules: SiteRules
     cross_mounts: bool = False  # walk into file systems mounted below the roots
+    # ``cameras:``: the ids or globs of the cameras that are this site's; None: every camera
+    cameras: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -115,6 +118,7 @@ class ReconcileStats:
     ignored: int = 0  # entries that are not segments (wrong place, no match, symlinks, ...)
     unmatched: int = 0  # of the ignored: segment-extension files the layout does not match
     unreadable: int = 0  # directories (or entries) that could not be read; their rows are kept
+    unclaimed: int = 0  # of the ignored: segments of cameras no site claims (cameras:)
     dirs: int = 0  # directories listed
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process and the walker processes together
@@ -141,6 +145,7 @@ class ReconcileStats:
         self.ignored += other.ignored
         self.unmatched += other.unmatched
         self.unreadable += other.unreadable
+        self.unclaimed += other.unclaimed
         self.dirs += other.dirs
         self.cpu_seconds += other.cpu_seconds
 
@@ -153,6 +158,7 @@ class ReconcileStats:
             "ignored": self.ignored,
             "unmatched": self.unmatched,
             "unreadable": self.unreadable,
+            "unclaimed": self.unclaimed,
             "dirs": self.dirs,
             "seconds": round(self.seconds, 3),
             "cpu_seconds": round(self.cpu_seconds, 3),
@@ -163,6 +169,8 @@ class ReconcileStats:
 
 # catalogued state of one path, compared with the disk: (site, camera, start, mtime, size)
 _Known = tuple[str, str, float, float, int]
+# a site's claim on the cameras of a root several sites share: (site, patterns, rules)
+_Claim = tuple[str, tuple[str, ...], SiteRules]
 
 
 @dataclass
@@ -173,10 +181,45 @@ class _Classifier:
     exts: frozenset[bytes]
     rules: SiteRules
     calc: ExpiryCalc | None = field(default=None, repr=False)
+    # the sites whose ``cameras:`` split this root; None: every camera is ``site``'s
+    claims: tuple[_Claim, ...] | None = None
+    # camera -> the site claiming it (None: no site), as found so far
+    owner_site: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _owners: dict[str, _Classifier | None] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.calc = ExpiryCalc(self.rules)
         self._cut = len(self.root) + 1
+
+    def for_camera(self, camera: str) -> _Classifier | None:
+        """The classifier of the site that claims ``camera`` (itself when the root is not split
+        by cameras); None when no site claims it: such files are not catalogued."""
+        if self.claims is None:
+            return self
+        if camera in self._owners:
+            return self._owners[camera]
+        own: _Classifier | None = None
+        for site, patterns, rules in self.claims:
+            if any(fnmatch.fnmatchcase(camera, p) for p in patterns):
+                own = _Classifier(site, self.root, self.layout, self.exts, rules)
+                break  # the config refuses claims that may overlap
+        self._owners[camera] = own
+        self.owner_site[camera] = own.site if own is not None else None
+        return own
+
+    def expiry(self) -> ExpiryCalc:
+        """The expiry rule of the classifier's site."""
+        assert self.calc is not None
+        return self.calc
+
+    def fast_expiry(self) -> tuple[bool, float, bool]:
+        """(fixed, keep seconds, forever): the walk's inlined form of the expiry rule."""
+        keep = self.rules.keep
+        return (
+            keep is not None and keep.months == 0,
+            float(keep.seconds) if keep is not None else 0.0,
+            keep is None,
+        )
 
     def is_segment_name(self, name: bytes) -> bool:
         dot = name.rfind(b".")
@@ -207,6 +250,7 @@ class _Delta:
     unmatched: list[bytes] = field(default_factory=list)  # examples (stats.unmatched: count)
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)  # (path, why)
     mounts: list[bytes] = field(default_factory=list)  # mount points not entered
+    unclaimed: dict[str, int] = field(default_factory=dict)  # camera -> files no site claims
 
 
 def _camera_id(raw: str) -> str:
@@ -239,6 +283,13 @@ def _note_file(
             delta.unmatched.append(path)
         return
     camera, start = _camera_id(got[0]), got[1]
+    own = cls.for_camera(camera)
+    if own is None:  # a camera no site claims: not catalogued (a row it had is removed)
+        delta.stats.ignored += 1
+        delta.stats.unclaimed += 1
+        delta.unclaimed[camera] = delta.unclaimed.get(camera, 0) + 1
+        return
+    cls = own
     size = st.st_size
     delta.stats.files += 1
     old = known.pop(path, None)
@@ -286,12 +337,20 @@ def _walk(
     cameras: dict[str, str] = {}  # raw -> storable camera id (checked once per camera)
     last_raw = last_cam = ""
     exts_exact = tuple(exts)
+    # a root split by cameras: each camera's site (and its rules) is looked up when the camera
+    # changes; ``owned`` answers the unchanged-file test without parsing the path
+    owned = cls.owner_site if cls.claims is not None else None
+    who = cls if owned is None else cls.for_camera(last_raw)
+    if who is not None and who is not cls:
+        site, calc = who.site, who.expiry()
+        fixed, keep_s, forever = who.fast_expiry()
+    unclaimed = delta.unclaimed
     fenced = dev >= 0
     unmatched_ex = delta.unmatched
     # what could not be read: its catalogued rows stay (exact paths, and subtrees)
     keep_exact: set[bytes] = set()
     keep_under: list[bytes] = []
-    files = ignored = unmatched = added = updated = ndirs = 0
+    files = ignored = unmatched = added = updated = ndirs = nunclaimed = 0
     while stack:
         d, d_ns = stack.pop()
         try:
@@ -352,7 +411,7 @@ def _walk(
                         and trust_known
                         and old[3] == mtime
                         and old[4] == st.st_size
-                        and old[0] == site
+                        and (old[0] == site if owned is None else owned.get(old[1]) == old[0])
                     ):
                         # unchanged file: camera and start are read from the path, which is
                         # the same, with the same layout (trust_known is off after a layout
@@ -386,6 +445,18 @@ def _walk(
                         if cam is None:
                             cam = cameras[camera] = _camera_id(camera)
                         camera = last_cam = cam
+                        if owned is not None:
+                            who = cls.for_camera(cam)
+                            if who is not None:
+                                site, calc = who.site, who.expiry()
+                                fixed, keep_s, forever = who.fast_expiry()
+                    if who is None:
+                        ignored += 1  # a camera no site claims: not catalogued
+                        nunclaimed += 1
+                        unclaimed[camera] = unclaimed.get(camera, 0) + 1
+                        if old is not None:
+                            known[path] = old  # catalogued before, claimed by none now: remove
+                        continue
                     size = st.st_size
                     files += 1
                     if old is None:
@@ -413,6 +484,7 @@ def _walk(
     st_.files += files
     st_.ignored += ignored
     st_.unmatched += unmatched
+    st_.unclaimed += nunclaimed
     st_.added += added
     st_.updated += updated
     st_.dirs += ndirs
@@ -440,6 +512,7 @@ class _Job:
     trust_known: bool
     dev: int = -1  # the root's st_dev; -1: the site crosses mounts
     mounts: frozenset[bytes] = frozenset()  # mount points below the root, not entered
+    claims: tuple[_Claim, ...] | None = None  # the sites splitting the root by cameras
 
 
 def _run_job(job: _Job) -> _Delta:
@@ -449,7 +522,7 @@ def _run_job(job: _Job) -> _Delta:
 
 def _walk_job(job: _Job) -> _Delta:
     cpu0 = time.process_time()
-    cls = _Classifier(job.site, job.root, job.layout, job.exts, job.rules)
+    cls = _Classifier(job.site, job.root, job.layout, job.exts, job.rules, claims=job.claims)
     known: dict[bytes, _Known] = {}
     if job.db is not None:
         known = read_rows_between(job.db, *prefix_range(job.top + b"/"))
@@ -532,12 +605,18 @@ class Scanner:
         # below this many segments per root, worker processes cost more than they save
         self.pool_min_rows = pool_min_rows
         self._by_site = {s.site: s for s in self.sites}
-        roots: list[tuple[bytes, SiteScan]] = []
+        # root -> the sites listing it, in config order: several when they split it by cameras
+        self._sharers: dict[bytes, list[SiteScan]] = {}
         for s in self.sites:
             for r in s.roots:
-                roots.append((_norm(r), s))
+                sharers = self._sharers.setdefault(_norm(r), [])
+                if s not in sharers:
+                    sharers.append(s)
+        # each root is walked once, as its first site's (its directories, its health and its
+        # attention entries are that site's); each file goes to the site claiming its camera
+        self._walker = {r: ss[0] for r, ss in self._sharers.items()}
         # longest first: the most specific root wins (config refuses overlaps anyway)
-        self._roots = sorted(roots, key=lambda rs: len(rs[0]), reverse=True)
+        self._roots = sorted(self._walker.items(), key=lambda rs: len(rs[0]), reverse=True)
         self._classifiers: dict[tuple[str, bytes], _Classifier] = {}
         self._lock = threading.Lock()  # one reconcile / incremental / hint at a time
         # what the admin must see; a private registry when none is shared (tests, tools)
@@ -550,7 +629,13 @@ class Scanner:
         self._unhealthy: dict[bytes, str] = {}
         self._mounts: dict[bytes, frozenset[bytes]] = {}  # root -> mount points below it
         by_key = {(s.site, os.fsdecode(r)): r for r, s in self._roots}
-        mine = (att.UNMATCHED, att.MOUNT_SKIPPED, att.UNREADABLE, *_ROOT_KINDS)
+        mine = (
+            att.UNMATCHED,
+            att.MOUNT_SKIPPED,
+            att.UNREADABLE,
+            att.CAMERA_UNCLAIMED,
+            *_ROOT_KINDS,
+        )
         for e in self.attention.entries():
             s_ = self._by_site.get(e.site or "")
             if e.kind in mine and s_ is not None:
@@ -595,8 +680,74 @@ class Scanner:
         key = (s.site, root)
         c = self._classifiers.get(key)
         if c is None:
-            c = self._classifiers[key] = _Classifier(s.site, root, s.layout, _exts(s), s.rules)
+            c = self._classifiers[key] = _Classifier(
+                s.site, root, s.layout, _exts(s), s.rules, claims=self._claims(root)
+            )
         return c
+
+    def _claims(self, root: bytes) -> tuple[_Claim, ...] | None:
+        """The sites' claims on the cameras of ``root``; None when one site takes them all."""
+        sharers = self._sharers.get(root, [])
+        if len(sharers) == 1 and sharers[0].cameras is None:
+            return None
+        # a sharing site without cameras: (the config refuses it) claims nothing
+        return tuple((s.site, tuple(s.cameras or ()), s.rules) for s in sharers)
+
+    def _key(self, s: SiteScan) -> str:
+        """The site's layout key (see :func:`_layout_key`), and a third line naming the camera
+        claims on its roots when it has any: a change (a camera moved to another site by a
+        reload) needs a full walk, which gives each row to its site."""
+        claims = []
+        for r in sorted({_norm(r) for r in s.roots}):
+            c = self._claims(r)
+            if c is not None:
+                claims.append(r.hex() + "=" + ";".join(f"{n}:{','.join(p)}" for n, p, _ in c))
+        key = _layout_key(s)
+        return key + "\n" + " ".join(claims) if claims else key
+
+    def _trusted(self, root: bytes) -> bool:
+        """Rows under ``root`` may be taken as read with the current layout: every site listing
+        the root was last walked with the layout it has now."""
+        for x in self._sharers.get(root, []):
+            stored = self.catalog.layout_key(x.site)
+            if stored is None or _layout_part(stored) != _layout_part(self._key(x)):
+                return False
+        return True
+
+    def reassign(self) -> set[str]:
+        """Give the catalogued rows of each root split by cameras to the site that claims their
+        camera now (a reload moved a camera to another site); rows of a camera no site claims
+        are forgotten (never deleted). Returns the sites whose rows changed: their expiries
+        must be computed again. Done at once on a reload, before any sweep, so no sweep judges
+        a camera by the rules of the site it left."""
+        changed: set[str] = set()
+        with self._lock:
+            pairs = self.catalog.cameras()  # (site, camera): one index walk
+            for root, w in self._roots:
+                if self._claims(root) is None:
+                    continue
+                cls = self._classifier(w, root)
+                for site, camera in pairs:
+                    own = cls.for_camera(camera)
+                    to = own.site if own is not None else None
+                    if to == site:
+                        continue
+                    # rows of the pair elsewhere (another root of the site) are not touched
+                    n = self.catalog.move_camera_under(root, camera, site, to)
+                    if n:
+                        log.info(
+                            "camera %s under %s: %d rows %s",
+                            camera,
+                            show_path(root),
+                            n,
+                            f"moved from site {site} to {to}"
+                            if to
+                            else f"of site {site} forgotten (no site claims the camera now)",
+                        )
+                        changed.add(site)
+                        if to is not None:
+                            changed.add(to)
+        return changed
 
     def _selected(self, site: str | None) -> list[SiteScan]:
         if site is None:
@@ -618,8 +769,9 @@ class Scanner:
             if site is None:
                 total.removed += self.catalog.remove_sites_except(s.site for s in self.sites)
                 self.catalog.forget_root_fs_except(r for r, _ in self._roots)
+            done: set[bytes] = set()  # roots walked (a shared root once)
             for s in self._selected(site):
-                total.add(self._reconcile_site(s))
+                total.add(self._reconcile_site(s, done))
         release_memory()  # a long-running daemon keeps no heap from the walk
         total.seconds = time.perf_counter() - t0
         total.cpu_seconds += time.process_time() - cpu0
@@ -634,9 +786,9 @@ class Scanner:
         )
         return total
 
-    def _reconcile_site(self, s: SiteScan) -> ReconcileStats:
+    def _reconcile_site(self, s: SiteScan, done: set[bytes] | None = None) -> ReconcileStats:
         total = ReconcileStats()
-        key = _layout_key(s)
+        key = self._key(s)
         stored = self.catalog.layout_key(s.site)
         if stored is None or _roots_part(stored) != _roots_part(key):
             # roots changed (or first walk): forget what lies under none of them. Skipped
@@ -644,9 +796,14 @@ class Scanner:
             total.removed += self.catalog.remove_outside(s.site, [_norm(r) for r in s.roots])
         # stored expiries first (recomputed if the rules changed), then the walk adds to them
         self.catalog.ensure_expiry(s.site, s.rules)
-        trust = stored is not None and _layout_part(stored) == _layout_part(key)
         for root in s.roots:
-            total.add(self._reconcile_root(s, _norm(root), trust))
+            r = _norm(root)
+            if done is not None:
+                if r in done:
+                    continue  # a shared root, walked for another site in this pass
+                done.add(r)
+            # a shared root is walked as its first site's, for all of them
+            total.add(self._reconcile_root(self._walker[r], r, self._trusted(r)))
         self.catalog.set_layout_key(s.site, key)
         return total
 
@@ -679,9 +836,10 @@ class Scanner:
                     "fix its permissions or the disk, the next walk takes it back"
                 )
             rows = self._rows_under(want)
+            s = self._walker[want]  # a shared root: its first site walks it
             if kind == att.ROOT_MISSING:
                 forgotten = self.catalog.remove_under(want)
-                self.unmatched.pop((site, want), None)
+                self.unmatched.pop((s.site, want), None)
                 return {"site": site, "root": show_path(want), "was": kind, "forgotten": forgotten}
             stats = self._reconcile_root(s, want, trust=True, accept=True)
             return {
@@ -910,6 +1068,52 @@ class Scanner:
                 keys_in_scope=lambda k: k == top or k.startswith(under),
             )
 
+    def _report_unclaimed(
+        self, s: SiteScan, root: bytes, counts: dict[str, int], full: bool
+    ) -> None:
+        """Attention for the cameras under ``root`` that no site claims (``camera_unclaimed``,
+        one entry per camera, as the walking site's). A full walk states them all (entries of
+        cameras now claimed, or gone, are cleared); a partial pass (incremental, hint) only
+        adds cameras not reported yet: it has not seen the whole root."""
+        key = os.fsdecode(root)
+        shown = show_path(root)
+        sites = [x.site for x in self._sharers.get(root, [s])]
+        if len(sites) > 1:
+            why = f"sites {', '.join(sites)} share this root and none of their cameras: claims it"
+        else:
+            why = f"site {sites[0]} lists cameras: and none of them matches it"
+        standing = {e.key for e in self.attention.entries(att.CAMERA_UNCLAIMED) if e.site == s.site}
+        entries = []
+        for cam, n in sorted(counts.items()):
+            ek = f"{key}/{cam}"
+            if not full and ek in standing:
+                continue
+            entries.append(
+                (
+                    ek,
+                    f"{n}{'' if full else '+'} segment files of camera {cam} under {shown} "
+                    f"belong to no site: {why}; they are neither catalogued nor deleted. Add "
+                    f"{cam!r} (or a glob matching it) to the cameras: of the site it belongs to "
+                    f"(sites.<name>.cameras) and reload",
+                    {"root": shown, "camera": cam, "count": n, "sites": sites},
+                )
+            )
+        if not full:
+            for ek, msg, det in entries:
+                self.attention.raise_(att.CAMERA_UNCLAIMED, s.site, ek, msg, det)
+            return
+        self.attention.replace(
+            att.CAMERA_UNCLAIMED,
+            s.site,
+            entries,
+            keys_in_scope=lambda k: k.startswith(key + "/"),
+        )
+        for other in sites:
+            if other != s.site:  # reported as another sharer's before a reload
+                self.attention.replace(
+                    att.CAMERA_UNCLAIMED, other, [], keys_in_scope=lambda k: k.startswith(key + "/")
+                )
+
     # -- cold reconcile of one root --------------------------------------------------------
 
     def _reconcile_root(
@@ -984,6 +1188,7 @@ class Scanner:
                 trust,
                 dev,
                 mounts,
+                cls.claims,
             )
             for top, ns in tops
         ]
@@ -1006,6 +1211,8 @@ class Scanner:
             found.unmatched.extend(delta.unmatched[: _EXAMPLES - len(found.unmatched)])
             found.unreadable.extend(delta.unreadable)
             found.mounts.extend(delta.mounts)
+            for cam, n in delta.unclaimed.items():
+                found.unclaimed[cam] = found.unclaimed.get(cam, 0) + n
 
         with self.catalog.bulk_load() if not existing else _nullctx():
             apply(head)
@@ -1040,6 +1247,7 @@ class Scanner:
         self._report(
             s, root, (found.stats.unmatched, found.unmatched), found.unreadable, found.mounts
         )
+        self._report_unclaimed(s, root, found.unclaimed, full=True)
         log.debug(
             "site %s root %r: walk %.2f s (writing %.2f s of it), commit/index %.2f s, pool %s",
             s.site,
@@ -1071,19 +1279,27 @@ class Scanner:
         t0 = time.perf_counter()
         total = ReconcileStats()
         with self._lock:
+            done: set[bytes] = set()  # roots looked at (a shared root once)
+            dirs: dict[str, dict[bytes, int]] = {}  # per walking site, its directories
             for s in self._selected(site):
-                if self.catalog.layout_key(s.site) != _layout_key(s):
-                    # never walked, or layout or roots changed: only a full walk will do
-                    total.add(self._reconcile_site(s))
+                if self.catalog.layout_key(s.site) != self._key(s):
+                    # never walked, or layout, roots or camera claims changed: a full walk
+                    total.add(self._reconcile_site(s, done))
                     continue
                 self.catalog.ensure_expiry(s.site, s.rules)
-                known_dirs = self.catalog.dirs_of(s.site)
                 for root in (_norm(r) for r in s.roots):
+                    if root in done:
+                        continue
+                    done.add(root)
+                    w = self._walker[root]  # a shared root: its first site walks it
+                    if w.site not in dirs:
+                        dirs[w.site] = self.catalog.dirs_of(w.site)
+                    known_dirs = dirs[w.site]
                     if root not in known_dirs:
                         # never walked (a root added to the config): only a full walk will do
-                        total.add(self._reconcile_root(s, root))
+                        total.add(self._reconcile_root(w, root))
                         continue
-                    total.add(self._incremental_root(s, root, known_dirs))
+                    total.add(self._incremental_root(w, root, known_dirs))
         total.seconds = time.perf_counter() - t0
         if total.added or total.removed or total.updated:
             log.info(
@@ -1151,6 +1367,8 @@ class Scanner:
                 {"root": show_path(root), "path": show_path(p), "error": why},
             )
         stats.unreadable += len(found.unreadable)
+        if found.unclaimed:
+            self._report_unclaimed(s, root, found.unclaimed, full=False)
         return stats
 
     def _relist(
@@ -1223,6 +1441,8 @@ class Scanner:
         self.catalog.set_dirs(cls.site, delta.dirs)
         stats.add(delta.stats)
         found.unreadable.extend(delta.unreadable)
+        for cam, n in delta.unclaimed.items():
+            found.unclaimed[cam] = found.unclaimed.get(cam, 0) + n
 
     # -- hints -----------------------------------------------------------------------------
 
@@ -1286,6 +1506,8 @@ class Scanner:
                 # a hint does not prove the directory complete (events may still come), so
                 # rows it did not see are left to the rescans; directory marks are not stored
                 self.catalog.apply_rows(delta.rows, ())
+                if delta.unclaimed:
+                    self._report_unclaimed(s, root, delta.unclaimed, full=False)
                 return "walked"
             if not stat.S_ISREG(st.st_mode) or not cls.is_segment_name(os.path.basename(path)):
                 n = self.catalog.remove_paths([path])
@@ -1296,6 +1518,8 @@ class Scanner:
                 known[path] = (old.site, old.camera, old.start, old.mtime, old.size)
             delta = _Delta()
             _note_file(cls, path, st, known, delta)
+            if delta.unclaimed:
+                self._report_unclaimed(s, root, delta.unclaimed, full=False)
             if delta.stats.ignored:
                 n = self.catalog.remove_paths([path])
                 return "removed" if n else "ignored"
@@ -1333,7 +1557,8 @@ def _layout_part(key: str) -> str:
 
 
 def _roots_part(key: str) -> str:
-    return key.split("\n", 1)[1] if "\n" in key else ""
+    parts = key.split("\n")  # layout, roots, and camera claims when there are any
+    return parts[1] if len(parts) > 1 else ""
 
 
 def _exts(s: SiteScan) -> frozenset[bytes]:

@@ -16,6 +16,7 @@ workflow or the media gate.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import logging
 import os
 import stat
@@ -242,6 +243,11 @@ class Sweeper:
             clock=lambda: self.clock().wall,
             attention=self.attention,
         )
+        # a camera a reload gave to another site of a shared root: its rows follow it now,
+        # judged by their new site's rules from the next sweep on
+        for site in sorted(self.scanner.reassign()):
+            if site in self.rules:
+                self.catalog.recompute_expiry(site, self.rules[site])
 
     def site_scans(self, config: Config | None = None) -> list[SiteScan]:
         """What the scanner walks: each site's roots, layout, extensions and rules."""
@@ -256,6 +262,7 @@ class Sweeper:
                     extensions=config.extensions_for(name),
                     rules=self.rules[name],
                     cross_mounts=site.cross_mounts,
+                    cameras=tuple(site.cameras) if site.cameras is not None else None,
                 )
             )
         return out
@@ -528,6 +535,17 @@ class Sweeper:
             if root is None:  # catalog row from an older config: never delete outside the roots
                 log.warning(
                     "not deleting %s: outside the roots of site %s", show_path(seg.path), seg.site
+                )
+                continue
+            if site.cameras is not None and not any(
+                fnmatch.fnmatchcase(seg.camera, p) for p in site.cameras
+            ):
+                # a row the scanner has not re-assigned yet: never by another site's rule
+                log.warning(
+                    "not deleting %s: camera %s is not one of site %s's cameras",
+                    show_path(seg.path),
+                    seg.camera,
+                    seg.site,
                 )
                 continue
             targets.append(

@@ -622,6 +622,23 @@ class SegmentStore(Database):
             ).fetchone()
         return row is not None
 
+    def move_camera_under(
+        self, root: bytes, camera: str, from_site: str, to_site: str | None
+    ) -> int:
+        """Give the rows of ``camera`` of ``from_site`` below ``root`` to ``to_site`` (their
+        expiries stay until the site's are computed again), or forget them (``None``)."""
+        lo, hi = prefix_range(_dir_prefix(root))
+        where = "site = ? AND camera = ? AND path >= ? AND path < ?"
+        with self.transaction() as c:
+            if to_site is None:
+                cur = c.execute(f"DELETE FROM segments WHERE {where}", (from_site, camera, lo, hi))
+            else:
+                cur = c.execute(
+                    f"UPDATE segments SET site = ? WHERE {where}",
+                    (to_site, from_site, camera, lo, hi),
+                )
+            return int(cur.rowcount)
+
     def cameras(self, site: str | None = None) -> list[tuple[str, str]]:
         """(site, camera) pairs present in the catalog."""
         with self.lock:
