@@ -451,3 +451,92 @@ def test_a_root_removed_from_the_site_is_forgotten(cat: Catalog, tmp_path: Path)
     assert set(catalogued(cat)) == {a, b}
     stats = Scanner(cat, [site(r1)], workers=1).reconcile()
     assert stats.removed == 1 and set(catalogued(cat)) == {a}
+
+
+# ---- a root shared by sites that split it by cameras (issue 16) ------------------------------
+
+FRIGATE = "%Y-%m-%d/%H/{camera}/%M.%S.mp4"
+
+
+def shared(root: Path, north: tuple[str, ...], south: tuple[str, ...]) -> list[SiteScan]:
+    lay = Layout.compile(FRIGATE, UTC)
+    return [
+        SiteScan("north", [os.fsencode(root)], lay, EXTS, rules("north"), cameras=north),
+        SiteScan("south", [os.fsencode(root) + b"/"], lay, EXTS, rules("south"), cameras=south),
+    ]
+
+
+def owners(cat: Catalog) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for _p, (s, c, _st) in catalogued(cat).items():
+        out.setdefault(c, set()).add(s)
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_shared_root_is_walked_once_and_split_by_camera(
+    cat: Catalog, root: Path, workers: int
+) -> None:
+    for h in range(4):  # four top-level directories: the pool has jobs to share
+        for cam in ("front", "gate-1", "back", "porch"):
+            touch(root, f"2024-05-0{h + 1}/14/{cam}/03.20.mp4", 1714572200.0)
+    sc = Scanner(cat, shared(root, ("front", "gate*"), ("back",)), workers=workers, pool_min_rows=1)
+    stats = sc.reconcile()
+    assert stats.files == 12 and stats.unclaimed == 4
+    assert owners(cat) == {"front": {"north"}, "gate-1": {"north"}, "back": {"south"}}
+    # one walk: the directories are the first site's only
+    sites = {r[0] for r in cat.conn.execute("SELECT DISTINCT site FROM dirs")}
+    assert sites == {"north"}
+    (e,) = sc.attention.entries()
+    assert (e.kind, e.site, e.details["camera"], e.details["count"]) == (
+        "camera_unclaimed",
+        "north",
+        "porch",
+        4,
+    )
+    # walked again (one site asked for): nothing changes hands, nothing is counted twice
+    again = sc.reconcile("south")
+    assert (again.added, again.updated, again.removed) == (0, 0, 0)
+    assert owners(cat) == {"front": {"north"}, "gate-1": {"north"}, "back": {"south"}}
+
+
+def test_incremental_and_hints_follow_the_camera_claims(cat: Catalog, root: Path) -> None:
+    touch(root, "2024-05-01/14/front/03.20.mp4", 1714572200.0)
+    sc = Scanner(cat, shared(root, ("front",), ("back",)), workers=1)
+    sc.reconcile()
+    new_back = touch(root, "2024-05-01/15/back/00.00.mp4", 1714575600.0)
+    lost = touch(root, "2024-05-01/15/attic/00.00.mp4", 1714575600.0)
+    st = sc.incremental()
+    assert st.added == 1 and st.unclaimed == 1
+    assert catalogued(cat)[new_back][:2] == ("south", "back")
+    assert lost not in catalogued(cat)
+    assert [e.details["camera"] for e in sc.attention.entries()] == ["attic"]
+    hinted = touch(root, "2024-05-01/16/back/00.00.mp4", 1714579200.0)
+    assert sc.hint(hinted) == "added"
+    assert catalogued(cat)[hinted][:2] == ("south", "back")
+    other = touch(root, "2024-05-01/16/shed/00.00.mp4", 1714579200.0)
+    assert sc.hint(other) == "ignored" and other not in catalogued(cat)
+    assert sorted(e.details["camera"] for e in sc.attention.entries()) == ["attic", "shed"]
+    # a new config claims attic for south: its rows are south's, the full walk clears both
+    # entries it can account for (shed is claimed by nobody yet)
+    sc2 = Scanner(
+        cat, shared(root, ("front",), ("back", "attic")), workers=1, attention=sc.attention
+    )
+    sc2.incremental()  # the claims changed: a full walk
+    assert catalogued(cat)[lost][:2] == ("south", "attic")
+    assert [e.details["camera"] for e in sc2.attention.entries()] == ["shed"]
+
+
+def test_reassign_moves_rows_to_the_site_that_claims_them_now(cat: Catalog, root: Path) -> None:
+    a = touch(root, "2024-05-01/14/front/03.20.mp4", 1714572200.0)
+    b = touch(root, "2024-05-01/14/back/03.20.mp4", 1714572200.0)
+    Scanner(cat, shared(root, ("front", "back"), ("side",)), workers=1).reconcile()
+    assert catalogued(cat)[b][0] == "north"
+    sc = Scanner(cat, shared(root, ("front",), ("ba*",)), workers=1)
+    assert sc.reassign() == {"north", "south"}
+    assert catalogued(cat)[b][0] == "south" and catalogued(cat)[a][0] == "north"
+    # claimed by nobody now: forgotten (not deleted), and nothing else changes
+    sc = Scanner(cat, shared(root, ("front",), ("side",)), workers=1)
+    assert sc.reassign() == {"south"}
+    assert b not in catalogued(cat) and os.path.exists(b)
+    assert sc.reassign() == set()
