@@ -506,6 +506,9 @@ def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) 
         u for u in engine.scanner.unmatched_report() if site is None or u["site"] == site
     ]
     out.attention = [
-        a for a in engine.attention.as_json() if site is None or a["site"] in (site, None)
+        a
+        for a in engine.attention.as_json()
+        # a shared root's entries stand as its first site's, and name every sharing site
+        if site is None or a["site"] in (site, None) or site in (a.get("sites") or ())
     ]
     return out

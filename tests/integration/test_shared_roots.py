@@ -161,6 +161,8 @@ def test_unclaimed_camera_is_never_deleted_and_reported_until_claimed(
     plan = site.run("retention", "plan")
     assert plan.returncode == 0, plan.stderr
     assert "attention (camera_unclaimed)" in plan.stderr and "camera side" in plan.stderr
+    south = site.run("retention", "plan", "--site", "south")  # a sharing site sees it too
+    assert "attention (camera_unclaimed)" in south.stderr, south.stderr
     assert site.json("retention", "plan")["unmatched"] == []  # not a layout mismatch
 
     engine = Engine(load_config(site.config))
