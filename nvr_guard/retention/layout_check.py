@@ -9,6 +9,7 @@ camera and the file's mtime as start).
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 from dataclasses import dataclass
@@ -49,7 +50,37 @@ def check_paths(config: Config, paths: list[str], site: str | None = None) -> li
         raise InvalidInput(
             f"unknown site {site!r}; sites in {config.source_path}: {', '.join(config.sites)}"
         )
-    return [check_path(config, p, site) for p in paths]
+    return [_claimed(config, check_path(config, p, site), site) for p in paths]
+
+
+def _claimed(config: Config, res: PathResult, site: str | None) -> PathResult:
+    """The site whose ``cameras:`` claims the file's camera, when its root is split by cameras
+    (shared by sites, or a site listing its cameras): the scanner's assignment."""
+    if res.site is None or res.camera is None or res.reason is not None:
+        return res
+    given = res.path
+    if os.path.isabs(given) or site is None:
+        path = os.path.normpath(os.path.abspath(given))
+    else:
+        path = os.path.normpath(os.path.join(config.sites[site].roots[0], given))
+    splitting = [
+        n
+        for n, s in config.sites.items()
+        if s.cameras is not None
+        and any(path.startswith(os.path.normpath(r).rstrip("/") + "/") for r in s.roots)
+    ]
+    if not splitting:
+        return res
+    for n in splitting:
+        if any(fnmatch.fnmatchcase(res.camera, p) for p in config.sites[n].cameras or ()):
+            res.site = n
+            return res
+    res.reason = (
+        f"camera {res.camera!r} is claimed by no site's cameras: "
+        f"({', '.join('sites.' + n for n in splitting)}): never catalogued, never deleted "
+        "(attention camera_unclaimed)"
+    )
+    return res
 
 
 def _camera_id(raw: str) -> str:

@@ -312,3 +312,18 @@ def test_the_purge_refuses_a_camera_its_site_does_not_claim(site: Site, now: dat
         assert seg.exists()
     finally:
         engine.catalog.close()
+
+
+def test_layout_test_names_the_site_that_claims_the_camera(site: Site) -> None:
+    write_shared(site)
+    paths = [
+        site.root / "2026-11-20/06/back/05.00.mp4",
+        site.root / "2026-11-20/06/gate-7/05.00.mp4",
+        site.root / "2026-11-20/06/attic/05.00.mp4",
+    ]
+    r = site.run("--json", "layout", "test", *map(str, paths))
+    assert r.returncode == 2, r.stderr  # one path is not a segment of any site
+    back, gate, attic = json.loads(r.stdout)["paths"]
+    assert (back["site"], back["camera"], back["ok"]) == ("south", "back", True)
+    assert (gate["site"], gate["camera"], gate["ok"]) == ("north", "gate-7", True)
+    assert attic["ok"] is False and "claimed by no site" in attic["reason"]
