@@ -721,11 +721,12 @@ class Scanner:
         must be computed again. Done at once on a reload, before any sweep, so no sweep judges
         a camera by the rules of the site it left."""
         changed: set[str] = set()
+        split = [(root, w) for root, w in self._roots if self._claims(root) is not None]
+        if not split:
+            return changed
         with self._lock:
             pairs = self.catalog.cameras()  # (site, camera): one index walk
-            for root, w in self._roots:
-                if self._claims(root) is None:
-                    continue
+            for root, w in split:
                 cls = self._classifier(w, root)
                 for site, camera in pairs:
                     own = cls.for_camera(camera)
@@ -1447,6 +1448,8 @@ class Scanner:
     # -- hints -----------------------------------------------------------------------------
 
     def site_of(self, path: bytes) -> tuple[SiteScan, bytes] | None:
+        """(the site that walks the root holding ``path``, that root): on a root split by
+        cameras, the first of its sites; the file itself goes to the site claiming its camera."""
         for root, s in self._roots:
             if path.startswith(root + b"/"):
                 return s, root
