@@ -186,7 +186,8 @@ def test_missing_database_is_attention_not_an_error(site: Site, now: datetime) -
     frigate_config(site, f"    recorder: {{kind: frigate, database: {db}}}\n")
     r = site.run("config", "check")
     assert r.returncode == 0, r.stderr
-    assert f"{site.config}:" in r.stdout + r.stderr and "does not exist (yet)" in r.stdout + r.stderr
+    said = r.stdout + r.stderr
+    assert f"{site.config}:" in said and "does not exist (yet)" in said
     old = write_frigate_segment(site.root, "front", now - timedelta(hours=30))
     engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
     engine.reconcile()
