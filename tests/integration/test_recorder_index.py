@@ -231,7 +231,7 @@ def test_top_level_recorder_serves_the_sites_of_its_roots_in_chunks(
         p = write_frigate_segment(site.root, "front", t)
         rows.append(str(p))
         conn.execute(
-            'INSERT INTO recordings (id, camera, path, start_time, end_time, duration) '
+            "INSERT INTO recordings (id, camera, path, start_time, end_time, duration) "
             "VALUES (?, 'front', ?, ?, ?, 10)",
             (f"{t.timestamp()}-x{i}", str(p), t.timestamp(), t.timestamp() + 10),
         )
