@@ -581,6 +581,7 @@ class Sweeper:
                 return self._recover(stale, actor)
             finally:
                 os.close(fd)
+                self.indexes.report(self.attention)
 
     def _recover(self, stale: list[int], actor: str) -> int:
         begins: dict[int, Any] = {}
@@ -611,6 +612,7 @@ class Sweeper:
                 if not gone:
                     continue  # the batch was cut short before its first unlink
                 starts = [g.start for g in gone]
+                index = self.indexes.after_batch(gone) or {}  # the recorder's rows of them too
                 with self.audit.transaction():
                     self._forget(gone)
                     self.audit.reopen_transaction()
@@ -630,6 +632,7 @@ class Sweeper:
                             "begin": seq,
                             "planned": d.get("planned"),
                             "recovered": True,
+                            **index,
                         },
                     )
                 total += len(gone)

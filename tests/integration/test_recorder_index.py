@@ -243,3 +243,37 @@ def test_top_level_recorder_serves_the_sites_of_its_roots_in_chunks(
     assert engine.sweep().deleted == 1200
     assert row_paths(db) == {young[1][1]}
     assert sum(r["index_rows"] for r in receipts(engine)) == 1200
+
+
+def test_a_batch_cut_short_has_its_rows_removed_when_its_receipt_is_recovered(
+    site: Site, now: datetime
+) -> None:
+    """kill -9 between the unlinks and the receipt: the next start writes a ``recovered``
+    receipt for the files that are gone, and removes their Frigate rows with it."""
+    db = create_frigate_db(site.base / "frigate.db")
+    frigate_config(site, f"    recorder: {{kind: frigate, database: {db}}}\n")
+    segs = footage(site, db, now, [30, 29, 2])
+    clock = FixedClock(now.timestamp())
+    engine = Engine(load_config(site.config), clock=clock)
+    engine.reconcile()
+    sw = engine.sweeper
+    plan = sw.plan(clock())
+    assert len(plan.deletions) == 2
+    # what a purge leaves when killed after its unlinks: a sweep still applying, its items,
+    # a purge.begin without receipt, the files gone, their catalog rows still there
+    sid = sw.catalog.begin_sweep(
+        started=now.timestamp(), actor="nvr-guard", clock=clock(), site_rules={}, state="applying"
+    )
+    sw.catalog.record_items(sid, plan.items)
+    engine.audit.append(
+        "nvr-guard",
+        "purge.begin",
+        "camera:toll/front",
+        {"sweep": sid, "site": "toll", "camera": "front", "planned": 2, "digest": "-"},
+    )
+    for it in plan.deletions:
+        Path(it.segment.path.decode()).unlink()
+    assert sw.recover_purges() == 2
+    (rec,) = receipts(engine)
+    assert rec["recovered"] is True and rec["count"] == 2 and rec["index_rows"] == 2
+    assert row_paths(db) == {segs[2][1]}
