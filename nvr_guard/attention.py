@@ -30,6 +30,8 @@ RELOAD_REFUSED = "reload_refused"  # the last reload was refused; the old config
 MOUNT_SKIPPED = "mount_skipped"  # a mount point under a root was not entered (cross_mounts false)
 SIGNING_KEY = "signing_key"  # the export signing key cannot be loaded or created
 AUDIT_HEAD = "audit_head"  # the audit log does not reach the recorded head: appends refused
+# the recorder's own database (Frigate's) could not be told about deleted files: rows are left
+RECORDER_INDEX = "recorder_index"
 
 
 @dataclass(frozen=True)

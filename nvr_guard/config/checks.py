@@ -19,7 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from nvr_guard.config.loader import Lines, dotted
-from nvr_guard.config.models import DEFAULT_EXPORT_GROUP, Config, Site, resolve_keep
+from nvr_guard.config.models import DEFAULT_EXPORT_GROUP, Config, Recorder, Site, resolve_keep
 from nvr_guard.config.profiles import PROFILES
 from nvr_guard.mounts import Mount, fs_location, mount_points_below, mounts
 from nvr_guard.retention.layout import Layout
@@ -40,6 +40,7 @@ def cross_checks(
     for name, site in sites:
         _site_checks(name, site, zone, legal_min, problem, warn)
     _root_checks(sites, lines, problem)
+    _recorder_checks(cfg, sites, problem, warn)
     if cfg is not None:
         _people_warnings(cfg, warn)
         _font_check(cfg, problem)
@@ -121,6 +122,60 @@ def _site_checks(
                     f"sites.{name}.layout: a path component starts with '.'; hidden files and "
                     "directories are never segments (recorders write their temporaries so)",
                 )
+
+
+MAX_BUSY_TIMEOUT = 60.0  # seconds; a purge batch must not wait longer for a recorder's lock
+
+
+def _recorder_checks(
+    cfg: Config | None, sites: list[tuple[str, Site]], problem: Any, warn: Any
+) -> None:
+    """``recorder:`` blocks: a database that is a file (a missing one only warns: the recorder
+    may not have started yet; purges then raise ``recorder_index``), a sane busy timeout,
+    ``roots`` only at the top level, and a top-level recorder that serves some site."""
+    blocks: list[tuple[tuple[Any, ...], Recorder]] = [
+        (("sites", name, "recorder"), site.recorder) for name, site in sites if site.recorder
+    ]
+    if cfg is not None and cfg.recorder is not None:
+        blocks.append((("recorder",), cfg.recorder))
+    for base, r in blocks:
+        label = dotted(base)
+        if len(base) > 1 and r.roots is not None:
+            problem(
+                base + ("roots",),
+                True,
+                f"{label}.roots: only the top-level recorder takes roots; a site's recorder "
+                "serves that site's roots",
+            )
+        t = float(r.busy_timeout.seconds)
+        if not 0 < t <= MAX_BUSY_TIMEOUT:
+            problem(
+                base + ("busy_timeout",),
+                False,
+                f"{label}.busy_timeout: {fmt_duration(r.busy_timeout)} is outside (0, 60s]; "
+                "a purge batch waits this long at most for the recorder's write lock",
+            )
+        if os.path.lexists(r.database) and not os.path.isfile(r.database):
+            problem(
+                base + ("database",),
+                False,
+                f"{label}.database: {r.database} is not a regular file (a {r.kind} database is "
+                "one SQLite file, e.g. /opt/frigate/config/frigate.db)",
+            )
+        elif not os.path.exists(r.database):
+            warn(
+                base + ("database",),
+                f"{label}.database: {r.database} does not exist (yet); until it does, purges "
+                "delete on time and leave its rows, under attention recorder_index",
+            )
+    if cfg is not None and cfg.recorder is not None:
+        if not any(cfg.recorder_for(name) is cfg.recorder for name in cfg.sites):
+            what = (
+                "none of its roots is a site's root"
+                if cfg.recorder.roots is not None
+                else f"no site has layout: {cfg.recorder.kind} (or give it roots:)"
+            )
+            warn(("recorder",), f"recorder: serves no site: {what}")
 
 
 def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> None:

@@ -97,6 +97,33 @@ class SiteApproval(_Strict):
     hours: Hours | None = None
 
 
+RECORDER_KINDS = ("frigate",)  # recorders whose own index nvr-guard keeps in step
+
+
+def _recorder_kind(v: object) -> str:
+    s = v.strip().lower() if isinstance(v, str) else v
+    if s not in RECORDER_KINDS:
+        raise ValueError(
+            f"recorder kind {v!r} is not supported; supported kinds: {', '.join(RECORDER_KINDS)} "
+            '(for other recorders see the README, "The recorder\'s own index")'
+        )
+    return str(s)
+
+
+class Recorder(_Strict):
+    """``recorder:`` (top level) and ``sites.<id>.recorder:``: the recorder's own index, whose
+    rows of the files nvr-guard deletes are removed in the same purge batch."""
+
+    kind: typing.Annotated[str, BeforeValidator(_recorder_kind)]
+    database: AbsPath  # e.g. /opt/frigate/config/frigate.db (as this host sees it)
+    # the recordings directory as the recorder sees it (Frigate in Docker:
+    # /media/frigate/recordings); its paths are stored that way. None: the same as the root
+    recordings: AbsPath | None = None
+    # top level only: the roots it serves (any layout); unset: every site with layout frigate
+    roots: list[AbsPath] | None = None
+    busy_timeout: FixedDur = Duration.parse("3s")  # longest wait for the recorder's write lock
+
+
 class Site(_Strict):
     """``sites.<id>:``: a set of recording roots and the retention rule they share."""
 
@@ -112,6 +139,7 @@ class Site(_Strict):
     # false: the scanner and the purge stay on each root's file system; a directory mounted
     # below a root (a bind mount, another disk) is skipped and reported (mount_skipped)
     cross_mounts: Bool = False
+    recorder: Recorder | None = None  # the recorder's own index (overrides the top-level one)
 
 
 class Camera(_Strict):
@@ -242,6 +270,7 @@ class Config(_Strict):
     export: Export = Field(default_factory=Export)
     media: Media = Field(default_factory=Media)
     metrics: Metrics = Field(default_factory=Metrics)
+    recorder: Recorder | None = None  # applies to sites with layout frigate (or its roots)
 
     _source_path: Path = PrivateAttr(default=Path("<memory>"))
     _digest: str = PrivateAttr(default="")
@@ -320,6 +349,21 @@ class Config(_Strict):
                 Layout.compile(pattern, self.layout_timezone(site)) if pattern else None
             )
         return self._layouts[site]
+
+    def recorder_for(self, site: str) -> Recorder | None:
+        """The recorder index a site's deletions are reported to: its own ``recorder:``, else
+        the top-level one when it names one of the site's roots (or, naming none, when the
+        site's layout is ``frigate``); None: no index to keep in step."""
+        s = self.sites[site]
+        if s.recorder is not None:
+            return s.recorder
+        r = self.recorder
+        if r is None:
+            return None
+        if r.roots is not None:
+            mine = {str(x).rstrip("/") or "/" for x in s.roots}
+            return r if any((str(x).rstrip("/") or "/") in mine for x in r.roots) else None
+        return r if (s.layout or "").strip().lower() == r.kind else None
 
     def extensions_for(self, site: str) -> frozenset[str]:
         """Lower-case; compare with the lower-cased suffix of a file name."""

@@ -53,6 +53,7 @@ ATTENTION_KINDS = (
     attention.MOUNT_SKIPPED,
     attention.SIGNING_KEY,
     attention.AUDIT_HEAD,
+    attention.RECORDER_INDEX,
 )
 # audit actions counted into metrics (incrementally, by sequence number)
 _EXPORT_DONE = "export.done"

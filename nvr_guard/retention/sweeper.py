@@ -46,6 +46,7 @@ from nvr_guard.model import (
 )
 from nvr_guard.retention import policy
 from nvr_guard.retention.purge import PurgeTarget, digest_paths, iso_utc, purge
+from nvr_guard.retention.recorder import RecorderIndexes
 from nvr_guard.retention.scan import ReconcileStats, Scanner, SiteScan
 from nvr_guard.store.audit import AuditLog
 from nvr_guard.store.catalog import Catalog
@@ -199,6 +200,7 @@ class Sweeper:
         self.ctx = ctx
         self.stats = stats if stats is not None else RetentionStats()
         self.rules: dict[str, SiteRules] = {}
+        self.indexes = RecorderIndexes(ctx.config)  # the recorders' own databases
         self.configure(ctx.config)
 
     # ---- the context, as the operations below read it ------------------------------------
@@ -236,6 +238,7 @@ class Sweeper:
         """Take the rules and the roots of ``config`` (at start and on a reload): a new scanner
         over the new roots; the catalog and the sweep history stay."""
         self.rules = config.site_rules()
+        self.indexes.configure(config)
         self.scanner = Scanner(
             self.catalog,
             self.site_scans(config),
@@ -578,6 +581,7 @@ class Sweeper:
                 return self._recover(stale, actor)
             finally:
                 os.close(fd)
+                self.indexes.report(self.attention)
 
     def _recover(self, stale: list[int], actor: str) -> int:
         begins: dict[int, Any] = {}
@@ -608,6 +612,7 @@ class Sweeper:
                 if not gone:
                     continue  # the batch was cut short before its first unlink
                 starts = [g.start for g in gone]
+                index = self.indexes.after_batch(gone) or {}  # the recorder's rows of them too
                 with self.audit.transaction():
                     self._forget(gone)
                     self.audit.reopen_transaction()
@@ -627,6 +632,7 @@ class Sweeper:
                             "begin": seq,
                             "planned": d.get("planned"),
                             "recovered": True,
+                            **index,
                         },
                     )
                 total += len(gone)
@@ -741,6 +747,7 @@ class Sweeper:
                     sweep_id=sweep_id,
                     now=lambda: self.clock().wall,
                     on_deleted=self._forget,
+                    after_batch=self.indexes.after_batch,
                 )
                 self.catalog.set_sweep_state(
                     sweep_id,
@@ -752,6 +759,7 @@ class Sweeper:
                 )
             finally:
                 os.close(lock)
+                self.indexes.report(self.attention)
             if confirm_of is not None and not plan.trips:
                 # blocked again (a guard tripped since): the old sweep stays unconfirmed, and
                 # the new one says what changed
