@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 
 from nvr_guard.model import (
+    UNMANAGED_REASON,
     Action,
     ClockReading,
     DiskState,
@@ -43,7 +44,6 @@ from nvr_guard.model import (
     Hold,
     Item,
     Plan,
-    UNMANAGED_REASON,
     Segment,
     SiteRules,
     SweepHistory,
@@ -663,7 +663,7 @@ def _disk_pressure(
     # clock but written today is young, not the oldest footage of the site
     p.spare.sort(key=lambda s: (s.end, s.path))
     for seg in p.spare:
-        if freed + under_floor_bytes >= p.need:
+        if freed >= p.need:
             break
         ctx = contexts.get((seg.site, seg.camera)) or contexts[(seg.site, None)]
         r = ctx.rules
@@ -689,8 +689,10 @@ def _disk_pressure(
                 overwritten += 1
                 overwritten_bytes += seg.size
                 overwrote[who] = _dur(r.min_keep)
-            else:
+            elif freed + under_floor_bytes < p.need:
                 # shown so the operator sees exactly what the floor protects from the shortage
+                # (a shortfall's worth of it). Younger footage of another camera or site may
+                # still be past its own floor, so the search goes on.
                 items.append(
                     Item(
                         seg,

@@ -249,9 +249,7 @@ def _note_file(
     else:
         delta.stats.updated += 1
     assert cls.calc is not None
-    delta.rows.append(
-        (cls.site, camera, path, start, mtime, size, cls.calc(start, mtime, camera))
-    )
+    delta.rows.append((cls.site, camera, path, start, mtime, size, cls.calc(start, mtime, camera)))
 
 
 def _walk(
