@@ -5,6 +5,8 @@ on every site that passed on its own, so that one ``config check`` lists everyth
 in one section must not hide a root conflict in another.
 
 - A site's ceiling below its floor (``keep`` < ``min_keep``), or below the declared legal minimum.
+- A camera's own ``keep``/``min_keep`` below the floor of any site it may be at, or its ceiling
+  below its floor; a ``retention: none`` site that also states a rule (``profile``, ``keep``).
 - Roots that exist, are no symlinks, and share no footage with another site's roots, judged on the
   file system (bind mounts and symlinks count): one site's rule must never reach another's files.
 - The signing key where only the daemon can replace it; the watermark font able to draw the text;

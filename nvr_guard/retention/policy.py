@@ -17,6 +17,11 @@ Precedence, strongest first:
    explicitly chose ``disk.action: overwrite-oldest``;
 4. the ceiling (``keep``) and disk pressure — delete.
 
+A camera with a rule of its own (``cameras.<id>: {keep, min_keep}``) is decided under it, and its
+reasons say so ("expired: camera keep=90d", "floor: camera min_keep=30d"). A site under
+``retention: none`` has nothing deleted at all: whatever of it is handed over is kept, with that
+reason.
+
 Age is measured from both of a segment's times, its start (read from the path) and its mtime (its
 end): it is past the ceiling or the floor only when both are. A camera whose clock was reset names
 fresh files ``2000-01-01/…``; their mtime keeps them. A name in the future (``2099-…``) keeps its
