@@ -23,12 +23,14 @@ from typing import Any
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from nvr_guard.config import load_config
+from nvr_guard.daemon.metrics import Exporter
 from nvr_guard.engine import Engine
 from nvr_guard.export import verify_package
 from nvr_guard.identity import Caller
-from nvr_guard.model import UNMANAGED_REASON
+from nvr_guard.model import UNMANAGED_REASON, ClockReading
 from tests.fixtures.cli import run_cli
 from tests.fixtures.site import LAYOUT, make_footage, write_segment
 
@@ -377,3 +379,40 @@ media:
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert "lobby-1" in json.dumps(manifest)
     assert len(list(root.rglob("*.mp4"))) == 2  # the sources stay
+
+
+def test_metrics_measure_overdue_and_lateness_under_the_cameras_rule(tmp_path, now):
+    root = tmp_path / "rec"
+    root.mkdir()
+    aged(root, "front", now, 100, 60)
+    aged(root, "side", now, 20, 1)
+    prom = tmp_path / "nvr-guard.prom"
+    config = write_config(
+        tmp_path,
+        site_yaml("gate", root, "    keep: 15d"),
+        "  front: {keep: 90d}\n",
+        extra=f"metrics: {{textfile: {prom}}}\n",
+    )
+    t = now.timestamp()
+    engine = Engine(load_config(config), clock=lambda: ClockReading(t, 1000.0, "boot"))
+    try:
+        engine.reconcile()
+        out = engine.sweep()
+        assert out.deleted == 2  # front's 100 days (keep 90d), side's 20 days (keep 15d)
+        exporter = Exporter.from_config(engine)
+        assert exporter is not None
+        exporter.update()
+    finally:
+        engine.catalog.close()
+    m = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(prom.read_text())
+        for s in fam.samples
+    }
+    # the oldest footage left is front's, 60 days old under its 90: nothing is overdue
+    assert m[("nvrguard_oldest_segment_overdue_seconds", (("site", "gate"),))] == 0
+    # each deleted the moment of the sweep, late by its own rule: 10 days and 5 days (a segment
+    # closes a minute after it starts)
+    late = sorted([(100 - 90) * DAY - 60, (20 - 15) * DAY - 60])
+    assert m[("nvrguard_deletion_lateness_seconds_sum", ())] == pytest.approx(sum(late))
+    assert m[("nvrguard_last_sweep_lateness_max_seconds", ())] == pytest.approx(late[-1])
