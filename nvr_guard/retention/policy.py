@@ -576,7 +576,6 @@ def decide(
             # hands none over) is shown kept, so a plan says why
             items.append(Item(seg, KEEP, UNMANAGED_REASON))
             continue
-        assert ctx is not None
         start = seg.start
         mtime = seg.mtime
         # both times must be past the ceiling: the path time (what the camera said) and the
