@@ -5,6 +5,8 @@ on every site that passed on its own, so that one ``config check`` lists everyth
 in one section must not hide a root conflict in another.
 
 - A site's ceiling below its floor (``keep`` < ``min_keep``), or below the declared legal minimum.
+- A camera's own ``keep``/``min_keep`` below the floor of any site it may be at, or its ceiling
+  below its floor; a ``retention: none`` site that also states a rule (``profile``, ``keep``).
 - Roots that exist, are no symlinks, and share no footage with another site's roots, judged on the
   file system (bind mounts and symlinks count): one site's rule must never reach another's files.
 - The signing key where only the daemon can replace it; the watermark font able to draw the text;
@@ -42,6 +44,7 @@ def cross_checks(
     _root_checks(sites, lines, problem)
     _recorder_checks(cfg, sites, problem, warn)
     if cfg is not None:
+        _camera_checks(cfg, problem, warn)
         _people_warnings(cfg, warn)
         _font_check(cfg, problem)
         _signing_key_checks(cfg, problem)
@@ -58,6 +61,18 @@ def _site_checks(
     name: str, site: Site, zone: str, legal_min: Duration | None, problem: Any, warn: Any
 ) -> None:
     base = ("sites", name)
+    if site.retention == "none":
+        # nothing is deleted there: a ceiling or floor would promise a rule nobody enforces
+        for key in ("profile", "keep", "min_keep"):
+            if getattr(site, key) is not None:
+                problem(
+                    base + (key,),
+                    True,
+                    f"sites.{name}.{key}: contradicts retention: none (nvr-guard deletes nothing "
+                    "at this site; the recorder's own retention applies); remove one of the two",
+                )
+        _layout_checks(name, site, base, zone, problem, warn)
+        return
     if site.profile is None and site.keep is None:
         problem(
             base,
@@ -103,6 +118,12 @@ def _site_checks(
                 "disk pressure could delete younger footage: "
                 f"set min_keep: {fmt_duration(legal_min)}",
             )
+    _layout_checks(name, site, base, zone, problem, warn)
+
+
+def _layout_checks(
+    name: str, site: Site, base: tuple[str, str], zone: str, problem: Any, warn: Any
+) -> None:
     if site.layout is None and site.layout_timezone is not None:
         warn(
             base + ("layout_timezone",),
@@ -176,6 +197,71 @@ def _recorder_checks(
                 else f"no site has layout: {cfg.recorder.kind} (or give it roots:)"
             )
             warn(("recorder",), f"recorder: serves no site: {what}")
+
+
+def _camera_checks(cfg: Config, problem: Any, warn: Any) -> None:
+    """A camera's own ``keep``/``min_keep`` stay within every site's floor.
+
+    Camera ids are not bound to a site in the config (a site's cameras are found in its paths),
+    so a camera rule applies at every site that has that camera and is checked against the
+    floor of every site nvr-guard enforces retention at: a rule that would be legal at one
+    site and break another's floor is refused rather than applied half-way."""
+    sites = [(n, s, *resolve_keep(s)) for n, s in sorted(cfg.sites.items())]
+    sites = [x for x in sites if x[1].retention != "none"]
+    for cid, cam in cfg.cameras.items():
+        base = ("cameras", cid)
+        if cam.keep is not None and cam.min_keep is not None:
+            if cam.keep.approx_seconds() < cam.min_keep.approx_seconds():
+                problem(
+                    base + ("keep",),
+                    False,
+                    f"cameras.{cid}.keep: keep {fmt_duration(cam.keep)} is shorter than "
+                    f"min_keep {fmt_duration(cam.min_keep)}; the ceiling must not be below the "
+                    "floor",
+                )
+        for key in ("keep", "min_keep"):
+            value: Duration | None = getattr(cam, key)
+            if value is None:
+                continue
+            below = [
+                f"site {n} (min_keep {fmt_duration(floor)})"
+                for n, _s, _keep, floor in sites
+                if floor is not None and value.approx_seconds() < floor.approx_seconds()
+            ]
+            if below:
+                problem(
+                    base + (key,),
+                    False,
+                    f"cameras.{cid}.{key}: {fmt_duration(value)} is shorter than the floor of "
+                    f"{', '.join(below)}; a camera's rule may not go below the floor of a site "
+                    "(it applies at every site that has this camera)",
+                )
+        if cam.min_keep is not None and cam.keep is None:
+            above = [
+                f"site {n} (keep {fmt_duration(keep)})"
+                for n, _s, keep, _floor in sites
+                if keep is not None and keep.approx_seconds() < cam.min_keep.approx_seconds()
+            ]
+            if above:
+                problem(
+                    base + ("min_keep",),
+                    False,
+                    f"cameras.{cid}.min_keep: {fmt_duration(cam.min_keep)} is longer than the "
+                    f"keep of {', '.join(above)}; the ceiling must not be below the floor: set "
+                    f"cameras.{cid}.keep too (at least {fmt_duration(cam.min_keep)})",
+                )
+        legal = cfg.legal_min_keep
+        if (
+            cam.keep is not None
+            and legal is not None
+            and cam.keep.approx_seconds() < legal.approx_seconds()
+        ):
+            warn(
+                base + ("keep",),
+                f"cameras.{cid}: keep {fmt_duration(cam.keep)} is below the legal minimum "
+                f"legal_min_keep {fmt_duration(legal)}; footage would be deleted earlier than "
+                "the law requires",
+            )
 
 
 def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> None:

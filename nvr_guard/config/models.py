@@ -53,7 +53,7 @@ from nvr_guard.config.types import (
     one_of,
     sites_present,
 )
-from nvr_guard.model import GuardRules, SiteRules
+from nvr_guard.model import CameraRule, GuardRules, SiteRules
 from nvr_guard.retention.layout import Layout
 from nvr_guard.text import Duration, fmt_duration, fmt_percent_exact
 
@@ -124,6 +124,16 @@ class Recorder(_Strict):
     busy_timeout: FixedDur = Duration.parse("3s")  # longest wait for the recorder's write lock
 
 
+def _retention_mode(v: object) -> str:
+    try:
+        return str(one_of("none")(v))
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; none = nvr-guard deletes nothing at this site (the recorder's own retention "
+            "applies); leave retention out for nvr-guard to enforce keep"
+        ) from None
+
+
 class Site(_Strict):
     """``sites.<id>:``: a set of recording roots and the retention rule they share."""
 
@@ -140,6 +150,9 @@ class Site(_Strict):
     # below a root (a bind mount, another disk) is skipped and reported (mount_skipped)
     cross_mounts: Bool = False
     recorder: Recorder | None = None  # the recorder's own index (overrides the top-level one)
+    # "none": nvr-guard deletes nothing here (the recorder's own retention applies); the footage
+    # under the roots is still catalogued, for exports. Absent: nvr-guard enforces the rule.
+    retention: typing.Annotated[str, BeforeValidator(_retention_mode)] | None = None
 
 
 class Camera(_Strict):
@@ -148,6 +161,9 @@ class Camera(_Strict):
     # Unlisted level = 2: a camera nobody classified needs the wider permission (fail closed).
     level: Level = 2
     name: Text | None = None
+    # the camera's own ceiling and floor, at every site that has it; never below a site's floor
+    keep: RetentionDur | None = None
+    min_keep: RetentionDur | None = None
 
 
 class User(_Strict):
@@ -314,17 +330,26 @@ class Config(_Strict):
     def site_rules(self) -> dict[str, SiteRules]:
         """Each site's retention rules as the pure policy takes them."""
         out: dict[str, SiteRules] = {}
+        cameras = tuple(
+            CameraRule(cid, c.keep, c.min_keep)
+            for cid, c in sorted(self.cameras.items())
+            if c.keep is not None or c.min_keep is not None
+        )
         for name, s in self.sites.items():
             keep, min_keep = resolve_keep(s)
+            unmanaged = s.retention == "none"
             out[name] = SiteRules(
                 site=name,
                 keep=keep,
                 min_keep=min_keep,
                 tz=self.site_tz(name),
                 settle=float(self.settle.seconds),
-                min_free=self.disk.min_free,
+                # a site under the recorder's own retention asks no space of a shared volume
+                min_free=0.0 if unmanaged else self.disk.min_free,
                 disk_action=self.disk.action,
                 profile=s.profile,
+                cameras=() if unmanaged else cameras,
+                enforce=not unmanaged,
             )
         return out
 
@@ -402,7 +427,10 @@ class Config(_Strict):
 
 
 def resolve_keep(s: Site) -> tuple[Duration | None, Duration | None]:
-    """(keep, min_keep) of a site: its own value where it sets one, else its profile's."""
+    """(keep, min_keep) of a site: its own value where it sets one, else its profile's
+    ((None, None) under ``retention: none``: nvr-guard keeps everything there)."""
+    if s.retention == "none":
+        return None, None
     p = PROFILES.get(s.profile) if s.profile else None
     keep = s.keep if s.keep is not None else (p.keep if p else None)
     min_keep = s.min_keep if s.min_keep is not None else (p.min_keep if p else None)

@@ -89,6 +89,8 @@ class SweepOutcome:
     # a preview's findings of the walk: [{site, root, count, examples}] and attention entries
     unmatched: list[dict[str, Any]] | None = None
     attention: list[dict[str, Any]] | None = None
+    # a preview's sites under ``retention: none``: [{site, segments, bytes, reason}]
+    unmanaged: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The outcome as `retention run --json` and `retention plan --json` print it."""
@@ -98,6 +100,8 @@ class SweepOutcome:
             extra["unmatched"] = self.unmatched
         if self.attention is not None:
             extra["attention"] = self.attention
+        if self.unmanaged is not None:
+            extra["unmanaged"] = self.unmanaged
         return {
             "sweep": self.sweep,
             "deleted": self.deleted,
@@ -158,7 +162,11 @@ class RetentionStats:
         worst: float | None = None
         for seg in deleted:
             r = rules.get(seg.site)
-            exp = policy.expiry_both(seg.start, seg.mtime, r) if r is not None else None
+            exp = (
+                policy.expiry_both(seg.start, seg.mtime, r.for_camera(seg.camera))
+                if r is not None
+                else None
+            )
             if exp is None or exp > when:
                 self.early += 1
                 continue
@@ -471,8 +479,8 @@ class Sweeper:
             # only footage on the volume that is short: another file system of the same site
             # has space of its own, and deleting there frees nothing here
             for s in v.sites():
-                if s not in sites:
-                    continue
+                if s not in sites or not self.rules[s].enforce:
+                    continue  # (retention: none: nothing of it is ever deleted)
                 under = [r for m, r in v.members if m == s and r is not None]
                 # below a root, what another volume's member holds is not on this volume
                 elsewhere = [r for w in volumes if w is not v for m, r in w.members if m == s and r]
@@ -522,6 +530,11 @@ class Sweeper:
         for it in items:
             seg = it.segment
             site = self.config.sites[seg.site]
+            if site.retention == "none":  # the policy keeps all of it; never reach the purge
+                log.warning(
+                    "not deleting %s: site %s has retention: none", show_path(seg.path), seg.site
+                )
+                continue
             root = None
             for r in site.roots:
                 rb = os.fsencode(str(r)).rstrip(b"/") + b"/"
