@@ -31,6 +31,8 @@ MOUNT_SKIPPED = "mount_skipped"  # a mount point under a root was not entered (c
 SIGNING_KEY = "signing_key"  # the export signing key cannot be loaded or created
 AUDIT_HEAD = "audit_head"  # the audit log does not reach the recorded head: appends refused
 CAMERA_UNCLAIMED = "camera_unclaimed"  # a camera in a root split by cameras: no site claims it
+# the recorder's own database (Frigate's) could not be told about deleted files: rows are left
+RECORDER_INDEX = "recorder_index"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,16 @@ from nvr_guard.config import Config
 from nvr_guard.context import Clock, Context, root_bytes, site_roots
 from nvr_guard.errors import ConfigError
 from nvr_guard.identity import Caller
-from nvr_guard.model import ClockReading, DiskState, Hold, Plan, SiteRules, Volume, boot_clock
+from nvr_guard.model import (
+    UNMANAGED_REASON,
+    ClockReading,
+    DiskState,
+    Hold,
+    Plan,
+    SiteRules,
+    Volume,
+    boot_clock,
+)
 from nvr_guard.retention import policy
 from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.retention.holds import HOLD_ROLES, Holds, hold_problems
@@ -394,6 +403,10 @@ class Engine:
                 oldest_due = (
                     policy.expiry(stats["oldest"], rules) if stats["oldest"] is not None else None
                 )
+                if rules.cameras and oldest_due is not None:
+                    # the oldest footage may be a camera's that keeps longer: the earliest
+                    # stored expiry (each under its camera's rule) is the one to be past
+                    oldest_due = self.catalog.next_expiry(name)
                 sites[name] = {
                     "rule": rules.describe(),
                     "profile": rules.profile,
@@ -511,4 +524,11 @@ def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) 
         # a shared root's entries stand as its first site's, and name every sharing site
         if site is None or a["site"] in (site, None) or site in (a.get("sites") or ())
     ]
+    out.unmanaged = []
+    for name, rules in engine.rules.items():
+        if not rules.enforce and site in (None, name):
+            count, size, _oldest, _newest = engine.catalog.site_stats(name)
+            out.unmanaged.append(
+                {"site": name, "segments": count, "bytes": size, "reason": UNMANAGED_REASON}
+            )
     return out

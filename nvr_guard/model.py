@@ -82,8 +82,25 @@ def is_skewed(start: float, mtime: float, tolerance: float) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class CameraRule:
+    """``cameras.<id>: {keep, min_keep}``: a camera's own ceiling and floor (None: the site's)."""
+
+    camera: str
+    keep: Duration | None = None
+    min_keep: Duration | None = None
+
+
+# what a plan says of the footage of a site with ``retention: none``
+UNMANAGED_REASON = "retention: none (the recorder's own retention applies)"
+
+
+@dataclass(frozen=True, slots=True)
 class SiteRules:
-    """Retention rules of one site, resolved from profile + overrides."""
+    """Retention rules of one site, resolved from profile + overrides.
+
+    ``cameras``: the cameras with rules of their own; :meth:`for_camera` gives the rules a
+    camera's footage follows. ``enforce`` False is ``retention: none``: nvr-guard deletes
+    nothing there (the recorder's own retention applies), it only catalogues the footage."""
 
     site: str
     keep: Duration | None  # ceiling: delete once older; None = keep forever
@@ -93,18 +110,60 @@ class SiteRules:
     min_free: float = 0.0  # fraction of the volume that must stay free (0 = no disk rule)
     disk_action: str = "alert"  # or "overwrite-oldest"
     profile: str | None = None
+    cameras: tuple[CameraRule, ...] = ()
+    enforce: bool = True
+    # set on the rules :meth:`for_camera` derives: whose keep / min_keep these are
+    camera: str | None = None
+    camera_keep: bool = False
+    camera_min_keep: bool = False
 
     def describe(self) -> str:
         """Short human form, used in reasons and in the config-change guard message."""
+        if not self.enforce:
+            return "retention=none"
         keep = str(self.keep) if self.keep else "forever"
         floor = str(self.min_keep) if self.min_keep else "none"
-        return f"keep={keep} min_keep={floor}"
+        out = f"keep={keep} min_keep={floor}"
+        for c in self.cameras:
+            if c.keep is not None:
+                out += f" cameras.{c.camera}.keep={c.keep}"
+            if c.min_keep is not None:
+                out += f" cameras.{c.camera}.min_keep={c.min_keep}"
+        return out
 
     @property
     def digest(self) -> str:
         return hashlib.sha256(
             f"{self.describe()} tz={self.tz} disk={self.min_free}/{self.disk_action}".encode()
         ).hexdigest()[:16]
+
+    def camera_rule(self, camera: str) -> CameraRule | None:
+        """The camera's own rule at this site, if it has one."""
+        for c in self.cameras:
+            if c.camera == camera:
+                return c
+        return None
+
+    def for_camera(self, camera: str) -> SiteRules:
+        """The rules ``camera``'s footage follows: the site's, with the camera's own keep and
+        min_keep in their place where it sets them (``self`` when it sets neither)."""
+        c = self.camera_rule(camera) if self.cameras else None
+        if c is None:
+            return self
+        return SiteRules(
+            site=self.site,
+            keep=c.keep if c.keep is not None else self.keep,
+            min_keep=c.min_keep if c.min_keep is not None else self.min_keep,
+            tz=self.tz,
+            settle=self.settle,
+            min_free=self.min_free,
+            disk_action=self.disk_action,
+            profile=self.profile,
+            enforce=self.enforce,
+            camera=camera,
+            camera_keep=c.keep is not None,
+            camera_min_keep=c.min_keep is not None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +343,9 @@ def boot_clock() -> ClockReading:
 
 
 __all__ = [
+    "UNMANAGED_REASON",
     "Action",
+    "CameraRule",
     "ClockReading",
     "DiskState",
     "GuardRules",

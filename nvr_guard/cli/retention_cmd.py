@@ -92,6 +92,12 @@ def print_outcome(
                 out.print(row, markup=False, highlight=False)
         else:
             out.print("nothing is due: no segment is past its rule", markup=False)
+        for u in res.get("unmanaged", []):
+            out.print(
+                f"site {printable(str(u['site']))}: {int(u['segments']):,} segment(s) "
+                f"({human_bytes(int(u['bytes']))}) kept: {u['reason']}",
+                markup=False,
+            )
         if list_all and items:
             out.print("")
             for it in items:

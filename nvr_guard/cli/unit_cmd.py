@@ -2,10 +2,11 @@
 
 The unit runs with ProtectSystem=strict: only the paths in ReadWritePaths= are writable for the
 daemon. Which paths those must be follows from the config (recording roots, export targets, the
-metrics textfile's directory, a state directory elsewhere than the unit's StateDirectory=, the
-mount points of USB export media), so the drop-in is generated from it (``make install-service``
-writes it) and never edited by hand. With USB export media it also lifts PrivateDevices= for
-removable disks (read-only), which the shipped unit keeps for sites that export to directories.
+metrics textfile's directory, the directory of a recorder's database (``recorder:``), a state
+directory elsewhere than the unit's StateDirectory=, the mount points of USB export media), so the
+drop-in is generated from it (``make install-service`` writes it) and never edited by hand. With
+USB export media it also lifts PrivateDevices= for removable disks (read-only), which the shipped
+unit keeps for sites that export to directories.
 Reads only the config: no daemon, no state.
 """
 
@@ -77,6 +78,11 @@ def writable_paths(cfg: Any) -> list[tuple[str, str]]:
         found.append((str(where), "export media mount point (media.mountpoints)"))
     if cfg.metrics.textfile:
         found.append((posixpath.dirname(str(cfg.metrics.textfile)), "metrics textfile directory"))
+    # the recorder's database: SQLite writes its -wal and -shm files beside it
+    for name in cfg.sites:
+        rec = cfg.recorder_for(name)
+        if rec is not None:
+            found.append((posixpath.dirname(str(rec.database)), f"{rec.kind} database directory"))
     if posixpath.normpath(str(cfg.state_dir)) != UNIT_STATE_DIR:
         found.append((str(cfg.state_dir), "state_dir (not the unit's StateDirectory=)"))
     sock_dir = posixpath.dirname(str(cfg.socket))

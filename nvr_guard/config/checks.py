@@ -5,6 +5,8 @@ on every site that passed on its own, so that one ``config check`` lists everyth
 in one section must not hide a root conflict in another.
 
 - A site's ceiling below its floor (``keep`` < ``min_keep``), or below the declared legal minimum.
+- A camera's own ``keep``/``min_keep`` below the floor of any site it may be at, or its ceiling
+  below its floor; a ``retention: none`` site that also states a rule (``profile``, ``keep``).
 - Roots that exist, are no symlinks, and share no footage with another site's roots, judged on the
   file system (bind mounts and symlinks count): one site's rule must never reach another's files.
   The one exception is a root shared on purpose: the same path in several sites, each selecting
@@ -22,7 +24,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from nvr_guard.config.loader import Lines, dotted
-from nvr_guard.config.models import DEFAULT_EXPORT_GROUP, Config, Site, resolve_keep
+from nvr_guard.config.models import DEFAULT_EXPORT_GROUP, Config, Recorder, Site, resolve_keep
 from nvr_guard.config.profiles import PROFILES
 from nvr_guard.mounts import Mount, fs_location, mount_points_below, mounts
 from nvr_guard.retention.layout import Layout
@@ -43,8 +45,10 @@ def cross_checks(
     for name, site in sites:
         _site_checks(name, site, zone, legal_min, problem, warn)
     _root_checks(sites, lines, problem)
-    _camera_checks(sites, lines, problem)
+    _camera_claim_checks(sites, lines, problem)
+    _recorder_checks(cfg, sites, problem, warn)
     if cfg is not None:
+        _camera_checks(cfg, problem, warn)
         _people_warnings(cfg, warn)
         _font_check(cfg, problem)
         _signing_key_checks(cfg, problem)
@@ -61,6 +65,18 @@ def _site_checks(
     name: str, site: Site, zone: str, legal_min: Duration | None, problem: Any, warn: Any
 ) -> None:
     base = ("sites", name)
+    if site.retention == "none":
+        # nothing is deleted there: a ceiling or floor would promise a rule nobody enforces
+        for key in ("profile", "keep", "min_keep"):
+            if getattr(site, key) is not None:
+                problem(
+                    base + (key,),
+                    True,
+                    f"sites.{name}.{key}: contradicts retention: none (nvr-guard deletes nothing "
+                    "at this site; the recorder's own retention applies); remove one of the two",
+                )
+        _layout_checks(name, site, base, zone, problem, warn)
+        return
     if site.profile is None and site.keep is None:
         problem(
             base,
@@ -106,6 +122,12 @@ def _site_checks(
                 "disk pressure could delete younger footage: "
                 f"set min_keep: {fmt_duration(legal_min)}",
             )
+    _layout_checks(name, site, base, zone, problem, warn)
+
+
+def _layout_checks(
+    name: str, site: Site, base: tuple[str, str], zone: str, problem: Any, warn: Any
+) -> None:
     if site.layout is None and site.layout_timezone is not None:
         warn(
             base + ("layout_timezone",),
@@ -125,6 +147,131 @@ def _site_checks(
                     f"sites.{name}.layout: a path component starts with '.'; hidden files and "
                     "directories are never segments (recorders write their temporaries so)",
                 )
+
+
+MAX_BUSY_TIMEOUT = 60.0  # seconds; a purge batch must not wait longer for a recorder's lock
+
+
+def _recorder_checks(
+    cfg: Config | None, sites: list[tuple[str, Site]], problem: Any, warn: Any
+) -> None:
+    """``recorder:`` blocks: a database that is a file (a missing one only warns: the recorder
+    may not have started yet; purges then raise ``recorder_index``), a sane busy timeout,
+    ``roots`` only at the top level, and a top-level recorder that serves some site."""
+    blocks: list[tuple[tuple[Any, ...], Recorder]] = [
+        (("sites", name, "recorder"), site.recorder) for name, site in sites if site.recorder
+    ]
+    if cfg is not None and cfg.recorder is not None:
+        blocks.append((("recorder",), cfg.recorder))
+    for base, r in blocks:
+        label = dotted(base)
+        if len(base) > 1 and r.roots is not None:
+            problem(
+                base + ("roots",),
+                True,
+                f"{label}.roots: only the top-level recorder takes roots; a site's recorder "
+                "serves that site's roots",
+            )
+        t = float(r.busy_timeout.seconds)
+        if not 0 < t <= MAX_BUSY_TIMEOUT:
+            problem(
+                base + ("busy_timeout",),
+                False,
+                f"{label}.busy_timeout: {fmt_duration(r.busy_timeout)} is outside (0, 60s]; "
+                "a purge batch waits this long at most for the recorder's write lock",
+            )
+        if os.path.lexists(r.database) and not os.path.isfile(r.database):
+            problem(
+                base + ("database",),
+                False,
+                f"{label}.database: {r.database} is not a regular file (a {r.kind} database is "
+                "one SQLite file, e.g. /opt/frigate/config/frigate.db)",
+            )
+        elif not os.path.exists(r.database):
+            warn(
+                base + ("database",),
+                f"{label}.database: {r.database} does not exist (yet); until it does, purges "
+                "delete on time and leave its rows, under attention recorder_index",
+            )
+    if cfg is not None and cfg.recorder is not None:
+        if not any(cfg.recorder_for(name) is cfg.recorder for name in cfg.sites):
+            what = (
+                "none of its roots is a site's root"
+                if cfg.recorder.roots is not None
+                else f"no site has layout: {cfg.recorder.kind} (or give it roots:)"
+            )
+            warn(("recorder",), f"recorder: serves no site: {what}")
+
+
+def _camera_checks(cfg: Config, problem: Any, warn: Any) -> None:
+    """A camera's own ``keep``/``min_keep`` stay within every site's floor.
+
+    Camera ids are not bound to a site in the config (a site's cameras are found in its paths),
+    so a camera rule applies at every site that has that camera and is checked against the
+    floor of every site nvr-guard enforces retention at: a rule that would be legal at one
+    site and break another's floor is refused rather than applied half-way."""
+    all_sites = [(n, s, *resolve_keep(s)) for n, s in sorted(cfg.sites.items())]
+    all_sites = [x for x in all_sites if x[1].retention != "none"]
+    for cid, cam in cfg.cameras.items():
+        base = ("cameras", cid)
+        # a site whose cameras: does not match the id never has this camera
+        sites = [
+            x
+            for x in all_sites
+            if x[1].cameras is None or any(fnmatch.fnmatchcase(cid, p) for p in x[1].cameras)
+        ]
+        if cam.keep is not None and cam.min_keep is not None:
+            if cam.keep.approx_seconds() < cam.min_keep.approx_seconds():
+                problem(
+                    base + ("keep",),
+                    False,
+                    f"cameras.{cid}.keep: keep {fmt_duration(cam.keep)} is shorter than "
+                    f"min_keep {fmt_duration(cam.min_keep)}; the ceiling must not be below the "
+                    "floor",
+                )
+        for key in ("keep", "min_keep"):
+            value: Duration | None = getattr(cam, key)
+            if value is None:
+                continue
+            below = [
+                f"site {n} (min_keep {fmt_duration(floor)})"
+                for n, _s, _keep, floor in sites
+                if floor is not None and value.approx_seconds() < floor.approx_seconds()
+            ]
+            if below:
+                problem(
+                    base + (key,),
+                    False,
+                    f"cameras.{cid}.{key}: {fmt_duration(value)} is shorter than the floor of "
+                    f"{', '.join(below)}; a camera's rule may not go below the floor of a site "
+                    "(it applies at every site that has this camera)",
+                )
+        if cam.min_keep is not None and cam.keep is None:
+            above = [
+                f"site {n} (keep {fmt_duration(keep)})"
+                for n, _s, keep, _floor in sites
+                if keep is not None and keep.approx_seconds() < cam.min_keep.approx_seconds()
+            ]
+            if above:
+                problem(
+                    base + ("min_keep",),
+                    False,
+                    f"cameras.{cid}.min_keep: {fmt_duration(cam.min_keep)} is longer than the "
+                    f"keep of {', '.join(above)}; the ceiling must not be below the floor: set "
+                    f"cameras.{cid}.keep too (at least {fmt_duration(cam.min_keep)})",
+                )
+        legal = cfg.legal_min_keep
+        if (
+            cam.keep is not None
+            and legal is not None
+            and cam.keep.approx_seconds() < legal.approx_seconds()
+        ):
+            warn(
+                base + ("keep",),
+                f"cameras.{cid}: keep {fmt_duration(cam.keep)} is below the legal minimum "
+                f"legal_min_keep {fmt_duration(legal)}; footage would be deleted earlier than "
+                "the law requires",
+            )
 
 
 def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> None:
@@ -272,7 +419,7 @@ def _may_overlap(p: str, q: str) -> bool | None:
     return None
 
 
-def _camera_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> None:
+def _camera_claim_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> None:
     """Sites sharing a root claim disjoint camera sets: no id two of them could both claim.
 
     Compared pattern by pattern, reported at the later line naming the earlier one. A pair of

@@ -54,7 +54,7 @@ from nvr_guard.config.types import (
     one_of,
     sites_present,
 )
-from nvr_guard.model import GuardRules, SiteRules
+from nvr_guard.model import CameraRule, GuardRules, SiteRules
 from nvr_guard.retention.layout import Layout
 from nvr_guard.text import Duration, fmt_duration, fmt_percent_exact
 
@@ -98,6 +98,43 @@ class SiteApproval(_Strict):
     hours: Hours | None = None
 
 
+RECORDER_KINDS = ("frigate",)  # recorders whose own index nvr-guard keeps in step
+
+
+def _recorder_kind(v: object) -> str:
+    s = v.strip().lower() if isinstance(v, str) else v
+    if s not in RECORDER_KINDS:
+        raise ValueError(
+            f"recorder kind {v!r} is not supported; supported kinds: {', '.join(RECORDER_KINDS)} "
+            '(for other recorders see the README, "The recorder\'s own index")'
+        )
+    return str(s)
+
+
+class Recorder(_Strict):
+    """``recorder:`` (top level) and ``sites.<id>.recorder:``: the recorder's own index, whose
+    rows of the files nvr-guard deletes are removed in the same purge batch."""
+
+    kind: typing.Annotated[str, BeforeValidator(_recorder_kind)]
+    database: AbsPath  # e.g. /opt/frigate/config/frigate.db (as this host sees it)
+    # the recordings directory as the recorder sees it (Frigate in Docker:
+    # /media/frigate/recordings); its paths are stored that way. None: the same as the root
+    recordings: AbsPath | None = None
+    # top level only: the roots it serves (any layout); unset: every site with layout frigate
+    roots: list[AbsPath] | None = None
+    busy_timeout: FixedDur = Duration.parse("3s")  # longest wait for the recorder's write lock
+
+
+def _retention_mode(v: object) -> str:
+    try:
+        return str(one_of("none")(v))
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; none = nvr-guard deletes nothing at this site (the recorder's own retention "
+            "applies); leave retention out for nvr-guard to enforce keep"
+        ) from None
+
+
 class Site(_Strict):
     """``sites.<id>:``: a set of recording roots and the retention rule they share."""
 
@@ -116,6 +153,10 @@ class Site(_Strict):
     # only these cameras (ids or fnmatch globs) of the roots are the site's; unset: every camera.
     # Required on a root that several sites share, with disjoint sets (checks.py)
     cameras: CameraPatterns | None = None
+    recorder: Recorder | None = None  # the recorder's own index (overrides the top-level one)
+    # "none": nvr-guard deletes nothing here (the recorder's own retention applies); the footage
+    # under the roots is still catalogued, for exports. Absent: nvr-guard enforces the rule.
+    retention: typing.Annotated[str, BeforeValidator(_retention_mode)] | None = None
 
 
 class Camera(_Strict):
@@ -124,6 +165,9 @@ class Camera(_Strict):
     # Unlisted level = 2: a camera nobody classified needs the wider permission (fail closed).
     level: Level = 2
     name: Text | None = None
+    # the camera's own ceiling and floor, at every site that has it; never below a site's floor
+    keep: RetentionDur | None = None
+    min_keep: RetentionDur | None = None
 
 
 class User(_Strict):
@@ -246,6 +290,7 @@ class Config(_Strict):
     export: Export = Field(default_factory=Export)
     media: Media = Field(default_factory=Media)
     metrics: Metrics = Field(default_factory=Metrics)
+    recorder: Recorder | None = None  # applies to sites with layout frigate (or its roots)
 
     _source_path: Path = PrivateAttr(default=Path("<memory>"))
     _digest: str = PrivateAttr(default="")
@@ -289,17 +334,26 @@ class Config(_Strict):
     def site_rules(self) -> dict[str, SiteRules]:
         """Each site's retention rules as the pure policy takes them."""
         out: dict[str, SiteRules] = {}
+        cameras = tuple(
+            CameraRule(cid, c.keep, c.min_keep)
+            for cid, c in sorted(self.cameras.items())
+            if c.keep is not None or c.min_keep is not None
+        )
         for name, s in self.sites.items():
             keep, min_keep = resolve_keep(s)
+            unmanaged = s.retention == "none"
             out[name] = SiteRules(
                 site=name,
                 keep=keep,
                 min_keep=min_keep,
                 tz=self.site_tz(name),
                 settle=float(self.settle.seconds),
-                min_free=self.disk.min_free,
+                # a site under the recorder's own retention asks no space of a shared volume
+                min_free=0.0 if unmanaged else self.disk.min_free,
                 disk_action=self.disk.action,
                 profile=s.profile,
+                cameras=() if unmanaged else cameras,
+                enforce=not unmanaged,
             )
         return out
 
@@ -324,6 +378,21 @@ class Config(_Strict):
                 Layout.compile(pattern, self.layout_timezone(site)) if pattern else None
             )
         return self._layouts[site]
+
+    def recorder_for(self, site: str) -> Recorder | None:
+        """The recorder index a site's deletions are reported to: its own ``recorder:``, else
+        the top-level one when it names one of the site's roots (or, naming none, when the
+        site's layout is ``frigate``); None: no index to keep in step."""
+        s = self.sites[site]
+        if s.recorder is not None:
+            return s.recorder
+        r = self.recorder
+        if r is None:
+            return None
+        if r.roots is not None:
+            mine = {str(x).rstrip("/") or "/" for x in s.roots}
+            return r if any((str(x).rstrip("/") or "/") in mine for x in r.roots) else None
+        return r if (s.layout or "").strip().lower() == r.kind else None
 
     def extensions_for(self, site: str) -> frozenset[str]:
         """Lower-case; compare with the lower-cased suffix of a file name."""
@@ -362,7 +431,10 @@ class Config(_Strict):
 
 
 def resolve_keep(s: Site) -> tuple[Duration | None, Duration | None]:
-    """(keep, min_keep) of a site: its own value where it sets one, else its profile's."""
+    """(keep, min_keep) of a site: its own value where it sets one, else its profile's
+    ((None, None) under ``retention: none``: nvr-guard keeps everything there)."""
+    if s.retention == "none":
+        return None, None
     p = PROFILES.get(s.profile) if s.profile else None
     keep = s.keep if s.keep is not None else (p.keep if p else None)
     min_keep = s.min_keep if s.min_keep is not None else (p.min_keep if p else None)

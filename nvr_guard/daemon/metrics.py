@@ -54,6 +54,7 @@ ATTENTION_KINDS = (
     attention.SIGNING_KEY,
     attention.AUDIT_HEAD,
     attention.CAMERA_UNCLAIMED,
+    attention.RECORDER_INDEX,
 )
 # audit actions counted into metrics (incrementally, by sequence number)
 _EXPORT_DONE = "export.done"
@@ -151,6 +152,10 @@ class EngineCollector(Collector):
             if oldest is not None:
                 age = max(0.0, now - float(oldest))
                 exp = policy.expiry(float(oldest), rules)
+                if rules.cameras and exp is not None:
+                    # cameras with rules of their own: the earliest stored expiry, each under
+                    # its camera's rule (the oldest footage may be a camera's that keeps longer)
+                    exp = self.engine.catalog.next_expiry(name)
                 # the oldest segment's own keep: exact for calendar rules (6mo from *this* start),
                 # so age > keep exactly when the oldest footage is past its expiry
                 keep = float("inf") if exp is None else exp - float(oldest)

@@ -22,12 +22,16 @@ class ExpiryCalc:
     so the expiry of each UTC hour is computed once and the starts within it are shifted from it.
     That is only done where it is exact: when the hour's start and end expire exactly one hour
     apart (no DST change or month-end clamp inside the hour); otherwise every start is computed.
+
+    A camera with a keep of its own (``cameras.<id>.keep``) gets a calculator of its own,
+    made when its first segment is seen.
     """
 
-    __slots__ = ("rules", "_expiry", "_fixed", "_hours")
+    __slots__ = ("rules", "_expiry", "_fixed", "_hours", "_by_camera")
 
     def __init__(self, rules: SiteRules) -> None:
         self.rules = rules
+        self._by_camera: dict[str, ExpiryCalc] = {}
         self._expiry = policy.expiry
         keep = rules.keep
         self._fixed: float | None = None
@@ -35,8 +39,18 @@ class ExpiryCalc:
             self._fixed = float(keep.seconds)
         self._hours: dict[int, float | None] = {}
 
-    def __call__(self, start: float, mtime: float | None = None) -> float | None:
-        """The expiry by ``start`` alone, or past the ceiling by both ``start`` and ``mtime``."""
+    def __call__(
+        self, start: float, mtime: float | None = None, camera: str | None = None
+    ) -> float | None:
+        """The expiry by ``start`` alone, or past the ceiling by both ``start`` and ``mtime``;
+        under ``camera``'s own rule where it has one."""
+        if camera is not None and self.rules.cameras:
+            sub = self._by_camera.get(camera)
+            if sub is None:
+                own = self.rules.for_camera(camera)
+                sub = self._by_camera[camera] = self if own is self.rules else ExpiryCalc(own)
+            if sub is not self:
+                return sub(start, mtime)
         if self.rules.keep is None:
             return None
         if self._fixed is not None:

@@ -17,6 +17,11 @@ Precedence, strongest first:
    explicitly chose ``disk.action: overwrite-oldest``;
 4. the ceiling (``keep``) and disk pressure — delete.
 
+A camera with a rule of its own (``cameras.<id>: {keep, min_keep}``) is decided under it, and its
+reasons say so ("expired: camera keep=90d", "floor: camera min_keep=30d"). A site under
+``retention: none`` has nothing deleted at all: whatever of it is handed over is kept, with that
+reason.
+
 Age is measured from both of a segment's times, its start (read from the path) and its mtime (its
 end): it is past the ceiling or the floor only when both are. A camera whose clock was reset names
 fresh files ``2000-01-01/…``; their mtime keeps them. A name in the future (``2099-…``) keeps its
@@ -35,6 +40,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 
 from nvr_guard.model import (
+    UNMANAGED_REASON,
     Action,
     ClockReading,
     DiskState,
@@ -365,9 +371,11 @@ class _Site:
     floor: _DueTest | None
     holds: list[Hold]
     settle_after: float  # mtime above this: still being recorded
-    keep_txt: str  # "15d", formatted once: it is in every expiry reason
+    keep_txt: str  # "keep=15d" / "camera keep=90d", formatted once: in every expiry reason
     local: _LocalTime  # site-local ISO time of an instant
     skew: float  # guards.max_clock_skew, to say in a reason when the two times disagree
+    # the whole site's rules (``rules`` is a camera's own where it has one)
+    site_rules: SiteRules
 
 
 @dataclass
@@ -432,7 +440,13 @@ def _pressure_of(
     return None
 
 
-def _site_context(rules: SiteRules, now: ClockReading, holds: Sequence[Hold], skew: float) -> _Site:
+def _site_context(
+    rules: SiteRules,
+    now: ClockReading,
+    holds: Sequence[Hold],
+    skew: float,
+    site_rules: SiteRules | None = None,
+) -> _Site:
     wall = now.wall
     keep = rules.keep
     floor = rules.min_keep
@@ -449,9 +463,10 @@ def _site_context(rules: SiteRules, now: ClockReading, holds: Sequence[Hold], sk
             and (h.until is None or h.until > wall)
         ],
         settle_after=wall - rules.settle,
-        keep_txt=_dur(keep),
+        keep_txt=("camera keep=" if rules.camera_keep else "keep=") + _dur(keep),
         local=_LocalTime(rules.tz),
         skew=skew,
+        site_rules=rules if site_rules is None else site_rules,
     )
 
 
@@ -484,7 +499,8 @@ def _floor_note(seg: Segment, rules: SiteRules, skew: float) -> str:
                 f" (path time {_local(seg.start, rules.tz)} and mtime "
                 f"{_local(seg.mtime, rules.tz)} disagree: clock skew, the later one counts)"
             )
-    return f"min_keep={_dur(rules.min_keep)} until {_local(until, rules.tz)}{note}"
+    label = "camera min_keep" if rules.camera_min_keep else "min_keep"
+    return f"{label}={_dur(rules.min_keep)} until {_local(until, rules.tz)}{note}"
 
 
 def decide(
@@ -511,7 +527,7 @@ def decide(
         ]
     plan = Plan(now=wall)
     items: list[Item] = []
-    contexts: dict[str, _Site] = {}
+    contexts: dict[tuple[str, str | None], _Site] = {}
     unknown: dict[str, int] = {}
     # footage not due by age is kept aside for the disk-pressure pass of its volume
     pressures, site_pressures = _pressures(volumes, rules)
@@ -522,6 +538,9 @@ def decide(
     DELETE, KEEP = Action.DELETE, Action.KEEP
     ctx: _Site | None = None
     ctx_site: str | None = None
+    ctx_cam: str | None = None
+    per_cam = False  # the site has cameras with rules of their own: a context per camera
+    unmanaged = False  # retention: none
     due: _DueTest | None = None
     fixed = False
     secs = 0.0
@@ -531,27 +550,32 @@ def decide(
     on_short: list[tuple[bytes | None, _Pressure | None]] | None = None
     for seg in segments:
         site = seg.site
-        if site != ctx_site:
+        if site != ctx_site or (per_cam and seg.camera != ctx_cam):
             ctx_site = site
-            ctx = contexts.get(site)
-            if ctx is None:
-                r = rules.get(site)
-                if r is not None:
-                    ctx = contexts[site] = _site_context(r, now, holds, guards.max_clock_skew)
+            ctx_cam = seg.camera
+            r = rules.get(site)
+            ctx = None if r is None else _context(contexts, r, seg.camera, now, holds, guards)
             if ctx is None:
                 # a site no longer (or not) in the config: its rules are unknown, so nothing of
                 # it may be deleted; the operator hears about it once per site
                 unknown[site] = unknown.get(site, 0) + 1
                 ctx_site = None  # count every one of them
                 continue
+            per_cam = bool(ctx.site_rules.cameras)
+            unmanaged = not ctx.rules.enforce
             due = ctx.ceiling
             fixed = due is not None and due.fixed
             secs = due.secs if due is not None else 0.0
-            expired_txt = f"expired: keep={ctx.keep_txt}, recorded "
+            expired_txt = f"expired: {ctx.keep_txt}, recorded "
             local = ctx.local
             careful_after = float("-inf") if ctx.holds else ctx.settle_after
             on_short = site_pressures.get(site)
         assert ctx is not None
+        if unmanaged:
+            # nvr-guard deletes nothing there, by age or for space; a candidate (the catalog
+            # hands none over) is shown kept, so a plan says why
+            items.append(Item(seg, KEEP, UNMANAGED_REASON))
+            continue
         start = seg.start
         mtime = seg.mtime
         # both times must be past the ceiling: the path time (what the camera said) and the
@@ -569,7 +593,7 @@ def decide(
         # due by age: only a hold, settling or the floor can keep it
         why_not = _held_back(seg, ctx, wall) if seg.mtime > careful_after else None
         if why_not is not None:
-            items.append(Item(seg, KEEP, f"{why_not}; otherwise expired (keep={ctx.keep_txt})"))
+            items.append(Item(seg, KEEP, f"{why_not}; otherwise expired ({ctx.keep_txt})"))
         elif ctx.floor is not None and not _past_floor(ctx.floor, seg):
             # keep < min_keep is refused by the config check; kept here in case rules come from
             # elsewhere: the floor wins over the ceiling
@@ -577,7 +601,7 @@ def decide(
                 Item(
                     seg,
                     KEEP,
-                    f"floor: {_floor_note(seg, ctx.rules, ctx.skew)}; keep={ctx.keep_txt}",
+                    f"floor: {_floor_note(seg, ctx.rules, ctx.skew)}; {ctx.keep_txt}",
                 )
             )
         else:
@@ -602,13 +626,35 @@ def decide(
     return plan
 
 
+def _context(
+    contexts: dict[tuple[str, str | None], _Site],
+    rules: SiteRules,
+    camera: str,
+    now: ClockReading,
+    holds: Sequence[Hold],
+    guards: GuardRules,
+) -> _Site:
+    """The decision context of a camera's footage: its site's, or its own where the camera has
+    a rule of its own (``cameras.<id>``); made once per sweep."""
+    key = (rules.site, camera if rules.cameras and rules.camera_rule(camera) else None)
+    ctx = contexts.get(key)
+    if ctx is None:
+        own = rules.for_camera(camera) if key[1] is not None else rules
+        ctx = contexts[key] = _site_context(own, now, holds, guards.max_clock_skew, rules)
+    return ctx
+
+
 def _past_floor(floor: _DueTest, seg: Segment) -> bool:
     """Both times are past the floor (the later one decides; see the module docstring)."""
     return floor(seg.start) and (seg.mtime == seg.start or floor(seg.mtime))
 
 
 def _disk_pressure(
-    p: _Pressure, contexts: Mapping[str, _Site], wall: float, items: list[Item], plan: Plan
+    p: _Pressure,
+    contexts: Mapping[tuple[str, str | None], _Site],
+    wall: float,
+    items: list[Item],
+    plan: Plan,
 ) -> None:
     """Free ``p.need`` bytes of one volume beyond the ordinary expiries, oldest recordings on
     that volume first (whichever of its sites they belong to); each under its own site's rules."""
@@ -621,10 +667,11 @@ def _disk_pressure(
     # clock but written today is young, not the oldest footage of the site
     p.spare.sort(key=lambda s: (s.end, s.path))
     for seg in p.spare:
-        if freed + under_floor_bytes >= p.need:
+        if freed >= p.need:
             break
-        ctx = contexts[seg.site]
+        ctx = contexts.get((seg.site, seg.camera)) or contexts[(seg.site, None)]
         r = ctx.rules
+        who = seg.site if r.camera is None else f"{seg.site}/{r.camera}"
         why_not = _held_back(seg, ctx, wall)
         if why_not is not None:
             items.append(
@@ -645,9 +692,11 @@ def _disk_pressure(
                 freed += seg.size
                 overwritten += 1
                 overwritten_bytes += seg.size
-                overwrote[seg.site] = _dur(r.min_keep)
-            else:
+                overwrote[who] = _dur(r.min_keep)
+            elif freed + under_floor_bytes < p.need:
                 # shown so the operator sees exactly what the floor protects from the shortage
+                # (a shortfall's worth of it). Younger footage of another camera or site may
+                # still be past its own floor, so the search goes on.
                 items.append(
                     Item(
                         seg,
@@ -657,9 +706,10 @@ def _disk_pressure(
                     )
                 )
                 under_floor_bytes += seg.size
-                floors[seg.site] = _dur(r.min_keep)
+                floors[who] = _dur(r.min_keep)
             continue
-        floor_txt = f" (min_keep={_dur(r.min_keep)})" if r.min_keep is not None else ""
+        label = "camera min_keep" if r.camera_min_keep else "min_keep"
+        floor_txt = f" ({label}={_dur(r.min_keep)})" if r.min_keep is not None else ""
         items.append(
             Item(
                 seg,

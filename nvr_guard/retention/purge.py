@@ -370,6 +370,7 @@ def purge(
     batch_size: int = 5000,
     workers: int = 2,
     process_min: int = PROCESS_MIN,
+    after_batch: Callable[[list[Segment]], dict[str, Any] | None] | None = None,
 ) -> PurgeResult:
     """Delete ``targets`` that still pass every check; audit begin, receipts and skips.
 
@@ -387,6 +388,9 @@ def purge(
        receipt says so, then every batch's ``purge.receipt``, and the commit.
     A crash between 1 and 4 leaves begins without receipts; the next start writes a
     ``recovered`` receipt for what is gone. A callback that commits by itself is tolerated.
+    ``after_batch`` (the recorder's own index) is called with each batch's deleted segments
+    once their files are gone; what it returns is added to the batch's receipt, and it must
+    not raise (if it does, the error is logged and the purge goes on).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -425,7 +429,7 @@ def purge(
                 t.start()
                 closer.append(t)
 
-            _finish(running, result, audit, actor, sweep_id, on_deleted, all_unlinked)
+            _finish(running, result, audit, actor, sweep_id, on_deleted, all_unlinked, after_batch)
             _skips(plans, result, audit, actor, sweep_id)
         finally:
             if closer:
@@ -495,6 +499,7 @@ class _Batch:
     planned: str  # digest of the planned paths
     deleted: list[Segment] = field(default_factory=list)
     sizes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # from after_batch, for the receipt
 
 
 @dataclass
@@ -618,6 +623,7 @@ def _receipt_details(g: _Group, b: _Batch, sweep_id: int | None) -> dict[str, An
         else digest_paths([os.fsencode(s.path) for s in b.deleted]),
         "begin": b.begin,
         "planned": len(b.targets),
+        **b.extra,
     }
 
 
@@ -637,6 +643,7 @@ def _finish(
     sweep_id: int | None,
     on_deleted: Callable[[list[Segment]], None],
     all_unlinked: Callable[[], None] = lambda: None,
+    after_batch: Callable[[list[Segment]], dict[str, Any] | None] | None = None,
 ) -> None:
     """Steps 3 and 4: catalog rows and receipts in one transaction, opened while the workers
     still unlink, so that removing the rows of one group overlaps the unlinks of the next.
@@ -670,6 +677,8 @@ def _finish(
                     if not b.deleted:
                         continue
                     done.append((g, b))
+                    if after_batch is not None:
+                        _after_batch(after_batch, b)
                     if failure is None and catalog_error is None:
                         try:
                             on_deleted(b.deleted)
@@ -704,6 +713,14 @@ def _finish(
         raise
     _tally(done, result)
     result.receipts.extend(seqs)
+
+
+def _after_batch(hook: Callable[[list[Segment]], dict[str, Any] | None], b: _Batch) -> None:
+    """The batch's files are gone: tell the recorder's index; never fails the purge."""
+    try:
+        b.extra = dict(hook(b.deleted) or {})
+    except Exception:
+        log.exception("purge: the recorder index step failed (the files are deleted)")
 
 
 def _sync_roots(roots: set[bytes]) -> None:

@@ -213,12 +213,14 @@ class _Classifier:
         return self.calc
 
     def fast_expiry(self) -> tuple[bool, float, bool]:
-        """(fixed, keep seconds, forever): the walk's inlined form of the expiry rule."""
+        """(fixed, keep seconds, forever): the walk's inlined form of the expiry rule (as
+        :func:`_walk` sets it up: cameras with a keep of their own take the calculator's way)."""
         keep = self.rules.keep
+        own = bool(self.rules.cameras)
         return (
-            keep is not None and keep.months == 0,
+            keep is not None and keep.months == 0 and not own,
             float(keep.seconds) if keep is not None else 0.0,
-            keep is None,
+            keep is None and not own,
         )
 
     def is_segment_name(self, name: bytes) -> bool:
@@ -300,7 +302,7 @@ def _note_file(
     else:
         delta.stats.updated += 1
     assert cls.calc is not None
-    delta.rows.append((cls.site, camera, path, start, mtime, size, cls.calc(start, mtime)))
+    delta.rows.append((cls.site, camera, path, start, mtime, size, cls.calc(start, mtime, camera)))
 
 
 def _walk(
@@ -328,9 +330,11 @@ def _walk(
     layout = cls.layout
     calc = cls.calc
     assert calc is not None
-    fixed = cls.rules.keep is not None and cls.rules.keep.months == 0
+    # cameras with a keep of their own take the calculator's way (calc(..., camera))
+    own = bool(cls.rules.cameras)
+    fixed = cls.rules.keep is not None and cls.rules.keep.months == 0 and not own
     keep_s = float(cls.rules.keep.seconds) if cls.rules.keep is not None else 0.0
-    forever = cls.rules.keep is None
+    forever = cls.rules.keep is None and not own
     cut = len(cls.root) + 1
     rows = delta.rows
     pop = known.pop
@@ -472,7 +476,7 @@ def _walk(
                     elif fixed:
                         expires = (mtime if mtime > start else start) + keep_s
                     else:
-                        expires = calc(start, mtime)
+                        expires = calc(start, mtime, camera)
                     rows.append((site, camera, path, start, mtime, size, expires))
         except OSError as exc:
             # the listing itself failed part way (EIO, ESTALE): what was not seen is kept

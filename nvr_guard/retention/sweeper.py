@@ -47,6 +47,7 @@ from nvr_guard.model import (
 )
 from nvr_guard.retention import policy
 from nvr_guard.retention.purge import PurgeTarget, digest_paths, iso_utc, purge
+from nvr_guard.retention.recorder import RecorderIndexes
 from nvr_guard.retention.scan import ReconcileStats, Scanner, SiteScan
 from nvr_guard.store.audit import AuditLog
 from nvr_guard.store.catalog import Catalog
@@ -89,6 +90,8 @@ class SweepOutcome:
     # a preview's findings of the walk: [{site, root, count, examples}] and attention entries
     unmatched: list[dict[str, Any]] | None = None
     attention: list[dict[str, Any]] | None = None
+    # a preview's sites under ``retention: none``: [{site, segments, bytes, reason}]
+    unmanaged: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The outcome as `retention run --json` and `retention plan --json` print it."""
@@ -98,6 +101,8 @@ class SweepOutcome:
             extra["unmatched"] = self.unmatched
         if self.attention is not None:
             extra["attention"] = self.attention
+        if self.unmanaged is not None:
+            extra["unmanaged"] = self.unmanaged
         return {
             "sweep": self.sweep,
             "deleted": self.deleted,
@@ -158,7 +163,11 @@ class RetentionStats:
         worst: float | None = None
         for seg in deleted:
             r = rules.get(seg.site)
-            exp = policy.expiry_both(seg.start, seg.mtime, r) if r is not None else None
+            exp = (
+                policy.expiry_both(seg.start, seg.mtime, r.for_camera(seg.camera))
+                if r is not None
+                else None
+            )
             if exp is None or exp > when:
                 self.early += 1
                 continue
@@ -200,6 +209,7 @@ class Sweeper:
         self.ctx = ctx
         self.stats = stats if stats is not None else RetentionStats()
         self.rules: dict[str, SiteRules] = {}
+        self.indexes = RecorderIndexes(ctx.config)  # the recorders' own databases
         self.configure(ctx.config)
 
     # ---- the context, as the operations below read it ------------------------------------
@@ -237,6 +247,7 @@ class Sweeper:
         """Take the rules and the roots of ``config`` (at start and on a reload): a new scanner
         over the new roots; the catalog and the sweep history stay."""
         self.rules = config.site_rules()
+        self.indexes.configure(config)
         self.scanner = Scanner(
             self.catalog,
             self.site_scans(config),
@@ -475,8 +486,8 @@ class Sweeper:
             # only footage on the volume that is short: another file system of the same site
             # has space of its own, and deleting there frees nothing here
             for s in v.sites():
-                if s not in sites:
-                    continue
+                if s not in sites or not self.rules[s].enforce:
+                    continue  # (retention: none: nothing of it is ever deleted)
                 under = [r for m, r in v.members if m == s and r is not None]
                 # below a root, what another volume's member holds is not on this volume
                 elsewhere = [r for w in volumes if w is not v for m, r in w.members if m == s and r]
@@ -526,6 +537,11 @@ class Sweeper:
         for it in items:
             seg = it.segment
             site = self.config.sites[seg.site]
+            if site.retention == "none":  # the policy keeps all of it; never reach the purge
+                log.warning(
+                    "not deleting %s: site %s has retention: none", show_path(seg.path), seg.site
+                )
+                continue
             root = None
             for r in site.roots:
                 rb = os.fsencode(str(r)).rstrip(b"/") + b"/"
@@ -596,6 +612,7 @@ class Sweeper:
                 return self._recover(stale, actor)
             finally:
                 os.close(fd)
+                self.indexes.report(self.attention)
 
     def _recover(self, stale: list[int], actor: str) -> int:
         begins: dict[int, Any] = {}
@@ -626,6 +643,7 @@ class Sweeper:
                 if not gone:
                     continue  # the batch was cut short before its first unlink
                 starts = [g.start for g in gone]
+                index = self.indexes.after_batch(gone) or {}  # the recorder's rows of them too
                 with self.audit.transaction():
                     self._forget(gone)
                     self.audit.reopen_transaction()
@@ -645,6 +663,7 @@ class Sweeper:
                             "begin": seq,
                             "planned": d.get("planned"),
                             "recovered": True,
+                            **index,
                         },
                     )
                 total += len(gone)
@@ -759,6 +778,7 @@ class Sweeper:
                     sweep_id=sweep_id,
                     now=lambda: self.clock().wall,
                     on_deleted=self._forget,
+                    after_batch=self.indexes.after_batch,
                 )
                 self.catalog.set_sweep_state(
                     sweep_id,
@@ -770,6 +790,7 @@ class Sweeper:
                 )
             finally:
                 os.close(lock)
+                self.indexes.report(self.attention)
             if confirm_of is not None and not plan.trips:
                 # blocked again (a guard tripped since): the old sweep stays unconfirmed, and
                 # the new one says what changed

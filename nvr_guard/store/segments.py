@@ -69,9 +69,12 @@ KnownRow = tuple[str, str, float, float, int]
 
 class Expiry(Protocol):
     """When a segment expires under one site's rules: ``expiry(start)`` by the path time,
-    ``expiry(start, mtime)`` past the ceiling by both (None: kept forever)."""
+    ``expiry(start, mtime)`` past the ceiling by both (None: kept forever); with ``camera``,
+    under that camera's own rule where it has one."""
 
-    def __call__(self, start: float, mtime: float | None = None) -> float | None: ...
+    def __call__(
+        self, start: float, mtime: float | None = None, camera: str | None = None
+    ) -> float | None: ...
 
 
 # the calculator for a site's rules (``retention.expiry.ExpiryCalc``)
@@ -236,7 +239,15 @@ class SegmentStore(Database):
                 known = calcs[s.site] = (rules, self._expiry_factory()(rules))
             calc = known[1]
             rows.append(
-                (s.site, s.camera, s.path, s.start, s.mtime, s.size, calc(s.start, s.mtime))
+                (
+                    s.site,
+                    s.camera,
+                    s.path,
+                    s.start,
+                    s.mtime,
+                    s.size,
+                    calc(s.start, s.mtime, s.camera),
+                )
             )
         with self.transaction():
             # the site's other rows must follow the same rules as these (a rule change)
@@ -475,7 +486,7 @@ class SegmentStore(Database):
             if r is None:
                 continue
             self._ensure_expiry(s, r)
-            if r.keep is None:
+            if r.keep is None and not any(c.keep is not None for c in r.cameras):
                 continue
             with self.lock:
                 cur = self.conn.execute(
@@ -514,27 +525,39 @@ class SegmentStore(Database):
                 self.note_rules(site, rules)
 
     def recompute_expiry(self, site: str, rules: SiteRules) -> int:
-        """Refill ``expires_at`` of a site after its rules changed (config reload)."""
+        """Refill ``expires_at`` of a site after its rules changed (config reload); a camera
+        with a rule of its own (``cameras.<id>``) under that rule."""
         factory = self._expiry_factory()
-        keep = rules.keep
+        own = [c.camera for c in rules.cameras]
+        # (extra WHERE terms, their arguments, the rules of those rows)
+        groups: list[tuple[str, list[object], SiteRules]] = [
+            (" AND camera = ?", [c], rules.for_camera(c)) for c in own
+        ]
+        marks = ",".join("?" * len(own))
+        groups.append((f" AND camera NOT IN ({marks})" if own else "", list(own), rules))
+        n = 0
         with self.transaction() as c:
-            if keep is None or keep.months == 0:
-                # no calendar arithmetic: one statement (a million rows in about a second,
-                # where reading them out and back row by row takes several)
-                n = c.execute(
-                    "UPDATE segments SET expires_at = max(start, mtime) + ? WHERE site = ?",
-                    (None if keep is None else float(keep.seconds), site),
-                ).rowcount
-            else:
-                calc = factory(rules)
-                rows = c.execute(
-                    "SELECT id, start, mtime FROM segments WHERE site = ?", (site,)
-                ).fetchall()
-                c.executemany(
-                    "UPDATE segments SET expires_at = ? WHERE id = ?",
-                    ((calc(start, mtime), rid) for rid, start, mtime in rows),
-                )
-                n = len(rows)
+            for where, args, r in groups:
+                keep = r.keep
+                if keep is None or keep.months == 0:
+                    # no calendar arithmetic: one statement (a million rows in about a second,
+                    # where reading them out and back row by row takes several)
+                    n += c.execute(
+                        "UPDATE segments SET expires_at = max(start, mtime) + ? "
+                        f"WHERE site = ?{where}",
+                        [None if keep is None else float(keep.seconds), site, *args],
+                    ).rowcount
+                else:
+                    calc = factory(r)
+                    rows = c.execute(
+                        f"SELECT id, start, mtime FROM segments WHERE site = ?{where}",
+                        [site, *args],
+                    ).fetchall()
+                    c.executemany(
+                        "UPDATE segments SET expires_at = ? WHERE id = ?",
+                        ((calc(start, mtime), rid) for rid, start, mtime in rows),
+                    )
+                    n += len(rows)
             self._note_rules(site, rules)
         return int(n)
 

@@ -327,3 +327,15 @@ def test_layout_test_names_the_site_that_claims_the_camera(site: Site) -> None:
     assert (back["site"], back["camera"], back["ok"]) == ("south", "back", True)
     assert (gate["site"], gate["camera"], gate["ok"]) == ("north", "gate-7", True)
     assert attic["ok"] is False and "claimed by no site" in attic["reason"]
+
+
+def test_a_camera_rule_is_held_to_the_floors_of_the_sites_that_can_have_it(site: Site) -> None:
+    text = write_shared(site, north="[front]", south="[back]")
+    text = text.replace("keep: 30d\n", "keep: 30d\n    min_keep: 30d\n", 1)
+    # back can only be south's: north's 30-day floor does not bind its own 3 days
+    site.config.write_text(text.replace("people:", "cameras:\n  back: {keep: 3d}\npeople:"))
+    r = site.run("config", "check")
+    assert r.returncode == 0, r.stderr
+    site.config.write_text(text.replace("people:", "cameras:\n  front: {keep: 3d}\npeople:"))
+    r = site.run("config", "check")
+    assert r.returncode == 2 and "shorter than the floor of site north" in r.stderr, r.stderr

@@ -497,3 +497,35 @@ def test_rows_of_a_group_go_while_later_groups_are_unlinked(w: World) -> None:
     other.close()
     assert seen == [12] * 6  # six batches, none committed before the end
     assert len(result.receipts) == 6 and w.catalogued() == set()
+
+
+# ---- the recorder-index hook --------------------------------------------------------------
+
+
+def test_after_batch_sees_only_deleted_files_and_adds_to_the_receipt(w: World) -> None:
+    gone = w.seg("cam1/2025-10-01/10/00.00.mp4")
+    young = w.seg("cam1/2025-10-01/10/00.10.mp4", mtime=NOW - 10)  # settling: kept
+    seen: list[list[bytes]] = []
+
+    def hook(segs: list[Segment]) -> dict[str, object]:
+        seen.append([s.path for s in segs])
+        assert not any(os.path.lexists(s.path) for s in segs)  # called once the files are gone
+        return {"index_rows": len(segs)}
+
+    w.run([w.target(gone), w.target(young)], after_batch=hook)
+    assert seen == [[gone.path]]
+    (receipt,) = w.entries("purge.receipt")
+    assert receipt.details["index_rows"] == 1 and receipt.details["count"] == 1
+
+
+def test_after_batch_failing_never_fails_the_purge(w: World) -> None:
+    segs = [w.seg(f"cam1/2025-10-01/10/0{i}.00.mp4") for i in range(3)]
+
+    def hook(segs: list[Segment]) -> dict[str, object]:
+        raise RuntimeError("recorder database exploded")
+
+    result = w.run([w.target(s) for s in segs], after_batch=hook)
+    assert len(result.deleted) == 3 and not any(os.path.lexists(s.path) for s in segs)
+    (receipt,) = w.entries("purge.receipt")
+    assert receipt.details["count"] == 3 and "index_rows" not in receipt.details
+    assert w.catalogued() == set()

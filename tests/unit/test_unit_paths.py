@@ -91,3 +91,16 @@ def test_system_directories_are_never_made_writable(site: Site) -> None:
     site.config.write_text(base.replace(f"socket: {site.socket}", "socket: /run/control.sock"))
     r = site.run("unit-paths")
     assert r.returncode == 2 and "/run (control socket directory" in r.stderr, r.stderr
+
+
+def test_the_recorder_database_directory_is_writable(site: Site, tmp_path: Path) -> None:
+    """SQLite writes Frigate's database and its -wal/-shm files in the database's directory:
+    without it in ReadWritePaths= every index update would fail under the unit."""
+    frigate = tmp_path / "frigate-config"
+    text = site.config.read_text().replace(
+        "    keep: 15d\n",
+        f"    keep: 15d\n    recorder: {{kind: frigate, database: {frigate}/frigate.db}}\n",
+    )
+    site.config.write_text(text)
+    data = site.json("unit-paths")
+    assert {"path": str(frigate), "why": "frigate database directory"} in data["paths"]
