@@ -339,3 +339,13 @@ def test_a_camera_rule_is_held_to_the_floors_of_the_sites_that_can_have_it(site:
     site.config.write_text(text.replace("people:", "cameras:\n  front: {keep: 3d}\npeople:"))
     r = site.run("config", "check")
     assert r.returncode == 2 and "shorter than the floor of site north" in r.stderr, r.stderr
+
+
+def test_a_camera_keep_of_its_own_applies_in_a_shared_root(site: Site, now: datetime) -> None:
+    text = write_shared(site, north="[front, side]", south="[back]")
+    site.config.write_text(text.replace("people:", "cameras:\n  side: {keep: 10d}\npeople:"))
+    front = frigate_segment(site.root, "front", now - 15 * DAY)
+    side = frigate_segment(site.root, "side", now - 15 * DAY + timedelta(minutes=1))
+    back = frigate_segment(site.root, "back", now - 5 * DAY)
+    site.json("retention", "run")
+    assert front.exists() and back.exists() and not side.exists()
