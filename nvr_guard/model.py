@@ -28,8 +28,9 @@ def show_path(path: bytes | str) -> str:
 class Segment:
     """One recording file as the catalog knows it.
 
-    The footage it holds spans ``[start, max(start, mtime)]``: the mtime is the end (the recorder
-    last wrote to it then). ``start`` is the date-time read from the path through the site's
+    The footage it holds spans ``[start, end]``: ``path_end`` when the name carries the end
+    (Dahua's ``14.03.20-14.08.20``, Nx Witness's duration), else the mtime (the recorder last wrote
+    to it then). ``start`` is the date-time read from the path through the site's
     layout; a file without one (a site without ``layout``) is catalogued with ``start == mtime``
     and the catalog hands it out with an estimated, earlier start (see
     ``Catalog.estimate_starts``), so that a hold over the middle of it still holds it. Both times
@@ -44,11 +45,14 @@ class Segment:
     mtime: float  # last modification = the end; a recent one means "still recording"
     size: int
     id: int | None = None
+    path_end: float | None = None  # the end read from the path; None: the name carries none
 
     @property
     def end(self) -> float:
-        """The later of its two times: the end of its footage, and what the ceiling and the
-        floor are measured from."""
+        """The end of its footage: the path's end when the name carries one, else the later of
+        its two times."""
+        if self.path_end is not None:
+            return self.path_end
         return self.mtime if self.mtime > self.start else self.start
 
     def span(self, tolerance: float = 3600.0) -> tuple[float, float]:
@@ -58,7 +62,9 @@ class Segment:
         knows, so it may hold anything up to its end."""
         start = self.start
         if start > self.mtime + tolerance:
-            return float("-inf"), start
+            return float("-inf"), max(start, self.path_end or start)
+        if self.path_end is not None and self.path_end >= start:
+            return start, self.path_end
         return start, (self.mtime if self.mtime > start else start)
 
 
