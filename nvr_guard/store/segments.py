@@ -655,7 +655,7 @@ class SegmentStore(Database):
         ``end`` started before ``end`` as far as anyone knows (at the end of its predecessor), so
         it is part of the range too: a request over the middle of a one-hour file gets that
         file."""
-        conds = ["start < ?", 'coalesce("end", max(mtime, start)) >= ?']
+        conds = ["start < ?", 'max(mtime, start, coalesce("end", start)) >= ?']
         args: list[object] = [end, start]
         if site is not None:
             conds.insert(0, "site = ?")

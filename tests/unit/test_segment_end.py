@@ -50,7 +50,7 @@ def test_a_version_8_catalog_gains_the_end_column(tmp_path: Path) -> None:
         assert c.schema_version == SCHEMA_VERSION == before + 1
         old = c.get(b"/a.mp4")
         assert old is not None and old.path_end is None and old.end == 2.0  # the mtime
-        c.upsert_segments([seg("new", T, T + 900, T + 300)], RULES)
+        c.upsert_segments([seg("new", T, T + 200, T + 300)], RULES)
         new = c.get(b"/rec/c/new.dav")
         assert new is not None and (new.path_end, new.end) == (T + 300, T + 300)
     # opened again (and the migration run twice, as after a renumbering): unchanged
@@ -61,24 +61,26 @@ def test_a_version_8_catalog_gains_the_end_column(tmp_path: Path) -> None:
 
 
 def test_range_queries_use_the_paths_end(cat: Catalog) -> None:
-    # uploaded by FTP an hour later: its mtime says nothing of the footage's end
-    late = seg("late", T, T + 3600, T + 300)
     # a recorder that preallocates: the mtime is before the end the name gives
     early = seg("early", T + 1000, T + 1010, T + 1300)
-    cat.upsert_segments([late, early], RULES)
+    # a camera whose clock was reset: an old name, written now (the later mtime still counts)
+    reset = seg("reset", T - 86400, T + 5000, T - 86400 + 300)
+    cat.upsert_segments([early, reset], RULES)
     names = lambda lo, hi: [s.path for s in cat.segments_of("gate", "c", lo, hi)]  # noqa: E731
-    assert names(T + 400, T + 900) == []  # neither holds footage of it (the mtime would)
-    assert names(T + 200, T + 250) == [late.path]
-    assert names(T + 1200, T + 1250) == [early.path]  # by the mtime alone it would be lost
+    assert names(T + 1200, T + 1250) == [reset.path, early.path]  # by the mtime alone: lost
+    assert names(T + 1400, T + 1500) == [reset.path]
+    assert names(T + 6000, T + 7000) == []
 
 
 def test_a_hold_covers_by_the_paths_end() -> None:
     hold = Hold(1, "case", "root", T + 1200, T + 1250)
     early = seg("early", T + 1000, T + 1010, T + 1300)
-    assert hold.covers(early, T)
+    assert hold.covers(early, T) and early.end == T + 1300
     assert not hold.covers(seg("plain", T + 1000, T + 1010, None), T)
-    late = seg("late", T, T + 3600, T + 300)
-    assert not Hold(2, "case", "root", T + 400, T + 900).covers(late, T)
+    # the name's end never shortens the footage: a reset clock's fresh file stays held
+    reset = seg("reset", T - 86400, T + 5000, T - 86400 + 300)
+    assert Hold(2, "case", "root", T + 4000, T + 4500).covers(reset, T)
+    assert reset.end == T + 5000
 
 
 def test_a_path_end_is_never_taken_for_an_mtime_only_file(cat: Catalog) -> None:
