@@ -363,7 +363,10 @@ def _component_regex(pattern: str, text: str, seen: set[str]) -> str:
             inner = tok[5:-1]
             if not inner:
                 raise ValueError(f"layout {pattern!r}: {{end:}} names no directive")
-            for t in _END_TOKEN.findall(inner):
+            inner_tokens = _END_TOKEN.findall(inner)
+            if "".join(inner_tokens) != inner:
+                raise ValueError(f"layout {pattern!r}: a lone '%' in {tok!r}")
+            for t in inner_tokens:
                 if not t.startswith("%") or t == "%%":
                     out.append(re.escape(t[-1] if t == "%%" else t))
                     continue

@@ -246,6 +246,7 @@ def test_pattern_language_additions(pattern: str, rel: str, want: tuple[Any, ...
         ("{camera}/%s_{epoch_ms}.mp4", "both give the start"),
         ("{camera}/%Y-%m-%d/{end:%H}_{duration_ms}.mp4", "both give the end"),
         ("{camera}/%Y-%m-%d/{end:}.mp4", "names no directive"),
+        ("{camera}/%Y-%m-%d/%H-{end:%H%}.mp4", "a lone '%'"),
         ("{camera}/%Y-%m-%d/{end:%q}.mp4", "unsupported directive"),
         ("{camera}/{nope}/%Y-%m-%d.mp4", "unknown placeholder"),
         ("{camera}/%H%M.mp4", "lacks %Y %m %d"),
