@@ -24,7 +24,7 @@ from nvr_guard.config.loader import Lines, dotted
 from nvr_guard.config.models import DEFAULT_EXPORT_GROUP, Config, Recorder, Site, resolve_keep
 from nvr_guard.config.profiles import PROFILES
 from nvr_guard.mounts import Mount, fs_location, mount_points_below, mounts
-from nvr_guard.retention.layout import Layout
+from nvr_guard.retention.presets import compile_layout
 from nvr_guard.text import Duration, fmt_duration
 
 
@@ -132,7 +132,7 @@ def _layout_checks(
     if site.layout is not None:
         tz = ZoneInfo(site.layout_timezone or site.timezone or zone)
         try:
-            Layout.compile(site.layout, tz)
+            compile_layout(site.layout, tz, site.layout_timezone is not None)
         except ValueError as e:
             problem(base + ("layout",), False, f"sites.{name}.layout: {e}")
         else:
