@@ -216,6 +216,8 @@ class SegmentStore(Database):
 
     # the expiry calculator the catalog was opened with (None: expiries cannot be computed)
     expiry: ExpiryFactory | None = None
+    # threads checkpointing the WAL after a bulk load (close waits for them)
+    _checkpointers: list[threading.Thread] = []  # noqa: RUF012 - replaced, never mutated
 
     def _expiry_factory(self) -> ExpiryFactory:
         # checked by every method that writes expiries, whatever the rules, so that a catalog
@@ -347,7 +349,19 @@ class SegmentStore(Database):
             finally:
                 self._checkpoint_as_usual()
 
-        threading.Thread(target=run, name="catalog-checkpoint", daemon=True).start()
+        t = threading.Thread(target=run, name="catalog-checkpoint", daemon=True)
+        self._checkpointers = [*(x for x in self._checkpointers if x.is_alive()), t]
+        t.start()
+
+    def close(self) -> None:
+        """Wait for a background checkpoint still running, then close the connection.
+
+        The checkpoint's own connection must be gone first: SQLite's last connection to close
+        removes the ``-wal`` file by name, which would take away the WAL of a database that
+        replaced this one at the same path (a test's or the bench's fresh catalog)."""
+        for t in self._checkpointers:
+            t.join(timeout=120)  # bounded: it takes the catalog's lock at its very end
+        super().close()
 
     def _checkpoint_as_usual(self) -> None:
         """This connection's commits checkpoint the WAL again (off during a large bulk load)."""
