@@ -28,10 +28,14 @@ def show_path(path: bytes | str) -> str:
 class Segment:
     """One recording file as the catalog knows it.
 
-    The footage it holds spans ``[start, max(start, mtime)]``: the mtime is the end (the recorder
-    last wrote to it then). ``start`` is the date-time read from the path through the site's
-    layout; a file without one (a site without ``layout``) is catalogued with ``start == mtime``
-    and the catalog hands it out with an estimated, earlier start (see
+    The footage it holds spans ``[start, end]``: the end is the mtime (the recorder last wrote to
+    it then), or ``path_end`` when the name carries a later one (Dahua's ``14.03.20-14.08.20``,
+    Nx Witness's duration; a preallocated file's mtime is before it). An mtime after the name's
+    end still counts: a file uploaded later holds no more, but a camera whose clock was reset
+    names fresh footage with old times, and holding more is never a loss. ``start`` is the
+    date-time read from the path through the site's layout; a file without one (a site without
+    ``layout``) is catalogued with ``start == mtime`` and the catalog hands it out with an
+    estimated, earlier start (see
     ``Catalog.estimate_starts``), so that a hold over the middle of it still holds it. Both times
     must be past ``keep`` (and the floor) before it is deleted: a camera whose clock was reset
     writes fresh files with old names.
@@ -44,22 +48,25 @@ class Segment:
     mtime: float  # last modification = the end; a recent one means "still recording"
     size: int
     id: int | None = None
+    path_end: float | None = None  # the end read from the path; None: the name carries none
 
     @property
     def end(self) -> float:
-        """The later of its two times: the end of its footage, and what the ceiling and the
-        floor are measured from."""
-        return self.mtime if self.mtime > self.start else self.start
+        """The latest of its times (start, mtime, the path's end): the end of its footage as far
+        as anyone can tell, and what disk pressure orders by."""
+        end = self.mtime if self.mtime > self.start else self.start
+        if self.path_end is not None and self.path_end > end:
+            return self.path_end
+        return end
 
     def span(self, tolerance: float = 3600.0) -> tuple[float, float]:
         """The footage it may hold, as far as anyone can tell: ``[start, end]``. A path time
         more than ``tolerance`` after the mtime (the camera named it in the future: 2099) says
         nothing about when it was recorded; it was written before its mtime, at a time no one
         knows, so it may hold anything up to its end."""
-        start = self.start
-        if start > self.mtime + tolerance:
-            return float("-inf"), start
-        return start, (self.mtime if self.mtime > start else start)
+        if self.start > self.mtime + tolerance:
+            return float("-inf"), self.end
+        return self.start, self.end
 
 
 def skew_band(start: float, tolerance: float) -> tuple[float, float]:

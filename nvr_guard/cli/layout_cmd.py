@@ -31,9 +31,18 @@ def layout_test(c: Ctx, site: str | None, paths: tuple[str, ...]) -> None:
             if r.ok:
                 text = f"{r.path}: site {r.site}, camera {r.camera}, start {r.start}"
                 text += f", end {r.end}" if r.end else ""
+                text += " (from the name)" if r.end_from == "path" else ""
+            elif r.sidecar_of is not None:
+                text = f"{r.path}: sidecar: {r.reason}"
             else:
                 text = f"{r.path}: no match: {r.reason}"
             out.print(text, markup=False)
+        # each preset's explanation once, after the paths
+        shown: set[str] = set()
+        for r in results:
+            if r.preset and r.preset not in shown:
+                shown.add(r.preset)
+                out.print(f"layout {r.preset} (site {r.site}): {r.explanation}", markup=False)
 
     c.emit({"ok": all(r.ok for r in results), "paths": [r.as_json() for r in results]}, human)
     if not all(r.ok for r in results):

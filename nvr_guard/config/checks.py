@@ -27,7 +27,7 @@ from nvr_guard.config.loader import Lines, dotted
 from nvr_guard.config.models import DEFAULT_EXPORT_GROUP, Config, Recorder, Site, resolve_keep
 from nvr_guard.config.profiles import PROFILES
 from nvr_guard.mounts import Mount, fs_location, mount_points_below, mounts
-from nvr_guard.retention.layout import Layout
+from nvr_guard.retention.presets import PRESETS, compile_layout
 from nvr_guard.text import Duration, fmt_duration
 
 
@@ -44,7 +44,7 @@ def cross_checks(
     finding through ``problem(path, about_key, msg)`` or ``warn(path, msg)``."""
     for name, site in sites:
         _site_checks(name, site, zone, legal_min, problem, warn)
-    _root_checks(sites, lines, problem)
+    _root_checks(sites, lines, problem, zone)
     _camera_claim_checks(sites, lines, problem)
     _recorder_checks(cfg, sites, problem, warn)
     if cfg is not None:
@@ -136,7 +136,7 @@ def _layout_checks(
     if site.layout is not None:
         tz = ZoneInfo(site.layout_timezone or site.timezone or zone)
         try:
-            Layout.compile(site.layout, tz)
+            compile_layout(site.layout, tz, site.layout_timezone is not None)
         except ValueError as e:
             problem(base + ("layout",), False, f"sites.{name}.layout: {e}")
         else:
@@ -274,7 +274,9 @@ def _camera_checks(cfg: Config, problem: Any, warn: Any) -> None:
             )
 
 
-def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> None:
+def _root_checks(
+    sites: list[tuple[str, Site]], lines: Lines, problem: Any, zone: str = "UTC"
+) -> None:
     """Roots exist, are not symlinks, and no two of them share footage.
 
     Two roots share footage when one is the other, or lies inside it, *on the file system*: a
@@ -328,7 +330,7 @@ def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> N
             if oname != name and root == oroot and split:
                 # the same path in two sites: allowed when both select their cameras (the
                 # selections are compared in _camera_checks) and read the files alike
-                why = _share_problem(name, by_name[name], oname, by_name[oname])
+                why = _share_problem(name, by_name[name], oname, by_name[oname], zone)
                 if why is None:
                     continue
                 problem(path, False, f"{where}: {root} is also {other}; {why}")
@@ -361,7 +363,7 @@ def _root_checks(sites: list[tuple[str, Site]], lines: Lines, problem: Any) -> N
         seen.append((name, i, root, ident, regions))
 
 
-def _share_problem(name: str, site: Site, oname: str, osite: Site) -> str | None:
+def _share_problem(name: str, site: Site, oname: str, osite: Site, zone: str) -> str | None:
     """Why two sites may not share a root (None: they may). Both must select their cameras, and
     read the root alike: one walk catalogues it, and each file goes to the site claiming its
     camera, so a file must mean the same (camera, time) to both."""
@@ -372,18 +374,39 @@ def _share_problem(name: str, site: Site, oname: str, osite: Site) -> str | None
             f"sites.{', sites.'.join(missing)}); list each site's cameras there, disjoint, or "
             "give each site its own root"
         )
+    mine, theirs = _reading(site, zone), _reading(osite, zone)
     for key in ("layout", "layout_timezone", "extensions", "cross_mounts"):
-        a, b = getattr(site, key), getattr(osite, key)
-        if key == "extensions":
-            a, b = sorted(e.lower() for e in a), sorted(e.lower() for e in b)
-        if key == "layout_timezone" and site.layout is not None:
-            a, b = a or site.timezone, b or osite.timezone  # an unset one: the top-level zone
+        a, b = mine[key], theirs[key]
         if a != b:
             return (
                 f"sites that share a root must read it alike, but {key} differs "
                 f"(sites.{oname}: {b!r}, sites.{name}: {a!r}); set the same {key} in both"
             )
     return None
+
+
+def _reading(site: Site, zone: str) -> dict[str, Any]:
+    """How a site reads its roots, as the scanner will: layout, the zone of its path times,
+    extensions (a preset's own unless listed) and whether it crosses mounts."""
+    preset = PRESETS.get(site.layout) if site.layout else None
+    if site.layout is None:
+        tz = None
+    elif site.layout_timezone:
+        tz = site.layout_timezone
+    elif preset is not None and preset.zone == "utc":
+        tz = "UTC"
+    else:
+        tz = site.timezone or zone
+    if preset is not None and "extensions" not in site.model_fields_set:
+        exts = sorted(e.lower() for e in preset.extensions)
+    else:
+        exts = sorted(e.lower() for e in site.extensions)
+    return {
+        "layout": site.layout,
+        "layout_timezone": tz,
+        "extensions": exts,
+        "cross_mounts": site.cross_mounts,
+    }
 
 
 def _is_glob(p: str) -> bool:

@@ -56,6 +56,7 @@ from nvr_guard.config.types import (
 )
 from nvr_guard.model import CameraRule, GuardRules, SiteRules
 from nvr_guard.retention.layout import Layout
+from nvr_guard.retention.presets import PRESETS, Preset, compile_layout
 from nvr_guard.text import Duration, fmt_duration, fmt_percent_exact
 
 DEFAULT_EXTENSIONS = (".mp4", ".mkv", ".ts", ".avi", ".h264", ".h265", ".dav")
@@ -366,16 +367,27 @@ class Config(_Strict):
         )
 
     def layout_timezone(self, site: str) -> ZoneInfo:
-        """The zone a site's path dates are written in: ``layout_timezone``, else the site's."""
+        """The zone a site's path dates are written in: ``layout_timezone``, else UTC for a
+        preset whose recorder writes UTC (Frigate), else the site's."""
         s = self.sites[site]
-        return ZoneInfo(s.layout_timezone) if s.layout_timezone else self.site_tz(site)
+        if s.layout_timezone:
+            return ZoneInfo(s.layout_timezone)
+        preset = self.preset_for(site)
+        return ZoneInfo("UTC") if preset and preset.zone == "utc" else self.site_tz(site)
+
+    def preset_for(self, site: str) -> Preset | None:
+        """The recorder preset a site's ``layout:`` names, or None (a pattern, or no layout)."""
+        layout = self.sites[site].layout
+        return PRESETS.get(layout) if layout else None
 
     def layout_for(self, site: str) -> Layout | None:
         """The site's compiled path pattern (dates read in ``layout_timezone``), or None: mtime."""
         if site not in self._layouts:
-            pattern = self.sites[site].layout
+            s = self.sites[site]
             self._layouts[site] = (
-                Layout.compile(pattern, self.layout_timezone(site)) if pattern else None
+                compile_layout(s.layout, self.layout_timezone(site), s.layout_timezone is not None)
+                if s.layout
+                else None
             )
         return self._layouts[site]
 
@@ -395,8 +407,13 @@ class Config(_Strict):
         return r if (s.layout or "").strip().lower() == r.kind else None
 
     def extensions_for(self, site: str) -> frozenset[str]:
-        """Lower-case; compare with the lower-cased suffix of a file name."""
-        return frozenset(e.lower() for e in self.sites[site].extensions)
+        """Lower-case; compare with the lower-cased suffix of a file name. A site that lists
+        none has its preset's (``.dav`` for dahua ...), else the defaults."""
+        s = self.sites[site]
+        preset = self.preset_for(site)
+        if preset is not None and "extensions" not in s.model_fields_set:
+            return frozenset(preset.extensions)
+        return frozenset(e.lower() for e in s.extensions)
 
     def approval_for(self, site: str) -> tuple[list[str], str]:
         """(steps, hours) of a site: its own override, else the global ones."""
@@ -422,9 +439,9 @@ class Config(_Strict):
             site["keep"] = fmt_duration(keep, "min") if keep else None
             site["min_keep"] = fmt_duration(min_keep, "min") if min_keep else None
             site["timezone"] = self.sites[name].timezone or self.timezone
-            site["layout_timezone"] = (
-                (self.sites[name].layout_timezone or site["timezone"]) if site["layout"] else None
-            )
+            site["layout_timezone"] = str(self.layout_timezone(name)) if site["layout"] else None
+            if self.preset_for(name) is not None:
+                site["extensions"] = sorted(self.extensions_for(name))
             steps, hours = self.approval_for(name)
             site["approval"] = {"steps": steps, "hours": hours}
         return data

@@ -1,10 +1,28 @@
-"""Reading a segment's camera and recorded start time from its path.
+"""Reading a segment's camera, recorded start and (when the name carries it) end from its path.
 
 A site's ``layout`` is a path pattern relative to a recording root, such as
-``{camera}/%Y-%m-%d/%H/%M.%S.mp4`` or Frigate's ``%Y-%m-%d/%H/{camera}/%M.%S.mp4``. ``{camera}``
-may stand at any level; the date-time directives are read in the layout's timezone (Frigate writes
-UTC). The file extension written in the pattern is not binding: which extensions count as segments
-is the site's ``extensions`` list, so ``.mp4`` in the pattern also matches ``.mkv`` segments.
+``{camera}/%Y-%m-%d/%H/%M.%S.mp4`` or Frigate's ``%Y-%m-%d/%H/{camera}/%M.%S.mp4``, or a preset
+name (:mod:`nvr_guard.retention.presets`). ``{camera}`` may stand at any level; the date-time
+directives (``%Y %y %m %d %H %M %S``) are read in the layout's timezone (Frigate writes UTC).
+Further:
+
+- ``%s``: the start in epoch seconds; ``{epoch_ms}``: the start in epoch milliseconds. With
+  either, the path's date directives must still match but the epoch is the start.
+- ``{end:...}``: the end, with the same directives (``{end:%H.%M.%S}``). Fields the end does not
+  name are the start's; an end of day-time only that is earlier than the start is on the next
+  day (a recording across midnight). ``{duration_ms}``: end = start + that many milliseconds.
+- ``*``: a whole path component (any one directory name), or within a component any text (the
+  rest of a name); ``{ignore}``: any text within a component.
+
+Local times are read in the layout's zone. A local time that does not exist (the hour skipped
+when clocks go forward) is read with the offset in force before the change (02:30 on the
+spring-forward day is 03:30 of the new offset); an ambiguous one (the hour repeated when clocks go
+back) is read as the first of its two instants — the earlier, so a start is never later than the
+footage. An end of day-time only that would come out before its start is read as the second
+instant of a repeated hour before it is moved to the next day.
+
+The file extension written in the pattern is not binding: which extensions count as segments is
+the site's ``extensions`` list, so ``.mp4`` in the pattern also matches ``.mkv`` segments.
 
 A path is matched in two steps: its directory part once per directory
 (:meth:`Layout.dir_matcher`), then each file name in it against the pattern's last component
@@ -19,23 +37,34 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta, tzinfo
 
 # directive -> regex; two-digit fields take exactly two ASCII digits, as recorders write them
 _DIRECTIVES = {
     "Y": "[0-9]{4}",
+    "y": "[0-9]{2}",
     "m": "[0-9]{2}",
     "d": "[0-9]{2}",
     "H": "[0-9]{2}",
     "M": "[0-9]{2}",
     "S": "[0-9]{2}",
+    "s": "[0-9]{1,12}",
 }
-_TOKEN = re.compile(r"\{camera\}|%.|\{[^}]*\}?|[^{%]+", re.S)
+_TOKEN = re.compile(r"\{camera\}|%.|\{[^}]*\}?|\*|[^{%*]+", re.S)
+_END_TOKEN = re.compile(r"%.|[^%]+", re.S)
 _TRAILING_EXT = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+# any text within one path component (``*`` inside a name, ``{ignore}``)
+_ANY_TEXT = "[^/]*?"
+# the groups the per-directory fast path knows (camera, date and hour from the directories,
+# minute and second from the name)
+_FAST_DIR = frozenset({"camera", "Y", "m", "d", "H", "M", "S"})
+_FAST_FILE = frozenset({"M", "S"})
+# placeholder -> its group name and regex
+_NUMBERS = {"{epoch_ms}": ("ems", "[0-9]{1,15}"), "{duration_ms}": ("dms", "[0-9]{1,12}")}
 
-# A file name in a matched directory -> (raw camera id, recorded start), or None.
-FileMatcher = Callable[[bytes], "tuple[str, float] | None"]
+# A file name in a matched directory -> (raw camera id, recorded start, end or None), or None.
+FileMatcher = Callable[[bytes], "tuple[str, float, float | None] | None"]
 
 
 @dataclass
@@ -48,6 +77,12 @@ class Layout:
     _file_regex: re.Pattern[bytes] = field(repr=False, default=re.compile(b""))
     # names the file component reads that the directory part reads too (must be equal)
     _shared: tuple[str, ...] = field(repr=False, default=())
+    # the camera of every path, when the pattern has no {camera} (a root per camera: motionEye)
+    camera: str | None = None
+    # a recorder's files beside its segments that are never segments (presets): whole names
+    # (Viseron's init.mp4), and suffixes appended to a segment's name (motionEye's .thumb)
+    shared_sidecars: frozenset[bytes] = frozenset()
+    suffix_sidecars: tuple[bytes, ...] = ()
     _hour_cache: dict[tuple[int, int, int, int], float] = field(
         repr=False, compare=False, default_factory=dict
     )
@@ -61,7 +96,9 @@ class Layout:
         return state
 
     @classmethod
-    def compile(cls, pattern: str, tz: tzinfo) -> Layout:
+    def compile(cls, pattern: str, tz: tzinfo, *, camera_from_root: bool = False) -> Layout:
+        """Compile ``pattern``; ``camera_from_root``: it has no ``{camera}``, the camera is the
+        name of the root (:meth:`for_root` binds it)."""
         if not isinstance(pattern, str) or not pattern.strip():
             raise ValueError("layout is empty; write e.g. '{camera}/%Y-%m-%d/%H/%M.%S.mp4'")
         if pattern.startswith("/"):
@@ -71,23 +108,36 @@ class Layout:
             raise ValueError(f"layout {pattern!r} has an empty, '.' or '..' path component")
         last = parts[-1]
         m = _TRAILING_EXT.search(last)
-        ext_any = m is not None and "%" not in last[m.start() :] and "{" not in last[m.start() :]
+        ext_any = m is not None and not any(c in last[m.start() :] for c in "%{*")
         if ext_any and m is not None:
             last = last[: m.start()]
         dir_seen: set[str] = set()
-        dir_rx = _component_regex(pattern, "/".join(parts[:-1]), dir_seen)
+        dir_rx = "/".join(_component_regex(pattern, p, dir_seen) for p in parts[:-1])
         file_seen: set[str] = set()
         file_rx = _component_regex(pattern, last, file_seen)
         seen = dir_seen | file_seen
-        if "camera" not in seen:
+        if camera_from_root:
+            if "camera" in seen:
+                raise ValueError(f"layout {pattern!r}: the camera is the root's name here")
+        elif "camera" not in seen:
             raise ValueError(
                 f"layout {pattern!r} has no {{camera}}; put {{camera}} where the camera id stands"
             )
-        missing = [d for d in ("Y", "m", "d") if d not in seen]
-        if missing:
+        epoch = "s" in seen or "ems" in seen
+        if "s" in seen and "ems" in seen:
+            raise ValueError(f"layout {pattern!r}: %s and {{epoch_ms}} both give the start")
+        missing = [d for d in ("Y", "m", "d") if d not in seen and not (d == "Y" and "y" in seen)]
+        if missing and not epoch:
             raise ValueError(
                 f"layout {pattern!r} lacks {' '.join('%' + d for d in missing)}: the recorded date "
-                "must be readable from the path (leave layout out to use the file's mtime)"
+                "must be readable from the path (or %s / {epoch_ms}; leave layout out to use the "
+                "file's mtime)"
+            )
+        if "Y" in seen and "y" in seen:
+            raise ValueError(f"layout {pattern!r}: %Y and %y both give the year")
+        if "dms" in seen and any(k.startswith("e_") for k in seen):
+            raise ValueError(
+                f"layout {pattern!r}: {{end:...}} and {{duration_ms}} both give the end"
             )
         if ext_any:
             file_rx += r"\.[^/.]+"
@@ -101,10 +151,33 @@ class Layout:
             re.compile(dir_rx, re.S),
             re.compile(file_rx_b, re.S),
             tuple(sorted(dir_seen & file_seen)),
+            "" if camera_from_root else None,
         )
 
-    def parse(self, rel: str) -> tuple[str, float] | None:
-        """Camera id and recorded start (epoch seconds) of a root-relative path, or None."""
+    @property
+    def camera_from_root(self) -> bool:
+        """The camera is the name of the root (the pattern has no ``{camera}``)."""
+        return self.camera is not None
+
+    def for_root(self, root: str | bytes) -> Layout:
+        """This layout as it reads paths under ``root``: itself, or for a layout whose camera is
+        the root's name, a copy with that camera."""
+        if self.camera is None:
+            return self
+        if isinstance(root, bytes):
+            root = root.decode("utf-8", "surrogateescape")
+        name = root.rstrip("/").rsplit("/", 1)[-1] or "/"
+        return replace(self, camera=name, _hour_cache={}, _name_offsets={})
+
+    def is_sidecar(self, name: bytes) -> bool:
+        """A file name the recorder writes beside its segments (never a segment itself)."""
+        if name in self.shared_sidecars:
+            return True
+        return any(name.endswith(s) and len(name) > len(s) for s in self.suffix_sidecars)
+
+    def parse(self, rel: str) -> tuple[str, float, float | None] | None:
+        """Camera id, recorded start and end (None: the name has none; epoch seconds) of a
+        root-relative path, or None."""
         slash = rel.rfind("/")
         if slash == 0:  # "/name": an absolute path, not one relative to the root
             return None
@@ -125,9 +198,19 @@ class Layout:
         if dm is None:
             return None
         bound = {k: v for k, v in dm.groupdict().items() if v is not None}
+        if self.camera is not None:
+            if not self.camera:
+                return None  # the camera is the root's name: see for_root
+            bound["camera"] = self.camera
         fullmatch = self._file_regex.fullmatch
         index = self._file_regex.groupindex
-        if "camera" in bound and not self._shared and set(index) <= {"M", "S"}:
+        if (
+            "camera" in bound
+            and "Y" in bound
+            and not self._shared
+            and set(index) <= _FAST_FILE
+            and set(bound) <= _FAST_DIR
+        ):
             # the usual shape: camera, date and hour from the directories, minute and second
             # (or neither) from the name; the hour's start is looked up once per directory
             try:
@@ -144,7 +227,7 @@ class Layout:
             offsets = self._name_offsets
             gm, gs = index.get("M", 0), index.get("S", 0)
 
-            def match_fast(name: bytes) -> tuple[str, float] | None:
+            def match_fast(name: bytes) -> tuple[str, float, float | None] | None:
                 # what the name adds to the hour's start: a million files carry a few thousand
                 # distinct names ("05.00.mp4" in every hour), so each is read once
                 off = offsets.get(name)
@@ -159,12 +242,12 @@ class Layout:
                     if len(offsets) > 100_000:
                         offsets.clear()
                     offsets[name] = off
-                return None if off < 0 else (camera, base + off)
+                return None if off < 0 else (camera, base + off, None)
 
             return match_fast
         shared = [(k, bound[k].encode("utf-8", "surrogateescape")) for k in self._shared]
 
-        def match_any(name: bytes) -> tuple[str, float] | None:
+        def match_any(name: bytes) -> tuple[str, float, float | None] | None:
             fm = fullmatch(name)
             if fm is None:
                 return None
@@ -191,20 +274,75 @@ class Layout:
             self._hour_cache[key] = base
         return base
 
-    def _value(self, g: dict[str, str]) -> tuple[str, float] | None:
+    def _value(self, g: dict[str, str]) -> tuple[str, float, float | None] | None:
         try:
-            base = self._hour_base(int(g["Y"]), int(g["m"]), int(g["d"]), int(g.get("H") or 0))
-            minute, second = int(g.get("M") or 0), int(g.get("S") or 0)
-        except ValueError:  # 30 Feb, hour 25 ...
+            if "ems" in g:
+                start = int(g["ems"]) / 1000.0
+                day = None
+            elif "s" in g:
+                start = float(int(g["s"]))
+                day = None
+            else:
+                day = _day(g, "")
+                start = _clock(g, "", day, self._hour_base)
+            end: float | None = None
+            if "dms" in g:
+                end = start + int(g["dms"]) / 1000.0
+            elif "e_s" in g:
+                end = float(int(g["e_s"]))
+            elif any(k.startswith("e_") for k in g):
+                end = self._end(g, start, day)
+        except ValueError:  # 30 Feb, hour 25, minute 61 ...
             return None
-        if minute > 59 or second > 60:
-            return None
-        return g["camera"], base + minute * 60 + second
+        return g["camera"], start, end
+
+    def _end(self, g: dict[str, str], start: float, day: date | None) -> float:
+        """The end of ``{end:...}``: fields it does not name are the start's; a day-time only
+        end before the start is the second instant of a repeated hour, else the next day."""
+        if day is None:  # the start came from an epoch: its local date
+            day = datetime.fromtimestamp(start, self.tz).date()
+        own_date = any(k in g for k in ("e_Y", "e_y", "e_m", "e_d"))
+        if own_date:
+            y = int(g["e_Y"]) if "e_Y" in g else 2000 + int(g["e_y"]) if "e_y" in g else day.year
+            day = date(y, int(g.get("e_m") or day.month), int(g.get("e_d") or day.day))
+        end = _clock(g, "e_", day, self._hour_base)
+        if end >= start or own_date:
+            return end
+        later = _clock(g, "e_", day, self._hour_base, fold=1, tz=self.tz)
+        if later >= start:
+            return later
+        return _clock(g, "e_", day + timedelta(days=1), self._hour_base)
+
+
+def _day(g: dict[str, str], pre: str) -> date:
+    """The date the ``pre``-fields name (ValueError: no such day)."""
+    year = int(g[pre + "Y"]) if pre + "Y" in g else 2000 + int(g[pre + "y"])
+    return date(year, int(g[pre + "m"]), int(g[pre + "d"]))
+
+
+def _clock(
+    g: dict[str, str],
+    pre: str,
+    day: date,
+    hour_base: Callable[[int, int, int, int], float],
+    fold: int = 0,
+    tz: tzinfo | None = None,
+) -> float:
+    """Epoch seconds of ``day`` at the ``pre``-fields' hour, minute and second (ValueError)."""
+    hour, minute = int(g.get(pre + "H") or 0), int(g.get(pre + "M") or 0)
+    second = int(g.get(pre + "S") or 0)
+    if minute > 59 or second > 60:
+        raise ValueError("no such time")
+    if fold and tz is not None:
+        base = datetime(day.year, day.month, day.day, hour, tzinfo=tz, fold=1).timestamp()
+    else:
+        base = hour_base(day.year, day.month, day.day, hour)
+    return base + minute * 60 + second
 
 
 def _component_regex(pattern: str, text: str, seen: set[str]) -> str:
-    """Regex for ``text`` (part of ``pattern``): named groups for the first appearance of a
-    directive or ``{camera}`` in ``seen``, back-references for a repeat."""
+    """Regex for one path component ``text`` (of ``pattern``): named groups for the first
+    appearance of a directive or placeholder in ``seen``, back-references for a repeat."""
     out: list[str] = []
     tokens = _TOKEN.findall(text)
     if "".join(tokens) != text:  # only a '%' with nothing after it is not a token
@@ -213,21 +351,47 @@ def _component_regex(pattern: str, text: str, seen: set[str]) -> str:
         if tok == "{camera}":
             out.append("(?P=camera)" if "camera" in seen else r"(?P<camera>[^/]+)")
             seen.add("camera")
+        elif tok == "*":
+            out.append("[^/]+" if text == "*" else _ANY_TEXT)
+        elif tok == "{ignore}":
+            out.append(_ANY_TEXT)
+        elif tok in _NUMBERS:
+            name, rx = _NUMBERS[tok]
+            out.append(f"(?P={name})" if name in seen else f"(?P<{name}>{rx})")
+            seen.add(name)
+        elif tok.startswith("{end:") and tok.endswith("}"):
+            inner = tok[5:-1]
+            if not inner:
+                raise ValueError(f"layout {pattern!r}: {{end:}} names no directive")
+            inner_tokens = _END_TOKEN.findall(inner)
+            if "".join(inner_tokens) != inner:
+                raise ValueError(f"layout {pattern!r}: a lone '%' in {tok!r}")
+            for t in inner_tokens:
+                if not t.startswith("%") or t == "%%":
+                    out.append(re.escape(t[-1] if t == "%%" else t))
+                    continue
+                out.append(_directive(pattern, t, seen, "e_"))
         elif tok.startswith("{"):
             raise ValueError(
-                f"layout {pattern!r}: unknown placeholder {tok!r}; only {{camera}} is known"
+                f"layout {pattern!r}: unknown placeholder {tok!r}; known: {{camera}}, "
+                "{end:...}, {epoch_ms}, {duration_ms}, {ignore}"
             )
+        elif tok == "%%":
+            out.append("%")
         elif tok.startswith("%"):
-            d = tok[1:]
-            if d == "%":
-                out.append("%")
-            elif d in _DIRECTIVES:
-                out.append(f"(?P={d})" if d in seen else f"(?P<{d}>{_DIRECTIVES[d]})")
-                seen.add(d)
-            else:
-                raise ValueError(
-                    f"layout {pattern!r}: unsupported directive {tok!r}; use %Y %m %d %H %M %S"
-                )
+            out.append(_directive(pattern, tok, seen, ""))
         else:
             out.append(re.escape(tok))
     return "".join(out)
+
+
+def _directive(pattern: str, tok: str, seen: set[str], pre: str) -> str:
+    d = tok[1:]
+    if d not in _DIRECTIVES:
+        raise ValueError(
+            f"layout {pattern!r}: unsupported directive {tok!r}; use %Y %y %m %d %H %M %S %s"
+        )
+    name = pre + d
+    rx = f"(?P={name})" if name in seen else f"(?P<{name}>{_DIRECTIVES[d]})"
+    seen.add(name)
+    return rx

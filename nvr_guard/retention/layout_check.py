@@ -1,10 +1,12 @@
 """`nvr-guard layout test`: what the scanner would make of a path, and why not when it would not.
 
 An admin writing a ``layout:`` for a new recorder wants to know, before any sweep, whether a
-file's camera and recorded start come out right. This reads the config only (no daemon, no
-catalog) and applies the scanner's rules in the scanner's order: under a site's root, a segment
-extension, no symlink on the way, then the layout (or, without one, the first directory level as
-camera and the file's mtime as start).
+file's camera, recorded start and end come out right. With a preset, the result carries the
+preset's explanation; a file the preset names as a sidecar (Viseron's ``init.mp4``, motionEye's
+``<movie>.thumb``) is no segment, and the result says which segment(s) it belongs to.
+This reads the config only (no daemon, no catalog) and applies the scanner's rules in the
+scanner's order: under a site's root, a segment extension, no symlink on the way, then the layout
+(or, without one, the first directory level as camera and the file's mtime as start).
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ class PathResult:
     site: str | None = None
     camera: str | None = None
     start: str | None = None  # ISO 8601 in the site's timezone
-    end: str | None = None  # the file's mtime, when the path gave the start and the file exists
+    # the end the path carries, else the file's mtime (when the path gave the start and the file
+    # exists)
+    end: str | None = None
+    end_from: str | None = None  # "path" or "mtime" (None: no end)
     reason: str | None = None  # why it does not match; None when it does
+    preset: str | None = None  # the site's layout preset, if it names one
+    explanation: str | None = None  # the preset's explanation
+    sidecar_of: list[str] | None = None  # a sidecar: the segment(s) it belongs to
 
     @property
     def ok(self) -> bool:
@@ -40,8 +48,12 @@ class PathResult:
             "camera": self.camera,
             "start": self.start,
             "end": self.end,
+            "end_from": self.end_from,
             "ok": self.ok,
             "reason": self.reason,
+            "preset": self.preset,
+            "explanation": self.explanation,
+            "sidecar_of": self.sidecar_of,
         }
 
 
@@ -138,6 +150,13 @@ def check_path(config: Config, given: str, site: str | None = None) -> PathResul
     res.site, root = found
     rel = path[len(root.rstrip("/")) + 1 :]
     name = rel.rsplit("/", 1)[-1]
+    preset = config.preset_for(res.site)
+    if preset is not None:
+        res.preset, res.explanation = preset.name, preset.explanation
+        owner = preset.sidecar_of(name)
+        if owner is not None:
+            _sidecar(config, res, root, rel, owner)
+            return res
     exts = config.extensions_for(res.site)
     dot = name.rfind(".")
     if dot <= 0 or name[dot:].lower() not in exts:
@@ -161,6 +180,7 @@ def check_path(config: Config, given: str, site: str | None = None) -> PathResul
     tz = config.site_tz(res.site)
     layout = config.layout_for(res.site)
     if layout is not None:
+        layout = layout.for_root(root)
         slash = rel.rfind("/")
         rel_dir = rel[: max(slash, 0)]
         matcher = layout.dir_matcher(rel_dir)
@@ -175,10 +195,12 @@ def check_path(config: Config, given: str, site: str | None = None) -> PathResul
             last = layout.pattern.rsplit("/", 1)[-1]
             res.reason = f"file name {name!r} does not match {last!r} of layout {layout.pattern!r}"
             return res
-        camera, start = got
+        camera, start, end = got
         res.camera, res.start = _camera_id(camera), iso(start, tz)
-        if st is not None and st.st_mtime >= start:
-            res.end = iso(st.st_mtime, tz)  # the recorder last wrote it then
+        if end is not None:
+            res.end, res.end_from = iso(end, tz), "path"
+        elif st is not None and st.st_mtime >= start:
+            res.end, res.end_from = iso(st.st_mtime, tz), "mtime"  # the recorder last wrote it
         return res
     if "/" not in rel:
         res.reason = (
@@ -195,3 +217,39 @@ def check_path(config: Config, given: str, site: str | None = None) -> PathResul
         return res
     res.start = iso(st.st_mtime, tz)
     return res
+
+
+def _sidecar(config: Config, res: PathResult, root: str, rel: str, owner: str) -> None:
+    """Fill ``res`` for a file the site's preset names a sidecar: which segment(s) it belongs
+    to (``owner``: the segment's name, "" for every segment beside it)."""
+    directory = os.path.join(root, os.path.dirname(rel))
+    name = os.path.basename(rel)
+    layout = config.layout_for(res.site or "")
+    if owner:
+        res.sidecar_of = [os.path.join(directory, owner)]
+        res.reason = (
+            f"a sidecar of segment {res.sidecar_of[0]} (never a segment; the purge removes it "
+            "together with that segment)"
+        )
+        return
+    segments: list[str] = []
+    if layout is not None:
+        matcher = layout.for_root(root).dir_matcher(os.path.dirname(rel))
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            names = []
+        exts = config.extensions_for(res.site or "")
+        for n in names:
+            dot = n.rfind(".")
+            if dot <= 0 or n[dot:].lower() not in exts or matcher is None:
+                continue
+            got = matcher(n.encode("utf-8", "surrogateescape"))
+            if got is not None:
+                res.camera = _camera_id(got[0])
+                segments.append(os.path.join(directory, n))
+    res.sidecar_of = segments
+    res.reason = (
+        f"{name} is a sidecar shared by every segment in {directory} ({len(segments)} now): never "
+        "a segment, never deleted while a segment of the camera remains"
+    )

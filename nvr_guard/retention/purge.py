@@ -71,6 +71,9 @@ class PurgeTarget:
     # which directory the root was when the footage was catalogued (nvr_guard.mounts.dir_identity);
     # a root that is another directory now (a bind mount over it) is refused. None: not checked
     root_id: str | None = None
+    # suffixes of the segment's sidecars (motionEye's b".thumb"): ``<name><suffix>`` beside it,
+    # a regular file, is removed right after the segment, through the same directory fd
+    sidecars: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -354,7 +357,9 @@ PROCESS_MIN = 20_000
 
 # what a worker gets per file: plain data, cheap to pickle (the exts set is shared by identity)
 # (root, rel, extensions, settle, catalogued size, catalogued mtime, cross mounts, root identity)
-_Item = tuple[bytes, bytes, frozenset[bytes], float, int, float, bool, str | None]
+_Item = tuple[
+    bytes, bytes, frozenset[bytes], float, int, float, bool, str | None, tuple[bytes, ...]
+]
 # and returns per batch: (indices deleted, their bytes, [(index, kind, reason)] refused)
 _Outcome = tuple[list[int], int, list[tuple[int, str, str]]]
 
@@ -580,6 +585,7 @@ def _prepare(
                     t.segment.mtime,
                     t.cross_mounts,
                     t.root_id,
+                    t.sidecars,
                 )
                 for rel, t in zip(rels, ts, strict=True)
             ]
@@ -835,7 +841,7 @@ def _apply(
     sizes = 0
     walker: _DirWalker | None = None
     lstat, unlink, is_reg = os.stat, os.unlink, stat.S_ISREG
-    for i, (root, rel, exts, settle, size, cat_mtime, cross, root_id) in enumerate(items):
+    for i, (root, rel, exts, settle, size, cat_mtime, cross, root_id, sidecars) in enumerate(items):
         try:
             if walker is None or walker.root != root:
                 walker = walkers.get(root)
@@ -883,6 +889,8 @@ def _apply(
                 raise _Skip("vanished", "file is gone") from None
             except OSError as exc:
                 raise _Skip("error", f"cannot unlink: {exc.strerror}") from None
+            if sidecars:
+                _unlink_sidecars(name, d, sidecars)
         except _Skip as s:
             skipped.append((i, s.kind, str(s)))
             continue
@@ -890,6 +898,18 @@ def _apply(
         deleted.append(i)
         sizes += st.st_size
     return deleted, sizes, skipped
+
+
+def _unlink_sidecars(name: bytes, d: int, suffixes: tuple[bytes, ...]) -> None:
+    """Remove the sidecars of the segment ``name`` just unlinked in directory fd ``d``: regular
+    files only (a symlink or directory of that name stays), a missing one is fine."""
+    for suffix in suffixes:
+        try:
+            st = os.stat(name + suffix, dir_fd=d, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                os.unlink(name + suffix, dir_fd=d)
+        except OSError:
+            pass  # gone already, or not removable: a sidecar is never worth a failed purge
 
 
 def _same_second(disk: float, catalog: float) -> bool:

@@ -167,8 +167,8 @@ class ReconcileStats:
 
 # ---- the walk (runs in worker processes too: module level, picklable inputs) -----------------
 
-# catalogued state of one path, compared with the disk: (site, camera, start, mtime, size)
-_Known = tuple[str, str, float, float, int]
+# catalogued state of one path, compared with the disk: (site, camera, start, mtime, size, end)
+_Known = tuple[str, str, float, float, int, float | None]
 # a site's claim on the cameras of a root several sites share: (site, patterns, rules)
 _Claim = tuple[str, tuple[str, ...], SiteRules]
 
@@ -190,6 +190,8 @@ class _Classifier:
     def __post_init__(self) -> None:
         self.calc = ExpiryCalc(self.rules)
         self._cut = len(self.root) + 1
+        if self.layout is not None:  # a root per camera (motionEye): the camera is its name
+            self.layout = self.layout.for_root(self.root)
 
     def for_camera(self, camera: str) -> _Classifier | None:
         """The classifier of the site that claims ``camera`` (itself when the root is not split
@@ -228,15 +230,16 @@ class _Classifier:
         # dot > 0: a hidden name (".x.mp4", ".mp4") is a recorder's temporary, never a segment
         return dot > 0 and name[0] != 0x2E and name[dot:].lower() in self.exts
 
-    def classify(self, path: bytes, mtime: float) -> tuple[str, float] | None:
-        """(camera, start) of a segment file, or None when it does not belong in the catalog."""
+    def classify(self, path: bytes, mtime: float) -> tuple[str, float, float | None] | None:
+        """(camera, start, end or None) of a segment file, or None when it does not belong in
+        the catalog."""
         rel = path[self._cut :].decode("utf-8", "surrogateescape")
         if self.layout is not None:
             return self.layout.parse(rel)
         slash = rel.find("/")
         if slash <= 0:
             return None  # directly in the root: no camera directory
-        return rel[:slash], mtime
+        return rel[:slash], mtime, None
 
 
 _path_of = itemgetter(2)
@@ -280,11 +283,13 @@ def _note_file(
     got = cls.classify(path, mtime)
     if got is None:
         delta.stats.ignored += 1
+        if cls.layout is not None and cls.layout.is_sidecar(path[path.rfind(b"/") + 1 :]):
+            return  # a recorder's sidecar (init.mp4): never a segment, never unmatched
         delta.stats.unmatched += 1  # only segment names come here
         if len(delta.unmatched) < _EXAMPLES:
             delta.unmatched.append(path)
         return
-    camera, start = _camera_id(got[0]), got[1]
+    camera, start, end = _camera_id(got[0]), got[1], got[2]
     own = cls.for_camera(camera)
     if own is None:  # a camera no site claims: not catalogued (a row it had is removed)
         delta.stats.ignored += 1
@@ -297,12 +302,14 @@ def _note_file(
     old = known.pop(path, None)
     if old is None:
         delta.stats.added += 1
-    elif old == (cls.site, camera, start, mtime, size):
+    elif old == (cls.site, camera, start, mtime, size, end):
         return
     else:
         delta.stats.updated += 1
     assert cls.calc is not None
-    delta.rows.append((cls.site, camera, path, start, mtime, size, cls.calc(start, mtime, camera)))
+    delta.rows.append(
+        (cls.site, camera, path, start, mtime, size, cls.calc(start, mtime, camera), end)
+    )
 
 
 def _walk(
@@ -426,15 +433,17 @@ def _walk(
                         got = match(name) if match is not None else None
                         if got is None:
                             ignored += 1
+                            if old is not None:
+                                known[path] = old  # catalogued, no longer a segment: remove it
+                            if layout.is_sidecar(name):
+                                continue  # a recorder's sidecar: never a segment, not unmatched
                             unmatched += 1
                             if len(unmatched_ex) < _EXAMPLES:
                                 unmatched_ex.append(path)
-                            if old is not None:
-                                known[path] = old  # catalogued, no longer a segment: remove it
                             continue
-                        camera, start = got
+                        camera, start, end = got
                     elif camera_dir:
-                        camera, start = camera_dir, mtime
+                        camera, start, end = camera_dir, mtime, None
                     else:
                         ignored += 1  # directly in the root: no camera directory
                         unmatched += 1
@@ -465,7 +474,7 @@ def _walk(
                     files += 1
                     if old is None:
                         added += 1
-                    elif old == (site, camera, start, mtime, size):
+                    elif old == (site, camera, start, mtime, size, end):
                         continue
                     else:
                         updated += 1
@@ -477,7 +486,7 @@ def _walk(
                         expires = (mtime if mtime > start else start) + keep_s
                     else:
                         expires = calc(start, mtime, camera)
-                    rows.append((site, camera, path, start, mtime, size, expires))
+                    rows.append((site, camera, path, start, mtime, size, expires, end))
         except OSError as exc:
             # the listing itself failed part way (EIO, ESTALE): what was not seen is kept
             delta.unreadable.append((d, exc.strerror or str(exc)))
@@ -1522,7 +1531,7 @@ class Scanner:
             known = {}
             old = self.catalog.get(path)
             if old is not None:
-                known[path] = (old.site, old.camera, old.start, old.mtime, old.size)
+                known[path] = (old.site, old.camera, old.start, old.mtime, old.size, old.path_end)
             delta = _Delta()
             _note_file(cls, path, st, known, delta)
             if delta.unclaimed:

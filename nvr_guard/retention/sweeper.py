@@ -572,9 +572,16 @@ class Sweeper:
                     settle=self.rules[seg.site].settle,
                     cross_mounts=site.cross_mounts,
                     root_id=walked.get(root),
+                    sidecars=self._sidecars(seg.site),
                 )
             )
         return targets
+
+    def _sidecars(self, site: str) -> tuple[bytes, ...]:
+        """Suffixes of the files the purge removes with a segment of the site (its preset's:
+        motionEye's ``.thumb``)."""
+        layout = self.config.layout_for(site)
+        return layout.suffix_sidecars if layout is not None else ()
 
     def _purge_lock(self, wait: bool) -> int | None:
         """An exclusive flock on ``purge.lock`` next to the catalog, held while a sweep purges:

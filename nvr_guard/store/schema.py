@@ -369,6 +369,16 @@ def _migration_8(conn: sqlite3.Connection) -> None:
     conn.execute("DELETE FROM expiry_rules")
 
 
+def _migration_9(conn: sqlite3.Connection) -> None:
+    # the end a segment's name carries (Dahua's start-end, Nx Witness's duration); NULL: none,
+    # the mtime is the end. Existing rows come from layouts that could not name an end (NULL is
+    # right for them); a new layout makes the next reconcile read every path again. Idempotent,
+    # so it is safe to renumber when migrations of branches are merged.
+    cols = {row[1] for row in conn.execute("PRAGMA table_info(segments)")}
+    if "end" not in cols:
+        conn.execute('ALTER TABLE segments ADD COLUMN "end" REAL')
+
+
 # Ordered: migration i brings the schema from user_version i-1 to i. Append, never edit.
 MIGRATIONS: list[Migration] = [
     _migration_1,
@@ -379,6 +389,7 @@ MIGRATIONS: list[Migration] = [
     _migration_6,
     _migration_7,
     _migration_8,
+    _migration_9,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

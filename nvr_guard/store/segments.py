@@ -58,13 +58,14 @@ EXPIRY_SLACK = 1.0
 # of WAL; a smaller one costs its commit no more than an ordinary batch)
 _DEFER_CHECKPOINT_ROWS = 50_000
 
-# (site, camera, path, start, mtime, size, expires_at) — the shape the scanner hands over in bulk
-SegmentRow = tuple[str, str, bytes, float, float, int, float | None]
+# (site, camera, path, start, mtime, size, expires_at, end) — the shape the scanner hands over in
+# bulk; end: the end the path carries, None when it carries none
+SegmentRow = tuple[str, str, bytes, float, float, int, float | None, float | None]
 
-_SEG_COLS = "id, site, camera, path, start, mtime, size"
+_SEG_COLS = 'id, site, camera, path, start, mtime, size, "end"'
 
-# path -> (site, camera, start, mtime, size): what the scanner compares the disk with
-KnownRow = tuple[str, str, float, float, int]
+# path -> (site, camera, start, mtime, size, end): what the scanner compares the disk with
+KnownRow = tuple[str, str, float, float, int, float | None]
 
 
 class Expiry(Protocol):
@@ -93,15 +94,15 @@ SELECT camera FROM cams WHERE camera IS NOT NULL
 """
 
 _INSERT = (
-    "INSERT INTO segments (site, camera, path, start, mtime, size, expires_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    'INSERT INTO segments (site, camera, path, start, mtime, size, expires_at, "end") '
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT = (
-    "INSERT INTO segments (site, camera, path, start, mtime, size, expires_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) "
+    'INSERT INTO segments (site, camera, path, start, mtime, size, expires_at, "end") '
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(path) DO UPDATE SET site = excluded.site, camera = excluded.camera, "
     "start = excluded.start, mtime = excluded.mtime, size = excluded.size, "
-    "expires_at = excluded.expires_at"
+    'expires_at = excluded.expires_at, "end" = excluded."end"'
 )
 
 
@@ -109,7 +110,7 @@ _UPSERT = (
 # row's B-tree insert itself; with 64 rows a statement (448 parameters) that overhead is
 # shared, the load of a million rows is about 0.6 s cheaper (measured).
 _CHUNK = 64
-_ROW_PARAMS = "(?, ?, ?, ?, ?, ?, ?)"
+_ROW_PARAMS = "(?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_CHUNK = _INSERT.replace(_ROW_PARAMS, ", ".join([_ROW_PARAMS] * _CHUNK))
 _UPSERT_CHUNK = _UPSERT.replace(_ROW_PARAMS, ", ".join([_ROW_PARAMS] * _CHUNK))
 
@@ -152,7 +153,7 @@ class SkewReport:
 
 
 def _segment(row: Sequence[Any]) -> Segment:
-    rid, site, camera, path, start, mtime, size = row
+    rid, site, camera, path, start, mtime, size, end = row
     return Segment(
         site=str(site),
         camera=str(camera),
@@ -161,6 +162,7 @@ def _segment(row: Sequence[Any]) -> Segment:
         mtime=float(mtime),
         size=int(size),
         id=int(rid),
+        path_end=None if end is None else float(end),
     )
 
 
@@ -202,10 +204,11 @@ def read_rows_between(db: Path | str, lo: bytes, hi: bytes) -> dict[bytes, Known
 
 def _read_rows(conn: sqlite3.Connection, lo: bytes, hi: bytes) -> dict[bytes, KnownRow]:
     cur = conn.execute(
-        "SELECT path, site, camera, start, mtime, size FROM segments WHERE path >= ? AND path < ?",
+        'SELECT path, site, camera, start, mtime, size, "end" FROM segments '
+        "WHERE path >= ? AND path < ?",
         (lo, hi),
     )
-    return {p: (s, c, st, m, z) for p, s, c, st, m, z in cur}
+    return {p: (s, c, st, m, z, e) for p, s, c, st, m, z, e in cur}
 
 
 class SegmentStore(Database):
@@ -213,6 +216,8 @@ class SegmentStore(Database):
 
     # the expiry calculator the catalog was opened with (None: expiries cannot be computed)
     expiry: ExpiryFactory | None = None
+    # threads checkpointing the WAL after a bulk load (close waits for them)
+    _checkpointers: list[threading.Thread] = []  # noqa: RUF012 - replaced, never mutated
 
     def _expiry_factory(self) -> ExpiryFactory:
         # checked by every method that writes expiries, whatever the rules, so that a catalog
@@ -247,6 +252,7 @@ class SegmentStore(Database):
                     s.mtime,
                     s.size,
                     calc(s.start, s.mtime, s.camera),
+                    s.path_end,
                 )
             )
         with self.transaction():
@@ -343,7 +349,19 @@ class SegmentStore(Database):
             finally:
                 self._checkpoint_as_usual()
 
-        threading.Thread(target=run, name="catalog-checkpoint", daemon=True).start()
+        t = threading.Thread(target=run, name="catalog-checkpoint", daemon=True)
+        self._checkpointers = [*(x for x in self._checkpointers if x.is_alive()), t]
+        t.start()
+
+    def close(self) -> None:
+        """Wait for a background checkpoint still running, then close the connection.
+
+        The checkpoint's own connection must be gone first: SQLite's last connection to close
+        removes the ``-wal`` file by name, which would take away the WAL of a database that
+        replaced this one at the same path (a test's or the bench's fresh catalog)."""
+        for t in self._checkpointers:
+            t.join(timeout=120)  # bounded: it takes the catalog's lock at its very end
+        super().close()
 
     def _checkpoint_as_usual(self) -> None:
         """This connection's commits checkpoint the WAL again (off during a large bulk load)."""
@@ -683,7 +701,7 @@ class SegmentStore(Database):
         ``end`` started before ``end`` as far as anyone knows (at the end of its predecessor), so
         it is part of the range too: a request over the middle of a one-hour file gets that
         file."""
-        conds = ["start < ?", "max(mtime, start) >= ?"]
+        conds = ["start < ?", 'max(mtime, start, coalesce("end", start)) >= ?']
         args: list[object] = [end, start]
         if site is not None:
             conds.insert(0, "site = ?")
@@ -716,7 +734,12 @@ class SegmentStore(Database):
                 ).fetchone()
                 # only a file without a path time (start == mtime): a path-timed one starting
                 # at or after ``end`` holds nothing of the range
-                if row is not None and row[4] == row[5] and bytes(row[3]) not in have:
+                if (
+                    row is not None
+                    and row[4] == row[5]
+                    and row[7] is None
+                    and bytes(row[3]) not in have
+                ):
                     out.append(_segment(row))
             out.sort(key=lambda g: (g.site, g.camera, g.start, g.path))
             return self.estimate_starts(out)
@@ -738,7 +761,7 @@ class SegmentStore(Database):
         """
         groups: dict[tuple[str, str], list[int]] = {}
         for i, g in enumerate(segments):
-            if g.start == g.mtime:
+            if g.start == g.mtime and g.path_end is None:
                 groups.setdefault((g.site, g.camera), []).append(i)
         if not groups:
             return segments
@@ -772,7 +795,7 @@ class SegmentStore(Database):
                         est = e - longest
                     else:
                         est = 0.0
-                    out[i] = Segment(g.site, g.camera, g.path, est, g.mtime, g.size, g.id)
+                    out[i] = Segment(g.site, g.camera, g.path, est, g.mtime, g.size, g.id, None)
                     if prev is None or e > prev:
                         prev = e  # the next one starts after this one ended (not before)
         return out
@@ -804,7 +827,7 @@ class SegmentStore(Database):
     # -- what the scanner and the status read ------------------------------------------------
 
     def rows_between(self, lo: bytes, hi: bytes) -> dict[bytes, KnownRow]:
-        """path -> (site, camera, start, mtime, size) of the rows with ``lo <= path < hi``."""
+        """path -> (site, camera, start, mtime, size, end) of the rows with ``lo <= path < hi``."""
         with self.lock:
             return _read_rows(self.conn, lo, hi)
 

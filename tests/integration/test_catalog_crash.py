@@ -29,7 +29,9 @@ _CHILD = textwrap.dedent(
 
     cat = Catalog(sys.argv[1])
     rules = SiteRules("gate", Duration.parse("10d"), None, ZoneInfo("UTC"), 60.0)
-    committed = [("gate", "c", b"/r/c/%d.mp4" % i, 1e9 + i, 1e9 + i, 1, 1e9 + i) for i in range(10)]
+    committed = [
+        ("gate", "c", b"/r/c/%d.mp4" % i, 1e9 + i, 1e9 + i, 1, 1e9 + i, None) for i in range(10)
+    ]
     cat.apply_rows(committed, ())
     cat.note_rules("gate", rules)
 
@@ -37,7 +39,7 @@ _CHILD = textwrap.dedent(
         for i in range(10, 50_000_000):
             if i == 200_000:
                 print("ready", flush=True)  # deep inside the open transaction
-            yield ("gate", "c", b"/r/c/%d.mp4" % i, 1e9 + i, 1e9 + i, 1, 1e9 + i)
+            yield ("gate", "c", b"/r/c/%d.mp4" % i, 1e9 + i, 1e9 + i, 1, 1e9 + i, None)
 
     cat.apply_rows(rows(), ())
     print("finished", flush=True)
@@ -80,7 +82,7 @@ _BULK_CHILD = textwrap.dedent(
     from nvr_guard.store.catalog import Catalog
 
     cat = Catalog(sys.argv[1])
-    rows = [("gate", "c", b"/r/c/%07d.mp4" % i, 1e9 + i, 1e9 + i, 1, 2e9 + i)
+    rows = [("gate", "c", b"/r/c/%07d.mp4" % i, 1e9 + i, 1e9 + i, 1, 2e9 + i, None)
             for i in range(200_000)]
     with cat.bulk_load():
         cat.apply_rows(rows, (), fresh=True)

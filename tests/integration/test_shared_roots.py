@@ -349,3 +349,28 @@ def test_a_camera_keep_of_its_own_applies_in_a_shared_root(site: Site, now: date
     back = frigate_segment(site.root, "back", now - 5 * DAY)
     site.json("retention", "run")
     assert front.exists() and back.exists() and not side.exists()
+
+
+def test_sites_sharing_a_root_with_the_frigate_preset(site: Site, now: datetime) -> None:
+    base = write_shared(site)
+    head, _, _ = base.partition("sites:\n")
+    people = base[base.index("people:") :]
+
+    def config(south_extra: str) -> str:
+        return (
+            f"{head}sites:\n"
+            f"  north: {{keep: 30d, roots: [{site.root}], layout: frigate, cameras: [front]}}\n"
+            f"  south: {{keep: 7d, roots: [{site.root}], layout: frigate, cameras: [back],"
+            f" timezone: Europe/Berlin{south_extra}}}\n{people}"
+        )
+
+    site.config.write_text(config(""))
+    r = site.run("config", "check")  # both read the path in UTC (the preset's zone)
+    assert r.returncode == 0, r.stderr
+    back = frigate_segment(site.root, "back", now - 10 * DAY)
+    front = frigate_segment(site.root, "front", now - 10 * DAY + timedelta(minutes=1))
+    site.json("retention", "run")
+    assert front.exists() and not back.exists()
+    site.config.write_text(config(", layout_timezone: Asia/Tokyo"))
+    r = site.run("config", "check")
+    assert r.returncode == 2 and "layout_timezone differs" in r.stderr, r.stderr

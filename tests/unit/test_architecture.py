@@ -278,9 +278,15 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "base": frozenset(),
     "nvr_guard.export": frozenset(),
     "nvr_guard.store": frozenset(),
-    # the config checks the key location and the font, and compiles the layouts, at load
+    # the config checks the key location and the font, and compiles the layouts (patterns and
+    # recorder presets), at load
     "nvr_guard.config": frozenset(
-        {"nvr_guard.export.keys", "nvr_guard.export.fonts", "nvr_guard.retention.layout"}
+        {
+            "nvr_guard.export.keys",
+            "nvr_guard.export.fonts",
+            "nvr_guard.retention.layout",
+            "nvr_guard.retention.presets",
+        }
     ),
     "nvr_guard.context": frozenset({"nvr_guard.config", "nvr_guard.store", "nvr_guard.export"}),
     "nvr_guard.retention": frozenset({"nvr_guard.config", "nvr_guard.store", "nvr_guard.context"}),

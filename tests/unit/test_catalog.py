@@ -330,9 +330,21 @@ def test_upsert_with_new_rules_brings_the_site_rows_along(cat: Catalog) -> None:
 # ---- bulk loading ---------------------------------------------------------------------------
 
 
-def _rows(n: int, size: int = 1) -> list[tuple[str, str, bytes, float, float, int, float]]:
+def _rows(
+    n: int, size: int = 1
+) -> list[tuple[str, str, bytes, float, float, int, float, float | None]]:
+    # every other row with an end read from its path
     return [
-        ("gate", f"c{i % 3}", b"/r/c%d/%06d.mp4" % (i % 3, i), 1e9 + i, 1e9 + i, size, 2e9 + i)
+        (
+            "gate",
+            f"c{i % 3}",
+            b"/r/c%d/%06d.mp4" % (i % 3, i),
+            1e9 + i,
+            1e9 + i,
+            size,
+            2e9 + i,
+            1e9 + i + 60 if i % 2 else None,
+        )
         for i in range(n)
     ]
 

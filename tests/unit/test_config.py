@@ -1021,7 +1021,7 @@ def test_full_config_values(tmp_path, roots):
     layout = cfg.layout_for("frigate")
     assert layout is not None and cfg.layout_for("berlin") is None
     when = datetime(2026, 11, 20, 14, 5, tzinfo=ZoneInfo("Asia/Shanghai")).timestamp()
-    assert layout.parse("2026-11-20/06/cam1/05.00.mp4") == ("cam1", when)
+    assert layout.parse("2026-11-20/06/cam1/05.00.mp4") == ("cam1", when, None)
     assert cfg.extensions_for("frigate") == frozenset({".mp4", ".mkv"})
     assert cfg.extensions_for("berlin") == frozenset(
         {".mp4", ".mkv", ".ts", ".avi", ".h264", ".h265", ".dav"}

@@ -50,7 +50,7 @@ UTC = ZoneInfo("UTC")
 )
 def test_parse_reads_camera_and_time(pattern, tz, rel, camera, local):
     got = Layout.compile(pattern, tz).parse(rel)
-    assert got == (camera, local.timestamp())
+    assert got == (camera, local.timestamp(), None)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ ORACLE_DIRECTIVES = {"Y": "[0-9]{4}", "m": "[0-9]{2}", "d": "[0-9]{2}", "H": "[0
 ORACLE_DIRECTIVES.update({"M": "[0-9]{2}", "S": "[0-9]{2}"})
 
 
-def oracle(pattern: str, tz: ZoneInfo, rel: str) -> tuple[str, float] | None:
+def oracle(pattern: str, tz: ZoneInfo, rel: str) -> tuple[str, float, None] | None:
     body = pattern
     ext = re.search(r"\.[A-Za-z0-9]{1,8}$", body)
     if ext:
@@ -129,7 +129,7 @@ def oracle(pattern: str, tz: ZoneInfo, rel: str) -> tuple[str, float] | None:
         t = datetime(g["Y"], g["m"], g["d"], g.get("H", 0), tzinfo=tz).timestamp()
     except ValueError:
         return None
-    return m["camera"], t + g.get("M", 0) * 60 + g.get("S", 0)
+    return m["camera"], t + g.get("M", 0) * 60 + g.get("S", 0), None
 
 
 SHAPES = [
@@ -212,8 +212,16 @@ def test_memoised_names_do_not_leak_between_directories() -> None:
     a = layout.dir_matcher("cam1/2026-11-20/10")
     b = layout.dir_matcher("cam2/2026-11-21/11")
     assert a is not None and b is not None
-    assert a(b"05.07.mp4") == ("cam1", datetime(2026, 11, 20, 10, 5, 7, tzinfo=UTC).timestamp())
-    assert b(b"05.07.mp4") == ("cam2", datetime(2026, 11, 21, 11, 5, 7, tzinfo=UTC).timestamp())
+    assert a(b"05.07.mp4") == (
+        "cam1",
+        datetime(2026, 11, 20, 10, 5, 7, tzinfo=UTC).timestamp(),
+        None,
+    )
+    assert b(b"05.07.mp4") == (
+        "cam2",
+        datetime(2026, 11, 21, 11, 5, 7, tzinfo=UTC).timestamp(),
+        None,
+    )
     assert a(b"61.00.mp4") is None and b(b"61.00.mp4") is None
     # a directory whose date does not exist matches nothing, whatever the name
     assert layout.dir_matcher("cam1/2026-02-30/10") is None

@@ -58,8 +58,12 @@ def test_matching_paths_yield_site_camera_and_start(two_sites: Site) -> None:
         "camera": "gate-03",
         "start": "2026-11-20T14:05:07+08:00",
         "end": None,  # no such file: only the path speaks
+        "end_from": None,
         "ok": True,
         "reason": None,
+        "preset": None,  # a pattern, not a preset
+        "explanation": None,
+        "sidecar_of": None,
     }
     # Frigate writes UTC: 06:05 UTC is 14:05 in Shanghai, shown in the site's zone
     assert (b["site"], b["camera"], b["start"], b["ok"]) == (
