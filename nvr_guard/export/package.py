@@ -203,13 +203,14 @@ def _probe_all(
     return good, damaged
 
 
-def _video_handling(probes: Sequence[ff.Probe]) -> dict[str, Any]:
+def _video_handling(probes: Sequence[ff.Probe], *, native: bool) -> dict[str, Any]:
     """The clip's frame size and what the sources were. When the resolution changes inside the
-    range, the clip takes the largest source size (by area, rounded down to even numbers for
-    H.264 4:2:0) and every other part is scaled into it keeping its aspect ratio."""
+    range, the watermarked clip takes the largest source size (by area, rounded down to even
+    numbers for H.264 4:2:0) and every other part is scaled into it keeping its aspect ratio; a
+    native copy (stream copy) keeps each part as recorded."""
     sizes = sorted({(p.width, p.height) for p in probes}, key=lambda wh: (wh[0] * wh[1], wh))
     width, height = sizes[-1] if sizes else (0, 0)
-    scaled = len(sizes) > 1
+    scaled = len(sizes) > 1 and not native
     if scaled:
         width, height = width - width % 2, height - height % 2
     return {
@@ -360,7 +361,7 @@ def run_export(
         for s, p in used_probes:
             lo, hi = max(job.start, s.start), min(job.end, s.start + p.duration)
             needed += int(p.size * max(0.0, hi - lo) / p.duration) if p.duration else p.size
-        video = _video_handling([p for _, p in used_probes])
+        video = _video_handling([p for _, p in used_probes], native=job.native)
         audio, audio_format, audio_note = _audio_handling(
             [p for _, p in used_probes], native=job.native
         )

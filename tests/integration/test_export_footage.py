@@ -190,6 +190,18 @@ def test_a_resolution_change_inside_the_range_is_scaled_to_one_size(
     assert abs(float(out["video"]["duration"]) - (end - start)) <= FRAME + 1e-6
     assert "resolution changed" in (pkg.path / "approval-record.html").read_text()
     verified(pkg.path)
+    # the native copy is a stream copy: each part stays at its recorded size, and says so
+    native = export(src, start, end, tmp_path, key, request={"format": "native"})
+    clip = native.manifest["clips"][0]
+    assert clip["video"]["scaled"] is False
+    assert clip["video"]["source_sizes"] == ["320x240", "640x360"]
+    sizes = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "frame=width,height", "-of", "csv=p=0",
+         str(native.path / clip["file"])],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    assert {s.strip(",") for s in sizes} == {"320,240", "640,360"}
+    verified(native.path)
 
 
 def test_a_truncated_last_segment_is_named_and_the_rest_exported(tmp_path: Path, key: Any) -> None:
