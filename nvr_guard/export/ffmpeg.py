@@ -43,6 +43,24 @@ class Probe:
     video_codec: str | None
     has_audio: bool
     frames: int | None = None  # only when counted (probe(count=True))
+    container: str = ""  # ffprobe's format_name: "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "dhav"
+    audio_codec: str | None = None  # "aac", "pcm_alaw", ...
+    sample_rate: int = 0
+    channels: int = 0
+
+    @property
+    def shape(self) -> tuple[str | None, int, int, str | None, int, int]:
+        """What must be equal for two files to be read as one concat input: a change of codec,
+        frame size or audio format starts a new one (the concat demuxer takes the first file's
+        stream parameters for all)."""
+        return (
+            self.video_codec,
+            self.width,
+            self.height,
+            self.audio_codec,
+            self.sample_rate,
+            self.channels,
+        )
 
 
 def probe(
@@ -66,9 +84,14 @@ def probe(
     info = json.loads(cp.stdout)
     streams = info.get("streams", [])
     video = next((s for s in streams if s.get("codec_type") == "video"), None)
-    audio = any(s.get("codec_type") == "audio" for s in streams)
+    sound = next((s for s in streams if s.get("codec_type") == "audio"), None)
     fmt = info.get("format", {})
     duration = float(fmt.get("duration") or (video or {}).get("duration") or 0.0)
+    container = str(fmt.get("format_name") or "")
+    if container == "dhav" and video is not None:
+        # Dahua stamps frames with the wall-clock second: the demuxer's duration is the
+        # difference of whole seconds, up to a second short. The packets' own times are exact.
+        duration = _duration_from_packets(path, timeout, pass_fds) or duration
     fps: Fraction | None = None
     if video:
         for key in ("avg_frame_rate", "r_frame_rate"):
@@ -87,9 +110,39 @@ def probe(
         width=int((video or {}).get("width") or 0),
         height=int((video or {}).get("height") or 0),
         video_codec=(video or {}).get("codec_name"),
-        has_audio=audio,
+        has_audio=sound is not None,
         frames=frames,
+        container=container,
+        audio_codec=(sound or {}).get("codec_name"),
+        sample_rate=int((sound or {}).get("sample_rate") or 0),
+        channels=int((sound or {}).get("channels") or 0),
     )
+
+
+def _duration_from_packets(path: Path | bytes, timeout: float, pass_fds: Sequence[int]) -> float:
+    """Seconds from the first video packet to the end of the last (its time plus one frame
+    interval), read from every packet's time (demuxing only, no decoding). 0.0 if unreadable."""
+    argv = [
+        FFPROBE, "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts_time",
+        "-of", "csv=p=0", "--", os.fsdecode(path),
+    ]  # fmt: skip
+    try:
+        cp = subprocess.run(
+            argv, capture_output=True, timeout=timeout, check=False, pass_fds=tuple(pass_fds)
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeFailure(f"ffprobe timed out on {os.fsdecode(path)}") from None
+    times: list[float] = []
+    for line in cp.stdout.decode("ascii", "replace").splitlines():
+        try:
+            times.append(float(line.strip().rstrip(",")))
+        except ValueError:
+            continue
+    if len(times) < 2:
+        return 0.0
+    times.sort()
+    step = (times[-1] - times[0]) / (len(times) - 1)
+    return times[-1] - times[0] + step
 
 
 def ffmpeg_version() -> str:
@@ -190,10 +243,17 @@ def build_encode(
     preset: str,
     audio: bool,
     height: int,
+    frame_size: tuple[int, int] | None = None,
+    audio_format: tuple[int, str] | None = None,
 ) -> Command:
     """Watermarked H.264 clip: each run trimmed frame-exactly with its own clock, runs joined,
     the watermark drawn once over the whole clip. Writes the list and text files into
-    ``workdir`` (private, 0700) and returns the argv that reads them."""
+    ``workdir`` (private, 0700) and returns the argv that reads them.
+
+    ``frame_size`` (width, height): every run is scaled to fit it, keeping its aspect ratio
+    (black bars fill the rest), for footage whose resolution changes inside the range.
+    ``audio_format`` (sample rate, channel layout): every run's audio is converted to it, for
+    footage whose audio format changes (the join needs one format)."""
     files: dict[str, bytes] = {}
     size = font_size_for(height)
     videos: list[Any] = []
@@ -207,8 +267,15 @@ def build_encode(
         # start and end, not duration: trim counts a duration from the first frame it keeps, which
         # lies up to a frame after ``start``, and would then keep one frame too many at the end
         cut = {"start": round(run.offset, 6), "end": round(run.offset + run.duration, 6)}
-        v = src["v:0"].trim(**cut)
-        v = v.setpts("PTS-STARTPTS").drawtext(
+        v = src["v:0"].trim(**cut).setpts("PTS-STARTPTS")
+        if frame_size is not None:
+            fw, fh = frame_size
+            v = (
+                v.filter("scale", fw, fh, force_original_aspect_ratio="decrease")
+                .filter("pad", fw, fh, "(ow-iw)/2", "(oh-ih)/2")
+                .filter("setsar", 1)
+            )
+        v = v.drawtext(
             fontfile=str(font),
             textfile=str(clk),
             fontsize=size,
@@ -223,7 +290,11 @@ def build_encode(
             a = src["a:0"].filter("atrim", **cut).filter("asetpts", "PTS-STARTPTS")
             # async resampling drops the few ms of audio two files overlap by (and fills
             # sub-frame holes with silence) so audio timestamps never run backwards
-            audios.append(a.filter("aresample", **{"async": 1}))
+            a = a.filter("aresample", **{"async": 1})
+            if audio_format is not None:
+                rate, layout = audio_format
+                a = a.filter("aformat", sample_rates=rate, channel_layouts=layout)
+            audios.append(a)
     if len(plan.runs) > 1:
         parts: list[Any] = []
         for j, v in enumerate(videos):
@@ -259,6 +330,9 @@ def build_encode(
         "crf": crf,
         "preset": preset,
         "pix_fmt": "yuv420p",
+        # each frame at its own time, none added: MP4 would otherwise be made constant-rate by
+        # duplicating frames of variable-rate footage (cameras lower their rate at night)
+        "fps_mode": "vfr",
     }
     if audio_out is not None:
         opts.update({"acodec": "aac", "b:a": "128k"})

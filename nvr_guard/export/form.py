@@ -139,6 +139,19 @@ def approval_record_html(
             gap_text = "".join(
                 f"<br>缺失 gap {_e(_when(g.get('from')))} – {_e(_when(g.get('to')))}" for g in gaps
             )
+            for d in c.get("damaged_sources") or []:
+                gap_text += (
+                    f"<br>损坏 damaged source, left out: {_e(d.get('path'))} ({_e(d.get('error'))})"
+                )
+            video = c.get("video") or {}
+            if video.get("scaled"):
+                sizes = ", ".join(video.get("source_sizes") or [])
+                gap_text += (
+                    f"<br>分辨率变化 resolution changed ({_e(sizes)}): "
+                    f"scaled to {_e(video.get('size'))}"
+                )
+            if c.get("audio_handling"):
+                gap_text += f"<br>音频 audio: {_e(c.get('audio_handling'))}"
             if c.get("native_start"):
                 gap_text += (
                     f"<br>原始格式起点（关键帧）native copy starts at keyframe "

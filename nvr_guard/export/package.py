@@ -172,6 +172,85 @@ class _Clip:
     name: str
     paths: list[bytes]
     watermark: str | None
+    video: dict[str, Any] = field(default_factory=dict)
+    audio_format: tuple[int, str] | None = None
+    audio_note: str = ""
+    damaged: list[dict[str, Any]] = field(default_factory=list)  # for the manifest
+    damaged_paths: list[bytes] = field(default_factory=list)
+    damaged_starts: list[float] = field(default_factory=list)
+
+
+def _probe_all(
+    chosen: Sequence[SourceSegment],
+) -> tuple[list[tuple[SourceSegment, ff.Probe]], list[tuple[SourceSegment, str]]]:
+    """Probe each source. One ffprobe cannot read (a recorder that crashed mid-write leaves an
+    MP4 without its index), or that holds no video, is damaged: it is left out and named, its
+    time becomes a gap, and the rest of the export goes on."""
+    good: list[tuple[SourceSegment, ff.Probe]] = []
+    damaged: list[tuple[SourceSegment, str]] = []
+    for s in chosen:
+        try:
+            p = ff.probe(s.path)
+        except (InvalidInput, RuntimeFailure) as e:
+            damaged.append((s, str(e)))
+            continue
+        if p.video_codec is None:
+            damaged.append((s, f"{s.path}: no video stream"))
+        elif p.duration <= 0:
+            damaged.append((s, f"{s.path}: no footage in it (duration 0)"))
+        else:
+            good.append((s, p))
+    return good, damaged
+
+
+def _video_handling(probes: Sequence[ff.Probe], *, native: bool) -> dict[str, Any]:
+    """The clip's frame size and what the sources were. When the resolution changes inside the
+    range, the watermarked clip takes the largest source size (by area, rounded down to even
+    numbers for H.264 4:2:0) and every other part is scaled into it keeping its aspect ratio; a
+    native copy (stream copy) keeps each part as recorded."""
+    sizes = sorted({(p.width, p.height) for p in probes}, key=lambda wh: (wh[0] * wh[1], wh))
+    width, height = sizes[-1] if sizes else (0, 0)
+    scaled = len(sizes) > 1 and not native
+    if scaled:
+        width, height = width - width % 2, height - height % 2
+    return {
+        "width": width,
+        "height": height,
+        "size": f"{width}x{height}",
+        "source_codecs": sorted({p.video_codec or "" for p in probes}),
+        "source_sizes": [f"{w}x{h}" for w, h in sizes],
+        "source_containers": sorted({p.container for p in probes}),
+        "scaled": scaled,
+    }
+
+
+def _audio_handling(
+    probes: Sequence[ff.Probe], *, native: bool
+) -> tuple[bool, tuple[int, str] | None, str]:
+    """Whether the clip has audio, the format to convert it to (None: as it is) and what was
+    done, in words for the manifest. The watermarked copy always encodes AAC (G.711 A-law and
+    mu-law are not allowed in MP4); the native copy keeps the recorded codec (Matroska holds
+    them). Audio is left out when any source segment lacks it."""
+    codecs = sorted({p.audio_codec for p in probes if p.audio_codec})
+    with_audio = sum(1 for p in probes if p.has_audio)
+    if not with_audio:
+        return False, None, "none: the source has no audio"
+    if with_audio < len(probes):
+        return (
+            False,
+            None,
+            f"left out: {len(probes) - with_audio} of {len(probes)} source segments have no "
+            "audio track",
+        )
+    if native:
+        return True, None, f"copied as recorded ({', '.join(codecs)})"
+    formats = {(p.sample_rate, p.channels) for p in probes}
+    fmt: tuple[int, str] | None = None
+    if len(formats) > 1:
+        rate = max(r for r, _ in formats)
+        fmt = (rate, "stereo" if any(c > 1 for _, c in formats) else "mono")
+    rate_text = f"{fmt[0]} Hz {fmt[1]}" if fmt else f"{probes[0].sample_rate} Hz"
+    return True, fmt, f"transcoded to AAC ({rate_text}) from {', '.join(codecs)}"
 
 
 # ---- optional destination hooks -----------------------------------------------------------------
@@ -190,6 +269,21 @@ def _abort(dest: Destination, tmp: Path, error: BaseException) -> BaseException 
     except Exception:  # the clean-up's own failure must not hide the original error
         return None
     return better
+
+
+def _gap(a: float, b: float, clip: _Clip, tz: tzinfo) -> dict[str, Any]:
+    """A hole in the footage for the manifest; with the damaged sources recorded inside it (or
+    just before it: its start may precede the range) as its cause."""
+    gap: dict[str, Any] = {"from": local_text(a, tz), "to": local_text(b, tz)}
+    gap["seconds"] = round(b - a, 3)
+    inside = [
+        d["path"]
+        for d, t in zip(clip.damaged, clip.damaged_starts, strict=True)
+        if a - 1.0 <= t < b or (t <= a == clip.plan.start)
+    ]
+    if inside:
+        gap["damaged_sources"] = inside
+    return gap
 
 
 # ---- the export ---------------------------------------------------------------------------------
@@ -251,22 +345,26 @@ def run_export(
                     f"camera {camera}: cannot export {show_path(raw)}: "
                     "source paths must be absolute and free of line breaks"
                 )
-        probes = [(s, ff.probe(s.path)) for s in chosen]
+        probes, damaged = _probe_all(chosen)
         fps = next((float(p.fps) for _, p in probes if p.fps), 25.0)
-        pieces = [Piece(os.fsencode(s.path), s.start, p.duration) for s, p in probes]
+        pieces = [Piece(os.fsencode(s.path), s.start, p.duration, p.shape) for s, p in probes]
         tolerance = job.gap_tolerance if job.gap_tolerance is not None else 1 / fps
         plan = plan_clip(pieces, job.start, job.end, tolerance)
         if not plan.runs:
+            why = f" ({len(damaged)} damaged source(s): {damaged[0][1]})" if damaged else ""
             raise InvalidInput(
                 f"camera {camera}: no footage between {local_text(job.start, job.tz)} and "
-                f"{local_text(job.end, job.tz)}"
+                f"{local_text(job.end, job.tz)}{why}"
             )
         used = {p.path for r in plan.runs for p in r.pieces}
         used_probes = [(s, p) for s, p in probes if os.fsencode(s.path) in used]
         for s, p in used_probes:
             lo, hi = max(job.start, s.start), min(job.end, s.start + p.duration)
             needed += int(p.size * max(0.0, hi - lo) / p.duration) if p.duration else p.size
-        audio = all(p.has_audio for _, p in used_probes)
+        video = _video_handling([p for _, p in used_probes], native=job.native)
+        audio, audio_format, audio_note = _audio_handling(
+            [p for _, p in used_probes], native=job.native
+        )
         ext = "mkv" if job.native else "mp4"
         clip_name = (
             f"{safe_name(camera)}_{local_stamp(job.start, job.tz)}_"
@@ -288,11 +386,24 @@ def run_export(
                 ],
                 audio=audio,
                 fps=fps,
-                width=max((p.width for _, p in used_probes), default=0),
-                height=max((p.height for _, p in used_probes), default=0),
+                width=video["width"],
+                height=video["height"],
                 name=clip_name,
                 paths=[os.fsencode(s.path) for s, _ in used_probes],
                 watermark=None,
+                video=video,
+                audio_format=audio_format,
+                audio_note=audio_note,
+                damaged=[
+                    {
+                        "path": show_path(os.fsencode(s.path)),
+                        "recorded_start": local_text(s.start, job.tz),
+                        "error": error,
+                    }
+                    for s, error in damaged
+                ],
+                damaged_paths=[os.fsencode(s.path) for s, _ in damaged],
+                damaged_starts=[s.start for s, _ in damaged],
             )
         )
     if len({c.name for c in planned}) != len(planned):
@@ -351,6 +462,15 @@ def _build(
                     src["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
             except OSError as e:
                 raise RuntimeFailure(f"cannot read source {src['path']}: {e.strerror}") from None
+        # damaged ones too, as they are now: what the recorder left is part of the record
+        for bad, raw in zip(clip.damaged, clip.damaged_paths, strict=True):
+            try:
+                with open(raw, "rb") as f:
+                    bad["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+                    bad["size"] = os.fstat(f.fileno()).st_size
+            except OSError as e:
+                bad["sha256"], bad["size"] = None, None
+                bad["error"] += f"; cannot read it ({e.strerror})"
 
     version = ff.ffmpeg_version()
     total = sum(c.plan.duration for c in planned) or 1.0
@@ -387,6 +507,8 @@ def _build(
                 preset=job.preset,
                 audio=clip.audio,
                 height=clip.height,
+                frame_size=(clip.width, clip.height) if clip.video.get("scaled") else None,
+                audio_format=clip.audio_format,
             )
         for path, data in cmd.files.items():
             Path(path).write_bytes(data)
@@ -433,14 +555,10 @@ def _build(
                 "frames": result.frames,
                 "fps": round(clip.fps, 6),
                 "audio": clip.audio and result.has_audio,
-                "gaps": [
-                    {
-                        "from": local_text(a, job.tz),
-                        "to": local_text(b, job.tz),
-                        "seconds": round(b - a, 3),
-                    }
-                    for a, b in clip.plan.gaps
-                ],
+                "audio_handling": clip.audio_note,
+                "video": {k: v for k, v in clip.video.items() if k not in ("width", "height")},
+                "gaps": [_gap(a, b, clip, job.tz) for a, b in clip.plan.gaps],
+                "damaged_sources": clip.damaged,
                 **native_start,
                 "sources": clip.sources,
                 "watermark": clip.watermark,
@@ -497,6 +615,9 @@ def _build(
         },
         "cameras": [c["camera"] for c in clip_entries],
         "gaps": [dict(g, camera=c["camera"]) for c in clip_entries for g in c["gaps"]],
+        "damaged_sources": [
+            dict(d, camera=c["camera"]) for c in clip_entries for d in c["damaged_sources"]
+        ],
         "clips": clip_entries,
         "ffmpeg_version": version,
         "destination": destination,

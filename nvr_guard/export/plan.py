@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import string
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import Any
@@ -17,11 +17,15 @@ from nvr_guard.errors import InvalidInput
 
 @dataclass(frozen=True)
 class Piece:
-    """One source segment as the planner sees it: recorded start and probed duration."""
+    """One source segment as the planner sees it: recorded start and probed duration.
+
+    ``shape`` is what must match for segments to share one concat input (codec, frame size,
+    audio format): a recorder that changes resolution mid-range starts a new run there."""
 
     path: bytes
     start: float
     duration: float
+    shape: Hashable = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ def plan_clip(pieces: Sequence[Piece], start: float, end: float, frame: float) -
     recorder jitter between two files, not missing footage, and must neither split the clip nor
     appear as a gap. Overlapping segments (a recorder restarting) are kept whole in the run:
     cutting them frame-exactly would need a re-probe of every file, and the overlap is at most a
-    few frames in practice.
+    few frames in practice. A segment of another ``shape`` than the one before it starts a new
+    run without a gap: the runs are joined after decoding, where sizes can be made equal.
     """
     if end <= start:
         raise InvalidInput("export range is empty: 'to' must be after 'from'")
@@ -70,16 +75,20 @@ def plan_clip(pieces: Sequence[Piece], start: float, end: float, frame: float) -
     for p in used:
         if groups:
             last = groups[-1][-1]
-            if p.start - (last.start + last.duration) <= frame:
+            if p.start - (last.start + last.duration) <= frame and p.shape == last.shape:
                 groups[-1].append(p)
                 continue
         groups.append([p])
     runs: list[Run] = []
     gaps: list[tuple[float, float]] = []
     cursor = start  # recorded time up to which footage has been accounted for
-    for g in groups:
+    for i, g in enumerate(groups):
         first = g[0]
         run_end_rec = min(end, g[-1].start + g[-1].duration)
+        if i + 1 < len(groups) and groups[i + 1][0].start < run_end_rec:
+            # the next run (another shape) begins before this one's container says it ends:
+            # it ends there (a file's container is often a few ms longer than its video)
+            run_end_rec = groups[i + 1][0].start
         # the run's timeline: a recorded time T sits at T - first.start (files butt end to end)
         rec_from = max(start, first.start)
         if rec_from - cursor > frame:

@@ -375,6 +375,7 @@ class ExportJobs:
                 self.ctx.catalog.set_request_holds_until(
                     rid, now + float(self.wf.config.export.preserve.seconds)
                 )
+                shown = getattr(pkg, "manifest", None) or {}
                 self.ctx.audit.append(
                     caller.user,
                     "export.done",
@@ -383,6 +384,13 @@ class ExportJobs:
                         "package": str(pkg.path),
                         "files": pkg.sha256s,
                         "fingerprint": claim.fingerprint,
+                        # holes and left-out damaged sources, as the manifest names them
+                        **({"gaps": shown["gaps"]} if shown.get("gaps") else {}),
+                        **(
+                            {"damaged_sources": shown["damaged_sources"]}
+                            if shown.get("damaged_sources")
+                            else {}
+                        ),
                     },
                 )
                 self.progress[rid] = 1.0
