@@ -16,7 +16,7 @@ Builds (or reuses) a tree of empty segment files, ``CAM/YYYY-MM-DD/HH/MM.SS.mp4`
 
 ``--frigate`` measures the cold reconcile alone on a Frigate-shaped tree instead
 (``YYYY-MM-DD/HH/CAMERA/MM.SS.mp4`` in UTC, 10-second segments: 20 cameras x 6 days x 8,640,
-about 1,000,000 files; ``--quick``: 10 cameras x 1 day), read with the ``frigate`` layout,
+about 1,000,000 files; ``--quick``: 10 cameras x 1 day), read with the ``frigate`` preset,
 against the same ``find``: goal <= 3x.
 
 Every measurement is taken with a warm page cache (the baseline ``find`` runs once before it is
@@ -49,6 +49,7 @@ import psutil
 from nvr_guard.model import GuardRules, Segment, SiteRules, boot_clock
 from nvr_guard.retention.expiry import ExpiryCalc
 from nvr_guard.retention.layout import Layout
+from nvr_guard.retention.presets import compile_layout
 from nvr_guard.retention.scan import Scanner, SiteScan
 from nvr_guard.retention.watch import Watcher
 from nvr_guard.store.catalog import Catalog
@@ -110,7 +111,19 @@ def generate(root: Path, cameras: Sequence[str], days: Sequence[str]) -> int:
         return sum(ex.map(_make_day, jobs, chunksize=4))
 
 
-FRIGATE_LAYOUT = "%Y-%m-%d/%H/{camera}/%M.%S.mp4"
+def reuse_or_clear(root: Path, marker: Path, want: object) -> bool:
+    """True when a previous run left the tree ``want`` describes; else an empty ``root``."""
+    if marker.exists() and root.is_dir():
+        try:
+            if json.loads(marker.read_text()) == want:
+                return True
+        except ValueError:
+            pass
+    if root.exists():
+        shutil.rmtree(root)
+    marker.unlink(missing_ok=True)
+    root.mkdir(parents=True)
+    return False
 
 
 def _make_frigate_hour(args: tuple[bytes, str, int, Sequence[str]]) -> int:
@@ -137,17 +150,9 @@ def prepare_frigate_tree(base: Path, cameras: int, days: int) -> Path:
     last = datetime.now(UTC)
     day_list = [(last - timedelta(days=days - 1 - i)).strftime("%Y-%m-%d") for i in range(days)]
     want = {"cameras": cameras, "days": day_list}
-    if marker.exists() and root.is_dir():
-        try:
-            if json.loads(marker.read_text()) == want:
-                print(f"reusing the Frigate-shaped tree under {root}")
-                return root
-        except ValueError:
-            pass
-    if root.exists():
-        shutil.rmtree(root)
-    marker.unlink(missing_ok=True)
-    root.mkdir(parents=True)
+    if reuse_or_clear(root, marker, want):
+        print(f"reusing the Frigate-shaped tree under {root}")
+        return root
     cams = [f"cam{c:02d}" for c in range(cameras)]
     jobs = [(os.fsencode(root), d, h, cams) for d in day_list for h in range(24)]
     t = time.perf_counter()
@@ -165,7 +170,8 @@ def frigate_reconcile(base: Path, quick: bool, repeat: int) -> Line:
     run_find(find_args)  # warm-up, untimed
     find_s = min(timed(lambda: run_find(find_args)) for _ in range(max(3, repeat)))
     rules = SiteRules(SITE, Duration.parse("40d"), None, UTC, settle=0.0)
-    s = SiteScan(SITE, [os.fsencode(root)], Layout.compile(FRIGATE_LAYOUT, UTC), EXTS, rules)
+    layout = compile_layout("frigate", UTC, explicit_tz=False)  # the preset, as a config names it
+    s = SiteScan(SITE, [os.fsencode(root)], layout, EXTS, rules)
     cold: list[float] = []
     files = 0
     for _ in range(repeat):
@@ -200,17 +206,9 @@ def prepare_tree(base: Path, shape: Shape) -> tuple[Path, list[str]]:
     last = datetime.now(UTC)
     days = day_names(shape, last)
     want = {"cameras": shape.cameras, "days": days}
-    if marker.exists() and root.is_dir():
-        try:
-            if json.loads(marker.read_text()) == want:
-                print(f"reusing {shape.files:,} files under {root}")
-                return root, days
-        except ValueError:
-            pass
-    if root.exists():
-        shutil.rmtree(root)
-    marker.unlink(missing_ok=True)
-    root.mkdir(parents=True)
+    if reuse_or_clear(root, marker, want):
+        print(f"reusing {shape.files:,} files under {root}")
+        return root, days
     t = time.perf_counter()
     n = generate(root, camera_names(shape), days)
     print(f"generated {n:,} empty segment files under {root} in {time.perf_counter() - t:.1f} s")
