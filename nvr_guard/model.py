@@ -60,13 +60,18 @@ class Segment:
         return end
 
     def span(self, tolerance: float = 3600.0) -> tuple[float, float]:
-        """The footage it may hold, as far as anyone can tell: ``[start, end]``. A path time
+        """The footage it may hold, as far as anyone can tell: ``[start, end]``, begun no later
+        than its mtime less its named length (a camera whose clock runs ahead). A path time
         more than ``tolerance`` after the mtime (the camera named it in the future: 2099) says
         nothing about when it was recorded; it was written before its mtime, at a time no one
         knows, so it may hold anything up to its end."""
         if self.start > self.mtime + tolerance:
             return float("-inf"), self.end
-        return self.start, self.end
+        # a camera a few minutes ahead names its file after its mtime: the footage ended at the
+        # mtime and lasted as long as the name says (nothing, without an end in the name)
+        length = self.path_end - self.start if self.path_end is not None else 0.0
+        lo = self.mtime - (length if length > 0 else 0.0)
+        return (lo if lo < self.start else self.start), self.end
 
 
 def skew_band(start: float, tolerance: float) -> tuple[float, float]:

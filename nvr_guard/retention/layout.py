@@ -54,6 +54,11 @@ _DIRECTIVES = {
 _TOKEN = re.compile(r"\{camera\}|%.|\{[^}]*\}?|\*|[^{%*]+", re.S)
 _END_TOKEN = re.compile(r"%.|[^%]+", re.S)
 _TRAILING_EXT = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+# the times a path may name (1900 .. 9000): outside, the name is unmatched and reported, and no
+# formatting of it in any zone can overflow
+MIN_TIME = -2208988800.0
+MAX_TIME = 221845392000.0
+
 # any text within one path component (``*`` inside a name, ``{ignore}``)
 _ANY_TEXT = "[^/]*?"
 # the groups the per-directory fast path knows (camera, date and hour from the directories,
@@ -83,7 +88,7 @@ class Layout:
     # (Viseron's init.mp4), and suffixes appended to a segment's name (motionEye's .thumb)
     shared_sidecars: frozenset[bytes] = frozenset()
     suffix_sidecars: tuple[bytes, ...] = ()
-    _hour_cache: dict[tuple[int, int, int, int], float] = field(
+    _hour_cache: dict[tuple[int, int, int, int], float | None] = field(
         repr=False, compare=False, default_factory=dict
     )
     # file name -> seconds it adds to its directory's hour (-1: no match), for the usual shape
@@ -204,6 +209,7 @@ class Layout:
             bound["camera"] = self.camera
         fullmatch = self._file_regex.fullmatch
         index = self._file_regex.groupindex
+        base: float | None
         if (
             "camera" in bound
             and "Y" in bound
@@ -217,8 +223,11 @@ class Layout:
                 base = self._hour_base(
                     int(bound["Y"]), int(bound["m"]), int(bound["d"]), int(bound.get("H") or 0)
                 )
-            except ValueError:  # 30 Feb, hour 25 ...: nothing in this directory matches
+            except ValueError:  # 30 Feb, hour 25, year 0024 ...: nothing here matches
                 return None
+        else:
+            base = None
+        if base is not None:
             camera = bound["camera"]
             dm_, ds_ = int(bound.get("M") or 0), int(bound.get("S") or 0)
             if dm_ > 59 or ds_ > 60:
@@ -263,15 +272,21 @@ class Layout:
 
         return match_any
 
-    def _hour_base(self, year: int, month: int, day: int, hour: int) -> float:
-        """Epoch seconds of the start of that hour in the layout's zone (ValueError if none)."""
+    def _hour_base(self, year: int, month: int, day: int, hour: int) -> float | None:
+        """Epoch seconds of the start of that hour in the layout's zone; None when the hour is
+        not 3,600 plain seconds of one offset (a DST change inside it, as at Lord Howe's
+        half-hour shift). ValueError: no such hour, or one outside the years a path may name."""
         key = (year, month, day, hour)
-        base = self._hour_cache.get(key)
-        if base is None:
-            base = datetime(*key, tzinfo=self.tz).timestamp()
-            if len(self._hour_cache) > 100_000:
-                self._hour_cache.clear()
-            self._hour_cache[key] = base
+        if key in self._hour_cache:
+            return self._hour_cache[key]
+        start = datetime(*key, tzinfo=self.tz).timestamp()
+        if not MIN_TIME <= start <= MAX_TIME:
+            raise ValueError("out of range")
+        last = datetime(year, month, day, hour, 59, 59, tzinfo=self.tz).timestamp()
+        base = start if last - start == 3599 else None
+        if len(self._hour_cache) > 100_000:
+            self._hour_cache.clear()
+        self._hour_cache[key] = base
         return base
 
     def _value(self, g: dict[str, str]) -> tuple[str, float, float | None] | None:
@@ -284,7 +299,7 @@ class Layout:
                 day = None
             else:
                 day = _day(g, "")
-                start = _clock(g, "", day, self._hour_base)
+                start = _clock(g, "", day, self.tz)
             end: float | None = None
             if "dms" in g:
                 end = start + int(g["dms"]) / 1000.0
@@ -292,8 +307,10 @@ class Layout:
                 end = float(int(g["e_s"]))
             elif any(k.startswith("e_") for k in g):
                 end = self._end(g, start, day)
-        except ValueError:  # 30 Feb, hour 25, minute 61 ...
+        except (ValueError, OverflowError):  # 30 Feb, hour 25, minute 61, year 10000 ...
             return None
+        if not MIN_TIME <= start <= MAX_TIME or (end is not None and not end <= MAX_TIME):
+            return None  # no recorder wrote it: unmatched (reported), never a time to act on
         return g["camera"], start, end
 
     def _end(self, g: dict[str, str], start: float, day: date | None) -> float:
@@ -305,13 +322,13 @@ class Layout:
         if own_date:
             y = int(g["e_Y"]) if "e_Y" in g else 2000 + int(g["e_y"]) if "e_y" in g else day.year
             day = date(y, int(g.get("e_m") or day.month), int(g.get("e_d") or day.day))
-        end = _clock(g, "e_", day, self._hour_base)
+        end = _clock(g, "e_", day, self.tz)
         if end >= start or own_date:
             return end
-        later = _clock(g, "e_", day, self._hour_base, fold=1, tz=self.tz)
+        later = _clock(g, "e_", day, self.tz, fold=1)
         if later >= start:
             return later
-        return _clock(g, "e_", day + timedelta(days=1), self._hour_base)
+        return _clock(g, "e_", day + timedelta(days=1), self.tz)
 
 
 def _day(g: dict[str, str], pre: str) -> date:
@@ -320,24 +337,17 @@ def _day(g: dict[str, str], pre: str) -> date:
     return date(year, int(g[pre + "m"]), int(g[pre + "d"]))
 
 
-def _clock(
-    g: dict[str, str],
-    pre: str,
-    day: date,
-    hour_base: Callable[[int, int, int, int], float],
-    fold: int = 0,
-    tz: tzinfo | None = None,
-) -> float:
-    """Epoch seconds of ``day`` at the ``pre``-fields' hour, minute and second (ValueError)."""
+def _clock(g: dict[str, str], pre: str, day: date, tz: tzinfo, fold: int = 0) -> float:
+    """Epoch seconds of ``day`` at the ``pre``-fields' hour, minute and second in ``tz``
+    (ValueError: no such time). The time itself, not its hour's start plus minutes: an hour
+    holding a DST change (Lord Howe shifts by 30 minutes) has minutes of two offsets."""
     hour, minute = int(g.get(pre + "H") or 0), int(g.get(pre + "M") or 0)
     second = int(g.get(pre + "S") or 0)
     if minute > 59 or second > 60:
         raise ValueError("no such time")
-    if fold and tz is not None:
-        base = datetime(day.year, day.month, day.day, hour, tzinfo=tz, fold=1).timestamp()
-    else:
-        base = hour_base(day.year, day.month, day.day, hour)
-    return base + minute * 60 + second
+    leap, second = (1, 59) if second == 60 else (0, second)
+    at = datetime(day.year, day.month, day.day, hour, minute, second, tzinfo=tz, fold=fold)
+    return at.timestamp() + leap
 
 
 def _component_regex(pattern: str, text: str, seen: set[str]) -> str:
@@ -347,6 +357,13 @@ def _component_regex(pattern: str, text: str, seen: set[str]) -> str:
     tokens = _TOKEN.findall(text)
     if "".join(tokens) != text:  # only a '%' with nothing after it is not a token
         raise ValueError(f"layout {pattern!r}: a lone '%' (write %% for a literal percent sign)")
+    if sum(t in ("*", "{ignore}") for t in tokens) > 1:
+        # each one more multiplies the ways a name can be tried: four in one name took seconds
+        # per file name on every walk
+        raise ValueError(
+            f"layout {pattern!r}: {text!r} has more than one '*' or {{ignore}}; one per path "
+            "component is allowed (write the text between them literally, or use one)"
+        )
     for tok in tokens:
         if tok == "{camera}":
             out.append("(?P=camera)" if "camera" in seen else r"(?P<camera>[^/]+)")

@@ -701,7 +701,11 @@ class SegmentStore(Database):
         ``end`` started before ``end`` as far as anyone knows (at the end of its predecessor), so
         it is part of the range too: a request over the middle of a one-hour file gets that
         file."""
-        conds = ["start < ?", 'max(mtime, start, coalesce("end", start)) >= ?']
+        # the start as Segment.span reads it: no later than the mtime less the named length
+        conds = [
+            'min(start, mtime - max(coalesce("end", start) - start, 0)) < ?',
+            'max(mtime, start, coalesce("end", start)) >= ?',
+        ]
         args: list[object] = [end, start]
         if site is not None:
             conds.insert(0, "site = ?")

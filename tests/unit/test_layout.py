@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvr_guard.retention.layout import Layout
+from nvr_guard.retention.layout import MAX_TIME, MIN_TIME, Layout
 
 SH = ZoneInfo("Asia/Shanghai")
 UTC = ZoneInfo("UTC")
@@ -129,6 +129,8 @@ def oracle(pattern: str, tz: ZoneInfo, rel: str) -> tuple[str, float, None] | No
         t = datetime(g["Y"], g["m"], g["d"], g.get("H", 0), tzinfo=tz).timestamp()
     except ValueError:
         return None
+    if not MIN_TIME <= t <= MAX_TIME:  # years no recorder writes (0024, 9999 in a zone east)
+        return None
     return m["camera"], t + g.get("M", 0) * 60 + g.get("S", 0), None
 
 
@@ -248,3 +250,51 @@ def test_a_layout_survives_pickling_for_the_worker_processes() -> None:
     clone = pickle.loads(pickle.dumps(layout))
     assert clone == layout
     assert clone.parse("gate/2026-11-20/10/05.07.mp4") == first
+
+
+# ---- names no recorder writes, and hours that are not plain (adversarial review, issue 16) ----
+
+
+@pytest.mark.parametrize(
+    ("pattern", "tz", "rel"),
+    [
+        ("{camera}/%s.m4s", UTC, "cam1/999999999999.m4s"),  # year 33658
+        (
+            "*/{camera}/%Y/%m/%d/%H/{epoch_ms}_{duration_ms}.mkv",
+            UTC,
+            "hi/c/2024/05/01/14/999999999999999_60000.mkv",
+        ),
+        # a valid UTC date that is year 10000 in a zone east of UTC
+        (
+            "%Y-%m-%d/%H/{camera}/%M.%S.mp4",
+            ZoneInfo("Asia/Shanghai"),
+            "9999-12-31/23/front/59.59.mp4",
+        ),
+        ("{camera}/%Y-%m-%d/%H/%M.%S.mp4", UTC, "cam/0024-02-28/00/00.00.mp4"),
+    ],
+)
+def test_a_time_out_of_any_recorders_range_is_unmatched_not_an_error(pattern, tz, rel) -> None:
+    # it crashed the start-up reconcile, status and layout test (year 33658 is out of range)
+    assert Layout.compile(pattern, tz).parse(rel) is None
+
+
+def test_a_dst_change_inside_an_hour_reads_each_minute_at_its_own_offset() -> None:
+    # Lord Howe moves its clocks by 30 minutes at 02:00 local: 02:45 exists (+11:00) and was
+    # read 30 minutes late as the hour's start (+10:30) plus 45 minutes
+    lh = ZoneInfo("Australia/Lord_Howe")
+    for pattern, rel in [
+        ("{camera}/%Y-%m-%d/%H/%M.%S.mp4", "cam/2025-10-05/02/45.00.mp4"),
+        ("{camera}/%Y-%m-%d/%H-%M-%S.mp4", "cam/2025-10-05/02-45-00.mp4"),
+    ]:
+        got = Layout.compile(pattern, lh).parse(rel)
+        assert got is not None
+        assert got[1] == datetime(2025, 10, 4, 15, 45, tzinfo=UTC).timestamp(), pattern
+
+
+def test_more_than_one_wildcard_in_a_name_is_refused() -> None:
+    # four of them took seconds per hostile file name on every walk
+    with pytest.raises(ValueError, match="more than one"):
+        Layout.compile("{camera}/%Y-%m-%d/*_*_*_*_%H%M%S.mp4", UTC)
+    with pytest.raises(ValueError, match="more than one"):
+        Layout.compile("{camera}/%Y-%m-%d/{ignore}x*%H%M%S.mp4", UTC)
+    Layout.compile("*/{camera}/%Y-%m-%d/x_{ignore}_%H%M%S.mp4", UTC)  # one per component

@@ -89,3 +89,20 @@ def test_a_path_end_is_never_taken_for_an_mtime_only_file(cat: Catalog) -> None:
     cat.upsert_segments([timed, seg("prev", T - 600, T - 600, None)], RULES)
     got = {s.path: s for s in cat.segments_of("gate", "c", T, T + 30)}
     assert got[timed.path].start == T and got[timed.path].path_end == T + 60
+
+
+def test_a_hold_covers_a_file_from_a_camera_whose_clock_runs_ahead() -> None:
+    # named 15:09 by a camera 9 minutes fast, closed at 15:01 by the host's clock: the hold over
+    # 15:00-15:05 (when the host wrote it) must hold it; it was deleted
+    ahead = Segment("gate", "c", b"/rec/c/15/09.00.mp4", T + 540, T + 60, 10)
+    assert Hold(1, "case", "root", T, T + 300).covers(ahead, T)
+    # with a length in its name, the footage began that long before its mtime
+    dav = seg("dav", T + 540, T + 60, T + 840)
+    assert Hold(2, "case", "root", T - 240, T - 200).covers(dav, T)
+    assert not Hold(3, "case", "root", T - 600, T - 300).covers(dav, T)
+
+
+def test_range_queries_follow_a_camera_whose_clock_runs_ahead(cat: Catalog) -> None:
+    ahead = Segment("gate", "c", b"/rec/c/15/09.00.mp4", T + 540, T + 60, 10)
+    cat.upsert_segments([ahead], RULES)
+    assert [s.path for s in cat.segments_of("gate", "c", T, T + 300)] == [ahead.path]
