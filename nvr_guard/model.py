@@ -124,6 +124,9 @@ class SiteRules:
     profile: str | None = None
     cameras: tuple[CameraRule, ...] = ()
     enforce: bool = True
+    # ``sites.<name>.cameras``: the cameras of its roots it claims (empty: all of them); part of
+    # the rule text, so a reload moving a camera is named as the config change it is
+    claims: tuple[str, ...] = ()
     # set on the rules :meth:`for_camera` derives: whose keep / min_keep these are
     camera: str | None = None
     camera_keep: bool = False
@@ -141,6 +144,8 @@ class SiteRules:
                 out += f" cameras.{c.camera}.keep={c.keep}"
             if c.min_keep is not None:
                 out += f" cameras.{c.camera}.min_keep={c.min_keep}"
+        if self.claims:
+            out += f" claims={','.join(self.claims)}"
         return out
 
     @property

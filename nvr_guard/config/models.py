@@ -355,6 +355,7 @@ class Config(_Strict):
                 profile=s.profile,
                 cameras=() if unmanaged else cameras,
                 enforce=not unmanaged,
+                claims=tuple(s.cameras or ()),
             )
         return out
 

@@ -275,6 +275,26 @@ def test_a_camera_keep_change_is_named_as_the_guard_trips_cause() -> None:
     assert trip.cause == "config change: cameras.front.keep 90d -> 7d"
 
 
+def test_a_camera_moved_into_a_site_by_a_reload_is_named_as_the_guard_trips_cause() -> None:
+    # the cause read "unexpected: check the clock ..." after sites.*.cameras moved a camera
+    from dataclasses import replace
+
+    before = replace(rules(keep="15d"), claims=("front",))
+    after = replace(rules(keep="15d"), claims=("front", "other"))
+    segs = [seg("other", d) for d in (20, 21, 22)]
+    plan = decide(
+        segs,
+        clock(),
+        {"gate": after},
+        GuardRules(max_delete_fraction=0.2),
+        [],
+        {("gate", "other"): 10},
+        history=SweepHistory(site_rules={"gate": before.describe()}),
+    )
+    (trip,) = plan.trips
+    assert trip.cause == "config change: claims front -> front,other"
+
+
 def test_retention_none_keeps_everything_it_is_handed() -> None:
     r = rules(enforce=False)
     segs = [seg("cam", 5000), seg("cam", 1)]
