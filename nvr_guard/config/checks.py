@@ -149,7 +149,7 @@ def _layout_checks(
                 )
 
 
-MAX_BUSY_TIMEOUT = 60.0  # seconds; a purge batch must not wait longer for a recorder's lock
+MAX_BUSY_TIMEOUT = 10.0  # seconds; the sweep (holding the daemon's lock) waits at most this once
 
 
 def _recorder_checks(
@@ -177,7 +177,7 @@ def _recorder_checks(
             problem(
                 base + ("busy_timeout",),
                 False,
-                f"{label}.busy_timeout: {fmt_duration(r.busy_timeout)} is outside (0, 60s]; "
+                f"{label}.busy_timeout: {fmt_duration(r.busy_timeout)} is outside (0, 10s]; "
                 "a purge batch waits this long at most for the recorder's write lock",
             )
         if os.path.lexists(r.database) and not os.path.isfile(r.database):
@@ -193,6 +193,8 @@ def _recorder_checks(
                 f"{label}.database: {r.database} does not exist (yet); until it does, purges "
                 "delete on time and leave its rows, under attention recorder_index",
             )
+    if cfg is not None:
+        _recorder_mapping_check(cfg, sites, problem)
     if cfg is not None and cfg.recorder is not None:
         if not any(cfg.recorder_for(name) is cfg.recorder for name in cfg.sites):
             what = (
@@ -201,6 +203,31 @@ def _recorder_checks(
                 else f"no site has layout: {cfg.recorder.kind} (or give it roots:)"
             )
             warn(("recorder",), f"recorder: serves no site: {what}")
+
+
+def _recorder_mapping_check(cfg: Config, sites: list[tuple[str, Site]], problem: Any) -> None:
+    """``recordings:`` maps a root onto the recorder's paths: two different roots mapped onto
+    the same paths of one database would have a deletion under one remove the rows of the
+    same-named footage kept under the other."""
+    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (database, recordings) -> (site, root)
+    for name, site in sites:
+        rec = cfg.recorder_for(name)
+        if rec is None or rec.recordings is None:
+            continue
+        where = ("sites", name, "recorder") if site.recorder is rec else ("recorder",)
+        for root in site.roots:
+            key = (rec.database, rec.recordings.rstrip("/"))
+            root_n = os.path.normpath(str(root))
+            other = seen.setdefault(key, (name, root_n))
+            if other[1] != root_n:
+                problem(
+                    (*where, "recordings"),
+                    False,
+                    f"{dotted(where)}.recordings: {rec.recordings} in {rec.database} would stand "
+                    f"for both {other[1]} (site {other[0]}) and {root_n} (site {name}); a "
+                    "deletion under one would remove the rows of footage kept under the other. "
+                    "Give each recorder's site its own recorder: block with its own database",
+                )
 
 
 def _camera_checks(cfg: Config, problem: Any, warn: Any) -> None:

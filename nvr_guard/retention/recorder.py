@@ -25,7 +25,7 @@ from nvr_guard.attention import RECORDER_INDEX, Attention
 from nvr_guard.config import Config
 from nvr_guard.config.models import Recorder
 from nvr_guard.model import Segment, show_path
-from nvr_guard.store.recorder_index import remove_frigate_rows
+from nvr_guard.store.recorder_index import ERROR, IndexOutcome, remove_frigate_rows
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class RecorderIndexes:
         self.config = config
         self._pending: dict[str, list[tuple[bytes, str]]] = {}  # database -> (host, db path)
         self._states: dict[str, _State] = {}
+        # databases that failed since the last report (one sweep): later batches of the sweep
+        # do not try them again, so a locked or slow database costs one busy_timeout per sweep,
+        # not one per (site, camera) batch, while the daemon's lock is held
+        self._failed: set[str] = set()
 
     def configure(self, config: Config) -> None:
         """Take a new config (a reload); rows pending for a database still configured stay."""
@@ -82,15 +86,20 @@ class RecorderIndexes:
             # a retried path whose file exists again is not ours to remove any more
             earlier = [(h, p) for h, p in self._pending.pop(db, []) if not os.path.lexists(h)]
             batch = earlier + items
-            res = remove_frigate_rows(
-                db, [p for _, p in batch], busy_timeout=float(rec.busy_timeout.seconds)
-            )
+            if db in self._failed:
+                state = self._states[db]
+                res = IndexOutcome(0, 0, state.reason or ERROR, state.detail)
+            else:
+                res = remove_frigate_rows(
+                    db, [p for _, p in batch], busy_timeout=float(rec.busy_timeout.seconds)
+                )
             out["index_rows"] += res.removed
             state = self._states.setdefault(db, _State())
             state.sites |= sites
             if res.reason is None:
                 state.reason, state.detail, state.dropped = None, "", 0
                 continue
+            self._failed.add(db)
             left = batch[res.done :]
             if len(left) > MAX_PENDING:
                 state.dropped += len(left) - MAX_PENDING
@@ -109,7 +118,9 @@ class RecorderIndexes:
         return out
 
     def report(self, attention: Attention) -> None:
-        """Raise or clear the ``recorder_index`` entry of each database the batches reached."""
+        """Raise or clear the ``recorder_index`` entry of each database the batches reached;
+        the next batches try every database again."""
+        self._failed.clear()
         for db, state in list(self._states.items()):
             if state.reason is None:
                 attention.clear(RECORDER_INDEX, None, db)
@@ -120,10 +131,12 @@ class RecorderIndexes:
                 "missing": "does not exist",
                 "locked": "stayed locked past the busy timeout",
                 "schema": "is not shaped as expected",
+                "slow": "took longer than the busy timeout (its own triggers?) and was stopped",
+                "not_file": "is not a regular file",
             }.get(state.reason, "could not be written")
             message = (
                 f"recorder database {db} {why} ({state.detail}): {left} rows of deleted files "
-                "are left in it (retried with the next purge batch); the files were deleted "
+                "are left in it (retried with the next sweep's purge); the files were deleted "
                 "on time"
             )
             if state.dropped:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from dataclasses import dataclass
 MISSING = "missing"  # the database file does not exist (Frigate not installed or not started)
 LOCKED = "locked"  # another connection held the write lock past busy_timeout
 SCHEMA = "schema"  # no ``recordings`` table, or it has no ``path`` column
+SLOW = "slow"  # the statements ran past busy_timeout (a trigger of the database's own) and
+# were interrupted: our transaction, and the wait of Frigate's writer behind it, stay short
+NOT_FILE = "not_file"  # the path names something else than a regular file (FIFO, directory)
 ERROR = "error"  # anything else SQLite reported (permissions, a damaged file)
 
 CHUNK = 500  # paths per statement and transaction: Frigate's writer waits for one chunk at most
@@ -47,6 +51,8 @@ def remove_frigate_rows(
     if not paths:
         return IndexOutcome(0, 0)
     if not os.path.isfile(database):
+        if os.path.lexists(database):
+            return IndexOutcome(0, 0, NOT_FILE, f"{database} is not a regular file")
         return IndexOutcome(0, 0, MISSING, f"{database} does not exist")
     uri = "file:" + urllib.parse.quote(database) + "?mode=rw"
     try:
@@ -56,6 +62,10 @@ def remove_frigate_rows(
     except sqlite3.Error as exc:
         return IndexOutcome(0, 0, _reason(exc), str(exc))
     removed = done = 0
+    # the database's own code (a trigger) may run for ever inside our write transaction: every
+    # statement of this call is interrupted once it has run for busy_timeout in all
+    deadline = time.monotonic() + busy_timeout
+    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
     try:
         try:
             cols = {row[1] for row in conn.execute('PRAGMA table_info("recordings")')}
@@ -88,9 +98,21 @@ def remove_frigate_rows(
 
 def _reason(exc: sqlite3.Error) -> str:
     code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_INTERRUPT or "interrupted" in str(exc):
+        return SLOW
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(exc):
         return LOCKED
     return ERROR
 
 
-__all__ = ["CHUNK", "ERROR", "LOCKED", "MISSING", "SCHEMA", "IndexOutcome", "remove_frigate_rows"]
+__all__ = [
+    "CHUNK",
+    "ERROR",
+    "LOCKED",
+    "MISSING",
+    "NOT_FILE",
+    "SCHEMA",
+    "SLOW",
+    "IndexOutcome",
+    "remove_frigate_rows",
+]

@@ -7,6 +7,7 @@ second process holding its write lock."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from datetime import datetime, timedelta
@@ -157,6 +158,75 @@ def test_locked_database_files_deleted_on_time_rows_retried_later(
         ("attention.raised", f"attention:{RECORDER_INDEX}:toll"),
         ("attention.cleared", f"attention:{RECORDER_INDEX}:toll"),
     ]
+
+
+def test_a_trigger_that_never_ends_is_stopped_and_the_sweep_goes_on(
+    site: Site, now: datetime
+) -> None:
+    # a database carrying a DELETE trigger of its own that runs for ever held nvr-guard's sweep
+    # (and its lock, and Frigate's writer) for good, at every start too
+    db = create_frigate_db(site.base / "frigate.db")
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "CREATE TRIGGER slow BEFORE DELETE ON recordings BEGIN SELECT max(x) FROM "
+        "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c); END"
+    )
+    conn.commit()
+    conn.close()
+    frigate_config(site, f"    recorder: {{kind: frigate, database: {db}, busy_timeout: 1s}}\n")
+    segs = footage(site, db, now, [30, 29])
+    engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
+    engine.reconcile()
+    t0 = time.monotonic()
+    out = engine.sweep()
+    assert time.monotonic() - t0 < 30  # it did not return at all
+    assert out.deleted == 2 and not any(p.exists() for p, _ in segs.values())
+    assert row_paths(db) == {row for _, row in segs.values()}  # rolled back, left
+    (att,) = attention_of(engine)
+    assert att["reason"] == "slow" and "stopped" in att["message"]
+
+
+def test_a_locked_database_costs_one_timeout_per_sweep_not_one_per_camera(
+    site: Site, now: datetime
+) -> None:
+    # each (site, camera) batch waited busy_timeout again, holding the daemon's lock throughout
+    db = create_frigate_db(site.base / "frigate.db")
+    frigate_config(site, f"    recorder: {{kind: frigate, database: {db}, busy_timeout: 2s}}\n")
+    cams = [f"cam{i}" for i in range(5)]
+    for cam in cams:
+        start = now - timedelta(hours=30)
+        p = write_frigate_segment(site.root, cam, start)
+        add_row(db, f"{site.root}/{p.relative_to(site.root).as_posix()}", cam, start)
+    engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
+    engine.reconcile()
+    holder = WriteLockHolder(db)
+    try:
+        t0 = time.monotonic()
+        out = engine.sweep()
+        took = time.monotonic() - t0
+    finally:
+        holder.release()
+    assert out.deleted == 5
+    recs = receipts(engine)
+    assert len(recs) == 5 and all(r["index_error"] == f"{db}: locked" for r in recs)
+    assert took < 8, took  # one 2 s wait, not five (10 s)
+    (att,) = attention_of(engine)
+    assert att["rows_left"] == 5
+
+
+def test_a_database_path_that_is_not_a_file_is_named_so(site: Site, now: datetime) -> None:
+    # replaced by a FIFO after the config was loaded (config check refuses one); it was said
+    # not to exist
+    fifo = create_frigate_db(site.base / "frigate.db")
+    frigate_config(site, f"    recorder: {{kind: frigate, database: {fifo}}}\n")
+    old = write_frigate_segment(site.root, "front", now - timedelta(hours=30))
+    engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
+    fifo.unlink()
+    os.mkfifo(fifo)
+    engine.reconcile()
+    assert engine.sweep().deleted == 1 and not old.exists()
+    (att,) = attention_of(engine)
+    assert att["reason"] == "not_file" and "not a regular file" in att["message"]
 
 
 def test_other_schema_leaves_rows_and_deletes_files(site: Site, now: datetime) -> None:

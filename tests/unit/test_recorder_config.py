@@ -87,7 +87,7 @@ BAD = [
           a: {keep: 7d, roots: [@T/rec]}
         """,
         5,
-        "busy_timeout: 5m is outside (0, 60s]",
+        "busy_timeout: 5m is outside (0, 10s]",
         id="busy-timeout",
     ),
     pytest.param(
@@ -101,6 +101,22 @@ BAD = [
         3,
         "relative path",
         id="relative-database",
+    ),
+    pytest.param(
+        # two Frigates in Docker both see /media/frigate/recordings: one top-level recorder
+        # mapped both roots onto the same rows (carpark's deletions removed school's rows)
+        """
+        recorder:
+          kind: frigate
+          database: @T/frigate.db
+          recordings: /media/frigate/recordings
+        sites:
+          school: {keep: 1y, roots: [@T/rec], layout: frigate}
+          carpark: {keep: 15d, roots: [@T/rec2], layout: frigate}
+        """,
+        4,
+        "would stand for both",
+        id="one-recordings-two-roots",
     ),
 ]
 
