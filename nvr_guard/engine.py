@@ -257,14 +257,28 @@ class Engine:
                 r for rs in site_roots(new).values() for r in rs
             )
             self.ctx.config = new
-            self.sweeper.configure(new)
-            changed = [
-                s
-                for s in self.rules
-                if s not in old_rules or old_rules[s].describe() != self.rules[s].describe()
-            ]
-            for s in changed:
-                self.catalog.recompute_expiry(s, self.rules[s])
+            done: list[str] = []
+            try:
+                self.sweeper.configure(new)
+                changed = [
+                    s
+                    for s in self.rules
+                    if s not in old_rules or old_rules[s].describe() != self.rules[s].describe()
+                ]
+                for s in changed:
+                    self.catalog.recompute_expiry(s, self.rules[s])
+                    done.append(s)
+            except (ValueError, OverflowError, OSError) as exc:
+                # a config that validated but cannot be applied is refused whole: the old one
+                # stays in force, expiries included (it had half-applied and stopped retention)
+                self.ctx.config = old
+                self.sweeper.configure(old)
+                for s in done:
+                    if s in old_rules:
+                        self.catalog.recompute_expiry(s, old_rules[s])
+                raise ConfigError(
+                    [(str(new.source_path), 0, f"cannot be applied: {exc}; the old config stays")]
+                ) from None
             details = {
                 "old_digest": old.digest,
                 "new_digest": new.digest,

@@ -139,7 +139,17 @@ def retention_duration(v: object) -> Duration:
     """A duration for ``keep``/``min_keep``/``legal_min_keep``: a bare ``m`` is refused."""
     # `keep: 6m` is six months to whoever wrote it: read as minutes it would delete half a
     # year of footage at the next sweep. In retention keys minutes are written `min`.
-    return _duration(v, bare_minutes=False)
+    d = _duration(v, bare_minutes=False)
+    if d.months * 31 * 86400 + d.seconds > MAX_RETENTION_MONTHS * 31 * 86400:
+        # past any date a calendar here can write: it crashed every expiry computation
+        raise ValueError(
+            f"{fmt_duration(d, 'min')} is longer than 100 years; keep footage forever by "
+            "leaving keep out"
+        )
+    return d
+
+
+MAX_RETENTION_MONTHS = 1200  # 100 years
 
 
 def _fixed(d: Duration) -> Duration:

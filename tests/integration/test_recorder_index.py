@@ -347,3 +347,29 @@ def test_a_batch_cut_short_has_its_rows_removed_when_its_receipt_is_recovered(
     (rec,) = receipts(engine)
     assert rec["recovered"] is True and rec["count"] == 2 and rec["index_rows"] == 2
     assert row_paths(db) == {segs[2][1]}
+
+
+def test_a_config_that_cannot_be_applied_is_refused_whole(
+    site: Site, now: datetime, monkeypatch
+) -> None:
+    # a reload whose expiries could not be computed was reported refused, yet stayed in force
+    # half-applied (new rules, old expiries) and stopped all retention
+    import pytest
+
+    from nvr_guard.errors import ConfigError
+
+    frigate_config(site, "")
+    engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
+    old = engine.config
+    site.config.write_text(site.config.read_text().replace("keep: 1d", "keep: 2d"))
+    new = load_config(site.config)
+
+    def broken(*_a: object) -> None:
+        raise ValueError("year 10026 is out of range")
+
+    monkeypatch.setattr(engine.catalog, "recompute_expiry", broken)
+    with pytest.raises(ConfigError, match="the old config stays"):
+        engine.apply_config(new, "root")
+    assert engine.config is old
+    assert engine.rules["toll"].describe() == old.site_rules()["toll"].describe()
+    assert not list(engine.audit.entries(action="config.reload"))

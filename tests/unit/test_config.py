@@ -782,6 +782,26 @@ def test_bare_m_in_a_retention_key_is_refused_at_its_line(tmp_path, roots, text,
     assert exc.value.lines() == [f"{path}:{line}: {fragment}"]
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("sites:\n  a: {keep: 8000y, roots: [@A]}\n", 2),
+        ("sites:\n  a: {keep: 1y, roots: [@A]}\ncameras:\n  front: {keep: 8000y}\n", 4),
+        ("sites:\n  a: {keep: 101y, min_keep: 1d, roots: [@A]}\n", 2),
+    ],
+)
+def test_a_keep_past_100_years_is_refused_at_its_line(tmp_path, roots, text, line):
+    # 8000y passed config check, then crashed plan and start, and a reload with it (reported
+    # as refused) stopped all retention
+    path = write(tmp_path, roots, text)
+    cfg, errors, _warnings = check_config(path)
+    assert cfg is None
+    assert [ln for _f, ln, _m in errors] == [line], errors
+    assert "longer than 100 years" in errors[0][2]
+    ok = write(tmp_path, roots, "sites:\n  a: {keep: 100y, roots: [@A]}\n")
+    assert check_config(ok)[0] is not None
+
+
 def test_min_is_minutes_everywhere_and_m_stays_minutes_outside_retention(tmp_path, roots):
     path = write(
         tmp_path,
