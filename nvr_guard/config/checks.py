@@ -230,6 +230,14 @@ def _recorder_mapping_check(cfg: Config, sites: list[tuple[str, Site]], problem:
                 )
 
 
+def _shortest(d: Duration) -> float:
+    return d.months * 28 * 86400.0 + d.seconds
+
+
+def _longest(d: Duration) -> float:
+    return d.months * 31 * 86400.0 + d.seconds
+
+
 def _camera_checks(cfg: Config, problem: Any, warn: Any) -> None:
     """A camera's own ``keep``/``min_keep`` stay within every site's floor.
 
@@ -260,18 +268,20 @@ def _camera_checks(cfg: Config, problem: Any, warn: Any) -> None:
             value: Duration | None = getattr(cam, key)
             if value is None:
                 continue
+            # by the calendar's shortest month against its longest: 1mo may be 28 days, which
+            # is below a 30d floor in February
             below = [
-                f"site {n} (min_keep {fmt_duration(floor)})"
+                f"site {n} (min_keep {fmt_duration(floor, 'min')})"
                 for n, _s, _keep, floor in sites
-                if floor is not None and value.approx_seconds() < floor.approx_seconds()
+                if floor is not None and _shortest(value) < _longest(floor)
             ]
             if below:
                 problem(
                     base + (key,),
                     False,
-                    f"cameras.{cid}.{key}: {fmt_duration(value)} is shorter than the floor of "
-                    f"{', '.join(below)}; a camera's rule may not go below the floor of a site "
-                    "(it applies at every site that has this camera)",
+                    f"cameras.{cid}.{key}: {fmt_duration(value, 'min')} is shorter than the "
+                    f"floor of {', '.join(below)}; a camera's rule may not go below the floor of "
+                    "a site (it applies at every site that has this camera)",
                 )
         if cam.min_keep is not None and cam.keep is None:
             above = [

@@ -32,6 +32,14 @@ from nvr_guard.export.plan import ClipPlan, Run
 FFMPEG = "ffmpeg"
 FFPROBE = "ffprobe"
 
+# The containers recorders write footage in (ffmpeg's demuxer names). ffmpeg picks a demuxer by
+# a file's content, not its name: without this list a text playlist (HLS, a concat list) saved
+# under a segment's name made the export read any file the daemon can, another camera's footage
+# included. Every source is probed and read with this list; the concat input adds itself.
+SOURCE_FORMATS = "mov,matroska,mpegts,dhav,avi,flv,h264,hevc"
+_SOURCE_ONLY = ("-format_whitelist", SOURCE_FORMATS, "-protocol_whitelist", "file")
+_CONCAT_FORMATS = "concat," + SOURCE_FORMATS
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -66,7 +74,7 @@ class Probe:
 def probe(
     path: Path | bytes, *, count: bool = False, timeout: float = 120, pass_fds: Sequence[int] = ()
 ) -> Probe:
-    argv = [FFPROBE, "-v", "error", "-of", "json", "-show_format", "-show_streams"]
+    argv = [FFPROBE, "-v", "error", *_SOURCE_ONLY, "-of", "json", "-show_format", "-show_streams"]
     if count:
         argv += ["-count_packets"]
     argv += ["--", os.fsdecode(path)]
@@ -119,11 +127,17 @@ def probe(
     )
 
 
+def readable_duration(path: Path | bytes, *, timeout: float = 120) -> float:
+    """Seconds of video the file's packets really hold (0.0: none could be read)."""
+    return _duration_from_packets(path, timeout, ())
+
+
 def _duration_from_packets(path: Path | bytes, timeout: float, pass_fds: Sequence[int]) -> float:
     """Seconds from the first video packet to the end of the last (its time plus one frame
     interval), read from every packet's time (demuxing only, no decoding). 0.0 if unreadable."""
     argv = [
-        FFPROBE, "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts_time",
+        FFPROBE, "-v", "error", *_SOURCE_ONLY, "-select_streams", "v:0",
+        "-show_entries", "packet=pts_time",
         "-of", "csv=p=0", "--", os.fsdecode(path),
     ]  # fmt: skip
     try:
@@ -156,7 +170,7 @@ def keyframe_at_or_before(path: Path | bytes, offset: float, *, timeout: float =
     where a stream copy cut at ``offset`` really begins (the concat demuxer starts at the
     keyframe before its inpoint). 0.0 when the file has no keyframe before it."""
     argv = [
-        FFPROBE, "-v", "error", "-select_streams", "v:0", "-skip_frame", "nokey",
+        FFPROBE, "-v", "error", *_SOURCE_ONLY, "-select_streams", "v:0", "-skip_frame", "nokey",
         "-show_entries", "frame=best_effort_timestamp_time,pts_time", "-of", "csv=p=0",
         "-read_intervals", f"%+{offset + 1:.6f}", "--", os.fsdecode(path),
     ]  # fmt: skip
@@ -263,7 +277,7 @@ def build_encode(
         clk = workdir / f"clock{i}.txt"
         files[str(lst)] = _concat_list(run, trim_points=False)
         files[str(clk)] = clock_text(run.recorded, tz).encode()
-        src = ffmpeg.input(str(lst), f="concat", safe=0)
+        src = ffmpeg.input(str(lst), f="concat", safe=0, format_whitelist=_CONCAT_FORMATS)
         # start and end, not duration: trim counts a duration from the first frame it keeps, which
         # lies up to a frame after ``start``, and would then keep one frame too many at the end
         cut = {"start": round(run.offset, 6), "end": round(run.offset + run.duration, 6)}
@@ -349,7 +363,7 @@ def build_copy(plan: ClipPlan, workdir: Path, output: Path, *, audio: bool) -> C
     for run in plan.runs:
         body += _concat_list(run, trim_points=True).splitlines()[1:]
     files[str(lst)] = b"\n".join(body) + b"\n"
-    src = ffmpeg.input(str(lst), f="concat", safe=0)
+    src = ffmpeg.input(str(lst), f="concat", safe=0, format_whitelist=_CONCAT_FORMATS)
     streams = [src["v:0"]] + ([src["a:0"]] if audio else [])
     out = ffmpeg.output(*streams, str(output), c="copy")
     argv = _finish(out.compile(cmd=FFMPEG))

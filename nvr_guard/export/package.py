@@ -13,6 +13,7 @@ only through its descriptor, never by a path another user could re-point (``writ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -196,11 +197,36 @@ def _probe_all(
             continue
         if p.video_codec is None:
             damaged.append((s, f"{s.path}: no video stream"))
-        elif p.duration <= 0:
+            continue
+        if p.width * p.height > MAX_FRAME_AREA:
+            # one tiny 8192x8192 file made every frame of the range be scaled up to its size
+            damaged.append((s, f"{s.path}: frame size {p.width}x{p.height} is beyond any camera"))
+            continue
+        # what the packets hold, not what the header claims: an index that outlives its data
+        # (cut short) or a header claiming 600 s over 10 s hid the footage missing after it
+        try:
+            readable = ff.readable_duration(s.path)
+        except RuntimeFailure as e:
+            damaged.append((s, str(e)))
+            continue
+        if readable > 0 and readable < p.duration - SHORT_TOLERANCE:
+            damaged.append(
+                (
+                    s,
+                    f"{s.path}: only {readable:.3f} s of the {p.duration:.3f} s its header claims "
+                    "are readable; the rest is a gap",
+                )
+            )
+            p = dataclasses.replace(p, duration=readable)
+        if p.duration <= 0:
             damaged.append((s, f"{s.path}: no footage in it (duration 0)"))
         else:
             good.append((s, p))
     return good, damaged
+
+
+MAX_FRAME_AREA = 7680 * 4320  # 8K UHD: a larger source is no camera's footage
+SHORT_TOLERANCE = 1.0  # seconds a header may overstate its packets (the last frame's length)
 
 
 def _video_handling(probes: Sequence[ff.Probe], *, native: bool) -> dict[str, Any]:

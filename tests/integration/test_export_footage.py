@@ -5,6 +5,7 @@ by a crash, a variable frame rate. Every package must pass ``nvr-guard verify``.
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -224,6 +225,85 @@ def test_a_truncated_last_segment_is_named_and_the_rest_exported(tmp_path: Path,
     record = (pkg.path / "approval-record.html").read_text()
     assert "damaged source" in record and str(src[-1]) in record
     verified(pkg.path)
+
+
+def test_a_playlist_saved_as_a_segment_never_reads_another_file(tmp_path: Path, key: Any) -> None:
+    # an insider who can write the root saved an HLS playlist under a segment's name, pointing
+    # at another camera's footage: ffmpeg read it by its content, and the other camera's
+    # pictures left under this camera's name, with a package verify accepted
+    src = segments(tmp_path / "cam", count=3, audio="aac")
+    other = segments(tmp_path / "vault", count=1, audio="aac")[0]
+    src[1].write_text(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:60\n#EXT-X-MEDIA-SEQUENCE:0\n"
+        f"#EXTINF:10.0,\n{other}\n#EXT-X-ENDLIST\n"
+    )
+    pkg = export(segs(src), T0 + 1.0, T0 + 29.0, tmp_path, key)
+    clip = pkg.manifest["clips"][0]
+    [bad] = clip["damaged_sources"]
+    assert bad["path"] == str(src[1])
+    assert str(other) not in json.dumps(pkg.manifest)
+    assert [s["path"] for s in clip["sources"]] == [str(src[0]), str(src[2])]
+    assert len(pkg.manifest["gaps"]) == 1
+    verified(pkg.path)
+
+
+def _faststart(path: Path) -> None:
+    tmp = path.with_name("fs-" + path.name)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-i", str(path), "-c", "copy", "-movflags", "+faststart",
+         str(tmp)],
+        check=True,
+    )  # fmt: skip
+    tmp.replace(path)
+
+
+def test_a_segment_cut_short_behind_its_index_is_named_and_the_rest_follows(
+    tmp_path: Path, key: Any
+) -> None:
+    # an MP4 whose index (at the front) outlived its data: the clip ended inside it, the
+    # segments after it were listed as sources but missing, and nothing named the loss
+    src = segments(tmp_path / "cut", count=4)
+    _faststart(src[1])
+    truncate(src[1], 0.35)
+    pkg = export(segs(src), T0 + 1.0, T0 + 39.0, tmp_path, key)
+    clip = pkg.manifest["clips"][0]
+    [bad] = clip["damaged_sources"]
+    assert bad["path"] == str(src[1]) and "readable" in bad["error"]
+    [gap] = pkg.manifest["gaps"]
+    out = streams(pkg.path / clip["file"])
+    # the footage after the cut is in the clip: all but the missing part of segment 2
+    assert abs(float(out["video"]["duration"]) - clip["footage_seconds"]) <= 2 * FRAME
+    assert clip["footage_seconds"] < 38.0 - 5.0
+    assert gap["to"] == "2025-11-20T08:53:40+08:00"  # where the next segment begins
+    verified(pkg.path)
+
+
+def test_a_header_claiming_more_than_its_packets_does_not_hide_a_gap(
+    tmp_path: Path, key: Any
+) -> None:
+    # a Matroska header saying 600 s over 10 s of footage hid the deletion of what followed
+    src = segments(tmp_path / "long", count=3, ext="mkv")
+    data = bytearray(src[1].read_bytes())
+    at = data.find(b"\x44\x89")  # the Info element's Duration, in milliseconds
+    size = data[at + 2] & 0x0F
+    data[at + 3 : at + 3 + size] = struct.pack(">d" if size == 8 else ">f", 600_000.0)
+    src[1].write_bytes(bytes(data))
+    assert ff.probe(src[1]).duration > 500
+    src[2].unlink()
+    pkg = export(segs(src[:2]), T0 + 1.0, T0 + 29.0, tmp_path, key)
+    assert [g["to"] for g in pkg.manifest["gaps"]] == ["2025-11-20T08:53:49+08:00"]
+    verified(pkg.path)
+
+
+def test_a_frame_size_beyond_any_camera_is_left_out(tmp_path: Path, key: Any) -> None:
+    # one 8192x8192 file made every frame of the range be encoded at that size
+    src = segments(tmp_path / "n", count=3)
+    big = segments(tmp_path / "big", count=1, size="8192x8192", seconds=1, fps=1)[0]
+    big.replace(src[1])
+    pkg = export(segs(src), T0 + 1.0, T0 + 29.0, tmp_path, key)
+    clip = pkg.manifest["clips"][0]
+    [bad] = clip["damaged_sources"]
+    assert "beyond any camera" in bad["error"] and clip["video"]["size"] == "320x240"
 
 
 def test_only_damaged_sources_is_a_clear_refusal(tmp_path: Path, key: Any) -> None:

@@ -311,3 +311,22 @@ def test_expiry_follows_the_camera_rule() -> None:
     assert calc(t, t, "front") == D("6mo").after_ts(t, UTC)
     assert calc(t, t) == t + 15 * DAY  # no camera: the site's rule
     assert ExpiryCalc(rules(enforce=False))(t, t, "front") is None
+
+
+def test_a_camera_month_is_held_to_a_floor_by_the_shortest_month(tmp_path) -> None:
+    # 1mo may be 28 days: below a 30d floor in February; it was accepted against 29d and 30d
+    from nvr_guard.config import check_config
+
+    root = tmp_path / "rec"
+    root.mkdir()
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"sites:\n  a: {{keep: 1y, min_keep: 30d, roots: [{root}]}}\n"
+        "cameras:\n  front: {keep: 1mo}\n  side: {keep: 1min}\n"
+    )
+    cfg, errors, _ = check_config(path)
+    assert cfg is None
+    msgs = sorted(m for _f, _ln, m in errors)
+    assert len(msgs) == 2
+    assert msgs[0].startswith("cameras.front.keep: 1mo is shorter than the floor of site a")
+    assert msgs[1].startswith("cameras.side.keep: 1min is shorter")  # it said "1m"
