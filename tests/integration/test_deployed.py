@@ -577,3 +577,91 @@ def test_security_exposure_of_the_loaded_unit(installed: Container) -> None:
     assert match, out
     level = float(match.group(1))
     assert level <= MAX_EXPOSURE, f"exposure {level} > {MAX_EXPOSURE}\n{out}"
+
+
+# Frigate beside nvr-guard (issue 16): its own user, its tree in UTC, its SQLite index in WAL mode
+FRIGATE = r"""
+import json, os, sqlite3, sys
+from datetime import datetime, timedelta, timezone
+
+root, db, migrations = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+os.umask(0o027)
+os.makedirs(os.path.dirname(db), exist_ok=True)
+conn = sqlite3.connect(db)
+conn.execute("PRAGMA journal_mode=wal")
+for stmt in migrations:
+    conn.execute(stmt)
+now = datetime.now(timezone.utc).replace(microsecond=0)
+for age in sys.argv[4:]:
+    t = now - timedelta(hours=float(age))
+    path = os.path.join(root, t.strftime("%Y-%m-%d/%H/front/%M.%S.mp4"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 4096)
+    os.utime(path, (t.timestamp() + 10, t.timestamp() + 10))
+    conn.execute(
+        "INSERT INTO recordings (id, camera, path, start_time, end_time, duration, segment_size)"
+        " VALUES (?, 'front', ?, ?, ?, 10, 0)",
+        (f"r{age}", path, t.timestamp(), t.timestamp() + 10),
+    )
+    print(path)
+conn.commit()
+conn.close()
+"""
+FRIGATE_ROOT = "/data/frigate/recordings"
+FRIGATE_DB = "/data/frigate/config/frigate.db"
+
+
+def test_frigate_preset_and_its_index_under_the_unit(installed: Container) -> None:
+    # Frigate's own user owns its tree and its database (0640 in 0750 directories); nvr-guard,
+    # under the shipped unit, deletes the expired segments and removes their rows, and the
+    # drop-in written by unit-paths lets SQLite write the -wal/-shm beside the database
+    from tests.fixtures.frigate_db import _MIGRATIONS
+
+    installed.ok(
+        "useradd --system --user-group --no-create-home frigate\n"
+        "install -d -o frigate -g frigate -m 0750 /data/frigate /data/frigate/config "
+        f"{FRIGATE_ROOT}\n"
+    )
+    out = installed.run(
+        ["runuser", "-u", "frigate", "--", "python3", "-c", FRIGATE, FRIGATE_ROOT, FRIGATE_DB,
+         json.dumps(_MIGRATIONS), str(20 * 24), str(20 * 24 - 1), "2"]
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    expired, kept = out.stdout.split()[:2], out.stdout.split()[2:]
+    config = installed.ok(f"cat {CONFIG}")
+    write(
+        installed,
+        CONFIG,
+        config.replace(
+            "sites:\n",
+            f"recorder: {{kind: frigate, database: {FRIGATE_DB}}}\nsites:\n"
+            f"  lobby:\n    keep: 15d\n    roots: [{FRIGATE_ROOT}]\n    layout: frigate\n",
+            1,
+        ),
+    )
+    installed.ok(f"nvr-guard config check {CONFIG}")
+    installed.ok(
+        f"nvr-guard --config {CONFIG} unit-paths > /etc/systemd/system/nvr-guard.service.d/"
+        "20-paths.conf && systemctl daemon-reload && systemctl restart nvr-guard",
+        timeout=120,
+    )
+    shown = installed.ok("systemctl show -p ReadWritePaths nvr-guard")
+    assert "/data/frigate/config" in shown and FRIGATE_ROOT in shown, shown
+    poll_inside(
+        installed,
+        " && ".join(f"! test -e {p}" for p in expired),
+        "the sweep to purge Frigate's expired segments",
+        timeout=120,
+    )
+    installed.ok(" && ".join(f"test -e {p}" for p in kept))
+    rows = installed.ok(
+        f"python3 -c \"import sqlite3; print('\\n'.join(r[0] for r in "
+        f"sqlite3.connect('{FRIGATE_DB}').execute('SELECT path FROM recordings')))\""
+    ).split()
+    assert rows == kept, rows
+    data = status_json(installed)
+    assert not [a for a in data["attention"] if a["kind"] == "recorder_index"], data  # type: ignore[union-attr,index]
+    entries = json.loads(installed.ok("nvr-guard --json audit show"))["entries"]
+    receipts = [e["details"] for e in entries if e["action"] == "purge.receipt"]
+    assert any(r.get("index_rows") == len(expired) for r in receipts), receipts[-3:]
