@@ -59,6 +59,8 @@ _TRAILING_EXT = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 MIN_TIME = -2208988800.0
 MAX_TIME = 221845392000.0
 
+MAX_WILDCARDS = 2  # '*' and {ignore} in one path component (ZoneMinder 1.38 needs two)
+
 # any text within one path component (``*`` inside a name, ``{ignore}``)
 _ANY_TEXT = "[^/]*?"
 # the groups the per-directory fast path knows (camera, date and hour from the directories,
@@ -357,12 +359,12 @@ def _component_regex(pattern: str, text: str, seen: set[str]) -> str:
     tokens = _TOKEN.findall(text)
     if "".join(tokens) != text:  # only a '%' with nothing after it is not a token
         raise ValueError(f"layout {pattern!r}: a lone '%' (write %% for a literal percent sign)")
-    if sum(t in ("*", "{ignore}") for t in tokens) > 1:
+    if sum(t in ("*", "{ignore}") for t in tokens) > MAX_WILDCARDS:
         # each one more multiplies the ways a name can be tried: four in one name took seconds
-        # per file name on every walk
+        # per file name on every walk (two: a few thousand steps for a 255-byte name)
         raise ValueError(
-            f"layout {pattern!r}: {text!r} has more than one '*' or {{ignore}}; one per path "
-            "component is allowed (write the text between them literally, or use one)"
+            f"layout {pattern!r}: {text!r} has more than {MAX_WILDCARDS} of '*' and {{ignore}}; "
+            "write the text between them literally"
         )
     for tok in tokens:
         if tok == "{camera}":

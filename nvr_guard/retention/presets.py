@@ -96,7 +96,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "shinobi",
             "*/{camera}/%Y-%m-%dT%H-%M-%S.mp4",
-            (".mp4",),
+            (".mp4", ".webm"),
             "local",
             "<group>/<monitor>/2024-05-01T14-03-20.mp4",
             "Shinobi videos directory: <group key>/<monitor id>/<start>.mp4 in the server's "
@@ -133,12 +133,14 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "zoneminder",
-            "{camera}/%y/%m/%d/%H/%M/%S/{ignore}-video.mp4",
+            "{camera}/%y/%m/%d/%H/%M/%S/{ignore}-video{ignore}.mp4",
             (".mp4",),
             "local",
             "<monitor id>/24/05/01/14/03/20/<event id>-video.mp4",
             "ZoneMinder deep storage: <monitor id>/<yy/mm/dd/hh/mm/ss of the event start>/"
-            "<event id>-video.mp4 (events stored as video). " + _LOCAL_NOTE,
+            "<event id>-video.mp4 (events stored as video; from 1.38 <event id>-video.<codec>"
+            ".mp4; the incomplete.* file of an event still recording is never a segment). "
+            + _LOCAL_NOTE,
             "Use the deep storage scheme and video storage (passthrough/encode); run zmaudit.pl "
             "(or let it run) so events whose files went are removed from ZoneMinder's database; "
             "set the PurgeWhenFull filter at or above nvr-guard's keep.",
@@ -146,7 +148,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "ispy",
             "video/*/{camera}_%Y-%m-%d_%H-%M-%S.mp4",
-            (".mp4",),
+            (".mp4", ".avi"),
             "local",
             "video/<dir>/<camid>_2024-05-01_14-03-20.mp4",
             "iSpy: video/<camera folder>/<camera id>_<start>.mp4 in the machine's local time. "

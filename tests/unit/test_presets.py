@@ -108,8 +108,12 @@ PRESET_CASES: dict[str, Callable[[], list[Case]]] = {
         lambda t, lt: Case("Camera1", t, None, f"{lt:%Y-%m-%d}/{lt:%H-%M-%S}.mp4", "Camera1")
     ),
     "motion": _by_start(lambda t, lt: Case("porch", t, None, f"07-{lt:%Y%m%d%H%M%S}.mkv", "porch")),
-    "zoneminder": _by_start(
-        lambda t, lt: Case("3", t, None, f"3/{lt:%y/%m/%d/%H/%M/%S}/48211-video.mp4")
+    # up to 1.36 <event id>-video.mp4; 1.38 names the codec: <event id>-video.<codec>.mp4
+    "zoneminder": lambda: (
+        _by_start(lambda t, lt: Case("3", t, None, f"3/{lt:%y/%m/%d/%H/%M/%S}/48211-video.mp4"))()
+        + _by_start(
+            lambda t, lt: Case("3", t, None, f"3/{lt:%y/%m/%d/%H/%M/%S}/48212-video.h264.mp4")
+        )()
     ),
     "ispy": _by_start(
         lambda t, lt: Case("2", t, None, f"video/BNAQK/2_{lt:%Y-%m-%d_%H-%M-%S}.mp4")
@@ -144,6 +148,13 @@ def test_every_preset_has_generated_cases() -> None:
 
 def _layout(name: str, root: str) -> Layout:
     return compile_layout(name, BERLIN, explicit_tz=False).for_root(f"/srv/{root or name}")
+
+
+def test_zoneminder_never_reads_the_file_of_an_event_still_recording() -> None:
+    # 1.38 writes incomplete.<codec>.<container> until the event ends
+    zm = _layout("zoneminder", "")
+    assert zm.parse("3/24/05/01/14/03/20/incomplete.h264.mp4") is None
+    assert zm.parse("3/24/05/01/14/03/20/48211-video.h264.mp4") is not None
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_CASES))
