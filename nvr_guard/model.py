@@ -68,9 +68,15 @@ class Segment:
         if self.start > self.mtime + tolerance:
             return float("-inf"), self.end
         # a camera a few minutes ahead names its file after its mtime: the footage ended at the
-        # mtime and lasted as long as the name says (nothing, without an end in the name)
-        length = self.path_end - self.start if self.path_end is not None else 0.0
-        lo = self.mtime - (length if length > 0 else 0.0)
+        # mtime and lasted as long as the name says; without a length in the name, as long as
+        # the skew allows (the tolerance), since the camera's offset is unknown
+        if self.path_end is not None:
+            length = self.path_end - self.start
+            lo = self.mtime - (length if length > 0 else 0.0)
+        elif self.start > self.mtime:
+            lo = self.mtime - tolerance
+        else:
+            lo = self.start
         return (lo if lo < self.start else self.start), self.end
 
 

@@ -98,7 +98,4 @@ def _in_range(ts: float, text: str, what: str) -> float:
 def iso(ts: float | None, tz: tzinfo = UTC) -> str | None:
     if ts is None:
         return None
-    try:
-        return datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")
-    except (ValueError, OverflowError, OSError):  # a time no calendar here can write
-        return f"@{ts:.0f}"
+    return datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")

@@ -209,14 +209,19 @@ def _recorder_mapping_check(cfg: Config, sites: list[tuple[str, Site]], problem:
     """``recordings:`` maps a root onto the recorder's paths: two different roots mapped onto
     the same paths of one database would have a deletion under one remove the rows of the
     same-named footage kept under the other."""
-    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (database, recordings) -> (site, root)
+    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (db file, recordings) -> (site, root)
     for name, site in sites:
         rec = cfg.recorder_for(name)
         if rec is None or rec.recordings is None:
             continue
         where = ("sites", name, "recorder") if site.recorder is rec else ("recorder",)
+        try:  # the file itself: a symlink, hard link or bind mount is the same database
+            st = os.stat(rec.database)
+            ident = f"{st.st_dev}:{st.st_ino}"
+        except OSError:
+            ident = os.path.realpath(rec.database)
         for root in site.roots:
-            key = (rec.database, rec.recordings.rstrip("/"))
+            key = (ident, rec.recordings.rstrip("/"))
             root_n = os.path.normpath(str(root))
             other = seen.setdefault(key, (name, root_n))
             if other[1] != root_n:

@@ -140,7 +140,7 @@ def retention_duration(v: object) -> Duration:
     # `keep: 6m` is six months to whoever wrote it: read as minutes it would delete half a
     # year of footage at the next sweep. In retention keys minutes are written `min`.
     d = _duration(v, bare_minutes=False)
-    if d.months * 31 * 86400 + d.seconds > MAX_RETENTION_MONTHS * 31 * 86400:
+    if d.months * 30.4375 * 86400 + d.seconds > MAX_RETENTION_MONTHS * 30.4375 * 86400:
         # past any date a calendar here can write: it crashed every expiry computation
         raise ValueError(
             f"{fmt_duration(d, 'min')} is longer than 100 years; keep footage forever by "

@@ -39,6 +39,7 @@ FFPROBE = "ffprobe"
 SOURCE_FORMATS = "mov,matroska,mpegts,dhav,avi,flv,h264,hevc"
 _SOURCE_ONLY = ("-format_whitelist", SOURCE_FORMATS, "-protocol_whitelist", "file")
 _CONCAT_FORMATS = "concat," + SOURCE_FORMATS
+_FILE_OPTIONS = f"option format_whitelist {SOURCE_FORMATS}\noption protocol_whitelist file".encode()
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,10 @@ def _concat_list(run: Run, *, trim_points: bool) -> bytes:
     lines: list[bytes] = [b"ffconcat version 1.0"]
     for i, p in enumerate(run.pieces):
         lines.append(b"file '" + p.path.replace(b"'", b"'\\''") + b"'")
+        # each file is opened with the recorders' containers only: the list's own whitelist
+        # (which must name concat) would let a file swapped for a concat list after it was
+        # probed read another camera's footage through a relative path and a symlink
+        lines.append(_FILE_OPTIONS)
         if not trim_points and i + 1 < len(run.pieces):
             # Place the next file at its recorded start, not after this file's container
             # duration: that is often a few ms longer than the video (audio runs on), and over

@@ -209,7 +209,16 @@ def _probe_all(
         except RuntimeFailure as e:
             damaged.append((s, str(e)))
             continue
-        if readable > 0 and readable < p.duration - SHORT_TOLERANCE:
+        if readable <= 0 < p.duration - SHORT_TOLERANCE:
+            damaged.append(
+                (
+                    s,
+                    f"{s.path}: one frame at most of the {p.duration:.3f} s its header claims "
+                    "is readable",
+                )
+            )
+            continue
+        if 0 < readable < p.duration - SHORT_TOLERANCE:
             damaged.append(
                 (
                     s,
@@ -554,6 +563,16 @@ def _build(
         )
         done += share
         result = ff.probe(out, count=True, pass_fds=(pdir.fd,))
+        short = clip.plan.duration - result.duration
+        if short > max(SHORT_TOLERANCE, 0.01 * clip.plan.duration):
+            # ffmpeg ends a concat input quietly at a file it cannot open: a source swapped or
+            # cut after it was probed left a clip shorter than the footage the manifest would
+            # claim. Nothing is written; the export fails and is recorded.
+            raise RuntimeFailure(
+                f"the clip of {clip.camera} holds {result.duration:.3f} s of the "
+                f"{clip.plan.duration:.3f} s of footage planned: a source changed or could not "
+                "be read while exporting; nothing was written"
+            )
         native_start: dict[str, Any] = {}
         if job.native and clip.plan.runs:
             # a stream copy cannot start between keyframes: it starts at the one at or before

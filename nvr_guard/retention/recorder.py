@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +26,15 @@ from nvr_guard.attention import RECORDER_INDEX, Attention
 from nvr_guard.config import Config
 from nvr_guard.config.models import Recorder
 from nvr_guard.model import Segment, show_path
-from nvr_guard.store.recorder_index import ERROR, IndexOutcome, remove_frigate_rows
+from nvr_guard.store.recorder_index import ERROR, SLOW, IndexOutcome, remove_frigate_rows
 
 log = logging.getLogger(__name__)
+
+
+def sweep_budget(busy_timeout: float) -> float:
+    """Seconds one sweep may spend in one recorder database, over all its batches."""
+    return max(2 * busy_timeout, 5.0)
+
 
 MAX_PENDING = 100_000  # paths kept per database for a retry; older ones are left to the recorder
 
@@ -53,6 +60,10 @@ class RecorderIndexes:
         # do not try them again, so a locked or slow database costs one busy_timeout per sweep,
         # not one per (site, camera) batch, while the daemon's lock is held
         self._failed: set[str] = set()
+        # seconds spent in each database since the last report: a sweep gives a database
+        # :func:`sweep_budget` in all, so a trigger that stays just under busy_timeout per
+        # call cannot stall the sweep once per camera
+        self._spent: dict[str, float] = {}
 
     def configure(self, config: Config) -> None:
         """Take a new config (a reload); rows pending for a database still configured stay."""
@@ -86,13 +97,19 @@ class RecorderIndexes:
             # a retried path whose file exists again is not ours to remove any more
             earlier = [(h, p) for h, p in self._pending.pop(db, []) if not os.path.lexists(h)]
             batch = earlier + items
+            timeout = float(rec.busy_timeout.seconds)
+            left_s = sweep_budget(timeout) - self._spent.get(db, 0.0)
             if db in self._failed:
                 state = self._states[db]
                 res = IndexOutcome(0, 0, state.reason or ERROR, state.detail)
+            elif left_s <= 0:
+                res = IndexOutcome(0, 0, SLOW, "this sweep's time for the database is used up")
             else:
+                t0 = time.monotonic()
                 res = remove_frigate_rows(
-                    db, [p for _, p in batch], busy_timeout=float(rec.busy_timeout.seconds)
+                    db, [p for _, p in batch], busy_timeout=min(timeout, left_s)
                 )
+                self._spent[db] = self._spent.get(db, 0.0) + time.monotonic() - t0
             out["index_rows"] += res.removed
             state = self._states.setdefault(db, _State())
             state.sites |= sites
@@ -121,6 +138,7 @@ class RecorderIndexes:
         """Raise or clear the ``recorder_index`` entry of each database the batches reached;
         the next batches try every database again."""
         self._failed.clear()
+        self._spent.clear()
         for db, state in list(self._states.items()):
             if state.reason is None:
                 attention.clear(RECORDER_INDEX, None, db)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -54,6 +55,12 @@ def remove_frigate_rows(
         if os.path.lexists(database):
             return IndexOutcome(0, 0, NOT_FILE, f"{database} is not a regular file")
         return IndexOutcome(0, 0, MISSING, f"{database} does not exist")
+    for suffix in ("-journal", "-wal", "-shm"):
+        # SQLite opens these itself, blocking for ever on a FIFO put there (no statement runs,
+        # so no interrupt reaches it)
+        side = database + suffix
+        if os.path.lexists(side) and not stat.S_ISREG(os.lstat(side).st_mode):
+            return IndexOutcome(0, 0, NOT_FILE, f"{side} is not a regular file")
     uri = "file:" + urllib.parse.quote(database) + "?mode=rw"
     try:
         # isolation_level None: transactions are ours (BEGIN IMMEDIATE takes the write lock at

@@ -703,7 +703,8 @@ class SegmentStore(Database):
         file."""
         # the start as Segment.span reads it: no later than the mtime less the named length
         conds = [
-            'min(start, mtime - max(coalesce("end", start) - start, 0)) < ?',
+            'CASE WHEN "end" IS NULL AND start > mtime THEN mtime - 3600 '
+            'ELSE min(start, mtime - max(coalesce("end", start) - start, 0)) END < ?',
             'max(mtime, start, coalesce("end", start)) >= ?',
         ]
         args: list[object] = [end, start]

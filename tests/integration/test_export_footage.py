@@ -257,6 +257,31 @@ def _faststart(path: Path) -> None:
     tmp.replace(path)
 
 
+def test_a_segment_swapped_for_a_concat_list_after_probing_reads_nothing_else(
+    tmp_path: Path, key: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the recorder's account overwrote a probed segment with a concat list naming a relative
+    # path through a symlink to another camera's directory, right before ffmpeg read it: the
+    # list's own whitelist (with concat) let the nested list in, and the vault's footage left
+    # under this camera's label
+    src = segments(tmp_path / "cam", count=3)
+    vault = segments(tmp_path / "vault", count=1, size="160x120")[0]
+    (src[1].parent / "lnk").symlink_to(vault.parent)
+    real_run = ff.run_ffmpeg
+
+    def swap_then_run(*a: Any, **kw: Any) -> Any:
+        src[1].write_bytes(f"ffconcat version 1.0\nfile lnk/{vault.name}\n".encode())
+        return real_run(*a, **kw)
+
+    monkeypatch.setattr(ff, "run_ffmpeg", swap_then_run)
+    # ffmpeg refuses the nested list (not a recorder's container): the export fails, leaving
+    # nothing on the medium, and says why
+    with pytest.raises(Exception) as e:
+        export(segs(src), T0 + 1.0, T0 + 29.0, tmp_path, key)
+    assert type(e.value).__name__ == "RuntimeFailure", e.value
+    assert not any((tmp_path / "usb").iterdir())
+
+
 def test_a_segment_cut_short_behind_its_index_is_named_and_the_rest_follows(
     tmp_path: Path, key: Any
 ) -> None:
@@ -292,6 +317,23 @@ def test_a_header_claiming_more_than_its_packets_does_not_hide_a_gap(
     src[2].unlink()
     pkg = export(segs(src[:2]), T0 + 1.0, T0 + 29.0, tmp_path, key)
     assert [g["to"] for g in pkg.manifest["gaps"]] == ["2025-11-20T08:53:49+08:00"]
+    verified(pkg.path)
+
+
+def test_a_single_frame_under_a_long_header_does_not_hide_a_gap(tmp_path: Path, key: Any) -> None:
+    # one frame under a header claiming 10 minutes: fewer than two packets read as "unknown",
+    # so the header's length stood and the deleted footage after it went unreported
+    src = segments(tmp_path / "one", count=2, ext="mkv")
+    one = segments(tmp_path / "frame", count=1, ext="mkv", seconds=1, fps=1)[0]
+    data = bytearray(one.read_bytes())
+    at = data.find(b"\x44\x89")
+    size = data[at + 2] & 0x0F
+    data[at + 3 : at + 3 + size] = struct.pack(">d" if size == 8 else ">f", 600_000.0)
+    src[1].write_bytes(bytes(data))
+    pkg = export(segs(src), T0 + 1.0, T0 + 19.0, tmp_path, key)
+    clip = pkg.manifest["clips"][0]
+    assert [d["path"] for d in clip["damaged_sources"]] == [str(src[1])]
+    assert [g["to"] for g in pkg.manifest["gaps"]] == ["2025-11-20T08:53:39+08:00"]
     verified(pkg.path)
 
 

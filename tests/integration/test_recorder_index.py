@@ -214,6 +214,64 @@ def test_a_locked_database_costs_one_timeout_per_sweep_not_one_per_camera(
     assert att["rows_left"] == 5
 
 
+def test_a_trigger_just_under_the_timeout_costs_one_budget_per_sweep(
+    site: Site, now: datetime
+) -> None:
+    # a trigger burning a little less than busy_timeout on every call was never interrupted:
+    # the sweep waited for it once per camera (8 cameras: 49 s before the daemon was ready)
+    db = create_frigate_db(site.base / "frigate.db")
+    conn = sqlite3.connect(db)
+    n = 200_000
+    t0 = time.monotonic()
+    burn = (
+        "SELECT max(x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+        "WHERE x < {n}) SELECT x FROM c)"
+    )
+    conn.execute(burn.format(n=n)).fetchone()
+    per = max(time.monotonic() - t0, 1e-3)
+    n = int(n * 1.2 / per)  # about 1.2 s per call on this machine now
+    conn.execute(f"CREATE TRIGGER burn BEFORE DELETE ON recordings BEGIN {burn.format(n=n)}; END")
+    conn.commit()
+    conn.close()
+    frigate_config(site, f"    recorder: {{kind: frigate, database: {db}, busy_timeout: 2s}}\n")
+    for i in range(10):
+        start = now - timedelta(hours=30)
+        p = write_frigate_segment(site.root, f"cam{i}", start)
+        add_row(db, f"{site.root}/{p.relative_to(site.root).as_posix()}", f"cam{i}", start)
+    engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
+    engine.reconcile()
+    t0 = time.monotonic()
+    assert engine.sweep().deleted == 10
+    took = time.monotonic() - t0
+    assert took < 9, took  # one budget (5 s) and one call over, not ten calls (12 s)
+    assert any(r.get("index_error") == f"{db}: slow" for r in receipts(engine))
+    (att,) = attention_of(engine)
+    assert att["reason"] == "slow"
+
+
+def test_a_fifo_beside_the_database_never_wedges_the_sweep(site: Site, now: datetime) -> None:
+    # SQLite opens frigate.db-journal itself and blocked for ever on a FIFO put there
+    import threading
+
+    db = create_frigate_db(site.base / "frigate.db")
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.close()
+    frigate_config(site, f"    recorder: {{kind: frigate, database: {db}, busy_timeout: 1s}}\n")
+    segs = footage(site, db, now, [30])
+    os.mkfifo(f"{db}-journal")  # after the rows are in: our own writer would block on it too
+    engine = Engine(load_config(site.config), clock=FixedClock(now.timestamp()))
+    engine.reconcile()
+    done: list[int] = []
+    t = threading.Thread(target=lambda: done.append(engine.sweep().deleted), daemon=True)
+    t.start()
+    t.join(60)
+    assert done == [1], "the sweep did not return"
+    assert not segs[30][0].exists()
+    (att,) = attention_of(engine)
+    assert att["reason"] == "not_file" and "-journal" in att["message"]
+
+
 def test_a_database_path_that_is_not_a_file_is_named_so(site: Site, now: datetime) -> None:
     # replaced by a FIFO after the config was loaded (config check refuses one); it was said
     # not to exist

@@ -788,6 +788,7 @@ def test_bare_m_in_a_retention_key_is_refused_at_its_line(tmp_path, roots, text,
         ("sites:\n  a: {keep: 8000y, roots: [@A]}\n", 2),
         ("sites:\n  a: {keep: 1y, roots: [@A]}\ncameras:\n  front: {keep: 8000y}\n", 4),
         ("sites:\n  a: {keep: 101y, min_keep: 1d, roots: [@A]}\n", 2),
+        ("sites:\n  a: {keep: 5300w, roots: [@A]}\n", 2),  # 101.6 years in weeks
     ],
 )
 def test_a_keep_past_100_years_is_refused_at_its_line(tmp_path, roots, text, line):

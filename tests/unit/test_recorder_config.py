@@ -129,6 +129,31 @@ def test_bad_recorder_is_refused_at_its_line(tmp_path, text, line, fragment):
     assert any(ln == line and fragment in msg for _f, ln, msg in errors), errors
 
 
+def test_one_database_through_a_symlink_is_the_same_database(tmp_path):
+    # two site recorders naming one database, once through a symlink, with the same
+    # recordings path: a carpark sweep removed a school's rows; the text check missed it
+    path = write(
+        tmp_path,
+        """
+        sites:
+          school:
+            keep: 1y
+            roots: [@T/rec]
+            recorder:
+              {kind: frigate, database: @T/frigate.db, recordings: /media/frigate/recordings}
+          carpark:
+            keep: 15d
+            roots: [@T/rec2]
+            recorder:
+              {kind: frigate, database: @T/link.db, recordings: /media/frigate/recordings}
+        """,
+    )
+    (tmp_path / "link.db").symlink_to(tmp_path / "frigate.db")
+    cfg, errors, _ = check_config(path)
+    assert cfg is None
+    assert any("would stand for both" in m for _f, _ln, m in errors), errors
+
+
 def test_missing_database_and_idle_recorder_only_warn(tmp_path):
     path = write(
         tmp_path,

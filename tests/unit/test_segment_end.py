@@ -96,6 +96,9 @@ def test_a_hold_covers_a_file_from_a_camera_whose_clock_runs_ahead() -> None:
     # 15:00-15:05 (when the host wrote it) must hold it; it was deleted
     ahead = Segment("gate", "c", b"/rec/c/15/09.00.mp4", T + 540, T + 60, 10)
     assert Hold(1, "case", "root", T, T + 300).covers(ahead, T)
+    # the name carries no length: a hold inside the minute before its mtime (when the host
+    # wrote it) holds it too; it was held only from the mtime on
+    assert Hold(4, "case", "root", T + 5, T + 50).covers(ahead, T)
     # with a length in its name, the footage began that long before its mtime
     dav = seg("dav", T + 540, T + 60, T + 840)
     assert Hold(2, "case", "root", T - 240, T - 200).covers(dav, T)
@@ -106,3 +109,4 @@ def test_range_queries_follow_a_camera_whose_clock_runs_ahead(cat: Catalog) -> N
     ahead = Segment("gate", "c", b"/rec/c/15/09.00.mp4", T + 540, T + 60, 10)
     cat.upsert_segments([ahead], RULES)
     assert [s.path for s in cat.segments_of("gate", "c", T, T + 300)] == [ahead.path]
+    assert [s.path for s in cat.segments_of("gate", "c", T + 5, T + 50)] == [ahead.path]
