@@ -31,7 +31,8 @@ APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei fonts-dejavu-core f
 # Only the tests need these: tests/fixtures/container.py builds a Debian tree and boots the unit
 # under a real systemd in it. `make test` adds them to what `deps` installs (a target-specific
 # variable reaches the prerequisites); `make install-service` does not put them on a recorder.
-APT_TEST_PACKAGES := debootstrap systemd-container
+# chromium + chromium-driver: the web console's browser tests (Selenium drives Debian's build).
+APT_TEST_PACKAGES := debootstrap systemd-container chromium chromium-driver
 
 # Service installation (make install-service): a venv outside /root and /home, because the
 # unit's ProtectHome=yes hides those from the daemon.

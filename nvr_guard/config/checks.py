@@ -53,6 +53,7 @@ def cross_checks(
         _font_check(cfg, problem)
         _signing_key_checks(cfg, problem)
         _export_group_check(cfg, problem, warn)
+        _web_checks(cfg, problem)
         for i, t in enumerate(cfg.export.targets):
             if not os.path.isdir(t):
                 warn(
@@ -699,6 +700,31 @@ def _export_group_check(cfg: Config, problem: Any, warn: Any) -> None:
             f"export.group: the daemon's user {user} is not a member of group {name}, so it "
             f"can give packages that group only on targets that are the group's with the setgid "
             f"bit (chgrp {name} DIR && chmod g+s DIR); add it: usermod -aG {name} {user}",
+        )
+
+
+def _web_checks(cfg: Config, problem: Any) -> None:
+    """Plain HTTP only on loopback (behind a reverse proxy); TLS needs both halves."""
+    from nvr_guard.config.types import is_loopback, listen_parts
+
+    web = cfg.web
+    if web is None:
+        return
+    if (web.tls_cert is None) != (web.tls_key is None):
+        problem(
+            ("web", "tls_cert" if web.tls_cert is None else "tls_key"),
+            False,
+            "web: set both tls_cert and tls_key (or neither, for plain HTTP on loopback)",
+        )
+        return
+    host, _ = listen_parts(web.listen)
+    if web.tls_cert is None and not is_loopback(host):
+        problem(
+            ("web", "listen"),
+            False,
+            f"web.listen: {web.listen} is not a loopback address, so the console needs TLS: set "
+            "web.tls_cert and web.tls_key (make install-service makes a self-signed pair), or "
+            "listen on 127.0.0.1 behind a TLS reverse proxy",
         )
 
 

@@ -31,12 +31,17 @@ from nvr_guard.config.types import (
     CameraPatterns,
     Crf,
     Dates,
+    Email,
     Extensions,
+    Failures,
     FixedDur,
     Fraction,
+    HostName,
     Hours,
+    HttpUrl,
     Level,
     Listen,
+    Port,
     ProfileName,
     RetentionDur,
     Role,
@@ -47,6 +52,7 @@ from nvr_guard.config.types import (
     Text,
     UnixName,
     ValidFor,
+    WebListen,
     WholeNumber,
     WorkingDays,
     Zone,
@@ -176,6 +182,8 @@ class User(_Strict):
 
     roles: list[Role] = Field(default_factory=list)
     level: Level = 1  # least privilege: internal cameras only unless raised
+    # where notifications for this person go (else notify.smtp.domain, else no e-mail)
+    email: Email | None = None
 
 
 class Group(_Strict):
@@ -270,6 +278,64 @@ class Metrics(_Strict):
     listen: Listen | None = None
 
 
+class Web(_Strict):
+    """``web:``: the approval console (``nvr-guard web``, its own unit and user).
+
+    The console holds no authority: it is a gateway to the daemon, which accepts "on behalf of"
+    requests only from ``gateway_user`` and only for sessions the password check
+    (``auth_user``'s helper, PAM service ``nvr-guard``) opened."""
+
+    listen: WebListen = "0.0.0.0:8443"
+    tls_cert: AbsPath | None = None
+    tls_key: AbsPath | None = None
+    gateway_user: UnixName = "nvr-guard-web"
+    # the account of the password-checking helper (nvr-guard-auth@.service): the only one whose
+    # word opens a session
+    auth_user: UnixName = "nvr-guard-auth"
+    auth_socket: AbsPath = "/run/nvr-guard-auth/auth.sock"
+    max_failures: Failures = 5
+    lockout: FixedDur = Duration.parse("15min")
+    idle_timeout: FixedDur = Duration.parse("15min")
+    session_limit: FixedDur = Duration.parse("12h")  # absolute, however active the session
+    previews: Bool = False
+    # the console's address as people reach it, for links in notifications
+    url: HttpUrl | None = None
+
+
+class Smtp(_Strict):
+    """``notify.smtp:``: a mail relay the web service hands notifications to."""
+
+    # ``config show`` writes ``from``, as the file does
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, serialize_by_alias=True
+    )
+
+    host: HostName
+    port: Port = 587
+    # ``from`` in YAML; a Python keyword, hence the alias
+    sender: Email = Field(alias="from")
+    starttls: Bool = True
+    username: Text | None = None
+    password_file: AbsPath | None = None
+    # people without people.users.<name>.email get <name>@domain when this is set
+    domain: HostName | None = None
+
+
+class Webhook(_Strict):
+    """``notify.webhook:``: JSON POSTed to ``url``, signed with HMAC-SHA256 of ``secret_file``."""
+
+    url: HttpUrl
+    secret_file: AbsPath | None = None
+
+
+class Notify(_Strict):
+    """``notify:``: who hears that a request waits, is decided or expires, or a violation opens."""
+
+    smtp: Smtp | None = None
+    webhook: Webhook | None = None
+    retry_for: FixedDur = Duration.parse("24h")  # a notification still failing then is dropped
+
+
 class Config(_Strict):
     """The whole file, validated; what the daemon and the CLI read their rules from."""
 
@@ -292,6 +358,8 @@ class Config(_Strict):
     media: Media = Field(default_factory=Media)
     metrics: Metrics = Field(default_factory=Metrics)
     recorder: Recorder | None = None  # applies to sites with layout frigate (or its roots)
+    web: Web | None = None
+    notify: Notify = Field(default_factory=Notify)
 
     _source_path: Path = PrivateAttr(default=Path("<memory>"))
     _digest: str = PrivateAttr(default="")

@@ -377,6 +377,60 @@ def _listen(v: object) -> str:
     return s
 
 
+def _web_listen(v: object) -> str:
+    """``HOST:PORT`` the web console listens on: a literal address (any, loopback or one of the
+    host's), since names are resolved by whoever reads them at start time. Whether plain HTTP
+    is allowed there is checked with the TLS keys (:class:`~nvr_guard.config.models.Web`)."""
+    s = need_text(v, "an address such as 0.0.0.0:8443").strip()
+    m = re.fullmatch(r"\[([^\]]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", s)
+    if m is None:
+        raise ValueError(f"{s!r} is not HOST:PORT; write e.g. 0.0.0.0:8443 or 127.0.0.1:8080")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{host!r} is not an IP address (names are not resolved); write e.g. 0.0.0.0:{port}"
+        ) from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range; write a port from 1 to 65535")
+    return s
+
+
+def listen_parts(listen: str) -> tuple[str, int]:
+    """(host, port) of a ``HOST:PORT`` checked by :data:`Listen` or :data:`WebListen`."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8 and ::1."""
+    return ipaddress.ip_address(host).is_loopback
+
+
+def _http_url(v: object) -> str:
+    """An http(s) URL (webhooks, the console's address in notifications)."""
+    s = need_text(v, "a URL such as https://nvr.example/").strip()
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s]*)?", s):
+        raise ValueError(f"{s!r} is not an http:// or https:// URL")
+    return s
+
+
+def _email(v: object) -> str:
+    s = need_text(v, "an e-mail address").strip()
+    if not re.fullmatch(r"[^@\s<>\"',;]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", s) or len(s) > 254:
+        raise ValueError(f"{s!r} is not an e-mail address (name@example.org)")
+    return s
+
+
+def _hostname(v: object) -> str:
+    s = need_text(v, "a host name or address").strip()
+    if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", s):
+        raise ValueError(f"{s!r} is not a host name or IP address")
+    return s
+
+
 _dur_ser = PlainSerializer(fmt_duration, return_type=str)
 _dates_ser = PlainSerializer(lambda v: [x.isoformat() for x in v], return_type=list[str])
 # keep, min_keep, legal_min_keep: a bare `m` is refused (did you mean months?)
@@ -428,4 +482,10 @@ WorkingDays = typing.Annotated[int, PlainValidator(_decide_within)]
 Dates = typing.Annotated[list[date], PlainValidator(_dates), _dates_ser]
 Template = typing.Annotated[str, BeforeValidator(_template)]
 Listen = typing.Annotated[str, BeforeValidator(_listen)]
+WebListen = typing.Annotated[str, BeforeValidator(_web_listen)]
+HttpUrl = typing.Annotated[str, BeforeValidator(_http_url)]
+Email = typing.Annotated[str, BeforeValidator(_email)]
+HostName = typing.Annotated[str, BeforeValidator(_hostname)]
+Port = typing.Annotated[int, PlainValidator(_int), AfterValidator(_int_between(1, 65535))]
+Failures = typing.Annotated[int, PlainValidator(_int), AfterValidator(_int_between(1, 1000))]
 WholeNumber = typing.Annotated[int, PlainValidator(_int)]

@@ -57,7 +57,9 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
         else:
             return []
     t = _unwrap(t)
-    return list(t.model_fields) if isinstance(t, type) and issubclass(t, BaseModel) else []
+    if not (isinstance(t, type) and issubclass(t, BaseModel)):
+        return []
+    return [f.alias or name for name, f in t.model_fields.items()]  # as written in the file
 
 
 _MISSING_HINTS = {
