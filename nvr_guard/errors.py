@@ -44,6 +44,10 @@ class PolicyRefused(NvrGuardError):
     exit_code = 3
 
 
+class SessionEnded(PolicyRefused):
+    """A web session that is unknown, expired or logged out (exit 3): log in again."""
+
+
 class GuardTripped(PolicyRefused):
     exit_code = 3
 

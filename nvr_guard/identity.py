@@ -38,6 +38,11 @@ class Caller:
     groups: frozenset[str] = frozenset()  # names of the user's groups, primary included
     pid: int | None = None  # the peer process (None: not known, e.g. made in-process)
     gid: int | None = None  # the peer's gid at connect()
+    # acting through a gateway (the web console): its name, the person's client address and
+    # the session's id (a digest of the token, never the token)
+    via: str | None = None
+    client: str | None = None
+    session: str | None = None
 
     def __post_init__(self) -> None:
         # callers made by hand may pass any collection of names: one type inside
@@ -49,7 +54,9 @@ class Caller:
         return self.user
 
     def describe(self) -> str:
-        """``alice (uid 1000, pid 4242)``, for log lines."""
+        """``alice (uid 1000, pid 4242)``, for log lines (``via web from ADDR`` when so)."""
+        if self.via is not None:
+            return f"{self.name} (uid {self.uid}, via {self.via} from {self.client})"
         return f"{self.name} (uid {self.uid}, pid {self.pid})"
 
     @classmethod
@@ -63,6 +70,15 @@ class Caller:
         """The account ``uid``; its groups from ``gid`` (default: its passwd primary group)."""
         user, groups = _names(uid, gid)
         return cls(uid, user, groups, gid=gid)
+
+    @classmethod
+    def acting_for(cls, user: str, via: str, client: str, session: str) -> Caller:
+        """The account named ``user`` acting through gateway ``via`` (its groups looked up now).
+
+        Raises KeyError when there is no such account (any more)."""
+        pw = pwd.getpwnam(user)
+        name, groups = _names(pw.pw_uid, pw.pw_gid)
+        return cls(pw.pw_uid, name, groups, gid=pw.pw_gid, via=via, client=client, session=session)
 
     @classmethod
     def from_ids(cls, pid: int, uid: int, gid: int) -> Caller:
@@ -84,7 +100,16 @@ class Caller:
         user, groups = _names(self.uid, self.gid)
         if self.gid is not None:
             _NAMES[(self.uid, self.gid)] = (time.monotonic(), user, groups)
-        return Caller(self.uid, user, groups, pid=self.pid, gid=self.gid)
+        return Caller(
+            self.uid,
+            user,
+            groups,
+            pid=self.pid,
+            gid=self.gid,
+            via=self.via,
+            client=self.client,
+            session=self.session,
+        )
 
     @classmethod
     def of_socket(cls, sock: socket.socket) -> Caller:

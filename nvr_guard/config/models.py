@@ -306,9 +306,7 @@ class Smtp(_Strict):
     """``notify.smtp:``: a mail relay the web service hands notifications to."""
 
     # ``config show`` writes ``from``, as the file does
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, serialize_by_alias=True
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
 
     host: HostName
     port: Port = 587

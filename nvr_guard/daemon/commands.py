@@ -29,6 +29,7 @@ Access, checked by ``dispatch`` in this order:
 from __future__ import annotations
 
 import os
+import pwd
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,10 +42,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic.functional_validators import AfterValidator
 
 from nvr_guard.config import Config
+from nvr_guard.daemon.websessions import WebSessions
 from nvr_guard.engine import AUDIT_ROLES, Engine, audit_show_json, audit_verify_json, preview
-from nvr_guard.errors import DaemonUnavailable, InvalidInput, PolicyRefused, RuntimeFailure
+from nvr_guard.errors import (
+    DaemonUnavailable,
+    InvalidInput,
+    PolicyRefused,
+    RuntimeFailure,
+    SessionEnded,
+)
 from nvr_guard.identity import Caller
-from nvr_guard.store.audit import AuditLog
+from nvr_guard.store.audit import AuditLog, acting_via
 from nvr_guard.times import clock_at, parse_time
 
 # who may run a sweep or reload the config (root counts as admin)
@@ -184,6 +192,27 @@ class AuditShow(_Args):
     request: Id | None = None
 
 
+# a login name as PAM may know it: Unix names, and directory names (user@realm, DOMAIN\\user)
+LoginName = Annotated[
+    StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@$\\-]+$")
+]
+ClientAddr = Annotated[
+    StrictStr, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z.:%_\[\]-]+$")
+]
+
+
+class AuthBegin(_Args):
+    user: LoginName
+    client: ClientAddr
+
+
+class AuthFinish(_Args):
+    user: LoginName
+    client: ClientAddr
+    ok: StrictBool
+    reason: Short = ""
+
+
 # ---- the context a handler runs in ------------------------------------------------------------
 
 
@@ -211,8 +240,10 @@ class Context:
         audit_log: AuditLog | None = None,
         config: Config | None = None,
         service_uid: int | None = None,
+        web: WebSessions | None = None,
     ) -> None:
         self._engine = engine
+        self.web = web  # the console's sessions (the daemon's; None elsewhere)
         # the account the daemon runs as (``service_account`` commands): this process's own
         self.service_uid = os.getuid() if service_uid is None else service_uid
         self.local = local
@@ -258,6 +289,26 @@ class Context:
         """The engine's wall clock (the real time without an engine)."""
         return self._engine.clock().wall if self._engine is not None else time.time()
 
+    def is_peer(self, caller: Caller, kind: str) -> bool:
+        """True when ``caller`` connected as the web console's ``kind`` account (``gateway``:
+        web.gateway_user, ``auth``: web.auth_user) itself, not on anyone's behalf."""
+        web = self.config.web
+        if web is None or caller.via is not None:
+            return False
+        name = web.gateway_user if kind == "gateway" else web.auth_user
+        try:
+            return pwd.getpwnam(name).pw_uid == caller.uid
+        except KeyError:
+            return False
+
+    def sessions(self) -> WebSessions:
+        """The console's sessions; refused where the web console is not configured."""
+        if self.web is None or self.config.web is None:
+            raise PolicyRefused(
+                "the web console is not configured: add a web: section to the config and reload"
+            )
+        return self.web
+
     def roles_for(self, caller: Caller) -> set[str]:
         """The caller's roles (``people:``); root is admin. Without an engine only root acts."""
         if self._engine is not None:
@@ -290,6 +341,9 @@ class Command:
     what: str = ""  # the audit object of a role refusal ("run a retention sweep")
     public: bool = False  # served to anyone who reaches the socket
     service_account: bool = False  # the daemon's own uid runs it without a role
+    # served only to the web console's accounts, without a role: "auth" (the password helper),
+    # "gateway" (the web process itself), "session" (the gateway acting for a logged-in person)
+    peer: Literal["auth", "gateway", "session"] | None = None
     refuse: Refusal | None = None  # a refusal checked before the roles
 
 
@@ -504,6 +558,99 @@ def audit_verify(ctx: Context, caller: Caller, a: NoArgs) -> Any:
     return audit_verify_json(ctx.audit)
 
 
+_LOGIN = "web-login"  # the audit actor of a login attempt: the name tried is not yet anyone
+
+
+def auth_begin(ctx: Context, caller: Caller, a: AuthBegin) -> Any:
+    """Before the password check: refused unchecked while the name or the address is locked."""
+    locked = ctx.sessions().locked(a.user, a.client)
+    if locked is None:
+        return {"allowed": True}
+    what, left = locked
+    ctx.audit.append(
+        _LOGIN,
+        "auth.locked",
+        a.user,
+        {"client": a.client, "via": "web", "locked": what, "retry_after": round(left)},
+    )
+    return {
+        "allowed": False,
+        "retry_after": int(left) + 1,
+        "message": "too many failed logins; try again later",
+    }
+
+
+def auth_finish(ctx: Context, caller: Caller, a: AuthFinish) -> Any:
+    """After the password check: count a failure, or open the person's session."""
+    web = ctx.sessions()
+    if not a.ok:
+        locked = web.failed(a.user, a.client)
+        ctx.audit.append(
+            _LOGIN,
+            "auth.failed",
+            a.user,
+            {"client": a.client, "via": "web", "reason": a.reason, "locked": locked},
+        )
+        return {"ok": False, "locked": locked}
+    try:
+        person = Caller.acting_for(a.user, "web", a.client, "")
+    except KeyError:
+        # PAM said yes for a name the host's user database does not resolve (a module that
+        # authenticates without an account): no uid, no groups, no roles
+        person = None
+    if person is None or not ctx.roles_for(person):
+        web.failed(a.user, a.client)
+        ctx.audit.append(
+            _LOGIN,
+            "access.denied",
+            a.user,
+            {"client": a.client, "via": "web", "reason": "no role in people:"},
+        )
+        raise PolicyRefused(
+            f"{a.user} has no role in {ctx.config.source_path}; an admin adds people under people:"
+        )
+    web.succeeded(a.user, a.client)
+    token, session = web.open(person.user, a.client)
+    ctx.audit.append(
+        person.user,
+        "web.login",
+        "web",
+        {"client": a.client, "via": "web", "session": session.sid[:16]},
+    )
+    return {
+        "ok": True,
+        "session": token,
+        "csrf": session.csrf,
+        "user": person.user,
+        "expires_in": round(web.expires_in(session)),
+    }
+
+
+def web_session(ctx: Context, caller: Caller, a: NoArgs) -> Any:
+    """The person behind the gateway's session: name, roles, level, CSRF token, time left."""
+    web = ctx.sessions()
+    session = web.get(caller.session or "")
+    if session is None:
+        raise SessionEnded("session ended; log in again")
+    return {
+        "user": caller.user,
+        "roles": sorted(ctx.roles_for(caller)),
+        "level": ctx.engine.workflow.actor(caller).level,
+        "csrf": session.csrf,
+        "session": session.sid[:16],
+        "expires_in": round(web.expires_in(session)),
+    }
+
+
+def web_logout(ctx: Context, caller: Caller, a: NoArgs) -> Any:
+    """End the session the gateway acts through."""
+    web = ctx.sessions()
+    session = web.close_digest(caller.session or "")
+    if session is not None:
+        ctx.audit.append(caller.user, "web.logout", "web", {"session": session.sid[:16]})
+    return {"ok": True}
+
+
 #: every command the daemon serves besides the socket's own ``ping``
 COMMANDS: dict[str, Command] = {
     c.name: c
@@ -558,6 +705,10 @@ COMMANDS: dict[str, Command] = {
         Command(
             "audit.verify", NoArgs, audit_verify, roles=AUDIT_ROLES, what="verify the audit log"
         ),
+        Command("auth.begin", AuthBegin, auth_begin, peer="auth"),
+        Command("auth.finish", AuthFinish, auth_finish, peer="auth"),
+        Command("web.session", NoArgs, web_session, peer="session"),
+        Command("web.logout", NoArgs, web_logout, peer="session"),
     )
 }
 
@@ -593,6 +744,21 @@ def dispatch(ctx: Context, caller: Caller, cmd: str, args: Any) -> Any:
     its handler. Unknown command or bad arguments: InvalidInput (exit 2) before anything else."""
     parsed = parse(cmd, args)
     command = COMMANDS[cmd]
+    with acting_via(caller.via, caller.client):
+        return _dispatch(ctx, caller, command, parsed)
+
+
+def _dispatch(ctx: Context, caller: Caller, command: Command, parsed: _Args) -> Any:
+    cmd = command.name
+    if command.peer is not None:
+        if command.peer == "session":
+            allowed = caller.via == "web" and caller.session is not None
+        else:
+            allowed = ctx.is_peer(caller, command.peer)
+        if not allowed:
+            ctx.audit.append(caller.user, "access.denied", cmd, {"uid": caller.uid})
+            raise PolicyRefused(f"{cmd!r} is served to the web console's own accounts only")
+        return command.handler(ctx, caller, parsed)
     if command.service_account and caller.uid == ctx.service_uid:
         return command.handler(ctx, caller, parsed)
     if not command.public and not ctx.roles_for(caller):

@@ -93,6 +93,16 @@ _HEADER = struct.Struct(">I")
 # Messages
 
 
+class OnBehalf(BaseModel):
+    """A gateway's request to act for a person: the session the password check opened for
+    them, and the address they connect from (recorded, not trusted for anything)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session: str = Field(min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
+    client: str = Field(min_length=1, max_length=64, pattern=r"^[0-9A-Fa-f.:\[\]a-z%_-]+$")
+
+
 class Request(BaseModel):
     """One request frame. ``extra="forbid"``: a typo in a field name is an error, not ignored."""
 
@@ -101,6 +111,7 @@ class Request(BaseModel):
     v: Literal[1]
     cmd: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.-]*$")
     args: dict[str, Any] = Field(default_factory=dict)
+    on_behalf: OnBehalf | None = None
 
 
 class ErrorBody(BaseModel):
@@ -217,6 +228,8 @@ CommandFunc = Callable[[Caller, Any], Any]
 RoleResolver = Callable[[Caller], Iterable[str]]
 #: admit(caller) -> None to serve the connection, or the refusal message (exit 3)
 Admission = Callable[[Caller], "str | None"]
+# the person a gateway acts for: (peer, on_behalf) -> that person, or PolicyRefused
+Behalf = Callable[[Caller, OnBehalf], Caller]
 #: on_refusal(caller, details) where details has cmd, code, message (and suppressed counts)
 RefusalHook = Callable[[Caller, dict[str, Any]], None]
 
@@ -325,8 +338,10 @@ class ControlServer:
         on_refusal: RefusalHook | None = None,
         refusal_burst: int = DEFAULT_REFUSAL_BURST,
         refusal_window: float = DEFAULT_REFUSAL_WINDOW,
+        behalf: Behalf | None = None,
     ) -> None:
         self.path = Path(path)
+        self.behalf = behalf
         self.group = group
         self.handler = handler
         self.read_timeout = read_timeout
@@ -924,6 +939,10 @@ class ControlServer:
         return reply
 
     def _run(self, caller: Caller, request: Request) -> Any:
+        if request.on_behalf is not None:
+            if self.behalf is None:
+                raise PolicyRefused("this server does not act on behalf of anyone")
+            caller = self.behalf(caller, request.on_behalf)
         command = self._commands.get(request.cmd)
         if command is None:
             if self.handler is not None:
@@ -1075,12 +1094,21 @@ class ControlClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Send one command and return its result; a refusal is raised as its error class."""
+    def call(
+        self,
+        cmd: str,
+        args: Mapping[str, Any] | None = None,
+        on_behalf: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Send one command and return its result; a refusal is raised as its error class.
+
+        ``on_behalf`` ({session, client}): a gateway acting for the person of that session."""
         if self._sock is None:
             self.connect()
         assert self._sock is not None
-        request = {"v": PROTOCOL_VERSION, "cmd": cmd, "args": dict(args or {})}
+        request: dict[str, Any] = {"v": PROTOCOL_VERSION, "cmd": cmd, "args": dict(args or {})}
+        if on_behalf is not None:
+            request["on_behalf"] = dict(on_behalf)
         data = _encode(request)
         if len(data) - _HEADER.size > MAX_REQUEST:
             raise InvalidInput(

@@ -9,8 +9,10 @@ is alive, so a wedged daemon is restarted by systemd rather than silently doing 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pwd
 import queue
 import signal
 import sqlite3
@@ -28,8 +30,10 @@ from nvr_guard import attention
 from nvr_guard.config import Config, load_config
 from nvr_guard.daemon import sdnotify
 from nvr_guard.daemon.commands import Context, dispatch
+from nvr_guard.daemon.control import OnBehalf
+from nvr_guard.daemon.websessions import WebSessions
 from nvr_guard.engine import Engine, StateLock
-from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError
+from nvr_guard.errors import ConfigError, InvalidInput, NvrGuardError, PolicyRefused, SessionEnded
 from nvr_guard.identity import Caller
 from nvr_guard.logs import InertFormatter
 from nvr_guard.store.audit import AuditHeadMismatch
@@ -131,6 +135,8 @@ class Daemon:
         self.state_lock: StateLock | None = None
         # SIGHUP (main thread) and `nvr-guard reload` (a socket thread) take turns
         self._reload_lock = threading.Lock()
+        # the web console's sessions and login lockout (limits from web:, set at start/reload)
+        self.web_sessions = WebSessions(idle=900, limit=43200, max_failures=5, lockout=900)
 
     # ---- start / stop --------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,6 +152,7 @@ class Daemon:
 
         self.state_lock.acquire_for_daemon(STATE_LOCK_WAIT, waiting)
         self.engine = engine = Engine(config)
+        self._configure_web(config)
         try:
             engine.audit.append(
                 "nvr-guard", "config.load", str(config.source_path), {"digest": config.digest}
@@ -185,15 +192,64 @@ class Daemon:
             self.handle,
             admit=self._admit,
             on_refusal=self._record_refusal,
+            behalf=self._behalf,
         )
         self.server.start()
+
+    def _configure_web(self, config: Config) -> None:
+        web = config.web
+        if web is not None:
+            self.web_sessions.configure(
+                idle=_seconds(web.idle_timeout),
+                limit=_seconds(web.session_limit),
+                max_failures=web.max_failures,
+                lockout=_seconds(web.lockout),
+            )
+
+    def _console_uids(self) -> set[int]:
+        """The uids of the web console's gateway and password helper (none when unset)."""
+        web = self.engine.config.web if self.engine is not None else None
+        uids: set[int] = set()
+        if web is not None:
+            for name in (web.gateway_user, web.auth_user):
+                with contextlib.suppress(KeyError):
+                    uids.add(pwd.getpwnam(name).pw_uid)
+        return uids
+
+    def _behalf(self, peer: Caller, on_behalf: OnBehalf) -> Caller:
+        """The person a gateway acts for: only web.gateway_user may ask, only through a live
+        session the password helper opened; the person's groups are looked up now."""
+        engine = self.engine
+        assert engine is not None
+        web = engine.config.web
+        if web is None:
+            raise PolicyRefused("the web console is not configured (no web: in the config)")
+        try:
+            gateway_uid = pwd.getpwnam(web.gateway_user).pw_uid
+        except KeyError:
+            raise PolicyRefused(
+                f"web.gateway_user {web.gateway_user!r} does not exist on this host"
+            ) from None
+        if peer.uid != gateway_uid:
+            raise PolicyRefused(
+                f"{peer.user} (uid {peer.uid}) is not the web gateway ({web.gateway_user}); "
+                "only it may act on behalf of a logged-in person"
+            )
+        session = self.web_sessions.resolve(on_behalf.session)
+        if session is None:
+            raise SessionEnded("session ended or unknown; log in again")
+        try:
+            return Caller.acting_for(session.user, "web", on_behalf.client, session.sid)
+        except KeyError:
+            self.web_sessions.close(on_behalf.session)
+            raise SessionEnded(f"account {session.user} no longer exists") from None
 
     def _admit(self, who: Caller) -> str | None:
         """Checked when a connection is accepted: someone the config gives no role is turned
         away at once (and the refusal recorded) instead of holding a slot."""
         engine = self.engine
         assert engine is not None
-        if engine.roles_for(who) or who.uid == os.getuid():
+        if engine.roles_for(who) or who.uid == os.getuid() or who.uid in self._console_uids():
             # the daemon's own account comes in only for `reload` (ExecReload=); dispatch
             # refuses it everything else that needs a role
             return None
@@ -462,6 +518,7 @@ class Daemon:
         if Path(new.state_dir) != Path(old.state_dir) or Path(new.socket) != Path(old.socket):
             log.warning("state_dir and socket changes take effect at the next restart")
         details = self.engine.apply_config(new, actor)
+        self._configure_web(new)
         self.engine.attention.clear(attention.RELOAD_REFUSED)
         log.info(
             "config reloaded (%s -> %s); changed sites: %s",
@@ -492,6 +549,7 @@ class Daemon:
             reload=self.reload,
             started=self.started,
             last_error=lambda: self.last_error,
+            web=self.web_sessions,
         )
 
     def handle(self, peer: Caller, cmd: str, args: dict[str, Any]) -> Any:

@@ -44,6 +44,7 @@ recompute it with any JSON library; ``VERIFY.txt`` of export packages refers to 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import datetime as _dt
 import enum
@@ -274,6 +275,26 @@ def read_head_file(path: str | os.PathLike[str]) -> tuple[int, str] | None:
     return int(parts[0]), parts[1]
 
 
+#: set while a gateway's request runs (``acting_via``): every entry written then says so
+_ACTING: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "nvr_guard_audit_acting", default=None
+)
+
+
+@contextlib.contextmanager
+def acting_via(via: str | None, client: str | None) -> Iterator[None]:
+    """Within the block, entries this thread appends carry ``via`` and ``client`` (an action
+    taken through the web console is on record as such, with the person's address)."""
+    if via is None:
+        yield
+        return
+    token = _ACTING.set({"via": via, "client": client or ""})
+    try:
+        yield
+    finally:
+        _ACTING.reset(token)
+
+
 class AuditLog:
     """The audit log on one SQLite connection (normally the catalog's).
 
@@ -352,6 +373,9 @@ class AuditLog:
         self, actor: str, action: str, obj: str, details: Mapping[str, Any] | None
     ) -> AuditEntry:
         conn = self.conn
+        via = _ACTING.get()
+        if via is not None:
+            details = {**(details or {}), **via}
         details_json = canonical_json(details or {})
         t = float(self.clock())
         if not math.isfinite(t):
