@@ -24,6 +24,7 @@ from nvr_guard.cli import (
     retention_cmd,
     status_cmd,
     unit_cmd,
+    web_cmd,
 )
 from nvr_guard.cli.base import DEFAULT_CONFIG, Ctx, Group, fail
 from nvr_guard.errors import NvrGuardError
@@ -69,6 +70,7 @@ for _command in (
     export_cmd.key,
     media_cmd.media,
     unit_cmd.unit_paths,
+    web_cmd.web,
 ):
     cli.add_command(_command)
 

@@ -110,6 +110,9 @@ class RequestNew(_Args):
 
 class RequestList(_Args):
     state: Short | None = None
+    waiting: StrictBool = False  # only what the caller may decide now
+    limit: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = None
+    before: Id | None = None  # paging: ids below this one (newest first)
 
 
 class RequestApprove(_Args):
@@ -380,7 +383,7 @@ def request_new(ctx: Context, caller: Caller, a: RequestNew) -> Any:
 
 def request_list(ctx: Context, caller: Caller, a: RequestList) -> Any:
     """The requests ``caller`` may see."""
-    return ctx.engine.workflow.list(caller, a.state)
+    return ctx.engine.workflow.list(caller, a.state, a.waiting, a.limit, a.before)
 
 
 def request_show(ctx: Context, caller: Caller, a: IdArgs) -> Any:

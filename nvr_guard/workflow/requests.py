@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -405,30 +405,66 @@ class Workflow:
             self._visible(caller, rid)
         return self.progress.get(rid)
 
-    def list(self, caller: Caller, state: str | None) -> list[dict[str, Any]]:
-        """The requests ``caller`` may see (the others are left out, not refused)."""
+    def list(
+        self,
+        caller: Caller,
+        state: str | None,
+        waiting: bool = False,
+        limit: int | None = None,
+        before: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The requests ``caller`` may see (the others are left out, not refused), newest first
+        when ``limit`` or ``before`` page through them; ``waiting``: only those ``caller`` may
+        decide now (``may_decide``)."""
         if state and state not in access.STATES:
             raise InvalidInput(f"unknown state {state!r}; one of {', '.join(access.STATES)}")
         actor = self.actor(caller)
+        paged = limit is not None or before is not None
         with self.ctx.recording():
             self.refresh()
             views = []
-            for r in self.store.all():
+            rows = self.store.all()
+            if paged:
+                rows = sorted(rows, key=lambda r: r.id, reverse=True)
+            for r in rows:
+                if before is not None and r.id >= before:
+                    continue
                 approvals = self.store.approvals(r.id)
                 if r.site in self.config.sites:
-                    seen = access.check_view(r, approvals, actor, self._acting(r, self._judged(r)))
+                    acting = self._acting(r, self._judged(r))
+                    seen = access.check_view(r, approvals, actor, acting)
                     if not seen.allowed:
                         continue
                 elif not actor.roles & access.SEE_ALL_ROLES:
                     continue
-                views.append(self.request_json(r, approvals))
-        return [v for v in views if not state or v["state"] == state]
+                view = self.request_json(r, approvals)
+                if state and view["state"] != state:
+                    continue
+                view["may_decide"] = self._may_decide(r, approvals, actor)
+                if waiting and not view["may_decide"]:
+                    continue
+                views.append(view)
+                if limit is not None and len(views) >= limit:
+                    break
+        return views
+
+    def _may_decide(
+        self, r: access.Request, approvals: Sequence[access.Approval], actor: access.Actor
+    ) -> bool:
+        """Would ``actor``'s approval of ``r`` be taken now? (Asked, not recorded.)"""
+        if r.site not in self.config.sites:
+            return False
+        rules = self._acting(r, self._judged(r))
+        return access.check_approve(r, approvals, actor, rules, self.now()).allowed
 
     def show(self, caller: Caller, rid: int) -> dict[str, Any]:
-        """Request ``rid``, if ``caller`` may see it."""
+        """Request ``rid``, if ``caller`` may see it (``may_decide``: whether ``caller`` could
+        approve or deny it now)."""
         with self.ctx.recording():
             r, approvals, _ = self._visible(caller, rid)
-            return self.request_json(r, approvals)
+            view = self.request_json(r, approvals)
+            view["may_decide"] = self._may_decide(r, approvals, self.actor(caller))
+            return view
 
     def approve(
         self, caller: Caller, rid: int, note: str, as_step: str | None = None
