@@ -51,7 +51,7 @@ BASHCOMPDIR     ?= $(DATADIR)/bash-completion/completions
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help deps venv test test-fast demo lint bench clean distclean install-service install-docs
+.PHONY: help deps venv test test-fast demo lint bench clean distclean install-service install-docs install-web
 
 help:
 	@echo "make demo             run the demo daemon on generated recordings, then walk an export"
@@ -177,10 +177,37 @@ install-service: deps
 	  systemd-tmpfiles --create $(TMPFILESDIR)/nvr-guard.conf; \
 	  systemctl daemon-reload; \
 	fi
+	@$(MAKE) install-web
+	@if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then systemctl daemon-reload; fi
 	@[ -e $(CONFDIR)/config.yaml ] || echo "next: write $(CONFDIR)/config.yaml (see config/)," \
 	  "check it with 'nvr-guard config check', run 'make install-service' again (it writes" \
 	  "the ReadWritePaths= drop-in for your roots and export targets), then" \
 	  "'systemctl enable --now nvr-guard'"
+
+# The web console's unit (and a drop-in for the venv), and a self-signed TLS pair in
+# $(CONFDIR)/web/ when there is none: the key readable by the console's group only. Its
+# fingerprint is printed for people to compare when their browser first warns about it.
+WEBTLSDIR := $(CONFDIR)/web
+install-web:
+	install -m 0644 systemd/nvr-guard-web.service $(UNITDIR)/nvr-guard-web.service
+	@if [ "$(PREFIX)" != /usr ]; then \
+	  install -d -m 0755 $(UNITDIR)/nvr-guard-web.service.d; \
+	  printf '%s\n' '# Written by make install-service: the console lives in a venv.' \
+	    '[Service]' 'ExecStart=' 'ExecStart=$(PREFIX)/bin/nvr-guard web' \
+	    > $(UNITDIR)/nvr-guard-web.service.d/10-venv.conf; \
+	fi
+	@if [ ! -e $(WEBTLSDIR)/tls.crt ] || [ ! -e $(WEBTLSDIR)/tls.key ]; then \
+	  install -d -m 0755 $(WEBTLSDIR); \
+	  umask 077; host=$$(hostname -f 2>/dev/null || hostname); \
+	  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 825 \
+	    -subj "/CN=$$host" -addext "subjectAltName=DNS:$$host,DNS:$$(hostname)" \
+	    -keyout $(WEBTLSDIR)/tls.key -out $(WEBTLSDIR)/tls.crt 2>/dev/null; \
+	  chmod 0644 $(WEBTLSDIR)/tls.crt; chmod 0640 $(WEBTLSDIR)/tls.key; \
+	  if getent group nvr-guard-web >/dev/null; then chgrp nvr-guard-web $(WEBTLSDIR)/tls.key; \
+	  else echo "group nvr-guard-web does not exist yet: chgrp nvr-guard-web $(WEBTLSDIR)/tls.key after systemd-sysusers"; fi; \
+	  echo "made a self-signed TLS pair for the web console: $(WEBTLSDIR)/tls.crt"; \
+	fi
+	@echo "web console certificate $$(openssl x509 -noout -fingerprint -sha256 -in $(WEBTLSDIR)/tls.crt)"
 
 # The man page and bash completion of the program installed in $(PREFIX), both generated from
 # its click command tree (so they list exactly the commands it has); install-service runs it.
