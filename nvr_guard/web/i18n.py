@@ -72,6 +72,10 @@ _T: dict[str, tuple[str, str]] = {
     "deny_reason": ("拒绝理由（必填）", "Reason for denying (required)"),
     "approve_note": ("审批意见（可选）", "Note (optional)"),
     "open_steps": ("待审批步骤", "Open steps"),
+    "own_request": (
+        "这是您提交的申请，须由他人审批。",
+        "You filed this request: someone else decides it.",
+    ),
     "record": ("审批表（打印）", "Approval record (print)"),
     "watch": ("在线调阅", "Watch"),
     "audit_trail": ("审计记录", "Audit trail"),
