@@ -665,3 +665,87 @@ def test_frigate_preset_and_its_index_under_the_unit(installed: Container) -> No
     entries = json.loads(installed.ok("nvr-guard --json audit show"))["entries"]
     receipts = [e["details"] for e in entries if e["action"] == "purge.receipt"]
     assert any(r.get("index_rows") == len(expired) for r in receipts), receipts[-3:]
+
+
+# The web console as shipped (issue 17): nvr-guard-auth.socket (the password helper, PAM
+# service nvr-guard) and nvr-guard-web.service with the TLS pair make install-service made.
+WEB_CLIENT = r"""
+import http.client, json, re, ssl, sys, urllib.parse
+user, password, rid, action = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(cafile="/etc/nvr-guard/web/tls.crt")
+ctx.check_hostname = False  # the pair names the host's name; we come in by address
+def req(method, path, body=None, cookie=None):
+    c = http.client.HTTPSConnection("127.0.0.1", 8443, context=ctx, timeout=60)
+    headers = {"content-type": "application/x-www-form-urlencoded"} if body is not None else {}
+    if cookie:
+        headers["cookie"] = cookie
+    c.request(method, path, urllib.parse.urlencode(body) if body is not None else None, headers)
+    r = c.getresponse()
+    return r.status, dict(r.getheaders()), r.read().decode()
+status, headers, _ = req("POST", "/login", {"username": user, "password": password})
+out = {"login": status, "cookie": headers.get("set-cookie", "")}
+if status == 303:
+    cookie = headers["set-cookie"].split(";")[0]
+    status, _, page = req("GET", "/requests?waiting=me", cookie=cookie)
+    out["waiting"] = status
+    out["listed"] = f"/requests/{rid}" in page
+    if action == "approve":
+        status, _, page = req("GET", f"/requests/{rid}", cookie=cookie)
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        out["approve"] = req("POST", f"/requests/{rid}/approve", {"csrf_token": token,
+                             "note": "seen on the web"}, cookie=cookie)[0]
+print(json.dumps(out))
+"""
+
+
+def test_web_console_under_its_units(flow: Flow) -> None:
+    """Real accounts with passwords log in over TLS through PAM; the console acts through the
+    daemon for them, as nvr-guard-web, and the daemon's record says so."""
+    box = flow.box
+    assert box.ok("stat -c '%U:%G %a' /etc/nvr-guard/web/tls.key").strip() == (
+        "root:nvr-guard-web 640"
+    )
+    config = box.ok(f"cat {CONFIG}")
+    write(
+        box,
+        CONFIG,
+        config + 'web: {listen: "0.0.0.0:8443", tls_cert: /etc/nvr-guard/web/tls.crt,'
+        " tls_key: /etc/nvr-guard/web/tls.key, max_failures: 3}\n",
+    )
+    box.ok("systemctl reload nvr-guard", timeout=120)
+    box.ok("printf 'bob:Bob-pw-2026\\nalice:Alice-pw-2026\\n' | chpasswd")
+    box.ok("systemctl enable --now nvr-guard-auth.socket nvr-guard-web", timeout=120)
+    poll_inside(
+        box,
+        'python3 -c "import ssl,urllib.request as u; c=ssl._create_unverified_context();'
+        " print(u.urlopen('https://127.0.0.1:8443/healthz', context=c).read().decode())\"",
+        "the console's /healthz",
+        timeout=90,
+    )
+    web_user = box.ok("ps -o user= -p $(systemctl show -p MainPID --value nvr-guard-web)")
+    assert web_user.strip() == "nvr-guard-web"
+    # The console's account cannot read the daemon's state or the password hashes.
+    for path in ("/var/lib/nvr-guard", "/etc/shadow"):
+        assert box.sh(f"runuser -u nvr-guard-web -- ls {path}").returncode != 0, path
+    write(box, "/usr/local/lib/webclient.py", WEB_CLIENT)
+    a, b = flow.span
+    new = box.ok(
+        f"nvr-guard --json request new --camera lobby-1 --from {a} --to {b}"
+        ' --reason "seen at the web" --basis "case 9" --recipient "PSB; Li; 110"',
+        user="alice",
+    )
+    rid = int(json.loads(new)["id"])
+    wrong = json.loads(box.ok(f"python3 /usr/local/lib/webclient.py bob nope {rid} list"))
+    assert wrong["login"] == 401
+    out = json.loads(box.ok(f"python3 /usr/local/lib/webclient.py bob Bob-pw-2026 {rid} approve"))
+    assert out["login"] == 303 and "Secure" in out["cookie"] and "__Host-" in out["cookie"]
+    assert out["listed"] is True and out["approve"] == 303
+    shown = json.loads(box.ok(f"nvr-guard --json request show {rid}", user="alice"))
+    assert [a["approver"] for a in shown["approvals"]] == ["bob"]
+    entries = json.loads(box.ok("nvr-guard --json audit show", user="audrey"))["entries"]
+    approve = [e for e in entries if e["action"] == "request.approve" and e["actor"] == "bob"]
+    assert approve[-1]["details"]["via"] == "web"
+    assert any(e["action"] == "auth.failed" and e["object"] == "bob" for e in entries)
+    exposure = box.ok("systemd-analyze security --no-pager nvr-guard-web")
+    match = re.search(r"exposure level for nvr-guard-web\.service: (\d+(?:\.\d+)?)", exposure)
+    assert match and float(match.group(1)) <= 2.5, exposure
