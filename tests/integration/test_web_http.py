@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.fixtures.site import poll, write_segment
 from tests.fixtures.webconsole import Console, console, csrf_of, password_of, start_of_footage
 
 pytestmark = pytest.mark.integration
@@ -25,6 +26,14 @@ CAROL = f"{P}-carol"  # security_lead
 AUDREY = f"{P}-audrey"  # auditor
 EVE = f"{P}-eve"  # an account the config gives no role
 LOCKED = f"{P}-lou"  # locked out by the lockout test
+ADMIN = f"{P}-adm"  # admin
+# a second site whose first sweep would delete all its footage: the guard stops it
+YARD = """  yard:
+    keep: 1h
+    roots: [{base}/yard]
+    layout: "{{camera}}/%Y-%m-%d/%H/%M.%S.mp4"
+    cameras: [cam9]
+"""
 XSS = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
 
 
@@ -38,9 +47,18 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         CAROL: ["security_lead"],
         AUDREY: ["auditor"],
         LOCKED: ["operator"],
+        ADMIN: ["admin"],
     }
+    yard = base / "yard"
+    for i in range(5):
+        write_segment(yard, "cam9", datetime.now(UTC) - timedelta(hours=3, minutes=i))
     with console(
-        base, P, people, extra="  max_failures: 3\n  lockout: 10min\n", strangers=(EVE,)
+        base,
+        P,
+        people,
+        extra="  max_failures: 3\n  lockout: 10min\n",
+        strangers=(EVE,),
+        sites=YARD,
     ) as c:
         yield c
 
@@ -305,6 +323,44 @@ def test_the_audit_page_is_for_auditors(web: Console) -> None:
 def test_status_page(web: Console) -> None:
     r = web.browser(CAROL).get("/status")
     assert r.status_code == 200 and "gate" in r.text
+
+
+def blocked(c: Console) -> list[dict[str, Any]]:
+    r = c.cli(None, "--json", "status")
+    return list(json.loads(r.stdout)["blocked_sweeps"])
+
+
+def test_an_admin_confirms_a_stopped_sweep_after_reentering_the_password(web: Console) -> None:
+    poll(lambda: blocked(web), 60, "the guard to stop the yard's first sweep")
+    sweep = blocked(web)[0]["id"]
+    admin, carol = web.browser(ADMIN), web.browser(CAROL)
+    page = admin.get("/status")
+    assert page.status_code == 200 and f'id="blocked-{sweep}"' in page.text
+    assert 'name="password"' not in carol.get("/status").text  # only admins are offered it
+    token = csrf_of(page.text)
+    r = admin.post("/status/confirm", data={"csrf_token": token, "sweep": str(sweep)})
+    assert r.status_code == 403 and blocked(web)
+    r = admin.post(
+        "/status/confirm", data={"csrf_token": token, "sweep": str(sweep), "password": "nope"}
+    )
+    assert r.status_code == 403 and blocked(web)
+    r = carol.post(
+        "/status/confirm",
+        data={
+            "csrf_token": csrf_of(carol.get("/status").text),
+            "sweep": str(sweep),
+            "password": password_of(CAROL),
+        },
+    )
+    assert r.status_code == 403 and blocked(web)
+    r = admin.post(
+        "/status/confirm",
+        data={"csrf_token": token, "sweep": str(sweep), "password": password_of(ADMIN)},
+    )
+    assert r.status_code == 303, r.text[:500]
+    confirmed = entries(web, "sweep.confirm", actor=ADMIN)
+    assert confirmed and confirmed[-1]["details"]["via"] == "web"
+    assert admin.get("/status").status_code == 200  # the session lives on
 
 
 def test_lockout_after_max_failures_even_for_the_right_password(web: Console) -> None:
