@@ -61,10 +61,24 @@ def audit_row(e: Any, tz: Any, iso: Any) -> dict[str, Any]:
 
 
 def audit_show_json(
-    log_: AuditLog, tz: Any, since: float | None, request: int | None
+    log_: AuditLog,
+    tz: Any,
+    since: float | None,
+    request: int | None,
+    *,
+    actor: str | None = None,
+    action: str | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Entries, oldest first, from ``since``; only those about request ``request`` if given."""
-    entries = log_.entries(since=since, obj=None if request is None else f"request:{request}")
+    """Entries, oldest first, from ``since``; only those about request ``request``, by
+    ``actor``, of ``action`` (``x.`` a family) if given; the last ``limit`` of them if given."""
+    entries = log_.entries(
+        since=since,
+        obj=None if request is None else f"request:{request}",
+        actor=actor,
+        action=action,
+        newest=limit,
+    )
     return {"entries": [audit_row(e, tz, iso) for e in entries]}
 
 

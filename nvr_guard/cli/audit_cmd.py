@@ -72,10 +72,22 @@ def _audit_read(c: Ctx, cmd: str, args: dict[str, Any]) -> Any:
     "--since", help="ISO 8601 (no offset = site-local), a duration ago (1h), today, yesterday"
 )
 @click.option("--request", "request_id", type=int, help="only entries about this request")
+@click.option("--actor", help="only entries by this person (or web-login, nvr-guard)")
+@click.option("--action", help="only this action; 'request.' for the whole family")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), help="only the newest N of those")
 @pass_ctx
-def audit_show(c: Ctx, since: str | None, request_id: int | None) -> None:
+def audit_show(
+    c: Ctx,
+    since: str | None,
+    request_id: int | None,
+    actor: str | None,
+    action: str | None,
+    limit: int | None,
+) -> None:
     """Audit entries, oldest first (auditor, security_lead, admin)."""
-    res = _audit_read(c, "audit.show", {"since": since, "request": request_id})
+    args: dict[str, Any] = {"since": since, "request": request_id}
+    args.update({k: v for k, v in (("actor", actor), ("action", action), ("limit", limit)) if v})
+    res = _audit_read(c, "audit.show", args)
     rows = res["entries"]
     malformed = [r["seq"] for r in rows if r.get("malformed")]
 

@@ -193,6 +193,9 @@ class HoldRelease(_Args):
 class AuditShow(_Args):
     since: Time | None = None
     request: Id | None = None
+    actor: Short | None = None
+    action: Short | None = None  # "request." matches the family
+    limit: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = None  # the newest N
 
 
 # a login name as PAM may know it: Unix names, and directory names (user@realm, DOMAIN\\user)
@@ -553,7 +556,9 @@ def audit_show(ctx: Context, caller: Caller, a: AuditShow) -> Any:
     """Audit entries, oldest first, from ``since``, about one request if given."""
     t0 = None if a.since is None else parse_time(a.since, ctx.tz, "--since", now=ctx.wall())
     # read under the catalog's lock only: a sweep holding the engine lock does not delay it
-    return audit_show_json(ctx.audit, ctx.tz, t0, a.request)
+    return audit_show_json(
+        ctx.audit, ctx.tz, t0, a.request, actor=a.actor, action=a.action, limit=a.limit
+    )
 
 
 def audit_verify(ctx: Context, caller: Caller, a: NoArgs) -> Any:

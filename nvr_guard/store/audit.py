@@ -649,10 +649,16 @@ class AuditLog:
         until: float | None = None,
         obj: str | None = None,
         after_seq: int | None = None,
+        actor: str | None = None,
+        newest: int | None = None,
     ) -> Iterator[AuditEntry]:
-        """Entries in chain order, filtered; ``action`` ending in ``.`` matches a family."""
+        """Entries in chain order, filtered; ``action`` ending in ``.`` matches a family;
+        ``newest``: only the last that many of those (still in chain order)."""
         where: list[str] = []
         args: list[Any] = []
+        if actor is not None:
+            where.append("actor = ?")
+            args.append(actor)
         if since is not None:
             where.append("time >= ?")
             args.append(since)
@@ -678,6 +684,9 @@ class AuditLog:
         sql = f"SELECT {_COLUMNS} FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
+        if newest is not None:
+            sql = f"SELECT * FROM ({sql} ORDER BY seq DESC LIMIT ?)"
+            args.append(int(newest))
         sql += " ORDER BY seq"
         # read whole under the lock: a generator that held it between yields would block every
         # other thread for as long as its consumer dawdles (or for ever, if it stops early)

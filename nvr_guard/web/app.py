@@ -724,26 +724,24 @@ class Console:
             return refused.response
         q = request.query_params
         f = {k: (q.get(k) or "")[:64] for k in ("since", "request", "actor", "action")}
-        args: dict[str, Any] = {"since": f["since"] or "7d"}
+        args: dict[str, Any] = {"limit": AUDIT_PAGE + 1}
+        if f["since"]:
+            args["since"] = f["since"]
         if f["request"]:
             if not re.fullmatch(r"[1-9][0-9]{0,15}", f["request"]):
                 return self.error(request, 400, "error", me, text="bad request id")
-            args = {"request": int(f["request"])}
-            if f["since"]:
-                args["since"] = f["since"]
+            args["request"] = int(f["request"])
+        for key in ("actor", "action"):
+            if f[key]:
+                args[key] = f[key]
         client = self.client(request)
         try:
             got = await self.call("audit.show", args, me, client=client)
             chain = await self.call("audit.verify", None, me, client=client)
         except NvrGuardError as exc:
             return self.refusal(request, exc, me)
-        entries = got["entries"]
-        if f["actor"]:
-            entries = [e for e in entries if e.get("actor") == f["actor"]]
-        if f["action"]:
-            entries = [e for e in entries if str(e.get("action", "")).startswith(f["action"])]
-        entries = list(reversed(entries))
-        truncated = max(0, len(entries) - AUDIT_PAGE)
+        entries = list(reversed(got["entries"]))
+        truncated = len(entries) > AUDIT_PAGE
         t = translator(self.lang(request))
         return self.render(
             request,

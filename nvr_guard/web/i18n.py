@@ -87,6 +87,10 @@ _T: dict[str, tuple[str, str]] = {
     "action": ("操作", "Action"),
     "object": ("对象", "Object"),
     "details": ("详情", "Details"),
+    "older_entries": (
+        "更早的记录未显示，请用筛选条件缩小范围。",
+        "Older entries are not shown; narrow the filters.",
+    ),
     "chain_ok": ("哈希链完整", "Hash chain intact"),
     "chain_bad": ("哈希链异常", "Hash chain broken"),
     "entries": ("条", "entries"),
