@@ -179,7 +179,9 @@ def texts(kind: str, r: Request, step: str | None, entry: AuditEntry, tz: Any) -
         line = str(entry.details.get("violation") or "")
         subject = f"[nvr-guard] 紧急调取 #{rid} 未补齐审批 / Emergency export #{rid} not backed"
         zh = f"{what_zh}：紧急导出未在期限内补齐审批。"
-        en = f"{line}"
+        en = f"{what_en}: emergency export not backed by its approvals in time" + (
+            f" ({line})" if line else "."
+        )
     return subject, f"{zh}\n{en}"
 
 
@@ -250,7 +252,13 @@ class Notifications:
             if ev is not None:
                 ev["done"] = done.get(e.seq, [])
                 out.append(ev)
-        return {"events": out, "next": max(upto, start), "cursor": cursor, "head": head}
+        return {
+            "events": out,
+            "next": max(upto, start),
+            "more": len(entries) >= limit,
+            "cursor": cursor,
+            "head": head,
+        }
 
     def _facts(self, entry: AuditEntry, r: Request) -> Facts:
         approvals = self.workflow.store.approvals(r.id)

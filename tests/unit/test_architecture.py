@@ -302,6 +302,8 @@ MAY_IMPORT |= {
     "nvr_guard.daemon": _BELOW_ENGINE | {"nvr_guard.engine"},
     "nvr_guard.cli": _BELOW_ENGINE | {"nvr_guard.engine", "nvr_guard.daemon"},
     "nvr_guard.demo": frozenset(),
+    # the web console holds no authority: the config, and the daemon's control client
+    "nvr_guard.web": frozenset({"nvr_guard.config", "nvr_guard.daemon"}),
     "nvr_guard.__main__": frozenset({"nvr_guard.cli"}),
 }
 
