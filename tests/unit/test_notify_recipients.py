@@ -92,6 +92,9 @@ def test_address_is_the_configured_one_else_the_relay_domain_else_none() -> None
     assert address("bea", people, None) is None
 
 
+NO = Approval("bob", "dept_manager", "deny", "no", T)
+
+
 @pytest.mark.parametrize(
     ("action", "before", "after", "details", "want"),
     [
@@ -114,12 +117,12 @@ def test_address_is_the_configured_one_else_the_relay_domain_else_none() -> None
             {},
             None,
         ),
-        ("request.deny", [], [Approval("bob", "dept_manager", "deny", "no", T)], {}, ("denied", None)),
+        ("request.deny", [], [NO], {}, ("denied", None)),
         # a second denial (of an exported emergency request) tells the requester nothing new
         (
             "request.deny",
-            [Approval("bob", "dept_manager", "deny", "no", T)],
-            [Approval("bob", "dept_manager", "deny", "no", T)],
+            [NO],
+            [NO],
             {},
             None,
         ),
