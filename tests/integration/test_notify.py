@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,9 +160,12 @@ class Hooks:
 
 
 class Env:
-    def __init__(self, site: Site, uids: dict[str, int], smtp_port: int, hook_port: int) -> None:
+    def __init__(
+        self, site: Site, uids: dict[str, int], mailbox: Mailbox, smtp_port: int, hooks: Hooks
+    ) -> None:
         self.site, self.uids = site, uids
-        self.smtp_port, self.hook_port = smtp_port, hook_port
+        self.mailbox, self.hooks = mailbox, hooks
+        self.smtp_port, self.hook_port = smtp_port, hooks.port
         self.proc: subprocess.Popen[bytes] | None = None
         self.prom = site.base / "nvr-guard.prom"
         self.notifiers: list[Notifier] = []
@@ -300,13 +302,14 @@ def env(site: Site, users: dict[str, int]) -> Iterator[Env]:
             os.chmod(p, 0o755)
     now = datetime.now(UTC).replace(microsecond=0)
     for i in range(20):
-        write_segment(site.root, "cam1", now - timedelta(hours=2, minutes=10) + timedelta(minutes=i))
+        write_segment(
+            site.root, "cam1", now - timedelta(hours=2, minutes=10) + timedelta(minutes=i)
+        )
     mailbox = Mailbox()
     smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())
     smtp.start()
     hooks = Hooks()
-    e = Env(site, users, smtp.port, hooks.port)
-    e.mailbox, e.hooks = mailbox, hooks  # type: ignore[attr-defined]
+    e = Env(site, users, mailbox, smtp.port, hooks)
     e.write_config()
     try:
         e.start()
@@ -318,7 +321,7 @@ def env(site: Site, users: dict[str, int]) -> Iterator[Env]:
 
 
 def mails_to(e: Env, to: str) -> list[tuple[str, str]]:
-    mb: Mailbox = e.mailbox  # type: ignore[attr-defined]
+    mb: Mailbox = e.mailbox
     return [(s, b) for t, s, b in mb.got() if t == to]
 
 
@@ -326,8 +329,8 @@ def mails_to(e: Env, to: str) -> list[tuple[str, str]]:
 
 
 def test_the_right_people_hear_of_each_step_once(env: Env) -> None:
-    mb: Mailbox = env.mailbox  # type: ignore[attr-defined]
-    hooks: Hooks = env.hooks  # type: ignore[attr-defined]
+    mb: Mailbox = env.mailbox
+    hooks: Hooks = env.hooks
     hooks.script = [500]  # the first POST fails; its retry is delivered
     alice, bob, bea, carol = (
         f"{ALICE}@{DOMAIN}",
@@ -413,8 +416,8 @@ def test_the_right_people_hear_of_each_step_once(env: Env) -> None:
 
 
 def test_a_refusing_relay_is_retried_then_given_up_and_shown(env: Env) -> None:
-    mb: Mailbox = env.mailbox  # type: ignore[attr-defined]
-    hooks: Hooks = env.hooks  # type: ignore[attr-defined]
+    mb: Mailbox = env.mailbox
+    hooks: Hooks = env.hooks
     env.stop()
     env.write_config(retry_for="3s")
     env.start()
@@ -435,9 +438,7 @@ def test_a_refusing_relay_is_retried_then_given_up_and_shown(env: Env) -> None:
     assert not st["ok"]
     [att] = [a for a in st["attention"] if a["kind"] == "notify_failed"]
     assert "mail" in att["message"] and "notify.smtp" in att["message"]
-    poll(
-        lambda: env.metric("nvrguard_notifications_failed_total", "mail") == 2, 30, "metrics"
-    )
+    poll(lambda: env.metric("nvrguard_notifications_failed_total", "mail") == 2, 30, "metrics")
     assert n.status()["last_error"] and "550" in n.status()["last_error"]
 
     # a restarted web service does not report them again (the daemon recorded them once)
