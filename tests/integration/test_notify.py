@@ -456,3 +456,44 @@ def test_a_refusing_relay_is_retried_then_given_up_and_shown(env: Env) -> None:
     )
     assert len(env.audit("notify.failed")) == 2  # audited once each
     assert [x["details"]["key"] for x in env.audit("attention.cleared")] == ["mail"]
+
+
+def test_a_webhook_that_redirects_is_not_followed(site: Site) -> None:
+    """A redirect is a failed delivery: the signed body is not sent to another address."""
+    from nvr_guard.config import load_config
+
+    got: list[str] = []
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:  # where a followed redirect would land
+            got.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        site.config.write_text(
+            site.config.read_text()
+            + f'notify: {{webhook: {{url: "http://127.0.0.1:{server.server_address[1]}/hook"}}}}\n'
+        )
+        n = Notifier(load_config(site.config), lambda: ControlClient(site.socket))
+        doc = {"seq": 1, "kind": "waiting", "request": 1, "path": "/requests/1", "recipients": []}
+        with pytest.raises(RuntimeError, match="HTTP 302"):
+            n._post(doc)
+        assert got == ["/hook"]
+    finally:
+        server.shutdown()
+        server.server_close()
