@@ -70,6 +70,9 @@ VALID: dict[str, dict[str, Any]] = {
     "key.show": {},
     "audit.show": {"since": "1h", "request": 1},
     "audit.verify": {},
+    "notify.events": {"after": 0, "limit": 10},
+    "notify.ack": {"upto": 0},
+    "notify.report": {"seq": 1, "channel": "mail:alice", "ok": False, "error": "e"},
 }
 
 
