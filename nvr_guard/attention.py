@@ -33,6 +33,9 @@ AUDIT_HEAD = "audit_head"  # the audit log does not reach the recorded head: app
 CAMERA_UNCLAIMED = "camera_unclaimed"  # a camera in a root split by cameras: no site claims it
 # the recorder's own database (Frigate's) could not be told about deleted files: rows are left
 RECORDER_INDEX = "recorder_index"
+# a notification (mail or webhook) was given up after notify.retry_for; cleared when that
+# channel next delivers one
+NOTIFY_FAILED = "notify_failed"
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from nvr_guard.times import iso, parse_time
 
 if TYPE_CHECKING:
     from nvr_guard.media.ops import MediaOps
+    from nvr_guard.workflow.notify import Notifications
     from nvr_guard.workflow.requests import Workflow
 
 # the names callers import from here (the daemon, the CLI, the metrics, tests) since before the
@@ -122,6 +123,7 @@ class Engine:
         self.sweeper = Sweeper(self.ctx)
         self.holds = Holds(self.ctx, lambda caller, rid: self.workflow.may_view(caller, rid))
         self._workflow: Workflow | None = None
+        self._notifications: Notifications | None = None
         self._media: MediaOps | None = None
         # holds placed without their roots (the workflow's, or before holds recorded them)
         self.catalog.fill_hold_roots(site_roots(config))
@@ -230,6 +232,16 @@ class Engine:
                 self.ctx, open_destination=lambda target, tz: self.media.destination(target, tz)
             )
         return self._workflow
+
+    @property
+    def notifications(self) -> Notifications:
+        """The events the web service delivers, its cursor and outcomes (made on first use)."""
+        if self._notifications is None:
+            from nvr_guard.store.notify import NotifyStore
+            from nvr_guard.workflow.notify import Notifications
+
+            self._notifications = Notifications(self.workflow, NotifyStore(self.catalog))
+        return self._notifications
 
     # ---- configuration -------------------------------------------------------------------
     def site_scans(self) -> list[SiteScan]:

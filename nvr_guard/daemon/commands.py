@@ -219,6 +219,25 @@ class AuthFinish(_Args):
     reason: Short = ""
 
 
+class NotifyEvents(_Args):
+    after: Annotated[StrictInt, Field(ge=0, le=MAX_ID)] | None = None  # None: the cursor
+    limit: Annotated[StrictInt, Field(ge=1, le=500)] = 100
+
+
+class NotifyAck(_Args):
+    upto: Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
+
+
+class NotifyReport(_Args):
+    seq: Id
+    # "webhook", or "mail:<user>" (one mail per recipient)
+    channel: Annotated[
+        StrictStr, Field(max_length=80, pattern=r"^(webhook|mail:[A-Za-z0-9._@$\\-]+)$")
+    ]
+    ok: StrictBool
+    error: Long = ""
+
+
 # ---- the context a handler runs in ------------------------------------------------------------
 
 
@@ -659,6 +678,22 @@ def web_logout(ctx: Context, caller: Caller, a: NoArgs) -> Any:
     return {"ok": True}
 
 
+def notify_events(ctx: Context, caller: Caller, a: NotifyEvents) -> Any:
+    """The notifications after audit seq ``after`` (default: the delivery cursor), each with its
+    recipients and the deliveries already recorded, and the seq to ask from next."""
+    return ctx.engine.notifications.events(a.after, a.limit)
+
+
+def notify_ack(ctx: Context, caller: Caller, a: NotifyAck) -> Any:
+    """Every notification up to ``upto`` is delivered or given up: the cursor moves there."""
+    return ctx.engine.notifications.ack(a.upto)
+
+
+def notify_report(ctx: Context, caller: Caller, a: NotifyReport) -> Any:
+    """One delivery's outcome (counted; given up: audited once, attention notify_failed)."""
+    return ctx.engine.notifications.report(caller.user, a.seq, a.channel, a.ok, a.error)
+
+
 #: every command the daemon serves besides the socket's own ``ping``
 COMMANDS: dict[str, Command] = {
     c.name: c
@@ -717,6 +752,9 @@ COMMANDS: dict[str, Command] = {
         Command("auth.finish", AuthFinish, auth_finish, peer="auth"),
         Command("web.session", NoArgs, web_session, peer="session"),
         Command("web.logout", NoArgs, web_logout, peer="session"),
+        Command("notify.events", NotifyEvents, notify_events, peer="gateway"),
+        Command("notify.ack", NotifyAck, notify_ack, peer="gateway"),
+        Command("notify.report", NotifyReport, notify_report, peer="gateway"),
     )
 }
 

@@ -55,6 +55,7 @@ ATTENTION_KINDS = (
     attention.AUDIT_HEAD,
     attention.CAMERA_UNCLAIMED,
     attention.RECORDER_INDEX,
+    attention.NOTIFY_FAILED,
 )
 # audit actions counted into metrics (incrementally, by sequence number)
 _EXPORT_DONE = "export.done"
@@ -96,6 +97,8 @@ class Snapshot:
     audit_verified: float | None = None
     rss: int = 0
     attention: dict[str, int] = field(default_factory=dict)
+    # notifications the web service delivered / gave up, by channel kind (mail, webhook)
+    notifications: dict[tuple[str, bool], int] = field(default_factory=dict)
 
 
 class EngineCollector(Collector):
@@ -177,6 +180,7 @@ class EngineCollector(Collector):
         with cat.lock:
             snap.requests.update(requests_store.counts_by_state(cat))
             snap.scans.update(media_store.scan_counts_by_result(cat))
+        snap.notifications.update(self.engine.notifications.counts())
 
     def _audit(self, snap: Snapshot) -> None:
         audit = self.engine.audit
@@ -316,6 +320,21 @@ def _families(s: Snapshot) -> Iterator[Metric]:
     yield CounterMetricFamily(
         p + "exports_failed", "Exports that failed (audit log)", value=s.exports_failed
     )
+    sent = CounterMetricFamily(
+        p + "notifications_sent",
+        "Notifications the web service delivered, by channel (mail, webhook)",
+        labels=["channel"],
+    )
+    failed = CounterMetricFamily(
+        p + "notifications_failed",
+        "Notifications given up after notify.retry_for, by channel (mail, webhook)",
+        labels=["channel"],
+    )
+    for channel in ("mail", "webhook"):
+        sent.add_metric([channel], s.notifications.get((channel, True), 0))
+        failed.add_metric([channel], s.notifications.get((channel, False), 0))
+    yield sent
+    yield failed
     scans = GaugeMetricFamily(
         p + "scans", "Malware scans of export media by result", labels=["result"]
     )

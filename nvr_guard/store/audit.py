@@ -695,6 +695,20 @@ class AuditLog:
         for row in rows:
             yield _entry(row)
 
+    def after(
+        self, after_seq: int, upto_seq: int, actions: Sequence[str], limit: int
+    ) -> list[AuditEntry]:
+        """At most ``limit`` entries with ``after_seq < seq <= upto_seq`` and one of
+        ``actions``, in chain order."""
+        marks = ", ".join("?" * len(actions))
+        with self.lock:
+            rows = self.conn.execute(
+                f"SELECT {_COLUMNS} FROM audit WHERE seq > ? AND seq <= ? "
+                f"AND action IN ({marks}) ORDER BY seq LIMIT ?",
+                (after_seq, upto_seq, *actions, limit),
+            ).fetchall()
+        return [_entry(row) for row in rows]
+
     def action_counts(
         self, after_seq: int, upto_seq: int, actions: Sequence[str]
     ) -> dict[str, int]:

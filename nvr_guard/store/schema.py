@@ -379,6 +379,23 @@ def _migration_9(conn: sqlite3.Connection) -> None:
         conn.execute('ALTER TABLE segments ADD COLUMN "end" REAL')
 
 
+def _migration_10(conn: sqlite3.Connection) -> None:
+    # notifications (issue 17): the audit seq up to which the web service has delivered (or
+    # given up) every notification, the outcome of each delivery after it (so a restarted web
+    # service sends nothing twice and a failure is recorded once), and the totals per channel
+    # for the metrics. IF NOT EXISTS: safe to renumber when migrations of branches are merged.
+    for stmt in (
+        "CREATE TABLE IF NOT EXISTS notify_cursor (id INTEGER PRIMARY KEY CHECK (id = 1), "
+        "seq INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS notify_deliveries (seq INTEGER NOT NULL, "
+        "channel TEXT NOT NULL, ok INTEGER NOT NULL, time REAL NOT NULL, "
+        "error TEXT NOT NULL DEFAULT '', PRIMARY KEY (seq, channel))",
+        "CREATE TABLE IF NOT EXISTS notify_counts (channel TEXT NOT NULL, ok INTEGER NOT NULL, "
+        "n INTEGER NOT NULL, PRIMARY KEY (channel, ok))",
+    ):
+        conn.execute(stmt)
+
+
 # Ordered: migration i brings the schema from user_version i-1 to i. Append, never edit.
 MIGRATIONS: list[Migration] = [
     _migration_1,
@@ -390,6 +407,7 @@ MIGRATIONS: list[Migration] = [
     _migration_7,
     _migration_8,
     _migration_9,
+    _migration_10,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -106,6 +106,10 @@ _T: dict[str, tuple[str, str]] = {
     "confirm_password": ("再次输入密码以确认", "Re-enter your password to confirm"),
     "violations": ("违规", "Violations"),
     "notifications": ("通知", "Notifications"),
+    "sent": ("已发送", "sent"),
+    "failed": ("失败", "failed"),
+    "queued": ("待发送", "queued"),
+    "last_error": ("最近错误", "last error"),
     "forbidden": ("无权执行此操作。", "Not allowed."),
     "csrf": (
         "表单已过期或无效，请返回重试。",

@@ -10,9 +10,11 @@ from typing import Any
 
 from nvr_guard.config import Config
 from nvr_guard.config.types import is_loopback, listen_parts
+from nvr_guard.daemon.control import ControlClient
 from nvr_guard.errors import InvalidInput
 from nvr_guard.web.app import Console
 from nvr_guard.web.gateway import Gateway
+from nvr_guard.web.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +54,10 @@ def serve(config: Config) -> int:
     """Serve the console until SIGTERM/SIGINT; the exit code."""
     import uvicorn
 
-    console_notifier: Any = None
+    console_notifier: Notifier | None = None
     if config.notify.smtp is not None or config.notify.webhook is not None:
-        import importlib
-
-        notify = importlib.import_module("nvr_guard.web.notify")
-        console_notifier = notify.Notifier.for_config(config)
+        socket = config.socket
+        console_notifier = Notifier(config, lambda: ControlClient(socket))
     console = build(config, console_notifier)
     web = config.web
     assert web is not None

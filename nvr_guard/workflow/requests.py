@@ -116,6 +116,10 @@ class Workflow:
             return rules_from_record(record)
         return self.rules(r.site)
 
+    def rules_of(self, r: access.Request) -> access.AccessRules:
+        """The rules ``r`` is judged by: those recorded when it was decided, else the current."""
+        return self._judged(r)
+
     def _acting(self, r: access.Request, judged: access.AccessRules) -> access.AccessRules:
         """The rules for an act on ``r`` now (approve, deny, export, see): the request's approvals
         are judged by ``judged``; who acts is judged by the current config (roles and camera

@@ -70,6 +70,13 @@ VALID: dict[str, dict[str, Any]] = {
     "key.show": {},
     "audit.show": {"since": "1h", "request": 1},
     "audit.verify": {},
+    "auth.begin": {"user": "alice", "client": "192.0.2.1"},
+    "auth.finish": {"user": "alice", "client": "192.0.2.1", "ok": False, "reason": "bad password"},
+    "web.session": {},
+    "web.logout": {},
+    "notify.events": {"after": 0, "limit": 10},
+    "notify.ack": {"upto": 0},
+    "notify.report": {"seq": 1, "channel": "mail:alice", "ok": False, "error": "e"},
 }
 
 

@@ -47,7 +47,7 @@ def test_a_version_8_catalog_gains_the_end_column(tmp_path: Path) -> None:
     assert "end" not in {r[1] for r in raw.execute("PRAGMA table_info(segments)")}
     raw.close()
     with Catalog(db, expiry=ExpiryCalc) as c:
-        assert c.schema_version == SCHEMA_VERSION == before + 1
+        assert c.schema_version == SCHEMA_VERSION > before
         old = c.get(b"/a.mp4")
         assert old is not None and old.path_end is None and old.end == 2.0  # the mtime
         c.upsert_segments([seg("new", T, T + 200, T + 300)], RULES)
