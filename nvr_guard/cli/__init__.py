@@ -24,6 +24,7 @@ from nvr_guard.cli import (
     retention_cmd,
     status_cmd,
     unit_cmd,
+    webauth_cmd,
 )
 from nvr_guard.cli.base import DEFAULT_CONFIG, Ctx, Group, fail
 from nvr_guard.errors import NvrGuardError
@@ -69,6 +70,7 @@ for _command in (
     export_cmd.key,
     media_cmd.media,
     unit_cmd.unit_paths,
+    webauth_cmd.web_auth,
 ):
     cli.add_command(_command)
 

@@ -300,7 +300,9 @@ _BELOW_ENGINE = frozenset(MAY_IMPORT) - {"base"} | {"nvr_guard.auditview"}
 MAY_IMPORT |= {
     "nvr_guard.engine": _BELOW_ENGINE,
     "nvr_guard.daemon": _BELOW_ENGINE | {"nvr_guard.engine"},
-    "nvr_guard.cli": _BELOW_ENGINE | {"nvr_guard.engine", "nvr_guard.daemon"},
+    # the web console: a client of the daemon's control socket, no authority of its own
+    "nvr_guard.web": frozenset({"nvr_guard.daemon.control"}),
+    "nvr_guard.cli": _BELOW_ENGINE | {"nvr_guard.engine", "nvr_guard.daemon", "nvr_guard.web"},
     "nvr_guard.demo": frozenset(),
     "nvr_guard.__main__": frozenset({"nvr_guard.cli"}),
 }
