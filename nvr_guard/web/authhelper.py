@@ -393,3 +393,18 @@ def _reply(sock: socket.socket, obj: dict[str, Any]) -> None:
         sock.shutdown(socket.SHUT_WR)
     except OSError as e:  # the peer left, or stopped reading
         log.info("web-auth: the reply could not be sent: %s", e)
+        return
+    # what the peer sent beyond the request (the rest of an oversized one) is read and dropped
+    # before closing: closing with unread data resets the connection, and the peer could lose
+    # the reply
+    deadline = time.monotonic() + 1.0
+    dropped = 0
+    try:
+        while dropped < 1 << 20 and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            dropped += len(chunk)
+    except OSError:
+        pass
