@@ -6,6 +6,7 @@ account, and the gateway's calls on behalf of a session from the gateway's own u
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -197,12 +198,13 @@ def start_helper(config: Path, sock: Path, log: Path, uids: dict[str, int], gid:
 
 
 @pytest.fixture(scope="module")
-def env(pam_service: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    base = tmp_path_factory.mktemp("webauth")
-    for p in [base, *base.parents]:
-        if str(p).startswith(tempfile.gettempdir() + "/"):
-            os.chmod(p, 0o755)
-    with unix_accounts(GROUP, ACCOUNTS) as uids:
+def env(pam_service: None) -> Iterator[Env]:
+    # not under pytest's basetemp: another pytest session starting on this host makes
+    # /tmp/pytest-of-root private again (0700), which locks the test accounts out mid-run
+    base = Path(tempfile.mkdtemp(prefix="wa17-"))
+    os.chmod(base, 0o755)
+    with contextlib.ExitStack() as cleanup, unix_accounts(GROUP, ACCOUNTS) as uids:
+        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
         pw = "".join(f"{n}:{p}\n" for n, (_, p) in PEOPLE.items())
         subprocess.run(["chpasswd"], input=pw.encode(), check=True)
         gid = grp.getgrnam(GROUP).gr_gid
