@@ -564,3 +564,35 @@ def test_socket_activated_the_helper_serves_the_connection_on_stdin(env: Env) ->
     (n,) = struct.unpack(">I", got[:4])
     assert len(got) == 4 + n, got
     assert json.loads(got[4:])["ok"] is False
+
+
+# ---- the shipped units ---------------------------------------------------------------------------
+
+
+def test_the_helper_units_verify_and_keep_the_connection_free_of_log_lines(tmp_path: Path) -> None:
+    from tests.integration.test_systemd import MAX_EXPOSURE, entry_point, exposure
+
+    units = {}
+    for name in ("nvr-guard-auth.socket", "nvr-guard-auth@.service"):
+        text = (REPO / "systemd" / name).read_text()
+        units[name] = text
+        # verify insists that ExecStart's binary exists: the real entry point, as the venv drop-in
+        (tmp_path / name).write_text(text.replace("=/usr/bin/nvr-guard ", f"={entry_point()} "))
+    r = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *(str(tmp_path / n) for n in units)],
+        capture_output=True,
+        text=True,
+    )
+    assert (r.returncode, r.stderr) == (0, "")
+    service = units["nvr-guard-auth@.service"]
+    for line in (
+        "StandardInput=socket",
+        "StandardError=journal",  # never the connection
+        "User=nvr-guard-auth",
+        "SupplementaryGroups=shadow nvr-guard",
+        "RuntimeMaxSec=60",
+    ):
+        assert f"\n{line}\n" in service, line
+    for line in ("Accept=yes", "SocketMode=0660", "SocketGroup=nvr-guard-web"):
+        assert f"\n{line}\n" in units["nvr-guard-auth.socket"], line
+    assert exposure(tmp_path / "nvr-guard-auth@.service") <= MAX_EXPOSURE
