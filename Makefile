@@ -42,6 +42,7 @@ UNITDIR         ?= /etc/systemd/system
 SYSUSERSDIR     ?= /usr/lib/sysusers.d
 TMPFILESDIR     ?= /usr/lib/tmpfiles.d
 CONFDIR         ?= /etc/nvr-guard
+PAMDIR          ?= /etc/pam.d
 BINDIR          ?= /usr/local/bin
 # the man page and bash completion: /usr/local/share for a program installed beside the
 # distribution's (bash-completion and man look there by default), /usr/share for PREFIX=/usr
@@ -165,6 +166,23 @@ install-service: deps
 	  install -d -m 0755 $(BINDIR); \
 	  ln -sfn $(PREFIX)/bin/nvr-guard $(BINDIR)/nvr-guard; \
 	  echo "linked $(BINDIR)/nvr-guard -> $(PREFIX)/bin/nvr-guard"; \
+	fi
+# the web console's password check: socket + per-login service, and its PAM service
+# (installed only when missing: an admin's edits of /etc/pam.d/nvr-guard stay)
+	install -m 0644 systemd/nvr-guard-auth.socket $(UNITDIR)/nvr-guard-auth.socket
+	install -m 0644 systemd/nvr-guard-auth@.service $(UNITDIR)/nvr-guard-auth@.service
+	@if [ "$(PREFIX)" != /usr ]; then \
+	  install -d -m 0755 $(UNITDIR)/nvr-guard-auth@.service.d; \
+	  printf '%s\n' '# Written by make install-service: nvr-guard lives in a venv.' \
+	    '[Service]' 'ExecStart=' 'ExecStart=$(PREFIX)/bin/nvr-guard web-auth' \
+	    > $(UNITDIR)/nvr-guard-auth@.service.d/10-venv.conf; \
+	fi
+	@if [ -e $(PAMDIR)/nvr-guard ]; then \
+	  echo "kept $(PAMDIR)/nvr-guard (compare with config/pam.d/nvr-guard)"; \
+	else \
+	  install -d -m 0755 $(PAMDIR); \
+	  install -m 0644 config/pam.d/nvr-guard $(PAMDIR)/nvr-guard; \
+	  echo "installed $(PAMDIR)/nvr-guard"; \
 	fi
 	@if [ -e $(CONFDIR)/config.yaml ]; then \
 	  $(PREFIX)/bin/nvr-guard --config $(CONFDIR)/config.yaml unit-paths \

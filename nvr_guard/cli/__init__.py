@@ -25,6 +25,7 @@ from nvr_guard.cli import (
     status_cmd,
     unit_cmd,
     web_cmd,
+    webauth_cmd,
 )
 from nvr_guard.cli.base import DEFAULT_CONFIG, Ctx, Group, fail
 from nvr_guard.errors import NvrGuardError
@@ -71,6 +72,7 @@ for _command in (
     media_cmd.media,
     unit_cmd.unit_paths,
     web_cmd.web,
+    webauth_cmd.web_auth,
 ):
     cli.add_command(_command)
 
