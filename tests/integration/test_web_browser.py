@@ -34,10 +34,9 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
-    base = Path(tmp_path_factory.mktemp("webbrowser"))
+def web() -> Iterator[Console]:
     people = {ALICE: ["operator"], BOB: ["dept_manager"], CAROL: ["security_lead"]}
-    with console(base, P, people, real_footage=True) as c:
+    with console(P, people, real_footage=True) as c:
         yield c
 
 

@@ -38,8 +38,7 @@ XSS = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
-    base = Path(tmp_path_factory.mktemp("webhttp"))
+def web() -> Iterator[Console]:
     people = {
         ALICE: ["operator"],
         DAVE: ["operator"],
@@ -49,16 +48,18 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         LOCKED: ["operator"],
         ADMIN: ["admin"],
     }
-    yard = base / "yard"
-    for i in range(5):
-        write_segment(yard, "cam9", datetime.now(UTC) - timedelta(hours=3, minutes=i))
+
+    def yard(base: Path) -> None:
+        for i in range(5):
+            write_segment(base / "yard", "cam9", datetime.now(UTC) - timedelta(hours=3, minutes=i))
+
     with console(
-        base,
         P,
         people,
         extra="  max_failures: 3\n  lockout: 10min\n",
         strangers=(EVE,),
         sites=YARD,
+        prepare=yard,
     ) as c:
         yield c
 
@@ -151,11 +152,11 @@ def test_login_sets_a_strict_cookie_and_is_on_record(web: Console) -> None:
 def test_a_planted_session_id_is_never_adopted(web: Console) -> None:
     c = web.client()
     planted = "A" * 43
-    c.cookies.set("nvr-guard-session", planted)
+    c.cookies.set("nvr-guard-session", planted, domain="127.0.0.1")
     assert c.get("/requests").status_code == 303  # not a session
     r = c.post("/login", data={"username": DAVE, "password": password_of(DAVE)})
     assert r.status_code == 303
-    assert c.cookies.get("nvr-guard-session") not in (None, planted)
+    assert c.cookies.get("nvr-guard-session", domain="127.0.0.1") not in (None, planted)
 
 
 def test_an_account_without_a_role_cannot_log_in(web: Console) -> None:
@@ -290,7 +291,7 @@ def test_logout_ends_the_session_for_whoever_holds_the_cookie(web: Console) -> N
     r = alice.post("/logout", data={"csrf_token": csrf_of(page.text)})
     assert r.status_code == 303
     thief = web.client()
-    thief.cookies.set("nvr-guard-session", stolen or "")
+    thief.cookies.set("nvr-guard-session", stolen or "", domain="127.0.0.1")
     assert thief.get("/requests").status_code == 303
     assert entries(web, "web.logout", actor=ALICE)
 
