@@ -40,6 +40,7 @@ maps the caller's user and Unix groups to roles (the config's ``people``).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -208,10 +209,21 @@ def _recv_exact(
     return bytes(buf)
 
 
+_FD = array.array("i").itemsize
+
+
 def _recv_with_fds(sock: socket.socket, size: int, fds: list[int]) -> bytes:
-    room = MAX_FDS - len(fds)
-    data, got, flags, _ = socket.recv_fds(sock, size, max(room, 1), socket.MSG_CMSG_CLOEXEC)
-    fds.extend(got)
+    # recvmsg itself, not socket.recv_fds: that one drops its flags argument, and descriptors
+    # must arrive close-on-exec (an ffmpeg started meanwhile must not inherit them)
+    room = max(MAX_FDS - len(fds), 1)
+    data, ancdata, flags, _ = sock.recvmsg(
+        size, socket.CMSG_SPACE(room * _FD), socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(payload[: len(payload) - len(payload) % _FD])
+            fds.extend(got)
     if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
         # more descriptors than any reply carries: the kernel closed what did not fit
         raise _TooManyFds()

@@ -376,6 +376,7 @@ def build_encode(
         opts.update({"acodec": "aac", "b:a": "128k"})
     if faststart:
         opts["movflags"] = "+faststart"
+        opts["format"] = "mp4"  # whatever the output's name says
     out = ffmpeg.output(*streams, str(output), **opts)
     argv = _finish(out.compile(cmd=FFMPEG))
     return Command(argv, output, files)

@@ -141,6 +141,9 @@ class Viewings:
             job = self._job(rid, caller)
             if job is not None and job.state in ("preparing", "ready"):
                 return job.status()
+            if job is not None:  # failed: said once, and the next call tries again
+                del self._jobs[(rid, caller.user)]
+                return job.status()
             busy = sum(1 for j in self._jobs.values() if j.state == "preparing")
             if busy >= MAX_PREPARING:
                 raise RuntimeFailure(
