@@ -53,6 +53,12 @@ def parse_recipient(text: str, person: str | None, contact: str | None) -> dict[
     return out
 
 
+def _format_text(fmt: str) -> str:
+    if fmt == "view":
+        return "view: viewing request (调阅), watched in the web console, never exported"
+    return fmt
+
+
 def print_request(r: dict[str, Any]) -> None:
     t = table(f"request {r['id']}: {r['state']}", ["field", "value"])
     rec = r["recipient"]
@@ -64,7 +70,7 @@ def print_request(r: dict[str, Any]) -> None:
         ("reason", r["reason"]),
         ("legal basis", r["basis"]),
         ("recipient", f"{rec['unit']} / {rec['person']} / {rec['contact']}"),
-        ("format", r["format"] + (" (emergency)" if r["emergency"] else "")),
+        ("format", _format_text(r["format"]) + (" (emergency)" if r["emergency"] else "")),
         ("steps", ", ".join(r.get("steps", []))),
         ("still open", ", ".join(r.get("open_steps", [])) or "-"),
         ("decide by", r.get("decide_by") or "-"),
@@ -94,7 +100,13 @@ def print_request(r: dict[str, Any]) -> None:
 @click.option("--recipient-person", help="recipient person (instead of inside --recipient)")
 @click.option("--recipient-contact", help="recipient contact (instead of inside --recipient)")
 @click.option(
-    "--format", "fmt", type=click.Choice(["mp4", "native"]), default="mp4", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["mp4", "native", "view"]),
+    default="mp4",
+    show_default=True,
+    help="mp4: watermarked copy; native: evidence copy; view: watched in the web console "
+    "(调阅), never copied",
 )
 @click.option("--emergency", is_flag=True, help="emergency export now, approvals within 24 h")
 @pass_ctx

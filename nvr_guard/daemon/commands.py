@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic.functional_validators import AfterValidator
 
 from nvr_guard.config import Config
+from nvr_guard.daemon.control import WithFds
 from nvr_guard.daemon.websessions import WebSessions
 from nvr_guard.engine import AUDIT_ROLES, Engine, audit_show_json, audit_verify_json, preview
 from nvr_guard.errors import (
@@ -91,6 +92,11 @@ class IdArgs(_Args):
     id: Id
 
 
+class ViewOpen(_Args):
+    id: Id
+    continued: StrictBool = False  # a seek of a viewing already started (no new view.start)
+
+
 class Recipient(_Args):
     unit: Long = ""
     person: Long = ""
@@ -104,7 +110,7 @@ class RequestNew(_Args):
     reason: Long = ""
     basis: Long = ""
     recipient: Recipient
-    format: Literal["mp4", "native"] = "mp4"
+    format: Literal["mp4", "native", "view"] = "mp4"
     emergency: StrictBool = False
 
 
@@ -585,6 +591,23 @@ def audit_verify(ctx: Context, caller: Caller, a: NoArgs) -> Any:
     return audit_verify_json(ctx.audit)
 
 
+def view_prepare(ctx: Context, caller: Caller, a: IdArgs) -> Any:
+    """Start preparing the viewing clip of a view request for its requester; its state."""
+    return ctx.engine.workflow.viewings.prepare(caller, a.id)
+
+
+def view_open(ctx: Context, caller: Caller, a: ViewOpen) -> Any:
+    """The ready viewing clip: its facts, and an open read-only descriptor of it passed over
+    the socket (none while it is not ready)."""
+    result, fd = ctx.engine.workflow.viewings.open(caller, a.id, a.continued)
+    return result if fd is None else WithFds(result, [fd])
+
+
+def preview_frames(ctx: Context, caller: Caller, a: IdArgs) -> Any:
+    """Three watermarked still frames per camera for a person who may decide the request."""
+    return ctx.engine.workflow.viewings.previews(caller, a.id)
+
+
 _LOGIN = "web-login"  # the audit actor of a login attempt: the name tried is not yet anyone
 
 
@@ -717,6 +740,9 @@ COMMANDS: dict[str, Command] = {
         Command("export.run", ExportRun, export_run),
         Command("export.progress", IdArgs, export_progress),
         Command("export.form", IdArgs, export_form),
+        Command("view.prepare", IdArgs, view_prepare),
+        Command("view.open", ViewOpen, view_open),
+        Command("preview.frames", IdArgs, preview_frames),
         Command("media.list", NoArgs, media_list),
         Command("media.enroll", MediaEnroll, media_enroll),
         Command("media.remove", MediaRemove, media_remove),

@@ -40,6 +40,7 @@ maps the caller's user and Unix groups to roles (the config's ``people``).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -135,6 +136,33 @@ class UnknownCommand(InvalidInput):
     """The daemon has no such command (exit 2)."""
 
 
+#: at most this many descriptors travel with one reply (a client takes no more)
+MAX_FDS = 4
+
+
+class WithFds:
+    """A command's result together with open file descriptors for the caller: the reply frame
+    carries them (SCM_RIGHTS) and the server closes its own copies once it is sent, or when it
+    cannot be sent. What the caller receives is an open file, never a path: a viewing clip is
+    read through it without anyone being able to open the file by name."""
+
+    __slots__ = ("result", "fds")
+
+    def __init__(self, result: Any, fds: Iterable[int]) -> None:
+        self.result = result
+        self.fds = list(fds)
+        if len(self.fds) > MAX_FDS:
+            self.close()
+            raise ValueError(f"at most {MAX_FDS} descriptors per reply")
+
+    def close(self) -> None:
+        """Close the descriptors (the server's copies)."""
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
 # ----------------------------------------------------------------------------------------------
 # Framing helpers (both sides)
 
@@ -157,7 +185,11 @@ class _Closed(Exception):
         self.partial = partial
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float, got_before: bool) -> bytes:
+def _recv_exact(
+    sock: socket.socket, n: int, deadline: float, got_before: bool, fds: list[int] | None = None
+) -> bytes:
+    """``n`` bytes; with ``fds``, descriptors that come with them are appended to it (at most
+    MAX_FDS in all: a reply with more, or cut short, is refused after closing what arrived)."""
     buf = bytearray()
     while len(buf) < n:
         remaining = deadline - time.monotonic()
@@ -165,7 +197,10 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, got_before: bool) 
             raise _Timeout(got_before or bool(buf))
         sock.settimeout(remaining)
         try:
-            chunk = sock.recv(min(n - len(buf), 1 << 20))
+            if fds is None:
+                chunk = sock.recv(min(n - len(buf), 1 << 20))
+            else:
+                chunk = _recv_with_fds(sock, min(n - len(buf), 1 << 20), fds)
         except TimeoutError:
             raise _Timeout(got_before or bool(buf)) from None
         if not chunk:
@@ -174,16 +209,45 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, got_before: bool) 
     return bytes(buf)
 
 
-def _read_frame(sock: socket.socket, deadline: float, limit: int) -> bytes:
-    header = _recv_exact(sock, _HEADER.size, deadline, got_before=False)
+_FD = array.array("i").itemsize
+
+
+def _recv_with_fds(sock: socket.socket, size: int, fds: list[int]) -> bytes:
+    # recvmsg itself, not socket.recv_fds: that one drops its flags argument, and descriptors
+    # must arrive close-on-exec (an ffmpeg started meanwhile must not inherit them)
+    room = max(MAX_FDS - len(fds), 1)
+    data, ancdata, flags, _ = sock.recvmsg(
+        size, socket.CMSG_SPACE(room * _FD), socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(payload[: len(payload) - len(payload) % _FD])
+            fds.extend(got)
+    if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+        # more descriptors than any reply carries: the kernel closed what did not fit
+        raise _TooManyFds()
+    return data
+
+
+class _TooManyFds(Exception):
+    pass
+
+
+def _read_frame(
+    sock: socket.socket, deadline: float, limit: int, fds: list[int] | None = None
+) -> bytes:
+    header = _recv_exact(sock, _HEADER.size, deadline, got_before=False, fds=fds)
     (length,) = _HEADER.unpack(header)
     if length > limit:
         raise _Oversized(length)
-    return _recv_exact(sock, length, deadline, got_before=True)
+    return _recv_exact(sock, length, deadline, got_before=True, fds=fds)
 
 
 def _json_default(value: Any) -> Any:
     """Encode the types handlers naturally return, so they need not convert by hand."""
+    if isinstance(value, WithFds):
+        return value.result
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -844,27 +908,45 @@ class ControlServer:
                         caller.describe(),
                     )
                     return
-                reply = self._handle_frame(caller, frame)
-                if not self._send(conn, reply):
+                reply, fds = self._handle_frame(caller, frame)
+                if not self._send(conn, reply, fds):
                     return
         finally:
             self._release(conn, caller)
 
-    def _send(self, conn: socket.socket, reply: Mapping[str, Any]) -> bool:
+    def _send(
+        self, conn: socket.socket, reply: Mapping[str, Any], fds: WithFds | None = None
+    ) -> bool:
+        """Send one reply frame; ``fds`` travel with its first bytes and are closed here
+        whatever happens (sent: the caller has its own copies)."""
         try:
-            data = _encode(reply)
-        except (TypeError, ValueError) as exc:
-            log.error("control: reply not serialisable: %s", exc)
-            data = _encode(_error_reply(1, "internal error: reply not serialisable", "Internal"))
-        conn.settimeout(self.write_timeout)
-        try:
-            conn.sendall(data)
-        except OSError:
-            return False
-        return True
+            try:
+                data = _encode(reply)
+            except (TypeError, ValueError) as exc:
+                log.error("control: reply not serialisable: %s", exc)
+                data = _encode(
+                    _error_reply(1, "internal error: reply not serialisable", "Internal")
+                )
+                if fds is not None:
+                    fds.close()
+                    fds = None
+            conn.settimeout(self.write_timeout)
+            try:
+                if fds is not None and fds.fds:
+                    sent = socket.send_fds(conn, [data], fds.fds)
+                    conn.sendall(data[sent:])
+                else:
+                    conn.sendall(data)
+            except OSError:
+                return False
+            return True
+        finally:
+            if fds is not None:
+                fds.close()
 
-    def _handle_frame(self, caller: Caller, frame: bytes) -> dict[str, Any]:
+    def _handle_frame(self, caller: Caller, frame: bytes) -> tuple[dict[str, Any], WithFds | None]:
         raw: Any = None
+        fds: WithFds | None = None
         try:
             raw = json.loads(frame)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -873,6 +955,8 @@ class ControlServer:
             reply = _error_reply(2, "malformed request: nested too deeply", "InvalidInput")
         else:
             reply = self._answer(caller, raw)
+            if isinstance(reply.get("result"), WithFds):
+                fds = reply["result"]  # encoded as its result; its descriptors go beside it
         if not reply.get("ok"):
             cmd = raw.get("cmd") if isinstance(raw, dict) else None
             err = reply.get("error") or {}
@@ -882,7 +966,7 @@ class ControlServer:
                 int(err.get("code", 1)),
                 str(err.get("message", "")),
             )
-        return reply
+        return reply, fds
 
     def _answer(self, caller: Caller, raw: Any) -> dict[str, Any]:
         """The reply to one request frame, already decoded from JSON."""
@@ -933,6 +1017,8 @@ class ControlServer:
             json.dumps(reply, default=_json_default)
         except (TypeError, ValueError):
             log.exception("control: result of %s is not JSON serialisable", request.cmd)
+            if isinstance(result, WithFds):
+                result.close()
             return _error_reply(
                 1, f"internal error in command {request.cmd!r}: bad result", "RuntimeFailure"
             )
@@ -1102,7 +1188,38 @@ class ControlClient:
     ) -> Any:
         """Send one command and return its result; a refusal is raised as its error class.
 
-        ``on_behalf`` ({session, client}): a gateway acting for the person of that session."""
+        ``on_behalf`` ({session, client}): a gateway acting for the person of that session.
+        Descriptors a reply carries are closed: a caller that wants them uses
+        :meth:`call_with_fds`."""
+        fds: list[int] = []
+        try:
+            return self._call(cmd, args, on_behalf, fds)
+        finally:
+            _close_all(fds)
+
+    def call_with_fds(
+        self,
+        cmd: str,
+        args: Mapping[str, Any] | None = None,
+        on_behalf: Mapping[str, str] | None = None,
+    ) -> tuple[Any, list[int]]:
+        """As :meth:`call`, and the open descriptors the reply carried (at most MAX_FDS, close
+        on exec): the caller owns and closes them. On any error none are left open."""
+        fds: list[int] = []
+        try:
+            result = self._call(cmd, args, on_behalf, fds)
+        except BaseException:
+            _close_all(fds)
+            raise
+        return result, fds
+
+    def _call(
+        self,
+        cmd: str,
+        args: Mapping[str, Any] | None,
+        on_behalf: Mapping[str, str] | None,
+        fds: list[int],
+    ) -> Any:
         if self._sock is None:
             self.connect()
         assert self._sock is not None
@@ -1119,7 +1236,12 @@ class ControlClient:
         try:
             self._sock.settimeout(self.timeout)
             self._sock.sendall(data)
-            frame = _read_frame(self._sock, deadline, MAX_REPLY)
+            frame = _read_frame(self._sock, deadline, MAX_REPLY, fds)
+        except _TooManyFds:
+            self.close()
+            raise RuntimeFailure(
+                f"the reply to {cmd!r} carried more than {MAX_FDS} file descriptors"
+            ) from None
         except _Timeout:
             self.close()
             raise DaemonUnavailable(
@@ -1153,6 +1275,13 @@ class ControlClient:
         if reply.error is None:
             raise RuntimeFailure(f"the daemon refused {cmd!r} without saying why")
         raise error_from_reply(reply.error)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
 def call(

@@ -264,6 +264,8 @@ def build_encode(
     height: int,
     frame_size: tuple[int, int] | None = None,
     audio_format: tuple[int, str] | None = None,
+    run_labels: Sequence[str] | None = None,
+    faststart: bool = False,
 ) -> Command:
     """Watermarked H.264 clip: each run trimmed frame-exactly with its own clock, runs joined,
     the watermark drawn once over the whole clip. Writes the list and text files into
@@ -272,7 +274,10 @@ def build_encode(
     ``frame_size`` (width, height): every run is scaled to fit it, keeping its aspect ratio
     (black bars fill the rest), for footage whose resolution changes inside the range.
     ``audio_format`` (sample rate, channel layout): every run's audio is converted to it, for
-    footage whose audio format changes (the join needs one format)."""
+    footage whose audio format changes (the join needs one format).
+    ``run_labels``: a text drawn (not expanded) under each run's clock, e.g. the camera of a
+    viewing clip that plays several cameras in turn. ``faststart``: the index at the front, so a
+    browser starts playing before the whole file has arrived."""
     files: dict[str, bytes] = {}
     size = font_size_for(height)
     videos: list[Any] = []
@@ -304,6 +309,20 @@ def build_encode(
             x=8,
             y=f"h-th-{size // 2}",
         )
+        if run_labels is not None:
+            label = workdir / f"label{i}.txt"
+            files[str(label)] = run_labels[i].encode()
+            v = v.drawtext(
+                fontfile=str(font),
+                textfile=str(label),
+                expansion="none",
+                fontsize=size,
+                fontcolor="white",
+                borderw=2,
+                bordercolor="black",
+                x=8,
+                y=f"h-2*th-{size}",
+            )
         videos.append(v)
         if audio:
             a = src["a:0"].filter("atrim", **cut).filter("asetpts", "PTS-STARTPTS")
@@ -355,6 +374,9 @@ def build_encode(
     }
     if audio_out is not None:
         opts.update({"acodec": "aac", "b:a": "128k"})
+    if faststart:
+        opts["movflags"] = "+faststart"
+        opts["format"] = "mp4"  # whatever the output's name says
     out = ffmpeg.output(*streams, str(output), **opts)
     argv = _finish(out.compile(cmd=FFMPEG))
     return Command(argv, output, files)

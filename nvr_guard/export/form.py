@@ -72,6 +72,7 @@ def approval_record_html(
         "<h1>调阅监控录像审批表<br>CCTV Footage Retrieval Approval Record</h1>",
         f'<p class="sub">申请编号 Request No. {_e(request.get("id"))}'
         + (" · 紧急调取 EMERGENCY" if request.get("emergency") else "")
+        + (" · 调阅（仅查看）VIEWING REQUEST" if request.get("format") == "view" else "")
         + "</p>",
         "<table><caption>申请 Request</caption>",
         _row("申请人", "Requester", request.get("requester")),
@@ -211,6 +212,11 @@ def _format_text(fmt: Any) -> str:
         )
     if fmt == "mp4":
         return "MP4（含水印）watermarked MP4"
+    if fmt == "view":
+        return (
+            "调阅（仅在线查看，含查看人水印，不导出）viewing request: watched in the web console, "
+            "watermarked with the viewer's name, never exported"
+        )
     return "" if fmt is None else str(fmt)
 
 

@@ -56,7 +56,10 @@ from nvr_guard.text import printable as _show
 STATES = ("pending", "approved", "exported", "closed", "denied", "cancelled", "expired")
 # Stored states that no later fact changes (an exported clip stays exported, whatever comes after).
 FINAL_STATES = frozenset({"exported", "closed", "denied", "cancelled", "expired"})
-FORMATS = ("mp4", "native")
+FORMATS = ("mp4", "native", "view")
+# A viewing request (调阅): its requester watches the footage in the web console, watermarked with
+# their name, until the approval's validity ends; it is never exported to media or a target.
+VIEW = "view"
 # Admins cancel any request and resolve emergency violations; the role name is fixed (config maps
 # users and groups to it) because these checks have no rules argument.
 ADMIN_ROLE = "admin"
@@ -93,7 +96,9 @@ class Draft:
     reason: str
     basis: str
     recipient: Recipient
-    format: str = "mp4"  # "mp4" (watermarked) | "native" (unwatermarked stream copy, evidence)
+    # "mp4" (watermarked) | "native" (unwatermarked stream copy, evidence) | "view" (watched in the
+    # console, never exported)
+    format: str = "mp4"
     emergency: bool = False
 
 
@@ -477,15 +482,18 @@ def check_new(
     if not draft.cameras:
         return _refuse("cameras: none given; name at least one camera (--camera C[,C])")
     if not isinstance(draft.format, str) or not draft.format.strip():
-        return _refuse("format is empty; write --format mp4 (watermarked) or --format native")
+        return _refuse(
+            "format is empty; write --format mp4 (watermarked), --format native or --format view"
+        )
     for what, value, hint in texts:
         problem = _text_problem(what, value, hint)
         if problem is not None:
             return problem
     if draft.format not in FORMATS:
         return _refuse(
-            f"format {_show(draft.format)!r} is not known; write --format mp4 (watermarked) "
-            "or --format native (unwatermarked evidence copy)"
+            f"format {_show(draft.format)!r} is not known; write --format mp4 (watermarked), "
+            "--format native (unwatermarked evidence copy) or --format view (watched in the web "
+            "console, never copied)"
         )
 
     if len(draft.cameras) > MAX_CAMERAS:
@@ -722,6 +730,13 @@ def check_export(
     Checked again at the moment the package is committed, so the answer must hold then too.
     """
     rid = request.id
+    if request.format == VIEW:
+        # a viewing request's footage is watched where it is kept, never copied off the box
+        return _refuse(
+            f"request {rid} is a viewing request (调阅, --format view): its requester watches it "
+            "in the web console and it is never exported to media or a target; file a request "
+            "with --format mp4 for a copy"
+        )
     if rules.technician_role not in actor.roles:
         return _refuse(
             f"only a {rules.technician_role} carries out exports; {_show(actor.user)} has roles: "
@@ -834,6 +849,68 @@ def not_shown(actor: Actor, rid: int) -> Decision:
     )
 
 
+def check_watch(
+    request: Request,
+    approvals: Sequence[Approval],
+    actor: Actor,
+    rules: AccessRules,
+    now: float,
+) -> Decision:
+    """May ``actor`` watch the footage of ``request`` now (调阅)? Only its requester, only a
+    viewing request, only while it is approved and within the approval's validity (the
+    ``valid_until`` an export is held to), with the level of each of its cameras; outside
+    ``hours`` only with a current after-hours approval, as for an export."""
+    rid = request.id
+    if request.format != VIEW:
+        return _refuse(
+            f"request {rid} is not a viewing request (format {_show(request.format)}); footage "
+            "is watched only through a request filed with --format view"
+        )
+    if actor.user != request.requester:
+        return _refuse(
+            f"{_show(actor.user)} may not watch request {rid}: only its requester "
+            f"({_show(request.requester)}) watches a viewing request"
+        )
+    level = _level_refusal(request, actor, rules, "watch")
+    if level is not None:
+        return level
+    state = state_of(request, approvals, now, rules)
+    if state == "pending":
+        missing = _roles_list(open_steps(request, approvals, rules))
+        return _refuse(f"request {rid} is not approved yet (missing: {missing})")
+    if state != "approved":
+        return _refuse(_not_open(request, state, approvals, rules))
+    if outside_hours(now, rules) and not _duty_cover(request, approvals, rules, now):
+        local = datetime.fromtimestamp(now, rules.tz).strftime("%H:%M")
+        return _refuse(
+            f"{local} is outside viewing hours {_hours_text(rules)}: request {rid} needs an "
+            f"extra approval by a {rules.duty_role} "
+            f"(`nvr-guard request approve {rid}` by the duty manager)"
+        )
+    until = valid_until(request, approvals, rules)
+    tail = f" until {_at(until, rules.tz)}" if until is not None else ""
+    return _ok(f"{_show(actor.user)} may watch request {rid}{tail}")
+
+
+def check_preview(
+    request: Request,
+    approvals: Sequence[Approval],
+    actor: Actor,
+    rules: AccessRules,
+    now: float,
+) -> Decision:
+    """May ``actor`` see still frames of ``request`` to decide it? Only a person who may approve
+    it now (holds the role of one of its open steps, or gives the after-hours approval, and is
+    not its requester), with the level of every one of its cameras."""
+    d = check_approve(request, approvals, actor, rules, now)
+    if not d.allowed:
+        return _refuse(
+            f"{_show(actor.user)} may not see previews of request {request.id}: previews are "
+            f"for the people who may decide it now ({d.reason})"
+        )
+    return _ok(f"{_show(actor.user)} may see previews of request {request.id}")
+
+
 def emergency_violation(
     request: Request, approvals: Sequence[Approval], now: float, rules: AccessRules
 ) -> str | None:
@@ -908,6 +985,7 @@ __all__ = [
     "FORMATS",
     "MAX_LEVEL",
     "SEE_ALL_ROLES",
+    "VIEW",
     "STATES",
     "AccessRules",
     "Actor",
@@ -923,6 +1001,8 @@ __all__ = [
     "check_export",
     "check_new",
     "check_view",
+    "check_watch",
+    "check_preview",
     "check_resolve",
     "camera_level",
     "decide_deadline",

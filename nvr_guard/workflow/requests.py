@@ -22,6 +22,7 @@ from nvr_guard.times import iso, parse_time
 from nvr_guard.workflow import access
 from nvr_guard.workflow.export_job import ExportClaim, ExportJobs
 from nvr_guard.workflow.record import rules_from_record, rules_record
+from nvr_guard.workflow.viewing import Viewings
 
 log = logging.getLogger("nvr_guard.workflow.requests")
 
@@ -42,6 +43,7 @@ class Workflow:
         self.ctx = ctx
         self.store = RequestStore(ctx.catalog)
         self.exports = ExportJobs(self, open_destination)
+        self.viewings = Viewings(self)
 
     # ---- the export's seams and progress (``workflow.export_job``) ------------------------------
     @property
@@ -362,6 +364,7 @@ class Workflow:
                         )
             for rid in list(self.exports.claims):
                 self.exports.recheck(rid)
+            self.viewings.expire()  # a clip goes when its approval's validity ends
             return violations
 
     def _visible(
@@ -518,6 +521,7 @@ class Workflow:
             self.ctx.audit.append(caller.user, "request.deny", f"request:{rid}", {"reason": reason})
             r, approvals, rules = self._current(rid)
             self.exports.recheck(rid)
+            self.viewings.expire(rid)
             return self.request_json(r, approvals)
 
     def cancel(self, caller: Caller, rid: int) -> dict[str, Any]:
@@ -535,6 +539,7 @@ class Workflow:
             self._end_holds(rid, now)
             self.ctx.audit.append(caller.user, "request.cancel", f"request:{rid}", {})
             self.exports.recheck(rid)
+            self.viewings.expire(rid)
             r, approvals, rules = self._load(rid)
             return self.request_json(r, approvals)
 

@@ -26,7 +26,9 @@ from nvr_guard.workflow.access import (
     check_deny,
     check_export,
     check_new,
+    check_preview,
     check_resolve,
+    check_watch,
     decide_deadline,
     emergency_violation,
     hold_range,
@@ -834,3 +836,62 @@ def test_access_is_pure() -> None:
         "nvr_guard.model",  # pure domain types (Request, Recipient, Approval)
         "nvr_guard.errors",
     }, names
+
+
+# --- viewing (调阅) and previews ----------------------------------------------------------------
+
+
+def test_a_view_request_may_be_filed_and_is_never_exported() -> None:
+    allowed(check_new(draft(format="view"), ALICE, CAMERAS, 3, RULES, NOW))
+    view = request(format="view")
+    assert steps_for(view, RULES) == steps_for(request(), RULES)
+    refused(check_export(view, BOTH, TOM, RULES, WED_11), "viewing request", "never exported")
+
+
+@pytest.mark.parametrize(
+    ("actor", "req", "approvals", "now", "words"),
+    [
+        (ALICE, request(format="mp4"), BOTH, WED_11, ["not a viewing request"]),
+        (SAM, request(format="view"), BOTH, WED_11, ["only its requester"]),
+        (ROOT, request(format="view"), BOTH, WED_11, ["only its requester"]),
+        (ALICE, request(format="view"), BOTH[:1], WED_11, ["not approved", "security_lead"]),
+        (ALICE, request(format="view"), BOTH, APPROVED_AT + 30 * DAY, ["expired", "valid until"]),
+        (ALICE, request(format="view", state="cancelled"), BOTH, WED_11, ["cancelled"]),
+        (ALICE, request(format="view"), BOTH, ts("2026-11-25T21:00"), ["viewing hours"]),
+        (
+            ALICE,
+            request(format="view", cameras=("street-03",)),
+            BOTH,
+            WED_11,
+            ["level 2", "watch"],
+        ),
+    ],
+)
+def test_watch_refused(
+    actor: Actor, req: Request, approvals: tuple[Approval, ...], now: float, words: list[str]
+) -> None:
+    refused(check_watch(req, approvals, actor, RULES, now), *words)
+
+
+def test_the_requester_watches_until_the_validity_ends() -> None:
+    view = request(format="view")
+    allowed(check_watch(view, BOTH, ALICE, RULES, WED_11))
+    allowed(check_watch(view, BOTH, ALICE, RULES, APPROVED_AT + 30 * DAY - 1))
+    refused(check_watch(view, BOTH, ALICE, RULES, APPROVED_AT + 30 * DAY), "expired")
+    # after hours with the duty manager's approval
+    night = ts("2026-11-25T21:00")
+    allowed(
+        check_watch(view, (*BOTH, ok("dan", "duty_manager", night - HOUR)), ALICE, RULES, night)
+    )
+
+
+def test_previews_only_for_those_who_may_decide_now() -> None:
+    pending = request()
+    allowed(check_preview(pending, (), BOB, RULES, NOW))
+    allowed(check_preview(pending, (), SAM, RULES, NOW))
+    refused(check_preview(pending, (), ALICE, RULES, NOW), "previews")  # the requester
+    refused(check_preview(pending, (), TOM, RULES, NOW), "previews")
+    refused(check_preview(pending, BOTH[:1], BOB, RULES, NOW), "already decided")
+    street = request(cameras=("street-03",))
+    refused(check_preview(street, (), SUE, RULES, NOW), "level 2")
+    allowed(check_preview(street, (), SAM, RULES, NOW))

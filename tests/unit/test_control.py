@@ -568,3 +568,59 @@ def test_a_user_outside_the_socket_group_is_refused(
     out = _call_as(NOBODY, NOBODY, server.path, "whoami")
     assert out["error"] == "PolicyRefused"
     assert "socket group" in out["message"]
+
+
+# ---- descriptors passed with a reply (SCM_RIGHTS) --------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_reply_carries_descriptors_to_call_with_fds(
+    make_server: ServerFactory, sock_dir: Path
+) -> None:
+    clip = sock_dir / "clip.bin"
+    clip.write_bytes(b"footage")
+    server = make_server()
+    server.register(
+        "open", lambda caller, args: control.WithFds({"size": 7}, [os.open(clip, os.O_RDONLY)])
+    )
+    with ControlClient(server.path) as c:
+        c.call("echo")  # the server's side of this connection is open from here on
+        before = _open_fds()
+        result, fds = c.call_with_fds("open")
+        assert result == {"size": 7} and len(fds) == 1
+        assert os.pread(fds[0], 100, 0) == b"footage"
+        assert os.get_inheritable(fds[0]) is False  # close-on-exec
+        os.close(fds[0])
+        # the server closed its own copy after sending: nothing is left open in this process
+        assert _open_fds() == before
+        # call() closes what a reply carries
+        assert c.call("open") == {"size": 7}
+        assert _open_fds() == before
+        # and a reply without descriptors gives none
+        assert c.call_with_fds("echo", {"a": 1}) == ({"args": {"a": 1}}, [])
+
+
+def test_descriptors_of_a_result_that_cannot_be_sent_are_closed(
+    make_server: ServerFactory,
+) -> None:
+    r, w = os.pipe()
+    os.close(w)
+    server = make_server()
+    server.register("bad", lambda caller, args: control.WithFds({"x": object()}, [r]))
+    with ControlClient(server.path) as c:
+        with pytest.raises(RuntimeFailure):
+            c.call_with_fds("bad")
+    with pytest.raises(OSError):
+        os.fstat(r)  # closed by the server
+
+
+def test_too_many_descriptors_are_refused() -> None:
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(control.MAX_FDS + 1)]
+    with pytest.raises(ValueError):
+        control.WithFds({}, fds)
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
