@@ -715,13 +715,17 @@ def test_web_console_under_its_units(flow: Flow) -> None:
     box.ok("systemctl reload nvr-guard", timeout=120)
     box.ok("printf 'bob:Bob-pw-2026\\nalice:Alice-pw-2026\\n' | chpasswd")
     box.ok("systemctl enable --now nvr-guard-auth.socket nvr-guard-web", timeout=120)
-    poll_inside(
-        box,
-        'python3 -c "import ssl,urllib.request as u; c=ssl._create_unverified_context();'
-        " print(u.urlopen('https://127.0.0.1:8443/healthz', context=c).read().decode())\"",
-        "the console's /healthz",
-        timeout=90,
-    )
+    try:
+        poll_inside(
+            box,
+            'python3 -c "import ssl,urllib.request as u; c=ssl._create_unverified_context();'
+            " print(u.urlopen('https://127.0.0.1:8443/healthz', context=c).read().decode())\"",
+            "the console's /healthz",
+            timeout=90,
+        )
+    except AssertionError:
+        journal = box.run(["journalctl", "-u", "nvr-guard-web", "--no-pager", "-n", "60"])
+        raise AssertionError("the console did not come up:\n" + journal.stdout) from None
     web_user = box.ok("ps -o user= -p $(systemctl show -p MainPID --value nvr-guard-web)")
     assert web_user.strip() == "nvr-guard-web"
     # The console's account cannot read the daemon's state or the password hashes.
