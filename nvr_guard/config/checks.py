@@ -39,21 +39,26 @@ def cross_checks(
     lines: Lines,
     problem: Any,
     warn: Any,
+    host: bool = True,
 ) -> None:
     """Run every check on ``sites`` (and on ``cfg`` when the whole config validated); report each
-    finding through ``problem(path, about_key, msg)`` or ``warn(path, msg)``."""
+    finding through ``problem(path, about_key, msg)`` or ``warn(path, msg)``. ``host=False``:
+    only the checks of the file itself, none against this host's files."""
     for name, site in sites:
         _site_checks(name, site, zone, legal_min, problem, warn)
-    _root_checks(sites, lines, problem, zone)
     _camera_claim_checks(sites, lines, problem)
-    _recorder_checks(cfg, sites, problem, warn)
     if cfg is not None:
         _camera_checks(cfg, problem, warn)
         _people_warnings(cfg, warn)
+        _web_checks(cfg, problem)
+    if not host:
+        return
+    _root_checks(sites, lines, problem, zone)
+    _recorder_checks(cfg, sites, problem, warn)
+    if cfg is not None:
         _font_check(cfg, problem)
         _signing_key_checks(cfg, problem)
         _export_group_check(cfg, problem, warn)
-        _web_checks(cfg, problem)
         for i, t in enumerate(cfg.export.targets):
             if not os.path.isdir(t):
                 warn(

@@ -103,7 +103,7 @@ def _message(err: Any) -> tuple[tuple[Any, ...], bool, str]:
 
 # ---- the whole pipeline --------------------------------------------------------------------------
 def _check_data(
-    raw: Any, lines: Lines, source: str
+    raw: Any, lines: Lines, source: str, host: bool = True
 ) -> tuple[Config | None, list[Problem], list[Problem]]:
     errors: list[Problem] = []
     warnings: list[Problem] = []
@@ -143,19 +143,21 @@ def _check_data(
             legal_min = retention_duration(lm) if lm is not None else None
         except (ValueError, AttributeError):
             pass
-    cross_checks(cfg, sites, zone, legal_min, lines, problem, warn)
+    cross_checks(cfg, sites, zone, legal_min, lines, problem, warn, host=host)
 
     errors.sort(key=lambda p: p[1])
     warnings.sort(key=lambda p: p[1])
     return (cfg if not errors else None), errors, warnings
 
 
-def parse_config(data: bytes, source: str) -> tuple[Config | None, list[Problem], list[Problem]]:
+def parse_config(
+    data: bytes, source: str, host: bool = True
+) -> tuple[Config | None, list[Problem], list[Problem]]:
     """Validate config bytes; ``source`` names the file in messages. See :func:`check_config`."""
     doc, fatal = read_yaml(data, source)
     if doc is None:
         return None, fatal, []
-    cfg, errors, warnings = _check_data(doc.data, Lines(doc.lines), source)
+    cfg, errors, warnings = _check_data(doc.data, Lines(doc.lines), source, host)
     errors = sorted(doc.problems + errors, key=lambda p: p[1])
     if errors:
         return None, errors, warnings
@@ -167,9 +169,13 @@ def parse_config(data: bytes, source: str) -> tuple[Config | None, list[Problem]
 
 
 def check_config(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str], host: bool = True
 ) -> tuple[Config | None, list[Problem], list[Problem]]:
-    """(config or None, errors, warnings) for ``nvr-guard config check``; never raises."""
+    """(config or None, errors, warnings) for ``nvr-guard config check``; never raises.
+
+    ``host=False`` leaves out what is checked against this host's files (roots, mounts, the
+    recorder's database, the signing key, the font, the export group): for a process that
+    reads the config without the daemon's access to those (the web console)."""
     source = str(path)
     try:
         with open(path, "rb") as fh:
@@ -190,15 +196,16 @@ def check_config(
         return None, [(source, 0, "is a directory; pass the config file itself")], []
     except OSError as e:
         return None, [(source, 0, f"cannot read: {e.strerror or e}")], []
-    cfg, errors, warnings = parse_config(data, source)
+    cfg, errors, warnings = parse_config(data, source, host)
     if cfg is not None:
         cfg._source_path = Path(os.path.abspath(path))
     return cfg, errors, warnings
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """The validated config; raises :class:`ConfigError` with every (file, line, message)."""
-    cfg, errors, _warnings = check_config(path)
+def load_config(path: str | os.PathLike[str], host: bool = True) -> Config:
+    """The validated config; raises :class:`ConfigError` with every (file, line, message).
+    ``host``: see :func:`check_config`."""
+    cfg, errors, _warnings = check_config(path, host)
     if cfg is None:
         raise ConfigError(errors)
     return cfg

@@ -78,3 +78,22 @@ def test_texts_fill_their_fields(lang: str) -> None:
     t = i18n.translator(lang)
     assert "7" in t("login_locked", minutes=7)
     assert t("approved") != "approved" or lang == "en"
+
+
+def test_the_console_reads_the_config_without_the_daemons_paths(tmp_path: Path) -> None:
+    # the console's account cannot see the recordings (nor the state): a root it cannot reach
+    # must not stop it, while the daemon's reading still refuses a root that is not there
+    from nvr_guard.config import load_config
+    from nvr_guard.errors import ConfigError
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        "sites:\n  gate: {roots: [/nonexistent/rec], keep: 30d}\n"
+        'web: {listen: "127.0.0.1:8080"}\n'
+    )
+    assert load_config(cfg, host=False).web is not None
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(cfg)
+    cfg.write_text("sites:\n  gate: {roots: [/nonexistent/rec], keep: 30d}\nweb: {listen: 1}\n")
+    with pytest.raises(ConfigError, match="web.listen"):
+        load_config(cfg, host=False)
