@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -76,7 +77,11 @@ class Browser:
         return path
 
     def text(self) -> str:
-        return str(self.driver.find_element(By.TAG_NAME, "body").text)
+        """The page's text; empty while a new page is loading (polled, never trusted once)."""
+        try:
+            return str(self.driver.find_element(By.TAG_NAME, "body").text)
+        except (NoSuchElementException, StaleElementReferenceException):
+            return ""
 
     def field(self, element_id: str, value: str) -> None:
         el = self.driver.find_element(By.ID, element_id)
