@@ -715,6 +715,14 @@ def _web_checks(cfg: Config, problem: Any) -> None:
     web = cfg.web
     if web is None:
         return
+    if web.gateway_user == web.auth_user:
+        problem(
+            ("web", "auth_user"),
+            False,
+            f"web.auth_user: {web.auth_user} is also web.gateway_user; the console (which acts "
+            "for people) and the password helper (whose word opens their sessions) must be "
+            "different accounts, or a taken-over console could open a session for anyone",
+        )
     if (web.tls_cert is None) != (web.tls_key is None):
         problem(
             ("web", "tls_cert" if web.tls_cert is None else "tls_key"),

@@ -322,15 +322,21 @@ class Context:
 
     def is_peer(self, caller: Caller, kind: str) -> bool:
         """True when ``caller`` connected as the web console's ``kind`` account (``gateway``:
-        web.gateway_user, ``auth``: web.auth_user) itself, not on anyone's behalf."""
+        web.gateway_user, ``auth``: web.auth_user) itself, not on anyone's behalf. Never while
+        both are the same account: the process that acts for people must not also be the one
+        whose word opens their sessions."""
         web = self.config.web
         if web is None or caller.via is not None:
             return False
-        name = web.gateway_user if kind == "gateway" else web.auth_user
-        try:
-            return pwd.getpwnam(name).pw_uid == caller.uid
-        except KeyError:
+        uids: dict[str, int | None] = {}
+        for key, name in (("gateway", web.gateway_user), ("auth", web.auth_user)):
+            try:
+                uids[key] = pwd.getpwnam(name).pw_uid
+            except KeyError:
+                uids[key] = None
+        if uids["gateway"] is not None and uids["gateway"] == uids["auth"]:
             return False
+        return uids[kind] is not None and caller.uid == uids[kind]
 
     def sessions(self) -> WebSessions:
         """The console's sessions; refused where the web console is not configured."""
@@ -617,12 +623,20 @@ def auth_begin(ctx: Context, caller: Caller, a: AuthBegin) -> Any:
     if locked is None:
         return {"allowed": True}
     what, left = locked
-    ctx.audit.append(
-        _LOGIN,
-        "auth.locked",
-        a.user,
-        {"client": a.client, "via": "web", "locked": what, "retry_after": round(left)},
-    )
+    count = ctx.sessions().refusal_to_record(a.user, a.client)
+    if count is not None:  # at most one entry a minute per name and address, with the count
+        ctx.audit.append(
+            _LOGIN,
+            "auth.locked",
+            a.user,
+            {
+                "client": a.client,
+                "via": "web",
+                "locked": what,
+                "retry_after": round(left),
+                "refused": count,
+            },
+        )
     return {
         "allowed": False,
         "retry_after": int(left) + 1,

@@ -403,9 +403,13 @@ class ControlServer:
         refusal_burst: int = DEFAULT_REFUSAL_BURST,
         refusal_window: float = DEFAULT_REFUSAL_WINDOW,
         behalf: Behalf | None = None,
+        exempt: Callable[[Caller], bool] | None = None,
     ) -> None:
         self.path = Path(path)
         self.behalf = behalf
+        # peers besides root not held to max_per_uid: the web console's accounts, which bound
+        # their own concurrency and serve many people each
+        self.exempt = exempt
         self.group = group
         self.handler = handler
         self.read_timeout = read_timeout
@@ -763,7 +767,11 @@ class ControlServer:
                 return
         with self._lock:
             held = self._per_uid.get(caller.uid, 0)
-            over = caller.uid != 0 and held >= self.max_per_uid
+            over = (
+                caller.uid != 0
+                and held >= self.max_per_uid
+                and not (self.exempt is not None and self.exempt(caller))
+            )
             if not over:
                 self._per_uid[caller.uid] = held + 1
         if over:
@@ -954,7 +962,7 @@ class ControlServer:
         except RecursionError:  # e.g. 30,000 nested brackets: fits the size limit, not the stack
             reply = _error_reply(2, "malformed request: nested too deeply", "InvalidInput")
         else:
-            reply = self._answer(caller, raw)
+            reply, caller = self._answer(caller, raw)
             if isinstance(reply.get("result"), WithFds):
                 fds = reply["result"]  # encoded as its result; its descriptors go beside it
         if not reply.get("ok"):
@@ -968,23 +976,28 @@ class ControlServer:
             )
         return reply, fds
 
-    def _answer(self, caller: Caller, raw: Any) -> dict[str, Any]:
-        """The reply to one request frame, already decoded from JSON."""
+    def _answer(self, caller: Caller, raw: Any) -> tuple[dict[str, Any], Caller]:
+        """The reply to one request frame, already decoded from JSON, and who it was for: the
+        peer, or the person a gateway acted for (whose refusals are on record as theirs)."""
         if isinstance(raw, dict) and raw.get("v") not in (None, PROTOCOL_VERSION):
             return _error_reply(
                 2,
                 f"protocol version {raw.get('v')!r} not supported (daemon speaks "
                 f"{PROTOCOL_VERSION}); use the nvr-guard CLI of the same version",
                 "InvalidInput",
-            )
+            ), caller
         try:
             request = Request.model_validate(raw)
         except ValidationError as exc:
             return _error_reply(
                 2, "malformed request: " + _describe_validation(exc, ""), "InvalidInput"
-            )
+            ), caller
         started = time.monotonic()
         try:
+            if request.on_behalf is not None:
+                if self.behalf is None:
+                    raise PolicyRefused("this server does not act on behalf of anyone")
+                caller = self.behalf(caller, request.on_behalf)
             result = self._run(caller, request)
         except NvrGuardError as exc:
             log.info(
@@ -994,7 +1007,7 @@ class ControlServer:
                 exc.exit_code,
                 exc,
             )
-            return _error_reply(exc.exit_code, str(exc), type(exc).__name__)
+            return _error_reply(exc.exit_code, str(exc), type(exc).__name__), caller
         except Exception:
             # A bug in one command must not take the daemon (or other callers) down.
             log.exception("control: command %s from %s failed", request.cmd, caller.describe())
@@ -1003,7 +1016,7 @@ class ControlServer:
                 f"internal error in command {request.cmd!r}; see the daemon log "
                 f"(journalctl -u nvr-guard)",
                 "RuntimeFailure",
-            )
+            ), caller
         log.debug(
             "control: %s %s -> ok (%.1f ms)",
             caller.describe(),
@@ -1021,14 +1034,10 @@ class ControlServer:
                 result.close()
             return _error_reply(
                 1, f"internal error in command {request.cmd!r}: bad result", "RuntimeFailure"
-            )
-        return reply
+            ), caller
+        return reply, caller
 
     def _run(self, caller: Caller, request: Request) -> Any:
-        if request.on_behalf is not None:
-            if self.behalf is None:
-                raise PolicyRefused("this server does not act on behalf of anyone")
-            caller = self.behalf(caller, request.on_behalf)
         command = self._commands.get(request.cmd)
         if command is None:
             if self.handler is not None:

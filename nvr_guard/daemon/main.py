@@ -137,6 +137,7 @@ class Daemon:
         self._reload_lock = threading.Lock()
         # the web console's sessions and login lockout (limits from web:, set at start/reload)
         self.web_sessions = WebSessions(idle=900, limit=43200, max_failures=5, lockout=900)
+        self._console: frozenset[int] = frozenset()
 
     # ---- start / stop --------------------------------------------------------------------------
     def start(self) -> None:
@@ -193,10 +194,12 @@ class Daemon:
             admit=self._admit,
             on_refusal=self._record_refusal,
             behalf=self._behalf,
+            exempt=lambda who: who.uid in self._console_uids(),
         )
         self.server.start()
 
     def _configure_web(self, config: Config) -> None:
+        self._console = self._lookup_console_uids(config)
         web = config.web
         if web is not None:
             self.web_sessions.configure(
@@ -206,15 +209,20 @@ class Daemon:
                 lockout=_seconds(web.lockout),
             )
 
-    def _console_uids(self) -> set[int]:
-        """The uids of the web console's gateway and password helper (none when unset)."""
-        web = self.engine.config.web if self.engine is not None else None
+    def _console_uids(self) -> frozenset[int]:
+        """The uids of the web console's gateway and password helper (looked up at start and
+        at each reload, not in the accept loop)."""
+        return self._console
+
+    @staticmethod
+    def _lookup_console_uids(config: Config) -> frozenset[int]:
+        web = config.web
         uids: set[int] = set()
         if web is not None:
             for name in (web.gateway_user, web.auth_user):
                 with contextlib.suppress(KeyError):
                     uids.add(pwd.getpwnam(name).pw_uid)
-        return uids
+        return frozenset(uids)
 
     def _behalf(self, peer: Caller, on_behalf: OnBehalf) -> Caller:
         """The person a gateway acts for: only web.gateway_user may ask, only through a live
@@ -274,8 +282,11 @@ class Daemon:
             action, obj = "control.refused", "control.busy"
         else:
             action, obj = "control.refused", str(cmd or "control")
+        extra: dict[str, Any] = {"uid": peer.uid, "pid": peer.pid}
+        if peer.via is not None:  # refused for a person a gateway acted for: on record as theirs
+            extra.update(via=peer.via, client=peer.client or "")
         # queued: the accept thread must never wait for the engine lock (a sweep may hold it)
-        self._refusal_queue.put((user, action, obj, {"uid": peer.uid, "pid": peer.pid, **details}))
+        self._refusal_queue.put((user, action, obj, {**extra, **details}))
 
     def _write_refusals(self) -> None:
         """Writer thread of the refusal records; ends after the stop sentinel, queue drained."""

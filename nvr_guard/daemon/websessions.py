@@ -73,6 +73,8 @@ class WebSessions:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # digest -> session
         self._users: OrderedDict[str, _Failures] = OrderedDict()
         self._clients: OrderedDict[str, _Failures] = OrderedDict()
+        # (user, client) -> [when its refusal was last recorded, refusals since not recorded]
+        self._refusals: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
 
     def configure(self, *, idle: float, limit: float, max_failures: int, lockout: float) -> None:
         """New limits after a reload (open sessions are judged by them from now on)."""
@@ -187,6 +189,25 @@ class WebSessions:
                 while len(table) > MAX_TRACKED:
                     table.popitem(last=False)
         return locked
+
+    def refusal_to_record(self, user: str, client: str, every: float = 60.0) -> int | None:
+        """A login refused unchecked (locked): the number of such refusals of this name from
+        this address to record now (this one and those not recorded since), or None while one
+        was recorded less than ``every`` seconds ago (this one is counted for the next). A
+        client hammering a locked login cannot flood the audit log."""
+        now = self.clock()
+        key = (user, client)
+        with self._lock:
+            entry = self._refusals.get(key)
+            if entry is not None and now - entry[0] < every:
+                entry[1] += 1
+                return None
+            count = 1 + (int(entry[1]) if entry is not None else 0)
+            self._refusals[key] = [now, 0.0]
+            self._refusals.move_to_end(key)
+            while len(self._refusals) > MAX_TRACKED:
+                self._refusals.popitem(last=False)
+            return count
 
     def succeeded(self, user: str, client: str) -> None:
         """A login worked: the name's and the address's counts start again."""

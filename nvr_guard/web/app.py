@@ -315,7 +315,8 @@ class Console:
         if isinstance(exc, DaemonUnavailable):
             return self.error(request, 503, "unavailable", me)
         if isinstance(exc, PolicyRefused):
-            if hide:
+            if hide or "may not see request" in str(exc):
+                # the daemon says the same of an id that does not exist: so does the page
                 return self.error(request, 404, "not_found", me)
             return self.error(request, 403, "forbidden", me, text=str(exc))
         if isinstance(exc, InvalidInput):
@@ -433,8 +434,6 @@ class Console:
                     message=t("login_locked", minutes=minutes),
                     username=user,
                 )
-            elif "no role" in str(reply.get("message", "")):
-                key, code = "login_no_role", 401
             else:
                 key, code = "login_failed", 401
             return self.render(

@@ -316,23 +316,27 @@ def login(
 ) -> tuple[dict[str, Any], int]:
     """The reply to one well-formed request and the exit code: asks the daemon, runs PAM."""
     who = f"{req.user} from {req.client}"
+    started = time.monotonic()
     try:
+        # one short connection per question: none is held open while PAM runs (a PAM check
+        # takes seconds; held connections of many guesses filled the helper's slots at the
+        # daemon and turned everyone else's login away)
         with ControlClient(control_socket, DAEMON_TIMEOUT) as daemon:
             begin = daemon.call("auth.begin", {"user": req.user, "client": req.client})
-            if not begin.get("allowed"):
-                log.warning("login of %s refused unchecked: locked", who)
-                return {
-                    "ok": False,
-                    "locked": True,
-                    "retry_after": int(begin.get("retry_after") or 1),
-                    "message": str(begin.get("message") or "too many failed logins"),
-                }, EXIT_OK
-            try:
-                verdict = check(req)
-            finally:
-                req.wipe()
-            reason = verdict.reason if verdict.ok else f"{verdict.stage}: {verdict.reason}"
-        # a fresh connection: PAM may take longer than the daemon waits for an idle client
+        if not begin.get("allowed"):
+            req.wipe()
+            log.warning("login of %s refused unchecked: locked", who)
+            return {
+                "ok": False,
+                "locked": True,
+                "retry_after": int(begin.get("retry_after") or 1),
+                "message": str(begin.get("message") or "too many failed logins"),
+            }, EXIT_OK
+        try:
+            verdict = check(req)
+        finally:
+            req.wipe()
+        reason = verdict.reason if verdict.ok else f"{verdict.stage}: {verdict.reason}"
         with ControlClient(control_socket, DAEMON_TIMEOUT) as daemon:
             done = daemon.call(
                 "auth.finish",
@@ -344,9 +348,13 @@ def login(
             EXIT_FAILURE
         )
     except NvrGuardError as e:
+        # the daemon refused a right password (no role in people:): the person is told what
+        # a wrong password tells, as late as a wrong password is told, so the login page does
+        # not confirm the passwords of the host's other accounts (the reason is on record)
         log.warning("login of %s refused by the daemon: %s", who, e)
+        _pad(started)
         code = EXIT_REFUSED if e.exit_code == EXIT_REFUSED else EXIT_FAILURE
-        return {"ok": False, "message": str(e)}, code
+        return {"ok": False, "message": _WRONG}, code
     finally:
         req.wipe()
     if verdict.ok and done.get("ok"):
@@ -359,11 +367,21 @@ def login(
             "expires_in": done["expires_in"],
         }, EXIT_OK
     log.warning("login of %s failed (%s)", who, reason)
-    message = _WRONG
-    if verdict.ok or verdict.stage == "account":
-        # the password was right: PAM's account check said no (expired, locked by the admin)
-        message = f"this account may not log in now ({verdict.reason})"
-    return {"ok": False, "locked": bool(done.get("locked")), "message": message}, EXIT_OK
+    # an account PAM refuses after a right password (expired, locked by the admin) is told no
+    # more than a wrong password is: the reason is in the daemon's record (auth.failed)
+    _pad(started)
+    return {"ok": False, "locked": bool(done.get("locked")), "message": _WRONG}, EXIT_OK
+
+
+#: a refusal is never answered sooner than this after the request (pam_unix's own delay after
+#: a wrong password): how fast the answer comes must not tell a right password from a wrong one
+FAIL_TIME = 2.0
+
+
+def _pad(started: float) -> None:
+    left = FAIL_TIME - (time.monotonic() - started)
+    if left > 0:
+        time.sleep(left)
 
 
 def serve(sock: socket.socket, control_socket: Path, check: Checker = pam_check) -> int:

@@ -14,6 +14,7 @@ from nvr_guard.daemon.control import ControlClient
 from nvr_guard.errors import InvalidInput
 from nvr_guard.web.app import Console
 from nvr_guard.web.gateway import Gateway
+from nvr_guard.web.guard import PER_CLIENT, GuardedH11Protocol
 from nvr_guard.web.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,14 @@ def serve(config: Config) -> int:
             raise InvalidInput(
                 f"web.tls_cert/tls_key ({web.tls_cert}, {web.tls_key}): cannot load: {exc}"
             ) from None
+    # deadlines for slow clients, and a cap per address unless behind a proxy on this host
+    GuardedH11Protocol.per_client = 0 if loopback else PER_CLIENT
     if console_notifier is not None:
         console_notifier.start()
     try:
         uvicorn.run(
             console.app,
+            http=GuardedH11Protocol,
             host=host,
             port=port,
             ssl_certfile=web.tls_cert,

@@ -383,7 +383,15 @@ class Workflow:
             raise  # not reached: _refused raises
         d = access.check_view(r, approvals, actor, self._acting(r, rules))
         if not d.allowed:
-            self._refused(caller, f"request:{rid}", d)
+            # on record with the real reason; told what an id that does not exist tells, so
+            # the refusal (of show, approve, deny, watch...) says nothing of what it holds
+            self.ctx.audit.append(
+                caller.user,
+                "access.denied",
+                f"request:{rid}",
+                {"uid": caller.uid, "reason": d.reason},
+            )
+            access.not_shown(actor, rid).raise_if_denied()
         return r, approvals, rules
 
     def may_view(self, caller: Caller, rid: int | None) -> bool:

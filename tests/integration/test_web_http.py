@@ -159,10 +159,20 @@ def test_a_planted_session_id_is_never_adopted(web: Console) -> None:
     assert c.cookies.get("nvr-guard-session", domain="127.0.0.1") not in (None, planted)
 
 
-def test_an_account_without_a_role_cannot_log_in(web: Console) -> None:
-    r = web.client().post("/login", data={"username": EVE, "password": password_of(EVE)})
-    assert r.status_code == 401
-    assert "set-cookie" not in r.headers
+def login_message(r: httpx.Response) -> str:
+    found = re.findall(r'id="message"[^>]*>([^<]*)', r.text)
+    return found[0] if found else ""
+
+
+def test_an_account_without_a_role_cannot_log_in_nor_learn_its_password_is_right(
+    web: Console,
+) -> None:
+    c = web.client()
+    wrong = c.post("/login", data={"username": EVE, "password": "not-it"})
+    right = c.post("/login", data={"username": EVE, "password": password_of(EVE)})
+    assert right.status_code == wrong.status_code == 401
+    assert "set-cookie" not in right.headers
+    assert login_message(right) == login_message(wrong) != ""
     assert entries(web, "access.denied", object=EVE)
 
 
@@ -312,6 +322,16 @@ def test_a_request_one_may_not_see_is_not_found_and_on_record(web: Console) -> N
     assert denied and denied[-1]["details"]["via"] == "web"
     assert alice.get("/requests/999999").status_code == 404
     assert alice.get("/requests/abc").status_code == 404
+    # deciding or watching it tells no more than a request that does not exist
+    token = csrf_of(alice.get("/requests").text)
+    for path in (f"/requests/{rid}/approve", f"/requests/{rid}/deny"):
+        hidden = alice.post(path, data={"csrf_token": token, "note": "x", "reason": "x"})
+        missing = alice.post(
+            path.replace(str(rid), "999999"), data={"csrf_token": token, "note": "x", "reason": "x"}
+        )
+        assert hidden.status_code == missing.status_code == 404, path
+    for path in (f"/requests/{rid}/watch", f"/requests/{rid}/watch/clip"):
+        assert alice.get(path).status_code == 404, path
 
 
 def test_the_audit_page_is_for_auditors(web: Console) -> None:
@@ -362,6 +382,64 @@ def test_an_admin_confirms_a_stopped_sweep_after_reentering_the_password(web: Co
     confirmed = entries(web, "sweep.confirm", actor=ADMIN)
     assert confirmed and confirmed[-1]["details"]["via"] == "web"
     assert admin.get("/status").status_code == 200  # the session lives on
+
+
+def test_a_refused_web_action_is_on_record_as_the_persons(web: Console) -> None:
+    alice = web.browser(ALICE)
+    page = alice.get("/requests/new")
+    r = alice.post(
+        "/requests",
+        data={
+            "csrf_token": csrf_of(page.text),
+            "cameras": "cam1",
+            "from": "not-a-time-XYZ",
+            "to": "1h",
+            "reason": "r",
+            "basis": "b",
+            "recipient_unit": "u",
+            "recipient_person": "p",
+            "recipient_contact": "c",
+            "format": "mp4",
+        },
+    )
+    assert r.status_code == 400
+    refused = [e for e in entries(web, "control.refused", actor=ALICE) if "XYZ" in json.dumps(e)]
+    assert refused, "the refusal is not on record as alice's"
+    assert refused[-1]["details"]["via"] == "web"
+    assert refused[-1]["details"]["client"] == "127.0.0.1"
+
+
+def test_guessing_from_one_address_does_not_keep_others_from_logging_in(web: Console) -> None:
+    import threading
+
+    stop = threading.Event()
+    tries: list[int] = []
+
+    def guess() -> None:
+        c = web.client()
+        while not stop.is_set():
+            c.post(
+                "/login",
+                data={"username": f"{P}-nobody", "password": "guess"},
+                headers={"x-forwarded-for": "203.0.113.66"},
+            )
+            tries.append(1)
+
+    threads = [threading.Thread(target=guess) for _ in range(12)]
+    for t in threads:
+        t.start()
+    try:
+        # well past the lockout: most guesses are now refused unchecked, many at once
+        poll(lambda: len(tries) >= 60, 120, "60 guesses")
+        for _ in range(3):
+            assert web.browser(DAVE).get("/requests").status_code == 200
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    # refusals of a locked login are summed up, not one entry each
+    locked = [e for e in entries(web, "auth.locked") if e["details"]["client"] == "203.0.113.66"]
+    assert 1 <= len(locked) <= 3, len(locked)
 
 
 def test_lockout_after_max_failures_even_for_the_right_password(web: Console) -> None:

@@ -88,8 +88,7 @@ def test_the_console_reads_the_config_without_the_daemons_paths(tmp_path: Path) 
 
     cfg = tmp_path / "config.yaml"
     cfg.write_text(
-        "sites:\n  gate: {roots: [/nonexistent/rec], keep: 30d}\n"
-        'web: {listen: "127.0.0.1:8080"}\n'
+        'sites:\n  gate: {roots: [/nonexistent/rec], keep: 30d}\nweb: {listen: "127.0.0.1:8080"}\n'
     )
     assert load_config(cfg, host=False).web is not None
     with pytest.raises(ConfigError, match="does not exist"):
@@ -97,3 +96,15 @@ def test_the_console_reads_the_config_without_the_daemons_paths(tmp_path: Path) 
     cfg.write_text("sites:\n  gate: {roots: [/nonexistent/rec], keep: 30d}\nweb: {listen: 1}\n")
     with pytest.raises(ConfigError, match="web.listen"):
         load_config(cfg, host=False)
+
+
+def test_the_console_and_the_password_helper_must_be_different_accounts(tmp_path: Path) -> None:
+    from nvr_guard.config import check_config
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        "sites:\n  gate: {roots: [/tmp], keep: 30d}\n"
+        'web: {listen: "127.0.0.1:8080", gateway_user: nvr-guard-web, auth_user: nvr-guard-web}\n'
+    )
+    _, errors, _ = check_config(cfg)
+    assert any("different accounts" in msg for _, _, msg in errors)
