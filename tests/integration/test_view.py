@@ -479,7 +479,10 @@ def test_previews_for_those_who_may_decide(make_env: EnvFactory):
 
     # a level-2 camera: a level-1 approver may not see it
     street = e.new("nvrv-olga", "street-1", fmt="mp4")
-    assert "level" in e.refused("nvrv-ben", "preview.frames", street)
+    # not even shown to him; the level is the reason on record
+    assert f"may not see request {street}" in e.refused("nvrv-ben", "preview.frames", street)
+    ben = [x for x in e.audit("access.denied") if x["actor"] == "nvrv-ben"]
+    assert "level" in ben[-1]["details"]["reason"]
     wide = e.control("nvrv-bob", "preview.frames", {"id": street}, mode="call")["result"]
     assert len(wide["frames"]) == 3
     denied = {x["actor"] for x in e.audit("access.denied") if x["object"].startswith("request:")}
