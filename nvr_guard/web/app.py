@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -138,6 +139,39 @@ def _safe_next(path: str | None) -> str:
     if not path or not path.startswith("/") or path.startswith("//") or "\\" in path:
         return "/"
     return path[:512]
+
+
+Page = Callable[..., Awaitable[Response]]
+
+
+def _signed_in(page: Page) -> Page:
+    """A page for the person of the request's session (else the login page or an error)."""
+
+    @functools.wraps(page)
+    async def wrapper(self: Console, request: Request, *args: Any) -> Response:
+        try:
+            me = await self.me(request)
+        except Refused as refused:
+            return refused.response
+        return await page(self, request, me, *args)
+
+    return wrapper
+
+
+def _posted(page: Page) -> Page:
+    """A form's target: the person's session, the form, and its CSRF token checked first."""
+
+    @functools.wraps(page)
+    async def wrapper(self: Console, request: Request, *args: Any) -> Response:
+        try:
+            me = await self.me(request)
+            form = await self.form(request)
+            self.check_csrf(request, me, form)
+        except Refused as refused:
+            return refused.response
+        return await page(self, request, me, form, *args)
+
+    return wrapper
 
 
 class Console:
@@ -454,22 +488,14 @@ class Console:
         )
         return response
 
-    async def logout(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-            form = await self.form(request)
-            self.check_csrf(request, me, form)
-        except Refused as refused:
-            return refused.response
+    @_posted
+    async def logout(self, request: Request, me: Me, form: dict[str, Any]) -> Response:
         with contextlib.suppress(NvrGuardError):
             await self.call("web.logout", None, me, client=self.client(request))
         return self._clear_cookie(RedirectResponse("/login", status_code=303))
 
-    async def requests(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-        except Refused as refused:
-            return refused.response
+    @_signed_in
+    async def requests(self, request: Request, me: Me) -> Response:
         q = request.query_params
         waiting = q.get("waiting") == "me"
         state = q.get("state") or None
@@ -515,11 +541,8 @@ class Console:
             "emergency": False,
         }
 
-    async def request_new(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-        except Refused as refused:
-            return refused.response
+    @_signed_in
+    async def request_new(self, request: Request, me: Me) -> Response:
         t = translator(self.lang(request))
         return self.render(
             request,
@@ -530,13 +553,8 @@ class Console:
             form=self._blank_form(),
         )
 
-    async def request_file(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-            form = await self.form(request)
-            self.check_csrf(request, me, form)
-        except Refused as refused:
-            return refused.response
+    @_posted
+    async def request_file(self, request: Request, me: Me, form: dict[str, Any]) -> Response:
         t = translator(self.lang(request))
         shown = {**self._blank_form(), **{k: v for k, v in form.items() if k != "csrf_token"}}
         cams = form.get("cameras") or []
@@ -576,11 +594,8 @@ class Console:
             )
         return RedirectResponse(f"/requests/{int(made['id'])}", status_code=303)
 
-    async def request_page(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-        except Refused as refused:
-            return refused.response
+    @_signed_in
+    async def request_page(self, request: Request, me: Me) -> Response:
         rid = self.rid(request)
         if rid is None:
             return self.error(request, 404, "not_found", me)
@@ -614,13 +629,10 @@ class Console:
             previews=previews,
         )
 
-    async def _decide(self, request: Request, cmd: str, field: str) -> Response:
-        try:
-            me = await self.me(request)
-            form = await self.form(request)
-            self.check_csrf(request, me, form)
-        except Refused as refused:
-            return refused.response
+    @_posted
+    async def _decide(
+        self, request: Request, me: Me, form: dict[str, Any], cmd: str, field: str
+    ) -> Response:
         rid = self.rid(request)
         if rid is None:
             return self.error(request, 404, "not_found", me)
@@ -642,11 +654,8 @@ class Console:
     async def deny(self, request: Request) -> Response:
         return await self._decide(request, "request.deny", "reason")
 
-    async def record(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-        except Refused as refused:
-            return refused.response
+    @_signed_in
+    async def record(self, request: Request, me: Me) -> Response:
         rid = self.rid(request)
         if rid is None:
             return self.error(request, 404, "not_found", me)
@@ -663,11 +672,8 @@ class Console:
         csp = CSP.replace("style-src 'self'", "style-src 'self' " + " ".join(hashes))
         return HTMLResponse(html, headers={"content-security-policy": csp})
 
-    async def watch(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-        except Refused as refused:
-            return refused.response
+    @_signed_in
+    async def watch(self, request: Request, me: Me) -> Response:
         rid = self.rid(request)
         if rid is None:
             return self.error(request, 404, "not_found", me)
@@ -690,11 +696,8 @@ class Console:
             failed=prep.get("message") or "failed" if state == "failed" else None,
         )
 
-    async def clip(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-        except Refused as refused:
-            return refused.response
+    @_signed_in
+    async def clip(self, request: Request, me: Me) -> Response:
         rid = self.rid(request)
         if rid is None:
             return self.error(request, 404, "not_found", me)
@@ -716,11 +719,8 @@ class Console:
             os.close(extra)
         return _serve_fd(request, fd, str(result.get("content_type", "video/mp4")))
 
-    async def audit(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-        except Refused as refused:
-            return refused.response
+    @_signed_in
+    async def audit(self, request: Request, me: Me) -> Response:
         q = request.query_params
         f = {k: (q.get(k) or "")[:64] for k in ("since", "request", "actor", "action")}
         args: dict[str, Any] = {"limit": AUDIT_PAGE + 1}
@@ -753,11 +753,8 @@ class Console:
             chain=chain,
         )
 
-    async def status(self, request: Request) -> Response:
-        try:
-            me = await self.me(request)
-        except Refused as refused:
-            return refused.response
+    @_signed_in
+    async def status(self, request: Request, me: Me) -> Response:
         try:
             s = await self.call("status", None, me, client=self.client(request))
         except NvrGuardError as exc:
@@ -779,16 +776,11 @@ class Console:
             message_kind="ok",
         )
 
-    async def confirm(self, request: Request) -> Response:
+    @_posted
+    async def confirm(self, request: Request, me: Me, form: dict[str, Any]) -> Response:
         """An admin releases a sweep the mass-deletion guard stopped, after re-entering the
         password (checked by the password helper like a login; that check's session is closed
         at once)."""
-        try:
-            me = await self.me(request)
-            form = await self.form(request)
-            self.check_csrf(request, me, form)
-        except Refused as refused:
-            return refused.response
         sweep = form.get("sweep", "")
         password = form.get("password", "")
         if not isinstance(sweep, str) or not re.fullmatch(r"[1-9][0-9]{0,15}", sweep):
