@@ -447,15 +447,11 @@ class Engine:
                 violations = self.workflow.refresh()
             except AuditHeadMismatch:  # status must answer; attention audit_head says why
                 violations = []
-            requests = [self.workflow.request_json(r) for r in self.workflow.store.all()]
-            by_state: dict[str, int] = {}
-            for r in requests:
-                by_state[r["state"]] = by_state.get(r["state"], 0) + 1
+            # counts stay whole (by_state, ok); what names a request is for its viewers
+            by_state, requests = self.workflow.overview(caller)
             holds = self.holds_view(caller)
             all_violations = violations
             if caller is not None:
-                # counts stay whole (by_state, ok); what names a request is for its viewers
-                requests = [r for r in requests if self.workflow.may_view(caller, r["id"])]
                 mine = {f"request {r['id']}" for r in requests}  # a violation's first words
                 violations = [v for v in violations if v.split(":", 1)[0] in mine]
             soon = now.wall + 3 * 86400
