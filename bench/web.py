@@ -513,10 +513,7 @@ def load(
 
     async def run() -> None:
         await asyncio.gather(
-            *(
-                browse(url, tok, until, think, out, random.Random(i))
-                for i, tok in enumerate(tokens)
-            )
+            *(browse(url, tok, until, think, out, random.Random(i)) for i, tok in enumerate(tokens))
         )
 
     asyncio.run(run())
@@ -556,7 +553,7 @@ def by_route(samples: list[Sample], routes: tuple[str, ...]) -> list[tuple[str, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--dir", help="where the tree and state live (/tmp/nvrg-bench; --quick: /tmp/nvrg-bench-quick)"
+        "--dir", help="tree and state (/tmp/nvrg-bench; --quick: /tmp/nvrg-bench-quick)"
     )
     ap.add_argument("--quick", action="store_true", help="100k segments, 1,000 requests, 10 s")
     ap.add_argument("--duration", type=float, help="seconds of load (60; --quick: 10)")
@@ -605,10 +602,15 @@ def main(argv: list[str] | None = None) -> int:
         web = procs.spawn("web", "web")
         wait_for("the console", lambda: httpx.get(url + "/healthz").status_code == 200, 60, web)
         tokens = [open_session(sock, CLIENT_USERS[i % len(CLIENT_USERS)]) for i in range(50)]
-        tokens = tokens[: args.clients] if args.clients <= 50 else tokens + [
-            open_session(sock, CLIENT_USERS[i % len(CLIENT_USERS)])
-            for i in range(50, args.clients)
-        ]
+        tokens = (
+            tokens[: args.clients]
+            if args.clients <= 50
+            else tokens
+            + [
+                open_session(sock, CLIENT_USERS[i % len(CLIENT_USERS)])
+                for i in range(50, args.clients)
+            ]
+        )
 
         base_samples = baseline(url, open_session(sock, "lp"), 20)
         results["baseline"] = table(
@@ -634,8 +636,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nsweep failed: {sweep.error}")
         else:
             print(
-                f"\nsweep: {sweep.ended - sweep.started:.1f} s (from {sweep.started - sweep.t0:.1f} s "
-                f"into the load), deleted {sweep.result.get('deleted', 0):,} segments"
+                f"\nsweep: {sweep.ended - sweep.started:.1f} s (from "
+                f"{sweep.started - sweep.t0:.1f} s into the load), "
+                f"deleted {sweep.result.get('deleted', 0):,} segments"
             )
         results["sweep"] = {
             "seconds": round(sweep.ended - sweep.started, 2),

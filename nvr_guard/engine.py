@@ -120,7 +120,7 @@ class Engine:
         )
         self.ctx = Context(config, clock, self.catalog, self.audit, self.attention)
         self.sweeper = Sweeper(self.ctx)
-        self.holds = Holds(self.ctx, lambda caller, rid: self.workflow.may_view(caller, rid))
+        self.holds = Holds(self.ctx, lambda caller, rids: self.workflow.may_view_many(caller, rids))
         self._workflow: Workflow | None = None
         self._media: MediaOps | None = None
         # holds placed without their roots (the workflow's, or before holds recorded them)
@@ -407,7 +407,7 @@ class Engine:
     def status(self, caller: Caller | None = None) -> dict[str, Any]:
         """Health for ``caller`` (None: everything, for root acting locally): holds, violations
         and open requests name only the requests ``caller`` may see; the others are counted."""
-        with self.lock:
+        with self.lock, self.workflow.memo():
             now = self.clock()
             disk = self.disk_states()
             sites = {}

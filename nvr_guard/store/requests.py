@@ -132,12 +132,14 @@ class RequestStore:
         states: Collection[str] | None = None,
         emergency_exported: bool = False,
         below: int | None = None,
+        ids: Collection[int] | None = None,
         newest_first: bool = False,
         limit: int | None = None,
     ) -> list[tuple[Request, dict[str, Any]]]:
         """Requests with their package, hold and rules record (as :meth:`extra`), filtered in
         SQL: stored state among ``states`` (or exported emergency ones, with
-        ``emergency_exported``), id below ``below``; oldest first unless ``newest_first``."""
+        ``emergency_exported``), id below ``below``, id among ``ids``; oldest first unless
+        ``newest_first``."""
         where: list[str] = []
         params: list[Any] = []
         if states is not None:
@@ -149,6 +151,9 @@ class RequestStore:
         if below is not None:
             where.append("id < ?")
             params.append(below)
+        if ids is not None:
+            where.append(f"id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
         sql = f"SELECT {_COLS}, package, hold_id, judged_by FROM requests"
         if where:
             sql += " WHERE " + " AND ".join(where)

@@ -34,7 +34,10 @@ DECIDED = ("approved", "denied", "cancelled", "expired")
 # Stored states whose state may still change with time (expire, be denied): the others are final,
 # and only an exported emergency request still changes (its violation) — see ``refresh``.
 OPEN = ("pending", "approved")
+# ``refresh`` again within this many seconds (engine clock) only after something was recorded
+REFRESH_AGAIN = 1.0
 _Paths = list[Path]  # spelled once here: inside Workflow, ``list`` is a method
+_Views = list[dict[str, Any]]
 
 
 class Workflow:
@@ -49,6 +52,8 @@ class Workflow:
         self.exports = ExportJobs(self, open_destination)
         # per-thread memo of ``rules`` while one list/refresh/status call runs (``_memo``)
         self._local = threading.local()
+        # (config, audit head) -> engine time and violations of the last ``refresh``
+        self._last_refresh: tuple[tuple[int, int], float, list[str]] | None = None
 
     # ---- the export's seams and progress (``workflow.export_job``) ------------------------------
     @property
@@ -94,7 +99,7 @@ class Workflow:
         return access.Actor(user=caller.user, roles=frozenset(roles), level=level)
 
     @contextlib.contextmanager
-    def _memo(self) -> Iterator[None]:
+    def memo(self) -> Iterator[None]:
         """Within this block (this thread only), ``rules(site)`` is computed once per site: a
         call that judges thousands of requests asks for the same rules thousands of times."""
         if getattr(self._local, "rules", None) is not None:
@@ -108,9 +113,7 @@ class Workflow:
 
     def rules(self, site: str) -> access.AccessRules:
         """The approval rules of ``site`` under the config in force."""
-        memo: dict[tuple[int, str], access.AccessRules] | None = getattr(
-            self._local, "rules", None
-        )
+        memo: dict[tuple[int, str], access.AccessRules] | None = getattr(self._local, "rules", None)
         if memo is None:
             return self._rules(site)
         key = (id(self.config), site)
@@ -141,9 +144,7 @@ class Workflow:
         )
 
     # ---- the rules a request is judged by ------------------------------------------------------
-    def _judged(
-        self, r: access.Request, extra: dict[str, Any] | None = None
-    ) -> access.AccessRules:
+    def _judged(self, r: access.Request, extra: dict[str, Any] | None = None) -> access.AccessRules:
         """The rules in force when ``r`` was decided (recorded with it), else the current ones
         (``extra``: the request's stored extras, when already read)."""
         record = (self.store.extra(r.id) if extra is None else extra).get("judged_by")
@@ -374,13 +375,25 @@ class Workflow:
     def refresh(self) -> list[str]:
         """Periodic: expire what is due, report emergency violations (each audited when it opens,
         and again when it reopens or changes), stop exports whose authority lapsed."""
-        with self.ctx.lock, self._memo():  # it settles and records: never beside another thread
+        with self.ctx.lock, self.memo():  # it settles and records: never beside another thread
+            now = self.now()
+            done = self._last_refresh
+            if (
+                done is not None
+                and done[0] == (id(self.config), self.ctx.audit.head()[0])
+                and 0 <= now - done[1] < REFRESH_AGAIN
+            ):
+                # nothing recorded since the last pass (every change of a request is), the same
+                # config, and under a second later: only time could have changed a state, and
+                # what the views show is computed at their own time anyway
+                for rid in list(self.exports.claims):
+                    self.exports.recheck(rid)
+                return list(done[2])
             violations = []
             # final states stay as they are; of those, only an exported emergency request can
             # have (or close) a violation: the others need no look at all
             rows = self.store.select(states=OPEN, emergency_exported=True)
             apps = self.store.approvals_of(r.id for r, _ in rows)
-            now = self.now()
             for r, extra in rows:
                 if r.exported_at is None:
                     # never exported: no violation, only a state that time may have changed
@@ -408,6 +421,7 @@ class Workflow:
                         )
             for rid in list(self.exports.claims):
                 self.exports.recheck(rid)
+            self._last_refresh = ((id(self.config), self.ctx.audit.head()[0]), now, violations)
             return violations
 
     def _visible(
@@ -448,6 +462,23 @@ class Workflow:
         approvals = self.store.approvals(rid)
         return access.check_view(r, approvals, actor, self._acting(r, self._judged(r))).allowed
 
+    def may_view_many(self, caller: Caller, rids: Sequence[int | None]) -> set[int | None]:
+        """Those of ``rids`` that :meth:`may_view` would show to ``caller``, read in one go."""
+        actor = self.actor(caller)
+        if actor.roles & access.SEE_ALL_ROLES:
+            return set(rids)
+        with self.memo():
+            rows = self.store.select(ids=[r for r in rids if r is not None])
+            apps = self.store.approvals_of(r.id for r, _ in rows)
+            return {
+                r.id
+                for r, extra in rows
+                if r.site in self.config.sites
+                and access.check_view(
+                    r, apps[r.id], actor, self._acting(r, self._judged(r, extra))
+                ).allowed
+            }
+
     def progress_of(self, caller: Caller, rid: int) -> float | None:
         """The running export's progress of request ``rid``, to those who may see the request
         (the same refusal as ``request show`` otherwise: ids cannot be probed)."""
@@ -480,7 +511,7 @@ class Workflow:
             want = (state,) if state not in ("expired", "denied", *OPEN) else (state, *OPEN)
             states = want if states is None else tuple(x for x in states if x in want)
             flagged = flagged and state == "exported"
-        with self.ctx.recording(), self._memo():
+        with self.ctx.recording(), self.memo():
             self.refresh()
             now = self.now()
             views: list[dict[str, Any]] = []
@@ -523,11 +554,11 @@ class Workflow:
                     return views
                 below = batch[-1][0].id
 
-    def overview(self, caller: Caller | None) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    def overview(self, caller: Caller | None) -> tuple[dict[str, int], _Views]:
         """Requests per state (every request), and the ones that may still need someone — open
         (pending, approved) or exported in an emergency — as ``request show`` prints them, those
         ``caller`` may see only (None: all). For ``status``, after ``refresh``."""
-        with self._memo():
+        with self.memo():
             now = self.now()
             actor = None if caller is None else self.actor(caller)
             by_state = {k: n for k, n in self.store.counts().items() if k not in OPEN}
