@@ -121,7 +121,7 @@ class Engine:
         )
         self.ctx = Context(config, clock, self.catalog, self.audit, self.attention)
         self.sweeper = Sweeper(self.ctx)
-        self.holds = Holds(self.ctx, lambda caller, rid: self.workflow.may_view(caller, rid))
+        self.holds = Holds(self.ctx, lambda caller, rids: self.workflow.may_view_many(caller, rids))
         self._workflow: Workflow | None = None
         self._notifications: Notifications | None = None
         self._media: MediaOps | None = None
@@ -419,7 +419,7 @@ class Engine:
     def status(self, caller: Caller | None = None) -> dict[str, Any]:
         """Health for ``caller`` (None: everything, for root acting locally): holds, violations
         and open requests name only the requests ``caller`` may see; the others are counted."""
-        with self.lock:
+        with self.lock, self.workflow.memo():
             now = self.clock()
             disk = self.disk_states()
             sites = {}
@@ -459,15 +459,11 @@ class Engine:
                 violations = self.workflow.refresh()
             except AuditHeadMismatch:  # status must answer; attention audit_head says why
                 violations = []
-            requests = [self.workflow.request_json(r) for r in self.workflow.store.all()]
-            by_state: dict[str, int] = {}
-            for r in requests:
-                by_state[r["state"]] = by_state.get(r["state"], 0) + 1
+            # counts stay whole (by_state, ok); what names a request is for its viewers
+            by_state, requests = self.workflow.overview(caller)
             holds = self.holds_view(caller)
             all_violations = violations
             if caller is not None:
-                # counts stay whole (by_state, ok); what names a request is for its viewers
-                requests = [r for r in requests if self.workflow.may_view(caller, r["id"])]
                 mine = {f"request {r['id']}" for r in requests}  # a violation's first words
                 violations = [v for v in violations if v.split(":", 1)[0] in mine]
             soon = now.wall + 3 * 86400

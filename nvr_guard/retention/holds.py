@@ -25,7 +25,8 @@ from nvr_guard.times import iso, parse_time
 HOLD_ROLES = frozenset({"admin", "security_lead"})
 
 # (caller, request id or None) -> may the caller see that request (the rule of `request show`)
-MayView = Callable[[Caller, int | None], bool]
+# which of these requests (None: a hold naming none) the caller may see, asked once per view
+MayView = Callable[[Caller, list[int | None]], set[int | None]]
 
 
 def hold_problems(config: Config, holds: Iterable[Hold]) -> list[tuple[str, int, str]]:
@@ -242,15 +243,14 @@ class Holds:
         if caller is None:
             return {"holds": holds, "holds_not_shown": []}
         of_request = self.ctx.catalog.hold_requests()
-        seen: dict[int | None, bool] = {}
+        asked = list(dict.fromkeys(of_request[h["id"]] for h in holds if h["id"] in of_request))
+        visible = self.may_view(caller, asked) if asked else set()
         shown: list[dict[str, Any]] = []
         hidden: dict[str, set[int | None]] = {}
         for h in holds:
             if h["id"] in of_request:
                 rid = of_request[h["id"]]
-                if rid not in seen:
-                    seen[rid] = self.may_view(caller, rid)
-                if not seen[rid]:
+                if rid not in visible:
                     hidden.setdefault(h["site"] or "*", set()).add(rid if rid else -h["id"])
                     continue
             shown.append(h)

@@ -8,6 +8,7 @@ Approvals are append-only like the audit log: a decision, once given, is never e
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from nvr_guard.errors import InvalidInput
@@ -124,6 +125,82 @@ class RequestStore:
             else:
                 cur = self.conn.execute(f"SELECT {_COLS} FROM requests ORDER BY id")
             return [_request(r) for r in cur]
+
+    def select(
+        self,
+        *,
+        states: Collection[str] | None = None,
+        emergency_exported: bool = False,
+        below: int | None = None,
+        ids: Collection[int] | None = None,
+        newest_first: bool = False,
+        limit: int | None = None,
+    ) -> list[tuple[Request, dict[str, Any]]]:
+        """Requests with their package, hold and rules record (as :meth:`extra`), filtered in
+        SQL: stored state among ``states`` (or exported emergency ones, with
+        ``emergency_exported``), id below ``below``, id among ``ids``; oldest first unless
+        ``newest_first``."""
+        where: list[str] = []
+        params: list[Any] = []
+        if states is not None:
+            alts = [f"state IN ({','.join('?' * len(states))})"] if states else []
+            params.extend(states)
+            if emergency_exported:
+                alts.append("(state = 'exported' AND emergency = 1)")
+            where.append("(" + (" OR ".join(alts) or "0") + ")")
+        if below is not None:
+            where.append("id < ?")
+            params.append(below)
+        if ids is not None:
+            where.append(f"id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
+        sql = f"SELECT {_COLS}, package, hold_id, judged_by FROM requests"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        n = len(_COLS.split(","))
+        with self.lock:
+            rows = self.conn.execute(sql, params).fetchall()
+        return [
+            (
+                _request(row[:n]),
+                {
+                    "package": row[n],
+                    "hold_id": row[n + 1],
+                    "judged_by": json.loads(row[n + 2]) if row[n + 2] else None,
+                },
+            )
+            for row in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """Requests per stored state."""
+        with self.lock:
+            cur = self.conn.execute("SELECT state, count(*) FROM requests GROUP BY state")
+            return {str(k): int(n) for k, n in cur}
+
+    def approvals_of(self, rids: Iterable[int]) -> dict[int, list[Approval]]:
+        """The decisions given on each of ``rids`` (in the order given; [] when none)."""
+        out: dict[int, list[Approval]] = {}
+        ids = list(rids)
+        with self.lock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                for rid in chunk:
+                    out[rid] = []
+                cur = self.conn.execute(
+                    "SELECT request_id, approver, role, decision, note, time FROM approvals "
+                    f"WHERE request_id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                    chunk,
+                )
+                for rid, a, r, d, n, t in cur:
+                    out[int(rid)].append(
+                        Approval(approver=a, role=r, decision=d, note=n, time=float(t))
+                    )
+        return out
 
     def approvals(self, rid: int) -> list[Approval]:
         """The decisions given on a request, in the order given."""

@@ -7,9 +7,11 @@ the audit chain that records every step and every refusal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,13 @@ CLOSED = ("denied", "cancelled", "expired", "closed")
 # Stored states that are a decision on the request: the rules in force then are recorded with it
 # and it is judged by those from then on (a later reload does not reopen or re-close it).
 DECIDED = ("approved", "denied", "cancelled", "expired")
+# Stored states whose state may still change with time (expire, be denied): the others are final,
+# and only an exported emergency request still changes (its violation) — see ``refresh``.
+OPEN = ("pending", "approved")
+# ``refresh`` again within this many seconds (engine clock) only after something was recorded
+REFRESH_AGAIN = 1.0
 _Paths = list[Path]  # spelled once here: inside Workflow, ``list`` is a method
+_Views = list[dict[str, Any]]
 
 
 class Workflow:
@@ -44,6 +52,10 @@ class Workflow:
         self.store = RequestStore(ctx.catalog)
         self.exports = ExportJobs(self, open_destination)
         self.viewings = Viewings(self)
+        # per-thread memo of ``rules`` while one list/refresh/status call runs (``_memo``)
+        self._local = threading.local()
+        # (config, audit head) -> engine time and violations of the last ``refresh``
+        self._last_refresh: tuple[tuple[int, int], float, list[str]] | None = None
 
     # ---- the export's seams and progress (``workflow.export_job``) ------------------------------
     @property
@@ -88,8 +100,31 @@ class Workflow:
             level = 2
         return access.Actor(user=caller.user, roles=frozenset(roles), level=level)
 
+    @contextlib.contextmanager
+    def memo(self) -> Iterator[None]:
+        """Within this block (this thread only), ``rules(site)`` is computed once per site: a
+        call that judges thousands of requests asks for the same rules thousands of times."""
+        if getattr(self._local, "rules", None) is not None:
+            yield
+            return
+        self._local.rules = {}
+        try:
+            yield
+        finally:
+            self._local.rules = None
+
     def rules(self, site: str) -> access.AccessRules:
         """The approval rules of ``site`` under the config in force."""
+        memo: dict[tuple[int, str], access.AccessRules] | None = getattr(self._local, "rules", None)
+        if memo is None:
+            return self._rules(site)
+        key = (id(self.config), site)
+        got = memo.get(key)
+        if got is None:
+            got = memo[key] = self._rules(site)
+        return got
+
+    def _rules(self, site: str) -> access.AccessRules:
         ap = self.config.approval
         steps, hours = self.config.approval_for(site)
         h0, h1 = (int(a) * 60 + int(b) for a, b in (x.split(":") for x in hours.split("-")))
@@ -111,9 +146,10 @@ class Workflow:
         )
 
     # ---- the rules a request is judged by ------------------------------------------------------
-    def _judged(self, r: access.Request) -> access.AccessRules:
-        """The rules in force when ``r`` was decided (recorded with it), else the current ones."""
-        record = self.store.extra(r.id).get("judged_by")
+    def _judged(self, r: access.Request, extra: dict[str, Any] | None = None) -> access.AccessRules:
+        """The rules in force when ``r`` was decided (recorded with it), else the current ones
+        (``extra``: the request's stored extras, when already read)."""
+        record = (self.store.extra(r.id) if extra is None else extra).get("judged_by")
         if record:
             return rules_from_record(record)
         return self.rules(r.site)
@@ -160,15 +196,20 @@ class Workflow:
 
     # ---- JSON views ----------------------------------------------------------------------------
     def request_json(
-        self, r: access.Request, approvals: list[access.Approval] | None = None
+        self,
+        r: access.Request,
+        approvals: list[access.Approval] | None = None,
+        extra: dict[str, Any] | None = None,
+        now: float | None = None,
     ) -> dict[str, Any]:
-        """One request as ``request show`` prints it, with its state brought up to date."""
+        """One request as ``request show`` prints it, with its state brought up to date
+        (``extra``, ``now``: its stored extras and the time, when the caller has them)."""
         tz = self.config.site_tz(r.site) if r.site in self.config.sites else self.config.tz
         approvals = self.store.approvals(r.id) if approvals is None else approvals
-        rules = self._judged(r) if r.site in self.config.sites else None
-        now = self.now()
+        extra = self.store.extra(r.id) if extra is None else extra
+        rules = self._judged(r, extra) if r.site in self.config.sites else None
+        now = self.now() if now is None else now
         state = access.state_of(r, approvals, now, rules) if rules else r.state
-        extra = self.store.extra(r.id)
         out: dict[str, Any] = {
             "id": r.id,
             "state": state,
@@ -340,10 +381,32 @@ class Workflow:
     def refresh(self) -> list[str]:
         """Periodic: expire what is due, report emergency violations (each audited when it opens,
         and again when it reopens or changes), stop exports whose authority lapsed."""
-        with self.ctx.lock:  # it settles and records: never beside another thread
+        with self.ctx.lock, self.memo():  # it settles and records: never beside another thread
+            now = self.now()
+            done = self._last_refresh
+            if (
+                done is not None
+                and done[0] == (id(self.config), self.ctx.audit.head()[0])
+                and 0 <= now - done[1] < REFRESH_AGAIN
+            ):
+                # nothing recorded since the last pass (every change of a request is), the same
+                # config, and under a second later: only time could have changed a state, and
+                # what the views show is computed at their own time anyway
+                for rid in list(self.exports.claims):
+                    self.exports.recheck(rid)
+                return list(done[2])
             violations = []
-            for r in self.store.all():
-                if r.state in CLOSED:
+            # final states stay as they are; of those, only an exported emergency request can
+            # have (or close) a violation: the others need no look at all
+            rows = self.store.select(states=OPEN, emergency_exported=True)
+            apps = self.store.approvals_of(r.id for r, _ in rows)
+            for r, extra in rows:
+                if r.exported_at is None:
+                    # never exported: no violation, only a state that time may have changed
+                    approvals = apps[r.id]
+                    rules = self._judged(r, extra)
+                    if access.state_of(r, approvals, now, rules) != r.state:
+                        self._settle(r, approvals, rules)
                     continue
                 r2, approvals, rules = self._current(r.id)
                 v = access.emergency_violation(r2, approvals, self.now(), rules)
@@ -365,6 +428,7 @@ class Workflow:
             for rid in list(self.exports.claims):
                 self.exports.recheck(rid)
             self.viewings.expire()  # a clip goes when its approval's validity ends
+            self._last_refresh = ((id(self.config), self.ctx.audit.head()[0]), now, violations)
             return violations
 
     def _visible(
@@ -413,6 +477,23 @@ class Workflow:
         approvals = self.store.approvals(rid)
         return access.check_view(r, approvals, actor, self._acting(r, self._judged(r))).allowed
 
+    def may_view_many(self, caller: Caller, rids: Sequence[int | None]) -> set[int | None]:
+        """Those of ``rids`` that :meth:`may_view` would show to ``caller``, read in one go."""
+        actor = self.actor(caller)
+        if actor.roles & access.SEE_ALL_ROLES:
+            return set(rids)
+        with self.memo():
+            rows = self.store.select(ids=[r for r in rids if r is not None])
+            apps = self.store.approvals_of(r.id for r, _ in rows)
+            return {
+                r.id
+                for r, extra in rows
+                if r.site in self.config.sites
+                and access.check_view(
+                    r, apps[r.id], actor, self._acting(r, self._judged(r, extra))
+                ).allowed
+            }
+
     def progress_of(self, caller: Caller, rid: int) -> float | None:
         """The running export's progress of request ``rid``, to those who may see the request
         (the same refusal as ``request show`` otherwise: ids cannot be probed)."""
@@ -435,33 +516,83 @@ class Workflow:
             raise InvalidInput(f"unknown state {state!r}; one of {', '.join(access.STATES)}")
         actor = self.actor(caller)
         paged = limit is not None or before is not None
-        with self.ctx.recording():
+        # stored states a request shown must have: a final state stays; a pending or approved
+        # one may have turned expired or denied (``access.state_of``), nothing else
+        states: tuple[str, ...] | None = None
+        flagged = False
+        if waiting:  # one decides only on open requests, or backfills an emergency export
+            states, flagged = OPEN, True
+        if state:
+            want = (state,) if state not in ("expired", "denied", *OPEN) else (state, *OPEN)
+            states = want if states is None else tuple(x for x in states if x in want)
+            flagged = flagged and state == "exported"
+        with self.ctx.recording(), self.memo():
             self.refresh()
-            views = []
-            rows = self.store.all()
-            if paged:
-                rows = sorted(rows, key=lambda r: r.id, reverse=True)
-            for r in rows:
-                if before is not None and r.id >= before:
-                    continue
-                approvals = self.store.approvals(r.id)
-                if r.site in self.config.sites:
-                    acting = self._acting(r, self._judged(r))
-                    seen = access.check_view(r, approvals, actor, acting)
-                    if not seen.allowed:
+            now = self.now()
+            views: list[dict[str, Any]] = []
+            below = before
+            while True:
+                # newest first in batches when paging (a page needs only the first few
+                # visible ones); everything at once otherwise
+                batch = self.store.select(
+                    states=states,
+                    emergency_exported=flagged,
+                    below=below,
+                    newest_first=paged,
+                    limit=256 if paged else None,
+                )
+                apps = self.store.approvals_of(r.id for r, _ in batch)
+                for r, extra in batch:
+                    approvals = apps[r.id]
+                    if r.site in self.config.sites:
+                        judged = self._judged(r, extra)
+                        acting = self._acting(r, judged)
+                        if not access.check_view(r, approvals, actor, acting).allowed:
+                            continue
+                        current = access.state_of(r, approvals, now, judged)
+                        may = access.check_approve(r, approvals, actor, acting, now).allowed
+                    else:
+                        if not actor.roles & access.SEE_ALL_ROLES:
+                            continue
+                        current, may = r.state, False
+                    if state and current != state:
                         continue
-                elif not actor.roles & access.SEE_ALL_ROLES:
-                    continue
-                view = self.request_json(r, approvals)
-                if state and view["state"] != state:
-                    continue
-                view["may_decide"] = self._may_decide(r, approvals, actor)
-                if waiting and not view["may_decide"]:
-                    continue
+                    if waiting and not may:
+                        continue
+                    # the JSON only for what is shown
+                    view = self.request_json(r, approvals, extra, now)
+                    view["may_decide"] = may
+                    views.append(view)
+                    if limit is not None and len(views) >= limit:
+                        return views
+                if not paged or len(batch) < 256:
+                    return views
+                below = batch[-1][0].id
+
+    def overview(self, caller: Caller | None) -> tuple[dict[str, int], _Views]:
+        """Requests per state (every request), and the ones that may still need someone — open
+        (pending, approved) or exported in an emergency — as ``request show`` prints them, those
+        ``caller`` may see only (None: all). For ``status``, after ``refresh``."""
+        with self.memo():
+            now = self.now()
+            actor = None if caller is None else self.actor(caller)
+            by_state = {k: n for k, n in self.store.counts().items() if k not in OPEN}
+            rows = self.store.select(states=OPEN, emergency_exported=True)
+            apps = self.store.approvals_of(r.id for r, _ in rows)
+            views = []
+            for r, extra in rows:
+                approvals = apps[r.id]
+                view = self.request_json(r, approvals, extra, now)
+                if r.state in OPEN:  # a final state was counted as stored
+                    by_state[view["state"]] = by_state.get(view["state"], 0) + 1
+                if actor is not None and not actor.roles & access.SEE_ALL_ROLES:
+                    if r.site not in self.config.sites:
+                        continue
+                    acting = self._acting(r, self._judged(r, extra))
+                    if not access.check_view(r, approvals, actor, acting).allowed:
+                        continue
                 views.append(view)
-                if limit is not None and len(views) >= limit:
-                    break
-        return views
+            return by_state, views
 
     def _may_decide(
         self, r: access.Request, approvals: Sequence[access.Approval], actor: access.Actor
