@@ -238,6 +238,18 @@ def _frame(source: bytes, offset: float, text: Path, font: Path, width: int) -> 
     return cp.stdout
 
 
+def _around(segments: Sequence[SourceSegment], start: float, end: float) -> list[SourceSegment]:
+    """The segments (by their recorded starts) that hold the range's start, middle and end."""
+    ordered = sorted(segments, key=lambda s: s.start)
+    if len(ordered) <= 3:
+        return ordered
+    chosen: dict[int, SourceSegment] = {}
+    for t in (start, (start + end) / 2, end):
+        at = max((i for i, s in enumerate(ordered) if s.start <= t), default=0)
+        chosen[at] = ordered[at]
+    return [chosen[i] for i in sorted(chosen)]
+
+
 def stills(
     camera: str,
     segments: Sequence[SourceSegment],
@@ -249,8 +261,9 @@ def stills(
     workdir: Path,
 ) -> list[Still]:
     """Three watermarked JPEG frames of ``camera`` over [start, end): start, middle, end, at
-    most ``MAX_PREVIEW_WIDTH`` wide."""
-    plan, probes = _camera_pieces(camera, segments, start, end)
+    most ``MAX_PREVIEW_WIDTH`` wide. Only the segments holding those three instants are read
+    (probed and decoded): a day-long range costs what a minute does."""
+    plan, probes = _camera_pieces(camera, _around(segments, start, end), start, end)
     if not plan.runs:
         raise InvalidInput(f"camera {camera}: no footage left in the range to preview")
     width = max((p.width for p in probes), default=MAX_PREVIEW_WIDTH)

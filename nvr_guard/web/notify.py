@@ -15,16 +15,18 @@ bytes of ``notify.webhook.secret_file`` over ``<X-Nvr-Guard-Timestamp>.<body>``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import smtplib
+import socket
 import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -87,13 +89,6 @@ class _Event:
         return all(d.reported for d in self.deliveries)
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A webhook that redirects is a failed delivery: the body is not sent anywhere else."""
-
-    def redirect_request(self, *args: Any, **kw: Any) -> None:
-        return None
-
-
 class Notifier:
     """The web service's delivery thread: ``start()``, ``stop()``, ``status()``."""
 
@@ -130,9 +125,6 @@ class Notifier:
         self._last_error: str | None = None
         self._last_error_at: float | None = None  # wall time
         self._last_poll: float | None = None  # wall time
-        self._opener = urllib.request.build_opener(
-            _NoRedirect, urllib.request.HTTPSHandler(context=self.ssl_context)
-        )
 
     # ---- the thread ------------------------------------------------------------------------
     def start(self) -> None:
@@ -319,7 +311,8 @@ class Notifier:
         if url:
             body += f"\n\n{url}"
         msg.set_content(body + "\n", charset="utf-8")
-        with smtplib.SMTP(smtp.host, smtp.port, timeout=self.timeout) as s:
+        with smtplib.SMTP(timeout=self.timeout) as s, _deadline(lambda: s.sock, self.timeout * 3):
+            s.connect(smtp.host, smtp.port)
             s.ehlo()
             if smtp.starttls:
                 s.starttls(context=self.ssl_context)
@@ -349,13 +342,25 @@ class Notifier:
         }
         if hook.secret_file:
             headers[SIGNATURE_HEADER] = sign(Path(hook.secret_file).read_bytes(), ts, body)
-        req = urllib.request.Request(str(hook.url), data=body, headers=headers, method="POST")
+        url = urllib.parse.urlsplit(str(hook.url))
+        conn: http.client.HTTPConnection
+        if url.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                url.hostname or "", url.port, timeout=self.timeout, context=self.ssl_context
+            )
+        else:
+            conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=self.timeout)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        # the whole exchange within the deadline, however slowly a receiver trickles its
+        # answer (a timeout per read never ends a byte every few seconds); redirects are not
+        # followed (a 3xx is a failure: the body goes nowhere else); the answer's body is
+        # never read
         try:
-            with self._opener.open(req, timeout=self.timeout) as r:
-                status = r.status
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            raise RuntimeError(f"webhook answered HTTP {exc.code}") from None
+            with _deadline(lambda: conn.sock, self.timeout):
+                conn.request("POST", path, body=body, headers=headers)
+                status = conn.getresponse().status
+        finally:
+            conn.close()
         if not 200 <= status < 300:
             raise RuntimeError(f"webhook answered HTTP {status}")
 
@@ -394,3 +399,32 @@ def _describe(exc: BaseException) -> str:
 
 def _expected(exc: BaseException) -> bool:
     return getattr(exc, "exit_code", None) is not None or isinstance(exc, OSError)
+
+
+@contextlib.contextmanager
+def _deadline(sock_of: Callable[[], socket.socket | None], seconds: float) -> Any:
+    """Cut the connection (``sock_of()``) off when the block has not finished within
+    ``seconds``: its blocked read or write then fails at once, and the delivery is a failure
+    (retried later) instead of holding every other notification up."""
+    fired = threading.Event()
+
+    def cut() -> None:
+        fired.set()
+        sock = sock_of()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except Exception as exc:  # a cut connection fails as a read error or a truncated answer
+        if fired.is_set():
+            raise TimeoutError(f"no complete answer within {seconds:g} s") from exc
+        raise
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        raise TimeoutError(f"no complete answer within {seconds:g} s")

@@ -822,16 +822,19 @@ def check_view(
     """May ``actor`` read ``request`` (reason, recipient and contact, approvals)?
 
     Its requester; anyone who decided on it; the people who may decide it (a holder of one of its
-    step roles or the after-hours role) or export it (a technician), in both cases with the level
-    of each of its cameras; and security leads, auditors and admins. Nobody else: a request names
-    a person to contact and why footage is wanted.
+    step roles or the after-hours role) or export it (a technician; not for a viewing request,
+    which is never exported), in both cases with the level of each of its cameras; and security
+    leads, auditors and admins. Nobody else: a request names a person to contact and why footage
+    is wanted.
     """
     rid = request.id
     if actor.user == request.requester or actor.roles & SEE_ALL_ROLES:
         return _ok(f"{_show(actor.user)} may see request {rid}")
     if any(a.approver == actor.user for a in approvals):
         return _ok(f"{_show(actor.user)} decided on request {rid}")
-    concerned = {*steps_for(request, rules), rules.duty_role, rules.technician_role}
+    concerned = {*steps_for(request, rules), rules.duty_role}
+    if request.format != "view":  # a viewing request is never exported: no technician's business
+        concerned.add(rules.technician_role)
     if actor.roles & concerned:
         level = _level_refusal(request, actor, rules, "see, decide or export")
         if level is not None:

@@ -219,7 +219,10 @@ class Viewings:
         except Exception as e:
             job.state = "failed"
             job.message = job.why if job.stop.is_set() and job.why else str(e)
-            if not isinstance(e, NvrGuardError):
+            if job.stop.is_set():
+                # stopped on purpose (cancel, deny, expiry): the reason, not a traceback
+                log.info("viewing clip of request %s stopped: %s", job.rid, job.message)
+            elif not isinstance(e, NvrGuardError):
                 log.exception("preparing the viewing clip of request %s failed", job.rid)
             else:
                 log.warning("viewing clip of request %s: %s", job.rid, job.message)
@@ -413,10 +416,40 @@ class Viewings:
                 for cam in cameras
             ]
             tz = rules.tz
+        # one set of stills at a time, and nobody queues for it: a page reloaded in a loop must
+        # not pile up daemon threads (and connections) behind a slow decode
+        if not self._previewer.acquire(blocking=False):
+            raise RuntimeFailure("previews are being made for another page; try again shortly")
+        try:
+            frames = self._stills(clips, r, rid, caller, now, tz)
+        finally:
+            self._previewer.release()
+        left_out = list(r.cameras[MAX_PREVIEW_CAMERAS:])
+        with self.ctx.recording():
+            self.ctx.audit.append(
+                caller.user,
+                "preview.show",
+                f"request:{rid}",
+                {
+                    "cameras": cameras,
+                    "frames": [{"camera": f["camera"], "at": f["at"]} for f in frames],
+                },
+            )
+        return {"request": rid, "frames": frames, "cameras_left_out": left_out}
+
+    def _stills(
+        self,
+        clips: list[tuple[str, list[SourceSegment]]],
+        r: access.Request,
+        rid: int,
+        caller: Caller,
+        now: float,
+        tz: Any,
+    ) -> list[dict[str, Any]]:
         frames: list[dict[str, Any]] = []
         font = resolve_font(self.wf.config.export.font)
         text = preview_watermark(rid, caller.user, now, tz)
-        with self._previewer, tempfile.TemporaryDirectory(prefix="nvrg-preview-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="nvrg-preview-") as tmp:
             for cam, segs in clips:
                 for i, s in enumerate(
                     stills(cam, segs, r.start, r.end, watermark=text, font=font, workdir=Path(tmp))
@@ -430,15 +463,4 @@ class Viewings:
                             "jpeg": base64.b64encode(s.jpeg).decode("ascii"),
                         }
                     )
-        left_out = list(r.cameras[MAX_PREVIEW_CAMERAS:])
-        with self.ctx.recording():
-            self.ctx.audit.append(
-                caller.user,
-                "preview.show",
-                f"request:{rid}",
-                {
-                    "cameras": cameras,
-                    "frames": [{"camera": f["camera"], "at": f["at"]} for f in frames],
-                },
-            )
-        return {"request": rid, "frames": frames, "cameras_left_out": left_out}
+        return frames

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -497,3 +498,45 @@ def test_a_webhook_that_redirects_is_not_followed(site: Site) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_webhook_that_trickles_its_answer_is_cut_off_at_the_deadline(site: Site) -> None:
+    """A receiver sending its status line a byte at a time never trips a per-read timeout; the
+    delivery as a whole has a deadline, so it fails (and is retried) instead of holding every
+    other notification up."""
+    import socket as socketlib
+
+    from nvr_guard.config import load_config
+
+    listener = socketlib.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for ch in b"HTTP/1.1 200 OK\r\n":
+                if stop.wait(0.5):
+                    return
+                try:
+                    conn.sendall(bytes([ch]))
+                except OSError:
+                    return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        site.config.write_text(
+            site.config.read_text()
+            + f'notify: {{webhook: {{url: "http://127.0.0.1:{listener.getsockname()[1]}/h"}}}}\n'
+        )
+        n = Notifier(load_config(site.config), lambda: ControlClient(site.socket), timeout=2)
+        doc = {"seq": 1, "kind": "waiting", "request": 1, "path": "/requests/1", "recipients": []}
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            n._post(doc)
+        assert time.monotonic() - started < 6  # the status line alone would take 8.5 s
+    finally:
+        stop.set()
+        listener.close()
+        t.join(5)

@@ -895,3 +895,11 @@ def test_previews_only_for_those_who_may_decide_now() -> None:
     street = request(cameras=("street-03",))
     refused(check_preview(street, (), SUE, RULES, NOW), "level 2")
     allowed(check_preview(street, (), SAM, RULES, NOW))
+
+
+def test_a_technician_is_not_shown_viewing_requests() -> None:
+    # a viewing request is never exported: its reason and contact are not a technician's business
+    from nvr_guard.workflow.access import check_view
+
+    refused(check_view(request(format="view"), BOTH, TOM, RULES), "may not see request 12")
+    allowed(check_view(request(format="mp4"), BOTH, TOM, RULES))

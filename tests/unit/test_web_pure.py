@@ -108,3 +108,15 @@ def test_the_console_and_the_password_helper_must_be_different_accounts(tmp_path
     )
     _, errors, _ = check_config(cfg)
     assert any("different accounts" in msg for _, _, msg in errors)
+
+
+def test_previews_read_only_the_segments_they_show() -> None:
+    # a day of 10-second segments: three of them are read, not 8,640 (a reload loop of the
+    # request page made the daemon probe every segment of the range each time)
+    from nvr_guard.export.package import SourceSegment
+    from nvr_guard.export.view import _around
+
+    segs = [SourceSegment(Path(f"/r/{i}.mp4"), 1000.0 + 10 * i) for i in range(8640)]
+    got = _around(segs, 1000.0, 1000.0 + 86400)
+    assert [s.start for s in got] == [1000.0, 1000.0 + 43200, 1000.0 + 86390]
+    assert _around(segs[:2], 1000.0, 1020.0) == segs[:2]
