@@ -11,10 +11,13 @@ empty segment files (20 cameras x 35 days of one-minute segments, about 1,000,00
   the request store before the daemon starts (with their approvals, their state columns and one
   audit entry per act, as the workflow writes them): the recent ones pending (some with the first
   step approved), older ones approved, exported, denied, cancelled or expired;
-- a manual hold over the oldest days of the site, so that the sweep the daemon runs when it
-  starts deletes nothing; ``keep`` makes those days due and ``guards.max_delete_fraction`` is
-  0.5, so that once the bench releases the hold a sweep deletes them (5 days, 144,000 files;
-  ``--quick``: 1 day) without the mass-deletion guard stopping it.
+- two manual holds over the oldest days of the site, so that the sweep the daemon runs when
+  it starts deletes nothing: one over the footage that became due in the last 5 minutes before
+  the bench began (the steady state), one over everything older (the backlog); ``keep`` makes
+  those days due and ``guards.max_delete_fraction`` is 0.5, so that once the bench releases a
+  hold a sweep deletes what it kept (steady state: 5 minutes and the daemon's start of 20
+  cameras, a few hundred files; backlog: 5 days, 144,000 files; ``--quick``: 1 day) without
+  the mass-deletion guard stopping it.
 
 Then it starts a real daemon (``nvr-guard daemon``: it catalogues the tree at start, a cold
 reconcile) and a real console (``nvr-guard web``, plain HTTP on 127.0.0.1, ``gateway_user:
@@ -29,12 +32,15 @@ Measured:
 
 1. baseline: one client, no sweep: each page 20 times in a row, and ``/healthz`` (a page that
    only pings the daemon);
-2. load: 50 clients (asyncio + httpx, one connection and one session each) browsing in a loop
-   ``/requests?waiting=me``, ``/requests``, a request of that list (``/requests/<id>``) and
-   ``/status``, for ``--duration`` seconds (60; ``--quick``: 10), each waiting ``--think``
+2. load, twice: 50 clients (asyncio + httpx, one connection and one session each) browsing in
+   a loop ``/requests?waiting=me``, ``/requests``, a request of that list (``/requests/<id>``)
+   and ``/status``, for ``--duration`` seconds (60; ``--quick``: 10), each waiting ``--think``
    seconds on average (uniform between half and one and a half times it; 1 s by default, a
-   person reading a page) before its next page. Two seconds in, the bench releases the hold and
-   asks the daemon for ``retention run`` as root; the sweep runs beside the pages.
+   person reading a page) before its next page. Two seconds in, the bench releases a hold and
+   asks the daemon for ``retention run`` as root (the sweep the scheduler runs every
+   ``sweep_every``); the sweep runs beside the pages. First the steady state (the few minutes
+   of footage a recorder finds due at each periodic sweep), then the backlog (5 days due at
+   once, as after a long hold or an outage).
 
 Printed per page and overall: count, p50, p95, max, and p95 against the goal (300 ms: PASS or
 FAIL), the same for the pages that were in flight while the sweep ran, the sweep's length and
@@ -77,6 +83,7 @@ from retention import FULL, QUICK, Shape, camera_names, prepare_tree  # noqa: E4
 from nvr_guard.daemon.control import ControlClient  # noqa: E402
 
 SITE = "bench"
+STEADY_WINDOW = 300.0  # seconds of footage the steady state's sweep finds due (and the start)
 LAYOUT = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
 GOAL_MS = 300.0
 REPO = Path(__file__).resolve().parents[1]
@@ -200,9 +207,12 @@ web:
 """
 
 
-def seed(config_path: Path, shape: Shape, n_requests: int, days: list[str], due: int) -> int:
-    """Requests, approvals and audit entries as the workflow writes them, and the hold over
-    the due days; returns the hold's id."""
+def seed(
+    config_path: Path, shape: Shape, n_requests: int, days: list[str], due: int
+) -> tuple[int, int]:
+    """Requests, approvals and audit entries as the workflow writes them, and the holds over
+    the due days: (the backlog's hold, the steady state's hold over the 5 minutes that became
+    due last)."""
     from nvr_guard.config import load_config
     from nvr_guard.engine import Engine
     from nvr_guard.model import Approval, Recipient, Request
@@ -300,13 +310,27 @@ def seed(config_path: Path, shape: Shape, n_requests: int, days: list[str], due:
                 store.update(r.id, **fields)
             counts[stored] = counts.get(stored, 0) + 1
         cutoff = datetime.strptime(days[due], "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+        # what became due in the last 5 minutes (and while the daemon starts): the steady
+        # state's sweep; everything older: the backlog
+        recent = now - (shape.days - due) * 86400 - STEADY_WINDOW
         hold = engine.catalog.add_hold(
             kind="manual",
             site=SITE,
             camera=None,
             start=0.0,
+            end=recent,
+            reason="bench: kept until the backlog's load starts",
+            owner="root",
+            created=now,
+            roots=engine.ctx.roots_of(SITE),
+        )
+        steady = engine.catalog.add_hold(
+            kind="manual",
+            site=SITE,
+            camera=None,
+            start=recent,
             end=cutoff + 86400,
-            reason="bench: kept until the load starts",
+            reason="bench: kept until the steady state's load starts",
             owner="root",
             created=now,
             roots=engine.ctx.roots_of(SITE),
@@ -316,7 +340,7 @@ def seed(config_path: Path, shape: Shape, n_requests: int, days: list[str], due:
         f"filed {n_requests:,} requests in {time.perf_counter() - t0:.1f} s: "
         + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
     )
-    return hold.id
+    return hold.id, steady.id
 
 
 # ---- processes -------------------------------------------------------------------------------
@@ -585,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     config.write_text(config_text(base, root, shape, due, port))
     sock = base / "web-run" / "control.sock"
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}")
-    hold_id = seed(config, shape, n_requests, days, due)
+    hold_id, steady_id = seed(config, shape, n_requests, days, due)
     procs = Procs(config, base)
     results: dict[str, Any] = {}
     try:
@@ -619,32 +643,41 @@ def main(argv: list[str] | None = None) -> int:
             goal=False,
         )
 
-        samples, sweep, elapsed = load(url, tokens, duration, args.think, sock, hold_id)
-        results["load"] = table(
-            f"load: {len(tokens)} sessions, {elapsed:.0f} s, think time {args.think:g} s "
-            f"({len(samples) / elapsed:.1f} pages/s), a sweep during it",
-            by_route(samples, ROUTES),
-            goal=True,
+        scenarios = (
+            ("steady", "steady state: the periodic sweep, a few minutes of footage due", steady_id),
+            ("backlog", f"backlog: a purge of {due} days due", hold_id),
         )
-        during = [s for s in samples if s.start < sweep.ended and s.start + s.took > sweep.started]
-        results["during_sweep"] = table(
-            "pages in flight while the sweep ran",
-            by_route(during, ROUTES),
-            goal=True,
-        )
-        if sweep.error:
-            print(f"\nsweep failed: {sweep.error}")
-        else:
-            print(
-                f"\nsweep: {sweep.ended - sweep.started:.1f} s (from "
-                f"{sweep.started - sweep.t0:.1f} s into the load), "
-                f"deleted {sweep.result.get('deleted', 0):,} segments"
+        for key, what, hold in scenarios:
+            samples, sweep, elapsed = load(url, tokens, duration, args.think, sock, hold)
+            res: dict[str, Any] = {}
+            res["load"] = table(
+                f"{what}: {len(tokens)} sessions, {elapsed:.0f} s, think time {args.think:g} s "
+                f"({len(samples) / elapsed:.1f} pages/s), the sweep during it",
+                by_route(samples, ROUTES),
+                goal=True,
             )
-        results["sweep"] = {
-            "seconds": round(sweep.ended - sweep.started, 2),
-            "deleted": sweep.result.get("deleted"),
-            "error": sweep.error,
-        }
+            during = [
+                s for s in samples if s.start < sweep.ended and s.start + s.took > sweep.started
+            ]
+            res["during_sweep"] = table(
+                f"{key}: pages in flight while the sweep ran",
+                by_route(during, ROUTES),
+                goal=True,
+            )
+            if sweep.error:
+                print(f"\n{key} sweep failed: {sweep.error}")
+            else:
+                print(
+                    f"\n{key} sweep: {sweep.ended - sweep.started:.1f} s (from "
+                    f"{sweep.started - sweep.t0:.1f} s into the load), "
+                    f"deleted {sweep.result.get('deleted', 0):,} segments"
+                )
+            res["sweep"] = {
+                "seconds": round(sweep.ended - sweep.started, 2),
+                "deleted": sweep.result.get("deleted"),
+                "error": sweep.error,
+            }
+            results[key] = res
         rss = {name: procs.peak_rss(name) for name in ("daemon", "web")}
         print(
             f"peak RSS: daemon {rss['daemon'] / 2**20:.0f} MB, console {rss['web'] / 2**20:.0f} MB"
