@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -109,12 +108,10 @@ class Workflow:
             yield
             return
         self._local.rules = {}
-        self._local.judged = {}
         try:
             yield
         finally:
             self._local.rules = None
-            self._local.judged = None
 
     def rules(self, site: str) -> access.AccessRules:
         """The approval rules of ``site`` under the config in force."""
@@ -154,15 +151,7 @@ class Workflow:
         (``extra``: the request's stored extras, when already read)."""
         record = (self.store.extra(r.id) if extra is None else extra).get("judged_by")
         if record:
-            # within memo(): each record read once, though status judges a request 4 times
-            memo: dict[str, access.AccessRules] | None = getattr(self._local, "judged", None)
-            if memo is None:
-                return rules_from_record(record)
-            key = json.dumps(record, sort_keys=True)
-            got = memo.get(key)
-            if got is None:
-                got = memo[key] = rules_from_record(record)
-            return got
+            return rules_from_record(record)
         return self.rules(r.site)
 
     def rules_of(self, r: access.Request) -> access.AccessRules:
