@@ -256,6 +256,32 @@ class Workflow:
                 out["resolved"] = r.resolved
         return out
 
+    def request_brief(
+        self,
+        r: access.Request,
+        approvals: list[access.Approval],
+        extra: dict[str, Any],
+        now: float,
+    ) -> dict[str, Any]:
+        """What ``status`` lists of a request: its id and up-to-date state, and, judged as
+        ``request_json`` judges them, its open steps, deadline, validity and violation."""
+        if r.site not in self.config.sites:
+            return {"id": r.id, "state": r.state, "open_steps": []}  # no rules to judge by
+        tz = self.config.site_tz(r.site)
+        rules = self._judged(r, extra)
+        state = access.state_of(r, approvals, now, rules)
+        out: dict[str, Any] = {
+            "id": r.id,
+            "state": state,
+            "open_steps": list(access.open_steps(r, approvals, rules)),
+        }
+        if state == "pending":
+            out["decide_by"] = iso(access.decide_deadline(r.created, rules), tz)
+        until = access.valid_until(r, approvals, rules)
+        out["valid_until"] = iso(until, tz) if until else None
+        out["violation"] = access.emergency_violation(r, approvals, now, rules)
+        return out
+
     # ---- requests ------------------------------------------------------------------------------
     def new(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """File a request; its footage is held from now on (audited)."""
@@ -571,8 +597,9 @@ class Workflow:
 
     def overview(self, caller: Caller | None) -> tuple[dict[str, int], _Views]:
         """Requests per state (every request), and the ones that may still need someone — open
-        (pending, approved) or exported in an emergency — as ``request show`` prints them, those
-        ``caller`` may see only (None: all). For ``status``, after ``refresh``."""
+        (pending, approved) or exported in an emergency — with what ``status`` lists of them
+        (``request_brief``), those ``caller`` may see only (None: all). For ``status``, after
+        ``refresh``."""
         with self.memo():
             now = self.now()
             actor = None if caller is None else self.actor(caller)
@@ -582,7 +609,7 @@ class Workflow:
             views = []
             for r, extra in rows:
                 approvals = apps[r.id]
-                view = self.request_json(r, approvals, extra, now)
+                view = self.request_brief(r, approvals, extra, now)
                 if r.state in OPEN:  # a final state was counted as stored
                     by_state[view["state"]] = by_state.get(view["state"], 0) + 1
                 if actor is not None and not actor.roles & access.SEE_ALL_ROLES:

@@ -452,3 +452,46 @@ def test_a_small_bulk_load_checkpoints_at_its_commit(tmp_path: Path) -> None:
     busy, _, _ = cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     assert busy == 0 and cat.count() == 300
     cat.close()
+
+
+def test_site_stats_follow_every_change_without_reading_the_rows(
+    cat: Catalog, tmp_path: Path
+) -> None:
+    def truth() -> dict[str, tuple[int, int, float | None, float | None]]:
+        out = {}
+        for site in ("gate", "dock"):
+            row = cat.conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0), min(start), max(start) "
+                "FROM segments WHERE site = ?",
+                (site,),
+            ).fetchone()
+            out[site] = (int(row[0]), int(row[1]), row[2], row[3])
+        return out
+
+    def stats() -> dict[str, tuple[int, int, float | None, float | None]]:
+        return {site: cat.site_stats(site) for site in ("gate", "dock")}
+
+    r = {"gate": rules("gate"), "dock": rules("dock")}
+    assert stats() == {"gate": (0, 0, None, None), "dock": (0, 0, None, None)}
+    cat.upsert_segments(
+        [seg(f"a{i}", NOW - i * 60, camera=f"cam{i % 3}", size=10 + i) for i in range(30)], r
+    )
+    assert stats() == truth() and stats()["gate"][:2] == (30, sum(10 + i for i in range(30)))
+    cat.upsert_segments([seg("a3", NOW - 180, camera="cam0", size=500)], r)  # resized
+    cat.upsert_segments([seg(f"d{i}", NOW + i, site="dock", size=7) for i in range(5)], r)
+    gone = [seg("a0", 0, camera="cam0").path, seg("a29", 0, camera="cam2").path]
+    assert cat.remove_paths([*gone, b"/not/there.mp4"]) == 2  # rows, not trigger changes
+    assert stats() == truth()
+    assert cat.site_totals() == {s: (n, b, lo) for s, (n, b, lo, _) in truth().items()}
+    assert cat.bytes_by_site() == {s: b for s, (_, b, _, _) in truth().items()}
+    with pytest.raises(RuntimeError), cat.transaction() as c:  # rolled back: so are the totals
+        c.execute("DELETE FROM segments WHERE site = 'dock'")
+        raise RuntimeError
+    assert stats() == truth() and stats()["dock"][0] == 5
+    other = sqlite3.connect(tmp_path / "catalog.db")  # another connection: counted again
+    other.execute("DELETE FROM segments WHERE site = 'gate' AND camera = 'cam1'")
+    other.commit()
+    other.close()
+    assert stats() == truth() and stats()["gate"][0] == 18
+    cat.move_camera_under(b"/rec/gate", "cam2", "gate", "dock")
+    assert stats() == truth() and stats()["dock"][0] == 14
