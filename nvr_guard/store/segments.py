@@ -406,10 +406,9 @@ class SegmentStore(Database):
         """Forget the segments of these paths; returns how many rows went."""
         ordered = sorted(set(paths))
         with self.transaction() as c:
-            # rowcount: the rows the statements deleted (total_changes would also count what
-            # the site-totals triggers changed)
-            cur = c.executemany("DELETE FROM segments WHERE path = ?", ((p,) for p in ordered))
-            return max(0, int(cur.rowcount))
+            before = c.total_changes
+            c.executemany("DELETE FROM segments WHERE path = ?", ((p,) for p in ordered))
+            return c.total_changes - before
 
     def remove_segments(self, segments: Iterable[Segment]) -> int:
         """Forget these segments (a purge deleted their files): by row id where the segment
