@@ -154,7 +154,6 @@ class Database:
         self.path = Path(path)
         self.lock = threading.RLock()
         self._closed = False
-        self.read_only = read_only
         if read_only:
             self.conn = sqlite3.connect(
                 f"{self.path.resolve().as_uri()}?mode=ro",

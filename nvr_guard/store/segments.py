@@ -111,23 +111,6 @@ _UPSERT = (
 # shared, the load of a million rows is about 0.6 s cheaper (measured).
 _CHUNK = 64
 _ROW_PARAMS = "(?, ?, ?, ?, ?, ?, ?, ?)"
-# per-site totals of this connection's segments (Catalog._totals): a temporary table and
-# temporary triggers, so nothing of them is stored in the database file or seen by another
-# connection; an upsert that updates a row fires the UPDATE trigger
-_SITE_TOTALS = (
-    "CREATE TEMP TABLE IF NOT EXISTS site_totals "
-    "(site TEXT PRIMARY KEY, n INTEGER NOT NULL, bytes INTEGER NOT NULL)",
-    "CREATE TEMP TRIGGER IF NOT EXISTS site_totals_insert AFTER INSERT ON main.segments BEGIN "
-    "INSERT INTO site_totals (site, n, bytes) VALUES (NEW.site, 1, NEW.size) "
-    "ON CONFLICT (site) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes; END",
-    "CREATE TEMP TRIGGER IF NOT EXISTS site_totals_delete AFTER DELETE ON main.segments BEGIN "
-    "UPDATE site_totals SET n = n - 1, bytes = bytes - OLD.size WHERE site = OLD.site; END",
-    "CREATE TEMP TRIGGER IF NOT EXISTS site_totals_update AFTER UPDATE OF site, size "
-    "ON main.segments BEGIN "
-    "UPDATE site_totals SET n = n - 1, bytes = bytes - OLD.size WHERE site = OLD.site; "
-    "INSERT INTO site_totals (site, n, bytes) VALUES (NEW.site, 1, NEW.size) "
-    "ON CONFLICT (site) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes; END",
-)
 _INSERT_CHUNK = _INSERT.replace(_ROW_PARAMS, ", ".join([_ROW_PARAMS] * _CHUNK))
 _UPSERT_CHUNK = _UPSERT.replace(_ROW_PARAMS, ", ".join([_ROW_PARAMS] * _CHUNK))
 
@@ -235,8 +218,6 @@ class SegmentStore(Database):
     expiry: ExpiryFactory | None = None
     # threads checkpointing the WAL after a bulk load (close waits for them)
     _checkpointers: list[threading.Thread] = []  # noqa: RUF012 - replaced, never mutated
-    # PRAGMA data_version when the per-site totals were last counted (None: not yet)
-    _totals_version: int | None = None
 
     def _expiry_factory(self) -> ExpiryFactory:
         # checked by every method that writes expiries, whatever the rules, so that a catalog
@@ -670,7 +651,9 @@ class SegmentStore(Database):
 
     def bytes_by_site(self) -> dict[str, int]:
         """site -> bytes of its catalogued segments."""
-        return {site: b for site, (_, b) in self._totals().items()}
+        with self.lock:
+            cur = self.conn.execute("SELECT site, sum(size) FROM segments GROUP BY site")
+            return {str(s): int(b or 0) for s, b in cur}
 
     def has_camera(self, site: str, camera: str) -> bool:
         """Whether the site has footage of the camera (one index seek)."""
@@ -886,65 +869,21 @@ class SegmentStore(Database):
             ).fetchone()
         return row is not None
 
-    def _totals(self) -> dict[str, tuple[int, int]]:
-        """site -> (segments, bytes), kept by temporary triggers of this connection.
-
-        Summing a million rows' sizes reads every row (0.4 s); the triggers add each insert,
-        update and delete of this connection to a per-site total instead, in the same
-        transaction (a rollback takes it back too). They see only this connection: when
-        another one has committed since (``PRAGMA data_version``), the totals are counted
-        again from the rows."""
-        with self.lock:
-            if self.read_only:  # a reader changes nothing, not even a temporary table
-                rows = self.conn.execute(
-                    "SELECT site, count(*), coalesce(sum(size), 0) FROM segments GROUP BY site"
-                ).fetchall()
-                return {str(site): (int(n), int(b)) for site, n, b in rows}
-            version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-            if self._totals_version != version:
-                with self.transaction() as c:
-                    for stmt in _SITE_TOTALS:
-                        c.execute(stmt)
-                    c.execute("DELETE FROM temp.site_totals")
-                    c.execute(
-                        "INSERT INTO temp.site_totals (site, n, bytes) "
-                        "SELECT site, count(*), coalesce(sum(size), 0) FROM segments "
-                        "GROUP BY site"
-                    )
-                self._totals_version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-            rows = self.conn.execute(
-                "SELECT site, n, bytes FROM temp.site_totals WHERE n > 0"
-            ).fetchall()
-        return {str(site): (int(n), int(b)) for site, n, b in rows}
-
-    def _start_span(self, site: str) -> tuple[float | None, float | None]:
-        """(oldest, newest start) of a site: two seeks per camera of the (site, camera, start)
-        index instead of reading every entry."""
-        lo: float | None = None
-        hi: float | None = None
-        with self.lock:
-            for _, camera in self.cameras(site):
-                a, b = self.conn.execute(
-                    "SELECT (SELECT min(start) FROM segments WHERE site = ?1 AND camera = ?2), "
-                    "(SELECT max(start) FROM segments WHERE site = ?1 AND camera = ?2)",
-                    (site, camera),
-                ).fetchone()
-                if a is not None and (lo is None or a < lo):
-                    lo = a
-                if b is not None and (hi is None or b > hi):
-                    hi = b
-        return lo, hi
-
     def site_stats(self, site: str) -> tuple[int, int, float | None, float | None]:
-        """(segments, bytes, oldest start, newest start) of a site, without reading its rows."""
+        """(segments, bytes, oldest start, newest start) of a site, in one pass over its rows."""
         with self.lock:
-            count, size = self._totals().get(site, (0, 0))
-            oldest, newest = self._start_span(site) if count else (None, None)
-        return count, size, oldest, newest
+            count, size, oldest, newest = self.conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0), min(start), max(start) "
+                "FROM segments WHERE site = ?",
+                (site,),
+            ).fetchone()
+        return int(count), int(size), oldest, newest
 
     def site_totals(self) -> dict[str, tuple[int, int, float | None]]:
-        """site -> (segments, bytes, oldest start) of every site with rows."""
+        """site -> (segments, bytes, oldest start) of every site with rows, in one pass."""
         with self.lock:
-            return {
-                site: (n, b, self._start_span(site)[0]) for site, (n, b) in self._totals().items()
-            }
+            rows = self.conn.execute(
+                "SELECT site, count(*), coalesce(sum(size), 0), min(start) "
+                "FROM segments GROUP BY site"
+            ).fetchall()
+        return {str(r[0]): (int(r[1]), int(r[2]), r[3]) for r in rows}
