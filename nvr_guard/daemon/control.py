@@ -407,8 +407,8 @@ class ControlServer:
     ) -> None:
         self.path = Path(path)
         self.behalf = behalf
-        # peers besides root not held to max_per_uid: the web console's accounts, which bound
-        # their own concurrency and serve many people each
+        # peers besides root held to a third of max_connections instead of max_per_uid: the web
+        # console's accounts, which serve many people each
         self.exempt = exempt
         self.group = group
         self.handler = handler
@@ -767,11 +767,15 @@ class ControlServer:
                 return
         with self._lock:
             held = self._per_uid.get(caller.uid, 0)
-            over = (
-                caller.uid != 0
-                and held >= self.max_per_uid
-                and not (self.exempt is not None and self.exempt(caller))
+            # the console's accounts serve many people: a third of all slots each, not the
+            # per-uid limit; never all of them (calls they gave up on may still be waiting in
+            # the daemon, and the CLI's users must still get in)
+            limit = (
+                max(self.max_per_uid, self.max_connections // 3)
+                if self.exempt is not None and self.exempt(caller)
+                else self.max_per_uid
             )
+            over = caller.uid != 0 and held >= limit
             if not over:
                 self._per_uid[caller.uid] = held + 1
         if over:
@@ -779,7 +783,7 @@ class ControlServer:
                 conn,
                 caller,
                 1,
-                f"daemon busy: uid {caller.uid} already has {self.max_per_uid} control "
+                f"daemon busy: uid {caller.uid} already has {held} control "
                 f"connections open; close some and try again",
                 "DaemonUnavailable",
             )

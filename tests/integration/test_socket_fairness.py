@@ -328,3 +328,69 @@ def test_a_connect_and_close_flood_does_not_lock_role_holders_out(
     finally:
         for pid, rfd in floods:
             _report(pid, rfd)
+
+
+HOLDER = r"""
+import select, socket, sys, time
+socks = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    socks.append(s)
+# a refused connection gets its refusal (the accept loop answers it at once, then lingers
+# over it briefly); an admitted one hears nothing until it sends a request
+refused = set()
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    ready, _, _ = select.select([s for s in socks if s not in refused], [], [], 0.2)
+    for s in ready:
+        if s.recv(65536):
+            refused.add(s)
+print(len(socks) - len(refused), len(refused), flush=True)
+sys.stdin.read()  # hold the admitted connections until told
+"""
+
+
+def test_the_consoles_accounts_get_a_third_of_the_slots_not_all(users: dict[str, int]) -> None:
+    """The web console's accounts serve many people: more than the per-uid limit, but never
+    every slot (calls they gave up on may still wait in the daemon; the CLI must get in)."""
+    import shutil
+
+    from nvr_guard.daemon.control import ControlServer
+
+    base = Path(tempfile.mkdtemp(prefix="nvrg-third-"))  # reachable by the test's users
+    os.chmod(base, 0o755)
+    path = base / "c.sock"
+    console_uid = users[OPERATOR]
+    server = ControlServer(
+        path,
+        None,
+        lambda caller, cmd, args: {},
+        max_connections=30,
+        max_per_uid=2,
+        read_timeout=120,  # admitted connections stay while the test counts
+        exempt=lambda caller: caller.uid == console_uid,
+    )
+    server.start()
+    os.chmod(path, 0o666)
+    procs = []
+    try:
+        got = {}
+        for name, n in ((OPERATOR, 14), (ACTOR, 5)):
+            p = subprocess.Popen(
+                [sys.executable, "-c", HOLDER, str(path), str(n)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                user=users[name],
+            )
+            procs.append(p)
+            assert p.stdout is not None
+            got[name] = tuple(int(x) for x in p.stdout.readline().split())
+        assert got[OPERATOR] == (10, 4)  # 30 // 3 admitted, the rest refused at once
+        assert got[ACTOR] == (2, 3)  # everyone else: the per-uid limit
+    finally:
+        for p in procs:
+            p.communicate("", timeout=10)
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
