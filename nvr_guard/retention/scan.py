@@ -54,7 +54,8 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import itemgetter
 
@@ -631,7 +632,9 @@ class Scanner:
         # longest first: the most specific root wins (config refuses overlaps anyway)
         self._roots = sorted(self._walker.items(), key=lambda rs: len(rs[0]), reverse=True)
         self._classifiers: dict[tuple[str, bytes], _Classifier] = {}
-        self._lock = threading.Lock()  # one reconcile / incremental / hint at a time
+        # one reconcile / incremental / hint at a time; always taken after the catalog's lock
+        # (see _exclusive), never before it
+        self._lock = threading.Lock()
         # what the admin must see; a private registry when none is shared (tests, tools)
         self.attention = attention if attention is not None else Attention()
         # (site, root) -> (count, example paths) of segment files the layout does not match,
@@ -727,6 +730,16 @@ class Scanner:
                 return False
         return True
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The catalog's lock, then the scanner's own: in that order on every path. The
+        sweeper calls in holding the catalog's (the engine's) lock already while the watcher's
+        worker calls :meth:`hint` without it; taking the scanner's lock first there, then the
+        catalog's for the rows, deadlocked against an incremental pass holding them the other
+        way round (every job and every command stuck behind the engine lock)."""
+        with self.catalog.lock, self._lock:
+            yield
+
     def reassign(self) -> set[str]:
         """Give the catalogued rows of each root split by cameras to the site that claims their
         camera now (a reload moved a camera to another site); rows of a camera no site claims
@@ -737,7 +750,7 @@ class Scanner:
         split = [(root, w) for root, w in self._roots if self._claims(root) is not None]
         if not split:
             return changed
-        with self._lock:
+        with self._exclusive():
             pairs = self.catalog.cameras()  # (site, camera): one index walk
             for root, w in split:
                 cls = self._classifier(w, root)
@@ -779,7 +792,7 @@ class Scanner:
         """Walk the roots (of one site or all) and make the catalog match them."""
         t0, cpu0 = time.perf_counter(), time.process_time()
         total = ReconcileStats()
-        with self._lock, gc_paused():  # a million rows of tuples: see gc_paused
+        with self._exclusive(), gc_paused():  # a million rows of tuples: see gc_paused
             if site is None:
                 total.removed += self.catalog.remove_sites_except(s.site for s in self.sites)
                 self.catalog.forget_root_fs_except(r for r, _ in self._roots)
@@ -838,7 +851,7 @@ class Scanner:
                 f"{show_path(want)} is not a root of site {site}; its roots: "
                 f"{', '.join(show_path(_norm(r)) for r in s.roots)}"
             )
-        with self._lock:
+        with self._exclusive():
             kind = self._unhealthy.get(want)
             if kind is None:
                 raise ValueError(
@@ -1292,7 +1305,7 @@ class Scanner:
         """Re-list only directories whose mtime changed since they were last listed."""
         t0 = time.perf_counter()
         total = ReconcileStats()
-        with self._lock:
+        with self._exclusive():
             done: set[bytes] = set()  # roots looked at (a shared root once)
             dirs: dict[str, dict[bytes, int]] = {}  # per walking site, its directories
             for s in self._selected(site):
@@ -1480,7 +1493,7 @@ class Scanner:
             return "ignored"
         s, root = found
         cls = self._classifier(s, root)
-        with self._lock:
+        with self._exclusive():
             if root in self._unhealthy:
                 return "ignored"  # out of service: rows kept as they are until it is back
             try:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -275,6 +277,63 @@ def test_hint_adds_refreshes_and_removes(cat: Catalog, root: Path, tmp_path: Pat
     d = touch(root, "gate/2026-11-21/00/00.00.mp4")
     assert scanner.hint(os.path.dirname(os.path.dirname(d))) == "walked"
     assert set(catalogued(cat)) == {d}
+
+
+class _WaitedOn:
+    """The catalog's lock, telling when a thread has to wait for it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.contended = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self.inner.acquire(blocking=False):
+            return True
+        self.contended.set()
+        return bool(self.inner.acquire(blocking, timeout))
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def test_a_hint_beside_an_incremental_pass_does_not_deadlock(root: Path, tmp_path: Path) -> None:
+    # the daemon's watcher calls hint() on its own thread while the scheduler's incremental pass
+    # holds the engine's (the catalog's) lock and then wants the scanner's: a hint that took the
+    # scanner's lock first and then waited for the catalog's stopped both for good. Its own
+    # catalog, closed only when both threads are done (a deadlocked one would hang the close)
+    (tmp_path / "own").mkdir()
+    cat = Catalog(tmp_path / "own" / "catalog.db", expiry=ExpiryCalc)
+    lay = "{camera}/%Y-%m-%d/%H/%M.%S.mp4"
+    scanner = Scanner(cat, [site(root, lay)], workers=1)
+    touch(root, "gate/2026-11-20/14/05.07.mp4")
+    scanner.reconcile()
+    new = touch(root, "gate/2026-11-21/00/00.00.mp4")
+    watched = _WaitedOn(cat.lock)
+    cat.lock = watched  # type: ignore[assignment]
+    passes: list[object] = []
+
+    def incremental_job() -> None:
+        with watched:  # as Sweeper.reconcile: the engine lock first
+            hinting.start()
+            assert watched.contended.wait(10), "the hint never asked for the catalog's lock"
+            passes.append(scanner.incremental())
+
+    hinting = threading.Thread(target=scanner.hint, args=(new,), daemon=True)
+    job = threading.Thread(target=incremental_job, daemon=True)
+    job.start()
+    job.join(20)
+    hinting.join(20)
+    assert passes and not job.is_alive() and not hinting.is_alive(), (
+        "the incremental pass and the hint wait on each other's lock"
+    )
+    assert new in catalogued(cat)
+    cat.close()
 
 
 @pytest.mark.slow
