@@ -358,6 +358,7 @@ class Daemon:
         sched.add_job(self._job_disk, "interval", seconds=60, id="disk")
         sched.add_job(self._job_requests, "interval", seconds=60, id="requests", next_run_time=now)
         sched.add_job(self._job_incremental, "interval", seconds=10, id="incremental")
+        sched.add_job(self._job_audit, "interval", seconds=30, id="audit", next_run_time=now)
         sched.start()
         self.scheduler = sched
 
@@ -439,6 +440,20 @@ class Daemon:
         assert engine is not None
         self._guarded("requests", lambda: engine.workflow.refresh())
         self._update_metrics()
+
+    def _job_audit(self) -> None:
+        # the whole chain before status would have to walk it itself (ChainWatch.full_every)
+        engine = self.engine
+        assert engine is not None
+
+        def run() -> None:
+            age = engine.chain.full_age()
+            if age is None or not 0 <= age < engine.chain.full_every - 60:
+                report = engine.chain.check(full=True)
+                if not report.ok:
+                    log.error("audit chain check failed: %s", report.problem)
+
+        self._guarded("audit", run)
 
     def _job_disk(self) -> None:
         assert self.engine is not None

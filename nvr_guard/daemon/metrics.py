@@ -197,7 +197,7 @@ class EngineCollector(Collector):
         snap.exports, snap.exports_failed = self._exports, self._exports_failed
         mono = time.monotonic()
         if self._verified_at is None or mono - self._verified_at >= self.verify_every:
-            report = audit.verify()
+            report = self.engine.chain.check(full=True)  # status reuses this walk
             self._audit_ok = report.ok
             self._verified_at = mono
             self._verified_wall = snap.time

@@ -728,16 +728,55 @@ class AuditLog:
         with self.lock:
             return self._verify()
 
-    def _verify(self) -> VerifyReport:
-        expected_seq = 1
-        prev = GENESIS
-        count = 0
+    def verify_after(self, seq: int, h: str) -> VerifyReport:
+        """Verify only what an earlier verification that ended at ``(seq, h)`` has not seen:
+        that entry is still there with its hash, the entries after it chain on from it, no
+        sequence number is missing (count against the newest), the head file anchors the
+        log and the append-only triggers stand. An entry before ``seq`` rewritten with its
+        hash recomputed is seen only by the full walk (``verify``)."""
+        with self.lock:
+            if seq <= 0:
+                return self._verify()
+            row = self.conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+            if row is None or row[0] != h:
+                return VerifyReport(
+                    ok=False,
+                    count=self._count(),
+                    first_bad=seq,
+                    problem=(
+                        f"entry {seq} was removed or altered since it was last verified "
+                        "(its hash is not the one verified)"
+                    ),
+                    head=self.head(),
+                )
+            total, last = self.conn.execute("SELECT count(*), max(seq) FROM audit").fetchone()
+            report = self._verify(start=(seq, h))
+            if report.ok and int(total) != int(last or 0):
+                return dataclasses.replace(
+                    report,
+                    ok=False,
+                    count=int(total),
+                    first_bad=None,
+                    problem=(
+                        f"{int(last) - int(total)} entries missing (deleted): the log holds "
+                        f"{int(total)} entries numbered up to {int(last)}"
+                    ),
+                )
+            return dataclasses.replace(report, count=int(total))
+
+    def _count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM audit").fetchone()[0])
+
+    def _verify(self, start: tuple[int, str] = (0, GENESIS)) -> VerifyReport:
+        expected_seq = start[0] + 1
+        prev = start[1]
+        count = start[0]
         first_bad: int | None = None
         problem = ""
         cur = self.conn.cursor()
         try:
             for seq, t, actor, action, obj, details, prev_col, h in cur.execute(
-                f"SELECT {_COLUMNS} FROM audit ORDER BY seq"
+                f"SELECT {_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq", (start[0],)
             ):
                 count += 1
                 if first_bad is not None:
@@ -811,6 +850,42 @@ class AuditLog:
         return missing_triggers(self.conn)
 
 
+class ChainWatch:
+    """The audit chain as ``status`` and the metrics report it, without walking all of it on
+    every call: each check verifies what was appended since the last one (``verify_after``),
+    and the whole chain is walked again whenever the last full walk is ``full_every`` seconds
+    old (the daemon's scheduler does it before then), at the first check, and while the last
+    check failed. ``audit verify`` always walks all of it."""
+
+    def __init__(
+        self, log: AuditLog, full_every: float = 300.0, now: Callable[[], float] = time.time
+    ) -> None:
+        self.log = log
+        self.full_every = full_every
+        self.now = now
+        self.full_at: float | None = None  # when the last full walk ran (``now``'s clock)
+        self._last: VerifyReport | None = None
+        self._lock = threading.Lock()
+
+    def full_age(self) -> float | None:
+        """Seconds since the last full walk (None: none yet)."""
+        return None if self.full_at is None else self.now() - self.full_at
+
+    def check(self, full: bool = False) -> VerifyReport:
+        """Verify the entries appended since the last check, or the whole chain when asked,
+        when the last full walk is ``full_every`` old (or in the future), or after a failure."""
+        with self._lock:
+            age = self.full_age()
+            last = self._last
+            if full or last is None or not last.ok or age is None or not 0 <= age < self.full_every:
+                report = self.log.verify()
+                self.full_at = self.now()
+            else:
+                report = self.log.verify_after(*last.head)
+            self._last = report
+            return report
+
+
 @contextlib.contextmanager
 def _full_sync(conn: sqlite3.Connection) -> Iterator[None]:
     """Run the body with ``PRAGMA synchronous=FULL`` and restore the previous level after."""
@@ -853,6 +928,7 @@ __all__ = [
     "AuditEntry",
     "AuditHeadMismatch",
     "AuditLog",
+    "ChainWatch",
     "VerifyReport",
     "canonical_json",
     "ensure_schema",

@@ -813,3 +813,50 @@ def test_concurrent_callers_lose_no_audit_entry(
     assert len(denied) + suppressed == refusals, (len(denied), suppressed)
     assert len(denied) <= 2 * 20  # rate-limited: the flood did not flood the log
     assert site.run("audit", "verify").returncode == 0
+
+
+def test_status_reports_an_old_entry_rewritten_within_the_full_verification_interval(
+    site: Site,
+) -> None:
+    # status verifies the entries appended since its last call, and walks the whole chain
+    # when the last walk is AUDIT_FULL_EVERY old: an old entry rewritten behind the daemon's
+    # back (triggers dropped and put back) is reported by then
+    from nvr_guard.config import load_config
+    from nvr_guard.engine import AUDIT_FULL_EVERY, Engine
+    from nvr_guard.model import ClockReading
+
+    t = [datetime.now(UTC).timestamp()]
+    engine = Engine(load_config(site.config), clock=lambda: ClockReading(t[0], 1000.0, "boot"))
+    try:
+        for i in range(4):
+            engine.audit.append("root", "hold.add", f"hold:{i}", {"i": i})
+        st = engine.status()
+        assert st["ok"] is True and st["audit"]["ok"] is True
+        walked = st["audit"]["verified_full"]
+        assert walked is not None and st["audit"]["full_every"] == AUDIT_FULL_EVERY
+        conn = sqlite3.connect(site.state / "catalog.db")
+        trigger = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'audit_no_update'"
+        ).fetchone()[0]
+        conn.execute("DROP TRIGGER audit_no_update")
+        conn.execute("""UPDATE audit SET details = '{"i":99}' WHERE seq = 2""")
+        conn.execute(trigger)
+        conn.commit()
+        conn.close()
+        start = t[0]
+        seen = None
+        while t[0] - start <= AUDIT_FULL_EVERY:  # the deadline: one interval of its clock
+            engine.audit.append("root", "hold.add", "hold:next", {})
+            st = engine.status()
+            if not st["audit"]["ok"]:
+                seen = t[0] - start
+                break
+            assert st["audit"]["verified_full"] == walked  # no walk before it is due
+            t[0] += 30.0
+        assert seen is not None, "status never reported the rewritten entry"
+        assert st["ok"] is False
+        assert st["audit"]["problem"] == "entry 2 was altered (content does not match its hash)"
+        assert st["audit"]["verified_full"] != walked
+        assert site.run("audit", "verify").returncode == 4  # audit verify: always the walk
+    finally:
+        engine.catalog.close()

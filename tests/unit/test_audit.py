@@ -15,6 +15,7 @@ import pytest
 from nvr_guard.store.audit import (
     GENESIS,
     AuditLog,
+    ChainWatch,
     canonical_json,
     ensure_schema,
     entry_hash,
@@ -206,6 +207,75 @@ def test_verify_names_the_first_bad_entry(
     # the next start (catalog migrations) puts the triggers back; the chain still tells
     rep = AuditLog(connect(path)).verify()
     assert (rep.ok, rep.first_bad, rep.warnings) == (False, first_bad, ())
+
+
+@pytest.mark.parametrize(
+    ("tamper", "first_bad", "at_once"),
+    [
+        (_edit_details, 5, False),
+        (_edit_time, 5, False),
+        (_delete_middle, None, True),  # count against the newest number: seen at once
+        (_delete_and_renumber, 5, True),  # one entry fewer: the head file
+        (_swap, 3, False),
+        (_truncate_tail, 8, True),  # the head file
+        (_delete_first, None, True),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_chain_watch_reports_an_old_entry_tampered_by_the_next_full_walk(
+    tmp_path: Path,
+    tamper: Callable[[sqlite3.Connection], None],
+    first_bad: int | None,
+    at_once: bool,
+) -> None:
+    path = tmp_path / "catalog.db"
+    log = AuditLog(connect(path), clock=Clock())
+    fill(log, 10)
+    now = [1000.0]
+    watch = ChainWatch(log, full_every=300.0, now=lambda: now[0])
+    assert watch.check().ok and watch.full_at == 1000.0  # the first check walks everything
+    evil = sqlite3.connect(path, isolation_level=None)
+    _drop_triggers(evil)
+    evil.execute("BEGIN")
+    tamper(evil)
+    evil.execute("COMMIT")
+    evil.close()
+    connect(path).close()  # the triggers back: only the chain tells
+    if not at_once:
+        fill(log, 2)  # appended after the tampering: verified as they come
+    now[0] += 299.0
+    rep = watch.check()
+    assert rep.ok is not at_once  # between full walks only new entries (and deletions)
+    assert watch.full_at == 1000.0  # no walk: entries since the last check, count, head file
+    now[0] += 1.0
+    rep = watch.check()
+    assert not rep.ok and watch.full_at == 1300.0
+    full = AuditLog(sqlite3.connect(path)).verify()
+    assert (rep.first_bad, rep.problem) == (full.first_bad, full.problem)
+    if first_bad is not None:
+        assert rep.first_bad == first_bad
+
+
+def test_chain_watch_checks_each_new_entry(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.db"
+    log = AuditLog(connect(path), clock=Clock())
+    fill(log, 4)
+    watch = ChainWatch(log, full_every=300.0, now=lambda: 1000.0)
+    assert watch.check().ok
+    fill(log, 3)
+    rep = watch.check()
+    assert rep.ok and rep.count == 7 and rep.head == log.head()
+    # the newest entry rewritten with its hash recomputed: not the entry last verified
+    _drop_triggers(log.conn)
+    seq, t, actor, action, obj, prev = log.conn.execute(
+        "SELECT seq, time, actor, action, object, prev FROM audit WHERE seq = 7"
+    ).fetchone()
+    h = entry_hash(seq, t, actor, action, obj, '{"x":1}', prev)
+    log.conn.execute("UPDATE audit SET details = '{\"x\":1}', hash = ? WHERE seq = 7", (h,))
+    log.conn.commit()
+    rep = watch.check()
+    assert not rep.ok and rep.first_bad == 7 and "since it was last verified" in rep.problem
+    assert watch.full_at == 1000.0  # seen without walking the chain
 
 
 def test_rewritten_chain_is_caught_by_the_head_file(tmp_path: Path) -> None:
