@@ -125,7 +125,8 @@ def print_status(st: dict[str, Any]) -> None:
     a = st["audit"]
     say(
         f"audit: {a['entries']:,} entries, chain "
-        + ("intact" if a["ok"] else f"BROKEN: {a['problem']}"),
+        + ("intact" if a["ok"] else f"BROKEN: {a['problem']}")
+        + (f" (whole chain walked {at(a['verified_full'])})" if a.get("verified_full") else ""),
         "" if a["ok"] else "red",
     )
     key = st.get("export_key") or {}
