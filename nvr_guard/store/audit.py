@@ -865,7 +865,6 @@ class ChainWatch:
         self.now = now
         self.full_at: float | None = None  # when the last full walk ran (``now``'s clock)
         self._last: VerifyReport | None = None
-        self._lock = threading.Lock()
 
     def full_age(self) -> float | None:
         """Seconds since the last full walk (None: none yet)."""
@@ -874,7 +873,9 @@ class ChainWatch:
     def check(self, full: bool = False) -> VerifyReport:
         """Verify the entries appended since the last check, or the whole chain when asked,
         when the last full walk is ``full_every`` old (or in the future), or after a failure."""
-        with self._lock:
+        # the log's own lock, and no other: status calls in holding it (the engine lock), the
+        # daemon's audit job without it; a second lock taken first here deadlocked the two
+        with self.log.lock:
             age = self.full_age()
             last = self._last
             if full or last is None or not last.ok or age is None or not 0 <= age < self.full_every:

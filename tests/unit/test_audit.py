@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from nvr_guard.store.audit import (
     entry_hash,
     read_head_file,
 )
+from tests.fixtures.locks import ContendedLock
 
 
 def connect(path: Path | str, isolation_level: str | None = "") -> sqlite3.Connection:
@@ -254,6 +256,34 @@ def test_chain_watch_reports_an_old_entry_tampered_by_the_next_full_walk(
     assert (rep.first_bad, rep.problem) == (full.first_bad, full.problem)
     if first_bad is not None:
         assert rep.first_bad == first_bad
+
+
+def test_a_full_check_beside_a_status_check_does_not_deadlock(tmp_path: Path) -> None:
+    # the daemon's audit job checks the whole chain without the engine lock while a status
+    # holds it (the log's lock) and checks the new entries: a check that took a lock of its own
+    # first and then waited for the log's stopped both for good
+    conn = sqlite3.connect(tmp_path / "catalog.db", check_same_thread=False)
+    ensure_schema(conn)
+    log = AuditLog(conn, clock=Clock())
+    fill(log, 4)
+    watch = ChainWatch(log, full_every=300.0, now=lambda: 1000.0)
+    assert watch.check().ok
+    watched = ContendedLock(log.lock)
+    log.lock = watched  # type: ignore[assignment]
+    reports: list[bool] = []
+
+    def status() -> None:
+        with watched:
+            job.start()
+            assert watched.contended.wait(10), "the full check never asked for the log's lock"
+            reports.append(watch.check().ok)
+
+    job = threading.Thread(target=lambda: reports.append(watch.check(full=True).ok), daemon=True)
+    holder = threading.Thread(target=status, daemon=True)
+    holder.start()
+    holder.join(20)
+    job.join(20)
+    assert reports == [True, True], "the full check and the status check wait on each other"
 
 
 def test_chain_watch_checks_each_new_entry(tmp_path: Path) -> None:

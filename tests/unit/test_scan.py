@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -22,6 +21,7 @@ from nvr_guard.retention.scan import Scanner, SiteScan
 from nvr_guard.retention.watch import Watcher
 from nvr_guard.store.catalog import Catalog
 from nvr_guard.text import Duration
+from tests.fixtures.locks import ContendedLock
 
 SH = ZoneInfo("Asia/Shanghai")
 UTC = ZoneInfo("UTC")
@@ -279,29 +279,6 @@ def test_hint_adds_refreshes_and_removes(cat: Catalog, root: Path, tmp_path: Pat
     assert set(catalogued(cat)) == {d}
 
 
-class _WaitedOn:
-    """The catalog's lock, telling when a thread has to wait for it."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.contended = threading.Event()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if self.inner.acquire(blocking=False):
-            return True
-        self.contended.set()
-        return bool(self.inner.acquire(blocking, timeout))
-
-    def release(self) -> None:
-        self.inner.release()
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
 def test_a_hint_beside_an_incremental_pass_does_not_deadlock(root: Path, tmp_path: Path) -> None:
     # the daemon's watcher calls hint() on its own thread while the scheduler's incremental pass
     # holds the engine's (the catalog's) lock and then wants the scanner's: a hint that took the
@@ -314,7 +291,7 @@ def test_a_hint_beside_an_incremental_pass_does_not_deadlock(root: Path, tmp_pat
     touch(root, "gate/2026-11-20/14/05.07.mp4")
     scanner.reconcile()
     new = touch(root, "gate/2026-11-21/00/00.00.mp4")
-    watched = _WaitedOn(cat.lock)
+    watched = ContendedLock(cat.lock)
     cat.lock = watched  # type: ignore[assignment]
     passes: list[object] = []
 
