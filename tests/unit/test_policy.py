@@ -675,3 +675,46 @@ def test_calendar_decision_near_transitions_is_exact(zone: str, now_text: str, k
     want = {s.path for s in segs if expiry(s.start, r) <= now}  # type: ignore[operator]
     assert got == want and want
     assert max(s.start for s in segs if s.path in want) <= cutoff
+
+
+_EDGES = [START + k * 1800.0 for k in range(-6, 7)] + [float("-inf"), float("inf")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    holds=st.lists(
+        st.tuples(
+            st.sampled_from(_EDGES),
+            st.sampled_from(_EDGES),
+            st.sampled_from([None, "cam-1", "cam-2"]),
+            st.sampled_from([None, NOW - 60, NOW + 60]),
+        ),
+        max_size=12,
+    ),
+    segs=st.lists(
+        st.tuples(
+            st.sampled_from([k * 900.0 for k in range(-12, 13)]),
+            st.sampled_from([0.0, 60.0, -7200.0, 30 * DAY]),  # mtime - start: ahead, far ahead
+            st.sampled_from(["cam-1", "cam-2"]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_the_hold_index_names_the_hold_a_walk_over_all_of_them_names(
+    holds: list[tuple[float, float, str | None, float | None]],
+    segs: list[tuple[float, float, str]],
+) -> None:
+    # the sweep looks a segment's holds up by the hours they hold; what it names (or that it
+    # names none) must be what comparing the segment with every hold in order would give
+    from nvr_guard.retention.policy import _HoldIndex
+
+    hs = [
+        _hold(id=i, start=a, end=b, camera=c, released=rel)
+        for i, (a, b, c, rel) in enumerate(holds)
+    ]
+    index = _HoldIndex(hs)
+    for off, ahead, cam in segs:
+        s = seg(START + off, camera=cam, mtime=START + off + ahead)
+        walked = next((h for h in hs if h.covers(s, NOW, 3600.0)), None)
+        assert index.first_covering(s, NOW, 3600.0) is walked
