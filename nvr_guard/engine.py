@@ -17,10 +17,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from nvr_guard.attention import AUDIT_HEAD, Attention
 from nvr_guard.auditview import AUDIT_ROLES, audit_row, audit_show_json, audit_verify_json
@@ -89,11 +90,16 @@ log = logging.getLogger("nvr_guard.engine")
 # O(entries): 0.5 s at 32,000); the entries appended in between are verified at every status
 AUDIT_FULL_EVERY = 300.0
 
-# status recomputes what it lists of requests and holds when anything is recorded (every change
-# of a request or a hold is), when the config changes, and otherwise when it is this many
-# seconds old (states that change by time alone: a deadline or a validity passing); 50 people
-# on the console ask for it many times a second, at 0.1-0.5 s each with thousands of requests
+# answers about requests and holds (status, request list, request show) are reused until a
+# request, approval or hold is written, the config changes, or they are this many seconds old
+# (states that change by time alone: a deadline or a validity passing); 50 people on the
+# console ask for them many times a second, at 0.1-0.5 s a status with thousands of requests
 STATUS_FRESH = 5.0
+READ_MEMO_SIZE = 4096  # answers kept at most (per person and arguments)
+# seconds a status waits for the engine lock before it answers with the last one it made
+STATUS_BUSY_WAIT = 0.5
+
+_T = TypeVar("_T")
 
 
 class Engine:
@@ -141,7 +147,10 @@ class Engine:
         self.holds = Holds(self.ctx, lambda caller, rids: self.workflow.may_view_many(caller, rids))
         self._workflow: Workflow | None = None
         # status' memos (under the engine lock): see STATUS_FRESH and _site_totals
-        self._status_memo: dict[tuple[Any, ...], tuple[tuple[float, float], _RequestsPart]] = {}
+        self._read_memo: dict[tuple[Any, ...], tuple[tuple[float, float], Any]] = {}
+        self._read_memo_lock = threading.Lock()  # taken last, around the dict only
+        self._last_status: dict[Any, dict[str, Any]] = {}  # per person (Actor; None: root)
+        self._busy: tuple[str, float] | None = None  # what holds the lock for long, since when
         self._totals_memo: tuple[tuple[Any, ...], dict[str, _SiteTotals]] | None = None
         self._notifications: Notifications | None = None
         self._media: MediaOps | None = None
@@ -338,7 +347,8 @@ class Engine:
     # ---- retention (nvr_guard.retention.sweeper) ---------------------------------------------
     def reconcile(self, full: bool = True) -> ReconcileStats:
         """Bring the catalog in step with the roots (full walk, or what changed)."""
-        return self.sweeper.reconcile(full)
+        with self._doing("a full rescan of the recordings" if full else "a rescan of what changed"):
+            return self.sweeper.reconcile(full)
 
     def report_clock_skew(self) -> None:
         """Cameras whose path times and file times disagree become attention entries."""
@@ -388,13 +398,17 @@ class Engine:
         confirm_of: int | None = None,
     ) -> SweepOutcome:
         """Plan and carry out one sweep (``dry_run``: only plan)."""
-        return self.sweeper.sweep(actor, now, dry_run, site, confirmed, confirm_of)
+        if dry_run:
+            return self.sweeper.sweep(actor, now, dry_run, site, confirmed, confirm_of)
+        with self._doing(f"a retention sweep (by {actor})"):
+            return self.sweeper.sweep(actor, now, dry_run, site, confirmed, confirm_of)
 
     def confirm(
         self, sweep_id: int, caller: Caller, now: ClockReading | None = None
     ) -> SweepOutcome:
         """Release a sweep stopped by a guard: delete what it held back (re-checked now)."""
-        return self.sweeper.confirm(sweep_id, caller, now)
+        with self._doing(f"the confirmed sweep {sweep_id} (by {caller.user})"):
+            return self.sweeper.confirm(sweep_id, caller, now)
 
     # ---- holds (nvr_guard.retention.holds) -------------------------------------------------
     def resolve_camera(self, camera: str, site: str | None = None) -> tuple[str, str]:
@@ -453,43 +467,99 @@ class Engine:
         self._totals_memo = (key, out)
         return out
 
-    def _requests_part(self, caller: Caller | None) -> _RequestsPart:
-        """What status lists of requests, holds and violations for ``caller``: see
-        STATUS_FRESH (the first status after a change computes it, the next ones reuse it)."""
-        actor = None if caller is None else self.workflow.actor(caller)
-        key = (id(self.config), self.audit.head()[0], actor)
-        # both clocks: the engine's may be set (a test, `--now`), and the wall clock may jump
+    def read_memo(self, key: tuple[Any, ...], compute: Callable[[], _T]) -> _T:
+        """``compute()``'s answer for ``key`` (a command, who asks, its arguments), reused while
+        no request, approval or hold was written since (``requests_generation``), the config is
+        the same, and for STATUS_FRESH seconds at most (states that change by time alone).
+
+        Looked up without the engine lock: people browsing the console are answered from it
+        while a sweep holds the lock for seconds, and nothing it answers about can change
+        meanwhile (every such write takes the lock, and moves the generation once it is done).
+        The generation is read before computing: a write that lands meanwhile files the answer
+        under a generation already gone, never new rows' answer under an old one."""
         at = (time.monotonic(), self.clock().wall)
-        hit = self._status_memo.get(key)
+        full = (id(self.config), self.catalog.requests_generation, *key)
+        hit = self._read_memo.get(full)
         if hit is not None and all(
             0 <= b - a < STATUS_FRESH for a, b in zip(hit[0], at, strict=True)
         ):
-            return hit[1]
+            return cast(_T, hit[1])
+        value = compute()
+        with self._read_memo_lock:
+            memo = self._read_memo
+            if len(memo) >= READ_MEMO_SIZE or any(k[:2] != full[:2] for k in memo):
+                # another generation or config: what was kept can never be asked for again
+                self._read_memo = memo = {k: v for k, v in memo.items() if k[:2] == full[:2]}
+                if len(memo) >= READ_MEMO_SIZE:
+                    memo.clear()
+            memo[full] = (at, value)
+        return value
+
+    def _requests_part(self, caller: Caller | None) -> _RequestsPart:
+        """What status lists of requests, holds and violations for ``caller`` (read_memo)."""
+        actor = None if caller is None else self.workflow.actor(caller)
+
+        def compute() -> _RequestsPart:
+            try:
+                violations = self.workflow.refresh()
+            except AuditHeadMismatch:  # status must answer; attention audit_head says why
+                violations = []
+            # counts stay whole (by_state, ok); what names a request is for its viewers
+            by_state, requests = self.workflow.overview(caller)
+            holds = self.holds_view(caller)
+            shown = violations
+            if caller is not None:
+                mine = {f"request {r['id']}" for r in requests}  # a violation's first words
+                shown = [v for v in violations if v.split(":", 1)[0] in mine]
+            open_requests = _open_requests(requests, self.clock().wall, self.config.tz)
+            return _RequestsPart(by_state, requests, holds, shown, len(violations), open_requests)
+
+        return self.read_memo(("status", actor), compute)
+
+    @contextlib.contextmanager
+    def _doing(self, what: str) -> Iterator[None]:
+        """A long operation under the engine lock, named for a status that cannot wait for it."""
+        outer = self._busy
+        if outer is None:
+            self._busy = (what, self.clock().wall)
         try:
-            violations = self.workflow.refresh()
-        except AuditHeadMismatch:  # status must answer; attention audit_head says why
-            violations = []
-        # counts stay whole (by_state, ok); what names a request is for its viewers
-        by_state, requests = self.workflow.overview(caller)
-        holds = self.holds_view(caller)
-        shown = violations
-        if caller is not None:
-            mine = {f"request {r['id']}" for r in requests}  # a violation's first words
-            shown = [v for v in violations if v.split(":", 1)[0] in mine]
-        part = _RequestsPart(by_state, requests, holds, shown, len(violations))
-        # refresh may have recorded something: the memo is filed under the head it ends at
-        key = (id(self.config), self.audit.head()[0], actor)
-        stale = [k for k in self._status_memo if k[:2] != key[:2]]
-        for k in stale:
-            del self._status_memo[k]
-        if len(self._status_memo) >= 1024:  # a memo per person: a bound all the same
-            self._status_memo.clear()
-        self._status_memo[key] = (at, part)
-        return part
+            yield
+        finally:
+            if outer is None:
+                self._busy = None
 
     def status(self, caller: Caller | None = None) -> dict[str, Any]:
         """Health for ``caller`` (None: everything, for root acting locally): holds, violations
-        and open requests name only the requests ``caller`` may see; the others are counted."""
+        and open requests name only the requests ``caller`` may see; the others are counted.
+
+        While a sweep or a rescan has held the engine lock for STATUS_BUSY_WAIT, the last
+        status made for the same person is answered at once, with ``busy`` saying what runs
+        since when and when that status was made (``nvr-guard status`` would time out behind a
+        long purge, and the console's pages with it); with none made yet, it waits."""
+        actor = None if caller is None else self.workflow.actor(caller)
+        if not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
+            last = self._last_status.get(actor)
+            busy = self._busy
+            if last is not None and busy is not None:
+                return {
+                    **last,
+                    "busy": {
+                        "doing": busy[0],
+                        "since": iso(busy[1], self.config.tz),
+                        "status_from": last["time"],
+                    },
+                }
+            self.lock.acquire()
+        try:
+            doc = self._status(caller)
+            if len(self._last_status) >= READ_MEMO_SIZE:
+                self._last_status.clear()
+            self._last_status[actor] = doc
+            return doc
+        finally:
+            self.lock.release()
+
+    def _status(self, caller: Caller | None) -> dict[str, Any]:
         with self.lock, self.workflow.memo():
             now = self.clock()
             disk = self.disk_states()
@@ -522,25 +592,9 @@ class Engine:
             done = self.catalog.latest_sweep(("done", "confirmed", "blocked"))
             verify = self.chain.check()
             part = self._requests_part(caller)
-            by_state, requests, holds = part.by_state, part.requests, part.holds
+            by_state, holds = part.by_state, part.holds
             violations = part.violations
-            soon = now.wall + 3 * 86400
-            open_requests = {
-                "pending": [
-                    {"id": r["id"], "decide_by": r.get("decide_by"), "open_steps": r["open_steps"]}
-                    for r in requests
-                    if r["state"] == "pending"
-                ],
-                # approved but unused, and their validity ends within three days
-                "expiring": [
-                    {"id": r["id"], "valid_until": r.get("valid_until")}
-                    for r in requests
-                    if r["state"] == "approved"
-                    and r.get("valid_until")
-                    and parse_time(r["valid_until"], self.config.tz) <= soon
-                ],
-                "overdue": [r["id"] for r in requests if r.get("violation")],
-            }
+            open_requests = part.open_requests
             scans = [s.as_dict() for s in self.media.store.recent_scans(5)]
             attention = self.attention.as_json()
             return {
@@ -634,3 +688,25 @@ class _RequestsPart:
     holds: dict[str, Any]  # holds_view
     violations: list[str]  # those the caller may see
     violations_all: int  # how many there are
+    open_requests: dict[str, list[Any]]  # status' open_requests
+
+
+def _open_requests(requests: list[dict[str, Any]], now: float, tz: Any) -> dict[str, list[Any]]:
+    """Status' ``open_requests`` of the briefs ``requests`` (those the caller may see)."""
+    soon = now + 3 * 86400
+    return {
+        "pending": [
+            {"id": r["id"], "decide_by": r.get("decide_by"), "open_steps": r["open_steps"]}
+            for r in requests
+            if r["state"] == "pending"
+        ],
+        # approved but unused, and their validity ends within three days
+        "expiring": [
+            {"id": r["id"], "valid_until": r.get("valid_until")}
+            for r in requests
+            if r["state"] == "approved"
+            and r.get("valid_until")
+            and parse_time(r["valid_until"], tz) <= soon
+        ],
+        "overdue": [r["id"] for r in requests if r.get("violation")],
+    }

@@ -75,6 +75,13 @@ def print_status(st: dict[str, Any]) -> None:
     why = not_ok_reasons(st)
     head = "nvr-guard: OK" if st["ok"] else f"nvr-guard: ATTENTION ({len(why)})"
     say(head, "bold green" if st["ok"] else "bold red")
+    busy = st.get("busy")
+    if busy:
+        say(
+            f"busy: {busy.get('doing')} since {at(busy.get('since'))}; "
+            f"this status was made {at(busy.get('status_from'))}",
+            "yellow",
+        )
     say(f"  at {local_iso(st.get('time'), seconds=True)}, config {st.get('config')}")
     for w in why:
         say(f"  - {w}", "yellow")

@@ -416,13 +416,21 @@ def request_new(ctx: Context, caller: Caller, a: RequestNew) -> Any:
 
 
 def request_list(ctx: Context, caller: Caller, a: RequestList) -> Any:
-    """The requests ``caller`` may see."""
-    return ctx.engine.workflow.list(caller, a.state, a.waiting, a.limit, a.before)
+    """The requests ``caller`` may see (``Engine.read_memo``: no lock when asked again)."""
+    wf = ctx.engine.workflow
+    return ctx.engine.read_memo(
+        ("request.list", wf.actor(caller), a.state, a.waiting, a.limit, a.before),
+        lambda: wf.list(caller, a.state, a.waiting, a.limit, a.before),
+    )
 
 
 def request_show(ctx: Context, caller: Caller, a: IdArgs) -> Any:
-    """One request with its approvals, to those who may see it."""
-    return ctx.engine.workflow.show(caller, a.id)
+    """One request with its approvals, to those who may see it (``Engine.read_memo``; a
+    refusal is never kept: each one is audited)."""
+    wf = ctx.engine.workflow
+    return ctx.engine.read_memo(
+        ("request.show", wf.actor(caller), a.id), lambda: wf.show(caller, a.id)
+    )
 
 
 def request_approve(ctx: Context, caller: Caller, a: RequestApprove) -> Any:

@@ -15,13 +15,14 @@ module can build on it without importing another.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Self
+from typing import Any, Self, TypeVar, cast
 
 __all__ = [
     "AUTOCHECKPOINT",
@@ -141,6 +142,26 @@ def _private_files(path: Path) -> None:
             continue
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def changes_requests(fn: _F) -> _F:
+    """A store method that writes requests, approvals or holds: once it returns (or fails),
+    ``Database.requests_generation`` moves on, so answers computed before it are not reused.
+    After the write, not before: an answer computed in between would be filed under the new
+    generation with the old rows."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            db = getattr(self, "_db", self)
+            db.requests_generation += 1
+
+    return cast(_F, wrapper)
+
+
 class Database:
     """One connection to the catalog file, its lock and its transactions; the stores
     (segments, tree, holds, sweeps) are mixins over it, composed into ``Catalog``.
@@ -154,6 +175,9 @@ class Database:
         self.path = Path(path)
         self.lock = threading.RLock()
         self._closed = False
+        # bumped by every write to requests, approvals or holds (their stores' methods): what
+        # the daemon's answers about them were computed at (see Engine.read_memo)
+        self.requests_generation = 0
         if read_only:
             self.conn = sqlite3.connect(
                 f"{self.path.resolve().as_uri()}?mode=ro",

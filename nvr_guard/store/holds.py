@@ -13,7 +13,7 @@ from typing import Any
 
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import Hold
-from nvr_guard.store.db import Database
+from nvr_guard.store.db import Database, changes_requests
 
 __all__ = ["HoldStore", "hold_roots_json", "read_active_holds"]
 
@@ -52,6 +52,7 @@ def _hold(row: Sequence[Any]) -> Hold:
 class HoldStore(Database):
     """The ``holds`` table (a mixin of ``Catalog``)."""
 
+    @changes_requests
     def add_hold(
         self,
         *,
@@ -103,6 +104,7 @@ class HoldStore(Database):
             ).fetchone()
         return _hold(row) if row else None
 
+    @changes_requests
     def release_hold(self, hold_id: int, by: str, reason: str, now: float | None = None) -> Hold:
         """Release a standing hold, recording who and why; InvalidInput if it is not standing."""
         when = time.time() if now is None else now
@@ -144,6 +146,7 @@ class HoldStore(Database):
             cur = self.conn.execute(f"SELECT {_HOLD_COLS} FROM holds {where} ORDER BY id")
             return [_hold(r) for r in cur]
 
+    @changes_requests
     def fill_hold_roots(self, roots_by_site: Mapping[str, Sequence[bytes]]) -> int:
         """Give unreleased holds that do not name their roots yet (placed by the workflow, or
         before holds recorded them) the roots their site has now."""
@@ -171,6 +174,7 @@ class HoldStore(Database):
             ).fetchone()
         return (None, None) if row is None else (row[0], row[1])
 
+    @changes_requests
     def shorten_request_holds(self, request_id: int, until: float) -> None:
         """Make the open holds of a request end at ``until`` at the latest (never later)."""
         with self.transaction() as c:
@@ -180,6 +184,7 @@ class HoldStore(Database):
                 (until, request_id, until),
             )
 
+    @changes_requests
     def set_request_holds_until(self, request_id: int, until: float) -> None:
         """Make the open holds of a request end at ``until`` (earlier or later)."""
         with self.transaction() as c:

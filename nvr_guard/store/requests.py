@@ -13,7 +13,7 @@ from typing import Any
 
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import Approval, Recipient, Request
-from nvr_guard.store.db import Database
+from nvr_guard.store.db import Database, changes_requests
 from nvr_guard.store.schema import ensure_requests_schema
 
 _COLS = (
@@ -73,9 +73,11 @@ class RequestStore:
         self.conn = catalog.conn
         self.lock = catalog.lock
         self._txn = catalog.transaction
+        self._db = catalog
         with catalog.lock:
             ensure_requests_schema(catalog.conn)
 
+    @changes_requests
     def create(self, r: Request) -> Request:
         """Store a new request; returns it as stored (with its id)."""
         with self._txn() as c:
@@ -215,6 +217,7 @@ class RequestStore:
                 for a, r, d, n, t in cur
             ]
 
+    @changes_requests
     def add_approval(self, rid: int, a: Approval) -> None:
         """Append a decision (approvals are never edited nor removed)."""
         with self._txn() as c:
@@ -224,6 +227,7 @@ class RequestStore:
                 (rid, a.approver, a.role, a.decision, a.note, a.time),
             )
 
+    @changes_requests
     def update(self, rid: int, **fields: Any) -> Request:
         """Change the state columns of a request; returns it as stored."""
         allowed = {

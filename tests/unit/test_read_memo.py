@@ -1,0 +1,172 @@
+"""Answers about requests and holds reused between writes (``Engine.read_memo``), and a status
+answered while a sweep holds the engine lock: what people see must never be older than the
+last change of a request, an approval or a hold, and never older than a few seconds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from nvr_guard.config import load_config
+from nvr_guard.daemon.commands import Context, dispatch
+from nvr_guard.engine import STATUS_FRESH, Engine
+from nvr_guard.errors import PolicyRefused
+from nvr_guard.identity import Caller
+from nvr_guard.model import ClockReading
+from tests.fixtures.site import Site, make_config, write_segment
+
+ALICE, BOB, CAROL = Caller(60001, "alice"), Caller(60002, "bob"), Caller(60003, "carol")
+
+
+class SetClock:
+    def __init__(self) -> None:
+        self.wall = datetime.now(UTC).timestamp()
+
+    def __call__(self) -> ClockReading:
+        return ClockReading(wall=self.wall, boottime=self.wall, boot_id="b")
+
+
+@pytest.fixture
+def clock() -> SetClock:
+    return SetClock()
+
+
+@pytest.fixture
+def engine(site: Site, clock: SetClock) -> Iterator[Engine]:
+    text = make_config(site).replace(
+        "  users: {root: {roles: [admin]}}\n",
+        "  users:\n"
+        "    root: {roles: [admin]}\n"
+        "    alice: {roles: [operator], level: 2}\n"
+        "    bob: {roles: [dept_manager], level: 2}\n"
+        "    carol: {roles: [security_lead], level: 2}\n"
+        "    dave: {roles: [operator], level: 2}\n"
+        "approval:\n"
+        "  steps: [dept_manager, security_lead]\n"
+        '  hours: "00:00-23:59"\n',
+    )
+    site.config.write_text(text)
+    now = datetime.now(UTC).replace(microsecond=0)
+    for m in range(1, 4):
+        write_segment(site.root, "cam1", now - timedelta(hours=2, minutes=m))
+    e = Engine(load_config(str(site.config)), clock=clock)
+    e.reconcile(full=True)
+    yield e
+    e.catalog.close()
+
+
+def _new(engine: Engine) -> int:
+    now = datetime.now(UTC)
+    req = dispatch(
+        Context(engine),
+        ALICE,
+        "request.new",
+        {
+            "cameras": "cam1",
+            "from": (now - timedelta(hours=2, minutes=4)).isoformat(),
+            "to": (now - timedelta(hours=2)).isoformat(),
+            "reason": "a fight at the gate",
+            "basis": "police request 9",
+            "recipient": {"unit": "City police", "person": "Officer Li", "contact": "010"},
+        },
+    )
+    return int(req["id"])
+
+
+def _call(engine: Engine, who: Caller, cmd: str, **args: Any) -> Any:
+    return dispatch(Context(engine), who, cmd, args)
+
+
+def test_a_decision_shows_at_once_in_every_kept_answer(engine: Engine) -> None:
+    rid = _new(engine)
+    waiting = _call(engine, BOB, "request.list", waiting=True, limit=50)
+    assert [r["id"] for r in waiting] == [rid]
+    assert _call(engine, BOB, "request.show", id=rid)["may_decide"] is True
+    assert [r["id"] for r in _call(engine, BOB, "status")["open_requests"]["pending"]] == [rid]
+    # the same questions again: the same answers, not computed again (a lookup, no lock)
+    assert _call(engine, BOB, "request.list", waiting=True, limit=50) is waiting
+    _call(engine, BOB, "request.approve", id=rid, note="ok")
+    # bob's step is done: nothing waits for him any more, in any answer he gets
+    assert _call(engine, BOB, "request.list", waiting=True, limit=50) == []
+    assert _call(engine, BOB, "request.show", id=rid)["may_decide"] is False
+    assert [r["id"] for r in _call(engine, CAROL, "request.list", waiting=True, limit=50)] == [rid]
+    _call(engine, CAROL, "request.approve", id=rid, note="ok")
+    assert _call(engine, BOB, "request.show", id=rid)["state"] == "approved"
+    assert _call(engine, BOB, "status")["open_requests"]["pending"] == []
+
+
+def test_a_hold_placed_shows_in_the_next_status(engine: Engine) -> None:
+    before = _call(engine, Caller(0, "root"), "status")["holds"]
+    now = datetime.now(UTC)
+    _call(
+        engine,
+        Caller(0, "root"),
+        "hold.add",
+        camera="cam1",
+        **{
+            "from": (now - timedelta(hours=3)).isoformat(),
+            "to": (now - timedelta(hours=1)).isoformat(),
+        },
+        reason="case 12",
+    )
+    after = _call(engine, Caller(0, "root"), "status")["holds"]
+    assert len(after) == len(before) + 1
+
+
+def test_answers_are_made_again_when_time_alone_has_passed(engine: Engine, clock: SetClock) -> None:
+    rid = _new(engine)
+    first = _call(engine, BOB, "request.show", id=rid)
+    assert _call(engine, BOB, "request.show", id=rid) is first
+    clock.wall += STATUS_FRESH  # as old as an answer may be: made again
+    again = _call(engine, BOB, "request.show", id=rid)
+    assert again is not first and again == first
+    # the approval deadline passed meanwhile: the state said is the state now
+    clock.wall += 30 * 86400
+    assert _call(engine, BOB, "request.show", id=rid)["state"] != "pending"
+
+
+def test_a_refusal_is_never_kept_each_one_is_recorded(engine: Engine) -> None:
+    rid = _new(engine)
+    dave = Caller(60004, "dave")  # another operator: alice's request is not his to see
+    for _ in range(2):
+        with pytest.raises(PolicyRefused):
+            _call(engine, dave, "request.show", id=rid)
+    assert len([e for e in engine.audit.entries() if e.actor == "dave"]) == 2
+
+
+def test_status_while_a_sweep_holds_the_lock_is_the_last_one_said_to_be_so(
+    engine: Engine,
+) -> None:
+    made = _call(engine, BOB, "status")
+    listed = _call(engine, BOB, "request.list", limit=50)
+    holding, release = threading.Event(), threading.Event()
+
+    def long_sweep() -> None:
+        with engine._doing("a retention sweep (by root)"), engine.lock:
+            holding.set()
+            release.wait(30)
+
+    t = threading.Thread(target=long_sweep, daemon=True)
+    t.start()
+    try:
+        assert holding.wait(10)
+        st = _call(engine, BOB, "status")
+        assert st["busy"]["doing"] == "a retention sweep (by root)"
+        assert st["busy"]["status_from"] == made["time"]
+        assert st["sites"] == made["sites"]
+        # the requests people browse are answered from what was kept, without the lock
+        got: list[Any] = []
+        asking = threading.Thread(
+            target=lambda: got.append(_call(engine, BOB, "request.list", limit=50)), daemon=True
+        )
+        asking.start()
+        asking.join(10)
+        assert got == [listed], "request.list waited for the lock the sweep holds"
+    finally:
+        release.set()
+        t.join(10)
+    assert "busy" not in _call(engine, BOB, "status")
