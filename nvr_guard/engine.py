@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -41,7 +42,7 @@ from nvr_guard.model import (
 )
 from nvr_guard.retention import policy
 from nvr_guard.retention.expiry import ExpiryCalc
-from nvr_guard.retention.holds import HOLD_ROLES, Holds, hold_problems
+from nvr_guard.retention.holds import HOLD_ROLES, Holds, hold_problems, shown_holds
 from nvr_guard.retention.scan import ReconcileStats, Scanner, SiteScan
 from nvr_guard.retention.sweeper import (
     CONFIRM_ROLES,
@@ -100,6 +101,7 @@ READ_MEMO_SIZE = 4096  # answers kept at most (per person and arguments)
 STATUS_BUSY_WAIT = 0.5
 
 _T = TypeVar("_T")
+_SHARED = itertools.count(1)  # stamps of status' answers for everyone (_Shared)
 
 
 class Engine:
@@ -496,25 +498,48 @@ class Engine:
         return value
 
     def _requests_part(self, caller: Caller | None) -> _RequestsPart:
-        """What status lists of requests, holds and violations for ``caller`` (read_memo)."""
-        actor = None if caller is None else self.workflow.actor(caller)
+        """What status lists of requests, holds and violations for ``caller``: the open
+        requests, the holds and what deciding visibility needs are read once for everyone
+        (``read_memo``), then kept per person filtered by what they may see."""
+        wf = self.workflow
 
-        def compute() -> _RequestsPart:
+        def everyone() -> _Shared:
             try:
-                violations = self.workflow.refresh()
+                violations = wf.refresh()
             except AuditHeadMismatch:  # status must answer; attention audit_head says why
                 violations = []
             # counts stay whole (by_state, ok); what names a request is for its viewers
-            by_state, requests = self.workflow.overview(caller)
-            holds = self.holds_view(caller)
-            shown = violations
-            if caller is not None:
-                mine = {f"request {r['id']}" for r in requests}  # a violation's first words
-                shown = [v for v in violations if v.split(":", 1)[0] in mine]
-            open_requests = _open_requests(requests, self.clock().wall, self.config.tz)
-            return _RequestsPart(by_state, requests, holds, shown, len(violations), open_requests)
+            by_state, briefs = wf.overview(None)
+            holds = self.holds.holds_json()
+            of_request = self.catalog.hold_requests()
+            rids = {b["id"] for b in briefs} | {r for r in of_request.values() if r is not None}
+            basis = wf.viewers_basis(rids)
+            return _Shared(next(_SHARED), violations, by_state, briefs, holds, of_request, basis)
 
-        return self.read_memo(("status", actor), compute)
+        shared = self.read_memo(("status",), everyone)
+        if caller is None:
+            return self._part_for(shared, None)
+        actor = wf.actor(caller)
+        # filed under the shared answer it was made from: never older than that one
+        return self.read_memo(
+            ("status", shared.stamp, actor),
+            lambda: self._part_for(shared, wf.visible_in(caller, shared.basis)),
+        )
+
+    def _part_for(self, shared: _Shared, visible: set[int] | None) -> _RequestsPart:
+        """``shared`` as someone who may see the requests ``visible`` (None: all) sees it."""
+        if visible is None:
+            requests, violations = shared.briefs, shared.violations
+        else:
+            requests = [b for b in shared.briefs if b["id"] in visible]
+            mine = {f"request {r['id']}" for r in requests}  # a violation's first words
+            violations = [v for v in shared.violations if v.split(":", 1)[0] in mine]
+        seen: set[int | None] | None = None if visible is None else set(visible)
+        holds = shown_holds(shared.holds, shared.of_request, seen)
+        open_requests = _open_requests(requests, self.clock().wall, self.config.tz)
+        return _RequestsPart(
+            shared.by_state, requests, holds, violations, len(shared.violations), open_requests
+        )
 
     @contextlib.contextmanager
     def _doing(self, what: str) -> Iterator[None]:
@@ -679,6 +704,19 @@ class _SiteTotals:
     oldest: float | None
     newest: float | None
     oldest_due: float | None  # the earliest expiry of the site's stored footage
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+    """What status says of requests and holds before it is filtered for who asks."""
+
+    stamp: int  # which one (_SHARED)
+    violations: list[str]
+    by_state: dict[str, int]
+    briefs: list[dict[str, Any]]  # every open request (request_brief)
+    holds: list[dict[str, Any]]  # every active hold (holds_json)
+    of_request: dict[int, int | None]  # hold id -> its request
+    basis: dict[int, Any]  # request id -> what deciding who may see it needs (viewers_basis)
 
 
 @dataclasses.dataclass(frozen=True)

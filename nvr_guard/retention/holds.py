@@ -245,18 +245,29 @@ class Holds:
         of_request = self.ctx.catalog.hold_requests()
         asked = list(dict.fromkeys(of_request[h["id"]] for h in holds if h["id"] in of_request))
         visible = self.may_view(caller, asked) if asked else set()
-        shown: list[dict[str, Any]] = []
-        hidden: dict[str, set[int | None]] = {}
-        for h in holds:
-            if h["id"] in of_request:
-                rid = of_request[h["id"]]
-                if rid not in visible:
-                    hidden.setdefault(h["site"] or "*", set()).add(rid if rid else -h["id"])
-                    continue
-            shown.append(h)
-        return {
-            "holds": shown,
-            "holds_not_shown": [
-                {"site": site, "requests": len(rids)} for site, rids in sorted(hidden.items())
-            ],
-        }
+        return shown_holds(holds, of_request, visible)
+
+
+def shown_holds(
+    holds: list[dict[str, Any]],
+    of_request: dict[int, int | None],
+    visible: set[int | None] | None,
+) -> dict[str, Any]:
+    """``holds`` (``holds_json``) as ``holds_view`` shows them to someone who may see the
+    requests ``visible`` (None: every request): the holds of the other requests are counted
+    per site only. ``of_request``: hold id -> its request (``Catalog.hold_requests``)."""
+    shown: list[dict[str, Any]] = []
+    hidden: dict[str, set[int | None]] = {}
+    for h in holds:
+        if h["id"] in of_request and visible is not None:
+            rid = of_request[h["id"]]
+            if rid not in visible:
+                hidden.setdefault(h["site"] or "*", set()).add(rid if rid else -h["id"])
+                continue
+        shown.append(h)
+    return {
+        "holds": shown,
+        "holds_not_shown": [
+            {"site": site, "requests": len(rids)} for site, rids in sorted(hidden.items())
+        ],
+    }

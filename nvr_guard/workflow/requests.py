@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ OPEN = ("pending", "approved")
 REFRESH_AGAIN = 1.0
 _Paths = list[Path]  # spelled once here: inside Workflow, ``list`` is a method
 _Views = list[dict[str, Any]]
+# a request, its approvals and the rules it is acted on by: what access.check_view needs
+_ViewBasis = tuple[access.Request, list[access.Approval], access.AccessRules]
 
 
 class Workflow:
@@ -519,6 +521,34 @@ class Workflow:
                     r, apps[r.id], actor, self._acting(r, self._judged(r, extra))
                 ).allowed
             }
+
+    def viewers_basis(self, rids: Iterable[int]) -> dict[int, _ViewBasis | None]:
+        """What deciding who may see each of ``rids`` needs, read once for many people: the
+        request, its approvals and the rules it is judged by (None: its site is gone, so only
+        those who see every request see it). See :meth:`visible_in`."""
+        with self.memo():
+            rows = self.store.select(ids=list(rids))
+            apps = self.store.approvals_of(r.id for r, _ in rows)
+            return {
+                r.id: (
+                    (r, apps[r.id], self._acting(r, self._judged(r, extra)))
+                    if r.site in self.config.sites
+                    else None
+                )
+                for r, extra in rows
+            }
+
+    def visible_in(self, caller: Caller, basis: dict[int, _ViewBasis | None]) -> set[int] | None:
+        """Those of ``basis`` that :meth:`may_view_many` shows ``caller`` (None: every
+        request, for who sees all of them)."""
+        actor = self.actor(caller)
+        if actor.roles & access.SEE_ALL_ROLES:
+            return None
+        return {
+            rid
+            for rid, b in basis.items()
+            if b is not None and access.check_view(b[0], b[1], actor, b[2]).allowed
+        }
 
     def progress_of(self, caller: Caller, rid: int) -> float | None:
         """The running export's progress of request ``rid``, to those who may see the request
