@@ -97,8 +97,10 @@ AUDIT_FULL_EVERY = 300.0
 # console ask for them many times a second, at 0.1-0.5 s a status with thousands of requests
 STATUS_FRESH = 5.0
 READ_MEMO_SIZE = 4096  # answers kept at most (per person and arguments)
-# seconds a status waits for the engine lock before it answers with the last one it made
+# seconds a status (or another kept answer) waits for the engine lock before it answers with
+# the last one made; and how old that one may be (nothing it says of requests changed since)
 STATUS_BUSY_WAIT = 0.5
+STALE_WHILE_BUSY = 600.0
 
 _T = TypeVar("_T")
 _SHARED = itertools.count(1)  # stamps of status' answers for everyone (_Shared)
@@ -477,6 +479,9 @@ class Engine:
         Looked up without the engine lock: people browsing the console are answered from it
         while a sweep holds the lock for seconds, and nothing it answers about can change
         meanwhile (every such write takes the lock, and moves the generation once it is done).
+        An answer to make again waits STATUS_BUSY_WAIT for the lock; past that, the one kept of
+        the same generation is given even if older than STATUS_FRESH (up to STALE_WHILE_BUSY),
+        and only without one does it wait for the lock.
         The generation is read before computing: a write that lands meanwhile files the answer
         under a generation already gone, never new rows' answer under an old one."""
         at = (time.monotonic(), self.clock().wall)
@@ -486,7 +491,16 @@ class Engine:
             0 <= b - a < STATUS_FRESH for a, b in zip(hit[0], at, strict=True)
         ):
             return cast(_T, hit[1])
-        value = compute()
+        if not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
+            # a sweep or a rescan holds the engine: an older answer of the same generation (no
+            # request, approval or hold written since) rather than a page waiting for seconds
+            if hit is not None and 0 <= at[0] - hit[0][0] < STALE_WHILE_BUSY:
+                return cast(_T, hit[1])
+            self.lock.acquire()
+        try:
+            value = compute()
+        finally:
+            self.lock.release()
         with self._read_memo_lock:
             memo = self._read_memo
             if len(memo) >= READ_MEMO_SIZE or any(k[:2] != full[:2] for k in memo):
@@ -580,7 +594,7 @@ class Engine:
             if len(self._last_status) >= READ_MEMO_SIZE:
                 self._last_status.clear()
             self._last_status[actor] = doc
-            return doc
+            return dict(doc)  # the caller may add to it (the daemon's health): not to the kept one
         finally:
             self.lock.release()
 

@@ -88,6 +88,11 @@ class NoArgs(_Args):
     pass
 
 
+class StatusArgs(_Args):
+    # the console shows the first few holds (a status of thousands is 0.7 MB to send and draw)
+    holds_limit: Annotated[StrictInt, Field(ge=0, le=1_000_000)] | None = None
+
+
 class IdArgs(_Args):
     id: Id
 
@@ -387,10 +392,14 @@ class Command:
 # ---- handlers ---------------------------------------------------------------------------------
 
 
-def status(ctx: Context, caller: Caller, a: NoArgs) -> Any:
+def status(ctx: Context, caller: Caller, a: StatusArgs) -> Any:
     """Health as ``caller`` may see it (request details only to their viewers), with the
-    daemon's own health when a daemon serves it."""
+    daemon's own health when a daemon serves it; ``holds_limit``: the first so many holds
+    (``holds_total`` says how many there are)."""
     st: dict[str, Any] = ctx.engine.status(caller)
+    st["holds_total"] = len(st["holds"])
+    if a.holds_limit is not None:
+        st["holds"] = st["holds"][: a.holds_limit]
     if ctx.started is not None:
         last_error = ctx.last_error()
         st["daemon"] = {
@@ -743,7 +752,7 @@ def notify_report(ctx: Context, caller: Caller, a: NotifyReport) -> Any:
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
-        Command("status", NoArgs, status, public=True),
+        Command("status", StatusArgs, status, public=True),
         Command(
             "reload",
             NoArgs,

@@ -71,6 +71,10 @@ MAX_FORM = 64 * 1024
 LoginFn = Callable[[str, str, str], Mapping[str, Any]]
 
 
+# holds listed on the status page (the rest are counted: `nvr-guard hold list` has them all)
+STATUS_HOLDS = 50
+
+
 class SecurityHeaders:
     """Adds the console's security headers to every response (pages, files, errors)."""
 
@@ -756,7 +760,9 @@ class Console:
     @_signed_in
     async def status(self, request: Request, me: Me) -> Response:
         try:
-            s = await self.call("status", None, me, client=self.client(request))
+            s = await self.call(
+                "status", {"holds_limit": STATUS_HOLDS}, me, client=self.client(request)
+            )
         except NvrGuardError as exc:
             return self.refusal(request, exc, me)
         notifier = None

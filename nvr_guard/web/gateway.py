@@ -1,8 +1,10 @@
 """The web console's way to the daemon: control-socket calls on behalf of logged-in people.
 
 Each call is one short connection (as the CLI makes them). At most ``parallel`` calls are in
-flight at once, below the daemon's per-uid connection limit (8), so the console's own
-connections never crowd each other out; a page waits for a slot rather than failing.
+flight at once, below the daemon's share for the console's account (a third of its
+connections: 21 of 64), so the console's own connections never crowd each other out; a page
+waits for a slot rather than failing. Enough of them that the pages the daemon answers at once
+(what it has kept) are not held up behind a few that wait for a sweep to finish.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from nvr_guard.daemon.control import ControlClient
 class Gateway:
     """Calls into the daemon for the console (``session``: the person's token)."""
 
-    def __init__(self, socket: Path | str, *, timeout: float = 30.0, parallel: int = 6) -> None:
+    def __init__(self, socket: Path | str, *, timeout: float = 30.0, parallel: int = 16) -> None:
         self.socket = Path(socket)
         self.timeout = timeout
         self._slots = threading.BoundedSemaphore(parallel)

@@ -36,6 +36,10 @@ _T: dict[str, tuple[str, str]] = {
     "new_request": ("新建申请", "New request"),
     "audit": ("审计日志", "Audit log"),
     "status": ("系统状态", "Status"),
+    "more_holds": (
+        "另有 {n} 项保全未列出（`nvr-guard hold list` 列出全部）",
+        "{n} more holds not listed (`nvr-guard hold list` lists them all)",
+    ),
     "signed_in_as": ("当前用户", "Signed in as"),
     "roles": ("角色", "Roles"),
     "id": ("编号", "ID"),

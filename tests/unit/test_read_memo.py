@@ -13,8 +13,8 @@ import pytest
 
 from nvr_guard.config import load_config
 from nvr_guard.daemon.commands import Context, dispatch
-from nvr_guard.engine import STATUS_FRESH, Engine
-from nvr_guard.errors import PolicyRefused
+from nvr_guard.engine import STATUS_BUSY_WAIT, STATUS_FRESH, Engine
+from nvr_guard.errors import InvalidInput, PolicyRefused
 from nvr_guard.identity import Caller
 from nvr_guard.model import ClockReading
 from tests.fixtures.site import Site, make_config, write_segment
@@ -170,3 +170,71 @@ def test_status_while_a_sweep_holds_the_lock_is_the_last_one_said_to_be_so(
         release.set()
         t.join(10)
     assert "busy" not in _call(engine, BOB, "status")
+
+
+def test_an_answer_past_its_time_is_given_while_a_sweep_holds_the_lock(
+    engine: Engine, clock: SetClock
+) -> None:
+    rid = _new(engine)
+    shown = _call(engine, BOB, "request.show", id=rid)
+    clock.wall += STATUS_FRESH + 1  # would be made again, but the engine is busy
+    holding, release = threading.Event(), threading.Event()
+
+    def long_sweep() -> None:
+        with engine.lock:
+            holding.set()
+            release.wait(30)
+
+    t = threading.Thread(target=long_sweep, daemon=True)
+    t.start()
+    got: list[Any] = []
+    try:
+        assert holding.wait(10)
+        asking = threading.Thread(
+            target=lambda: got.append(_call(engine, BOB, "request.show", id=rid)), daemon=True
+        )
+        asking.start()
+        asking.join(10)
+        assert got == [shown], "the kept answer was not given while the lock was held"
+        # a question never answered before waits for the lock: nothing to give meanwhile
+        fresh: list[Any] = []
+        other = threading.Thread(
+            target=lambda: fresh.append(_call(engine, CAROL, "request.show", id=rid)),
+            daemon=True,
+        )
+        other.start()
+        other.join(STATUS_BUSY_WAIT * 2)
+        assert other.is_alive() and fresh == []
+    finally:
+        release.set()
+        t.join(10)
+    other.join(10)
+    assert fresh and fresh[0]["id"] == rid
+
+
+def test_status_lists_as_many_holds_as_asked_and_says_how_many_there_are(
+    engine: Engine,
+) -> None:
+    root = Caller(0, "root")
+    now = datetime.now(UTC)
+    for i in range(3):
+        _call(
+            engine,
+            root,
+            "hold.add",
+            camera="cam1",
+            reason=f"case {i}",
+            **{
+                "from": (now - timedelta(hours=3)).isoformat(),
+                "to": (now - timedelta(hours=1)).isoformat(),
+            },
+        )
+    whole = _call(engine, root, "status")
+    assert whole["holds_total"] == len(whole["holds"]) == 3
+    some = _call(engine, root, "status", holds_limit=2)
+    assert some["holds_total"] == 3 and some["holds"] == whole["holds"][:2]
+    # the kept status is not cut for the next one who asks for all of it
+    assert len(_call(engine, root, "status")["holds"]) == 3
+    for bad in (-1, "2", 1.5):
+        with pytest.raises(InvalidInput, match="holds_limit"):
+            _call(engine, root, "status", holds_limit=bad)
