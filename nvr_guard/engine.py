@@ -101,6 +101,8 @@ READ_MEMO_SIZE = 4096  # answers kept at most (per person and arguments)
 # the last one made; and how old that one may be (nothing it says of requests changed since)
 STATUS_BUSY_WAIT = 0.5
 STALE_WHILE_BUSY = 600.0
+# seconds a whole status document is given again while nothing was written to the catalog
+STATUS_DOC_FRESH = 2.0
 
 _T = TypeVar("_T")
 _SHARED = itertools.count(1)  # stamps of status' answers for everyone (_Shared)
@@ -154,6 +156,8 @@ class Engine:
         self._read_memo: dict[tuple[Any, ...], tuple[tuple[float, float], Any]] = {}
         self._read_memo_lock = threading.Lock()  # taken last, around the dict only
         self._last_status: dict[Any, dict[str, Any]] = {}  # per person (Actor; None: root)
+        # per person: (what it was made at, when, the document); see status
+        self._status_doc: dict[Any, tuple[tuple[Any, ...], tuple[float, float], Any]] = {}
         self._busy: tuple[str, float] | None = None  # what holds the lock for long, since when
         self._totals_memo: tuple[tuple[Any, ...], dict[str, _SiteTotals]] | None = None
         self._notifications: Notifications | None = None
@@ -576,27 +580,49 @@ class Engine:
         since when and when that status was made (``nvr-guard status`` would time out behind a
         long purge, and the console's pages with it); with none made yet, it waits."""
         actor = None if caller is None else self.workflow.actor(caller)
+        # the same document again while nothing was written to the catalog (a new segment, a
+        # sweep, an audit entry, an attention entry: each is a write), for STATUS_DOC_FRESH
+        # seconds (the free space and the time it states move on by themselves); without the
+        # lock, as read_memo
+        key = (id(self.config), self.catalog.conn.total_changes, self.catalog.requests_generation)
+        at = (time.monotonic(), self.clock().wall)
+        kept = self._status_doc.get(actor)
+        if (
+            kept is not None
+            and kept[0] == key
+            and all(0 <= b - a < STATUS_DOC_FRESH for a, b in zip(kept[1], at, strict=True))
+        ):
+            return self._noting_busy(kept[2])
         if not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
             last = self._last_status.get(actor)
-            busy = self._busy
-            if last is not None and busy is not None:
-                return {
-                    **last,
-                    "busy": {
-                        "doing": busy[0],
-                        "since": iso(busy[1], self.config.tz),
-                        "status_from": last["time"],
-                    },
-                }
+            if last is not None and self._busy is not None:
+                return self._noting_busy(last)
             self.lock.acquire()
         try:
             doc = self._status(caller)
             if len(self._last_status) >= READ_MEMO_SIZE:
                 self._last_status.clear()
             self._last_status[actor] = doc
+            if len(self._status_doc) >= READ_MEMO_SIZE:
+                self._status_doc.clear()
+            self._status_doc[actor] = (key, at, doc)
             return dict(doc)  # the caller may add to it (the daemon's health): not to the kept one
         finally:
             self.lock.release()
+
+    def _noting_busy(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a status made earlier, with ``busy`` while a long operation runs."""
+        busy = self._busy
+        if busy is None:
+            return dict(doc)
+        return {
+            **doc,
+            "busy": {
+                "doing": busy[0],
+                "since": iso(busy[1], self.config.tz),
+                "status_from": doc["time"],
+            },
+        }
 
     def _status(self, caller: Caller | None) -> dict[str, Any]:
         with self.lock, self.workflow.memo():

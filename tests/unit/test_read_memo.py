@@ -238,3 +238,12 @@ def test_status_lists_as_many_holds_as_asked_and_says_how_many_there_are(
     for bad in (-1, "2", 1.5):
         with pytest.raises(InvalidInput, match="holds_limit"):
             _call(engine, root, "status", holds_limit=bad)
+
+
+def test_status_counts_new_footage_at_once(engine: Engine, site: Site) -> None:
+    root = Caller(0, "root")
+    before = _call(engine, root, "status")["sites"]["toll"]["segments"]
+    assert _call(engine, root, "status")["sites"]["toll"]["segments"] == before
+    write_segment(site.root, "cam1", datetime.now(UTC) - timedelta(minutes=30))
+    engine.reconcile(full=False)
+    assert _call(engine, root, "status")["sites"]["toll"]["segments"] == before + 1
