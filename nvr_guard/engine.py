@@ -96,11 +96,14 @@ AUDIT_FULL_EVERY = 300.0
 # (states that change by time alone: a deadline or a validity passing); 50 people on the
 # console ask for them many times a second, at 0.1-0.5 s a status with thousands of requests
 STATUS_FRESH = 5.0
-READ_MEMO_SIZE = 4096  # answers kept at most (per person and arguments)
+READ_MEMO_SIZE = 4096  # status documents kept at most (one per person)
+# requests and holds (list entries) kept in answers at most, about 2 KB each: the oldest go first
+MEMO_WEIGHT = 50_000
+MEMO_ONE_MAX = 2_000  # an answer with more is made each time, never kept
 # seconds a status (or another kept answer) waits for the engine lock before it answers with
 # the last one made; and how old that one may be (nothing it says of requests changed since)
 STATUS_BUSY_WAIT = 0.5
-STALE_WHILE_BUSY = 600.0
+STALE_WHILE_BUSY = 60.0
 # seconds a whole status document is given again while nothing was written to the catalog
 STATUS_DOC_FRESH = 2.0
 
@@ -153,12 +156,17 @@ class Engine:
         self.holds = Holds(self.ctx, lambda caller, rids: self.workflow.may_view_many(caller, rids))
         self._workflow: Workflow | None = None
         # status' memos (under the engine lock): see STATUS_FRESH and _site_totals
-        self._read_memo: dict[tuple[Any, ...], tuple[tuple[float, float], Any]] = {}
+        self._read_memo: dict[tuple[Any, ...], tuple[tuple[float, float], Any, int]] = {}
+        self._memo_weight = 0  # requests and holds in what _read_memo keeps
         self._read_memo_lock = threading.Lock()  # taken last, around the dict only
-        self._last_status: dict[Any, dict[str, Any]] = {}  # per person (Actor; None: root)
+        # per person (Actor; None: root): ((config serial, requests generation), when, status)
+        self._last_status: dict[Any, tuple[tuple[int, int], float, dict[str, Any]]] = {}
         # per person: (what it was made at, when, the document); see status
         self._status_doc: dict[Any, tuple[tuple[Any, ...], tuple[float, float], Any]] = {}
         self._busy: tuple[str, float] | None = None  # what holds the lock for long, since when
+        # moved on by every apply_config: what kept answers were made under (an object's id may
+        # be reused by the next config)
+        self._config_serial = 0
         self._totals_memo: tuple[tuple[Any, ...], dict[str, _SiteTotals]] | None = None
         self._notifications: Notifications | None = None
         self._media: MediaOps | None = None
@@ -297,6 +305,7 @@ class Engine:
         """Switch to an already validated config (SIGHUP); audit the change with both digests.
         Refused (:class:`ConfigError`, nothing changes) when it would orphan an active hold."""
         with self.lock:
+            self._config_serial += 1  # kept answers: none made before is given after
             problems = self.hold_problems(new)
             if problems:
                 raise ConfigError(problems)
@@ -321,6 +330,7 @@ class Engine:
                 # a config that validated but cannot be applied is refused whole: the old one
                 # stays in force, expiries included (it had half-applied and stopped retention)
                 self.ctx.config = old
+                self._config_serial += 1
                 self.sweeper.configure(old)
                 for s in done:
                     if s in old_rules:
@@ -458,7 +468,7 @@ class Engine:
         (None: no footage). One pass over every segment row (0.2 s at 1M), so counted again
         only when the catalog's connection wrote anything since (the daemon's is the only one
         writing) or the config changed."""
-        key = (id(self.config), self.catalog.conn.total_changes)
+        key = (self._config_serial, self.catalog.conn.total_changes)
         memo = self._totals_memo
         if memo is not None and memo[0] == key:
             return memo[1]
@@ -475,44 +485,69 @@ class Engine:
         self._totals_memo = (key, out)
         return out
 
-    def read_memo(self, key: tuple[Any, ...], compute: Callable[[], _T]) -> _T:
+    def read_memo(
+        self,
+        key: tuple[Any, ...],
+        compute: Callable[[], _T],
+        weight: Callable[[_T], int] = lambda _: 1,
+    ) -> _T:
         """``compute()``'s answer for ``key`` (a command, who asks, its arguments), reused while
         no request, approval or hold was written since (``requests_generation``), the config is
-        the same, and for STATUS_FRESH seconds at most (states that change by time alone).
+        the same (``_config_serial``), and for STATUS_FRESH seconds at most (states that change
+        by time alone).
 
         Looked up without the engine lock: people browsing the console are answered from it
         while a sweep holds the lock for seconds, and nothing it answers about can change
         meanwhile (every such write takes the lock, and moves the generation once it is done).
-        An answer to make again waits STATUS_BUSY_WAIT for the lock; past that, the one kept of
-        the same generation is given even if older than STATUS_FRESH (up to STALE_WHILE_BUSY),
-        and only without one does it wait for the lock.
         The generation is read before computing: a write that lands meanwhile files the answer
-        under a generation already gone, never new rows' answer under an old one."""
+        under a generation already gone, never new rows' answer under an old one.
+
+        An answer to make again waits STATUS_BUSY_WAIT for the lock; if a sweep or a rescan
+        (``_doing``) holds it, the one kept is given if nothing was written or reloaded since and
+        it is under STALE_WHILE_BUSY old; else it waits. What is kept is bounded by the number of
+        requests it holds of its own (``weight``: a list's length; status' parts only point into
+        one shared answer), MEMO_WEIGHT in all, the oldest dropped first; an answer heavier than
+        MEMO_ONE_MAX is never kept."""
         at = (time.monotonic(), self.clock().wall)
-        full = (id(self.config), self.catalog.requests_generation, *key)
+        full = (self._config_serial, self.catalog.requests_generation, *key)
         hit = self._read_memo.get(full)
         if hit is not None and all(
             0 <= b - a < STATUS_FRESH for a, b in zip(hit[0], at, strict=True)
         ):
             return cast(_T, hit[1])
         if not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
-            # a sweep or a rescan holds the engine: an older answer of the same generation (no
-            # request, approval or hold written since) rather than a page waiting for seconds
-            if hit is not None and 0 <= at[0] - hit[0][0] < STALE_WHILE_BUSY:
+            # a sweep or a rescan holds the engine: an older answer, if nothing it speaks of
+            # was written since, rather than a page waiting for seconds
+            if (
+                hit is not None
+                and self._busy is not None
+                and full[:2] == (self._config_serial, self.catalog.requests_generation)
+                and 0 <= time.monotonic() - hit[0][0] < STALE_WHILE_BUSY
+            ):
                 return cast(_T, hit[1])
             self.lock.acquire()
         try:
             value = compute()
         finally:
             self.lock.release()
+        w = max(1, weight(value))
+        if w > MEMO_ONE_MAX:
+            return value
         with self._read_memo_lock:
             memo = self._read_memo
-            if len(memo) >= READ_MEMO_SIZE or any(k[:2] != full[:2] for k in memo):
+            if any(k[:2] != full[:2] for k in memo):
                 # another generation or config: what was kept can never be asked for again
-                self._read_memo = memo = {k: v for k, v in memo.items() if k[:2] == full[:2]}
-                if len(memo) >= READ_MEMO_SIZE:
-                    memo.clear()
-            memo[full] = (at, value)
+                memo = self._read_memo = {k: v for k, v in memo.items() if k[:2] == full[:2]}
+                self._memo_weight = sum(v[2] for v in memo.values())
+            old = memo.pop(full, None)
+            if old is not None:
+                self._memo_weight -= old[2]
+            memo[full] = (at, value, w)
+            self._memo_weight += w
+            while self._memo_weight > MEMO_WEIGHT and len(memo) > 1:
+                _, dropped = next(iter(memo.items()))
+                del memo[next(iter(memo))]
+                self._memo_weight -= dropped[2]
         return value
 
     def _requests_part(self, caller: Caller | None) -> _RequestsPart:
@@ -561,15 +596,17 @@ class Engine:
 
     @contextlib.contextmanager
     def _doing(self, what: str) -> Iterator[None]:
-        """A long operation under the engine lock, named for a status that cannot wait for it."""
-        outer = self._busy
-        if outer is None:
-            self._busy = (what, self.clock().wall)
-        try:
-            yield
-        finally:
+        """A long operation under the engine lock, named for a status that cannot wait for it
+        (once it holds the lock: not while it waits for someone else's)."""
+        with self.lock:
+            outer = self._busy
             if outer is None:
-                self._busy = None
+                self._busy = (what, self.clock().wall)
+            try:
+                yield
+            finally:
+                if outer is None:
+                    self._busy = None
 
     def status(self, caller: Caller | None = None) -> dict[str, Any]:
         """Health for ``caller`` (None: everything, for root acting locally): holds, violations
@@ -584,7 +621,11 @@ class Engine:
         # sweep, an audit entry, an attention entry: each is a write), for STATUS_DOC_FRESH
         # seconds (the free space and the time it states move on by themselves); without the
         # lock, as read_memo
-        key = (id(self.config), self.catalog.conn.total_changes, self.catalog.requests_generation)
+        key = (
+            self._config_serial,
+            self.catalog.conn.total_changes,
+            self.catalog.requests_generation,
+        )
         at = (time.monotonic(), self.clock().wall)
         kept = self._status_doc.get(actor)
         if (
@@ -594,15 +635,23 @@ class Engine:
         ):
             return self._noting_busy(kept[2])
         if not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
+            # a sweep or a rescan holds the engine: the last status made for this person, if
+            # nothing about requests or the config changed since and it is under a minute old,
+            # with the attention entries as they stand now (see _noting_busy); else wait
             last = self._last_status.get(actor)
-            if last is not None and self._busy is not None:
-                return self._noting_busy(last)
+            if (
+                last is not None
+                and self._busy is not None
+                and last[0] == (self._config_serial, self.catalog.requests_generation)
+                and 0 <= time.monotonic() - last[1] < STALE_WHILE_BUSY
+            ):
+                return self._noting_busy(last[2])
             self.lock.acquire()
         try:
             doc = self._status(caller)
             if len(self._last_status) >= READ_MEMO_SIZE:
                 self._last_status.clear()
-            self._last_status[actor] = doc
+            self._last_status[actor] = (key[0::2], at[0], doc)
             if len(self._status_doc) >= READ_MEMO_SIZE:
                 self._status_doc.clear()
             self._status_doc[actor] = (key, at, doc)
@@ -611,12 +660,19 @@ class Engine:
             self.lock.release()
 
     def _noting_busy(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """A copy of a status made earlier, with ``busy`` while a long operation runs."""
+        """A copy of a status made earlier, with ``busy`` while a long operation runs: its
+        attention entries (and ``ok``) as they stand now, for nothing the admin must see is
+        hidden behind the sweep."""
         busy = self._busy
         if busy is None:
             return dict(doc)
+        attention = self.attention.as_json()
+        audit_ok = bool((doc.get("audit") or {}).get("ok", True))
+        violations = len(doc.get("violations") or []) + int(doc.get("violations_not_shown") or 0)
         return {
             **doc,
+            "attention": attention,
+            "ok": audit_ok and not doc.get("blocked_sweeps") and not violations and not attention,
             "busy": {
                 "doing": busy[0],
                 "since": iso(busy[1], self.config.tz),

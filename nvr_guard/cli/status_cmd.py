@@ -77,9 +77,15 @@ def print_status(st: dict[str, Any]) -> None:
     say(head, "bold green" if st["ok"] else "bold red")
     busy = st.get("busy")
     if busy:
+
+        def real(text: str | None) -> str:
+            """``at`` against the real time: the status' own time is the old one here."""
+            t = _ts(text)
+            return "-" if t is None else f"{local_iso(text)} ({when(t - time.time())})"
+
         say(
-            f"busy: {busy.get('doing')} since {at(busy.get('since'))}; "
-            f"this status was made {at(busy.get('status_from'))}",
+            f"busy: {busy.get('doing')} since {real(busy.get('since'))}; this status was made "
+            f"{real(busy.get('status_from'))} (attention entries as they stand now)",
             "yellow",
         )
     say(f"  at {local_iso(st.get('time'), seconds=True)}, config {st.get('config')}")

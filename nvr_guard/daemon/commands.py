@@ -430,6 +430,7 @@ def request_list(ctx: Context, caller: Caller, a: RequestList) -> Any:
     return ctx.engine.read_memo(
         ("request.list", wf.actor(caller), a.state, a.waiting, a.limit, a.before),
         lambda: wf.list(caller, a.state, a.waiting, a.limit, a.before),
+        weight=len,
     )
 
 

@@ -36,6 +36,11 @@ _T: dict[str, tuple[str, str]] = {
     "new_request": ("新建申请", "New request"),
     "audit": ("审计日志", "Audit log"),
     "status": ("系统状态", "Status"),
+    "busy": (
+        "系统正忙：{doing}（自 {since} 起）；本页为 {made} 时的状态，告警项为当前状态",
+        "Busy: {doing} since {since}; this page shows the status as of {made} "
+        "(attention entries as they stand now)",
+    ),
     "more_holds": (
         "另有 {n} 项保全未列出（`nvr-guard hold list` 列出全部）",
         "{n} more holds not listed (`nvr-guard hold list` lists them all)",

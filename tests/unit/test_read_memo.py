@@ -181,7 +181,7 @@ def test_an_answer_past_its_time_is_given_while_a_sweep_holds_the_lock(
     holding, release = threading.Event(), threading.Event()
 
     def long_sweep() -> None:
-        with engine.lock:
+        with engine._doing("a retention sweep (by root)"):
             holding.set()
             release.wait(30)
 
@@ -247,3 +247,102 @@ def test_status_counts_new_footage_at_once(engine: Engine, site: Site) -> None:
     write_segment(site.root, "cam1", datetime.now(UTC) - timedelta(minutes=30))
     engine.reconcile(full=False)
     assert _call(engine, root, "status")["sites"]["toll"]["segments"] == before + 1
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    th = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    th.start()
+    return th, out
+
+
+def _holding(engine: Engine, what: str | None) -> tuple[threading.Event, threading.Thread]:
+    """A thread holding the engine lock (as a sweep, with ``what``; else as any command) until
+    the event returned is set."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        if what is None:
+            with engine.lock:
+                holding.set()
+                release.wait(30)
+        else:
+            with engine._doing(what):
+                holding.set()
+                release.wait(30)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert holding.wait(10)
+    return release, t
+
+
+def test_a_status_kept_from_before_a_decision_is_not_given_during_a_sweep(
+    engine: Engine,
+) -> None:
+    rid = _new(engine)
+    assert [r["id"] for r in _call(engine, BOB, "status")["open_requests"]["pending"]] == [rid]
+    _call(engine, ALICE, "request.cancel", id=rid)  # after bob's status was made
+    release, holder = _holding(engine, "a retention sweep (by root)")
+    asking, got = _in_thread(lambda: _call(engine, BOB, "status"))
+    asking.join(STATUS_BUSY_WAIT * 3)
+    try:
+        assert asking.is_alive() and got == [], "a status from before the cancel was given"
+    finally:
+        release.set()
+        holder.join(10)
+    asking.join(10)
+    assert got and got[0]["open_requests"]["pending"] == [] and "busy" not in got[0]
+
+
+def test_a_status_given_during_a_sweep_has_the_attention_entries_of_now(
+    engine: Engine,
+) -> None:
+    root = Caller(0, "root")
+    assert _call(engine, root, "status")["ok"] is True
+    engine.attention.raise_("root_missing", "toll", "/srv/x", "root /srv/x is missing")
+    release, holder = _holding(engine, "a retention sweep (by root)")
+    try:
+        st = _call(engine, root, "status")
+    finally:
+        release.set()
+        holder.join(10)
+    assert st["busy"]["doing"] == "a retention sweep (by root)"
+    assert st["ok"] is False and [a["kind"] for a in st["attention"]] == ["root_missing"]
+
+
+def test_an_answer_past_its_time_waits_behind_anything_but_a_sweep(
+    engine: Engine, clock: SetClock
+) -> None:
+    rid = _new(engine)
+    _call(engine, BOB, "request.show", id=rid)
+    clock.wall += STATUS_FRESH + 1
+    release, holder = _holding(engine, None)  # an ordinary command, not a sweep
+    asking, got = _in_thread(lambda: _call(engine, BOB, "request.show", id=rid))
+    asking.join(STATUS_BUSY_WAIT * 3)
+    try:
+        assert asking.is_alive() and got == []
+    finally:
+        release.set()
+        holder.join(10)
+    asking.join(10)
+    assert got and got[0]["id"] == rid
+
+
+def test_what_is_kept_is_bounded_by_the_requests_in_it(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nvr_guard.engine as engine_module
+
+    for _ in range(4):
+        _new(engine)
+    monkeypatch.setattr(engine_module, "MEMO_WEIGHT", 6)
+    monkeypatch.setattr(engine_module, "MEMO_ONE_MAX", 3)
+    for before in range(100, 140):  # 40 different questions, 3 requests in each answer
+        assert len(_call(engine, BOB, "request.list", limit=3, before=before)) == 3
+        assert engine._memo_weight <= 6
+    assert sum(v[2] for v in engine._read_memo.values()) == engine._memo_weight
+    # an answer heavier than MEMO_ONE_MAX is made and given, never kept
+    everything = _call(engine, BOB, "request.list")
+    assert len(everything) == 4
+    assert all(v[1] is not everything for v in engine._read_memo.values())
