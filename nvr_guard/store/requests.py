@@ -137,13 +137,19 @@ class RequestStore:
         ids: Collection[int] | None = None,
         newest_first: bool = False,
         limit: int | None = None,
+        own_or_decided_by: str | None = None,
     ) -> list[tuple[Request, dict[str, Any]]]:
         """Requests with their package, hold and rules record (as :meth:`extra`), filtered in
         SQL: stored state among ``states`` (or exported emergency ones, with
-        ``emergency_exported``), id below ``below``, id among ``ids``; oldest first unless
-        ``newest_first``."""
+        ``emergency_exported``), id below ``below``, id among ``ids``, filed by or decided on by
+        ``own_or_decided_by``; oldest first unless ``newest_first``."""
         where: list[str] = []
         params: list[Any] = []
+        if own_or_decided_by is not None:
+            where.append(
+                "(requester = ? OR id IN (SELECT request_id FROM approvals WHERE approver = ?))"
+            )
+            params.extend([own_or_decided_by, own_or_decided_by])
         if states is not None:
             alts = [f"state IN ({','.join('?' * len(states))})"] if states else []
             params.extend(states)
@@ -177,6 +183,22 @@ class RequestStore:
             )
             for row in rows
         ]
+
+    def recorded_roles(self) -> set[str]:
+        """Every role named as a step, the native-copy step or the after-hours role in the rules
+        recorded with decided requests (``judged_by``)."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT DISTINCT json_extract(judged_by, '$.steps'), "
+                "json_extract(judged_by, '$.native_role'), "
+                "json_extract(judged_by, '$.after_hours_role') "
+                "FROM requests WHERE judged_by IS NOT NULL"
+            ).fetchall()
+        out: set[str] = set()
+        for steps, native, duty in rows:
+            out.update(str(x) for x in json.loads(steps or "[]"))
+            out.update(str(x) for x in (native, duty) if x)
+        return out
 
     def counts(self) -> dict[str, int]:
         """Requests per stored state."""

@@ -58,6 +58,8 @@ class Workflow:
         self._local = threading.local()
         # (config, audit head) -> engine time and violations of the last ``refresh``
         self._last_refresh: tuple[tuple[int, int], float, list[str]] | None = None
+        # (requests generation, config digest) -> the roles that show others' requests
+        self._seeing: tuple[tuple[int, str], frozenset[str]] | None = None
 
     # ---- the export's seams and progress (``workflow.export_job``) ------------------------------
     @property
@@ -505,6 +507,26 @@ class Workflow:
         approvals = self.store.approvals(rid)
         return access.check_view(r, approvals, actor, self._acting(r, self._judged(r))).allowed
 
+    def _only_own(self, actor: access.Actor) -> str | None:
+        """``actor``'s name when no role of theirs shows them anyone else's request: then all
+        they may see is what they filed or decided on (``access.check_view``), and a list is
+        read for those alone (an operator's list walked every request before); else None.
+
+        The roles that show others' requests: those who see all, and for any request the roles
+        of its steps, its native-copy step and after-hours role (as recorded when it was
+        decided, or as configured now) and the technician role of now."""
+        if actor.roles & access.SEE_ALL_ROLES:
+            return None
+        key = (self.ctx.catalog.requests_generation, self.config.digest)
+        kept = self._seeing
+        if kept is None or kept[0] != key:
+            roles = set(self.store.recorded_roles())
+            for site in self.config.sites:
+                r = self.rules(site)
+                roles.update((*r.steps, r.native_role, r.duty_role, r.technician_role))
+            kept = self._seeing = (key, frozenset(roles))
+        return None if actor.roles & kept[1] else actor.user
+
     def may_view_many(self, caller: Caller, rids: Sequence[int | None]) -> set[int | None]:
         """Those of ``rids`` that :meth:`may_view` would show to ``caller``, read in one go."""
         actor = self.actor(caller)
@@ -585,6 +607,7 @@ class Workflow:
         with self.ctx.recording(), self.memo():
             self.refresh()
             now = self.now()
+            only_own = self._only_own(actor)
             views: list[dict[str, Any]] = []
             below = before
             while True:
@@ -596,6 +619,7 @@ class Workflow:
                     below=below,
                     newest_first=paged,
                     limit=256 if paged else None,
+                    own_or_decided_by=only_own,
                 )
                 apps = self.store.approvals_of(r.id for r, _ in batch)
                 for r, extra in batch:

@@ -346,3 +346,27 @@ def test_what_is_kept_is_bounded_by_the_requests_in_it(
     everything = _call(engine, BOB, "request.list")
     assert len(everything) == 4
     assert all(v[1] is not everything for v in engine._read_memo.values())
+
+
+def test_a_list_read_for_ones_own_requests_only_shows_what_the_full_walk_shows(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # people whose roles show nobody else's requests get a list read in SQL for their own (and
+    # those they decided on); it must be exactly what checking every request gives
+    from nvr_guard.model import Approval
+
+    rids = [_new(engine) for _ in range(3)]
+    wf = engine.workflow
+    dave = Caller(60004, "dave")
+    # dave decided on one of alice's requests once (when he held a step's role)
+    wf.store.add_approval(rids[1], Approval("dave", "dept_manager", "approve", "", 1.0))
+    people = [ALICE, BOB, CAROL, dave, Caller(0, "root")]
+    narrowed = {p.user: wf._only_own(wf.actor(p)) for p in people}
+    assert narrowed == {"alice": "alice", "bob": None, "carol": None, "dave": "dave", "root": None}
+    args = [(None, False, 50, None), (None, True, 50, None), ("pending", False, None, None)]
+    fast = {(p.user, a): [r["id"] for r in wf.list(p, *a)] for p in people for a in args}
+    monkeypatch.setattr(type(wf), "_only_own", lambda self, actor: None)
+    walked = {(p.user, a): [r["id"] for r in wf.list(p, *a)] for p in people for a in args}
+    assert fast == walked
+    assert fast[("dave", (None, False, 50, None))] == [rids[1]]
+    assert sorted(fast[("alice", (None, False, 50, None))]) == rids
