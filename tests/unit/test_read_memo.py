@@ -13,7 +13,7 @@ import pytest
 
 from nvr_guard.config import load_config
 from nvr_guard.daemon.commands import Context, dispatch
-from nvr_guard.engine import STATUS_BUSY_WAIT, STATUS_FRESH, Engine
+from nvr_guard.engine import SITE_TOTALS_FRESH, STATUS_BUSY_WAIT, STATUS_FRESH, Engine
 from nvr_guard.errors import InvalidInput, PolicyRefused
 from nvr_guard.identity import Caller
 from nvr_guard.model import ClockReading
@@ -240,13 +240,22 @@ def test_status_lists_as_many_holds_as_asked_and_says_how_many_there_are(
             _call(engine, root, "status", holds_limit=bad)
 
 
-def test_status_counts_new_footage_at_once(engine: Engine, site: Site) -> None:
+def test_status_counts_new_footage_within_ten_seconds_and_a_sweep_at_once(
+    engine: Engine, site: Site, clock: SetClock
+) -> None:
     root = Caller(0, "root")
     before = _call(engine, root, "status")["sites"]["toll"]["segments"]
-    assert _call(engine, root, "status")["sites"]["toll"]["segments"] == before
-    write_segment(site.root, "cam1", datetime.now(UTC) - timedelta(minutes=30))
+    now = datetime.now(UTC)
+    old = write_segment(site.root, "cam1", now - timedelta(days=20))  # past keep=15d
+    for m in range(6):
+        write_segment(site.root, "cam1", now - timedelta(minutes=30 + m))
     engine.reconcile(full=False)
-    assert _call(engine, root, "status")["sites"]["toll"]["segments"] == before + 1
+    assert _call(engine, root, "status")["sites"]["toll"]["segments"] == before  # kept
+    clock.wall += SITE_TOTALS_FRESH
+    assert _call(engine, root, "status")["sites"]["toll"]["segments"] == before + 7
+    # a sweep deletes the old one: counted again at once
+    assert engine.sweep(actor="root", now=clock()).deleted == 1 and not old.exists()
+    assert _call(engine, root, "status")["sites"]["toll"]["segments"] == before + 6
 
 
 def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
