@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,19 @@ PAGE = 50  # requests per page
 AUDIT_PAGE = 500  # audit entries shown at most
 MAX_FORM = 64 * 1024
 LoginFn = Callable[[str, str, str], Mapping[str, Any]]
+
+
+# seconds the person of a session is known here without asking the daemon again (web.session):
+# every page then makes one daemon call instead of two. Each call still carries the session,
+# which the daemon checks (ended, idle, limit) before anything else, so an ended session is
+# refused at its next call all the same; only the header's name and menus may be that old
+ME_FRESH = 5.0
+ME_KEPT = 4096  # sessions known at most (then forgotten all at once)
+
+
+def _token_key(token: str) -> str:
+    """How a session token is kept in memory here: its digest, never the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 # holds listed on the status page (the rest are counted: `nvr-guard hold list` has them all)
@@ -196,6 +210,8 @@ class Console:
         self.secure = secure
         self.notifier = notifier
         self.cookie = "__Host-nvr-guard" if secure else "nvr-guard-session"
+        # sha256(token) -> (when, the person): see ``me``
+        self._me: dict[str, tuple[float, Me]] = {}
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(os.path.join(HERE, "templates")),
             autoescape=True,
@@ -278,10 +294,19 @@ class Console:
         *,
         client: str = "-",
     ) -> Any:
-        """``cmd`` in the daemon, for ``me`` (or as the gateway), off the event loop."""
-        return await run_in_threadpool(
-            self.gateway.call, cmd, args, session=me.token if me else None, client=client
-        )
+        """``cmd`` in the daemon, for ``me`` (or as the gateway), off the event loop. A session
+        the daemon says has ended is forgotten here at once (see ``me``)."""
+        try:
+            return await run_in_threadpool(
+                self.gateway.call, cmd, args, session=me.token if me else None, client=client
+            )
+        except SessionEnded:
+            if me is not None:
+                self._me.pop(_token_key(me.token), None)
+            raise
+        finally:
+            if cmd == "web.logout" and me is not None:
+                self._me.pop(_token_key(me.token), None)
 
     def _clear_cookie(self, response: Response) -> Response:
         response.delete_cookie(
@@ -301,6 +326,10 @@ class Console:
         token = request.cookies.get(self.cookie)
         if not token or not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", token):
             raise Refused(self._to_login(request))
+        key = _token_key(token)
+        kept = self._me.get(key)
+        if kept is not None and 0 <= time.monotonic() - kept[0] < ME_FRESH:
+            return kept[1]
         try:
             info = await self.call(
                 "web.session", None, Me(token, "", (), 0, ""), client=self.client(request)
@@ -309,7 +338,11 @@ class Console:
             raise Refused(self._to_login(request)) from None
         except DaemonUnavailable:
             raise Refused(self.error(request, 503, "unavailable")) from None
-        return Me(token, info["user"], tuple(info["roles"]), int(info["level"]), info["csrf"])
+        me = Me(token, info["user"], tuple(info["roles"]), int(info["level"]), info["csrf"])
+        if len(self._me) >= ME_KEPT:
+            self._me.clear()
+        self._me[key] = (time.monotonic(), me)
+        return me
 
     async def form(self, request: Request) -> dict[str, Any]:
         """The POSTed form (bounded in size); raises Refused on anything else."""

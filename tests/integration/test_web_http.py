@@ -303,6 +303,11 @@ def test_logout_ends_the_session_for_whoever_holds_the_cookie(web: Console) -> N
     thief = web.client()
     thief.cookies.set("nvr-guard-session", stolen or "", domain="127.0.0.1")
     assert thief.get("/requests").status_code == 303
+    # the console knows a session's person for a few seconds without asking the daemon: not
+    # past its logout, not even for a page that asks the daemon nothing else
+    thief2 = web.client()
+    thief2.cookies.set("nvr-guard-session", stolen or "", domain="127.0.0.1")
+    assert thief2.get("/requests/new").status_code == 303
     assert entries(web, "web.logout", actor=ALICE)
 
 
