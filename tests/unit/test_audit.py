@@ -137,6 +137,17 @@ def _drop_triggers(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TRIGGER audit_no_delete")
 
 
+def _tamper_as_an_intruder(path: Path, tamper: Callable[[sqlite3.Connection], object]) -> None:
+    """Change the file with the plain sqlite3 module, as an intruder would: the append-only
+    triggers dropped first (and left dropped)."""
+    evil = sqlite3.connect(path, isolation_level=None)
+    _drop_triggers(evil)
+    evil.execute("BEGIN")
+    tamper(evil)
+    evil.execute("COMMIT")
+    evil.close()
+
+
 def _edit_details(conn: sqlite3.Connection) -> None:
     conn.execute("""UPDATE audit SET details = '{"i":4,"reason":"nothing to see"}' WHERE seq = 5""")
 
@@ -193,12 +204,7 @@ def test_verify_names_the_first_bad_entry(
     fill(log, 10)
     assert log.verify().ok
     # the tamperer works on the file with the plain sqlite3 module, as an intruder would
-    evil = sqlite3.connect(path, isolation_level=None)
-    _drop_triggers(evil)
-    evil.execute("BEGIN")
-    tamper(evil)
-    evil.execute("COMMIT")
-    evil.close()
+    _tamper_as_an_intruder(path, tamper)
     # an auditor's read-only look: the dropped triggers are reported too
     rep = AuditLog(sqlite3.connect(path)).verify()
     assert not rep.ok
@@ -236,12 +242,7 @@ def test_chain_watch_reports_an_old_entry_tampered_by_the_next_full_walk(
     now = [1000.0]
     watch = ChainWatch(log, full_every=300.0, now=lambda: now[0])
     assert watch.check().ok and watch.full_at == 1000.0  # the first check walks everything
-    evil = sqlite3.connect(path, isolation_level=None)
-    _drop_triggers(evil)
-    evil.execute("BEGIN")
-    tamper(evil)
-    evil.execute("COMMIT")
-    evil.close()
+    _tamper_as_an_intruder(path, tamper)
     connect(path).close()  # the triggers back: only the chain tells
     if not at_once:
         fill(log, 2)  # appended after the tampering: verified as they come

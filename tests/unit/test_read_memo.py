@@ -172,44 +172,66 @@ def test_status_while_a_sweep_holds_the_lock_is_the_last_one_said_to_be_so(
     assert "busy" not in _call(engine, BOB, "status")
 
 
+def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    th = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    th.start()
+    return th, out
+
+
+def _holding(engine: Engine, what: str | None) -> tuple[threading.Event, threading.Thread]:
+    """A thread holding the engine lock (as a sweep, with ``what``; else as any command) until
+    the event returned is set."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        if what is None:
+            with engine.lock:
+                holding.set()
+                release.wait(30)
+        else:
+            with engine._doing(what):
+                holding.set()
+                release.wait(30)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert holding.wait(10)
+    return release, t
+
+
+def _waits_for_the_lock(release: threading.Event, holder: threading.Thread, ask: Any) -> Any:
+    """``ask()`` on a thread of its own: still waiting while ``holder`` holds the engine lock,
+    answered once it lets go (``release``); its answer."""
+    asking, got = _in_thread(ask)
+    asking.join(STATUS_BUSY_WAIT * 3)
+    try:
+        assert asking.is_alive() and got == [], "answered while the lock was held"
+    finally:
+        release.set()
+        holder.join(10)
+    asking.join(10)
+    assert got, "not answered once the lock was free"
+    return got[0]
+
+
 def test_an_answer_past_its_time_is_given_while_a_sweep_holds_the_lock(
     engine: Engine, clock: SetClock
 ) -> None:
     rid = _new(engine)
     shown = _call(engine, BOB, "request.show", id=rid)
     clock.wall += STATUS_FRESH + 1  # would be made again, but the engine is busy
-    holding, release = threading.Event(), threading.Event()
-
-    def long_sweep() -> None:
-        with engine._doing("a retention sweep (by root)"):
-            holding.set()
-            release.wait(30)
-
-    t = threading.Thread(target=long_sweep, daemon=True)
-    t.start()
-    got: list[Any] = []
-    try:
-        assert holding.wait(10)
-        asking = threading.Thread(
-            target=lambda: got.append(_call(engine, BOB, "request.show", id=rid)), daemon=True
-        )
-        asking.start()
-        asking.join(10)
-        assert got == [shown], "the kept answer was not given while the lock was held"
-        # a question never answered before waits for the lock: nothing to give meanwhile
-        fresh: list[Any] = []
-        other = threading.Thread(
-            target=lambda: fresh.append(_call(engine, CAROL, "request.show", id=rid)),
-            daemon=True,
-        )
-        other.start()
-        other.join(STATUS_BUSY_WAIT * 2)
-        assert other.is_alive() and fresh == []
-    finally:
+    release, holder = _holding(engine, "a retention sweep (by root)")
+    asking, got = _in_thread(lambda: _call(engine, BOB, "request.show", id=rid))
+    asking.join(10)
+    if got != [shown]:
         release.set()
-        t.join(10)
-    other.join(10)
-    assert fresh and fresh[0]["id"] == rid
+    assert got == [shown], "the kept answer was not given while the lock was held"
+    # a question never answered before waits for the lock: nothing to give meanwhile
+    fresh = _waits_for_the_lock(
+        release, holder, lambda: _call(engine, CAROL, "request.show", id=rid)
+    )
+    assert fresh["id"] == rid
 
 
 def test_status_lists_as_many_holds_as_asked_and_says_how_many_there_are(
@@ -258,34 +280,6 @@ def test_status_counts_new_footage_within_ten_seconds_and_a_sweep_at_once(
     assert _call(engine, root, "status")["sites"]["toll"]["segments"] == before + 6
 
 
-def _in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-    th = threading.Thread(target=lambda: out.append(fn()), daemon=True)
-    th.start()
-    return th, out
-
-
-def _holding(engine: Engine, what: str | None) -> tuple[threading.Event, threading.Thread]:
-    """A thread holding the engine lock (as a sweep, with ``what``; else as any command) until
-    the event returned is set."""
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        if what is None:
-            with engine.lock:
-                holding.set()
-                release.wait(30)
-        else:
-            with engine._doing(what):
-                holding.set()
-                release.wait(30)
-
-    t = threading.Thread(target=hold, daemon=True)
-    t.start()
-    assert holding.wait(10)
-    return release, t
-
-
 def test_a_status_kept_from_before_a_decision_is_not_given_during_a_sweep(
     engine: Engine,
 ) -> None:
@@ -293,15 +287,9 @@ def test_a_status_kept_from_before_a_decision_is_not_given_during_a_sweep(
     assert [r["id"] for r in _call(engine, BOB, "status")["open_requests"]["pending"]] == [rid]
     _call(engine, ALICE, "request.cancel", id=rid)  # after bob's status was made
     release, holder = _holding(engine, "a retention sweep (by root)")
-    asking, got = _in_thread(lambda: _call(engine, BOB, "status"))
-    asking.join(STATUS_BUSY_WAIT * 3)
-    try:
-        assert asking.is_alive() and got == [], "a status from before the cancel was given"
-    finally:
-        release.set()
-        holder.join(10)
-    asking.join(10)
-    assert got and got[0]["open_requests"]["pending"] == [] and "busy" not in got[0]
+    # not the status from before the cancel: it waits, then says what stands now
+    st = _waits_for_the_lock(release, holder, lambda: _call(engine, BOB, "status"))
+    assert st["open_requests"]["pending"] == [] and "busy" not in st
 
 
 def test_a_status_given_during_a_sweep_has_the_attention_entries_of_now(
@@ -327,15 +315,8 @@ def test_an_answer_past_its_time_waits_behind_anything_but_a_sweep(
     _call(engine, BOB, "request.show", id=rid)
     clock.wall += STATUS_FRESH + 1
     release, holder = _holding(engine, None)  # an ordinary command, not a sweep
-    asking, got = _in_thread(lambda: _call(engine, BOB, "request.show", id=rid))
-    asking.join(STATUS_BUSY_WAIT * 3)
-    try:
-        assert asking.is_alive() and got == []
-    finally:
-        release.set()
-        holder.join(10)
-    asking.join(10)
-    assert got and got[0]["id"] == rid
+    shown = _waits_for_the_lock(release, holder, lambda: _call(engine, BOB, "request.show", id=rid))
+    assert shown["id"] == rid
 
 
 def test_what_is_kept_is_bounded_by_the_requests_in_it(
