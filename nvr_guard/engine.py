@@ -106,8 +106,6 @@ STATUS_BUSY_WAIT = 0.5
 STALE_WHILE_BUSY = 60.0
 # seconds a whole status document is given again while nothing was written to the catalog
 STATUS_DOC_FRESH = 2.0
-# seconds per-site totals are kept between sweeps (new footage is counted this late at most)
-SITE_TOTALS_FRESH = 10.0
 
 _T = TypeVar("_T")
 _SHARED = itertools.count(1)  # stamps of status' answers for everyone (_Shared)
@@ -169,9 +167,7 @@ class Engine:
         # moved on by every apply_config: what kept answers were made under (an object's id may
         # be reused by the next config)
         self._config_serial = 0
-        self._totals_memo: (
-            tuple[tuple[Any, ...], tuple[float, float], dict[str, _SiteTotals]] | None
-        ) = None
+        self._totals_memo: tuple[tuple[Any, ...], dict[str, _SiteTotals]] | None = None
         self._notifications: Notifications | None = None
         self._media: MediaOps | None = None
         # holds placed without their roots (the workflow's, or before holds recorded them)
@@ -470,22 +466,14 @@ class Engine:
     def _site_totals(self) -> dict[str, _SiteTotals]:
         """Per site: segments, bytes, oldest and newest start, and the earliest stored expiry
         (None: no footage). One pass over every segment row (0.2 s at 1M), so counted again
-        after a sweep, a reload, or when SITE_TOTALS_FRESH old (new footage is counted that
-        late; not at every write to the catalog: the console's own writes, a notification
-        delivered, made it count again several times a second under load)."""
-        latest = self.catalog.latest_sweep()
-        key = (
-            self._config_serial,
-            None if latest is None else (latest.id, latest.state, latest.deleted),
-        )
-        at = (time.monotonic(), self.clock().wall)
+        only when a segment row was written since (``segments_generation``: a new file, a
+        deletion, a rescan's changes) or the config was reloaded; not at every write to the
+        catalog (a delivered notification or an audit entry made it count several times a
+        second under load)."""
+        key = (self._config_serial, self.catalog.segments_generation)
         memo = self._totals_memo
-        if (
-            memo is not None
-            and memo[0] == key
-            and all(0 <= b - a < SITE_TOTALS_FRESH for a, b in zip(memo[1], at, strict=True))
-        ):
-            return memo[2]
+        if memo is not None and memo[0] == key:
+            return memo[1]
         out: dict[str, _SiteTotals] = {}
         for name, rules in self.rules.items():
             # one pass over the site's rows (the counts need it anyway)
@@ -496,7 +484,7 @@ class Engine:
                 # stored expiry (each under its camera's rule) is the one to be past
                 due = self.catalog.next_expiry(name)
             out[name] = _SiteTotals(count, size, oldest, newest, due)
-        self._totals_memo = (key, at, out)
+        self._totals_memo = (key, out)
         return out
 
     def read_memo(

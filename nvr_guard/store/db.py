@@ -145,21 +145,29 @@ def _private_files(path: Path) -> None:
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def changes_requests(fn: _F) -> _F:
-    """A store method that writes requests, approvals or holds: once it returns (or fails),
-    ``Database.requests_generation`` moves on, so answers computed before it are not reused.
-    After the write, not before: an answer computed in between would be filed under the new
-    generation with the old rows."""
+def _moves_on(counter: str) -> Callable[[_F], _F]:
+    """A store method that writes: once it returns (or fails), ``Database.<counter>`` moves
+    on, so answers computed before it are not reused. After the write, not before: an answer
+    computed in between would be filed under the new count with the old rows."""
 
-    @functools.wraps(fn)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(self, *args, **kwargs)
-        finally:
-            db = getattr(self, "_db", self)
-            db.requests_generation += 1
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                db = getattr(self, "_db", self)
+                setattr(db, counter, getattr(db, counter) + 1)
 
-    return cast(_F, wrapper)
+        return cast(_F, wrapper)
+
+    return decorate
+
+
+# writes requests, approvals or holds (RequestStore, HoldStore)
+changes_requests = _moves_on("requests_generation")
+# writes segment rows (SegmentStore)
+changes_segments = _moves_on("segments_generation")
 
 
 class Database:
@@ -178,6 +186,8 @@ class Database:
         # bumped by every write to requests, approvals or holds (their stores' methods): what
         # the daemon's answers about them were computed at (see Engine.read_memo)
         self.requests_generation = 0
+        # the same for segment rows (status' per-site totals)
+        self.segments_generation = 0
         if read_only:
             self.conn = sqlite3.connect(
                 f"{self.path.resolve().as_uri()}?mode=ro",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nvr_guard.model import Segment, SiteRules, skew_band
-from nvr_guard.store.db import AUTOCHECKPOINT, Database
+from nvr_guard.store.db import AUTOCHECKPOINT, Database, changes_segments
 from nvr_guard.store.schema import create_segment_indexes, drop_segment_indexes
 from nvr_guard.workers import libc_function
 
@@ -262,6 +262,7 @@ class SegmentStore(Database):
             self.apply_rows(rows, ())
         return len(rows)
 
+    @changes_segments
     def apply_rows(
         self,
         rows: Iterable[SegmentRow] | PackedRows,
@@ -381,6 +382,7 @@ class SegmentStore(Database):
             (site, rules.digest),
         )
 
+    @changes_segments
     def remove_paths(self, paths: Iterable[bytes]) -> int:
         # in path order: neighbouring rows share B-tree pages in every index, which makes a
         # purge's bulk delete about four times cheaper than in arbitrary order (measured)
@@ -391,6 +393,7 @@ class SegmentStore(Database):
             c.executemany("DELETE FROM segments WHERE path = ?", ((p,) for p in ordered))
             return c.total_changes - before
 
+    @changes_segments
     def remove_segments(self, segments: Iterable[Segment]) -> int:
         """Forget these segments (a purge deleted their files): by row id where the segment
         came from the catalog — a rowid lookup instead of a search of the path index — and only
@@ -425,6 +428,7 @@ class SegmentStore(Database):
                     n += c.execute(f"DELETE FROM segments WHERE id IN ({marks})", same).rowcount
             return n + self.remove_paths(by_path) if by_path else n
 
+    @changes_segments
     def remove_under(self, directory: bytes) -> int:
         """Forget every segment below ``directory`` (a directory that vanished), and its dirs."""
         lo, hi = prefix_range(_dir_prefix(directory))
@@ -436,6 +440,7 @@ class SegmentStore(Database):
             )
             return int(n)
 
+    @changes_segments
     def remove_sites_except(self, sites: Iterable[str]) -> int:
         """Forget segments and dirs of sites no longer configured."""
         keep = sorted(set(sites))
@@ -447,6 +452,7 @@ class SegmentStore(Database):
             c.execute(f"DELETE FROM site_layouts WHERE site NOT IN ({marks})", keep)
             return int(n)
 
+    @changes_segments
     def remove_outside(self, site: str, roots: Sequence[bytes]) -> int:
         """Forget a site's segments and dirs that lie under none of its roots (a root removed)."""
         ranges = [prefix_range(_dir_prefix(r)) for r in roots]
@@ -542,6 +548,7 @@ class SegmentStore(Database):
             else:
                 self.note_rules(site, rules)
 
+    @changes_segments
     def recompute_expiry(self, site: str, rules: SiteRules) -> int:
         """Refill ``expires_at`` of a site after its rules changed (config reload); a camera
         with a rule of its own (``cameras.<id>``) under that rule."""
@@ -663,6 +670,7 @@ class SegmentStore(Database):
             ).fetchone()
         return row is not None
 
+    @changes_segments
     def move_camera_under(
         self, root: bytes, camera: str, from_site: str, to_site: str | None
     ) -> int:
