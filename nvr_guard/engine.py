@@ -155,7 +155,7 @@ class Engine:
         self.sweeper = Sweeper(self.ctx)
         self.holds = Holds(self.ctx, lambda caller, rids: self.workflow.may_view_many(caller, rids))
         self._workflow: Workflow | None = None
-        # status' memos (under the engine lock): see STATUS_FRESH and _site_totals
+        # kept answers (read_memo; looked up without the engine lock, changed under its own)
         self._read_memo: dict[tuple[Any, ...], tuple[tuple[float, float], Any, int]] = {}
         self._memo_weight = 0  # requests and holds in what _read_memo keeps
         self._read_memo_lock = threading.Lock()  # taken last, around the dict only
