@@ -548,8 +548,13 @@ class Workflow:
         """What deciding who may see each of ``rids`` needs, read once for many people: the
         request, its approvals and the rules it is judged by (None: its site is gone, so only
         those who see every request see it). See :meth:`visible_in`."""
+        ids = list(rids)
         with self.memo():
-            rows = self.store.select(ids=list(rids))
+            rows = [  # in parts: SQLite takes at most 32,766 parameters a statement
+                row
+                for i in range(0, len(ids), 10_000)
+                for row in self.store.select(ids=ids[i : i + 10_000])
+            ]
             apps = self.store.approvals_of(r.id for r, _ in rows)
             return {
                 r.id: (
