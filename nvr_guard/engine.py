@@ -159,10 +159,9 @@ class Engine:
         self._read_memo: dict[tuple[Any, ...], tuple[tuple[float, float], Any, int]] = {}
         self._memo_weight = 0  # requests and holds in what _read_memo keeps
         self._read_memo_lock = threading.Lock()  # taken last, around the dict only
-        # per person (Actor; None: root): ((config serial, requests generation), when, status)
-        self._last_status: dict[Any, tuple[tuple[int, int], float, dict[str, Any]]] = {}
-        # per person: (what it was made at, when, the document); see status
-        self._status_doc: dict[Any, tuple[tuple[Any, ...], tuple[float, float], Any]] = {}
+        # per person (Actor; None: root): the last status made, with what it was made at
+        # ((config serial, catalog writes, requests generation)) and when; see status
+        self._status_doc: dict[Any, tuple[tuple[int, int, int], tuple[float, float], Any]] = {}
         self._busy: tuple[str, float] | None = None  # what holds the lock for long, since when
         # moved on by every apply_config: what kept answers were made under (an object's id may
         # be reused by the next config)
@@ -513,9 +512,7 @@ class Engine:
         at = (time.monotonic(), self.clock().wall)
         full = (self._config_serial, self.catalog.requests_generation, *key)
         hit = self._read_memo.get(full)
-        if hit is not None and all(
-            0 <= b - a < STATUS_FRESH for a, b in zip(hit[0], at, strict=True)
-        ):
+        if hit is not None and _fresh(hit[0], at, STATUS_FRESH):
             return cast(_T, hit[1])
         if not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
             # a sweep or a rescan holds the engine: an older answer, if nothing it speaks of
@@ -630,30 +627,23 @@ class Engine:
         )
         at = (time.monotonic(), self.clock().wall)
         kept = self._status_doc.get(actor)
-        if (
-            kept is not None
-            and kept[0] == key
-            and all(0 <= b - a < STATUS_DOC_FRESH for a, b in zip(kept[1], at, strict=True))
-        ):
+        if kept is not None and kept[0] == key and _fresh(kept[1], at, STATUS_DOC_FRESH):
             return self._noting_busy(kept[2])
         if not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
             # a sweep or a rescan holds the engine: the last status made for this person, if
             # nothing about requests or the config changed since and it is under a minute old,
             # with the attention entries as they stand now (see _noting_busy); else wait
-            last = self._last_status.get(actor)
+            kept = self._status_doc.get(actor)  # perhaps made by another call meanwhile
             if (
-                last is not None
+                kept is not None
                 and self._busy is not None
-                and last[0] == (self._config_serial, self.catalog.requests_generation)
-                and 0 <= time.monotonic() - last[1] < STALE_WHILE_BUSY
+                and kept[0][0::2] == (self._config_serial, self.catalog.requests_generation)
+                and 0 <= time.monotonic() - kept[1][0] < STALE_WHILE_BUSY
             ):
-                return self._noting_busy(last[2])
+                return self._noting_busy(kept[2])
             self.lock.acquire()
         try:
             doc = self._status(caller)
-            if len(self._last_status) >= READ_MEMO_SIZE:
-                self._last_status.clear()
-            self._last_status[actor] = (key[0::2], at[0], doc)
             if len(self._status_doc) >= READ_MEMO_SIZE:
                 self._status_doc.clear()
             self._status_doc[actor] = (key, at, doc)
@@ -793,6 +783,12 @@ def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) 
                 {"site": name, "segments": count, "bytes": size, "reason": UNMANAGED_REASON}
             )
     return out
+
+
+def _fresh(made: tuple[float, float], now: tuple[float, float], seconds: float) -> bool:
+    """Made (monotonic clock, engine clock) under ``seconds`` ago by both clocks: the engine's
+    may be set (a test, ``--now``), and the wall clock may jump."""
+    return all(0 <= b - a < seconds for a, b in zip(made, now, strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
