@@ -561,7 +561,7 @@ class Engine:
             except AuditHeadMismatch:  # status must answer; attention audit_head says why
                 violations = []
             # counts stay whole (by_state, ok); what names a request is for its viewers
-            by_state, briefs = wf.overview(None)
+            by_state, briefs = wf.overview()
             holds = self.holds.holds_json()
             of_request = self.catalog.hold_requests()
             rids = {b["id"] for b in briefs} | {r for r in of_request.values() if r is not None}

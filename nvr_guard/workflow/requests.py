@@ -529,20 +529,10 @@ class Workflow:
 
     def may_view_many(self, caller: Caller, rids: Sequence[int | None]) -> set[int | None]:
         """Those of ``rids`` that :meth:`may_view` would show to ``caller``, read in one go."""
-        actor = self.actor(caller)
-        if actor.roles & access.SEE_ALL_ROLES:
-            return set(rids)
-        with self.memo():
-            rows = self.store.select(ids=[r for r in rids if r is not None])
-            apps = self.store.approvals_of(r.id for r, _ in rows)
-            return {
-                r.id
-                for r, extra in rows
-                if r.site in self.config.sites
-                and access.check_view(
-                    r, apps[r.id], actor, self._acting(r, self._judged(r, extra))
-                ).allowed
-            }
+        if self.actor(caller).roles & access.SEE_ALL_ROLES:
+            return set(rids)  # nothing to read
+        seen = self.visible_in(caller, self.viewers_basis(r for r in rids if r is not None))
+        return set(rids) if seen is None else set(seen)
 
     def viewers_basis(self, rids: Iterable[int]) -> dict[int, _ViewBasis | None]:
         """What deciding who may see each of ``rids`` needs, read once for many people: the
@@ -654,29 +644,21 @@ class Workflow:
                     return views
                 below = batch[-1][0].id
 
-    def overview(self, caller: Caller | None) -> tuple[dict[str, int], _Views]:
+    def overview(self) -> tuple[dict[str, int], _Views]:
         """Requests per state (every request), and the ones that may still need someone — open
         (pending, approved) or exported in an emergency — with what ``status`` lists of them
-        (``request_brief``), those ``caller`` may see only (None: all). For ``status``, after
-        ``refresh``."""
+        (``request_brief``), every one of them: status filters them per person
+        (:meth:`visible_in`). For ``status``, after ``refresh``."""
         with self.memo():
             now = self.now()
-            actor = None if caller is None else self.actor(caller)
             by_state = {k: n for k, n in self.store.counts().items() if k not in OPEN}
             rows = self.store.select(states=OPEN, emergency_exported=True)
             apps = self.store.approvals_of(r.id for r, _ in rows)
             views = []
             for r, extra in rows:
-                approvals = apps[r.id]
-                view = self.request_brief(r, approvals, extra, now)
+                view = self.request_brief(r, apps[r.id], extra, now)
                 if r.state in OPEN:  # a final state was counted as stored
                     by_state[view["state"]] = by_state.get(view["state"], 0) + 1
-                if actor is not None and not actor.roles & access.SEE_ALL_ROLES:
-                    if r.site not in self.config.sites:
-                        continue
-                    acting = self._acting(r, self._judged(r, extra))
-                    if not access.check_view(r, approvals, actor, acting).allowed:
-                        continue
                 views.append(view)
             return by_state, views
 
