@@ -566,7 +566,15 @@ class Engine:
             of_request = self.catalog.hold_requests()
             rids = {b["id"] for b in briefs} | {r for r in of_request.values() if r is not None}
             basis = wf.viewers_basis(rids)
-            return _Shared(next(_SHARED), violations, by_state, briefs, holds, of_request, basis)
+            # the end of each approval's validity as a time, read once for everyone
+            until = {
+                b["id"]: parse_time(b["valid_until"], self.config.tz)
+                for b in briefs
+                if b["state"] == "approved" and b.get("valid_until")
+            }
+            return _Shared(
+                next(_SHARED), violations, by_state, briefs, holds, of_request, basis, until
+            )
 
         shared = self.read_memo(("status",), everyone)
         if caller is None:
@@ -588,7 +596,7 @@ class Engine:
             violations = [v for v in shared.violations if v.split(":", 1)[0] in mine]
         seen: set[int | None] | None = None if visible is None else set(visible)
         holds = shown_holds(shared.holds, shared.of_request, seen)
-        open_requests = _open_requests(requests, self.clock().wall, self.config.tz)
+        open_requests = _open_requests(requests, self.clock().wall, shared.until)
         return _RequestsPart(
             shared.by_state, requests, holds, violations, len(shared.violations), open_requests
         )
@@ -811,6 +819,7 @@ class _Shared:
     holds: list[dict[str, Any]]  # every active hold (holds_json)
     of_request: dict[int, int | None]  # hold id -> its request
     basis: dict[int, Any]  # request id -> what deciding who may see it needs (viewers_basis)
+    until: dict[int, float]  # an approved one's id -> the end of its validity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -823,8 +832,11 @@ class _RequestsPart:
     open_requests: dict[str, list[Any]]  # status' open_requests
 
 
-def _open_requests(requests: list[dict[str, Any]], now: float, tz: Any) -> dict[str, list[Any]]:
-    """Status' ``open_requests`` of the briefs ``requests`` (those the caller may see)."""
+def _open_requests(
+    requests: list[dict[str, Any]], now: float, until: dict[int, float]
+) -> dict[str, list[Any]]:
+    """Status' ``open_requests`` of the briefs ``requests`` (those the caller may see;
+    ``until``: the end of each approved one's validity)."""
     soon = now + 3 * 86400
     return {
         "pending": [
@@ -836,9 +848,7 @@ def _open_requests(requests: list[dict[str, Any]], now: float, tz: Any) -> dict[
         "expiring": [
             {"id": r["id"], "valid_until": r.get("valid_until")}
             for r in requests
-            if r["state"] == "approved"
-            and r.get("valid_until")
-            and parse_time(r["valid_until"], tz) <= soon
+            if r["state"] == "approved" and r["id"] in until and until[r["id"]] <= soon
         ],
         "overdue": [r["id"] for r in requests if r.get("violation")],
     }

@@ -511,7 +511,9 @@ class AuditLog:
         """``BEGIN IMMEDIATE`` … ``COMMIT`` with synchronous=FULL, then the head file update.
 
         Holds the log's lock throughout. Rolls back on any exception. If the body commits by
-        itself (a helper using ``with conn:``), what remains is committed the same way.
+        itself (a helper using ``with conn:``), what remains is committed the same way. When
+        the body wrote nothing (a read that could have been refused, and was not), the head
+        file is left as it is: it names the same head, and rewriting it costs an fsync.
         """
         with self.lock:
             conn = self.conn
@@ -520,6 +522,7 @@ class AuditLog:
             try:
                 with _full_sync(conn):
                     conn.execute("BEGIN IMMEDIATE")
+                    before = conn.total_changes
                     try:
                         yield conn
                     except BaseException:
@@ -528,7 +531,8 @@ class AuditLog:
                         raise
                     if conn.in_transaction:
                         conn.commit()
-                self.sync_head()
+                if conn.total_changes != before:
+                    self.sync_head()
             finally:
                 self._report_anchor()
 

@@ -14,6 +14,7 @@ module can build on it without importing another.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -38,6 +39,8 @@ __all__ = [
 PAGE_SIZE = 16384
 AUTOCHECKPOINT = 1000  # pages; SQLite's default
 _WAL_SIZE_LIMIT = 64 * 2**20
+# request writes remembered by id (``Database.request_written``); beyond that, all are read again
+REQUEST_LOG = 4096
 
 # migration i brings the schema from user_version i-1 to i (see schema.MIGRATIONS)
 Migration = Callable[[sqlite3.Connection], None]
@@ -188,6 +191,12 @@ class Database:
         self.requests_generation = 0
         # the same for segment rows (status' per-site totals)
         self.segments_generation = 0
+        # which request rows (a request, or its approvals) were written, in order: the
+        # workflow's parsed copy of every request (``workflow.index``) reads those again only
+        self.request_rows = 0
+        self._request_log: collections.deque[tuple[int, int]] = collections.deque(
+            maxlen=REQUEST_LOG
+        )
         if read_only:
             self.conn = sqlite3.connect(
                 f"{self.path.resolve().as_uri()}?mode=ro",
@@ -221,6 +230,22 @@ class Database:
         c.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         c.execute("PRAGMA foreign_keys = ON")
         c.execute("PRAGMA temp_store = MEMORY")
+
+    def request_written(self, rid: int) -> None:
+        """Note that request ``rid`` or its approvals were written (after the write, under the
+        lock: see ``_moves_on``)."""
+        self.request_rows += 1
+        self._request_log.append((self.request_rows, rid))
+
+    def requests_written_since(self, version: int) -> set[int] | None:
+        """The requests written after ``request_rows`` was ``version``; None when the log no
+        longer reaches back that far (more than REQUEST_LOG writes since: read them all)."""
+        if version == self.request_rows:
+            return set()
+        log = self._request_log
+        if not log or log[0][0] > version + 1 or version > self.request_rows:
+            return None
+        return {rid for n, rid in log if n > version}
 
     @property
     def schema_version(self) -> int:

@@ -107,6 +107,7 @@ class RequestStore:
                 ),
             )
             rid = int(cur.lastrowid or 0)
+        self._db.request_written(rid)
         return self.get(rid)
 
     def get(self, rid: int) -> Request:
@@ -248,6 +249,7 @@ class RequestStore:
                 "VALUES (?,?,?,?,?,?)",
                 (rid, a.approver, a.role, a.decision, a.note, a.time),
             )
+        self._db.request_written(rid)
 
     @changes_requests
     def update(self, rid: int, **fields: Any) -> Request:
@@ -271,6 +273,7 @@ class RequestStore:
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self._txn() as c:
             c.execute(f"UPDATE requests SET {sets} WHERE id = ?", [*fields.values(), rid])
+        self._db.request_written(rid)
         return self.get(rid)
 
     def extra(self, rid: int) -> dict[str, Any]:

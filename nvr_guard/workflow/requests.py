@@ -21,7 +21,7 @@ from nvr_guard.errors import InvalidInput, PolicyRefused
 from nvr_guard.identity import Caller
 from nvr_guard.store.requests import RequestStore
 from nvr_guard.times import iso, parse_time
-from nvr_guard.workflow import access
+from nvr_guard.workflow import access, index
 from nvr_guard.workflow.export_job import ExportClaim, ExportJobs
 from nvr_guard.workflow.record import rules_from_record, rules_record
 from nvr_guard.workflow.viewing import Viewings
@@ -39,8 +39,6 @@ OPEN = ("pending", "approved")
 REFRESH_AGAIN = 1.0
 _Paths = list[Path]  # spelled once here: inside Workflow, ``list`` is a method
 _Views = list[dict[str, Any]]
-# a request, its approvals and the rules it is acted on by: what access.check_view needs
-_ViewBasis = tuple[access.Request, list[access.Approval], access.AccessRules]
 
 
 class Workflow:
@@ -54,6 +52,8 @@ class Workflow:
         self.store = RequestStore(ctx.catalog)
         self.exports = ExportJobs(self, open_destination)
         self.viewings = Viewings(self)
+        # every request parsed once, read again where it changed (``index``)
+        self.index = index.RequestIndex(self)
         # per-thread memo of ``rules`` while one list/refresh/status call runs (``_memo``)
         self._local = threading.local()
         # (config, audit head) -> engine time and violations of the last ``refresh``
@@ -208,15 +208,33 @@ class Workflow:
     ) -> dict[str, Any]:
         """One request as ``request show`` prints it, with its state brought up to date
         (``extra``, ``now``: its stored extras and the time, when the caller has them)."""
-        tz = self.config.site_tz(r.site) if r.site in self.config.sites else self.config.tz
         approvals = self.store.approvals(r.id) if approvals is None else approvals
         extra = self.store.extra(r.id) if extra is None else extra
         rules = self._judged(r, extra) if r.site in self.config.sites else None
-        now = self.now() if now is None else now
-        state = access.state_of(r, approvals, now, rules) if rules else r.state
-        out: dict[str, Any] = {
+        parts = self._static_json(r, approvals, extra, rules)
+        return self._timed_json(r, approvals, rules, parts, self.now() if now is None else now)
+
+    def _entry_json(self, e: index.Entry, now: float) -> dict[str, Any]:
+        """``request_json`` of an index entry: the parts that do not change with the time are
+        made once per entry."""
+        parts = e.static
+        if parts is None:
+            parts = e.static = self._static_json(e.r, e.approvals, e.extra, e.judged)
+        return self._timed_json(e.r, e.approvals, e.judged, parts, now)
+
+    def _static_json(
+        self,
+        r: access.Request,
+        approvals: list[access.Approval],
+        extra: dict[str, Any],
+        rules: access.AccessRules | None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``request_json`` without what depends on the time (``state``, ``decide_by``,
+        ``violation``): the keys before ``decide_by``, and those after it."""
+        tz = self.config.site_tz(r.site) if rules is not None else self.config.tz
+        head: dict[str, Any] = {
             "id": r.id,
-            "state": state,
+            "state": None,
             "requester": r.requester,
             "site": r.site,
             "cameras": list(r.cameras),
@@ -248,31 +266,52 @@ class Workflow:
                 for a in approvals
             ],
         }
+        tail: dict[str, Any] = {}
         if rules is not None:
-            out["steps"] = list(access.steps_for(r, rules))
-            out["open_steps"] = list(access.open_steps(r, approvals, rules))
-            if state == "pending":
-                out["decide_by"] = iso(access.decide_deadline(r.created, rules), tz)
+            head["steps"] = list(access.steps_for(r, rules))
+            head["open_steps"] = list(access.open_steps(r, approvals, rules))
             until = access.valid_until(r, approvals, rules)
-            out["valid_until"] = iso(until, tz) if until else None
-            out["violation"] = access.emergency_violation(r, approvals, now, rules)
+            tail["valid_until"] = iso(until, tz) if until else None
+            tail["violation"] = None
             if r.resolved:
-                out["resolved"] = r.resolved
+                tail["resolved"] = r.resolved
+        return head, tail
+
+    def _timed_json(
+        self,
+        r: access.Request,
+        approvals: list[access.Approval],
+        rules: access.AccessRules | None,
+        parts: tuple[dict[str, Any], dict[str, Any]],
+        now: float,
+    ) -> dict[str, Any]:
+        """``parts`` (``_static_json``) as of ``now``: a new dict each time."""
+        out = dict(parts[0])
+        if rules is None:
+            out["state"] = r.state
+            return out
+        out["state"] = state = access.state_of(r, approvals, now, rules)
+        if state == "pending":
+            out["decide_by"] = iso(
+                access.decide_deadline(r.created, rules), self.config.site_tz(r.site)
+            )
+        out.update(parts[1])
+        out["violation"] = access.emergency_violation(r, approvals, now, rules)
         return out
 
     def request_brief(
         self,
         r: access.Request,
         approvals: list[access.Approval],
-        extra: dict[str, Any],
+        rules: access.AccessRules | None,
         now: float,
     ) -> dict[str, Any]:
         """What ``status`` lists of a request: its id and up-to-date state, and, judged as
-        ``request_json`` judges them, its open steps, deadline, validity and violation."""
-        if r.site not in self.config.sites:
+        ``request_json`` judges them (``rules``: ``_judged``; None when its site is gone), its
+        open steps, deadline, validity and violation."""
+        if rules is None:
             return {"id": r.id, "state": r.state, "open_steps": []}  # no rules to judge by
         tz = self.config.site_tz(r.site)
-        rules = self._judged(r, extra)
         state = access.state_of(r, approvals, now, rules)
         out: dict[str, Any] = {
             "id": r.id,
@@ -534,38 +573,26 @@ class Workflow:
         seen = self.visible_in(caller, self.viewers_basis(r for r in rids if r is not None))
         return set(rids) if seen is None else set(seen)
 
-    def viewers_basis(self, rids: Iterable[int]) -> dict[int, _ViewBasis | None]:
+    def viewers_basis(self, rids: Iterable[int]) -> dict[int, index.Entry | None]:
         """What deciding who may see each of ``rids`` needs, read once for many people: the
-        request, its approvals and the rules it is judged by (None: its site is gone, so only
-        those who see every request see it). See :meth:`visible_in`."""
-        ids = list(rids)
-        with self.memo():
-            rows = [  # in parts: SQLite takes at most 32,766 parameters a statement
-                row
-                for i in range(0, len(ids), 10_000)
-                for row in self.store.select(ids=ids[i : i + 10_000])
-            ]
-            apps = self.store.approvals_of(r.id for r, _ in rows)
-            return {
-                r.id: (
-                    (r, apps[r.id], self._acting(r, self._judged(r, extra)))
-                    if r.site in self.config.sites
-                    else None
-                )
-                for r, extra in rows
-            }
+        request, its approvals and the rules it is acted on by, as the index holds them (None:
+        its site is gone, so only those who see every request see it). See :meth:`visible_in`."""
+        entries = self.index.current().entries
+        out: dict[int, index.Entry | None] = {}
+        for rid in rids:
+            e = entries.get(rid)
+            if e is not None:
+                out[rid] = None if e.acting is None else e
+        return out
 
-    def visible_in(self, caller: Caller, basis: dict[int, _ViewBasis | None]) -> set[int] | None:
+    def visible_in(self, caller: Caller, basis: dict[int, index.Entry | None]) -> set[int] | None:
         """Those of ``basis`` that :meth:`may_view_many` shows ``caller`` (None: every
-        request, for who sees all of them)."""
+        request, for who sees all of them). Each answer is kept with the entry it judged
+        (``Entry.seen``: the same at any time)."""
         actor = self.actor(caller)
         if actor.roles & access.SEE_ALL_ROLES:
             return None
-        return {
-            rid
-            for rid, b in basis.items()
-            if b is not None and access.check_view(b[0], b[1], actor, b[2]).allowed
-        }
+        return {rid for rid, e in basis.items() if e is not None and e.may_see(actor)}
 
     def progress_of(self, caller: Caller, rid: int) -> float | None:
         """The running export's progress of request ``rid``, to those who may see the request
@@ -599,50 +626,39 @@ class Workflow:
             want = (state,) if state not in ("expired", "denied", *OPEN) else (state, *OPEN)
             states = want if states is None else tuple(x for x in states if x in want)
             flagged = flagged and state == "exported"
-        with self.ctx.recording(), self.memo():
+        with self.ctx.lock, self.memo():
             self.refresh()
             now = self.now()
-            only_own = self._only_own(actor)
+            snap = self.index.current()
             views: list[dict[str, Any]] = []
-            below = before
-            while True:
-                # newest first in batches when paging (a page needs only the first few
-                # visible ones); everything at once otherwise
-                batch = self.store.select(
-                    states=states,
-                    emergency_exported=flagged,
-                    below=below,
-                    newest_first=paged,
-                    limit=256 if paged else None,
-                    own_or_decided_by=only_own,
-                )
-                apps = self.store.approvals_of(r.id for r, _ in batch)
-                for r, extra in batch:
-                    approvals = apps[r.id]
-                    if r.site in self.config.sites:
-                        judged = self._judged(r, extra)
-                        acting = self._acting(r, judged)
-                        if not access.check_view(r, approvals, actor, acting).allowed:
-                            continue
-                        current = access.state_of(r, approvals, now, judged)
-                        may = access.check_approve(r, approvals, actor, acting, now).allowed
-                    else:
-                        if not actor.roles & access.SEE_ALL_ROLES:
-                            continue
-                        current, may = r.state, False
-                    if state and current != state:
-                        continue
-                    if waiting and not may:
-                        continue
-                    # the JSON only for what is shown
-                    view = self.request_json(r, approvals, extra, now)
-                    view["may_decide"] = may
-                    views.append(view)
-                    if limit is not None and len(views) >= limit:
-                        return views
-                if not paged or len(batch) < 256:
-                    return views
-                below = batch[-1][0].id
+            for e in snap.select(
+                states=states,
+                emergency_exported=flagged,
+                below=before,
+                newest_first=paged,
+                own_or_decided_by=self._only_own(actor),
+            ):
+                r, approvals = e.r, e.approvals
+                if waiting and not actor.roles & e.deciders:
+                    continue  # check_approve would refuse: none of the roles it still needs
+                if not e.may_see(actor):
+                    continue
+                if e.judged is not None and e.acting is not None:
+                    current = access.state_of(r, approvals, now, e.judged)
+                    may = access.check_approve(r, approvals, actor, e.acting, now).allowed
+                else:
+                    current, may = r.state, False
+                if state and current != state:
+                    continue
+                if waiting and not may:
+                    continue
+                # the JSON only for what is shown
+                view = self._entry_json(e, now)
+                view["may_decide"] = may
+                views.append(view)
+                if limit is not None and len(views) >= limit:
+                    break
+            return views
 
     def overview(self) -> tuple[dict[str, int], _Views]:
         """Requests per state (every request), and the ones that may still need someone — open
@@ -652,12 +668,10 @@ class Workflow:
         with self.memo():
             now = self.now()
             by_state = {k: n for k, n in self.store.counts().items() if k not in OPEN}
-            rows = self.store.select(states=OPEN, emergency_exported=True)
-            apps = self.store.approvals_of(r.id for r, _ in rows)
             views = []
-            for r, extra in rows:
-                view = self.request_brief(r, apps[r.id], extra, now)
-                if r.state in OPEN:  # a final state was counted as stored
+            for e in self.index.current().select(states=OPEN, emergency_exported=True):
+                view = self.request_brief(e.r, e.approvals, e.judged, now)
+                if e.r.state in OPEN:  # a final state was counted as stored
                     by_state[view["state"]] = by_state.get(view["state"], 0) + 1
                 views.append(view)
             return by_state, views
