@@ -413,3 +413,22 @@ def test_failed_append_rolls_back(db: tuple[Path, AuditLog]) -> None:
     with pytest.raises(OSError):
         log.append("a", "daemon.start", "daemon", {})
     assert not log.conn.in_transaction and log.head() == (0, GENESIS)
+
+
+def test_a_recording_that_wrote_nothing_leaves_the_head_file_alone(
+    db: tuple[Path, AuditLog],
+) -> None:
+    # reads that could have been refused run in a recording (a refusal's entry commits with
+    # it); when nothing was refused, nothing is rewritten (nor fsynced)
+    path, log = db
+    fill(log, 2)
+    head = path.parent / "audit.head"
+    before = os.stat(head)
+    with log.recording():
+        pass
+    after = os.stat(head)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    with log.recording():
+        log.append("alice", "access.denied", "request:9", {"reason": "not hers"})
+    assert os.stat(head).st_ino != before.st_ino  # replaced (written beside, renamed)
+    assert read_head_file(head) == log.head()

@@ -364,3 +364,128 @@ def test_a_list_read_for_ones_own_requests_only_shows_what_the_full_walk_shows(
     assert fast == walked
     assert fast[("dave", (None, False, 50, None))] == [rids[1]]
     assert sorted(fast[("alice", (None, False, 50, None))]) == rids
+
+
+# ---- every request parsed once (workflow.index) --------------------------------------------
+
+
+def _same_snapshots(engine: Engine) -> None:
+    """The index as kept (read again where it changed) is the index read whole."""
+    from nvr_guard.workflow.index import RequestIndex
+
+    kept = engine.workflow.index.current()
+    whole = RequestIndex(engine.workflow).current()
+    assert kept.ids == whole.ids and kept.open_ids == whole.open_ids
+    for rid, e in whole.entries.items():
+        k = kept.entries[rid]
+        assert (k.r, k.extra, k.approvals, k.judged, k.acting, k.deciders, k.people) == (
+            e.r,
+            e.extra,
+            e.approvals,
+            e.judged,
+            e.acting,
+            e.deciders,
+            e.people,
+        ), rid
+
+
+def test_the_index_read_where_it_changed_is_the_index_read_whole(
+    engine: Engine, clock: SetClock
+) -> None:
+    wf = engine.workflow
+    rids = [_new(engine) for _ in range(4)]
+    _same_snapshots(engine)
+    first = wf.index.current()
+    assert wf.index.current() is first  # nothing written: the same snapshot
+    _call(engine, BOB, "request.approve", id=rids[0], note="ok")
+    _same_snapshots(engine)
+    assert wf.index.current() is not first
+    assert wf.index.current().entries[rids[0]].deciders != first.entries[rids[0]].deciders
+    _call(engine, CAROL, "request.approve", id=rids[0], note="ok")
+    _call(engine, BOB, "request.deny", id=rids[1], reason="not enough basis")
+    _call(engine, ALICE, "request.cancel", id=rids[2])
+    _same_snapshots(engine)
+    seen = {rid: e.r.state for rid, e in wf.index.current().entries.items()}
+    assert seen == {rids[0]: "approved", rids[1]: "denied", rids[2]: "cancelled", rids[3]: "pending"}
+    # time alone settles the open ones (expired): written by refresh, so read again
+    clock.wall += 60 * 86400
+    wf.refresh()
+    _same_snapshots(engine)
+    assert {e.r.state for e in wf.index.current().entries.values()} >= {"expired"}
+    assert wf.index.current().open_ids == ()
+
+
+def test_an_index_whose_writes_the_log_no_longer_holds_is_read_whole(engine: Engine) -> None:
+    import collections
+
+    wf = engine.workflow
+    rids = [_new(engine) for _ in range(2)]
+    before = wf.index.current()
+    engine.catalog._request_log = collections.deque(engine.catalog._request_log, maxlen=1)
+    _call(engine, BOB, "request.approve", id=rids[0], note="ok")  # one write: the approval
+    assert engine.catalog.requests_written_since(before.version) == {rids[0]}
+    _call(engine, BOB, "request.approve", id=rids[1], note="ok")
+    assert engine.catalog.requests_written_since(before.version) is None
+    _same_snapshots(engine)
+    assert [wf.index.current().entries[r].approvals[0].approver for r in rids] == ["bob", "bob"]
+
+
+def test_a_snapshot_made_inside_a_transaction_is_not_kept(engine: Engine) -> None:
+    wf = engine.workflow
+    rid = _new(engine)
+    wf.index.current()
+
+    class Undo(Exception):
+        pass
+
+    with pytest.raises(Undo), engine.catalog.transaction():
+        wf.store.update(rid, state="cancelled")
+        # what this transaction sees, for this one question
+        assert wf.index.current().entries[rid].r.state == "cancelled"
+        raise Undo
+    assert wf.index.current().entries[rid].r.state == "pending"
+    _same_snapshots(engine)
+
+
+def test_a_waiting_list_leaves_out_only_what_no_one_of_those_roles_may_decide(
+    engine: Engine,
+) -> None:
+    # the waiting list skips requests none of whose open steps (nor the after-hours role) the
+    # person holds, without judging them: it must list exactly what judging every one lists
+    from nvr_guard.workflow import access
+
+    rids = [_new(engine) for _ in range(5)]
+    _call(engine, BOB, "request.approve", id=rids[0], note="ok")
+    _call(engine, BOB, "request.approve", id=rids[1], note="ok")
+    _call(engine, CAROL, "request.approve", id=rids[1], note="ok")
+    _call(engine, BOB, "request.deny", id=rids[2], reason="no")
+    wf = engine.workflow
+    erin = Caller(60005, "erin")  # the after-hours role: may add to any open request
+    engine.config.people.users["erin"] = engine.config.people.users["bob"].model_copy(
+        update={"roles": ["duty_manager"]}
+    )
+    engine.config.people.users["frank"] = engine.config.people.users["bob"].model_copy(
+        update={"roles": ["dept_manager", "security_lead"]}
+    )
+    frank = Caller(60006, "frank")
+    now = wf.now()
+    snap = wf.index.current()
+    for who in (ALICE, BOB, CAROL, erin, frank, Caller(0, "root")):
+        actor = wf.actor(who)
+        judged = sorted(
+            (
+                rid
+                for rid, e in snap.entries.items()
+                if e.acting is not None
+                and e.r.state in ("pending", "approved")
+                and access.check_view(e.r, e.approvals, actor, e.acting).allowed
+                and access.check_approve(e.r, e.approvals, actor, e.acting, now).allowed
+            ),
+            reverse=True,
+        )
+        assert [r["id"] for r in wf.list(who, None, waiting=True, limit=50)] == judged, who
+    assert [r["id"] for r in wf.list(frank, None, waiting=True, limit=50)] == [
+        rids[4],
+        rids[3],
+        rids[0],
+    ]
