@@ -57,6 +57,7 @@ from nvr_guard.store.audit import AuditHeadMismatch, AuditLog, ChainWatch
 from nvr_guard.store.catalog import Catalog
 from nvr_guard.store.db import copy_database
 from nvr_guard.times import iso, parse_time
+from nvr_guard.workflow import index as workflow_index
 
 if TYPE_CHECKING:
     from nvr_guard.media.ops import MediaOps
@@ -489,8 +490,10 @@ class Engine:
     def read_memo(
         self,
         key: tuple[Any, ...],
-        compute: Callable[[], _T],
+        compute: Callable[..., _T],
         weight: Callable[[_T], int] = lambda _: 1,
+        *,
+        locked: bool = True,
     ) -> _T:
         """``compute()``'s answer for ``key`` (a command, who asks, its arguments), reused while
         no request, approval or hold was written since (``requests_generation``), the config is
@@ -503,32 +506,46 @@ class Engine:
         The generation is read before computing: a write that lands meanwhile files the answer
         under a generation already gone, never new rows' answer under an old one.
 
-        An answer to make again waits STATUS_BUSY_WAIT for the lock; if a sweep or a rescan
-        (``_doing``) holds it, the one kept is given if nothing was written or reloaded since and
-        it is under STALE_WHILE_BUSY old; else it waits. What is kept is bounded by the number of
-        requests it holds of its own (``weight``: a list's length; status' parts only point into
-        one shared answer), MEMO_WEIGHT in all, the oldest dropped first; an answer heavier than
-        MEMO_ONE_MAX is never kept."""
+        An answer to make again waits STATUS_BUSY_WAIT for the lock (not at all while a sweep
+        or a rescan runs: ``_doing``); if one of those holds it, the answer kept is given if
+        nothing was written or reloaded since and it is under STALE_WHILE_BUSY old; else it
+        waits. What is kept is bounded by the number of requests it holds of its own
+        (``weight``: a list's length; status' parts only point into one shared answer),
+        MEMO_WEIGHT in all, the oldest dropped first; an answer heavier than
+        MEMO_ONE_MAX is never kept.
+
+        ``locked=False``: ``compute(wait)`` takes the lock itself when it needs it (a list or a
+        request read from the workflow's index needs it only to bring the index up to date);
+        asked first not to wait (``index.Busy``), then the answer kept is given as above."""
         at = (time.monotonic(), self.clock().wall)
         full = (self._config_serial, self.catalog.requests_generation, *key)
         hit = self._read_memo.get(full)
         if hit is not None and _fresh(hit[0], at, STATUS_FRESH):
             return cast(_T, hit[1])
-        if not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
-            # a sweep or a rescan holds the engine: an older answer, if nothing it speaks of
-            # was written since, rather than a page waiting for seconds
-            if (
-                hit is not None
-                and self._busy is not None
-                and full[:2] == (self._config_serial, self.catalog.requests_generation)
-                and 0 <= time.monotonic() - hit[0][0] < STALE_WHILE_BUSY
-            ):
+        # a sweep or a rescan holds the engine: an older answer, if nothing it speaks of was
+        # written since, rather than a page waiting for seconds
+        stale = (
+            hit is not None
+            and full[:2] == (self._config_serial, self.catalog.requests_generation)
+            and 0 <= time.monotonic() - hit[0][0] < STALE_WHILE_BUSY
+        )
+        if not locked:
+            try:
+                value = compute(False)
+            except workflow_index.Busy:
+                if hit is not None and stale and self._busy is not None:
+                    return cast(_T, hit[1])
+                value = compute(True)
+        elif not self.lock.acquire(timeout=0 if self._busy else STATUS_BUSY_WAIT):
+            if hit is not None and stale and self._busy is not None:
                 return cast(_T, hit[1])
-            self.lock.acquire()
-        try:
-            value = compute()
-        finally:
-            self.lock.release()
+            with self.lock:
+                value = compute()
+        else:
+            try:
+                value = compute()
+            finally:
+                self.lock.release()
         w = max(1, weight(value))
         if w > MEMO_ONE_MAX:
             return value
@@ -586,6 +603,26 @@ class Engine:
             lambda: self._part_for(shared, wf.visible_in(caller, shared.basis)),
         )
 
+    def _part_now(self, caller: Caller | None) -> _RequestsPart | None:
+        """``_requests_part`` without the engine lock, from what status says for everyone as
+        nothing about requests and holds was written since (None when there is none): who
+        may see what is judged from the workflow's index, which needs no lock."""
+        shared = self._read_memo.get(
+            (self._config_serial, self.catalog.requests_generation, "status")
+        )
+        if shared is None or not 0 <= time.monotonic() - shared[0][0] < STALE_WHILE_BUSY:
+            return None
+        value: _Shared = shared[1]
+        if caller is None:
+            return self._part_for(value, None)
+        return self._part_for(value, self.workflow.visible_in(caller, value.basis))
+
+    def prepare_status(self) -> None:
+        """What status says of requests and holds for everyone, made now if a write made it
+        out of date: before a long operation under the engine lock (``_doing``), so that status
+        can answer with the requests and holds of now meanwhile (``_part_now``)."""
+        self._requests_part(None)
+
     def _part_for(self, shared: _Shared, visible: set[int] | None) -> _RequestsPart:
         """``shared`` as someone who may see the requests ``visible`` (None: all) sees it."""
         if visible is None:
@@ -608,6 +645,10 @@ class Engine:
         with self.lock:
             outer = self._busy
             if outer is None:
+                try:
+                    self.prepare_status()
+                except Exception:  # status waits instead; the operation goes on
+                    log.exception("status could not be prepared before %s", what)
                 self._busy = (what, self.clock().wall)
             try:
                 yield
@@ -637,18 +678,24 @@ class Engine:
         kept = self._status_doc.get(actor)
         if kept is not None and kept[0] == key and _fresh(kept[1], at, STATUS_DOC_FRESH):
             return self._noting_busy(kept[2])
-        if not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
+        if not self.lock.acquire(timeout=0 if self._busy else STATUS_BUSY_WAIT):
             # a sweep or a rescan holds the engine: the last status made for this person, if
-            # nothing about requests or the config changed since and it is under a minute old,
-            # with the attention entries as they stand now (see _noting_busy); else wait
+            # the config is the same and it is under a minute old, with the attention entries
+            # as they stand now (see _noting_busy), and its requests and holds as they stand
+            # now: the same as then if none was written since, else what status says of them
+            # for everyone made since (the sweep makes it as it begins); else wait
             kept = self._status_doc.get(actor)  # perhaps made by another call meanwhile
             if (
                 kept is not None
                 and self._busy is not None
-                and kept[0][0::2] == (self._config_serial, self.catalog.requests_generation)
+                and kept[0][0] == self._config_serial
                 and 0 <= time.monotonic() - kept[1][0] < STALE_WHILE_BUSY
             ):
-                return self._noting_busy(kept[2])
+                if kept[0][2] == self.catalog.requests_generation:
+                    return self._noting_busy(kept[2])
+                part = self._part_now(caller)
+                if part is not None:
+                    return self._noting_busy(_with_requests_part(kept[2], part))
             self.lock.acquire()
         try:
             doc = self._status(caller)
@@ -830,6 +877,19 @@ class _RequestsPart:
     violations: list[str]  # those the caller may see
     violations_all: int  # how many there are
     open_requests: dict[str, list[Any]]  # status' open_requests
+
+
+def _with_requests_part(doc: dict[str, Any], part: _RequestsPart) -> dict[str, Any]:
+    """A status ``doc`` with what ``part`` says of requests, holds and violations instead."""
+    return {
+        **doc,
+        "holds": part.holds["holds"],
+        "holds_not_shown": part.holds["holds_not_shown"],
+        "violations": part.violations,
+        "violations_not_shown": part.violations_all - len(part.violations),
+        "requests": part.by_state,
+        "open_requests": part.open_requests,
+    }
 
 
 def _open_requests(

@@ -429,8 +429,9 @@ def request_list(ctx: Context, caller: Caller, a: RequestList) -> Any:
     wf = ctx.engine.workflow
     return ctx.engine.read_memo(
         ("request.list", wf.actor(caller), a.state, a.waiting, a.limit, a.before),
-        lambda: wf.list(caller, a.state, a.waiting, a.limit, a.before),
+        lambda wait: wf.list(caller, a.state, a.waiting, a.limit, a.before, wait=wait),
         weight=len,
+        locked=False,  # read from the workflow's index: the lock only to bring it up to date
     )
 
 
@@ -439,7 +440,9 @@ def request_show(ctx: Context, caller: Caller, a: IdArgs) -> Any:
     refusal is never kept: each one is audited)."""
     wf = ctx.engine.workflow
     return ctx.engine.read_memo(
-        ("request.show", wf.actor(caller), a.id), lambda: wf.show(caller, a.id)
+        ("request.show", wf.actor(caller), a.id),
+        lambda wait: wf.show(caller, a.id, wait=wait),
+        locked=False,  # as request_list; a refusal, recorded, takes the lock
     )
 
 

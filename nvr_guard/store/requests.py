@@ -185,22 +185,6 @@ class RequestStore:
             for row in rows
         ]
 
-    def recorded_roles(self) -> set[str]:
-        """Every role named as a step, the native-copy step or the after-hours role in the rules
-        recorded with decided requests (``judged_by``)."""
-        with self.lock:
-            rows = self.conn.execute(
-                "SELECT DISTINCT json_extract(judged_by, '$.steps'), "
-                "json_extract(judged_by, '$.native_role'), "
-                "json_extract(judged_by, '$.after_hours_role') "
-                "FROM requests WHERE judged_by IS NOT NULL"
-            ).fetchall()
-        out: set[str] = set()
-        for steps, native, duty in rows:
-            out.update(str(x) for x in json.loads(steps or "[]"))
-            out.update(str(x) for x in (native, duty) if x)
-        return out
-
     def counts(self) -> dict[str, int]:
         """Requests per stored state."""
         with self.lock:

@@ -18,20 +18,32 @@ decide now) is not kept: the callers judge the entries at their own ``now``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nvr_guard.config import Config
+from nvr_guard.store.db import Database
+from nvr_guard.store.requests import RequestStore
 from nvr_guard.workflow import access
 
-if TYPE_CHECKING:
-    from nvr_guard.workflow.requests import Workflow
+# a request as read -> the request as judged (its exporter filled in), the rules it is judged
+# by and those it is acted on by (None, None: its site is gone)
+Judge = Callable[
+    [access.Request, dict[str, Any]],
+    tuple[access.Request, access.AccessRules | None, access.AccessRules | None],
+]
 
 # stored states whose state may still change with time (see ``requests.OPEN``)
 OPEN = ("pending", "approved")
 # people whose right to see it an entry keeps (each a dict item; more are judged each time)
 SEEN_PEOPLE = 64
+
+
+class Busy(Exception):
+    """The index must be brought up to date, and someone holds the engine lock (a sweep):
+    asked not to wait for it (``Workflow.list``, ``show`` with ``wait=False``)."""
 
 
 @dataclass(eq=False)
@@ -85,6 +97,24 @@ class Snapshot:
     # ids oldest first; those whose stored state is open, or exported in an emergency
     ids: tuple[int, ...]
     open_ids: tuple[int, ...]
+    # what is worked out once from all of it (``recorded_roles``, the workflow's own)
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    def recorded_roles(self) -> frozenset[str]:
+        """Every role named as a step, the native-copy step or the after-hours role in the
+        rules recorded with decided requests (``judged_by``; ``RequestStore.recorded_roles``)."""
+        got = self.memo.get("recorded_roles")
+        if got is None:
+            roles: set[str] = set()
+            for e in self.entries.values():
+                rec = e.extra.get("judged_by")
+                if rec:
+                    roles.update(str(x) for x in rec.get("steps") or ())
+                    roles.update(
+                        str(x) for x in (rec.get("native_role"), rec.get("after_hours_role")) if x
+                    )
+            got = self.memo["recorded_roles"] = frozenset(roles)
+        return got
 
     def select(
         self,
@@ -115,19 +145,31 @@ class Snapshot:
 
 
 class RequestIndex:
-    """The snapshot of every request for ``workflow`` (see the module)."""
+    """The snapshot of every request in ``store`` (see the module): ``config`` gives the
+    config in force, ``judge`` the rules of a request, within ``memo`` (the workflow's: the
+    rules of a site made once while it lasts)."""
 
-    def __init__(self, workflow: Workflow) -> None:
-        self.wf = workflow
+    def __init__(
+        self,
+        db: Database,
+        store: RequestStore,
+        config: Callable[[], Config],
+        judge: Judge,
+        memo: Callable[[], AbstractContextManager[None]],
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.config = config
+        self.judge = judge
+        self.memo = memo
         self._snap: Snapshot | None = None
 
     def fresh(self) -> Snapshot | None:
         """The snapshot when no request row was written since and the config is the same;
         else None. Needs no lock."""
         s = self._snap
-        if s is not None and s.version == self.wf.ctx.catalog.request_rows:
-            if s.config is self.wf.config:
-                return s
+        if s is not None and s.version == self.db.request_rows and s.config is self.config():
+            return s
         return None
 
     def current(self) -> Snapshot:
@@ -137,13 +179,13 @@ class RequestIndex:
         s = self.fresh()
         if s is not None:
             return s
-        db = self.wf.ctx.catalog
+        db = self.db
         with db.lock:  # the rows, and the version they are at, read without a write between
             s = self.fresh()
             if s is not None:
                 return s
             version = db.request_rows
-            config = self.wf.config
+            config = self.config()
             old = self._snap
             changed = None
             if old is not None and old.config is config:
@@ -163,9 +205,8 @@ class RequestIndex:
         old: Snapshot | None,
         changed: set[int] | None,
     ) -> Snapshot:
-        wf = self.wf
-        store = wf.store
-        with wf.memo():
+        store = self.store
+        with self.memo():
             if old is None or changed is None:
                 rows = store.select()
                 entries: dict[int, Entry] = {}
@@ -180,15 +221,11 @@ class RequestIndex:
                 for rid in ids:  # requests are never removed; a missing one is gone anyway
                     entries.pop(rid, None)
             apps = store.approvals_of(r.id for r, _ in rows)
-            sites = config.sites
-            for r, extra in rows:
-                approvals = apps[r.id]
-                judged: access.AccessRules | None = None
-                acting: access.AccessRules | None = None
+            for r0, extra in rows:
+                approvals = apps[r0.id]
+                r, judged, acting = self.judge(r0, extra)
                 deciders: frozenset[str] = frozenset()
-                if r.site in sites:
-                    judged = wf._judged(r, extra)
-                    acting = wf._acting(r, judged)
+                if acting is not None:
                     deciders = frozenset(
                         {*access.open_steps(r, approvals, acting), acting.duty_role}
                     )

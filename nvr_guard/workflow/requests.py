@@ -53,13 +53,13 @@ class Workflow:
         self.exports = ExportJobs(self, open_destination)
         self.viewings = Viewings(self)
         # every request parsed once, read again where it changed (``index``)
-        self.index = index.RequestIndex(self)
+        self.index = index.RequestIndex(
+            ctx.catalog, self.store, lambda: self.config, self._judge, self.memo
+        )
         # per-thread memo of ``rules`` while one list/refresh/status call runs (``_memo``)
         self._local = threading.local()
         # (config, audit head) -> engine time and violations of the last ``refresh``
         self._last_refresh: tuple[tuple[int, int], float, list[str]] | None = None
-        # (requests generation, config digest) -> the roles that show others' requests
-        self._seeing: tuple[tuple[int, str], frozenset[str]] | None = None
 
     # ---- the export's seams and progress (``workflow.export_job``) ------------------------------
     @property
@@ -157,6 +157,17 @@ class Workflow:
         if record:
             return rules_from_record(record)
         return self.rules(r.site)
+
+    def _judge(
+        self, r: access.Request, extra: dict[str, Any]
+    ) -> tuple[access.Request, access.AccessRules | None, access.AccessRules | None]:
+        """``r`` for the index: with its exporter, the rules it is judged by and those it is
+        acted on by (None, None when its site is gone)."""
+        r = self.with_exporter(r)
+        if r.site not in self.config.sites:
+            return r, None, None
+        judged = self._judged(r, extra)
+        return r, judged, self._acting(r, judged)
 
     def rules_of(self, r: access.Request) -> access.AccessRules:
         """The rules ``r`` is judged by: those recorded when it was decided, else the current."""
@@ -401,16 +412,19 @@ class Workflow:
 
     def _load(self, rid: int) -> tuple[access.Request, list[access.Approval], access.AccessRules]:
         """The request, its approvals and the rules it is judged by."""
-        r = self.store.get(rid)
-        if r.exported_at is not None and r.exporter is None:
-            # exported before the exporter was stored with the request: its export.done says
-            done = None
-            for e in self.ctx.audit.entries(obj=f"request:{rid}", action="export.done"):
-                done = e
-            if done is not None:
-                r = dataclasses.replace(r, exporter=done.actor)
+        r = self.with_exporter(self.store.get(rid))
         approvals = self.store.approvals(rid)
         return r, approvals, self._judged(r)
+
+    def with_exporter(self, r: access.Request) -> access.Request:
+        """``r`` with its exporter: one exported before the exporter was stored with the
+        request has it from its ``export.done`` entry (separation of duties needs it)."""
+        if r.exported_at is None or r.exporter is not None:
+            return r
+        done = None
+        for e in self.ctx.audit.entries(obj=f"request:{r.id}", action="export.done"):
+            done = e
+        return r if done is None else dataclasses.replace(r, exporter=done.actor)
 
     def _current(
         self, rid: int
@@ -546,7 +560,26 @@ class Workflow:
         approvals = self.store.approvals(rid)
         return access.check_view(r, approvals, actor, self._acting(r, self._judged(r))).allowed
 
-    def _only_own(self, actor: access.Actor) -> str | None:
+    def _snapshot(self, wait: bool = True) -> index.Snapshot:
+        """The index for a read: brought up to date (``refresh`` first) when the engine lock is
+        free; as it is when a sweep holds the lock and no request row was written since;
+        else after waiting for the lock (``wait=False``: ``index.Busy`` instead)."""
+        if self.ctx.lock.acquire(blocking=False):
+            try:
+                self.refresh()
+                return self.index.current()
+            finally:
+                self.ctx.lock.release()
+        snap = self.index.fresh()
+        if snap is not None:
+            return snap
+        if not wait:
+            raise index.Busy
+        with self.ctx.lock:
+            self.refresh()
+            return self.index.current()
+
+    def _only_own(self, actor: access.Actor, snap: index.Snapshot) -> str | None:
         """``actor``'s name when no role of theirs shows them anyone else's request: then all
         they may see is what they filed or decided on (``access.check_view``), and a list is
         read for those alone (an operator's list walked every request before); else None.
@@ -556,15 +589,14 @@ class Workflow:
         decided, or as configured now) and the technician role of now."""
         if actor.roles & access.SEE_ALL_ROLES:
             return None
-        key = (self.ctx.catalog.requests_generation, self.config.digest)
-        kept = self._seeing
-        if kept is None or kept[0] != key:
-            roles = set(self.store.recorded_roles())
-            for site in self.config.sites:
+        seeing = snap.memo.get("seeing")
+        if seeing is None:
+            roles = set(snap.recorded_roles())
+            for site in snap.config.sites:
                 r = self.rules(site)
                 roles.update((*r.steps, r.native_role, r.duty_role, r.technician_role))
-            kept = self._seeing = (key, frozenset(roles))
-        return None if actor.roles & kept[1] else actor.user
+            seeing = snap.memo["seeing"] = frozenset(roles)
+        return None if actor.roles & seeing else actor.user
 
     def may_view_many(self, caller: Caller, rids: Sequence[int | None]) -> set[int | None]:
         """Those of ``rids`` that :meth:`may_view` would show to ``caller``, read in one go."""
@@ -608,10 +640,13 @@ class Workflow:
         waiting: bool = False,
         limit: int | None = None,
         before: int | None = None,
+        *,
+        wait: bool = True,
     ) -> list[dict[str, Any]]:
         """The requests ``caller`` may see (the others are left out, not refused), newest first
         when ``limit`` or ``before`` page through them; ``waiting``: only those ``caller`` may
-        decide now (``may_decide``)."""
+        decide now (``may_decide``). Read from the index, without the engine lock unless it
+        must be brought up to date (``wait=False``: ``index.Busy`` when that lock is held)."""
         if state and state not in access.STATES:
             raise InvalidInput(f"unknown state {state!r}; one of {', '.join(access.STATES)}")
         actor = self.actor(caller)
@@ -626,17 +661,16 @@ class Workflow:
             want = (state,) if state not in ("expired", "denied", *OPEN) else (state, *OPEN)
             states = want if states is None else tuple(x for x in states if x in want)
             flagged = flagged and state == "exported"
-        with self.ctx.lock, self.memo():
-            self.refresh()
+        snap = self._snapshot(wait)
+        with self.memo():
             now = self.now()
-            snap = self.index.current()
             views: list[dict[str, Any]] = []
             for e in snap.select(
                 states=states,
                 emergency_exported=flagged,
                 below=before,
                 newest_first=paged,
-                own_or_decided_by=self._only_own(actor),
+                own_or_decided_by=self._only_own(actor, snap),
             ):
                 r, approvals = e.r, e.approvals
                 if waiting and not actor.roles & e.deciders:
@@ -685,9 +719,30 @@ class Workflow:
         rules = self._acting(r, self._judged(r))
         return access.check_approve(r, approvals, actor, rules, self.now()).allowed
 
-    def show(self, caller: Caller, rid: int) -> dict[str, Any]:
+    def show(self, caller: Caller, rid: int, *, wait: bool = True) -> dict[str, Any]:
         """Request ``rid``, if ``caller`` may see it (``may_decide``: whether ``caller`` could
-        approve or deny it now)."""
+        approve or deny it now). From the index, without the engine lock (a sweep may hold it
+        for seconds), when it is shown and its stored state is its state now (nothing to settle
+        and record); else, and for a refusal (recorded), under the lock (``wait=False``:
+        ``index.Busy`` when it is held)."""
+        e = self._snapshot(wait).entries.get(rid)
+        if e is not None and e.judged is not None and e.acting is not None:
+            actor = self.actor(caller)
+            now = self.now()
+            if e.may_see(actor) and access.state_of(e.r, e.approvals, now, e.judged) == e.r.state:
+                view = self._entry_json(e, now)
+                view["may_decide"] = access.check_approve(
+                    e.r, e.approvals, actor, e.acting, now
+                ).allowed
+                return view
+        if not wait and not self.ctx.lock.acquire(blocking=False):
+            raise index.Busy
+        with contextlib.ExitStack() as held:
+            if not wait:
+                held.callback(self.ctx.lock.release)
+            return self._show_locked(caller, rid)
+
+    def _show_locked(self, caller: Caller, rid: int) -> dict[str, Any]:
         with self.ctx.recording():
             r, approvals, _ = self._visible(caller, rid)
             view = self.request_json(r, approvals)

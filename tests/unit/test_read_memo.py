@@ -227,11 +227,26 @@ def test_an_answer_past_its_time_is_given_while_a_sweep_holds_the_lock(
     if got != [shown]:
         release.set()
     assert got == [shown], "the kept answer was not given while the lock was held"
-    # a question never answered before waits for the lock: nothing to give meanwhile
-    fresh = _waits_for_the_lock(
-        release, holder, lambda: _call(engine, CAROL, "request.show", id=rid)
-    )
-    assert fresh["id"] == rid
+    # a question never answered before is answered from the workflow's index, which no write
+    # made out of date: at once, as it is answered once the lock is free
+    asking, got = _in_thread(lambda: _call(engine, CAROL, "request.show", id=rid))
+    asking.join(10)
+    if not got:
+        release.set()
+    assert got and got[0]["id"] == rid
+    # a refusal must be recorded: it waits for the lock
+    dave = Caller(60004, "dave")
+
+    def refused() -> str:
+        try:
+            _call(engine, dave, "request.show", id=rid)
+        except PolicyRefused as exc:
+            return str(exc)
+        return "shown"
+
+    assert _waits_for_the_lock(release, holder, refused) != "shown"
+    assert [e.action for e in engine.audit.entries() if e.actor == "dave"] == ["access.denied"]
+    assert _call(engine, CAROL, "request.show", id=rid) == got[0]
 
 
 def test_status_lists_as_many_holds_as_asked_and_says_how_many_there_are(
@@ -284,12 +299,50 @@ def test_status_counts_new_footage_and_a_sweep_at_once_and_not_other_writes(
     assert counted == []
 
 
-def test_a_status_kept_from_before_a_decision_is_not_given_during_a_sweep(
+def test_a_status_kept_from_before_a_decision_says_the_decision_during_a_sweep(
     engine: Engine,
+) -> None:
+    rid = _new(engine)
+    other = _new(engine)
+    root = Caller(0, "root")
+    assert [r["id"] for r in _call(engine, BOB, "status")["open_requests"]["pending"]] == [
+        rid,
+        other,
+    ]
+    holds = len(_call(engine, root, "status")["holds"])
+    _call(engine, ALICE, "request.cancel", id=rid)  # after bob's status was made
+    hold = _call(  # and root's
+        engine,
+        root,
+        "hold.add",
+        camera="cam1",
+        **{"from": "2026-01-01T00:00:00", "to": "2026-01-01T01:00:00"},
+        reason="case 12",
+    )
+    # the sweep makes what status says of requests and holds for everyone as it begins: the
+    # status kept from before is given at once, with the requests and holds of now
+    release, holder = _holding(engine, "a retention sweep (by root)")
+    try:
+        st, st_root = _call(engine, BOB, "status"), _call(engine, root, "status")
+    finally:
+        release.set()
+        holder.join(10)
+    assert [r["id"] for r in st["open_requests"]["pending"]] == [other]
+    assert st["requests"]["cancelled"] == 1 and st["busy"]["doing"].startswith("a retention")
+    assert len(st_root["holds"]) == holds + 1 and hold["id"] in [h["id"] for h in st_root["holds"]]
+    after = _call(engine, BOB, "status")
+    assert "busy" not in after
+    for key in ("open_requests", "requests", "holds", "violations", "violations_not_shown"):
+        assert st[key] == after[key], key
+
+
+def test_a_status_kept_from_before_a_decision_is_not_given_when_none_is_made_since(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rid = _new(engine)
     assert [r["id"] for r in _call(engine, BOB, "status")["open_requests"]["pending"]] == [rid]
     _call(engine, ALICE, "request.cancel", id=rid)  # after bob's status was made
+    monkeypatch.setattr(engine, "prepare_status", lambda: None)  # as if it could not be made
     release, holder = _holding(engine, "a retention sweep (by root)")
     # not the status from before the cancel: it waits, then says what stands now
     st = _waits_for_the_lock(release, holder, lambda: _call(engine, BOB, "status"))
@@ -316,11 +369,13 @@ def test_an_answer_past_its_time_waits_behind_anything_but_a_sweep(
     engine: Engine, clock: SetClock
 ) -> None:
     rid = _new(engine)
-    _call(engine, BOB, "request.show", id=rid)
+    _call(engine, BOB, "status")
     clock.wall += STATUS_FRESH + 1
     release, holder = _holding(engine, None)  # an ordinary command, not a sweep
-    shown = _waits_for_the_lock(release, holder, lambda: _call(engine, BOB, "request.show", id=rid))
-    assert shown["id"] == rid
+    # a request is read from the workflow's index meanwhile (no write since: it is current)
+    assert _call(engine, BOB, "request.show", id=rid)["id"] == rid
+    status = _waits_for_the_lock(release, holder, lambda: _call(engine, BOB, "status"))
+    assert [r["id"] for r in status["open_requests"]["pending"]] == [rid]
 
 
 def test_what_is_kept_is_bounded_by_the_requests_in_it(
@@ -355,11 +410,11 @@ def test_a_list_read_for_ones_own_requests_only_shows_what_the_full_walk_shows(
     # dave decided on one of alice's requests once (when he held a step's role)
     wf.store.add_approval(rids[1], Approval("dave", "dept_manager", "approve", "", 1.0))
     people = [ALICE, BOB, CAROL, dave, Caller(0, "root")]
-    narrowed = {p.user: wf._only_own(wf.actor(p)) for p in people}
+    narrowed = {p.user: wf._only_own(wf.actor(p), wf.index.current()) for p in people}
     assert narrowed == {"alice": "alice", "bob": None, "carol": None, "dave": "dave", "root": None}
     args = [(None, False, 50, None), (None, True, 50, None), ("pending", False, None, None)]
     fast = {(p.user, a): [r["id"] for r in wf.list(p, *a)] for p in people for a in args}
-    monkeypatch.setattr(type(wf), "_only_own", lambda self, actor: None)
+    monkeypatch.setattr(type(wf), "_only_own", lambda self, actor, snap: None)
     walked = {(p.user, a): [r["id"] for r in wf.list(p, *a)] for p in people for a in args}
     assert fast == walked
     assert fast[("dave", (None, False, 50, None))] == [rids[1]]
@@ -373,8 +428,9 @@ def _same_snapshots(engine: Engine) -> None:
     """The index as kept (read again where it changed) is the index read whole."""
     from nvr_guard.workflow.index import RequestIndex
 
-    kept = engine.workflow.index.current()
-    whole = RequestIndex(engine.workflow).current()
+    wf = engine.workflow
+    kept = wf.index.current()
+    whole = RequestIndex(wf.ctx.catalog, wf.store, lambda: wf.config, wf._judge, wf.memo).current()
     assert kept.ids == whole.ids and kept.open_ids == whole.open_ids
     for rid, e in whole.entries.items():
         k = kept.entries[rid]
