@@ -156,6 +156,7 @@ class Engine:
         self.sweeper = Sweeper(self.ctx)
         self.holds = Holds(self.ctx, lambda caller, rids: self.workflow.may_view_many(caller, rids))
         self._workflow: Workflow | None = None
+        self._audit_reader: AuditLog | None = None
         # kept answers (read_memo; looked up without the engine lock, changed under its own)
         self._read_memo: dict[tuple[Any, ...], tuple[tuple[float, float], Any, int]] = {}
         self._memo_weight = 0  # requests and holds in what _read_memo keeps
@@ -174,6 +175,21 @@ class Engine:
         self.catalog.fill_hold_roots(site_roots(config))
         self.audit.check_anchor()
         self._record_restored_triggers()
+
+    @property
+    def audit_reader(self) -> AuditLog:
+        """The audit log for reading only, on a connection of its own (``Database.reader``):
+        what was committed, without waiting for the engine lock a sweep holds for seconds; the
+        shared log where there is no such connection (a database in memory)."""
+        got = self._audit_reader
+        if got is None:
+            reader = self.catalog.reader()
+            if reader is None:
+                return self.audit
+            got = self._audit_reader = AuditLog(
+                reader[0], clock=lambda: self.clock().wall, head_path=None, lock=reader[1]
+            )
+        return got
 
     # ---- what the parts share (the context), readable where it always was ------------------
     @property

@@ -317,6 +317,13 @@ class Context:
         return self.engine.audit
 
     @property
+    def audit_reader(self) -> AuditLog:
+        """The audit log for reading (``Engine.audit_reader``; without an engine, the log)."""
+        if self._audit_log is not None:
+            return self._audit_log
+        return self.engine.audit_reader
+
+    @property
     def tz(self) -> tzinfo:
         """The zone times without an offset are read in."""
         return self.config.tz
@@ -607,9 +614,15 @@ def key_show(ctx: Context, caller: Caller, a: NoArgs) -> Any:
 def audit_show(ctx: Context, caller: Caller, a: AuditShow) -> Any:
     """Audit entries, oldest first, from ``since``, about one request if given."""
     t0 = None if a.since is None else parse_time(a.since, ctx.tz, "--since", now=ctx.wall())
-    # read under the catalog's lock only: a sweep holding the engine lock does not delay it
+    # on a connection of its own: what was committed, not waiting for a sweep's lock
     return audit_show_json(
-        ctx.audit, ctx.tz, t0, a.request, actor=a.actor, action=a.action, limit=a.limit
+        ctx.audit_reader,
+        ctx.tz,
+        t0,
+        a.request,
+        actor=a.actor,
+        action=a.action,
+        limit=a.limit,
     )
 
 

@@ -186,6 +186,7 @@ class Database:
         self.path = Path(path)
         self.lock = threading.RLock()
         self._closed = False
+        self._reader: tuple[sqlite3.Connection, threading.RLock] | None = None  # reader()
         # bumped by every write to requests, approvals or holds (their stores' methods): what
         # the daemon's answers about them were computed at (see Engine.read_memo)
         self.requests_generation = 0
@@ -253,11 +254,26 @@ class Database:
         with self.lock:
             return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
+    def reader(self) -> tuple[sqlite3.Connection, threading.RLock] | None:
+        """A second connection to the same file, read-only, with a lock of its own: for reads
+        that must not wait behind a long write transaction on the shared connection (a purge
+        commits its receipts at the end): they see what was committed. Opened once, closed
+        with the database; None for a database in memory, or one closed."""
+        if self._reader is None and not self._closed and str(self.path) != ":memory:":
+            with self.lock:
+                if self._reader is None and not self._closed:
+                    ro = Database(self.path, read_only=True)
+                    self._reader = (ro.conn, threading.RLock())
+        return self._reader
+
     def close(self) -> None:
         """Close the connection; the object is unusable afterwards."""
         with self.lock:
             self._closed = True
             self.conn.close()
+            if self._reader is not None:
+                with self._reader[1]:
+                    self._reader[0].close()
 
     def __enter__(self) -> Self:
         return self

@@ -546,3 +546,36 @@ def test_a_waiting_list_leaves_out_only_what_no_one_of_those_roles_may_decide(
         rids[3],
         rids[0],
     ]
+
+
+def test_the_audit_log_is_read_beside_a_transaction_and_shows_what_was_committed(
+    engine: Engine,
+) -> None:
+    rid = _new(engine)
+    auditor = Caller(0, "root")
+    before = _call(engine, auditor, "audit.show", request=rid)["entries"]
+    assert [e["action"] for e in before] == ["request.new"]
+    holding, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def write() -> None:
+        # a long transaction on the shared connection, as a purge's receipts
+        with engine.lock, engine.audit.recording():
+            engine.audit.append("root", "request.note", f"request:{rid}", {"note": "pending"})
+            holding.set()
+            release.wait(30)
+        done.set()
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    assert holding.wait(10)
+    try:
+        asking, got = _in_thread(lambda: _call(engine, auditor, "audit.show", request=rid))
+        asking.join(10)
+        assert got, "audit.show waited for the transaction"
+        assert [e["action"] for e in got[0]["entries"]] == ["request.new"]  # not uncommitted
+    finally:
+        release.set()
+        t.join(10)
+    assert done.is_set()
+    after = _call(engine, auditor, "audit.show", request=rid)["entries"]
+    assert [e["action"] for e in after] == ["request.new", "request.note"]
