@@ -164,6 +164,8 @@ class Engine:
         # per person (Actor; None: root): the last status made, with what it was made at
         # ((config serial, catalog writes, requests generation)) and when; see status
         self._status_doc: dict[Any, tuple[tuple[int, int, int], tuple[float, float], Any]] = {}
+        # the last of them made, for anyone
+        self._status_last: tuple[tuple[int, int, int], tuple[float, float], Any] | None = None
         self._busy: tuple[str, float] | None = None  # what holds the lock for long, since when
         # moved on by every apply_config: what kept answers were made under (an object's id may
         # be reused by the next config)
@@ -700,14 +702,17 @@ class Engine:
             # as they stand now (see _noting_busy), and its requests and holds as they stand
             # now: the same as then if none was written since, else what status says of them
             # for everyone made since (the sweep makes it as it begins); else wait
-            kept = self._status_doc.get(actor)  # perhaps made by another call meanwhile
+            # (someone else's status says the same of the sites, sweeps, audit and attention;
+            # it is given with this person's requests and holds)
+            own = self._status_doc.get(actor)  # perhaps made by another call meanwhile
+            kept = own or self._status_last
             if (
                 kept is not None
                 and self._busy is not None
                 and kept[0][0] == self._config_serial
                 and 0 <= time.monotonic() - kept[1][0] < STALE_WHILE_BUSY
             ):
-                if kept[0][2] == self.catalog.requests_generation:
+                if kept is own and kept[0][2] == self.catalog.requests_generation:
                     return self._noting_busy(kept[2])
                 part = self._part_now(caller)
                 if part is not None:
@@ -717,7 +722,7 @@ class Engine:
             doc = self._status(caller)
             if len(self._status_doc) >= READ_MEMO_SIZE:
                 self._status_doc.clear()
-            self._status_doc[actor] = (key, at, doc)
+            self._status_doc[actor] = self._status_last = (key, at, doc)
             return dict(doc)  # the caller may add to it (the daemon's health): not to the kept one
         finally:
             self.lock.release()

@@ -310,30 +310,24 @@ class Workflow:
         out["violation"] = access.emergency_violation(r, approvals, now, rules)
         return out
 
-    def request_brief(
-        self,
-        r: access.Request,
-        approvals: list[access.Approval],
-        rules: access.AccessRules | None,
-        now: float,
-    ) -> dict[str, Any]:
-        """What ``status`` lists of a request: its id and up-to-date state, and, judged as
-        ``request_json`` judges them (``rules``: ``_judged``; None when its site is gone), its
-        open steps, deadline, validity and violation."""
-        if rules is None:
+    def request_brief(self, e: index.Entry, now: float) -> dict[str, Any]:
+        """What ``status`` lists of a request (an index entry): its id and up-to-date state,
+        and, judged as ``request_json`` judges them, its open steps, deadline, validity and
+        violation (those that do not change with the time made once per entry)."""
+        r = e.r
+        if e.judged is None:
             return {"id": r.id, "state": r.state, "open_steps": []}  # no rules to judge by
-        tz = self.config.site_tz(r.site)
-        state = access.state_of(r, approvals, now, rules)
-        out: dict[str, Any] = {
-            "id": r.id,
-            "state": state,
-            "open_steps": list(access.open_steps(r, approvals, rules)),
-        }
+        parts = e.static
+        if parts is None:
+            parts = e.static = self._static_json(r, e.approvals, e.extra, e.judged)
+        state = access.state_of(r, e.approvals, now, e.judged)
+        out: dict[str, Any] = {"id": r.id, "state": state, "open_steps": parts[0]["open_steps"]}
         if state == "pending":
-            out["decide_by"] = iso(access.decide_deadline(r.created, rules), tz)
-        until = access.valid_until(r, approvals, rules)
-        out["valid_until"] = iso(until, tz) if until else None
-        out["violation"] = access.emergency_violation(r, approvals, now, rules)
+            out["decide_by"] = iso(
+                access.decide_deadline(r.created, e.judged), self.config.site_tz(r.site)
+            )
+        out["valid_until"] = parts[1]["valid_until"]
+        out["violation"] = access.emergency_violation(r, e.approvals, now, e.judged)
         return out
 
     # ---- requests ------------------------------------------------------------------------------
@@ -481,15 +475,13 @@ class Workflow:
             violations = []
             # final states stay as they are; of those, only an exported emergency request can
             # have (or close) a violation: the others need no look at all
-            rows = self.store.select(states=OPEN, emergency_exported=True)
-            apps = self.store.approvals_of(r.id for r, _ in rows)
-            for r, extra in rows:
+            for ent in self.index.current().select(states=OPEN, emergency_exported=True):
+                r = ent.r
                 if r.exported_at is None:
                     # never exported: no violation, only a state that time may have changed
-                    approvals = apps[r.id]
-                    rules = self._judged(r, extra)
-                    if access.state_of(r, approvals, now, rules) != r.state:
-                        self._settle(r, approvals, rules)
+                    rules = ent.judged if ent.judged is not None else self._judged(r, ent.extra)
+                    if access.state_of(r, ent.approvals, now, rules) != r.state:
+                        self._settle(r, ent.approvals, rules)
                     continue
                 r2, approvals, rules = self._current(r.id)
                 v = access.emergency_violation(r2, approvals, self.now(), rules)
@@ -704,7 +696,7 @@ class Workflow:
             by_state = {k: n for k, n in self.store.counts().items() if k not in OPEN}
             views = []
             for e in self.index.current().select(states=OPEN, emergency_exported=True):
-                view = self.request_brief(e.r, e.approvals, e.judged, now)
+                view = self.request_brief(e, now)
                 if e.r.state in OPEN:  # a final state was counted as stored
                     by_state[view["state"]] = by_state.get(view["state"], 0) + 1
                 views.append(view)

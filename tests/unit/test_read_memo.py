@@ -579,3 +579,24 @@ def test_the_audit_log_is_read_beside_a_transaction_and_shows_what_was_committed
     assert done.is_set()
     after = _call(engine, auditor, "audit.show", request=rid)["entries"]
     assert [e["action"] for e in after] == ["request.new", "request.note"]
+
+
+def test_a_status_during_a_sweep_for_someone_who_never_asked_is_their_own(
+    engine: Engine,
+) -> None:
+    rid = _new(engine)
+    dave = Caller(60004, "dave")  # another operator: alice's request is not his to see
+    _call(engine, BOB, "status")  # only bob asked before the sweep
+    release, holder = _holding(engine, "a retention sweep (by root)")
+    try:
+        during = {who.user: _call(engine, who, "status") for who in (ALICE, dave)}
+    finally:
+        release.set()
+        holder.join(10)
+    assert [r["id"] for r in during["alice"]["open_requests"]["pending"]] == [rid]
+    assert during["dave"]["open_requests"]["pending"] == []
+    for who in (ALICE, dave):
+        st, after = during[who.user], _call(engine, who, "status")
+        assert st["busy"]["doing"] == "a retention sweep (by root)" and "busy" not in after
+        for key in ("open_requests", "requests", "holds", "holds_not_shown", "violations"):
+            assert st[key] == after[key], (who.user, key)
