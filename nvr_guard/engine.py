@@ -101,9 +101,10 @@ READ_MEMO_SIZE = 4096  # status documents kept at most (one per person)
 # requests and holds (list entries) kept in answers at most, about 2 KB each: the oldest go first
 MEMO_WEIGHT = 50_000
 MEMO_ONE_MAX = 2_000  # an answer with more is made each time, never kept
-# seconds a status (or another kept answer) waits for the engine lock before it answers with
-# the last one made; and how old that one may be (nothing it says of requests changed since)
-STATUS_BUSY_WAIT = 0.5
+# while a status (or another kept answer) waits for the engine lock, it looks this often
+# whether a sweep or a rescan holds it (``_doing``: then it answers with the last one made);
+# and how old that one may be (nothing it says of requests changed since)
+STATUS_BUSY_WAIT = 0.05
 STALE_WHILE_BUSY = 60.0
 # seconds a whole status document is given again while nothing was written to the catalog
 STATUS_DOC_FRESH = 2.0
@@ -524,13 +525,12 @@ class Engine:
         The generation is read before computing: a write that lands meanwhile files the answer
         under a generation already gone, never new rows' answer under an old one.
 
-        An answer to make again waits STATUS_BUSY_WAIT for the lock (not at all while a sweep
-        or a rescan runs: ``_doing``); if one of those holds it, the answer kept is given if
-        nothing was written or reloaded since and it is under STALE_WHILE_BUSY old; else it
-        waits. What is kept is bounded by the number of requests it holds of its own
-        (``weight``: a list's length; status' parts only point into one shared answer),
-        MEMO_WEIGHT in all, the oldest dropped first; an answer heavier than
-        MEMO_ONE_MAX is never kept.
+        An answer to make again waits for the lock; while a sweep or a rescan holds it
+        (``_doing``; looked at every STATUS_BUSY_WAIT), the answer kept is given if nothing was
+        written or reloaded since and it is under STALE_WHILE_BUSY old. What is kept is bounded
+        by the number of requests it holds of its own (``weight``: a list's length; status'
+        parts only point into one shared answer), MEMO_WEIGHT in all, the oldest dropped
+        first; an answer heavier than MEMO_ONE_MAX is never kept.
 
         ``locked=False``: ``compute(wait)`` takes the lock itself when it needs it (a list or a
         request read from the workflow's index needs it only to bring the index up to date);
@@ -554,12 +554,10 @@ class Engine:
                 if hit is not None and stale and self._busy is not None:
                     return cast(_T, hit[1])
                 value = compute(True)
-        elif not self.lock.acquire(timeout=0 if self._busy else STATUS_BUSY_WAIT):
-            if hit is not None and stale and self._busy is not None:
-                return cast(_T, hit[1])
-            with self.lock:
-                value = compute()
         else:
+            while not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
+                if hit is not None and stale and self._busy is not None:
+                    return cast(_T, hit[1])
             try:
                 value = compute()
             finally:
@@ -663,11 +661,11 @@ class Engine:
         with self.lock:
             outer = self._busy
             if outer is None:
+                self._busy = (what, self.clock().wall)
                 try:
                     self.prepare_status()
                 except Exception:  # status waits instead; the operation goes on
                     log.exception("status could not be prepared before %s", what)
-                self._busy = (what, self.clock().wall)
             try:
                 yield
             finally:
@@ -678,10 +676,11 @@ class Engine:
         """Health for ``caller`` (None: everything, for root acting locally): holds, violations
         and open requests name only the requests ``caller`` may see; the others are counted.
 
-        While a sweep or a rescan has held the engine lock for STATUS_BUSY_WAIT, the last
-        status made for the same person is answered at once, with ``busy`` saying what runs
-        since when and when that status was made (``nvr-guard status`` would time out behind a
-        long purge, and the console's pages with it); with none made yet, it waits."""
+        While a sweep or a rescan holds the engine lock (``_doing``; looked at every
+        STATUS_BUSY_WAIT while it waits for the lock), the last status made is answered,
+        with ``busy`` saying what runs since when and when that status was made, and the
+        requests and holds as they stand (``nvr-guard status`` would time out behind a long
+        purge, and the console's pages with it); with none made yet, it waits."""
         actor = None if caller is None else self.workflow.actor(caller)
         # the same document again while nothing was written to the catalog (a new segment, a
         # sweep, an audit entry, an attention entry: each is a write), for STATUS_DOC_FRESH
@@ -696,28 +695,11 @@ class Engine:
         kept = self._status_doc.get(actor)
         if kept is not None and kept[0] == key and _fresh(kept[1], at, STATUS_DOC_FRESH):
             return self._noting_busy(kept[2])
-        if not self.lock.acquire(timeout=0 if self._busy else STATUS_BUSY_WAIT):
-            # a sweep or a rescan holds the engine: the last status made for this person, if
-            # the config is the same and it is under a minute old, with the attention entries
-            # as they stand now (see _noting_busy), and its requests and holds as they stand
-            # now: the same as then if none was written since, else what status says of them
-            # for everyone made since (the sweep makes it as it begins); else wait
-            # (someone else's status says the same of the sites, sweeps, audit and attention;
-            # it is given with this person's requests and holds)
-            own = self._status_doc.get(actor)  # perhaps made by another call meanwhile
-            kept = own or self._status_last
-            if (
-                kept is not None
-                and self._busy is not None
-                and kept[0][0] == self._config_serial
-                and 0 <= time.monotonic() - kept[1][0] < STALE_WHILE_BUSY
-            ):
-                if kept is own and kept[0][2] == self.catalog.requests_generation:
-                    return self._noting_busy(kept[2])
-                part = self._part_now(caller)
-                if part is not None:
-                    return self._noting_busy(_with_requests_part(kept[2], part))
-            self.lock.acquire()
+        while not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
+            if self._busy is not None:
+                busy = self._status_while_busy(actor, caller)
+                if busy is not None:
+                    return busy
         try:
             doc = self._status(caller)
             if len(self._status_doc) >= READ_MEMO_SIZE:
@@ -726,6 +708,27 @@ class Engine:
             return dict(doc)  # the caller may add to it (the daemon's health): not to the kept one
         finally:
             self.lock.release()
+
+    def _status_while_busy(self, actor: Any, caller: Caller | None) -> dict[str, Any] | None:
+        """A sweep or a rescan holds the engine: the last status made for this person, if the
+        config is the same and it is under a minute old, with the attention entries as they
+        stand now (``_noting_busy``), and its requests and holds as they stand now: the same
+        as then if none was written since, else what status says of them for everyone made
+        since (the operation makes it as it begins: ``prepare_status``). Someone else's
+        status says the same of the sites, sweeps, audit and attention: it is given, with this
+        person's requests and holds, to one who asked none before. None: nothing to give."""
+        own = self._status_doc.get(actor)
+        kept = own or self._status_last
+        if kept is None or kept[0][0] != self._config_serial:
+            return None
+        if not 0 <= time.monotonic() - kept[1][0] < STALE_WHILE_BUSY:
+            return None
+        if kept is own and kept[0][2] == self.catalog.requests_generation:
+            return self._noting_busy(kept[2])
+        part = self._part_now(caller)
+        if part is None:
+            return None
+        return self._noting_busy(_with_requests_part(kept[2], part))
 
     def _noting_busy(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A copy of a status made earlier, with ``busy`` while a long operation runs: its

@@ -40,6 +40,8 @@ from nvr_guard.store.audit import AuditHeadMismatch
 
 # how long a starting daemon waits for local root commands still acting on the state
 STATE_LOCK_WAIT = 30.0
+# seconds a thread holds the interpreter lock before another may take it (run_daemon)
+SWITCH_INTERVAL = 0.001
 
 log = logging.getLogger("nvr_guard.daemon.main")
 
@@ -598,6 +600,10 @@ class Daemon:
 def run_daemon(config_path: str, verbose: int = 0) -> int:
     """Run a daemon in the foreground until SIGTERM/SIGINT; the process's exit code."""
     setup_logging(verbose)
+    # the commands people wait for are answered beside long CPU-bound work in this process (a
+    # purge's catalog and receipts, a reconcile): each of a command's dozen hand-offs of the
+    # interpreter lock waits up to this long behind it (Python's default: 5 ms)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     d = Daemon(config_path)
 
     def on_term(signum: int, frame: Any) -> None:

@@ -30,6 +30,7 @@ removes those) and a ``purge.begin`` without receipt; never a receipt for a file
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -354,6 +355,8 @@ def _sync_root(root: bytes) -> None:
 # every stat and unlink gives up and takes back the GIL, which the main thread needs meanwhile
 # for the catalog; two processes each keep a core (bench/retention.py: 144,000 files).
 PROCESS_MIN = 20_000
+# how much lower the worker processes' CPU priority is than the daemon's (``_worker_start``)
+WORKER_NICE = 5
 
 # what a worker gets per file: plain data, cheap to pickle (the exts set is shared by identity)
 # (root, rel, extensions, settle, catalogued size, catalogued mtime, cross mounts, root identity)
@@ -472,7 +475,7 @@ def _pool(workers: int, processes: bool) -> tuple[Executor, Future[int] | None]:
             pool = ProcessPoolExecutor(
                 workers,
                 mp_context=worker_context(),
-                initializer=_die_with,
+                initializer=_worker_start,
                 initargs=(os.getpid(),),
             )
             return pool, pool.submit(os.getpid)  # the workers start while group 1 is prepared
@@ -795,6 +798,16 @@ def _unlink_jobs(jobs: list[list[_Item]], now: float) -> list[_Outcome]:
     finally:
         for w in walkers.values():
             w.close()
+
+
+def _worker_start(owner: int) -> None:
+    """The initializer of every worker process of a purge: a lower CPU priority than the
+    daemon's own (WORKER_NICE more: deleting old footage is background work, and the commands
+    people wait for — a status, a page of the console — come first; it still gets every cycle
+    nothing else wants), and gone with the purging process (``_die_with``)."""
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
+    _die_with(owner)
 
 
 def _die_with(owner: int) -> None:

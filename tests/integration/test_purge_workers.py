@@ -62,3 +62,20 @@ def test_worker_processes_die_with_the_purging_process(tmp_path: Path, watch: bo
         for k in kids:  # the forkserver, its resource tracker, workers of the control case
             if k.is_running():
                 k.kill()
+
+
+def test_worker_processes_run_below_the_daemons_priority() -> None:
+    # deleting old footage is background work: the commands people wait for come first
+    import os
+
+    from nvr_guard.retention import purge
+
+    pool, warm = purge._pool(2, True)
+    try:
+        assert warm is not None
+        warm.result(timeout=60)
+        mine = os.nice(0)
+        theirs = {pool.submit(os.nice, 0).result(timeout=60) for _ in range(4)}
+        assert theirs == {min(19, mine + purge.WORKER_NICE)}
+    finally:
+        pool.shutdown()

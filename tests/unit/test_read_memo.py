@@ -204,7 +204,7 @@ def _waits_for_the_lock(release: threading.Event, holder: threading.Thread, ask:
     """``ask()`` on a thread of its own: still waiting while ``holder`` holds the engine lock,
     answered once it lets go (``release``); its answer."""
     asking, got = _in_thread(ask)
-    asking.join(STATUS_BUSY_WAIT * 3)
+    asking.join(max(1.0, STATUS_BUSY_WAIT * 20))  # many looks at whether a sweep holds it
     try:
         assert asking.is_alive() and got == [], "answered while the lock was held"
     finally:
