@@ -631,7 +631,13 @@ class Engine:
         value: _Shared = shared[1]
         if caller is None:
             return self._part_for(value, None)
-        return self._part_for(value, self.workflow.visible_in(caller, value.basis))
+        wf = self.workflow
+        # kept as _requests_part keeps it (the same key): made once per person and answer
+        return self.read_memo(
+            ("status", value.stamp, wf.actor(caller)),
+            lambda wait: self._part_for(value, wf.visible_in(caller, value.basis)),
+            locked=False,
+        )
 
     def prepare_status(self) -> None:
         """What status says of requests and holds for everyone, made now if a write made it
