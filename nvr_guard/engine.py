@@ -334,6 +334,10 @@ class Engine:
                 r for rs in site_roots(new).values() for r in rs
             )
             self.ctx.config = new
+            # again, once the new one is in force: an answer made meanwhile without the lock
+            # (a list, a request: from the workflow's copy of the requests) may have been made
+            # under the old one, and must not be kept as the new one's
+            self._config_serial += 1
             done: list[str] = []
             try:
                 self.sweeper.configure(new)

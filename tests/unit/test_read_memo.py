@@ -600,3 +600,47 @@ def test_a_status_during_a_sweep_for_someone_who_never_asked_is_their_own(
         assert st["busy"]["doing"] == "a retention sweep (by root)" and "busy" not in after
         for key in ("open_requests", "requests", "holds", "holds_not_shown", "violations"):
             assert st[key] == after[key], (who.user, key)
+
+
+def test_an_answer_made_during_a_reload_is_not_kept_as_the_new_configs(
+    engine: Engine, site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a list or a request is answered without the engine lock from the workflow's copy of the
+    # requests: one made while a reload is under way is the old config's, and must not be
+    # given after it as the new one's (here bob, level 1, loses sight of a level-2 camera)
+    text = site.config.read_text().replace(
+        "    bob: {roles: [dept_manager], level: 2}\n",
+        "    bob: {roles: [dept_manager], level: 1}\n",
+    )
+    assert "level: 1" in text
+    site.config.write_text(text + "cameras:\n  cam1: {name: Gate, level: 1}\n")
+    engine.apply_config(load_config(str(site.config)), "root")
+    rid = _new(engine)
+    assert [r["id"] for r in _call(engine, BOB, "request.list", limit=50)] == [rid]
+    site.config.write_text(text + "cameras:\n  cam1: {name: Gate, level: 2}\n")
+    new = load_config(str(site.config))
+    inside, go = threading.Event(), threading.Event()
+    real = engine.hold_problems
+
+    def slow(config: Any) -> Any:  # a reload that checks many holds: it takes a while
+        out = real(config)
+        inside.set()
+        go.wait(10)
+        return out
+
+    monkeypatch.setattr(engine, "hold_problems", slow)
+    reload = threading.Thread(target=engine.apply_config, args=(new, "root"), daemon=True)
+    reload.start()
+    try:
+        assert inside.wait(10)
+        # still the old config in force: bob sees it, answered without waiting
+        assert [r["id"] for r in _call(engine, BOB, "request.list", limit=50)] == [rid]
+        assert _call(engine, BOB, "request.show", id=rid)["id"] == rid
+    finally:
+        go.set()
+        reload.join(10)
+    assert engine.config.cameras["cam1"].level == 2
+    assert _call(engine, BOB, "request.list", limit=50) == []
+    with pytest.raises(PolicyRefused):
+        _call(engine, BOB, "request.show", id=rid)
+    assert [e.action for e in engine.audit.entries() if e.actor == "bob"][-1] == "access.denied"
