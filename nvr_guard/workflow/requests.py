@@ -60,6 +60,8 @@ class Workflow:
         self._local = threading.local()
         # (config, audit head) -> engine time and violations of the last ``refresh``
         self._last_refresh: tuple[tuple[int, int], float, list[str]] | None = None
+        # requests refresh could not judge (their site is gone), each logged once
+        self._unjudged: set[int] = set()
 
     # ---- the export's seams and progress (``workflow.export_job``) ------------------------------
     @property
@@ -156,6 +158,13 @@ class Workflow:
         record = (self.store.extra(r.id) if extra is None else extra).get("judged_by")
         if record:
             return rules_from_record(record)
+        if r.site not in self.config.sites:
+            # never decided, and its site's approval rules are gone with the site
+            raise PolicyRefused(
+                f"request {r.id} is on site {r.site}, which the config in force no longer has, "
+                "and no decision on it recorded the rules it is judged by: put the site back "
+                "in the config to decide, cancel or export it"
+            )
         return self.rules(r.site)
 
     def _judge(
@@ -178,6 +187,15 @@ class Workflow:
         are judged by ``judged``; who acts is judged by the current config (roles and camera
         levels, separation of duties, after-hours cover) and, until it is exported, so are the
         export hours."""
+        if r.site not in self.config.sites:
+            # its site is gone: the site's hours with it; who acts is judged as everywhere
+            ap = self.config.approval
+            return dataclasses.replace(
+                judged,
+                camera_levels=self.camera_levels(),
+                after_hours_valid=float(ap.after_hours_valid.seconds),
+                approver_may_export=bool(ap.approver_may_export),
+            )
         cur = self.rules(r.site)
         over: dict[str, Any] = {
             "camera_levels": cur.camera_levels,
@@ -477,9 +495,16 @@ class Workflow:
             # have (or close) a violation: the others need no look at all
             for ent in self.index.current().select(states=OPEN, emergency_exported=True):
                 r = ent.r
+                try:
+                    rules = ent.judged if ent.judged is not None else self._judged(r, ent.extra)
+                except PolicyRefused as exc:
+                    # its site is gone: nothing to judge it by; the others are judged on
+                    if r.id not in self._unjudged:
+                        self._unjudged.add(r.id)
+                        log.warning("%s", exc)
+                    continue
                 if r.exported_at is None:
                     # never exported: no violation, only a state that time may have changed
-                    rules = ent.judged if ent.judged is not None else self._judged(r, ent.extra)
                     if access.state_of(r, ent.approvals, now, rules) != r.state:
                         self._settle(r, ent.approvals, rules)
                     continue
@@ -515,7 +540,9 @@ class Workflow:
         actor = self.actor(caller)
         try:
             r, approvals, rules = self._current(rid)
-        except InvalidInput:
+        except (InvalidInput, PolicyRefused):
+            # no such request, or one that cannot be judged (its site is gone): said as it is
+            # to those who see every request; to anyone else, as any request not shown
             if actor.roles & access.SEE_ALL_ROLES:
                 raise
             self._refused(caller, f"request:{rid}", access.not_shown(actor, rid))

@@ -644,3 +644,34 @@ def test_an_answer_made_during_a_reload_is_not_kept_as_the_new_configs(
     with pytest.raises(PolicyRefused):
         _call(engine, BOB, "request.show", id=rid)
     assert [e.action for e in engine.audit.entries() if e.actor == "bob"][-1] == "access.denied"
+
+
+def test_requests_of_a_site_gone_from_the_config_do_not_stop_the_others(
+    engine: Engine, site: Site
+) -> None:
+    # a site renamed with the same roots (its holds still find their footage, so the reload is
+    # taken): its undecided requests cannot be judged any more; everyone else's must still be
+    root = Caller(0, "root")
+    undecided = _new(engine)
+    decided = _new(engine)
+    _call(engine, BOB, "request.approve", id=decided, note="ok")
+    _call(engine, CAROL, "request.approve", id=decided, note="ok")
+    text = site.config.read_text()
+    assert "\n  toll:\n" in text
+    site.config.write_text(text.replace("\n  toll:\n", "\n  toll2:\n"))
+    engine.apply_config(load_config(str(site.config)), "root")
+    engine.workflow.refresh()  # judges the others, passes over the one it cannot judge
+    listed = {r["id"]: r["state"] for r in _call(engine, root, "request.list")}
+    assert listed == {undecided: "pending", decided: "approved"}
+    st = _call(engine, root, "status")
+    assert st["requests"]["pending"] == 1
+    assert _call(engine, root, "request.show", id=decided)["state"] == "approved"
+    # the one that cannot be judged says why to who sees every request (exit 3, not a crash)
+    with pytest.raises(PolicyRefused, match="no longer has"):
+        _call(engine, root, "request.show", id=undecided)
+    # and to its requester, as any request not shown (nothing about the config leaks), audited
+    with pytest.raises(PolicyRefused) as refused:
+        _call(engine, ALICE, "request.show", id=undecided)
+    assert "toll" not in str(refused.value)
+    assert [e.action for e in engine.audit.entries() if e.actor == "alice"][-1] == "access.denied"
+    assert _call(engine, ALICE, "request.list") == []  # only those who see every request
