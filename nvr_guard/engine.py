@@ -646,8 +646,11 @@ class Engine:
     def prepare_status(self) -> None:
         """What status says of requests and holds for everyone, made now if a write made it
         out of date: before a long operation under the engine lock (``_doing``), so that status
-        can answer with the requests and holds of now meanwhile (``_part_now``)."""
-        self._requests_part(None)
+        can answer with the requests and holds of now meanwhile (``_part_now``). Only where a
+        status was asked before: nobody waits for one elsewhere (a preview's scratch engine, at
+        its own ``--now``, must not settle requests on the way)."""
+        if self._status_last is not None:
+            self._requests_part(None)
 
     def _part_for(self, shared: _Shared, visible: set[int] | None) -> _RequestsPart:
         """``shared`` as someone who may see the requests ``visible`` (None: all) sees it."""
