@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -82,6 +82,7 @@ __all__ = [
     "audit_verify_json",
     "hold_problems",
     "preview",
+    "request_problems",
     "root_bytes",
     "site_roots",
 ]
@@ -317,8 +318,11 @@ class Engine:
         return self.ctx.roots_of(site)
 
     def hold_problems(self, config: Config) -> list[tuple[str, int, str]]:
-        """What ``config`` would do to the active holds (see :func:`hold_problems`)."""
-        return self.holds.hold_problems(config)
+        """What ``config`` would do to the active holds (see :func:`hold_problems`) and to the
+        undecided requests (:func:`request_problems`): a reload refuses it."""
+        with self.lock:
+            undecided = self.workflow.store.undecided()
+        return self.holds.hold_problems(config) + request_problems(config, undecided)
 
     def apply_config(self, new: Config, actor: str) -> dict[str, Any]:
         """Switch to an already validated config (SIGHUP); audit the change with both digests.
@@ -839,6 +843,27 @@ class Engine:
                 # the recipient of a package compares this with `verify --fingerprint`
                 "export_key": self.signing_key_json(),
             }
+
+
+def request_problems(
+    config: Config, undecided: Iterable[tuple[int, str, str]]
+) -> list[tuple[str, int, str]]:
+    """(file, line, message) for each open request that no decision recorded the rules of
+    (``undecided``: id, site, state) whose site ``config`` no longer has: it is judged by its
+    site's approval rules of now, and there would be none (it could not be decided, cancelled
+    nor exported until the site is back). Such a config is refused (reload, ``config check``)."""
+    line = config.line_of(("sites",))
+    return [
+        (
+            str(config.source_path),
+            line,
+            f"sites: request {rid} ({state}) is on site {site}, which this config no longer "
+            f"has, and no decision on it recorded its approval rules; keep the site, or decide "
+            f"or cancel it first (`nvr-guard request cancel {rid}`)",
+        )
+        for rid, site, state in undecided
+        if site not in config.sites
+    ]
 
 
 def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) -> SweepOutcome:

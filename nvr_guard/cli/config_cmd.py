@@ -52,14 +52,20 @@ def config_check(c: Ctx, path: str | None) -> None:
 
 def _state_problems(cfg: Any) -> list[tuple[str, int, str]]:
     """Checks that need the state, when it is readable: an active hold must keep matching a
-    site (by name or by one of its roots) under the new config."""
+    site (by name or by one of its roots) under the new config, and an undecided request its
+    site."""
     import time
 
-    from nvr_guard.engine import hold_problems
+    from nvr_guard.engine import hold_problems, request_problems
     from nvr_guard.store.catalog import read_active_holds
+    from nvr_guard.store.requests import read_undecided
 
-    holds = read_active_holds(Path(cfg.state_dir) / "catalog.db", time.time())
-    return [] if holds is None else hold_problems(cfg, holds)
+    db = Path(cfg.state_dir) / "catalog.db"
+    holds = read_active_holds(db, time.time())
+    undecided = read_undecided(db)
+    return ([] if holds is None else hold_problems(cfg, holds)) + (
+        [] if undecided is None else request_problems(cfg, undecided)
+    )
 
 
 @config.command("show")

@@ -8,7 +8,10 @@ Approvals are append-only like the audit log: a decision, once given, is never e
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 from collections.abc import Collection, Iterable
+from pathlib import Path
 from typing import Any
 
 from nvr_guard.errors import InvalidInput
@@ -191,6 +194,12 @@ class RequestStore:
             cur = self.conn.execute("SELECT state, count(*) FROM requests GROUP BY state")
             return {str(k): int(n) for k, n in cur}
 
+    def undecided(self) -> list[tuple[int, str, str]]:
+        """(id, site, state) of each open request no decision recorded the rules of
+        (:func:`read_undecided`, on the catalog's connection)."""
+        with self.lock:
+            return [(int(i), str(site), str(st)) for i, site, st in self.conn.execute(_UNDECIDED)]
+
     def approvals_of(self, rids: Iterable[int]) -> dict[int, list[Approval]]:
         """The decisions given on each of ``rids`` (in the order given; [] when none)."""
         out: dict[int, list[Approval]] = {}
@@ -273,6 +282,32 @@ class RequestStore:
             "hold_id": row[1],
             "judged_by": json.loads(row[2]) if row[2] else None,
         }
+
+
+_UNDECIDED = (
+    "SELECT id, site, state FROM requests WHERE state IN ('pending', 'approved') "
+    "AND judged_by IS NULL ORDER BY id"
+)
+
+
+def read_undecided(path: Path | str) -> list[tuple[int, str, str]] | None:
+    """(id, site, state) of each open request no decision recorded the rules of (those are
+    judged by their site's rules of now), read without writing anything (``config check`` as
+    any user who may read the state); None when there is no readable catalog."""
+    if not os.access(path, os.R_OK):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        if not conn.execute("PRAGMA table_info(requests)").fetchall():
+            return None
+        return [(int(i), str(site), str(state)) for i, site, state in conn.execute(_UNDECIDED)]
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def counts_by_state(db: Database) -> dict[str, int]:

@@ -4,6 +4,7 @@ last change of a request, an approval or a hold, and never older than a few seco
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -647,10 +648,14 @@ def test_an_answer_made_during_a_reload_is_not_kept_as_the_new_configs(
 
 
 def test_requests_of_a_site_gone_from_the_config_do_not_stop_the_others(
-    engine: Engine, site: Site
+    engine: Engine, site: Site, clock: SetClock
 ) -> None:
-    # a site renamed with the same roots (its holds still find their footage, so the reload is
-    # taken): its undecided requests cannot be judged any more; everyone else's must still be
+    # a site renamed with the same roots (its holds still find their footage): a reload or
+    # `config check` refuses it while a request on it was never decided; a daemon started on
+    # such a config (edited while it was stopped) judges everyone else's requests as before
+    from nvr_guard.cli.config_cmd import _state_problems
+    from nvr_guard.errors import ConfigError
+
     root = Caller(0, "root")
     undecided = _new(engine)
     decided = _new(engine)
@@ -659,19 +664,34 @@ def test_requests_of_a_site_gone_from_the_config_do_not_stop_the_others(
     text = site.config.read_text()
     assert "\n  toll:\n" in text
     site.config.write_text(text.replace("\n  toll:\n", "\n  toll2:\n"))
-    engine.apply_config(load_config(str(site.config)), "root")
-    engine.workflow.refresh()  # judges the others, passes over the one it cannot judge
-    listed = {r["id"]: r["state"] for r in _call(engine, root, "request.list")}
-    assert listed == {undecided: "pending", decided: "approved"}
-    st = _call(engine, root, "status")
-    assert st["requests"]["pending"] == 1
-    assert _call(engine, root, "request.show", id=decided)["state"] == "approved"
-    # the one that cannot be judged says why to who sees every request (exit 3, not a crash)
-    with pytest.raises(PolicyRefused, match="no longer has"):
-        _call(engine, root, "request.show", id=undecided)
-    # and to its requester, as any request not shown (nothing about the config leaks), audited
-    with pytest.raises(PolicyRefused) as refused:
-        _call(engine, ALICE, "request.show", id=undecided)
-    assert "toll" not in str(refused.value)
-    assert [e.action for e in engine.audit.entries() if e.actor == "alice"][-1] == "access.denied"
-    assert _call(engine, ALICE, "request.list") == []  # only those who see every request
+    renamed = load_config(str(site.config))
+    why = f"request {undecided} (pending) is on site toll, which this config no longer has"
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        engine.apply_config(renamed, "root")
+    assert list(engine.config.sites) == ["toll"]  # the old one stays in force
+    assert [why in m for _, _, m in _state_problems(renamed)] == [True]
+    engine.catalog.close()
+    started = Engine(renamed, clock=clock)
+    try:
+        started.workflow.refresh()  # judges the others, passes over the one it cannot judge
+
+        def call(who: Caller, cmd: str, **args: Any) -> Any:
+            return dispatch(Context(started), who, cmd, args)
+
+        listed = {r["id"]: r["state"] for r in call(root, "request.list")}
+        assert listed == {undecided: "pending", decided: "approved"}
+        assert call(root, "status")["requests"]["pending"] == 1
+        assert call(root, "request.show", id=decided)["state"] == "approved"
+        # the one that cannot be judged says why to who sees every request (exit 3)
+        with pytest.raises(PolicyRefused, match="no longer has"):
+            call(root, "request.show", id=undecided)
+        # and to its requester as any request not shown (nothing of the config), audited
+        with pytest.raises(PolicyRefused) as refused:
+            call(ALICE, "request.show", id=undecided)
+        assert "toll" not in str(refused.value)
+        assert [e.action for e in started.audit.entries() if e.actor == "alice"][-1] == (
+            "access.denied"
+        )
+        assert call(ALICE, "request.list") == []  # only those who see every request
+    finally:
+        started.catalog.close()
