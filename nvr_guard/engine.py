@@ -106,6 +106,8 @@ MEMO_ONE_MAX = 2_000  # an answer with more is made each time, never kept
 # whether a sweep or a rescan holds it (``_doing``: then it answers with the last one made);
 # and how old that one may be (nothing it says of requests changed since)
 STATUS_BUSY_WAIT = 0.05
+# ... once the sweep or rescan has run this long (a shorter one is waited for)
+STATUS_BUSY_GRACE = 0.5
 STALE_WHILE_BUSY = 60.0
 # seconds a whole status document is given again while nothing was written to the catalog
 STATUS_DOC_FRESH = 2.0
@@ -169,6 +171,7 @@ class Engine:
         # the last of them made, for anyone
         self._status_last: tuple[tuple[int, int, int], tuple[float, float], Any] | None = None
         self._busy: tuple[str, float] | None = None  # what holds the lock for long, since when
+        self._busy_since = 0.0  # the same start, by the monotonic clock (_long_busy)
         # moved on by every apply_config: what kept answers were made under (an object's id may
         # be reused by the next config)
         self._config_serial = 0
@@ -533,8 +536,9 @@ class Engine:
         The generation is read before computing: a write that lands meanwhile files the answer
         under a generation already gone, never new rows' answer under an old one.
 
-        An answer to make again waits for the lock; while a sweep or a rescan holds it
-        (``_doing``; looked at every STATUS_BUSY_WAIT), the answer kept is given if nothing was
+        An answer to make again waits for the lock; once a sweep or a rescan has held it for
+        STATUS_BUSY_GRACE (``_long_busy``; looked at every STATUS_BUSY_WAIT), the answer kept is
+        given if nothing was
         written or reloaded since and it is under STALE_WHILE_BUSY old. What is kept is bounded
         by the number of requests it holds of its own (``weight``: a list's length; status'
         parts only point into one shared answer), MEMO_WEIGHT in all, the oldest dropped
@@ -559,12 +563,12 @@ class Engine:
             try:
                 value = compute(False)
             except workflow_index.Busy:
-                if hit is not None and stale and self._busy is not None:
+                if hit is not None and stale and self._long_busy():
                     return cast(_T, hit[1])
                 value = compute(True)
         else:
             while not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
-                if hit is not None and stale and self._busy is not None:
+                if hit is not None and stale and self._long_busy():
                     return cast(_T, hit[1])
             try:
                 value = compute()
@@ -679,6 +683,7 @@ class Engine:
             outer = self._busy
             if outer is None:
                 self._busy = (what, self.clock().wall)
+                self._busy_since = time.monotonic()
                 try:
                     self.prepare_status()
                 except Exception:  # status waits instead; the operation goes on
@@ -693,8 +698,9 @@ class Engine:
         """Health for ``caller`` (None: everything, for root acting locally): holds, violations
         and open requests name only the requests ``caller`` may see; the others are counted.
 
-        While a sweep or a rescan holds the engine lock (``_doing``; looked at every
-        STATUS_BUSY_WAIT while it waits for the lock), the last status made is answered,
+        Once a sweep or a rescan has held the engine lock for STATUS_BUSY_GRACE (``_long_busy``;
+        looked at every STATUS_BUSY_WAIT while it waits for the lock), the last status made is
+        answered,
         with ``busy`` saying what runs since when and when that status was made, and the
         requests and holds as they stand (``nvr-guard status`` would time out behind a long
         purge, and the console's pages with it); with none made yet, it waits."""
@@ -713,7 +719,7 @@ class Engine:
         if kept is not None and kept[0] == key and _fresh(kept[1], at, STATUS_DOC_FRESH):
             return self._noting_busy(kept[2])
         while not self.lock.acquire(timeout=STATUS_BUSY_WAIT):
-            if self._busy is not None:
+            if self._long_busy():
                 busy = self._status_while_busy(actor, caller)
                 if busy is not None:
                     return busy
@@ -725,6 +731,12 @@ class Engine:
             return dict(doc)  # the caller may add to it (the daemon's health): not to the kept one
         finally:
             self.lock.release()
+
+    def _long_busy(self) -> bool:
+        """A sweep or a rescan holds the engine lock (``_doing``), for STATUS_BUSY_GRACE
+        already: what waits for the lock is given what was kept rather than wait longer (a
+        shorter one, as most rescans are, is waited for: its answer is then of now)."""
+        return self._busy is not None and time.monotonic() - self._busy_since >= STATUS_BUSY_GRACE
 
     def _status_while_busy(self, actor: Any, caller: Caller | None) -> dict[str, Any] | None:
         """A sweep or a rescan holds the engine: the last status made for this person, if the
