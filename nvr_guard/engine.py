@@ -621,14 +621,19 @@ class Engine:
                 next(_SHARED), violations, by_state, briefs, holds, of_request, basis, until
             )
 
-        shared = self.read_memo(("status",), everyone)
+        return self._person_part(self.read_memo(("status",), everyone), caller)
+
+    def _person_part(self, shared: _Shared, caller: Caller | None) -> _RequestsPart:
+        """``shared`` as ``caller`` sees it, kept per person, filed under the shared answer it
+        was made from (never older than that one). No lock: who may see what is judged from
+        the workflow's index."""
         if caller is None:
             return self._part_for(shared, None)
-        actor = wf.actor(caller)
-        # filed under the shared answer it was made from: never older than that one
+        wf = self.workflow
         return self.read_memo(
-            ("status", shared.stamp, actor),
-            lambda: self._part_for(shared, wf.visible_in(caller, shared.basis)),
+            ("status", shared.stamp, wf.actor(caller)),
+            lambda wait: self._part_for(shared, wf.visible_in(caller, shared.basis)),
+            locked=False,
         )
 
     def _part_now(self, caller: Caller | None) -> _RequestsPart | None:
@@ -640,16 +645,7 @@ class Engine:
         )
         if shared is None or not 0 <= time.monotonic() - shared[0][0] < STALE_WHILE_BUSY:
             return None
-        value: _Shared = shared[1]
-        if caller is None:
-            return self._part_for(value, None)
-        wf = self.workflow
-        # kept as _requests_part keeps it (the same key): made once per person and answer
-        return self.read_memo(
-            ("status", value.stamp, wf.actor(caller)),
-            lambda wait: self._part_for(value, wf.visible_in(caller, value.basis)),
-            locked=False,
-        )
+        return self._person_part(shared[1], caller)
 
     def prepare_status(self) -> None:
         """What status says of requests and holds for everyone, made now if a write made it

@@ -33,6 +33,7 @@ __all__ = [
     "copy_database",
     "execute_ddl",
     "migrate",
+    "read_state",
     "write_transaction",
 ]
 
@@ -146,6 +147,25 @@ def _private_files(path: Path) -> None:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_R = TypeVar("_R")
+
+
+def read_state(path: Path | str, read: Callable[[sqlite3.Connection], _R | None]) -> _R | None:
+    """``read(conn)`` on a read-only connection to the catalog at ``path``, writing nothing
+    (``config check`` as any user who may read the state); None when there is no readable
+    catalog, or ``read`` finds nothing to read (a table never created)."""
+    if not os.access(path, os.R_OK):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        return read(conn)
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def _moves_on(counter: str) -> Callable[[_F], _F]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import Hold
-from nvr_guard.store.db import Database, changes_requests
+from nvr_guard.store.db import Database, changes_requests, read_state
 
 __all__ = ["HoldStore", "hold_roots_json", "read_active_holds"]
 
@@ -195,15 +195,10 @@ class HoldStore(Database):
 
 
 def read_active_holds(path: Path | str, now: float) -> list[Hold] | None:
-    """The active holds of a catalog, read without writing anything (``config check`` as any
-    user who may read the state); None when there is no readable catalog."""
-    if not os.access(path, os.R_OK):
-        return None
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return None
-    try:
+    """The active holds of a catalog, read without writing anything (``read_state``: ``config
+    check`` as any user who may read the state); None when there is no readable catalog."""
+
+    def read(conn: sqlite3.Connection) -> list[Hold] | None:
         cols = {r[1] for r in conn.execute("PRAGMA table_info(holds)")}
         if not cols:
             return None
@@ -215,7 +210,5 @@ def read_active_holds(path: Path | str, now: float) -> list[Hold] | None:
             (now,),
         )
         return [_hold(r) for r in cur]
-    except sqlite3.Error:
-        return None
-    finally:
-        conn.close()
+
+    return read_state(path, read)

@@ -8,7 +8,6 @@ Approvals are append-only like the audit log: a decision, once given, is never e
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections.abc import Collection, Iterable
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from nvr_guard.errors import InvalidInput
 from nvr_guard.model import Approval, Recipient, Request
-from nvr_guard.store.db import Database, changes_requests
+from nvr_guard.store.db import Database, changes_requests, read_state
 from nvr_guard.store.schema import ensure_requests_schema
 
 _COLS = (
@@ -292,22 +291,15 @@ _UNDECIDED = (
 
 def read_undecided(path: Path | str) -> list[tuple[int, str, str]] | None:
     """(id, site, state) of each open request no decision recorded the rules of (those are
-    judged by their site's rules of now), read without writing anything (``config check`` as
-    any user who may read the state); None when there is no readable catalog."""
-    if not os.access(path, os.R_OK):
-        return None
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return None
-    try:
+    judged by their site's rules of now), read without writing anything (``read_state``);
+    None when there is no readable catalog."""
+
+    def read(conn: sqlite3.Connection) -> list[tuple[int, str, str]] | None:
         if not conn.execute("PRAGMA table_info(requests)").fetchall():
             return None
         return [(int(i), str(site), str(state)) for i, site, state in conn.execute(_UNDECIDED)]
-    except sqlite3.Error:
-        return None
-    finally:
-        conn.close()
+
+    return read_state(path, read)
 
 
 def counts_by_state(db: Database) -> dict[str, int]:

@@ -329,24 +329,13 @@ class Workflow:
         return out
 
     def request_brief(self, e: index.Entry, now: float) -> dict[str, Any]:
-        """What ``status`` lists of a request (an index entry): its id and up-to-date state,
-        and, judged as ``request_json`` judges them, its open steps, deadline, validity and
-        violation (those that do not change with the time made once per entry)."""
-        r = e.r
+        """What ``status`` lists of a request (an index entry): of ``request_json``, its id,
+        up-to-date state, open steps, deadline, validity and violation."""
         if e.judged is None:
-            return {"id": r.id, "state": r.state, "open_steps": []}  # no rules to judge by
-        parts = e.static
-        if parts is None:
-            parts = e.static = self._static_json(r, e.approvals, e.extra, e.judged)
-        state = access.state_of(r, e.approvals, now, e.judged)
-        out: dict[str, Any] = {"id": r.id, "state": state, "open_steps": parts[0]["open_steps"]}
-        if state == "pending":
-            out["decide_by"] = iso(
-                access.decide_deadline(r.created, e.judged), self.config.site_tz(r.site)
-            )
-        out["valid_until"] = parts[1]["valid_until"]
-        out["violation"] = access.emergency_violation(r, e.approvals, now, e.judged)
-        return out
+            return {"id": e.r.id, "state": e.r.state, "open_steps": []}  # no rules to judge by
+        view = self._entry_json(e, now)
+        keys = ("id", "state", "open_steps", "decide_by", "valid_until", "violation")
+        return {k: view[k] for k in keys if k in view}
 
     # ---- requests ------------------------------------------------------------------------------
     def new(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
@@ -624,26 +613,21 @@ class Workflow:
         seen = self.visible_in(caller, self.viewers_basis(r for r in rids if r is not None))
         return set(rids) if seen is None else set(seen)
 
-    def viewers_basis(self, rids: Iterable[int]) -> dict[int, index.Entry | None]:
+    def viewers_basis(self, rids: Iterable[int]) -> dict[int, index.Entry]:
         """What deciding who may see each of ``rids`` needs, read once for many people: the
-        request, its approvals and the rules it is acted on by, as the index holds them (None:
-        its site is gone, so only those who see every request see it). See :meth:`visible_in`."""
+        request, its approvals and the rules it is acted on by, as the index holds them. See
+        :meth:`visible_in`."""
         entries = self.index.current().entries
-        out: dict[int, index.Entry | None] = {}
-        for rid in rids:
-            e = entries.get(rid)
-            if e is not None:
-                out[rid] = None if e.acting is None else e
-        return out
+        return {rid: entries[rid] for rid in rids if rid in entries}
 
-    def visible_in(self, caller: Caller, basis: dict[int, index.Entry | None]) -> set[int] | None:
+    def visible_in(self, caller: Caller, basis: dict[int, index.Entry]) -> set[int] | None:
         """Those of ``basis`` that :meth:`may_view_many` shows ``caller`` (None: every
         request, for who sees all of them). Each answer is kept with the entry it judged
         (``Entry.seen``: the same at any time)."""
         actor = self.actor(caller)
         if actor.roles & access.SEE_ALL_ROLES:
             return None
-        return {rid for rid, e in basis.items() if e is not None and e.may_see(actor)}
+        return {rid for rid, e in basis.items() if e.may_see(actor)}
 
     def progress_of(self, caller: Caller, rid: int) -> float | None:
         """The running export's progress of request ``rid``, to those who may see the request
@@ -754,12 +738,14 @@ class Workflow:
                     e.r, e.approvals, actor, e.acting, now
                 ).allowed
                 return view
-        if not wait and not self.ctx.lock.acquire(blocking=False):
-            raise index.Busy
-        with contextlib.ExitStack() as held:
-            if not wait:
-                held.callback(self.ctx.lock.release)
+        if wait:
             return self._show_locked(caller, rid)
+        if not self.ctx.lock.acquire(blocking=False):
+            raise index.Busy
+        try:
+            return self._show_locked(caller, rid)
+        finally:
+            self.ctx.lock.release()
 
     def _show_locked(self, caller: Caller, rid: int) -> dict[str, Any]:
         with self.ctx.recording():
