@@ -28,6 +28,7 @@ import ffmpeg  # ffmpeg-python
 
 from nvr_guard.errors import InvalidInput, RuntimeFailure
 from nvr_guard.export.plan import ClipPlan, Run
+from nvr_guard.export.zones import Zone
 
 FFMPEG = "ffmpeg"
 FFPROBE = "ffprobe"
@@ -266,6 +267,8 @@ def build_encode(
     audio_format: tuple[int, str] | None = None,
     run_labels: Sequence[str] | None = None,
     faststart: bool = False,
+    zones: Sequence[Zone] = (),
+    run_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> Command:
     """Watermarked H.264 clip: each run trimmed frame-exactly with its own clock, runs joined,
     the watermark drawn once over the whole clip. Writes the list and text files into
@@ -277,7 +280,10 @@ def build_encode(
     footage whose audio format changes (the join needs one format).
     ``run_labels``: a text drawn (not expanded) under each run's clock, e.g. the camera of a
     viewing clip that plays several cameras in turn. ``faststart``: the index at the front, so a
-    browser starts playing before the whole file has arrived."""
+    browser starts playing before the whole file has arrived.
+    ``zones``: privacy zones filled in on every frame, drawn on each run at its recorded size
+    (``run_sizes``: (width, height) per run) before any scaling, so relative zones cover the same
+    part of the picture across a resolution change."""
     files: dict[str, bytes] = {}
     size = font_size_for(height)
     videos: list[Any] = []
@@ -292,6 +298,10 @@ def build_encode(
         # lies up to a frame after ``start``, and would then keep one frame too many at the end
         cut = {"start": round(run.offset, 6), "end": round(run.offset + run.duration, 6)}
         v = src["v:0"].trim(**cut).setpts("PTS-STARTPTS")
+        if zones:
+            if run_sizes is None:
+                raise ValueError("privacy zones need the frame size of each run")
+            v = _mask(v, zones, run_sizes[i], workdir / f"run{i}", files)
         if frame_size is not None:
             fw, fh = frame_size
             v = (
@@ -380,6 +390,26 @@ def build_encode(
     out = ffmpeg.output(*streams, str(output), **opts)
     argv = _finish(out.compile(cmd=FFMPEG))
     return Command(argv, output, files)
+
+
+def _mask(
+    v: Any, zones: Sequence[Zone], size: tuple[int, int], stem: Path, files: dict[str, bytes]
+) -> Any:
+    """Fill ``zones`` in on the video stream ``v`` of ``size``: a rectangle with drawbox, a
+    polygon by overlaying its mask (a still PNG repeated over every frame)."""
+    width, height = size
+    for k, z in enumerate(zones):
+        if z.rect is not None:
+            x, y, w, h = z.box(width, height)
+            if w and h:
+                v = v.drawbox(x, y, w, h, color="black", thickness="fill")
+            continue
+        x, y, png = z.mask_png(width, height)
+        path = Path(f"{stem}.zone{k}.png")
+        files[str(path)] = png
+        img = ffmpeg.input(str(path), f="png_pipe", protocol_whitelist="file")
+        v = ffmpeg.overlay(v, img, x=x, y=y, eof_action="repeat")
+    return v
 
 
 def build_copy(plan: ClipPlan, workdir: Path, output: Path, *, audio: bool) -> Command:

@@ -151,6 +151,10 @@ def approval_record_html(
                     f"<br>分辨率变化 resolution changed ({_e(sizes)}): "
                     f"scaled to {_e(video.get('size'))}"
                 )
+            if c.get("privacy_zones"):
+                gap_text += f"<br>隐私遮挡 privacy masking: {_e(c.get('masking'))}" + "".join(
+                    f"<br>· {_e(_zone_text(z))}" for z in c["privacy_zones"]
+                )
             if c.get("audio_handling"):
                 gap_text += f"<br>音频 audio: {_e(c.get('audio_handling'))}"
             if c.get("native_start"):
@@ -197,6 +201,15 @@ def approval_record_html(
 
 _DECISIONS = {"approve": "同意 approved", "approved": "同意 approved", "deny": "不同意 denied",
               "denied": "不同意 denied"}  # fmt: skip
+
+
+def _zone_text(z: Mapping[str, Any]) -> str:
+    if "rect" in z:
+        body = "x,y,w,h " + ",".join(f"{v:g}" for v in z["rect"])
+    else:
+        body = "polygon " + " ".join(f"{x:g},{y:g}" for x, y in z.get("polygon") or [])
+    name = f"{z['name']}: " if z.get("name") else ""
+    return f"{name}{body} ({z.get('source', '')})"
 
 
 def _decision_text(decision: Any) -> str:

@@ -47,6 +47,7 @@ from nvr_guard.export.plan import (
     wrap_for_frame,
 )
 from nvr_guard.export.writer import PackageDir
+from nvr_guard.export.zones import Zone
 from nvr_guard.model import show_path
 
 MANIFEST = "manifest.json"
@@ -81,6 +82,9 @@ class ExportJob:
     gap_tolerance: float | None = None
     # the group that may read the package (export.group's gid); None: the one it gets by default
     group: int | None = None
+    # privacy zones per camera (the camera's own and those approvers added): filled in on every
+    # frame of a watermarked clip; a native copy cannot be masked and says so
+    zones: Mapping[str, Sequence[Zone]] = field(default_factory=dict)
 
     @property
     def native(self) -> bool:
@@ -321,6 +325,28 @@ def _gap(a: float, b: float, clip: _Clip, tz: tzinfo) -> dict[str, Any]:
     return gap
 
 
+def _run_size(run: Any) -> tuple[int, int]:
+    """The recorded frame size of a run (its pieces share one shape: codec, width, height...)."""
+    shape = run.pieces[0].shape
+    return int(shape[1]), int(shape[2])
+
+
+def _masking(job: ExportJob, camera: str) -> dict[str, Any]:
+    """What the manifest says of a clip's privacy zones: the zones filled in (watermarked
+    copy), or that a native copy is unmasked although the camera has zones."""
+    zones = list(job.zones.get(camera, ()))
+    if not zones:
+        return {"privacy_zones": [], "masking": "none: no privacy zones for this camera"}
+    listed = [z.json() for z in zones]
+    if job.native:
+        return {
+            "privacy_zones": listed,
+            "masking": "unmasked native copy: the zones listed were NOT applied (a stream copy "
+            "cannot be masked)",
+        }
+    return {"privacy_zones": listed, "masking": f"{len(zones)} privacy zone(s) filled in"}
+
+
 # ---- the export ---------------------------------------------------------------------------------
 NAME_TRIES = 8
 
@@ -531,6 +557,7 @@ def _build(
             )
             clip.watermark = render_watermark(job.watermark_template, values)
             size = ff.font_size_for(clip.height)
+            zones = list(job.zones.get(clip.camera, ()))
             cmd = ff.build_encode(
                 clip.plan,
                 cwork,
@@ -544,6 +571,8 @@ def _build(
                 height=clip.height,
                 frame_size=(clip.width, clip.height) if clip.video.get("scaled") else None,
                 audio_format=clip.audio_format,
+                zones=zones,
+                run_sizes=[_run_size(r) for r in clip.plan.runs] if zones else None,
             )
         for path, data in cmd.files.items():
             Path(path).write_bytes(data)
@@ -607,6 +636,7 @@ def _build(
                 **native_start,
                 "sources": clip.sources,
                 "watermark": clip.watermark,
+                **_masking(job, clip.camera),
                 "ffmpeg": {
                     "argv": cmd.argv,
                     "inputs": {
@@ -659,6 +689,9 @@ def _build(
             "timezone": str(job.tz),
         },
         "cameras": [c["camera"] for c in clip_entries],
+        "privacy_zones": {
+            c["camera"]: c["privacy_zones"] for c in clip_entries if c.get("privacy_zones")
+        },
         "gaps": [dict(g, camera=c["camera"]) for c in clip_entries for g in c["gaps"]],
         "damaged_sources": [
             dict(d, camera=c["camera"]) for c in clip_entries for d in c["damaged_sources"]

@@ -1,0 +1,191 @@
+"""Privacy zones, checked on the frames: inside a zone the detail of a high-contrast test pattern
+is gone on every sampled frame, outside it the picture equals an unmasked export's."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nvr_guard.export import run_export, verify_package
+from nvr_guard.export.zones import Zone, parse_mask, zones_from
+from tests.fixtures.footage import segments
+from tests.integration.test_export import FPS, T0, dest_dir, job, key, segs
+
+__all__ = ["key"]
+
+SAMPLE_EVERY = 10  # frames
+
+
+def gray_frames(clip: Path) -> tuple[int, int, list[bytes]]:
+    """Every SAMPLE_EVERY-th frame of ``clip`` as 8-bit gray pixels, with the frame size."""
+    size = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+         "stream=width,height", "-of", "csv=p=0", str(clip)],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip().split(",")  # fmt: skip
+    w, h = int(size[0]), int(size[1])
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-nostdin", "-i", str(clip), "-vf",
+         f"select=not(mod(n\\,{SAMPLE_EVERY}))", "-fps_mode", "passthrough",
+         "-f", "rawvideo", "-pix_fmt", "gray", "-"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    n = w * h
+    return w, h, [raw[i : i + n] for i in range(0, len(raw), n)]
+
+
+def region(frame: bytes, w: int, box: tuple[int, int, int, int]) -> list[int]:
+    x0, y0, x1, y1 = box
+    return [frame[y * w + x] for y in range(y0, y1) for x in range(x0, x1)]
+
+
+def variance(values: list[int]) -> float:
+    m = sum(values) / len(values)
+    return sum((v - m) ** 2 for v in values) / len(values)
+
+
+def rel_box(w: int, h: int, x: float, y: float, bw: float, bh: float, inset: int = 2) -> Any:
+    """A pixel box a little inside the relative box (its edge is rounded outwards)."""
+    return (
+        int(x * w) + inset,
+        int(y * h) + inset,
+        int((x + bw) * w) - inset,
+        int((y + bh) * h) - inset,
+    )
+
+
+@pytest.fixture(scope="module")
+def checker(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return segments(tmp_path_factory.mktemp("checker"), count=2, seconds=4, checker=True)
+
+
+ZONES = zones_from(
+    [
+        [0.6, 0.4, 0.3, 0.25],  # a rectangle (a neighbour's window)
+        {"polygon": [[0.1, 0.45], [0.4, 0.45], [0.25, 0.8]], "name": "door"},  # a triangle
+    ],
+    "cameras.lobby-1.privacy_zones",
+)
+
+
+def test_inside_a_zone_the_detail_is_gone_on_every_frame_and_outside_it_is_unchanged(
+    checker: list[Path], tmp_path: Path, key: Any
+) -> None:
+    start, end = T0 + 1.0, T0 + 7.0
+    plain = run_export(
+        [("lobby-1", segs(checker, [T0, T0 + 4]))], job(start, end), dest_dir(tmp_path), key,
+        audit_head=(1, "h"),
+    )  # fmt: skip
+    masked = run_export(
+        [("lobby-1", segs(checker, [T0, T0 + 4]))],
+        job(start, end, zones={"lobby-1": ZONES}),
+        dest_dir(tmp_path),
+        key,
+        audit_head=(1, "h"),
+    )
+    w, h, pf = gray_frames(plain.path / plain.manifest["clips"][0]["file"])
+    _, _, mf = gray_frames(masked.path / masked.manifest["clips"][0]["file"])
+    assert len(pf) == len(mf) >= round((end - start) * FPS / SAMPLE_EVERY) - 1
+    rect = rel_box(w, h, 0.6, 0.4, 0.3, 0.25)
+    # inside the triangle: a box around its centroid that lies wholly inside it
+    tri = rel_box(w, h, 0.2, 0.52, 0.1, 0.1, inset=0)
+    outside = rel_box(w, h, 0.45, 0.68, 0.5, 0.12)  # clear of the zones, watermark and clock
+    for n, (p, m) in enumerate(zip(pf, mf, strict=True)):
+        for box in (rect, tri):
+            assert variance(region(p, w, box)) > 2000, f"frame {n}: the pattern is not there"
+            assert variance(region(m, w, box)) < 10, f"frame {n}: detail left in zone {box}"
+        a, b = region(p, w, outside), region(m, w, outside)
+        assert sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a) < 3, f"frame {n}"
+    # the manifest and the record list the zones applied; the package verifies
+    clip = masked.manifest["clips"][0]
+    assert clip["privacy_zones"] == [z.json() for z in ZONES]
+    assert clip["masking"] == "2 privacy zone(s) filled in"
+    assert masked.manifest["privacy_zones"] == {"lobby-1": clip["privacy_zones"]}
+    record = (masked.path / "approval-record.html").read_text()
+    assert "privacy masking" in record and "door: polygon" in record
+    assert plain.manifest["clips"][0]["privacy_zones"] == []
+    assert verify_package(masked.path).ok
+
+
+def test_a_zone_covers_the_same_part_of_the_picture_across_a_resolution_change(
+    tmp_path: Path, key: Any
+) -> None:
+    a = segments(tmp_path / "a", count=1, seconds=3, size="320x240", checker=True, name="a%03d")
+    b = segments(tmp_path / "b", count=1, seconds=3, size="640x480", checker=True, name="b%03d")
+    zone = zones_from([[0.25, 0.25, 0.5, 0.5]], "zones")
+    pkg = run_export(
+        [("lobby-1", segs([a[0], b[0]], [T0, T0 + 3]))],
+        job(T0, T0 + 6, zones={"lobby-1": zone}),
+        dest_dir(tmp_path),
+        key,
+        audit_head=(1, "h"),
+    )
+    clip = pkg.manifest["clips"][0]
+    assert clip["video"]["scaled"] is True
+    w, h, frames = gray_frames(pkg.path / clip["file"])
+    assert (w, h) == (640, 480)
+    inside = rel_box(w, h, 0.25, 0.25, 0.5, 0.5, inset=6)
+    edge_free = rel_box(w, h, 0.0, 0.8, 1.0, 0.1)  # below the zone, above the clock
+    for n, f in enumerate(frames):
+        assert variance(region(f, w, inside)) < 10, f"frame {n}"
+        assert variance(region(f, w, edge_free)) > 1000, f"frame {n}"
+
+
+def test_a_native_copy_is_not_masked_and_says_so(checker: list[Path], tmp_path: Path, key: Any):
+    pkg = run_export(
+        [("lobby-1", segs(checker, [T0, T0 + 4]))],
+        job(T0, T0 + 4, zones={"lobby-1": ZONES}, request={"format": "native"}),
+        dest_dir(tmp_path),
+        key,
+        audit_head=(1, "h"),
+    )
+    clip = pkg.manifest["clips"][0]
+    assert clip["masking"].startswith("unmasked native copy")
+    assert clip["privacy_zones"] == [z.json() for z in ZONES]
+    assert "unmasked native copy" in (pkg.path / "approval-record.html").read_text()
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        ([0.5, 0.5, 0.6, 0.1], "reaches past the frame"),
+        ([0.1, 0.1, 0, 0.2], "above 0"),
+        ([0.1, 0.1, 0.2], "4 numbers"),
+        ([[0, 0], [1, 1]], "at least 3 points"),
+        ([[0, 0], [0.5, 0.5], [1, 1]], "no area"),
+        ([1.5, 0, 0.1, 0.1], "outside 0..1"),
+        (["x", 0, 0.1, 0.1], "not a number"),
+        ({"rect": [0, 0, 0.1, 0.1], "polygon": [[0, 0]]}, "either rect"),
+        ({"rect": [0, 0, 0.1, 0.1], "colour": "red"}, "unknown key"),
+        ("0,0,1,1", "a zone is"),
+    ],
+)
+def test_a_bad_zone_is_refused_with_what_is_wrong(value: Any, error: str) -> None:
+    from nvr_guard.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=error):
+        zones_from([value], "cameras.c1.privacy_zones")
+
+
+def test_a_mask_names_its_cameras_or_applies_to_all() -> None:
+    got = parse_mask("0,0,0.5,0.5; c2:0.5,0.5,0.25,0.25", ["c1", "c2"], "approval by bob")
+    assert [z.rect for z in got["c1"]] == [(0.0, 0.0, 0.5, 0.5)]
+    assert [z.rect for z in got["c2"]] == [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 0.25, 0.25)]
+    assert got["c2"][1].source == "approval by bob"
+    from nvr_guard.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="not one of the request's"):
+        parse_mask("c9:0,0,0.1,0.1", ["c1"], "x")
+    with pytest.raises(InvalidInput, match="empty"):
+        parse_mask(" ; ", ["c1"], "x")
+
+
+def test_pixel_boxes_cover_the_zone_rounded_outwards() -> None:
+    z = Zone(rect=(0.1, 0.1, 0.2, 0.2))
+    assert z.box(333, 201) == (32, 20, 68, 42)  # 33.3 -> 32, 99.9 -> 100; 20.1 -> 20, 60.3 -> 62
+    x, y, w, h = z.box(333, 201)
+    assert x <= 0.1 * 333 and x + w >= 0.3 * 333 and y <= 0.1 * 201 and y + h >= 0.3 * 201
