@@ -32,7 +32,7 @@ APT_PACKAGES := ffmpeg clamav clamav-daemon fonts-wqy-zenhei fonts-dejavu-core f
 # under a real systemd in it. `make test` adds them to what `deps` installs (a target-specific
 # variable reaches the prerequisites); `make install-service` does not put them on a recorder.
 # chromium + chromium-driver: the web console's browser tests (Selenium drives Debian's build).
-APT_TEST_PACKAGES := debootstrap systemd-container chromium chromium-driver
+APT_TEST_PACKAGES := debootstrap systemd-container chromium chromium-driver p7zip-full
 
 # Service installation (make install-service): a venv outside /root and /home, because the
 # unit's ProtectHome=yes hides those from the daemon.

@@ -32,6 +32,7 @@ from nvr_guard.config.types import (
     Crf,
     Dates,
     Email,
+    EncryptMode,
     Extensions,
     Failures,
     FixedDur,
@@ -42,6 +43,7 @@ from nvr_guard.config.types import (
     Level,
     Listen,
     Port,
+    PrivacyZones,
     ProfileName,
     RetentionDur,
     Role,
@@ -142,6 +144,12 @@ def _retention_mode(v: object) -> str:
         ) from None
 
 
+class SiteExport(_Strict):
+    """``sites.<id>.export:``: per-site overrides of ``export:`` (unset = the global value)."""
+
+    encrypt: EncryptMode | None = None
+
+
 class Site(_Strict):
     """``sites.<id>:``: a set of recording roots and the retention rule they share."""
 
@@ -154,6 +162,7 @@ class Site(_Strict):
     timezone: Zone | None = None
     extensions: Extensions = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     approval: SiteApproval | None = None
+    export: SiteExport | None = None
     # false: the scanner and the purge stay on each root's file system; a directory mounted
     # below a root (a bind mount, another disk) is skipped and reported (mount_skipped)
     cross_mounts: Bool = False
@@ -175,6 +184,8 @@ class Camera(_Strict):
     # the camera's own ceiling and floor, at every site that has it; never below a site's floor
     keep: RetentionDur | None = None
     min_keep: RetentionDur | None = None
+    # parts of the picture filled in on every watermarked export and view of this camera
+    privacy_zones: PrivacyZones = Field(default_factory=list)
 
 
 class User(_Strict):
@@ -248,6 +259,20 @@ class Export(_Strict):
     # the held range extends this far on both sides of the requested one (camera clock skew)
     hold_margin: FixedDur = Duration.parse("10m")
     timeout: FixedDur = Duration.parse("1h")  # per clip; a longer ffmpeg run is stopped
+    # how a package leaves the recorder: none (a plain package directory), passphrase (an AES-256
+    # 7z archive; the passphrase is shown once to the technician) or recipient (CMS enveloped to
+    # the recipient unit's certificate in ``recipients``); a request may ask for more, never less
+    encrypt: EncryptMode = "none"
+    # the recipient units' X.509 certificates (PEM), by the unit's name as requests give it
+    recipients: dict[Text, AbsPath] = Field(default_factory=dict)
+    # cameras of this level or above are only exported encrypted (unset: as encrypt says)
+    encrypt_from_level: Level | None = None
+    # a native copy (stream copy, cannot be masked) of a camera with privacy zones: allow (the
+    # record says "unmasked native copy") or refuse
+    native_with_zones: typing.Annotated[str, BeforeValidator(one_of("allow", "refuse"))] = "allow"
+    # packages written to export.targets directories are destroyed this long after their export
+    # (a hold naming the request keeps them); a medium is wiped by media wipe instead
+    target_keep: FixedDur = Duration.parse("30d")
 
 
 class Media(_Strict):

@@ -26,6 +26,9 @@ from pydantic import AfterValidator, BeforeValidator, PlainSerializer, PlainVali
 
 from nvr_guard.config.loader import Plain, describe
 from nvr_guard.config.profiles import MAX_VALID_FOR, PROFILES
+from nvr_guard.errors import InvalidInput
+from nvr_guard.export.zones import Zone as PrivacyZone
+from nvr_guard.export.zones import zones_from
 from nvr_guard.text import DURATION_HINT, Duration, fmt_duration, parse_fraction
 
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n", "true", "false"}
@@ -431,6 +434,20 @@ def _hostname(v: object) -> str:
     return s
 
 
+def _privacy_zones(v: object) -> list[PrivacyZone]:
+    if not isinstance(v, list):
+        raise ValueError(
+            "privacy_zones is a list of zones: [x, y, w, h] or [[x, y], [x, y], [x, y], ...] "
+            "(fractions of the frame)"
+        )
+    try:
+        return zones_from(v, "zone")
+    except InvalidInput as e:
+        raise ValueError(str(e)) from None
+
+
+ENCRYPT_MODES = ("none", "passphrase", "recipient")
+
 _dur_ser = PlainSerializer(fmt_duration, return_type=str)
 _dates_ser = PlainSerializer(lambda v: [x.isoformat() for x in v], return_type=list[str])
 # keep, min_keep, legal_min_keep: a bare `m` is refused (did you mean months?)
@@ -441,6 +458,12 @@ RetentionDur = typing.Annotated[
 ]
 FixedDur = typing.Annotated[Duration, PlainValidator(_duration), AfterValidator(_fixed), _dur_ser]
 Text = typing.Annotated[str, BeforeValidator(_text)]
+PrivacyZones = typing.Annotated[
+    list[PrivacyZone],
+    PlainValidator(_privacy_zones),
+    PlainSerializer(lambda zs: [{k: v for k, v in z.json().items() if k != "source"} for z in zs]),
+]
+EncryptMode = typing.Annotated[str, BeforeValidator(one_of(*ENCRYPT_MODES))]
 Bool = typing.Annotated[bool, PlainValidator(_bool)]
 Fraction = typing.Annotated[float, PlainValidator(_fraction)]
 Level = typing.Annotated[

@@ -13,7 +13,10 @@ import os
 import re
 import stat
 from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -212,3 +215,94 @@ def load_or_create_key(
     if not isinstance(loaded, Ed25519PrivateKey):
         raise RuntimeFailure(f"export signing key {path} is not an Ed25519 key")
     return loaded, fingerprint(loaded.public_key())
+
+
+# ---- recipients' certificates (protected exports) -----------------------------------------------
+@dataclass(frozen=True)
+class RecipientCert:
+    """A recipient unit's X.509 certificate, as ``export.recipients`` names it."""
+
+    path: str
+    pem: bytes
+    fingerprint: str  # as `openssl x509 -noout -fingerprint -sha256` prints it
+    subject: str
+    not_before: float
+    not_after: float
+    key: str  # "RSA 3072", "EC secp384r1"
+    usable: str | None  # why its key cannot receive an encrypted package, else None
+
+    def problem(self, now: float) -> str | None:
+        """Why a package may not be encrypted to it at ``now``, else None."""
+        if self.usable is not None:
+            return self.usable
+        if now < self.not_before:
+            return f"certificate {self.path} is not valid before {_utc(self.not_before)}"
+        if now > self.not_after:
+            return f"certificate {self.path} expired on {_utc(self.not_after)}"
+        return None
+
+    def json(self) -> dict[str, Any]:
+        """What the audit log and the record say of it."""
+        return {
+            "certificate": self.path,
+            "fingerprint": self.fingerprint,
+            "subject": self.subject,
+            "not_before": _utc(self.not_before),
+            "not_after": _utc(self.not_after),
+            "key": self.key,
+        }
+
+
+def _utc(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def load_recipient_cert(path: Path | str) -> RecipientCert:
+    """Read a recipient's certificate (PEM); InvalidInput when it is not one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"cannot read certificate {path}: {e.strerror}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise InvalidInput(f"{path} is not a PEM X.509 certificate") from None
+    digest = cert.fingerprint(hashes.SHA256()).hex().upper()
+    fp = ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+    pub = cert.public_key()
+    usable: str | None = None
+    if isinstance(pub, rsa.RSAPublicKey):
+        key, need = f"RSA {pub.key_size}", "key_encipherment"
+        if pub.key_size < 2048:
+            usable = (
+                f"certificate {path}: an RSA key of {pub.key_size} bits is too weak (2048 at least)"
+            )
+    elif isinstance(pub, ec.EllipticCurvePublicKey):
+        key, need = f"EC {pub.curve.name}", "key_agreement"
+    else:
+        key, need = type(pub).__name__, ""
+        usable = (
+            f"certificate {path}: its key ({key}) cannot receive CMS-encrypted data; "
+            "the unit needs an RSA or EC certificate"
+        )
+    if usable is None:
+        try:
+            ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            ku = None
+        if ku is not None and not getattr(ku, need):
+            usable = f"certificate {path}: its key usage does not allow encryption ({need} not set)"
+    return RecipientCert(
+        path=str(path),
+        pem=pem,
+        fingerprint=fp,
+        subject=cert.subject.rfc4514_string(),
+        not_before=cert.not_valid_before_utc.timestamp(),
+        not_after=cert.not_valid_after_utc.timestamp(),
+        key=key,
+        usable=usable,
+    )

@@ -143,6 +143,9 @@ class ExportPackage:
     manifest: dict[str, Any]
     files: tuple[str, ...]
     sha256s: dict[str, str] = field(default_factory=dict)
+    # a protected export: the sealed file on the destination (mode, file, sha256, size, package,
+    # recipient); ``manifest`` is then the package's inside it
+    sealed: dict[str, Any] | None = None
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -299,7 +302,7 @@ def _audio_handling(
 # ``abort(tmp, error) -> NvrGuardError | None``, called after a failure once ``tmp`` was removed
 # through its path, to remove what the path no longer reaches (a lazily unmounted medium) and to
 # give a clearer error to raise instead (medium full, medium gone, I/O error).
-def _abort(dest: Destination, tmp: Path, error: BaseException) -> BaseException | None:
+def destination_abort(dest: Destination, tmp: Path, error: BaseException) -> BaseException | None:
     hook = getattr(dest, "abort", None)
     if hook is None:
         return None
@@ -487,7 +490,7 @@ def run_export(
         )
     except BaseException as error:
         pdir.discard()
-        clearer = _abort(dest, tmp, error)
+        clearer = destination_abort(dest, tmp, error)
         if clearer is not None:
             raise clearer from error
         if isinstance(error, OSError):

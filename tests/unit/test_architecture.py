@@ -284,6 +284,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
         {
             "nvr_guard.export.keys",
             "nvr_guard.export.fonts",
+            "nvr_guard.export.zones",
             "nvr_guard.retention.layout",
             "nvr_guard.retention.presets",
         }
