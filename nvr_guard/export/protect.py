@@ -313,17 +313,23 @@ def _write_cms(out: Any, package: Path, cert: RecipientCert, timeout: float) -> 
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err)
             except OSError as e:
                 raise RuntimeFailure(f"cannot run {OPENSSL}: {e.strerror}") from None
+            broken = False
             try:
                 assert proc.stdin is not None
-                with tarfile.open(fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    tar.add(package, arcname=package.name, filter=_tar_entry)
-                proc.stdin.close()
+                try:
+                    with tarfile.open(
+                        fileobj=proc.stdin, mode="w|", format=tarfile.PAX_FORMAT
+                    ) as tar:
+                        tar.add(package, arcname=package.name, filter=_tar_entry)
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    broken = True  # openssl ended early: its exit code and message say why
                 rc = proc.wait(timeout=timeout)
             except BaseException:
                 proc.kill()
                 proc.wait()
                 raise
-        if rc != 0:
+        if rc != 0 or broken:
             why = errf.read_bytes().decode(errors="replace").strip().splitlines()
             raise RuntimeFailure(
                 f"openssl cms could not encrypt the package (exit {rc}: "
