@@ -419,6 +419,8 @@ class Request:
     # Who carried out its export (or is carrying it out): never also one of its approvers unless
     # ``approver_may_export`` (an emergency export comes before its back-filled approvals).
     exporter: str | None = None
+    # how its export is protected: none | passphrase | recipient (fixed when it was filed)
+    encrypt: str = "none"
 
 
 @dataclass(frozen=True)
@@ -430,3 +432,4 @@ class Approval:
     decision: str  # "approve" | "deny"
     note: str
     time: float
+    mask: str = ""  # privacy zones the approver added ("x,y,w,h;CAM:x,y,w,h"), "" for none

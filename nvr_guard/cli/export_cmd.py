@@ -23,8 +23,14 @@ def export() -> None:
 @click.option(
     "--media", required=True, help="an export target directory (USB media: the media gate)"
 )
+@click.option(
+    "--slip",
+    type=click.Path(dir_okay=False),
+    help="with a passphrase: also write the printable passphrase slip (HTML) here, to hand over "
+    "apart from the medium",
+)
 @pass_ctx
-def export_run(c: Ctx, rid: int, media: str) -> None:
+def export_run(c: Ctx, rid: int, media: str, slip: str | None) -> None:
     """Write the watermarked, signed export package of an approved request."""
     res = with_progress(
         c,
@@ -33,8 +39,43 @@ def export_run(c: Ctx, rid: int, media: str) -> None:
         f"export request {rid}",
     )
 
+    slip_path = None
+    if res.get("passphrase") and slip:
+        from nvr_guard.export.form import passphrase_slip_html
+
+        html = passphrase_slip_html(res)
+        try:
+            fd = os.open(slip, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(html)
+            slip_path = str(Path(slip).resolve())
+        except OSError as e:  # the export is done: say so, and show the passphrase regardless
+            err.print(f"cannot write the slip {slip}: {e.strerror or e}", markup=False)
+    if slip_path is not None:
+        res["slip"] = slip_path
+
     def human() -> None:
         out.print(f"package written: {res['package']}", markup=False)
+        if res.get("archive"):
+            out.print(f"sealed file: {res['archive']}", markup=False)
+            out.print(f"its SHA-256: {res.get('archive_sha256')}", markup=False)
+        if res.get("passphrase"):
+            out.print(
+                f"PASSPHRASE (shown only now, stored nowhere): {res['passphrase']}", markup=False
+            )
+            out.print(
+                "hand it to the recipient apart from the medium (another person, phone, or "
+                + (f"the slip {slip_path})" if slip_path else "a slip: export run --slip FILE)"),
+                markup=False,
+            )
+        sealed = res.get("sealed") or {}
+        if sealed.get("recipient"):
+            r = sealed["recipient"]
+            out.print(
+                f"encrypted to {r.get('unit')} ({r.get('subject')}, certificate "
+                f"{r.get('fingerprint')})",
+                markup=False,
+            )
         for cam, at in (res.get("native_start") or {}).items():
             out.print(
                 f"{cam}: the native copy starts at the keyframe {at}, at or before the "

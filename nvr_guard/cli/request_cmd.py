@@ -75,17 +75,50 @@ def print_request(r: dict[str, Any]) -> None:
         ("still open", ", ".join(r.get("open_steps", [])) or "-"),
         ("decide by", r.get("decide_by") or "-"),
         ("valid until", r.get("valid_until") or "-"),
+        ("encryption", _encrypt_text(r)),
+        ("privacy zones", _zones_text(r.get("privacy_zones") or {})),
         ("package", r.get("package") or "-"),
+        ("copy", _copy_text(r)),
     ):
         t.add_row(k, str(v))
     out.print(t)
     if r["approvals"]:
         a = table("approvals", ["time", "approver", "role", "decision", "note"])
         for x in r["approvals"]:
-            a.add_row(x["time"], x["approver"], x["role"], x["decision"], x["note"])
+            note = x["note"] + (f" [mask {x['mask']}]" if x.get("mask") else "")
+            a.add_row(x["time"], x["approver"], x["role"], x["decision"], note)
         out.print(a)
     if r.get("violation"):
         out.print(f"[red]violation:[/] {escape(str(r['violation']))}")
+
+
+def _encrypt_text(r: dict[str, Any]) -> str:
+    mode = r.get("encrypt") or "none"
+    text = {
+        "none": "none (a plain package)",
+        "passphrase": "passphrase (AES-256 7z; the passphrase is shown once at export)",
+        "recipient": f"to the certificate of {r['recipient']['unit']} (CMS)",
+    }.get(mode, mode)
+    sealed = r.get("sealed")
+    if sealed:
+        text += f"; sealed file {sealed.get('file')} sha256 {sealed.get('sha256')}"
+    return text
+
+
+def _zones_text(zones: dict[str, Any]) -> str:
+    if not zones:
+        return "-"
+    return "; ".join(f"{cam}: {len(zs)} zone(s)" for cam, zs in zones.items())
+
+
+def _copy_text(r: dict[str, Any]) -> str:
+    """Whether the exported copy is known destroyed."""
+    d = r.get("destroyed")
+    if d:
+        return f"destroyed {d.get('time')} ({d.get('how')}, by {d.get('by')})"
+    if r.get("package"):
+        return "not known destroyed"
+    return "-"
 
 
 @request.command("new")
@@ -109,6 +142,12 @@ def print_request(r: dict[str, Any]) -> None:
     "(调阅), never copied",
 )
 @click.option("--emergency", is_flag=True, help="emergency export now, approvals within 24 h")
+@click.option(
+    "--encrypt",
+    type=click.Choice(["none", "passphrase", "recipient"]),
+    help="how the package leaves: passphrase (AES-256 7z), recipient (to the unit's certificate "
+    "in export.recipients); default: the site's export.encrypt",
+)
 @pass_ctx
 def request_new(
     c: Ctx,
@@ -122,6 +161,7 @@ def request_new(
     recipient_contact: str | None,
     fmt: str,
     emergency: bool,
+    encrypt: str | None,
 ) -> None:
     """File a retrieval request; its footage is held at once."""
     args = {
@@ -134,6 +174,8 @@ def request_new(
         "format": fmt,
         "emergency": emergency,
     }
+    if encrypt is not None:
+        args["encrypt"] = encrypt
     res = daemon_call(c, "request.new", args)
 
     def human() -> None:
@@ -184,10 +226,19 @@ def request_show(c: Ctx, rid: int) -> None:
 @click.argument("rid", type=int)
 @click.option("--note", default="")
 @click.option("--as", "as_step", help="the step to approve as, when you hold several roles")
+@click.option(
+    "--mask",
+    metavar="x,y,w,h[;...]",
+    help="privacy zones to fill in on this request's export, as fractions of the frame; "
+    "CAMERA:x,y,w,h for one camera only",
+)
 @pass_ctx
-def request_approve(c: Ctx, rid: int, note: str, as_step: str | None) -> None:
+def request_approve(c: Ctx, rid: int, note: str, as_step: str | None, mask: str | None) -> None:
     """Approve the next step you hold a role for."""
-    res = daemon_call(c, "request.approve", {"id": rid, "note": note, "as_step": as_step})
+    args: dict[str, Any] = {"id": rid, "note": note, "as_step": as_step}
+    if mask is not None:
+        args["mask"] = mask
+    res = daemon_call(c, "request.approve", args)
     c.emit(res, lambda: print_request(res))
 
 

@@ -117,6 +117,7 @@ class RequestNew(_Args):
     recipient: Recipient
     format: Literal["mp4", "native", "view"] = "mp4"
     emergency: StrictBool = False
+    encrypt: Literal["none", "passphrase", "recipient"] | None = None  # None: the site's
 
 
 class RequestList(_Args):
@@ -130,6 +131,7 @@ class RequestApprove(_Args):
     id: Id
     note: Long | None = None
     as_step: Short | None = None
+    mask: Long | None = None  # privacy zones to add: "x,y,w,h[;CAMERA:x,y,w,h...]"
 
 
 class IdReason(_Args):
@@ -455,7 +457,7 @@ def request_show(ctx: Context, caller: Caller, a: IdArgs) -> Any:
 
 def request_approve(ctx: Context, caller: Caller, a: RequestApprove) -> Any:
     """Approve the next step ``caller`` holds a role for (or ``as_step``)."""
-    return ctx.engine.workflow.approve(caller, a.id, a.note or "", a.as_step)
+    return ctx.engine.workflow.approve(caller, a.id, a.note or "", a.as_step, a.mask)
 
 
 def request_deny(ctx: Context, caller: Caller, a: IdReason) -> Any:

@@ -25,6 +25,8 @@ th { background: #eee; width: 22%; font-weight: normal; }
 td.hash, code { font-family: monospace; word-break: break-all; font-size: 0.9em; }
 .sign { height: 3em; }
 .note { font-size: 0.85em; }
+.slip { page-break-before: always; break-before: page; }
+.phrase { font-family: monospace; font-size: 2em; letter-spacing: 0.1em; padding: 0.6em; }
 @media print { body { margin: 1cm; } }
 """
 
@@ -83,6 +85,8 @@ def approval_record_html(
         _row("调取原因", "Reason / purpose", request.get("reason")),
         _row("法律依据", "Legal basis", request.get("basis")),
         _row("输出格式", "Output format", _format_text(request.get("format"))),
+        _row("输出保护", "Protection", _encrypt_text(request)),
+        _row("隐私遮挡", "Privacy zones", _zones_text(request.get("privacy_zones"))),
         _row("申请时间", "Requested at", _when(request.get("created"))),
         "</table>",
         "<table><caption>接收方 Recipient</caption>",
@@ -169,6 +173,7 @@ def approval_record_html(
                 f'<td class="hash">{_e(c.get("sha256"))}</td></tr>'
             )
         out.append("</table>")
+    out += _sealed_rows(request.get("sealed"), request.get("destroyed"))
     package = export_info.get("package") if export_info is not None else None
     pin = signer or "SHA256:…"
     out += [
@@ -194,9 +199,118 @@ def approval_record_html(
         "不得删除任何细节。<br>This record is the basis for viewing and retrieving CCTV footage; "
         "it must be filled in completely and filed with security. No detail may be deleted. "
         "Check the package with <code>nvr-guard verify</code> or the commands in VERIFY.txt.</p>",
-        "</body></html>",
     ]
+    if request.get("encrypt") == "passphrase":
+        # the passphrase is never stored: this page is filled in by hand, or printed by
+        # `export run --slip` at the moment of the export
+        out += _slip_page(request.get("id"), request.get("sealed"), None)
+    out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _encrypt_text(request: Mapping[str, Any]) -> str:
+    mode = request.get("encrypt") or "none"
+    unit = (request.get("recipient") or {}).get("unit")
+    return {
+        "none": "无（未加密的导出包）none: a plain package",
+        "passphrase": "口令加密 AES-256（7z），口令另行交付 passphrase (AES-256 7z), handed over "
+        "separately",
+        "recipient": f"按接收单位证书加密（CMS）encrypted to the certificate of {unit}",
+    }.get(mode, str(mode))
+
+
+def _zones_text(zones: Any) -> str:
+    if not zones:
+        return "无 none"
+    return "\n".join(
+        f"{cam}: " + "; ".join(_zone_text(z) for z in zs) for cam, zs in dict(zones).items()
+    )
+
+
+def _sealed_rows(sealed: Any, destroyed: Any) -> list[str]:
+    if not sealed and not destroyed:
+        return []
+    rows = ["<table><caption>加密交付 Protected delivery</caption>"]
+    if sealed:
+        rows += [
+            _row("加密文件", "Sealed file", sealed.get("file")),
+            _row("文件 SHA-256", "Its SHA-256", sealed.get("sha256"), "hash"),
+            _row("大小", "Size", f"{sealed.get('size')} bytes"),
+        ]
+        r = sealed.get("recipient")
+        if r:
+            rows += [
+                _row(
+                    "接收单位证书", "Recipient certificate", f"{r.get('unit')}: {r.get('subject')}"
+                ),
+                _row("证书指纹", "Certificate SHA-256", r.get("fingerprint"), "hash"),
+                _row("证书有效期", "Valid", f"{r.get('not_before')} – {r.get('not_after')}"),
+            ]
+        else:
+            rows.append(
+                _row(
+                    "口令",
+                    "Passphrase",
+                    "另行交付，录像机未保存 handed over separately; not stored",
+                )
+            )
+    if destroyed:
+        rows.append(
+            _row(
+                "副本销毁",
+                "Copy destroyed",
+                f"{destroyed.get('time')} · {destroyed.get('how')} · {destroyed.get('by')}",
+            )
+        )
+    rows.append("</table>")
+    return rows
+
+
+def _slip_page(rid: Any, sealed: Any, passphrase: str | None) -> list[str]:
+    sealed = sealed or {}
+    phrase = (
+        f'<div class="phrase">{_e(passphrase)}</div>'
+        if passphrase
+        else '<div class="phrase sign">&nbsp;</div>'
+    )
+    return [
+        '<div class="slip">',
+        "<h1>口令单 Passphrase slip</h1>",
+        f'<p class="sub">申请编号 Request No. {_e(rid)}</p>',
+        "<table>",
+        _row("加密文件", "Sealed file", sealed.get("file")),
+        _row("文件 SHA-256", "Its SHA-256", sealed.get("sha256"), "hash"),
+        "</table>",
+        f"<table><caption>口令 Passphrase</caption><tr><td>{phrase}</td></tr></table>",
+        '<p class="note">此单须与存储介质分开交付（另一人、另一途径），'
+        "接收方核对后销毁。录像机不保存口令。"
+        "<br>Hand this slip over apart from the medium (another person or channel); the "
+        "recipient destroys it once the package is opened. The recorder does not keep the "
+        "passphrase. Open the file with 7-Zip (Windows) or <code>7z x</code> (Linux).</p>",
+        "<table><caption>签字 Signatures</caption>",
+        '<tr><th>交付人 / 时间<br>Handed over by / at</th><td class="sign"></td></tr>',
+        '<tr><th>接收人 / 时间<br>Received by / at</th><td class="sign"></td></tr>',
+        "</table>",
+        "</div>",
+    ]
+
+
+def passphrase_slip_html(result: Mapping[str, Any]) -> str:
+    """The passphrase slip printed by ``export run --slip`` from the export's result: the one
+    time the passphrase exists outside the technician's screen, on paper."""
+    return (
+        "\n".join(
+            [
+                "<!DOCTYPE html>",
+                '<html lang="zh-CN"><head><meta charset="utf-8">',
+                f"<title>口令单 Passphrase slip — request {_e(result.get('id'))}</title>",
+                f"<style>{_CSS}</style></head><body>",
+                *_slip_page(result.get("id"), result.get("sealed"), str(result.get("passphrase"))),
+                "</body></html>",
+            ]
+        )
+        + "\n"
+    )
 
 
 _DECISIONS = {"approve": "同意 approved", "approved": "同意 approved", "deny": "不同意 denied",

@@ -20,7 +20,7 @@ from nvr_guard.store.schema import ensure_requests_schema
 
 _COLS = (
     'id, requester, site, cameras, start, "end", reason, basis, recipient, format, emergency, '
-    "state, created, approved_at, exported_at, closed_at, resolved, exporter"
+    "state, created, approved_at, exported_at, closed_at, resolved, exporter, encrypt"
 )
 
 
@@ -44,6 +44,7 @@ def _request(row: tuple[Any, ...]) -> Request:
         closed_at,
         resolved,
         exporter,
+        encrypt,
     ) = row
     r = json.loads(recipient)
     return Request(
@@ -65,7 +66,23 @@ def _request(row: tuple[Any, ...]) -> Request:
         closed_at=closed_at,
         resolved=resolved,
         exporter=exporter,
+        encrypt=encrypt or "none",
     )
+
+
+def _extra(
+    package: Any, hold_id: Any, judged_by: Any, sealed: Any, destroyed: Any
+) -> dict[str, Any]:
+    return {
+        "package": package,
+        "hold_id": hold_id,
+        "judged_by": json.loads(judged_by) if judged_by else None,
+        "sealed": json.loads(sealed) if sealed else None,
+        "destroyed": json.loads(destroyed) if destroyed else None,
+    }
+
+
+_EXTRA_COLS = "package, hold_id, judged_by, sealed, destroyed"
 
 
 class RequestStore:
@@ -85,7 +102,8 @@ class RequestStore:
         with self._txn() as c:
             cur = c.execute(
                 'INSERT INTO requests (requester, site, cameras, start, "end", reason, basis, '
-                "recipient, format, emergency, state, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "recipient, format, emergency, state, created, encrypt) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     r.requester,
                     r.site,
@@ -106,6 +124,7 @@ class RequestStore:
                     int(r.emergency),
                     r.state,
                     r.created,
+                    r.encrypt,
                 ),
             )
             rid = int(cur.lastrowid or 0)
@@ -165,7 +184,7 @@ class RequestStore:
         if ids is not None:
             where.append(f"id IN ({','.join('?' * len(ids))})")
             params.extend(ids)
-        sql = f"SELECT {_COLS}, package, hold_id, judged_by FROM requests"
+        sql = f"SELECT {_COLS}, {_EXTRA_COLS} FROM requests"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
@@ -175,17 +194,7 @@ class RequestStore:
         n = len(_COLS.split(","))
         with self.lock:
             rows = self.conn.execute(sql, params).fetchall()
-        return [
-            (
-                _request(row[:n]),
-                {
-                    "package": row[n],
-                    "hold_id": row[n + 1],
-                    "judged_by": json.loads(row[n + 2]) if row[n + 2] else None,
-                },
-            )
-            for row in rows
-        ]
+        return [(_request(row[:n]), _extra(*row[n:])) for row in rows]
 
     def counts(self) -> dict[str, int]:
         """Requests per stored state."""
@@ -209,13 +218,13 @@ class RequestStore:
                 for rid in chunk:
                     out[rid] = []
                 cur = self.conn.execute(
-                    "SELECT request_id, approver, role, decision, note, time FROM approvals "
+                    "SELECT request_id, approver, role, decision, note, time, mask FROM approvals "
                     f"WHERE request_id IN ({','.join('?' * len(chunk))}) ORDER BY id",
                     chunk,
                 )
-                for rid, a, r, d, n, t in cur:
+                for rid, a, r, d, n, t, m in cur:
                     out[int(rid)].append(
-                        Approval(approver=a, role=r, decision=d, note=n, time=float(t))
+                        Approval(approver=a, role=r, decision=d, note=n, time=float(t), mask=m)
                     )
         return out
 
@@ -223,13 +232,13 @@ class RequestStore:
         """The decisions given on a request, in the order given."""
         with self.lock:
             cur = self.conn.execute(
-                "SELECT approver, role, decision, note, time FROM approvals WHERE request_id = ? "
-                "ORDER BY id",
+                "SELECT approver, role, decision, note, time, mask FROM approvals "
+                "WHERE request_id = ? ORDER BY id",
                 (rid,),
             )
             return [
-                Approval(approver=a, role=r, decision=d, note=n, time=float(t))
-                for a, r, d, n, t in cur
+                Approval(approver=a, role=r, decision=d, note=n, time=float(t), mask=m)
+                for a, r, d, n, t, m in cur
             ]
 
     @changes_requests
@@ -237,9 +246,9 @@ class RequestStore:
         """Append a decision (approvals are never edited nor removed)."""
         with self._txn() as c:
             c.execute(
-                "INSERT INTO approvals (request_id, approver, role, decision, note, time) "
-                "VALUES (?,?,?,?,?,?)",
-                (rid, a.approver, a.role, a.decision, a.note, a.time),
+                "INSERT INTO approvals (request_id, approver, role, decision, note, time, mask) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (rid, a.approver, a.role, a.decision, a.note, a.time, a.mask),
             )
         self._db.request_written(rid)
 
@@ -256,12 +265,15 @@ class RequestStore:
             "hold_id",
             "judged_by",
             "exporter",
+            "sealed",
+            "destroyed",
         }
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"cannot update {sorted(bad)}")
-        if "judged_by" in fields and fields["judged_by"] is not None:
-            fields["judged_by"] = json.dumps(fields["judged_by"], ensure_ascii=False)
+        for k in ("judged_by", "sealed", "destroyed"):
+            if k in fields and fields[k] is not None:
+                fields[k] = json.dumps(fields[k], ensure_ascii=False)
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self._txn() as c:
             c.execute(f"UPDATE requests SET {sets} WHERE id = ?", [*fields.values(), rid])
@@ -272,15 +284,11 @@ class RequestStore:
         """The package, hold and rules record of a request ({} when there is none)."""
         with self.lock:
             row = self.conn.execute(
-                "SELECT package, hold_id, judged_by FROM requests WHERE id = ?", (rid,)
+                f"SELECT {_EXTRA_COLS} FROM requests WHERE id = ?", (rid,)
             ).fetchone()
         if not row:
             return {}
-        return {
-            "package": row[0],
-            "hold_id": row[1],
-            "judged_by": json.loads(row[2]) if row[2] else None,
-        }
+        return _extra(*row)
 
 
 _UNDECIDED = (

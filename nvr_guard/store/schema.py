@@ -130,7 +130,10 @@ CREATE TABLE IF NOT EXISTS requests (
     package TEXT,
     hold_id INTEGER,
     judged_by TEXT,                 -- JSON: the rules in force when it was decided
-    exporter TEXT                   -- who carried out its export
+    exporter TEXT,                  -- who carried out its export
+    encrypt TEXT,                   -- none | passphrase | recipient (NULL: none, older rows)
+    sealed TEXT,                    -- JSON: the sealed file of a protected export
+    destroyed TEXT                  -- JSON: how its copy was known destroyed (when, by, how)
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 CREATE TABLE IF NOT EXISTS approvals (
@@ -140,7 +143,8 @@ CREATE TABLE IF NOT EXISTS approvals (
     role TEXT NOT NULL,
     decision TEXT NOT NULL,
     note TEXT NOT NULL DEFAULT '',
-    time REAL NOT NULL
+    time REAL NOT NULL,
+    mask TEXT NOT NULL DEFAULT ''   -- privacy zones the approver added (request approve --mask)
 );
 CREATE INDEX IF NOT EXISTS approvals_request ON approvals(request_id);
 CREATE TRIGGER IF NOT EXISTS approvals_no_update BEFORE UPDATE ON approvals
@@ -162,6 +166,11 @@ def ensure_requests_schema(conn: sqlite3.Connection) -> None:
         # a catalog from before the exporter was recorded: NULL (the workflow reads it from the
         # request's export.done audit entry)
         conn.execute("ALTER TABLE requests ADD COLUMN exporter TEXT")
+    for col in ("encrypt", "sealed", "destroyed"):  # protected exports (NULL: none)
+        if col not in cols:
+            conn.execute(f"ALTER TABLE requests ADD COLUMN {col} TEXT")
+    if "mask" not in {row[1] for row in conn.execute("PRAGMA table_info(approvals)")}:
+        conn.execute("ALTER TABLE approvals ADD COLUMN mask TEXT NOT NULL DEFAULT ''")
 
 
 # ---------------------------------------------------------------------------------------------

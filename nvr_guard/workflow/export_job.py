@@ -26,12 +26,12 @@ from typing import Any, NoReturn, Protocol
 from nvr_guard.config import Config
 from nvr_guard.context import Context
 from nvr_guard.errors import NvrGuardError, PolicyRefused, RuntimeFailure
-from nvr_guard.export import run_export
+from nvr_guard.export import export_package
 from nvr_guard.export.ffmpeg import stop_when
 from nvr_guard.identity import Caller
 from nvr_guard.store.requests import RequestStore
 from nvr_guard.times import iso
-from nvr_guard.workflow import access
+from nvr_guard.workflow import access, protection
 from nvr_guard.workflow.record import rules_record
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,9 @@ class ExportClaim:
     why: str | None = None  # why it is being aborted
     committing: bool = False  # the engine lock is held from the commit check to the record
     last_check: float = 0.0
+    seal: Any = None  # export.protect.Seal of a protected export, else None
+    raised: str | None = None  # why the policy raised the request's encryption, if it did
+    zones: dict[str, list[Any]] = field(default_factory=dict)  # privacy zones per camera
 
 
 class _CommitGate:
@@ -127,7 +130,7 @@ class ExportJobs:
         self.claims: dict[int, ExportClaim] = {}  # under the engine lock
         # the seams of an export (tests put a fast stand-in here): the package builder, and the
         # gate that opens a destination
-        self.exporter: Callable[..., Any] = run_export
+        self.exporter: Callable[..., Any] = export_package
         self.open_destination = open_destination
 
     def signing_key(self) -> tuple[Any, str]:
@@ -207,6 +210,9 @@ class ExportJobs:
             d = self._export_check(rid, caller)
             if not d.allowed:
                 self.wf._refused(caller, f"request:{rid}", d)
+            seal, raised, refusal = protection.seal_at_export(self.wf.config, r, self.wf.now())
+            if refusal is not None:
+                self.wf._refused(caller, f"request:{rid}", refusal)
             try:
                 dest = self.open_destination(target, self.wf.config.site_tz(r.site))
             except NvrGuardError as e:
@@ -262,6 +268,9 @@ class ExportJobs:
                 key=key,
                 fingerprint=fp,
                 head=head,
+                seal=seal,
+                raised=raised,
+                zones=protection.zones_for(self.wf.config, r, approvals),
             )
             self.claims[rid] = claim
             return claim
@@ -291,7 +300,16 @@ class ExportJobs:
             preset=self.wf.config.export.preset,
             timeout=float(self.wf.config.export.timeout.seconds),
             group=self.export_gid(),
+            zones=claim.zones,
         )
+        sealing: dict[str, Any] = {}
+        if claim.seal is not None:
+            from nvr_guard.export.protect import staging_dir
+
+            sealing = {
+                "seal": claim.seal,
+                "staging": staging_dir(Path(self.wf.config.state_dir)),
+            }
 
         def on_progress(f: float) -> None:
             self.progress[rid] = f
@@ -311,6 +329,7 @@ class ExportJobs:
                         claim.key,
                         audit_head=claim.head,
                         progress=on_progress,
+                        **sealing,
                     )
         except BaseException as e:
             self._release(claim)
@@ -371,6 +390,7 @@ class ExportJobs:
                     judged_by=rules_record(
                         self.wf._acting(r, rules), r, now, self.wf.config.digest
                     ),
+                    sealed=getattr(pkg, "sealed", None),
                 )
                 self.ctx.catalog.set_request_holds_until(
                     rid, now + float(self.wf.config.export.preserve.seconds)
@@ -391,6 +411,7 @@ class ExportJobs:
                             if shown.get("damaged_sources")
                             else {}
                         ),
+                        **self._protection_record(claim, pkg),
                     },
                 )
                 self.progress[rid] = 1.0
@@ -399,17 +420,42 @@ class ExportJobs:
                     for c in (getattr(pkg, "manifest", None) or {}).get("clips", [])
                     if c.get("native_start")
                 }
-                return {
+                out = {
                     "id": rid,
                     "package": str(pkg.path),
                     "files": pkg.sha256s,
                     "fingerprint": claim.fingerprint,
+                    "encrypt": claim.seal.mode if claim.seal is not None else "none",
                     **({"native_start": starts} if starts else {}),
                 }
+                sealed = getattr(pkg, "sealed", None)
+                if sealed:
+                    out["archive"] = str(pkg.path / sealed["file"])
+                    out["archive_sha256"] = sealed["sha256"]
+                    out["sealed"] = sealed
+                    if claim.seal.passphrase is not None:
+                        # shown this once to the technician; stored nowhere
+                        out["passphrase"] = claim.seal.passphrase
+                return out
         finally:
             if self.claims.get(rid) is claim:
                 del self.claims[rid]
             self._release(claim)
+
+    @staticmethod
+    def _protection_record(claim: ExportClaim, pkg: Any) -> dict[str, Any]:
+        """What ``export.done`` records of the export's protection (never the passphrase)."""
+        out: dict[str, Any] = {}
+        if claim.zones:
+            out["privacy_zones"] = protection.zones_json(claim.zones)
+        sealed = getattr(pkg, "sealed", None)
+        if sealed:
+            out["sealed"] = dict(sealed)
+            if sealed["mode"] == "passphrase":
+                out["sealed"]["passphrase"] = "shown once to the technician, not stored"
+        if claim.raised:
+            out["encrypt_raised"] = claim.raised
+        return out
 
     def export_gid(self) -> int | None:
         """The gid of ``export.group``, who may read packages; None when the group does not
@@ -478,6 +524,20 @@ class ExportJobs:
             self.ctx.lock.release()
         return claim.why if claim.stop.is_set() else None
 
+    def _remove_stale_staging(self) -> _Paths:
+        """Remove the unencrypted packages a protected export killed mid-way left in the
+        staging directory (``export.protect``), and audit it."""
+        from nvr_guard.export.protect import remove_stale_staging
+
+        removed = remove_stale_staging(Path(self.wf.config.state_dir))
+        for path in removed:
+            log.warning("removed %s, the staging of an interrupted protected export", path)
+            with self.ctx.recording():
+                self.ctx.audit.append(
+                    "nvr-guard", "export.stale_removed", "staging", {"path": str(path)}
+                )
+        return removed
+
     def remove_stale_exports(self, targets: _Paths | None = None) -> _Paths:
         """Remove the hidden ``.NVRG-*.tmp`` directories an export killed mid-way (kill -9,
         power loss) left at the top of ``targets`` (default: ``export.targets``), and audit it.
@@ -488,7 +548,7 @@ class ExportJobs:
         """
         if targets is None:
             targets = [Path(t) for t in self.wf.config.export.targets]
-        removed: _Paths = []
+        removed: _Paths = self._remove_stale_staging()
         for target in targets:
             try:
                 names = os.listdir(target)

@@ -21,7 +21,7 @@ from nvr_guard.errors import InvalidInput, PolicyRefused
 from nvr_guard.identity import Caller
 from nvr_guard.store.requests import RequestStore
 from nvr_guard.times import iso, parse_time
-from nvr_guard.workflow import access, index
+from nvr_guard.workflow import access, index, protection
 from nvr_guard.workflow.export_job import ExportClaim, ExportJobs
 from nvr_guard.workflow.record import rules_from_record, rules_record
 from nvr_guard.workflow.viewing import Viewings
@@ -277,11 +277,16 @@ class Workflow:
                 "contact": r.recipient.contact,
             },
             "format": r.format,
+            "encrypt": r.encrypt,
             "emergency": r.emergency,
             "created": iso(r.created, tz),
             "approved_at": iso(r.approved_at, tz),
             "exported_at": iso(r.exported_at, tz),
             "package": extra.get("package"),
+            # a protected export's sealed file (mode, file, sha256, size, recipient)
+            "sealed": extra.get("sealed"),
+            # whether its copy is known destroyed, how and when (null: not known)
+            "destroyed": extra.get("destroyed"),
             # the rules it was decided by (null while undecided: the current ones apply)
             "judged_by": extra.get("judged_by"),
             "approvals": [
@@ -291,9 +296,11 @@ class Workflow:
                     "decision": a.decision,
                     "note": a.note,
                     "time": iso(a.time, tz),
+                    **({"mask": a.mask} if a.mask else {}),
                 }
                 for a in approvals
             ],
+            "privacy_zones": protection.zones_json(protection.zones_for(self.config, r, approvals)),
         }
         tail: dict[str, Any] = {}
         if rules is not None:
@@ -376,6 +383,7 @@ class Workflow:
             d = access.check_new(draft, actor, self.camera_levels(), footage, rules, now)
             if not d.allowed:
                 self._refused(caller, "request:new", d)
+            encrypt = self._encrypt_for_new(caller, site, draft, args.get("encrypt"))
             r = self.store.create(
                 access.Request(
                     id=0,
@@ -391,6 +399,7 @@ class Workflow:
                     emergency=draft.emergency,
                     state="pending",
                     created=now,
+                    encrypt=encrypt,
                 )
             )
             h0, h1 = access.hold_range(r, float(self.config.export.hold_margin.seconds))
@@ -410,6 +419,37 @@ class Workflow:
             view = self.request_json(r, [])
             self.ctx.audit.append(caller.user, "request.new", f"request:{r.id}", view)
             return view
+
+    def _encrypt_for_new(
+        self, caller: Caller, site: str, draft: access.Draft, requested: Any
+    ) -> str:
+        """The encryption a new request is filed with (``protection``); refusals audited."""
+        if draft.format == "view":
+            if requested not in (None, "none"):
+                self._refused(
+                    caller,
+                    "request:new",
+                    access.Decision(
+                        False,
+                        "--encrypt: a viewing request (--format view) is watched in the console "
+                        "and never exported; leave --encrypt out",
+                        2,
+                    ),
+                )
+            return "none"
+        native = protection.native_refusal(self.config, draft.format, draft.cameras)
+        if native is not None:
+            self._refused(caller, "request:new", native)
+        mode, refusal = protection.encrypt_for_new(
+            self.config,
+            site,
+            draft.cameras,
+            None if requested is None else str(requested),
+            draft.recipient.unit,
+        )
+        if refusal is not None:
+            self._refused(caller, "request:new", refusal)
+        return mode
 
     def _load(self, rid: int) -> tuple[access.Request, list[access.Approval], access.AccessRules]:
         """The request, its approvals and the rules it is judged by."""
@@ -755,9 +795,15 @@ class Workflow:
             return view
 
     def approve(
-        self, caller: Caller, rid: int, note: str, as_step: str | None = None
+        self,
+        caller: Caller,
+        rid: int,
+        note: str,
+        as_step: str | None = None,
+        mask: str | None = None,
     ) -> dict[str, Any]:
-        """Approve one step of request ``rid`` (audited; refused and audited if not allowed)."""
+        """Approve one step of request ``rid`` (audited; refused and audited if not allowed),
+        adding the privacy zones of ``mask`` to its export (``protection.check_mask``)."""
         with self.ctx.recording():
             r, approvals, rules = self._visible(caller, rid)
             now = self.now()
@@ -776,12 +822,21 @@ class Workflow:
             )
             if not d.allowed:
                 self._refused(caller, f"request:{rid}", d)
+            zones = protection.check_mask(r, mask, caller.user) if mask else ""
             a = access.Approval(
-                approver=caller.user, role=d.step or "", decision="approve", note=note, time=now
+                approver=caller.user,
+                role=d.step or "",
+                decision="approve",
+                note=note,
+                time=now,
+                mask=zones,
             )
             self.store.add_approval(rid, a)
             self.ctx.audit.append(
-                caller.user, "request.approve", f"request:{rid}", {"step": a.role, "note": note}
+                caller.user,
+                "request.approve",
+                f"request:{rid}",
+                {"step": a.role, "note": note, **({"mask": zones} if zones else {})},
             )
             r, approvals, rules = self._current(rid)
             self.exports.recheck(rid)  # an approver may not be its exporter
