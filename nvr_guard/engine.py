@@ -28,7 +28,7 @@ from nvr_guard.attention import AUDIT_HEAD, Attention
 from nvr_guard.auditview import AUDIT_ROLES, audit_row, audit_show_json, audit_verify_json
 from nvr_guard.config import Config
 from nvr_guard.context import Clock, Context, root_bytes, site_roots
-from nvr_guard.errors import ConfigError
+from nvr_guard.errors import ConfigError, InvalidInput
 from nvr_guard.identity import Caller
 from nvr_guard.model import (
     UNMANAGED_REASON,
@@ -475,6 +475,29 @@ class Engine:
     ) -> Hold:
         """Place a manual hold (admin or security lead), audited in the same commit."""
         return self.holds.hold_add(caller, camera, start, end, reason, until, site)
+
+    def hold_request(
+        self, caller: Caller, rid: int, reason: str, until: str | None = None
+    ) -> list[Hold]:
+        """``hold add --request ID``: a manual hold on each camera of the request's range that
+        names the request, so its exported package on a target directory is kept too."""
+        r = self.workflow.store.get(rid)
+        if not self.workflow.may_view(caller, rid):
+            raise InvalidInput(f"no request {rid}; see `nvr-guard request list`")
+        tz = self.config.site_tz(r.site) if r.site in self.config.sites else self.config.tz
+        return [
+            self.holds.hold_add(
+                caller,
+                cam,
+                str(iso(r.start, tz)),
+                str(iso(r.end, tz)),
+                reason,
+                until,
+                r.site,
+                request_id=rid,
+            )
+            for cam in r.cameras
+        ]
 
     def hold_release(self, caller: Caller, hold_id: int, reason: str) -> Hold:
         """Release a manual hold, audited in the same commit."""

@@ -86,6 +86,23 @@ def export_run(c: Ctx, rid: int, media: str, slip: str | None) -> None:
     c.emit(res, human)
 
 
+@export.command("destroy")
+@click.argument("rid", type=int)
+@click.option("--reason", required=True, help="why the package is destroyed before its time")
+@pass_ctx
+def export_destroy(c: Ctx, rid: int, reason: str) -> None:
+    """Admin: destroy a request's package kept on an export target directory now."""
+    res = daemon_call(c, "export.destroy", {"id": rid, "reason": reason})
+    c.emit(
+        res,
+        lambda: out.print(
+            f"request {rid}: {res['package']} destroyed ({res['files']} files, "
+            f"{res['bytes']} bytes); receipt in the audit log",
+            markup=False,
+        ),
+    )
+
+
 @export.command("form")
 @click.argument("rid", type=int)
 @click.option("-o", "output", type=click.Path(dir_okay=False), help="write the HTML here")

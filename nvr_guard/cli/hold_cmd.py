@@ -46,33 +46,50 @@ def print_holds_not_shown(not_shown: list[dict[str, Any]]) -> None:
 
 
 @hold.command("add")
-@click.option("--camera", required=True, help="camera id, or SITE/CAMERA")
+@click.option("--camera", help="camera id, or SITE/CAMERA")
 @click.option("--site", help="the camera's site (required when two sites share the camera id)")
+@click.option("--from", "start", help="ISO 8601 (no offset = site-local), 2h (ago), today")
+@click.option("--to", "end", help="as --from; now for up to this moment")
 @click.option(
-    "--from", "start", required=True, help="ISO 8601 (no offset = site-local), 2h (ago), today"
+    "--request",
+    "rid",
+    type=int,
+    help="instead of --camera/--from/--to: hold a request's footage and keep its exported "
+    "package on the export target past export.target_keep",
 )
-@click.option("--to", "end", required=True, help="as --from; now for up to this moment")
 @click.option("--reason", required=True)
 @click.option("--until", help="the hold ends by itself then (ISO 8601, or 30d from now)")
 @pass_ctx
 def hold_add(
-    c: Ctx, camera: str, site: str | None, start: str, end: str, reason: str, until: str | None
+    c: Ctx,
+    camera: str | None,
+    site: str | None,
+    start: str | None,
+    end: str | None,
+    rid: int | None,
+    reason: str,
+    until: str | None,
 ) -> None:
-    """Hold a camera's footage in a time range."""
-    args = {
-        "camera": camera,
-        "site": site,
-        "from": start,
-        "to": end,
-        "reason": reason,
-        "until": until,
-    }
+    """Hold a camera's footage in a time range (or a request's, with its package)."""
+    args: dict[str, object] = {"reason": reason, "until": until}
+    if rid is not None:
+        if camera or start or end or site:
+            raise click.UsageError(
+                "--request holds the request's own cameras and range; "
+                "leave out --camera, --site, --from and --to"
+            )
+        args["request"] = rid
+    else:
+        if not (camera and start and end):
+            raise click.UsageError("give --camera, --from and --to (or --request ID)")
+        args.update({"camera": camera, "site": site, "from": start, "to": end})
     res = act(c, "hold.add", args)
     c.emit(
         res,
         lambda: out.print(
             f"hold {res['id']} placed on {res['site']}/{res['camera']}: "
-            f"{res['from']} .. {res['to']}",
+            f"{res['from']} .. {res['to']}"
+            + (f" (holds {', '.join(map(str, res['holds']))} for request {rid})" if rid else ""),
             markup=False,
         ),
     )

@@ -158,6 +158,16 @@ def print_status(st: dict[str, Any]) -> None:
         )
     for r in req.get("expiring", []):
         say(f"request {r['id']} approved, valid until {at(r.get('valid_until'))}")
+    copies = st.get("export_copies") or {}
+    if copies.get("on_targets") or copies.get("on_media"):
+        say(
+            f"exported copies: {copies.get('on_targets', 0)} on export targets (kept "
+            f"{copies.get('keep')}; {copies.get('held', 0)} held), {copies.get('on_media', 0)} "
+            "out on media not known destroyed"
+        )
+        for cp in (copies.get("items") or [])[:5]:
+            held = f", held by {cp['held_by']}" if cp.get("held_by") else ""
+            say(f"package of request {cp['request']} destroyed from {at(cp.get('due'))}{held}")
     for sc in st.get("last_scans", [])[:3]:
         finished = sc.get("finished")
         done = f", {when(float(finished) - now)}" if isinstance(finished, int | float) else ""

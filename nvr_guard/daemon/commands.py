@@ -186,9 +186,10 @@ class RetentionConfirmRoot(_Args):
 
 
 class HoldAdd(_Args):
-    camera: Short
-    from_: Time = Field(alias="from")
-    to: Time
+    camera: Short | None = None
+    from_: Time | None = Field(default=None, alias="from")
+    to: Time | None = None
+    request: Id | None = None  # hold the request's footage and exported package instead
     reason: Long
     until: Time | None = None
     site: Short | None = None
@@ -407,6 +408,8 @@ def status(ctx: Context, caller: Caller, a: StatusArgs) -> Any:
     (``holds_total`` says how many there are)."""
     st: dict[str, Any] = ctx.engine.status(caller)
     st["holds_total"] = len(st["holds"])
+    wf = ctx.engine.workflow
+    st["export_copies"] = wf.copies.status_part(caller, wf.now())
     if a.holds_limit is not None:
         st["holds"] = st["holds"][: a.holds_limit]
     if ctx.started is not None:
@@ -485,6 +488,11 @@ def export_progress(ctx: Context, caller: Caller, a: IdArgs) -> Any:
     return {"progress": ctx.engine.workflow.progress_of(caller, a.id)}
 
 
+def export_destroy(ctx: Context, caller: Caller, a: IdReason) -> Any:
+    """Destroy the package of a request kept on an export target directory (admin)."""
+    return ctx.engine.workflow.copies.destroy(caller, a.id, a.reason or "")
+
+
 def export_form(ctx: Context, caller: Caller, a: IdArgs) -> Any:
     """The printable approval record of a request, as HTML."""
     return {"html": ctx.engine.workflow.form(caller, a.id)}
@@ -517,7 +525,10 @@ def media_scan_progress(ctx: Context, caller: Caller, a: Media) -> Any:
 
 def media_wipe(ctx: Context, caller: Caller, a: MediaWipe) -> Any:
     """Format an unmounted medium instead of scanning it."""
-    return ctx.engine.media.wipe(caller, a.media, a.confirm or "")
+    res = ctx.engine.media.wipe(caller, a.media, a.confirm or "")
+    # the copies exported onto it are known destroyed now, recorded against their requests
+    res["copies_destroyed"] = ctx.engine.workflow.copies.wiped(caller, res["id"])
+    return res
 
 
 def refuse_fake_now(ctx: Context, caller: Caller, a: RetentionRun) -> None:
@@ -585,6 +596,16 @@ def retention_confirm_root(ctx: Context, caller: Caller, a: RetentionConfirmRoot
 def hold_add(ctx: Context, caller: Caller, a: HoldAdd) -> Any:
     """Place a manual hold on a camera's footage in a time range (admin, security_lead)."""
     engine = ctx.engine
+    if a.request is not None:
+        if a.camera is not None or a.from_ is not None or a.to is not None:
+            raise InvalidInput(
+                "hold add --request ID holds the request's own cameras and range; "
+                "leave out --camera, --from and --to"
+            )
+        holds = engine.hold_request(caller, a.request, a.reason, a.until)
+        return {**engine.hold_json(holds[0].id), "holds": [h.id for h in holds]}
+    if a.camera is None or a.from_ is None or a.to is None:
+        raise InvalidInput("hold add needs --camera, --from and --to (or --request ID)")
     h = engine.hold_add(caller, a.camera, a.from_, a.to, a.reason, a.until, site=a.site)
     return engine.hold_json(h.id)
 
@@ -790,6 +811,7 @@ COMMANDS: dict[str, Command] = {
         Command("export.run", ExportRun, export_run),
         Command("export.progress", IdArgs, export_progress),
         Command("export.form", IdArgs, export_form),
+        Command("export.destroy", IdReason, export_destroy),
         Command("view.prepare", IdArgs, view_prepare),
         Command("view.open", ViewOpen, view_open),
         Command("preview.frames", IdArgs, preview_frames),

@@ -441,6 +441,8 @@ class Daemon:
         engine = self.engine
         assert engine is not None
         self._guarded("requests", lambda: engine.workflow.refresh())
+        # packages on export targets past export.target_keep: destroyed, with receipts
+        self._guarded("copies", lambda: engine.workflow.copies.destroy_due())
         self._update_metrics()
 
     def _job_audit(self) -> None:

@@ -35,7 +35,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,18 @@ def remove_stale_staging(state_dir: Path) -> list[Path]:
     return removed
 
 
+@dataclass
+class _Staging(DirectoryDestination):
+    """The staging directory as the package builder sees it: the manifest describes the real
+    destination (the medium and its scan record), where the sealed package goes."""
+
+    outer: Destination | None = None
+
+    def describe(self) -> Mapping[str, Any]:
+        """The real destination's description."""
+        return self.outer.describe() if self.outer is not None else super().describe()
+
+
 def run_sealed_export(
     clips: Sequence[tuple[str, Sequence[SourceSegment]]],
     job: ExportJob,
@@ -156,7 +168,7 @@ def run_sealed_export(
         inner = run_export(
             clips,
             job,
-            DirectoryDestination(stage, reserve=0),
+            _Staging(stage, reserve=0, outer=dest),
             key,
             audit_head=audit_head,
             progress=inner_progress,

@@ -264,6 +264,7 @@ class MediaOps:
             raise RuntimeFailure(f"{mkfs} {device} failed: {(r.stderr or r.stdout).strip()[-300:]}")
         # a new filesystem UUID: the medium gets a new id and must be enrolled again
         return {
+            "id": m.id,  # the medium as it was (its new file system gives it a new id)
             "device": device,
             "formatted": True,
             "tool": Path(mkfs).name,

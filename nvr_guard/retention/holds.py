@@ -131,8 +131,10 @@ class Holds:
         reason: str,
         until: str | None = None,
         site: str | None = None,
+        request_id: int | None = None,
     ) -> Hold:
-        """Place a manual hold (admin or security lead), audited in the same commit."""
+        """Place a manual hold (admin or security lead), audited in the same commit;
+        ``request_id``: the hold names that request (its exported package is kept too)."""
         self.ctx.require(caller, HOLD_ROLES, "place a hold")
         reason = reason.strip()
         if not reason or any(not c.isprintable() for c in reason):
@@ -163,6 +165,7 @@ class Holds:
                     owner=caller.user,
                     created=now,
                     roots=self.ctx.roots_of(site),
+                    request_id=request_id,
                 )
                 self.ctx.audit.append_in(
                     caller.user,
@@ -176,6 +179,7 @@ class Holds:
                         "to": iso(t1, tz),
                         "until": iso(t_until, tz),
                         "reason": reason,
+                        **({"request": request_id} if request_id is not None else {}),
                     },
                 )
             return hold

@@ -180,7 +180,7 @@ class HoldStore(Database):
         with self.transaction() as c:
             c.execute(
                 "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL "
-                "AND (until IS NULL OR until > ?)",
+                "AND kind != 'manual' AND (until IS NULL OR until > ?)",
                 (until, request_id, until),
             )
 
@@ -189,9 +189,21 @@ class HoldStore(Database):
         """Make the open holds of a request end at ``until`` (earlier or later)."""
         with self.transaction() as c:
             c.execute(
-                "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL",
+                "UPDATE holds SET until = ? WHERE request_id = ? AND released IS NULL "
+                "AND kind != 'manual'",
                 (until, request_id),
             )
+
+    def holds_naming(self, request_id: int, now: float) -> list[int]:
+        """The active manual holds placed on a request's export (``hold add --request``): its
+        copy on an export target is kept while one of them holds."""
+        with self.lock:
+            cur = self.conn.execute(
+                "SELECT id FROM holds WHERE request_id = ? AND kind = 'manual' "
+                "AND released IS NULL AND (until IS NULL OR until > ?) ORDER BY id",
+                (request_id, now),
+            )
+            return [int(i) for (i,) in cur]
 
 
 def read_active_holds(path: Path | str, now: float) -> list[Hold] | None:

@@ -71,7 +71,7 @@ def _request(row: tuple[Any, ...]) -> Request:
 
 
 def _extra(
-    package: Any, hold_id: Any, judged_by: Any, sealed: Any, destroyed: Any
+    package: Any, hold_id: Any, judged_by: Any, sealed: Any, destroyed: Any, copy: Any
 ) -> dict[str, Any]:
     return {
         "package": package,
@@ -79,10 +79,11 @@ def _extra(
         "judged_by": json.loads(judged_by) if judged_by else None,
         "sealed": json.loads(sealed) if sealed else None,
         "destroyed": json.loads(destroyed) if destroyed else None,
+        "copy": json.loads(copy) if copy else None,
     }
 
 
-_EXTRA_COLS = "package, hold_id, judged_by, sealed, destroyed"
+_EXTRA_COLS = "package, hold_id, judged_by, sealed, destroyed, copy"
 
 
 class RequestStore:
@@ -267,11 +268,12 @@ class RequestStore:
             "exporter",
             "sealed",
             "destroyed",
+            "copy",
         }
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"cannot update {sorted(bad)}")
-        for k in ("judged_by", "sealed", "destroyed"):
+        for k in ("judged_by", "sealed", "destroyed", "copy"):
             if k in fields and fields[k] is not None:
                 fields[k] = json.dumps(fields[k], ensure_ascii=False)
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -279,6 +281,15 @@ class RequestStore:
             c.execute(f"UPDATE requests SET {sets} WHERE id = ?", [*fields.values(), rid])
         self._db.request_written(rid)
         return self.get(rid)
+
+    def copies(self) -> list[tuple[int, dict[str, Any]]]:
+        """(id, copy) of every request whose exported copy is not known destroyed."""
+        with self.lock:
+            cur = self.conn.execute(
+                "SELECT id, copy FROM requests WHERE copy IS NOT NULL AND destroyed IS NULL "
+                "ORDER BY id"
+            )
+            return [(int(i), json.loads(c)) for i, c in cur]
 
     def extra(self, rid: int) -> dict[str, Any]:
         """The package, hold and rules record of a request ({} when there is none)."""

@@ -133,7 +133,8 @@ CREATE TABLE IF NOT EXISTS requests (
     exporter TEXT,                  -- who carried out its export
     encrypt TEXT,                   -- none | passphrase | recipient (NULL: none, older rows)
     sealed TEXT,                    -- JSON: the sealed file of a protected export
-    destroyed TEXT                  -- JSON: how its copy was known destroyed (when, by, how)
+    destroyed TEXT,                 -- JSON: how its copy was known destroyed (when, by, how)
+    copy TEXT                       -- JSON: where its exported copy went (target or medium)
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 CREATE TABLE IF NOT EXISTS approvals (
@@ -166,7 +167,7 @@ def ensure_requests_schema(conn: sqlite3.Connection) -> None:
         # a catalog from before the exporter was recorded: NULL (the workflow reads it from the
         # request's export.done audit entry)
         conn.execute("ALTER TABLE requests ADD COLUMN exporter TEXT")
-    for col in ("encrypt", "sealed", "destroyed"):  # protected exports (NULL: none)
+    for col in ("encrypt", "sealed", "destroyed", "copy"):  # protected exports (NULL: none)
         if col not in cols:
             conn.execute(f"ALTER TABLE requests ADD COLUMN {col} TEXT")
     if "mask" not in {row[1] for row in conn.execute("PRAGMA table_info(approvals)")}:

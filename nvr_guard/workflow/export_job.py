@@ -116,6 +116,9 @@ class RequestAccess(Protocol):
 
     def _refused(self, caller: Caller, what: str, decision: access.Decision) -> None: ...
 
+    @property
+    def copies(self) -> Any: ...
+
 
 class ExportJobs:
     """The exports of one instance: at most one claim per request, one encode at a time."""
@@ -396,6 +399,7 @@ class ExportJobs:
                     rid, now + float(self.wf.config.export.preserve.seconds)
                 )
                 shown = getattr(pkg, "manifest", None) or {}
+                self.wf.copies.record(rid, dict(shown.get("destination") or {}), pkg.path, now)
                 self.ctx.audit.append(
                     caller.user,
                     "export.done",

@@ -22,6 +22,7 @@ from nvr_guard.identity import Caller
 from nvr_guard.store.requests import RequestStore
 from nvr_guard.times import iso, parse_time
 from nvr_guard.workflow import access, index, protection
+from nvr_guard.workflow.copies import Copies
 from nvr_guard.workflow.export_job import ExportClaim, ExportJobs
 from nvr_guard.workflow.record import rules_from_record, rules_record
 from nvr_guard.workflow.viewing import Viewings
@@ -52,6 +53,7 @@ class Workflow:
         self.store = RequestStore(ctx.catalog)
         self.exports = ExportJobs(self, open_destination)
         self.viewings = Viewings(self)
+        self.copies = Copies(self)
         # every request parsed once, read again where it changed (``index``)
         self.index = index.RequestIndex(
             ctx.catalog, self.store, lambda: self.config, self._judge, self.memo
