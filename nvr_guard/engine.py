@@ -776,7 +776,11 @@ class Engine:
         part = self._part_now(caller)
         if part is None:
             return None
-        return self._noting_busy(_with_requests_part(kept[2], part))
+        doc = _with_requests_part(kept[2], part)
+        if kept is not own and "export_copies" in doc:
+            sees = caller is None or bool(self.workflow.actor(caller).roles & COPIES_ROLES)
+            doc["export_copies"] = _copies_view(doc["export_copies"], sees)
+        return self._noting_busy(doc)
 
     def _noting_busy(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A copy of a status made earlier, with ``busy`` while a long operation runs: its
@@ -873,6 +877,11 @@ class Engine:
                 "retention": self.stats.as_json(),
                 # the recipient of a package compares this with `verify --fingerprint`
                 "export_key": self.signing_key_json(),
+                # exported packages on export targets and when they are destroyed
+                "export_copies": _copies_view(
+                    self.workflow.copies.status_part(now.wall),
+                    caller is None or bool(self.workflow.actor(caller).roles & COPIES_ROLES),
+                ),
             }
 
 
@@ -970,6 +979,18 @@ class _RequestsPart:
     violations: list[str]  # those the caller may see
     violations_all: int  # how many there are
     open_requests: dict[str, list[Any]]  # status' open_requests
+
+
+# who sees which packages are due for destruction in status (others see the counts)
+COPIES_ROLES = frozenset({"admin", "auditor", "security_lead", "technician"})
+
+
+def _copies_view(copies: dict[str, Any], sees_items: bool) -> dict[str, Any]:
+    """Status' ``export_copies`` for one who may (or may not) see the packages listed."""
+    if sees_items:
+        return copies
+    items = copies.get("items") or []
+    return {**copies, "items": [], "items_not_shown": len(items) + copies["items_not_shown"]}
 
 
 def _with_requests_part(doc: dict[str, Any], part: _RequestsPart) -> dict[str, Any]:

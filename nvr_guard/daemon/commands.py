@@ -408,8 +408,6 @@ def status(ctx: Context, caller: Caller, a: StatusArgs) -> Any:
     (``holds_total`` says how many there are)."""
     st: dict[str, Any] = ctx.engine.status(caller)
     st["holds_total"] = len(st["holds"])
-    wf = ctx.engine.workflow
-    st["export_copies"] = wf.copies.status_part(caller, wf.now())
     if a.holds_limit is not None:
         st["holds"] = st["holds"][: a.holds_limit]
     if ctx.started is not None:

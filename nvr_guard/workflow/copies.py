@@ -23,15 +23,16 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from nvr_guard.config import Config
+from nvr_guard.context import Context
 from nvr_guard.errors import InvalidInput, PolicyRefused, RuntimeFailure
 from nvr_guard.identity import Caller
+from nvr_guard.store.requests import RequestStore
 from nvr_guard.text import fmt_duration
 from nvr_guard.times import iso
-
-if TYPE_CHECKING:
-    from nvr_guard.workflow.requests import Workflow
+from nvr_guard.workflow import access
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,24 @@ DESTROY_ROLES = frozenset({"admin"})
 STATUS_ITEMS = 50
 
 
+class CopyAccess(Protocol):
+    """What the copies use of the requests (``workflow.requests.Workflow``)."""
+
+    ctx: Context
+    store: RequestStore
+
+    @property
+    def config(self) -> Config: ...
+
+    def now(self) -> float: ...
+
+    def actor(self, caller: Caller) -> access.Actor: ...
+
+
 class Copies:
     """The exported copies of one workflow: due dates, destruction, media wiped."""
 
-    def __init__(self, wf: Workflow) -> None:
+    def __init__(self, wf: CopyAccess) -> None:
         self.wf = wf
         self.ctx = wf.ctx
         self._failed: set[int] = set()  # destructions that failed, logged once
@@ -80,15 +95,11 @@ class Copies:
         out.sort(key=lambda c: float(c["due"]))
         return out
 
-    def status_part(self, caller: Caller | None, now: float) -> dict[str, Any]:
+    def status_part(self, now: float) -> dict[str, Any]:
         """``status`` -> ``export_copies``: the packages on target directories, those due for
-        destruction first (the requests the caller may see), and the copies out on media."""
+        destruction first, and how many copies are out on media (engine lock held)."""
         copies = self.due(now)
         on_media = sum(1 for _, c in self.wf.store.copies() if c.get("kind") == "usb-media")
-        shown = copies
-        if caller is not None:
-            visible = self.wf.may_view_many(caller, [c["request"] for c in copies])
-            shown = [c for c in copies if c["request"] in visible]
         tz = self.wf.config.tz
         return {
             "on_targets": len(copies),
@@ -96,8 +107,8 @@ class Copies:
             "held": sum(1 for c in copies if c["held_by"]),
             "on_media": on_media,
             "keep": fmt_duration(self.wf.config.export.target_keep),
-            "items": [{**c, "due": iso(c["due"], tz)} for c in shown[:STATUS_ITEMS]],
-            "items_not_shown": max(0, len(shown) - STATUS_ITEMS),
+            "items": [{**c, "due": iso(c["due"], tz)} for c in copies[:STATUS_ITEMS]],
+            "items_not_shown": max(0, len(copies) - STATUS_ITEMS),
         }
 
     # ---- destruction -----------------------------------------------------------------------
