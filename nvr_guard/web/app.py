@@ -575,6 +575,7 @@ class Console:
             "recipient_person": "",
             "recipient_contact": "",
             "format": "view",
+            "encrypt": "",
             "emergency": False,
         }
 
@@ -613,6 +614,11 @@ class Console:
             "format": fmt if isinstance(fmt, str) else "",
             "emergency": form.get("emergency") == "1",
         }
+        encrypt = form.get("encrypt", "")
+        if not isinstance(encrypt, str):
+            return self.error(request, 400, "error", me)
+        if encrypt:  # empty: as the site sets it
+            args["encrypt"] = encrypt
         try:
             made = await self.call("request.new", args, me, client=self.client(request))
         except NvrGuardError as exc:
@@ -679,6 +685,11 @@ class Console:
         args: dict[str, Any] = {"id": rid, field: text}
         if cmd == "request.approve" and not text:
             args[field] = None
+        mask = form.get("mask", "")
+        if cmd == "request.approve" and mask:
+            if not isinstance(mask, str):
+                return self.error(request, 400, "error", me)
+            args["mask"] = mask
         try:
             await self.call(cmd, args, me, client=self.client(request))
         except NvrGuardError as exc:

@@ -205,6 +205,45 @@ def test_file_approve_in_two_steps_on_record_with_the_address(web: Console) -> N
     assert "'sha256-" in record.headers["content-security-policy"]
 
 
+def test_an_approver_adds_a_mask_and_a_requester_asks_for_encryption_in_the_console(
+    web: Console,
+) -> None:
+    alice, bob = web.browser(ALICE), web.browser(BOB)
+    rid = file_request(web, alice, encrypt="passphrase")
+    assert shown(web, rid)["encrypt"] == "passphrase"
+    page = bob.get(f"/requests/{rid}")
+    assert 'id="mask"' in page.text and 'id="encrypt"' in page.text
+    # a bad mask is refused and changes nothing
+    r = bob.post(
+        f"/requests/{rid}/approve", data={"csrf_token": csrf_of(page.text), "mask": "0.9,0,0.5,1"}
+    )
+    assert r.status_code in (400, 403) and "reaches past the frame" in r.text
+    assert shown(web, rid)["approvals"] == []
+    r = bob.post(
+        f"/requests/{rid}/approve",
+        data={"csrf_token": csrf_of(page.text), "mask": "0.1,0.1,0.2,0.2"},
+    )
+    assert r.status_code == 303
+    s = shown(web, rid)
+    assert s["approvals"][0]["mask"] == "0.1,0.1,0.2,0.2"
+    assert s["privacy_zones"]["cam1"][0]["source"] == f"approval by {BOB}"
+    assert "approval by" in bob.get(f"/requests/{rid}").text
+    # an unknown protection is bad input, shown on the form
+    start = start_of_footage(web)
+    page = alice.get("/requests/new")
+    r = alice.post(
+        "/requests",
+        data={
+            "csrf_token": csrf_of(page.text), "cameras": "cam1",
+            "from": (start + timedelta(minutes=1)).isoformat(),
+            "to": (start + timedelta(minutes=3)).isoformat(), "reason": "r", "basis": "b",
+            "recipient_unit": "u", "recipient_person": "p", "recipient_contact": "c",
+            "format": "mp4", "encrypt": "rot13",
+        },
+    )  # fmt: skip
+    assert r.status_code == 400
+
+
 def test_self_approval_is_refused(web: Console) -> None:
     bob = web.browser(BOB)
     rid = file_request(web, bob)
