@@ -269,6 +269,7 @@ def build_encode(
     faststart: bool = False,
     zones: Sequence[Zone] = (),
     run_sizes: Sequence[tuple[int, int]] | None = None,
+    run_zones: Sequence[Sequence[Zone]] | None = None,
 ) -> Command:
     """Watermarked H.264 clip: each run trimmed frame-exactly with its own clock, runs joined,
     the watermark drawn once over the whole clip. Writes the list and text files into
@@ -283,7 +284,8 @@ def build_encode(
     browser starts playing before the whole file has arrived.
     ``zones``: privacy zones filled in on every frame, drawn on each run at its recorded size
     (``run_sizes``: (width, height) per run) before any scaling, so relative zones cover the same
-    part of the picture across a resolution change."""
+    part of the picture across a resolution change; ``run_zones``: the zones of each run
+    instead, when the runs are of several cameras (a viewing clip)."""
     files: dict[str, bytes] = {}
     size = font_size_for(height)
     videos: list[Any] = []
@@ -298,10 +300,11 @@ def build_encode(
         # lies up to a frame after ``start``, and would then keep one frame too many at the end
         cut = {"start": round(run.offset, 6), "end": round(run.offset + run.duration, 6)}
         v = src["v:0"].trim(**cut).setpts("PTS-STARTPTS")
-        if zones:
+        zs = run_zones[i] if run_zones is not None else zones
+        if zs:
             if run_sizes is None:
                 raise ValueError("privacy zones need the frame size of each run")
-            v = _mask(v, zones, run_sizes[i], workdir / f"run{i}", files)
+            v = mask_zones(v, zs, run_sizes[i], workdir / f"run{i}", files)
         if frame_size is not None:
             fw, fh = frame_size
             v = (
@@ -392,7 +395,7 @@ def build_encode(
     return Command(argv, output, files)
 
 
-def _mask(
+def mask_zones(
     v: Any, zones: Sequence[Zone], size: tuple[int, int], stem: Path, files: dict[str, bytes]
 ) -> Any:
     """Fill ``zones`` in on the video stream ``v`` of ``size``: a rectangle with drawbox, a

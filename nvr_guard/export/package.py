@@ -328,7 +328,7 @@ def _gap(a: float, b: float, clip: _Clip, tz: tzinfo) -> dict[str, Any]:
     return gap
 
 
-def _run_size(run: Any) -> tuple[int, int]:
+def run_size(run: Any) -> tuple[int, int]:
     """The recorded frame size of a run (its pieces share one shape: codec, width, height...)."""
     shape = run.pieces[0].shape
     return int(shape[1]), int(shape[2])
@@ -575,7 +575,7 @@ def _build(
                 frame_size=(clip.width, clip.height) if clip.video.get("scaled") else None,
                 audio_format=clip.audio_format,
                 zones=zones,
-                run_sizes=[_run_size(r) for r in clip.plan.runs] if zones else None,
+                run_sizes=[run_size(r) for r in clip.plan.runs] if zones else None,
             )
         for path, data in cmd.files.items():
             Path(path).write_bytes(data)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import tzinfo
 from pathlib import Path
@@ -27,8 +27,10 @@ from nvr_guard.export.package import (
     SourceSegment,
     _probe_all,
     _select,
+    run_size,
 )
 from nvr_guard.export.plan import ClipPlan, Piece, Run, local_text, plan_clip, wrap_for_frame
+from nvr_guard.export.zones import Zone
 from nvr_guard.model import show_path
 
 MAX_VIEW_WIDTH = 1280  # a browser window, not an evidence copy
@@ -128,11 +130,13 @@ def encode_view(
     font: Path,
     timeout: float,
     progress: Callable[[float], None] | None = None,
+    zones: Mapping[str, Sequence[Zone]] | None = None,
 ) -> ff.Probe:
     """Encode the viewing clip into ``output`` (which must not exist): every run trimmed
     frame-exactly with its recorded-time clock and its camera, the watermark over all of it,
-    H.264 with the index in front. Raises RuntimeFailure when ffmpeg fails or the clip comes out
-    shorter than the footage planned (a source changed while it was read)."""
+    H.264 with the index in front; each camera's privacy ``zones`` filled in. Raises
+    RuntimeFailure when ffmpeg fails or the clip comes out shorter than the footage planned
+    (a source changed while it was read)."""
     fw, fh = vp.frame_size
     size = ff.font_size_for(fh)
     cmd = ff.build_encode(
@@ -149,6 +153,8 @@ def encode_view(
         frame_size=vp.frame_size,
         run_labels=vp.labels,
         faststart=True,
+        run_zones=[list((zones or {}).get(cam, ())) for cam in vp.labels],
+        run_sizes=[run_size(r) for r in vp.plan.runs],
     )
     for path, data in cmd.files.items():
         Path(path).write_bytes(data)
@@ -197,7 +203,15 @@ def still_times(plan: ClipPlan) -> list[float]:
     return [first, (first + last) / 2, last]
 
 
-def _frame(source: bytes, offset: float, text: Path, font: Path, width: int) -> bytes:
+def _frame(
+    source: bytes,
+    offset: float,
+    text: Path,
+    font: Path,
+    width: int,
+    zones: Sequence[Zone] = (),
+    size_of: tuple[int, int] | None = None,
+) -> bytes:
     w, _ = fit_width(width, 2, min(width, MAX_PREVIEW_WIDTH))
     size = max(12, w // 40)
     src = ffmpeg.input(
@@ -206,21 +220,23 @@ def _frame(source: bytes, offset: float, text: Path, font: Path, width: int) -> 
         format_whitelist=ff.SOURCE_FORMATS,
         protocol_whitelist="file",
     )
-    v = (
-        src["v:0"]
-        .filter("scale", w, -2)
-        .drawtext(
-            fontfile=str(font),
-            textfile=str(text),
-            expansion="none",
-            fontsize=size,
-            fontcolor="white@0.9",
-            box=1,
-            boxcolor="black@0.5",
-            boxborderw=4,
-            x=6,
-            y=6,
-        )
+    v = src["v:0"]
+    files: dict[str, bytes] = {}
+    if zones and size_of is not None:
+        v = ff.mask_zones(v, zones, size_of, text.with_suffix(""), files)
+        for path, data in files.items():
+            Path(path).write_bytes(data)
+    v = v.filter("scale", w, -2).drawtext(
+        fontfile=str(font),
+        textfile=str(text),
+        expansion="none",
+        fontsize=size,
+        fontcolor="white@0.9",
+        box=1,
+        boxcolor="black@0.5",
+        boxborderw=4,
+        x=6,
+        y=6,
     )
     out = ffmpeg.output(v, "pipe:1", vframes=1, format="image2", vcodec="mjpeg", q=4)
     argv = out.compile(cmd=ff.FFMPEG)
@@ -259,6 +275,7 @@ def stills(
     watermark: str,
     font: Path,
     workdir: Path,
+    zones: Sequence[Zone] = (),
 ) -> list[Still]:
     """Three watermarked JPEG frames of ``camera`` over [start, end): start, middle, end, at
     most ``MAX_PREVIEW_WIDTH`` wide. Only the segments holding those three instants are read
@@ -272,7 +289,13 @@ def stills(
     out = []
     for t in still_times(plan):
         piece, offset = _piece_at(plan, t)
+        shape = piece.shape if isinstance(piece.shape, tuple) else None
+        size_of = (int(shape[1]), int(shape[2])) if shape else None
         out.append(
-            Still(camera, piece.start + offset, _frame(piece.path, offset, text, font, width))
+            Still(
+                camera,
+                piece.start + offset,
+                _frame(piece.path, offset, text, font, width, zones, size_of),
+            )
         )
     return out

@@ -40,6 +40,7 @@ from nvr_guard.identity import Caller
 from nvr_guard.times import iso
 from nvr_guard.workflow import access
 from nvr_guard.workflow.export_job import RequestAccess
+from nvr_guard.workflow.protection import zones_for
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class Viewings:
         """Start (or report) the transcode of request ``rid``'s clip for ``caller``."""
         self.expire()
         with self.ctx.recording():
-            r, _, _ = self._watchable(caller, rid)
+            r, approvals, _ = self._watchable(caller, rid)
             job = self._job(rid, caller)
             if job is not None and job.state in ("preparing", "ready"):
                 return job.status()
@@ -165,7 +166,7 @@ class Viewings:
             tz = self.wf.config.site_tz(r.site)
             threading.Thread(
                 target=self._encode,
-                args=(job, clips, r.start, r.end, tz),
+                args=(job, clips, r.start, r.end, tz, zones_for(self.wf.config, r, approvals)),
                 name=f"view-{rid}",
                 daemon=True,
             ).start()
@@ -178,6 +179,7 @@ class Viewings:
         t0: float,
         t1: float,
         tz: Any,
+        zones: dict[str, list[Any]],
     ) -> None:
         """The worker: wait for the encoder, transcode into a hidden part file, then make it the
         clip only if the viewing is still allowed."""
@@ -207,6 +209,7 @@ class Viewings:
                         font=resolve_font(config.export.font),
                         timeout=float(config.export.timeout.seconds),
                         progress=on_progress,
+                        zones=zones,
                     )
                 os.chmod(part, 0o600)
                 with self.ctx.lock:
@@ -416,12 +419,13 @@ class Viewings:
                 for cam in cameras
             ]
             tz = rules.tz
+            zones = zones_for(self.wf.config, r, approvals)
         # one set of stills at a time, and nobody queues for it: a page reloaded in a loop must
         # not pile up daemon threads (and connections) behind a slow decode
         if not self._previewer.acquire(blocking=False):
             raise RuntimeFailure("previews are being made for another page; try again shortly")
         try:
-            frames = self._stills(clips, r, rid, caller, now, tz)
+            frames = self._stills(clips, r, rid, caller, now, tz, zones)
         finally:
             self._previewer.release()
         left_out = list(r.cameras[MAX_PREVIEW_CAMERAS:])
@@ -445,6 +449,7 @@ class Viewings:
         caller: Caller,
         now: float,
         tz: Any,
+        zones: dict[str, list[Any]],
     ) -> list[dict[str, Any]]:
         frames: list[dict[str, Any]] = []
         font = resolve_font(self.wf.config.export.font)
@@ -452,7 +457,16 @@ class Viewings:
         with tempfile.TemporaryDirectory(prefix="nvrg-preview-") as tmp:
             for cam, segs in clips:
                 for i, s in enumerate(
-                    stills(cam, segs, r.start, r.end, watermark=text, font=font, workdir=Path(tmp))
+                    stills(
+                        cam,
+                        segs,
+                        r.start,
+                        r.end,
+                        watermark=text,
+                        font=font,
+                        workdir=Path(tmp),
+                        zones=zones.get(cam, ()),
+                    )
                 ):
                     frames.append(
                         {

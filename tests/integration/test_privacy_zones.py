@@ -189,3 +189,42 @@ def test_pixel_boxes_cover_the_zone_rounded_outwards() -> None:
     assert z.box(333, 201) == (32, 20, 68, 42)  # 33.3 -> 32, 99.9 -> 100; 20.1 -> 20, 60.3 -> 62
     x, y, w, h = z.box(333, 201)
     assert x <= 0.1 * 333 and x + w >= 0.3 * 333 and y <= 0.1 * 201 and y + h >= 0.3 * 201
+
+
+def test_a_viewing_clip_and_preview_frames_are_masked_per_camera(
+    checker: list[Path], tmp_path: Path
+) -> None:
+    from nvr_guard.export import resolve_font
+    from nvr_guard.export.view import encode_view, plan_view, stills
+    from tests.integration.test_export import FONT, SH
+
+    clips = [("c1", segs(checker, [T0, T0 + 4])), ("c2", segs(checker, [T0, T0 + 4]))]
+    vp = plan_view(clips, T0 + 1, T0 + 3)
+    zone = zones_from([[0.6, 0.4, 0.3, 0.25]], "z")
+    out = tmp_path / "view.mp4"
+    work = tmp_path / "work"
+    work.mkdir()
+    encode_view(vp, work, out, watermark="v", tz=SH, font=FONT, timeout=120, zones={"c1": zone})
+    w, h, frames = gray_frames(out)
+    box = rel_box(w, h, 0.6, 0.4, 0.3, 0.25)
+    half = len(frames) // 2
+    # the first half plays c1 (masked), the second c2 (no zones)
+    assert all(variance(region(f, w, box)) < 10 for f in frames[: half - 1])
+    assert all(variance(region(f, w, box)) > 2000 for f in frames[half + 1 :])
+    # the approver's preview frames: masked the same way
+    shots = stills(
+        "c1", clips[0][1], T0 + 1, T0 + 3, watermark="p", font=resolve_font(None),
+        workdir=work, zones=zone,
+    )  # fmt: skip
+    for s in shots:
+        img = tmp_path / "still.jpg"
+        img.write_bytes(s.jpeg)
+        pw, ph, [frame] = gray_frames(img)
+        assert variance(region(frame, pw, rel_box(pw, ph, 0.6, 0.4, 0.3, 0.25))) < 30
+    plain = stills(
+        "c2", clips[1][1], T0 + 1, T0 + 3, watermark="p", font=resolve_font(None), workdir=work
+    )
+    img = tmp_path / "plain.jpg"
+    img.write_bytes(plain[0].jpeg)
+    pw, ph, [frame] = gray_frames(img)
+    assert variance(region(frame, pw, rel_box(pw, ph, 0.6, 0.4, 0.3, 0.25))) > 1000
