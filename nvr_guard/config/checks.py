@@ -59,6 +59,7 @@ def cross_checks(
         _font_check(cfg, problem)
         _signing_key_checks(cfg, problem)
         _export_group_check(cfg, problem, warn)
+        _recipient_checks(cfg, problem, warn)
         for i, t in enumerate(cfg.export.targets):
             if not os.path.isdir(t):
                 warn(
@@ -706,6 +707,54 @@ def _export_group_check(cfg: Config, problem: Any, warn: Any) -> None:
             f"can give packages that group only on targets that are the group's with the setgid "
             f"bit (chgrp {name} DIR && chmod g+s DIR); add it: usermod -aG {name} {user}",
         )
+
+
+RECIPIENT_WARN_DAYS = 30  # a recipient certificate ending sooner is warned about
+
+
+def _recipient_checks(cfg: Config, problem: Any, warn: Any) -> None:
+    """``export.recipients``: each names a readable X.509 certificate whose key can receive an
+    encrypted package (else an error at its line); one expired or ending within
+    RECIPIENT_WARN_DAYS is a warning (exports to that unit are refused until it is renewed).
+    ``encrypt: recipient`` as a default needs at least one unit."""
+    import time
+
+    from nvr_guard.errors import InvalidInput
+    from nvr_guard.export.keys import load_recipient_cert
+
+    now = time.time()
+    for unit, path in cfg.export.recipients.items():
+        where = ("export", "recipients", unit)
+        try:
+            cert = load_recipient_cert(path)
+        except InvalidInput as e:
+            problem(where, False, f"export.recipients.{unit}: {e}")
+            continue
+        if cert.usable is not None:
+            problem(where, False, f"export.recipients.{unit}: {cert.usable}")
+            continue
+        why = cert.problem(now)
+        if why is not None:
+            warn(where, f"export.recipients.{unit}: {why}; exports to {unit} are refused")
+        elif cert.not_after - now < RECIPIENT_WARN_DAYS * 86400:
+            days = int((cert.not_after - now) // 86400)
+            warn(where, f"export.recipients.{unit}: the certificate {path} ends in {days} days")
+    defaults: list[tuple[tuple[str, ...], str | None]] = [
+        (("export", "encrypt"), cfg.export.encrypt)
+    ]
+    defaults += [
+        (("sites", name, "export", "encrypt"), s.export.encrypt)
+        for name, s in cfg.sites.items()
+        if s.export is not None
+    ]
+    for key, mode in defaults:
+        if mode == "recipient" and not cfg.export.recipients:
+            problem(
+                key,
+                False,
+                f"{'.'.join(key)}: recipient needs the units' certificates in "
+                "export.recipients (none is configured)",
+            )
 
 
 def _web_checks(cfg: Config, problem: Any) -> None:

@@ -1356,3 +1356,67 @@ def test_export_group_that_does_not_exist_is_an_error_at_its_line(tmp_path, root
         "sites:\n  a: {profile: highway, roots: [@A]}\nexport: {group: nvr-guard-export}\n",
     )
     assert load_config(named).export.group == "nvr-guard-export"
+
+
+def test_recipient_certificates_are_checked_at_their_lines(tmp_path, roots):
+    from tests.fixtures.pki import make_unit
+
+    ok = make_unit(tmp_path / "pki", "ok").cert
+    old = make_unit(tmp_path / "pki", "old", days=(-100, -1)).cert
+    soon = make_unit(tmp_path / "pki", "soon", days=(-1, 10)).cert
+    ed = make_unit(tmp_path / "pki", "ed", kind="ed25519").cert
+    path = write(
+        tmp_path,
+        roots,
+        f"""
+        sites:
+          a: {{profile: highway, roots: [@A]}}
+        export:
+          recipients:
+            police: {ok}
+            old: {old}
+            soon: {soon}
+            ed: {ed}
+            gone: {tmp_path / "missing.pem"}
+        """,
+    )
+    cfg, errors, warnings = check_config(path)
+    assert cfg is None
+    assert [(line, msg.split(":")[0]) for _, line, msg in errors] == [
+        (8, "export.recipients.ed"),
+        (9, "export.recipients.gone"),
+    ]
+    assert "RSA or EC certificate" in errors[0][2] and "cannot read" in errors[1][2]
+    got = {line: msg for _, line, msg in warnings}
+    assert "expired on" in got[6] and "ends in 9 days" in got[7]
+
+
+def test_privacy_zones_and_protection_keys_are_read_and_checked(tmp_path, roots):
+    path = write(
+        tmp_path,
+        roots,
+        """
+        sites:
+          a: {profile: highway, roots: [@A], export: {encrypt: passphrase}}
+        cameras:
+          c1:
+            privacy_zones:
+              - [0.1, 0.1, 0.2, 0.2]
+              - {polygon: [[0, 0], [0.5, 0], [0.2, 0.4]], name: door}
+        export: {encrypt_from_level: 2, native_with_zones: refuse, target_keep: 7d}
+        """,
+    )
+    cfg = load_config(path)
+    zones = cfg.cameras["c1"].privacy_zones
+    assert zones[0].rect == (0.1, 0.1, 0.2, 0.2) and zones[1].name == "door"
+    assert cfg.sites["a"].export.encrypt == "passphrase"
+    assert cfg.export.target_keep.seconds == 7 * 86400 and cfg.export.native_with_zones == "refuse"
+    for bad, line, why in [
+        ("cameras:\n  c1: {privacy_zones: [[0.9, 0, 0.2, 0.1]]}\n", 4, "reaches past the frame"),
+        ("export: {encrypt: aes}\n", 3, "not one of"),
+        ("export: {native_with_zones: maybe}\n", 3, "not one of"),
+        ("export: {encrypt: recipient}\n", 3, "needs the units' certificates"),
+    ]:  # fmt: skip
+        p = write(tmp_path, roots, "sites:\n  a: {profile: highway, roots: [@A]}\n" + bad)
+        cfg, errors, _ = check_config(p)
+        assert cfg is None and any(ln == line and why in msg for _, ln, msg in errors), errors
