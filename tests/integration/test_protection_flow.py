@@ -188,3 +188,64 @@ def test_a_recipient_export_opens_with_the_units_key_and_an_expired_certificate_
     ]
     assert denied and "expired on" in denied[-1]["details"]["reason"]
     assert [p.name for p in e.target.iterdir()] == [Path(res["package"]).name]
+
+
+def test_a_killed_protected_export_leaves_no_plaintext_after_the_restart(env: Env):
+    import sys
+
+    import psutil
+
+    from tests.integration.test_workflow import GROUP
+
+    e = env
+    configure(e, export="  encrypt: passphrase\n")
+    rid = new_request(e)
+    approve_and_scan(e, rid)
+    assert e.proc is not None
+    daemon = psutil.Process(e.proc.pid)
+    export = subprocess.Popen(
+        [sys.executable, "-m", "nvr_guard", "--config", str(e.site.config), "export", "run",
+         str(rid), "--media", str(e.target)],
+        user=e.uids["nvrg-tom"], group=GROUP, extra_groups=[GROUP],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        # freeze ffmpeg the moment it runs: the plaintext clip is being written in staging
+        def ffmpeg() -> psutil.Process | None:
+            for p in daemon.children(recursive=True):
+                try:
+                    if p.name() == "ffmpeg":
+                        p.suspend()
+                        return p
+                except psutil.NoSuchProcess:
+                    continue
+            return None
+
+        found: list[psutil.Process] = []
+
+        def frozen() -> bool:
+            p = ffmpeg()
+            if p is not None:
+                found.append(p)
+            return bool(found)
+
+        poll(frozen, 60, "ffmpeg of the export")
+        staging = e.site.state / "staging"
+        assert any(staging.rglob("*")), "the package is being built in staging"
+        e.proc.kill()  # kill -9 of the daemon mid-export
+        e.proc.wait()
+        found[0].kill()  # what systemd's KillMode=control-group does to the unit's children
+    finally:
+        export.wait(timeout=60)
+    assert export.returncode != 0
+    assert any(staging.iterdir())  # left behind by the kill
+    e.proc = subprocess.Popen(
+        [sys.executable, "-m", "nvr_guard", "--config", str(e.site.config), "daemon"],
+        stdout=open(e.site.base / "daemon2.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    poll(lambda: e.nvr("nvrg-alice", "--json", "request", "list").returncode == 0, 60, "restart")
+    assert list(staging.iterdir()) == []
+    assert [p.name for p in e.target.iterdir()] == []  # no package, no hidden temporary
+    removed = [x for x in e.audit() if x["action"] == "export.stale_removed"]
+    assert any(x["object"] == "staging" for x in removed)
