@@ -598,8 +598,18 @@ def _clamd_limits(clamd_config: Path | None) -> _ClamdLimits:
     )
 
 
-def _classify(rel: str, name: str, infected: list[tuple[str, str]], errors: list[str]) -> None:
+def _classify(rel: str, name: str, tally: _Tally, raw: bytes) -> None:
+    infected, errors = tally.infected, tally.errors
     if name.startswith("Heuristics.Encrypted."):
+        digest = tally.digests.get(raw)
+        if digest is not None and digest in tally.sealed:
+            # a protected export this recorder sealed (its SHA-256 is on record): encrypted
+            # by design, made here from footage, not something brought in on the medium
+            tally.notes.append(
+                f"{rel}: an export package this recorder sealed (SHA-256 {digest}), encrypted "
+                f"by design ({name}); accepted"
+            )
+            return
         errors.append(f"{rel}: encrypted, contents cannot be scanned ({name})")
     elif name.startswith("Heuristics.Limits.Exceeded."):
         errors.append(f"{rel}: exceeds the scanner's limits, not fully scanned ({name})")
@@ -631,6 +641,8 @@ class _Tally:
     notes: list[str] = field(default_factory=list)
     digests: dict[_Rel, str] = field(default_factory=dict)  # relative path -> SHA-256
     digest: bool = True  # off only to measure what the digest costs (bench/media_scan.py)
+    # SHA-256 of the sealed exports this recorder wrote: flagged as encrypted, they are accepted
+    sealed: frozenset[str] = frozenset()
 
 
 def _scan_clamd(
@@ -708,7 +720,7 @@ def _scan_one_clamd(
     elif verdict.endswith(" FOUND"):
         tally.files += 1
         tally.bytes += sent
-        _classify(rel, verdict[: -len(" FOUND")].strip(), tally.infected, tally.errors)
+        _classify(rel, verdict[: -len(" FOUND")].strip(), tally, e.rel)
     else:
         tally.errors.append(f"{rel}: clamd: {reply or 'no reply'}")
 
@@ -883,7 +895,7 @@ def _clamscan_run(
                     elif text.endswith(" FOUND"):
                         tally.files += 1
                         tally.bytes += e.size
-                        _classify(rel, text[: -len(" FOUND")].strip(), tally.infected, tally.errors)
+                        _classify(rel, text[: -len(" FOUND")].strip(), tally, e.rel)
                     else:
                         tally.errors.append(f"{rel}: clamscan: {text}")
                     done += 1
@@ -1004,6 +1016,7 @@ def scan_tree(
     timeout: float = 3600,
     clamd_config: Path | None = None,
     digest: bool = True,
+    sealed: frozenset[str] = frozenset(),
 ) -> ScanResult:
     """Scan every file under ``path`` and say whether the tree is clean. Never raises for a
     scan problem: that is an "error" result, so the caller cannot mistake it for "clean".
@@ -1013,13 +1026,14 @@ def scan_tree(
     (StreamMaxLength, MaxFileSize, AlertExceedsMax); default: /etc/clamav/clamd.conf when the
     socket is the default one, else ClamAV's built-in defaults are assumed. ``digest=False``
     skips the content digest (only to measure its cost): such a result is never usable for an
-    export.
+    export. ``sealed``: the SHA-256 of the protected exports this recorder sealed; such a file,
+    flagged as encrypted, is accepted with a note (the digest of what was scanned decides).
     """
     root = Path(path)
     started_wall = time.time()
     started = time.monotonic()
     deadline = started + timeout
-    tally = _Tally(digest=digest)
+    tally = _Tally(digest=digest, sealed=sealed)
     tree: _Tree | None = None
     entries: list[_Entry] = []
     try:

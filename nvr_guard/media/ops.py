@@ -29,6 +29,7 @@ from nvr_guard.media.gate import (
     scan_record,
 )
 from nvr_guard.store.media import MediaStore
+from nvr_guard.store.requests import sealed_digests
 
 log = logging.getLogger("nvr_guard.media")
 
@@ -153,6 +154,7 @@ class MediaOps:
                 clamd_socket=Path(self.cfg.clamd_socket) if self.cfg.clamd_socket else None,
                 clamd_config=Path(self.cfg.clamd_config) if self.cfg.clamd_config else None,
                 progress=progress,
+                sealed=sealed_digests(self.ctx.catalog),
             )
         finally:
             self.progress.pop(spec, None)

@@ -321,6 +321,24 @@ def read_undecided(path: Path | str) -> list[tuple[int, str, str]] | None:
     return read_state(path, read)
 
 
+def sealed_digests(db: Database) -> frozenset[str]:
+    """The SHA-256 of every sealed file (protected export) this recorder wrote."""
+    with db.lock:
+        if not db.table_exists("requests"):
+            return frozenset()
+        cols = {row[1] for row in db.conn.execute("PRAGMA table_info(requests)")}
+        if "sealed" not in cols:
+            return frozenset()
+        rows = db.conn.execute("SELECT sealed FROM requests WHERE sealed IS NOT NULL")
+        out = set()
+        for (text,) in rows:
+            try:
+                out.add(str(json.loads(text)["sha256"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return frozenset(out)
+
+
 def counts_by_state(db: Database) -> dict[str, int]:
     """Requests per state ({} when the table was never created)."""
     out: dict[str, int] = {}

@@ -139,6 +139,16 @@ def test_a_passphrase_export_with_privacy_zones_as_people_run_it(env: Env, tmp_p
     shown = e.ok("nvrg-alice", "request", "show", str(rid))
     assert shown["sealed"]["sha256"] == res["archive_sha256"] and shown["destroyed"] is None
 
+    # the medium is scanned again before the next export: the archive this recorder sealed is
+    # encrypted by design and accepted; an encrypted archive from elsewhere is not
+    assert e.ok("nvrg-tom", "media", "scan", str(e.target))["result"] == "clean"
+    foreign = e.target / "brought-in.7z"
+    foreign.write_bytes(archive.read_bytes() + b"\0")
+    r = e.nvr("nvrg-tom", "--json", "media", "scan", str(e.target))
+    assert r.returncode != 0 and json.loads(r.stdout)["result"] == "error"
+    assert "brought-in.7z: encrypted" in r.stdout
+    foreign.unlink()
+
 
 def test_a_recipient_export_opens_with_the_units_key_and_an_expired_certificate_refuses(
     env: Env, tmp_path: Path
