@@ -42,7 +42,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nvr_guard.errors import RuntimeFailure
+from nvr_guard.errors import PolicyRefused, RuntimeFailure
 from nvr_guard.export.keys import RecipientCert
 from nvr_guard.export.package import (
     Destination,
@@ -62,6 +62,7 @@ PASSPHRASE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I, O, 0, 1: read 
 PASSPHRASE_CHARS = 20  # x 5 bits = 100 bits
 OPENSSL = "openssl"
 SEAL_SHARE = 0.1  # of the progress bar: sealing after the encode
+STAGING_RESERVE = 256 * 1024 * 1024  # left free on the state directory's file system
 
 
 def new_passphrase() -> str:
@@ -140,6 +141,17 @@ class _Staging(DirectoryDestination):
     def describe(self) -> Mapping[str, Any]:
         """The real destination's description."""
         return self.outer.describe() if self.outer is not None else super().describe()
+
+    def check_before_write(self, bytes_needed: int) -> None:
+        """Room in the staging directory for the unencrypted package while it is sealed."""
+        free = shutil.disk_usage(self.path).free
+        if free < bytes_needed + STAGING_RESERVE:
+            raise PolicyRefused(
+                f"an encrypted export is built on the recorder before it is sealed, and "
+                f"{self.path.parent} has {free // 2**20} MiB free; this one needs about "
+                f"{(bytes_needed + STAGING_RESERVE) // 2**20} MiB there. Free space on the state "
+                "directory's file system, or export a shorter range."
+            )
 
 
 def run_sealed_export(

@@ -235,3 +235,26 @@ def test_an_unprotected_export_is_unchanged(
         audit_head=(1, "h"),
     )  # fmt: skip
     assert pkg.sealed is None and (pkg.path / "manifest.json").exists()
+
+
+def test_too_little_room_to_stage_refuses_before_anything_is_written(
+    footage: dict[str, list[Path]], tmp_path: Path, key: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nvr_guard.errors import PolicyRefused
+    from nvr_guard.export import protect
+
+    monkeypatch.setattr(protect, "STAGING_RESERVE", 2**60)  # more than any disk has free
+    state = tmp_path / "nvrg-state"
+    state.mkdir()
+    dest = dest_dir(tmp_path)
+    with pytest.raises(PolicyRefused, match="built on the recorder before it is sealed"):
+        run_sealed_export(
+            [("lobby-1", segs(footage["audio"]))],
+            job(T0 + 2, T0 + 6),
+            dest,
+            key,
+            seal=Seal("passphrase", passphrase=new_passphrase()),
+            staging=staging_dir(state),
+            audit_head=(1, "h"),
+        )
+    assert os.listdir(dest.path) == [] and os.listdir(state / "staging") == []
