@@ -404,7 +404,7 @@ def test_export_onto_an_enrolled_scanned_usb_stick(env: Env, media_lab: MediaLab
 
 def test_wipe_formats_an_unmounted_stick_when_configured(env: Env, media_lab: MediaLab):
     e = env
-    stick = media_lab.loop(64, label="OLDSTUFF")
+    stick = media_lab.loop(128, label="OLDSTUFF")
     fake_usb_stick(e.site.base / "sysfs", stick, serial="NVRG0002")
     mid = next(
         m["id"] for m in e.ok("nvrg-tom", "media", "list")["media"] if m.get("serial") == "NVRG0002"
@@ -422,10 +422,22 @@ def test_wipe_formats_an_unmounted_stick_when_configured(env: Env, media_lab: Me
     r = e.site.run("media", "wipe", mid, "--confirm", "something-else")
     assert r.returncode == 2 and mid in r.stderr
     mp = media_lab.mount(stick.device)
+    os.chmod(mp, 0o755)
     assert "mounted" in e.site.run("media", "wipe", mid, "--confirm", mid).stderr
+    # an export went out on it; the medium comes back and is wiped: the copy is destroyed
+    rid = new_request(e)
+    e.ok("nvrg-bob", "request", "approve", str(rid))
+    e.ok("nvrg-carol", "request", "approve", str(rid))
+    assert e.site.run("media", "enroll", mid, "--label", "stick 2").returncode == 0
+    assert e.ok("nvrg-tom", "media", "scan", mid)["result"] == "clean"
+    e.ok("nvrg-tom", "export", "run", str(rid), "--media", mid)
+    assert e.ok("nvrg-alice", "request", "show", str(rid))["destroyed"] is None
     media_lab.umount(mp)
     r = e.site.run("--json", "media", "wipe", mid, "--confirm", mid)
     assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["copies_destroyed"] == [rid]
+    gone = e.ok("nvrg-alice", "request", "show", str(rid))["destroyed"]
+    assert gone["how"] == f"medium returned and wiped (media wipe of {mid})"
     probe = subprocess.run(
         ["blkid", "-p", "-o", "export", stick.device], capture_output=True, text=True
     ).stdout
