@@ -86,7 +86,11 @@ def approval_record_html(
         _row("法律依据", "Legal basis", request.get("basis")),
         _row("输出格式", "Output format", _format_text(request.get("format"))),
         _row("输出保护", "Protection", _encrypt_text(request)),
-        _row("隐私遮挡", "Privacy zones", _zones_text(request.get("privacy_zones"))),
+        _row(
+            "隐私遮挡",
+            "Privacy zones",
+            _zones_text(request.get("privacy_zones"), request.get("format")),
+        ),
         _row("申请时间", "Requested at", _when(request.get("created"))),
         "</table>",
         "<table><caption>接收方 Recipient</caption>",
@@ -219,12 +223,15 @@ def _encrypt_text(request: Mapping[str, Any]) -> str:
     }.get(mode, str(mode))
 
 
-def _zones_text(zones: Any) -> str:
+def _zones_text(zones: Any, fmt: Any = None) -> str:
     if not zones:
         return "无 none"
-    return "\n".join(
+    listed = "\n".join(
         f"{cam}: " + "; ".join(_zone_text(z) for z in zs) for cam, zs in dict(zones).items()
     )
+    if fmt == "native":
+        return "未遮挡的原始副本 unmasked native copy: these zones are NOT applied\n" + listed
+    return listed
 
 
 def _sealed_rows(sealed: Any, destroyed: Any) -> list[str]:

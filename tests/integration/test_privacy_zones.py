@@ -228,3 +228,18 @@ def test_a_viewing_clip_and_preview_frames_are_masked_per_camera(
     img.write_bytes(plain[0].jpeg)
     pw, ph, [frame] = gray_frames(img)
     assert variance(region(frame, pw, rel_box(pw, ph, 0.6, 0.4, 0.3, 0.25))) > 1000
+
+
+def test_the_printed_record_of_a_native_request_says_its_zones_are_not_applied() -> None:
+    from nvr_guard.export import approval_record_html
+
+    zones = {"lobby-1": [z.json() for z in ZONES]}
+    native = approval_record_html(
+        {"id": 3, "format": "native", "privacy_zones": zones}, [], None, signer="SHA256:x"
+    )
+    assert "unmasked native copy: these zones are NOT applied" in native
+    assert "door: polygon" in native
+    mp4 = approval_record_html(
+        {"id": 3, "format": "mp4", "privacy_zones": zones}, [], None, signer="SHA256:x"
+    )
+    assert "unmasked" not in mp4 and "0.6,0.4,0.3,0.25" in mp4
