@@ -170,6 +170,10 @@ class Daemon:
             engine.workflow.remove_stale_exports()
         except Exception:  # never a reason not to start retention
             log.exception("removing interrupted exports")
+        try:  # packages exported before copies were recorded end at target_keep too
+            engine.workflow.copies.adopt()
+        except Exception:
+            log.exception("recording the copies of earlier exports")
         self._start_server(config)
         sdnotify.status("reconciling recording roots")
         t0 = time.monotonic()

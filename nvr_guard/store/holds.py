@@ -194,6 +194,20 @@ class HoldStore(Database):
                 (until, request_id),
             )
 
+    def holds_naming_any(self, now: float) -> dict[int, list[int]]:
+        """Request id -> the active manual holds naming it (:meth:`holds_naming` of all)."""
+        out: dict[int, list[int]] = {}
+        with self.lock:
+            cur = self.conn.execute(
+                "SELECT request_id, id FROM holds WHERE request_id IS NOT NULL "
+                "AND kind = 'manual' AND released IS NULL AND (until IS NULL OR until > ?) "
+                "ORDER BY id",
+                (now,),
+            )
+            for rid, hid in cur:
+                out.setdefault(int(rid), []).append(int(hid))
+        return out
+
     def holds_naming(self, request_id: int, now: float) -> list[int]:
         """The active manual holds placed on a request's export (``hold add --request``): its
         copy on an export target is kept while one of them holds."""

@@ -72,24 +72,54 @@ class Copies:
             copy["label"] = destination.get("label")
         else:
             copy["target"] = str(package.parent)
-            copy["due"] = at + float(self.wf.config.export.target_keep.seconds)
         self.wf.store.update(rid, copy=copy)
+
+    def adopt(self) -> list[int]:
+        """Give the packages exported before copies were recorded (no ``copy``) onto a directory
+        of ``export.targets`` their record, so they too end at ``target_keep`` (daemon start).
+        Packages on media are left: where they went is not known."""
+        targets = {os.path.normpath(t) for t in self.wf.config.export.targets}
+        adopted = []
+        with self.ctx.recording():
+            for r, extra in self.wf.store.select(states=("exported", "closed")):
+                package = extra.get("package")
+                if extra.get("copy") or extra.get("destroyed") or not package:
+                    continue
+                if os.path.normpath(os.path.dirname(package)) not in targets:
+                    continue
+                at = float(r.exported_at or r.created)
+                self.wf.store.update(
+                    r.id,
+                    copy={"kind": "directory", "package": package, "exported": at,
+                          "target": os.path.dirname(package), "adopted": True},
+                )  # fmt: skip
+                adopted.append(r.id)
+            if adopted:
+                self.ctx.audit.append(
+                    "nvr-guard",
+                    "export.copies_adopted",
+                    "export",
+                    {"requests": adopted, "why": "exported before copies were recorded"},
+                )
+        return adopted
 
     # ---- what is due -----------------------------------------------------------------------
     def due(self, now: float) -> list[dict[str, Any]]:
         """Every copy on a target directory not known destroyed, with its due time and the
         holds that keep it, soonest first."""
         out: list[dict[str, Any]] = []
+        holds = self.ctx.catalog.holds_naming_any(now)
+        keep = float(self.wf.config.export.target_keep.seconds)
         for rid, copy in self.wf.store.copies():
             if copy.get("kind") == "usb-media":
                 continue
-            held = self.ctx.catalog.holds_naming(rid, now)
             out.append(
                 {
                     "request": rid,
                     "package": copy.get("package"),
-                    "due": float(copy.get("due") or 0.0),
-                    "held_by": held,
+                    # from the export, by the keep in force now (a reload may change it)
+                    "due": float(copy.get("exported") or 0.0) + keep,
+                    "held_by": holds.get(rid, []),
                 }
             )
         out.sort(key=lambda c: float(c["due"]))

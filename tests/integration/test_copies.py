@@ -254,3 +254,25 @@ def test_a_package_removed_by_hand_is_recorded_as_found_missing(lab: Lab):
     assert receipt.details["missing"] is True
     assert "removed outside nvr-guard" in lab.wf.show(ALICE, rid)["destroyed"]["how"]
     assert json.dumps(receipt.details)
+
+
+def test_packages_exported_before_copies_were_recorded_are_adopted(lab: Lab):
+    rid, pkg = lab.exported()
+    lab.wf.store.update(rid, copy=None)  # as an older version left it
+    assert lab.wf.copies.due(lab.now) == []
+    assert lab.wf.copies.adopt() == [rid]
+    assert lab.wf.copies.adopt() == []  # once
+    [entry] = lab.audit("export.copies_adopted")
+    assert entry.details["requests"] == [rid]
+    lab.now += 31 * DAY
+    assert lab.wf.copies.destroy_due() == [rid] and not pkg.exists()
+
+
+def test_a_reload_that_shortens_target_keep_applies_to_packages_already_out(lab: Lab):
+    rid, pkg = lab.exported()
+    lab.now += 8 * DAY
+    assert lab.wf.copies.destroy_due() == []
+    cfg = Path(lab.engine.config.source_path)
+    cfg.write_text(cfg.read_text().replace("target_keep: 30d", "target_keep: 7d"))
+    lab.engine.apply_config(load_config(str(cfg)), "test")
+    assert lab.wf.copies.destroy_due() == [rid] and not pkg.exists()
