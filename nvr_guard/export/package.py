@@ -350,6 +350,24 @@ def _masking(job: ExportJob, camera: str) -> dict[str, Any]:
     return {"privacy_zones": listed, "masking": f"{len(zones)} privacy zone(s) filled in"}
 
 
+def undo_package(
+    pdir: PackageDir, dest: Destination, tmp: Path, error: BaseException, what: str
+) -> BaseException:
+    """After a failed write of ``what``: remove the temporary package directory, and return the
+    error to raise (the destination's clearer one, a one-line RuntimeFailure for an I/O error,
+    else ``error`` itself)."""
+    pdir.discard()
+    clearer = destination_abort(dest, tmp, error)
+    if clearer is not None:
+        return clearer
+    if isinstance(error, OSError):
+        # ENOSPC, EIO, a vanished directory...: a user error message, not a traceback
+        return RuntimeFailure(
+            f"writing {what} on {dest.path} failed: {error.strerror or error}; nothing was exported"
+        )
+    return error
+
+
 # ---- the export ---------------------------------------------------------------------------------
 NAME_TRIES = 8
 
@@ -489,17 +507,10 @@ def run_export(
             planned, job, dest, key, audit_head, progress, exported, name, pdir, work, destination
         )
     except BaseException as error:
-        pdir.discard()
-        clearer = destination_abort(dest, tmp, error)
-        if clearer is not None:
-            raise clearer from error
-        if isinstance(error, OSError):
-            # ENOSPC, EIO, a vanished directory...: a user error message, not a traceback
-            raise RuntimeFailure(
-                f"writing the package on {dest.path} failed: {error.strerror or error}; "
-                "nothing was exported"
-            ) from error
-        raise
+        better = undo_package(pdir, dest, tmp, error, "the package")
+        if better is error:
+            raise
+        raise better from error
     finally:
         pdir.close()
         shutil.rmtree(work, ignore_errors=True)

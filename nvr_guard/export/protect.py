@@ -50,9 +50,9 @@ from nvr_guard.export.package import (
     ExportJob,
     ExportPackage,
     SourceSegment,
-    destination_abort,
     package_name,
     run_export,
+    undo_package,
 )
 from nvr_guard.export.writer import PackageDir
 
@@ -253,16 +253,10 @@ def _write_sealed(
         pdir.commit(name)
         files = tuple(sorted(os.listdir(pdir.fd)))
     except BaseException as error:
-        pdir.discard()
-        clearer = destination_abort(dest, tmp, error)
-        if clearer is not None:
-            raise clearer from error
-        if isinstance(error, OSError):
-            raise RuntimeFailure(
-                f"writing the sealed package on {dest.path} failed: {error.strerror or error}; "
-                "nothing was exported"
-            ) from error
-        raise
+        better = undo_package(pdir, dest, tmp, error, "the sealed package")
+        if better is error:
+            raise
+        raise better from error
     finally:
         pdir.close()
     return replace(
