@@ -305,15 +305,6 @@ class ExportJobs:
             group=self.export_gid(),
             zones=claim.zones,
         )
-        sealing: dict[str, Any] = {}
-        if claim.seal is not None:
-            from nvr_guard.export.protect import staging_dir
-
-            sealing = {
-                "seal": claim.seal,
-                "staging": staging_dir(Path(self.wf.config.state_dir)),
-            }
-
         def on_progress(f: float) -> None:
             self.progress[rid] = f
             if progress is not None:
@@ -324,6 +315,12 @@ class ExportJobs:
             # one export at a time: two encodes on a 2-core recorder would starve the recording
             with self._export_lock, claim.dest:
                 self.remove_stale_exports([Path(claim.dest.path)])
+                sealing: dict[str, Any] = {}
+                if claim.seal is not None:  # a protected export: built in staging, then sealed
+                    from nvr_guard.export.protect import staging_dir
+
+                    staging = staging_dir(Path(self.wf.config.state_dir))
+                    sealing = {"seal": claim.seal, "staging": staging}
                 with stop_when(lambda: self._stop_reason(claim)):
                     pkg = self.exporter(
                         claim.clips,

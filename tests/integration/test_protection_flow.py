@@ -259,3 +259,21 @@ def test_a_killed_protected_export_leaves_no_plaintext_after_the_restart(env: En
     assert [p.name for p in e.target.iterdir()] == []  # no package, no hidden temporary
     removed = [x for x in e.audit() if x["action"] == "export.stale_removed"]
     assert any(x["object"] == "staging" for x in removed)
+
+
+def test_a_staging_directory_others_could_enter_refuses_the_export_and_releases_it(env: Env):
+    e = env
+    configure(e, export="  encrypt: passphrase\n")
+    rid = new_request(e)
+    approve_and_scan(e, rid)
+    staging = e.site.state / "staging"
+    staging.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(staging, 0o755)
+    r = e.nvr("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))
+    assert r.returncode == 1 and "mode 0700" in r.stderr and "Traceback" not in r.stderr
+    assert list(e.target.iterdir()) == []
+    failed = [x for x in e.audit() if x["action"] == "export.failed"]
+    assert failed and "mode 0700" in failed[-1]["details"]["error"]
+    os.chmod(staging, 0o700)  # fixed: the request is not stuck behind a claim
+    assert e.ok("nvrg-tom", "media", "scan", str(e.target))["result"] == "clean"
+    assert e.ok("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))["passphrase"]
