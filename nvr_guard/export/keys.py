@@ -275,7 +275,13 @@ def load_recipient_cert(path: Path | str) -> RecipientCert:
     fp = ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
     pub = cert.public_key()
     usable: str | None = None
-    if isinstance(pub, rsa.RSAPublicKey):
+    if cert.public_key_algorithm_oid == x509.oid.PublicKeyAlgorithmOID.RSASSA_PSS:
+        key, need = "RSA-PSS", ""
+        usable = (
+            f"certificate {path}: its key is an RSA-PSS (signing-only) key, which cannot receive "
+            "CMS-encrypted data; the unit needs a plain RSA (rsaEncryption) or EC certificate"
+        )
+    elif isinstance(pub, rsa.RSAPublicKey):
         key, need = f"RSA {pub.key_size}", "key_encipherment"
         if pub.key_size < 2048:
             usable = (

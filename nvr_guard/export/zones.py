@@ -97,15 +97,29 @@ def _r(v: float) -> float:
 
 
 def _spans(pts: Sequence[tuple[float, float]], y: float) -> list[tuple[float, float]]:
-    """Even-odd spans of the polygon on the horizontal line at ``y``."""
-    xs: list[float] = []
+    """The spans of the horizontal line at ``y`` inside the polygon, by the non-zero winding
+    rule: a self-intersecting outline (a star drawn in one stroke) or points listed twice cover
+    everything they enclose, never leaving a hole that even-odd filling would leave."""
+    crossings: list[tuple[float, int]] = []
     n = len(pts)
     for i in range(n):
         (ax, ay), (bx, by) = pts[i], pts[(i + 1) % n]
-        if (ay <= y < by) or (by <= y < ay):
-            xs.append(ax + (y - ay) * (bx - ax) / (by - ay))
-    xs.sort()
-    return [(xs[k], xs[k + 1]) for k in range(0, len(xs) - 1, 2)]
+        if ay <= y < by:
+            crossings.append((ax + (y - ay) * (bx - ax) / (by - ay), 1))
+        elif by <= y < ay:
+            crossings.append((ax + (y - ay) * (bx - ax) / (by - ay), -1))
+    crossings.sort()
+    spans: list[tuple[float, float]] = []
+    winding = 0
+    start = 0.0
+    for x, d in crossings:
+        before = winding
+        winding += d
+        if before == 0 and winding != 0:
+            start = x
+        elif before != 0 and winding == 0:
+            spans.append((start, x))
+    return spans
 
 
 def _png(width: int, height: int, raw: bytes) -> bytes:

@@ -305,6 +305,7 @@ class ExportJobs:
             group=self.export_gid(),
             zones=claim.zones,
         )
+
         def on_progress(f: float) -> None:
             self.progress[rid] = f
             if progress is not None:

@@ -243,3 +243,31 @@ def test_the_printed_record_of_a_native_request_says_its_zones_are_not_applied()
         {"id": 3, "format": "mp4", "privacy_zones": zones}, [], None, signer="SHA256:x"
     )
     assert "unmasked" not in mp4 and "0.6,0.4,0.3,0.25" in mp4
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        # a star drawn in one stroke: its outline crosses itself around the centre
+        [[0.5, 0.05], [0.68, 0.6], [0.2, 0.25], [0.8, 0.25], [0.32, 0.6]],
+        # a square with its corners listed twice (copied and pasted)
+        [[0.3, 0.3], [0.7, 0.3], [0.7, 0.7], [0.3, 0.7]] * 2,
+    ],
+)
+def test_a_self_crossing_or_doubled_polygon_covers_all_it_encloses(points: list[Any]) -> None:
+    import struct
+    import zlib
+
+    zone = zones_from([{"polygon": points}], "z")[0]
+    w, h = 200, 200
+    x0, y0, png = zone.mask_png(w, h)
+    # decode our own PNG (8-bit RGBA, filter 0 per row): is the pixel at the centre opaque?
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    bw, bh = struct.unpack(">II", png[16:24])
+    idat = png.index(b"IDAT")
+    size = struct.unpack(">I", png[idat - 4 : idat])[0]
+    raw = zlib.decompress(png[idat + 4 : idat + 4 + size])
+    cx, cy = 100 - x0, (0.35 if len(points) == 5 else 0.5) * h - y0
+    row = int(cy) * (1 + 4 * bw)
+    alpha = raw[row + 1 + 4 * int(cx) + 3]
+    assert alpha == 255, "the middle of the polygon is left visible"

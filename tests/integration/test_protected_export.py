@@ -156,6 +156,14 @@ def test_certificates_that_cannot_receive_a_package_say_why(tmp_path: Path) -> N
     assert "RSA or EC certificate" in (ed.problem(now) or "")
     plain = load_recipient_cert(make_unit(tmp_path / "e", "plain", key_usage=None).cert)
     assert plain.problem(now) is None
+    pss = tmp_path / "pss.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa-pss", "-pkeyopt", "rsa_keygen_bits:2048",
+         "-nodes", "-keyout", str(tmp_path / "pss-key.pem"), "-out", str(pss), "-days", "30",
+         "-subj", "/CN=pss unit"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    assert "RSA-PSS" in (load_recipient_cert(pss).problem(now) or "")
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     with pytest.raises(InvalidInput, match="not a PEM X.509 certificate"):
         load_recipient_cert(tmp_path / "junk.pem")
