@@ -177,11 +177,19 @@ class ExportJobs:
             )
         return key, fp
 
-    def _export_check(self, rid: int, caller: Caller) -> access.Decision:
-        """May ``caller`` export request ``rid`` now? Under the engine lock."""
+    def _export_check(
+        self, rid: int, caller: Caller, claim: ExportClaim | None = None
+    ) -> access.Decision:
+        """May ``caller`` export request ``rid`` now? Under the engine lock. With the export's
+        ``claim``: also, does it still meet the protection policy in force (``protection``)?"""
         r, approvals, rules = self.wf._current(rid)
         acting = self.wf._acting(r, rules)
-        return access.check_export(r, approvals, self.wf.actor(caller), acting, self.wf.now())
+        d = access.check_export(r, approvals, self.wf.actor(caller), acting, self.wf.now())
+        if d.allowed and claim is not None:
+            d = protection.still_protected(
+                self.wf.config, r, approvals, claim.seal is not None, claim.zones
+            )
+        return d
 
     def export(
         self, caller: Caller, rid: int, target: str, progress: Callable[[float], None] | None = None
@@ -214,6 +222,8 @@ class ExportJobs:
             if not d.allowed:
                 self.wf._refused(caller, f"request:{rid}", d)
             seal, raised, refusal = protection.seal_at_export(self.wf.config, r, self.wf.now())
+            if refusal is None:
+                refusal = protection.native_refusal(self.wf.config, r.format, r.cameras)
             if refusal is not None:
                 self.wf._refused(caller, f"request:{rid}", refusal)
             try:
@@ -481,7 +491,7 @@ class ExportJobs:
         self.ctx.lock.acquire()
         claim.committing = True
         try:
-            d = self._export_check(claim.rid, claim.caller)
+            d = self._export_check(claim.rid, claim.caller, claim)
         except BaseException:
             self._release(claim)
             raise
@@ -503,7 +513,7 @@ class ExportJobs:
         claim = self.claims.get(rid)
         if claim is None or claim.committing or claim.stop.is_set():
             return
-        d = self._export_check(rid, claim.caller)
+        d = self._export_check(rid, claim.caller, claim)
         if not d.allowed:
             claim.why = d.reason
             claim.stop.set()

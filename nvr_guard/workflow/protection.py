@@ -36,7 +36,7 @@ def site_encrypt(config: Config, site: str) -> str:
     return config.export.encrypt
 
 
-def _required_by(config: Config, site: str, cameras: Iterable[str]) -> str | None:
+def required_by(config: Config, site: str, cameras: Iterable[str]) -> str | None:
     """Why this footage may only leave encrypted (None: it may leave unencrypted)."""
     default = site_encrypt(config, site)
     if default != "none":
@@ -64,7 +64,7 @@ def encrypt_for_new(
             f"--encrypt {requested!r} is not known; write none, passphrase or recipient",
             2,
         )
-    required = _required_by(config, site, cameras)
+    required = required_by(config, site, cameras)
     if requested is None:
         mode = site_encrypt(config, site)
         if mode == "none" and required is not None:
@@ -140,6 +140,37 @@ def zones_for(config: Config, r: Request, approvals: Sequence[Approval]) -> dict
     return out
 
 
+def still_protected(
+    config: Config,
+    r: Request,
+    approvals: Sequence[Approval],
+    sealed: bool,
+    zones: Mapping[str, Sequence[Zone]],
+) -> Decision:
+    """Does an export that began sealed (or not) and with ``zones`` still meet the policy in
+    force? A reload during the export may have refused native copies of zoned cameras, made
+    encryption required, or added zones (the package would leave without them): it stops."""
+    native = native_refusal(config, r.format, r.cameras)
+    if native is not None:
+        return native
+    if not sealed:
+        required = required_by(config, r.site, r.cameras)
+        if required is not None:
+            return Decision(
+                False,
+                f"{required} since the export began; run it again and it will be encrypted",
+                3,
+            )
+    if r.format != "native" and zones_json(zones_for(config, r, approvals)) != zones_json(zones):
+        return Decision(
+            False,
+            "the privacy zones of its cameras changed since the export began; run it again and "
+            "they will be filled in",
+            3,
+        )
+    return Decision(True, "")
+
+
 def zones_json(zones: Mapping[str, Sequence[Zone]]) -> dict[str, list[dict[str, object]]]:
     """Zones per camera, as ``request show`` and the audit log list them."""
     return {cam: [z.json() for z in zs] for cam, zs in zones.items()}
@@ -153,7 +184,7 @@ def seal_at_export(
     mode = r.encrypt or "none"
     note = None
     if mode == "none":
-        required = _required_by(config, r.site, r.cameras)
+        required = required_by(config, r.site, r.cameras)
         if required is not None:
             mode, note = "passphrase", f"encryption raised to passphrase: {required}"
     if mode == "none":

@@ -64,10 +64,14 @@ def exporter(clips: Any, job: Any, dest: Any, key: Any, **kw: Any) -> Any:
     name = f"NVRG-{job.request['id']}-20261123T010000Z"
     tmp = dest.path / f".{name}.tmp"
     tmp.mkdir()
-    (tmp / "clip.mp4").write_bytes(b"x" * 1000)
-    (tmp / "manifest.json").write_text("{}")
-    dest.before_commit(tmp)
-    os.rename(tmp, dest.path / name)
+    try:
+        (tmp / "clip.mp4").write_bytes(b"x" * 1000)
+        (tmp / "manifest.json").write_text("{}")
+        dest.before_commit(tmp)
+        os.rename(tmp, dest.path / name)
+    except BaseException:  # as the real builder: a failed export leaves nothing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return SimpleNamespace(
         path=dest.path / name,
         sha256s={},
