@@ -478,7 +478,10 @@ def request_resolve(ctx: Context, caller: Caller, a: IdReason) -> Any:
 
 def export_run(ctx: Context, caller: Caller, a: ExportRun) -> Any:
     """Write the package of an approved request onto an export target."""
-    return ctx.engine.workflow.export(caller, a.id, a.media)
+    from nvr_guard.daemon.control import caller_hung_up
+
+    # a passphrase exists only in the reply: a caller who is gone before the commit stops it
+    return ctx.engine.workflow.export(caller, a.id, a.media, caller_gone=caller_hung_up)
 
 
 def export_progress(ctx: Context, caller: Caller, a: IdArgs) -> Any:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import contextvars
 import dataclasses
 import datetime as _dt
 import enum
@@ -863,6 +864,7 @@ class ControlServer:
         self._slots.release()
 
     def _serve_connection(self, conn: socket.socket, caller: Caller) -> None:
+        _PEER.set(conn)  # this connection's own thread: caller_hung_up() asks about it
         try:
             while not self._stopping.is_set():
                 deadline = time.monotonic() + self.read_timeout
@@ -1099,6 +1101,24 @@ def error_from_reply(body: ErrorBody) -> NvrGuardError:
         # decided.
         err.exit_code = body.code
     return err
+
+
+# The connection a command handler answers (set in its thread): caller_hung_up() looks at it.
+_PEER: contextvars.ContextVar[socket.socket | None] = contextvars.ContextVar(
+    "nvr_guard_control_peer", default=None
+)
+
+
+def caller_hung_up() -> bool:
+    """In a command handler: whether its caller has closed the connection and will read no
+    reply (Ctrl-C, a dropped SSH session). False outside a served connection."""
+    conn = _PEER.get()
+    if conn is None:
+        return False
+    try:
+        return _hung_up(conn)
+    except (OSError, ValueError):  # closed under us: gone as well
+        return True
 
 
 def _hung_up(conn: socket.socket) -> bool:

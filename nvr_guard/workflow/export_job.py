@@ -66,6 +66,8 @@ class ExportClaim:
     seal: Any = None  # export.protect.Seal of a protected export, else None
     raised: str | None = None  # why the policy raised the request's encryption, if it did
     zones: dict[str, list[Any]] = field(default_factory=dict)  # privacy zones per camera
+    # whether the person who runs it has gone (would never see the passphrase); None: unknown
+    caller_gone: Callable[[], bool] | None = None
 
 
 class _CommitGate:
@@ -192,11 +194,17 @@ class ExportJobs:
         return d
 
     def export(
-        self, caller: Caller, rid: int, target: str, progress: Callable[[float], None] | None = None
+        self,
+        caller: Caller,
+        rid: int,
+        target: str,
+        progress: Callable[[float], None] | None = None,
+        caller_gone: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Export request ``rid`` onto ``target``: claim, build, commit (see :meth:`export_begin`
         and :meth:`export_finish`)."""
         claim = self.export_begin(caller, rid, target)
+        claim.caller_gone = caller_gone
         return self.export_finish(claim, progress)
 
     def export_begin(self, caller: Caller, rid: int, target: str) -> ExportClaim:
@@ -497,11 +505,27 @@ class ExportJobs:
             raise
         # authority lost at any check during the export ends it, even if a later reload would
         # give it back: what ran without authority is not committed
+        gone = self._passphrase_lost(claim)
+        if gone is not None and d.allowed:
+            d = access.Decision(False, gone, 3)
         if claim.stop.is_set() or not d.allowed:
             claim.why = claim.why if claim.stop.is_set() and claim.why else d.reason
             claim.stop.set()
             self._release(claim)
             raise PolicyRefused(claim.why)
+
+    @staticmethod
+    def _passphrase_lost(claim: ExportClaim) -> str | None:
+        """Why a passphrase export must stop because nobody would see its passphrase: the
+        technician's command has gone (Ctrl-C, a dropped connection); else None."""
+        if claim.seal is None or claim.seal.passphrase is None or claim.caller_gone is None:
+            return None
+        if not claim.caller_gone():
+            return None
+        return (
+            "the technician's command ended (Ctrl-C or a dropped connection) before the "
+            "passphrase could be shown, and it is stored nowhere; run the export again"
+        )
 
     def _release(self, claim: ExportClaim) -> None:
         if claim.committing:
@@ -528,6 +552,11 @@ class ExportJobs:
         if t - claim.last_check < RECHECK_EVERY:
             return None
         claim.last_check = t
+        gone = self._passphrase_lost(claim)
+        if gone is not None:
+            claim.why = gone
+            claim.stop.set()
+            return gone
         if not self.ctx.lock.acquire(blocking=False):
             return None
         try:

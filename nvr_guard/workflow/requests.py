@@ -903,10 +903,16 @@ class Workflow:
         return self.exports.signing_key()
 
     def export(
-        self, caller: Caller, rid: int, target: str, progress: Callable[[float], None] | None = None
+        self,
+        caller: Caller,
+        rid: int,
+        target: str,
+        progress: Callable[[float], None] | None = None,
+        caller_gone: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
-        """Export request ``rid`` onto ``target``: claim, build, commit."""
-        return self.exports.export(caller, rid, target, progress)
+        """Export request ``rid`` onto ``target``: claim, build, commit (``caller_gone``: see
+        ``ExportJobs.export_finish``)."""
+        return self.exports.export(caller, rid, target, progress, caller_gone)
 
     def export_begin(self, caller: Caller, rid: int, target: str) -> ExportClaim:
         """Check ``caller`` may export ``rid`` onto ``target`` and claim the request's export."""

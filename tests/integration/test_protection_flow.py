@@ -277,3 +277,56 @@ def test_a_staging_directory_others_could_enter_refuses_the_export_and_releases_
     os.chmod(staging, 0o700)  # fixed: the request is not stuck behind a claim
     assert e.ok("nvrg-tom", "media", "scan", str(e.target))["result"] == "clean"
     assert e.ok("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))["passphrase"]
+
+
+def test_a_passphrase_export_whose_command_is_interrupted_is_not_committed(env: Env):
+    import sys
+
+    import psutil
+
+    from tests.integration.test_workflow import GROUP
+
+    e = env
+    configure(e, export="  encrypt: passphrase\n")
+    rid = new_request(e)
+    approve_and_scan(e, rid)
+    assert e.proc is not None
+    daemon = psutil.Process(e.proc.pid)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "nvr_guard", "--config", str(e.site.config), "export", "run",
+         str(rid), "--media", str(e.target)],
+        user=e.uids["nvrg-tom"], group=GROUP, extra_groups=[GROUP],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    frozen: list[psutil.Process] = []
+
+    def ffmpeg_frozen() -> bool:
+        for p in daemon.children(recursive=True):
+            try:
+                if p.name() == "ffmpeg":
+                    p.suspend()
+                    frozen.append(p)
+                    return True
+            except psutil.NoSuchProcess:
+                continue
+        return False
+
+    poll(ffmpeg_frozen, 60, "ffmpeg of the export")
+    cli.send_signal(signal.SIGINT)  # the technician presses Ctrl-C
+    cli.wait(timeout=30)
+    frozen[0].resume()
+
+    def aborted() -> list[dict]:
+        return [
+            x
+            for x in e.audit()
+            if x["action"] == "export.aborted" and x["object"] == f"request:{rid}"
+        ]
+
+    poll(lambda: bool(aborted()), 60, "the export to stop")
+    assert "passphrase could be shown" in aborted()[0]["details"]["reason"]
+    assert e.ok("nvrg-alice", "request", "show", str(rid))["state"] == "approved"
+    assert list(e.target.iterdir()) == [] and list((e.site.state / "staging").iterdir()) == []
+    # nothing is stuck: run it again, and this time the passphrase is shown
+    assert e.ok("nvrg-tom", "media", "scan", str(e.target))["result"] == "clean"
+    assert e.ok("nvrg-tom", "export", "run", str(rid), "--media", str(e.target))["passphrase"]
