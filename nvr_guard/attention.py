@@ -36,6 +36,9 @@ RECORDER_INDEX = "recorder_index"
 # a notification (mail or webhook) was given up after notify.retry_for; cleared when that
 # channel next delivers one
 NOTIFY_FAILED = "notify_failed"
+# an exported package due for destruction could not be destroyed (its target is not there as it
+# was, the package was changed); cleared when it is destroyed
+EXPORT_COPY = "export_copy"
 
 
 @dataclass(frozen=True)

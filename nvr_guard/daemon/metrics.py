@@ -56,6 +56,7 @@ ATTENTION_KINDS = (
     attention.CAMERA_UNCLAIMED,
     attention.RECORDER_INDEX,
     attention.NOTIFY_FAILED,
+    attention.EXPORT_COPY,
 )
 # audit actions counted into metrics (incrementally, by sequence number)
 _EXPORT_DONE = "export.done"

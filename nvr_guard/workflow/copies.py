@@ -25,6 +25,7 @@ import stat
 from pathlib import Path
 from typing import Any, Protocol
 
+from nvr_guard.attention import EXPORT_COPY
 from nvr_guard.config import Config
 from nvr_guard.context import Context
 from nvr_guard.errors import InvalidInput, PolicyRefused, RuntimeFailure
@@ -60,7 +61,7 @@ class Copies:
     def __init__(self, wf: CopyAccess) -> None:
         self.wf = wf
         self.ctx = wf.ctx
-        self._failed: set[int] = set()  # destructions that failed, logged once
+        self._failed: dict[int, str] = {}  # destructions that failed: why (reported once)
 
     def record(self, rid: int, destination: dict[str, Any], package: Path, at: float) -> None:
         """Note where request ``rid``'s export went (under the engine lock, in the export's
@@ -72,6 +73,7 @@ class Copies:
             copy["label"] = destination.get("label")
         else:
             copy["target"] = str(package.parent)
+            copy["target_id"] = _identity(package.parent)
         self.wf.store.update(rid, copy=copy)
 
     def adopt(self) -> list[int]:
@@ -87,11 +89,15 @@ class Copies:
                     continue
                 if os.path.normpath(os.path.dirname(package)) not in targets:
                     continue
+                if not os.path.isdir(package):
+                    continue  # not there now (a target away): taken in when it is back
                 at = float(r.exported_at or r.created)
+                target = os.path.dirname(package)
                 self.wf.store.update(
                     r.id,
                     copy={"kind": "directory", "package": package, "exported": at,
-                          "target": os.path.dirname(package), "adopted": True},
+                          "target": target, "target_id": _identity(Path(target)),
+                          "adopted": True},
                 )  # fmt: skip
                 adopted.append(r.id)
             if adopted:
@@ -150,26 +156,38 @@ class Copies:
             now = self.wf.now()
             keep = fmt_duration(self.wf.config.export.target_keep)
             for c in self.due(now):
-                if c["due"] > now or c["held_by"] or c["request"] in self._failed:
+                rid = c["request"]
+                if c["due"] > now or c["held_by"]:
                     continue
                 try:
                     self._destroy(
-                        c["request"],
+                        rid,
                         "nvr-guard",
                         f"deleted from its export target after export.target_keep ({keep})",
                         None,
                     )
                 except RuntimeFailure as e:
-                    self._failed.add(c["request"])
-                    log.error("cannot destroy the package of request %s: %s", c["request"], e)
-                    self.ctx.audit.append(
-                        "nvr-guard",
-                        "export.destroy_failed",
-                        f"request:{c['request']}",
-                        {"package": c["package"], "error": str(e)},
-                    )
+                    # tried again every minute (a target may come back); said once per reason
+                    if self._failed.get(rid) != str(e):
+                        self._failed[rid] = str(e)
+                        log.error("cannot destroy the package of request %s: %s", rid, e)
+                        self.ctx.audit.append(
+                            "nvr-guard",
+                            "export.destroy_failed",
+                            f"request:{rid}",
+                            {"package": c["package"], "error": str(e)},
+                        )
+                        self.ctx.attention.raise_(
+                            EXPORT_COPY,
+                            None,
+                            f"request:{rid}",
+                            f"the package of request {rid} is due for destruction but was not "
+                            f"destroyed: {e}",
+                        )
                     continue
-                done.append(c["request"])
+                if self._failed.pop(rid, None) is not None:
+                    self.ctx.attention.clear(EXPORT_COPY, None, f"request:{rid}")
+                done.append(rid)
         return done
 
     def destroy(self, caller: Caller, rid: int, reason: str) -> dict[str, Any]:
@@ -236,6 +254,8 @@ class Copies:
         copy = self.wf.store.extra(rid).get("copy") or {}
         package = Path(str(copy.get("package")))
         files, missing = remove_package(package)
+        if missing:
+            _target_as_written(copy, package)  # else it is away, not the package removed
         now = self.wf.now()
         info: dict[str, Any] = {
             "time": iso(now, self.wf.config.tz),
@@ -262,6 +282,34 @@ class Copies:
         self.ctx.audit.append(by, "export.destroyed", f"request:{rid}", receipt)
         log.info("request %s: package %s destroyed (%s)", rid, package, info["how"])
         return {"id": rid, **receipt}
+
+
+def _identity(path: Path) -> list[int] | None:
+    """(device, inode) of a directory, to tell it later from an empty mount point."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+def _target_as_written(copy: dict[str, Any], package: Path) -> None:
+    """A package not found: fine only if its target is the directory it was written to (a
+    target on a disk or share that is not mounted now shows an empty mount point, and its
+    package is away, not gone). RuntimeFailure otherwise: tried again later."""
+    target = Path(str(copy.get("target") or package.parent))
+    now = _identity(target)
+    was = copy.get("target_id")
+    if now is None:
+        raise RuntimeFailure(
+            f"its export target {target} is not there (unmounted?); it is destroyed when the "
+            "target is back"
+        )
+    if was is not None and list(was) != now:
+        raise RuntimeFailure(
+            f"{package} is not found, and {target} is not the directory it was written to (a "
+            "file system not mounted there now?); it is destroyed when the target is back"
+        )
 
 
 def remove_package(package: Path) -> tuple[list[tuple[str, int]], bool]:

@@ -280,3 +280,30 @@ def test_a_reload_that_shortens_target_keep_applies_to_packages_already_out(lab:
     cfg.write_text(cfg.read_text().replace("target_keep: 30d", "target_keep: 7d"))
     lab.engine.apply_config(load_config(str(cfg)), "test")
     assert lab.wf.copies.destroy_due() == [rid] and not pkg.exists()
+
+
+def test_a_package_on_a_target_that_is_not_mounted_is_not_taken_for_destroyed(lab: Lab):
+    import subprocess
+
+    # the export target is a disk (here a bind mount of a directory) mounted at the target
+    disk = lab.base / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "--bind", str(disk), str(lab.target)], check=True)
+    try:
+        rid, pkg = lab.exported()
+        subprocess.run(["umount", str(lab.target)], check=True)  # away for maintenance
+        assert not pkg.exists()
+        lab.now += 31 * DAY
+        assert lab.wf.copies.destroy_due() == []
+        assert lab.wf.show(ALICE, rid)["destroyed"] is None
+        st = lab.engine.status()
+        assert any(a["kind"] == "export_copy" for a in st["attention"]) and not st["ok"]
+        assert lab.wf.copies.destroy_due() == []  # reported once, tried every minute
+        assert len(lab.audit("export.destroy_failed")) == 1
+        subprocess.run(["mount", "--bind", str(disk), str(lab.target)], check=True)  # back
+        assert lab.wf.copies.destroy_due() == [rid] and not pkg.exists()
+        assert not any(a["kind"] == "export_copy" for a in lab.engine.status()["attention"])
+        [receipt] = lab.audit("export.destroyed")
+        assert receipt.details["missing"] is False and receipt.details["files"] == 2
+    finally:
+        subprocess.run(["umount", str(lab.target)], check=False, capture_output=True)
