@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from nvr_guard.identity import Caller
 from nvr_guard.times import iso
 from nvr_guard.workflow import access
 from nvr_guard.workflow.export_job import RequestAccess
-from nvr_guard.workflow.protection import zones_for
+from nvr_guard.workflow.protection import zones_for, zones_json
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,19 @@ VIEWS_DIR = "views"
 MAX_PREPARING = 4
 MAX_PREVIEW_CAMERAS = 4  # previews of the first cameras only: each costs three ffmpeg runs
 RECHECK_EVERY = 0.5  # seconds between authority checks while a clip encodes
-_CLIP = re.compile(r"^([0-9]+)-([0-9a-f]{16})\.mp4$")
-_PART = re.compile(r"^\.([0-9]+)-([0-9a-f]{16})\.mp4\.part$")
+_CLIP = re.compile(r"^([0-9]+)-([0-9a-f]{16})(?:-[0-9a-f]{12})?\.mp4$")
+_PART = re.compile(r"^\.([0-9]+)-([0-9a-f]{16})(?:-[0-9a-f]{12})?\.mp4\.part$")
 
 
-def clip_name(rid: int, viewer: str) -> str:
-    """The clip's file name: the request and a digest of the viewer (no name in a path)."""
-    return f"{rid}-{hashlib.sha256(viewer.encode()).hexdigest()[:16]}.mp4"
+def _viewer_part(rid: int, viewer: str) -> str:
+    return f"{rid}-{hashlib.sha256(viewer.encode()).hexdigest()[:16]}"
+
+
+def clip_name(rid: int, viewer: str, zones: Mapping[str, Sequence[Any]] | None = None) -> str:
+    """The clip's file name: the request, a digest of the viewer (no name in a path) and one
+    of the privacy zones it was made with: zones changed since make it another clip."""
+    shown = json.dumps(zones_json(zones or {}), sort_keys=True)
+    return f"{_viewer_part(rid, viewer)}-{hashlib.sha256(shown.encode()).hexdigest()[:12]}.mp4"
 
 
 #: a seek within this long of a recorded start continues that viewing (no new entry)
@@ -125,12 +133,35 @@ class Viewings:
             self.wf._refused(caller, f"request:{rid}", d)
         return r, approvals, rules
 
-    def _job(self, rid: int, caller: Caller) -> ViewJob | None:
-        """The clip job of ``rid`` for ``caller``; a ready clip left by an earlier daemon is
-        taken up again (its validity was checked by the caller)."""
+    def _job(self, rid: int, caller: Caller, zones: Mapping[str, Sequence[Any]]) -> ViewJob | None:
+        """The clip job of ``rid`` for ``caller`` with the privacy ``zones`` in force; a ready
+        clip left by an earlier daemon is taken up again (its validity was checked by the
+        caller). A clip or an encode made with other zones (a reload changed them) is dropped:
+        it is prepared again with these."""
         key = (rid, caller.user)
+        name = clip_name(rid, caller.user, zones)
         job = self._jobs.get(key)
-        path = self.directory() / clip_name(rid, caller.user)
+        if job is not None and job.name != name:
+            job.why = "the privacy zones changed since the clip was prepared"
+            job.stop.set()
+            del self._jobs[key]
+            job = None
+        views = self.directory()
+        prefix = _viewer_part(rid, caller.user)
+        for other in os.listdir(views):
+            if other != name and other.startswith(prefix) and _CLIP.match(other):
+                (views / other).unlink(missing_ok=True)
+                self.ctx.audit.append(
+                    "nvr-guard",
+                    "view.expired",
+                    f"request:{rid}",
+                    {
+                        "clip": other,
+                        "viewer": caller.user,
+                        "reason": "made with other privacy zones than those in force",
+                    },
+                )
+        path = views / name
         if job is not None and job.state == "ready" and not path.is_file():
             del self._jobs[key]  # removed behind the daemon's back: prepare it again
             job = None
@@ -144,7 +175,8 @@ class Viewings:
         self.expire()
         with self.ctx.recording():
             r, approvals, _ = self._watchable(caller, rid)
-            job = self._job(rid, caller)
+            zones = zones_for(self.wf.config, r, approvals)
+            job = self._job(rid, caller, zones)
             if job is not None and job.state in ("preparing", "ready"):
                 return job.status()
             if job is not None:  # failed: said once, and the next call tries again
@@ -161,12 +193,12 @@ class Viewings:
                 clips.append(
                     (cam, [SourceSegment(Path(os.fsdecode(s.path)), s.start) for s in segs])
                 )
-            job = ViewJob(rid, caller, clip_name(rid, caller.user))
+            job = ViewJob(rid, caller, clip_name(rid, caller.user, zones))
             self._jobs[(rid, caller.user)] = job
             tz = self.wf.config.site_tz(r.site)
             threading.Thread(
                 target=self._encode,
-                args=(job, clips, r.start, r.end, tz, zones_for(self.wf.config, r, approvals)),
+                args=(job, clips, r.start, r.end, tz, zones),
                 name=f"view-{rid}",
                 daemon=True,
             ).start()
@@ -273,7 +305,7 @@ class Viewings:
         self.expire()
         with self.ctx.recording():
             r, approvals, rules = self._watchable(caller, rid)
-            job = self._job(rid, caller)
+            job = self._job(rid, caller, zones_for(self.wf.config, r, approvals))
             if job is None:
                 return {"state": "none", "progress": 0.0, "message": "prepare the clip first"}, None
             if job.state != "ready":

@@ -9,6 +9,7 @@ import grp
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -496,3 +497,39 @@ def test_previews_are_refused_while_switched_off(make_env: EnvFactory):
     assert "previews are off" in e.refused("nvrv-bob", "preview.frames", rid)
     assert e.audit("preview.show") == []
     assert any(x["actor"] == "nvrv-bob" for x in e.audit("access.denied", rid))
+
+
+def test_a_clip_made_before_the_camera_got_privacy_zones_is_not_served(make_env: EnvFactory):
+    e = make_env()
+    rid = e.new()
+    e.approve(rid, "nvrv-bob", "nvrv-carol")
+    e.ready("nvrv-alice", rid)
+    [before] = e.views()
+    assert e.control("nvrv-alice", "view.open", {"id": rid})["result"]["state"] == "ready"
+    # the admin gives the camera a privacy zone and reloads
+    old = e.ok("nvrv-alice", "status")["config_digest"]
+    text = e.site.config.read_text().replace(
+        "  lobby-1: {level: 1}\n", "  lobby-1: {level: 1, privacy_zones: [[0, 0, 0.5, 1]]}\n"
+    )
+    e.site.config.write_text(text)
+    assert e.proc is not None
+    e.proc.send_signal(signal.SIGHUP)
+    poll(lambda: e.ok("nvrv-alice", "status")["config_digest"] != old, 20, "the reload")
+    # the unmasked clip is gone (on record) and is never handed out again
+    got = e.control("nvrv-alice", "view.open", {"id": rid})
+    assert got["result"]["state"] != "ready" and got["fds"] == 0
+    assert before not in e.views()
+    assert any(
+        x["details"]["reason"] == "made with other privacy zones than those in force"
+        for x in e.audit("view.expired", rid)
+    )
+    # prepared again, with the zone: its left half is filled in
+    e.ready("nvrv-alice", rid)
+    doc = e.control("nvrv-alice", "view.open", {"id": rid})
+    got_clip = e.out / "clip.mp4"
+    probe = ffprobe(got_clip)
+    [video] = [s for s in probe["streams"] if s["codec_type"] == "video"]
+    w, h = video["width"], video["height"]
+    frame = gray_frame(got_clip, 2.0, (w, h))
+    left = [frame[y * w + x] for y in range(h // 3, 2 * h // 3) for x in range(4, w // 2 - 4)]
+    assert doc["result"]["state"] == "ready" and max(left) < 30
