@@ -185,8 +185,6 @@ class Copies:
                             f"destroyed: {e}",
                         )
                     continue
-                if self._failed.pop(rid, None) is not None:
-                    self.ctx.attention.clear(EXPORT_COPY, None, f"request:{rid}")
                 done.append(rid)
         return done
 
@@ -254,15 +252,21 @@ class Copies:
         copy = self.wf.store.extra(rid).get("copy") or {}
         package = Path(str(copy.get("package")))
         files, missing = remove_package(package)
-        if missing:
-            _target_as_written(copy, package)  # else it is away, not the package removed
+        if missing and reason is None:
+            # the minute job: only a target as written shows the package gone; an admin's
+            # `export destroy` records it as they say (with their reason, on record)
+            _target_as_written(copy, package)
         now = self.wf.now()
         info: dict[str, Any] = {
             "time": iso(now, self.wf.config.tz),
             "by": by,
             "how": how
             if not missing
-            else "not found on its export target: removed outside nvr-guard before its due time",
+            else (
+                "not found on its export target: removed outside nvr-guard before its due time"
+                if reason is None
+                else "not found on its export target; recorded as destroyed by an admin"
+            ),
             "package": str(package),
         }
         if reason:
@@ -280,17 +284,24 @@ class Copies:
         }
         self.wf.store.update(rid, destroyed=info)
         self.ctx.audit.append(by, "export.destroyed", f"request:{rid}", receipt)
+        if self._failed.pop(rid, None) is not None:
+            self.ctx.attention.clear(EXPORT_COPY, None, f"request:{rid}")
         log.info("request %s: package %s destroyed (%s)", rid, package, info["how"])
         return {"id": rid, **receipt}
 
 
 def _identity(path: Path) -> list[int] | None:
-    """(device, inode) of a directory, to tell it later from an empty mount point."""
+    """(file system id, inode) of a directory, to tell it later from an empty mount point or
+    another disk mounted there. The file system id (statfs ``f_fsid``) of ext4, XFS and btrfs
+    comes from the file system's UUID, so the same disk is recognised on another device
+    (``sdb`` then ``sdc``, another loop number), where ``st_dev`` would differ; a different disk
+    has another one, even in the same slot with the same root inode."""
     try:
         st = os.stat(path)
+        fs = os.statvfs(path)
     except OSError:
         return None
-    return [st.st_dev, st.st_ino]
+    return [fs.f_fsid, st.st_ino]
 
 
 def _target_as_written(copy: dict[str, Any], package: Path) -> None:
@@ -303,12 +314,14 @@ def _target_as_written(copy: dict[str, Any], package: Path) -> None:
     if now is None:
         raise RuntimeFailure(
             f"its export target {target} is not there (unmounted?); it is destroyed when the "
-            "target is back"
+            "target is back, or, if it is gone for good, recorded by an admin: nvr-guard "
+            "export destroy REQUEST --reason R"
         )
     if was is not None and list(was) != now:
         raise RuntimeFailure(
             f"{package} is not found, and {target} is not the directory it was written to (a "
-            "file system not mounted there now?); it is destroyed when the target is back"
+            "file system not mounted there now?); it is destroyed when the target is back, or, "
+            "if it was removed, recorded by an admin: nvr-guard export destroy REQUEST --reason R"
         )
 
 
