@@ -143,7 +143,11 @@ class _Staging(DirectoryDestination):
         return self.outer.describe() if self.outer is not None else super().describe()
 
     def check_before_write(self, bytes_needed: int) -> None:
-        """Room in the staging directory for the unencrypted package while it is sealed."""
+        """Room on the destination for the sealed package (checked again with its real size
+        once it is made), and in the staging directory for the unencrypted one meanwhile:
+        a full medium is refused before the encode, not after it."""
+        if self.outer is not None:
+            self.outer.check_before_write(bytes_needed)
         free = shutil.disk_usage(self.path).free
         if free < bytes_needed + STAGING_RESERVE:
             raise PolicyRefused(

@@ -266,3 +266,31 @@ def test_too_little_room_to_stage_refuses_before_anything_is_written(
             audit_head=(1, "h"),
         )
     assert os.listdir(dest.path) == [] and os.listdir(state / "staging") == []
+
+
+def test_a_full_medium_is_refused_before_the_encode_not_after(
+    footage: dict[str, list[Path]], tmp_path: Path, key: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nvr_guard.errors import PolicyRefused
+    from nvr_guard.export import DirectoryDestination
+    from nvr_guard.export import ffmpeg as ff
+
+    encodes: list[object] = []
+    real = ff.run_ffmpeg
+    monkeypatch.setattr(ff, "run_ffmpeg", lambda *a, **kw: encodes.append(a) or real(*a, **kw))
+    state = tmp_path / "nvrg-state"
+    state.mkdir()
+    medium = tmp_path / "medium"
+    medium.mkdir()
+    full = DirectoryDestination(medium, reserve=2**60)  # no medium has this much room
+    with pytest.raises(PolicyRefused, match="MiB free"):
+        run_sealed_export(
+            [("lobby-1", segs(footage["audio"]))],
+            job(T0 + 2, T0 + 6),
+            full,
+            key,
+            seal=Seal("passphrase", passphrase=new_passphrase()),
+            staging=staging_dir(state),
+            audit_head=(1, "h"),
+        )
+    assert encodes == [] and os.listdir(medium) == [] and os.listdir(state / "staging") == []
