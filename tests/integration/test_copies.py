@@ -121,7 +121,8 @@ export:
         self.desc: Mapping[str, Any] = {"kind": "directory", "path": str(self.target)}
         self.wf.open_destination = lambda target, tz: Dest(Path(target), self.desc)
 
-    def exported(self) -> tuple[int, Path]:
+    def approved(self, fmt: str = "mp4", *more: Caller) -> int:
+        """A request of cam-1 filed by alice and approved by bob, carol (and ``more``)."""
         r = self.wf.new(
             ALICE,
             {
@@ -131,11 +132,16 @@ export:
                 "reason": "theft at the counter",
                 "basis": "police notice 17",
                 "recipient": {"unit": "City police", "person": "Wang", "contact": "010"},
+                "format": fmt,
             },
         )
         rid = int(r["id"])
-        self.wf.approve(BOB, rid, "")
-        self.wf.approve(CAROL, rid, "")
+        for who in (BOB, CAROL, *more):
+            self.wf.approve(who, rid, "")
+        return rid
+
+    def exported(self) -> tuple[int, Path]:
+        rid = self.approved()
         res = self.wf.export(TOM, rid, str(self.target))
         return rid, Path(res["package"])
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +60,44 @@ def approve_and_scan(e: Env, rid: int, mask: str | None = None) -> None:
 
 def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+def start_export(e: Env, rid: int) -> subprocess.Popen[bytes]:
+    """``export run`` as the technician, in the background."""
+    import sys
+
+    from tests.integration.test_workflow import GROUP
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "nvr_guard", "--config", str(e.site.config), "export", "run",
+         str(rid), "--media", str(e.target)],
+        user=e.uids["nvrg-tom"], group=GROUP, extra_groups=[GROUP],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def frozen_ffmpeg(e: Env) -> Any:
+    """Wait for the daemon's ffmpeg of the export and freeze it (SIGSTOP) the moment it runs:
+    the export is then in the middle of its encode. Returns the process (psutil)."""
+    import psutil
+
+    assert e.proc is not None
+    daemon = psutil.Process(e.proc.pid)
+    found: list[psutil.Process] = []
+
+    def frozen() -> bool:
+        for p in daemon.children(recursive=True):
+            try:
+                if p.name() == "ffmpeg":
+                    p.suspend()
+                    found.append(p)
+                    return True
+            except psutil.NoSuchProcess:
+                continue
+        return False
+
+    poll(frozen, 60, "ffmpeg of the export")
+    return found[0]
 
 
 def test_a_passphrase_export_with_privacy_zones_as_people_run_it(env: Env, tmp_path: Path):
@@ -203,48 +242,19 @@ def test_a_recipient_export_opens_with_the_units_key_and_an_expired_certificate_
 def test_a_killed_protected_export_leaves_no_plaintext_after_the_restart(env: Env):
     import sys
 
-    import psutil
-
-    from tests.integration.test_workflow import GROUP
-
     e = env
     configure(e, export="  encrypt: passphrase\n")
     rid = new_request(e)
     approve_and_scan(e, rid)
     assert e.proc is not None
-    daemon = psutil.Process(e.proc.pid)
-    export = subprocess.Popen(
-        [sys.executable, "-m", "nvr_guard", "--config", str(e.site.config), "export", "run",
-         str(rid), "--media", str(e.target)],
-        user=e.uids["nvrg-tom"], group=GROUP, extra_groups=[GROUP],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    export = start_export(e, rid)
+    staging = e.site.state / "staging"
     try:
-        # freeze ffmpeg the moment it runs: the plaintext clip is being written in staging
-        def ffmpeg() -> psutil.Process | None:
-            for p in daemon.children(recursive=True):
-                try:
-                    if p.name() == "ffmpeg":
-                        p.suspend()
-                        return p
-                except psutil.NoSuchProcess:
-                    continue
-            return None
-
-        found: list[psutil.Process] = []
-
-        def frozen() -> bool:
-            p = ffmpeg()
-            if p is not None:
-                found.append(p)
-            return bool(found)
-
-        poll(frozen, 60, "ffmpeg of the export")
-        staging = e.site.state / "staging"
+        ffmpeg = frozen_ffmpeg(e)  # the plaintext clip is being written in staging
         assert any(staging.rglob("*")), "the package is being built in staging"
         e.proc.kill()  # kill -9 of the daemon mid-export
         e.proc.wait()
-        found[0].kill()  # what systemd's KillMode=control-group does to the unit's children
+        ffmpeg.kill()  # what systemd's KillMode=control-group does to the unit's children
     finally:
         export.wait(timeout=60)
     assert export.returncode != 0
@@ -280,41 +290,15 @@ def test_a_staging_directory_others_could_enter_refuses_the_export_and_releases_
 
 
 def test_a_passphrase_export_whose_command_is_interrupted_is_not_committed(env: Env):
-    import sys
-
-    import psutil
-
-    from tests.integration.test_workflow import GROUP
-
     e = env
     configure(e, export="  encrypt: passphrase\n")
     rid = new_request(e)
     approve_and_scan(e, rid)
-    assert e.proc is not None
-    daemon = psutil.Process(e.proc.pid)
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "nvr_guard", "--config", str(e.site.config), "export", "run",
-         str(rid), "--media", str(e.target)],
-        user=e.uids["nvrg-tom"], group=GROUP, extra_groups=[GROUP],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    frozen: list[psutil.Process] = []
-
-    def ffmpeg_frozen() -> bool:
-        for p in daemon.children(recursive=True):
-            try:
-                if p.name() == "ffmpeg":
-                    p.suspend()
-                    frozen.append(p)
-                    return True
-            except psutil.NoSuchProcess:
-                continue
-        return False
-
-    poll(ffmpeg_frozen, 60, "ffmpeg of the export")
+    cli = start_export(e, rid)
+    ffmpeg = frozen_ffmpeg(e)
     cli.send_signal(signal.SIGINT)  # the technician presses Ctrl-C
     cli.wait(timeout=30)
-    frozen[0].resume()
+    ffmpeg.resume()
 
     def aborted() -> list[dict]:
         return [

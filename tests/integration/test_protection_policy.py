@@ -6,14 +6,14 @@ zones stops it (export.aborted, exit 3, nothing left). The real Workflow on an i
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from nvr_guard.config import load_config
 from nvr_guard.errors import PolicyRefused
-from tests.integration.test_copies import ALICE, BOB, CAROL, RECORDED, SH, TOM, Lab
+from nvr_guard.identity import Caller
+from tests.integration.test_copies import ALICE, TOM, Lab
 
 
 @pytest.fixture
@@ -23,33 +23,6 @@ def lab() -> Iterator[Lab]:
         yield lab
     finally:
         lab.close()
-
-
-def approved(lab: Lab, fmt: str = "mp4") -> int:
-    r = lab.wf.new(
-        ALICE,
-        {
-            "cameras": "cam-1",
-            "from": datetime.fromtimestamp(RECORDED, SH).isoformat(),
-            "to": datetime.fromtimestamp(RECORDED + 120, SH).isoformat(),
-            "reason": "theft at the counter",
-            "basis": "police notice 17",
-            "recipient": {"unit": "City police", "person": "Wang", "contact": "010"},
-            "format": fmt,
-        },
-    )
-    rid = int(r["id"])
-    lab.wf.approve(BOB, rid, "")
-    lab.wf.approve(CAROL, rid, "")
-    if fmt == "native":
-        lab.wf.approve(lab_security_lead_2(lab), rid, "")
-    return rid
-
-
-def lab_security_lead_2(lab: Lab) -> object:
-    from nvr_guard.identity import Caller
-
-    return Caller(10_006, "sam", ())
 
 
 def reload(lab: Lab, old: str, new: str) -> None:
@@ -72,7 +45,7 @@ def commit_after(lab: Lab, rid: int, change: tuple[str, str]) -> str:
 
 
 def test_encryption_required_during_the_export_stops_a_plain_package(lab: Lab):
-    rid = approved(lab)
+    rid = lab.approved()
     why = commit_after(
         lab, rid, ("  target_keep: 30d\n", "  target_keep: 30d\n  encrypt: passphrase\n")
     )
@@ -83,7 +56,7 @@ def test_encryption_required_during_the_export_stops_a_plain_package(lab: Lab):
 
 
 def test_zones_added_during_the_export_stop_it(lab: Lab):
-    rid = approved(lab)
+    rid = lab.approved()
     why = commit_after(
         lab,
         rid,
@@ -95,7 +68,7 @@ def test_zones_added_during_the_export_stop_it(lab: Lab):
 def test_native_copies_of_zoned_cameras_refused_at_export_too(lab: Lab):
     reload(lab, "    adm: {roles: [admin], level: 2}\n",
            "    adm: {roles: [admin], level: 2}\n    sam: {roles: [security_lead]}\n")  # fmt: skip
-    rid = approved(lab, fmt="native")
+    rid = lab.approved("native", Caller(10_006, "sam", ()))
     reload(lab, "  cam-1: {level: 1}\n", "  cam-1: {level: 1, privacy_zones: [[0, 0, 0.5, 0.5]]}\n")
     reload(lab, "  target_keep: 30d\n", "  target_keep: 30d\n  native_with_zones: refuse\n")
     with pytest.raises(PolicyRefused, match="cannot be masked"):
