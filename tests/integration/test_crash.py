@@ -357,7 +357,13 @@ class Daemon:
             kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return False
-        return any(k.name() == "ffmpeg" for k in kids)
+        for k in kids:
+            try:
+                if k.name() == "ffmpeg":
+                    return True
+            except psutil.NoSuchProcess:  # a short-lived child (ffprobe) ended as it was listed
+                continue
+        return False
 
     def stop(self) -> None:
         if self.proc.poll() is None:
