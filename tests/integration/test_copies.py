@@ -24,6 +24,7 @@ from nvr_guard.engine import Engine
 from nvr_guard.errors import InvalidInput, PolicyRefused
 from nvr_guard.identity import Caller
 from nvr_guard.model import ClockReading
+from tests.fixtures.media import MediaLab
 from tests.fixtures.site import write_segment
 
 SH = ZoneInfo("Asia/Shanghai")
@@ -315,100 +316,39 @@ def test_a_package_on_a_target_that_is_not_mounted_is_not_taken_for_destroyed(la
         subprocess.run(["umount", str(lab.target)], check=False, capture_output=True)
 
 
-class Disks:
-    """ext4 images on loop devices, mounted at the lab's target (root, as CI runs)."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab, self.loops, self.mounted = lab, [], False
-
-    def image(self, name: str) -> Path:
-        import subprocess
-
-        img = self.lab.base / f"{name}.img"
-        with open(img, "wb") as f:
-            f.truncate(16 * 2**20)
-        subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
-        return img
-
-    def attach(self, img: Path) -> str:
-        import subprocess
-
-        dev = subprocess.run(
-            ["losetup", "-f", "--show", str(img)], check=True, capture_output=True, text=True
-        ).stdout.strip()
-        self.loops.append(dev)
-        return dev
-
-    def detach(self, dev: str) -> None:
-        import subprocess
-
-        subprocess.run(["losetup", "-d", dev], check=True)
-        self.loops.remove(dev)
-
-    def mount(self, dev: str) -> None:
-        import subprocess
-
-        subprocess.run(["mount", dev, str(self.lab.target)], check=True)
-        os.chmod(self.lab.target, 0o755)
-        self.mounted = True
-
-    def umount(self) -> None:
-        import subprocess
-
-        subprocess.run(["umount", str(self.lab.target)], check=True)
-        self.mounted = False
-
-    def close(self) -> None:
-        import subprocess
-
-        if self.mounted:
-            subprocess.run(["umount", str(self.lab.target)], check=False)
-        for dev in list(self.loops):
-            subprocess.run(["losetup", "-d", dev], check=False)
-
-
-@pytest.fixture
-def disks(lab: Lab) -> Iterator[Disks]:
-    d = Disks(lab)
-    try:
-        yield d
-    finally:
-        d.close()
-
-
 def test_another_disk_mounted_at_the_target_is_not_taken_for_the_one_written_to(
-    lab: Lab, disks: Disks
+    lab: Lab, media_lab: MediaLab
 ):
-    a, b = disks.image("a"), disks.image("b")
-    dev = disks.attach(a)
-    disks.mount(dev)
+    a = media_lab.loop(label="A")
+    media_lab.mount(a.device, where=lab.target)
     rid, pkg = lab.exported()
-    disks.umount()
-    disks.detach(dev)
-    other = disks.attach(b)  # another disk, likely in the same slot: same device, same root inode
-    disks.mount(other)
+    media_lab.umount(lab.target)
+    media_lab.detach(a)
+    # another disk, likely in the same slot: same device number, same root inode
+    b = media_lab.loop(label="B")
+    media_lab.mount(b.device, where=lab.target)
     lab.now += 31 * DAY
     assert lab.wf.copies.destroy_due() == []
     assert lab.wf.show(ALICE, rid)["destroyed"] is None
     assert any(a["kind"] == "export_copy" for a in lab.engine.status()["attention"])
-    disks.umount()
-    disks.detach(other)
-    disks.mount(disks.attach(a))  # the disk it went to is back
+    media_lab.umount(lab.target)
+    media_lab.detach(b)
+    back = media_lab.loop(image=a.image)  # the disk it went to is back
+    media_lab.mount(back.device, where=lab.target)
     assert lab.wf.copies.destroy_due() == [rid] and not pkg.exists()
     assert not any(a["kind"] == "export_copy" for a in lab.engine.status()["attention"])
 
 
-def test_the_same_disk_back_on_another_device_is_recognised(lab: Lab, disks: Disks):
-    a, spare = disks.image("a"), disks.image("spare")
-    dev = disks.attach(a)
-    disks.mount(dev)
+def test_the_same_disk_back_on_another_device_is_recognised(lab: Lab, media_lab: MediaLab):
+    a = media_lab.loop(label="A")
+    media_lab.mount(a.device, where=lab.target)
     rid, pkg = lab.exported()
-    disks.umount()
-    disks.detach(dev)
-    disks.attach(spare)  # takes the old loop number: the disk comes back as another device
-    again = disks.attach(a)
-    assert again != dev
-    disks.mount(again)
+    media_lab.umount(lab.target)
+    media_lab.detach(a)
+    media_lab.loop(label="SPARE")  # takes the old loop number: the disk comes back as another
+    again = media_lab.loop(image=a.image)
+    assert again.device != a.device
+    media_lab.mount(again.device, where=lab.target)
     shutil.rmtree(pkg)  # someone removed the package by hand meanwhile
     lab.now += 31 * DAY
     assert lab.wf.copies.destroy_due() == [rid]
@@ -416,11 +356,11 @@ def test_the_same_disk_back_on_another_device_is_recognised(lab: Lab, disks: Dis
     assert receipt.details["missing"] is True
 
 
-def test_an_admin_records_a_package_whose_target_is_gone_for_good(lab: Lab, disks: Disks):
-    dev = disks.attach(disks.image("a"))
-    disks.mount(dev)
+def test_an_admin_records_a_package_whose_target_is_gone_for_good(lab: Lab, media_lab: MediaLab):
+    a = media_lab.loop(label="A")
+    media_lab.mount(a.device, where=lab.target)
     rid, pkg = lab.exported()
-    disks.umount()  # the disk was lost
+    media_lab.umount(lab.target)  # the disk was lost
     lab.now += 31 * DAY
     assert lab.wf.copies.destroy_due() == []
     assert any(a["kind"] == "export_copy" for a in lab.engine.status()["attention"])

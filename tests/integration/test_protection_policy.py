@@ -5,7 +5,6 @@ zones stops it (export.aborted, exit 3, nothing left). The real Workflow on an i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,9 @@ import pytest
 from nvr_guard.config import load_config
 from nvr_guard.errors import PolicyRefused
 from nvr_guard.identity import Caller
-from tests.integration.test_copies import ALICE, TOM, Lab
+from tests.integration.test_copies import ALICE, TOM, Lab, lab
 
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    lab = Lab()
-    try:
-        yield lab
-    finally:
-        lab.close()
+__all__ = ["lab"]
 
 
 def reload(lab: Lab, old: str, new: str) -> None:
