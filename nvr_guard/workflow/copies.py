@@ -23,17 +23,14 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from nvr_guard.attention import EXPORT_COPY
-from nvr_guard.config import Config
-from nvr_guard.context import Context
 from nvr_guard.errors import InvalidInput, PolicyRefused, RuntimeFailure
 from nvr_guard.identity import Caller
-from nvr_guard.store.requests import RequestStore
 from nvr_guard.text import fmt_duration
 from nvr_guard.times import iso
-from nvr_guard.workflow import access
+from nvr_guard.workflow.export_job import RequestAccess
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +38,10 @@ DESTROY_ROLES = frozenset({"admin"})
 STATUS_ITEMS = 50
 
 
-class CopyAccess(Protocol):
-    """What the copies use of the requests (``workflow.requests.Workflow``)."""
-
-    ctx: Context
-    store: RequestStore
-
-    @property
-    def config(self) -> Config: ...
-
-    def now(self) -> float: ...
-
-    def actor(self, caller: Caller) -> access.Actor: ...
-
-
 class Copies:
     """The exported copies of one workflow: due dates, destruction, media wiped."""
 
-    def __init__(self, wf: CopyAccess) -> None:
+    def __init__(self, wf: RequestAccess) -> None:
         self.wf = wf
         self.ctx = wf.ctx
         self._failed: dict[int, str] = {}  # destructions that failed: why (reported once)
