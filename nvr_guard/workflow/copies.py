@@ -93,13 +93,15 @@ class Copies:
         return adopted
 
     # ---- what is due -----------------------------------------------------------------------
-    def due(self, now: float) -> list[dict[str, Any]]:
-        """Every copy on a target directory not known destroyed, with its due time and the
-        holds that keep it, soonest first."""
+    def due(
+        self, now: float, copies: list[tuple[int, dict[str, Any]]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Every copy on a target directory not known destroyed (of ``copies``, the store's
+        when not given), with its due time and the holds that keep it, soonest first."""
         out: list[dict[str, Any]] = []
         holds = self.ctx.catalog.holds_naming_any(now)
         keep = float(self.wf.config.export.target_keep.seconds)
-        for rid, copy in self.wf.store.copies():
+        for rid, copy in self.wf.store.copies() if copies is None else copies:
             if copy.get("kind") == "usb-media":
                 continue
             out.append(
@@ -117,8 +119,9 @@ class Copies:
     def status_part(self, now: float) -> dict[str, Any]:
         """``status`` -> ``export_copies``: the packages on target directories, those due for
         destruction first, and how many copies are out on media (engine lock held)."""
-        copies = self.due(now)
-        on_media = sum(1 for _, c in self.wf.store.copies() if c.get("kind") == "usb-media")
+        rows = self.wf.store.copies()
+        copies = self.due(now, rows)
+        on_media = sum(1 for _, c in rows if c.get("kind") == "usb-media")
         tz = self.wf.config.tz
         return {
             "on_targets": len(copies),
@@ -189,8 +192,8 @@ class Copies:
             if not reason or any(not ch.isprintable() for ch in reason):
                 raise InvalidInput("--reason is required and must be printable text")
             self.wf.store.get(rid)  # InvalidInput for an unknown id
-            copy = self.wf.store.extra(rid).get("copy")
-            destroyed = self.wf.store.extra(rid).get("destroyed")
+            extra = self.wf.store.extra(rid)
+            copy, destroyed = extra.get("copy"), extra.get("destroyed")
             if destroyed:
                 raise InvalidInput(
                     f"the copy of request {rid} is already destroyed ({destroyed.get('how')})"

@@ -147,20 +147,23 @@ class Viewings:
             del self._jobs[key]
             job = None
         views = self.directory()
-        prefix = _viewer_part(rid, caller.user)
-        for other in os.listdir(views):
-            if other != name and other.startswith(prefix) and _CLIP.match(other):
-                (views / other).unlink(missing_ok=True)
-                self.ctx.audit.append(
-                    "nvr-guard",
-                    "view.expired",
-                    f"request:{rid}",
-                    {
-                        "clip": other,
-                        "viewer": caller.user,
-                        "reason": "made with other privacy zones than those in force",
-                    },
-                )
+        if job is None:
+            # a clip of this viewer made with other zones (before a reload, or by an earlier
+            # daemon) goes; once a job stands, its own is the only one there
+            prefix = _viewer_part(rid, caller.user)
+            for other in os.listdir(views):
+                if other != name and other.startswith(prefix) and _CLIP.match(other):
+                    (views / other).unlink(missing_ok=True)
+                    self.ctx.audit.append(
+                        "nvr-guard",
+                        "view.expired",
+                        f"request:{rid}",
+                        {
+                            "clip": other,
+                            "viewer": caller.user,
+                            "reason": "made with other privacy zones than those in force",
+                        },
+                    )
         path = views / name
         if job is not None and job.state == "ready" and not path.is_file():
             del self._jobs[key]  # removed behind the daemon's back: prepare it again
