@@ -350,6 +350,18 @@ def _masking(job: ExportJob, camera: str) -> dict[str, Any]:
     return {"privacy_zones": listed, "masking": f"{len(zones)} privacy zone(s) filled in"}
 
 
+def open_package_dir(dest: Destination, name: str, group: int | None) -> PackageDir:
+    """The private temporary directory a package named ``name`` is built in on ``dest``; a
+    one-line RuntimeFailure when it cannot be made."""
+    try:
+        return PackageDir(dest.path, name, group=group)
+    except OSError as e:
+        raise RuntimeFailure(
+            f"cannot create the package directory on {dest.path}: {e.strerror or e}; "
+            "nothing was exported"
+        ) from e
+
+
 def undo_package(
     pdir: PackageDir, dest: Destination, tmp: Path, error: BaseException, what: str
 ) -> BaseException:
@@ -493,13 +505,7 @@ def run_export(
     dest.check_before_write(int(needed * 1.1) + 1024 * 1024)
     destination = dict(dest.describe())
 
-    try:
-        pdir = PackageDir(dest.path, name, group=job.group)
-    except OSError as e:
-        raise RuntimeFailure(
-            f"cannot create the package directory on {dest.path}: {e.strerror or e}; "
-            "nothing was exported"
-        ) from e
+    pdir = open_package_dir(dest, name, job.group)
     tmp = pdir.path
     work = Path(tempfile.mkdtemp(prefix="nvrg-export-"))
     try:

@@ -50,6 +50,7 @@ from nvr_guard.export.package import (
     ExportJob,
     ExportPackage,
     SourceSegment,
+    open_package_dir,
     package_name,
     run_export,
     undo_package,
@@ -204,13 +205,7 @@ def run_sealed_export(
 def _write_sealed(
     inner: ExportPackage, name: str, job: ExportJob, dest: Destination, seal: Seal
 ) -> ExportPackage:
-    try:
-        pdir = PackageDir(dest.path, name, group=job.group)
-    except OSError as e:
-        raise RuntimeFailure(
-            f"cannot create the package directory on {dest.path}: {e.strerror or e}; "
-            "nothing was exported"
-        ) from e
+    pdir = open_package_dir(dest, name, job.group)
     tmp = pdir.path
     archive = inner.path.name + seal.suffix
     try:
