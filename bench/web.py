@@ -83,7 +83,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retention import FULL, QUICK, Shape, camera_names, prepare_tree  # noqa: E402
 
-from nvr_guard.daemon.control import ControlClient  # noqa: E402
+from nvr_guard.wire import ControlClient  # noqa: E402
 
 SITE = "bench"
 # the password helper's account (web.auth_user): not the gateway's (root), not a person; the

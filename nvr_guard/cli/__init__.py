@@ -7,32 +7,59 @@ Acting commands go through the daemon's control socket so the daemon knows who c
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
 import click
 
 from nvr_guard import __version__
-from nvr_guard.cli import (
-    audit_cmd,
-    config_cmd,
-    export_cmd,
-    hold_cmd,
-    layout_cmd,
-    media_cmd,
-    request_cmd,
-    retention_cmd,
-    status_cmd,
-    unit_cmd,
-    web_cmd,
-    webauth_cmd,
-)
 from nvr_guard.cli.base import DEFAULT_CONFIG, Ctx, Group, fail
 from nvr_guard.errors import NvrGuardError
 from nvr_guard.logs import InertFormatter
 
+#: every top-level command: name -> (its module in nvr_guard.cli, the click object there). A
+#: module is imported when its command runs (or help lists it), not at every start: a `status`
+#: from the shell loads the status module alone.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "daemon": ("status_cmd", "daemon"),
+    "status": ("status_cmd", "status"),
+    "reload": ("status_cmd", "reload_config"),
+    "config": ("config_cmd", "config"),
+    "layout": ("layout_cmd", "layout"),
+    "retention": ("retention_cmd", "retention"),
+    "hold": ("hold_cmd", "hold"),
+    "audit": ("audit_cmd", "audit"),
+    "request": ("request_cmd", "request"),
+    "export": ("export_cmd", "export"),
+    "verify": ("export_cmd", "verify"),
+    "key": ("export_cmd", "key"),
+    "media": ("media_cmd", "media"),
+    "unit-paths": ("unit_cmd", "unit_paths"),
+    "web": ("web_cmd", "web"),
+    "web-auth": ("webauth_cmd", "web_auth"),
+}
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(Group):
+    """The top-level group: its commands come from :data:`COMMANDS`, imported when asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command's name, sorted (as help shows them)."""
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command named ``cmd_name``, its module imported now; None for an unknown name."""
+        where = COMMANDS.get(cmd_name)
+        if where is None:
+            return None
+        module = importlib.import_module(f"nvr_guard.cli.{where[0]}")
+        command = getattr(module, where[1])
+        assert isinstance(command, click.Command) and command.name == cmd_name, cmd_name
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config",
@@ -54,27 +81,6 @@ def cli(ctx: click.Context, config: str, as_json: bool, verbose: int) -> None:
         level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
         handlers=[handler],
     )
-
-
-for _command in (
-    status_cmd.daemon,
-    status_cmd.status,
-    status_cmd.reload_config,
-    config_cmd.config,
-    layout_cmd.layout,
-    retention_cmd.retention,
-    hold_cmd.hold,
-    audit_cmd.audit,
-    request_cmd.request,
-    export_cmd.export,
-    export_cmd.verify,
-    export_cmd.key,
-    media_cmd.media,
-    unit_cmd.unit_paths,
-    web_cmd.web,
-    webauth_cmd.web_auth,
-):
-    cli.add_command(_command)
 
 
 def main() -> None:

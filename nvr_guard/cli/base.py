@@ -132,43 +132,44 @@ def unreadable(e: PermissionError) -> str:
 
 
 def socket_path(c: Ctx) -> Path:
-    """The control socket, even when the config file is broken right now: an admin who just broke
-    it must still be able to ask the daemon (which kept the old config) how it is doing, and
-    `nvr-guard reload` must reach it to have the refusal recorded."""
+    """The control socket, read from the config file's top-level ``socket`` key alone.
+
+    Not from the validated config: a call through the daemon needs nothing else from the file,
+    and validating it all (the models, the host checks) is most of what a ``status`` from the
+    shell would cost. It also keeps the daemon reachable when the file is broken right now: an
+    admin who just broke it must still be able to ask the daemon (which kept the old config) how
+    it is doing, and `nvr-guard reload` must reach it to have the refusal recorded."""
+    if c._config is not None:
+        return Path(c._config.socket)
+    import re
+
+    import yaml
+
+    sock: Any = None
     try:
-        return Path(c.config.socket)
-    except ConfigError:
-        import re
-
-        import yaml
-
-        sock: Any = None
-        try:
-            text = Path(c.config_path).read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            # the socket's path is in the file: without it the daemon cannot be found, and
-            # saying "not running" would be false
-            raise InvalidInput(
-                f"{c.config_path}: cannot read ({e.strerror}); the daemon's socket is named in "
-                "this file: ask an admin for read access, or pass --config PATH"
-            ) from None
-        try:
-            raw = yaml.safe_load(text)
-            sock = raw.get("socket") if isinstance(raw, dict) else None
-        except yaml.YAMLError:
-            # a syntax error elsewhere in the file: the top-level line itself may still be fine
-            m = re.search(r"""(?m)^socket:[ \t]*["']?(/[^"'\s#]+)""", text)
-            sock = m.group(1) if m else None
-        return (
-            Path(sock)
-            if isinstance(sock, str) and sock.startswith("/")
-            else Path("/run/nvr-guard/control.sock")
-        )
+        text = Path(c.config_path).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        # the socket's path is in the file: without it the daemon cannot be found, and
+        # saying "not running" would be false
+        raise InvalidInput(
+            f"{c.config_path}: cannot read ({e.strerror}); the daemon's socket is named in "
+            "this file: ask an admin for read access, or pass --config PATH"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        sock = raw.get("socket") if isinstance(raw, dict) else None
+    except yaml.YAMLError:
+        # a syntax error elsewhere in the file: the top-level line itself may still be fine
+        m = re.search(r"""(?m)^socket:[ \t]*["']?(/[^"'\s#]+)""", text)
+        sock = m.group(1) if m else None
+    if isinstance(sock, str) and sock.startswith("/") and "\0" not in sock:
+        return Path(os.path.normpath(sock))
+    return Path("/run/nvr-guard/control.sock")
 
 
 def daemon_call(c: Ctx, cmd: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
     """One command through the daemon's control socket."""
-    from nvr_guard.daemon.control import call
+    from nvr_guard.wire import call
 
     return call(socket_path(c), cmd, args, timeout=timeout)
 

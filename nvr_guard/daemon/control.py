@@ -40,12 +40,9 @@ maps the caller's user and Unix groups to roles (the config's ``people``).
 
 from __future__ import annotations
 
-import array
 import contextlib
 import contextvars
 import dataclasses
-import datetime as _dt
-import enum
 import errno
 import grp
 import json
@@ -55,33 +52,35 @@ import select
 import selectors
 import socket
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nvr_guard import errors
 from nvr_guard.errors import (
-    DaemonUnavailable,
     InvalidInput,
     NvrGuardError,
     PolicyRefused,
     RuntimeFailure,
-    VerifyFailed,
 )
 from nvr_guard.identity import Caller
+from nvr_guard.wire import (
+    MAX_FDS,
+    MAX_REQUEST,
+    PROTOCOL_VERSION,
+    Closed,
+    Oversized,
+    Timeout,
+    encode,
+    json_default,
+    read_frame,
+)
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-MAX_REQUEST = 64 * 1024
-#: Replies carry listings (audit entries, plans with every item); the client still caps them so a
-#: confused peer cannot make the CLI allocate without bound.
-MAX_REPLY = 64 * 1024 * 1024
 DEFAULT_READ_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_MAX_PER_UID = 8
@@ -89,7 +88,6 @@ DEFAULT_REFUSAL_BURST = 20
 DEFAULT_REFUSAL_WINDOW = 60.0
 
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
-_HEADER = struct.Struct(">I")
 
 # ----------------------------------------------------------------------------------------------
 # Messages
@@ -116,29 +114,8 @@ class Request(BaseModel):
     on_behalf: OnBehalf | None = None
 
 
-class ErrorBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    code: int
-    message: str
-    type: str | None = None
-
-
-class Reply(BaseModel):
-    # Ignore unknown reply fields: a newer daemon may add some, an older CLI must still work.
-    model_config = ConfigDict(extra="ignore")
-
-    ok: bool
-    result: Any = None
-    error: ErrorBody | None = None
-
-
 class UnknownCommand(InvalidInput):
     """The daemon has no such command (exit 2)."""
-
-
-#: at most this many descriptors travel with one reply (a client takes no more)
-MAX_FDS = 4
 
 
 class WithFds:
@@ -165,112 +142,24 @@ class WithFds:
 
 
 # ----------------------------------------------------------------------------------------------
-# Framing helpers (both sides)
+# Framing: the server's encoding (the frames themselves are nvr_guard.wire's)
 
 
-class _Oversized(Exception):
-    def __init__(self, length: int):
-        super().__init__(length)
-        self.length = length
-
-
-class _Timeout(Exception):
-    def __init__(self, partial: bool):
-        super().__init__(partial)
-        self.partial = partial
-
-
-class _Closed(Exception):
-    def __init__(self, partial: bool):
-        super().__init__(partial)
-        self.partial = partial
-
-
-def _recv_exact(
-    sock: socket.socket, n: int, deadline: float, got_before: bool, fds: list[int] | None = None
-) -> bytes:
-    """``n`` bytes; with ``fds``, descriptors that come with them are appended to it (at most
-    MAX_FDS in all: a reply with more, or cut short, is refused after closing what arrived)."""
-    buf = bytearray()
-    while len(buf) < n:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Timeout(got_before or bool(buf))
-        sock.settimeout(remaining)
-        try:
-            if fds is None:
-                chunk = sock.recv(min(n - len(buf), 1 << 20))
-            else:
-                chunk = _recv_with_fds(sock, min(n - len(buf), 1 << 20), fds)
-        except TimeoutError:
-            raise _Timeout(got_before or bool(buf)) from None
-        if not chunk:
-            raise _Closed(got_before or bool(buf))
-        buf += chunk
-    return bytes(buf)
-
-
-_FD = array.array("i").itemsize
-
-
-def _recv_with_fds(sock: socket.socket, size: int, fds: list[int]) -> bytes:
-    # recvmsg itself, not socket.recv_fds: that one drops its flags argument, and descriptors
-    # must arrive close-on-exec (an ffmpeg started meanwhile must not inherit them)
-    room = max(MAX_FDS - len(fds), 1)
-    data, ancdata, flags, _ = sock.recvmsg(
-        size, socket.CMSG_SPACE(room * _FD), socket.MSG_CMSG_CLOEXEC
-    )
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(payload[: len(payload) - len(payload) % _FD])
-            fds.extend(got)
-    if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
-        # more descriptors than any reply carries: the kernel closed what did not fit
-        raise _TooManyFds()
-    return data
-
-
-class _TooManyFds(Exception):
-    pass
-
-
-def _read_frame(
-    sock: socket.socket, deadline: float, limit: int, fds: list[int] | None = None
-) -> bytes:
-    header = _recv_exact(sock, _HEADER.size, deadline, got_before=False, fds=fds)
-    (length,) = _HEADER.unpack(header)
-    if length > limit:
-        raise _Oversized(length)
-    return _recv_exact(sock, length, deadline, got_before=True, fds=fds)
+def _server_types(value: Any) -> tuple[bool, Any]:
+    if isinstance(value, WithFds):
+        return True, value.result
+    if isinstance(value, BaseModel):
+        return True, value.model_dump(mode="json")
+    return False, None
 
 
 def _json_default(value: Any) -> Any:
     """Encode the types handlers naturally return, so they need not convert by hand."""
-    if isinstance(value, WithFds):
-        return value.result
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, bytes):
-        # Segment paths are bytes and may not be UTF-8; surrogateescape keeps them lossless
-        # through json (encoded as \\udcXX escapes), os.fsencode() on the client restores them.
-        return os.fsdecode(value)
-    if isinstance(value, PurePath):
-        return str(value)
-    if isinstance(value, _dt.datetime | _dt.date):
-        return value.isoformat()
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, set | frozenset):
-        return sorted(value, key=str)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return json_default(value, _server_types)
 
 
 def _encode(obj: Mapping[str, Any]) -> bytes:
-    body = json.dumps(obj, default=_json_default, separators=(",", ":")).encode()
-    return _HEADER.pack(len(body)) + body
+    return encode(obj, _json_default)
 
 
 def _error_reply(code: int, message: str, type_name: str) -> dict[str, Any]:
@@ -869,10 +758,10 @@ class ControlServer:
             while not self._stopping.is_set():
                 deadline = time.monotonic() + self.read_timeout
                 try:
-                    frame = _read_frame(conn, deadline, self.max_request)
-                except _Closed:
+                    frame = read_frame(conn, deadline, self.max_request)
+                except Closed:
                     return
-                except _Timeout as exc:
+                except Timeout as exc:
                     if exc.partial:
                         self._note_refusal(
                             caller, None, 2, f"request not received within {self.read_timeout:g} s"
@@ -891,7 +780,7 @@ class ControlServer:
                             ),
                         )
                     return
-                except _Oversized as exc:
+                except Oversized as exc:
                     self._note_refusal(
                         caller, None, 2, f"request of {exc.length} bytes exceeds the limit"
                     )
@@ -1072,37 +961,6 @@ class ControlServer:
 # ----------------------------------------------------------------------------------------------
 # Client
 
-_BY_CODE: dict[int, type[NvrGuardError]] = {
-    1: RuntimeFailure,
-    2: InvalidInput,
-    3: PolicyRefused,
-    4: VerifyFailed,
-}
-
-
-def error_from_reply(body: ErrorBody) -> NvrGuardError:
-    """The exception the daemon raised, rebuilt on the client side.
-
-    The class is taken from ``type`` when it names an error class of this package with the same
-    exit code (so GuardTripped stays GuardTripped); else from the exit code alone.
-    """
-    cls: type[NvrGuardError] = _BY_CODE.get(body.code, RuntimeFailure)
-    named = getattr(errors, body.type or "", None)
-    if (
-        isinstance(named, type)
-        and issubclass(named, NvrGuardError)
-        and named is not errors.ConfigError  # different constructor; InvalidInput carries it
-        and named.exit_code == body.code
-    ):
-        cls = named
-    err = cls(body.message)
-    if err.exit_code != body.code:
-        # An exit code outside the contract table: keep it, the CLI exits with what the daemon
-        # decided.
-        err.exit_code = body.code
-    return err
-
-
 # The connection a command handler answers (set in its thread): caller_hung_up() looks at it.
 _PEER: contextvars.ContextVar[socket.socket | None] = contextvars.ContextVar(
     "nvr_guard_control_peer", default=None
@@ -1128,198 +986,3 @@ def _hung_up(conn: socket.socket) -> bool:
     poller = select.poll()
     poller.register(conn, select.POLLHUP)
     return any(ev & select.POLLHUP for _, ev in poller.poll(0))
-
-
-class ControlClient:
-    """One connection to the daemon; several calls may share it. Use as a context manager."""
-
-    def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
-        self.path = Path(path)
-        self.timeout = timeout
-        self._sock: socket.socket | None = None
-
-    def connect(self) -> None:
-        """Connect to the daemon, waiting behind a full backlog until the timeout."""
-        # A full listen backlog (someone floods the socket) makes connect() fail with EAGAIN at
-        # once on a Unix socket: retry with a short backoff until the timeout, like a queue.
-        deadline = time.monotonic() + self.timeout
-        delay = 0.01
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            # A blocking connect with a send timeout: when the listen backlog is full the kernel
-            # queues this caller and wakes it the moment there is room, instead of failing with
-            # EAGAIN (what a Python socket timeout, i.e. a non-blocking fd, gets) and losing
-            # every race for the freed place to a flooder that retries in a tight loop.
-            left = max(0.001, deadline - time.monotonic())
-            sec = int(left)
-            sock.setsockopt(
-                socket.SOL_SOCKET,
-                socket.SO_SNDTIMEO,
-                struct.pack("ll", sec, int((left - sec) * 1_000_000)),
-            )
-            try:
-                sock.connect(os.fsencode(self.path))
-                sock.settimeout(self.timeout)
-            except BlockingIOError:
-                sock.close()
-                if time.monotonic() + delay >= deadline:
-                    raise DaemonUnavailable(
-                        f"the daemon's socket {self.path} stayed busy for {self.timeout:g} s "
-                        f"(is someone flooding it?); try again"
-                    ) from None
-                time.sleep(delay)  # backoff between connection attempts, not synchronisation
-                delay = min(delay * 2, 0.2)
-                continue
-            except FileNotFoundError:
-                sock.close()
-                raise DaemonUnavailable(
-                    f"the daemon is not running (no control socket at {self.path}); "
-                    f"start it with `systemctl start nvr-guard`"
-                ) from None
-            except ConnectionRefusedError:
-                sock.close()
-                raise DaemonUnavailable(
-                    f"the daemon is not answering on {self.path} (stale socket); "
-                    f"check `systemctl status nvr-guard`"
-                ) from None
-            except PermissionError:
-                sock.close()
-                raise PolicyRefused(
-                    f"permission denied on {self.path}: ask an administrator to add you to the "
-                    f"socket group (config: socket_group)"
-                ) from None
-            except TimeoutError:
-                sock.close()
-                raise DaemonUnavailable(
-                    f"the daemon did not accept a connection on {self.path} within "
-                    f"{self.timeout:g} s"
-                ) from None
-            except OSError as exc:
-                sock.close()
-                raise DaemonUnavailable(f"cannot reach the daemon on {self.path}: {exc}") from None
-            break
-        self._sock = sock
-
-    def close(self) -> None:
-        """Close the connection (the daemon ends its side)."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def __enter__(self) -> ControlClient:
-        self.connect()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def call(
-        self,
-        cmd: str,
-        args: Mapping[str, Any] | None = None,
-        on_behalf: Mapping[str, str] | None = None,
-    ) -> Any:
-        """Send one command and return its result; a refusal is raised as its error class.
-
-        ``on_behalf`` ({session, client}): a gateway acting for the person of that session.
-        Descriptors a reply carries are closed: a caller that wants them uses
-        :meth:`call_with_fds`."""
-        fds: list[int] = []
-        try:
-            return self._call(cmd, args, on_behalf, fds)
-        finally:
-            _close_all(fds)
-
-    def call_with_fds(
-        self,
-        cmd: str,
-        args: Mapping[str, Any] | None = None,
-        on_behalf: Mapping[str, str] | None = None,
-    ) -> tuple[Any, list[int]]:
-        """As :meth:`call`, and the open descriptors the reply carried (at most MAX_FDS, close
-        on exec): the caller owns and closes them. On any error none are left open."""
-        fds: list[int] = []
-        try:
-            result = self._call(cmd, args, on_behalf, fds)
-        except BaseException:
-            _close_all(fds)
-            raise
-        return result, fds
-
-    def _call(
-        self,
-        cmd: str,
-        args: Mapping[str, Any] | None,
-        on_behalf: Mapping[str, str] | None,
-        fds: list[int],
-    ) -> Any:
-        if self._sock is None:
-            self.connect()
-        assert self._sock is not None
-        request: dict[str, Any] = {"v": PROTOCOL_VERSION, "cmd": cmd, "args": dict(args or {})}
-        if on_behalf is not None:
-            request["on_behalf"] = dict(on_behalf)
-        data = _encode(request)
-        if len(data) - _HEADER.size > MAX_REQUEST:
-            raise InvalidInput(
-                f"request {cmd!r} is {len(data) - _HEADER.size} bytes; the daemon accepts at "
-                f"most {MAX_REQUEST}"
-            )
-        deadline = time.monotonic() + self.timeout
-        try:
-            self._sock.settimeout(self.timeout)
-            self._sock.sendall(data)
-            frame = _read_frame(self._sock, deadline, MAX_REPLY, fds)
-        except _TooManyFds:
-            self.close()
-            raise RuntimeFailure(
-                f"the reply to {cmd!r} carried more than {MAX_FDS} file descriptors"
-            ) from None
-        except _Timeout:
-            self.close()
-            raise DaemonUnavailable(
-                f"the daemon did not answer {cmd!r} within {self.timeout:g} s"
-            ) from None
-        except (_Closed, ConnectionResetError, BrokenPipeError):
-            self.close()
-            raise DaemonUnavailable(
-                f"the daemon closed the connection during {cmd!r} (restarting or stopping?)"
-            ) from None
-        except _Oversized as exc:
-            self.close()
-            raise RuntimeFailure(f"reply of {exc.length} bytes to {cmd!r} is too large") from None
-        except TimeoutError:
-            self.close()
-            raise DaemonUnavailable(
-                f"the daemon did not answer {cmd!r} within {self.timeout:g} s"
-            ) from None
-        except OSError as exc:
-            self.close()
-            raise DaemonUnavailable(f"control connection failed during {cmd!r}: {exc}") from None
-        try:
-            # json.loads, not pydantic's parser: it keeps lone surrogates (\udcXX escapes of
-            # non-UTF-8 path bytes) that pydantic's JSON parser rejects.
-            reply = Reply.model_validate(json.loads(frame))
-        except (ValueError, ValidationError) as exc:
-            self.close()
-            raise RuntimeFailure(f"unreadable reply from the daemon to {cmd!r}: {exc}") from None
-        if reply.ok:
-            return reply.result
-        if reply.error is None:
-            raise RuntimeFailure(f"the daemon refused {cmd!r} without saying why")
-        raise error_from_reply(reply.error)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    fds.clear()
-
-
-def call(
-    path: Path | str, cmd: str, args: Mapping[str, Any] | None = None, timeout: float = 10.0
-) -> Any:
-    """One request on a fresh connection; returns the result or raises the daemon's error."""
-    with ControlClient(path, timeout) as client:
-        return client.call(cmd, args)

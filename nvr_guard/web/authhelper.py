@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nvr_guard.daemon.control import ControlClient
 from nvr_guard.errors import DaemonUnavailable, NvrGuardError
+from nvr_guard.wire import ControlClient
 
 log = logging.getLogger(__name__)
 

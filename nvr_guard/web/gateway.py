@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nvr_guard.daemon.control import ControlClient
+from nvr_guard.wire import ControlClient
 
 
 class Gateway:

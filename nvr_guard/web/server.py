@@ -10,12 +10,12 @@ from typing import Any
 
 from nvr_guard.config import Config
 from nvr_guard.config.types import is_loopback, listen_parts
-from nvr_guard.daemon.control import ControlClient
 from nvr_guard.errors import InvalidInput
 from nvr_guard.web.app import Console
 from nvr_guard.web.gateway import Gateway
 from nvr_guard.web.guard import PER_CLIENT, GuardedH11Protocol
 from nvr_guard.web.notify import Notifier
+from nvr_guard.wire import ControlClient
 
 log = logging.getLogger(__name__)
 

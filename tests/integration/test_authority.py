@@ -565,7 +565,7 @@ def test_export_progress_is_refused_like_request_show(make_env: EnvFactory):
     sock = str(e.site.socket)
     script = (
         "import json, sys\n"
-        "from nvr_guard.daemon.control import call\n"
+        "from nvr_guard.wire import call\n"
         "from nvr_guard.errors import NvrGuardError\n"
         "out = {}\n"
         "for i in map(int, sys.argv[2:]):\n"

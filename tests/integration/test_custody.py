@@ -688,7 +688,7 @@ def test_the_key_is_checked_again_at_every_export(site: Site, change: str) -> No
 FLOOD_USER, FLOOD_GROUP = "nvrg-cx-flood", "nvrg-cx"
 FLOOD_SCRIPT = """
 import json, sys
-from nvr_guard.daemon.control import call
+from nvr_guard.wire import call
 from nvr_guard.errors import PolicyRefused
 refused, other = 0, []
 for _ in range(int(sys.argv[2])):
@@ -739,7 +739,7 @@ def test_concurrent_callers_lose_no_audit_entry(
     import tempfile
     import threading
 
-    from nvr_guard.daemon.control import call
+    from nvr_guard.wire import call
 
     for p in [site.base, *site.base.parents]:  # the flooder must reach the socket
         if str(p).startswith(tempfile.gettempdir() + "/"):

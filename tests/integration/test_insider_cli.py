@@ -430,8 +430,8 @@ def test_a_revoked_group_role_stops_working_at_once(env: Env) -> None:
 def test_a_request_its_caller_gave_up_on_is_not_carried_out_later(env: Env) -> None:
     """A stopped daemon reads the waiting request when it continues: the caller was told the
     daemon did not answer, and a retry must not act twice."""
-    from nvr_guard.daemon.control import ControlClient
     from nvr_guard.errors import DaemonUnavailable
+    from nvr_guard.wire import ControlClient
 
     d = env.start().wait_ready()
     args = {

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from nvr_guard.daemon.control import ControlClient
 from nvr_guard.web.notify import Notifier, verify
+from nvr_guard.wire import ControlClient
 from tests.fixtures.site import LAYOUT, Site, poll, write_segment
 from tests.fixtures.users import unix_accounts
 

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from nvr_guard.daemon.control import RefusalLimiter, call
+from nvr_guard.daemon.control import RefusalLimiter
 from nvr_guard.identity import Caller
+from nvr_guard.wire import call
 from tests.fixtures.frames import raw_call, read_reply
 from tests.fixtures.site import Site, poll, write_segment
 

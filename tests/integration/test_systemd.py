@@ -266,7 +266,8 @@ def ed25519():
 
 
 def control_socket():
-    from nvr_guard.daemon.control import ControlServer, call
+    from nvr_guard.daemon.control import ControlServer
+    from nvr_guard.wire import call
     server = ControlServer(work / "c.sock", None)
     server.start()
     try:

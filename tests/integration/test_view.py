@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 # and how many descriptors the process holds after the call beyond those it held before.
 CLIENT = r"""
 import fcntl, json, os, sys
-from nvr_guard.daemon.control import ControlClient
+from nvr_guard.wire import ControlClient
 
 sock, cmd, args, mode, out = sys.argv[1:6]
 args = json.loads(args)

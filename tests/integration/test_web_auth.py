@@ -51,7 +51,7 @@ ACCOUNTS = [AUTH, GATEWAY, OTHER, *PEOPLE]
 # and exit code (the CLI's contract), as JSON; exits with the error's code
 GATEWAY_CALL = r"""
 import json, sys
-from nvr_guard.daemon.control import ControlClient
+from nvr_guard.wire import ControlClient
 from nvr_guard.errors import NvrGuardError
 path, cmd, args, behalf = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 try:

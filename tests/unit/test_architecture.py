@@ -270,6 +270,7 @@ BASE = frozenset(
         "nvr_guard.mounts",
         "nvr_guard.attention",
         "nvr_guard.statelock",
+        "nvr_guard.wire",  # the control socket's client
     }
 )
 # part -> the parts it may import besides BASE and itself; a part is a top-level module or
@@ -301,8 +302,9 @@ _BELOW_ENGINE = frozenset(MAY_IMPORT) - {"base"} | {"nvr_guard.auditview"}
 MAY_IMPORT |= {
     "nvr_guard.engine": _BELOW_ENGINE,
     "nvr_guard.daemon": _BELOW_ENGINE | {"nvr_guard.engine"},
-    # the web console holds no authority: the config and the control socket's client only
-    "nvr_guard.web": frozenset({"nvr_guard.config", "nvr_guard.daemon.control"}),
+    # the web console holds no authority: the config and the control socket's client
+    # (nvr_guard.wire) only
+    "nvr_guard.web": frozenset({"nvr_guard.config"}),
     "nvr_guard.cli": _BELOW_ENGINE | {"nvr_guard.engine", "nvr_guard.daemon", "nvr_guard.web"},
     "nvr_guard.demo": frozenset(),
     "nvr_guard.__main__": frozenset({"nvr_guard.cli"}),

@@ -21,7 +21,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from nvr_guard.daemon import control
-from nvr_guard.daemon.control import ControlClient, ControlServer, call
+from nvr_guard.daemon.control import ControlServer
 from nvr_guard.errors import (
     DaemonUnavailable,
     GuardTripped,
@@ -32,6 +32,7 @@ from nvr_guard.errors import (
     VerifyFailed,
 )
 from nvr_guard.identity import Caller
+from nvr_guard.wire import ControlClient, call
 
 NOBODY = 65534
 

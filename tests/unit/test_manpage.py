@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import re
 import subprocess
+from pathlib import Path
 
 import click
 
-from nvr_guard.cli import cli
+import nvr_guard.cli
+from nvr_guard.cli import COMMANDS, cli
 from nvr_guard.cli.manpage import commands, render
+
+
+def top_level() -> dict[str, click.Command]:
+    """The top-level commands as the modules define them: every click command of a
+    ``nvr_guard/cli/*_cmd.py`` module that is not a subcommand of a group there."""
+    found: dict[str, click.Command] = {}
+    subs: set[int] = set()
+    for path in sorted(Path(nvr_guard.cli.__file__).parent.glob("*_cmd.py")):
+        module = importlib.import_module(f"nvr_guard.cli.{path.stem}")
+        for value in vars(module).values():
+            if isinstance(value, click.Command) and value.callback.__module__ == module.__name__:
+                found[str(value.name)] = value
+                if isinstance(value, click.Group):
+                    subs.update(id(c) for c in value.commands.values())
+    return {name: cmd for name, cmd in found.items() if id(cmd) not in subs}
+
+
+def test_the_lazy_command_table_names_every_top_level_command() -> None:
+    """`nvr-guard` imports a command's module only when it runs: the table it goes by must
+    name each command the modules define, under its own name."""
+    defined = top_level()
+    assert len(defined) >= 16
+    assert sorted(COMMANDS) == sorted(defined)
+    for name, cmd in defined.items():
+        assert cli.get_command(click.Context(cli), name) is cmd
+    assert cli.get_command(click.Context(cli), "no-such-command") is None
 
 
 def every_command() -> list[str]:
@@ -17,7 +46,7 @@ def every_command() -> list[str]:
     found: list[str] = []
 
     def walk(group: click.Group, path: list[str]) -> None:
-        for name, cmd in sorted(group.commands.items()):
+        for name, cmd in sorted(group.commands.items() if path else top_level().items()):
             if cmd.hidden:
                 continue
             found.append(" ".join([*path, name]))
