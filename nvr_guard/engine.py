@@ -906,23 +906,50 @@ def request_problems(
     ]
 
 
-def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) -> SweepOutcome:
-    """`retention plan`: what a sweep under ``config`` would do, changing nothing.
+def preview(
+    config: Config, scratch: Path, now: ClockReading, site: str | None, rescan: bool = True
+) -> tuple[SweepOutcome, dict[str, Any]]:
+    """`retention plan` under ``config``, on a scratch copy of the state, changing nothing:
+    the outcome, and how it was made (``basis``, ``walked``: see :func:`describe_plan`).
 
-    It works on a scratch copy of the state (holds, sweep history, catalog) so that previewing a new
-    config (`nvr-guard --config new.yaml retention plan`) neither needs nor disturbs the running
-    daemon, then reconciles the copy with the disk and re-derives every expiry from the new rules.
-    It composes a whole scratch engine, so it lives with the composition root, not in the sweeper.
+    The copy (holds, sweep history, catalog) lets a new config be previewed (`nvr-guard
+    --config new.yaml retention plan`) without needing or disturbing the running daemon; every
+    expiry is re-derived from the config's rules. ``rescan``: the copy is also reconciled with
+    the disk (a walk of every root: what runs without a daemon, whose catalog may be stale);
+    otherwise only sites whose rows were read under another layout, roots or camera claims
+    (:meth:`Scanner.unwalked_sites`) are walked, and the rest is planned from the catalog as
+    the daemon keeps it. It composes a whole scratch engine, so it lives with the composition
+    root, not in the sweeper.
     """
     real = Path(config.state_dir) / "catalog.db"
     db = scratch / "preview.db"
     if real.exists() and os.access(real, os.R_OK):
         copy_database(real, db)
     engine = Engine(config, clock=lambda: now, db_path=db, anchored=False)
-    for name, rules in engine.rules.items():
-        engine.catalog.recompute_expiry(name, rules)
-    engine.reconcile(full=True)
+    walked: list[str] = []
+    if rescan:
+        for name, rules in engine.rules.items():
+            engine.catalog.recompute_expiry(name, rules)
+        engine.reconcile(full=True)
+        walked = sorted(engine.rules)
+    else:
+        for name in engine.scanner.unwalked_sites():
+            engine.scanner.reconcile(name)
+            walked.append(name)
+        for name, rules in engine.rules.items():
+            engine.catalog.ensure_expiry(name, rules)  # recomputed where the rules differ
     out = engine.sweep(actor="preview", now=now, dry_run=True, site=site)
+    return out, describe_plan(engine, out, site, "rescan" if rescan else "snapshot", walked)
+
+
+def describe_plan(
+    engine: Engine, out: SweepOutcome, site: str | None, basis: str, walked: Sequence[str] = ()
+) -> dict[str, Any]:
+    """What `retention plan` adds to a dry run's outcome: the files the layouts do not match,
+    the attention entries, the sites under ``retention: none``, and what the plan was made
+    from: ``basis`` is ``catalog`` (the daemon's own, kept current by its watcher and walks),
+    ``snapshot`` (a copy of it, expiries under the previewed config) or ``rescan`` (a copy
+    walked again against the disk); ``walked``: the sites whose roots were walked for it."""
     out.unmatched = [
         u for u in engine.scanner.unmatched_report() if site is None or u["site"] == site
     ]
@@ -939,7 +966,7 @@ def preview(config: Config, scratch: Path, now: ClockReading, site: str | None) 
             out.unmanaged.append(
                 {"site": name, "segments": count, "bytes": size, "reason": UNMANAGED_REASON}
             )
-    return out
+    return {"basis": basis, "walked": list(walked)}
 
 
 def _fresh(made: tuple[float, float], now: tuple[float, float], seconds: float) -> bool:

@@ -38,6 +38,10 @@ class ConfigError(NvrGuardError):
         return [f"{f}:{ln}: {m}" for f, ln, m in self.errors]
 
 
+class ConfigMismatch(InvalidInput):
+    """A command asked the daemon about a config file other than the one it runs under."""
+
+
 class PolicyRefused(NvrGuardError):
     """Not authorised, not approved, outside hours, media not clean, guard tripped."""
 

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.site",
     "tests.fixtures.clamav",
     "tests.fixtures.media",
+    "tests.fixtures.daemon",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from datetime import UTC, tzinfo
 from typing import Any
 
@@ -32,36 +32,28 @@ def _site_tz(c: Ctx, site: str) -> tzinfo:
         return UTC
 
 
-def held_back_kind(reason: str) -> str:
-    """``held`` / ``settling`` / ``floor`` ...: the rule a reason names first (every reason the
-    policy gives starts with it: "held: hold 3 (...)", "settling: modified 40 s ago ...")."""
-    head = reason.split(":", 1)[0].strip()
-    return head if head and len(head) <= 24 and " " not in head else "other"
-
-
-def summary_rows(c: Ctx, items: list[dict[str, Any]], done: bool = False) -> list[list[str]]:
+def summary_rows(c: Ctx, res: dict[str, Any], done: bool = False) -> list[list[str]]:
     """One row per site and camera: what is to delete (count, bytes, recorded span), and what is
-    held back, counted by the rule that holds it. In a plan what a guard stopped is still to
-    delete (a confirmation deletes it) and also counted as held back by the guard; after a
-    sweep (``done``) it is only held back."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for it in items:
-        groups[(str(it["site"]), str(it["camera"]))].append(it)
+    held back, counted by the rule that holds it (see ``sweeper.summarize``)."""
+    summary = res.get("summary")
+    if summary is None:
+        from nvr_guard.retention.sweeper import summarize
+
+        summary = summarize(res["items"], done)
     rows = []
-    for (site_, camera), its in sorted(groups.items()):
-        due = [i for i in its if i["action"] == "delete" or (i["action"] == "blocked" and not done)]
-        blocked = sum(1 for i in its if i["action"] == "blocked")
-        kept = Counter(held_back_kind(str(i["reason"])) for i in its if i["action"] == "keep")
-        stopped = [f"guard {blocked:,}"] if blocked else []
-        times = [float(i["recorded"]) for i in due if i.get("recorded") is not None]
+    for r in summary:
+        stopped = [f"guard {r['blocked']:,}"] if r["blocked"] else []
+        kept = [f"{k} {n:,}" for k, n in r["kept"].items()]
         rows.append(
             [
-                printable(site_),  # names from the recording tree: inert in a terminal
-                printable(camera),
-                f"{len(due):,}",
-                human_bytes(sum(int(i.get("size") or 0) for i in due)) if due else "-",
-                span(min(times), max(times), _site_tz(c, site_)) if times else "-",
-                ", ".join(stopped + [f"{k} {n:,}" for k, n in kept.most_common()]) or "-",
+                printable(str(r["site"])),  # names from the recording tree: inert in a terminal
+                printable(str(r["camera"])),
+                f"{r['due']:,}",
+                human_bytes(r["bytes"]) if r["due"] else "-",
+                span(r["first"], r["last"], _site_tz(c, r["site"]))
+                if r["first"] is not None
+                else "-",
+                ", ".join(stopped + kept) or "-",
             ]
         )
     return rows
@@ -76,9 +68,11 @@ def print_outcome(
 
     def human() -> None:
         items = res["items"]
+        summary = res.get("summary")
+        any_items = bool(items) or bool(summary)
         width = out.width if out.is_terminal else None
         out.print(title, markup=False)
-        if items:
+        if any_items:
             header = [
                 "SITE",
                 "CAMERA",
@@ -87,7 +81,7 @@ def print_outcome(
                 "RECORDED (site-local)",
                 "HELD BACK",
             ]
-            rows = summary_rows(c, items, done)
+            rows = summary_rows(c, res, done)
             for row in columns(header, rows, width, frozenset({2, 3})):
                 out.print(row, markup=False, highlight=False)
         else:
@@ -105,14 +99,22 @@ def print_outcome(
                 line = Text(f"{it['action']:<7}", style=style or "")
                 line.append(f"  {printable(str(it['path']))}  {printable(str(it['reason']))}")
                 out.print(line)
-        counts = Counter(it["action"] for it in items)
+        if summary is not None and not items:
+            blocked = sum(r["blocked"] for r in summary)
+            counts = Counter(
+                delete=sum(r["due"] for r in summary) - (0 if done else blocked),
+                keep=sum(sum(r["kept"].values()) for r in summary),
+                blocked=blocked,
+            )
+        else:
+            counts = Counter(it["action"] for it in items)
         out.print(
             f"sweep {res['sweep'] if res['sweep'] is not None else '-'}: deleted {res['deleted']}, "
             f"to delete {counts.get('delete', 0)}, held back {counts.get('keep', 0)}, "
             f"blocked by a guard {counts.get('blocked', 0)}",
             markup=False,
         )
-        if items and not list_all:
+        if any_items and not list_all:
             out.print("--list shows every segment and why", markup=False)
         for tr in res.get("trips", []):
             err.print(f"guard: {printable(str(tr['message']))}", markup=False)
@@ -145,32 +147,79 @@ def _title_of(res: dict[str, Any]) -> str:
 @retention.command("plan")
 @click.option("--now", help="pretend it is this time (ISO 8601, or 2w from now)")
 @click.option("--site", help="only this site")
+@click.option(
+    "--rescan",
+    is_flag=True,
+    help="walk the roots again on a copy of the catalog instead of planning from the "
+    "daemon's catalog (what runs without a daemon)",
+)
 @_LIST
 @pass_ctx
-def retention_plan(c: Ctx, now: str | None, site: str | None, list_all: bool) -> None:
+def retention_plan(c: Ctx, now: str | None, site: str | None, rescan: bool, list_all: bool) -> None:
     """What a sweep would delete and why; deletes nothing (admin, security_lead, auditor)."""
-    res = plan(c, now, site)
-    print_outcome(c, res, "retention plan (nothing is deleted)", list_all)
+    res = plan(c, now, site, rescan, summary=not (list_all or c.as_json))
+    print_outcome(c, res, f"retention plan (nothing is deleted; {basis_words(res)})", list_all)
 
 
-def plan(c: Ctx, now: str | None, site: str | None) -> dict[str, Any]:
-    """The plan from the command's handler: root runs it here, on a scratch copy of the state
-    and under the config file it names (a preview of a config change needs no daemon); anyone
-    else asks the daemon, which checks their role and plans under the config in force: the
-    state directory is the daemon's alone (0700)."""
+def basis_words(res: dict[str, Any]) -> str:
+    """What a plan was made from, in words."""
+    basis, walked = res.get("basis"), res.get("walked") or []
+    if basis == "catalog":
+        return "from the daemon's catalog"
+    if basis == "snapshot":
+        how = "a copy of the daemon's catalog under this config file"
+        if walked:
+            how += f", sites walked again for their new roots or layout: {', '.join(walked)}"
+        return how
+    return "a walk of every root"
+
+
+def plan(
+    c: Ctx, now: str | None, site: str | None, rescan: bool = False, summary: bool = False
+) -> dict[str, Any]:
+    """The plan, made where it is cheapest and still right.
+
+    - A daemon runs under this config file: it plans from its catalog, which its watcher keeps
+      current (``--rescan``: it walks a copy of the catalog against the disk instead).
+    - A daemon runs under another config (a preview of a change): root plans locally on a copy
+      of the daemon's catalog with every expiry under this file, walking only sites whose
+      roots or layout differ; anyone else is refused (the daemon plans only under its own).
+    - No daemon: root walks the roots on a scratch copy of the state; anyone else is refused
+      (the state directory is the daemon's alone, 0700).
+    """
+    from nvr_guard.errors import ConfigMismatch
+
     args: dict[str, Any] = {"now": now, "site": site}
-    if os.getuid() == 0:
-        from nvr_guard.daemon.commands import Context, dispatch
-
-        return dict(dispatch(Context(None, local=True, config=c.config), caller(), PLAN, args))
+    root = os.getuid() == 0
+    if rescan and root:
+        return _local_plan(c, args, rescan=True)
     try:
-        res = daemon_call(c, PLAN, {**args, "config_digest": c.config.digest}, timeout=3600)
+        res = daemon_call(
+            c,
+            PLAN,
+            {**args, "config_digest": c.config.digest, "rescan": rescan, "summary": summary},
+            timeout=3600,
+        )
+    except ConfigMismatch:
+        if not root:
+            raise
+        return _local_plan(c, args, rescan=False)
     except DaemonUnavailable as e:
+        if root:
+            return _local_plan(c, args, rescan=True)
         raise DaemonUnavailable(
             f"{e}; without the daemon only root previews a sweep (it reads the state in "
             f"{c.config.state_dir})"
         ) from None
     return dict(res)
+
+
+def _local_plan(c: Ctx, args: dict[str, Any], rescan: bool) -> dict[str, Any]:
+    """Root's plan in this process, on a scratch copy of the state."""
+    from nvr_guard.daemon.commands import Context, dispatch
+
+    ctx = Context(None, local=True, config=c.config)
+    return dict(dispatch(ctx, caller(), PLAN, {**args, "rescan": rescan}))
 
 
 @retention.command("run")

@@ -44,8 +44,16 @@ from pydantic.functional_validators import AfterValidator
 from nvr_guard.config import Config
 from nvr_guard.daemon.control import WithFds
 from nvr_guard.daemon.websessions import WebSessions
-from nvr_guard.engine import AUDIT_ROLES, Engine, audit_show_json, audit_verify_json, preview
+from nvr_guard.engine import (
+    AUDIT_ROLES,
+    Engine,
+    audit_show_json,
+    audit_verify_json,
+    describe_plan,
+    preview,
+)
 from nvr_guard.errors import (
+    ConfigMismatch,
     DaemonUnavailable,
     InvalidInput,
     PolicyRefused,
@@ -174,6 +182,12 @@ class RetentionPlan(_Args):
     # the digest of the config file the caller read: a plan is of the config in force, and a
     # caller previewing another file must not be shown the daemon's plan under its name
     config_digest: Short | None = None
+    # true: walk the roots again (on a scratch copy of the catalog); false: plan from the catalog
+    # (the daemon's, or root's local copy of it); unset: the daemon plans from its catalog, root
+    # without one walks
+    rescan: bool | None = None
+    # only the per-camera summary, not every segment (a person's view of a large backlog)
+    summary: bool = False
 
 
 class RetentionConfirm(_Args):
@@ -564,12 +578,16 @@ def retention_run(ctx: Context, caller: Caller, a: RetentionRun) -> Any:
 def retention_plan(ctx: Context, caller: Caller, a: RetentionPlan) -> Any:
     """What a sweep would delete and why, at ``now`` if given; deletes nothing.
 
-    It runs on a scratch copy of the state (see ``engine.preview``), so ``--now`` is harmless
-    here: neither the catalog, the sweep history nor the clock guard of the real state sees it.
+    Through the daemon: planned from its catalog (kept current by the watcher, brought up to
+    date by an incremental pass first) exactly as a sweep plans, reading only the due rows; a
+    dry run writes nothing, so ``--now`` is harmless here (neither the sweep history nor the
+    clock guard sees it). With ``rescan`` (and for root without a daemon), on a scratch copy of
+    the state walked again against the disk (see ``engine.preview``); root's preview of
+    another config file is a copy planned without the walk (``rescan`` false, locally).
     """
     cfg = ctx.config
     if a.config_digest is not None and a.config_digest != cfg.digest:
-        raise InvalidInput(
+        raise ConfigMismatch(
             f"retention plan: the config file you read is not the one in force "
             f"({cfg.source_path}, {cfg.digest[:12]}); the daemon plans only under its own "
             "config: reload it first, or have root preview the other file "
@@ -578,8 +596,17 @@ def retention_plan(ctx: Context, caller: Caller, a: RetentionPlan) -> Any:
     if a.site is not None and a.site not in cfg.sites:
         # before the scan: a typo must not cost a full walk of every root
         raise InvalidInput(f"unknown site {a.site!r}; sites: {', '.join(sorted(cfg.sites))}")
-    with tempfile.TemporaryDirectory(prefix="nvr-guard-plan-") as tmp:
-        res: dict[str, Any] = preview(cfg, Path(tmp), clock_at(a.now, cfg.tz), a.site).as_json()
+    now = clock_at(a.now, cfg.tz)
+    if ctx.local or a.rescan:
+        rescan = a.rescan is not False
+        with tempfile.TemporaryDirectory(prefix="nvr-guard-plan-") as tmp:
+            out, how = preview(cfg, Path(tmp), now, a.site, rescan=rescan)
+    else:
+        engine = ctx.engine
+        engine.reconcile(full=False)
+        out = engine.sweep(actor="plan", now=now, dry_run=True, site=a.site)
+        how = describe_plan(engine, out, a.site, "catalog")
+    res: dict[str, Any] = out.as_json(items=not a.summary) | how
     res["deleted"] = 0
     return res
 

@@ -721,6 +721,12 @@ class Scanner:
         key = _layout_key(s)
         return key + "\n" + " ".join(claims) if claims else key
 
+    def unwalked_sites(self) -> list[str]:
+        """Sites whose catalogued rows were not read the way this config reads them: never
+        walked, or their layout, roots or camera claims differ from those of their last walk.
+        A plan from the catalog alone would judge them on rows that are wrong or missing."""
+        return [s.site for s in self.sites if self.catalog.layout_key(s.site) != self._key(s)]
+
     def _trusted(self, root: bytes) -> bool:
         """Rows under ``root`` may be taken as read with the current layout: every site listing
         the root was last walked with the layout it has now."""

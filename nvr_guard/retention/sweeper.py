@@ -21,6 +21,7 @@ import logging
 import os
 import stat
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +94,19 @@ class SweepOutcome:
     # a preview's sites under ``retention: none``: [{site, segments, bytes, reason}]
     unmanaged: list[dict[str, Any]] | None = None
 
-    def as_json(self) -> dict[str, Any]:
-        """The outcome as `retention run --json` and `retention plan --json` print it."""
-        items = [i.as_json() for i in self.plan.items]
+    def as_json(self, items: bool = True) -> dict[str, Any]:
+        """The outcome as `retention run --json` and `retention plan --json` print it.
+
+        ``items=False``: ``items`` left empty and ``summary`` given instead (one row per site
+        and camera, see :func:`summarize`) with ``items_omitted``: what a person's summary
+        needs, without sending every segment of a large backlog through the socket."""
         extra: dict[str, Any] = {}
+        if items:
+            listed = [i.as_json() for i in self.plan.items]
+        else:
+            listed = []
+            extra["summary"] = summarize(self.plan.items, done=self.sweep is not None)
+            extra["items_omitted"] = len(self.plan.items)
         if self.unmatched is not None:
             extra["unmatched"] = self.unmatched
         if self.attention is not None:
@@ -107,7 +117,7 @@ class SweepOutcome:
             "sweep": self.sweep,
             "deleted": self.deleted,
             "bytes": self.bytes,
-            "items": items,
+            "items": listed,
             "trips": [
                 {"kind": t.kind, "site": t.site, "camera": t.camera, "message": m}
                 for t, m in zip(self.plan.trips, self.messages, strict=False)
@@ -115,6 +125,60 @@ class SweepOutcome:
             "alerts": list(self.plan.alerts),
             "skipped": [{"path": show_path(s.path), "reason": r} for s, r in self.skipped],
         } | extra
+
+
+def held_back_kind(reason: str) -> str:
+    """``held`` / ``settling`` / ``floor`` ...: the rule a reason names first (every reason the
+    policy gives starts with it: "held: hold 3 (...)", "settling: modified 40 s ago ...")."""
+    head = reason.split(":", 1)[0].strip()
+    return head if head and len(head) <= 24 and " " not in head else "other"
+
+
+def summarize(items: Iterable[Item | dict[str, Any]], done: bool = False) -> list[dict[str, Any]]:
+    """One row per (site, camera), sorted: ``due`` (count, ``bytes``, ``first``/``last``
+    recorded start), ``blocked`` (stopped by a guard) and ``kept`` (count per rule that holds
+    them back, most first). In a plan what a guard stopped is still due (a confirmation deletes
+    it) and also counted as blocked; after a sweep (``done``) it is only blocked.
+
+    Items are the policy's, or their JSON (a result read back from the daemon)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for it in items:
+        if isinstance(it, dict):
+            site, camera, action = str(it["site"]), str(it["camera"]), str(it["action"])
+            reason, size, start = str(it["reason"]), int(it.get("size") or 0), it.get("recorded")
+        else:
+            seg = it.segment
+            site, camera, action = seg.site, seg.camera, it.action.value
+            reason, size, start = it.reason, seg.size, seg.start
+        row = rows.get((site, camera))
+        if row is None:
+            row = rows[(site, camera)] = {
+                "site": site,
+                "camera": camera,
+                "due": 0,
+                "bytes": 0,
+                "first": None,
+                "last": None,
+                "blocked": 0,
+                "kept": Counter(),
+            }
+        if action == "blocked":
+            row["blocked"] += 1
+        if action == "delete" or (action == "blocked" and not done):
+            row["due"] += 1
+            row["bytes"] += size
+            if start is not None:
+                t = float(start)
+                row["first"] = t if row["first"] is None else min(row["first"], t)
+                row["last"] = t if row["last"] is None else max(row["last"], t)
+        elif action == "keep":
+            row["kept"][held_back_kind(reason)] += 1
+    out = []
+    for key in sorted(rows):
+        row = rows[key]
+        row["kept"] = dict(row["kept"].most_common())
+        out.append(row)
+    return out
 
 
 # upper bounds (seconds) of the deletion-lateness histogram: a healthy daemon stays within one

@@ -15,51 +15,6 @@ import pytest
 from tests.fixtures.site import Site, build_tree, poll, write_segment
 
 
-class Daemon:
-    def __init__(self, site: Site) -> None:
-        self.site = site
-        self.log = open(site.base / "daemon.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "daemon"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        poll(self.ready, 60, "the daemon to answer on its socket")
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"daemon exited {self.proc.returncode}: {self.logtext()}")
-        return self.site.daemon_answers()
-
-    def status(self) -> dict:
-        return self.site.json("status")
-
-    def logtext(self) -> str:
-        return (self.site.base / "daemon.log").read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=10)  # SIGTERM must stop it within 10 s
-        self.log.close()
-        return rc
-
-
-@pytest.fixture
-def daemon(site):
-    d = None
-
-    def start() -> Daemon:
-        nonlocal d
-        d = Daemon(site)
-        return d
-
-    yield start
-    if d is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
-
-
 def segment_rows(site: Site) -> set[bytes]:
     con = sqlite3.connect(site.state / "catalog.db")
     try:

@@ -19,8 +19,8 @@ from nvr_guard.config import load_config
 from nvr_guard.daemon.metrics import Exporter
 from nvr_guard.engine import Engine
 from nvr_guard.model import ClockReading
+from tests.fixtures.daemon import Daemon
 from tests.fixtures.site import Site, build_tree, make_config, poll, write_segment
-from tests.integration.test_daemon import Daemon
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

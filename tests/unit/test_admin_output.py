@@ -13,13 +13,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from nvr_guard.cli.retention_cmd import held_back_kind
 from nvr_guard.cli.show import columns, local, local_iso, span, when
 from nvr_guard.cli.status_cmd import not_ok_reasons, print_status
 from nvr_guard.config import load_config
 from nvr_guard.daemon.main import log_formatter, stderr_is_journal
 from nvr_guard.engine import Engine
 from nvr_guard.retention.scan import ReconcileStats
+from nvr_guard.retention.sweeper import held_back_kind
 from tests.fixtures.site import SH, Site, build_tree, write_segment
 
 # ---- retention plan / run / confirm ------------------------------------------------------------
