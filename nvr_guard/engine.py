@@ -949,7 +949,8 @@ def describe_plan(
     the attention entries, the sites under ``retention: none``, and what the plan was made
     from: ``basis`` is ``catalog`` (the daemon's own, kept current by its watcher and walks),
     ``snapshot`` (a copy of it, expiries under the previewed config) or ``rescan`` (a copy
-    walked again against the disk); ``walked``: the sites whose roots were walked for it."""
+    walked again against the disk); ``walked``: the sites whose roots were walked for it;
+    ``timezones``: each site's zone, for showing its times site-local."""
     out.unmatched = [
         u for u in engine.scanner.unmatched_report() if site is None or u["site"] == site
     ]
@@ -966,7 +967,10 @@ def describe_plan(
             out.unmanaged.append(
                 {"site": name, "segments": count, "bytes": size, "reason": UNMANAGED_REASON}
             )
-    return {"basis": basis, "walked": list(walked)}
+    zones = {
+        name: engine.config.sites[name].timezone or engine.config.timezone for name in engine.rules
+    }
+    return {"basis": basis, "walked": list(walked), "timezones": zones}
 
 
 def _fresh(made: tuple[float, float], now: tuple[float, float], seconds: float) -> bool:

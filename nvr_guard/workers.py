@@ -12,11 +12,18 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import logging
 import multiprocessing
+import os
+import select
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PRELOAD = ["nvr_guard.retention.scan", "nvr_guard.retention.policy", "nvr_guard.retention.purge"]
 
@@ -25,6 +32,92 @@ def worker_context() -> BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
+
+
+def worker_start(owner: int, nice: int = 0) -> None:
+    """The initializer of every worker process (scan and purge): ``nice`` more than the owner
+    (background work yields to what people wait for), Ctrl-C left to the owner (it reaches the
+    whole process group; the owner ends its workers itself, see :func:`end_children`), and gone
+    with the owner (:func:`die_with`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+    die_with(owner)
+
+
+def die_with(owner: int) -> None:
+    """A worker process must not go on once the process it works for is gone (kill -9): a
+    purge's worker would go on deleting while the next start writes ``recovered`` receipts, a
+    scan's would go on walking for nobody. (The pool's own clean-up does not help: the workers'
+    parent is the forkserver, which stays alive as long as its workers do.) A thread waits on a
+    pidfd of the owner and ends this process the moment it exits."""
+    try:
+        fd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        os._exit(1)  # gone already
+    except OSError:
+        fd = -1  # no pidfd (kernel < 5.3): look every 20 ms
+
+    def watch() -> None:
+        if fd >= 0:
+            select.select([fd], [], [])
+        else:
+            while True:
+                time.sleep(0.02)
+                try:
+                    os.kill(owner, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="nvr-guard-owner-watch", daemon=True).start()
+
+
+def end_children(timeout: float = 5.0) -> list[int]:
+    """Before this process exits: end every process it started that is still there — worker
+    processes (a Ctrl-C or an error left them mid-task; they are the forkserver's children,
+    not ours), an ffmpeg, the forkserver itself — and wait until they are gone, so that no
+    process of a command outlives it. Returns the pids that had to be ended."""
+    import psutil
+
+    server = _forkserver_pid()
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    others = [p for p in procs if p.pid != server]
+    for p in others:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(others, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    if server is not None:
+        # asked to stop (its "alive" pipe closed), then reaped
+        from multiprocessing import forkserver
+
+        try:
+            forkserver._forkserver._stop()  # type: ignore[attr-defined]
+        except (OSError, AttributeError) as exc:
+            log.debug("forkserver stop: %s", exc)
+            with contextlib.suppress(OSError):
+                os.kill(server, signal.SIGKILL)
+                os.waitpid(server, 0)
+    if others:
+        log.debug("ended %d leftover process(es): %s", len(others), [p.pid for p in others])
+    return [p.pid for p in others]
+
+
+def _forkserver_pid() -> int | None:
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    return pid if isinstance(pid, int) else None
 
 
 _gc_lock = threading.Lock()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 import click
 
@@ -84,8 +86,24 @@ def cli(ctx: click.Context, config: str, as_json: bool, verbose: int) -> None:
 
 
 def main() -> None:
-    """The ``nvr-guard`` console script."""
+    """The ``nvr-guard`` console script. However it ends (done, an error, Ctrl-C, SIGTERM), no
+    process it started outlives it: worker processes and the forkserver are ended and waited
+    for before it exits (``workers.end_children``). Both are the process's own business: when
+    ``main`` is called from another thread (a test running the CLI in its process), neither is
+    done."""
+    whole_process = threading.current_thread() is threading.main_thread()
+    if whole_process:
+        signal.signal(signal.SIGTERM, _terminated)  # the daemon installs its own
     try:
         cli.main(prog_name="nvr-guard", standalone_mode=True)
     except NvrGuardError as e:
         fail(e, 0)
+    finally:
+        if whole_process and ("multiprocessing" in sys.modules or "subprocess" in sys.modules):
+            from nvr_guard.workers import end_children
+
+            end_children()
+
+
+def _terminated(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)

@@ -40,6 +40,20 @@ class Ctx:
             self._config = load_config(self.config_path)
         return self._config
 
+    @property
+    def config_digest(self) -> str:
+        """The SHA-256 of the config file as the daemon computes it (``Config.digest``), without
+        validating the file: whether the daemon runs under this very file is all it says. A
+        file that cannot be read is left to the full load to report."""
+        if self._config is None:
+            import hashlib
+
+            try:
+                return hashlib.sha256(Path(self.config_path).read_bytes()).hexdigest()
+            except OSError:
+                pass
+        return str(self.config.digest)
+
     def emit(self, data: Any, human: Callable[[], None]) -> None:
         if self.as_json:
             sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")

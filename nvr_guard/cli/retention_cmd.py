@@ -24,8 +24,17 @@ def retention() -> None:
     """Preview and run retention sweeps."""
 
 
-def _site_tz(c: Ctx, site: str) -> tzinfo:
-    """The site's zone from the config; UTC (and the offset says so) when it cannot be read."""
+def _site_tz(c: Ctx, site: str, res: dict[str, Any] | None = None) -> tzinfo:
+    """The site's zone as the plan names it (``timezones``), else from the config; UTC (and the
+    offset says so) when it cannot be read."""
+    name = ((res or {}).get("timezones") or {}).get(site)
+    if isinstance(name, str):
+        from zoneinfo import ZoneInfo
+
+        try:
+            return ZoneInfo(name)
+        except (ValueError, OSError):
+            pass
     try:
         return c.config.site_tz(site)  # type: ignore[no-any-return]
     except Exception:  # a config this user cannot read, or a site it no longer names
@@ -50,7 +59,7 @@ def summary_rows(c: Ctx, res: dict[str, Any], done: bool = False) -> list[list[s
                 printable(str(r["camera"])),
                 f"{r['due']:,}",
                 human_bytes(r["bytes"]) if r["due"] else "-",
-                span(r["first"], r["last"], _site_tz(c, r["site"]))
+                span(r["first"], r["last"], _site_tz(c, r["site"], res))
                 if r["first"] is not None
                 else "-",
                 ", ".join(stopped + kept) or "-",
@@ -197,7 +206,7 @@ def plan(
         res = daemon_call(
             c,
             PLAN,
-            {**args, "config_digest": c.config.digest, "rescan": rescan, "summary": summary},
+            {**args, "config_digest": c.config_digest, "rescan": rescan, "summary": summary},
             timeout=3600,
         )
     except ConfigMismatch:

@@ -30,16 +30,13 @@ removes those) and a ``purge.begin`` without receipt; never a receipt for a file
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import errno
 import hashlib
 import logging
 import os
-import select
 import stat
 import threading
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -50,7 +47,7 @@ from typing import Any
 from nvr_guard.model import Segment, show_path
 from nvr_guard.mounts import dir_identity_fd, mount_id, same_directory
 from nvr_guard.store.audit import PURGE_BEGIN, PURGE_RECEIPT, PURGE_SKIP, AuditLog
-from nvr_guard.workers import gc_paused, libc_function, worker_context
+from nvr_guard.workers import gc_paused, libc_function, worker_context, worker_start
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +352,7 @@ def _sync_root(root: bytes) -> None:
 # every stat and unlink gives up and takes back the GIL, which the main thread needs meanwhile
 # for the catalog; two processes each keep a core (bench/retention.py: 144,000 files).
 PROCESS_MIN = 20_000
-# how much lower the worker processes' CPU priority is than the daemon's (``_worker_start``)
+# how much lower the worker processes' CPU priority is than the daemon's (``workers.worker_start``)
 WORKER_NICE = 5
 
 # what a worker gets per file: plain data, cheap to pickle (the exts set is shared by identity)
@@ -475,8 +472,8 @@ def _pool(workers: int, processes: bool) -> tuple[Executor, Future[int] | None]:
             pool = ProcessPoolExecutor(
                 workers,
                 mp_context=worker_context(),
-                initializer=_worker_start,
-                initargs=(os.getpid(),),
+                initializer=worker_start,
+                initargs=(os.getpid(), WORKER_NICE),
             )
             return pool, pool.submit(os.getpid)  # the workers start while group 1 is prepared
         except OSError as exc:
@@ -798,46 +795,6 @@ def _unlink_jobs(jobs: list[list[_Item]], now: float) -> list[_Outcome]:
     finally:
         for w in walkers.values():
             w.close()
-
-
-def _worker_start(owner: int) -> None:
-    """The initializer of every worker process of a purge: a lower CPU priority than the
-    daemon's own (WORKER_NICE more: deleting old footage is background work, and the commands
-    people wait for — a status, a page of the console — come first; it still gets every cycle
-    nothing else wants), and gone with the purging process (``_die_with``)."""
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICE)
-    _die_with(owner)
-
-
-def _die_with(owner: int) -> None:
-    """A worker process must not go on deleting once the purging process is gone (kill -9):
-    the next start would write ``recovered`` receipts while files still disappear. (The pool's
-    own clean-up does not help: the workers' parent is the forkserver, which stays alive as
-    long as its workers do.) A thread waits on a pidfd of the owner and ends this process the
-    moment it exits. Runs once, as the initializer of every worker process of a purge."""
-    try:
-        fd = os.pidfd_open(owner)
-    except ProcessLookupError:
-        os._exit(1)  # gone already
-    except OSError:
-        fd = -1  # no pidfd (kernel < 5.3): look every 20 ms
-
-    def watch() -> None:
-        if fd >= 0:
-            select.select([fd], [], [])
-        else:
-            while True:
-                time.sleep(0.02)
-                try:
-                    os.kill(owner, 0)
-                except ProcessLookupError:
-                    break
-                except PermissionError:
-                    pass
-        os._exit(1)
-
-    threading.Thread(target=watch, name="nvr-guard-owner-watch", daemon=True).start()
 
 
 def _apply(

@@ -74,7 +74,7 @@ from nvr_guard.store.segments import (
     read_rows_between,
     release_memory,
 )
-from nvr_guard.workers import gc_paused, worker_context
+from nvr_guard.workers import gc_paused, worker_context, worker_start
 
 log = logging.getLogger(__name__)
 
@@ -1293,14 +1293,26 @@ class Scanner:
         return stats
 
     def _run_pool(self, pending: list[_Job], apply: Callable[[_Delta], None]) -> None:
-        """Run ``pending`` in worker processes; each job applied is removed from the list."""
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(self.workers, len(pending)), mp_context=worker_context()
-        ) as pool:
+        """Run ``pending`` in worker processes; each job applied is removed from the list.
+
+        Interrupted (Ctrl-C, SIGTERM, an error applying a result), the jobs not started are
+        dropped and the workers are not waited for: a walk is only reading, and the command's
+        exit ends them (``workers.end_children``) instead of walking on for nobody."""
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=min(self.workers, len(pending)),
+            mp_context=worker_context(),
+            initializer=worker_start,
+            initargs=(os.getpid(),),
+        )
+        try:
             futures = {pool.submit(_run_job, j): j for j in pending}
             for fut in concurrent.futures.as_completed(futures):
                 apply(fut.result())
                 pending.remove(futures[fut])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
     def _any_under(self, root: bytes) -> bool:
         return self.catalog.any_between(*prefix_range(root + b"/"))
