@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.stop()
 
     # restore the backlog days for the next run
-    stamp(root, camera_names(shape), days[:shape.purge_days])
+    stamp(root, camera_names(shape), days[: shape.purge_days])
     cfg.write_text(config_text(base, root, keep_all, state))
 
     for what, peak in peaks:
