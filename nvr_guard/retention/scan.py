@@ -1298,17 +1298,31 @@ class Scanner:
         Interrupted (Ctrl-C, SIGTERM, an error applying a result), the jobs not started are
         dropped and the workers are not waited for: a walk is only reading, and the command's
         exit ends them (``workers.end_children``) instead of walking on for nobody."""
+        workers = min(self.workers, len(pending))
         pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(self.workers, len(pending)),
+            max_workers=workers,
             mp_context=worker_context(),
             initializer=worker_start,
             initargs=(os.getpid(),),
         )
         try:
-            futures = {pool.submit(_run_job, j): j for j in pending}
-            for fut in concurrent.futures.as_completed(futures):
-                apply(fut.result())
-                pending.remove(futures[fut])
+            # one result ahead of the workers: results the writer has not taken yet are
+            # held in this process (a camera's directory is ~15 MB of rows), and with every job
+            # queued at once a million-segment walk piled them all up (400 MB) behind it
+            ahead = workers + 1
+            queue = list(pending)
+            running: dict[concurrent.futures.Future[_Delta], _Job] = {}
+            while queue or running:
+                while queue and len(running) < ahead:
+                    job = queue.pop(0)
+                    running[pool.submit(_run_job, job)] = job
+                done, _ = concurrent.futures.wait(
+                    running, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for fut in done:
+                    job = running.pop(fut)
+                    apply(fut.result())
+                    pending.remove(job)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

@@ -296,13 +296,21 @@ class SegmentStore(Database):
             with self.transaction() as c:
                 empty = c.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is None
                 old_cache = c.execute("PRAGMA cache_size").fetchone()[0]
-                c.execute("PRAGMA cache_size = -65536")  # 64 MiB while loading, given back after
+                c.execute("PRAGMA cache_size = -24576")  # 24 MiB while loading, given back after
                 c.execute("PRAGMA threads = 2")  # helper threads for the index sorter
+                # the index builds at the end sort a million keys: in temporary files, not in
+                # memory (the connection's temp_store), or they alone take 100 MB
+                c.execute("PRAGMA temp_store = FILE")
                 try:
                     if empty:
                         drop_segment_indexes(c)
                     yield empty
                     if empty:
+                        # the sorter takes up to the cache's size in memory per thread: less
+                        # of it for the builds (they spill to temporary files instead)
+                        c.execute("PRAGMA cache_size = -8192")
+                        c.execute("PRAGMA shrink_memory")
+                        release_memory()
                         create_segment_indexes(c)
                     # a large load: the commit leaves all of it in the WAL, and copying that
                     # into the database file (and syncing it) is left to a thread, see
@@ -316,6 +324,7 @@ class SegmentStore(Database):
                         c.execute("PRAGMA wal_autocheckpoint = 0")
                 finally:
                     c.execute(f"PRAGMA cache_size = {int(old_cache)}")
+                    c.execute("PRAGMA temp_store = MEMORY")
         except BaseException:
             self._checkpoint_as_usual()  # rolled back: nothing left to checkpoint
             raise
