@@ -598,6 +598,9 @@ class Sweeper:
         # which directory each root was when its footage was catalogued: the purge refuses a
         # root that is another directory now (a bind mount over it since)
         walked = self.catalog.root_fs_all()
+        # per site, made once: a backlog is a hundred thousand targets, and a set of extensions
+        # made for each of them alone took 150 MB
+        per_site: dict[str, tuple[list[bytes], frozenset[str], float, tuple[bytes, ...]]] = {}
         for it in items:
             seg = it.segment
             site = self.config.sites[seg.site]
@@ -606,9 +609,17 @@ class Sweeper:
                     "not deleting %s: site %s has retention: none", show_path(seg.path), seg.site
                 )
                 continue
+            known = per_site.get(seg.site)
+            if known is None:
+                known = per_site[seg.site] = (
+                    [os.fsencode(str(r)).rstrip(b"/") + b"/" for r in site.roots],
+                    self.config.extensions_for(seg.site),
+                    self.rules[seg.site].settle,
+                    self._sidecars(seg.site),
+                )
+            roots, extensions, settle, sidecars = known
             root = None
-            for r in site.roots:
-                rb = os.fsencode(str(r)).rstrip(b"/") + b"/"
+            for rb in roots:
                 if seg.path.startswith(rb):
                     root = rb.rstrip(b"/")
                     break
@@ -632,11 +643,11 @@ class Sweeper:
                 PurgeTarget(
                     segment=seg,
                     root=root,
-                    extensions=self.config.extensions_for(seg.site),
-                    settle=self.rules[seg.site].settle,
+                    extensions=extensions,
+                    settle=settle,
                     cross_mounts=site.cross_mounts,
                     root_id=walked.get(root),
-                    sidecars=self._sidecars(seg.site),
+                    sidecars=sidecars,
                 )
             )
         return targets

@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -155,8 +156,10 @@ class SkewReport:
 def _segment(row: Sequence[Any]) -> Segment:
     rid, site, camera, path, start, mtime, size, end = row
     return Segment(
-        site=str(site),
-        camera=str(camera),
+        # one string object per name (sys.intern), not one per row: a backlog of a hundred
+        # thousand segments names a few dozen sites and cameras
+        site=sys.intern(str(site)),
+        camera=sys.intern(str(camera)),
         path=bytes(path),
         start=float(start),
         mtime=float(mtime),

@@ -4,7 +4,7 @@ delete and why (``sweep_items``), and the guards that stopped it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,17 +78,22 @@ class SweepStore(Database):
 
     def record_items(self, sweep_id: int, items: Iterable[Item]) -> int:
         """Record what a sweep decided per segment (action and reason); how many."""
-        rows = [
-            (sweep_id, i.segment.path, i.segment.site, i.segment.camera, i.action.value, i.reason)
-            for i in items
-        ]
+        n = 0
+
+        def rows() -> Iterator[tuple[object, ...]]:  # one at a time: a backlog is 100,000s
+            nonlocal n
+            for i in items:
+                n += 1
+                s = i.segment
+                yield sweep_id, s.path, s.site, s.camera, i.action.value, i.reason
+
         with self.transaction() as c:
             c.executemany(
                 "INSERT INTO sweep_items (sweep_id, path, site, camera, action, reason) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
+                rows(),
             )
-        return len(rows)
+        return n
 
     def set_sweep_state(
         self,
