@@ -128,12 +128,12 @@ class Engine:
         anchored: bool = True,
     ) -> None:
         """``anchored=False`` for a scratch copy of the state (``preview``), whose audit log
-        has no head file of its own."""
+        has no head file of its own and whose database is never synced (``Database``)."""
         if db_path is None:
             state_dir = Path(config.state_dir)
             state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             db_path = state_dir / "catalog.db"
-        self.catalog = Catalog(db_path, expiry=ExpiryCalc)
+        self.catalog = Catalog(db_path, expiry=ExpiryCalc, scratch=not anchored)
         # one lock for the engine and its SQLite connection: the watcher's hints, the scheduler's
         # jobs and the control socket's commands share that connection, and a statement from one
         # thread must never land inside another thread's transaction

@@ -87,6 +87,7 @@ _RACY_NS = 2_000_000_000
 # Below this many catalogued segments a warm reconcile stays in-process (worker start-up costs
 # more than it saves).
 _POOL_MIN_ROWS = 50_000
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # example paths kept per root for unmatched files, and unreadable directories reported per root
 _EXAMPLES = 3
 _UNREADABLE_MAX = 20
@@ -363,14 +364,29 @@ def _walk(
     keep_exact: set[bytes] = set()
     keep_under: list[bytes] = []
     files = ignored = unmatched = added = updated = ndirs = nunclaimed = 0
+    lstat = os.stat
     while stack:
         d, d_ns = stack.pop()
         try:
-            it = os.scandir(d)
+            # each entry is stat'ed relative to its directory (fstatat), as find does: through
+            # the whole path the kernel looked up every component again, per file, and that
+            # was most of a cold walk's time. O_NOFOLLOW: a directory swapped for a link since
+            # it was listed is not followed (it is unreadable, its rows are kept)
+            dfd = os.open(d, _DIR_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
             continue  # vanished meanwhile: its rows stay in ``known`` and are removed
         except OSError as exc:
-            # EACCES, EIO, ESTALE ...: unknown content, not an empty one
+            # EACCES, EIO, ESTALE, ELOOP ...: unknown content, not an empty one
+            delta.unreadable.append((d, exc.strerror or str(exc)))
+            keep_under.append(d + b"/")
+            continue
+        try:
+            it = os.scandir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            os.close(dfd)
+            continue
+        except OSError as exc:
+            os.close(dfd)
             delta.unreadable.append((d, exc.strerror or str(exc)))
             keep_under.append(d + b"/")
             continue
@@ -390,7 +406,7 @@ def _walk(
                                 if e.name[0] == 0x2E:
                                     ignored += 1  # hidden directory: not entered
                                     continue
-                                est = e.stat(follow_symlinks=False)
+                                est = lstat(e.name, dir_fd=dfd, follow_symlinks=False)
                                 if fenced and (est.st_dev != dev or e.path in mounts):
                                     delta.mounts.append(e.path)  # another file system
                                     continue
@@ -408,7 +424,7 @@ def _walk(
                                 ignored += 1
                                 continue
                         path = e.path
-                        st = e.stat(follow_symlinks=False)
+                        st = lstat(name, dir_fd=dfd, follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # gone between listing and stat
                     except OSError as exc:
@@ -492,6 +508,8 @@ def _walk(
             # the listing itself failed part way (EIO, ESTALE): what was not seen is kept
             delta.unreadable.append((d, exc.strerror or str(exc)))
             keep_under.append(d + b"/")
+        finally:
+            os.close(dfd)
     if keep_exact or keep_under:
         _keep_rows(known, keep_exact, keep_under)
     st_ = delta.stats

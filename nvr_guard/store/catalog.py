@@ -62,16 +62,17 @@ class Catalog(SegmentStore, TreeStore, HoldStore, SweepStore):
         timeout: float = 30.0,
         read_only: bool = False,
         expiry: ExpiryFactory | None = None,
+        scratch: bool = False,
     ) -> None:
         """``read_only``: for readers that must change nothing, not even by opening (`audit
         verify`, `audit show`): no migration, no re-created audit triggers, no pragma that
         writes; the file is opened with SQLite's ``mode=ro``. ``expiry``: the calculator of
         segment expiries (``retention.expiry.ExpiryCalc``), needed by every method that writes
-        them."""
+        them. ``scratch``: see ``Database``."""
         # audit triggers this open found dropped and re-created (the engine audits that)
         self.restored_triggers: list[str] = []
         self.expiry = expiry
-        super().__init__(path, timeout=timeout, read_only=read_only)
+        super().__init__(path, timeout=timeout, read_only=read_only, scratch=scratch)
         if not read_only:
             self._migrate()
 

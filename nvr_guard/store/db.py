@@ -199,11 +199,21 @@ class Database:
 
     Opening runs no migration (``Catalog`` does, with the schema's list)."""
 
-    def __init__(self, path: Path | str, *, timeout: float = 30.0, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        timeout: float = 30.0,
+        read_only: bool = False,
+        scratch: bool = False,
+    ) -> None:
         """``read_only``: for readers that must change nothing, not even by opening (`audit
         verify`, `audit show`): no pragma that writes; the file is opened with SQLite's
-        ``mode=ro``."""
+        ``mode=ro``. ``scratch``: a throw-away copy (a `retention plan` preview), deleted when
+        done: nothing is synced to disk (a million-row load's WAL alone is 200 MB, and syncing
+        it, then its checkpoint at close, took longer than the plan)."""
         self.path = Path(path)
+        self.scratch = scratch
         self.lock = threading.RLock()
         self._closed = False
         self._reader: tuple[sqlite3.Connection, threading.RLock] | None = None  # reader()
@@ -245,7 +255,7 @@ class Database:
             raise RuntimeError(f"{self.path}: cannot switch the catalog to WAL (got {mode})")
         # NORMAL in WAL: a power loss may lose the last commits but never corrupts; the audit log
         # raises this to FULL around its own appends (acknowledged entries must survive)
-        c.execute("PRAGMA synchronous = NORMAL")
+        c.execute("PRAGMA synchronous = OFF" if scratch else "PRAGMA synchronous = NORMAL")
         c.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT}")
         # a WAL grown by a bulk load is cut back to this when it next starts over
         c.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")

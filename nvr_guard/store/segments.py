@@ -319,7 +319,8 @@ class SegmentStore(Database):
                     # into the database file (and syncing it) is left to a thread, see
                     # _checkpoint_in_background; a small one checkpoints as usual
                     deferred = (
-                        empty
+                        not self.scratch  # a scratch copy is never synced nor kept
+                        and empty
                         and (c.execute("SELECT max(rowid) FROM segments").fetchone()[0] or 0)
                         >= _DEFER_CHECKPOINT_ROWS
                     )
