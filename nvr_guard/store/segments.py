@@ -29,7 +29,11 @@ from typing import Any, Protocol
 
 from nvr_guard.model import Segment, SiteRules, skew_band
 from nvr_guard.store.db import AUTOCHECKPOINT, Database, changes_segments
-from nvr_guard.store.schema import create_segment_indexes, drop_segment_indexes
+from nvr_guard.store.schema import (
+    SEGMENT_INDEXES,
+    create_segment_indexes,
+    drop_segment_indexes,
+)
 from nvr_guard.workers import libc_function
 
 log = logging.getLogger(__name__)
@@ -136,6 +140,9 @@ def pack_rows(rows: Sequence[SegmentRow]) -> PackedRows:
     chunks = [tuple(flat(rows[i : i + _CHUNK])) for i in range(0, whole, _CHUNK)]
     return PackedRows(chunks, list(rows[whole:]))
 
+
+# rows of a site from which recompute_expiry builds the expiry index again (see there)
+_REBUILD_MIN = 100_000
 
 # ids per DELETE of remove_segments
 _ID_CHUNK = 500
@@ -575,6 +582,15 @@ class SegmentStore(Database):
         groups.append((f" AND camera NOT IN ({marks})" if own else "", list(own), rules))
         n = 0
         with self.transaction() as c:
+            # most of the table changes (a site's rules on a one-site recorder, a preview of a
+            # config): its expiry index is built again afterwards, which is about three times
+            # cheaper than moving every row in it
+            site_rows = c.execute("SELECT count(*) FROM segments WHERE site = ?", (site,))
+            rebuild = site_rows.fetchone()[0] >= max(
+                _REBUILD_MIN, c.execute("SELECT count(*) FROM segments").fetchone()[0] // 2
+            )
+            if rebuild:
+                c.execute("DROP INDEX IF EXISTS segments_expires")
             for where, args, r in groups:
                 keep = r.keep
                 if keep is None or keep.months == 0:
@@ -596,6 +612,8 @@ class SegmentStore(Database):
                         ((calc(start, mtime), rid) for rid, start, mtime in rows),
                     )
                     n += len(rows)
+            if rebuild:
+                c.execute(SEGMENT_INDEXES["segments_expires"])
             self._note_rules(site, rules)
         return int(n)
 

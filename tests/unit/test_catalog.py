@@ -195,6 +195,27 @@ def test_rule_change_recomputes_expiry_before_answering(cat: Catalog) -> None:
     assert row[0] == pytest.approx(s.start + 5 * DAY)
 
 
+@pytest.mark.parametrize("rebuild_from", [1, 10**9])
+def test_recomputed_expiries_are_found_through_the_index_either_way(
+    cat: Catalog, monkeypatch: pytest.MonkeyPatch, rebuild_from: int
+) -> None:
+    # most of the table changing, the expiry index is dropped and built again in the same
+    # transaction (rebuild_from 1); otherwise it is updated row by row: the same answers
+    import nvr_guard.store.segments as segments
+
+    monkeypatch.setattr(segments, "_REBUILD_MIN", rebuild_from)
+    gate = [seg(f"g{i}", NOW - i * DAY) for i in range(12)]
+    vault = [seg("v", NOW - 11 * DAY, site="vault")]
+    by_site = {"gate": rules("gate", "10d"), "vault": rules("vault", "10d")}
+    cat.upsert_segments([*gate, *vault], by_site)
+    assert cat.recompute_expiry("gate", rules("gate", "5d")) == 12
+    got = cat.due_segments(NOW, "gate", rules("gate", "5d"))
+    assert sorted(g.path for g in got) == sorted(s.path for s in gate[6:])  # ended > 5 d ago
+    assert [g.path for g in cat.due_segments(NOW, "vault", by_site["vault"])] == [vault[0].path]
+    indexes = {r[0] for r in cat.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "segments_expires" in indexes
+
+
 @pytest.mark.parametrize(
     "local",
     [
