@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from nvr_guard.errors import ConfigError, DaemonUnavailable, InvalidInput, NvrGuardError
-from nvr_guard.identity import Caller
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from nvr_guard.identity import Caller
 
 DEFAULT_CONFIG = "/etc/nvr-guard/config.yaml"
 
@@ -157,8 +161,6 @@ def socket_path(c: Ctx) -> Path:
         return Path(c._config.socket)
     import re
 
-    import yaml
-
     sock: Any = None
     try:
         text = Path(c.config_path).read_text(encoding="utf-8", errors="replace")
@@ -169,6 +171,11 @@ def socket_path(c: Ctx) -> Path:
             f"{c.config_path}: cannot read ({e.strerror}); the daemon's socket is named in "
             "this file: ask an admin for read access, or pass --config PATH"
         ) from None
+    quick = _plain_socket_line(text)
+    if quick is not None:
+        return quick
+    import yaml
+
     try:
         raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         sock = raw.get("socket") if isinstance(raw, dict) else None
@@ -179,6 +186,28 @@ def socket_path(c: Ctx) -> Path:
     if isinstance(sock, str) and sock.startswith("/") and "\0" not in sock:
         return Path(os.path.normpath(sock))
     return Path("/run/nvr-guard/control.sock")
+
+
+_SOCKET_LINE = re.compile(r"(?m)^socket[ \t]*:[ \t]*(/[A-Za-z0-9._/+-]*)[ \t]*(?:#.*)?$")
+# anything that could name the socket another way: a quoted or indented key, a flow mapping,
+# a merge key, an alias or tag at the top, a second document
+_NOT_PLAIN = re.compile(
+    r"""(?m)^(?:["'][^\n]*socket|\{|<<|[&*!]|---[ \t]*\S|\.\.\.)|^[ \t]+socket[ \t]*:"""
+)
+
+
+def _plain_socket_line(text: str) -> Path | None:
+    """The socket named by one plain ``socket: /path`` line at the top level of a file with
+    nothing that could name it another way; None when the YAML must be read to tell (the
+    parser costs a quick ``status`` more than the rest of its start)."""
+    if _NOT_PLAIN.search(text):
+        return None
+    found = _SOCKET_LINE.findall(text)
+    if len(found) == 1:
+        return Path(os.path.normpath(found[0]))
+    if not found and not re.search(r"(?m)^socket\b", text):
+        return Path("/run/nvr-guard/control.sock")
+    return None
 
 
 def daemon_call(c: Ctx, cmd: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
@@ -225,19 +254,21 @@ def act(c: Ctx, cmd: str, args: dict[str, Any], *, fresh: bool = True) -> Any:
 
 def caller() -> Caller:
     """Who runs this CLI."""
+    from nvr_guard.identity import Caller
+
     return Caller.local()
 
 
-class _PlainTable(Table):
-    """Cells are data (paths, reasons, names people typed): shown as written, never read as rich
-    markup — a reason ``[red]x[/red]`` or a camera ``[link=...]`` must not change what is shown."""
-
-    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
-        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
-
-
 def table(title: str | None, columns: list[str]) -> Table:
-    """A table whose cells are shown as written."""
+    """A table whose cells are shown as written: data (paths, reasons, names people typed),
+    never read as rich markup — a reason ``[red]x[/red]`` or a camera ``[link=...]`` must not
+    change what is shown. (rich's tables are imported here, not by every command.)"""
+    from rich.table import Table
+
+    class _PlainTable(Table):
+        def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+            super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+
     t = _PlainTable(title=title, title_justify="left", header_style="bold")
     for col in columns:
         t.add_column(col, overflow="fold")

@@ -29,13 +29,15 @@ def daemon(c: Ctx) -> None:
 def not_ok_reasons(st: dict[str, Any]) -> list[str]:
     """Why ``ok`` is false, one line each, in the order an admin should look: the audit chain,
     sweeps a guard stopped, open violations, then the attention entries."""
-    from nvr_guard.retention.policy import name_sweep  # the policy's imports: only when needed
-
     why = []
     a = st.get("audit") or {}
     if a and not a.get("ok", True):
         why.append(f"audit chain BROKEN: {a.get('problem')} (check with `nvr-guard audit verify`)")
     for b in st.get("blocked_sweeps") or []:
+        # the policy's imports: only when a sweep is blocked (a healthy status is a shell's
+        # quick look)
+        from nvr_guard.retention.policy import name_sweep
+
         for m in str(b.get("message") or "").splitlines() or ["stopped by a guard"]:
             why.append(f"sweep {b['id']} blocked: {name_sweep(m, b['id'])}")
     for v in st.get("violations") or []:
