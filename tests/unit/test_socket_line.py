@@ -1,0 +1,75 @@
+"""The CLI finds the daemon's socket without the YAML parser when the config file names it on a
+plain top-level line (issue 19: a quick `status`), and never finds another socket than the
+parser would: where anything could name it another way, it leaves the answer to the parser."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nvr_guard.cli.base import Ctx, _plain_socket_line, socket_path
+
+DEFAULT = Path("/run/nvr-guard/control.sock")
+
+CASES = [
+    "socket: /run/x/c.sock\nstate_dir: /var/lib/x\n",
+    "state_dir: /s\nsocket: /tmp/a/b.sock   # the daemon's\n",
+    "state_dir: /s\n",  # no socket: the default
+    "web:\n  auth_socket: /run/a.sock\nstate_dir: /s\n",  # another key's socket
+    'socket: "/quoted/c.sock"\n',
+    "socket: '/single/c.sock'\n",
+    '"socket": /quoted-key/c.sock\n',
+    "{socket: /flow/c.sock}\n",
+    "base: &b /anchored.sock\nsocket: *b\n",
+    "socket: /first.sock\nsocket: /second.sock\n",
+    "x:\n  socket: /nested.sock\n",
+    "socket: /a/../b.sock\n",
+    "socket: /with space.sock\n",
+    "socket: /crlf.sock\r\nstate_dir: /s\r\n",
+    "socket: relative.sock\n",
+    "--- \nsocket: /doc.sock\n",
+    "socket:\n  /folded.sock\n",
+    "# socket: /commented.sock\nstate_dir: /s\n",
+]
+
+
+def by_parser(text: str) -> Path | None:
+    """The socket the YAML parser reads, as the CLI would use it (None: no answer)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    sock = doc.get("socket") if isinstance(doc, dict) else None
+    if sock is None:
+        return DEFAULT
+    return Path(sock) if isinstance(sock, str) and sock.startswith("/") else None
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_the_quick_read_agrees_with_the_parser_or_defers_to_it(text: str) -> None:
+    quick = _plain_socket_line(text)
+    if quick is not None:
+        want = by_parser(text)
+        assert want is not None and Path(str(quick)) == Path(os.path.normpath(str(want)))
+
+
+def test_plain_lines_are_read_without_the_parser() -> None:
+    assert _plain_socket_line(CASES[0]) == Path("/run/x/c.sock")
+    assert _plain_socket_line(CASES[1]) == Path("/tmp/a/b.sock")
+    assert _plain_socket_line(CASES[2]) == DEFAULT
+    assert _plain_socket_line(CASES[3]) == DEFAULT
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_the_socket_the_cli_uses_is_the_parsers(tmp_path: Path, text: str) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_bytes(text.encode())
+    want = by_parser(text)
+    got = socket_path(Ctx(str(cfg), False, 0))
+    if want is not None:
+        assert got == Path(os.path.normpath(str(want)))
+    else:
+        assert got == DEFAULT  # what the CLI falls back to when the file names none usable
