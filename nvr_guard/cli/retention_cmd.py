@@ -241,7 +241,8 @@ def _local_plan(c: Ctx, args: dict[str, Any], rescan: bool) -> dict[str, Any]:
 @pass_ctx
 def retention_run(c: Ctx, now: str | None, dry_run: bool, list_all: bool) -> None:
     """One sweep now."""
-    res = act(c, "retention.run", {"now": now, "dry_run": dry_run})
+    summary = not (list_all or c.as_json)
+    res = act(c, "retention.run", {"now": now, "dry_run": dry_run, "summary": summary})
     title = "retention run (dry run: nothing is deleted)" if dry_run else _title_of(res)
     print_outcome(c, res, title, list_all, done=not dry_run)
     if res.get("trips"):
@@ -254,7 +255,7 @@ def retention_run(c: Ctx, now: str | None, dry_run: bool, list_all: bool) -> Non
 @pass_ctx
 def retention_confirm(c: Ctx, sweep: int, list_all: bool) -> None:
     """Release a sweep stopped by the mass-deletion or clock guard (admin)."""
-    res = act(c, "retention.confirm", {"sweep": sweep})
+    res = act(c, "retention.confirm", {"sweep": sweep, "summary": not (list_all or c.as_json)})
     print_outcome(c, res, f"confirmed sweep {sweep}: {_title_of(res)}", list_all, done=True)
     if res.get("trips"):
         # blocked again: something changed since the sweep that was confirmed

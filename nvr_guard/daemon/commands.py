@@ -174,6 +174,8 @@ class MediaWipe(_Args):
 class RetentionRun(_Args):
     now: Time | None = None
     dry_run: StrictBool = False
+    # only the per-camera summary, not every segment (a person's view of a large backlog)
+    summary: StrictBool = False
 
 
 class RetentionPlan(_Args):
@@ -185,13 +187,14 @@ class RetentionPlan(_Args):
     # true: walk the roots again (on a scratch copy of the catalog); false: plan from the catalog
     # (the daemon's, or root's local copy of it); unset: the daemon plans from its catalog, root
     # without one walks
-    rescan: bool | None = None
+    rescan: StrictBool | None = None
     # only the per-camera summary, not every segment (a person's view of a large backlog)
-    summary: bool = False
+    summary: StrictBool = False
 
 
 class RetentionConfirm(_Args):
     sweep: Id
+    summary: StrictBool = False
 
 
 class RetentionConfirmRoot(_Args):
@@ -572,7 +575,9 @@ def retention_run(ctx: Context, caller: Caller, a: RetentionRun) -> Any:
     now = None if a.now is None else clock_at(a.now, engine.config.tz)
     if not ctx.local:  # locally, the CLI has just brought the catalog up to date
         engine.reconcile(full=False)
-    return engine.sweep(actor=caller.user, now=now, dry_run=a.dry_run).as_json()
+    return engine.sweep(actor=caller.user, now=now, dry_run=a.dry_run).as_json(
+        items=not a.summary
+    )
 
 
 def retention_plan(ctx: Context, caller: Caller, a: RetentionPlan) -> Any:
@@ -613,7 +618,7 @@ def retention_plan(ctx: Context, caller: Caller, a: RetentionPlan) -> Any:
 
 def retention_confirm(ctx: Context, caller: Caller, a: RetentionConfirm) -> Any:
     """Release a sweep a guard stopped (admin)."""
-    return ctx.engine.confirm(a.sweep, caller).as_json()
+    return ctx.engine.confirm(a.sweep, caller).as_json(items=not a.summary)
 
 
 def retention_confirm_root(ctx: Context, caller: Caller, a: RetentionConfirmRoot) -> Any:

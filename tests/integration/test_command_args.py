@@ -58,9 +58,15 @@ VALID: dict[str, dict[str, Any]] = {
     "media.scan": {"media": "x"},
     "media.scan_progress": {"media": "x"},
     "media.wipe": {"media": "x", "confirm": "x"},
-    "retention.run": {"now": None, "dry_run": True},
-    "retention.plan": {"now": "2026-01-01T00:00", "site": "toll", "config_digest": "ab12"},
-    "retention.confirm": {"sweep": 1},
+    "retention.run": {"now": None, "dry_run": True, "summary": True},
+    "retention.plan": {
+        "now": "2026-01-01T00:00",
+        "site": "toll",
+        "config_digest": "ab12",
+        "rescan": False,
+        "summary": True,
+    },
+    "retention.confirm": {"sweep": 1, "summary": False},
     "retention.confirm_root": {"site": "a", "root": "/srv/x"},
     "hold.add": {
         "camera": "cam1",
