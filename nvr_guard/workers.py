@@ -79,16 +79,18 @@ def die_with(owner: int) -> None:
 def end_children(timeout: float = 5.0) -> list[int]:
     """Before this process exits: end every process it started that is still there — worker
     processes (a Ctrl-C or an error left them mid-task; they are the forkserver's children,
-    not ours), an ffmpeg, the forkserver itself — and wait until they are gone, so that no
-    process of a command outlives it. Returns the pids that had to be ended."""
+    not ours), an ffmpeg — then multiprocessing's two helpers (the forkserver, and the resource
+    tracker, which ignores SIGTERM: each ends when the pipe it watches is closed), and wait
+    until they are gone, so that no process of a command outlives it. Returns the pids of the
+    processes other than the helpers that had to be ended."""
     import psutil
 
-    server = _forkserver_pid()
+    helpers = _helpers()
     try:
         procs = psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
-    others = [p for p in procs if p.pid != server]
+    others = [p for p in procs if p.pid not in helpers.values()]
     for p in others:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -97,27 +99,56 @@ def end_children(timeout: float = 5.0) -> list[int]:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=timeout)
-    if server is not None:
-        # asked to stop (its "alive" pipe closed), then reaped
-        from multiprocessing import forkserver
-
-        try:
-            forkserver._forkserver._stop()  # type: ignore[attr-defined]
-        except (OSError, AttributeError) as exc:
-            log.debug("forkserver stop: %s", exc)
-            with contextlib.suppress(OSError):
-                os.kill(server, signal.SIGKILL)
-                os.waitpid(server, 0)
+    for name in ("forkserver", "resource_tracker"):  # the forkserver holds the tracker's pipe
+        if name in helpers:
+            _stop_helper(name, helpers[name], timeout)
     if others:
         log.debug("ended %d leftover process(es): %s", len(others), [p.pid for p in others])
     return [p.pid for p in others]
 
 
-def _forkserver_pid() -> int | None:
-    from multiprocessing import forkserver
+def _helper_objects() -> dict[str, Any]:
+    from multiprocessing import forkserver, resource_tracker
 
-    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
-    return pid if isinstance(pid, int) else None
+    return {
+        "forkserver": getattr(forkserver, "_forkserver", None),
+        "resource_tracker": getattr(resource_tracker, "_resource_tracker", None),
+    }
+
+
+def _helpers() -> dict[str, int]:
+    """The pids of multiprocessing's forkserver and resource tracker, where they run."""
+    found = {}
+    attrs = {"forkserver": "_forkserver_pid", "resource_tracker": "_pid"}
+    for name, obj in _helper_objects().items():
+        pid = getattr(obj, attrs[name], None)
+        if isinstance(pid, int):
+            found[name] = pid
+    return found
+
+
+def _stop_helper(name: str, pid: int, timeout: float) -> None:
+    """Ask a multiprocessing helper to stop (its ``_stop``: close its pipe, reap it), on a
+    thread so that a helper that does not end cannot hold this process: killed after
+    ``timeout``."""
+    stop = getattr(_helper_objects()[name], "_stop", None)
+    if stop is not None:
+        t = threading.Thread(target=_quietly, args=(stop,), daemon=True)
+        t.start()
+        t.join(timeout)
+        if not t.is_alive():
+            return
+    log.debug("%s %d did not stop: killed", name, pid)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _quietly(fn: Any) -> None:
+    try:
+        fn()
+    except (OSError, AttributeError) as exc:  # gone already
+        log.debug("helper stop: %s", exc)
 
 
 _gc_lock = threading.Lock()

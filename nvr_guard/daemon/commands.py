@@ -575,9 +575,7 @@ def retention_run(ctx: Context, caller: Caller, a: RetentionRun) -> Any:
     now = None if a.now is None else clock_at(a.now, engine.config.tz)
     if not ctx.local:  # locally, the CLI has just brought the catalog up to date
         engine.reconcile(full=False)
-    return engine.sweep(actor=caller.user, now=now, dry_run=a.dry_run).as_json(
-        items=not a.summary
-    )
+    return engine.sweep(actor=caller.user, now=now, dry_run=a.dry_run).as_json(items=not a.summary)
 
 
 def retention_plan(ctx: Context, caller: Caller, a: RetentionPlan) -> Any:
