@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -243,7 +244,8 @@ class Daemon:
         Daemon.running.append(self)
 
     def wait_ready(self, timeout: float = 900) -> float:
-        """Seconds from the start until the daemon said READY=1."""
+        """Seconds from the start until the daemon said READY=1; then its later messages are
+        read (and dropped) on a thread, as systemd reads them."""
         self.notify.settimeout(1.0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -254,8 +256,19 @@ class Daemon:
             except TimeoutError:
                 continue
             if b"READY=1" in msg.split(b"\n"):
-                return time.monotonic() - self.started
+                took = time.monotonic() - self.started
+                threading.Thread(target=self._drain, daemon=True).start()
+                return took
         raise RuntimeError("the daemon did not get ready in time")
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.notify.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:  # closed by stop()
+                return
 
     def call(self, *args: str) -> Any:
         r = subprocess.run(nvr(self.config, "--json", *args), capture_output=True, text=True)

@@ -49,6 +49,10 @@ def _format(fields: dict[str, object]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+#: seconds a notification may wait for room in the manager's queue before it is dropped
+SEND_TIMEOUT = 2.0
+
+
 def notify(**fields: object) -> bool:
     """Send ``KEY=VALUE`` assignments to systemd; ``notify(READY=1, STATUS="up")``.
 
@@ -65,6 +69,10 @@ def notify(**fields: object) -> bool:
     payload = _format(fields)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # bounded: a datagram to a full queue blocks, and a notifier that stopped reading
+            # (a hung manager, a test harness) must not hold the thread that reports — with the
+            # engine's lock, every job and command behind it
+            sock.settimeout(SEND_TIMEOUT)
             sock.connect(address)
             sock.sendall(payload)
     except OSError as exc:

@@ -129,3 +129,23 @@ def test_watchdog_interval(
     else:
         monkeypatch.setenv("WATCHDOG_PID", pid)
     assert sdnotify.watchdog_interval() == expected
+
+
+def test_a_manager_that_stops_reading_cannot_hold_the_daemon(
+    fake_systemd: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a datagram to a full queue blocks: each notification gives up after SEND_TIMEOUT, so a
+    # status line sent while the engine's lock is held cannot wedge every job behind it
+    monkeypatch.setattr(sdnotify, "SEND_TIMEOUT", 0.2)
+    sent = dropped = 0
+    t = time.monotonic()
+    for _ in range(2000):  # far more than a unix datagram queue holds
+        if sdnotify.status("x" * 200):
+            sent += 1
+        else:
+            dropped += 1
+            if dropped >= 3:
+                break
+    assert sent > 0 and dropped == 3
+    assert time.monotonic() - t < 30  # returned, each drop after about 0.2 s
+    assert received(fake_systemd) == {"STATUS": "x" * 200}  # what got through is intact
