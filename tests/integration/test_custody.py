@@ -31,6 +31,7 @@ from nvr_guard.export import (
 )
 from nvr_guard.export.package import manifest_bytes
 from tests.fixtures.cli import run_cli
+from tests.fixtures.daemon import Daemon
 from tests.fixtures.site import Site, poll, write_segment
 
 FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
@@ -253,31 +254,6 @@ def test_the_directory_must_carry_the_signed_package_name(copy: Path, tmp_path: 
 
 
 # ---- the daemon publishes the fingerprint before any export ----------------------------------
-class Daemon:
-    def __init__(self, site: Site) -> None:
-        self.site = site
-        self.log = open(site.base / "daemon.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nvr_guard", "--config", str(site.config), "daemon"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        poll(self.ready, 60, "the daemon to answer on its socket")
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            text = (self.site.base / "daemon.log").read_text(errors="replace")
-            raise AssertionError(f"daemon exited {self.proc.returncode}: {text}")
-        r = self.site.run("--json", "status")
-        return bool(r.stdout.strip()) and "pid" in json.loads(r.stdout).get("daemon", {})
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        self.log.close()
-
-
 @pytest.fixture
 def daemon(site: Site) -> Iterator[list[Daemon]]:
     started: list[Daemon] = []
