@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import pwd
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -578,6 +579,9 @@ def retention_run(ctx: Context, caller: Caller, a: RetentionRun) -> Any:
     return engine.sweep(actor=caller.user, now=now, dry_run=a.dry_run).as_json(items=not a.summary)
 
 
+_PREVIEWS = threading.Lock()
+
+
 def retention_plan(ctx: Context, caller: Caller, a: RetentionPlan) -> Any:
     """What a sweep would delete and why, at ``now`` if given; deletes nothing.
 
@@ -602,7 +606,9 @@ def retention_plan(ctx: Context, caller: Caller, a: RetentionPlan) -> Any:
     now = clock_at(a.now, cfg.tz)
     if ctx.local or a.rescan:
         rescan = a.rescan is not False
-        with tempfile.TemporaryDirectory(prefix="nvr-guard-plan-") as tmp:
+        # one at a time: each copies the catalog and walks every root (two cores, a million
+        # files); a second caller waits its turn instead of doubling the load
+        with _PREVIEWS, tempfile.TemporaryDirectory(prefix="nvr-guard-plan-") as tmp:
             out, how = preview(cfg, Path(tmp), now, a.site, rescan=rescan)
     else:
         engine = ctx.engine
