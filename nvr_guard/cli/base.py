@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -150,7 +149,9 @@ def unreadable(e: PermissionError) -> str:
 
 
 def socket_path(c: Ctx) -> Path:
-    """The control socket, read from the config file's top-level ``socket`` key alone.
+    """The control socket, read from the config file's top-level ``socket`` key alone (by the
+    YAML parser: a quicker look at its lines was found to disagree with it on files the daemon
+    accepts, and the CLI then spoke to another daemon).
 
     Not from the validated config: a call through the daemon needs nothing else from the file,
     and validating it all (the models, the host checks) is most of what a ``status`` from the
@@ -171,9 +172,6 @@ def socket_path(c: Ctx) -> Path:
             f"{c.config_path}: cannot read ({e.strerror}); the daemon's socket is named in "
             "this file: ask an admin for read access, or pass --config PATH"
         ) from None
-    quick = _plain_socket_line(text)
-    if quick is not None:
-        return quick
     import yaml
 
     try:
@@ -186,28 +184,6 @@ def socket_path(c: Ctx) -> Path:
     if isinstance(sock, str) and sock.startswith("/") and "\0" not in sock:
         return Path(os.path.normpath(sock))
     return Path("/run/nvr-guard/control.sock")
-
-
-_SOCKET_LINE = re.compile(r"(?m)^socket[ \t]*:[ \t]*(/[A-Za-z0-9._/+-]*)[ \t]*(?:#.*)?$")
-# anything that could name the socket another way: a quoted or indented key, a flow mapping,
-# a merge key, an alias or tag at the top, a second document
-_NOT_PLAIN = re.compile(
-    r"""(?m)^(?:["'][^\n]*socket|\{|<<|[&*!]|---[ \t]*\S|\.\.\.)|^[ \t]+socket[ \t]*:"""
-)
-
-
-def _plain_socket_line(text: str) -> Path | None:
-    """The socket named by one plain ``socket: /path`` line at the top level of a file with
-    nothing that could name it another way; None when the YAML must be read to tell (the
-    parser costs a quick ``status`` more than the rest of its start)."""
-    if _NOT_PLAIN.search(text):
-        return None
-    found = _SOCKET_LINE.findall(text)
-    if len(found) == 1:
-        return Path(os.path.normpath(found[0]))
-    if not found and not re.search(r"(?m)^socket\b", text):
-        return Path("/run/nvr-guard/control.sock")
-    return None
 
 
 def daemon_call(c: Ctx, cmd: str, args: dict[str, Any], timeout: float = 30.0) -> Any:
