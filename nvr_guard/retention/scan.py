@@ -1624,9 +1624,11 @@ def _norm(path: bytes | str) -> bytes:
 
 
 def _layout_key(s: SiteScan) -> str:
-    """How a site's camera and start are read (a change: every row is read again), and from
-    which roots (a change: rows under no root are forgotten). Layout, newline, roots."""
+    """How a site's camera and start are read and which files are its segments (a change:
+    every row is read again — a dropped extension's rows are forgotten), and from which roots
+    (a change: rows under no root are forgotten). Layout and extensions, newline, roots."""
     how = "mtime" if s.layout is None else f"{s.layout.pattern}|{s.layout.tz}"
+    how += "|" + ",".join(sorted(e.lower() for e in s.extensions))
     roots = b"\0".join(sorted(_norm(r) for r in s.roots)).hex()
     return f"{how}\n{roots}"
 

@@ -108,3 +108,21 @@ def test_without_a_daemon_root_walks_the_roots(site, now):
     assert [i for i in res["items"] if i["action"] == "delete"]
     r = site.run("retention", "plan")
     assert r.returncode == 0 and "a walk of every root" in r.stdout, r.stderr
+
+
+def test_a_config_that_drops_an_extension_is_previewed_as_a_walk_would(site, daemon, now):
+    # the catalog's rows of .mp4 files are not segments under a config that names only .mkv:
+    # the preview walks the site again, and plans what a sweep under that config would do
+    build_tree(site.root, ["cam1"], days=20, per_day=24, now=now)
+    site.write_config(sweep_every="1h", fraction=1.0, keep="30d")
+    daemon()
+    mkv = site.base / "mkv.yaml"
+    text = make_config(site, sweep_every="1h", fraction=1.0, keep="10d")
+    mkv.write_text(
+        text.replace(
+            f"    roots: [{site.root}]\n", f"    roots: [{site.root}]\n    extensions: [.mkv]\n"
+        )
+    )
+    res = plan(site, config=mkv)
+    assert (res["basis"], res["walked"]) == ("snapshot", ["toll"])
+    assert res["items"] == [] and judged(res) == judged(plan(site, "--rescan", config=mkv))
