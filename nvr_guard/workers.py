@@ -76,13 +76,17 @@ def die_with(owner: int) -> None:
     threading.Thread(target=watch, name="nvr-guard-owner-watch", daemon=True).start()
 
 
-def end_children(timeout: float = 5.0) -> list[int]:
+def end_children(timeout: float = 5.0, tracker: bool = True) -> list[int]:
     """Before this process exits: end every process it started that is still there — worker
     processes (a Ctrl-C or an error left them mid-task; they are the forkserver's children,
     not ours), an ffmpeg — then multiprocessing's two helpers (the forkserver, and the resource
     tracker, which ignores SIGTERM: each ends when the pipe it watches is closed), and wait
     until they are gone, so that no process of a command outlives it. Returns the pids of the
-    processes other than the helpers that had to be ended."""
+    processes other than the helpers that had to be ended.
+
+    ``tracker=False``: the resource tracker is left to :func:`stop_resource_tracker`, called
+    after multiprocessing's own exit handler has released what it tracks (stopped before, it
+    reports the pool's semaphores as leaked, and their release fails noisily)."""
     import psutil
 
     helpers = _helpers()
@@ -100,11 +104,23 @@ def end_children(timeout: float = 5.0) -> list[int]:
             p.kill()
     psutil.wait_procs(alive, timeout=timeout)
     for name in ("forkserver", "resource_tracker"):  # the forkserver holds the tracker's pipe
-        if name in helpers:
+        if name in helpers and (tracker or name != "resource_tracker"):
             _stop_helper(name, helpers[name], timeout)
     if others:
         log.debug("ended %d leftover process(es): %s", len(others), [p.pid for p in others])
     return [p.pid for p in others]
+
+
+def stop_resource_tracker(timeout: float = 5.0) -> None:
+    """Stop multiprocessing's resource tracker if this process started one (see
+    :func:`end_children`)."""
+    import sys
+
+    if "multiprocessing.resource_tracker" not in sys.modules:
+        return
+    pid = _helpers().get("resource_tracker")
+    if pid is not None:
+        _stop_helper("resource_tracker", pid, timeout)
 
 
 def _helper_objects() -> dict[str, Any]:

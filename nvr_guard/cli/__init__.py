@@ -7,6 +7,7 @@ Acting commands go through the daemon's control socket so the daemon knows who c
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import signal
@@ -94,6 +95,9 @@ def main() -> None:
     whole_process = threading.current_thread() is threading.main_thread()
     if whole_process:
         signal.signal(signal.SIGTERM, _terminated)  # the daemon installs its own
+        # registered before anything imports multiprocessing, so it runs after multiprocessing's
+        # own exit handler (last in, first out) has released what the tracker tracks
+        atexit.register(_stop_resource_tracker)
     try:
         cli.main(prog_name="nvr-guard", standalone_mode=True)
     except NvrGuardError as e:
@@ -102,7 +106,14 @@ def main() -> None:
         if whole_process and ("multiprocessing" in sys.modules or "subprocess" in sys.modules):
             from nvr_guard.workers import end_children
 
-            end_children()
+            end_children(tracker=False)
+
+
+def _stop_resource_tracker() -> None:
+    if "multiprocessing" in sys.modules:
+        from nvr_guard.workers import stop_resource_tracker
+
+        stop_resource_tracker()
 
 
 def _terminated(signum: int, frame: object) -> None:

@@ -48,7 +48,8 @@ def summary_rows(c: Ctx, res: dict[str, Any], done: bool = False) -> list[list[s
     if summary is None:
         from nvr_guard.retention.sweeper import summarize
 
-        summary = summarize(res["items"], done)
+        skipped = {str(x.get("path")) for x in res.get("skipped") or []}
+        summary = summarize(res["items"], done, skipped)
     rows = []
     for r in summary:
         stopped = [f"guard {r['blocked']:,}"] if r["blocked"] else []
@@ -117,6 +118,11 @@ def print_outcome(
             )
         else:
             counts = Counter(it["action"] for it in items)
+            if done and res.get("skipped"):
+                # what the purge skipped was not deleted: held back (it says why, on stderr)
+                n = len(res["skipped"])
+                counts["delete"] -= n
+                counts["keep"] += n
         out.print(
             f"sweep {res['sweep'] if res['sweep'] is not None else '-'}: deleted {res['deleted']}, "
             f"to delete {counts.get('delete', 0)}, held back {counts.get('keep', 0)}, "
@@ -125,6 +131,20 @@ def print_outcome(
         )
         if any_items and not list_all:
             out.print("--list shows every segment and why", markup=False)
+        skipped = res.get("skipped") or []
+        if done and skipped:
+            shown = "; ".join(
+                f"{printable(str(x.get('path')))}: {printable(str(x.get('reason')))}"
+                for x in skipped[:3]
+            )
+            more = (
+                f" (and {len(skipped) - 3:,} more; --json lists them)" if len(skipped) > 3 else ""
+            )
+            err.print(
+                f"skipped: {len(skipped):,} file(s) due were not deleted (found changed, moved or "
+                f"no segment any more; the next sweep looks again): {shown}{more}",
+                markup=False,
+            )
         for tr in res.get("trips", []):
             err.print(f"guard: {printable(str(tr['message']))}", markup=False)
         for a in res.get("alerts", []):

@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,11 @@ class SweepOutcome:
             listed = [i.as_json() for i in self.plan.items]
         else:
             listed = []
-            extra["summary"] = summarize(self.plan.items, done=self.sweep is not None)
+            extra["summary"] = summarize(
+                self.plan.items,
+                done=self.sweep is not None,
+                skipped={seg.path for seg, _ in self.skipped},
+            )
             extra["items_omitted"] = len(self.plan.items)
         if self.unmatched is not None:
             extra["unmatched"] = self.unmatched
@@ -134,11 +138,17 @@ def held_back_kind(reason: str) -> str:
     return head if head and len(head) <= 24 and " " not in head else "other"
 
 
-def summarize(items: Iterable[Item | dict[str, Any]], done: bool = False) -> list[dict[str, Any]]:
+def summarize(
+    items: Iterable[Item | dict[str, Any]],
+    done: bool = False,
+    skipped: Collection[bytes | str] = (),
+) -> list[dict[str, Any]]:
     """One row per (site, camera), sorted: ``due`` (count, ``bytes``, ``first``/``last``
     recorded start), ``blocked`` (stopped by a guard) and ``kept`` (count per rule that holds
     them back, most first). In a plan what a guard stopped is still due (a confirmation deletes
-    it) and also counted as blocked; after a sweep (``done``) it is only blocked.
+    it) and also counted as blocked; after a sweep (``done``) it is only blocked, and what the
+    purge ``skipped`` (paths: it was found changed, moved or no segment any more) is counted as
+    kept (``skipped``), not deleted.
 
     Items are the policy's, or their JSON (a result read back from the daemon)."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -146,10 +156,14 @@ def summarize(items: Iterable[Item | dict[str, Any]], done: bool = False) -> lis
         if isinstance(it, dict):
             site, camera, action = str(it["site"]), str(it["camera"]), str(it["action"])
             reason, size, start = str(it["reason"]), int(it.get("size") or 0), it.get("recorded")
+            path: bytes | str = str(it["path"])
         else:
             seg = it.segment
             site, camera, action = seg.site, seg.camera, it.action.value
             reason, size, start = it.reason, seg.size, seg.start
+            path = seg.path
+        if done and action == "delete" and skipped and path in skipped:
+            action, reason = "keep", "skipped"
         row = rows.get((site, camera))
         if row is None:
             row = rows[(site, camera)] = {

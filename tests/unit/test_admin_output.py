@@ -389,3 +389,35 @@ def test_hold_list_is_one_line_per_hold_with_site_local_times(site: Site, now: d
     (line,) = [ln for ln in shown.stdout.splitlines() if ln.startswith("  hold ")]
     assert "(manual) toll/cam1: 2026-01-01 00:00 +08:00 – 2026-01-02 12:30 +08:00, until " in line
     assert line.endswith("; by root: case [red]17[/red]")  # as typed, never read as markup
+
+
+def test_what_the_purge_skipped_is_not_shown_as_deleted(capsys: pytest.CaptureFixture[str]) -> None:
+    # a sweep's summary counts what was removed: a file the purge skipped (changed since it was
+    # planned) is held back, named on stderr, in the summary from items and from the daemon
+    from nvr_guard.cli.base import Ctx
+    from nvr_guard.cli.retention_cmd import print_outcome
+    from nvr_guard.model import Action, Item, Segment
+    from nvr_guard.retention.sweeper import summarize
+
+    segs = [
+        Segment("toll", "cam1", f"/r/cam1/{i}.mp4".encode(), 1e9 + i, 1e9 + i, 10) for i in range(4)
+    ]
+    items = [Item(s, Action.DELETE, "expired: x") for s in segs]
+    skipped = [{"path": "/r/cam1/3.mp4", "reason": "changed since planned"}]
+    res = {
+        "sweep": 7,
+        "deleted": 3,
+        "items": [i.as_json() for i in items],
+        "skipped": skipped,
+        "trips": [],
+        "alerts": [],
+    }
+    [row] = summarize(items, done=True, skipped={segs[3].path})
+    assert (row["due"], row["bytes"], row["kept"]) == (3, 30, {"skipped": 1})
+    for shown in (res, {**res, "items": [], "summary": [row]}):
+        print_outcome(Ctx("/dev/null", False, 0), shown, "sweep 7", done=True)
+        out, err = capsys.readouterr()
+        line = next(ln for ln in out.splitlines() if "cam1" in ln)
+        assert line.split()[2] == "3" and "skipped 1" in line, out
+        assert "deleted 3, to delete 3, held back 1" in out
+        assert "skipped: 1 file(s)" in err and "/r/cam1/3.mp4" in err
