@@ -28,6 +28,29 @@ log = logging.getLogger(__name__)
 PRELOAD = ["nvr_guard.retention.scan", "nvr_guard.retention.policy", "nvr_guard.retention.purge"]
 
 
+def _in_forkserver() -> bool:
+    """Whether this import runs inside multiprocessing's forkserver as it starts (the worker
+    modules are preloaded there, before it sets up its signals)."""
+    import sys
+    import types
+
+    server = sys.modules.get("multiprocessing.forkserver")
+    code = getattr(getattr(server, "main", None), "__code__", None)
+    frame: types.FrameType | None = sys._getframe()
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+if _in_forkserver():
+    # Ctrl-C belongs to the command: the server hands its SIGINT disposition as it found it to
+    # every worker it forks, so ignoring it here covers a worker from its first instruction (a
+    # worker's own initializer comes too late for a Ctrl-C the moment it starts)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def worker_context() -> BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
