@@ -8,11 +8,14 @@ Acting commands go through the daemon's control socket so the daemon knows who c
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 
 import click
 
@@ -107,6 +110,27 @@ def main() -> None:
             from nvr_guard.workers import end_children
 
             end_children(tracker=False)
+            _exit_if_stuck(sys.exc_info()[1])
+
+
+def _exit_if_stuck(exc: BaseException | None, grace: float = 3.0) -> None:
+    """The last resort of an interrupted command: a worker pool's reader thread that waits for
+    the rest of a result its worker never finished sending (a second Ctrl-C, a SIGTERM while
+    its work was being finished) would keep the interpreter from exiting for ever. After a
+    grace period such threads are left behind and the process ends here with its exit code."""
+    current = threading.current_thread()
+    deadline = time.monotonic() + grace
+    for t in threading.enumerate():
+        if t is current or t.daemon or not t.is_alive():
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            code = exc.code if isinstance(exc, SystemExit) else 1
+            _stop_resource_tracker()
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
 
 
 def _stop_resource_tracker() -> None:

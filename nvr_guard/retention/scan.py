@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import contextlib
 import fnmatch
 import logging
 import os
@@ -1314,8 +1315,8 @@ class Scanner:
         """Run ``pending`` in worker processes; each job applied is removed from the list.
 
         Interrupted (Ctrl-C, SIGTERM, an error applying a result), the jobs not started are
-        dropped and the workers are not waited for: a walk is only reading, and the command's
-        exit ends them (``workers.end_children``) instead of walking on for nobody."""
+        dropped and the ones running are finished, then the workers end: a walk is only reading,
+        and no worker is stopped half way through handing its result over."""
         workers = min(self.workers, len(pending))
         pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=workers,
@@ -1342,7 +1343,11 @@ class Scanner:
                     apply(fut.result())
                     pending.remove(job)
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # the directories not started are dropped; those being walked are finished (at
+            # most one per worker): a worker ended while it sends its result leaves the pool's
+            # reader waiting for the rest of it for ever, and the process could not exit
+            with contextlib.suppress(BaseException):  # a second Ctrl-C: see cli.main
+                pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
 
