@@ -343,7 +343,7 @@ class ControlClient:
             raise RuntimeFailure(
                 f"the reply to {cmd!r} carried more than {MAX_FDS} file descriptors"
             ) from None
-        except Timeout:
+        except (Timeout, TimeoutError):  # the frame's deadline, or the socket's own
             self.close()
             raise DaemonUnavailable(
                 f"the daemon did not answer {cmd!r} within {self.timeout:g} s"
@@ -356,11 +356,6 @@ class ControlClient:
         except Oversized as exc:
             self.close()
             raise RuntimeFailure(f"reply of {exc.length} bytes to {cmd!r} is too large") from None
-        except TimeoutError:
-            self.close()
-            raise DaemonUnavailable(
-                f"the daemon did not answer {cmd!r} within {self.timeout:g} s"
-            ) from None
         except OSError as exc:
             self.close()
             raise DaemonUnavailable(f"control connection failed during {cmd!r}: {exc}") from None
